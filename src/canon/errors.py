@@ -1,0 +1,20 @@
+"""Errors a user can act on. The command line prints their message alone, without a traceback.
+
+Each also derives from the builtin a library user would catch (ValueError, LookupError, ...).
+"""
+
+
+class CanonError(Exception):
+    """Base of every error whose message tells the user what to do."""
+
+
+class ConfigError(CanonError, ValueError):
+    """A bad value or key in a recipe, a flag or a model argument."""
+
+
+class InputSizeError(CanonError, ValueError):
+    """An input too small (or of the wrong size) for a model's head."""
+
+
+class DataError(CanonError, OSError):
+    """A missing, corrupt or badly laid-out dataset, image or checkpoint file."""

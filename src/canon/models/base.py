@@ -1,0 +1,104 @@
+"""The one small interface every canon model has.
+
+Transfer learning, visualisation, evaluation and model parallelism use only this:
+
+- `stages`: the feature extractor as named, ordered stages; running them in order is
+  `forward_features`. Visualisation hooks them, pipeline parallelism places them on devices.
+- `forward_features(x)`: image batch to the last feature map (before any pooling or FC layer).
+- `forward_head(x, pre_logits=False)`: feature map to logits, or to the penultimate features.
+- `reset_classifier(num_classes)`: a fresh last layer for transfer learning.
+- `forward_with_aux(x)`: the explicit training path, `(logits, [auxiliary logits...])`; only
+  GoogLeNet has auxiliary heads, everything else returns an empty list. `forward` never changes
+  its return type with `.training`.
+- `fully_convolutional()`: a module mapping images to class-score maps N x K x h x w, equal to
+  `forward`'s logits at the training size (h = w = 1 there); used for dense evaluation.
+- `eval_config`: the test-time preprocessing the model expects; it travels with checkpoints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from canon.errors import InputSizeError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Test-time preprocessing: resize the shorter side, centre-crop, normalise."""
+
+    input_size: int = 224
+    resize_size: int = 256
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> EvalConfig:
+        values = dict(values)
+        for key in ("mean", "std"):
+            if key in values:
+                values[key] = tuple(values[key])
+        return cls(**values)
+
+
+class CanonModel(nn.Module):
+    """Base class: subclasses define `stages`, `forward_head`, `reset_classifier`."""
+
+    eval_config: EvalConfig = EvalConfig()
+    # Smallest square input the network accepts; models with fixed-size FC heads also set
+    # `fixed_input_size` (the only size the FC head accepts outside fully convolutional form).
+    min_input_size: int = 32
+    fixed_input_size: int | None = None
+
+    @property
+    def stages(self) -> list[tuple[str, nn.Module]]:
+        raise NotImplementedError
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        for _, stage in self.stages:
+            x = stage(x)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        raise NotImplementedError
+
+    def reset_classifier(self, num_classes: int) -> None:
+        raise NotImplementedError
+
+    def fully_convolutional(self) -> nn.Module:
+        raise NotImplementedError
+
+    def check_input(self, x: torch.Tensor) -> None:
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise InputSizeError(
+                f"{type(self).__name__} expects images as N x 3 x H x W, got {tuple(x.shape)}"
+            )
+        height, width = x.shape[-2:]
+        if min(height, width) < self.min_input_size:
+            raise InputSizeError(
+                f"{type(self).__name__} needs inputs of at least "
+                f"{self.min_input_size}x{self.min_input_size}, got {height}x{width}"
+            )
+        fixed = self.fixed_input_size
+        if fixed is not None and (height, width) != (fixed, fixed):
+            raise InputSizeError(
+                f"{type(self).__name__}'s fully connected head takes {fixed}x{fixed} inputs, "
+                f"got {height}x{width}; use model.fully_convolutional() for other sizes"
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        return self.forward_head(self.forward_features(x))
+
+    def forward_with_aux(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        return self(x), []
