@@ -1,0 +1,199 @@
+"""Data parallelism on torch.distributed, launched by `torchrun`; nothing home-made.
+
+One process per device. `torchrun` sets RANK, LOCAL_RANK and WORLD_SIZE (and the rendezvous
+address); `init_distributed` reads them, joins the process group (NCCL on GPUs, gloo on CPUs)
+and picks this process's device. Run without `torchrun`, everything here degrades to a
+single process: no process group, no DistributedDataParallel wrapper, no samplers, and the
+collectives return their input unchanged. The trainer therefore has one code path.
+
+Evaluation is exact: `eval_sampler` gives each rank a disjoint contiguous shard, so every
+image is seen once in total even when the set does not divide by the world size (torch's
+DistributedSampler pads the last shard with repeated images, which would bias the metrics).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sized
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler, Sampler
+
+from canon.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    """Where this process sits: its global rank, its rank on this machine, and its device."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone logs, writes checkpoints and prints summaries."""
+        return self.rank == 0
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def _pick_device(device: str, local_rank: int, world_size: int) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {device!r}; use auto, cpu or cuda") from None
+    if chosen.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {device!r} is not supported; use auto, cpu or cuda")
+    if chosen.type == "cpu":
+        return chosen
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--device {device} asks for CUDA, but no CUDA device is visible")
+    if chosen.index is not None:
+        if world_size > 1:
+            raise ConfigError(
+                f"--device {device} names one GPU, but {world_size} processes run; "
+                "use --device cuda (each process takes cuda:LOCAL_RANK)"
+            )
+        return chosen
+    if local_rank >= torch.cuda.device_count():
+        raise ConfigError(
+            f"local rank {local_rank} has no GPU: this machine shows "
+            f"{torch.cuda.device_count()}; lower torchrun's --nproc_per_node"
+        )
+    return torch.device("cuda", local_rank)
+
+
+def init_distributed(device: str = "auto") -> DistributedContext:
+    """Join the torchrun process group if there is one; otherwise a world of one process.
+
+    `device`: "auto" (cuda:LOCAL_RANK when CUDA is available, else cpu), "cpu", "cuda", or
+    "cuda:N" (single process only).
+    """
+    world_size = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    chosen = _pick_device(device, local_rank, world_size)
+    if chosen.type == "cuda":
+        torch.cuda.set_device(chosen)
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if chosen.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+    return DistributedContext(rank, local_rank, world_size, chosen)
+
+
+def shutdown_distributed(ctx: DistributedContext) -> None:
+    """Leave the process group (a no-op for a single process)."""
+    if ctx.world_size > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap_model(
+    model: nn.Module, ctx: DistributedContext, *, sync_batchnorm: bool = False
+) -> nn.Module:
+    """Move `model` to this process's device; wrap it in DDP when more than one process runs.
+
+    `sync_batchnorm` converts every BatchNorm to SyncBatchNorm, so batch statistics are
+    computed over the global batch instead of each device's share (CUDA only, as in PyTorch).
+    """
+    model = model.to(ctx.device)
+    if ctx.world_size == 1:
+        return model
+    if sync_batchnorm:
+        if ctx.device.type != "cuda":
+            raise ConfigError(
+                "--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm has no CPU kernel); "
+                "drop --sync-bn or train on GPUs"
+            )
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain model inside DDP and torch.compile wrappers (what checkpoints store)."""
+    while True:
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
+
+
+def train_sampler(dataset: Sized, ctx: DistributedContext, *, seed: int) -> Sampler | None:
+    """A shuffling sampler sharding `dataset` across ranks; None for a single process.
+
+    Call `.set_epoch(epoch)` every epoch so the shuffle differs between epochs but agrees
+    between ranks.
+    """
+    if ctx.world_size == 1:
+        return None
+    return DistributedSampler(
+        dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed
+    )
+
+
+class ShardSampler(Sampler[int]):
+    """Rank r of w takes the contiguous indices [r*n//w, (r+1)*n//w): no padding, no repeats."""
+
+    def __init__(self, dataset_size: int, rank: int, world_size: int) -> None:
+        self.start = rank * dataset_size // world_size
+        self.stop = (rank + 1) * dataset_size // world_size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.start, self.stop))
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+def eval_sampler(dataset: Sized, ctx: DistributedContext) -> Sampler | None:
+    """This rank's shard of an evaluation set; the shards cover each image exactly once."""
+    if ctx.world_size == 1:
+        return None
+    return ShardSampler(len(dataset), ctx.rank, ctx.world_size)
+
+
+def all_reduce_sum(tensor: torch.Tensor, ctx: DistributedContext) -> torch.Tensor:
+    """The sum of `tensor` over all ranks (a new tensor on this rank's device)."""
+    total = tensor.detach().to(ctx.device, copy=True)
+    if ctx.world_size > 1:
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total
+
+
+def sync_context(model: nn.Module, *, sync: bool) -> AbstractContextManager:
+    """Skip DDP's gradient all-reduce on accumulation micro-steps that are not the last.
+
+    Use as `with sync_context(model, sync=is_last_micro_step): loss.backward()`.
+    """
+    if not sync and isinstance(model, DistributedDataParallel):
+        return model.no_sync()
+    return nullcontext()
+
+
+def barrier(ctx: DistributedContext) -> None:
+    """Wait until every rank gets here (e.g. rank 0 finished writing a checkpoint)."""
+    if ctx.world_size == 1:
+        return
+    if ctx.device.type == "cuda":
+        dist.barrier(device_ids=[ctx.device.index])
+    else:
+        dist.barrier()
