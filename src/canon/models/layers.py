@@ -1,0 +1,181 @@
+"""Layers the canon shares: the papers' local response normalisation and the fc6-fc7-fc8 head.
+
+`FCHeadNet` is the common body of AlexNet, ZFNet and VGG: named convolutional stages followed by
+the three fully connected layers of Krizhevsky et al. (2012), which `fully_convolutional()` turns
+into convolutions for dense evaluation (fc6 as a k x k conv over the last feature map, fc7 and
+fc8 as 1x1 convs), as OverFeat and the VGG paper (section 3.2) evaluate their nets.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from canon.errors import ConfigError, InputSizeError
+from canon.models.base import CanonModel
+
+
+class LocalResponseNorm(nn.Module):
+    """Local response normalisation across channels, in the notation of Krizhevsky et al. (2012).
+
+    Section 3.3 of the AlexNet paper: b_i = a_i / (k + alpha * sum_j a_j^2)^beta, the sum running
+    over the n channels j = i - n/2 .. i + n/2 (clipped at the ends), with k=2, n=5, alpha=1e-4,
+    beta=0.75. `alpha` here multiplies the plain sum, as in the paper.
+
+    torch.nn.LocalResponseNorm and Caffe's LRN layer divide their alpha by n (they average the
+    squares instead of summing them), so the paper's alpha=1e-4 is their alpha=5e-4; this class
+    passes `alpha * size` to torch for that reason. The window is the same: for n=5, torch pads two
+    channels on either side, i.e. channels i-2 .. i+2. Caffe's default k is 1, not the paper's 2.
+    """
+
+    def __init__(
+        self, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0
+    ) -> None:
+        super().__init__()
+        self.size, self.alpha, self.beta, self.k = size, alpha, beta, k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.local_response_norm(x, self.size, alpha=self.alpha * self.size, beta=self.beta,
+                                     k=self.k)
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}"
+
+
+def linear_to_conv(linear: nn.Linear, in_channels: int, kernel_size: int) -> nn.Conv2d:
+    """A convolution computing `linear` at every kernel_size x kernel_size window of its input.
+
+    `linear` must read a C x k x k map flattened in PyTorch's C, H, W order; its weights are copied,
+    so the convolution is a snapshot that later training of `linear` does not change.
+    """
+    expected = in_channels * kernel_size * kernel_size
+    if linear.in_features != expected:
+        raise ValueError(
+            f"a Linear with {linear.in_features} inputs cannot read a {in_channels} x "
+            f"{kernel_size} x {kernel_size} map ({expected} values)"
+        )
+    weight = linear.weight
+    conv = nn.Conv2d(in_channels, linear.out_features, kernel_size, bias=linear.bias is not None,
+                     device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        conv.weight.copy_(weight.reshape(conv.weight.shape))
+        if linear.bias is not None:
+            conv.bias.copy_(linear.bias)
+    return conv
+
+
+def check_num_classes(num_classes: int) -> None:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
+
+
+class FCHead(nn.Module):
+    """fc6 -> ReLU -> dropout -> fc7 -> ReLU -> dropout -> fc8 on a flattened C x k x k map.
+
+    Dropout sits on the outputs of fc6 and fc7 (AlexNet section 4.2, Caffe's drop6/drop7).
+    `adaptive_pool` first pools any map to k x k, as torchvision's AlexNet does; the papers' nets
+    have no such pooling and take one input size.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        map_size: int,
+        num_classes: int,
+        hidden_features: int = 4096,
+        dropout: float = 0.5,
+        adaptive_pool: bool = False,
+    ) -> None:
+        super().__init__()
+        check_num_classes(num_classes)
+        self.in_channels, self.map_size = in_channels, map_size
+        self.avgpool = nn.AdaptiveAvgPool2d(map_size) if adaptive_pool else None
+        self.fc6 = nn.Linear(in_channels * map_size * map_size, hidden_features)
+        self.relu6 = nn.ReLU(inplace=True)
+        self.drop6 = nn.Dropout(dropout)
+        self.fc7 = nn.Linear(hidden_features, hidden_features)
+        self.relu7 = nn.ReLU(inplace=True)
+        self.drop7 = nn.Dropout(dropout)
+        self.fc8 = nn.Linear(hidden_features, num_classes)
+
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.avgpool is not None:
+            x = self.avgpool(x)
+        x = torch.flatten(x, 1)
+        x = self.drop6(self.relu6(self.fc6(x)))
+        x = self.drop7(self.relu7(self.fc7(x)))
+        return x if pre_logits else self.fc8(x)
+
+    def to_conv(self) -> nn.Sequential:
+        """The head as convolutions (fc6 k x k, fc7 and fc8 1x1), with copies of the weights."""
+        return nn.Sequential(OrderedDict(
+            fc6=linear_to_conv(self.fc6, self.in_channels, self.map_size),
+            relu6=nn.ReLU(inplace=True),
+            drop6=nn.Dropout(self.drop6.p),
+            fc7=linear_to_conv(self.fc7, self.fc7.in_features, 1),
+            relu7=nn.ReLU(inplace=True),
+            drop7=nn.Dropout(self.drop7.p),
+            fc8=linear_to_conv(self.fc8, self.fc8.in_features, 1),
+        ))
+
+
+class FullyConvolutional(nn.Module):
+    """Images N x 3 x H x W to class-score maps N x K x h x w (h = w = 1 at the training size)."""
+
+    def __init__(self, features: nn.Sequential, head: nn.Sequential, min_input_size: int,
+                 model_name: str) -> None:
+        super().__init__()
+        self.features, self.head = features, head
+        self.min_input_size, self.model_name = min_input_size, model_name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        if min(height, width) < self.min_input_size:
+            raise InputSizeError(
+                f"fully convolutional {self.model_name} needs inputs of at least "
+                f"{self.min_input_size}x{self.min_input_size}, got {height}x{width}"
+            )
+        return self.head(self.features(x))
+
+
+class FCHeadNet(CanonModel):
+    """Named convolutional stages (`features`) followed by an `FCHead`.
+
+    Subclasses build both and define `init_classifier`, their paper's rule for a fresh fc8.
+    """
+
+    # Smallest input of the fully convolutional form: the size whose last feature map is k x k.
+    # It equals `min_input_size` for the papers' nets, whose FC head takes one size only.
+    dense_min_input_size: int | None = None
+
+    def __init__(self, features: nn.Sequential, head: FCHead) -> None:
+        super().__init__()
+        self.features, self.head = features, head
+
+    @property
+    def stages(self) -> list[tuple[str, nn.Module]]:
+        return list(self.features.named_children())
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=pre_logits)
+
+    def init_classifier(self, layer: nn.Linear) -> None:
+        raise NotImplementedError
+
+    def reset_classifier(self, num_classes: int) -> None:
+        check_num_classes(num_classes)
+        old = self.head.fc8
+        self.head.fc8 = nn.Linear(old.in_features, num_classes, device=old.weight.device,
+                                  dtype=old.weight.dtype)
+        self.init_classifier(self.head.fc8)
+
+    def fully_convolutional(self) -> FullyConvolutional:
+        """A converted copy for dense evaluation; equal to `forward` at the training size."""
+        dense = FullyConvolutional(copy.deepcopy(self.features), self.head.to_conv(),
+                                   self.dense_min_input_size or self.min_input_size,
+                                   type(self).__name__)
+        return dense.train(self.training)
