@@ -27,3 +27,29 @@ def xavier_(layer: WeightLayer) -> None:
     nn.init.xavier_uniform_(layer.weight)
     if layer.bias is not None:
         nn.init.zeros_(layer.bias)
+
+
+def kaiming_normal_(layer: WeightLayer) -> None:
+    """He et al. (2015, "Delving deep into rectifiers") N(0, 2 / fan_out) weights, biases 0.
+
+    The ResNet paper initialises "as in [13]" without naming a fan mode; fan-out (out channels x
+    kernel area) is torchvision's choice and keeps the backward pass's variance steady.
+    """
+    nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+
+
+def caffe_xavier_(layer: WeightLayer, bias: float = 0.0) -> None:
+    """Caffe's "xavier" filler, U(+-sqrt(3 / fan_in)), biases the constant `bias`.
+
+    The GoogLeNet paper gives no initialisation; Caffe's bvlc_googlenet replication (readme:
+    "uses xavier to initialize the weights instead of gaussian") pairs it with biases of 0.2 on
+    convolutions and hidden FC layers and 0 on the classifiers. Unlike `xavier_`, Caffe's filler
+    scales by fan-in alone.
+    """
+    fan_in = layer.weight[0].numel()
+    bound = (3.0 / fan_in) ** 0.5
+    nn.init.uniform_(layer.weight, -bound, bound)
+    if layer.bias is not None:
+        nn.init.constant_(layer.bias, bias)
