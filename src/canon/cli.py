@@ -38,6 +38,42 @@ def _run_models(args: argparse.Namespace) -> None:
         print(f"{name:<{width}}  {describe_model(name)}")
 
 
+def _summary_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "models", nargs="*", metavar="MODEL",
+        help="model names or shell-style patterns ('resnet*'); default: every registered model",
+    )
+    parser.add_argument(
+        "--input-size", type=int, metavar="N",
+        help="square input side in pixels; default: each model's own (eval_config.input_size)",
+    )
+    parser.add_argument("--markdown", action="store_true", help="print a markdown table")
+
+
+@_verb("summary", "layers, parameters, GFLOPs and activation memory per model", _summary_arguments)
+def _run_summary(args: argparse.Namespace) -> None:
+    from canon.errors import ConfigError, InputSizeError
+    from canon.models.summary import format_table, summarize
+    from canon.registry import list_models
+
+    if args.input_size is not None and args.input_size < 1:
+        raise ConfigError(f"--input-size must be a positive pixel count, got {args.input_size}")
+    summaries = []
+    for requested in args.models or ["*"]:
+        if not any(c in requested for c in "*?["):
+            summaries.append(summarize(requested, input_size=args.input_size))
+            continue
+        matches = list_models(requested)
+        if not matches:
+            raise ConfigError(f"no registered model matches {requested!r} (see `canon models`)")
+        for name in matches:
+            try:
+                summaries.append(summarize(name, input_size=args.input_size))
+            except InputSizeError as error:  # a pattern asks for the models that fit
+                print(f"canon summary: skipped {name}: {error}", file=sys.stderr)
+    print(format_table(summaries, markdown=args.markdown))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="canon", description="The ImageNet canon of convolutional networks."
