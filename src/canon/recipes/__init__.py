@@ -1,0 +1,126 @@
+"""The papers' training recipes: one YAML file per setting, validated into a `Recipe`.
+
+A recipe file may start from another with `base: NAME` (files named `_*.yaml` are bases and
+are not listed); its own keys override the base's, section by section. `load_recipe` takes a
+registered name or a path to a YAML file, plus `--set section.key=value` overrides.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from canon.errors import ConfigError, DataError
+from canon.recipes.schema import Recipe, valid_keys
+from canon.registry import Registry
+
+RECIPES = Registry("recipe")
+RECIPE_DIR = Path(__file__).resolve().parent
+
+__all__ = ["RECIPES", "Recipe", "apply_overrides", "list_recipes", "load_recipe"]
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        values = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"recipe file {path} does not exist") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path.name}: not valid YAML: {error}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path.name}: a recipe must be a mapping of sections, got {values!r}")
+    return values
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _raw_recipe(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The file's mapping with its `base:` chain resolved (bases live beside it)."""
+    if path in seen:
+        raise ConfigError(f"{path.name}: `base:` chain loops: {' -> '.join(p.name for p in seen)}")
+    values = _read_yaml(path)
+    base = values.pop("base", None)
+    if base is None:
+        return values
+    base_path = path.parent / f"{base}.yaml"
+    if not base_path.exists():
+        raise ConfigError(f"{path.name}: base recipe {base!r} not found beside it ({base_path})")
+    return _merge(_raw_recipe(base_path, (*seen, path)), values)
+
+
+def load_recipe_file(path: str | Path) -> Recipe:
+    path = Path(path)
+    return Recipe.from_dict(_raw_recipe(path), where=path.name)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. train.epochs=10")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip().split("."), parsed
+
+
+def apply_overrides(recipe: Recipe, overrides: Iterable[str]) -> Recipe:
+    """A new recipe with `section.key=value` settings (values parsed as YAML) applied."""
+    values = recipe.to_dict()
+    for text in overrides:
+        path, value = _parse_override(text)
+        target = values
+        for depth, part in enumerate(path):
+            section = ".".join(path[:depth]) or None
+            keys = valid_keys(section) if depth < 2 else []
+            if part not in keys:
+                where = f"section {section}" if section else "a recipe"
+                raise ConfigError(
+                    f"--set {text!r}: {part!r} is not a key of {where}; "
+                    f"valid keys: {', '.join(keys) or '(none: sections are one level deep)'}"
+                )
+            if depth == len(path) - 1:
+                target[part] = value
+            else:
+                target = target[part]
+                if not isinstance(target, dict):
+                    raise ConfigError(f"--set {text!r}: {part} is a value, not a section")
+    return Recipe.from_dict(values, where="--set")
+
+
+def load_recipe(name_or_path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
+    """A registered recipe by name, or a recipe YAML file by path, with overrides applied."""
+    text = str(name_or_path)
+    if text.endswith((".yaml", ".yml")) or Path(text).is_file():
+        recipe = load_recipe_file(text)
+    else:
+        recipe = RECIPES.get(text).builder()
+    return apply_overrides(recipe, overrides)
+
+
+def list_recipes(pattern: str | None = None) -> list[str]:
+    return RECIPES.names(pattern)
+
+
+def _register_bundled() -> None:
+    for path in sorted(RECIPE_DIR.glob("*.yaml")):
+        if path.name.startswith("_"):
+            continue
+        description = str(_read_yaml(path).get("description", ""))
+        RECIPES.register(path.stem, description=description)(partial(load_recipe_file, path))
+
+
+_register_bundled()

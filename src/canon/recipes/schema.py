@@ -1,0 +1,260 @@
+"""A recipe: YAML validated into frozen dataclasses, one per section.
+
+```
+name, description, source     what it is and which paper (and section) it follows
+model:      ModelSection      which registered model, how many classes
+data:       DataConfig        dataset and the paper's preprocessing (canon.data.config)
+optimizer:  OptimizerSection  SGD with momentum; lr stated for base_batch_size images
+schedule:   ScheduleSection   lr schedule and warmup (canon.engine.schedules)
+train:      TrainSection      epochs, batch, precision, EMA, seed, ...
+reported:   ReportedSection   the paper's error for this setting, to set results beside
+```
+
+Every section's keys are checked: an unknown key is a ConfigError naming the file and listing
+the valid keys; a value of the wrong type names the key and the type expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from canon.data.config import DataConfig
+from canon.errors import ConfigError
+
+SCHEDULE_KINDS = ("plateau", "step", "multistep", "cosine", "constant")
+SCHEDULE_UNITS = ("epoch", "iteration")
+WARMUP_MODES = ("linear", "constant")
+AMP_MODES = ("none", "bf16", "fp16")
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    name: str
+    num_classes: int | None = None  # None: as many as the dataset has
+
+    def __post_init__(self) -> None:
+        _check(
+            self.num_classes is None or self.num_classes >= 1,
+            f"model.num_classes must be a positive integer, got {self.num_classes}",
+        )
+
+
+@dataclass(frozen=True)
+class OptimizerSection:
+    """SGD with momentum, as every paper of the canon trained."""
+
+    lr: float = 0.1
+    # The global batch (all devices, all accumulation steps) at which `lr` is stated. A run with
+    # another global batch scales lr linearly (Goyal et al. 2017) when scale_lr is true.
+    base_batch_size: int = 256
+    scale_lr: bool = True
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1e-4
+    # Exempt BatchNorm weights and all biases from weight decay (He et al. 2019, s3.1).
+    no_decay_bn_bias: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, f"optimizer.lr must be > 0, got {self.lr}")
+        _check(self.base_batch_size >= 1, "optimizer.base_batch_size must be >= 1")
+        _check(0 <= self.momentum < 1, f"optimizer.momentum must lie in [0, 1): {self.momentum}")
+        _check(self.weight_decay >= 0, "optimizer.weight_decay must be >= 0")
+        _check(not self.nesterov or self.momentum > 0, "optimizer.nesterov needs momentum > 0")
+
+
+@dataclass(frozen=True)
+class ScheduleSection:
+    kind: str = "multistep"
+    unit: str = "epoch"  # what milestones and step_size count
+    milestones: tuple[int, ...] = ()
+    step_size: int = 30
+    gamma: float = 0.1
+    patience: int = 5  # plateau: epochs without improvement before the lr is cut
+    threshold: float = 0.0  # plateau: improvement (in error points) that counts
+    max_reductions: int | None = None  # plateau: cut at most this many times
+    min_lr: float = 0.0  # cosine: floor
+    warmup_epochs: float = 0.0
+    warmup_iterations: int = 0  # takes precedence over warmup_epochs when > 0
+    warmup_mode: str = "linear"
+    warmup_start_factor: float = 0.1
+
+    def __post_init__(self) -> None:
+        _choice("schedule.kind", self.kind, SCHEDULE_KINDS)
+        _choice("schedule.unit", self.unit, SCHEDULE_UNITS)
+        _choice("schedule.warmup_mode", self.warmup_mode, WARMUP_MODES)
+        _check(0 < self.gamma <= 1, f"schedule.gamma must lie in (0, 1], got {self.gamma}")
+        _check(self.step_size >= 1, "schedule.step_size must be >= 1")
+        _check(self.patience >= 0, "schedule.patience must be >= 0")
+        _check(
+            list(self.milestones) == sorted(self.milestones),
+            f"schedule.milestones must be increasing, got {list(self.milestones)}",
+        )
+        _check(self.warmup_epochs >= 0 and self.warmup_iterations >= 0, "warmup must be >= 0")
+        _check(
+            0 <= self.warmup_start_factor <= 1,
+            "schedule.warmup_start_factor must lie in [0, 1]",
+        )
+        _check(
+            self.kind != "multistep" or bool(self.milestones),
+            "schedule.kind multistep needs schedule.milestones",
+        )
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    epochs: int = 90
+    # Stop after this many optimizer steps instead (ResNet CIFAR s4.2: 64k); the last epoch
+    # is cut short there and still validated and checkpointed.
+    iterations: int | None = None
+    batch_size: int = 256  # per device, per accumulation micro-step
+    accum_steps: int = 1  # micro-steps per optimizer step
+    label_smoothing: float = 0.0
+    aux_loss_weight: float = 0.3  # GoogLeNet s5: auxiliary classifier losses weighted 0.3
+    amp: str = "none"  # none | bf16 | fp16 (autocast; fp16 adds a GradScaler)
+    channels_last: bool = False
+    compile: bool = False  # torch.compile the training forward
+    ema_decay: float = 0.0  # > 0: keep an exponential moving average of the weights
+    sync_batchnorm: bool = False  # several GPUs: batch statistics over the global batch
+    # ZFNet s3: conv filters whose RMS exceeds this radius are scaled back to it; None = off.
+    filter_rms_radius: float | None = None
+    seed: int = 0
+    workers: int = 4  # data loader processes per device
+    keep_checkpoints: int = 2  # epoch checkpoints kept besides best.pt
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
+        _check(
+            self.iterations is None or self.iterations >= 1, "train.iterations must be >= 1"
+        )
+        _check(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
+        _check(self.accum_steps >= 1, f"train.accum_steps must be >= 1, got {self.accum_steps}")
+        _check(0 <= self.label_smoothing < 1, "train.label_smoothing must lie in [0, 1)")
+        _check(self.aux_loss_weight >= 0, "train.aux_loss_weight must be >= 0")
+        _choice("train.amp", self.amp, AMP_MODES)
+        _check(0 <= self.ema_decay < 1, f"train.ema_decay must lie in [0, 1), got {self.ema_decay}")
+        _check(
+            self.filter_rms_radius is None or self.filter_rms_radius > 0,
+            "train.filter_rms_radius must be > 0",
+        )
+        _check(self.workers >= 0, "train.workers must be >= 0")
+        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
+
+
+@dataclass(frozen=True)
+class ReportedSection:
+    """The paper's own result for this setting (percent error), so reports can sit beside it."""
+
+    top1_error: float | None = None
+    top5_error: float | None = None
+    protocol: str = ""  # how the paper tested: canon's protocol name first, then detail
+    where: str = ""  # table or section
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    model: ModelSection
+    description: str = ""
+    source: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    reported: ReportedSection = field(default_factory=ReportedSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain YAML/JSON-able values (tuples become lists); `from_dict` inverts it."""
+        return _plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], where: str = "recipe") -> Recipe:
+        """Validate a recipe mapping; `where` (a file name, "--set") prefixes every error."""
+        try:
+            return _build(cls, values, "")
+        except ConfigError as error:
+            raise ConfigError(f"{where}: {error}") from None
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelSection,
+    "data": DataConfig,
+    "optimizer": OptimizerSection,
+    "schedule": ScheduleSection,
+    "train": TrainSection,
+    "reported": ReportedSection,
+}
+
+
+def valid_keys(section: str | None = None) -> list[str]:
+    """The keys a recipe (or one of its sections) accepts."""
+    cls = Recipe if section is None else SECTIONS[section]
+    return [f.name for f in fields(cls)]
+
+
+def _build(cls: type, values: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "recipe"
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where} must be a mapping of keys to values, got {values!r}")
+    names = valid_keys(None if cls is Recipe else prefix.rstrip("."))
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        keys = ", ".join(f"{prefix}{key}" for key in unknown)
+        raise ConfigError(f"unknown key(s) {keys}; valid keys in {where}: {', '.join(names)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in fields(cls):
+        if f.name not in values:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{where} lacks the required key {prefix}{f.name}")
+            continue
+        value = values[f.name]
+        if f.name in SECTIONS and cls is Recipe:
+            kwargs[f.name] = _build(SECTIONS[f.name], value or {}, f"{f.name}.")
+        else:
+            kwargs[f.name] = _coerce(value, hints[f.name], f"{prefix}{f.name}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check `value` against a type hint (int, float, bool, str, tuples, Optional)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [arg for arg in args if arg is not type(None)]
+        return _coerce(value, inner, key)
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        inner = args[:1] * len(value) if args[-1] is Ellipsis else args
+        if len(inner) != len(value):
+            raise ConfigError(f"{key} must hold {len(inner)} values, got {value!r}")
+        return tuple(_coerce(v, t, key) for v, t in zip(value, inner, strict=True))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and (
+        not isinstance(value, hint) or (hint is not bool and isinstance(value, bool))
+    ):
+        raise ConfigError(f"{key} must be of type {hint.__name__}, got {value!r}")
+    return value
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    _check(value in allowed, f"{key} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _plain(v) for key, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
