@@ -1,0 +1,273 @@
+"""AlexNet, ZFNet and VGG against their papers: counts, towers, LRN, init, FC-to-conv, sizes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+from canon import create_model
+from canon.errors import ConfigError, InputSizeError
+from canon.models.alexnet import AlexNet
+from canon.models.layers import LocalResponseNorm
+from canon.models.vgg import VGG
+
+# Parameters at 1000 classes. torchvision has the same network for the names in TORCHVISION.
+PARAM_COUNTS = {
+    "alexnet": 60_965_224,
+    "alexnet_owt": 61_100_840,
+    "zfnet": 62_357_608,
+    "zfnet_wide": 107_627_624,
+    "vgg11": 132_863_336,
+    "vgg11_lrn": 132_863_336,
+    "vgg13": 133_047_848,
+    "vgg16_c": 133_638_952,
+    "vgg16": 138_357_544,
+    "vgg19": 143_667_240,
+    "vgg11_bn": 132_868_840,
+    "vgg13_bn": 133_053_736,
+    "vgg16_bn": 138_365_992,
+    "vgg19_bn": 143_678_248,
+}
+VGG_IN_TORCHVISION = ("vgg11", "vgg13", "vgg16", "vgg19", "vgg11_bn", "vgg13_bn", "vgg16_bn",
+                      "vgg19_bn")
+TORCHVISION = {"alexnet_owt": "alexnet", **{name: name for name in VGG_IN_TORCHVISION}}
+# The paper's Table 2 in millions (rounded): A, A-LRN, B 133; C 134; D 138; E 144.
+VGG_PAPER_MILLIONS = {"vgg11": 133, "vgg11_lrn": 133, "vgg13": 133, "vgg16_c": 134,
+                      "vgg16": 138, "vgg19": 144}
+
+
+def count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", sorted(PARAM_COUNTS))
+def test_parameter_count(name: str) -> None:
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        ours = count(create_model(name))
+        if name in TORCHVISION:
+            assert ours == count(getattr(torchvision.models, TORCHVISION[name])())
+    assert ours == PARAM_COUNTS[name]
+    if name in VGG_PAPER_MILLIONS:
+        assert round(ours / 1e6) == VGG_PAPER_MILLIONS[name]
+
+
+@pytest.fixture(scope="module")
+def alexnet() -> AlexNet:
+    torch.manual_seed(0)
+    return AlexNet(num_classes=1000).eval()
+
+
+@pytest.fixture(scope="module")
+def vgg11() -> VGG:
+    torch.manual_seed(0)
+    return VGG("A", num_classes=5).eval()
+
+
+# -- FC head as convolutions ------------------------------------------------------------------
+
+def max_relative_error(reference: torch.Tensor, other: torch.Tensor) -> float:
+    return ((reference - other).abs().max() / reference.abs().max()).item()
+
+
+@pytest.mark.parametrize("name", ["alexnet", "alexnet_owt", "zfnet", "vgg11"])
+def test_fully_convolutional_equals_forward_at_training_size(name: str) -> None:
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=7).eval()
+    size = model.eval_config.input_size
+    batch = 1 if name.startswith("vgg") else 2
+    x = torch.randn(batch, 3, size, size)
+    dense_model = model.fully_convolutional()
+    with torch.no_grad():
+        logits = model(x)
+        scores = dense_model(x)
+        larger = dense_model(torch.randn(1, 3, size + 64, size + 32))
+    assert scores.shape == (batch, 7, 1, 1)
+    assert max_relative_error(logits, scores.flatten(1)) < 1e-5
+    # Every network here has a total stride of 32: 64 more pixels are two more positions.
+    assert larger.shape == (1, 7, 3, 2)
+    assert not dense_model.training  # keeps the model's mode
+    with pytest.raises(InputSizeError, match=f"at least {dense_model.min_input_size}x"):
+        dense_model(torch.randn(1, 3, dense_model.min_input_size - 1, size))
+
+
+def test_fully_convolutional_is_a_converted_copy(vgg11: VGG) -> None:
+    dense_model = vgg11.fully_convolutional()
+    head = dense_model.head
+    assert isinstance(head.fc6, nn.Conv2d) and head.fc6.kernel_size == (7, 7)
+    assert head.fc7.kernel_size == (1, 1) and head.fc8.kernel_size == (1, 1)
+    assert torch.equal(head.fc6.weight.flatten(1), vgg11.head.fc6.weight)
+    assert head.fc6.weight.data_ptr() != vgg11.head.fc6.weight.data_ptr()
+    assert dense_model.features.conv1.conv1_1 is not vgg11.features.conv1.conv1_1
+
+
+# -- AlexNet: towers, initialisation, LRN ----------------------------------------------------
+
+def test_alexnet_two_towers_are_channel_groups(alexnet: AlexNet) -> None:
+    groups = {name: stage.conv.groups for name, stage in alexnet.stages}
+    assert groups == {"conv1": 1, "conv2": 2, "conv3": 1, "conv4": 2, "conv5": 2}
+    # Figure 2: conv3 reads all 256 maps of conv2, conv4 only the 192 of its own tower.
+    assert alexnet.features.conv3.conv.weight.shape == (384, 256, 3, 3)
+    assert alexnet.features.conv4.conv.weight.shape == (384, 192, 3, 3)
+    # The first tower of conv2 is blind to the second tower of conv1.
+    conv2 = alexnet.features.conv2.conv
+    x = torch.randn(1, 96, 27, 27)
+    changed = x.clone()
+    changed[:, 48:] = torch.randn(1, 48, 27, 27)
+    with torch.no_grad():
+        before, after = conv2(x), conv2(changed)
+    assert torch.equal(before[:, :128], after[:, :128])
+    assert not torch.allclose(before[:, 128:], after[:, 128:])
+
+
+def test_alexnet_initialisation_follows_section_5(alexnet: AlexNet) -> None:
+    layers = {name: stage.conv for name, stage in alexnet.stages}
+    layers |= {name: getattr(alexnet.head, name) for name in ("fc6", "fc7", "fc8")}
+    bias_one = {"conv2", "conv4", "conv5", "fc6", "fc7"}
+    for name, layer in layers.items():
+        weight = layer.weight.detach()
+        assert abs(weight.std().item() - 0.01) < 0.0005, name
+        assert abs(weight.mean().item()) < 0.0005, name
+        expected = 1.0 if name in bias_one else 0.0
+        assert torch.equal(layer.bias, torch.full_like(layer.bias, expected)), name
+
+
+def test_vgg_initialisation_is_glorot(vgg11: VGG) -> None:
+    for layer in (vgg11.features.conv1.conv1_1, vgg11.features.conv5.conv5_2, vgg11.head.fc7):
+        fan_in = layer.weight[0].numel()
+        fan_out = layer.weight.shape[0] * layer.weight[0, 0].numel()
+        bound = (6 / (fan_in + fan_out)) ** 0.5
+        assert layer.weight.abs().max() <= bound
+        assert abs(layer.weight.std().item() / (bound / 3**0.5) - 1) < 0.05
+        assert not layer.bias.any()
+
+
+def paper_lrn(a: torch.Tensor, k: float = 2, n: int = 5, alpha: float = 1e-4,
+              beta: float = 0.75) -> torch.Tensor:
+    """Section 3.3 written out: b_i = a_i / (k + alpha * sum_{j=max(0,i-n/2)}^{min(N-1,i+n/2)}
+    a_j^2)^beta."""
+    channels = a.shape[1]
+    b = torch.empty_like(a)
+    for i in range(channels):
+        window = a[:, max(0, i - n // 2):min(channels - 1, i + n // 2) + 1]
+        b[:, i] = a[:, i] / (k + alpha * (window**2).sum(dim=1)) ** beta
+    return b
+
+
+def test_lrn_matches_the_papers_formula() -> None:
+    torch.manual_seed(0)
+    # Large activations, so that the alpha term (up to ~1) is comparable to k.
+    a = 40 * torch.randn(2, 11, 4, 4, dtype=torch.float64)
+    expected = paper_lrn(a)
+    torch.testing.assert_close(LocalResponseNorm()(a), expected, rtol=1e-12, atol=0)
+    # The documented mapping: torch's alpha is the paper's times n; the same number differs.
+    torch.testing.assert_close(nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2.0)(a),
+                               expected, rtol=1e-12, atol=0)
+    assert not torch.allclose(nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=2.0)(a), expected)
+
+
+def test_lrn_sits_where_each_paper_puts_it(alexnet: AlexNet) -> None:
+    assert list(alexnet.features.conv1._modules) == ["conv", "relu", "norm", "pool"]
+    assert list(alexnet.features.conv3._modules) == ["conv", "relu"]
+    with torch.device("meta"):
+        zfnet = create_model("zfnet", num_classes=3)
+        vgg_lrn = create_model("vgg11_lrn", num_classes=3)
+    assert list(zfnet.features.conv1._modules) == ["conv", "relu", "pool", "norm"]
+    assert list(vgg_lrn.features.conv1._modules) == ["conv1_1", "relu1_1", "norm1", "pool1"]
+
+
+# -- stages, head, classifier ----------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("name", "size", "shapes"),
+    [
+        ("alexnet", 227, [(96, 27), (256, 13), (384, 13), (384, 13), (256, 6)]),
+        ("zfnet", 224, [(96, 55), (256, 13), (384, 13), (384, 13), (256, 6)]),  # Figure 3
+        ("zfnet_wide", 224, [(96, 55), (256, 13), (512, 13), (1024, 13), (512, 6)]),
+    ],
+)
+def test_stage_shapes_follow_the_papers(name: str, size: int, shapes: list) -> None:
+    model = create_model(name, num_classes=3).eval()
+    x = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        features = model.forward_features(x)
+        for (stage_name, stage), (channels, side) in zip(model.stages, shapes, strict=True):
+            x = stage(x)
+            assert x.shape == (1, channels, side, side), stage_name
+    assert torch.equal(x, features)
+    assert [name for name, _ in model.stages] == ["conv1", "conv2", "conv3", "conv4", "conv5"]
+
+
+def test_vgg_table_layers_and_names() -> None:
+    with torch.device("meta"):
+        vgg16_c = create_model("vgg16_c")
+        vgg19_bn = create_model("vgg19_bn")
+    conv3 = vgg16_c.features.conv3
+    assert list(conv3._modules) == ["conv3_1", "relu3_1", "conv3_2", "relu3_2", "conv3_3",
+                                    "relu3_3", "pool3"]
+    assert conv3.conv3_3.kernel_size == (1, 1) and conv3.conv3_3.padding == (0, 0)
+    weight_layers = [m for m in vgg19_bn.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    assert len(weight_layers) == 19
+    assert isinstance(vgg19_bn.features.conv5.bn5_4, nn.BatchNorm2d)
+    with pytest.raises(ConfigError, match="Table 1 has"):
+        VGG("F")
+
+
+def test_pre_logits_is_fc7_after_relu(alexnet: AlexNet) -> None:
+    x = torch.randn(2, 3, 227, 227)
+    with torch.no_grad():
+        features = alexnet.forward_features(x)
+        pre_logits = alexnet.forward_head(features, pre_logits=True)
+        logits = alexnet.forward_head(features)
+    assert pre_logits.shape == (2, 4096)
+    assert (pre_logits >= 0).all()
+    torch.testing.assert_close(alexnet.head.fc8(pre_logits), logits)
+
+
+def test_reset_classifier_uses_the_family_init() -> None:
+    torch.manual_seed(0)
+    model = create_model("alexnet", num_classes=10).eval()
+    model.reset_classifier(3)
+    assert model(torch.randn(1, 3, 227, 227)).shape == (1, 3)
+    assert not model.head.fc8.bias.any()
+    assert abs(model.head.fc8.weight.std().item() - 0.01) < 0.001
+    assert model.fully_convolutional().head.fc8.out_channels == 3
+    with pytest.raises(ConfigError, match="positive integer"):
+        model.reset_classifier(0)
+
+
+# -- input sizes ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("name", "height", "width", "message"),
+    [
+        ("alexnet", 224, 224, "at least 227x227, got 224x224"),
+        ("alexnet", 256, 256, "takes 227x227 inputs, got 256x256; use model.fully_convolutional"),
+        ("zfnet", 224, 240, "takes 224x224 inputs, got 224x240"),
+        ("vgg11", 100, 100, "at least 224x224, got 100x100"),
+        ("alexnet_owt", 62, 62, "at least 63x63, got 62x62"),
+    ],
+)
+def test_bad_input_size_names_the_size(name: str, height: int, width: int, message: str) -> None:
+    with torch.device("meta"):  # the size check comes before any computation
+        model = create_model(name, num_classes=2)
+        with pytest.raises(InputSizeError, match=message):
+            model(torch.empty(1, 3, height, width))
+
+
+def test_alexnet_owt_takes_any_size_from_63() -> None:
+    model = create_model("alexnet_owt", num_classes=4).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 63, 63)).shape == (1, 4)
+        assert model(torch.randn(1, 3, 160, 200)).shape == (1, 4)
+
+
+def test_eval_configs() -> None:
+    sizes = {}
+    for name in ("alexnet", "alexnet_owt", "zfnet", "vgg16"):
+        with torch.device("meta"):
+            config = create_model(name, num_classes=2).eval_config
+        sizes[name] = (config.input_size, config.resize_size)
+    assert sizes == {"alexnet": (227, 256), "alexnet_owt": (224, 256), "zfnet": (224, 256),
+                     "vgg16": (224, 256)}
