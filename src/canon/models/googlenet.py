@@ -1,0 +1,279 @@
+"""GoogLeNet, Inception v1 (Szegedy et al., "Going Deeper with Convolutions", 2014, Table 1).
+
+`googlenet` follows Table 1 and Fig. 3: true 5x5 convolutions in the third branch, biases on
+every convolution, ReLU after each, no batch norm; local response normalisation after the first
+max pool and after conv2's 3x3 convolution; a global average pool, dropout 0.4 and a linear
+classifier. Two auxiliary classifiers (section 5) read inception4a and inception4d: 5x5/3
+average pool (4 x 4 x 512 and 4 x 4 x 528 at 224x224), 1x1 convolution of 128 + ReLU, fc 1024
++ ReLU, dropout 0.7, linear classifier. They exist only on the explicit training path
+`forward_with_aux` (the paper weights their losses by 0.3) and never in `forward`.
+
+Where the paper is silent, canon follows Caffe's bvlc_googlenet replication (Szegedy helped it):
+
+- Padding: 7x7/2 conv pad 3, 3x3 convs pad 1, 5x5 convs pad 2, and every 3x3/2 max pool without
+  padding but rounding its output size up (Caffe's pooling arithmetic, `ceil_mode=True`). That
+  is what makes 224 come out at Table 1's sizes 112, 56, 28, 14 and 7.
+- LRN: Caffe's local_size 5, alpha 1e-4 (averaged over the window, i.e. 2e-5 on the paper's
+  sum convention of `LocalResponseNorm`), beta 0.75, k 1.
+- Initialisation: Caffe's "xavier" filler U(+-sqrt(3 / fan_in)) for every weight, biases 0.2 on
+  convolutions and the auxiliary fc 1024 layers, 0 on the classifiers (the paper does not say).
+
+Deviations:
+
+- Table 1's "avg pool 7x7/1" is a global average pool here, so any input of at least 32x32 runs
+  (the final map is 1x1 there, the total stride being 32); the auxiliary classifiers, whose fc
+  layers read a 4x4 map, need inputs of 223 to 270 pixels (224 in the paper).
+- Table 1's params column counts weights only, in units of 1,024; its conv1 entry (2.7K) does
+  not match 7 x 7 x 3 x 64 = 9,408 weights (9.2K); every other row does.
+- `googlenet_bn` is torchvision's variant, not the paper's: batch norm (eps 1e-3) after every
+  convolution, which then has no bias; 3x3 convolutions in the "5x5" branch; no LRN; dropout
+  0.2. It keeps the paper's pooling (torchvision closes stage 4 with a 2x2 max pool; both give
+  7x7 at 224) and the same initialisation rule as `googlenet`.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from canon.errors import InputSizeError
+from canon.models.base import CanonModel
+from canon.models.init import caffe_xavier_
+from canon.models.layers import (
+    FullyConvolutional,
+    LocalResponseNorm,
+    check_num_classes,
+    linear_to_conv,
+)
+from canon.registry import register_model
+
+# Table 1: #1x1, #3x3 reduce, #3x3, #5x5 reduce, #5x5, pool proj; output N x C x H x W at 224.
+INCEPTION_TABLE: dict[str, tuple[int, int, int, int, int, int]] = {
+    "inception3a": (64, 96, 128, 16, 32, 32),  # N x 256 x 28 x 28
+    "inception3b": (128, 128, 192, 32, 96, 64),  # N x 480 x 28 x 28
+    "inception4a": (192, 96, 208, 16, 48, 64),  # N x 512 x 14 x 14
+    "inception4b": (160, 112, 224, 24, 64, 64),  # N x 512 x 14 x 14
+    "inception4c": (128, 128, 256, 24, 64, 64),  # N x 512 x 14 x 14
+    "inception4d": (112, 144, 288, 32, 64, 64),  # N x 528 x 14 x 14
+    "inception4e": (256, 160, 320, 32, 128, 128),  # N x 832 x 14 x 14
+    "inception5a": (256, 160, 320, 32, 128, 128),  # N x 832 x 7 x 7
+    "inception5b": (384, 192, 384, 48, 128, 128),  # N x 1024 x 7 x 7
+}
+# Max pools (3x3/2) precede these stages, as Table 1's rows.
+POOL_BEFORE = {"inception3a": "pool2", "inception4a": "pool3", "inception5a": "pool4"}
+AUX_AFTER = ("inception4a", "inception4d")
+AUX_MAP_SIZE = 4
+
+ConvLayer = Callable[..., nn.Module]
+
+
+def conv_relu(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1) -> nn.Module:
+    """The paper's convolution: biased, 'same' padding, followed by a ReLU."""
+    return nn.Sequential(OrderedDict(
+        conv=nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2),
+        relu=nn.ReLU(inplace=True),
+    ))
+
+
+def conv_bn_relu(
+    in_channels: int, out_channels: int, kernel_size: int, stride: int = 1
+) -> nn.Module:
+    """torchvision's convolution for googlenet_bn: no bias, batch norm (eps 1e-3), ReLU."""
+    return nn.Sequential(OrderedDict(
+        conv=nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2,
+                       bias=False),
+        bn=nn.BatchNorm2d(out_channels, eps=1e-3),
+        relu=nn.ReLU(inplace=True),
+    ))
+
+
+def max_pool() -> nn.MaxPool2d:
+    return nn.MaxPool2d(3, stride=2, ceil_mode=True)
+
+
+def googlenet_lrn() -> LocalResponseNorm:
+    """Caffe's LRN (size 5, its alpha 1e-4 averaged over the window), k = 1."""
+    return LocalResponseNorm(size=5, alpha=1e-4 / 5, beta=0.75, k=1.0)
+
+
+def fresh_classifier(old: nn.Linear, num_classes: int) -> nn.Linear:
+    """A newly initialised linear classifier reading what `old` reads."""
+    weight = old.weight
+    new = nn.Linear(old.in_features, num_classes, device=weight.device, dtype=weight.dtype)
+    caffe_xavier_(new)
+    return new
+
+
+class Inception(nn.Module):
+    """Four parallel branches concatenated along channels (Fig. 2b)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        widths: tuple[int, int, int, int, int, int],
+        conv: ConvLayer = conv_relu,
+        wide_kernel: int = 5,
+    ) -> None:
+        super().__init__()
+        n1x1, n3x3_reduce, n3x3, n5x5_reduce, n5x5, pool_proj = widths
+        self.branch1x1 = conv(in_channels, n1x1, 1)
+        self.branch3x3 = nn.Sequential(conv(in_channels, n3x3_reduce, 1),
+                                       conv(n3x3_reduce, n3x3, 3))
+        self.branch5x5 = nn.Sequential(conv(in_channels, n5x5_reduce, 1),
+                                       conv(n5x5_reduce, n5x5, wide_kernel))
+        self.branch_pool = nn.Sequential(nn.MaxPool2d(3, stride=1, padding=1),
+                                         conv(in_channels, pool_proj, 1))
+        self.out_channels = n1x1 + n3x3 + n5x5 + pool_proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        branches = (self.branch1x1, self.branch3x3, self.branch5x5, self.branch_pool)
+        return torch.cat([branch(x) for branch in branches], dim=1)
+
+
+class AuxClassifier(nn.Module):
+    """Section 5's auxiliary classifier on a 14x14 map of inception4a or inception4d."""
+
+    def __init__(
+        self, in_channels: int, num_classes: int, conv: ConvLayer = conv_relu,
+        dropout: float = 0.7,
+    ) -> None:
+        super().__init__()
+        self.pool = nn.AvgPool2d(5, stride=3)
+        self.conv = conv(in_channels, 128, 1)
+        self.fc1 = nn.Linear(128 * AUX_MAP_SIZE * AUX_MAP_SIZE, 1024)
+        self.relu = nn.ReLU(inplace=True)
+        self.dropout = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(1024, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(x)
+        if x.shape[-2:] != (AUX_MAP_SIZE, AUX_MAP_SIZE):
+            raise InputSizeError(
+                f"GoogLeNet's auxiliary classifiers read {AUX_MAP_SIZE}x{AUX_MAP_SIZE} maps, "
+                f"pooled from 14x14 to 16x16 inception4 maps (inputs of 223 to 270 pixels; 224 in "
+                f"the paper); got {x.shape[-2]}x{x.shape[-1]}. Train at 224 or build the model "
+                f"with aux_logits=False"
+            )
+        x = self.conv(x)
+        x = self.dropout(self.relu(self.fc1(torch.flatten(x, 1))))
+        return self.fc2(x)
+
+
+class GoogLeNet(CanonModel):
+    """Stages conv1 .. inception5b as Table 1's rows, then global average pool, dropout, fc."""
+
+    def __init__(
+        self,
+        num_classes: int = 1000,
+        aux_logits: bool = True,
+        batch_norm: bool = False,
+        wide_kernel: int = 5,
+        lrn: bool = True,
+        dropout: float = 0.4,
+        aux_dropout: float = 0.7,
+    ) -> None:
+        super().__init__()
+        check_num_classes(num_classes)
+        conv = conv_bn_relu if batch_norm else conv_relu
+        # LRN closes the pool1 and conv2 stages (Fig. 3); torchvision's BN variant has none.
+        pool1 = [max_pool(), googlenet_lrn()] if lrn else [max_pool()]
+        conv2 = [conv(64, 64, 1), conv(64, 192, 3), googlenet_lrn()] if lrn else [
+            conv(64, 64, 1), conv(64, 192, 3)]
+        stages: list[tuple[str, nn.Module]] = [
+            ("conv1", conv(3, 64, 7, stride=2)),  # N x 64 x 112 x 112
+            ("pool1", nn.Sequential(*pool1)),  # N x 64 x 56 x 56
+            ("conv2", nn.Sequential(*conv2)),  # N x 192 x 56 x 56 (1x1 reduce, then 3x3)
+        ]
+        in_channels = 192
+        aux_channels = {}
+        for name, widths in INCEPTION_TABLE.items():
+            if name in POOL_BEFORE:
+                stages.append((POOL_BEFORE[name], max_pool()))
+            module = Inception(in_channels, widths, conv, wide_kernel)
+            stages.append((name, module))
+            in_channels = module.out_channels
+            aux_channels[name] = in_channels
+        for name, module in stages:
+            self.add_module(name, module)
+        self.stage_names = [name for name, _ in stages]
+        self.num_features = in_channels
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(in_channels, num_classes)
+        self.aux1 = self.aux2 = None
+        if aux_logits:
+            self.aux1, self.aux2 = (
+                AuxClassifier(aux_channels[name], num_classes, conv, aux_dropout)
+                for name in AUX_AFTER
+            )
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        classifiers = {self.fc} | {aux.fc2 for aux in self.aux_classifiers()}
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d | nn.Linear):
+                caffe_xavier_(module, bias=0.0 if module in classifiers else 0.2)
+
+    @property
+    def stages(self) -> list[tuple[str, nn.Module]]:
+        return [(name, getattr(self, name)) for name in self.stage_names]
+
+    def aux_classifiers(self) -> list[AuxClassifier]:
+        return [aux for aux in (self.aux1, self.aux2) if aux is not None]
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.dropout(x.mean(dim=(2, 3)))
+        return x if pre_logits else self.fc(x)
+
+    def forward_with_aux(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The training path: main logits and the auxiliary logits (4a's, then 4d's).
+
+        The list is empty for a model built with aux_logits=False. The paper adds the auxiliary
+        losses with weight 0.3 during training and discards the heads at inference.
+        """
+        self.check_input(x)
+        heads = dict(zip(AUX_AFTER, self.aux_classifiers(), strict=False))
+        aux_logits = []
+        for name, stage in self.stages:
+            x = stage(x)
+            if name in heads:
+                aux_logits.append(heads[name](x))
+        return self.forward_head(x), aux_logits
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Fresh classifiers for `num_classes`: the main one and the auxiliary ones."""
+        check_num_classes(num_classes)
+        self.fc = fresh_classifier(self.fc, num_classes)
+        for aux in self.aux_classifiers():
+            aux.fc2 = fresh_classifier(aux.fc2, num_classes)
+
+    def fully_convolutional(self) -> FullyConvolutional:
+        """A converted copy: dropout and the fc as a 1x1 convolution at every position.
+
+        The spatial mean of its score map equals `forward`'s logits in eval mode.
+        """
+        features = copy.deepcopy(nn.Sequential(OrderedDict(self.stages)))
+        head = nn.Sequential(OrderedDict(
+            dropout=nn.Dropout(self.dropout.p),
+            fc=linear_to_conv(self.fc, self.num_features, 1),
+        ))
+        dense = FullyConvolutional(features, head, self.min_input_size, type(self).__name__)
+        return dense.train(self.training)
+
+
+@register_model()
+def googlenet(num_classes: int = 1000, **kwargs: Any) -> GoogLeNet:
+    """GoogLeNet / Inception v1 (Szegedy et al. 2014): true 5x5 branches, LRN, 2 aux heads."""
+    return GoogLeNet(num_classes, **kwargs)
+
+
+@register_model()
+def googlenet_bn(num_classes: int = 1000, **kwargs: Any) -> GoogLeNet:
+    """GoogLeNet as torchvision builds it: batch norm, 3x3 in the "5x5" branch, no LRN."""
+    options: dict[str, Any] = {"batch_norm": True, "wide_kernel": 3, "lrn": False,
+                               "dropout": 0.2}
+    return GoogLeNet(num_classes, **{**options, **kwargs})

@@ -1,0 +1,335 @@
+"""ImageNet ResNets and their plain counterparts (He et al., "Deep Residual Learning for Image
+Recognition", 2015, Table 1 and section 3.3-3.4).
+
+`resnet18` .. `resnet152` are the paper's networks: batch norm right after every convolution and
+before the activation, projection shortcuts (1x1 convolution + BN) only where the dimensions
+change (option B), identity elsewhere, and in bottleneck blocks the stride 2 of a downsampling
+block sits in the first 1x1 convolution, as in the released Caffe models. `plain18`, `plain34`
+are the same layers without shortcuts (section 3.4, "Plain Networks").
+
+Deviations and variants:
+
+- `resnet50_v1_5`, `resnet101_v1_5`, `resnet152_v1_5` put the stride in the 3x3 convolution, as
+  torchvision (and NVIDIA's "ResNet v1.5") do; it costs more FLOPs (4.09 vs 3.8 GFLOPs for the
+  50-layer net) and gains ~0.5% top-1. Parameter counts do not change.
+- Table 1 lists the 3x3/2 max pool at the head of conv2_x; here it closes the `conv1` stage, so
+  that every `convN_x` stage is made of residual blocks only.
+- Shortcut options A (zero-padding) and C (all projections) of Table 3 are available through
+  the `shortcut` argument ("A", "B", "C"); the registered names use the paper's default B.
+- Initialisation: He et al. 2015 ("Delving deep into rectifiers") normal init for convolutions,
+  scaled by fan-out as torchvision does (the paper cites the method, not the fan mode); BN
+  gamma 1, beta 0; the fc layer keeps PyTorch's default. `zero_init_residual=True` starts every
+  block's last BN gamma at zero (Goyal et al. 2017), which the paper does not do.
+- The head is a global average pool (Table 1's "average pool") of any size, so the networks
+  accept any input of at least 32x32 (the total stride; the last stage is then 1x1).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from canon.errors import ConfigError
+from canon.models.base import CanonModel
+from canon.models.init import kaiming_normal_
+from canon.models.layers import FullyConvolutional, check_num_classes, linear_to_conv
+from canon.registry import register_model
+
+# Blocks per stage conv2_x .. conv5_x (Table 1).
+DEPTHS: dict[int, tuple[int, int, int, int]] = {
+    18: (2, 2, 2, 2),
+    34: (3, 4, 6, 3),
+    50: (3, 4, 6, 3),
+    101: (3, 4, 23, 3),
+    152: (3, 8, 36, 3),
+}
+# Stage outputs at 224x224 (e = block expansion: 1 for 18/34 layers, 4 for 50/101/152):
+# conv1   N x 64 x 56 x 56     (7x7/2 convolution, then the 3x3/2 max pool)
+# conv2_x N x 64e x 56 x 56
+# conv3_x N x 128e x 28 x 28
+# conv4_x N x 256e x 14 x 14
+# conv5_x N x 512e x 7 x 7     then global average pool and fc
+IMAGENET_WIDTHS = (64, 128, 256, 512)
+SHORTCUT_OPTIONS = ("A", "B", "C", None)
+
+
+class ZeroPadShortcut(nn.Module):
+    """Option A: identity, subsampled by `stride`, with the extra channels filled with zeros."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.extra_channels = out_channels - in_channels
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, :: self.stride, :: self.stride]
+        return F.pad(x, (0, 0, 0, 0, 0, self.extra_channels))
+
+
+def make_shortcut(
+    option: str | None, in_channels: int, out_channels: int, stride: int
+) -> nn.Module | None:
+    """The shortcut of one block: None for a plain block, else a module added to its output."""
+    if option not in SHORTCUT_OPTIONS:
+        raise ConfigError(f"shortcut must be one of 'A', 'B', 'C' or None, got {option!r}")
+    if option is None:
+        return None
+    changes_shape = stride != 1 or in_channels != out_channels
+    if option == "A" and changes_shape:
+        if out_channels < in_channels:
+            raise ConfigError(
+                f"option A shortcuts pad channels with zeros and cannot go from {in_channels} "
+                f"to {out_channels} channels; use shortcut='B'"
+            )
+        return ZeroPadShortcut(in_channels, out_channels, stride)
+    if option == "C" or (option == "B" and changes_shape):
+        return nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+            nn.BatchNorm2d(out_channels),
+        )
+    return nn.Identity()
+
+
+class ResidualBlock(nn.Module):
+    """relu(residual(x) + shortcut(x)); a plain block (shortcut None) is relu(residual(x))."""
+
+    expansion: int
+    shortcut: nn.Module | None
+
+    @property
+    def last_bn(self) -> nn.BatchNorm2d:
+        raise NotImplementedError
+
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.residual(x)
+        if self.shortcut is not None:
+            out = out + self.shortcut(x)
+        return F.relu(out)
+
+
+class BasicBlock(ResidualBlock):
+    """Two 3x3 convolutions (Fig. 5 left); the first one carries the stride."""
+
+    expansion = 1
+
+    def __init__(
+        self, in_channels: int, channels: int, stride: int = 1, shortcut: str | None = "B"
+    ) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.shortcut = make_shortcut(shortcut, in_channels, channels, stride)
+
+    @property
+    def last_bn(self) -> nn.BatchNorm2d:
+        return self.bn2
+
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        return self.bn2(self.conv2(x))
+
+
+class Bottleneck(ResidualBlock):
+    """1x1 reduce, 3x3, 1x1 expand to 4x `channels` (Fig. 5 right).
+
+    The paper (and its Caffe models) stride the first 1x1 convolution; `stride_in_1x1=False`
+    strides the 3x3 instead (torchvision's "v1.5").
+    """
+
+    expansion = 4
+
+    def __init__(
+        self,
+        in_channels: int,
+        channels: int,
+        stride: int = 1,
+        shortcut: str | None = "B",
+        stride_in_1x1: bool = True,
+    ) -> None:
+        super().__init__()
+        out_channels = channels * self.expansion
+        stride_1x1, stride_3x3 = (stride, 1) if stride_in_1x1 else (1, stride)
+        self.conv1 = nn.Conv2d(in_channels, channels, 1, stride=stride_1x1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, stride=stride_3x3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.conv3 = nn.Conv2d(channels, out_channels, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_channels)
+        self.shortcut = make_shortcut(shortcut, in_channels, out_channels, stride)
+
+    @property
+    def last_bn(self) -> nn.BatchNorm2d:
+        return self.bn3
+
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        return self.bn3(self.conv3(x))
+
+
+def imagenet_stem() -> nn.Sequential:
+    """conv1 (7x7, 64, stride 2) + BN + ReLU and the 3x3/2 max pool of Table 1."""
+    return nn.Sequential(
+        nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False),
+        nn.BatchNorm2d(64),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(3, stride=2, padding=1),
+    )
+
+
+class ResNet(CanonModel):
+    """A stem, stages conv2_x.. of residual (or plain) blocks, global average pool, fc.
+
+    The first stage keeps the stem's resolution; each later one halves it in its first block.
+    `block_kwargs` go to every block (`shortcut`, and `stride_in_1x1` for bottlenecks).
+    """
+
+    def __init__(
+        self,
+        block: type[ResidualBlock],
+        depths: Sequence[int],
+        num_classes: int = 1000,
+        *,
+        widths: Sequence[int] = IMAGENET_WIDTHS,
+        stem: nn.Module | None = None,
+        stem_channels: int = 64,
+        zero_init_residual: bool = False,
+        **block_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        check_num_classes(num_classes)
+        self.conv1 = stem if stem is not None else imagenet_stem()
+        self.stage_names = ["conv1"]
+        in_channels = stem_channels
+        for index, (depth, width) in enumerate(zip(depths, widths, strict=True)):
+            stride = 1 if index == 0 else 2
+            blocks = []
+            for block_index in range(depth):
+                blocks.append(block(in_channels, width, stride if block_index == 0 else 1,
+                                    **block_kwargs))
+                in_channels = width * block.expansion
+            name = f"conv{index + 2}_x"
+            self.add_module(name, nn.Sequential(*blocks))
+            self.stage_names.append(name)
+        self.num_features = in_channels
+        self.fc = nn.Linear(in_channels, num_classes)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                kaiming_normal_(module)
+        if zero_init_residual:
+            self.zero_init_residual_()
+
+    @property
+    def stages(self) -> list[tuple[str, nn.Module]]:
+        return [(name, getattr(self, name)) for name in self.stage_names]
+
+    def blocks(self) -> list[ResidualBlock]:
+        return [m for m in self.modules() if isinstance(m, ResidualBlock)]
+
+    def zero_init_residual_(self) -> None:
+        """Zero every block's last BN gamma, so each residual block starts as the identity."""
+        blocks = self.blocks()
+        if any(b.shortcut is None for b in blocks):
+            raise ConfigError(
+                "zero_init_residual needs shortcuts: a plain network would start with every "
+                "block outputting zeros"
+            )
+        for b in blocks:
+            nn.init.zeros_(b.last_bn.weight)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = x.mean(dim=(2, 3))
+        return x if pre_logits else self.fc(x)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        check_num_classes(num_classes)
+        weight = self.fc.weight
+        self.fc = nn.Linear(self.num_features, num_classes, device=weight.device,
+                            dtype=weight.dtype)
+
+    def fully_convolutional(self) -> FullyConvolutional:
+        """A converted copy: the fc as a 1x1 convolution at every position of the last map.
+
+        The spatial mean of its score map equals `forward`'s logits (the pooling and the fc are
+        both linear).
+        """
+        features = copy.deepcopy(nn.Sequential(OrderedDict(self.stages)))
+        head = nn.Sequential(OrderedDict(fc=linear_to_conv(self.fc, self.num_features, 1)))
+        dense = FullyConvolutional(features, head, self.min_input_size, type(self).__name__)
+        return dense.train(self.training)
+
+
+def _resnet(depth: int, num_classes: int, **kwargs: Any) -> ResNet:
+    block = BasicBlock if depth < 50 else Bottleneck
+    return ResNet(block, DEPTHS[depth], num_classes, **kwargs)
+
+
+@register_model()
+def resnet18(num_classes: int = 1000, **kwargs: Any) -> ResNet:
+    """ResNet-18 (He et al. 2015), basic blocks, projection shortcuts (option B)."""
+    return _resnet(18, num_classes, **kwargs)
+
+
+@register_model()
+def resnet34(num_classes: int = 1000, **kwargs: Any) -> ResNet:
+    """ResNet-34 (He et al. 2015), basic blocks, projection shortcuts (option B)."""
+    return _resnet(34, num_classes, **kwargs)
+
+
+@register_model()
+def resnet50(num_classes: int = 1000, **kwargs: Any) -> ResNet:
+    """ResNet-50 (He et al. 2015), bottlenecks strided in the first 1x1 as in the paper."""
+    return _resnet(50, num_classes, **kwargs)
+
+
+@register_model()
+def resnet101(num_classes: int = 1000, **kwargs: Any) -> ResNet:
+    """ResNet-101 (He et al. 2015), bottlenecks strided in the first 1x1 as in the paper."""
+    return _resnet(101, num_classes, **kwargs)
+
+
+@register_model()
+def resnet152(num_classes: int = 1000, **kwargs: Any) -> ResNet:
+    """ResNet-152 (He et al. 2015), bottlenecks strided in the first 1x1 as in the paper."""
+    return _resnet(152, num_classes, **kwargs)
+
+
+@register_model()
+def resnet50_v1_5(num_classes: int = 1000, **kwargs: Any) -> ResNet:
+    """ResNet-50 v1.5 (torchvision's): the stride sits in the bottleneck's 3x3 convolution."""
+    return _resnet(50, num_classes, stride_in_1x1=False, **kwargs)
+
+
+@register_model()
+def resnet101_v1_5(num_classes: int = 1000, **kwargs: Any) -> ResNet:
+    """ResNet-101 v1.5 (torchvision's): the stride sits in the bottleneck's 3x3 convolution."""
+    return _resnet(101, num_classes, stride_in_1x1=False, **kwargs)
+
+
+@register_model()
+def resnet152_v1_5(num_classes: int = 1000, **kwargs: Any) -> ResNet:
+    """ResNet-152 v1.5 (torchvision's): the stride sits in the bottleneck's 3x3 convolution."""
+    return _resnet(152, num_classes, stride_in_1x1=False, **kwargs)
+
+
+@register_model()
+def plain18(num_classes: int = 1000, **kwargs: Any) -> ResNet:
+    """Plain-18 (He et al. 2015, section 3.4): ResNet-18's layers without shortcuts."""
+    return _resnet(18, num_classes, shortcut=None, **kwargs)
+
+
+@register_model()
+def plain34(num_classes: int = 1000, **kwargs: Any) -> ResNet:
+    """Plain-34 (He et al. 2015, Fig. 3 middle): ResNet-34's layers without shortcuts."""
+    return _resnet(34, num_classes, shortcut=None, **kwargs)
