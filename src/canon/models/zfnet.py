@@ -14,7 +14,7 @@ arXiv:1311.2901), the network of their Figure 3.
   the standard deviation, as in AlexNet), biases 0.
 - 62,357,608 parameters at 1000 classes.
 
-`zfnet_wide` is the larger model of Table 2/3: conv3, conv4, conv5 with 512, 1024, 512 maps.
+`zfnet_wide` is the larger model of Table 2 ("layers 3,4,5: 512,1024,512 maps"; also Table 3).
 
 Choices where the paper is silent, made so every map size of Figure 3 comes out exactly
 (224 -> 110 -> 55 -> 26 -> 13 -> 13 -> 13 -> 13 -> 6):
@@ -85,5 +85,5 @@ def zfnet(num_classes: int = 1000, **kwargs) -> ZFNet:
 
 @register_model()
 def zfnet_wide(num_classes: int = 1000, **kwargs) -> ZFNet:
-    """ZFNet with conv3-5 of 512, 1024, 512 maps (the paper's Table 2 larger model)."""
+    """ZFNet with conv3-5 of 512, 1024, 512 maps (the larger model of the paper's Table 2)."""
     return ZFNet(num_classes=num_classes, widths=(512, 1024, 512), **kwargs)
