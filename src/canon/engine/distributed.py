@@ -24,6 +24,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler, Sampler
 
+from canon.engine.model_parallel import PipelineParallel
 from canon.errors import ConfigError
 
 
@@ -127,9 +128,12 @@ def wrap_model(
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The plain model inside DDP and torch.compile wrappers (what checkpoints store)."""
+    """The plain model inside DDP, pipeline and torch.compile wrappers (what checkpoints store).
+
+    A `TwoTowerAlexNet` is its own plain model: its state dict is the `alexnet` one.
+    """
     while True:
-        if isinstance(model, DistributedDataParallel):
+        if isinstance(model, (DistributedDataParallel, PipelineParallel)):
             model = model.module
         elif hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
             model = model._orig_mod

@@ -1,0 +1,182 @@
+"""Model parallelism on CPU "devices": outputs, gradients and SGD steps equal the plain model's."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from canon.engine.distributed import unwrap_model
+from canon.engine.model_parallel import (
+    PipelineParallel,
+    TwoTowerAlexNet,
+    balance_stages,
+    parallelize,
+    parse_model_parallel,
+)
+from canon.errors import ConfigError, InputSizeError
+from canon.registry import create_model
+
+CPU = torch.device("cpu")
+
+
+def _sgd(model: nn.Module) -> torch.optim.SGD:
+    return torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+
+
+def _assert_state_equal(actual: dict, expected: dict, **tolerance: float) -> None:
+    assert actual.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(actual[key], value, msg=key, **tolerance)
+
+
+def _tower_grads(towers: TwoTowerAlexNet) -> dict[str, torch.Tensor]:
+    """Each original parameter's gradient, rebuilt from its two tower halves."""
+    params = dict(towers.named_parameters())
+    return {
+        original: torch.cat([params[name].grad for name in names])
+        for original, names in towers.split_names.items()
+    }
+
+
+def test_parse_model_parallel() -> None:
+    assert parse_model_parallel("towers").num_devices == 2
+    plan = parse_model_parallel("stages:3")
+    assert (plan.kind, plan.num_devices, plan.micro_batches) == ("stages", 3, 12)
+    assert parse_model_parallel("stages:2:5").micro_batches == 5
+    for bad in ("stages", "stages:0", "pipeline:2", "stages:2:0"):
+        with pytest.raises(ConfigError, match="model-parallel"):
+            parse_model_parallel(bad)
+
+
+def test_balance_stages_minimises_the_largest_group() -> None:
+    assert balance_stages([1, 1, 1, 1], 0, 2) == [0, 0, 1, 1]
+    assert balance_stages([5, 1, 1, 1], 0, 2) == [0, 1, 1, 1]
+    # A heavy head pulls every stage it can away from the last device.
+    assert balance_stages([1, 1, 1, 1], 10, 2) == [0, 0, 0, 1]
+    assert balance_stages([3, 3, 3], 0, 3) == [0, 1, 2]
+    with pytest.raises(ConfigError, match="at most 3"):
+        balance_stages([1, 1, 1], 0, 4)
+
+
+def test_towers_train_like_the_single_device_alexnet() -> None:
+    torch.manual_seed(0)
+    # Dropout off so that both nets draw no random numbers; 7 classes splits fc8 unevenly.
+    reference = create_model("alexnet", num_classes=7, dropout=0.0)
+    towers = parallelize(copy.deepcopy(reference), "towers", CPU)
+    assert isinstance(towers, TwoTowerAlexNet)
+    _assert_state_equal(towers.state_dict(), reference.state_dict())
+    images, labels = torch.randn(2, 3, 227, 227), torch.tensor([3, 6])
+    optimizers = [_sgd(reference), _sgd(towers)]
+    for step in range(2):
+        outputs = []
+        for model, optimizer in zip((reference, towers), optimizers, strict=True):
+            optimizer.zero_grad()
+            logits = model(images)
+            nn.functional.cross_entropy(logits, labels).backward()
+            outputs.append(logits)
+        torch.testing.assert_close(outputs[1], outputs[0])
+        if step == 0:
+            expected = {k: p.grad for k, p in reference.named_parameters()}
+            _assert_state_equal(_tower_grads(towers), expected)
+        for optimizer in optimizers:
+            optimizer.step()
+    _assert_state_equal(towers.state_dict(), reference.state_dict())
+
+
+def test_towers_load_alexnet_checkpoints_and_follow_eval_mode() -> None:
+    torch.manual_seed(1)
+    source, target = create_model("alexnet", num_classes=5), create_model("alexnet", num_classes=5)
+    towers = TwoTowerAlexNet(target, [CPU, CPU])
+    towers.load_state_dict(source.state_dict())
+    _assert_state_equal(towers.state_dict(), source.state_dict())
+    towers.eval()
+    assert not any(module.training for module in towers.modules())
+    with pytest.raises(InputSizeError, match="227x227"):
+        towers(torch.randn(1, 3, 224, 224))
+    with pytest.raises(ConfigError, match="alexnet"):
+        parallelize(create_model("resnet20"), "towers", CPU)
+
+
+def _check_pipeline(name: str, spec: str, size: int, train: bool) -> None:
+    torch.manual_seed(2)
+    reference = create_model(name, num_classes=10).train(train)
+    pipeline = parallelize(copy.deepcopy(reference), spec, CPU).train(train)
+    assert isinstance(pipeline, PipelineParallel)
+    images, labels = torch.randn(6, 3, size, size), torch.arange(6)
+    expected, actual = reference(images), pipeline(images)
+    torch.testing.assert_close(actual, expected)
+    nn.functional.cross_entropy(expected, labels).backward()
+    nn.functional.cross_entropy(actual, labels).backward()
+    model = unwrap_model(pipeline)
+    grads = {k: p.grad for k, p in model.named_parameters()}
+    # Micro-batches sum each weight gradient in a different order: fp32 rounding apart.
+    expected_grads = {k: p.grad for k, p in reference.named_parameters()}
+    _assert_state_equal(grads, expected_grads, rtol=1e-4, atol=1e-6)
+    _assert_state_equal(model.state_dict(), reference.state_dict())
+
+
+def test_pipeline_places_consecutive_stages_by_parameter_count() -> None:
+    pipeline = parallelize(create_model("resnet20"), "stages:3", CPU)
+    assert pipeline.group_names == [["conv1", "conv2_x"], ["conv3_x"], ["conv4_x"]]
+    assert pipeline.micro_batches == 12
+
+
+def test_pipeline_matches_resnet20_with_whole_batch_norm_statistics() -> None:
+    # One micro-batch: batch norm sees the whole batch and its running statistics must agree.
+    _check_pipeline("resnet20", "stages:3:1", 32, train=True)
+
+
+def test_pipeline_micro_batches_match_resnet20_in_eval_mode() -> None:
+    _check_pipeline("resnet20", "stages:2:4", 32, train=False)
+
+
+def test_pipeline_micro_batches_match_alexnet() -> None:
+    _check_pipeline("alexnet", "stages:2:3", 227, train=False)
+
+
+def test_pipeline_refuses_what_it_cannot_place() -> None:
+    with pytest.raises(ConfigError, match="auxiliary heads"):
+        parallelize(create_model("googlenet", num_classes=3), "stages:2", CPU)
+    with pytest.raises(ConfigError, match="at most 4"):
+        parallelize(create_model("resnet20"), "stages:5", CPU)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_towers_across_gpu_and_cpu_match_the_single_device_alexnet(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # One GPU is enough to exercise real cross-device exchanges: tower 0 on it, tower 1 on CPU.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # compare in full fp32
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    torch.manual_seed(3)
+    gpu = torch.device("cuda", 0)
+    reference = create_model("alexnet", num_classes=10, dropout=0.0).to(gpu)
+    towers = TwoTowerAlexNet(copy.deepcopy(reference), [gpu, CPU])
+    images = torch.randn(4, 3, 227, 227, device=gpu)
+    expected, actual = reference(images), towers(images)
+    assert actual.device == gpu
+    torch.testing.assert_close(actual, expected, rtol=1e-3, atol=1e-4)
+    expected.sum().backward()
+    actual.sum().backward()
+    grads = {k: g.to(gpu) for k, g in _tower_grads(towers).items()}
+    expected_grads = {k: p.grad for k, p in reference.named_parameters()}
+    for key, grad in expected_grads.items():
+        torch.testing.assert_close(grads[key], grad, rtol=1e-3, atol=1e-4, msg=key)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_pipeline_across_gpu_and_cpu_matches_resnet20(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    torch.manual_seed(4)
+    gpu = torch.device("cuda", 0)
+    reference = create_model("resnet20", num_classes=10).eval().to(gpu)
+    pipeline = PipelineParallel(copy.deepcopy(reference), [gpu, CPU], micro_batches=4).eval()
+    images = torch.randn(8, 3, 32, 32, device=gpu)
+    expected, actual = reference(images), pipeline(images)
+    assert actual.device == gpu
+    torch.testing.assert_close(actual, expected, rtol=1e-3, atol=1e-4)
