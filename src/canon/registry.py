@@ -77,10 +77,15 @@ def _load_model_families() -> None:
     import canon.models  # noqa: F401  (importing registers every family)
 
 
-def create_model(name: str, num_classes: int = 1000, **kwargs: Any) -> nn.Module:
-    """Build the registered model `name` with a classifier of `num_classes` outputs."""
+def create_model(name: str, num_classes: int | None = None, **kwargs: Any) -> nn.Module:
+    """Build the registered model `name` with a classifier of `num_classes` outputs.
+
+    `None` keeps the family's own dataset: 1000 ImageNet classes, 10 for the CIFAR networks.
+    """
     _load_model_families()
     entry = MODELS.get(name)
+    if num_classes is None:
+        return entry.builder(**kwargs)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
     return entry.builder(num_classes=num_classes, **kwargs)

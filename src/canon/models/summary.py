@@ -43,7 +43,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from canon.errors import InputSizeError
-from canon.registry import MODELS, create_model
+from canon.registry import create_model
 
 _DEPTH = "_canon_summary_depth"
 _MIB = 2**20
@@ -145,8 +145,6 @@ def _default_input_size(model: nn.Module) -> int:
 def _build(name: str, num_classes: int | None) -> nn.Module:
     # On the meta device the weights are never allocated nor initialised.
     with torch.device("meta"):
-        if num_classes is None:  # the builder's own default: 10 for the CIFAR nets, else 1000
-            return MODELS.get(name).builder()
         return create_model(name, num_classes=num_classes)
 
 
