@@ -21,8 +21,10 @@ Where the paper is silent, canon follows Caffe's bvlc_googlenet replication (Sze
 Deviations:
 
 - Table 1's "avg pool 7x7/1" is a global average pool here, so any input of at least 32x32 runs
-  (the final map is 1x1 there, the total stride being 32); the auxiliary classifiers, whose fc
-  layers read a 4x4 map, need inputs of 223 to 270 pixels (224 in the paper).
+  (the final map is 1x1 there, the total stride being 32). The auxiliary classifiers' fc layers
+  read a 4x4 map: for inputs of 223 to 270 pixels (224 in the paper) the paper's 5x5/3 average
+  pool makes it; for other sizes an adaptive average pool to 4x4 does (torchvision's choice at
+  every size), so that training at, say, 128 pixels keeps the auxiliary losses.
 - Table 1's params column counts weights only, in units of 1,024; its conv1 entry (2.7K) does
   not match 7 x 7 x 3 x 64 = 9,408 weights (9.2K); every other row does.
 - `googlenet_bn` is torchvision's variant, not the paper's: batch norm (eps 1e-3) after every
@@ -40,8 +42,8 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from canon.errors import InputSizeError
 from canon.models.base import CanonModel
 from canon.models.init import caffe_xavier_
 from canon.models.layers import (
@@ -68,6 +70,8 @@ INCEPTION_TABLE: dict[str, tuple[int, int, int, int, int, int]] = {
 POOL_BEFORE = {"inception3a": "pool2", "inception4a": "pool3", "inception5a": "pool4"}
 AUX_AFTER = ("inception4a", "inception4d")
 AUX_MAP_SIZE = 4
+# inception4 map sizes the paper's 5x5/3 pool turns into 4x4 (inputs of 223 to 270 pixels).
+PAPER_AUX_INPUT_MAPS = range(14, 17)
 
 ConvLayer = Callable[..., nn.Module]
 
@@ -151,14 +155,10 @@ class AuxClassifier(nn.Module):
         self.fc2 = nn.Linear(1024, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pool(x)
-        if x.shape[-2:] != (AUX_MAP_SIZE, AUX_MAP_SIZE):
-            raise InputSizeError(
-                f"GoogLeNet's auxiliary classifiers read {AUX_MAP_SIZE}x{AUX_MAP_SIZE} maps, "
-                f"pooled from 14x14 to 16x16 inception4 maps (inputs of 223 to 270 pixels; 224 in "
-                f"the paper); got {x.shape[-2]}x{x.shape[-1]}. Train at 224 or build the model "
-                f"with aux_logits=False"
-            )
+        if all(size in PAPER_AUX_INPUT_MAPS for size in x.shape[-2:]):
+            x = self.pool(x)
+        else:  # other input sizes: torchvision's adaptive pool to the 4x4 the fc layer reads
+            x = F.adaptive_avg_pool2d(x, AUX_MAP_SIZE)
         x = self.conv(x)
         x = self.dropout(self.relu(self.fc1(torch.flatten(x, 1))))
         return self.fc2(x)
