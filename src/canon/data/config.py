@@ -1,0 +1,159 @@
+"""The `data:` section of a recipe: which dataset, and which paper's preprocessing.
+
+Every field has a default that reproduces the bundled-sample CIFAR setting of He et al. (2015),
+section 4.2, so `DataConfig()` is a working configuration. Values are validated when the object
+is built; a bad one raises ConfigError naming the field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from canon.errors import ConfigError
+
+AUGMENTATIONS = ("alexnet", "vgg", "resnet", "googlenet", "cifar", "none")
+MEANS = ("pixel", "channel", "imagenet")
+PCA_SOURCES = ("dataset", "imagenet")
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # "sample" (bundled), "cifar10", "cifar100", or a folder: ImageNet layout (train/, val/),
+    # or one holding cifar-10-batches-py / cifar-100-python.
+    dataset: str = "sample"
+    # Named paper pipeline (canon.data.transforms.PIPELINES): alexnet (Krizhevsky et al. 2012,
+    # s4.1), vgg (Simonyan & Zisserman 2014, s3.1), resnet (He et al. 2015, s3.4), googlenet
+    # (Szegedy et al. 2014, s6), cifar (He et al. 2015, s4.2), none (resize + centre crop only).
+    augmentation: str = "cifar"
+    # Side of the square training crop: 224 in the ImageNet papers, 32 for CIFAR.
+    crop_size: int = 32
+    # Evaluation: shorter side before the centre crop (256 for VGG/ResNet/GoogLeNet). AlexNet
+    # (s2) rescales every image to resize_size x resize_size instead. Also the side of the
+    # square at which the mean image is computed.
+    resize_size: int = 32
+    # VGG s3.1 scale jittering / ResNet s3.4 scale augmentation: the shorter side is drawn
+    # uniformly from [min, max] per image, e.g. (256, 512) or (256, 480). None: fixed at
+    # resize_size (VGG's single-scale training with S = resize_size).
+    scale_range: tuple[int, int] | None = None
+    # Mean subtraction: "pixel" = the training set's mean image (AlexNet s2, ResNet s3.4/s4.2),
+    # "channel" = per-channel mean (VGG s2.1), "imagenet" = torchvision's published constants.
+    mean: str = "pixel"
+    # Also divide by the per-channel standard deviation. Not in the papers (they subtract the
+    # mean from 0-255 pixels); on by default because He initialisation assumes unit-variance
+    # inputs. With mean="imagenet" the published std is used.
+    divide_std: bool = True
+    # AlexNet s4.1 "fancy PCA" colour augmentation: std of alpha_i (0.1 in the paper); 0 = off.
+    # VGG s3.1 and ResNet s3.4 reuse it ("random RGB colour shift", "standard colour
+    # augmentation").
+    pca_std: float = 0.0
+    # Eigenvectors/values for fancy PCA: of this training set, or ImageNet's published ones.
+    pca_source: str = "dataset"
+    # CIFAR (He et al. 2015, s4.2): zero padding on each side before the random 32x32 crop.
+    padding: int = 4
+    # Random horizontal reflection (every paper).
+    flip: bool = True
+    # GoogLeNet s6: crops covering this range of the image area ...
+    area_range: tuple[float, float] = (0.08, 1.0)
+    # ... with aspect ratio in this range.
+    aspect_range: tuple[float, float] = (3 / 4, 4 / 3)
+    # GoogLeNet s6 photometric distortions (Howard 2013): strength of random brightness,
+    # contrast and saturation changes; 0 = off.
+    photometric: float = 0.4
+    # Resampling filter for every resize.
+    interpolation: str = "bilinear"
+    # Multi-scale test scales (shorter sides); empty = VGG s3.2's rule: {S-32, S, S+32} for a
+    # fixed training scale S = resize_size, {min, mid, max} for a jittered scale_range.
+    test_scales: tuple[int, ...] = ()
+    # Fetch CIFAR from its official address (md5-verified) when it is not on disk.
+    download: bool = True
+
+    def __post_init__(self) -> None:
+        _choice("augmentation", self.augmentation, AUGMENTATIONS)
+        _choice("mean", self.mean, MEANS)
+        _choice("pca_source", self.pca_source, PCA_SOURCES)
+        _choice("interpolation", self.interpolation, INTERPOLATIONS)
+        if not isinstance(self.dataset, str) or not self.dataset:
+            raise ConfigError(f"data.dataset must be a name or a folder, got {self.dataset!r}")
+        for name in ("crop_size", "resize_size"):
+            _positive_int(name, getattr(self, name))
+        if self.resize_size < self.crop_size and self.augmentation != "googlenet":
+            raise ConfigError(
+                f"data.resize_size ({self.resize_size}) must be at least data.crop_size "
+                f"({self.crop_size})"
+            )
+        if self.scale_range is not None:
+            low, high = _pair("scale_range", self.scale_range, int)
+            if not self.crop_size <= low <= high:
+                raise ConfigError(
+                    f"data.scale_range must satisfy crop_size <= min <= max, got {self.scale_range}"
+                )
+            object.__setattr__(self, "scale_range", (low, high))
+        low, high = _pair("area_range", self.area_range, float)
+        if not 0 < low <= high <= 1:
+            raise ConfigError(f"data.area_range must lie in (0, 1], got {self.area_range}")
+        object.__setattr__(self, "area_range", (low, high))
+        low, high = _pair("aspect_range", self.aspect_range, float)
+        if not 0 < low <= high:
+            raise ConfigError(f"data.aspect_range must be positive and ordered, got {low, high}")
+        object.__setattr__(self, "aspect_range", (low, high))
+        for name in ("pca_std", "photometric"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                raise ConfigError(f"data.{name} must be a number >= 0, got {value!r}")
+        if isinstance(self.padding, bool) or not isinstance(self.padding, int) or self.padding < 0:
+            raise ConfigError(f"data.padding must be an integer >= 0, got {self.padding!r}")
+        scales = tuple(self.test_scales)
+        for scale in scales:
+            _positive_int("test_scales", scale)
+        object.__setattr__(self, "test_scales", scales)
+        for name in ("divide_std", "flip", "download"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"data.{name} must be true or false, got {getattr(self, name)!r}")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> DataConfig:
+        """Build from a recipe's `data:` mapping; unknown keys are an error listing valid ones."""
+        valid = [f.name for f in fields(cls)]
+        unknown = sorted(set(values) - set(valid))
+        if unknown:
+            raise ConfigError(f"unknown data key(s) {unknown}; valid keys: {', '.join(valid)}")
+        values = dict(values)
+        for key in ("scale_range", "area_range", "aspect_range", "test_scales"):
+            if isinstance(values.get(key), list):
+                values[key] = tuple(values[key])
+        return cls(**values)
+
+    def multi_scale_test_sizes(self) -> tuple[int, ...]:
+        """Shorter sides for multi-scale testing (VGG s3.2 and s4.2 when none are given)."""
+        if self.test_scales:
+            return self.test_scales
+        if self.scale_range is not None:
+            low, high = self.scale_range
+            return (low, (low + high) // 2, high)
+        size = self.resize_size
+        return tuple(s for s in (size - 32, size, size + 32) if s >= self.crop_size)
+
+
+def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"data.{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"data.{name} must be a positive integer, got {value!r}")
+
+
+def _pair(name: str, value: object, kind: type) -> tuple:
+    try:
+        low, high = value  # type: ignore[misc]
+    except (TypeError, ValueError):
+        raise ConfigError(f"data.{name} must be a pair [min, max], got {value!r}") from None
+    if kind is int and not all(isinstance(v, int) and not isinstance(v, bool) for v in (low, high)):
+        raise ConfigError(f"data.{name} must hold integers, got {value!r}")
+    if kind is float and not all(isinstance(v, int | float) for v in (low, high)):
+        raise ConfigError(f"data.{name} must hold numbers, got {value!r}")
+    if low > high:
+        raise ConfigError(f"data.{name} must be ordered [min, max], got {value!r}")
+    return kind(low), kind(high)

@@ -1,0 +1,114 @@
+"""From a DataConfig to ready datasets and DataLoaders.
+
+`build_datasets` opens the dataset, computes (or reads the cached) training-set statistics the
+preprocessing needs, and attaches the paper's training transform to the training set and the
+centre-crop test transform to the validation set. `build_loader` wraps a dataset in a
+DataLoader whose shuffling depends only on `seed` and the epoch (`loader.sampler.set_epoch`),
+so a resumed run sees the same order as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data.dataloader import default_collate
+
+from canon.data.config import DataConfig
+from canon.data.datasets import LabeledImages, canon_cache_dir, open_dataset
+from canon.data.stats import DatasetStats, load_or_compute_stats
+from canon.data.transforms import (
+    center_transform,
+    eval_preprocess,
+    needs_stats,
+    training_transform,
+)
+
+
+def dataset_stats(
+    config: DataConfig, train: LabeledImages, *, root_cache: Path | None = None,
+    workers: int = 0, progress: bool = True,
+) -> DatasetStats | None:
+    """The training set's statistics when the configured preprocessing needs them."""
+    if not needs_stats(config):
+        return None
+    return load_or_compute_stats(
+        train, config.resize_size, cache=root_cache, workers=workers, progress=progress
+    )
+
+
+def build_datasets(
+    config: DataConfig, *, root_cache: Path | None = None, strict: bool = False
+) -> tuple[LabeledImages, LabeledImages]:
+    """(train, validation) with the paper's training and centre-crop test transforms.
+
+    Items are (float tensor 3 x crop_size x crop_size, int label); both have `.classes`.
+    `root_cache` (default $CANON_CACHE or ~/.cache/canon) holds downloads and statistics.
+    """
+    cache = root_cache or canon_cache_dir()
+    train, val = open_dataset(config.dataset, cache=cache, strict=strict, download=config.download)
+    stats = dataset_stats(config, train, root_cache=cache)
+    preprocess = eval_preprocess(config, stats)
+    train = train.with_transform(training_transform(config, stats))
+    val = val.with_transform(center_transform(preprocess))
+    train.preprocess = val.preprocess = preprocess
+    return train, val
+
+
+def collate(items: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """default_collate, minus the items of undecodable files (None). A batch in which every
+    file was bad comes out with 0 items: images of shape (0,), labels of shape (0,)."""
+    good = [item for item in items if item is not None]
+    if not good:
+        return torch.empty(0), torch.empty(0, dtype=torch.long)
+    return default_collate(good)
+
+
+class ShuffleSampler(Sampler[int]):
+    """A random permutation per epoch drawn from (seed, epoch) alone, like DistributedSampler's
+    shuffling on one process: `set_epoch(e)` before each epoch."""
+
+    def __init__(self, dataset: Dataset, seed: int = 0) -> None:
+        self.length, self.seed, self.epoch = len(dataset), seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.length, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.length
+
+
+def build_loader(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    train: bool,
+    workers: int = 0,
+    sampler: Sampler | None = None,
+    seed: int = 0,
+    drop_last: bool | None = None,
+    collate_fn=collate,
+) -> DataLoader:
+    """A DataLoader: shuffled (ShuffleSampler from `seed`) when training, in order otherwise;
+    `sampler` (e.g. a DistributedSampler) replaces either. Worker random streams (the
+    augmentation) also derive from `seed`. drop_last defaults to `train`."""
+    if sampler is None:
+        sampler = ShuffleSampler(dataset, seed) if train else None
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate_fn,
+        drop_last=train if drop_last is None else drop_last,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=workers > 0,
+        generator=generator,
+    )

@@ -1,0 +1,217 @@
+"""Training-set statistics for the papers' preprocessing: mean image, channel mean/std, RGB PCA.
+
+Computed in one streaming pass (float64 running sums, memory bounded by one mean image and
+one batch) with every image squashed to `size x size`, as AlexNet s2 does for its 256 x 256
+mean image; pixel values are in [0, 1]. Cached as safetensors keyed by the dataset's
+fingerprint and the size, so a second run reads them in milliseconds.
+
+ImageNet's published statistics are constants here: torchvision's channel mean/std and the
+RGB eigen-decomposition used by fb.resnet.torch and most reimplementations of fancy PCA.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+from torchvision.transforms.v2 import functional as TF
+from tqdm import tqdm
+
+from canon.data.datasets import (
+    ArrayImages,
+    LabeledImages,
+    canon_cache_dir,
+    dataset_fingerprint,
+)
+from canon.errors import DataError
+
+# RGB covariance eigen-decomposition of ImageNet (pixels in [0, 1]), as published with
+# fb.resnet.torch (datasets/imagenet.lua); columns of the matrix are the eigenvectors.
+IMAGENET_PCA_EIGVAL = (0.2175, 0.0188, 0.0045)
+IMAGENET_PCA_EIGVEC = (
+    (-0.5675, 0.7192, 0.4009),
+    (-0.5808, -0.0045, -0.8140),
+    (-0.5836, -0.6948, 0.4203),
+)
+STATS_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class DatasetStats:
+    mean_image: torch.Tensor  # 3 x size x size
+    channel_mean: torch.Tensor  # 3
+    channel_std: torch.Tensor  # 3
+    rgb_covariance: torch.Tensor  # 3 x 3
+    pca_eigval: torch.Tensor  # 3, descending
+    pca_eigvec: torch.Tensor  # 3 x 3, column i belongs to pca_eigval[i]
+    images: int
+    skipped: int
+
+    @property
+    def size(self) -> int:
+        return self.mean_image.shape[-1]
+
+    def summary(self) -> str:
+        def fmt(t: torch.Tensor) -> str:
+            return "(" + ", ".join(f"{v:.4f}" for v in t.tolist()) + ")"
+
+        return (
+            f"images: {self.images} (skipped {self.skipped})\n"
+            f"mean image: 3 x {self.size} x {self.size}\n"
+            f"channel mean (RGB, 0-1): {fmt(self.channel_mean)}\n"
+            f"channel std  (RGB, 0-1): {fmt(self.channel_std)}\n"
+            f"PCA eigenvalues: {fmt(self.pca_eigval)}\n"
+            f"PCA eigenvectors (columns): {[fmt(row) for row in self.pca_eigvec]}"
+        )
+
+
+def imagenet_pca() -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet's published (eigenvalues, eigenvectors as columns)."""
+    return torch.tensor(IMAGENET_PCA_EIGVAL), torch.tensor(IMAGENET_PCA_EIGVEC)
+
+
+def imagenet_channel_stats() -> tuple[torch.Tensor, torch.Tensor]:
+    """torchvision's published ImageNet channel mean and std (the models' EvalConfig default)."""
+    # Imported here: canon.models imports every model family, which data code must not need.
+    from canon.models.base import IMAGENET_MEAN, IMAGENET_STD
+
+    return torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+
+
+class _Squashed(torch.utils.data.Dataset):
+    """Raw images resized to size x size (uint8), or None for an undecodable file."""
+
+    def __init__(self, dataset: LabeledImages, size: int) -> None:
+        self.dataset, self.size = dataset, size
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> torch.Tensor | None:
+        image = self.dataset.load_image(index)
+        return None if image is None else _squash(image, self.size)
+
+
+def _squash(images: torch.Tensor, size: int) -> torch.Tensor:
+    if tuple(images.shape[-2:]) == (size, size):
+        return images
+    return TF.resize(images, [size, size], antialias=True)
+
+
+def _stack_decoded(items: list[torch.Tensor | None]) -> tuple[torch.Tensor | None, int]:
+    good = [item for item in items if item is not None]
+    return (torch.stack(good) if good else None), len(items) - len(good)
+
+
+def compute_stats(
+    dataset: LabeledImages,
+    size: int,
+    *,
+    workers: int = 0,
+    batch_size: int = 256,
+    progress: bool = True,
+) -> DatasetStats:
+    """One pass over `dataset` (raw uint8 images), images squashed to size x size."""
+    if isinstance(dataset, ArrayImages):  # in memory: slice batches, no per-item overhead
+        loader = (
+            (_squash(dataset.images[start : start + batch_size], size), 0)
+            for start in range(0, len(dataset), batch_size)
+        )
+    else:
+        loader = DataLoader(
+            _Squashed(dataset, size),
+            batch_size=batch_size,
+            num_workers=workers,
+            collate_fn=_stack_decoded,
+        )
+    pixel_sum = torch.zeros(3, size, size, dtype=torch.float64)
+    outer_sum = torch.zeros(3, 3, dtype=torch.float64)
+    count = skipped = 0
+    bar = tqdm(total=len(dataset), desc="statistics", unit="img", disable=not progress)
+    for batch, bad in loader:
+        skipped += bad
+        bar.update(bad)
+        if batch is None:
+            continue
+        pixels = batch.to(torch.float64) / 255
+        pixel_sum += pixels.sum(0)
+        flat = pixels.permute(1, 0, 2, 3).reshape(3, -1)
+        outer_sum += flat @ flat.T
+        count += len(batch)
+        bar.update(len(batch))
+    bar.close()
+    if count == 0:
+        raise DataError("no decodable images to compute statistics from")
+    mean_image = pixel_sum / count
+    channel_mean = mean_image.mean((1, 2))
+    covariance = outer_sum / (count * size * size) - torch.outer(channel_mean, channel_mean)
+    eigval, eigvec = torch.linalg.eigh(covariance)
+    order = eigval.argsort(descending=True)
+    eigvec = eigvec[:, order]
+    eigvec = eigvec * torch.where(eigvec.sum(0) < 0, -1.0, 1.0)  # deterministic signs
+    return DatasetStats(
+        mean_image=mean_image.float(),
+        channel_mean=channel_mean.float(),
+        channel_std=covariance.diagonal().clamp_min(0).sqrt().float(),
+        rgb_covariance=covariance.float(),
+        pca_eigval=eigval[order].clamp_min(0).float(),
+        pca_eigvec=eigvec.float(),
+        images=count,
+        skipped=skipped,
+    )
+
+
+def stats_cache_path(dataset: LabeledImages, size: int, cache: Path | None = None) -> Path:
+    folder = (cache or canon_cache_dir()) / "stats"
+    return folder / f"{dataset_fingerprint(dataset)}-{size}.safetensors"
+
+
+def load_or_compute_stats(
+    dataset: LabeledImages,
+    size: int,
+    *,
+    cache: Path | None = None,
+    workers: int = 0,
+    progress: bool = True,
+    refresh: bool = False,
+) -> DatasetStats:
+    """Cached statistics of `dataset` at `size`, computing (and caching) them when absent."""
+    path = stats_cache_path(dataset, size, cache)
+    if path.is_file() and not refresh:
+        try:
+            return _load(path)
+        except (OSError, ValueError, KeyError):
+            pass  # a stale or partial cache file is recomputed below
+    stats = compute_stats(dataset, size, workers=workers, progress=progress)
+    _save(stats, path)
+    return stats
+
+
+_TENSORS = ("mean_image", "channel_mean", "channel_std", "rgb_covariance", "pca_eigval",
+            "pca_eigvec")
+
+
+def _save(stats: DatasetStats, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"version": STATS_VERSION, "images": str(stats.images), "skipped": str(stats.skipped),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    partial = path.with_name(path.name + ".part")
+    save_file({k: getattr(stats, k).contiguous() for k in _TENSORS}, str(partial), metadata=meta)
+    partial.replace(path)
+
+
+def _load(path: Path) -> DatasetStats:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("version") != STATS_VERSION:
+        raise ValueError(f"stats version {json.dumps(meta.get('version'))}")
+    tensors = load_file(str(path))
+    return DatasetStats(**{k: tensors[k] for k in _TENSORS}, images=int(meta["images"]),
+                        skipped=int(meta["skipped"]))

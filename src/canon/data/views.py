@@ -1,0 +1,122 @@
+"""Test-time views: the crops (or whole images) a protocol feeds the network per image.
+
+A protocol is a base view at one or more scales, written as in `canon eval --protocol`:
+`center`, `ten-crop`, `dense`, and `multi-scale[+center|+ten-crop|+dense]` (plain
+`multi-scale` means multi-scale+center).
+- center: one crop_size centre crop of the image rescaled to resize_size.
+- ten-crop (AlexNet s4.1): the four corner crops and the centre crop, and their reflections.
+- dense (VGG s3.2): the whole rescaled image through the fully convolutional network, the
+  class score map spatially averaged; plus the horizontal reflection.
+- multi-scale (VGG s3.2/s4.2, ResNet s3.4): the same base view at several shorter sides
+  (DataConfig.multi_scale_test_sizes), posteriors averaged over everything.
+
+`ProtocolViews` turns one raw uint8 image into a list of view stacks, one per scale, each
+V x 3 x h x w; `collate_views` batches them for the DataLoader. Scoring lives in
+canon.evaluation.protocols.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data.dataloader import default_collate
+
+from canon.data.transforms import EvalPreprocess, crop_box
+from canon.errors import ConfigError
+
+BASE_VIEWS = ("center", "ten-crop", "dense")
+PROTOCOLS = (
+    "center",
+    "ten-crop",
+    "dense",
+    "multi-scale",
+    "multi-scale+center",
+    "multi-scale+ten-crop",
+    "multi-scale+dense",
+)
+
+
+@dataclass(frozen=True)
+class Protocol:
+    name: str
+    base: str  # one of BASE_VIEWS
+    multi_scale: bool
+
+    @property
+    def dense(self) -> bool:
+        return self.base == "dense"
+
+
+def parse_protocol(name: str) -> Protocol:
+    """`center`, `ten-crop`, `dense`, `multi-scale`, `multi-scale+<base>` (either order)."""
+    parts = [p.strip() for p in name.split("+")]
+    multi = "multi-scale" in parts
+    rest = [p for p in parts if p != "multi-scale"]
+    if len(parts) > 2 or len(rest) > 1 or (rest and rest[0] not in BASE_VIEWS):
+        raise ConfigError(f"unknown protocol {name!r}; choose from {', '.join(PROTOCOLS)}")
+    base = rest[0] if rest else "center"
+    label = f"multi-scale+{base}" if multi else base
+    return Protocol(label, base, multi)
+
+
+def center_crop(image: torch.Tensor, size: int) -> torch.Tensor:
+    """1 x C x size x size."""
+    height, width = image.shape[-2:]
+    _check_size(height, width, size)
+    return crop_box(image, (height - size) // 2, (width - size) // 2, size).unsqueeze(0)
+
+
+def ten_crop(image: torch.Tensor, size: int) -> torch.Tensor:
+    """10 x C x size x size: top-left, top-right, bottom-left, bottom-right, centre, then the
+    same five of the reflected image (AlexNet s4.1)."""
+    height, width = image.shape[-2:]
+    _check_size(height, width, size)
+    corners = [(0, 0), (0, width - size), (height - size, 0), (height - size, width - size),
+               ((height - size) // 2, (width - size) // 2)]
+    crops = torch.stack([crop_box(image, top, left, size) for top, left in corners])
+    return torch.cat([crops, crops.flip(-1)])
+
+
+def dense_view(image: torch.Tensor) -> torch.Tensor:
+    """2 x C x H x W: the whole image and its reflection (VGG s3.2)."""
+    return torch.stack([image, image.flip(-1)])
+
+
+def _check_size(height: int, width: int, size: int) -> None:
+    if min(height, width) < size:
+        raise ConfigError(f"cannot take {size}x{size} crops of a {height}x{width} image")
+
+
+class ProtocolViews:
+    """Raw uint8 image -> list (one per scale) of normalised view stacks V x 3 x h x w."""
+
+    def __init__(
+        self, protocol: Protocol, preprocess: EvalPreprocess, scales: tuple[int, ...] = ()
+    ) -> None:
+        self.protocol, self.preprocess = protocol, preprocess
+        self.scales = (scales or preprocess.scales) if protocol.multi_scale else ()
+        self.scales = self.scales or (preprocess.resize_size,)
+
+    def __call__(self, image: torch.Tensor) -> list[torch.Tensor]:
+        stacks = []
+        size = self.preprocess.crop_size
+        for scale in self.scales:
+            scaled = self.preprocess(image, scale)
+            if self.protocol.base == "center":
+                stacks.append(center_crop(scaled, size))
+            elif self.protocol.base == "ten-crop":
+                stacks.append(ten_crop(scaled, size))
+            else:
+                stacks.append(dense_view(scaled))
+        return stacks
+
+
+def collate_views(items: list) -> tuple[list[list[torch.Tensor]], torch.Tensor]:
+    """Batch of (stacks, label) items -> (list of per-image stacks, labels); items of
+    undecodable files (None) are dropped. Stacks are not merged here because dense views
+    differ in size between images; the scorer groups equal shapes."""
+    good = [item for item in items if item is not None]
+    if not good:
+        return [], torch.empty(0, dtype=torch.long)
+    return [stacks for stacks, _ in good], default_collate([label for _, label in good])

@@ -1,0 +1,51 @@
+"""Top-k accuracy counting. Errors are percentages over every counted image.
+
+With fewer than k classes, top-k is taken over all classes (so it is always correct), as a
+classifier over 3 classes cannot name 5.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def topk_correct(
+    scores: torch.Tensor, targets: torch.Tensor, ks: Sequence[int] = (1, 5)
+) -> dict[int, int]:
+    """For each k, how many rows of `scores` (N x K logits or probabilities) rank their target
+    among the k highest."""
+    if scores.dim() != 2 or len(scores) != len(targets):
+        raise ValueError(f"scores must be N x K for N targets, got {tuple(scores.shape)}")
+    top = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices
+    hits = top == targets.view(-1, 1).to(top.device)
+    return {k: int(hits[:, :k].sum().item()) for k in ks}
+
+
+class TopKErrors:
+    """Accumulates top-k hits over batches; `counts` is one tensor [images, hits_k...] so a
+    distributed evaluation can all-reduce it before calling `result`."""
+
+    def __init__(self, ks: Sequence[int] = (1, 5)) -> None:
+        self.ks = tuple(ks)
+        self.counts = torch.zeros(1 + len(self.ks), dtype=torch.long)
+
+    def update(self, scores: torch.Tensor, targets: torch.Tensor) -> None:
+        if len(targets) == 0:
+            return
+        correct = topk_correct(scores, targets, self.ks)
+        self.counts += torch.tensor([len(targets), *(correct[k] for k in self.ks)])
+
+    @property
+    def images(self) -> int:
+        return int(self.counts[0])
+
+    def result(self) -> dict[str, float | int]:
+        """{"top{k}_error": percent for each k, "images": n}."""
+        images = self.images
+        out: dict[str, float | int] = {}
+        for k, hits in zip(self.ks, self.counts[1:].tolist(), strict=True):
+            out[f"top{k}_error"] = 100.0 * (1 - hits / images) if images else float("nan")
+        out["images"] = images
+        return out

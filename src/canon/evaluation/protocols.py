@@ -1,0 +1,173 @@
+"""The papers' test protocols: top-1/top-5 error over every image of a validation set.
+
+Views come from canon.data.views. Each view's logits go through a softmax and the posteriors
+of all views of an image (crops, reflections, scales) are averaged, as AlexNet s4.1 and
+VGG s3.2 do. For dense views the fully convolutional network's class score map is first
+averaged over space (VGG s3.2: "spatially averaged (sum-pooled)"), then the softmax.
+Images whose file cannot be decoded are skipped (warned about by the dataset) and counted in
+the result's "skipped".
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.utils.data import Dataset, Sampler
+from tqdm import tqdm
+
+from canon.data.config import DataConfig
+from canon.data.datasets import LabeledImages, canon_cache_dir, open_dataset
+from canon.data.loaders import build_loader, collate, dataset_stats
+from canon.data.transforms import EvalPreprocess, Normalize, eval_preprocess
+from canon.data.views import Protocol, ProtocolViews, collate_views, parse_protocol
+from canon.errors import ConfigError
+from canon.evaluation.metrics import TopKErrors
+
+
+def preprocess_for(model: nn.Module, augmentation: str = "none") -> EvalPreprocess:
+    """Test preprocessing from the model's own eval_config (input size, resize, mean, std)."""
+    config = getattr(model, "eval_config", None)
+    if config is None:
+        raise ConfigError(
+            f"{type(model).__name__} has no eval_config; pass data_config= (the recipe's "
+            "data section) to say how to preprocess its inputs"
+        )
+    return EvalPreprocess(
+        square=augmentation == "alexnet",
+        crop_size=config.input_size,
+        resize_size=config.resize_size,
+        normalize=Normalize(torch.tensor(config.mean), torch.tensor(config.std)),
+        interpolation=config.interpolation,
+    )
+
+
+def _validation_images(
+    data: str | Path, data_config: DataConfig | None, model: nn.Module,
+    root_cache: Path | None, strict: bool,
+) -> tuple[LabeledImages, EvalPreprocess]:
+    cache = root_cache or canon_cache_dir()
+    download = data_config.download if data_config else False
+    train, val = open_dataset(str(data), cache=cache, strict=strict, download=download)
+    if data_config is None:
+        return val, preprocess_for(model)
+    stats = dataset_stats(data_config, train, root_cache=cache)
+    return val, eval_preprocess(data_config, stats)
+
+
+def evaluate(
+    model: nn.Module,
+    data: str | Path | Dataset,
+    protocol: str = "center",
+    *,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    workers: int = 0,
+    data_config: DataConfig | None = None,
+    scales: Sequence[int] = (),
+    sampler: Sampler | None = None,
+    root_cache: Path | None = None,
+    strict: bool = False,
+    progress: bool = False,
+) -> dict:
+    """Top-1/top-5 error (percent) of `model` on `data` under `protocol`.
+
+    `data` is a dataset name or folder (its validation split is used, preprocessed per
+    `data_config`, or per the model's eval_config when that is None), a dataset from
+    build_datasets, or any dataset of ready (tensor, label) items (centre protocol only).
+    `scales` overrides the multi-scale shorter sides. `sampler` shards the set (distributed
+    evaluation; all-reduce the counts, see score_loader). Returns top1_error, top5_error,
+    images, skipped, protocol, views_per_image, scales, seconds.
+    """
+    parsed = parse_protocol(protocol)
+    if isinstance(data, str | Path):
+        raw, preprocess = _validation_images(data, data_config, model, root_cache, strict)
+        dataset = raw.with_transform(ProtocolViews(parsed, preprocess, tuple(scales)))
+    elif isinstance(data, LabeledImages) and data.preprocess is not None:
+        dataset = data.with_transform(ProtocolViews(parsed, data.preprocess, tuple(scales)))
+    elif parsed.name == "center":
+        dataset = data
+    else:
+        raise ConfigError(
+            f"protocol {parsed.name!r} needs raw images: pass the data folder or a dataset "
+            "from canon.data.build_datasets, not a dataset of ready tensors"
+        )
+    views = isinstance(dataset, LabeledImages) and isinstance(dataset.transform, ProtocolViews)
+    loader = build_loader(
+        dataset, batch_size, train=False, workers=workers, sampler=sampler,
+        collate_fn=collate_views if views else collate,
+    )
+    start = time.perf_counter()
+    errors = score_loader(model, loader, parsed if views else None, device, progress=progress)
+    result = errors.result()
+    expected = len(sampler) if sampler is not None else len(dataset)
+    result.update(
+        protocol=parsed.name,
+        skipped=expected - errors.images,
+        views_per_image=_views_per_image(parsed, dataset.transform) if views else 1,
+        scales=list(dataset.transform.scales) if views else [],
+        seconds=round(time.perf_counter() - start, 3),
+    )
+    return result
+
+
+def _views_per_image(protocol: Protocol, views: ProtocolViews) -> int:
+    per_scale = {"center": 1, "ten-crop": 10, "dense": 2}[protocol.base]
+    return per_scale * len(views.scales)
+
+
+@torch.inference_mode()
+def score_loader(
+    model: nn.Module,
+    loader,
+    protocol: Protocol | None,
+    device: str | torch.device = "cpu",
+    *,
+    progress: bool = False,
+) -> TopKErrors:
+    """Top-k counts over a loader: of ready (images, labels) batches when `protocol` is
+    None, else of collate_views batches. Restores the model's training mode afterwards."""
+    was_training = model.training
+    model.eval()
+    network = model.fully_convolutional() if protocol is not None and protocol.dense else model
+    network.to(device).eval()
+    errors = TopKErrors()
+    try:
+        for batch in tqdm(loader, desc="evaluate", unit="batch", disable=not progress):
+            if protocol is None:
+                images, labels = batch
+                if len(labels):
+                    errors.update(model(images.to(device)), labels)
+            else:
+                stacks, labels = batch
+                if len(labels):
+                    errors.update(_average_posteriors(network, stacks, protocol, device), labels)
+    finally:
+        model.train(was_training)
+    return errors
+
+
+def _average_posteriors(
+    network: nn.Module, per_image: list[list[torch.Tensor]], protocol: Protocol, device
+) -> torch.Tensor:
+    """Mean softmax over every view of every image; views of equal shape run together."""
+    groups: dict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = {}
+    for index, stacks in enumerate(per_image):
+        for stack in stacks:
+            groups.setdefault(tuple(stack.shape[1:]), []).append((index, stack))
+    totals = None
+    counts = torch.zeros(len(per_image), device=device)
+    for members in groups.values():
+        owners = torch.cat([torch.full((len(s),), i) for i, s in members]).to(device)
+        scores = network(torch.cat([s for _, s in members]).to(device))
+        if protocol.dense:
+            scores = scores.mean((2, 3))
+        probabilities = scores.float().softmax(1)
+        if totals is None:
+            totals = torch.zeros(len(per_image), probabilities.shape[1], device=device)
+        totals.index_add_(0, owners, probabilities)
+        counts.index_add_(0, owners, torch.ones_like(owners, dtype=counts.dtype))
+    return totals / counts.view(-1, 1)
