@@ -25,8 +25,11 @@ Deviations:
   read a 4x4 map: for inputs of 223 to 270 pixels (224 in the paper) the paper's 5x5/3 average
   pool makes it; for other sizes an adaptive average pool to 4x4 does (torchvision's choice at
   every size), so that training at, say, 128 pixels keeps the auxiliary losses.
-- Table 1's params column counts weights only, in units of 1,024; its conv1 entry (2.7K) does
-  not match 7 x 7 x 3 x 64 = 9,408 weights (9.2K); every other row does.
+- Table 1's params column (weights only, in units of 1,024) disagrees with the table's own
+  filter counts, which the model follows, in five rows: conv1 2.7K (7 x 7 x 3 x 64 is 9.2K),
+  inception4c 463K (497.5K), 4d 580K (590.5K), 5a 1072K (1018K), 5b 1388K (1409K). The column's
+  total, 6,798K, is within 0.5% of the model's 6,826K weights (6,998,552 parameters with
+  biases, 1000 classes, without the auxiliary heads).
 - `googlenet_bn` is torchvision's variant, not the paper's: batch norm (eps 1e-3) after every
   convolution, which then has no bias; 3x3 convolutions in the "5x5" branch; no LRN; dropout
   0.2. It keeps the paper's pooling (torchvision closes stage 4 with a 2x2 max pool; both give
