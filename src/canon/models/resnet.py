@@ -14,6 +14,8 @@ Deviations and variants:
   50-layer net) and gains ~0.5% top-1. Parameter counts do not change.
 - Table 1 lists the 3x3/2 max pool at the head of conv2_x; here it closes the `conv1` stage, so
   that every `convN_x` stage is made of residual blocks only.
+- The projection shortcut is a strided 1x1 convolution followed by batch norm; the paper's text
+  says only "1x1 convolutions", the BN is in its released Caffe models and torchvision's.
 - Shortcut options A (zero-padding) and C (all projections) of Table 3 are available through
   the `shortcut` argument ("A", "B", "C"); the registered names use the paper's default B.
 - Initialisation: He et al. 2015 ("Delving deep into rectifiers") normal init for convolutions,
