@@ -183,10 +183,11 @@ class GoogLeNet(CanonModel):
         super().__init__()
         check_num_classes(num_classes)
         conv = conv_bn_relu if batch_norm else conv_relu
-        # LRN closes the pool1 and conv2 stages (Fig. 3); torchvision's BN variant has none.
-        pool1 = [max_pool(), googlenet_lrn()] if lrn else [max_pool()]
-        conv2 = [conv(64, 64, 1), conv(64, 192, 3), googlenet_lrn()] if lrn else [
-            conv(64, 64, 1), conv(64, 192, 3)]
+        pool1 = [max_pool()]
+        conv2 = [conv(64, 64, 1), conv(64, 192, 3)]
+        if lrn:  # LRN closes the pool1 and conv2 stages (Fig. 3); googlenet_bn has none
+            pool1.append(googlenet_lrn())
+            conv2.append(googlenet_lrn())
         stages: list[tuple[str, nn.Module]] = [
             ("conv1", conv(3, 64, 7, stride=2)),  # N x 64 x 112 x 112
             ("pool1", nn.Sequential(*pool1)),  # N x 64 x 56 x 56
