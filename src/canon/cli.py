@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from canon.errors import CanonError
 
@@ -72,6 +73,200 @@ def _run_summary(args: argparse.Namespace) -> None:
             except InputSizeError as error:  # a pattern asks for the models that fit
                 print(f"canon summary: skipped {name}: {error}", file=sys.stderr)
     print(format_table(summaries, markdown=args.markdown))
+
+
+def _stats_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "data", metavar="DATA", help="sample, cifar10, cifar100, or a dataset folder"
+    )
+    parser.add_argument(
+        "--size", type=int, metavar="N",
+        help="side of the mean image (use the recipe's data.resize_size); "
+        "default: 32 for CIFAR and the sample, 256 for folders",
+    )
+    parser.add_argument("--workers", type=int, default=0, help="decoding processes")
+    parser.add_argument("--cache", type=Path, help="cache folder (default: ~/.cache/canon)")
+    parser.add_argument("--refresh", action="store_true", help="recompute even if cached")
+    parser.add_argument(
+        "--strict", action="store_true", help="stop at the first bad file instead of skipping"
+    )
+
+
+@_verb("stats", "training-set mean image, channel mean/std and RGB PCA (cached)", _stats_arguments)
+def _run_stats(args: argparse.Namespace) -> None:
+    from canon.data.stats import statistics_of
+    from canon.errors import ConfigError
+
+    if args.size is not None and args.size < 1:
+        raise ConfigError(f"--size must be a positive pixel count, got {args.size}")
+    if args.workers < 0:
+        raise ConfigError(f"--workers must be >= 0, got {args.workers}")
+    stats, path = statistics_of(
+        args.data, size=args.size, cache=args.cache, workers=args.workers,
+        strict=args.strict, refresh=args.refresh,
+    )
+    print(stats.summary())
+    print(f"cached at {path}")
+
+
+def _recipes_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("pattern", nargs="?", help="shell-style filter, e.g. 'resnet*'")
+
+
+@_verb("recipes", "list the bundled training recipes", _recipes_arguments)
+def _run_recipes(args: argparse.Namespace) -> None:
+    from canon.recipes import RECIPES
+
+    names = RECIPES.names(args.pattern)
+    width = max((len(n) for n in names), default=0)
+    for name in names:
+        print(f"{name:<{width}}  {RECIPES.get(name).description}")
+
+
+def _train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--recipe", default="quickstart", metavar="NAME|FILE",
+        help="a bundled recipe (`canon recipes` lists them) or a recipe YAML file; "
+        "default: quickstart (ResNet-20 on the bundled CIFAR-10 sample)",
+    )
+    parser.add_argument("--model", help="train this registered model instead of the recipe's")
+    parser.add_argument(
+        "--data", metavar="PATH|cifar10|cifar100|sample",
+        help="dataset: an ImageNet-layout folder (train/<class>/, val/<class>/), a CIFAR "
+        "folder or name, or the bundled sample",
+    )
+    parser.add_argument("--epochs", type=int, help="epochs to train (replaces the recipe's "
+                        "iteration limit)")
+    parser.add_argument("--batch-size", type=int, help="images per device per micro-step")
+    parser.add_argument(
+        "--lr", type=float,
+        help="learning rate at the recipe's optimizer.base_batch_size; scaled linearly to "
+        "the global batch (batch size x accum x devices)",
+    )
+    parser.add_argument("--amp", choices=("bf16", "fp16", "none"), help="autocast precision")
+    parser.add_argument("--accum", type=int, metavar="K", help="micro-steps per optimizer step")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument(
+        "--resume", nargs="?", const="latest", metavar="PATH",
+        help="continue a run: a run directory or checkpoint; alone, the latest run of the "
+        "recipe (or the one in --output-dir)",
+    )
+    parser.add_argument("--output-dir", type=Path, metavar="DIR",
+                        help="run directory; default: runs/<recipe>[-N]")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="override any recipe value (YAML syntax), e.g. --set schedule.warmup_epochs=5",
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--workers", type=int, help="data loader processes per device")
+    parser.add_argument("--seed", type=int, help="random seed (data order, augmentation, init)")
+
+
+def _flag_overrides(args: argparse.Namespace) -> list[tuple[str, object]]:
+    flags = [
+        ("model.name", args.model), ("data.dataset", args.data),
+        ("train.epochs", args.epochs), ("train.batch_size", args.batch_size),
+        ("optimizer.lr", args.lr), ("train.amp", args.amp), ("train.accum_steps", args.accum),
+        ("train.compile", args.compile or None), ("train.workers", args.workers),
+        ("train.seed", args.seed),
+    ]
+    overrides = [(key, value) for key, value in flags if value is not None]
+    if args.epochs is not None:
+        overrides.append(("train.iterations", None))
+    return overrides
+
+
+@_verb("train", "train a model with one of the papers' recipes", _train_arguments)
+def _run_train(args: argparse.Namespace) -> None:
+    from canon.engine import checkpoint
+    from canon.engine.trainer import TrainingInterrupted, train
+    from canon.recipes import Recipe, apply_overrides, load_recipe
+
+    overrides = [*_flag_overrides(args), *args.set]
+    state = None
+    if args.resume is None:
+        recipe = load_recipe(args.recipe, overrides)
+        run_dir = args.output_dir or checkpoint.new_run_dir(Path("runs"), recipe.name)
+    else:
+        if args.resume != "latest":
+            source = Path(args.resume)
+        elif args.output_dir is not None:
+            source = args.output_dir
+        else:
+            source = checkpoint.latest_run_dir(Path("runs"), load_recipe(args.recipe).name)
+        path, state = checkpoint.load_for_resume(source)
+        recipe = apply_overrides(Recipe.from_dict(state["recipe"], where=str(path)), overrides)
+        run_dir = args.output_dir or checkpoint.run_dir_of(path)
+    try:
+        result = train(recipe, run_dir, resume=state, device=args.device)
+    except TrainingInterrupted as stop:
+        print(f"stopped; resume with: canon train --resume {run_dir}  ({stop.checkpoint})")
+        sys.exit(130)
+    last = result.metrics[-1] if result.metrics else None
+    if last is not None:
+        print(
+            f"done: {result.run_dir}  val top-1 error {last['val_top1_error']:.2f}% "
+            f"(best {result.best_val_top1_error:.2f}%), top-5 {last['val_top5_error']:.2f}%"
+        )
+
+
+def _eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", type=Path,
+                        help="a run directory, model.safetensors or a checkpoint .pt file")
+    parser.add_argument("--data", help="dataset name or folder; default: the one trained on")
+    parser.add_argument(
+        "--protocol", default="center",
+        help="center, ten-crop, dense, multi-scale or multi-scale+<center|ten-crop|dense>",
+    )
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--output", type=Path, metavar="JSON",
+                        help="where to write the result; default: beside the checkpoint")
+
+
+@_verb("eval", "top-1/top-5 error of a trained model under a test protocol", _eval_arguments)
+def _run_eval(args: argparse.Namespace) -> None:
+    import json
+
+    from canon.data import open_dataset
+    from canon.engine.checkpoint import load_trained
+    from canon.evaluation import evaluate
+
+    trained = load_trained(args.checkpoint)
+    dataset = args.data or trained.data.dataset
+    _, images = open_dataset(dataset, download=trained.data.download)
+    images.preprocess = trained.preprocess  # normalise exactly as in training
+    result = evaluate(
+        trained.model, images, args.protocol, batch_size=args.batch_size, device=args.device,
+        workers=args.workers, progress=True,
+    )
+    result.update(checkpoint=str(trained.source), data=dataset)
+    print(
+        f"{trained.source}: {result['protocol']} on {dataset} ({result['images']} images): "
+        f"top-1 error {result['top1_error']:.2f}%, top-5 error {result['top5_error']:.2f}%"
+    )
+    output = args.output or trained.source.parent / f"eval-{result['protocol']}.json"
+    output.write_text(json.dumps(result, indent=2))
+    print(f"wrote {output}")
+
+
+def _predict_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", type=Path,
+                        help="a run directory, model.safetensors or a checkpoint .pt file")
+    parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    parser.add_argument("--top", type=int, default=5, help="classes to show per image")
+
+
+@_verb("predict", "the most likely classes for image files", _predict_arguments)
+def _run_predict(args: argparse.Namespace) -> None:
+    from canon.engine.checkpoint import load_trained
+
+    trained = load_trained(args.checkpoint)
+    for path, ranking in zip(args.images, trained.predict(args.images, args.top), strict=True):
+        print(path)
+        for name, probability in ranking:
+            print(f"  {probability:7.2%}  {name}")
 
 
 def build_parser() -> argparse.ArgumentParser:

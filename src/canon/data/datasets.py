@@ -379,7 +379,7 @@ def read_cifar(name: str, folder: Path, split: str) -> ArrayImages:
     """One split ("train" or "test") of CIFAR-10/100 from its pickled batches."""
     spec = CIFAR[name]
     meta = _read_pickle(folder / spec["meta"])
-    classes = [str(c) for c in meta[spec["names_key"]]]
+    classes = [c.decode() if isinstance(c, bytes) else str(c) for c in meta[spec["names_key"]]]
     images, labels = [], []
     for part in spec[split]:
         batch = _read_pickle(folder / part)

@@ -27,6 +27,7 @@ from canon.data.datasets import (
     LabeledImages,
     canon_cache_dir,
     dataset_fingerprint,
+    open_dataset,
 )
 from canon.errors import DataError
 
@@ -215,3 +216,26 @@ def _load(path: Path) -> DatasetStats:
     tensors = load_file(str(path))
     return DatasetStats(**{k: tensors[k] for k in _TENSORS}, images=int(meta["images"]),
                         skipped=int(meta["skipped"]))
+
+
+def statistics_of(
+    dataset: str,
+    *,
+    size: int | None = None,
+    cache: Path | None = None,
+    workers: int = 0,
+    strict: bool = False,
+    refresh: bool = False,
+    progress: bool = True,
+) -> tuple[DatasetStats, Path]:
+    """`canon stats`: the (cached) statistics of a dataset's training split and their file.
+
+    `size` defaults to the images' own side for CIFAR and the sample (32) and to 256 (the
+    papers' resize) for folders; pass the recipe's data.resize_size to match its cache key."""
+    train, _ = open_dataset(dataset, cache=cache, strict=strict, download=True)
+    if size is None:
+        size = int(train.images.shape[-1]) if isinstance(train, ArrayImages) else 256
+    stats = load_or_compute_stats(
+        train, size, cache=cache, workers=workers, progress=progress, refresh=refresh
+    )
+    return stats, stats_cache_path(train, size, cache)

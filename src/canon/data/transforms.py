@@ -11,11 +11,11 @@ Randomness comes from torch's global generator, which DataLoader seeds per worke
 Deviations from the papers (each also noted where it is implemented):
 - Pixels are in [0, 1] and, by default, divided by the channel std (DataConfig.divide_std);
   the papers subtract the mean from 0-255 pixels.
-- Fancy PCA adds sum_i alpha_i * sqrt(lambda_i) * p_i for the dataset's own statistics. The
-  AlexNet paper writes alpha_i * lambda_i; with lambda_i the covariance eigenvalues that is
-  not in pixel units (in 0-255 units it exceeds the pixel range), so we scale by the standard
-  deviation along p_i. ImageNet's published constants (stats.IMAGENET_PCA_EIGVAL) are used as
-  they are published, as per-component scales, exactly as fb.resnet.torch applies them.
+- Fancy PCA adds sum_i alpha_i * lambda_i * p_i as the paper writes it, with lambda_i the RGB
+  covariance eigenvalues of pixels in [0, 1] (the paper does not give units; in 0-255 units
+  the shift would exceed the pixel range). ImageNet's published constants
+  (stats.IMAGENET_PCA_EIGVAL) are in the same units and are applied the same way, as
+  fb.resnet.torch does.
 - The per-pixel mean image is computed at resize_size x resize_size and bilinearly resized
   to whatever size it is subtracted at (scale jitter, GoogLeNet crops), since the papers do
   not say how a fixed-size mean image meets variable-size inputs. GoogLeNet crops are taken
@@ -194,16 +194,16 @@ class ToFloat:
 
 
 class FancyPCA:
-    """AlexNet s4.1: add sum_i alpha_i * scale_i * p_i to every pixel, alpha_i ~ N(0, std^2)
+    """AlexNet s4.1: add sum_i alpha_i * lambda_i * p_i to every pixel, alpha_i ~ N(0, std^2)
     drawn once per call (once per image per epoch); p_i are the columns of `eigvec`."""
 
-    def __init__(self, eigvec: torch.Tensor, scale: torch.Tensor, alpha_std: float) -> None:
-        self.eigvec, self.scale, self.alpha_std = eigvec.float(), scale.float(), alpha_std
+    def __init__(self, eigvec: torch.Tensor, eigval: torch.Tensor, alpha_std: float) -> None:
+        self.eigvec, self.eigval, self.alpha_std = eigvec.float(), eigval.float(), alpha_std
 
     def noise(self) -> torch.Tensor:
         """The RGB shift for one image (3,)."""
         alpha = torch.randn(3) * self.alpha_std
-        return self.eigvec @ (alpha * self.scale)
+        return self.eigvec @ (alpha * self.eigval)
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         return image + self.noise().view(3, 1, 1)
@@ -302,7 +302,7 @@ def make_fancy_pca(config: DataConfig, stats: DatasetStats | None) -> FancyPCA:
         return FancyPCA(eigvec, eigval, config.pca_std)
     if stats is None:
         raise ConfigError("data.pca_source='dataset' needs the training set's statistics")
-    return FancyPCA(stats.pca_eigvec, stats.pca_eigval.sqrt(), config.pca_std)
+    return FancyPCA(stats.pca_eigvec, stats.pca_eigval, config.pca_std)
 
 
 @dataclass

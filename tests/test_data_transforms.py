@@ -1,0 +1,229 @@
+"""The papers' transforms, each checked for its defining property on real images."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from canon.data import DataConfig
+from canon.data.datasets import FolderImages, load_sample
+from canon.data.stats import compute_stats, imagenet_pca
+from canon.data.transforms import (
+    CenterCrop,
+    FancyPCA,
+    Normalize,
+    Photometric,
+    RandomAreaCrop,
+    RandomCrop,
+    RandomFlip,
+    RescaleShorter,
+    RescaleSquare,
+    ToFloat,
+    eval_preprocess,
+    training_transform,
+)
+
+
+@pytest.fixture(scope="module")
+def sample():
+    return load_sample("train")
+
+
+@pytest.fixture(scope="module")
+def sample_stats(sample):
+    return compute_stats(sample, 32, progress=False)
+
+
+@pytest.fixture(scope="module")
+def photos(imagenette_root):
+    """Twelve real ImageNet JPEGs of assorted sizes, decoded (uint8 3 x H x W)."""
+    folder = FolderImages(imagenette_root / "train")
+    return [folder.load_image(i) for i in range(0, len(folder), len(folder) // 12)][:12]
+
+
+def _find_window(source: torch.Tensor, crop: torch.Tensor) -> list[tuple[int, int]]:
+    size = crop.shape[-1]
+    height, width = source.shape[-2:]
+    return [
+        (top, left)
+        for top in range(height - size + 1)
+        for left in range(width - size + 1)
+        if torch.equal(source[:, top : top + size, left : left + size], crop)
+    ]
+
+
+def test_random_crop_is_a_window_and_reaches_every_offset(sample):
+    torch.manual_seed(0)
+    image = sample.load_image(7)
+    crop = RandomCrop(28)
+    offsets = set()
+    for _ in range(400):
+        out = crop(image)
+        assert out.shape == (3, 28, 28)
+        found = _find_window(image, out)
+        assert found, "a crop must be a window of the source"
+        offsets.update(found)
+    assert offsets == {(t, left) for t in range(5) for left in range(5)}
+
+
+def test_cifar_crop_pads_four_zero_pixels(sample):
+    """He et al. s4.2: pad 4 on each side (zeros = the mean after subtraction), crop 32."""
+    torch.manual_seed(1)
+    image = ToFloat()(sample.load_image(3)) + 1  # no zero pixels of its own
+    padded = torch.nn.functional.pad(image, [4] * 4)
+    crop = RandomCrop(32, padding=4)
+    shifts = set()
+    for _ in range(300):
+        out = crop(image)
+        (top, left), = _find_window(padded, out)
+        shifts.add((top, left))
+        zeros = (out == 0).all(0)
+        assert zeros.sum() == 32 * 32 - (32 - abs(top - 4)) * (32 - abs(left - 4))
+    assert {s for s, _ in shifts} == set(range(9))
+
+
+def test_center_crop_position(photos):
+    image = photos[0]
+    height, width = image.shape[-2:]
+    out = CenterCrop(128)(image)
+    top, left = (height - 128) // 2, (width - 128) // 2
+    assert torch.equal(out, image[:, top : top + 128, left : left + 128])
+
+
+def test_flip_is_identity_or_mirror_and_both_happen(sample):
+    torch.manual_seed(2)
+    image = sample.load_image(11)
+    outcomes = []
+    for _ in range(200):
+        out = RandomFlip()(image)
+        assert torch.equal(out, image) or torch.equal(out, image.flip(-1))
+        outcomes.append(torch.equal(out, image))
+    assert 60 < sum(outcomes) < 140
+
+
+def test_scale_jitter_range_and_aspect(photos):
+    """VGG s3.1 / ResNet s3.4: shorter side uniform in [low, high], aspect ratio kept."""
+    torch.manual_seed(3)
+    rescale = RescaleShorter(144, 200)
+    sides = []
+    for image in photos:
+        height, width = image.shape[-2:]
+        for _ in range(20):
+            out = rescale(image)
+            short, long = sorted(out.shape[-2:])
+            assert 144 <= short <= 200
+            assert long == pytest.approx(short * max(height, width) / min(height, width), abs=1)
+            sides.append(short)
+    assert min(sides) < 150 and max(sides) > 195
+
+
+def test_rescale_square_ignores_aspect(photos):
+    assert RescaleSquare(256)(photos[1]).shape == (3, 256, 256)
+
+
+def test_area_crop_boxes_respect_area_and_aspect(photos):
+    """GoogLeNet s6: 8%-100% of the area, aspect ratio in [3/4, 4/3]."""
+    torch.manual_seed(4)
+    crop = RandomAreaCrop(96)
+    for image in photos:
+        height, width = image.shape[-2:]
+        for _ in range(30):
+            top, left, crop_h, crop_w = crop.box(height, width)
+            assert top >= 0 and top + crop_h <= height and left >= 0 and left + crop_w <= width
+            assert 0.08 - 0.01 <= crop_h * crop_w / (height * width) <= 1
+            assert 3 / 4 - 0.02 <= crop_w / crop_h <= 4 / 3 + 0.02
+        assert crop(image).shape == (3, 96, 96)
+
+
+def test_pixel_mean_subtraction_gives_zero_mean_training_set(sample, sample_stats):
+    normalize = Normalize(sample_stats.mean_image)
+    images = torch.stack([normalize(ToFloat()(img)) for img in sample.images])
+    assert images.mean(0).abs().max() < 1e-5
+    channel = Normalize(sample_stats.channel_mean, sample_stats.channel_std)
+    scaled = torch.stack([channel(ToFloat()(img)) for img in sample.images])
+    assert scaled.mean((0, 2, 3)).abs().max() < 1e-4
+    assert scaled.std((0, 2, 3)) == pytest.approx(torch.ones(3), abs=1e-3)
+
+
+def test_mean_image_is_resized_to_the_input(sample_stats):
+    normalize = Normalize(sample_stats.mean_image)
+    flat = torch.full((3, 64, 48), 0.5)
+    out = normalize(flat)
+    assert out.shape == (3, 64, 48)
+    assert out.mean((1, 2)) == pytest.approx(0.5 - sample_stats.channel_mean, abs=2e-3)
+
+
+def test_stats_match_a_direct_computation(sample, sample_stats):
+    pixels = sample.images.double() / 255
+    flat = pixels.permute(1, 0, 2, 3).reshape(3, -1)
+    covariance = torch.cov(flat, correction=0)
+    assert torch.allclose(sample_stats.mean_image.double(), pixels.mean(0), atol=1e-6)
+    assert torch.allclose(sample_stats.rgb_covariance.double(), covariance, atol=1e-6)
+    eigvec, eigval = sample_stats.pca_eigvec.double(), sample_stats.pca_eigval.double()
+    assert torch.allclose(eigvec.T @ eigvec, torch.eye(3, dtype=torch.double), atol=1e-5)
+    assert torch.allclose(covariance @ eigvec, eigvec * eigval, atol=1e-5)
+    assert list(eigval) == sorted(eigval, reverse=True)
+
+
+def test_fancy_pca_noise_lies_along_eigenvectors_with_paper_scale(sample_stats):
+    """AlexNet s4.1: shift = sum_i alpha_i lambda_i p_i, alpha_i ~ N(0, 0.1^2)."""
+    torch.manual_seed(5)
+    pca = FancyPCA(sample_stats.pca_eigvec, sample_stats.pca_eigval, 0.1)
+    noise = torch.stack([pca.noise() for _ in range(4000)])
+    alphas = noise @ sample_stats.pca_eigvec / sample_stats.pca_eigval  # coefficients / lambda
+    assert alphas.std(0) == pytest.approx(torch.full((3,), 0.1), rel=0.06)
+    assert alphas.mean(0).abs().max() < 0.01
+    correlation = torch.corrcoef(alphas.T) - torch.eye(3)
+    assert correlation.abs().max() < 0.06
+    image = torch.rand(3, 8, 8)
+    shifted = pca(image) - image
+    assert torch.allclose(shifted, shifted[:, :1, :1].expand_as(shifted))  # same for every pixel
+
+
+def test_imagenette_pca_agrees_with_imagenet_published(imagenette_root):
+    """The real ImageNet JPEGs give nearly ImageNet's published eigen-decomposition."""
+    stats = compute_stats(FolderImages(imagenette_root / "val"), 64, progress=False)
+    eigval, eigvec = imagenet_pca()
+    cosine = (stats.pca_eigvec[:, 0] @ eigvec[:, 0]).abs()
+    assert cosine > 0.99
+    assert stats.pca_eigval[0] == pytest.approx(eigval[0].item(), rel=0.25)
+
+
+def test_photometric_stays_in_range(photos):
+    torch.manual_seed(6)
+    image = ToFloat()(photos[2])
+    out = Photometric(0.4)(image)
+    assert out.shape == image.shape and out.min() >= 0 and out.max() <= 1
+    assert not torch.equal(out, image)
+    assert torch.allclose(Photometric(0.0)(image), image, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["alexnet", "vgg", "resnet", "googlenet", "cifar", "none"])
+def test_named_pipelines_produce_crops(name, photos, sample_stats):
+    torch.manual_seed(7)
+    config = DataConfig(
+        augmentation=name, crop_size=32, resize_size=40, pca_std=0.1,
+        scale_range=(36, 48) if name in ("vgg", "resnet") else None,
+    )
+    transform = training_transform(config, sample_stats)
+    evaluation = eval_preprocess(config, sample_stats)
+    for image in photos[:4]:
+        out = transform(image)
+        assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+        assert torch.isfinite(out).all()
+        scaled = evaluation(image)
+        expected = (40, 40) if name == "alexnet" else None
+        if expected:
+            assert tuple(scaled.shape[-2:]) == expected
+        else:
+            assert min(scaled.shape[-2:]) == 40
+
+
+def test_imagenet_mean_needs_no_statistics(photos):
+    config = DataConfig(augmentation="resnet", crop_size=64, resize_size=80, mean="imagenet",
+                        pca_std=0.1, pca_source="imagenet")
+    out = training_transform(config, None)(photos[0])
+    assert out.shape == (3, 64, 64)
+    assert math.isfinite(out.sum().item())
