@@ -77,11 +77,15 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), parsed
 
 
-def apply_overrides(recipe: Recipe, overrides: Iterable[str]) -> Recipe:
-    """A new recipe with `section.key=value` settings (values parsed as YAML) applied."""
+def apply_overrides(recipe: Recipe, overrides: Iterable[str | tuple[str, Any]]) -> Recipe:
+    """A new recipe with settings applied: `"section.key=value"` strings (the value parsed as
+    YAML, as `--set` gives them) or `("section.key", value)` pairs."""
     values = recipe.to_dict()
-    for text in overrides:
-        path, value = _parse_override(text)
+    for override in overrides:
+        if isinstance(override, str):
+            text, (path, value) = override, _parse_override(override)
+        else:
+            text, path, value = f"{override[0]}={override[1]}", override[0].split("."), override[1]
         target = values
         for depth, part in enumerate(path):
             section = ".".join(path[:depth]) or None
@@ -101,7 +105,9 @@ def apply_overrides(recipe: Recipe, overrides: Iterable[str]) -> Recipe:
     return Recipe.from_dict(values, where="--set")
 
 
-def load_recipe(name_or_path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
+def load_recipe(
+    name_or_path: str | Path, overrides: Iterable[str | tuple[str, Any]] = ()
+) -> Recipe:
     """A registered recipe by name, or a recipe YAML file by path, with overrides applied."""
     text = str(name_or_path)
     if text.endswith((".yaml", ".yml")) or Path(text).is_file():

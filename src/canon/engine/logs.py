@@ -1,0 +1,81 @@
+"""What a run leaves for people to read: metrics.csv, curves.png, a progress bar, epoch lines.
+
+metrics.csv is rewritten whole from the metrics list at every epoch (that list also lives in
+the checkpoint), so a resumed run's file holds each epoch exactly once.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+COLUMNS = (
+    "epoch", "lr", "train_loss", "train_top1_error", "val_top1_error", "val_top5_error",
+    "images_per_second", "seconds",
+)
+
+
+def write_metrics_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot_curves(path: Path, rows: list[dict[str, Any]], title: str) -> None:
+    """Loss, error and learning rate by epoch (matplotlib's Agg backend: no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in rows]
+    figure, (loss_axes, error_axes, lr_axes) = plt.subplots(1, 3, figsize=(13, 3.6))
+    loss_axes.plot(epochs, [row["train_loss"] for row in rows], marker=".", label="train")
+    loss_axes.set(xlabel="epoch", ylabel="cross-entropy loss", title="training loss")
+    for key, label in (
+        ("train_top1_error", "train top-1"),
+        ("val_top1_error", "val top-1"),
+        ("val_top5_error", "val top-5"),
+    ):
+        error_axes.plot(epochs, [row[key] for row in rows], marker=".", label=label)
+    error_axes.set(xlabel="epoch", ylabel="error (%)", title="error")
+    error_axes.legend()
+    lr_axes.plot(epochs, [row["lr"] for row in rows], marker=".")
+    lr_axes.set(xlabel="epoch", ylabel="learning rate (end of epoch)", title="learning rate")
+    if all(row["lr"] > 0 for row in rows) and len({row["lr"] for row in rows}) > 2:
+        lr_axes.set_yscale("log")
+    for axes in (loss_axes, error_axes, lr_axes):
+        axes.grid(alpha=0.3)
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def epoch_summary(row: dict[str, Any], epochs: int) -> str:
+    return (
+        f"epoch {row['epoch']:>3}/{epochs}  lr {row['lr']:.3g}  "
+        f"train loss {row['train_loss']:.4f}  train top-1 err {row['train_top1_error']:.2f}%  "
+        f"val top-1 err {row['val_top1_error']:.2f}%  top-5 err {row['val_top5_error']:.2f}%  "
+        f"{row['images_per_second']:.0f} img/s  {row['seconds']:.0f} s"
+    )
+
+
+def progress_bar(total: int, epoch: int, epochs: int, *, initial: int, enabled: bool) -> tqdm:
+    return tqdm(
+        total=total, initial=initial, desc=f"epoch {epoch}/{epochs}", unit="step",
+        disable=not enabled, leave=False, dynamic_ncols=True,
+    )
+
+
+def format_postfix(loss: float, lr: float, images_per_second: float) -> dict[str, str]:
+    return {
+        "loss": "nan" if math.isnan(loss) else f"{loss:.3f}",
+        "lr": f"{lr:.3g}",
+        "img/s": f"{images_per_second:.0f}",
+    }

@@ -1,0 +1,48 @@
+"""Mixed precision at the edge of the training loop: autocast, and loss scaling for fp16.
+
+bf16 has fp32's exponent range, so it needs no loss scaling; fp16 does, through torch's
+GradScaler (skips steps whose gradients overflowed and adapts the scale). Weights, optimizer
+state and the loss reduction stay fp32 in every mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+from canon.errors import ConfigError
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Precision:
+    def __init__(self, mode: str, device: torch.device) -> None:
+        if mode not in ("none", *DTYPES):
+            raise ConfigError(f"--amp must be bf16 or fp16 (or none), got {mode!r}")
+        self.mode = mode
+        self.device = device
+        self.scaler = torch.amp.GradScaler(device.type) if mode == "fp16" else None
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.mode == "none":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=DTYPES[self.mode])
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.scaler.state_dict() if self.scaler else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.scaler and state:
+            self.scaler.load_state_dict(state)

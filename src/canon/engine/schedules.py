@@ -1,0 +1,120 @@
+"""Learning-rate schedules: the papers' and today's, as one small object with a state dict.
+
+The learning rate at optimizer step t is `peak_lr x warmup(t) x decay(t)`:
+
+- decay `plateau`: divide by 1/gamma (10 in every paper) when the validation top-1 error has not
+  improved for `patience` epochs (Krizhevsky et al. 2012 s5, Simonyan & Zisserman 2014 s3.1,
+  He et al. 2015 s3.4), at most `max_reductions` times (AlexNet and VGG: three);
+- `step`: multiply by gamma every `step_size` epochs or iterations (GoogLeNet s6: 0.96 every 8
+  epochs);
+- `multistep`: multiply by gamma at each milestone (ResNet CIFAR s4.2: 32k and 48k iterations);
+- `cosine`: half a cosine from peak_lr to min_lr over the run after warmup (Loshchilov & Hutter
+  2017, without restarts);
+- `constant`.
+
+Warmup over `warmup_iterations` (or `warmup_epochs`, converted with the steps per epoch):
+`linear` ramps from warmup_start_factor x peak to peak (Goyal et al. 2017); `constant` holds
+warmup_start_factor x peak and then jumps to peak (He et al. 2015 s4.2 for ResNet-110: 0.01
+until training error falls below 80%, about 400 iterations; canon uses the fixed 400, not the
+error test).
+
+The lr is set on every step from the step count alone (plus the plateau state), so resuming at
+any step gives exactly the same lr sequence.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from canon.recipes.schema import ScheduleSection
+
+
+class LearningRateSchedule:
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        config: ScheduleSection,
+        *,
+        peak_lr: float,
+        steps_per_epoch: int,
+        total_steps: int,
+    ) -> None:
+        self.optimizer = optimizer
+        self.config = config
+        self.peak_lr = peak_lr
+        self.steps_per_epoch = max(1, steps_per_epoch)
+        self.total_steps = max(1, total_steps)
+        self.warmup_steps = config.warmup_iterations or round(
+            config.warmup_epochs * self.steps_per_epoch
+        )
+        # Plateau state: the only part that depends on the run's history.
+        self.reductions = 0
+        self.best_error = math.inf
+        self.epochs_without_improvement = 0
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate for optimizer step `step` (0-based)."""
+        return self.peak_lr * self._warmup_factor(step) * self._decay_factor(step)
+
+    def apply(self, step: int) -> float:
+        lr = self.lr_at(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def end_epoch(self, val_top1_error: float) -> bool:
+        """Feed the epoch's validation error to a plateau schedule; True if it cut the lr."""
+        if self.config.kind != "plateau":
+            return False
+        if val_top1_error < self.best_error - self.config.threshold:
+            self.best_error = val_top1_error
+            self.epochs_without_improvement = 0
+            return False
+        self.epochs_without_improvement += 1
+        limit = self.config.max_reductions
+        if self.epochs_without_improvement > self.config.patience and (
+            limit is None or self.reductions < limit
+        ):
+            self.reductions += 1
+            self.epochs_without_improvement = 0
+            return True
+        return False
+
+    def _warmup_factor(self, step: int) -> float:
+        if step >= self.warmup_steps:
+            return 1.0
+        start = self.config.warmup_start_factor
+        if self.config.warmup_mode == "constant":
+            return start
+        return start + (1.0 - start) * step / self.warmup_steps
+
+    def _decay_factor(self, step: int) -> float:
+        config = self.config
+        count = step if config.unit == "iteration" else step // self.steps_per_epoch
+        if config.kind == "plateau":
+            return config.gamma**self.reductions
+        if config.kind == "step":
+            return config.gamma ** (count // config.step_size)
+        if config.kind == "multistep":
+            return config.gamma ** sum(count >= milestone for milestone in config.milestones)
+        if config.kind == "cosine":
+            span = max(1, self.total_steps - self.warmup_steps)
+            progress = min(1.0, max(0, step - self.warmup_steps) / span)
+            floor = config.min_lr / self.peak_lr
+            return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "reductions": self.reductions,
+            "best_error": self.best_error,
+            "epochs_without_improvement": self.epochs_without_improvement,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.reductions = int(state["reductions"])
+        self.best_error = float(state["best_error"])
+        self.epochs_without_improvement = int(state["epochs_without_improvement"])
