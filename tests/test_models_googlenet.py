@@ -119,10 +119,10 @@ def test_caffe_initialisation(paper_net) -> None:
 
 def test_training_path_returns_main_and_aux_logits(paper_net) -> None:
     paper_net.train()
-    images = torch.randn(2, 3, 224, 224)
+    images = torch.randn(1, 3, 224, 224)
     logits, aux = paper_net.forward_with_aux(images)
-    assert logits.shape == (2, 1000) and len(aux) == 2
-    assert all(a.shape == (2, 1000) for a in aux)
+    assert logits.shape == (1, 1000) and len(aux) == 2
+    assert all(a.shape == (1, 1000) for a in aux)
     (logits.sum() + 0.3 * sum(a.sum() for a in aux)).backward()
     for aux_head in paper_net.aux_classifiers():
         assert all(p.grad is not None for p in aux_head.parameters())
@@ -132,7 +132,7 @@ def test_training_path_returns_main_and_aux_logits(paper_net) -> None:
     with torch.no_grad():
         output = paper_net(images)
         main, _ = paper_net.forward_with_aux(images)
-    assert isinstance(output, torch.Tensor) and output.shape == (2, 1000)
+    assert isinstance(output, torch.Tensor) and output.shape == (1, 1000)
     torch.testing.assert_close(main, output)
 
 
@@ -179,12 +179,12 @@ def test_aux_heads_at_other_sizes_use_adaptive_pooling() -> None:
 
 def test_fully_convolutional_matches_forward(paper_net) -> None:
     paper_net.eval()
-    images = torch.randn(2, 3, 224, 224)
+    images = torch.randn(1, 3, 224, 224)
     dense = paper_net.fully_convolutional().eval()
     with torch.no_grad():
         logits = paper_net(images)
         scores = dense(images)
-    assert scores.shape == (2, 1000, 7, 7)
+    assert scores.shape == (1, 1000, 7, 7)
     torch.testing.assert_close(scores.mean(dim=(2, 3)), logits, rtol=1e-5, atol=1e-5)
 
 
