@@ -1,0 +1,103 @@
+"""DataConfig validation, build_datasets on the bundled sample, statistics cache, and loaders."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from canon.cli import main
+from canon.data import DataConfig, ShuffleSampler, build_datasets, build_loader
+from canon.data.datasets import load_sample
+from canon.data.stats import load_or_compute_stats, stats_cache_path
+from canon.errors import ConfigError
+
+
+@pytest.mark.parametrize(
+    ("values", "field"),
+    [
+        ({"augmentation": "alexnet2012"}, "data.augmentation"),
+        ({"mean": "median"}, "data.mean"),
+        ({"crop_size": 0}, "data.crop_size"),
+        ({"crop_size": 64, "resize_size": 32}, "data.resize_size"),
+        ({"scale_range": (512, 256)}, "data.scale_range"),
+        ({"scale_range": (16, 64)}, "data.scale_range"),
+        ({"pca_std": -0.1}, "data.pca_std"),
+        ({"area_range": (0.0, 1.0)}, "data.area_range"),
+        ({"flip": "yes"}, "data.flip"),
+    ],
+)
+def test_bad_values_name_their_field(values, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        DataConfig(**values)
+
+
+def test_from_dict_lists_valid_keys():
+    config = DataConfig.from_dict({"augmentation": "vgg", "crop_size": 224, "resize_size": 256,
+                                   "scale_range": [256, 512]})
+    assert config.scale_range == (256, 512)
+    assert config.multi_scale_test_sizes() == (256, 384, 512)  # VGG s3.2, jittered S
+    with pytest.raises(ConfigError, match=r"unknown data key\(s\) \['crop'\].*crop_size"):
+        DataConfig.from_dict({"crop": 224})
+
+
+def test_default_config_builds_the_sample(tmp_path):
+    train, val = build_datasets(DataConfig(), root_cache=tmp_path)
+    assert (len(train), len(val)) == (5000, 1000)
+    assert train.classes[:3] == ["airplane", "automobile", "bird"]
+    image, label = train[0]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.float32 and isinstance(label, int)
+    # Validation is deterministic; its per-pixel mean is close to zero after subtraction.
+    assert torch.equal(val[5][0], val[5][0])
+    assert abs(torch.stack([val[i][0] for i in range(1000)]).mean()) < 0.05
+
+
+def test_statistics_are_cached(tmp_path, monkeypatch):
+    sample = load_sample("train")
+    first = load_or_compute_stats(sample, 32, cache=tmp_path, progress=False)
+    assert stats_cache_path(sample, 32, tmp_path).is_file()
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("statistics were recomputed despite the cache")
+
+    monkeypatch.setattr("canon.data.stats.compute_stats", must_not_run)
+    second = load_or_compute_stats(sample, 32, cache=tmp_path, progress=False)
+    assert torch.equal(first.mean_image, second.mean_image)
+    assert torch.equal(first.pca_eigvec, second.pca_eigvec) and second.images == 5000
+
+
+def test_stats_verb(tmp_path, capsys):
+    main(["stats", "sample", "--cache", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "images: 5000 (skipped 0)" in out and "channel mean (RGB, 0-1): (0.49" in out
+    assert f"cached at {tmp_path}" in out
+    with pytest.raises(SystemExit):
+        main(["stats", "/no/such/folder", "--cache", str(tmp_path)])
+    assert "neither sample, cifar10, cifar100" in capsys.readouterr().err
+
+
+def _order(loader) -> list[int]:
+    return [label for _, labels in loader for label in labels.tolist()]
+
+
+def test_shuffling_depends_only_on_seed_and_epoch():
+    indexed = load_sample("test")  # raw uint8 images; labels identify the order well enough
+    first = _order(build_loader(indexed, 100, train=True, seed=3))
+    assert first == _order(build_loader(indexed, 100, train=True, seed=3))
+    assert first != _order(build_loader(indexed, 100, train=True, seed=4))
+    loader = build_loader(indexed, 100, train=True, seed=3)
+    loader.sampler.set_epoch(1)
+    assert _order(loader) != first
+    sampler = ShuffleSampler(indexed, seed=3)
+    sampler.set_epoch(1)
+    assert list(sampler) == list(loader.sampler)
+    assert _order(build_loader(indexed, 100, train=False)) == indexed.labels
+
+
+def test_drop_last_and_worker_augmentation_are_seeded(tmp_path):
+    train, _ = build_datasets(DataConfig(), root_cache=tmp_path)
+    loader = build_loader(train, 128, train=True, workers=2, seed=7)
+    assert len(loader) == 5000 // 128
+    first = next(iter(loader))[0]
+    again = next(iter(build_loader(train, 128, train=True, workers=2, seed=7)))[0]
+    assert torch.equal(first, again)  # same crops and flips from the same seed
+    assert len(build_loader(train, 128, train=False)) == -(-5000 // 128)
