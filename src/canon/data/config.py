@@ -77,7 +77,7 @@ class DataConfig:
             raise ConfigError(f"data.dataset must be a name or a folder, got {self.dataset!r}")
         for name in ("crop_size", "resize_size"):
             _positive_int(name, getattr(self, name))
-        if self.resize_size < self.crop_size and self.augmentation != "googlenet":
+        if self.resize_size < self.crop_size:  # the test-time centre crop needs it
             raise ConfigError(
                 f"data.resize_size ({self.resize_size}) must be at least data.crop_size "
                 f"({self.crop_size})"

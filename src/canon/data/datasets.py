@@ -191,8 +191,9 @@ class FolderImages(LabeledImages):
         self.paths: list[Path] = []
         self.labels = []
         self.skipped: list[Path] = []
+        digest = hashlib.sha256(str(self.root.resolve()).encode())
         for name in found:
-            for path in self._scan_class(self.root / name):
+            for path in self._scan_class(self.root / name, digest):
                 self.paths.append(path)
                 self.labels.append(index_of[name])
         if not self.paths:
@@ -204,10 +205,11 @@ class FolderImages(LabeledImages):
                 BadImageWarning,
                 stacklevel=2,
             )
+        self._fingerprint = digest.hexdigest()[:16]
         self.classes = class_names(self.root, self.class_ids)
         self._reported: set[Path] = set()
 
-    def _scan_class(self, folder: Path) -> list[Path]:
+    def _scan_class(self, folder: Path, digest) -> list[Path]:
         paths = []
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
         for entry in entries:
@@ -216,10 +218,11 @@ class FolderImages(LabeledImages):
             path = Path(entry.path)
             if not entry.name.lower().endswith(IMAGE_EXTENSIONS):
                 self._skip(path, "not an image file name (extension)")
-            elif entry.stat().st_size == 0:
+            elif (size := entry.stat().st_size) == 0:
                 self._skip(path, "empty file (0 bytes)")
             else:
                 paths.append(path)
+                digest.update(f"{folder.name}/{entry.name}:{size};".encode())
         if not entries:
             warnings.warn(f"{folder}: empty class folder", BadImageWarning, stacklevel=3)
         return paths
@@ -244,11 +247,9 @@ class FolderImages(LabeledImages):
             return None
 
     def fingerprint(self) -> str:
-        """Identifies this tree's content for caching statistics: paths and file sizes."""
-        digest = hashlib.sha256(str(self.root.resolve()).encode())
-        for path in self.paths:
-            digest.update(f"{path.name}:{path.stat().st_size};".encode())
-        return digest.hexdigest()[:16]
+        """Identifies this tree's content for caching statistics: its resolved root and the
+        class, name and size of every file (recorded during the scan, no second pass)."""
+        return self._fingerprint
 
     def __repr__(self) -> str:
         return f"FolderImages({self.root}, {len(self)} images, {len(self.classes)} classes)"

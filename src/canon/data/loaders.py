@@ -9,7 +9,7 @@ so a resumed run sees the same order as an uninterrupted one.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -93,11 +93,13 @@ def build_loader(
     sampler: Sampler | None = None,
     seed: int = 0,
     drop_last: bool | None = None,
-    collate_fn=collate,
+    collate_fn: Callable[[list], object] = collate,
 ) -> DataLoader:
     """A DataLoader: shuffled (ShuffleSampler from `seed`) when training, in order otherwise;
     `sampler` (e.g. a DistributedSampler) replaces either. Worker random streams (the
-    augmentation) also derive from `seed`. drop_last defaults to `train`."""
+    augmentation) also derive from `seed`; with workers=0 the augmentation draws from torch's
+    global generator (seed it with torch.manual_seed). drop_last defaults to `train`.
+    `collate_fn` is views.collate_views for multi-view test protocols."""
     if sampler is None:
         sampler = ShuffleSampler(dataset, seed) if train else None
     generator = torch.Generator().manual_seed(seed)
