@@ -10,6 +10,10 @@ A protocol is a base view at one or more scales, written as in `canon eval --pro
 - multi-scale (VGG s3.2/s4.2, ResNet s3.4): the same base view at several shorter sides
   (DataConfig.multi_scale_test_sizes), posteriors averaged over everything.
 
+Deviations and gaps: plain `multi-scale` takes one centre crop per scale (the papers pair
+multi-scale with dense or multi-crop evaluation); VGG's 150-crop "multi-crop" (a 5 x 5 grid
+with flips at three scales) and GoogLeNet's 144-crop protocol (s7) are not implemented.
+
 `ProtocolViews` turns one raw uint8 image into a list of view stacks, one per scale, each
 V x 3 x h x w; `collate_views` batches them for the DataLoader. Scoring lives in
 canon.evaluation.protocols.
