@@ -73,7 +73,7 @@ class OptimizerSection:
 
 @dataclass(frozen=True)
 class ScheduleSection:
-    kind: str = "multistep"
+    kind: str = "constant"
     unit: str = "epoch"  # what milestones and step_size count
     milestones: tuple[int, ...] = ()
     step_size: int = 30

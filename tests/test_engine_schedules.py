@@ -1,0 +1,72 @@
+"""Learning-rate schedules: the papers' step rules, plateau, cosine and warmup, and resuming."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from canon.engine.schedules import LearningRateSchedule
+from canon.recipes.schema import ScheduleSection
+
+
+def make(config: ScheduleSection, **kwargs) -> LearningRateSchedule:
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    defaults = {"peak_lr": 0.1, "steps_per_epoch": 100, "total_steps": 1000}
+    return LearningRateSchedule(optimizer, config, **{**defaults, **kwargs})
+
+
+def test_resnet_cifar_multistep_by_iteration_with_constant_warmup():
+    schedule = make(ScheduleSection(
+        kind="multistep", unit="iteration", milestones=(32000, 48000), warmup_mode="constant",
+        warmup_iterations=400, warmup_start_factor=0.1,
+    ), steps_per_epoch=390, total_steps=64000)
+    assert schedule.lr_at(0) == pytest.approx(0.01)
+    assert schedule.lr_at(399) == pytest.approx(0.01)
+    assert schedule.lr_at(400) == pytest.approx(0.1)
+    assert schedule.lr_at(31999) == pytest.approx(0.1)
+    assert schedule.lr_at(32000) == pytest.approx(0.01)
+    assert schedule.lr_at(48000) == pytest.approx(0.001)
+
+
+def test_step_by_epoch_googlenet():
+    schedule = make(ScheduleSection(kind="step", step_size=8, gamma=0.96))
+    assert schedule.lr_at(799) == pytest.approx(0.1)
+    assert schedule.lr_at(800) == pytest.approx(0.096)
+    assert schedule.lr_at(1600) == pytest.approx(0.1 * 0.96**2)
+
+
+def test_cosine_with_linear_warmup():
+    schedule = make(ScheduleSection(
+        kind="cosine", warmup_epochs=1, warmup_start_factor=0.0, min_lr=0.001
+    ))
+    assert schedule.lr_at(0) == 0.0
+    assert schedule.lr_at(50) == pytest.approx(0.05)
+    assert schedule.lr_at(100) == pytest.approx(0.1)
+    assert schedule.lr_at(550) == pytest.approx(0.001 + 0.099 * 0.5)
+    assert schedule.lr_at(1000) == pytest.approx(0.001)
+    lrs = [schedule.lr_at(s) for s in range(100, 1001)]
+    assert all(a >= b for a, b in itertools.pairwise(lrs))
+
+
+def test_plateau_divides_by_ten_after_patience_at_most_max_reductions_times():
+    schedule = make(ScheduleSection(kind="plateau", patience=1, max_reductions=2))
+    errors = [50, 40, 41, 41, 39, 39, 39, 39, 39, 39]
+    cuts = [schedule.end_epoch(e) for e in errors]
+    assert cuts == [False, False, False, True, False, False, True, False, False, False]
+    assert schedule.lr_at(0) == pytest.approx(0.001)
+
+
+def test_apply_sets_every_group_and_state_round_trips():
+    schedule = make(ScheduleSection(kind="plateau", patience=0))
+    schedule.end_epoch(10.0)
+    schedule.end_epoch(12.0)  # cut once
+    lr = schedule.apply(5)
+    assert lr == pytest.approx(0.01)
+    assert schedule.optimizer.param_groups[0]["lr"] == lr
+    fresh = make(ScheduleSection(kind="plateau", patience=0))
+    fresh.load_state_dict(schedule.state_dict())
+    assert fresh.lr_at(5) == lr and fresh.best_error == 10.0
+    assert math.isinf(make(ScheduleSection(kind="plateau")).best_error)

@@ -1,0 +1,181 @@
+"""Real (small) training runs on the bundled CIFAR-10 sample: learning, exact resumption,
+truncated checkpoints, gradient accumulation, NaN stops.
+
+The sample is real CIFAR-10 data (500 training and 100 test images per class, shipped in the
+package); the runs use slices of it so the whole file stays within its CPU budget.
+"""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+import torch
+import torch.nn as nn
+
+from canon.data import ArrayImages, DataConfig, build_datasets
+from canon.engine import checkpoint as ckpt
+from canon.engine.trainer import NonFiniteLossError, TrainingInterrupted, train
+from canon.errors import DataError
+from canon.models.base import CanonModel
+from canon.recipes import Recipe, apply_overrides, load_recipe
+
+
+@pytest.fixture(scope="module")
+def sample_sets():
+    return build_datasets(DataConfig(dataset="sample"))
+
+
+def spread_subset(dataset: ArrayImages, count: int) -> ArrayImages:
+    """`count` images spread over the whole set (so every class appears), same transform."""
+    index = torch.linspace(0, len(dataset) - 1, count).long()
+    part = ArrayImages(
+        dataset.images[index], [dataset.labels[i] for i in index.tolist()], dataset.classes,
+        name=f"{dataset.name}[{count}]", transform=dataset.transform,
+    )
+    part.preprocess = dataset.preprocess
+    return part
+
+
+def tiny_recipe(**train_values) -> Recipe:
+    """quickstart with a schedule that does not depend on the run's length (a cosine one
+    would change when a resumed run is given more epochs)."""
+    overrides = [
+        ("train.workers", 0), ("train.channels_last", False), ("schedule.kind", "step"),
+        ("schedule.step_size", 1), ("schedule.gamma", 0.5),
+    ]
+    overrides += [(f"train.{key}", value) for key, value in train_values.items()]
+    return load_recipe("quickstart", overrides)
+
+
+def final_weights(run_dir, epoch):
+    return ckpt.load_checkpoint(ckpt.epoch_checkpoint(run_dir, epoch))
+
+
+def assert_same_state(first: dict, second: dict) -> None:
+    for key, tensor in first["model"].items():
+        assert torch.equal(tensor, second["model"][key]), key
+    for index, buffers in first["optimizer"]["state"].items():
+        assert torch.equal(buffers["momentum_buffer"],
+                           second["optimizer"]["state"][index]["momentum_buffer"])
+
+
+def test_short_run_lowers_the_loss_and_beats_chance_on_held_out_images(sample_sets, tmp_path):
+    train_set, val_set = sample_sets
+    recipe = load_recipe("quickstart", [
+        ("train.epochs", 2), ("train.batch_size", 32), ("optimizer.base_batch_size", 32),
+        ("optimizer.lr", 0.05), ("schedule.warmup_epochs", 0.2),
+    ])
+    data = (spread_subset(train_set, 1600), spread_subset(val_set, 500))
+    result = train(recipe, tmp_path, device="cpu", datasets=data, progress=False)
+    first, last = result.metrics
+    assert last["train_loss"] < first["train_loss"] < 2.35  # chance: ln 10 = 2.30 at start
+    assert last["val_top1_error"] < 75.0  # chance is 90% on 10 balanced classes
+    assert (tmp_path / "metrics.csv").read_text().count("\n") == 3
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
+    for name in ("model.safetensors", "eval_config.json", "recipe.yaml"):
+        assert (tmp_path / name).is_file()
+
+
+@pytest.fixture(scope="module")
+def resume_data(sample_sets):
+    train_set, val_set = sample_sets
+    return spread_subset(train_set, 128), spread_subset(val_set, 50)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(resume_data, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    train(tiny_recipe(epochs=2, batch_size=16), run_dir, device="cpu", datasets=resume_data,
+          progress=False)
+    return final_weights(run_dir, 2)
+
+
+def test_stopping_after_an_epoch_and_resuming_is_bit_identical(
+    resume_data, uninterrupted, tmp_path
+):
+    train(tiny_recipe(epochs=1, batch_size=16), tmp_path, device="cpu", datasets=resume_data,
+          progress=False)
+    _, state = ckpt.load_for_resume(tmp_path)
+    longer = apply_overrides(Recipe.from_dict(state["recipe"]), [("train.epochs", 2)])
+    train(longer, tmp_path, resume=state, device="cpu", datasets=resume_data, progress=False)
+    assert_same_state(final_weights(tmp_path, 2), uninterrupted)
+
+    # A checkpoint truncated on disk is reported and the previous one is used.
+    newest = ckpt.epoch_checkpoint(tmp_path, 2)
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    with pytest.raises(DataError, match=r"epoch-002\.pt is unreadable"):
+        ckpt.load_checkpoint(newest)
+    with pytest.warns(ckpt.CheckpointWarning, match="epoch-002.pt"):
+        path, state = ckpt.load_for_resume(tmp_path)
+    assert path == ckpt.epoch_checkpoint(tmp_path, 1) and state["epoch"] == 1
+    train(longer, tmp_path, resume=state, device="cpu", datasets=resume_data, progress=False)
+    assert_same_state(final_weights(tmp_path, 2), uninterrupted)
+
+
+def test_ctrl_c_mid_epoch_saves_and_resumes_bit_identically(resume_data, uninterrupted, tmp_path):
+    def press_ctrl_c(step: int) -> None:
+        if step == 5:  # inside epoch 1 of 8 steps
+            signal.raise_signal(signal.SIGINT)
+
+    recipe = tiny_recipe(epochs=2, batch_size=16, workers=2)  # worker count must not matter
+    with pytest.raises(TrainingInterrupted) as stop:
+        train(recipe, tmp_path, device="cpu", datasets=resume_data, progress=False,
+              on_step=press_ctrl_c)
+    assert stop.value.checkpoint == ckpt.interrupted_checkpoint(tmp_path)
+    assert ckpt.load_checkpoint(stop.value.checkpoint)["step"] == 5
+    train(recipe, tmp_path, resume=tmp_path, device="cpu", datasets=resume_data, progress=False)
+    assert_same_state(final_weights(tmp_path, 2), uninterrupted)
+    assert not ckpt.interrupted_checkpoint(tmp_path).exists()
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
+    resume_data, tmp_path
+):
+    train(tiny_recipe(epochs=1, batch_size=16), tmp_path, device="cpu", datasets=resume_data,
+          progress=False)
+    _, state = ckpt.load_for_resume(tmp_path)
+    exploding = apply_overrides(
+        Recipe.from_dict(state["recipe"]), [("train.epochs", 2), ("optimizer.lr", 1e30)]
+    )
+    with pytest.raises(NonFiniteLossError, match=r"at optimizer step (9|1\d)\b"):
+        train(exploding, tmp_path, resume=state, device="cpu", datasets=resume_data,
+              progress=False)
+    assert [p.name for p in ckpt.resumable_checkpoints(tmp_path)] == ["epoch-001.pt"]
+    assert ckpt.load_checkpoint(ckpt.epoch_checkpoint(tmp_path, 1))["epoch"] == 1
+
+
+class SmallConvNet(CanonModel):
+    """A BN-free CanonModel (conv-ReLU-pool twice, linear head) for the accumulation check:
+    with batch norm, K micro-batches see other batch statistics than one big batch."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.conv2 = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.fc = nn.Linear(16, num_classes)
+
+    @property
+    def stages(self):
+        return [("conv1", self.conv1), ("conv2", self.conv2)]
+
+    def forward_head(self, x, pre_logits=False):
+        x = x.mean((2, 3))
+        return x if pre_logits else self.fc(x)
+
+
+def test_k_micro_batches_of_b_over_k_equal_one_batch_of_b(resume_data, tmp_path):
+    states = []
+    for batch_size, accum in ((32, 1), (8, 4)):
+        recipe = tiny_recipe(epochs=1, batch_size=batch_size, accum_steps=accum)
+        torch.manual_seed(0)
+        model = SmallConvNet()
+        initial = model.fc.weight.detach().clone()
+        run_dir = tmp_path / f"b{batch_size}x{accum}"
+        train(recipe, run_dir, device="cpu", model=model, datasets=resume_data, progress=False)
+        states.append(final_weights(run_dir, 1))
+    one, accumulated = states
+    assert one["step"] == accumulated["step"] == 4
+    assert not torch.allclose(one["model"]["fc.weight"], initial)  # it did train
+    for key, tensor in one["model"].items():
+        torch.testing.assert_close(accumulated["model"][key], tensor, rtol=1e-5, atol=1e-6)

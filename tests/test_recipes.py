@@ -1,0 +1,105 @@
+"""Every bundled recipe loads and validates; bad recipes fail with errors that say what to do."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from canon.errors import ConfigError
+from canon.recipes import RECIPE_DIR, apply_overrides, list_recipes, load_recipe
+from canon.recipes.schema import Recipe, valid_keys
+from canon.registry import list_models
+
+REQUIRED = [
+    "alexnet", "zfnet", "vgg16", "vgg19", "googlenet",
+    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+    "resnet20-cifar10", "resnet32-cifar10", "resnet44-cifar10", "resnet56-cifar10",
+    "resnet110-cifar10", "plain20-cifar10", "plain56-cifar10", "resnet50-cosine", "quickstart",
+]
+
+
+def test_the_issue_s_recipes_are_all_bundled():
+    assert set(REQUIRED) <= set(list_recipes())
+
+
+@pytest.mark.parametrize("name", list_recipes())
+def test_every_recipe_loads_names_a_registered_model_and_cites_its_source(name):
+    recipe = load_recipe(name)
+    assert recipe.name == name
+    assert recipe.model.name in list_models()
+    assert recipe.description and recipe.source
+    assert Recipe.from_dict(recipe.to_dict()) == recipe  # round trip through plain values
+    text = (RECIPE_DIR / f"{name}.yaml").read_text()
+    assert "#" in text  # values carry comments citing the paper
+
+
+def test_paper_values_reach_the_recipes():
+    alexnet = load_recipe("alexnet")
+    assert (alexnet.optimizer.lr, alexnet.optimizer.momentum) == (0.01, 0.9)
+    assert alexnet.optimizer.weight_decay == 0.0005 and alexnet.schedule.kind == "plateau"
+    assert alexnet.schedule.max_reductions == 3 and alexnet.train.epochs == 90
+    assert (alexnet.reported.top1_error, alexnet.reported.top5_error) == (40.7, 18.2)
+    cifar = load_recipe("resnet110-cifar10")
+    assert cifar.schedule.milestones == (32000, 48000) and cifar.schedule.unit == "iteration"
+    assert cifar.train.iterations == 64000 and cifar.schedule.warmup_mode == "constant"
+    assert cifar.optimizer.lr * cifar.schedule.warmup_start_factor == pytest.approx(0.01)
+    assert load_recipe("resnet56-cifar10").schedule.warmup_iterations == 0
+    assert load_recipe("vgg16").data.scale_range == (256, 512)
+    assert load_recipe("googlenet").train.aux_loss_weight == 0.3
+    assert load_recipe("resnet50").reported.top5_error == 6.71
+
+
+def test_unknown_key_names_the_file_and_lists_the_valid_keys(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "mine", "model": {"name": "resnet20"}, "optimizer": {"learning_rate": 0.1},
+    }))
+    with pytest.raises(ConfigError) as error:
+        load_recipe(path)
+    message = str(error.value)
+    assert "mine.yaml" in message and "optimizer.learning_rate" in message
+    for key in valid_keys("optimizer"):
+        assert key in message
+
+
+def test_unknown_top_level_section_lists_the_sections(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text("name: typo\nmodel: {name: resnet20}\ntrainer: {epochs: 3}\n")
+    with pytest.raises(ConfigError, match=r"typo.yaml.*trainer.*valid keys in recipe: name"):
+        load_recipe(path)
+
+
+def test_wrong_types_and_values_are_named(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: bad\nmodel: {name: resnet20}\ntrain: {epochs: ten}\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: train.epochs must be of type int"):
+        load_recipe(path)
+    with pytest.raises(ConfigError, match=r"schedule\.kind must be one of"):
+        load_recipe("quickstart", ["schedule.kind=exponential"])
+    with pytest.raises(ConfigError, match=r"data\.augmentation"):
+        load_recipe("quickstart", ["data.augmentation=fancy"])
+
+
+def test_a_recipe_file_can_start_from_a_bundled_base(tmp_path):
+    (tmp_path / "_base.yaml").write_text("model: {name: resnet20}\ntrain: {epochs: 7}\n")
+    (tmp_path / "child.yaml").write_text("base: _base\nname: child\ntrain: {batch_size: 32}\n")
+    recipe = load_recipe(tmp_path / "child.yaml")
+    assert (recipe.train.epochs, recipe.train.batch_size) == (7, 32)
+
+
+def test_set_overrides_parse_yaml_values_and_reject_unknown_keys():
+    recipe = load_recipe(
+        "quickstart", ["train.epochs=3", "optimizer.lr=0.05", "data.scale_range=[32, 40]"]
+    )
+    assert recipe.train.epochs == 3 and recipe.optimizer.lr == 0.05
+    assert recipe.data.scale_range == (32, 40)
+    assert apply_overrides(recipe, [("train.iterations", None)]).train.iterations is None
+    with pytest.raises(ConfigError, match=r"'epoch' is not a key of section train.*epochs"):
+        load_recipe("quickstart", ["train.epoch=3"])
+    with pytest.raises(ConfigError, match=r"expected section\.key=value"):
+        load_recipe("quickstart", ["train.epochs"])
+
+
+def test_unknown_recipe_name_suggests_close_ones():
+    with pytest.raises(LookupError, match="resnet50"):
+        load_recipe("resnet5O")
