@@ -8,12 +8,13 @@ import torch.nn as nn
 from torch.utils.data import TensorDataset
 
 from canon.data import ArrayImages, DataConfig, build_datasets, build_loader
-from canon.data.transforms import EvalPreprocess, Normalize
+from canon.data.transforms import EvalPreprocess, Normalize, resize_image
 from canon.data.views import (
     ProtocolViews,
     center_crop,
     collate_views,
     dense_view,
+    googlenet_crops,
     parse_protocol,
     ten_crop,
 )
@@ -87,6 +88,26 @@ def test_crop_geometry():
     assert torch.equal(dense[0], image) and torch.equal(dense[1], image.flip(-1))
     with pytest.raises(ConfigError, match="cannot take 7x7 crops"):
         ten_crop(image, 7)
+
+
+def test_googlenet_144_crops():
+    """GoogLeNet s7: per scale 3 squares x (4 corners + centre + whole square) x 2 flips."""
+    image = torch.rand(3, 10, 16)  # landscape: left, centre, right 10 x 10 squares
+    crops = googlenet_crops(image, 6)
+    assert crops.shape == (36, 3, 6, 6)
+    for index, offset in enumerate((0, 3, 6)):
+        square = image[:, :, offset : offset + 10]
+        first = crops[index * 6 : index * 6 + 6]
+        assert torch.equal(first[:5], ten_crop(square, 6)[:5])
+        assert torch.allclose(first[5], resize_image(square, 6, 6, "bilinear"))
+        assert torch.equal(crops[18 + index * 6 : 24 + index * 6], first.flip(-1))
+    portrait = googlenet_crops(image.transpose(1, 2), 6)
+    assert torch.equal(portrait[0], image.transpose(1, 2)[:, :6, :6])
+    preprocess = EvalPreprocess(False, 224, 256, Normalize(torch.zeros(3)))
+    views = ProtocolViews(parse_protocol("144-crop"), preprocess)
+    assert views.scales == (256, 288, 320, 352)
+    stacks = views(torch.randint(0, 255, (3, 240, 320), dtype=torch.uint8))
+    assert sum(len(s) for s in stacks) == 144
 
 
 def test_protocol_names():

@@ -46,7 +46,7 @@ INTERPOLATION = {
 }
 
 
-def _resize(image: torch.Tensor, height: int, width: int, interpolation: str) -> torch.Tensor:
+def resize_image(image: torch.Tensor, height: int, width: int, interpolation: str) -> torch.Tensor:
     if tuple(image.shape[-2:]) == (height, width):
         return image
     antialias = interpolation != "nearest"
@@ -67,7 +67,7 @@ class RescaleSquare:
         self.size, self.interpolation = size, interpolation
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        return _resize(image, self.size, self.size, self.interpolation)
+        return resize_image(image, self.size, self.size, self.interpolation)
 
     def __repr__(self) -> str:
         return f"RescaleSquare({self.size})"
@@ -85,7 +85,7 @@ class RescaleShorter:
         if self.high > self.low:
             size = int(torch.randint(self.low, self.high + 1, ()).item())
         height, width = shorter_side_size(*image.shape[-2:], size)
-        return _resize(image, height, width, self.interpolation)
+        return resize_image(image, height, width, self.interpolation)
 
     def __repr__(self) -> str:
         scale = self.low if self.high == self.low else (self.low, self.high)
@@ -175,7 +175,7 @@ class RandomAreaCrop:
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         top, left, crop_h, crop_w = self.box(*image.shape[-2:])
         patch = image[..., top : top + crop_h, left : left + crop_w]
-        return _resize(patch, self.size, self.size, self.interpolation)
+        return resize_image(patch, self.size, self.size, self.interpolation)
 
     def __repr__(self) -> str:
         return f"RandomAreaCrop({self.size}, area={self.area_range}, aspect={self.aspect_range})"
@@ -322,8 +322,8 @@ class EvalPreprocess:
     def rescale(self, image: torch.Tensor, size: int | None = None) -> torch.Tensor:
         size = size or self.resize_size
         if self.square:
-            return _resize(image, size, size, self.interpolation)
-        return _resize(image, *shorter_side_size(*image.shape[-2:], size), self.interpolation)
+            return resize_image(image, size, size, self.interpolation)
+        return resize_image(image, *shorter_side_size(*image.shape[-2:], size), self.interpolation)
 
     def __call__(self, image: torch.Tensor, size: int | None = None) -> torch.Tensor:
         """The rescaled, normalised float image (before any crop)."""

@@ -1,7 +1,7 @@
 """Test-time views: the crops (or whole images) a protocol feeds the network per image.
 
 A protocol is a base view at one or more scales, written as in `canon eval --protocol`:
-`center`, `ten-crop`, `dense`, and `multi-scale[+center|+ten-crop|+dense]` (plain
+`center`, `ten-crop`, `dense`, `144-crop`, and `multi-scale[+center|+ten-crop|+dense]` (plain
 `multi-scale` means multi-scale+center).
 - center: one crop_size centre crop of the image rescaled to resize_size.
 - ten-crop (AlexNet s4.1): the four corner crops and the centre crop, and their reflections.
@@ -9,10 +9,14 @@ A protocol is a base view at one or more scales, written as in `canon eval --pro
   class score map spatially averaged; plus the horizontal reflection.
 - multi-scale (VGG s3.2/s4.2, ResNet s3.4): the same base view at several shorter sides
   (DataConfig.multi_scale_test_sizes), posteriors averaged over everything.
+- 144-crop (GoogLeNet s7): shorter side 256, 288, 320 and 352 (for a 224 crop; scaled in
+  proportion for other crop sizes); the left, centre and right squares (top, middle, bottom
+  for portrait images); in each, the four corner and the centre crop_size crops and the
+  square resized to crop_size; and the reflections of all: 4 x 3 x 6 x 2 = 144 views.
 
 Deviations and gaps: plain `multi-scale` takes one centre crop per scale (the papers pair
 multi-scale with dense or multi-crop evaluation); VGG's 150-crop "multi-crop" (a 5 x 5 grid
-with flips at three scales) and GoogLeNet's 144-crop protocol (s7) are not implemented.
+with flips at three scales) is not implemented.
 
 `ProtocolViews` turns one raw uint8 image into a list of view stacks, one per scale, each
 V x 3 x h x w; `collate_views` batches them for the DataLoader. Scoring lives in
@@ -26,14 +30,17 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data.dataloader import default_collate
 
-from canon.data.transforms import EvalPreprocess, crop_box
+from canon.data.transforms import EvalPreprocess, crop_box, resize_image
 from canon.errors import ConfigError
 
-BASE_VIEWS = ("center", "ten-crop", "dense")
+BASE_VIEWS = ("center", "ten-crop", "dense", "144-crop")
+VIEWS_PER_SCALE = {"center": 1, "ten-crop": 10, "dense": 2, "144-crop": 36}
+GOOGLENET_SCALES = (256, 288, 320, 352)  # s7, for 224 x 224 crops
 PROTOCOLS = (
     "center",
     "ten-crop",
     "dense",
+    "144-crop",
     "multi-scale",
     "multi-scale+center",
     "multi-scale+ten-crop",
@@ -60,6 +67,8 @@ def parse_protocol(name: str) -> Protocol:
     if len(parts) > 2 or len(rest) > 1 or (rest and rest[0] not in BASE_VIEWS):
         raise ConfigError(f"unknown protocol {name!r}; choose from {', '.join(PROTOCOLS)}")
     base = rest[0] if rest else "center"
+    if base == "144-crop":  # its scales are part of its definition
+        return Protocol(base, base, False)
     label = f"multi-scale+{base}" if multi else base
     return Protocol(label, base, multi)
 
@@ -82,6 +91,27 @@ def ten_crop(image: torch.Tensor, size: int) -> torch.Tensor:
     return torch.cat([crops, crops.flip(-1)])
 
 
+def googlenet_crops(
+    image: torch.Tensor, size: int, interpolation: str = "bilinear"
+) -> torch.Tensor:
+    """36 x C x size x size from one scale: three squares along the longer side, in each the
+    four corners, the centre and the whole square resized; then the reflections."""
+    height, width = image.shape[-2:]
+    side = min(height, width)
+    _check_size(height, width, size)
+    offsets = (0, (max(height, width) - side) // 2, max(height, width) - side)
+    crops = []
+    for offset in offsets:
+        if height > width:  # portrait: top, middle, bottom squares
+            square = image[..., offset : offset + side, :]
+        else:
+            square = image[..., offset : offset + side]
+        crops.append(ten_crop(square, size)[:5])
+        crops.append(resize_image(square, size, size, interpolation).unsqueeze(0))
+    crops = torch.cat(crops)
+    return torch.cat([crops, crops.flip(-1)])
+
+
 def dense_view(image: torch.Tensor) -> torch.Tensor:
     """2 x C x H x W: the whole image and its reflection (VGG s3.2)."""
     return torch.stack([image, image.flip(-1)])
@@ -100,6 +130,9 @@ class ProtocolViews:
     ) -> None:
         self.protocol, self.preprocess = protocol, preprocess
         self.scales = (scales or preprocess.scales) if protocol.multi_scale else ()
+        if protocol.base == "144-crop":
+            ratio = preprocess.crop_size / 224
+            self.scales = scales or tuple(round(s * ratio) for s in GOOGLENET_SCALES)
         self.scales = self.scales or (preprocess.resize_size,)
 
     def __call__(self, image: torch.Tensor) -> list[torch.Tensor]:
@@ -111,6 +144,8 @@ class ProtocolViews:
                 stacks.append(center_crop(scaled, size))
             elif self.protocol.base == "ten-crop":
                 stacks.append(ten_crop(scaled, size))
+            elif self.protocol.base == "144-crop":
+                stacks.append(googlenet_crops(scaled, size, self.preprocess.interpolation))
             else:
                 stacks.append(dense_view(scaled))
         return stacks

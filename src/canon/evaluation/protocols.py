@@ -23,7 +23,13 @@ from canon.data.config import DataConfig
 from canon.data.datasets import LabeledImages, canon_cache_dir, open_dataset
 from canon.data.loaders import build_loader, collate, dataset_stats
 from canon.data.transforms import EvalPreprocess, Normalize, eval_preprocess
-from canon.data.views import Protocol, ProtocolViews, collate_views, parse_protocol
+from canon.data.views import (
+    VIEWS_PER_SCALE,
+    Protocol,
+    ProtocolViews,
+    collate_views,
+    parse_protocol,
+)
 from canon.errors import ConfigError
 from canon.evaluation.metrics import TopKErrors
 
@@ -115,8 +121,7 @@ def evaluate(
 
 
 def _views_per_image(protocol: Protocol, views: ProtocolViews) -> int:
-    per_scale = {"center": 1, "ten-crop": 10, "dense": 2}[protocol.base]
-    return per_scale * len(views.scales)
+    return VIEWS_PER_SCALE[protocol.base] * len(views.scales)
 
 
 @torch.inference_mode()
