@@ -267,7 +267,6 @@ def _train(
     total_steps = config.epochs * steps_per_epoch
     if config.iterations is not None:
         total_steps = min(total_steps, config.iterations)
-    epochs = math.ceil(total_steps / steps_per_epoch)
     # This rank's sample order: a permutation fixed by (seed, epoch), sharded across ranks.
     order_sampler = dist.train_sampler(train_set, ctx, seed=config.seed) or ShuffleSampler(
         train_set, config.seed
@@ -331,6 +330,10 @@ def _train(
         ckpt.restore_rng_state(state["rng"])
     else:
         torch.manual_seed(config.seed + ctx.rank)  # dropout differs between ranks
+    # An iteration limit may end an epoch early; a resumed run with a higher limit goes on
+    # with the next epoch.
+    steps_left = total_steps - step + step_in_epoch  # counted from the current epoch's start
+    epochs = min(config.epochs, epoch + max(0, math.ceil(steps_left / steps_per_epoch)))
 
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -361,13 +364,13 @@ def _train(
         }
 
     with interrupt.installed():
-        while epoch < epochs and step < total_steps:
+        while epoch < epochs:
             # ---- one epoch of training --------------------------------------------------
             order_sampler.set_epoch(epoch)
             order = list(order_sampler)
             seen = step_in_epoch * config.accum_steps * config.batch_size
             train_keys.keys = [epoch * len(train_set) + i for i in order[seen:]]
-            epoch_steps = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
+            epoch_steps = min(steps_per_epoch, step_in_epoch + total_steps - step)
             bar = progress_bar(epoch_steps, epoch + 1, epochs, initial=step_in_epoch,
                                enabled=progress and ctx.is_main)
             started, pending_losses = time.perf_counter(), []

@@ -1,0 +1,72 @@
+"""`canon train`, `canon eval`, `canon predict` end to end on the bundled sample (real CIFAR-10
+images), with the training cut to a few steps by an iteration limit."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from canon.cli import main
+from canon.data import open_dataset
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """`canon train` as the README runs it (quickstart, default runs/ directory), then a bare
+    `--resume` that raises the iteration limit."""
+    root = tmp_path_factory.mktemp("cli")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        main(["train", "--device", "cpu", "--set", "train.iterations=2"])
+        main(["train", "--resume", "--device", "cpu", "--set", "train.iterations=3"])
+    return root / "runs" / "quickstart"
+
+
+def test_train_writes_a_complete_run_directory_and_resumes(trained_run):
+    for name in ("recipe.yaml", "metrics.csv", "curves.png", "model.safetensors",
+                 "normalization.safetensors", "eval_config.json", "checkpoints/best.pt",
+                 "checkpoints/epoch-001.pt", "checkpoints/epoch-002.pt"):
+        assert (trained_run / name).is_file(), name
+    info = json.loads((trained_run / "eval_config.json").read_text())
+    assert info["model"] == "resnet20" and info["steps"] == 3 and len(info["classes"]) == 10
+    assert len((trained_run / "metrics.csv").read_text().splitlines()) == 3  # header + 2
+
+
+def test_eval_prints_errors_and_writes_json(trained_run, capsys):
+    main(["eval", str(trained_run), "--protocol", "center", "--batch-size", "250"])
+    out = capsys.readouterr().out
+    assert "top-1 error" in out and "top-5 error" in out
+    result = json.loads((trained_run / "eval-center.json").read_text())
+    assert result["images"] == 1000 and result["protocol"] == "center"
+    assert 0 <= result["top5_error"] <= result["top1_error"] <= 100
+
+
+def test_predict_prints_top5_class_names_with_probabilities(trained_run, tmp_path, capsys):
+    _, test_images = open_dataset("sample")
+    paths = []
+    for index in (0, 1):
+        paths.append(tmp_path / f"image{index}.png")
+        Image.fromarray(test_images.images[index].permute(1, 2, 0).numpy()).save(paths[-1])
+    main(["predict", str(trained_run / "checkpoints" / "best.pt"), *map(str, paths)])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == str(paths[0]) and lines[6] == str(paths[1]) and len(lines) == 12
+    probabilities = [float(line.split("%")[0]) for line in lines[1:6]]
+    assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) <= 100.01
+    assert all(line.split("%")[1].strip() in test_images.classes for line in lines[1:6])
+
+
+def test_bad_input_gets_a_one_line_error(tmp_path, capsys):
+    cases = [
+        (["train", "--recipe", "resnet5O"], "did you mean"),
+        (["train", "--set", "train.epoch=3"], "valid keys"),
+        (["train", "--recipe", "alexnet"], "pass --data /path/to/imagenet"),
+        (["train", "--data", str(tmp_path / "missing")], "neither sample, cifar10"),
+        (["eval", str(tmp_path)], "does not exist"),
+    ]
+    for argv, expected in cases:
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2
+        assert expected in capsys.readouterr().err, argv
