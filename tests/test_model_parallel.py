@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file
 
-from canon.engine.distributed import unwrap_model
 from canon.engine.model_parallel import (
     PipelineParallel,
     TwoTowerAlexNet,
@@ -16,7 +17,9 @@ from canon.engine.model_parallel import (
     parallelize,
     parse_model_parallel,
 )
+from canon.engine.trainer import train
 from canon.errors import ConfigError, InputSizeError
+from canon.recipes import load_recipe
 from canon.registry import create_model
 
 CPU = torch.device("cpu")
@@ -110,12 +113,13 @@ def _check_pipeline(name: str, spec: str, size: int, train: bool) -> None:
     torch.testing.assert_close(actual, expected)
     nn.functional.cross_entropy(expected, labels).backward()
     nn.functional.cross_entropy(actual, labels).backward()
-    model = unwrap_model(pipeline)
-    grads = {k: p.grad for k, p in model.named_parameters()}
+    grads = {k: p.grad for k, p in pipeline.module.named_parameters()}
     # Micro-batches sum each weight gradient in a different order: fp32 rounding apart.
     expected_grads = {k: p.grad for k, p in reference.named_parameters()}
     _assert_state_equal(grads, expected_grads, rtol=1e-4, atol=1e-6)
-    _assert_state_equal(model.state_dict(), reference.state_dict())
+    # The pipeline's state dict is the model's: same keys, so checkpoints load either way.
+    _assert_state_equal(pipeline.state_dict(), reference.state_dict())
+    pipeline.load_state_dict(reference.state_dict())
 
 
 def test_pipeline_places_consecutive_stages_by_parameter_count() -> None:
@@ -180,3 +184,34 @@ def test_pipeline_across_gpu_and_cpu_matches_resnet20(monkeypatch: pytest.Monkey
     expected, actual = reference(images), pipeline(images)
     assert actual.device == gpu
     torch.testing.assert_close(actual, expected, rtol=1e-3, atol=1e-4)
+
+
+@pytest.fixture
+def two_class_folder(imagenette_root: Path, tmp_path: Path) -> Path:
+    """16 training and 4 validation JPEGs of two Imagenette classes, ImageNet layout."""
+    for split, count in (("train", 8), ("val", 2)):
+        for source in sorted((imagenette_root / split).iterdir())[:2]:
+            target = tmp_path / "data" / split / source.name
+            target.mkdir(parents=True)
+            for image in sorted(source.glob("*.JPEG"))[:count]:
+                (target / image.name).symlink_to(image)
+    return tmp_path / "data"
+
+
+def test_trainer_runs_a_pipeline_like_the_plain_model(
+    two_class_folder: Path, tmp_path: Path
+) -> None:
+    """canon's trainer takes a pipelined model as it is: same weights, checkpoints, export."""
+    recipe = load_recipe("quickstart", [
+        f"data.dataset={two_class_folder}", "data.mean=imagenet", "train.batch_size=8",
+        "train.epochs=2",
+    ])
+    exported = []
+    for name, spec in (("plain", None), ("pipeline", "stages:2:1")):
+        torch.manual_seed(0)
+        model = create_model("resnet20", num_classes=2)
+        if spec is not None:
+            model = parallelize(model, spec, CPU)
+        train(recipe, tmp_path / name, model=model, device="cpu", progress=False)
+        exported.append(load_file(tmp_path / name / "model.safetensors"))
+    _assert_state_equal(exported[1], exported[0])

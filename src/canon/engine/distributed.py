@@ -24,7 +24,6 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler, Sampler
 
-from canon.engine.model_parallel import PipelineParallel
 from canon.errors import ConfigError
 
 
@@ -108,12 +107,13 @@ def shutdown_distributed(ctx: DistributedContext) -> None:
 def wrap_model(
     model: nn.Module, ctx: DistributedContext, *, sync_batchnorm: bool = False
 ) -> nn.Module:
-    """Move `model` to this process's device; wrap it in DDP when more than one process runs.
+    """Wrap `model` in DDP on this process's device when more than one process runs.
 
-    `sync_batchnorm` converts every BatchNorm to SyncBatchNorm, so batch statistics are
-    computed over the global batch instead of each device's share (CUDA only, as in PyTorch).
+    A single process gets `model` back untouched (it may be spread over several devices by
+    model parallelism). `sync_batchnorm` converts every BatchNorm to SyncBatchNorm, so batch
+    statistics are computed over the global batch instead of each device's share (CUDA only,
+    as in PyTorch).
     """
-    model = model.to(ctx.device)
     if ctx.world_size == 1:
         return model
     if sync_batchnorm:
@@ -124,16 +124,17 @@ def wrap_model(
             )
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids)
+    return DistributedDataParallel(model.to(ctx.device), device_ids=device_ids)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The plain model inside DDP, pipeline and torch.compile wrappers (what checkpoints store).
+    """The model inside DDP and torch.compile wrappers.
 
-    A `TwoTowerAlexNet` is its own plain model: its state dict is the `alexnet` one.
+    Model-parallel wrappers (canon.engine.model_parallel) are kept: they are the model on
+    several devices, and their state dicts already carry the plain model's keys.
     """
     while True:
-        if isinstance(model, (DistributedDataParallel, PipelineParallel)):
+        if isinstance(model, DistributedDataParallel):
             model = model.module
         elif hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
             model = model._orig_mod

@@ -288,8 +288,8 @@ def balance_stages(costs: Sequence[int], head_cost: int, num_groups: int) -> lis
 class PipelineParallel(nn.Module):
     """A CanonModel's stages on consecutive devices, run with micro-batches (GPipe-style).
 
-    `module` is the model itself, its layers moved to their devices; checkpoints store
-    `unwrap_model(pipeline).state_dict()`, the model's own keys.
+    `module` is the model itself, its layers moved to their devices. The pipeline's state dict
+    is the model's (same keys, no `module.` prefix), so checkpoints load either way.
     """
 
     def __init__(
@@ -317,6 +317,8 @@ class PipelineParallel(nn.Module):
             self.group_names[group].append(name)
         self.module = model
         self.micro_batches = micro_batches
+        self.register_state_dict_post_hook(_strip_module_prefix)
+        self.register_load_state_dict_pre_hook(_add_module_prefix)
 
     @property
     def eval_config(self):
@@ -351,3 +353,17 @@ class PipelineParallel(nn.Module):
             for (device, _), names in zip(self.groups, self.group_names, strict=True)
         )
         return f"micro_batches={self.micro_batches}, stages=[{placed}] (+head on last)"
+
+
+def _strip_module_prefix(_pipeline: PipelineParallel, state: dict, prefix: str, _meta) -> None:
+    """state_dict hook: `module.conv1...` -> `conv1...`, keeping the order."""
+    inner = prefix + "module."
+    for key in [k for k in state if k.startswith(prefix)]:
+        value = state.pop(key)
+        state[prefix + key[len(inner):] if key.startswith(inner) else key] = value
+
+
+def _add_module_prefix(_pipeline: PipelineParallel, state: dict, prefix: str, *_args) -> None:
+    """load_state_dict pre-hook: the model's keys are found under `module.`."""
+    for key in [k for k in state if k.startswith(prefix)]:
+        state[prefix + "module." + key[len(prefix):]] = state.pop(key)
