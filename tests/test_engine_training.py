@@ -10,6 +10,7 @@ from __future__ import annotations
 import signal
 
 import pytest
+import safetensors.torch
 import torch
 import torch.nn as nn
 
@@ -179,3 +180,26 @@ def test_k_micro_batches_of_b_over_k_equal_one_batch_of_b(resume_data, tmp_path)
     assert not torch.allclose(one["model"]["fc.weight"], initial)  # it did train
     for key, tensor in one["model"].items():
         torch.testing.assert_close(accumulated["model"][key], tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_ema_label_smoothing_no_bn_decay_and_filter_clamp_run_together(
+    resume_data, tmp_path
+):
+    train_set, val_set = resume_data
+    recipe = apply_overrides(
+        tiny_recipe(epochs=1, batch_size=16, accum_steps=2, amp="bf16", ema_decay=0.5,
+                    label_smoothing=0.1, filter_rms_radius=0.1),
+        [("optimizer.no_decay_bn_bias", True)],
+    )
+    data = (spread_subset(train_set, 64), spread_subset(val_set, 10))
+    train(recipe, tmp_path, device="cpu", datasets=data, progress=False)
+    state = final_weights(tmp_path, 1)
+    groups = state["optimizer"]["param_groups"]
+    assert [group["weight_decay"] for group in groups] == [0.0005, 0.0]
+    assert state["ema"]["n_averaged"] == state["step"] == 2
+    exported = safetensors.torch.load_file(tmp_path / "model.safetensors")
+    weight = "conv1.0.weight"
+    assert torch.equal(exported[weight], state["ema"][f"module.{weight}"])  # EMA is exported
+    assert not torch.equal(exported[weight], state["model"][weight])
+    rms = state["model"][weight].pow(2).mean((1, 2, 3)).sqrt()
+    assert rms.max() <= 0.1 + 1e-6  # ZFNet's filter RMS clamp

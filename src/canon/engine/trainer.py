@@ -378,9 +378,12 @@ def _train(
             train_module.train()
             while step_in_epoch < epoch_steps:
                 schedule.apply(step)
-                loss_sum = correct = images_seen = 0
+                loss_sum = torch.zeros((), device=ctx.device)
+                correct, images_seen = torch.zeros((), device=ctx.device), 0
                 for micro in range(config.accum_steps):
                     images, targets = next(batches)
+                    if not len(targets):  # every file of this batch was undecodable
+                        continue
                     images = images.to(ctx.device, non_blocking=True)
                     targets = targets.to(ctx.device, non_blocking=True)
                     if config.channels_last:
@@ -404,7 +407,7 @@ def _train(
                     clamp_filter_rms(model, config.filter_rms_radius)
                 step += 1
                 step_in_epoch += 1
-                pending_losses.append((step, loss_sum / images_seen))
+                pending_losses.append((step, loss_sum / max(images_seen, 1)))
                 totals["loss"] = totals["loss"] + loss_sum
                 totals["correct"] = totals["correct"] + correct
                 totals["images"] += images_seen
