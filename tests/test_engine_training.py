@@ -7,6 +7,7 @@ package); the runs use slices of it so the whole file stays within its CPU budge
 
 from __future__ import annotations
 
+import math
 import signal
 
 import pytest
@@ -70,7 +71,7 @@ def test_short_run_lowers_the_loss_and_beats_chance_on_held_out_images(sample_se
     data = (spread_subset(train_set, 1600), spread_subset(val_set, 500))
     result = train(recipe, tmp_path, device="cpu", datasets=data, progress=False)
     first, last = result.metrics
-    assert last["train_loss"] < first["train_loss"] < 2.35  # chance: ln 10 = 2.30 at start
+    assert last["train_loss"] < min(first["train_loss"], math.log(10))  # ln 10: chance level
     assert last["val_top1_error"] < 75.0  # chance is 90% on 10 balanced classes
     assert (tmp_path / "metrics.csv").read_text().count("\n") == 3
     assert (tmp_path / "curves.png").stat().st_size > 10_000

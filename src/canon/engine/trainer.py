@@ -285,6 +285,8 @@ def _train(
     _detach_from_global_rng(val_loader)
 
     # Model, optimizer, schedule, precision.
+    if ctx.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fastest conv kernels (GPU runs are not bitwise)
     torch.manual_seed(config.seed)
     if model is None:
         model = create_model(recipe.model.name, num_classes)
