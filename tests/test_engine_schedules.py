@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from canon.engine.schedules import LearningRateSchedule
+from canon.engine.schedules import LearningRateSchedule, linear_scaled_lr
 from canon.recipes.schema import ScheduleSection
 
 
@@ -70,3 +70,8 @@ def test_apply_sets_every_group_and_state_round_trips():
     fresh.load_state_dict(schedule.state_dict())
     assert fresh.lr_at(5) == lr and fresh.best_error == 10.0
     assert math.isinf(make(ScheduleSection(kind="plateau")).best_error)
+
+
+def test_linear_scaling_rule():
+    assert linear_scaled_lr(0.1, 1024, 256) == pytest.approx(0.4)
+    assert linear_scaled_lr(0.1, 64, 128) == pytest.approx(0.05)  # quickstart: batch 64

@@ -32,6 +32,12 @@ import torch
 from canon.recipes.schema import ScheduleSection
 
 
+def linear_scaled_lr(lr: float, global_batch_size: int, base_batch_size: int) -> float:
+    """Goyal et al. 2017 s2.1: "when the minibatch size is multiplied by k, multiply the
+    learning rate by k" (`lr` is stated for `base_batch_size` images per step)."""
+    return lr * global_batch_size / base_batch_size
+
+
 class LearningRateSchedule:
     def __init__(
         self,

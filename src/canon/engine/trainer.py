@@ -46,7 +46,7 @@ from canon.engine.logs import (
     write_metrics_csv,
 )
 from canon.engine.precision import Precision
-from canon.engine.schedules import LearningRateSchedule
+from canon.engine.schedules import LearningRateSchedule, linear_scaled_lr
 from canon.errors import CanonError, ConfigError
 from canon.evaluation import score_loader
 from canon.recipes.schema import Recipe
@@ -295,7 +295,9 @@ def _train(
         model = model.to(memory_format=torch.channels_last)
     global_batch_size = config.batch_size * config.accum_steps * ctx.world_size
     optim = recipe.optimizer
-    peak_lr = optim.lr * (global_batch_size / optim.base_batch_size if optim.scale_lr else 1.0)
+    peak_lr = optim.lr
+    if optim.scale_lr:
+        peak_lr = linear_scaled_lr(optim.lr, global_batch_size, optim.base_batch_size)
     optimizer = torch.optim.SGD(
         parameter_groups(model, optim.weight_decay, optim.no_decay_bn_bias),
         lr=peak_lr, momentum=optim.momentum, nesterov=optim.nesterov,
