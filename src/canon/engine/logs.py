@@ -47,8 +47,6 @@ def plot_curves(path: Path, rows: list[dict[str, Any]], title: str) -> None:
     error_axes.legend()
     lr_axes.plot(epochs, [row["lr"] for row in rows], marker=".")
     lr_axes.set(xlabel="epoch", ylabel="learning rate (end of epoch)", title="learning rate")
-    if all(row["lr"] > 0 for row in rows) and len({row["lr"] for row in rows}) > 2:
-        lr_axes.set_yscale("log")
     for axes in (loss_axes, error_axes, lr_axes):
         axes.grid(alpha=0.3)
     figure.suptitle(title)
