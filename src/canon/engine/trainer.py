@@ -14,6 +14,13 @@ continues bit-identically on the CPU (GPU kernels may not be deterministic).
 
 Ctrl-C finishes the optimizer step in progress, saves checkpoints/interrupted.pt and stops; a
 second Ctrl-C stops at once.
+
+Also worth knowing:
+- With `train.ema_decay` > 0 the averaged weights are the ones validated, kept as best and
+  exported (GoogLeNet's Polyak averaging); the raw weights stay in the checkpoints.
+- The loss is checked for NaN/inf every LOSS_CHECK_STEPS steps (one device sync each), and
+  before any checkpoint is written, so a diverged state is never saved.
+- A cosine schedule spans the run's length: resuming with more epochs changes its shape.
 """
 
 from __future__ import annotations
@@ -49,7 +56,7 @@ from canon.engine.precision import Precision
 from canon.engine.schedules import LearningRateSchedule, linear_scaled_lr
 from canon.errors import CanonError, ConfigError
 from canon.evaluation import score_loader
-from canon.recipes.schema import Recipe
+from canon.recipes.schema import OptimizerSection, Recipe
 from canon.registry import create_model
 
 LOSS_CHECK_STEPS = 10  # loss values are checked for NaN/inf (one device sync) this often
@@ -168,6 +175,21 @@ def parameter_groups(model: nn.Module, weight_decay: float, no_decay_bn_bias: bo
         if parameter.requires_grad:
             (no_decay if parameter.ndim <= 1 else decay).append(parameter)
     return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(
+    model: nn.Module, config: OptimizerSection, global_batch_size: int
+) -> tuple[torch.optim.SGD, float]:
+    """SGD with momentum and weight decay, and its peak lr for this global batch."""
+    peak_lr = config.lr
+    if config.scale_lr:
+        peak_lr = linear_scaled_lr(config.lr, global_batch_size, config.base_batch_size)
+    optimizer = torch.optim.SGD(
+        parameter_groups(model, config.weight_decay, config.no_decay_bn_bias),
+        lr=peak_lr, momentum=config.momentum, nesterov=config.nesterov,
+        weight_decay=config.weight_decay,
+    )
+    return optimizer, peak_lr
 
 
 @torch.no_grad()
@@ -294,15 +316,7 @@ def _train(
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     global_batch_size = config.batch_size * config.accum_steps * ctx.world_size
-    optim = recipe.optimizer
-    peak_lr = optim.lr
-    if optim.scale_lr:
-        peak_lr = linear_scaled_lr(optim.lr, global_batch_size, optim.base_batch_size)
-    optimizer = torch.optim.SGD(
-        parameter_groups(model, optim.weight_decay, optim.no_decay_bn_bias),
-        lr=peak_lr, momentum=optim.momentum, nesterov=optim.nesterov,
-        weight_decay=optim.weight_decay,
-    )
+    optimizer, peak_lr = make_optimizer(model, recipe.optimizer, global_batch_size)
     schedule = LearningRateSchedule(
         optimizer, recipe.schedule, peak_lr=peak_lr, steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
