@@ -4,12 +4,18 @@ images), with the training cut to a few steps by an iteration limit."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 
 import pytest
+import torch
 from PIL import Image
 
 from canon.cli import main
 from canon.data import open_dataset
+from canon.engine.checkpoint import load_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -70,3 +76,49 @@ def test_bad_input_gets_a_one_line_error(tmp_path, capsys):
             main(argv)
         assert exit_.value.code == 2
         assert expected in capsys.readouterr().err, argv
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """A small ImageNet-layout tree (train/<class>/*.png, val/<class>/*.png) of sample images."""
+    root = tmp_path_factory.mktemp("folder-dataset")
+    for split, data, per_class in zip(("train", "val"), open_dataset("sample"), (16, 5),
+                                      strict=True):
+        written: dict[int, int] = {}
+        for index, label in enumerate(data.labels):
+            if written.get(label, 0) == per_class:
+                continue
+            written[label] = written.get(label, 0) + 1
+            folder = root / split / data.classes[label]
+            folder.mkdir(parents=True, exist_ok=True)
+            array = data.images[index].permute(1, 2, 0).numpy()
+            Image.fromarray(array).save(folder / f"{index:05d}.png")
+    return root
+
+
+def test_a_real_ctrl_c_then_resume_equals_an_uninterrupted_run(image_folder, tmp_path):
+    args = [
+        "train", "--data", str(image_folder), "--epochs", "4", "--batch-size", "16",
+        "--device", "cpu", "--set", "schedule.kind=step", "--set", "schedule.step_size=1",
+    ]
+    stopped = tmp_path / "stopped"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "canon", *args, "--output-dir", str(stopped)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    for line in process.stdout:
+        if line.startswith("epoch   1/4"):
+            process.send_signal(signal.SIGINT)  # lands somewhere in epoch 2
+            break
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 130, output
+    assert "resume with: canon train --resume" in output
+    saved = load_checkpoint(stopped / "checkpoints" / "interrupted.pt")
+    assert saved["epoch"] >= 1 and saved["step"] > 10  # 10 steps per epoch
+    main([*args, "--resume", str(stopped)])
+    main([*args, "--output-dir", str(tmp_path / "straight")])
+    resumed = load_checkpoint(stopped / "checkpoints" / "epoch-004.pt")
+    straight = load_checkpoint(tmp_path / "straight" / "checkpoints" / "epoch-004.pt")
+    for key, tensor in straight["model"].items():
+        assert torch.equal(tensor, resumed["model"][key]), key
