@@ -2,9 +2,12 @@
 
 One process per device. `torchrun` sets RANK, LOCAL_RANK and WORLD_SIZE (and the rendezvous
 address); `init_distributed` reads them, joins the process group (NCCL on GPUs, gloo on CPUs)
-and picks this process's device. Run without `torchrun`, everything here degrades to a
-single process: no process group, no DistributedDataParallel wrapper, no samplers, and the
-collectives return their input unchanged. The trainer therefore has one code path.
+and picks this process's device. When a worker dies, torchrun (`--max-restarts`) restarts all
+workers with the same command line; `elastic_restart_count` tells them to resume.
+
+Run without `torchrun`, everything here degrades to a single process: no process group, no
+DistributedDataParallel wrapper, no samplers, and the collectives return their input
+unchanged. The trainer therefore has one code path.
 
 Evaluation is exact: `eval_sampler` gives each rank a disjoint contiguous shard, so every
 image is seen once in total even when the set does not divide by the world size (torch's
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.constants import default_pg_timeout
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler, Sampler
 
@@ -80,6 +84,37 @@ def _pick_device(device: str, local_rank: int, world_size: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+def launched_by_torchrun() -> bool:
+    """Whether torchrun (torch.distributed.run) started this process."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def elastic_restart_count() -> int:
+    """How often torchrun has restarted the workers of this run (`--max-restarts`); 0 at first.
+
+    A restarted worker reruns the same command line; it should resume from the run's last
+    checkpoint rather than start over.
+    """
+    return _env_int("TORCHELASTIC_RESTART_COUNT", 0)
+
+
+def _attempt_store() -> dist.Store | None:
+    """torchrun's agent store with this restart attempt's own key space; None: use env://.
+
+    The agent keeps its store (same MASTER_PORT) across elastic restarts, and the previous
+    attempt's process group keys are still in it: plain env:// initialisation then connects
+    to the dead workers' addresses and fails or hangs (seen with torch 2.14 and gloo; see
+    pytorch/pytorch#167288). A prefix per attempt starts every attempt from clean keys.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+        timeout=default_pg_timeout,
+    )
+    return dist.PrefixStore(f"canon/attempt-{elastic_restart_count()}", store)
+
+
 def init_distributed(device: str = "auto") -> DistributedContext:
     """Join the torchrun process group if there is one; otherwise a world of one process.
 
@@ -94,7 +129,9 @@ def init_distributed(device: str = "auto") -> DistributedContext:
         torch.cuda.set_device(chosen)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if chosen.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        dist.init_process_group(
+            backend=backend, store=_attempt_store(), rank=rank, world_size=world_size
+        )
     return DistributedContext(rank, local_rank, world_size, chosen)
 
 
