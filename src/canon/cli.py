@@ -197,13 +197,15 @@ def _run_train(args: argparse.Namespace) -> None:
         path, state = checkpoint.load_for_resume(source)
         recipe = apply_overrides(Recipe.from_dict(state["recipe"], where=str(path)), overrides)
         run_dir = args.output_dir or checkpoint.run_dir_of(path)
+    main_rank = os.environ.get("RANK", "0") == "0"  # torchrun: one line, not one per process
     try:
         result = train(recipe, run_dir, resume=state, device=args.device)
     except TrainingInterrupted as stop:
-        print(f"stopped; resume with: canon train --resume {run_dir}  ({stop.checkpoint})")
+        if main_rank:
+            print(f"stopped; resume with: canon train --resume {run_dir}  ({stop.checkpoint})")
         sys.exit(130)
     last = result.metrics[-1] if result.metrics else None
-    if last is not None:
+    if last is not None and main_rank:
         print(
             f"done: {result.run_dir}  val top-1 error {last['val_top1_error']:.2f}% "
             f"(best {result.best_val_top1_error:.2f}%), top-5 {last['val_top5_error']:.2f}%"

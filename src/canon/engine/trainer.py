@@ -430,8 +430,11 @@ def _train(
                 totals["correct"] = totals["correct"] + correct
                 totals["images"] += images_seen
                 bar.update()
+                if on_step is not None:
+                    on_step(step)
+                stop = _agreed(interrupt.raised, ctx)
                 at_check = step_in_epoch % LOSS_CHECK_STEPS == 0 or step_in_epoch == epoch_steps
-                if at_check or interrupt.raised:
+                if at_check or stop:
                     _check_losses(pending_losses, run_dir)
                     pending_losses = []
                     elapsed = totals["seconds"] + time.perf_counter() - started
@@ -439,9 +442,7 @@ def _train(
                         float(totals["loss"]) / totals["images"], schedule.lr_at(step - 1),
                         totals["images"] / max(elapsed, 1e-9),
                     ))
-                if on_step is not None:
-                    on_step(step)
-                if interrupt.raised:
+                if stop:
                     bar.close()
                     totals["seconds"] += time.perf_counter() - started
                     path = ckpt.interrupted_checkpoint(run_dir)
@@ -494,6 +495,13 @@ def _train(
             "reported": recipe.to_dict()["reported"],
         })
     return TrainResult(run_dir, metrics, best_error)
+
+
+def _agreed(flag: bool, ctx: dist.DistributedContext) -> bool:
+    """True on every rank if it is on any: all ranks must stop after the same step."""
+    if ctx.world_size == 1:
+        return flag
+    return bool(dist.all_reduce_sum(torch.tensor([float(flag)]), ctx).item())
 
 
 def _plain(totals: dict[str, Any]) -> dict[str, Any]:
