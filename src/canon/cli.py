@@ -221,7 +221,7 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
         help="center, ten-crop, dense, multi-scale or multi-scale+<center|ten-crop|dense>",
     )
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--output", type=Path, metavar="JSON",
                         help="where to write the result; default: beside the checkpoint")
@@ -231,16 +231,21 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_eval(args: argparse.Namespace) -> None:
     import json
 
+    import torch
+
     from canon.data import open_dataset
     from canon.engine.checkpoint import load_trained
     from canon.evaluation import evaluate
 
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     trained = load_trained(args.checkpoint)
     dataset = args.data or trained.data.dataset
     _, images = open_dataset(dataset, download=trained.data.download)
     images.preprocess = trained.preprocess  # normalise exactly as in training
     result = evaluate(
-        trained.model, images, args.protocol, batch_size=args.batch_size, device=args.device,
+        trained.model, images, args.protocol, batch_size=args.batch_size, device=device,
         workers=args.workers, progress=True,
     )
     result.update(checkpoint=str(trained.source), data=dataset)
