@@ -101,6 +101,10 @@ def test_towers_load_alexnet_checkpoints_and_follow_eval_mode() -> None:
         towers(torch.randn(1, 3, 224, 224))
     with pytest.raises(ConfigError, match="alexnet"):
         parallelize(create_model("resnet20"), "towers", CPU)
+    # Each tower's half on its own device ("meta" stands in for a second GPU).
+    towers = TwoTowerAlexNet(create_model("alexnet", num_classes=5), [CPU, torch.device("meta")])
+    for index, device in enumerate(("cpu", "meta")):
+        assert {p.device.type for p in towers.towers[index].parameters()} == {device}
 
 
 def _check_pipeline(name: str, spec: str, size: int, train: bool) -> None:
@@ -126,6 +130,12 @@ def test_pipeline_places_consecutive_stages_by_parameter_count() -> None:
     pipeline = parallelize(create_model("resnet20"), "stages:3", CPU)
     assert pipeline.group_names == [["conv1", "conv2_x"], ["conv3_x"], ["conv4_x"]]
     assert pipeline.micro_batches == 12
+    # Where the pieces go, seen without GPUs: the "meta" device stands in for the second one.
+    pipeline = PipelineParallel(create_model("resnet20"), [CPU, torch.device("meta")], 2)
+    assert pipeline.group_names == [["conv1", "conv2_x", "conv3_x"], ["conv4_x"]]
+    devices = {name: p.device.type for name, p in pipeline.module.named_parameters()}
+    on_second = {name.split(".")[0] for name, device in devices.items() if device == "meta"}
+    assert on_second == {"conv4_x", "fc"}
 
 
 def test_pipeline_matches_resnet20_with_whole_batch_norm_statistics() -> None:

@@ -185,8 +185,6 @@ class TwoTowerAlexNet(nn.Module):
         for stage_name, stage in model.stages:
             for layer_name, layer in stage.named_children():
                 if isinstance(layer, nn.Conv2d):
-                    if layer.groups not in (1, 2):
-                        raise ConfigError(f"{stage_name} has {layer.groups} groups, not 1 or 2")
                     # A full (ungrouped) layer reads both towers' maps: the paper's exchange.
                     if layer.groups == 1 and self.steps:
                         self.steps.append(("exchange", stage_name))
@@ -197,8 +195,6 @@ class TwoTowerAlexNet(nn.Module):
 
     def _build_head(self, model: nn.Module) -> None:
         head = model.head
-        if head.avgpool is not None:
-            raise ConfigError("the two-tower split expects AlexNet's fixed 6x6 map before fc6")
         self._add_shared("each", "flatten", nn.Flatten())
         for name in ("fc6", "fc7", "fc8"):
             self.steps.append(("exchange", name))
@@ -308,13 +304,15 @@ class PipelineParallel(nn.Module):
         costs = [_parameter_count(stage) for _, stage in stages]
         head_cost = _parameter_count(model) - sum(costs)
         assignment = balance_stages(costs, head_cost, len(devices))
-        model.to(devices[-1])  # the head, and anything outside the stages, on the last device
         self.groups: list[tuple[torch.device, list[nn.Module]]] = [(d, []) for d in devices]
         self.group_names: list[list[str]] = [[] for _ in devices]
+        placement: dict[nn.Module, torch.device] = {}
         for (name, stage), group in zip(stages, assignment, strict=True):
-            stage.to(devices[group])
+            placement[stage] = devices[group]
             self.groups[group][1].append(stage)
             self.group_names[group].append(name)
+        # Each piece goes straight to its device: the whole model never sits on one GPU.
+        _place(model, placement, devices[-1])
         self.module = model
         self.micro_batches = micro_batches
         self.register_state_dict_post_hook(_strip_module_prefix)
@@ -353,6 +351,17 @@ class PipelineParallel(nn.Module):
             for (device, _), names in zip(self.groups, self.group_names, strict=True)
         )
         return f"micro_batches={self.micro_batches}, stages=[{placed}] (+head on last)"
+
+
+def _place(module: nn.Module, placement: dict[nn.Module, torch.device], rest: torch.device) -> None:
+    """Move each stage to its device and every other submodule (the head) to `rest`."""
+    for child in module.children():
+        if child in placement:
+            child.to(placement[child])
+        elif any(inner in placement for inner in child.modules()):
+            _place(child, placement, rest)
+        else:
+            child.to(rest)
 
 
 def _strip_module_prefix(_pipeline: PipelineParallel, state: dict, prefix: str, _meta) -> None:
