@@ -204,3 +204,13 @@ def test_bf16_ema_label_smoothing_no_bn_decay_and_filter_clamp_run_together(
     assert not torch.equal(exported[weight], state["model"][weight])
     rms = state["model"][weight].pow(2).mean((1, 2, 3)).sqrt()
     assert rms.max() <= 0.1 + 1e-6  # ZFNet's filter RMS clamp
+
+
+def test_run_directories_are_numbered_and_a_bare_resume_finds_this_recipe_s_latest(tmp_path):
+    for name in ("resnet20-cifar10", "resnet20-cifar10-2", "resnet20-cifar10-cosine"):
+        (tmp_path / name / "checkpoints").mkdir(parents=True)
+        (tmp_path / name / "checkpoints" / "epoch-001.pt").write_bytes(b"")
+    assert ckpt.new_run_dir(tmp_path, "resnet20-cifar10").name == "resnet20-cifar10-3"
+    assert ckpt.latest_run_dir(tmp_path, "resnet20-cifar10").name == "resnet20-cifar10-2"
+    with pytest.raises(DataError, match="no run of quickstart"):
+        ckpt.latest_run_dir(tmp_path, "quickstart")

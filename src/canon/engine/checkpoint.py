@@ -259,7 +259,8 @@ def new_run_dir(root: Path, name: str) -> Path:
 
 def latest_run_dir(root: Path, name: str) -> Path:
     """The most recently written run of recipe `name` under `root` (for a bare --resume)."""
-    runs = [p for p in (root / name, *root.glob(f"{name}-*")) if resumable_checkpoints(p)]
+    numbered = [p for p in root.glob(f"{name}-*") if p.name[len(name) + 1 :].isdigit()]
+    runs = [p for p in (root / name, *numbered) if resumable_checkpoints(p)]
     if not runs:
         raise DataError(
             f"no run of {name} with checkpoints under {root}/; pass --resume PATH "
