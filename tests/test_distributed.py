@@ -5,6 +5,7 @@
   with its batch norm removed: per-device batch statistics are the one thing that legitimately
   differs, and PyTorch's SyncBatchNorm, which would remove the difference, runs on CUDA only.
 - Distributed evaluation counts each image once on a set of 21 images (not divisible by 2).
+- Gradient accumulation under DDP all-reduces on the last micro-step only (no_sync).
 - Elastic restart: a worker killed mid-epoch is restarted by torchrun (--max-restarts=1) and
   the run resumes from the last checkpoint without losing a finished epoch.
 """
@@ -86,6 +87,34 @@ if ctx.is_main:
 torch.manual_seed(0)
 model = without_batch_norm(create_model("resnet20", num_classes=10))
 train(recipe, out, model=model, device="cpu", progress=False)
+'''
+
+
+# Three accumulation micro-steps under DDP: the gradient all-reduce must run on the last only.
+NO_SYNC_WORKER = '''
+import json, sys
+import torch
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from canon.engine import distributed as dist
+
+ctx = dist.init_distributed("cpu")
+torch.manual_seed(0)
+model = dist.wrap_model(torch.nn.Linear(4, 2), ctx)
+all_reduces = []
+
+def counting_hook(state, bucket):
+    all_reduces.append(1)
+    return allreduce_hook(state, bucket)
+
+model.register_comm_hook(None, counting_hook)
+images = torch.full((2, 4), float(ctx.rank + 1))
+for micro_step in range(3):
+    with dist.sync_context(model, sync=micro_step == 2):
+        model(images).sum().backward()
+result = {"all_reduces": len(all_reduces), "grad": model.module.weight.grad.tolist()}
+with open(f"{sys.argv[1]}.{ctx.rank}.json", "w") as file:
+    json.dump(result, file)
+dist.shutdown_distributed(ctx)
 '''
 
 
@@ -175,6 +204,21 @@ def test_distributed_evaluation_counts_each_image_once(
 ) -> None:
     _, double = one_and_two_process_runs
     assert json.loads((double / "seen.json").read_text()) == [1] * VAL_IMAGES
+
+
+def test_accumulation_all_reduces_on_the_last_micro_step_only(tmp_path: Path) -> None:
+    script = tmp_path / "no_sync.py"
+    script.write_text(NO_SYNC_WORKER)
+    done = subprocess.run(
+        [*_torchrun(2), str(script), str(tmp_path / "result")],
+        env=_environment(tmp_path / "cache"), capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for rank in range(2):
+        result = json.loads((tmp_path / f"result.{rank}.json").read_text())
+        assert result["all_reduces"] == 1
+        # Each rank's 3 micro-steps sum 2 images of value rank + 1; the ranks' mean is 9.
+        assert result["grad"] == [[9.0] * 4] * 2
 
 
 @pytest.mark.parametrize("size", [0, 1, 5, 21, 64])
