@@ -8,6 +8,7 @@ package); the runs use slices of it so the whole file stays within its CPU budge
 from __future__ import annotations
 
 import math
+import os
 import signal
 
 import pytest
@@ -207,9 +208,12 @@ def test_bf16_ema_label_smoothing_no_bn_decay_and_filter_clamp_run_together(
 
 
 def test_run_directories_are_numbered_and_a_bare_resume_finds_this_recipe_s_latest(tmp_path):
-    for name in ("resnet20-cifar10", "resnet20-cifar10-2", "resnet20-cifar10-cosine"):
-        (tmp_path / name / "checkpoints").mkdir(parents=True)
-        (tmp_path / name / "checkpoints" / "epoch-001.pt").write_bytes(b"")
+    names = ("resnet20-cifar10", "resnet20-cifar10-2", "resnet20-cifar10-cosine")
+    for age, name in enumerate(names):  # the -cosine run is the newest
+        path = tmp_path / name / "checkpoints" / "epoch-001.pt"
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"")
+        os.utime(path, (1_000_000 + age, 1_000_000 + age))
     assert ckpt.new_run_dir(tmp_path, "resnet20-cifar10").name == "resnet20-cifar10-3"
     assert ckpt.latest_run_dir(tmp_path, "resnet20-cifar10").name == "resnet20-cifar10-2"
     with pytest.raises(DataError, match="no run of quickstart"):

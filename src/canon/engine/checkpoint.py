@@ -109,11 +109,17 @@ def best_checkpoint(run_dir: Path) -> Path:
     return run_dir / CHECKPOINT_DIR / "best.pt"
 
 
+def _epoch_number(path: Path) -> int:
+    return int(path.stem.removeprefix("epoch-"))
+
+
 def resumable_checkpoints(run_dir: Path) -> list[Path]:
-    """Epoch and interruption checkpoints of a run, newest first (by modification time)."""
+    """Interruption and epoch checkpoints of a run, newest first. interrupted.pt, when there,
+    is the newest: the next epoch checkpoint deletes it."""
     folder = run_dir / CHECKPOINT_DIR
-    found = [*folder.glob("epoch-*.pt"), *folder.glob("interrupted.pt")]
-    return sorted(found, key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    epochs = sorted(folder.glob("epoch-*.pt"), key=_epoch_number, reverse=True)
+    interrupted = interrupted_checkpoint(run_dir)
+    return [interrupted, *epochs] if interrupted.is_file() else epochs
 
 
 def load_for_resume(path: str | Path) -> tuple[Path, dict[str, Any]]:
@@ -149,7 +155,7 @@ def run_dir_of(path: Path) -> Path:
 
 def prune_epoch_checkpoints(run_dir: Path, keep: int) -> None:
     """Delete all but the newest `keep` epoch checkpoints (best.pt is a separate copy)."""
-    epochs = sorted((run_dir / CHECKPOINT_DIR).glob("epoch-*.pt"))
+    epochs = sorted((run_dir / CHECKPOINT_DIR).glob("epoch-*.pt"), key=_epoch_number)
     for old in epochs[:-keep]:
         old.unlink()
 
