@@ -184,6 +184,15 @@ def _run_train(args: argparse.Namespace) -> None:
 
     overrides = [*_flag_overrides(args), *args.set]
     state = None
+    # Under torchrun every process must pick the same directory, and an elastic restart
+    # (same command, TORCHELASTIC_RESTART_COUNT > 0) must continue the run it restarts.
+    elastic_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if args.resume is None and elastic_id is not None:
+        name = load_recipe(args.recipe).name
+        args.output_dir = args.output_dir or Path("runs") / f"{name}-{elastic_id}"
+        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+        if restarted and checkpoint.resumable_checkpoints(args.output_dir):
+            args.resume = str(args.output_dir)
     if args.resume is None:
         recipe = load_recipe(args.recipe, overrides)
         run_dir = args.output_dir or checkpoint.new_run_dir(Path("runs"), recipe.name)
