@@ -205,6 +205,8 @@ def test_bf16_ema_label_smoothing_no_bn_decay_and_filter_clamp_run_together(
     assert not torch.equal(exported[weight], state["model"][weight])
     rms = state["model"][weight].pow(2).mean((1, 2, 3)).sqrt()
     assert rms.max() <= 0.1 + 1e-6  # ZFNet's filter RMS clamp
+    from_checkpoint = ckpt.load_trained(ckpt.epoch_checkpoint(tmp_path, 1)).model.state_dict()
+    assert torch.equal(from_checkpoint[weight], exported[weight])  # the EMA weights, too
 
 
 def test_run_directories_are_numbered_and_a_bare_resume_finds_this_recipe_s_latest(tmp_path):

@@ -295,6 +295,11 @@ def load_trained(path: str | Path) -> TrainedModel:
     else:
         state = load_checkpoint(path)
         weights, normalization = state["model"], state["normalization"]
+        if state["ema"] is not None:  # the averaged weights are the ones validated and exported
+            weights = {
+                key.removeprefix("module."): value for key, value in state["ema"].items()
+                if key != "n_averaged"
+            }
         name, classes, data = state["model_name"], state["classes"], state["recipe"]["data"]
         num_classes = state["recipe"]["model"]["num_classes"] or len(classes)
     model = create_model(name, num_classes)
