@@ -268,11 +268,6 @@ def _worker_of_rank(torchrun_pid: int, rank: int) -> int:
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds workers via /proc")
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs `canon train` to resume after an elastic restart (lead: apply the CLI patch "
-    "from the distributed helper's report, then remove this marker)",
-)
 def test_elastic_restart_resumes_from_the_last_checkpoint(
     imagenette_root: Path, tmp_path: Path
 ) -> None:

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
+from canon.engine import trainer
 from canon.engine.model_parallel import (
     PipelineParallel,
     TwoTowerAlexNet,
@@ -209,19 +210,27 @@ def two_class_folder(imagenette_root: Path, tmp_path: Path) -> Path:
 
 
 def test_trainer_runs_a_pipeline_like_the_plain_model(
-    two_class_folder: Path, tmp_path: Path
+    two_class_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """canon's trainer takes a pipelined model as it is: same weights, checkpoints, export."""
-    recipe = load_recipe("quickstart", [
+    """train.model_parallel (--model-parallel) pipelines the recipe's model: same weights,
+    checkpoints, export as the plain model."""
+    common = [
         f"data.dataset={two_class_folder}", "data.mean=imagenet", "train.batch_size=8",
         "train.epochs=2",
-    ])
+    ]
+    pipelines = []
+
+    def recording_parallelize(model, spec, device):
+        pipelines.append(parallelize(model, spec, device))
+        return pipelines[-1]
+
+    monkeypatch.setattr(trainer, "parallelize", recording_parallelize)
     exported = []
-    for name, spec in (("plain", None), ("pipeline", "stages:2:1")):
+    for name, spec in (("plain", "null"), ("pipeline", "stages:2:1")):
         torch.manual_seed(0)
+        recipe = load_recipe("quickstart", [*common, f"train.model_parallel={spec}"])
         model = create_model("resnet20", num_classes=2)
-        if spec is not None:
-            model = parallelize(model, spec, CPU)
         train(recipe, tmp_path / name, model=model, device="cpu", progress=False)
         exported.append(load_file(tmp_path / name / "model.safetensors"))
+    assert len(pipelines) == 1 and len(pipelines[0].groups) == 2
     _assert_state_equal(exported[1], exported[0])

@@ -160,6 +160,13 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--workers", type=int, help="data loader processes per device")
     parser.add_argument("--seed", type=int, help="random seed (data order, augmentation, init)")
+    parser.add_argument(
+        "--model-parallel", metavar="towers|stages:K[:M]",
+        help="one model over several devices: towers = AlexNet's two-GPU split (2012 paper); "
+        "stages:K = pipeline over K devices with M micro-batches (default 4K)",
+    )
+    parser.add_argument("--sync-bn", action="store_true",
+                        help="under torchrun: batch-norm statistics over the global batch (CUDA)")
 
 
 def _flag_overrides(args: argparse.Namespace) -> list[tuple[str, object]]:
@@ -168,7 +175,8 @@ def _flag_overrides(args: argparse.Namespace) -> list[tuple[str, object]]:
         ("train.epochs", args.epochs), ("train.batch_size", args.batch_size),
         ("optimizer.lr", args.lr), ("train.amp", args.amp), ("train.accum_steps", args.accum),
         ("train.compile", args.compile or None), ("train.workers", args.workers),
-        ("train.seed", args.seed),
+        ("train.seed", args.seed), ("train.model_parallel", args.model_parallel),
+        ("train.sync_batchnorm", args.sync_bn or None),
     ]
     overrides = [(key, value) for key, value in flags if value is not None]
     if args.epochs is not None:

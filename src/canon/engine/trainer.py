@@ -52,6 +52,7 @@ from canon.engine.logs import (
     progress_bar,
     write_metrics_csv,
 )
+from canon.engine.model_parallel import parallelize
 from canon.engine.precision import Precision
 from canon.engine.schedules import LearningRateSchedule, linear_scaled_lr
 from canon.errors import CanonError, ConfigError
@@ -312,7 +313,15 @@ def _train(
     torch.manual_seed(config.seed)
     if model is None:
         model = create_model(recipe.model.name, num_classes)
-    model = model.to(ctx.device)
+    if config.model_parallel is not None:
+        if ctx.world_size > 1 or config.compile:
+            raise ConfigError(
+                "--model-parallel runs one process without torch.compile: launch it with "
+                "plain `canon train` (not torchrun) and drop --compile"
+            )
+        model = parallelize(model, config.model_parallel, ctx.device)  # pieces on their devices
+    else:
+        model = model.to(ctx.device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     global_batch_size = config.batch_size * config.accum_steps * ctx.world_size

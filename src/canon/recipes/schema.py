@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from canon.data.config import DataConfig
+from canon.engine.model_parallel import parse_model_parallel
 from canon.errors import ConfigError
 
 SCHEDULE_KINDS = ("plateau", "step", "multistep", "cosine", "constant")
@@ -124,6 +125,9 @@ class TrainSection:
     compile: bool = False  # torch.compile the training forward
     ema_decay: float = 0.0  # > 0: keep an exponential moving average of the weights
     sync_batchnorm: bool = False  # several GPUs: batch statistics over the global batch
+    # One model over several devices of one process: "towers" (AlexNet 2012's two GPUs),
+    # "stages:K" or "stages:K:M" (pipeline over K devices, M micro-batches); None = off.
+    model_parallel: str | None = None
     # ZFNet s3: conv filters whose RMS exceeds this radius are scaled back to it; None = off.
     filter_rms_radius: float | None = None
     seed: int = 0
@@ -147,6 +151,8 @@ class TrainSection:
         )
         _check(self.workers >= 0, "train.workers must be >= 0")
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
+        if self.model_parallel is not None:
+            parse_model_parallel(self.model_parallel)  # a ConfigError naming the valid forms
 
 
 @dataclass(frozen=True)
