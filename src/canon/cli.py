@@ -33,10 +33,13 @@ def _models_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_models(args: argparse.Namespace) -> None:
     from canon.registry import describe_model, list_models
 
-    names = list_models(args.pattern)
+    _print_described(list_models(args.pattern), describe_model)
+
+
+def _print_described(names: list[str], describe: Callable[[str], str]) -> None:
     width = max((len(n) for n in names), default=0)
     for name in names:
-        print(f"{name:<{width}}  {describe_model(name)}")
+        print(f"{name:<{width}}  {describe(name)}")
 
 
 def _summary_arguments(parser: argparse.ArgumentParser) -> None:
@@ -117,10 +120,7 @@ def _recipes_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_recipes(args: argparse.Namespace) -> None:
     from canon.recipes import RECIPES
 
-    names = RECIPES.names(args.pattern)
-    width = max((len(n) for n in names), default=0)
-    for name in names:
-        print(f"{name:<{width}}  {RECIPES.get(name).description}")
+    _print_described(RECIPES.names(args.pattern), lambda name: RECIPES.get(name).description)
 
 
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
