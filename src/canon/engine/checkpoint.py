@@ -18,15 +18,12 @@ real name. The state holds only tensors and plain containers (the recipe as a di
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import random
 import shutil
 import subprocess
-import tempfile
 import warnings
 import zipfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +38,7 @@ from canon.data.datasets import decode_image_file
 from canon.data.transforms import EvalPreprocess, Normalize, center_transform
 from canon.errors import DataError
 from canon.evaluation.protocols import preprocess_for
+from canon.files import atomic_write
 from canon.registry import create_model
 
 CHECKPOINT_DIR = "checkpoints"
@@ -53,26 +51,12 @@ class CheckpointWarning(UserWarning):
     """A checkpoint that could not be read and was passed over for an older one."""
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(handle)
-    try:
-        write(Path(temporary))
-        with open(temporary, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
-    _atomic_write(Path(path), lambda target: torch.save(state, target))
+    atomic_write(Path(path), lambda target: torch.save(state, target))
 
 
 def copy_checkpoint(source: Path, target: Path) -> None:
-    _atomic_write(target, lambda temporary: shutil.copyfile(source, temporary))
+    atomic_write(target, lambda temporary: shutil.copyfile(source, temporary))
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -217,16 +201,16 @@ def export_model(
     """model.safetensors, normalization.safetensors (the training set's mean and std the
     inputs were normalised with) and eval_config.json (`info`: model name, classes, data)."""
     tensors = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
-    _atomic_write(
+    atomic_write(
         run_dir / EXPORT_WEIGHTS, lambda target: safetensors.torch.save_file(tensors, target)
     )
     if normalization is not None:
         stored = {k: v.contiguous() for k, v in normalization.items() if v is not None}
-        _atomic_write(
+        atomic_write(
             run_dir / EXPORT_NORMALIZATION,
             lambda target: safetensors.torch.save_file(stored, target),
         )
-    _atomic_write(
+    atomic_write(
         run_dir / EXPORT_CONFIG, lambda target: target.write_text(json.dumps(info, indent=2))
     )
 
