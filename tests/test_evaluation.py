@@ -19,9 +19,10 @@ from canon.data.views import (
     ten_crop,
 )
 from canon.errors import ConfigError
-from canon.evaluation import TopKErrors, evaluate, topk_correct
+from canon.evaluation import TopKErrors, evaluate, score_loader, topk_correct
 from canon.evaluation.protocols import _average_posteriors
 from canon.models.base import EvalConfig
+from canon.registry import create_model
 
 
 class PixelwiseNet(nn.Module):
@@ -34,6 +35,18 @@ class PixelwiseNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.score(x).mean((2, 3))
+
+
+class SplitOverDevices(PixelwiseNet):
+    """Stands in for a model-parallel model: one piece lives on another device (the meta
+    device here, which cannot be copied), so moving the whole model anywhere fails."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.piece_elsewhere = nn.Linear(4, 4, device="meta")
+
+    def fully_convolutional(self) -> nn.Module:
+        return self.score
 
 
 class SmallConvNet(nn.Module):
@@ -135,16 +148,27 @@ def test_multi_scale_views_on_real_photos(imagenette_root, tmp_path):
     assert len(batch) == 2 and labels.tolist() == [3, 4]
 
 
-def test_ten_crop_equals_center_for_a_position_blind_model(sample_sets):
-    """At the training size all five crops are the image itself, and a model that ignores
-    position scores reflections alike: ten-crop must then equal the centre crop exactly."""
-    _, val = sample_sets
-    model = PixelwiseNet()
-    center = evaluate(model, val, "center", batch_size=250)
-    tencrop = evaluate(model, val, "ten-crop", batch_size=250)
-    assert tencrop["views_per_image"] == 10 and tencrop["images"] == center["images"] == 1000
-    assert tencrop["top1_error"] == center["top1_error"]
-    assert tencrop["top5_error"] == center["top5_error"]
+def test_ten_crop_equals_center_for_a_position_blind_model():
+    """A model blind to position (per-pixel scores, spatially averaged) scores a crop by the
+    multiset of its pixels alone. In an image tiled with period 4, every 32 x 32 window holds
+    each tile pixel 64 times, so the ten crops (which really differ: the 46 x 50 image's
+    corner and centre offsets are not multiples of 4) and their reflections must all score
+    exactly like the centre crop."""
+    generator = torch.Generator().manual_seed(0)
+    tiles = torch.randint(0, 256, (8, 3, 4, 4), dtype=torch.uint8, generator=generator)
+    images = tiles.repeat(1, 1, 12, 13)[:, :, :46, :50]  # 46 x 50, period 4
+    preprocess = EvalPreprocess(False, 32, 46, Normalize(torch.tensor([0.5, 0.4, 0.3])))
+    per_image = ProtocolViews(parse_protocol("ten-crop"), preprocess)(images[0])
+    crops = per_image[0][:5]
+    assert all(not torch.equal(crops[i], crops[j]) for i in range(5) for j in range(i))
+    model, ten, center = PixelwiseNet(), parse_protocol("ten-crop"), parse_protocol("center")
+    with torch.no_grad():
+        stacks = [ProtocolViews(ten, preprocess)(image) for image in images]
+        tencrop = _average_posteriors(model, stacks, ten, "cpu")
+        stacks = [ProtocolViews(center, preprocess)(image) for image in images]
+        single = _average_posteriors(model, stacks, center, "cpu")
+    assert torch.allclose(tencrop, single, atol=1e-6)
+    assert not torch.allclose(single, single.mean(0))  # the images do score differently
 
 
 def test_evaluate_counts_every_image_exactly(sample_sets):
@@ -183,11 +207,7 @@ def test_dense_equals_center_at_training_size(sample_sets):
 
 def test_dense_on_a_canon_model(sample_sets):
     """resnet20's fully convolutional form scores the training-size image like forward."""
-    registry = pytest.importorskip("canon.registry")
-    try:
-        model = registry.create_model("resnet20", 10).eval()
-    except Exception as error:  # the model family may not have landed yet
-        pytest.skip(f"resnet20 unavailable: {error}")
+    model = create_model("resnet20", 10).eval()
     _, val = sample_sets
     images = torch.stack([val[i][0] for i in range(16)])
     with torch.no_grad():
@@ -213,6 +233,23 @@ def test_evaluate_a_folder_with_model_eval_config(imagenette_root, tmp_path):
     model.eval_config = EvalConfig(input_size=112, resize_size=128)
     result = evaluate(model, tmp_path, "ten-crop", batch_size=8)  # 30 = 3 x 8 + 6
     assert result["images"] == 30 and result["scales"] == [128]
+
+
+def test_score_loader_leaves_a_split_model_where_it_is(sample_sets):
+    """The trainer validates a model-parallel model through score_loader: the model must not
+    be gathered onto one device; only evaluate(), the public entry, moves a plain model."""
+    _, val = sample_sets
+    model = SplitOverDevices()
+    ready = build_loader(val, 250, train=False)
+    errors = score_loader(model, ready, None, "cpu")
+    assert errors.result() == {k: v for k, v in evaluate(PixelwiseNet(), val, "center",
+                                                         batch_size=250).items()
+                               if k in ("top1_error", "top5_error", "images")}
+    dense = parse_protocol("dense")
+    views = val.with_transform(ProtocolViews(dense, val.preprocess))
+    loader = build_loader(views, 250, train=False, collate_fn=collate_views)
+    assert score_loader(model, loader, dense, "cpu").images == 1000
+    assert model.piece_elsewhere.weight.is_meta
 
 
 def test_loader_of_views_restores_training_mode(sample_sets):

@@ -11,7 +11,7 @@ the result's "skipped".
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -84,9 +84,10 @@ def evaluate(
     `data` is a dataset name or folder (its validation split is used, preprocessed per
     `data_config`, or per the model's eval_config when that is None), a dataset from
     build_datasets, or any dataset of ready (tensor, label) items (centre protocol only).
-    `scales` overrides the multi-scale shorter sides. `sampler` shards the set (distributed
-    evaluation; all-reduce the counts, see score_loader). Returns top1_error, top5_error,
-    images, skipped, protocol, views_per_image, scales, seconds.
+    The model is moved to `device` first. `scales` overrides the multi-scale shorter sides.
+    `sampler` shards the set (distributed evaluation; all-reduce the counts, see
+    score_loader). Returns top1_error, top5_error, images, skipped, protocol,
+    views_per_image, scales, seconds.
     """
     parsed = parse_protocol(protocol)
     if isinstance(data, str | Path):
@@ -102,6 +103,7 @@ def evaluate(
             "from canon.data.build_datasets, not a dataset of ready tensors"
         )
     views = isinstance(dataset, LabeledImages) and isinstance(dataset.transform, ProtocolViews)
+    model.to(device)
     loader = build_loader(
         dataset, batch_size, train=False, workers=workers, sampler=sampler,
         collate_fn=collate_views if views else collate,
@@ -127,18 +129,22 @@ def _views_per_image(protocol: Protocol, views: ProtocolViews) -> int:
 @torch.inference_mode()
 def score_loader(
     model: nn.Module,
-    loader,
+    loader: Iterable[tuple],
     protocol: Protocol | None,
     device: str | torch.device = "cpu",
     *,
     progress: bool = False,
 ) -> TopKErrors:
     """Top-k counts over a loader: of ready (images, labels) batches when `protocol` is
-    None, else of collate_views batches. Restores the model's training mode afterwards."""
+    None, else of collate_views batches. Restores the model's training mode afterwards.
+
+    Inputs go to `device`; the model stays where the caller put it, since a model-parallel
+    one (canon.engine.model_parallel) has its pieces on several devices and takes its
+    inputs on the first."""
     was_training = model.training
     model.eval()
     network = model.fully_convolutional() if protocol is not None and protocol.dense else model
-    network.to(device).eval()
+    network.eval()
     errors = TopKErrors()
     try:
         for batch in tqdm(loader, desc="evaluate", unit="batch", disable=not progress):
