@@ -250,6 +250,10 @@ def test_bad_folder_trains_through_build_datasets(bad_tree, tmp_path_factory):
     assert images.shape == (4, 3, 96, 96) and labels.tolist() == [2, 2, 2, 2]
 
 
-def test_unknown_dataset_name():
-    with pytest.raises(DataError, match="neither sample, cifar10, cifar100"):
+def test_unknown_dataset_name_says_what_a_folder_must_hold():
+    with pytest.raises(DataError, match="neither sample, cifar10, cifar100") as caught:
         open_dataset("imagenet-not-here")
+    message = str(caught.value)
+    assert "imagenet-not-here/train/<class>/*.JPEG" in message
+    assert "imagenet-not-here/val/<class>/*.JPEG" in message
+    assert "cifar-10-batches-py" in message

@@ -34,6 +34,7 @@ from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_image
 
 from canon.errors import DataError
+from canon.files import atomic_write
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm")
 SYNSET_FILES = ("LOC_synset_mapping.txt", "synset_words.txt", "words.txt")
@@ -401,21 +402,20 @@ def download_and_verify(url: str, destination: Path, md5: str) -> Path:
     """Fetch `url` to `destination` unless a file with this md5 is there; check the md5."""
     if destination.is_file() and file_md5(destination) == md5:
         return destination
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    partial = destination.with_name(destination.name + ".part")
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
-            shutil.copyfileobj(response, out, length=1 << 20)
-    except OSError as error:
-        partial.unlink(missing_ok=True)
-        raise DataError(
-            f"cannot download {url} ({error}); fetch it by hand and place it at {destination}"
-        ) from None
-    actual = file_md5(partial)
-    if actual != md5:
-        partial.unlink()
-        raise DataError(f"{url}: md5 {actual} does not match the published {md5}; try again")
-    partial.replace(destination)
+
+    def fetch(partial: Path) -> None:
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
+                shutil.copyfileobj(response, out, length=1 << 20)
+        except OSError as error:
+            raise DataError(
+                f"cannot download {url} ({error}); fetch it by hand and place it at {destination}"
+            ) from None
+        actual = file_md5(partial)
+        if actual != md5:
+            raise DataError(f"{url}: md5 {actual} does not match the published {md5}; try again")
+
+    atomic_write(destination, fetch)
     return destination
 
 
@@ -495,7 +495,9 @@ def open_dataset(
     root = Path(dataset).expanduser()
     if not root.is_dir():
         raise DataError(
-            f"dataset {dataset!r} is neither sample, cifar10, cifar100 nor an existing folder"
+            f"dataset {dataset!r} is neither sample, cifar10, cifar100 nor an existing folder; "
+            f"a folder must hold the ImageNet layout {root}/train/<class>/*.JPEG and "
+            f"{root}/val/<class>/*.JPEG, or cifar-10-batches-py/ or cifar-100-python/"
         )
     found = find_cifar(root)
     if found is not None:

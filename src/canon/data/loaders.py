@@ -40,16 +40,22 @@ def dataset_stats(
 
 
 def build_datasets(
-    config: DataConfig, *, root_cache: Path | None = None, strict: bool = False
+    config: DataConfig,
+    *,
+    root_cache: Path | None = None,
+    strict: bool = False,
+    workers: int = 0,
 ) -> tuple[LabeledImages, LabeledImages]:
     """(train, validation) with the paper's training and centre-crop test transforms.
 
     Items are (float tensor 3 x crop_size x crop_size, int label); both have `.classes`.
-    `root_cache` (default $CANON_CACHE or ~/.cache/canon) holds downloads and statistics.
+    `root_cache` (default $CANON_CACHE or ~/.cache/canon) holds downloads and statistics;
+    `workers` decoding processes compute the statistics of an image folder when they are not
+    cached yet (pass the run's train.workers).
     """
     cache = root_cache or canon_cache_dir()
     train, val = open_dataset(config.dataset, cache=cache, strict=strict, download=config.download)
-    stats = dataset_stats(config, train, root_cache=cache)
+    stats = dataset_stats(config, train, root_cache=cache, workers=workers)
     preprocess = eval_preprocess(config, stats)
     train = train.with_transform(training_transform(config, stats))
     val = val.with_transform(center_transform(preprocess))

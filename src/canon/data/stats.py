@@ -30,6 +30,7 @@ from canon.data.datasets import (
     open_dataset,
 )
 from canon.errors import DataError
+from canon.files import atomic_write
 
 # RGB covariance eigen-decomposition of ImageNet (pixels in [0, 1]), as published with
 # fb.resnet.torch (datasets/imagenet.lua); columns of the matrix are the eigenvectors.
@@ -198,12 +199,10 @@ _TENSORS = ("mean_image", "channel_mean", "channel_std", "rgb_covariance", "pca_
 
 
 def _save(stats: DatasetStats, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"version": STATS_VERSION, "images": str(stats.images), "skipped": str(stats.skipped),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    partial = path.with_name(path.name + ".part")
-    save_file({k: getattr(stats, k).contiguous() for k in _TENSORS}, str(partial), metadata=meta)
-    partial.replace(path)
+    tensors = {k: getattr(stats, k).contiguous() for k in _TENSORS}
+    atomic_write(path, lambda temporary: save_file(tensors, str(temporary), metadata=meta))
 
 
 def _load(path: Path) -> DatasetStats:

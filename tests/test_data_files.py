@@ -1,0 +1,97 @@
+"""Writing shared files (the statistics cache, downloads) whole, and workers for statistics."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+
+import pytest
+import torch
+
+from canon.data import DataConfig, build_datasets, stats
+from canon.data import datasets as datasets_module
+from canon.data.datasets import FolderImages, download_and_verify
+from canon.data.stats import compute_stats, stats_cache_path
+from canon.files import atomic_write
+
+
+def test_atomic_write_replaces_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "sub" / "file.txt"
+    atomic_write(target, lambda temporary: temporary.write_text("first"))
+    assert target.read_text() == "first"
+
+    def fails(temporary):
+        temporary.write_text("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        atomic_write(target, fails)
+    assert target.read_text() == "first"
+    assert [p.name for p in target.parent.iterdir()] == ["file.txt"]  # no temporary left
+
+
+def test_two_writers_of_one_stats_cache_file_both_succeed(tmp_path, monkeypatch):
+    """A second process writes the same cache entry while the first is mid-write (the race
+    the fixed `.part` name lost with FileNotFoundError): both must succeed, no leftovers."""
+    small = stats.DatasetStats(
+        mean_image=torch.rand(3, 4, 4), channel_mean=torch.rand(3), channel_std=torch.rand(3),
+        rgb_covariance=torch.eye(3), pca_eigval=torch.ones(3), pca_eigvec=torch.eye(3),
+        images=7, skipped=0,
+    )
+    path = tmp_path / "stats" / "entry.safetensors"
+    real_save_file, interleaved = stats.save_file, []
+
+    def save_file_then_other_process_writes(tensors, filename, metadata=None):
+        real_save_file(tensors, filename, metadata=metadata)
+        if not interleaved:
+            interleaved.append(filename)
+            stats._save(small, path)  # the other process, finishing first
+
+    monkeypatch.setattr(stats, "save_file", save_file_then_other_process_writes)
+    stats._save(small, path)
+    assert interleaved and stats._load(path).images == 7
+    assert [p.name for p in path.parent.iterdir()] == ["entry.safetensors"]
+
+
+def test_two_downloads_of_one_archive_both_succeed(tmp_path, monkeypatch):
+    source = tmp_path / "archive.bin"
+    source.write_bytes(b"real bytes " * 1000)
+    md5 = hashlib.md5(source.read_bytes()).hexdigest()
+    target = tmp_path / "cache" / "archive.bin"
+    real_copy, interleaved = shutil.copyfileobj, []
+
+    def copy_while_another_download_runs(response, out, length=0):
+        if not interleaved:
+            interleaved.append(out.name)
+            download_and_verify(source.as_uri(), target, md5)  # the other process
+        real_copy(response, out, length)
+
+    monkeypatch.setattr(datasets_module.shutil, "copyfileobj", copy_while_another_download_runs)
+    assert download_and_verify(source.as_uri(), target, md5).read_bytes() == source.read_bytes()
+    assert interleaved and [p.name for p in target.parent.iterdir()] == ["archive.bin"]
+
+
+def test_build_datasets_computes_folder_statistics_with_workers(imagenette_root, tmp_path,
+                                                                monkeypatch):
+    folder = tmp_path / "data"
+    for split in ("train", "val"):
+        for wnid in ("n01440764", "n02102040"):
+            (folder / split / wnid).mkdir(parents=True)
+            for path in sorted((imagenette_root / split / wnid).iterdir())[:6]:
+                (folder / split / wnid / path.name).symlink_to(path)
+    used = []
+    real_loader = stats.DataLoader
+
+    def recording_loader(*args, **kwargs):
+        used.append(kwargs["num_workers"])
+        return real_loader(*args, **kwargs)
+
+    monkeypatch.setattr(stats, "DataLoader", recording_loader)
+    config = DataConfig(dataset=str(folder), augmentation="resnet", crop_size=48,
+                        resize_size=64, mean="pixel")
+    train, _ = build_datasets(config, root_cache=tmp_path / "cache", workers=2)
+    assert used == [2]
+    cached = stats._load(stats_cache_path(train, 64, tmp_path / "cache"))
+    direct = compute_stats(FolderImages(folder / "train"), 64, progress=False)
+    assert torch.allclose(cached.mean_image, direct.mean_image)
+    assert cached.images == direct.images == 12
