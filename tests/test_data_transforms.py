@@ -11,8 +11,10 @@ from canon.data import DataConfig
 from canon.data.datasets import FolderImages, load_sample
 from canon.data.stats import compute_stats, imagenet_pca
 from canon.data.transforms import (
-    CenterCrop,
+    Compose,
+    EvalPreprocess,
     FancyPCA,
+    FixedCropChoice,
     Normalize,
     Photometric,
     RandomAreaCrop,
@@ -21,9 +23,16 @@ from canon.data.transforms import (
     RescaleShorter,
     RescaleSquare,
     ToFloat,
+    center_transform,
+    crop_box,
     eval_preprocess,
+    make_fancy_pca,
+    make_normalize,
+    resize_image,
     training_transform,
 )
+from canon.data.views import ProtocolViews, parse_protocol, ten_crop
+from canon.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -85,11 +94,19 @@ def test_cifar_crop_pads_four_zero_pixels(sample):
 
 
 def test_center_crop_position(photos):
-    image = photos[0]
-    height, width = image.shape[-2:]
-    out = CenterCrop(128)(image)
-    top, left = (height - 128) // 2, (width - 128) // 2
-    assert torch.equal(out, image[:, top : top + 128, left : left + 128])
+    """The test-time centre crop, cut before the float work, equals cropping the whole
+    normalised image at the centre; the views' centre protocol is the same crop."""
+    preprocess = EvalPreprocess(False, 128, 150, Normalize(torch.rand(3, 40, 40)))
+    for image in photos[:3]:
+        whole = preprocess(image)
+        height, width = whole.shape[-2:]
+        top, left = (height - 128) // 2, (width - 128) // 2
+        expected = whole[:, top : top + 128, left : left + 128]
+        assert torch.allclose(center_transform(preprocess)(image), expected, atol=1e-6)
+        (view,) = ProtocolViews(parse_protocol("center"), preprocess)(image)
+        assert torch.allclose(view[0], expected, atol=1e-6)
+    with pytest.raises(ConfigError, match="cannot take 160x160 crops of a 150x"):
+        EvalPreprocess(False, 160, 150, Normalize(torch.zeros(3))).center(photos[0])
 
 
 def test_flip_is_identity_or_mirror_and_both_happen(sample):
@@ -227,3 +244,67 @@ def test_imagenet_mean_needs_no_statistics(photos):
     out = training_transform(config, None)(photos[0])
     assert out.shape == (3, 64, 64)
     assert math.isfinite(out.sum().item())
+
+
+def test_mean_image_window_equals_resizing_then_cropping(sample_stats):
+    """Normalize resamples the mean image only inside the crop, as TF.resize would whole."""
+    normalize = Normalize(sample_stats.mean_image)  # 32 x 32
+    for height, width, top, left, size in [(45, 70, 3, 30, 40), (20, 28, 2, 5, 16),
+                                           (32, 32, 4, 1, 28), (33, 97, 0, 57, 33)]:
+        whole = resize_image(sample_stats.mean_image, height, width, "bilinear")
+        window = normalize.mean_at(height, width, (top, left, size, size))
+        assert torch.allclose(window, crop_box(whole, top, left, size), atol=1e-6)
+
+
+def _float_everything(config, stats):
+    """The earlier order: all float work on the whole rescaled image, then crop and flip."""
+    rescale = (RescaleSquare(config.resize_size) if config.augmentation == "alexnet"
+               else RescaleShorter(*(config.scale_range or (config.resize_size,) * 2)))
+    padding = config.padding if config.augmentation == "cifar" else 0
+    return Compose([rescale, ToFloat(), make_fancy_pca(config, stats),
+                    make_normalize(config, stats), RandomCrop(config.crop_size, padding),
+                    RandomFlip()])
+
+
+@pytest.mark.parametrize("name", ["resnet", "alexnet", "vgg", "cifar"])
+def test_crop_first_pipelines_equal_normalising_the_whole_image(name, photos, sample_stats):
+    """Cutting the uint8 crop first changes no output: same draws, same pixels (the mean
+    image is resampled to each jittered size, so up to float rounding)."""
+    config = DataConfig(augmentation=name, crop_size=24, resize_size=32, pca_std=0.1,
+                        scale_range=(32, 48) if name in ("vgg", "resnet") else None,
+                        mean="channel" if name == "vgg" else "pixel")
+    images = [image[:, :32, :40] for image in photos[:4]] if name == "cifar" else photos[:4]
+    for seed, image in enumerate(images):
+        outputs = []
+        for pipeline in (_float_everything(config, sample_stats),
+                         training_transform(config, sample_stats)):
+            torch.manual_seed(seed)
+            outputs.append(pipeline(image))
+        assert torch.allclose(*outputs, atol=1e-5)
+        assert name != "alexnet" or torch.equal(*outputs)  # no resampling of the mean at all
+
+
+def test_zfnet_takes_one_of_the_ten_crops_of_the_centre_square(photos):
+    """Zeiler & Fergus s3: shorter side to 256, the centre 256 x 256 region, one of its ten
+    224 sub-crops (corners and centre, with or without reflection); here 64 -> 48."""
+    torch.manual_seed(8)
+    config = DataConfig(augmentation="zfnet", crop_size=48, resize_size=64, mean="imagenet",
+                        divide_std=False)
+    pipeline = training_transform(config, None)
+    image = photos[5]
+    square = RescaleShorter(64)(image)
+    height, width = square.shape[-2:]
+    assert height != width  # the centre square really is cut from a non-square image
+    top, left = (height - 64) // 2, (width - 64) // 2
+    square = ToFloat()(square[:, top : top + 64, left : left + 64])
+    normalize = make_normalize(config, None)
+    expected = normalize(ten_crop(square, 48))
+    seen = set()
+    for _ in range(200):
+        out = pipeline(image)
+        (match,) = [i for i in range(10) if torch.allclose(out, expected[i], atol=1e-6)]
+        seen.add(match)
+    assert seen == set(range(10))
+    assert FixedCropChoice(48, 64).boxes(height, width)[4] == (top + 8, left + 8)
+    evaluation = eval_preprocess(config)
+    assert evaluation.rescale(image).shape == (3, 64, 64)  # its ten test crops: same square

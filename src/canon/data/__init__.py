@@ -16,12 +16,14 @@ from canon.data.datasets import (
 )
 from canon.data.loaders import ShuffleSampler, build_datasets, build_loader, collate
 from canon.data.stats import DatasetStats, compute_stats, load_or_compute_stats
+from canon.data.transforms import EvalPreprocess, eval_preprocess, training_transform
 
 __all__ = [
     "ArrayImages",
     "BadImageWarning",
     "DataConfig",
     "DatasetStats",
+    "EvalPreprocess",
     "FolderImages",
     "LabeledImages",
     "ShuffleSampler",
@@ -30,6 +32,8 @@ __all__ = [
     "collate",
     "compute_stats",
     "decode_image_file",
+    "eval_preprocess",
     "load_or_compute_stats",
     "open_dataset",
+    "training_transform",
 ]

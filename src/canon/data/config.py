@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields
 
 from canon.errors import ConfigError
 
-AUGMENTATIONS = ("alexnet", "vgg", "resnet", "googlenet", "cifar", "none")
+AUGMENTATIONS = ("alexnet", "zfnet", "vgg", "resnet", "googlenet", "cifar", "none")
 MEANS = ("pixel", "channel", "imagenet")
 PCA_SOURCES = ("dataset", "imagenet")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
@@ -22,15 +22,18 @@ class DataConfig:
     # "sample" (bundled), "cifar10", "cifar100", or a folder: ImageNet layout (train/, val/),
     # or one holding cifar-10-batches-py / cifar-100-python.
     dataset: str = "sample"
-    # Named paper pipeline (canon.data.transforms.PIPELINES): alexnet (Krizhevsky et al. 2012,
-    # s4.1), vgg (Simonyan & Zisserman 2014, s3.1), resnet (He et al. 2015, s3.4), googlenet
-    # (Szegedy et al. 2014, s6), cifar (He et al. 2015, s4.2), none (resize + centre crop only).
+    # Named paper pipeline (canon.data.transforms.training_transform): alexnet (Krizhevsky et
+    # al. 2012, s4.1), zfnet (Zeiler & Fergus 2013, s3: shorter side to resize_size, its centre
+    # square, one of its ten corner/centre crops with(out) flip), vgg (Simonyan & Zisserman
+    # 2014, s3.1), resnet (He et al. 2015, s3.4), googlenet (Szegedy et al. 2014, s6), cifar
+    # (He et al. 2015, s4.2), none (resize + centre crop only).
     augmentation: str = "cifar"
     # Side of the square training crop: 224 in the ImageNet papers, 32 for CIFAR.
     crop_size: int = 32
     # Evaluation: shorter side before the centre crop (256 for VGG/ResNet/GoogLeNet). AlexNet
-    # (s2) rescales every image to resize_size x resize_size instead. Also the side of the
-    # square at which the mean image is computed.
+    # (s2) rescales every image to resize_size x resize_size instead; ZFNet (s3) takes the
+    # centre resize_size square of the rescaled image. Also the side of the square at which
+    # the mean image is computed.
     resize_size: int = 32
     # VGG s3.1 scale jittering / ResNet s3.4 scale augmentation: the shorter side is drawn
     # uniformly from [min, max] per image, e.g. (256, 512) or (256, 480). None: fixed at

@@ -4,7 +4,8 @@ A protocol is a base view at one or more scales, written as in `canon eval --pro
 `center`, `ten-crop`, `dense`, `144-crop`, and `multi-scale[+center|+ten-crop|+dense]` (plain
 `multi-scale` means multi-scale+center).
 - center: one crop_size centre crop of the image rescaled to resize_size.
-- ten-crop (AlexNet s4.1): the four corner crops and the centre crop, and their reflections.
+- ten-crop (AlexNet s4.1): the four corner crops and the centre crop, and their reflections
+  (ZFNet, s3: of the image's centred resize_size square, EvalPreprocess.center_square).
 - dense (VGG s3.2): the whole rescaled image through the fully convolutional network, the
   class score map spatially averaged; plus the horizontal reflection.
 - multi-scale (VGG s3.2/s4.2, ResNet s3.4): the same base view at several shorter sides
@@ -30,7 +31,13 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data.dataloader import default_collate
 
-from canon.data.transforms import EvalPreprocess, crop_box, resize_image
+from canon.data.transforms import (
+    EvalPreprocess,
+    check_crop,
+    crop_box,
+    five_crop_boxes,
+    resize_image,
+)
 from canon.errors import ConfigError
 
 BASE_VIEWS = ("center", "ten-crop", "dense", "144-crop")
@@ -73,21 +80,11 @@ def parse_protocol(name: str) -> Protocol:
     return Protocol(label, base, multi)
 
 
-def center_crop(image: torch.Tensor, size: int) -> torch.Tensor:
-    """1 x C x size x size."""
-    height, width = image.shape[-2:]
-    _check_size(height, width, size)
-    return crop_box(image, (height - size) // 2, (width - size) // 2, size).unsqueeze(0)
-
-
 def ten_crop(image: torch.Tensor, size: int) -> torch.Tensor:
     """10 x C x size x size: top-left, top-right, bottom-left, bottom-right, centre, then the
     same five of the reflected image (AlexNet s4.1)."""
-    height, width = image.shape[-2:]
-    _check_size(height, width, size)
-    corners = [(0, 0), (0, width - size), (height - size, 0), (height - size, width - size),
-               ((height - size) // 2, (width - size) // 2)]
-    crops = torch.stack([crop_box(image, top, left, size) for top, left in corners])
+    boxes = five_crop_boxes(*image.shape[-2:], size)
+    crops = torch.stack([crop_box(image, top, left, size) for top, left in boxes])
     return torch.cat([crops, crops.flip(-1)])
 
 
@@ -98,7 +95,7 @@ def googlenet_crops(
     four corners, the centre and the whole square resized; then the reflections."""
     height, width = image.shape[-2:]
     side = min(height, width)
-    _check_size(height, width, size)
+    check_crop(height, width, size)
     offsets = (0, (max(height, width) - side) // 2, max(height, width) - side)
     crops = []
     for offset in offsets:
@@ -115,11 +112,6 @@ def googlenet_crops(
 def dense_view(image: torch.Tensor) -> torch.Tensor:
     """2 x C x H x W: the whole image and its reflection (VGG s3.2)."""
     return torch.stack([image, image.flip(-1)])
-
-
-def _check_size(height: int, width: int, size: int) -> None:
-    if min(height, width) < size:
-        raise ConfigError(f"cannot take {size}x{size} crops of a {height}x{width} image")
 
 
 class ProtocolViews:
@@ -139,10 +131,11 @@ class ProtocolViews:
         stacks = []
         size = self.preprocess.crop_size
         for scale in self.scales:
+            if self.protocol.base == "center":  # the float work on the crop alone
+                stacks.append(self.preprocess.center(image, scale).unsqueeze(0))
+                continue
             scaled = self.preprocess(image, scale)
-            if self.protocol.base == "center":
-                stacks.append(center_crop(scaled, size))
-            elif self.protocol.base == "ten-crop":
+            if self.protocol.base == "ten-crop":
                 stacks.append(ten_crop(scaled, size))
             elif self.protocol.base == "144-crop":
                 stacks.append(googlenet_crops(scaled, size, self.preprocess.interpolation))

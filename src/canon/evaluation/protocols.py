@@ -22,7 +22,7 @@ from tqdm import tqdm
 from canon.data.config import DataConfig
 from canon.data.datasets import LabeledImages, canon_cache_dir, open_dataset
 from canon.data.loaders import build_loader, collate, dataset_stats
-from canon.data.transforms import EvalPreprocess, Normalize, eval_preprocess
+from canon.data.transforms import EvalPreprocess, eval_preprocess
 from canon.data.views import (
     VIEWS_PER_SCALE,
     Protocol,
@@ -42,13 +42,9 @@ def preprocess_for(model: nn.Module, augmentation: str = "none") -> EvalPreproce
             f"{type(model).__name__} has no eval_config; pass data_config= (the recipe's "
             "data section) to say how to preprocess its inputs"
         )
-    return EvalPreprocess(
-        square=augmentation == "alexnet",
-        crop_size=config.input_size,
-        resize_size=config.resize_size,
-        normalize=Normalize(torch.tensor(config.mean), torch.tensor(config.std)),
-        interpolation=config.interpolation,
-    )
+    data = DataConfig(augmentation=augmentation, crop_size=config.input_size,
+                      resize_size=config.resize_size, interpolation=config.interpolation)
+    return eval_preprocess(data, mean=torch.tensor(config.mean), std=torch.tensor(config.std))
 
 
 def _validation_images(
