@@ -20,6 +20,7 @@ from canon.engine.model_parallel import (
 )
 from canon.engine.trainer import train
 from canon.errors import ConfigError, InputSizeError
+from canon.models.layers import LocalResponseNorm
 from canon.recipes import load_recipe
 from canon.registry import create_model
 
@@ -88,6 +89,17 @@ def test_towers_train_like_the_single_device_alexnet() -> None:
         for optimizer in optimizers:
             optimizer.step()
     _assert_state_equal(towers.state_dict(), reference.state_dict())
+
+
+def test_towers_exchange_only_at_conv3_and_the_fc_layers() -> None:
+    """Figure 2: each tower normalises its own maps; the GPUs meet at conv3, fc6, fc7, fc8."""
+    meta = torch.device("meta")  # the structure only
+    with meta:
+        towers = TwoTowerAlexNet(create_model("alexnet", num_classes=5), [meta, meta])
+    exchanges = [key for kind, key in towers.steps if kind == "exchange"]
+    assert exchanges == ["conv3", "fc6", "fc7", "fc8"]
+    norms = [m for m in towers.shared.values() if isinstance(m, LocalResponseNorm)]
+    assert len(norms) == 2 and all(norm.groups == 1 for norm in norms)
 
 
 def test_towers_load_alexnet_checkpoints_and_follow_eval_mode() -> None:

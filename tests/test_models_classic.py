@@ -167,6 +167,45 @@ def test_lrn_matches_the_papers_formula() -> None:
     assert not torch.allclose(nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=2.0)(a), expected)
 
 
+def test_grouped_lrn_is_the_papers_formula_per_group() -> None:
+    torch.manual_seed(0)
+    a = 40 * torch.randn(2, 12, 3, 5, dtype=torch.float64)
+    for groups in (2, 3):
+        expected = torch.cat([paper_lrn(part) for part in a.chunk(groups, dim=1)], dim=1)
+        actual = LocalResponseNorm(groups=groups)(a)
+        torch.testing.assert_close(actual, expected, rtol=1e-12, atol=0)
+        # Next to a group boundary the window differs from the ungrouped one's.
+        assert not torch.allclose(actual, paper_lrn(a), rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="cannot split 12 channels"):
+        LocalResponseNorm(groups=5)(a)
+
+
+def test_alexnet_towers_normalise_only_their_own_maps(alexnet: AlexNet) -> None:
+    """The paper's GPUs meet only at conv3 and the FC layers, never in an LRN (section 3.2)."""
+    torch.manual_seed(0)
+    for stage, channels in ((alexnet.features.conv1, 96), (alexnet.features.conv2, 256)):
+        assert stage.norm.groups == 2
+        half = channels // 2
+        x = 40 * torch.rand(1, channels, 5, 5)
+        changed = x.clone()
+        changed[:, half:] = 40 * torch.rand(1, half, 5, 5)  # only tower 2's input maps
+        before, after = stage.norm(x), stage.norm(changed)
+        assert torch.equal(before[:, :half], after[:, :half])
+        assert not torch.allclose(before[:, half:], after[:, half:])
+    # End to end: tower 2's conv1 kernels do not reach tower 1's conv2 output (first 128 maps).
+    images = torch.randn(1, 3, 227, 227)
+    towers_in = nn.Sequential(alexnet.features.conv1, alexnet.features.conv2)
+    with torch.no_grad():
+        before = towers_in(images)
+        weight = alexnet.features.conv1.conv.weight
+        saved = weight[48:].clone()
+        weight[48:] = torch.randn_like(saved) * 0.05
+        after = towers_in(images)
+        weight[48:] = saved
+    assert torch.equal(before[:, :128], after[:, :128])
+    assert not torch.allclose(before[:, 128:], after[:, 128:])
+
+
 def test_lrn_sits_where_each_paper_puts_it(alexnet: AlexNet) -> None:
     assert list(alexnet.features.conv1._modules) == ["conv", "relu", "norm", "pool"]
     assert list(alexnet.features.conv3._modules) == ["conv", "relu"]
@@ -175,6 +214,8 @@ def test_lrn_sits_where_each_paper_puts_it(alexnet: AlexNet) -> None:
         vgg_lrn = create_model("vgg11_lrn", num_classes=3)
     assert list(zfnet.features.conv1._modules) == ["conv", "relu", "pool", "norm"]
     assert list(vgg_lrn.features.conv1._modules) == ["conv1_1", "relu1_1", "norm1", "pool1"]
+    # Only AlexNet's two towers split the normalisation; one-tower nets normalise all maps.
+    assert (zfnet.features.conv2.norm.groups, vgg_lrn.features.conv1.norm1.groups) == (1, 1)
 
 
 # -- stages, head, classifier ----------------------------------------------------------------

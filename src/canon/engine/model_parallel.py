@@ -2,8 +2,9 @@
 
 `--model-parallel towers` is AlexNet's original split (Krizhevsky et al. 2012, section 3.2 and
 Figure 2): each tower holds half the kernels of every layer on its own device; conv2, conv4
-and conv5 read only their own tower's maps, while conv3, fc6, fc7 and fc8 read both towers',
-the only places the towers exchange activations. `TwoTowerAlexNet` builds the towers from an
+and conv5 read only their own tower's maps and each tower normalises (LRN) only its own maps,
+while conv3, fc6, fc7 and fc8 read both towers', the only places the towers exchange
+activations. `TwoTowerAlexNet` builds the towers from an
 `alexnet` model by slicing its (grouped) weights along the output dimension, so it computes
 exactly what the model computes, and its state dict is the model's (same keys and shapes), so
 checkpoints load either way.
@@ -16,9 +17,6 @@ On CPU "devices" the schedule runs sequentially; on GPUs kernel launches and dev
 copies are asynchronous, so the devices overlap. Backward is plain autograd across devices.
 
 Deviations and limits:
-- `alexnet` normalises (LRN) across all channels, so its towers exchange the n//2 = 2 maps
-  on either side of the tower boundary before each LRN (conv1, conv2); in the paper each GPU
-  normalised only its own maps and did not communicate there.
 - The pipeline's batch norm sees micro-batches, as in GPipe: statistics over batch/M images
   and M running-statistic updates per step; `stages:K:1` keeps whole-batch statistics.
 - Auxiliary heads (GoogLeNet) hang off intermediate stages and are not pipelined; such a
@@ -124,21 +122,6 @@ def _exchange(maps: Sequence[torch.Tensor], devices: Sequence[torch.device]) -> 
     return [torch.cat([m.to(device) for m in maps], dim=1) for device in devices]
 
 
-def _norm_across_towers(norm: nn.Module, maps: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """The model's cross-channel LRN, computed per tower with the boundary maps exchanged.
-
-    torch pads size//2 channels before and (size-1)//2 after each channel's window; each tower
-    borrows that many maps from its neighbour, normalises, and keeps its own channels.
-    """
-    first, second = maps
-    before, after = norm.size // 2, (norm.size - 1) // 2
-    borrowed = second[:, :after].to(first.device)
-    first_out = norm(torch.cat([first, borrowed], dim=1))[:, : first.shape[1]]
-    borrowed = first[:, first.shape[1] - before :].to(second.device)
-    second_out = norm(torch.cat([borrowed, second], dim=1))[:, before:]
-    return [first_out, second_out]
-
-
 class TwoTowerAlexNet(nn.Module):
     """AlexNet as the paper ran it: two towers on two devices (see the module docstring)."""
 
@@ -177,9 +160,9 @@ class TwoTowerAlexNet(nn.Module):
             self.split_names[f"{original}.{suffix}"] = names
         self.steps.append(("split", key))
 
-    def _add_shared(self, kind: str, key: str, layer: nn.Module) -> None:
+    def _add_shared(self, key: str, layer: nn.Module) -> None:
         self.shared[key] = layer
-        self.steps.append((kind, key))
+        self.steps.append(("shared", key))
 
     def _build_features(self, model: nn.Module) -> None:
         for stage_name, stage in model.stages:
@@ -189,20 +172,23 @@ class TwoTowerAlexNet(nn.Module):
                     if layer.groups == 1 and self.steps:
                         self.steps.append(("exchange", stage_name))
                     self._add_split(f"features.{stage_name}.{layer_name}", layer)
+                elif isinstance(layer, LocalResponseNorm):
+                    # The model's LRN has a channel group per tower; a tower holds one group.
+                    self._add_shared(f"{stage_name}_{layer_name}", LocalResponseNorm(
+                        layer.size, layer.alpha, layer.beta, layer.k))
                 else:
-                    kind = "norm" if isinstance(layer, LocalResponseNorm) else "each"
-                    self._add_shared(kind, f"{stage_name}_{layer_name}", layer)
+                    self._add_shared(f"{stage_name}_{layer_name}", layer)
 
     def _build_head(self, model: nn.Module) -> None:
         head = model.head
-        self._add_shared("each", "flatten", nn.Flatten())
+        self._add_shared("flatten", nn.Flatten())
         for name in ("fc6", "fc7", "fc8"):
             self.steps.append(("exchange", name))
             self._add_split(f"head.{name}", getattr(head, name))
             if name != "fc8":
                 for layer in ("relu", "drop"):
                     key = f"{layer}{name[-1]}"
-                    self._add_shared("each", key, getattr(head, key))
+                    self._add_shared(key, getattr(head, key))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         CanonModel.check_input(self, x)  # the wrapped AlexNet's size rules
@@ -212,8 +198,6 @@ class TwoTowerAlexNet(nn.Module):
                 maps = [tower[key](m) for tower, m in zip(self.towers, maps, strict=True)]
             elif kind == "exchange":
                 maps = _exchange(maps, self.devices)
-            elif kind == "norm":
-                maps = _norm_across_towers(self.shared[key], maps)
             else:
                 maps = [self.shared[key](m) for m in maps]
         return torch.cat([m.to(x.device) for m in maps], dim=1)

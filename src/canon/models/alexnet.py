@@ -9,6 +9,9 @@ Neural Networks" (NIPS 2012), and the single-tower variant torchvision ships.
 - The two GPU towers are channel groups of 2: conv2, conv4 and conv5 see only the maps of their
   own tower, conv3 sees both (Figure 2, section 3.2). fc6 and fc7 of the towers are one 4096-wide
   layer each, as the towers exchange all activations there.
+- Each tower normalises only its own maps: the LRN after conv1 and conv2 runs over two channel
+  groups (48 + 48, then 128 + 128 maps), its window clipped at the tower boundary, as each GPU
+  normalised what it held; the towers meet only at conv3 and the FC layers.
 - fc6, fc7 4096 with dropout 0.5 on their outputs (section 4.2); fc8 one output per class.
 - Initialisation (section 5): weights N(0, 0.01); biases 1 in conv2, conv4, conv5 and the fully
   connected hidden layers fc6, fc7; 0 in conv1, conv3 and fc8 (the paper's "hidden layers"
@@ -52,12 +55,14 @@ def conv_stage(
     padding: int = 0,
     groups: int = 1,
     norm: bool = False,
+    norm_groups: int = 1,
     pool: bool = False,
     pool_before_norm: bool = False,
     ceil_mode: bool = False,
 ) -> nn.Sequential:
     """conv -> ReLU [-> LRN] [-> 3x3/2 max pool], AlexNet's order (sections 3.3, 3.5).
 
+    `groups` are the convolution's channel groups, `norm_groups` the LRN's (AlexNet's towers).
     ZFNet pools before it normalises (`pool_before_norm`) and needs Caffe's ceil-mode pooling
     (`ceil_mode`) for its Figure 3 sizes.
     """
@@ -66,7 +71,7 @@ def conv_stage(
         relu=nn.ReLU(inplace=True),
     )
     after = [
-        ("norm", LocalResponseNorm(size=5, alpha=1e-4, beta=0.75, k=2.0) if norm else None),
+        ("norm", LocalResponseNorm(groups=norm_groups) if norm else None),
         ("pool", nn.MaxPool2d(kernel_size=3, stride=2, ceil_mode=ceil_mode) if pool else None),
     ]
     for name, layer in reversed(after) if pool_before_norm else after:
@@ -76,17 +81,18 @@ def conv_stage(
 
 
 class AlexNet(FCHeadNet):
-    """The 2012 paper's AlexNet: two towers as channel groups, LRN, 227x227 input."""
+    """The 2012 paper's AlexNet: two towers as channel groups, per-tower LRN, 227x227 input."""
 
     eval_config = EvalConfig(input_size=227, resize_size=256)
     min_input_size = 227
     fixed_input_size = 227
 
     def __init__(self, num_classes: int = 1000, dropout: float = 0.5) -> None:
+        towers = {"norm": True, "norm_groups": 2}  # each tower normalises its own maps
         features = nn.Sequential(OrderedDict(
-            conv1=conv_stage(3, 96, 11, stride=4, norm=True, pool=True),      # N x 96 x 27 x 27
-            conv2=conv_stage(96, 256, 5, padding=2, groups=2, norm=True,
-                             pool=True),                                      # N x 256 x 13 x 13
+            conv1=conv_stage(3, 96, 11, stride=4, pool=True, **towers),       # N x 96 x 27 x 27
+            conv2=conv_stage(96, 256, 5, padding=2, groups=2, pool=True,
+                             **towers),                                       # N x 256 x 13 x 13
             conv3=conv_stage(256, 384, 3, padding=1),                         # N x 384 x 13 x 13
             conv4=conv_stage(384, 384, 3, padding=1, groups=2),               # N x 384 x 13 x 13
             conv5=conv_stage(384, 256, 3, padding=1, groups=2, pool=True),    # N x 256 x 6 x 6

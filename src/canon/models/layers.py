@@ -26,6 +26,9 @@ class LocalResponseNorm(nn.Module):
     over the n channels j = i - n/2 .. i + n/2 (clipped at the ends), with k=2, n=5, alpha=1e-4,
     beta=0.75. `alpha` here multiplies the plain sum, as in the paper.
 
+    `groups` splits the channels into that many consecutive groups normalised separately, the
+    window clipped at each group's ends: AlexNet's two GPUs each normalised only their own maps.
+
     torch.nn.LocalResponseNorm and Caffe's LRN layer divide their alpha by n (they average the
     squares instead of summing them), so the paper's alpha=1e-4 is their alpha=5e-4; this class
     passes `alpha * size` to torch for that reason. The window is the same: for n=5, torch pads two
@@ -33,17 +36,33 @@ class LocalResponseNorm(nn.Module):
     """
 
     def __init__(
-        self, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0
+        self,
+        size: int = 5,
+        alpha: float = 1e-4,
+        beta: float = 0.75,
+        k: float = 2.0,
+        groups: int = 1,
     ) -> None:
         super().__init__()
-        self.size, self.alpha, self.beta, self.k = size, alpha, beta, k
+        if groups < 1:
+            raise ValueError(f"LocalResponseNorm needs at least one channel group, got {groups}")
+        self.size, self.alpha, self.beta, self.k, self.groups = size, alpha, beta, k, groups
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.local_response_norm(x, self.size, alpha=self.alpha * self.size, beta=self.beta,
-                                     k=self.k)
+        batch, channels = x.shape[:2]
+        if channels % self.groups:
+            raise ValueError(
+                f"LocalResponseNorm with {self.groups} groups cannot split {channels} channels"
+            )
+        # Each group becomes an image of its own: torch's window then stops at the group's ends.
+        grouped = x.reshape(batch * self.groups, channels // self.groups, *x.shape[2:])
+        normalised = F.local_response_norm(grouped, self.size, alpha=self.alpha * self.size,
+                                           beta=self.beta, k=self.k)
+        return normalised.reshape(x.shape)
 
     def extra_repr(self) -> str:
-        return f"size={self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}"
+        return (f"size={self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}, "
+                f"groups={self.groups}")
 
 
 def linear_to_conv(linear: nn.Linear, in_channels: int, kernel_size: int) -> nn.Conv2d:

@@ -90,7 +90,7 @@ def vgg_stage(
     channels = in_channels
     for position, spec in enumerate(layers, start=1):
         if spec == "LRN":
-            modules[f"norm{index}"] = LocalResponseNorm(size=5, alpha=1e-4, beta=0.75, k=2.0)
+            modules[f"norm{index}"] = LocalResponseNorm()  # the class defaults are AlexNet's
             continue
         kind, width = spec.split("-")
         kernel_size = int(kind.removeprefix("conv"))
