@@ -10,8 +10,9 @@ Transfer learning, visualisation, evaluation and model parallelism use only this
 - `forward_with_aux(x)`: the explicit training path, `(logits, [auxiliary logits...])`; only
   GoogLeNet has auxiliary heads, everything else returns an empty list. `forward` never changes
   its return type with `.training`.
-- `fully_convolutional()`: a module mapping images to class-score maps N x K x h x w, equal to
-  `forward`'s logits at the training size (h = w = 1 there); used for dense evaluation.
+- `fully_convolutional()`: a module mapping images to class-score maps N x K x h x w whose
+  spatial mean equals `forward`'s logits at the training size (where an FC head gives h = w =
+  1); used for dense evaluation.
 - `eval_config`: the test-time preprocessing the model expects; it travels with checkpoints.
 """
 

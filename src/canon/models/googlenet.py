@@ -38,7 +38,6 @@ Deviations:
 
 from __future__ import annotations
 
-import copy
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -47,14 +46,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from canon.models.base import CanonModel
 from canon.models.init import caffe_xavier_
-from canon.models.layers import (
-    FullyConvolutional,
-    LocalResponseNorm,
-    check_num_classes,
-    linear_to_conv,
-)
+from canon.models.layers import LocalResponseNorm, PooledHeadNet, fresh_classifier
 from canon.registry import register_model
 
 # Table 1: #1x1, #3x3 reduce, #3x3, #5x5 reduce, #5x5, pool proj; output N x C x H x W at 224.
@@ -108,14 +101,6 @@ def googlenet_lrn() -> LocalResponseNorm:
     return LocalResponseNorm(size=5, alpha=1e-4 / 5, beta=0.75, k=1.0)
 
 
-def fresh_classifier(old: nn.Linear, num_classes: int) -> nn.Linear:
-    """A newly initialised linear classifier reading what `old` reads."""
-    weight = old.weight
-    new = nn.Linear(old.in_features, num_classes, device=weight.device, dtype=weight.dtype)
-    caffe_xavier_(new)
-    return new
-
-
 class Inception(nn.Module):
     """Four parallel branches concatenated along channels (Fig. 2b)."""
 
@@ -167,7 +152,7 @@ class AuxClassifier(nn.Module):
         return self.fc2(x)
 
 
-class GoogLeNet(CanonModel):
+class GoogLeNet(PooledHeadNet):
     """Stages conv1 .. inception5b as Table 1's rows, then global average pool, dropout, fc."""
 
     def __init__(
@@ -181,7 +166,6 @@ class GoogLeNet(CanonModel):
         aux_dropout: float = 0.7,
     ) -> None:
         super().__init__()
-        check_num_classes(num_classes)
         conv = conv_bn_relu if batch_norm else conv_relu
         pool1 = [max_pool()]
         conv2 = [conv(64, 64, 1), conv(64, 192, 3)]
@@ -203,11 +187,8 @@ class GoogLeNet(CanonModel):
             in_channels = module.out_channels
             aux_channels[name] = in_channels
         for name, module in stages:
-            self.add_module(name, module)
-        self.stage_names = [name for name, _ in stages]
-        self.num_features = in_channels
-        self.dropout = nn.Dropout(dropout)
-        self.fc = nn.Linear(in_channels, num_classes)
+            self.add_stage(name, module)
+        self.add_classifier(in_channels, num_classes, dropout)
         self.aux1 = self.aux2 = None
         if aux_logits:
             self.aux1, self.aux2 = (
@@ -219,19 +200,13 @@ class GoogLeNet(CanonModel):
     def _init_weights(self) -> None:
         classifiers = {self.fc} | {aux.fc2 for aux in self.aux_classifiers()}
         for module in self.modules():
-            if isinstance(module, nn.Conv2d | nn.Linear):
-                caffe_xavier_(module, bias=0.0 if module in classifiers else 0.2)
-
-    @property
-    def stages(self) -> list[tuple[str, nn.Module]]:
-        return [(name, getattr(self, name)) for name in self.stage_names]
+            if module in classifiers:
+                self.init_classifier(module)
+            elif isinstance(module, nn.Conv2d | nn.Linear):
+                caffe_xavier_(module, bias=0.2)
 
     def aux_classifiers(self) -> list[AuxClassifier]:
         return [aux for aux in (self.aux1, self.aux2) if aux is not None]
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.dropout(x.mean(dim=(2, 3)))
-        return x if pre_logits else self.fc(x)
 
     def forward_with_aux(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The training path: main logits and the auxiliary logits (4a's, then 4d's).
@@ -248,25 +223,14 @@ class GoogLeNet(CanonModel):
                 aux_logits.append(heads[name](x))
         return self.forward_head(x), aux_logits
 
+    def init_classifier(self, layer: nn.Linear) -> None:
+        caffe_xavier_(layer)  # biases 0, as every classifier at construction
+
     def reset_classifier(self, num_classes: int) -> None:
         """Fresh classifiers for `num_classes`: the main one and the auxiliary ones."""
-        check_num_classes(num_classes)
-        self.fc = fresh_classifier(self.fc, num_classes)
+        super().reset_classifier(num_classes)
         for aux in self.aux_classifiers():
-            aux.fc2 = fresh_classifier(aux.fc2, num_classes)
-
-    def fully_convolutional(self) -> FullyConvolutional:
-        """A converted copy: dropout and the fc as a 1x1 convolution at every position.
-
-        The spatial mean of its score map equals `forward`'s logits in eval mode.
-        """
-        features = copy.deepcopy(nn.Sequential(OrderedDict(self.stages)))
-        head = nn.Sequential(OrderedDict(
-            dropout=nn.Dropout(self.dropout.p),
-            fc=linear_to_conv(self.fc, self.num_features, 1),
-        ))
-        dense = FullyConvolutional(features, head, self.min_input_size, type(self).__name__)
-        return dense.train(self.training)
+            aux.fc2 = fresh_classifier(aux.fc2, num_classes, self.init_classifier)
 
 
 @register_model()

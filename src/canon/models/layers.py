@@ -1,15 +1,20 @@
-"""Layers the canon shares: the papers' local response normalisation and the fc6-fc7-fc8 head.
+"""Layers the canon shares: the papers' local response normalisation and the two kinds of head.
 
 `FCHeadNet` is the common body of AlexNet, ZFNet and VGG: named convolutional stages followed by
 the three fully connected layers of Krizhevsky et al. (2012), which `fully_convolutional()` turns
 into convolutions for dense evaluation (fc6 as a k x k conv over the last feature map, fc7 and
 fc8 as 1x1 convs), as OverFeat and the VGG paper (section 3.2) evaluate their nets.
+
+`PooledHeadNet` is the common body of GoogLeNet and the ResNets: named stages, a global average
+pool, optional dropout and one linear classifier, which `fully_convolutional()` applies at every
+position of the last feature map as a 1x1 convolution.
 """
 
 from __future__ import annotations
 
 import copy
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -92,6 +97,19 @@ def check_num_classes(num_classes: int) -> None:
         raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
 
 
+def fresh_classifier(
+    old: nn.Linear, num_classes: int, init: Callable[[nn.Linear], None]
+) -> nn.Linear:
+    """A new `num_classes`-way linear layer reading what `old` reads (its device and dtype too),
+    initialised by `init`, the family's rule for a classifier."""
+    check_num_classes(num_classes)
+    weight = old.weight
+    new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None,
+                    device=weight.device, dtype=weight.dtype)
+    init(new)
+    return new
+
+
 class FCHead(nn.Module):
     """fc6 -> ReLU -> dropout -> fc7 -> ReLU -> dropout -> fc8 on a flattened C x k x k map.
 
@@ -161,6 +179,13 @@ class FullyConvolutional(nn.Module):
         return self.head(self.features(x))
 
 
+def dense_copy(model: CanonModel, head: nn.Sequential, min_input_size: int) -> FullyConvolutional:
+    """A copy of `model`'s stages followed by `head`, in `model`'s train/eval mode."""
+    features = copy.deepcopy(nn.Sequential(OrderedDict(model.stages)))
+    dense = FullyConvolutional(features, head, min_input_size, type(model).__name__)
+    return dense.train(model.training)
+
+
 class FCHeadNet(CanonModel):
     """Named convolutional stages (`features`) followed by an `FCHead`.
 
@@ -186,15 +211,62 @@ class FCHeadNet(CanonModel):
         raise NotImplementedError
 
     def reset_classifier(self, num_classes: int) -> None:
-        check_num_classes(num_classes)
-        old = self.head.fc8
-        self.head.fc8 = nn.Linear(old.in_features, num_classes, device=old.weight.device,
-                                  dtype=old.weight.dtype)
-        self.init_classifier(self.head.fc8)
+        self.head.fc8 = fresh_classifier(self.head.fc8, num_classes, self.init_classifier)
 
     def fully_convolutional(self) -> FullyConvolutional:
         """A converted copy for dense evaluation; equal to `forward` at the training size."""
-        dense = FullyConvolutional(copy.deepcopy(self.features), self.head.to_conv(),
-                                   self.dense_min_input_size or self.min_input_size,
-                                   type(self).__name__)
-        return dense.train(self.training)
+        return dense_copy(self, self.head.to_conv(),
+                          self.dense_min_input_size or self.min_input_size)
+
+
+class PooledHeadNet(CanonModel):
+    """Named stages, then a global average pool, optional dropout and a linear classifier `fc`.
+
+    Subclasses register their stages in order with `add_stage`, then call `add_classifier`, and
+    define `init_classifier`, their paper's rule for a fresh fc. The head takes any map size.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stage_names: list[str] = []
+
+    def add_stage(self, name: str, module: nn.Module) -> None:
+        self.add_module(name, module)
+        self.stage_names.append(name)
+
+    def add_classifier(
+        self, num_features: int, num_classes: int, dropout: float | None = None
+    ) -> None:
+        """The head: dropout (`None`: none) on the pooled `num_features`, then fc."""
+        check_num_classes(num_classes)
+        self.num_features = num_features
+        self.dropout = nn.Dropout(dropout) if dropout is not None else None
+        self.fc = nn.Linear(num_features, num_classes)
+
+    @property
+    def stages(self) -> list[tuple[str, nn.Module]]:
+        return [(name, getattr(self, name)) for name in self.stage_names]
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = x.mean(dim=(2, 3))
+        if self.dropout is not None:
+            x = self.dropout(x)
+        return x if pre_logits else self.fc(x)
+
+    def init_classifier(self, layer: nn.Linear) -> None:
+        raise NotImplementedError
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.fc = fresh_classifier(self.fc, num_classes, self.init_classifier)
+
+    def fully_convolutional(self) -> FullyConvolutional:
+        """A converted copy: dropout and the fc as a 1x1 convolution at every position.
+
+        In eval mode the spatial mean of its score map equals `forward`'s logits (the pooling
+        and the fc are both linear).
+        """
+        head: OrderedDict[str, nn.Module] = OrderedDict()
+        if self.dropout is not None:
+            head["dropout"] = nn.Dropout(self.dropout.p)
+        head["fc"] = linear_to_conv(self.fc, self.num_features, 1)
+        return dense_copy(self, nn.Sequential(head), self.min_input_size)

@@ -28,8 +28,6 @@ Deviations and variants:
 
 from __future__ import annotations
 
-import copy
-from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,9 +36,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from canon.errors import ConfigError
-from canon.models.base import CanonModel
 from canon.models.init import kaiming_normal_
-from canon.models.layers import FullyConvolutional, check_num_classes, linear_to_conv
+from canon.models.layers import PooledHeadNet
 from canon.registry import register_model
 
 # Blocks per stage conv2_x .. conv5_x (Table 1).
@@ -190,7 +187,7 @@ def imagenet_stem() -> nn.Sequential:
     )
 
 
-class ResNet(CanonModel):
+class ResNet(PooledHeadNet):
     """A stem, stages conv2_x.. of residual (or plain) blocks, global average pool, fc.
 
     The first stage keeps the stem's resolution; each later one halves it in its first block.
@@ -210,9 +207,7 @@ class ResNet(CanonModel):
         **block_kwargs: Any,
     ) -> None:
         super().__init__()
-        check_num_classes(num_classes)
-        self.conv1 = stem if stem is not None else imagenet_stem()
-        self.stage_names = ["conv1"]
+        self.add_stage("conv1", stem if stem is not None else imagenet_stem())
         in_channels = stem_channels
         for index, (depth, width) in enumerate(zip(depths, widths, strict=True)):
             stride = 1 if index == 0 else 2
@@ -221,20 +216,13 @@ class ResNet(CanonModel):
                 blocks.append(block(in_channels, width, stride if block_index == 0 else 1,
                                     **block_kwargs))
                 in_channels = width * block.expansion
-            name = f"conv{index + 2}_x"
-            self.add_module(name, nn.Sequential(*blocks))
-            self.stage_names.append(name)
-        self.num_features = in_channels
-        self.fc = nn.Linear(in_channels, num_classes)
+            self.add_stage(f"conv{index + 2}_x", nn.Sequential(*blocks))
+        self.add_classifier(in_channels, num_classes)
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 kaiming_normal_(module)
         if zero_init_residual:
             self.zero_init_residual_()
-
-    @property
-    def stages(self) -> list[tuple[str, nn.Module]]:
-        return [(name, getattr(self, name)) for name in self.stage_names]
 
     def blocks(self) -> list[ResidualBlock]:
         return [m for m in self.modules() if isinstance(m, ResidualBlock)]
@@ -250,26 +238,8 @@ class ResNet(CanonModel):
         for b in blocks:
             nn.init.zeros_(b.last_bn.weight)
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x.mean(dim=(2, 3))
-        return x if pre_logits else self.fc(x)
-
-    def reset_classifier(self, num_classes: int) -> None:
-        check_num_classes(num_classes)
-        weight = self.fc.weight
-        self.fc = nn.Linear(self.num_features, num_classes, device=weight.device,
-                            dtype=weight.dtype)
-
-    def fully_convolutional(self) -> FullyConvolutional:
-        """A converted copy: the fc as a 1x1 convolution at every position of the last map.
-
-        The spatial mean of its score map equals `forward`'s logits (the pooling and the fc are
-        both linear).
-        """
-        features = copy.deepcopy(nn.Sequential(OrderedDict(self.stages)))
-        head = nn.Sequential(OrderedDict(fc=linear_to_conv(self.fc, self.num_features, 1)))
-        dense = FullyConvolutional(features, head, self.min_input_size, type(self).__name__)
-        return dense.train(self.training)
+    def init_classifier(self, layer: nn.Linear) -> None:
+        layer.reset_parameters()  # PyTorch's default, as the fc at construction
 
 
 def _resnet(depth: int, num_classes: int, **kwargs: Any) -> ResNet:
