@@ -300,10 +300,22 @@ def resampling_taps(
     support = scale.clamp(min=1.0)
     centers = (torch.arange(start, start + count, dtype=torch.float32) + 0.5) * scale
     first = (centers - support + 0.5).long().clamp(min=0)
-    index = first[:, None] + torch.arange(math.ceil(2 * float(support)) + 2)
+    index = first[:, None] + torch.arange(math.ceil(2 * float(support)) + 1)
     weight = (1 - ((index - centers[:, None] + 0.5) / support).abs()).clamp(min=0)
     weight[index >= source] = 0
     return index.clamp(max=source - 1), weight / weight.sum(1, keepdim=True)
+
+
+def resample_rows(image: torch.Tensor, target: int, start: int, count: int) -> torch.Tensor:
+    """Rows start .. start + count - 1 of `image` (C x H x W) resampled to `target` rows, as
+    TF.resize(..., antialias=True) computes them (resampling_taps), without the others."""
+    if image.shape[1] == target:
+        return image[:, start : start + count]
+    index, weight = resampling_taps(image.shape[1], target, start, count)
+    rows = image.index_select(1, index[:, 0]) * weight[:, 0, None]
+    for tap in range(1, index.shape[1]):  # a weighted sum of whole rows: contiguous copies
+        rows.addcmul_(image.index_select(1, index[:, tap]), weight[:, tap, None])
+    return rows
 
 
 class Normalize:
@@ -313,22 +325,28 @@ class Normalize:
     def __init__(self, mean: torch.Tensor, std: torch.Tensor | None = None) -> None:
         self.mean = mean.float() if mean.dim() == 3 else mean.float().view(3, 1, 1)
         self.std = None if std is None else std.float().view(3, 1, 1)
+        self._resized = {tuple(self.mean.shape[-2:]): self.mean}
 
     def mean_at(
         self, height: int, width: int, inside: tuple[int, int, int, int] | None = None
     ) -> torch.Tensor:
         """The mean for a height x width image, or for its window `inside` = (top, left, rows,
-        columns): the mean image as resampled to height x width, computed only inside."""
+        columns): the mean image as resampled to height x width, computed only inside
+        unless that size was resampled whole before."""
         if self.mean.shape[-2:] == (1, 1):
             return self.mean
-        top, left, rows, columns = inside or (0, 0, height, width)
-        source_height, source_width = self.mean.shape[-2:]
-        if (source_height, source_width) == (height, width):
-            return self.mean[:, top : top + rows, left : left + columns]
-        index, weight = resampling_taps(source_height, height, top, rows)
-        resampled = (self.mean[:, index, :] * weight[None, :, :, None]).sum(2)
-        index, weight = resampling_taps(source_width, width, left, columns)
-        return (resampled[:, :, index] * weight).sum(-1)
+        if inside is None:  # whole images: a few sizes recur (GoogLeNet crops, test scales)
+            if (height, width) not in self._resized:
+                if len(self._resized) > 64:  # scale jitter makes many sizes; bound the memory
+                    self._resized = {tuple(self.mean.shape[-2:]): self.mean}
+                self._resized[height, width] = TF.resize(self.mean, [height, width],
+                                                         antialias=True)
+            return self._resized[height, width]
+        top, left, rows, columns = inside
+        if (height, width) in self._resized:
+            return self._resized[height, width][:, top : top + rows, left : left + columns]
+        window = resample_rows(self.mean, height, top, rows).transpose(1, 2).contiguous()
+        return resample_rows(window, width, left, columns).transpose(1, 2)
 
     def __call__(
         self, image: torch.Tensor, within: tuple[int, int, int, int] | None = None
