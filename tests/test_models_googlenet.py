@@ -177,17 +177,6 @@ def test_aux_heads_at_other_sizes_use_adaptive_pooling() -> None:
     assert [a.shape for a in aux] == [(2, 10), (2, 10)]
 
 
-def test_fully_convolutional_matches_forward(paper_net) -> None:
-    paper_net.eval()
-    images = torch.randn(1, 3, 224, 224)
-    dense = paper_net.fully_convolutional().eval()
-    with torch.no_grad():
-        logits = paper_net(images)
-        scores = dense(images)
-    assert scores.shape == (1, 1000, 7, 7)
-    torch.testing.assert_close(scores.mean(dim=(2, 3)), logits, rtol=1e-5, atol=1e-5)
-
-
 def test_reset_classifier_resets_aux_heads_too() -> None:
     model = canon.create_model("googlenet_bn", num_classes=10)
     model.reset_classifier(3)
