@@ -12,6 +12,12 @@ unchanged. The trainer therefore has one code path.
 Evaluation is exact: `eval_sampler` gives each rank a disjoint contiguous shard, so every
 image is seen once in total even when the set does not divide by the world size (torch's
 DistributedSampler pads the last shard with repeated images, which would bias the metrics).
+
+Buffers (batch-norm running statistics) are rank 0's: DDP copies rank 0's to every rank
+before each training forward, but each rank's forward then updates its own copy, so after a
+step they differ. `broadcast_buffers` copies rank 0's again before validation, so every rank
+scores its shard with the model rank 0 saves (timm's distribute_bn can average them instead;
+canon keeps DDP's convention that rank 0's statistics are the model's).
 """
 
 from __future__ import annotations
@@ -39,6 +45,9 @@ class DistributedContext:
     local_rank: int
     world_size: int
     device: torch.device
+    # Whether init_distributed joined the process group (and shutdown_distributed leaves it);
+    # False when the caller had joined it already.
+    owns_process_group: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -127,17 +136,18 @@ def init_distributed(device: str = "auto") -> DistributedContext:
     chosen = _pick_device(device, local_rank, world_size)
     if chosen.type == "cuda":
         torch.cuda.set_device(chosen)
-    if world_size > 1 and not dist.is_initialized():
+    joins = world_size > 1 and not dist.is_initialized()
+    if joins:
         backend = "nccl" if chosen.type == "cuda" else "gloo"
         dist.init_process_group(
             backend=backend, store=_attempt_store(), rank=rank, world_size=world_size
         )
-    return DistributedContext(rank, local_rank, world_size, chosen)
+    return DistributedContext(rank, local_rank, world_size, chosen, owns_process_group=joins)
 
 
 def shutdown_distributed(ctx: DistributedContext) -> None:
-    """Leave the process group (a no-op for a single process)."""
-    if ctx.world_size > 1 and dist.is_initialized():
+    """Leave the process group if `init_distributed` joined it (a caller's group stays)."""
+    if ctx.owns_process_group and dist.is_initialized():
         dist.destroy_process_group()
 
 
@@ -219,6 +229,23 @@ def all_reduce_sum(tensor: torch.Tensor, ctx: DistributedContext) -> torch.Tenso
     if ctx.world_size > 1:
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
     return total
+
+
+def all_gather_object(value: object, ctx: DistributedContext) -> list:
+    """`value` from every rank, in rank order (picklable objects; tensors on the CPU)."""
+    if ctx.world_size == 1:
+        return [value]
+    gathered: list = [None] * ctx.world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def broadcast_buffers(model: nn.Module, ctx: DistributedContext) -> None:
+    """Give every rank rank 0's buffers (batch-norm running statistics, an EMA's count)."""
+    if ctx.world_size == 1:
+        return
+    for buffer in model.buffers():
+        dist.broadcast(buffer.data, src=0)
 
 
 def sync_context(model: nn.Module, *, sync: bool) -> AbstractContextManager:
