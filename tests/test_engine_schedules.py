@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from canon.engine.schedules import LearningRateSchedule, linear_scaled_lr
+from canon.engine.schedules import LearningRateSchedule, linear_scaled_lr, scale_iteration_counts
+from canon.recipes import load_recipe
 from canon.recipes.schema import ScheduleSection
 
 
@@ -75,3 +76,21 @@ def test_apply_sets_every_group_and_state_round_trips():
 def test_linear_scaling_rule():
     assert linear_scaled_lr(0.1, 1024, 256) == pytest.approx(0.4)
     assert linear_scaled_lr(0.1, 64, 128) == pytest.approx(0.05)  # quickstart: batch 64
+
+
+def test_iteration_counts_scale_with_the_global_batch():
+    recipe = load_recipe("resnet110-cifar10")  # 32k/48k/64k and 400 warmup at batch 128
+    schedule, iterations = recipe.schedule, recipe.train.iterations
+    assert scale_iteration_counts(schedule, iterations, 128, 128) == (schedule, iterations)
+    doubled, limit = scale_iteration_counts(schedule, iterations, 128, 256)
+    assert (doubled.milestones, doubled.warmup_iterations, limit) == ((16000, 24000), 200, 32000)
+    halved, limit = scale_iteration_counts(schedule, iterations, 128, 64)
+    assert (halved.milestones, halved.warmup_iterations, limit) == ((64000, 96000), 800, 128000)
+    # At batch 256 the lr is cut after as many images as at batch 128: 32k x 128 = 16k x 256.
+    lr = make(doubled, steps_per_epoch=195, total_steps=limit).lr_at
+    assert (lr(15999), lr(16000), lr(24000)) == pytest.approx((0.1, 0.01, 0.001))
+    # Epoch-based values and iteration-free schedules are left alone.
+    by_epoch = ScheduleSection(kind="step", step_size=8, warmup_epochs=5)
+    assert scale_iteration_counts(by_epoch, None, 256, 1024) == (by_epoch, None)
+    by_iteration = ScheduleSection(kind="step", unit="iteration", step_size=3)
+    assert scale_iteration_counts(by_iteration, 5, 256, 1024)[0].step_size == 1  # never 0

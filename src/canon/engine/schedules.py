@@ -20,10 +20,17 @@ error test).
 
 The lr is set on every step from the step count alone (plus the plateau state), so resuming at
 any step gives exactly the same lr sequence.
+
+Iteration counts in a recipe (milestones and step_size with unit `iteration`,
+warmup_iterations, train.iterations) are stated, like the lr, for optimizer.base_batch_size
+images per step. A run with another global batch converts them with `scale_iteration_counts`
+so that it sees the same number of images (epochs) at each point of the schedule: ResNet
+CIFAR's 32k/48k/64k at batch 128 become 16k/24k/32k at batch 256.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -36,6 +43,30 @@ def linear_scaled_lr(lr: float, global_batch_size: int, base_batch_size: int) ->
     """Goyal et al. 2017 s2.1: "when the minibatch size is multiplied by k, multiply the
     learning rate by k" (`lr` is stated for `base_batch_size` images per step)."""
     return lr * global_batch_size / base_batch_size
+
+
+def scale_iteration_counts(
+    schedule: ScheduleSection, iterations: int | None, base_batch_size: int,
+    global_batch_size: int,
+) -> tuple[ScheduleSection, int | None]:
+    """The schedule's iteration counts and the iteration limit, stated for `base_batch_size`
+    images per step, as steps of `global_batch_size` images (the same images seen)."""
+    if global_batch_size == base_batch_size:
+        return schedule, iterations
+    factor = base_batch_size / global_batch_size
+
+    def steps(count: int) -> int:
+        return max(1, round(count * factor))
+
+    changes: dict[str, Any] = {}
+    if schedule.warmup_iterations:
+        changes["warmup_iterations"] = steps(schedule.warmup_iterations)
+    if schedule.unit == "iteration" and schedule.kind == "multistep":
+        changes["milestones"] = tuple(steps(m) for m in schedule.milestones)
+    if schedule.unit == "iteration" and schedule.kind == "step":
+        changes["step_size"] = steps(schedule.step_size)
+    scaled_iterations = None if iterations is None else steps(iterations)
+    return dataclasses.replace(schedule, **changes), scaled_iterations
 
 
 class LearningRateSchedule:
