@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from canon.data.views import parse_protocol
 from canon.errors import ConfigError
 from canon.recipes import RECIPE_DIR, apply_overrides, list_recipes, load_recipe
 from canon.recipes.schema import Recipe, valid_keys
@@ -47,6 +48,14 @@ def test_paper_values_reach_the_recipes():
     assert load_recipe("vgg16").data.scale_range == (256, 512)
     assert load_recipe("googlenet").train.aux_loss_weight == 0.3
     assert load_recipe("resnet50").reported.top5_error == 6.71
+    for vgg in ("vgg16", "vgg19"):  # Table 4: dense evaluation at three test scales
+        assert load_recipe(vgg).reported.protocol == "multi-scale+dense"
+
+
+@pytest.mark.parametrize("name", list_recipes())
+def test_the_reported_protocol_is_one_canon_eval_runs(name):
+    protocol = load_recipe(name).reported.protocol
+    assert parse_protocol(protocol).name == protocol
 
 
 def test_unknown_key_names_the_file_and_lists_the_valid_keys(tmp_path):
