@@ -4,7 +4,12 @@
   four SGD steps over two reshuffled epochs, same validation errors. The model is ResNet-20
   with its batch norm removed: per-device batch statistics are the one thing that legitimately
   differs, and PyTorch's SyncBatchNorm, which would remove the difference, runs on CUDA only.
+  The data are normalised by the training set's mean image (data.mean=pixel, as the papers'
+  recipes are), which rank 0 computes and caches while rank 1 waits and then reads it.
 - Distributed evaluation counts each image once on a set of 21 images (not divisible by 2).
+- With batch norm, dropout and EMA: every rank validates with rank 0's buffers (the saved
+  model's), and a run interrupted mid-epoch and resumed on 2 processes ends bit-identical to
+  an uninterrupted one (each rank gets its own random state and epoch sums back).
 - Gradient accumulation under DDP all-reduces on the last micro-step only (no_sync).
 - Elastic restart: a worker killed mid-epoch is restarted by torchrun (--max-restarts=1) and
   the run resumes from the last checkpoint without losing a finished epoch.
@@ -13,6 +18,7 @@
 from __future__ import annotations
 
 import csv
+import importlib
 import json
 import os
 import signal
@@ -25,6 +31,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from canon.engine import checkpoint as ckpt
 from canon.engine.distributed import (
     DistributedContext,
     ShardSampler,
@@ -38,6 +45,7 @@ from canon.engine.distributed import (
     unwrap_model,
     wrap_model,
 )
+from canon.engine.trainer import train
 from canon.errors import ConfigError
 from canon.registry import create_model
 
@@ -51,7 +59,8 @@ WORKER = '''
 import json, sys
 from pathlib import Path
 import torch, torch.nn as nn
-from canon.data import build_datasets
+import canon.data.stats
+from canon.data import open_dataset
 from canon.engine import distributed as dist
 from canon.engine.trainer import train
 from canon.recipes import load_recipe
@@ -59,7 +68,7 @@ from canon.registry import create_model
 
 data, out, batch_size = sys.argv[1], sys.argv[2], sys.argv[3]
 recipe = load_recipe("quickstart", [
-    f"data.dataset={data}", "data.mean=imagenet", f"train.batch_size={batch_size}",
+    f"data.dataset={data}", "data.mean=pixel", f"train.batch_size={batch_size}",
     "train.epochs=2",
 ])
 
@@ -71,10 +80,9 @@ def without_batch_norm(module):
             without_batch_norm(child)
     return module
 
-# Which validation images each rank evaluates, summed over ranks. (Before training: the
-# trainer joins the process group if it is not joined yet and leaves it when done.)
-ctx = dist.init_distributed("cpu")
-_, val_set = build_datasets(recipe.data)
+ctx = dist.init_distributed("cpu")  # the trainer uses this process group and leaves it be
+# Which validation images each rank evaluates, summed over ranks.
+_, val_set = open_dataset(data)
 sampler = dist.eval_sampler(val_set, ctx)
 indices = list(sampler) if sampler is not None else list(range(len(val_set)))
 seen = torch.zeros(len(val_set), dtype=torch.long)
@@ -84,9 +92,17 @@ if ctx.is_main:
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / "seen.json").write_text(json.dumps(seen.tolist()))
 
+# Which ranks compute the training set's statistics (the others should read rank 0's cache).
+compute_stats = canon.data.stats.compute_stats
+def recording_compute_stats(*args, **kwargs):
+    (Path(out) / f"statistics-computed-by-rank-{ctx.rank}").touch()
+    return compute_stats(*args, **kwargs)
+canon.data.stats.compute_stats = recording_compute_stats
+
 torch.manual_seed(0)
 model = without_batch_norm(create_model("resnet20", num_classes=10))
 train(recipe, out, model=model, device="cpu", progress=False)
+dist.shutdown_distributed(ctx)
 '''
 
 
@@ -115,6 +131,93 @@ result = {"all_reduces": len(all_reduces), "grad": model.module.weight.grad.toli
 with open(f"{sys.argv[1]}.{ctx.rank}.json", "w") as file:
     json.dump(result, file)
 dist.shutdown_distributed(ctx)
+'''
+
+
+# Batch norm, dropout and EMA under DDP: a run straight through, one stopped by Ctrl-C in
+# epoch 2, and its resumption. Records the buffers of the model each rank validates. Importable
+# (the test resumes its stopped run on one process with the same model and data).
+STATE_WORKER = '''
+import shutil, signal, sys
+from pathlib import Path
+import torch, torch.nn as nn
+from canon.data import ArrayImages, DataConfig, build_datasets
+from canon.engine import distributed as dist
+from canon.engine import trainer
+from canon.models.base import CanonModel
+from canon.recipes import load_recipe
+
+RECIPE = load_recipe("quickstart", [
+    ("train.batch_size", 8), ("train.epochs", 2), ("train.ema_decay", 0.5),
+    ("train.channels_last", False),
+])
+
+
+class BatchNormDropoutNet(CanonModel):
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.conv1 = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(4)
+        )
+        self.dropout = nn.Dropout(0.5)
+        self.fc = nn.Linear(8, num_classes)
+
+    @property
+    def stages(self):
+        return [("conv1", self.conv1)]
+
+    def forward_head(self, x, pre_logits=False):
+        x = self.dropout(x.mean((2, 3)))
+        return x if pre_logits else self.fc(x)
+
+
+def datasets():
+    """64 training images (4 steps of 2 x 8 per epoch) and 21 test images of the sample."""
+    parts = []
+    for dataset, count in zip(build_datasets(DataConfig(dataset="sample", mean="imagenet")),
+                              (64, 21)):
+        index = torch.linspace(0, len(dataset) - 1, count).long()
+        part = ArrayImages(dataset.images[index], [dataset.labels[i] for i in index.tolist()],
+                           dataset.classes, name="part", transform=dataset.transform)
+        part.preprocess = dataset.preprocess
+        parts.append(part)
+    return tuple(parts)
+
+
+def model():
+    torch.manual_seed(0)
+    return BatchNormDropoutNet()
+
+
+if __name__ == "__main__":
+    out = Path(sys.argv[1])
+    ctx = dist.init_distributed("cpu")  # one process group for the three runs
+    data = datasets()
+    records = []  # (run, buffers of the model validated (EMA), buffers of the raw model)
+    validate = trainer.validate
+
+    def recording_validate(validated, *args):
+        buffers = [{k: v.clone() for k, v in m.named_buffers()} for m in (validated, net)]
+        records.append((run, *buffers))
+        return validate(validated, *args)
+
+    trainer.validate = recording_validate
+
+    def ctrl_c(step):
+        if step == 6:  # epoch 2, after 2 of its 4 steps
+            signal.raise_signal(signal.SIGINT)
+
+    for run, resume, on_step in (("straight", None, None), ("stopped", None, ctrl_c),
+                                 ("stopped", out / "stopped", None)):
+        net = model()
+        try:
+            trainer.train(RECIPE, out / run, resume=resume, model=net, datasets=data,
+                          device="cpu", progress=False, on_step=on_step)
+        except trainer.TrainingInterrupted as stop:
+            if ctx.is_main:
+                shutil.copy(stop.checkpoint, out / "interrupted-2-processes.pt")
+    torch.save(records, out / f"validated-by-rank-{ctx.rank}.pt")
+    dist.shutdown_distributed(ctx)
 '''
 
 
@@ -161,14 +264,15 @@ def one_and_two_process_runs(
     work = tmp_path_factory.mktemp("ddp")
     script = work / "worker.py"
     script.write_text(WORKER)
-    env = _environment(work / "cache")
     single, double = work / "one-process", work / "two-processes"
     commands = [
         [sys.executable, str(script), str(tiny_imagenet), str(single), "32"],
         [*_torchrun(2), str(script), str(tiny_imagenet), str(double), "16"],
     ]
-    for command in commands:
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    for command, cache in zip(commands, ("cache-1", "cache-2"), strict=True):
+        done = subprocess.run(  # a cache each: both runs compute the statistics
+            command, env=_environment(work / cache), capture_output=True, text=True, timeout=300
+        )
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return single, double
 
@@ -197,6 +301,16 @@ def test_two_processes_train_like_one_with_the_same_global_batch(
         assert float(two["train_loss"]) == pytest.approx(float(one["train_loss"]), rel=1e-5)
         assert two["val_top1_error"] == one["val_top1_error"]
         assert two["val_top5_error"] == one["val_top5_error"]
+
+
+def test_rank_0_computes_the_statistics_and_the_other_rank_reads_its_cache(
+    one_and_two_process_runs: tuple[Path, Path],
+) -> None:
+    for run_dir in one_and_two_process_runs:
+        computed = sorted(p.name for p in run_dir.glob("statistics-computed-by-rank-*"))
+        assert computed == ["statistics-computed-by-rank-0"]
+        mean = load_file(run_dir / "normalization.safetensors")["mean"]
+        assert mean.shape == (3, 32, 32)  # a mean image: data.mean=pixel
 
 
 def test_distributed_evaluation_counts_each_image_once(
@@ -301,3 +415,75 @@ def test_elastic_restart_resumes_from_the_last_checkpoint(
     assert [row["epoch"] for row in rows] == ["1", "2"]
     assert rows[0] == first_epoch  # the finished epoch survived the restart unchanged
     assert (run / "model.safetensors").exists()
+
+
+@pytest.fixture(scope="module")
+def batch_norm_dropout_runs(tmp_path_factory: pytest.TempPathFactory):
+    """STATE_WORKER under torchrun: its output folder and the worker imported as a module."""
+    work = tmp_path_factory.mktemp("ddp-state")
+    (work / "ddp_state_worker.py").write_text(STATE_WORKER)
+    done = subprocess.run(
+        [*_torchrun(2), str(work / "ddp_state_worker.py"), str(work)],
+        env=_environment(work / "cache"), capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "resuming at epoch 1 + 2 steps" in done.stdout
+    sys.path.insert(0, str(work))
+    try:
+        worker = importlib.import_module("ddp_state_worker")
+    finally:
+        sys.path.remove(str(work))
+    return work, worker
+
+
+def test_every_rank_validates_with_rank_0_s_batch_norm_statistics(batch_norm_dropout_runs):
+    work, _ = batch_norm_dropout_runs
+    rank0, rank1 = (torch.load(work / f"validated-by-rank-{r}.pt") for r in range(2))
+    assert [run for run, _, _ in rank0] == ["straight"] * 2 + ["stopped"] * 2
+    for (run, *buffers), (_, *buffers1) in zip(rank0, rank1, strict=True):
+        for model, model1 in zip(buffers, buffers1, strict=True):  # EMA, then the raw model
+            for key in ("conv1.1.running_mean", "conv1.1.running_var"):
+                assert torch.equal(model[key], model1[key]), (run, key)
+    # What they validated is what rank 0 saved, and training did move the statistics.
+    saved = ckpt.load_checkpoint(ckpt.epoch_checkpoint(work / "straight", 2))
+    _, ema, raw = rank0[1]
+    for key, value in ema.items():
+        assert torch.equal(saved["ema"][f"module.{key}"], value), key
+    for key, value in raw.items():
+        assert torch.equal(saved["model"][key], value), key
+    assert not torch.equal(raw["conv1.1.running_mean"], torch.zeros(8))
+
+
+def test_a_resumed_two_process_run_restores_each_rank_s_random_state_and_sums(
+    batch_norm_dropout_runs,
+):
+    work, _ = batch_norm_dropout_runs
+    straight, resumed = (
+        ckpt.load_checkpoint(ckpt.epoch_checkpoint(work / run, 2))
+        for run in ("straight", "stopped")
+    )
+    for key, tensor in straight["model"].items():  # dropout masks as in the straight run
+        assert torch.equal(tensor, resumed["model"][key]), key
+    for row, again in zip(_metrics(work / "straight"), _metrics(work / "stopped"), strict=True):
+        # epoch 2's loss and error sum both ranks' 2 steps before and 2 after the interruption
+        for key in ("train_loss", "train_top1_error", "val_top1_error", "val_top5_error"):
+            assert row[key] == again[key], key
+    interrupted = ckpt.load_checkpoint(work / "interrupted-2-processes.pt")
+    assert len(interrupted["rng"]) == len(interrupted["epoch_totals"]) == 2
+    assert not torch.equal(interrupted["rng"][0]["torch"], interrupted["rng"][1]["torch"])
+
+
+def test_resuming_on_another_number_of_processes_reseeds_each_rank(
+    batch_norm_dropout_runs, tmp_path, capsys
+):
+    work, worker = batch_norm_dropout_runs
+    final_rng_states = []
+    for seed in (1, 2):  # whatever the global generator held before
+        torch.manual_seed(seed)
+        result = train(worker.RECIPE, tmp_path / str(seed), model=worker.model(),
+                       resume=work / "interrupted-2-processes.pt", datasets=worker.datasets(),
+                       device="cpu", progress=False)
+        assert [row["epoch"] for row in result.metrics] == [1, 2]
+        final_rng_states.append(torch.get_rng_state())
+    assert "written by 2 process(es), this run has 1" in capsys.readouterr().out
+    assert torch.equal(*final_rng_states)  # reseeded from (seed, rank, step) alone

@@ -12,7 +12,8 @@ eval_config.json             model name, classes, data section, recipe, commit, 
 Every file is written to a temporary name in the same folder, flushed to disk, then renamed over
 the target (os.replace), so a crash mid-write never leaves a half-written checkpoint under a
 real name. The state holds only tensors and plain containers (the recipe as a dict), so
-`torch.load(weights_only=True)` reads it without running any pickled code.
+`torch.load(weights_only=True)` reads it without running any pickled code. Its "rng" and
+"epoch_totals" are lists with one entry per process of the run that wrote it (rank order).
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
-"""What a run leaves for people to read: metrics.csv, curves.png, a progress bar, epoch lines.
+"""What a run leaves for people to read: metrics.csv, curves.png, a progress bar, epoch lines,
+and optionally TensorBoard events.
 
 metrics.csv is rewritten whole from the metrics list at every epoch (that list also lives in
-the checkpoint), so a resumed run's file holds each epoch exactly once.
+the checkpoint), so a resumed run's file holds each epoch exactly once. TensorBoard events
+(train.tensorboard) go to run_dir/tensorboard; a resumed run adds a new events file there.
 """
 
 from __future__ import annotations
@@ -13,10 +15,13 @@ from typing import Any
 
 from tqdm import tqdm
 
+from canon.errors import ConfigError
+
 COLUMNS = (
     "epoch", "lr", "train_loss", "train_top1_error", "val_top1_error", "val_top5_error",
-    "images_per_second", "seconds",
+    "images_per_second", "seconds", "skipped_images",
 )
+EVENTS_DIR = "tensorboard"
 
 
 def write_metrics_csv(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -61,6 +66,7 @@ def epoch_summary(row: dict[str, Any], epochs: int) -> str:
         f"train loss {row['train_loss']:.4f}  train top-1 err {row['train_top1_error']:.2f}%  "
         f"val top-1 err {row['val_top1_error']:.2f}%  top-5 err {row['val_top5_error']:.2f}%  "
         f"{row['images_per_second']:.0f} img/s  {row['seconds']:.0f} s"
+        + (f"  skipped {row['skipped_images']} undecodable" if row.get("skipped_images") else "")
     )
 
 
@@ -77,3 +83,22 @@ def format_postfix(loss: float, lr: float, images_per_second: float) -> dict[str
         "lr": f"{lr:.3g}",
         "img/s": f"{images_per_second:.0f}",
     }
+
+
+def event_writer(run_dir: Path) -> Any:
+    """A TensorBoard SummaryWriter on run_dir/tensorboard; ConfigError if not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError(
+            "train.tensorboard needs the tensorboard package: pip install tensorboard "
+            "(or drop --tensorboard)"
+        ) from None
+    return SummaryWriter(str(run_dir / EVENTS_DIR))
+
+
+def write_epoch_events(writer: Any, row: dict[str, Any], step: int) -> None:
+    """The epoch's metrics.csv row as scalars at optimizer step `step`."""
+    for key in COLUMNS[1:]:
+        writer.add_scalar(f"epoch/{key}", row[key], step)
+    writer.flush()

@@ -1,16 +1,20 @@
 """The training loop: a recipe in, a run directory with checkpoints, metrics and weights out.
 
-One page of plain PyTorch: cross-entropy (plus GoogLeNet's auxiliary losses weighted by
+Plain PyTorch: cross-entropy (plus GoogLeNet's auxiliary losses weighted by
 `train.aux_loss_weight`), SGD with momentum, the recipe's lr schedule applied every step,
 gradient accumulation, autocast. Distribution (canon.engine.distributed) and precision
-(canon.engine.precision) stay behind small calls at the edges.
+(canon.engine.precision) stay behind small calls at the edges. Read it as `_set_up` (data,
+model, optimizer, schedule, resumed state), `_train_epoch` (with `_optimizer_step`) and
+`_end_epoch` (validate, schedule, checkpoint, log).
 
 Exact resumption. Every training image is augmented under its own random seed, derived from
 (seed, epoch, index): the augmentation a sample gets does not depend on which worker process
 loads it, how many there are, or whether the run was interrupted. The epoch's sample order is a
 permutation fixed by (seed, epoch). A checkpoint records the optimizer step reached inside the
-epoch and the random generators' state, so a resumed run skips the samples already seen and
-continues bit-identically on the CPU (GPU kernels may not be deterministic).
+epoch and every rank's random generator states and partial epoch sums, so a resumed run
+skips the samples already seen and continues bit-identically on the CPU (GPU kernels may not
+be deterministic). Resumed with another number of processes, each rank's generator is reseeded
+from (seed, rank, step) instead: the run goes on, but not bit-identically.
 
 Ctrl-C finishes the optimizer step in progress, saves checkpoints/interrupted.pt and stops; a
 second Ctrl-C stops at once.
@@ -21,19 +25,27 @@ Also worth knowing:
 - The loss is checked for NaN/inf every LOSS_CHECK_STEPS steps (one device sync each), and
   before any checkpoint is written, so a diverged state is never saved.
 - A cosine schedule spans the run's length: resuming with more epochs changes its shape.
+- Iteration counts (milestones, warmup_iterations, train.iterations) are stated for
+  optimizer.base_batch_size images per step and converted to the run's global batch
+  (canon.engine.schedules.scale_iteration_counts); the log says so when it changes them.
+- Under torchrun each machine's first process builds the datasets (and caches the training
+  set's statistics) before the others, which then read the cache.
+- Undecodable training files are skipped (one warning per file, from canon.data) and counted
+  per epoch in metrics.csv (skipped_images); `train.strict_data` stops at the first instead.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.nn as nn
@@ -47,17 +59,23 @@ from canon.engine import checkpoint as ckpt
 from canon.engine import distributed as dist
 from canon.engine.logs import (
     epoch_summary,
+    event_writer,
     format_postfix,
     plot_curves,
     progress_bar,
+    write_epoch_events,
     write_metrics_csv,
 )
 from canon.engine.model_parallel import parallelize
 from canon.engine.precision import Precision
-from canon.engine.schedules import LearningRateSchedule, linear_scaled_lr
+from canon.engine.schedules import (
+    LearningRateSchedule,
+    linear_scaled_lr,
+    scale_iteration_counts,
+)
 from canon.errors import CanonError, ConfigError
 from canon.evaluation import score_loader
-from canon.recipes.schema import OptimizerSection, Recipe
+from canon.recipes.schema import OptimizerSection, Recipe, ScheduleSection, TrainSection
 from canon.registry import create_model
 
 LOSS_CHECK_STEPS = 10  # loss values are checked for NaN/inf (one device sync) this often
@@ -160,13 +178,6 @@ def _ignore_sigint_in_worker(worker_init: Callable | None) -> Callable[[int], No
     return init
 
 
-def _detach_from_global_rng(loader: Any) -> None:
-    # A DataLoader draws its workers' base seed from the global generator each time it is
-    # iterated; with a private one, a resumed run's global RNG sequence (dropout) is unchanged.
-    # (Augmentation does not use that seed: _SeededSamples seeds every sample itself.)
-    loader.generator = torch.Generator().manual_seed(0)
-
-
 def parameter_groups(model: nn.Module, weight_decay: float, no_decay_bn_bias: bool) -> list[dict]:
     """One group, or two when BN weights and biases (every 1-d parameter) skip weight decay."""
     if not no_decay_bn_bias:
@@ -262,15 +273,80 @@ def _train(
     progress: bool,
     on_step: Callable[[int], None] | None,
 ) -> TrainResult:
-    config = recipe.train
     state = resume if isinstance(resume, dict) or resume is None else None
     if state is None and resume is not None:
         _, state = ckpt.load_for_resume(resume)
     if state is not None and ctx.is_main:
         print(f"resuming at epoch {state['epoch']} + {state['step_in_epoch']} steps")
+    run = _set_up(recipe, run_dir, ctx, model, datasets, state)
+    interrupt = _InterruptFlag()
+    try:
+        with interrupt.installed():
+            while run.epoch < run.epochs:
+                train_seconds = _train_epoch(run, interrupt, progress, on_step)
+                _end_epoch(run, train_seconds)
+    finally:
+        if run.events is not None:
+            run.events.close()
+    if ctx.is_main:
+        _export(run)
+    return TrainResult(run_dir, run.metrics, run.best_error)
 
-    # Data: augmentation seeded per sample; the sample order is fixed per epoch below.
-    train_set, val_set = datasets or build_datasets(recipe.data)
+
+def _new_totals() -> dict[str, Any]:
+    """The running sums of an epoch on this rank (all-reduced when it ends)."""
+    return {"loss": 0.0, "correct": 0.0, "images": 0, "skipped": 0, "seconds": 0.0}
+
+
+@dataclass(eq=False)
+class _Run:
+    """One training run: what `_set_up` builds and the epoch functions share."""
+
+    recipe: Recipe
+    ctx: dist.DistributedContext
+    run_dir: Path
+    train_size: int
+    classes: list[str]
+    num_classes: int
+    normalization: dict[str, torch.Tensor | None] | None
+    order_sampler: Any  # this rank's sample order, a permutation fixed by (seed, epoch)
+    train_keys: _EpochKeys
+    train_loader: Any
+    val_loader: Any
+    model: nn.Module  # the plain model, whose state dict the checkpoints hold
+    train_module: nn.Module  # the model as trained: in DDP and torch.compile wrappers
+    ema: AveragedModel | None
+    optimizer: torch.optim.Optimizer
+    schedule: LearningRateSchedule
+    precision: Precision
+    criterion: nn.Module
+    steps_per_epoch: int
+    total_steps: int
+    commit: str | None
+    epochs: int = 0  # epochs this run reaches (an iteration limit may end it early)
+    epoch: int = 0  # epochs finished
+    step: int = 0  # optimizer steps taken
+    step_in_epoch: int = 0
+    epoch_started: float = 0.0  # time.perf_counter() when this epoch's training started
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    totals: dict[str, Any] = field(default_factory=_new_totals)
+    best_error: float = math.inf
+    events: Any = None  # TensorBoard writer (rank 0, train.tensorboard)
+
+
+# ---- setting up -----------------------------------------------------------------------------
+
+
+def _set_up(
+    recipe: Recipe,
+    run_dir: Path,
+    ctx: dist.DistributedContext,
+    model: nn.Module | None,
+    datasets: tuple[Dataset, Dataset] | None,
+    state: dict[str, Any] | None,
+) -> _Run:
+    config = recipe.train
+    train_set, val_set = datasets or _build_datasets(recipe, ctx)
     classes = [str(c) for c in getattr(train_set, "classes", [])]
     num_classes = recipe.model.num_classes or len(classes)
     if not num_classes:
@@ -279,35 +355,115 @@ def _train(
     normalization = {
         "mean": preprocess.normalize.mean, "std": preprocess.normalize.std,
     } if preprocess is not None else None
-    seeded_train = _SeededSamples(train_set, config.seed)
-    micro_batches = len(train_set) // (config.batch_size * ctx.world_size)
-    steps_per_epoch = micro_batches // config.accum_steps
+    steps_per_epoch = len(train_set) // (config.batch_size * ctx.world_size) // config.accum_steps
     if steps_per_epoch == 0:
         raise ConfigError(
             f"{len(train_set)} training images make no full step of batch {config.batch_size} "
             f"x accum {config.accum_steps} x {ctx.world_size} device(s); lower --batch-size"
         )
-    total_steps = config.epochs * steps_per_epoch
-    if config.iterations is not None:
-        total_steps = min(total_steps, config.iterations)
-    # This rank's sample order: a permutation fixed by (seed, epoch), sharded across ranks.
-    order_sampler = dist.train_sampler(train_set, ctx, seed=config.seed) or ShuffleSampler(
-        train_set, config.seed
+    global_batch_size = config.batch_size * config.accum_steps * ctx.world_size
+    schedule_config, iterations = scale_iteration_counts(
+        recipe.schedule, config.iterations, recipe.optimizer.base_batch_size, global_batch_size
     )
+    total_steps = config.epochs * steps_per_epoch
+    if iterations is not None:
+        total_steps = min(total_steps, iterations)
+
+    train_keys, train_loader, val_loader = _loaders(train_set, val_set, config, ctx)
+    model = _placed_model(recipe, model, num_classes, ctx)
+    optimizer, peak_lr = make_optimizer(model, recipe.optimizer, global_batch_size)
+    ema = None
+    if config.ema_decay > 0:
+        ema = AveragedModel(
+            model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True
+        )
+    train_module: nn.Module = dist.wrap_model(
+        _WithAux(model), ctx, sync_batchnorm=config.sync_batchnorm
+    )
+    if config.compile:
+        train_module = torch.compile(train_module)
+    run = _Run(
+        recipe=recipe, ctx=ctx, run_dir=run_dir, train_size=len(train_set), classes=classes,
+        num_classes=num_classes, normalization=normalization,
+        order_sampler=dist.train_sampler(train_set, ctx, seed=config.seed)
+        or ShuffleSampler(train_set, config.seed),
+        train_keys=train_keys, train_loader=train_loader, val_loader=val_loader, model=model,
+        train_module=train_module, ema=ema, optimizer=optimizer,
+        schedule=LearningRateSchedule(
+            optimizer, schedule_config, peak_lr=peak_lr, steps_per_epoch=steps_per_epoch,
+            total_steps=total_steps,
+        ),
+        precision=Precision(config.amp, ctx.device),
+        criterion=nn.CrossEntropyLoss(label_smoothing=config.label_smoothing),
+        steps_per_epoch=steps_per_epoch, total_steps=total_steps, commit=ckpt.git_commit(),
+    )
+    if state is not None:
+        _restore(run, state)
+    else:
+        torch.manual_seed(config.seed + ctx.rank)  # dropout differs between ranks
+    # An iteration limit may end an epoch early; a resumed run with a higher limit goes on
+    # with the next epoch.
+    steps_left = total_steps - run.step + run.step_in_epoch  # from the current epoch's start
+    run.epochs = min(config.epochs, run.epoch + max(0, math.ceil(steps_left / steps_per_epoch)))
+    run.best_error = min((row["val_top1_error"] for row in run.metrics), default=math.inf)
+
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+        if config.tensorboard:
+            run.events = event_writer(run_dir)
+        print(
+            f"{recipe.name}: {recipe.model.name} on {recipe.data.dataset} "
+            f"({len(train_set)} train / {len(val_set)} val images, {num_classes} classes), "
+            f"global batch {global_batch_size} = {config.batch_size} x {config.accum_steps} "
+            f"accum x {ctx.world_size} device(s), peak lr {peak_lr:.4g}, {run.epochs} epochs of "
+            f"{steps_per_epoch} steps, {config.amp if config.amp != 'none' else 'fp32'} "
+            f"on {ctx.device}; writing {run_dir}"
+        )
+        if schedule_config != recipe.schedule or iterations != config.iterations:
+            print(_scaled_counts_note(recipe, schedule_config, iterations, global_batch_size))
+    return run
+
+
+def _loaders(
+    train_set: Dataset, val_set: Dataset, config: TrainSection, ctx: dist.DistributedContext
+) -> tuple[_EpochKeys, Any, Any]:
+    """The training loader reads the keys set before each epoch (augmentation seeded per
+    sample by _SeededSamples); the validation loader reads this rank's shard."""
     train_keys = _EpochKeys()
     train_loader = build_loader(
-        seeded_train, config.batch_size, train=True, workers=config.workers,
-        sampler=train_keys, seed=config.seed, drop_last=True,
+        _SeededSamples(train_set, config.seed), config.batch_size, train=True,
+        workers=config.workers, sampler=train_keys, seed=config.seed, drop_last=True,
     )
-    _detach_from_global_rng(train_loader)
     train_loader.worker_init_fn = _ignore_sigint_in_worker(train_loader.worker_init_fn)
     val_loader = build_loader(
         val_set, config.batch_size, train=False, workers=config.workers,
         sampler=dist.eval_sampler(val_set, ctx),
     )
-    _detach_from_global_rng(val_loader)
+    return train_keys, train_loader, val_loader
 
-    # Model, optimizer, schedule, precision.
+
+def _build_datasets(recipe: Recipe, ctx: dist.DistributedContext) -> tuple[Dataset, Dataset]:
+    """build_datasets, first by each machine's first process, which computes and caches the
+    training-set statistics the recipe needs; the machine's other processes wait for it and
+    then read them from the cache instead of computing them at the same time."""
+    build = functools.partial(
+        build_datasets, recipe.data, strict=recipe.train.strict_data, workers=recipe.train.workers
+    )
+    if ctx.local_rank != 0:
+        dist.barrier(ctx)
+        return build()
+    try:
+        return build()
+    finally:
+        dist.barrier(ctx)  # also on failure: the others then fail the same way, not hang
+
+
+def _placed_model(
+    recipe: Recipe, model: nn.Module | None, num_classes: int, ctx: dist.DistributedContext
+) -> nn.Module:
+    """The model built (same initial weights on every rank) and put on its device(s)."""
+    config = recipe.train
     if ctx.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fastest conv kernels (GPU runs are not bitwise)
     torch.manual_seed(config.seed)
@@ -324,186 +480,132 @@ def _train(
         model = model.to(ctx.device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    global_batch_size = config.batch_size * config.accum_steps * ctx.world_size
-    optimizer, peak_lr = make_optimizer(model, recipe.optimizer, global_batch_size)
-    schedule = LearningRateSchedule(
-        optimizer, recipe.schedule, peak_lr=peak_lr, steps_per_epoch=steps_per_epoch,
-        total_steps=total_steps,
+    return model
+
+
+def _scaled_counts_note(
+    recipe: Recipe, schedule: ScheduleSection, iterations: int | None, global_batch_size: int
+) -> str:
+    """What scale_iteration_counts changed, for the run's log."""
+    changes = [
+        f"schedule.{key} {getattr(recipe.schedule, key)} -> {getattr(schedule, key)}"
+        for key in ("milestones", "step_size", "warmup_iterations")
+        if getattr(recipe.schedule, key) != getattr(schedule, key)
+    ]
+    if iterations != recipe.train.iterations:
+        changes.append(f"train.iterations {recipe.train.iterations} -> {iterations}")
+    return (
+        f"iteration counts are stated for a global batch of {recipe.optimizer.base_batch_size}; "
+        f"at {global_batch_size} (the same images seen): " + ", ".join(changes)
     )
-    precision = Precision(config.amp, ctx.device)
-    ema = None
-    if config.ema_decay > 0:
-        ema = AveragedModel(
-            model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True
-        )
-    train_module: nn.Module = dist.wrap_model(
-        _WithAux(model), ctx, sync_batchnorm=config.sync_batchnorm
-    )
-    if config.compile:
-        train_module = torch.compile(train_module)
-    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
 
-    epoch, step, step_in_epoch, metrics = 0, 0, 0, []
-    totals = {"loss": 0.0, "correct": 0.0, "images": 0, "seconds": 0.0}
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        precision.load_state_dict(state["scaler"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        epoch, step, step_in_epoch = state["epoch"], state["step"], state["step_in_epoch"]
-        metrics, totals = state["metrics"], state["epoch_totals"]
-        ckpt.restore_rng_state(state["rng"])
-    else:
-        torch.manual_seed(config.seed + ctx.rank)  # dropout differs between ranks
-    # An iteration limit may end an epoch early; a resumed run with a higher limit goes on
-    # with the next epoch.
-    steps_left = total_steps - step + step_in_epoch  # counted from the current epoch's start
-    epochs = min(config.epochs, epoch + max(0, math.ceil(steps_left / steps_per_epoch)))
 
+def _restore(run: _Run, state: dict[str, Any]) -> None:
+    """Continue from a checkpoint: weights, optimizer, schedule, progress, random streams."""
+    ctx = run.ctx
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.schedule.load_state_dict(state["schedule"])
+    run.precision.load_state_dict(state["scaler"])
+    if run.ema is not None:
+        run.ema.load_state_dict(state["ema"])
+    run.epoch, run.step, run.step_in_epoch = state["epoch"], state["step"], state["step_in_epoch"]
+    run.metrics = list(state["metrics"])  # the caller's state stays as it was
+    saved_ranks = len(state["rng"])  # one RNG state and one set of epoch totals per rank
+    if saved_ranks == ctx.world_size:
+        ckpt.restore_rng_state(state["rng"][ctx.rank])
+        run.totals = dict(state["epoch_totals"][ctx.rank])
+        return
+    # Another number of processes: there is no saved stream for this rank, so each rank's is
+    # reseeded from (seed, rank, step), and rank 0 carries the epoch's totals so far.
     if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-        print(
-            f"{recipe.name}: {recipe.model.name} on {recipe.data.dataset} "
-            f"({len(train_set)} train / {len(val_set)} val images, {num_classes} classes), "
-            f"global batch {global_batch_size} = {config.batch_size} x {config.accum_steps} "
-            f"accum x {ctx.world_size} device(s), peak lr {peak_lr:.4g}, {epochs} epochs of "
-            f"{steps_per_epoch} steps, {config.amp if config.amp != 'none' else 'fp32'} "
-            f"on {ctx.device}; writing {run_dir}"
-        )
-
-    commit = ckpt.git_commit()
-    best_error = min((row["val_top1_error"] for row in metrics), default=math.inf)
-    interrupt = _InterruptFlag()
-
-    def snapshot(rng: dict[str, Any], epoch_totals: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "schedule": schedule.state_dict(), "scaler": precision.state_dict(),
-            "ema": ema.state_dict() if ema is not None else None,
-            "epoch": epoch, "step": step, "step_in_epoch": step_in_epoch,
-            "epoch_totals": dict(epoch_totals), "metrics": list(metrics), "rng": rng,
-            "recipe": recipe.to_dict(), "commit": commit, "model_name": recipe.model.name,
-            "classes": classes, "eval_config": model.eval_config.to_dict(),
-            "normalization": normalization, "torch_version": str(torch.__version__),
-        }
-
-    with interrupt.installed():
-        while epoch < epochs:
-            # ---- one epoch of training --------------------------------------------------
-            order_sampler.set_epoch(epoch)
-            order = list(order_sampler)
-            seen = step_in_epoch * config.accum_steps * config.batch_size
-            train_keys.keys = [epoch * len(train_set) + i for i in order[seen:]]
-            epoch_steps = min(steps_per_epoch, step_in_epoch + total_steps - step)
-            bar = progress_bar(epoch_steps, epoch + 1, epochs, initial=step_in_epoch,
-                               enabled=progress and ctx.is_main)
-            started, pending_losses = time.perf_counter(), []
-            batches = iter(train_loader)
-            train_module.train()
-            while step_in_epoch < epoch_steps:
-                schedule.apply(step)
-                loss_sum = torch.zeros((), device=ctx.device)
-                correct, images_seen = torch.zeros((), device=ctx.device), 0
-                for micro in range(config.accum_steps):
-                    images, targets = next(batches)
-                    if not len(targets):  # every file of this batch was undecodable
-                        continue
-                    images = images.to(ctx.device, non_blocking=True)
-                    targets = targets.to(ctx.device, non_blocking=True)
-                    if config.channels_last:
-                        images = images.contiguous(memory_format=torch.channels_last)
-                    last_micro = micro == config.accum_steps - 1
-                    with dist.sync_context(train_module, sync=last_micro):
-                        with precision.autocast():
-                            logits, aux_logits = train_module(images)
-                            loss = criterion(logits, targets)
-                            for aux in aux_logits:
-                                loss = loss + config.aux_loss_weight * criterion(aux, targets)
-                        precision.backward(loss / config.accum_steps)
-                    loss_sum = loss_sum + loss.detach() * len(targets)
-                    correct = correct + (logits.argmax(1) == targets).sum()
-                    images_seen += len(targets)
-                precision.step(optimizer)
-                optimizer.zero_grad(set_to_none=True)
-                if ema is not None:
-                    ema.update_parameters(model)
-                if config.filter_rms_radius is not None:
-                    clamp_filter_rms(model, config.filter_rms_radius)
-                step += 1
-                step_in_epoch += 1
-                pending_losses.append((step, loss_sum / max(images_seen, 1)))
-                totals["loss"] = totals["loss"] + loss_sum
-                totals["correct"] = totals["correct"] + correct
-                totals["images"] += images_seen
-                bar.update()
-                if on_step is not None:
-                    on_step(step)
-                stop = _agreed(interrupt.raised, ctx)
-                at_check = step_in_epoch % LOSS_CHECK_STEPS == 0 or step_in_epoch == epoch_steps
-                if at_check or stop:
-                    _check_losses(pending_losses, run_dir)
-                    pending_losses = []
-                    elapsed = totals["seconds"] + time.perf_counter() - started
-                    bar.set_postfix(format_postfix(
-                        float(totals["loss"]) / totals["images"], schedule.lr_at(step - 1),
-                        totals["images"] / max(elapsed, 1e-9),
-                    ))
-                if stop:
-                    bar.close()
-                    totals["seconds"] += time.perf_counter() - started
-                    path = ckpt.interrupted_checkpoint(run_dir)
-                    if ctx.is_main:
-                        ckpt.save_checkpoint(
-                            snapshot(ckpt.capture_rng_state(), _plain(totals)), path
-                        )
-                    dist.barrier(ctx)
-                    raise TrainingInterrupted(path)
-            bar.close()
-            train_seconds = totals["seconds"] + time.perf_counter() - started
-
-            # ---- validate, schedule, log, checkpoint ---------------------------------------
-            eval_model = ema.module if ema is not None else model
-            val_top1, val_top5 = validate(eval_model, val_loader, ctx, precision)
-            schedule.end_epoch(val_top1)
-            reduced = dist.all_reduce_sum(
-                torch.tensor([float(totals["loss"]), float(totals["correct"]), totals["images"]],
-                             dtype=torch.float64), ctx,
-            ).tolist()
-            epoch += 1
-            row = {
-                "epoch": epoch, "lr": schedule.lr_at(step - 1),
-                "train_loss": reduced[0] / reduced[2],
-                "train_top1_error": 100.0 * (1 - reduced[1] / reduced[2]),
-                "val_top1_error": val_top1, "val_top5_error": val_top5,
-                "images_per_second": reduced[2] / max(train_seconds, 1e-9),
-                "seconds": totals["seconds"] + time.perf_counter() - started,
-            }
-            metrics.append(row)
-            step_in_epoch = 0
-            totals = {"loss": 0.0, "correct": 0.0, "images": 0, "seconds": 0.0}
-            if ctx.is_main:
-                _save_epoch(run_dir, snapshot(ckpt.capture_rng_state(), totals), row,
-                            val_top1 < best_error, config.keep_checkpoints)
-                write_metrics_csv(run_dir / "metrics.csv", metrics)
-                plot_curves(run_dir / "curves.png", metrics, f"{recipe.name}: {recipe.model.name}")
-                print(epoch_summary(row, epochs), flush=True)
-            best_error = min(best_error, val_top1)
-            dist.barrier(ctx)
-
+        print(f"the checkpoint was written by {saved_ranks} process(es), this run has "
+              f"{ctx.world_size}: random streams reseeded from (seed, rank, step)")
+    seed = (run.recipe.train.seed * 1_000_003 + run.step) * 10_007 + ctx.rank
+    torch.manual_seed(seed % 2**63)
+    run.totals = _new_totals()
     if ctx.is_main:
-        final = ema.module if ema is not None else model
-        ckpt.export_model(run_dir, final, normalization, {
-            "model": recipe.model.name, "num_classes": num_classes, "classes": classes,
-            "eval_config": final.eval_config.to_dict(), "data": recipe.to_dict()["data"],
-            "recipe": recipe.name, "commit": commit, "epochs": epoch, "steps": step,
-            "val_top1_error": metrics[-1]["val_top1_error"] if metrics else None,
-            "val_top5_error": metrics[-1]["val_top5_error"] if metrics else None,
-            "reported": recipe.to_dict()["reported"],
-        })
-    return TrainResult(run_dir, metrics, best_error)
+        for key in ("loss", "correct", "images", "skipped"):
+            run.totals[key] = sum(totals[key] for totals in state["epoch_totals"])
+        run.totals["seconds"] = state["epoch_totals"][0]["seconds"]
+
+
+# ---- one epoch of training ------------------------------------------------------------------
+
+
+def _train_epoch(
+    run: _Run, interrupt: _InterruptFlag, progress: bool, on_step: Callable[[int], None] | None
+) -> float:
+    """Train until the epoch (or the iteration limit) ends; returns its training seconds."""
+    config, ctx = run.recipe.train, run.ctx
+    run.order_sampler.set_epoch(run.epoch)
+    order = list(run.order_sampler)
+    seen = run.step_in_epoch * config.accum_steps * config.batch_size
+    run.train_keys.keys = [run.epoch * run.train_size + i for i in order[seen:]]
+    epoch_steps = min(run.steps_per_epoch, run.step_in_epoch + run.total_steps - run.step)
+    run.epoch_started, pending_losses = time.perf_counter(), []
+    batches = iter(run.train_loader)
+    run.train_module.train()
+    with progress_bar(epoch_steps, run.epoch + 1, run.epochs, initial=run.step_in_epoch,
+                      enabled=progress and ctx.is_main) as bar:  # closed on errors too
+        while run.step_in_epoch < epoch_steps:
+            pending_losses.append((run.step, _optimizer_step(run, batches)))  # step just taken
+            bar.update()
+            if on_step is not None:
+                on_step(run.step)
+            stop = _agreed(interrupt.raised, ctx)
+            at_check = run.step_in_epoch % LOSS_CHECK_STEPS == 0 or run.step_in_epoch == epoch_steps
+            if stop or at_check:
+                _check_losses(pending_losses, run)
+                pending_losses = []
+                elapsed = run.totals["seconds"] + time.perf_counter() - run.epoch_started
+                bar.set_postfix(format_postfix(
+                    float(run.totals["loss"]) / max(run.totals["images"], 1),
+                    run.schedule.lr_at(run.step - 1), run.totals["images"] / max(elapsed, 1e-9),
+                ))
+            if stop:
+                run.totals["seconds"] += time.perf_counter() - run.epoch_started
+                _save_interrupted(run)
+    return run.totals["seconds"] + time.perf_counter() - run.epoch_started
+
+
+def _optimizer_step(run: _Run, batches: Iterator) -> torch.Tensor:
+    """One optimizer step over accum_steps micro-batches; returns its mean loss (on device)."""
+    config, ctx = run.recipe.train, run.ctx
+    run.schedule.apply(run.step)
+    loss_sum = torch.zeros((), device=ctx.device)
+    correct, images_seen = torch.zeros((), device=ctx.device), 0
+    for micro in range(config.accum_steps):
+        images, targets = next(batches)
+        run.totals["skipped"] += config.batch_size - len(targets)  # undecodable files
+        if not len(targets):
+            continue
+        images = images.to(ctx.device, non_blocking=True)
+        targets = targets.to(ctx.device, non_blocking=True)
+        if config.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with dist.sync_context(run.train_module, sync=micro == config.accum_steps - 1):
+            with run.precision.autocast():
+                logits, aux_logits = run.train_module(images)
+                loss = run.criterion(logits, targets)
+                for aux in aux_logits:
+                    loss = loss + config.aux_loss_weight * run.criterion(aux, targets)
+            run.precision.backward(loss / config.accum_steps)
+        loss_sum = loss_sum + loss.detach() * len(targets)
+        correct = correct + (logits.argmax(1) == targets).sum()
+        images_seen += len(targets)
+    run.precision.step(run.optimizer)
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.ema is not None:
+        run.ema.update_parameters(run.model)
+    if config.filter_rms_radius is not None:
+        clamp_filter_rms(run.model, config.filter_rms_radius)
+    run.step += 1
+    run.step_in_epoch += 1
+    run.totals["loss"] = run.totals["loss"] + loss_sum
+    run.totals["correct"] = run.totals["correct"] + correct
+    run.totals["images"] += images_seen
+    return loss_sum / max(images_seen, 1)
 
 
 def _agreed(flag: bool, ctx: dist.DistributedContext) -> bool:
@@ -513,11 +615,8 @@ def _agreed(flag: bool, ctx: dist.DistributedContext) -> bool:
     return bool(dist.all_reduce_sum(torch.tensor([float(flag)]), ctx).item())
 
 
-def _plain(totals: dict[str, Any]) -> dict[str, Any]:
-    return {key: float(value) if torch.is_tensor(value) else value for key, value in totals.items()}
-
-
-def _check_losses(pending: list[tuple[int, torch.Tensor]], run_dir: Path) -> None:
+def _check_losses(pending: list[tuple[int, torch.Tensor]], run: _Run) -> None:
+    """Stop on a NaN/inf loss (one device sync for all pending steps); log them otherwise."""
     if not pending:
         return
     values = torch.stack([loss for _, loss in pending]).float().cpu()
@@ -526,10 +625,91 @@ def _check_losses(pending: list[tuple[int, torch.Tensor]], run_dir: Path) -> Non
         step = pending[int(bad[0])][0]
         raise NonFiniteLossError(
             f"the loss became {values[int(bad[0])].item()} at optimizer step {step}; stopping. "
-            f"The last good checkpoint is kept in {run_dir / ckpt.CHECKPOINT_DIR}. Lower the "
-            "learning rate (--lr), use --amp bf16 instead of fp16, or add warmup "
+            f"The last good checkpoint is kept in {run.run_dir / ckpt.CHECKPOINT_DIR}. Lower "
+            "the learning rate (--lr), use --amp bf16 instead of fp16, or add warmup "
             "(--set schedule.warmup_epochs=5)"
         )
+    if run.events is not None:
+        for (step, _), value in zip(pending, values.tolist(), strict=True):
+            run.events.add_scalar("train/loss", value, step)
+            run.events.add_scalar("train/lr", run.schedule.lr_at(step - 1), step)
+
+
+def _save_interrupted(run: _Run) -> NoReturn:
+    path = ckpt.interrupted_checkpoint(run.run_dir)
+    state = _snapshot(run)  # every rank takes part: it gathers their random states
+    if run.ctx.is_main:
+        ckpt.save_checkpoint(state, path)
+    dist.barrier(run.ctx)
+    raise TrainingInterrupted(path)
+
+
+# ---- end of an epoch: validate, schedule, checkpoint, log ----------------------------------
+
+
+def _end_epoch(run: _Run, train_seconds: float) -> None:
+    ctx, totals = run.ctx, run.totals
+    # Rank 0's batch-norm statistics (and EMA) on every rank: each rank then scores its shard
+    # with the model that rank 0 saves (see canon.engine.distributed).
+    dist.broadcast_buffers(run.model, ctx)
+    if run.ema is not None:
+        dist.broadcast_buffers(run.ema, ctx)
+    val_top1, val_top5 = validate(
+        run.ema.module if run.ema is not None else run.model, run.val_loader, ctx, run.precision
+    )
+    run.schedule.end_epoch(val_top1)
+    loss, correct, images, skipped = dist.all_reduce_sum(torch.tensor(
+        [float(totals["loss"]), float(totals["correct"]), totals["images"], totals["skipped"]],
+        dtype=torch.float64,
+    ), ctx).tolist()
+    run.epoch += 1
+    row = {
+        "epoch": run.epoch, "lr": run.schedule.lr_at(run.step - 1),
+        "train_loss": loss / images, "train_top1_error": 100.0 * (1 - correct / images),
+        "val_top1_error": val_top1, "val_top5_error": val_top5,
+        "images_per_second": images / max(train_seconds, 1e-9),
+        "seconds": totals["seconds"] + time.perf_counter() - run.epoch_started,
+        "skipped_images": int(skipped),
+    }
+    run.metrics.append(row)
+    run.step_in_epoch = 0
+    run.totals = _new_totals()
+    state = _snapshot(run)
+    if ctx.is_main:
+        _save_epoch(run.run_dir, state, row, val_top1 < run.best_error,
+                    run.recipe.train.keep_checkpoints)
+        write_metrics_csv(run.run_dir / "metrics.csv", run.metrics)
+        plot_curves(run.run_dir / "curves.png", run.metrics,
+                    f"{run.recipe.name}: {run.recipe.model.name}")
+        if run.events is not None:
+            write_epoch_events(run.events, row, run.step)
+        print(epoch_summary(row, run.epochs), flush=True)
+    run.best_error = min(run.best_error, val_top1)
+    dist.barrier(ctx)
+
+
+def _snapshot(run: _Run) -> dict[str, Any]:
+    """The complete training state. Every rank must call it: it gathers each rank's random
+    generator states and epoch totals so far (a resumed run restores them rank by rank)."""
+    per_rank = dist.all_gather_object(
+        {"rng": ckpt.capture_rng_state(), "totals": _plain(run.totals)}, run.ctx
+    )
+    return {
+        "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+        "schedule": run.schedule.state_dict(), "scaler": run.precision.state_dict(),
+        "ema": run.ema.state_dict() if run.ema is not None else None,
+        "epoch": run.epoch, "step": run.step, "step_in_epoch": run.step_in_epoch,
+        "epoch_totals": [rank["totals"] for rank in per_rank],
+        "rng": [rank["rng"] for rank in per_rank],
+        "metrics": list(run.metrics), "recipe": run.recipe.to_dict(), "commit": run.commit,
+        "model_name": run.recipe.model.name, "classes": run.classes,
+        "eval_config": run.model.eval_config.to_dict(), "normalization": run.normalization,
+        "torch_version": str(torch.__version__),
+    }
+
+
+def _plain(totals: dict[str, Any]) -> dict[str, Any]:
+    return {key: float(value) if torch.is_tensor(value) else value for key, value in totals.items()}
 
 
 def _save_epoch(
@@ -541,6 +721,20 @@ def _save_epoch(
     if is_best:
         ckpt.copy_checkpoint(path, ckpt.best_checkpoint(run_dir))
     ckpt.prune_epoch_checkpoints(run_dir, keep)
+
+
+def _export(run: _Run) -> None:
+    """model.safetensors (the EMA weights when EMA is on), normalization, eval_config.json."""
+    final = run.ema.module if run.ema is not None else run.model
+    recipe = run.recipe.to_dict()
+    last = run.metrics[-1] if run.metrics else {}
+    ckpt.export_model(run.run_dir, final, run.normalization, {
+        "model": run.recipe.model.name, "num_classes": run.num_classes, "classes": run.classes,
+        "eval_config": final.eval_config.to_dict(), "data": recipe["data"],
+        "recipe": run.recipe.name, "commit": run.commit, "epochs": run.epoch, "steps": run.step,
+        "val_top1_error": last.get("val_top1_error"), "val_top5_error": last.get("val_top5_error"),
+        "reported": recipe["reported"],
+    })
 
 
 __all__ = ["NonFiniteLossError", "TrainResult", "TrainingInterrupted", "train", "validate"]

@@ -54,8 +54,10 @@ class OptimizerSection:
     """SGD with momentum, as every paper of the canon trained."""
 
     lr: float = 0.1
-    # The global batch (all devices, all accumulation steps) at which `lr` is stated. A run with
-    # another global batch scales lr linearly (Goyal et al. 2017) when scale_lr is true.
+    # The global batch (all devices, all accumulation steps) at which `lr` and every iteration
+    # count (schedule milestones/step_size/warmup_iterations, train.iterations) are stated. A
+    # run with another global batch scales lr linearly (Goyal et al. 2017) when scale_lr is
+    # true, and always converts the iteration counts to see the same number of images.
     base_batch_size: int = 256
     scale_lr: bool = True
     momentum: float = 0.9
@@ -113,8 +115,8 @@ class ScheduleSection:
 @dataclass(frozen=True)
 class TrainSection:
     epochs: int = 90
-    # Stop after this many optimizer steps instead (ResNet CIFAR s4.2: 64k); the last epoch
-    # is cut short there and still validated and checkpointed.
+    # Stop after this many optimizer steps of optimizer.base_batch_size images instead (ResNet
+    # CIFAR s4.2: 64k); the last epoch is cut short there and still validated and checkpointed.
     iterations: int | None = None
     batch_size: int = 256  # per device, per accumulation micro-step
     accum_steps: int = 1  # micro-steps per optimizer step
@@ -133,6 +135,9 @@ class TrainSection:
     seed: int = 0
     workers: int = 4  # data loader processes per device
     keep_checkpoints: int = 2  # epoch checkpoints kept besides best.pt
+    # An undecodable image file stops the run (DataError naming it) instead of being skipped.
+    strict_data: bool = False
+    tensorboard: bool = False  # also write TensorBoard events (needs `pip install tensorboard`)
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
