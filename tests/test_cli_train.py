@@ -1,5 +1,6 @@
 """`canon train`, `canon eval`, `canon predict` end to end on the bundled sample (real CIFAR-10
-images), with the training cut to a few steps by an iteration limit."""
+images), with the training cut to a few steps by an iteration limit; undecodable files skipped
+or (--strict) refused; TensorBoard events."""
 
 from __future__ import annotations
 
@@ -13,15 +14,17 @@ import pytest
 import torch
 from PIL import Image
 
-from canon.cli import main
-from canon.data import open_dataset
+from canon.cli import build_parser, main
+from canon.data import BadImageWarning, open_dataset
+from canon.data.views import PROTOCOLS
 from canon.engine.checkpoint import load_checkpoint
 
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """`canon train` as the README runs it (quickstart, default runs/ directory), then a bare
-    `--resume` that raises the iteration limit."""
+    `--resume` that raises the iteration limit. The limits count steps of quickstart's
+    optimizer.base_batch_size (128), so at batch 64 they make 4, then 6 steps."""
     root = tmp_path_factory.mktemp("cli")
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)
@@ -36,7 +39,7 @@ def test_train_writes_a_complete_run_directory_and_resumes(trained_run):
                  "checkpoints/epoch-001.pt", "checkpoints/epoch-002.pt"):
         assert (trained_run / name).is_file(), name
     info = json.loads((trained_run / "eval_config.json").read_text())
-    assert info["model"] == "resnet20" and info["steps"] == 3 and len(info["classes"]) == 10
+    assert info["model"] == "resnet20" and info["steps"] == 6 and len(info["classes"]) == 10
     assert len((trained_run / "metrics.csv").read_text().splitlines()) == 3  # header + 2
 
 
@@ -61,6 +64,13 @@ def test_predict_prints_top5_class_names_with_probabilities(trained_run, tmp_pat
     probabilities = [float(line.split("%")[0]) for line in lines[1:6]]
     assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) <= 100.01
     assert all(line.split("%")[1].strip() in test_images.classes for line in lines[1:6])
+
+
+def test_eval_help_lists_every_protocol_evaluate_accepts():
+    sub = build_parser()._subparsers._group_actions[0].choices["eval"]
+    help_text = next(action.help for action in sub._actions if action.dest == "protocol")
+    for protocol in PROTOCOLS:
+        assert protocol in help_text
 
 
 def test_bad_input_gets_a_one_line_error(tmp_path, capsys):
@@ -122,3 +132,55 @@ def test_a_real_ctrl_c_then_resume_equals_an_uninterrupted_run(image_folder, tmp
     straight = load_checkpoint(tmp_path / "straight" / "checkpoints" / "epoch-004.pt")
     for key, tensor in straight["model"].items():
         assert torch.equal(tensor, resumed["model"][key]), key
+
+
+@pytest.fixture(scope="module")
+def folder_with_bad_files(image_folder, tmp_path_factory):
+    """4 training and 2 test images per class of image_folder, one of each replaced by bytes
+    that are no PNG."""
+    root = tmp_path_factory.mktemp("bad-files")
+    bad = []
+    for split, per_class in (("train", 4), ("val", 2)):
+        for folder in sorted((image_folder / split).iterdir()):
+            for path in sorted(folder.glob("*.png"))[:per_class]:
+                target = root / split / folder.name / path.name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                broken = not bad or bad[-1].parts[-3] != split
+                target.write_bytes(b"not a PNG" if broken else path.read_bytes())
+                bad += [target] if broken else []
+    return root, bad
+
+
+def test_undecodable_files_are_skipped_and_counted_or_refused_with_strict(
+    folder_with_bad_files, trained_run, tmp_path, capsys
+):
+    root, (bad_train, bad_val) = folder_with_bad_files
+    run = tmp_path / "run"
+    train = ["train", "--data", str(root), "--epochs", "1", "--batch-size", "8", "--device",
+             "cpu", "--output-dir", str(run)]
+    with pytest.warns(BadImageWarning, match=bad_train.name):
+        main([*train, "--tensorboard"])
+    assert "skipped 1 undecodable" in capsys.readouterr().out  # of 40: 5 steps of 8
+    rows = (run / "metrics.csv").read_text().splitlines()
+    assert rows[0].endswith(",skipped_images") and rows[1].endswith(",1")
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+
+    evaluate = ["eval", str(trained_run), "--data", str(root), "--output", str(tmp_path / "e")]
+    with pytest.warns(BadImageWarning, match=bad_val.name):
+        main(evaluate)
+    assert "skipped 1 undecodable" in capsys.readouterr().out
+
+    for argv, bad in ((train, bad_train), (evaluate, bad_val)):
+        with pytest.raises(SystemExit) as exit_:
+            main([*argv, "--strict"])
+        assert exit_.value.code == 2
+        error = capsys.readouterr().err.splitlines()[-1]  # after the progress bar
+        assert error.startswith(f"canon {argv[0]}: error: ") and str(bad) in error
+
+
+def test_tensorboard_without_the_package_says_how_to_install_it(tmp_path, capsys):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
+        with pytest.raises(SystemExit):
+            main(["train", "--tensorboard", "--device", "cpu", "--output-dir", str(tmp_path)])
+    assert "pip install tensorboard" in capsys.readouterr().err

@@ -167,6 +167,12 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--sync-bn", action="store_true",
                         help="under torchrun: batch-norm statistics over the global batch (CUDA)")
+    parser.add_argument(
+        "--strict", action="store_true",
+        help="stop at the first undecodable image file instead of skipping it with a warning",
+    )
+    parser.add_argument("--tensorboard", action="store_true",
+                        help="also write TensorBoard events to <run>/tensorboard")
 
 
 def _flag_overrides(args: argparse.Namespace) -> list[tuple[str, object]]:
@@ -177,6 +183,7 @@ def _flag_overrides(args: argparse.Namespace) -> list[tuple[str, object]]:
         ("train.compile", args.compile or None), ("train.workers", args.workers),
         ("train.seed", args.seed), ("train.model_parallel", args.model_parallel),
         ("train.sync_batchnorm", args.sync_bn or None),
+        ("train.strict_data", args.strict or None), ("train.tensorboard", args.tensorboard or None),
     ]
     overrides = [(key, value) for key, value in flags if value is not None]
     if args.epochs is not None:
@@ -235,13 +242,18 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", help="dataset name or folder; default: the one trained on")
     parser.add_argument(
         "--protocol", default="center",
-        help="center, ten-crop, dense, multi-scale or multi-scale+<center|ten-crop|dense>",
+        help="center, ten-crop, dense, 144-crop (GoogLeNet), multi-scale (= multi-scale+center), "
+        "multi-scale+ten-crop or multi-scale+dense",
     )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--output", type=Path, metavar="JSON",
                         help="where to write the result; default: beside the checkpoint")
+    parser.add_argument(
+        "--strict", action="store_true",
+        help="stop at the first undecodable image file instead of skipping it with a warning",
+    )
 
 
 @_verb("eval", "top-1/top-5 error of a trained model under a test protocol", _eval_arguments)
@@ -259,7 +271,7 @@ def _run_eval(args: argparse.Namespace) -> None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     trained = load_trained(args.checkpoint)
     dataset = args.data or trained.data.dataset
-    _, images = open_dataset(dataset, download=trained.data.download)
+    _, images = open_dataset(dataset, strict=args.strict, download=trained.data.download)
     images.preprocess = trained.preprocess  # normalise exactly as in training
     result = evaluate(
         trained.model, images, args.protocol, batch_size=args.batch_size, device=device,
@@ -270,6 +282,9 @@ def _run_eval(args: argparse.Namespace) -> None:
         f"{trained.source}: {result['protocol']} on {dataset} ({result['images']} images): "
         f"top-1 error {result['top1_error']:.2f}%, top-5 error {result['top5_error']:.2f}%"
     )
+    if result["skipped"]:
+        print(f"skipped {result['skipped']} undecodable image file(s) (see the warnings; "
+              "--strict stops at the first)")
     output = args.output or trained.source.parent / f"eval-{result['protocol']}.json"
     output.write_text(json.dumps(result, indent=2))
     print(f"wrote {output}")
