@@ -86,7 +86,7 @@ def test_parameter_count(name: str) -> None:
 
 
 def calibrate_batch_norm(model: CanonModel) -> None:
-    """Running statistics from one training-mode pass of two images at the training size.
+    """Running statistics from one training-mode pass of an image at the training size.
 
     A fresh net's statistics (mean 0, variance 1) do not describe its activations; in eval mode
     the 600 residual additions of ResNet-1202 then overflow float32.
@@ -99,7 +99,7 @@ def calibrate_batch_norm(model: CanonModel) -> None:
     size = model.eval_config.input_size
     model.train()
     with torch.no_grad():
-        model(torch.randn(2, 3, size, size))
+        model(torch.randn(1, 3, size, size))  # every map there is larger than 1x1
     for norm, momentum in zip(norms, momenta, strict=True):
         norm.momentum = momentum
 
@@ -158,7 +158,7 @@ def test_forward_backward_and_interface(built) -> None:
 
 def test_fully_convolutional_matches_forward(built) -> None:
     """At the training size the score map's mean is the logits (1x1 for FC heads); every
-    `total_stride` more pixels add one position."""
+    `total_stride` more rows of pixels add a row of positions."""
     _, model = built
     model.eval()
     size = model.eval_config.input_size
@@ -168,13 +168,13 @@ def test_fully_convolutional_matches_forward(built) -> None:
     with torch.no_grad():
         logits = model(image)
         scores = dense(image)
-        larger = dense(torch.randn(1, 3, size + 64, size + 32))
+        taller = dense(torch.randn(1, 3, size + 32, size))
     stride = total_stride(model)
     side = 1 if isinstance(model, FCHeadNet) else size // stride
     assert scores.shape == (1, NUM_CLASSES, side, side)
     error = (scores.mean(dim=(2, 3)) - logits).abs().max() / logits.abs().max()
     assert error < 1e-5
-    assert larger.shape == (1, NUM_CLASSES, side + 64 // stride, side + 32 // stride)
+    assert taller.shape == (1, NUM_CLASSES, side + 32 // stride, side)
     minimum = dense.min_input_size
     with pytest.raises(InputSizeError, match=f"at least {minimum}x{minimum}"):
         dense(torch.randn(1, 3, minimum - 1, size))
