@@ -4,10 +4,9 @@
 Figure 2): each tower holds half the kernels of every layer on its own device; conv2, conv4
 and conv5 read only their own tower's maps and each tower normalises (LRN) only its own maps,
 while conv3, fc6, fc7 and fc8 read both towers', the only places the towers exchange
-activations. `TwoTowerAlexNet` builds the towers from an
-`alexnet` model by slicing its (grouped) weights along the output dimension, so it computes
-exactly what the model computes, and its state dict is the model's (same keys and shapes), so
-checkpoints load either way.
+activations. `TwoTowerAlexNet` builds the towers from an `alexnet` model by slicing its
+(grouped) weights along the output dimension, so it computes exactly what the model computes,
+and its state dict is the model's (same keys and shapes), so checkpoints load either way.
 
 `--model-parallel stages:K[:M]` is a GPipe-style pipeline (Huang et al. 2019) over any model's
 `stages`: consecutive stages on K devices, balanced by parameter count, the head on the last
