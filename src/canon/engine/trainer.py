@@ -14,7 +14,8 @@ permutation fixed by (seed, epoch). A checkpoint records the optimizer step reac
 epoch and every rank's random generator states and partial epoch sums, so a resumed run
 skips the samples already seen and continues bit-identically on the CPU (GPU kernels may not
 be deterministic). Resumed with another number of processes, each rank's generator is reseeded
-from (seed, rank, step) instead: the run goes on, but not bit-identically.
+from (seed, rank, step) instead: the run goes on, but not bit-identically (and from a
+mid-epoch checkpoint it skips as many steps of the epoch, which now hold other images).
 
 Ctrl-C finishes the optimizer step in progress, saves checkpoints/interrupted.pt and stops; a
 second Ctrl-C stops at once.
@@ -408,21 +409,28 @@ def _set_up(
     run.best_error = min((row["val_top1_error"] for row in run.metrics), default=math.inf)
 
     if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-        if config.tensorboard:
-            run.events = event_writer(run_dir)
-        print(
-            f"{recipe.name}: {recipe.model.name} on {recipe.data.dataset} "
-            f"({len(train_set)} train / {len(val_set)} val images, {num_classes} classes), "
-            f"global batch {global_batch_size} = {config.batch_size} x {config.accum_steps} "
-            f"accum x {ctx.world_size} device(s), peak lr {peak_lr:.4g}, {run.epochs} epochs of "
-            f"{steps_per_epoch} steps, {config.amp if config.amp != 'none' else 'fp32'} "
-            f"on {ctx.device}; writing {run_dir}"
-        )
-        if schedule_config != recipe.schedule or iterations != config.iterations:
-            print(_scaled_counts_note(recipe, schedule_config, iterations, global_batch_size))
+        _open_run_dir(run, len(val_set), iterations)
     return run
+
+
+def _open_run_dir(run: _Run, val_size: int, iterations: int | None) -> None:
+    """Rank 0: the run directory with its resolved recipe, the events file, the run's plan."""
+    recipe, config, ctx = run.recipe, run.recipe.train, run.ctx
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    (run.run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    if config.tensorboard:
+        run.events = event_writer(run.run_dir)
+    global_batch_size = config.batch_size * config.accum_steps * ctx.world_size
+    print(
+        f"{recipe.name}: {recipe.model.name} on {recipe.data.dataset} "
+        f"({run.train_size} train / {val_size} val images, {run.num_classes} classes), "
+        f"global batch {global_batch_size} = {config.batch_size} x {config.accum_steps} "
+        f"accum x {ctx.world_size} device(s), peak lr {run.schedule.peak_lr:.4g}, {run.epochs} "
+        f"epochs of {run.steps_per_epoch} steps, "
+        f"{config.amp if config.amp != 'none' else 'fp32'} on {ctx.device}; writing {run.run_dir}"
+    )
+    if run.schedule.config != recipe.schedule or iterations != config.iterations:
+        print(_scaled_counts_note(recipe, run.schedule.config, iterations, global_batch_size))
 
 
 def _loaders(
