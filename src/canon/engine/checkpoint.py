@@ -36,7 +36,7 @@ import torch.nn as nn
 
 from canon.data.config import DataConfig
 from canon.data.datasets import decode_image_file
-from canon.data.transforms import EvalPreprocess, Normalize, center_transform
+from canon.data.transforms import EvalPreprocess, center_transform, eval_preprocess
 from canon.errors import DataError
 from canon.evaluation.protocols import preprocess_for
 from canon.files import atomic_write
@@ -294,11 +294,7 @@ def load_trained(path: str | Path) -> TrainedModel:
     if normalization is None:  # trained on ready tensors: fall back to the model's own
         preprocess = preprocess_for(model, data_config.augmentation)
     else:
-        preprocess = EvalPreprocess(
-            square=data_config.augmentation == "alexnet", crop_size=data_config.crop_size,
-            resize_size=data_config.resize_size,
-            normalize=Normalize(normalization["mean"], normalization.get("std")),
-            interpolation=data_config.interpolation,
-            scales=data_config.multi_scale_test_sizes(),
+        preprocess = eval_preprocess(
+            data_config, mean=normalization["mean"], std=normalization.get("std")
         )
     return TrainedModel(model, list(classes), preprocess, data_config, path)
