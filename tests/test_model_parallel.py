@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
-from canon.engine import trainer
+from canon.engine import setup as run_setup
 from canon.engine.model_parallel import (
     PipelineParallel,
     TwoTowerAlexNet,
@@ -236,7 +236,7 @@ def test_trainer_runs_a_pipeline_like_the_plain_model(
         pipelines.append(parallelize(model, spec, device))
         return pipelines[-1]
 
-    monkeypatch.setattr(trainer, "parallelize", recording_parallelize)
+    monkeypatch.setattr(run_setup, "parallelize", recording_parallelize)
     exported = []
     for name, spec in (("plain", "null"), ("pipeline", "stages:2:1")):
         torch.manual_seed(0)

@@ -1,0 +1,378 @@
+"""Setting up a training run: datasets, loaders, model, optimizer, EMA, schedule, resumed state.
+
+`set_up` builds the `Run` that the loop in canon.engine.trainer runs and, on rank 0, opens the
+run directory: the resolved recipe.yaml, the events file and a line stating the run's plan.
+
+Exact resumption (the loop's side is in canon.engine.trainer). Every training image is
+augmented under its own random seed, derived from (seed, epoch, index): the augmentation a
+sample gets does not depend on which worker process loads it, how many there are, or whether
+the run was interrupted. The epoch's sample order is a permutation fixed by (seed, epoch).
+`_restore` puts back every rank's random generator states and partial epoch sums from the
+checkpoint. Resumed with another number of processes, each rank's generator is reseeded from
+(seed, rank, step) instead: the run goes on, but not bit-identically (and from a mid-epoch
+checkpoint it skips as many steps of the epoch, which now hold other images).
+
+Also worth knowing:
+- A cosine schedule spans the run's length: resuming with more epochs changes its shape.
+- Iteration counts (milestones, warmup_iterations, train.iterations) are stated for
+  optimizer.base_batch_size images per step and converted to the run's global batch
+  (canon.engine.schedules.scale_iteration_counts); the log says so when it changes them.
+- Under torchrun each machine's first process builds the datasets (and caches the training
+  set's statistics) before the others, which then read the cache.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import signal
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import yaml
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import Dataset, Sampler
+
+from canon.data import build_datasets, build_loader
+from canon.data.loaders import ShuffleSampler
+from canon.engine import checkpoint as ckpt
+from canon.engine import distributed as dist
+from canon.engine.logs import event_writer
+from canon.engine.model_parallel import parallelize
+from canon.engine.precision import Precision
+from canon.engine.schedules import (
+    LearningRateSchedule,
+    linear_scaled_lr,
+    scale_iteration_counts,
+)
+from canon.errors import ConfigError
+from canon.recipes.schema import OptimizerSection, Recipe, ScheduleSection, TrainSection
+from canon.registry import create_model
+
+
+class _SeededSamples(Dataset):
+    """Index `epoch * n + i` -> sample i, augmented under a seed fixed by (seed, epoch, i).
+
+    canon's transforms draw from torch's global generator only (canon.data.transforms), so
+    seeding that one around each sample is enough; the caller's generator state is restored.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed, self.size = dataset, seed, len(dataset)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, key: int):
+        epoch, index = divmod(key, self.size)
+        sample_seed = ((self.seed * 1_000_003 + epoch) * 2_147_483_647 + index) % 2**63
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed)
+            return self.dataset[index]
+
+
+class _EpochKeys(Sampler[int]):
+    """The dataset keys the training loader reads this epoch, set before each epoch."""
+
+    def __init__(self) -> None:
+        self.keys: list[int] = []
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+class _WithAux(nn.Module):
+    """Makes `forward_with_aux` the module's forward, so DDP and torch.compile see it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        return self.model.forward_with_aux(images)
+
+
+def _ignore_sigint_in_worker(worker_init: Callable | None) -> Callable[[int], None]:
+    def init(worker_id: int) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when to stop
+        if worker_init is not None:
+            worker_init(worker_id)
+
+    return init
+
+
+def parameter_groups(model: nn.Module, weight_decay: float, no_decay_bn_bias: bool) -> list[dict]:
+    """One group, or two when BN weights and biases (every 1-d parameter) skip weight decay."""
+    if not no_decay_bn_bias:
+        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    decay, no_decay = [], []
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            (no_decay if parameter.ndim <= 1 else decay).append(parameter)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(
+    model: nn.Module, config: OptimizerSection, global_batch_size: int
+) -> tuple[torch.optim.SGD, float]:
+    """SGD with momentum and weight decay, and its peak lr for this global batch."""
+    peak_lr = config.lr
+    if config.scale_lr:
+        peak_lr = linear_scaled_lr(config.lr, global_batch_size, config.base_batch_size)
+    optimizer = torch.optim.SGD(
+        parameter_groups(model, config.weight_decay, config.no_decay_bn_bias),
+        lr=peak_lr, momentum=config.momentum, nesterov=config.nesterov,
+        weight_decay=config.weight_decay,
+    )
+    return optimizer, peak_lr
+
+
+def new_totals() -> dict[str, Any]:
+    """The running sums of an epoch on this rank (all-reduced when it ends)."""
+    return {"loss": 0.0, "correct": 0.0, "images": 0, "skipped": 0, "seconds": 0.0}
+
+
+@dataclass(eq=False)
+class Run:
+    """One training run: what `set_up` builds and the loop in canon.engine.trainer runs."""
+
+    recipe: Recipe
+    ctx: dist.DistributedContext
+    run_dir: Path
+    train_size: int
+    classes: list[str]
+    num_classes: int
+    normalization: dict[str, torch.Tensor | None] | None
+    order_sampler: Any  # this rank's sample order, a permutation fixed by (seed, epoch)
+    train_keys: _EpochKeys
+    train_loader: Any
+    val_loader: Any
+    model: nn.Module  # the plain model, whose state dict the checkpoints hold
+    train_module: nn.Module  # the model as trained: in DDP and torch.compile wrappers
+    ema: AveragedModel | None
+    optimizer: torch.optim.Optimizer
+    schedule: LearningRateSchedule
+    precision: Precision
+    criterion: nn.Module
+    steps_per_epoch: int
+    total_steps: int
+    commit: str | None
+    epochs: int = 0  # epochs this run reaches (an iteration limit may end it early)
+    epoch: int = 0  # epochs finished
+    step: int = 0  # optimizer steps taken
+    step_in_epoch: int = 0
+    epoch_started: float = 0.0  # time.perf_counter() when this epoch's training started
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    totals: dict[str, Any] = field(default_factory=new_totals)
+    best_error: float = math.inf
+    events: Any = None  # TensorBoard writer (rank 0, train.tensorboard)
+
+
+def set_up(
+    recipe: Recipe,
+    run_dir: Path,
+    ctx: dist.DistributedContext,
+    model: nn.Module | None,
+    datasets: tuple[Dataset, Dataset] | None,
+    state: dict[str, Any] | None,
+) -> Run:
+    config = recipe.train
+    train_set, val_set = datasets or _build_datasets(recipe, ctx)
+    classes = [str(c) for c in getattr(train_set, "classes", [])]
+    num_classes = recipe.model.num_classes or len(classes)
+    if not num_classes:
+        raise ConfigError("the training set has no .classes: set model.num_classes")
+    preprocess = getattr(val_set, "preprocess", None)
+    normalization = {
+        "mean": preprocess.normalize.mean, "std": preprocess.normalize.std,
+    } if preprocess is not None else None
+    steps_per_epoch = len(train_set) // (config.batch_size * ctx.world_size) // config.accum_steps
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"{len(train_set)} training images make no full step of batch {config.batch_size} "
+            f"x accum {config.accum_steps} x {ctx.world_size} device(s); lower --batch-size"
+        )
+    global_batch_size = config.batch_size * config.accum_steps * ctx.world_size
+    schedule_config, iterations = scale_iteration_counts(
+        recipe.schedule, config.iterations, recipe.optimizer.base_batch_size, global_batch_size
+    )
+    total_steps = config.epochs * steps_per_epoch
+    if iterations is not None:
+        total_steps = min(total_steps, iterations)
+
+    train_keys, train_loader, val_loader = _loaders(train_set, val_set, config, ctx)
+    model = _placed_model(recipe, model, num_classes, ctx)
+    optimizer, peak_lr = make_optimizer(model, recipe.optimizer, global_batch_size)
+    ema = None
+    if config.ema_decay > 0:
+        ema = AveragedModel(
+            model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True
+        )
+    train_module: nn.Module = dist.wrap_model(
+        _WithAux(model), ctx, sync_batchnorm=config.sync_batchnorm
+    )
+    if config.compile:
+        train_module = torch.compile(train_module)
+    run = Run(
+        recipe=recipe, ctx=ctx, run_dir=run_dir, train_size=len(train_set), classes=classes,
+        num_classes=num_classes, normalization=normalization,
+        order_sampler=dist.train_sampler(train_set, ctx, seed=config.seed)
+        or ShuffleSampler(train_set, config.seed),
+        train_keys=train_keys, train_loader=train_loader, val_loader=val_loader, model=model,
+        train_module=train_module, ema=ema, optimizer=optimizer,
+        schedule=LearningRateSchedule(
+            optimizer, schedule_config, peak_lr=peak_lr, steps_per_epoch=steps_per_epoch,
+            total_steps=total_steps,
+        ),
+        precision=Precision(config.amp, ctx.device),
+        criterion=nn.CrossEntropyLoss(label_smoothing=config.label_smoothing),
+        steps_per_epoch=steps_per_epoch, total_steps=total_steps, commit=ckpt.git_commit(),
+    )
+    if state is not None:
+        _restore(run, state)
+    else:
+        torch.manual_seed(config.seed + ctx.rank)  # dropout differs between ranks
+    # An iteration limit may end an epoch early; a resumed run with a higher limit goes on
+    # with the next epoch.
+    steps_left = total_steps - run.step + run.step_in_epoch  # from the current epoch's start
+    run.epochs = min(config.epochs, run.epoch + max(0, math.ceil(steps_left / steps_per_epoch)))
+    run.best_error = min((row["val_top1_error"] for row in run.metrics), default=math.inf)
+
+    if ctx.is_main:
+        _open_run_dir(run, len(val_set), iterations)
+    return run
+
+
+def _open_run_dir(run: Run, val_size: int, iterations: int | None) -> None:
+    """Rank 0: the run directory with its resolved recipe, the events file, the run's plan."""
+    recipe, config, ctx = run.recipe, run.recipe.train, run.ctx
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    (run.run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    if config.tensorboard:
+        run.events = event_writer(run.run_dir)
+    global_batch_size = config.batch_size * config.accum_steps * ctx.world_size
+    print(
+        f"{recipe.name}: {recipe.model.name} on {recipe.data.dataset} "
+        f"({run.train_size} train / {val_size} val images, {run.num_classes} classes), "
+        f"global batch {global_batch_size} = {config.batch_size} x {config.accum_steps} "
+        f"accum x {ctx.world_size} device(s), peak lr {run.schedule.peak_lr:.4g}, {run.epochs} "
+        f"epochs of {run.steps_per_epoch} steps, "
+        f"{config.amp if config.amp != 'none' else 'fp32'} on {ctx.device}; writing {run.run_dir}"
+    )
+    if run.schedule.config != recipe.schedule or iterations != config.iterations:
+        print(_scaled_counts_note(recipe, run.schedule.config, iterations, global_batch_size))
+
+
+def _loaders(
+    train_set: Dataset, val_set: Dataset, config: TrainSection, ctx: dist.DistributedContext
+) -> tuple[_EpochKeys, Any, Any]:
+    """The training loader reads the keys set before each epoch (augmentation seeded per
+    sample by _SeededSamples); the validation loader reads this rank's shard."""
+    train_keys = _EpochKeys()
+    train_loader = build_loader(
+        _SeededSamples(train_set, config.seed), config.batch_size, train=True,
+        workers=config.workers, sampler=train_keys, seed=config.seed, drop_last=True,
+    )
+    train_loader.worker_init_fn = _ignore_sigint_in_worker(train_loader.worker_init_fn)
+    val_loader = build_loader(
+        val_set, config.batch_size, train=False, workers=config.workers,
+        sampler=dist.eval_sampler(val_set, ctx),
+    )
+    return train_keys, train_loader, val_loader
+
+
+def _build_datasets(recipe: Recipe, ctx: dist.DistributedContext) -> tuple[Dataset, Dataset]:
+    """build_datasets, first by each machine's first process, which computes and caches the
+    training-set statistics the recipe needs; the machine's other processes wait for it and
+    then read them from the cache instead of computing them at the same time."""
+    build = functools.partial(
+        build_datasets, recipe.data, strict=recipe.train.strict_data, workers=recipe.train.workers
+    )
+    if ctx.local_rank != 0:
+        dist.barrier(ctx)
+        return build()
+    try:
+        return build()
+    finally:
+        dist.barrier(ctx)  # also on failure: the others then fail the same way, not hang
+
+
+def _placed_model(
+    recipe: Recipe, model: nn.Module | None, num_classes: int, ctx: dist.DistributedContext
+) -> nn.Module:
+    """The model built (same initial weights on every rank) and put on its device(s)."""
+    config = recipe.train
+    if ctx.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fastest conv kernels (GPU runs are not bitwise)
+    torch.manual_seed(config.seed)
+    if model is None:
+        model = create_model(recipe.model.name, num_classes)
+    if config.model_parallel is not None:
+        if ctx.world_size > 1 or config.compile:
+            raise ConfigError(
+                "--model-parallel runs one process without torch.compile: launch it with "
+                "plain `canon train` (not torchrun) and drop --compile"
+            )
+        model = parallelize(model, config.model_parallel, ctx.device)  # pieces on their devices
+    else:
+        model = model.to(ctx.device)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _scaled_counts_note(
+    recipe: Recipe, schedule: ScheduleSection, iterations: int | None, global_batch_size: int
+) -> str:
+    """What scale_iteration_counts changed, for the run's log."""
+    changes = [
+        f"schedule.{key} {getattr(recipe.schedule, key)} -> {getattr(schedule, key)}"
+        for key in ("milestones", "step_size", "warmup_iterations")
+        if getattr(recipe.schedule, key) != getattr(schedule, key)
+    ]
+    if iterations != recipe.train.iterations:
+        changes.append(f"train.iterations {recipe.train.iterations} -> {iterations}")
+    return (
+        f"iteration counts are stated for a global batch of {recipe.optimizer.base_batch_size}; "
+        f"at {global_batch_size} (the same images seen): " + ", ".join(changes)
+    )
+
+
+def _restore(run: Run, state: dict[str, Any]) -> None:
+    """Continue from a checkpoint: weights, optimizer, schedule, progress, random streams."""
+    ctx = run.ctx
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.schedule.load_state_dict(state["schedule"])
+    run.precision.load_state_dict(state["scaler"])
+    if run.ema is not None:
+        run.ema.load_state_dict(state["ema"])
+    run.epoch, run.step, run.step_in_epoch = state["epoch"], state["step"], state["step_in_epoch"]
+    run.metrics = list(state["metrics"])  # the caller's state stays as it was
+    saved_ranks = len(state["rng"])  # one RNG state and one set of epoch totals per rank
+    if saved_ranks == ctx.world_size:
+        ckpt.restore_rng_state(state["rng"][ctx.rank])
+        run.totals = dict(state["epoch_totals"][ctx.rank])
+        return
+    # Another number of processes: there is no saved stream for this rank, so each rank's is
+    # reseeded from (seed, rank, step), and rank 0 carries the epoch's totals so far.
+    if ctx.is_main:
+        print(f"the checkpoint was written by {saved_ranks} process(es), this run has "
+              f"{ctx.world_size}: random streams reseeded from (seed, rank, step)")
+    seed = (run.recipe.train.seed * 1_000_003 + run.step) * 10_007 + ctx.rank
+    torch.manual_seed(seed % 2**63)
+    run.totals = new_totals()
+    if ctx.is_main:
+        for key in ("loss", "correct", "images", "skipped"):
+            run.totals[key] = sum(totals[key] for totals in state["epoch_totals"])
+        run.totals["seconds"] = state["epoch_totals"][0]["seconds"]
+
+
+__all__ = ["Run", "make_optimizer", "new_totals", "parameter_groups", "set_up"]
