@@ -3,6 +3,6 @@
 Modules: trainer (the loop), setup (building a run: data, model placement, optimizer, restore),
 schedules (learning rates), precision (autocast, loss scaling), checkpoint (atomic save,
 resume, export), logs (metrics.csv, curves.png, progress), distributed (torchrun / DDP edge),
-model_parallel (AlexNet's towers, stages:K pipelines). Import the submodule you need; this package imports nothing
-so that `canon.engine.distributed` stays importable on its own.
+model_parallel (AlexNet's towers, stages:K pipelines). Import the submodule you need; this
+package imports nothing so that `canon.engine.distributed` stays importable on its own.
 """
