@@ -25,11 +25,11 @@ def _verb(name: str, help_text: str, add_arguments: Callable[[argparse.ArgumentP
     return register
 
 
-def _models_arguments(parser: argparse.ArgumentParser) -> None:
+def _pattern_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("pattern", nargs="?", help="shell-style filter, e.g. 'resnet*'")
 
 
-@_verb("models", "list the registered models", _models_arguments)
+@_verb("models", "list the registered models", _pattern_arguments)
 def _run_models(args: argparse.Namespace) -> None:
     from canon.registry import describe_model, list_models
 
@@ -112,15 +112,11 @@ def _run_stats(args: argparse.Namespace) -> None:
     print(f"cached at {path}")
 
 
-def _recipes_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("pattern", nargs="?", help="shell-style filter, e.g. 'resnet*'")
-
-
-@_verb("recipes", "list the bundled training recipes", _recipes_arguments)
+@_verb("recipes", "list the bundled training recipes", _pattern_arguments)
 def _run_recipes(args: argparse.Namespace) -> None:
-    from canon.recipes import RECIPES
+    from canon.recipes import RECIPES, list_recipes
 
-    _print_described(RECIPES.names(args.pattern), lambda name: RECIPES.get(name).description)
+    _print_described(list_recipes(args.pattern), lambda name: RECIPES.get(name).description)
 
 
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -193,7 +189,7 @@ def _flag_overrides(args: argparse.Namespace) -> list[tuple[str, object]]:
 
 @_verb("train", "train a model with one of the papers' recipes", _train_arguments)
 def _run_train(args: argparse.Namespace) -> None:
-    from canon.engine import checkpoint
+    from canon.engine import checkpoint, distributed
     from canon.engine.trainer import TrainingInterrupted, train
     from canon.recipes import Recipe, apply_overrides, load_recipe
 
@@ -201,11 +197,11 @@ def _run_train(args: argparse.Namespace) -> None:
     state = None
     # Under torchrun every process must pick the same directory, and an elastic restart
     # (same command, TORCHELASTIC_RESTART_COUNT > 0) must continue the run it restarts.
-    elastic_id = os.environ.get("TORCHELASTIC_RUN_ID")
-    if args.resume is None and elastic_id is not None:
+    if args.resume is None and distributed.launched_by_torchrun():
         name = load_recipe(args.recipe).name
+        elastic_id = os.environ["TORCHELASTIC_RUN_ID"]
         args.output_dir = args.output_dir or Path("runs") / f"{name}-{elastic_id}"
-        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+        restarted = distributed.elastic_restart_count() > 0
         if restarted and checkpoint.resumable_checkpoints(args.output_dir):
             args.resume = str(args.output_dir)
     if args.resume is None:
@@ -260,15 +256,12 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_eval(args: argparse.Namespace) -> None:
     import json
 
-    import torch
-
     from canon.data import open_dataset
     from canon.engine.checkpoint import load_trained
+    from canon.engine.distributed import resolve_device
     from canon.evaluation import evaluate
 
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(args.device)
     trained = load_trained(args.checkpoint)
     dataset = args.data or trained.data.dataset
     _, images = open_dataset(dataset, strict=args.strict, download=trained.data.download)

@@ -44,8 +44,10 @@ class Registry:
             key = name or builder.__name__
             if key in self._entries:
                 raise ValueError(f"{self.kind} {key!r} is already registered")
-            doc = description or (builder.__doc__ or "").strip().splitlines()
-            text = doc if isinstance(doc, str) else (doc[0] if doc else "")
+            text = description
+            if text is None:
+                lines = (builder.__doc__ or "").strip().splitlines()
+                text = lines[0] if lines else ""
             self._entries[key] = Entry(key, builder, text)
             return builder
 
@@ -86,9 +88,13 @@ def create_model(name: str, num_classes: int | None = None, **kwargs: Any) -> nn
     entry = MODELS.get(name)
     if num_classes is None:
         return entry.builder(**kwargs)
+    check_num_classes(num_classes)
+    return entry.builder(num_classes=num_classes, **kwargs)
+
+
+def check_num_classes(num_classes: int) -> None:
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
-    return entry.builder(num_classes=num_classes, **kwargs)
 
 
 def list_models(pattern: str | None = None) -> list[str]:

@@ -65,9 +65,15 @@ def _env_int(name: str, default: int) -> int:
         raise ConfigError(f"environment variable {name}={value!r} is not an integer") from None
 
 
-def _pick_device(device: str, local_rank: int, world_size: int) -> torch.device:
+def resolve_device(device: str) -> str:
+    """"auto" becomes "cuda" when a GPU is visible, else "cpu"; other names pass through."""
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _pick_device(device: str, local_rank: int, world_size: int) -> torch.device:
+    device = resolve_device(device)
     try:
         chosen = torch.device(device)
     except RuntimeError:

@@ -15,11 +15,12 @@ import torch
 from canon.errors import ConfigError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+AMP_MODES = ("none", *DTYPES)
 
 
 class Precision:
     def __init__(self, mode: str, device: torch.device) -> None:
-        if mode not in ("none", *DTYPES):
+        if mode not in AMP_MODES:
             raise ConfigError(f"--amp must be bf16 or fp16 (or none), got {mode!r}")
         self.mode = mode
         self.device = device

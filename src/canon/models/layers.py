@@ -20,8 +20,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from canon.errors import ConfigError, InputSizeError
+from canon.errors import InputSizeError
 from canon.models.base import CanonModel
+from canon.registry import check_num_classes
 
 
 class LocalResponseNorm(nn.Module):
@@ -90,11 +91,6 @@ def linear_to_conv(linear: nn.Linear, in_channels: int, kernel_size: int) -> nn.
         if linear.bias is not None:
             conv.bias.copy_(linear.bias)
     return conv
-
-
-def check_num_classes(num_classes: int) -> None:
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
 
 
 def fresh_classifier(

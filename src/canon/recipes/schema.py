@@ -24,12 +24,12 @@ from typing import Any
 
 from canon.data.config import DataConfig
 from canon.engine.model_parallel import parse_model_parallel
+from canon.engine.precision import AMP_MODES
 from canon.errors import ConfigError
 
 SCHEDULE_KINDS = ("plateau", "step", "multistep", "cosine", "constant")
 SCHEDULE_UNITS = ("epoch", "iteration")
 WARMUP_MODES = ("linear", "constant")
-AMP_MODES = ("none", "bf16", "fp16")
 
 
 def _check(condition: bool, message: str) -> None:
