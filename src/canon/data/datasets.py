@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import io
 import os
 import pickle
 import shutil
@@ -85,12 +86,12 @@ def decode_image_file(path: str | Path) -> torch.Tensor:
             return tensor
     except (RuntimeError, ValueError, UserWarning):
         pass
-    return _decode_with_pil(path)
+    return _decode_with_pil(data, path)
 
 
-def _decode_with_pil(path: Path) -> torch.Tensor:
+def _decode_with_pil(data: bytes, path: Path) -> torch.Tensor:
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(data)) as image:
             image.load()  # raises on truncated data (LOAD_TRUNCATED_IMAGES stays False)
             rgb = image.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
@@ -167,7 +168,11 @@ class ArrayImages(LabeledImages):
 
 
 class FolderImages(LabeledImages):
-    """`ROOT/<class>/<image>` trees (ImageNet's train/ and val/, any ImageFolder layout)."""
+    """`ROOT/<class>/<image>` trees (ImageNet's train/ and val/, any ImageFolder layout).
+
+    `class_ids`: the training split's classes, when this folder is its validation split; the
+    two must hold the same class folders, and labels follow the training split's order.
+    """
 
     def __init__(
         self,
@@ -186,6 +191,12 @@ class FolderImages(LabeledImages):
         if not found:
             raise DataError(
                 f"{self.root}: no class folders; expected {self.root}/<class>/<image files>"
+            )
+        if class_ids is not None and set(found) != set(class_ids):
+            raise DataError(
+                f"{self.root}: train and val have different classes; only in train: "
+                f"{_short_list(sorted(set(class_ids) - set(found)))}; only in val: "
+                f"{_short_list(sorted(set(found) - set(class_ids)))}"
             )
         self.class_ids = class_ids if class_ids is not None else found
         index_of = {name: i for i, name in enumerate(self.class_ids)}
@@ -288,14 +299,6 @@ def open_image_folder(root: Path, *, strict: bool = False) -> tuple[FolderImages
             )
         splits[split] = folder
     train = FolderImages(splits["train"], strict=strict)
-    val_ids = sorted(e.name for e in os.scandir(splits["val"]) if e.is_dir() and e.name[0] != ".")
-    if set(val_ids) != set(train.class_ids):
-        only_train = sorted(set(train.class_ids) - set(val_ids))
-        only_val = sorted(set(val_ids) - set(train.class_ids))
-        raise DataError(
-            f"{root}: train and val have different classes; only in train: "
-            f"{_short_list(only_train)}; only in val: {_short_list(only_val)}"
-        )
     val = FolderImages(splits["val"], class_ids=train.class_ids, strict=strict)
     return train, val
 

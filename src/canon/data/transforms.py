@@ -267,6 +267,9 @@ class FancyPCA:
         return f"FancyPCA(alpha_std={self.alpha_std})"
 
 
+_LUMA_WEIGHTS = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)  # ITU-R BT.601 greyscale
+
+
 class Photometric:
     """Random brightness, contrast and saturation factors in [1 - s, 1 + s], random order."""
 
@@ -276,13 +279,13 @@ class Photometric:
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         for which in torch.randperm(3).tolist():
             factor = float(torch.empty(()).uniform_(1 - self.strength, 1 + self.strength))
-            grey = (image * torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)).sum(0)
             if which == 0:
                 image = image * factor
-            elif which == 1:
-                image = (image - grey.mean()) * factor + grey.mean()
-            else:
-                image = (image - grey) * factor + grey
+                continue
+            grey = (image * _LUMA_WEIGHTS).sum(0)
+            if which == 1:
+                grey = grey.mean()
+            image = (image - grey) * factor + grey
         return image.clamp(0, 1)
 
     def __repr__(self) -> str:
