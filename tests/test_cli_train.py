@@ -4,6 +4,7 @@ or (--strict) refused; TensorBoard events."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -50,6 +51,9 @@ def test_eval_prints_errors_and_writes_json(trained_run, capsys):
     result = json.loads((trained_run / "eval-center.json").read_text())
     assert result["images"] == 1000 and result["protocol"] == "center"
     assert 0 <= result["top5_error"] <= result["top1_error"] <= 100
+    # The exported model under the run's own preprocessing scores as the last validation did.
+    last_epoch = list(csv.DictReader((trained_run / "metrics.csv").open()))[-1]
+    assert result["top1_error"] == pytest.approx(float(last_epoch["val_top1_error"]), abs=0.01)
 
 
 def test_predict_prints_top5_class_names_with_probabilities(trained_run, tmp_path, capsys):

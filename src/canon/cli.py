@@ -256,19 +256,16 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_eval(args: argparse.Namespace) -> None:
     import json
 
-    from canon.data import open_dataset
     from canon.engine.checkpoint import load_trained
     from canon.engine.distributed import resolve_device
     from canon.evaluation import evaluate
 
-    device = resolve_device(args.device)
     trained = load_trained(args.checkpoint)
     dataset = args.data or trained.data.dataset
-    _, images = open_dataset(dataset, strict=args.strict, download=trained.data.download)
-    images.preprocess = trained.preprocess  # normalise exactly as in training
     result = evaluate(
-        trained.model, images, args.protocol, batch_size=args.batch_size, device=device,
-        workers=args.workers, progress=True,
+        trained.model, dataset, args.protocol, batch_size=args.batch_size,
+        device=resolve_device(args.device), workers=args.workers, data_config=trained.data,
+        preprocess=trained.preprocess, strict=args.strict, progress=True,
     )
     result.update(checkpoint=str(trained.source), data=dataset)
     print(

@@ -48,12 +48,14 @@ def preprocess_for(model: nn.Module, augmentation: str = "none") -> EvalPreproce
 
 
 def _validation_images(
-    data: str | Path, data_config: DataConfig | None, model: nn.Module,
-    root_cache: Path | None, strict: bool,
+    data: str | Path, data_config: DataConfig | None, preprocess: EvalPreprocess | None,
+    model: nn.Module, root_cache: Path | None, strict: bool,
 ) -> tuple[LabeledImages, EvalPreprocess]:
     cache = root_cache or canon_cache_dir()
     download = data_config.download if data_config else False
     train, val = open_dataset(str(data), cache=cache, strict=strict, download=download)
+    if preprocess is not None:
+        return val, preprocess
     if data_config is None:
         return val, preprocess_for(model)
     stats = dataset_stats(data_config, train, root_cache=cache)
@@ -69,6 +71,7 @@ def evaluate(
     device: str | torch.device = "cpu",
     workers: int = 0,
     data_config: DataConfig | None = None,
+    preprocess: EvalPreprocess | None = None,
     scales: Sequence[int] = (),
     sampler: Sampler | None = None,
     root_cache: Path | None = None,
@@ -77,8 +80,9 @@ def evaluate(
 ) -> dict:
     """Top-1/top-5 error (percent) of `model` on `data` under `protocol`.
 
-    `data` is a dataset name or folder (its validation split is used, preprocessed per
-    `data_config`, or per the model's eval_config when that is None), a dataset from
+    `data` is a dataset name or folder (its validation split is used, preprocessed by
+    `preprocess` when given, e.g. a trained run's; else per `data_config`; else per the model's
+    eval_config), a dataset from
     build_datasets, or any dataset of ready (tensor, label) items (centre protocol only).
     The model is moved to `device` first. `scales` overrides the multi-scale shorter sides.
     `sampler` shards the set (distributed evaluation; all-reduce the counts, see
@@ -87,7 +91,9 @@ def evaluate(
     """
     parsed = parse_protocol(protocol)
     if isinstance(data, str | Path):
-        raw, preprocess = _validation_images(data, data_config, model, root_cache, strict)
+        raw, preprocess = _validation_images(
+            data, data_config, preprocess, model, root_cache, strict
+        )
         dataset = raw.with_transform(ProtocolViews(parsed, preprocess, tuple(scales)))
     elif isinstance(data, LabeledImages) and data.preprocess is not None:
         dataset = data.with_transform(ProtocolViews(parsed, data.preprocess, tuple(scales)))
