@@ -514,7 +514,7 @@ def dataset_fingerprint(dataset: LabeledImages) -> str:
     if isinstance(dataset, FolderImages):
         return dataset.fingerprint()
     if isinstance(dataset, ArrayImages):
-        digest = hashlib.sha256(dataset.images.numpy().tobytes())
+        digest = hashlib.sha256(np.ascontiguousarray(dataset.images.numpy()))  # no copy
         digest.update(np.asarray(dataset.labels, dtype=np.int64).tobytes())
         return digest.hexdigest()[:16]
     raise TypeError(f"cannot fingerprint {type(dataset).__name__}")

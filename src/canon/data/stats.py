@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
@@ -184,6 +184,12 @@ def load_or_compute_stats(
 ) -> DatasetStats:
     """Cached statistics of `dataset` at `size`, computing (and caching) them when absent."""
     path = stats_cache_path(dataset, size, cache)
+    return _load_or_compute(path, dataset, size, workers, progress, refresh)
+
+
+def _load_or_compute(
+    path: Path, dataset: LabeledImages, size: int, workers: int, progress: bool, refresh: bool
+) -> DatasetStats:
     if path.is_file() and not refresh:
         try:
             return _load(path)
@@ -210,11 +216,13 @@ def _load(path: Path) -> DatasetStats:
 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
-    if meta.get("version") != STATS_VERSION:
-        raise ValueError(f"stats version {json.dumps(meta.get('version'))}")
-    tensors = load_file(str(path))
-    return DatasetStats(**{k: tensors[k] for k in _TENSORS}, images=int(meta["images"]),
-                        skipped=int(meta["skipped"]))
+        if meta.get("version") != STATS_VERSION:
+            raise ValueError(f"stats version {json.dumps(meta.get('version'))}")
+        missing = set(_TENSORS) - set(f.keys())
+        if missing:
+            raise KeyError(f"stats file lacks {sorted(missing)}")
+        tensors = {k: f.get_tensor(k) for k in _TENSORS}
+    return DatasetStats(**tensors, images=int(meta["images"]), skipped=int(meta["skipped"]))
 
 
 def statistics_of(
@@ -234,7 +242,5 @@ def statistics_of(
     train, _ = open_dataset(dataset, cache=cache, strict=strict, download=True)
     if size is None:
         size = int(train.images.shape[-1]) if isinstance(train, ArrayImages) else 256
-    stats = load_or_compute_stats(
-        train, size, cache=cache, workers=workers, progress=progress, refresh=refresh
-    )
-    return stats, stats_cache_path(train, size, cache)
+    path = stats_cache_path(train, size, cache)  # hashes the whole set: once
+    return _load_or_compute(path, train, size, workers, progress, refresh), path
