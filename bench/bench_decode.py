@@ -64,7 +64,7 @@ def main() -> None:
         assert difference < 2, f"decoders disagree by {difference:.2f} on average"
     speeds = images_per_second({"tv": with_torchvision, "pil": with_pil}, blobs, args.repeats)
     tv, pil = speeds["tv"], speeds["pil"]
-    megapixels = sum(with_pil(d).shape[1] * with_pil(d).shape[2] for d in blobs[:100]) / 100e6
+    megapixels = sum(h * w for _, h, w in (with_pil(d).shape for d in blobs[:100])) / 100e6
     print(f"{len(blobs)} JPEGs under {args.folder} (mean {megapixels:.3f} Mpx), 1 thread")
     print(f"processor: {platform.processor() or platform.machine()}; torch {torch.__version__}, "
           f"torchvision {torchvision.__version__}, Pillow {Image.__version__}")
