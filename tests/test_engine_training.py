@@ -73,7 +73,11 @@ def test_short_run_lowers_the_loss_and_beats_chance_on_held_out_images(sample_se
     result = train(recipe, tmp_path, device="cpu", datasets=data, progress=False)
     first, last = result.metrics
     assert last["train_loss"] < min(first["train_loss"], math.log(10))  # ln 10: chance level
-    assert last["val_top1_error"] < 75.0  # chance is 90% on 10 balanced classes
+    # Chance is 90% top-1 and 50% top-5 on 10 balanced classes. Two epochs on 1,600 images
+    # end near 66-75% top-1 (it varies with the CPU's kernels) and 12-20% top-5: the top-5
+    # error is the stable, wide-margin sign of learning.
+    assert last["val_top5_error"] < 35.0
+    assert last["val_top1_error"] < 85.0
     assert (tmp_path / "metrics.csv").read_text().count("\n") == 3
     assert (tmp_path / "curves.png").stat().st_size > 10_000
     for name in ("model.safetensors", "eval_config.json", "recipe.yaml"):

