@@ -6,8 +6,10 @@ from __future__ import annotations
 import hashlib
 import io
 import pickle
+import struct
 import tarfile
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +25,14 @@ from canon.data.datasets import (
     download_and_verify,
     extract_tar,
     fetch_cifar,
+    image_size,
     load_sample,
     open_dataset,
+    open_eval_split,
     read_cifar,
 )
-from canon.errors import DataError
+from canon.data.stats import compute_stats
+from canon.errors import ConfigError, DataError
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                    "ship", "truck"]
@@ -257,3 +262,302 @@ def test_unknown_dataset_name_says_what_a_folder_must_hold():
     assert "imagenet-not-here/train/<class>/*.JPEG" in message
     assert "imagenet-not-here/val/<class>/*.JPEG" in message
     assert "cifar-10-batches-py" in message
+
+
+def test_decode_errors_give_the_reason(bad_tree, tmp_path):
+    root, _ = bad_tree
+    bad = root / "train" / "bad"
+    with pytest.raises(DataError, match=r"text\.JPEG: not a recognised image format") as caught:
+        decode_image_file(bad / "text.JPEG")
+    assert "BytesIO" not in str(caught.value)
+    with pytest.raises(DataError, match=r"truncated\.JPEG: truncated \(image file is truncated"):
+        decode_image_file(bad / "truncated.JPEG")
+    png = (root / "train" / "good" / "png_named.JPEG").read_bytes()
+    (tmp_path / "cut.png").write_bytes(png[: len(png) // 2])
+    with pytest.raises(DataError, match=r"cut\.png: truncated"):
+        decode_image_file(tmp_path / "cut.png")
+
+
+# ---------------------------------------------------------------------------------------------
+# 16-bit images and decompression bombs
+
+
+def _png(width: int, height: int, bit_depth: int, colour_type: int, rows: bytes) -> bytes:
+    """A PNG file by the specification (PIL cannot write 16-bit RGB): `rows` are the raw
+    scanlines, each already prefixed with its filter byte."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        checksum = struct.pack(">I", zlib.crc32(kind + body))
+        return struct.pack(">I", len(body)) + kind + body + checksum
+
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+            + chunk(b"IEND", b""))
+
+
+def test_16_bit_images_decode_to_8_bit(tmp_path):
+    generator = np.random.default_rng(0)
+    rgb = generator.integers(0, 65536, (6, 6, 3), dtype=np.uint16)
+    rgb[0, 0] = (0, 255, 65535)
+    rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in rgb)
+    (tmp_path / "rgb16.png").write_bytes(_png(6, 6, 16, 2, rows))  # colour type 2: RGB
+    grey = generator.integers(0, 65536, (7, 9), dtype=np.uint16)
+    Image.fromarray(grey).save(tmp_path / "grey16.png")  # PIL mode I;16
+    Image.fromarray(grey).save(tmp_path / "grey16.tif")  # decoded by PIL, not torchvision
+    expected = {"rgb16.png": rgb >> 8, "grey16.png": np.repeat(grey[..., None] >> 8, 3, 2),
+                "grey16.tif": np.repeat(grey[..., None] >> 8, 3, 2)}
+    for name, high_bytes in expected.items():
+        image = decode_image_file(tmp_path / name)
+        assert image.dtype == torch.uint8, name
+        assert image.permute(1, 2, 0).numpy().tolist() == high_bytes.tolist(), name
+    assert decode_image_file(tmp_path / "rgb16.png")[:, 0, 0].tolist() == [0, 0, 255]
+
+    for label in ("a", "b"):  # statistics of a folder of them (they crashed on uint16)
+        (tmp_path / "tree" / label).mkdir(parents=True)
+        (tmp_path / "tree" / label / "x.png").write_bytes((tmp_path / "rgb16.png").read_bytes())
+    stats = compute_stats(FolderImages(tmp_path / "tree"), 6, progress=False)
+    assert torch.allclose(stats.channel_mean.double(),
+                          torch.from_numpy((rgb >> 8).mean((0, 1)) / 255), atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def bomb(tmp_path_factory) -> Path:
+    """A real 20000 x 20000 1-bit PNG: 48 KB on disk, 1.2 GB once decoded to RGB."""
+    path = tmp_path_factory.mktemp("bomb") / "bomb.png"
+    path.write_bytes(_png(20000, 20000, 1, 0, bytes(1 + 20000 // 8) * 20000))
+    return path
+
+
+def test_decompression_bombs_are_refused_from_the_header(bomb, tmp_path):
+    assert bomb.stat().st_size < 100_000
+    with pytest.raises(DataError, match=r"bomb\.png: 20000 x 20000 = 400,000,000 pixels, over "
+                       r"the limit of 178,956,970 \(data\.max_image_pixels"):
+        decode_image_file(bomb)
+    # 0: no limit of canon's own, but PIL's (2 x Image.MAX_IMAGE_PIXELS) holds, as it did when
+    # PIL read every header.
+    with pytest.raises(DataError, match=r"bomb\.png: too large to decode \(20000 x 20000 .* "
+                       r"over PIL's limit of 178,956,970"):
+        decode_image_file(bomb, max_pixels=0)
+    Image.new("RGB", (300, 200), (10, 20, 30)).save(tmp_path / "modest.png")
+    with pytest.raises(DataError, match=r"300 x 200 = 60,000 pixels, over the limit of 50,000"):
+        decode_image_file(tmp_path / "modest.png", max_pixels=50_000)
+    for limit in (60_000, 0):  # 0: no limit of canon's own
+        assert decode_image_file(tmp_path / "modest.png", limit).shape == (3, 200, 300)
+    assert DataConfig().max_image_pixels == 2 * Image.MAX_IMAGE_PIXELS  # PIL's refusal
+    with pytest.raises(ConfigError, match=r"data\.max_image_pixels must be an integer >= 0"):
+        DataConfig(max_image_pixels=-1)
+
+
+def test_a_folder_skips_too_large_images(bomb, tmp_path):
+    for split in ("train", "val"):
+        for label, size in (("big", (300, 200)), ("small", (30, 20))):
+            (tmp_path / split / label).mkdir(parents=True)
+            Image.new("RGB", size).save(tmp_path / split / label / "x.png")
+    (tmp_path / "train" / "big" / "bomb.png").symlink_to(bomb)
+    train, _ = open_dataset(str(tmp_path), max_pixels=50_000)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        items = [train[i] for _ in range(2) for i in range(len(train))]
+    assert [item[1] for item in items if item is not None] == [1, 1]
+    messages = [str(w.message) for w in caught if issubclass(w.category, BadImageWarning)]
+    assert len(messages) == 2  # one per file, not per read
+    assert "bomb.png: 20000 x 20000 = 400,000,000 pixels, over the limit of 50,000" in messages[0]
+    assert "big/x.png: 300 x 200 = 60,000 pixels, over the limit of 50,000" in messages[1]
+    strict = FolderImages(tmp_path / "train", strict=True, max_pixels=50_000)
+    with pytest.raises(DataError, match=r"300 x 200 .*strict mode"):
+        strict.load_image(strict.paths.index(tmp_path / "train" / "big" / "x.png"))
+
+
+# ---------------------------------------------------------------------------------------------
+# image_size: the header check's fast path, against PIL
+
+
+def test_image_size_of_real_jpegs_matches_pil(imagenette_root):
+    paths = sorted(imagenette_root.rglob("*.JPEG"))
+    assert len(paths) == 1500
+    for path in paths:
+        data = path.read_bytes()
+        assert image_size(data) == Image.open(io.BytesIO(data)).size, path
+
+
+def _pil_files(tmp_path: Path) -> list[Path]:
+    """JPEG, PNG and WebP files in the modes PIL writes them, each of a different size."""
+    progressive, lossy, lossless = {"progressive": True}, {"quality": 80}, {"lossless": True}
+    cases = [  # (mode, file name suffix, save options)
+        *[(mode, "jpg", {}) for mode in ("RGB", "L", "CMYK")],
+        *[(mode, "progressive.jpg", progressive) for mode in ("RGB", "L", "CMYK")],
+        *[(mode, "png", {}) for mode in ("RGB", "L", "RGBA", "P")],
+        *[(mode, "webp", lossy) for mode in ("RGB", "RGBA")],  # RGBA: VP8X, ALPH, VP8
+        *[(mode, "lossless.webp", lossless) for mode in ("RGB", "RGBA")],
+        ("RGB", "icc.webp", {"icc_profile": b"profile"}),  # VP8X, ICCP, VP8
+    ]
+    generator = np.random.default_rng(0)
+    paths = []
+    for i, (mode, suffix, options) in enumerate(cases):
+        width, height = 37 + 13 * i, 23 + 7 * i
+        pixels = generator.integers(0, 256, (height, width, 4), dtype=np.uint8)
+        paths.append(tmp_path / f"{i}_{mode}.{suffix}")
+        Image.fromarray(pixels, "RGBA").convert(mode).save(paths[-1], **options)
+    paths.append(tmp_path / "wide.png")  # wider than JPEG's and WebP's fields hold
+    Image.new("1", (70000, 3)).save(paths[-1])
+    return paths
+
+
+def test_image_size_of_pil_written_files_matches_pil(tmp_path):
+    paths = _pil_files(tmp_path)
+    chunks = set()
+    for path in paths:
+        data = path.read_bytes()
+        chunks.add(data[12:16] if path.suffix == ".webp" else b"")
+        assert image_size(data) == Image.open(path).size, path.name
+    assert chunks == {b"", b"VP8 ", b"VP8L", b"VP8X"}  # WebP's three kinds of first chunk
+
+
+def test_image_size_walks_fill_bytes_and_standalone_markers(imagenette_root):
+    data = sorted(imagenette_root.rglob("*.JPEG"))[0].read_bytes()
+    # SOI, then fill bytes, RST0 and TEM (no length fields) before the first segment.
+    padded = data[:2] + b"\xff\xff\xff\xd0\xff\x01" + data[2:]
+    assert image_size(padded) == Image.open(io.BytesIO(data)).size
+
+
+def test_jpeg_png_and_webp_decode_without_a_pil_object(tmp_path, monkeypatch):
+    paths = [path for path in _pil_files(tmp_path) if "CMYK" not in path.name]  # PIL decodes
+    paths.remove(tmp_path / "wide.png")  # 1-bit: PIL's 0/1 are torchvision's 0/255
+    expected = {path: decode_image_file(path) for path in paths}
+    monkeypatch.setattr(Image, "open", None)  # the ~60 us header read the fast path avoids
+    for path in paths:
+        assert torch.equal(decode_image_file(path), expected[path]), path.name
+
+
+def test_image_size_of_bad_headers_is_none_and_they_decode_as_bad(tmp_path, imagenette_root):
+    jpeg = sorted(imagenette_root.rglob("*.JPEG"))[0].read_bytes()
+    Image.new("RGB", (8, 6)).save(tmp_path / "good.png")
+    png = (tmp_path / "good.png").read_bytes()
+    frame = jpeg.index(b"\xff\xc0")
+    bad = {
+        "empty": b"", "text": b"not an image\n", "soi only": jpeg[:2], "png signature": png[:8],
+        "jpeg cut in its frame header": jpeg[: frame + 6], "png cut in IHDR": png[:20],
+        "zero-length segment": jpeg[:2] + b"\xff\xe0\x00\x00" + jpeg[2:],
+        "garbage between segments": jpeg[:2] + b"\x00" + jpeg[2:],
+        "scan before a frame": jpeg[:2] + b"\xff\xda\x00\x02" + jpeg[2:],
+        "zero height": jpeg[: frame + 5] + b"\x00\x00" + jpeg[frame + 7 :],
+        "riff, not webp": b"RIFF\x00\x00\x00\x00WAVEfmt " + bytes(20),
+        "webp cut short": b"RIFF\x00\x00\x00\x00WEBPVP8X" + bytes(6),
+        "webp, unknown chunk": b"RIFF\x00\x00\x00\x00WEBPABCD" + bytes(20),
+        "all fill bytes": b"\xff\xd8" + b"\xff" * 100,
+    }
+    for name, data in bad.items():
+        assert image_size(data) is None, name
+    # PIL reads these headers instead and reports the files as undecodable, never crashes
+    # (it reads past a zero-length APP0 segment, and decodes that one).
+    for name in bad.keys() - {"empty", "zero-length segment"}:
+        (tmp_path / "bad.jpg").write_bytes(bad[name])
+        with pytest.raises(DataError, match=r"bad\.jpg: (not a recognised|truncated|corrupt)"):
+            decode_image_file(tmp_path / "bad.jpg")
+
+
+# ---------------------------------------------------------------------------------------------
+# Layouts: split names, Tiny-ImageNet, what an unreadable layout says
+
+
+def _write_images(folder: Path, count: int, suffix: str = ".png") -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        Image.new("RGB", (8, 6), (i * 40, 0, 0)).save(folder / f"img{i}{suffix}")
+
+
+@pytest.mark.parametrize("val_name", ["validation", "valid", "test"])
+def test_evaluation_split_names(tmp_path, val_name):
+    for split in ("train", val_name, "val_"):
+        for label in ("apple", "pear"):
+            _write_images(tmp_path / split / label, 2)
+    _, val = open_dataset(str(tmp_path))
+    assert val.root == tmp_path / val_name and val.labels == [0, 0, 1, 1]
+    (tmp_path / "val_").rename(tmp_path / "val")  # val/ is preferred
+    assert open_eval_split(str(tmp_path)).root == tmp_path / "val"
+
+
+def test_tiny_imagenet_layout(tmp_path):
+    wnids = ["n01443537", "n01629819"]
+    for wnid in wnids:
+        _write_images(tmp_path / "train" / wnid / "images", 3, ".JPEG")
+        (tmp_path / "train" / wnid / f"{wnid}_boxes.txt").write_text("img0.JPEG\t0\t0\t8\t6\n")
+    _write_images(tmp_path / "val" / "images", 4, ".JPEG")
+    _write_images(tmp_path / "test" / "images", 2, ".JPEG")  # unlabelled: never read
+    (tmp_path / "val" / "val_annotations.txt").write_text(
+        "img0.JPEG\tn01629819\t0\t0\t8\t6\nimg1.JPEG\tn01443537\t0\t0\t8\t6\n"
+        "img2.JPEG\tn01629819\t0\t0\t8\t6\nimg3.JPEG\tn01443537\t0\t0\t8\t6\n"
+    )
+    (tmp_path / "words.txt").write_text("n01443537\tgoldfish, Carassius auratus\n"
+                                        "n01629819\tEuropean fire salamander\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BadImageWarning)  # the boxes files are not images
+        train, val = open_dataset(str(tmp_path))
+    assert train.class_ids == val.class_ids == wnids
+    assert train.classes == ["goldfish", "European fire salamander"]
+    assert len(train) == 6 and train.labels == [0, 0, 0, 1, 1, 1]
+    assert [(p.name, label) for p, label in zip(val.paths, val.labels, strict=True)] == [
+        ("img1.JPEG", 0), ("img3.JPEG", 0), ("img0.JPEG", 1), ("img2.JPEG", 1)]
+    assert val[0][0].shape == (3, 6, 8)
+
+
+def test_unreadable_layouts_say_what_was_found(tmp_path):
+    for split in ("train", "val"):  # images without class folders
+        _write_images(tmp_path / "flat" / split, 2)
+    with pytest.raises(DataError, match=r"train: no class folders \(it holds 2 file\(s\): "
+                                        r"img0\.png, img1\.png; 0 folder\(s\): none\); "
+                                        r"expected .*train/<class>/<image files>"):
+        open_dataset(str(tmp_path / "flat"))
+    for label in ("a", "b"):  # one level too deep
+        for split in ("train", "val"):
+            _write_images(tmp_path / "deep" / split / label / "photos", 1)
+    with pytest.raises(DataError, match=r"no image files \(.*train/a holds 0 file\(s\): none; "
+                                        r"1 folder\(s\): photos/\); expected .*<class>/images/"):
+        open_dataset(str(tmp_path / "deep"))
+    (tmp_path / "no_val" / "train").mkdir(parents=True)
+    (tmp_path / "no_val" / "readme.txt").write_text("")
+    with pytest.raises(DataError, match=r"no val/validation/valid/test folder \(it holds 1 "
+                                        r"file\(s\): readme\.txt; 1 folder\(s\): train/\)"):
+        open_dataset(str(tmp_path / "no_val"))
+
+
+def test_one_class_is_refused(tmp_path):
+    for split in ("train", "val"):
+        _write_images(tmp_path / split / "cat", 2)
+    with pytest.raises(DataError, match=r"train: found 1 class folder \(cat\); classification "
+                                        "needs at least two"):
+        open_dataset(str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------
+# The evaluation split alone, labelled by a model's classes
+
+
+def test_eval_split_of_a_folder_is_labelled_by_the_models_classes(tmp_path):
+    model_classes = ["n01", "n02", "n03"]
+    for label in ("n01", "n03"):  # a subset of the model's classes; no train/ beside it
+        _write_images(tmp_path / "val" / label, 2)
+    for root in (tmp_path, tmp_path / "val"):  # the dataset root, or the split itself
+        val = open_eval_split(str(root), model_classes)
+        assert val.root == tmp_path / "val"
+        assert val.labels == [0, 0, 2, 2] and val.class_ids == val.classes == model_classes
+    assert open_eval_split(str(tmp_path)).labels == [0, 0, 1, 1]  # its own classes
+    _write_images(tmp_path / "val" / "n99", 1)
+    with pytest.raises(DataError, match=r"val: class\(es\) n99 are not among the model's 3 "
+                                        r"classes \(n01, n02, n03\)"):
+        open_eval_split(str(tmp_path), model_classes)
+    (tmp_path / "train").mkdir()
+    (tmp_path / "val").rename(tmp_path / "elsewhere")
+    with pytest.raises(DataError, match="no val/validation/valid/test folder"):
+        open_eval_split(str(tmp_path), model_classes)
+
+
+def test_eval_split_of_arrays_is_matched_by_class_name():
+    test = load_sample("test")
+    assert test.class_ids == test.classes == CIFAR10_CLASSES
+    reordered = open_eval_split("sample", [*CIFAR10_CLASSES[::-1], "unicorn"])
+    assert reordered.labels == [9 - label for label in test.labels]
+    assert reordered.classes[-1] == "unicorn" and torch.equal(reordered.images, test.images)
+    assert open_eval_split("sample", CIFAR10_CLASSES).labels == test.labels
+    with pytest.raises(DataError, match=r"sample-test: class\(es\) airplane, automobile, bird"):
+        open_eval_split("sample", ["cat", "dog"])

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
+from PIL import Image
 
 from canon.cli import main
-from canon.data import DataConfig, ShuffleSampler, build_datasets, build_loader
+from canon.data import BadImageWarning, DataConfig, ShuffleSampler, build_datasets, build_loader
 from canon.data.datasets import load_sample
 from canon.data.stats import load_or_compute_stats, stats_cache_path
 from canon.errors import ConfigError
@@ -49,6 +52,28 @@ def test_default_config_builds_the_sample(tmp_path):
     # Validation is deterministic; its per-pixel mean is close to zero after subtraction.
     assert torch.equal(val[5][0], val[5][0])
     assert abs(torch.stack([val[i][0] for i in range(1000)]).mean()) < 0.05
+
+
+def test_max_image_pixels_reaches_the_datasets(tmp_path):
+    """A recipe's data.max_image_pixels is the limit build_datasets' images decode under."""
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            (tmp_path / "data" / split / label).mkdir(parents=True)
+            Image.new("RGB", (16, 12), "red").save(tmp_path / "data" / split / label / "small.png")
+        Image.new("RGB", (64, 48), "red").save(tmp_path / "data" / split / "a" / "large.png")
+    data = {"dataset": str(tmp_path / "data"), "augmentation": "none", "crop_size": 8,
+            "resize_size": 8, "mean": "imagenet"}
+    for limit, skipped in ((None, 0), (1000, 1)):  # large.png: 64 x 48 = 3,072 pixels
+        config = DataConfig.from_dict(data | ({"max_image_pixels": limit} if limit else {}))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            datasets = build_datasets(config, root_cache=tmp_path / "cache")
+            items = [dataset[i] for dataset in datasets for i in range(len(dataset))]
+        assert len(items) == 6 and items.count(None) == 2 * skipped
+        messages = [str(w.message) for w in caught if issubclass(w.category, BadImageWarning)]
+        assert len(messages) == 2 * skipped
+        assert all("large.png: 64 x 48 = 3,072 pixels, over the limit of 1,000" in message
+                   for message in messages)
 
 
 def test_statistics_are_cached(tmp_path, monkeypatch):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn as nn
 from torch.utils.data import TensorDataset
 
-from canon.data import ArrayImages, DataConfig, build_datasets, build_loader
+from canon.data import ArrayImages, DataConfig, build_datasets, build_loader, decode_image_file
+from canon.data.datasets import open_eval_split
 from canon.data.transforms import EvalPreprocess, Normalize, resize_image
 from canon.data.views import (
     ProtocolViews,
@@ -17,9 +20,9 @@ from canon.data.views import (
     parse_protocol,
     ten_crop,
 )
-from canon.errors import ConfigError
+from canon.errors import ConfigError, DataError
 from canon.evaluation import TopKErrors, evaluate, score_loader, topk_correct
-from canon.evaluation.protocols import _average_posteriors
+from canon.evaluation.protocols import _average_posteriors, preprocess_for
 from canon.models.base import EvalConfig
 from canon.registry import create_model
 
@@ -119,6 +122,21 @@ def test_googlenet_144_crops():
     assert views.scales == (256, 288, 320, 352)
     stacks = views(torch.randint(0, 255, (3, 240, 320), dtype=torch.uint8))
     assert sum(len(s) for s in stacks) == 144
+
+
+def test_144_crop_needs_crops_of_64_px(sample_sets):
+    """GoogLeNet's 144 views of a 32 px CIFAR image mostly repeat each other: refused."""
+    protocol = parse_protocol("144-crop")
+    for crop_size in (32, 63):
+        preprocess = EvalPreprocess(False, crop_size, crop_size, Normalize(torch.zeros(3)))
+        with pytest.raises(ConfigError, match=rf"'144-crop' .* {crop_size} px crops .*center, "
+                                              "ten-crop or dense"):
+            ProtocolViews(protocol, preprocess)
+    preprocess = EvalPreprocess(False, 64, 73, Normalize(torch.zeros(3)))
+    assert ProtocolViews(protocol, preprocess).scales == (73, 82, 91, 101)
+    _, val = sample_sets
+    with pytest.raises(ConfigError, match="144-crop"):
+        evaluate(SmallConvNet(), val, "144-crop")
 
 
 def test_protocol_names():
@@ -259,3 +277,46 @@ def test_loader_of_views_restores_training_mode(sample_sets):
     assert len(next(iter(loader))[0]) == 50
     evaluate(model, val, "center")
     assert model.training
+
+
+def _link_images(source: Path, target: Path, count: int) -> list[Path]:
+    target.mkdir(parents=True)
+    for path in sorted(source.iterdir())[:count]:
+        (target / path.name).symlink_to(path)
+    return sorted(target.iterdir())
+
+
+def test_evaluate_a_folder_of_some_of_the_models_classes(imagenette_root, tmp_path):
+    """A val folder without train/ and without one of the model's classes: labels are the
+    model's indices of its class names, and the error is the one computed by hand."""
+    wnids = ["n01440764", "n02102040", "n02979186"]  # the model's classes, its output order
+    for wnid in (wnids[0], wnids[2]):
+        _link_images(imagenette_root / "val" / wnid, tmp_path / "val" / wnid, 6)
+    val = open_eval_split(str(tmp_path), wnids)
+    assert val.labels == [0] * 6 + [2] * 6
+    model = PixelwiseNet(num_classes=3)
+    model.eval_config = EvalConfig(input_size=64, resize_size=72)
+    center = ProtocolViews(parse_protocol("center"), preprocess_for(model))
+    with torch.no_grad():
+        scores = model(torch.cat([center(decode_image_file(p))[0] for p in val.paths]))
+    wrong = (scores.argmax(1) != torch.tensor(val.labels)).sum().item()
+    result = evaluate(model, tmp_path, "center", batch_size=5, class_ids=wnids)
+    assert result["images"] == 12 and result["top1_error"] == pytest.approx(100 * wrong / 12)
+
+    _link_images(imagenette_root / "val" / "n03000684", tmp_path / "val" / "n03000684", 1)
+    with pytest.raises(DataError, match=r"n03000684 are not among the model's 3 classes"):
+        evaluate(model, tmp_path, "center", class_ids=wnids)
+
+
+def test_evaluate_with_a_preprocess_reads_no_training_split(imagenette_root, tmp_path):
+    wnids = ["n01440764", "n02102040"]
+    for wnid in wnids:
+        _link_images(imagenette_root / "val" / wnid, tmp_path / "val" / wnid, 3)
+    for name in ("other", "classes"):
+        _link_images(imagenette_root / "train" / wnids[0], tmp_path / "train" / name, 1)
+    with pytest.raises(DataError, match="train and val have different classes"):
+        build_datasets(DataConfig(dataset=str(tmp_path), mean="imagenet"))
+    model = PixelwiseNet(num_classes=2)
+    preprocess = EvalPreprocess(False, 64, 72, Normalize(torch.zeros(3)))
+    result = evaluate(model, tmp_path, "ten-crop", preprocess=preprocess)
+    assert result["images"] == 6 and result["views_per_image"] == 10

@@ -15,6 +15,8 @@ AUGMENTATIONS = ("alexnet", "zfnet", "vgg", "resnet", "googlenet", "cifar", "non
 MEANS = ("pixel", "channel", "imagenet")
 PCA_SOURCES = ("dataset", "imagenet")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+# PIL's decompression-bomb threshold, 2 x PIL.Image.MAX_IMAGE_PIXELS: PIL refuses larger images.
+MAX_IMAGE_PIXELS = 178_956_970
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,11 @@ class DataConfig:
     test_scales: tuple[int, ...] = ()
     # Fetch CIFAR from its official address (md5-verified) when it is not on disk.
     download: bool = True
+    # Image files with more pixels (width x height, read from the header before decoding) are
+    # skipped like undecodable ones: a 1 MB PNG of 30000 x 30000 would decode to 2.7 GB.
+    # 0: no limit of canon's own; PIL, which reads the headers, still refuses more than
+    # 2 x PIL.Image.MAX_IMAGE_PIXELS (the default here, unless a program raises PIL's limit).
+    max_image_pixels: int = MAX_IMAGE_PIXELS
 
     def __post_init__(self) -> None:
         _choice("augmentation", self.augmentation, AUGMENTATIONS)
@@ -104,8 +111,8 @@ class DataConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
                 raise ConfigError(f"data.{name} must be a number >= 0, got {value!r}")
-        if isinstance(self.padding, bool) or not isinstance(self.padding, int) or self.padding < 0:
-            raise ConfigError(f"data.padding must be an integer >= 0, got {self.padding!r}")
+        for name in ("padding", "max_image_pixels"):
+            _non_negative_int(name, getattr(self, name))
         scales = tuple(self.test_scales)
         for scale in scales:
             _positive_int("test_scales", scale)
@@ -146,6 +153,11 @@ def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
 def _positive_int(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"data.{name} must be a positive integer, got {value!r}")
+
+
+def _non_negative_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"data.{name} must be an integer >= 0, got {value!r}")
 
 
 def _pair(name: str, value: object, kind: type) -> tuple:

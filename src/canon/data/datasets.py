@@ -1,14 +1,18 @@
-"""Datasets: ImageNet/ImageFolder trees, CIFAR-10/100 in their pickled format, the bundled sample.
+"""Datasets: ImageNet/ImageFolder trees (and Tiny-ImageNet's), CIFAR-10/100 in their pickled
+format, the bundled sample.
 
 Every dataset yields `(transform(image), label)` where `image` is the decoded picture as a
 uint8 tensor 3 x H x W (RGB) and `transform` defaults to the identity. `.classes` holds human
-names where known (from a synset mapping file next to the tree), else the folder names.
+names where known (from a synset mapping file next to the tree), else the folder names;
+`.class_ids` the names labels index (folder names, e.g. wnids), which a trained model keeps so
+that `open_eval_split` can label another folder by its classes.
 
 Bad files never stop a run: zero-byte files and files without an image extension are skipped
 when the tree is scanned, and files that fail to decode are skipped when read (the item comes
 out as None, which `canon.data.loaders.collate` drops). Each skipped file gets one warning and
 the scan reports a count; `strict=True` turns the first one into a DataError naming the file.
-Truncated JPEGs count as undecodable: a half-grey picture is corrupt training data.
+Truncated JPEGs count as undecodable: a half-grey picture is corrupt training data; so do
+images above a pixel limit (decompression bombs), refused from their header.
 """
 
 from __future__ import annotations
@@ -19,12 +23,13 @@ import io
 import os
 import pickle
 import shutil
+import struct
 import tarfile
 import tempfile
 import urllib.request
 import warnings
 from collections.abc import Callable
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import ClassVar
 
@@ -34,12 +39,17 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_image
 
+from canon.data.config import MAX_IMAGE_PIXELS
 from canon.errors import DataError
 from canon.files import atomic_write
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm")
 SYNSET_FILES = ("LOC_synset_mapping.txt", "synset_words.txt", "words.txt")
-SPLIT_NAMES = {"train": ("train",), "val": ("val", "validation")}
+# Folder names of a dataset's splits; the evaluation split's in order of preference.
+SPLIT_NAMES = {"train": ("train",), "val": ("val", "validation", "valid", "test")}
+VAL_ANNOTATIONS = "val_annotations.txt"  # Tiny-ImageNet's labels of val/images/
+# What PIL's format plugins raise on a bad file (UnidentifiedImageError is an OSError).
+PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample"
 Transform = Callable[[torch.Tensor], object]
 
@@ -57,12 +67,17 @@ def canon_cache_dir() -> Path:
 # Decoding
 
 
-def decode_image_file(path: str | Path) -> torch.Tensor:
+def decode_image_file(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor:
     """Decode any image file to a uint8 RGB tensor 3 x H x W, or raise DataError.
 
-    torchvision.io (libjpeg-turbo, libpng, libwebp) first, since it is the faster decoder
-    (bench/bench_decode.py); PIL for what it rejects (e.g. CMYK/YCCK variants, BMP, TIFF).
-    The format is sniffed from the bytes, so a PNG named .JPEG decodes as the PNG it is.
+    The header is read first (by `image_size`, else by PIL, which reads only that when it opens
+    a file), and an image of more than `max_pixels` pixels (0: no limit of canon's own; PIL's,
+    2 x PIL.Image.MAX_IMAGE_PIXELS, still holds) is refused before it is decoded: a
+    decompression bomb's pixels never reach memory. Then torchvision.io (libjpeg-turbo,
+    libpng, libwebp), the faster decoder (bench/bench_decode.py); PIL for what it rejects
+    (e.g. CMYK/YCCK variants, BMP, TIFF). The format is sniffed from the bytes, so a PNG
+    named .JPEG decodes as the PNG it is. 16-bit samples keep their high byte (as PIL does
+    for 16-bit RGB PNGs).
     """
     path = Path(path)
     try:
@@ -71,6 +86,111 @@ def decode_image_file(path: str | Path) -> torch.Tensor:
         raise DataError(f"{path}: cannot read ({error.strerror or error})") from None
     if not data:
         raise DataError(f"{path}: empty file (0 bytes)")
+    size = image_size(data)  # PNG, JPEG, WebP: from the bytes (~3 us; PIL's header ~60 us)
+    if size is not None:
+        _check_pixels(size, max_pixels, path)
+        tensor = _decode_with_torchvision(data)
+        if tensor is not None:
+            return tensor
+    # Other formats, headers image_size cannot parse, and files torchvision rejects: PIL reads
+    # the header (and checks it again: its decoders read their own) and decodes.
+    with _open_header(data, path) as image:
+        _check_pixels(image.size, max_pixels, path)
+        tensor = _decode_with_torchvision(data) if size is None else None
+        return tensor if tensor is not None else _decode_with_pil(image, path)
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# JPEG frame headers (SOF0-3, 5-7, 9-11, 13-15): 0xC0-0xCF but DHT, JPG and DAC.
+_JPEG_FRAMES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_JPEG_STANDALONE = frozenset(range(0xD0, 0xD8)) | {0x01}  # RST0-7, TEM: no length field
+
+
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the header of a PNG, JPEG or WebP file's bytes (the formats
+    torchvision.io decodes), without a PIL object; None for other formats and for malformed or
+    cut-short headers, which PIL then reads (and reports)."""
+    try:
+        if data.startswith(_PNG_SIGNATURE) and data[12:16] == b"IHDR":
+            size = struct.unpack_from(">II", data, 16)
+        elif data.startswith(b"\xff\xd8"):
+            size = _jpeg_size(data)
+        elif data.startswith(b"RIFF") and data[8:12] == b"WEBP":
+            size = _webp_size(data)
+        else:
+            return None
+    except (struct.error, IndexError):  # cut short
+        return None
+    return size if size and size[0] > 0 and size[1] > 0 else None
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """Walk the markers from SOI to the first frame header, as libjpeg does."""
+    at = 2
+    while True:
+        if data[at] != 0xFF:  # garbage between segments: leave it to PIL
+            return None
+        while data[at] == 0xFF:  # fill bytes
+            at += 1
+        marker = data[at]
+        at += 1
+        if marker in _JPEG_FRAMES:  # length, precision, height, width
+            height, width = struct.unpack_from(">HH", data, at + 3)
+            return width, height
+        if marker in _JPEG_STANDALONE:
+            continue
+        if marker in (0x00, 0xD8, 0xD9, 0xDA):  # stuffing, SOI, EOI, SOS before any frame
+            return None
+        (length,) = struct.unpack_from(">H", data, at)
+        if length < 2:
+            return None
+        at += length
+
+
+def _webp_size(data: bytes) -> tuple[int, int] | None:
+    """The first chunk's: VP8 (lossy) frame size, VP8L (lossless) or VP8X (extended) canvas."""
+    chunk = data[12:16]
+    if chunk == b"VP8 " and data[23:26] == b"\x9d\x01\x2a":  # after the 3-byte frame tag
+        width, height = struct.unpack_from("<HH", data, 26)
+        return width & 0x3FFF, height & 0x3FFF  # top 2 bits: upscaling hint
+    if chunk == b"VP8L" and data[20] == 0x2F:  # 14 bits each of width - 1, height - 1
+        (bits,) = struct.unpack_from("<I", data, 21)
+        return (bits & 0x3FFF) + 1, (bits >> 14 & 0x3FFF) + 1
+    if chunk == b"VP8X" and len(data) >= 30:  # flags, 3 reserved, 24 bits each of w-1, h-1
+        width, height = (int.from_bytes(data[at : at + 3], "little") + 1 for at in (24, 27))
+        return width, height
+    return None
+
+
+def _open_header(data: bytes, path: Path) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            # PIL warns of images over half its own limit; max_pixels decides instead.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data))
+    except PIL_ERRORS as error:
+        raise DataError(f"{path}: {_unreadable_because(error)}") from None
+
+
+def _check_pixels(size: tuple[int, int], max_pixels: int, path: Path) -> None:
+    width, height = size
+    pixels = width * height
+    if max_pixels and pixels > max_pixels:
+        raise DataError(
+            f"{path}: {width} x {height} = {pixels:,} pixels, over the limit of "
+            f"{max_pixels:,} (data.max_image_pixels; a decompression bomb?)"
+        )
+    # What PIL refuses when it opens a header (2 x its limit), also where image_size read it.
+    pil_limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+    if pil_limit and pixels > pil_limit:
+        raise DataError(
+            f"{path}: too large to decode ({width} x {height} = {pixels:,} pixels, over PIL's "
+            f"limit of {pil_limit:,}: 2 x PIL.Image.MAX_IMAGE_PIXELS)"
+        )
+
+
+def _decode_with_torchvision(data: bytes) -> torch.Tensor | None:
+    """uint8 3 x H x W, or None where torchvision cannot decode the file (PIL may)."""
     try:
         with warnings.catch_warnings():
             # libjpeg reports corrupt data as a warning and returns a partial image; torchvision
@@ -82,21 +202,38 @@ def decode_image_file(path: str | Path) -> torch.Tensor:
                 mode=ImageReadMode.RGB,
                 apply_exif_orientation=True,
             )
-        if tensor.dim() == 3 and tensor.shape[0] == 3:
-            return tensor
     except (RuntimeError, ValueError, UserWarning):
-        pass
-    return _decode_with_pil(data, path)
+        return None
+    if tensor.dim() != 3 or tensor.shape[0] != 3:
+        return None
+    return _high_byte(tensor) if tensor.dtype == torch.uint16 else tensor
 
 
-def _decode_with_pil(data: bytes, path: Path) -> torch.Tensor:
+def _decode_with_pil(image: Image.Image, path: Path) -> torch.Tensor:
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()  # raises on truncated data (LOAD_TRUNCATED_IMAGES stays False)
-            rgb = image.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise DataError(f"{path}: not a decodable image ({error})") from None
+        image.load()  # raises on truncated data (LOAD_TRUNCATED_IMAGES stays False)
+        if image.mode.startswith("I"):  # 16-bit greyscale (I;16 TIFF, I PGM): convert clips
+            grey = _high_byte(torch.from_numpy(np.asarray(image, dtype=np.int32)))
+            return grey.expand(3, -1, -1).contiguous()
+        rgb = image.convert("RGB")
+    except PIL_ERRORS as error:
+        raise DataError(f"{path}: {_unreadable_because(error)}") from None
     return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).contiguous()
+
+
+def _high_byte(image: torch.Tensor) -> torch.Tensor:
+    """16-bit samples (0..65535) to uint8 by their high byte, as PIL converts 16-bit RGB."""
+    return (image.to(torch.int32).clamp(0, 65535) >> 8).to(torch.uint8)
+
+
+def _unreadable_because(error: Exception) -> str:
+    """A reason a user can read: PIL's UnidentifiedImageError names only a BytesIO object."""
+    if isinstance(error, UnidentifiedImageError):
+        return "not a recognised image format (or its header is cut short)"
+    if isinstance(error, Image.DecompressionBombError):
+        return f"too large to decode ({error})"
+    text = str(error) or type(error).__name__
+    return f"truncated ({text})" if "truncated" in text.lower() else f"corrupt image ({text})"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,9 +241,13 @@ def _decode_with_pil(data: bytes, path: Path) -> torch.Tensor:
 
 
 class LabeledImages(Dataset):
-    """Base: `classes`, `labels`, `load_image(i)` (uint8 3 x H x W) and a settable transform."""
+    """Base: `classes`, `class_ids`, `labels`, `load_image(i)` (uint8 3 x H x W) and a settable
+    transform."""
 
     classes: list[str]
+    # What labels index, by name: folder names (ImageNet wnids) or, for arrays, the classes.
+    # A trained model keeps them, so an evaluation split's labels can be matched to its outputs.
+    class_ids: list[str]
     labels: list[int]
     # The evaluation preprocessing (canon.data.transforms.EvalPreprocess) when built by
     # build_datasets; evaluation protocols use it to make their own views of the raw images.
@@ -157,7 +298,7 @@ class ArrayImages(LabeledImages):
             raise DataError(f"{name}: labels outside 0..{len(classes) - 1}")
         self.images = images
         self.labels = labels
-        self.classes = classes
+        self.classes = self.class_ids = classes
         self.name = name
 
     def load_image(self, index: int) -> torch.Tensor:
@@ -168,10 +309,16 @@ class ArrayImages(LabeledImages):
 
 
 class FolderImages(LabeledImages):
-    """`ROOT/<class>/<image>` trees (ImageNet's train/ and val/, any ImageFolder layout).
+    """Image folder trees: `ROOT/<class>/<image>` (ImageNet's train/ and val/, any ImageFolder
+    layout); Tiny-ImageNet's `ROOT/<class>/images/<image>` (a class folder whose only subfolder
+    is images/) and its val/, `ROOT/images/<image>` labelled by `ROOT/val_annotations.txt`
+    (lines `file<TAB>class<TAB>...`).
 
-    `class_ids`: the training split's classes, when this folder is its validation split; the
-    two must hold the same class folders, and labels follow the training split's order.
+    `class_ids`: the classes labels index, in that order: the training split's when this
+    folder is its validation split (the two must hold the same classes), or a model's when
+    `require_all` is False (an evaluation folder may hold some of its classes, no others).
+    Without them the folder's own sorted class names are the classes; there must be two at
+    least. Images of more than `max_pixels` pixels count as undecodable (decode_image_file).
     """
 
     def __init__(
@@ -179,37 +326,38 @@ class FolderImages(LabeledImages):
         root: str | Path,
         *,
         class_ids: list[str] | None = None,
+        require_all: bool = True,
         strict: bool = False,
+        max_pixels: int = MAX_IMAGE_PIXELS,
         transform: Transform | None = None,
     ) -> None:
         super().__init__(transform)
         self.root = Path(root)
-        self.strict = strict
+        self.strict, self.max_pixels = strict, max_pixels
         if not self.root.is_dir():
             raise DataError(f"{self.root}: not a folder")
-        found = sorted(e.name for e in os.scandir(self.root) if e.is_dir() and e.name[0] != ".")
-        if not found:
-            raise DataError(
-                f"{self.root}: no class folders; expected {self.root}/<class>/<image files>"
-            )
-        if class_ids is not None and set(found) != set(class_ids):
-            raise DataError(
-                f"{self.root}: train and val have different classes; only in train: "
-                f"{_short_list(sorted(set(class_ids) - set(found)))}; only in val: "
-                f"{_short_list(sorted(set(found) - set(class_ids)))}"
-            )
-        self.class_ids = class_ids if class_ids is not None else found
+        annotations = self.root / VAL_ANNOTATIONS
+        listed = _read_annotations(annotations) if annotations.is_file() else None
+        found = sorted(listed) if listed is not None else _class_folders(self.root)
+        self.class_ids = self._check_classes(found, class_ids, require_all)
         index_of = {name: i for i, name in enumerate(self.class_ids)}
         self.paths: list[Path] = []
         self.labels = []
         self.skipped: list[Path] = []
         digest = hashlib.sha256(str(self.root.resolve()).encode())
         for name in found:
-            for path in self._scan_class(self.root / name, digest):
-                self.paths.append(path)
-                self.labels.append(index_of[name])
+            if listed is not None:
+                paths = self._scan_listed(name, listed[name], digest)
+            else:
+                paths = self._scan_class(self.root / name, name, digest)
+            self.paths.extend(paths)
+            self.labels.extend([index_of[name]] * len(paths))
         if not self.paths:
-            raise DataError(f"{self.root}: no image files found in any class folder")
+            looked_in = self.root / ("images" if listed is not None else found[0])
+            raise DataError(
+                f"{self.root}: no image files ({looked_in} holds {_contents(looked_in)}); "
+                f"expected {_layouts(self.root)}"
+            )
         if self.skipped:
             warnings.warn(
                 f"{self.root}: skipped {len(self.skipped)} of "
@@ -221,34 +369,76 @@ class FolderImages(LabeledImages):
         self.classes = class_names(self.root, self.class_ids)
         self._reported: set[Path] = set()
 
-    def _scan_class(self, folder: Path, digest) -> list[Path]:
-        paths = []
+    def _check_classes(
+        self, found: list[str], class_ids: list[str] | None, require_all: bool
+    ) -> list[str]:
+        if class_ids is None:
+            if len(found) < 2:
+                raise DataError(
+                    f"{self.root}: found 1 class folder ({found[0]}); classification needs at "
+                    "least two"
+                )
+            return found
+        if not require_all:
+            check_known_classes(str(self.root), found, class_ids)
+        elif set(found) != set(class_ids):
+            raise DataError(
+                f"{self.root}: train and val have different classes; only in train: "
+                f"{_short_list(sorted(set(class_ids) - set(found)))}; only in val: "
+                f"{_short_list(sorted(set(found) - set(class_ids)))}"
+            )
+        return list(class_ids)
+
+    def _scan_class(self, folder: Path, name: str, digest) -> list[Path]:
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        if [e.name for e in entries if e.is_dir() and e.name[0] != "."] == ["images"]:
+            # Tiny-ImageNet: <class>/images/*.JPEG beside <class>_boxes.txt
+            return self._scan_class(folder / "images", name, digest)
+        paths = []
         for entry in entries:
             if entry.name[0] == "." or not entry.is_file():
                 continue
             path = Path(entry.path)
-            if not entry.name.lower().endswith(IMAGE_EXTENSIONS):
-                self._skip(path, "not an image file name (extension)")
-            elif (size := entry.stat().st_size) == 0:
-                self._skip(path, "empty file (0 bytes)")
-            else:
+            if self._keep(path, entry.stat().st_size, name, digest):
                 paths.append(path)
-                digest.update(f"{folder.name}/{entry.name}:{size};".encode())
         if not entries:
             warnings.warn(f"{folder}: empty class folder", BadImageWarning, stacklevel=3)
         return paths
+
+    def _scan_listed(self, name: str, files: list[str], digest) -> list[Path]:
+        paths = []
+        for file in files:
+            path = self.root / "images" / file
+            try:
+                size = path.stat().st_size
+            except OSError:
+                self._skip(path, f"listed in {VAL_ANNOTATIONS} but missing")
+                continue
+            if self._keep(path, size, name, digest):
+                paths.append(path)
+        return paths
+
+    def _keep(self, path: Path, size: int, name: str, digest) -> bool:
+        """Whether a file is worth decoding; skips others (with a warning) or, strict, raises."""
+        if not path.name.lower().endswith(IMAGE_EXTENSIONS):
+            self._skip(path, "not an image file name (extension)")
+        elif size == 0:
+            self._skip(path, "empty file (0 bytes)")
+        else:
+            digest.update(f"{name}/{path.name}:{size};".encode())
+            return True
+        return False
 
     def _skip(self, path: Path, reason: str) -> None:
         if self.strict:
             raise DataError(f"{path}: {reason} (strict mode: remove it, or run without strict)")
         self.skipped.append(path)
-        warnings.warn(f"skipping {path}: {reason}", BadImageWarning, stacklevel=4)
+        warnings.warn(f"skipping {path}: {reason}", BadImageWarning, stacklevel=5)
 
     def load_image(self, index: int) -> torch.Tensor | None:
         path = self.paths[index]
         try:
-            return decode_image_file(path)
+            return decode_image_file(path, self.max_pixels)
         except DataError as error:
             if self.strict:
                 message = f"{error} (strict mode: remove it, or run without strict)"
@@ -265,6 +455,62 @@ class FolderImages(LabeledImages):
 
     def __repr__(self) -> str:
         return f"FolderImages({self.root}, {len(self)} images, {len(self.classes)} classes)"
+
+
+def check_known_classes(where: str, found: list[str], class_ids: list[str]) -> None:
+    """Refuse classes outside a model's `class_ids`: it has no output to score them with."""
+    unknown = sorted(set(found) - set(class_ids))
+    if unknown:
+        raise DataError(
+            f"{where}: class(es) {_short_list(unknown)} are not among the model's "
+            f"{len(class_ids)} classes ({_short_list(class_ids, 5)}); evaluate it on "
+            "classes it was trained on"
+        )
+
+
+def _class_folders(root: Path) -> list[str]:
+    found = sorted(e.name for e in os.scandir(root) if e.is_dir() and e.name[0] != ".")
+    if not found:
+        raise DataError(
+            f"{root}: no class folders (it holds {_contents(root)}); expected {_layouts(root)}"
+        )
+    return found
+
+
+def _read_annotations(path: Path) -> dict[str, list[str]]:
+    """Tiny-ImageNet's val_annotations.txt: class -> the files of images/ it labels."""
+    listed: dict[str, list[str]] = {}
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    for number, line in enumerate(lines, 1):
+        parts = line.split("\t")
+        if len(parts) < 2:
+            if not line.strip():
+                continue
+            raise DataError(f"{path}:{number}: expected 'file<TAB>class<TAB>...', got {line!r}")
+        listed.setdefault(parts[1].strip(), []).append(parts[0].strip())
+    if not listed:
+        raise DataError(f"{path}: empty; expected lines 'file<TAB>class<TAB>...'")
+    return listed
+
+
+def _layouts(root: Path) -> str:
+    return (
+        f"{root}/<class>/<image files>, {root}/<class>/images/<image files> or "
+        f"{root}/images/<image files> with {root}/{VAL_ANNOTATIONS} (Tiny-ImageNet)"
+    )
+
+
+def _contents(folder: Path) -> str:
+    """What a folder holds, for errors about a layout canon cannot read."""
+    entries = [e for e in os.scandir(folder) if e.name[0] != "."] if folder.is_dir() else []
+    if not entries:
+        return "nothing"
+    folders = sorted(e.name + "/" for e in entries if e.is_dir())
+    files = sorted(e.name for e in entries if not e.is_dir())
+    return (
+        f"{len(files)} file(s): {_short_list(files, 3)}; "
+        f"{len(folders)} folder(s): {_short_list(folders, 3)}"
+    )
 
 
 def class_names(root: Path, class_ids: list[str]) -> list[str]:
@@ -287,20 +533,31 @@ def _read_synsets(path: Path) -> dict[str, str]:
     return names
 
 
-def open_image_folder(root: Path, *, strict: bool = False) -> tuple[FolderImages, FolderImages]:
+def open_image_folder(
+    root: Path, *, strict: bool = False, max_pixels: int = MAX_IMAGE_PIXELS
+) -> tuple[FolderImages, FolderImages]:
     """Train and val trees of an ImageNet-layout root; their class sets must match."""
-    splits = {}
-    for split, candidates in SPLIT_NAMES.items():
-        folder = next((root / c for c in candidates if (root / c).is_dir()), None)
+    folders = {split: _split_folder(root, split) for split in SPLIT_NAMES}
+    for split, folder in folders.items():
         if folder is None:
-            raise DataError(
-                f"{root}: no {'/'.join(candidates)} folder; expected the ImageNet layout "
-                f"{root}/train/<class>/*.JPEG and {root}/val/<class>/*.JPEG"
-            )
-        splits[split] = folder
-    train = FolderImages(splits["train"], strict=strict)
-    val = FolderImages(splits["val"], class_ids=train.class_ids, strict=strict)
+            raise _no_split_folder(root, split)
+    train = FolderImages(folders["train"], strict=strict, max_pixels=max_pixels)
+    val = FolderImages(
+        folders["val"], class_ids=train.class_ids, strict=strict, max_pixels=max_pixels
+    )
     return train, val
+
+
+def _split_folder(root: Path, split: str) -> Path | None:
+    """The first of SPLIT_NAMES[split] that `root` holds."""
+    return next((root / name for name in SPLIT_NAMES[split] if (root / name).is_dir()), None)
+
+
+def _no_split_folder(root: Path, split: str) -> DataError:
+    return DataError(
+        f"{root}: no {'/'.join(SPLIT_NAMES[split])} folder (it holds {_contents(root)}); "
+        f"expected the ImageNet layout {root}/train/<class>/*.JPEG and {root}/val/<class>/*.JPEG"
+    )
 
 
 def _short_list(names: list[str], limit: int = 10) -> str:
@@ -486,15 +743,57 @@ def load_sample(split: str) -> ArrayImages:
 
 
 def open_dataset(
-    dataset: str, *, cache: Path | None = None, strict: bool = False, download: bool = True
+    dataset: str,
+    *,
+    cache: Path | None = None,
+    strict: bool = False,
+    download: bool = True,
+    max_pixels: int = MAX_IMAGE_PIXELS,
 ) -> tuple[LabeledImages, LabeledImages]:
     """Untransformed (train, validation) datasets for a DataConfig.dataset value."""
-    cache = cache or canon_cache_dir()
+    source = _source(dataset, cache or canon_cache_dir(), download)
+    if isinstance(source, Path):
+        return open_image_folder(source, strict=strict, max_pixels=max_pixels)
+    return source("train"), source("test")
+
+
+def open_eval_split(
+    dataset: str,
+    class_ids: list[str] | None = None,
+    *,
+    cache: Path | None = None,
+    strict: bool = False,
+    download: bool = True,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+) -> LabeledImages:
+    """The evaluation split alone of a DataConfig.dataset value (no training split is read).
+
+    A folder's is its val/, validation/, valid/ or test/ subfolder (in that preference), or
+    the folder itself when it has no train/ either (it holds the class folders); CIFAR's and
+    the sample's is the test split. With `class_ids` (a trained model's, in its output order)
+    labels index them, matched by name (folder name, e.g. wnid; CIFAR class name): the split
+    may hold some of the model's classes but no others. Without, its own classes, sorted.
+    """
+    source = _source(dataset, cache or canon_cache_dir(), download)
+    if not isinstance(source, Path):
+        return source("test") if class_ids is None else _relabel(source("test"), class_ids)
+    folder = _split_folder(source, "val")
+    if folder is None and _split_folder(source, "train") is not None:
+        raise _no_split_folder(source, "val")
+    return FolderImages(
+        folder or source, class_ids=class_ids, require_all=False, strict=strict,
+        max_pixels=max_pixels,
+    )
+
+
+def _source(dataset: str, cache: Path, download: bool) -> Callable[[str], ArrayImages] | Path:
+    """A DataConfig.dataset value as a reader of its "train" and "test" splits (the sample,
+    CIFAR) or as the root of an image folder tree."""
     if dataset == "sample":
-        return load_sample("train"), load_sample("test")
+        return load_sample
     if dataset in CIFAR:
         folder = fetch_cifar(dataset, cache / "datasets", download=download)
-        return read_cifar(dataset, folder, "train"), read_cifar(dataset, folder, "test")
+        return partial(read_cifar, dataset, folder)
     root = Path(dataset).expanduser()
     if not root.is_dir():
         raise DataError(
@@ -503,10 +802,17 @@ def open_dataset(
             f"{root}/val/<class>/*.JPEG, or cifar-10-batches-py/ or cifar-100-python/"
         )
     found = find_cifar(root)
-    if found is not None:
-        name, folder = found
-        return read_cifar(name, folder, "train"), read_cifar(name, folder, "test")
-    return open_image_folder(root, strict=strict)
+    return root if found is None else partial(read_cifar, *found)
+
+
+def _relabel(split: ArrayImages, class_ids: list[str]) -> ArrayImages:
+    """`split` with labels indexing `class_ids` (its classes matched by name)."""
+    if split.class_ids == list(class_ids):
+        return split
+    check_known_classes(split.name, split.class_ids, class_ids)
+    index_of = {name: i for i, name in enumerate(class_ids)}
+    labels = [index_of[split.class_ids[label]] for label in split.labels]
+    return ArrayImages(split.images, labels, list(class_ids), name=split.name)
 
 
 def dataset_fingerprint(dataset: LabeledImages) -> str:

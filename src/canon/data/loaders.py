@@ -54,7 +54,8 @@ def build_datasets(
     cached yet (pass the run's train.workers).
     """
     cache = root_cache or canon_cache_dir()
-    train, val = open_dataset(config.dataset, cache=cache, strict=strict, download=config.download)
+    train, val = open_dataset(config.dataset, cache=cache, strict=strict, download=config.download,
+                              max_pixels=config.max_image_pixels)
     stats = dataset_stats(config, train, root_cache=cache, workers=workers)
     preprocess = eval_preprocess(config, stats)
     train = train.with_transform(training_transform(config, stats))

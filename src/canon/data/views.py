@@ -14,6 +14,9 @@ A protocol is a base view at one or more scales, written as in `canon eval --pro
   proportion for other crop sizes); the left, centre and right squares (top, middle, bottom
   for portrait images); in each, the four corner and the centre crop_size crops and the
   square resized to crop_size; and the reflections of all: 4 x 3 x 6 x 2 = 144 views.
+  Refused for crops under 64 px (MIN_144_CROP_SIZE): on CIFAR's square 32 px images the three
+  squares are one and the crops a few pixels apart, so it would spend 144 forward passes per
+  image (minutes on CIFAR's test set) on near-copies of the ten-crop views.
 
 Deviations and gaps: plain `multi-scale` takes one centre crop per scale (the papers pair
 multi-scale with dense or multi-crop evaluation); VGG's 150-crop "multi-crop" (a 5 x 5 grid
@@ -43,6 +46,7 @@ from canon.errors import ConfigError
 BASE_VIEWS = ("center", "ten-crop", "dense", "144-crop")
 VIEWS_PER_SCALE = {"center": 1, "ten-crop": 10, "dense": 2, "144-crop": 36}
 GOOGLENET_SCALES = (256, 288, 320, 352)  # s7, for 224 x 224 crops
+MIN_144_CROP_SIZE = 64
 PROTOCOLS = (
     "center",
     "ten-crop",
@@ -123,6 +127,7 @@ class ProtocolViews:
         self.protocol, self.preprocess = protocol, preprocess
         self.scales = (scales or preprocess.scales) if protocol.multi_scale else ()
         if protocol.base == "144-crop":
+            _check_144_crop(preprocess.crop_size)
             ratio = preprocess.crop_size / 224
             self.scales = scales or tuple(round(s * ratio) for s in GOOGLENET_SCALES)
         self.scales = self.scales or (preprocess.resize_size,)
@@ -142,6 +147,14 @@ class ProtocolViews:
             else:
                 stacks.append(dense_view(scaled))
         return stacks
+
+
+def _check_144_crop(crop_size: int) -> None:
+    if crop_size < MIN_144_CROP_SIZE:
+        raise ConfigError(
+            f"protocol '144-crop' is GoogLeNet's for 224 px crops; with {crop_size} px crops "
+            f"(under {MIN_144_CROP_SIZE}) its views are near-copies: use center, ten-crop or dense"
+        )
 
 
 def collate_views(items: list) -> tuple[list[list[torch.Tensor]], torch.Tensor]:

@@ -19,10 +19,10 @@ import torch.nn as nn
 from torch.utils.data import Dataset, Sampler
 from tqdm import tqdm
 
-from canon.data.config import DataConfig
-from canon.data.datasets import LabeledImages, canon_cache_dir, open_dataset
+from canon.data.config import MAX_IMAGE_PIXELS, DataConfig
+from canon.data.datasets import LabeledImages, canon_cache_dir, open_dataset, open_eval_split
 from canon.data.loaders import build_loader, collate, dataset_stats
-from canon.data.transforms import EvalPreprocess, eval_preprocess
+from canon.data.transforms import EvalPreprocess, eval_preprocess, needs_stats
 from canon.data.views import (
     VIEWS_PER_SCALE,
     Protocol,
@@ -49,16 +49,23 @@ def preprocess_for(model: nn.Module, augmentation: str = "none") -> EvalPreproce
 
 def _validation_images(
     data: str | Path, data_config: DataConfig | None, preprocess: EvalPreprocess | None,
-    model: nn.Module, root_cache: Path | None, strict: bool,
+    model: nn.Module, root_cache: Path | None, strict: bool, class_ids: list[str] | None,
 ) -> tuple[LabeledImages, EvalPreprocess]:
-    cache = root_cache or canon_cache_dir()
-    download = data_config.download if data_config else False
-    train, val = open_dataset(str(data), cache=cache, strict=strict, download=download)
+    options = {
+        "cache": root_cache or canon_cache_dir(),
+        "strict": strict,
+        "download": data_config.download if data_config else False,
+        "max_pixels": data_config.max_image_pixels if data_config else MAX_IMAGE_PIXELS,
+    }
+    val = open_eval_split(str(data), class_ids, **options)
     if preprocess is not None:
         return val, preprocess
     if data_config is None:
         return val, preprocess_for(model)
-    stats = dataset_stats(data_config, train, root_cache=cache)
+    if not needs_stats(data_config):
+        return val, eval_preprocess(data_config)
+    train, _ = open_dataset(str(data), **options)  # its statistics normalise the inputs
+    stats = dataset_stats(data_config, train, root_cache=options["cache"])
     return val, eval_preprocess(data_config, stats)
 
 
@@ -77,13 +84,18 @@ def evaluate(
     root_cache: Path | None = None,
     strict: bool = False,
     progress: bool = False,
+    class_ids: list[str] | None = None,
 ) -> dict:
     """Top-1/top-5 error (percent) of `model` on `data` under `protocol`.
 
-    `data` is a dataset name or folder (its validation split is used, preprocessed by
-    `preprocess` when given, e.g. a trained run's; else per `data_config`; else per the model's
-    eval_config), a dataset from
-    build_datasets, or any dataset of ready (tensor, label) items (centre protocol only).
+    `data` is a dataset name or folder (its evaluation split alone is read, see
+    canon.data.datasets.open_eval_split; preprocessed by `preprocess` when given, e.g. a
+    trained run's; else per `data_config`, from the statistics of its training split when
+    those are needed; else per the model's eval_config), a dataset from build_datasets, or any
+    dataset of ready (tensor, label) items (centre protocol only). For a name or folder,
+    `class_ids`, the model's classes in its output order (LabeledImages.class_ids of the set
+    it was trained on), label the split by class name: it may hold some of those classes and
+    no others. Without them the split's own sorted classes are taken to be the model's.
     The model is moved to `device` first. `scales` overrides the multi-scale shorter sides.
     `sampler` shards the set (distributed evaluation; all-reduce the counts, see
     score_loader). Returns top1_error, top5_error, images, skipped, protocol,
@@ -92,7 +104,7 @@ def evaluate(
     parsed = parse_protocol(protocol)
     if isinstance(data, str | Path):
         raw, preprocess = _validation_images(
-            data, data_config, preprocess, model, root_cache, strict
+            data, data_config, preprocess, model, root_cache, strict, class_ids
         )
         dataset = raw.with_transform(ProtocolViews(parsed, preprocess, tuple(scales)))
     elif isinstance(data, LabeledImages) and data.preprocess is not None:
