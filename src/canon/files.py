@@ -1,26 +1,103 @@
-"""Writing files so that readers and concurrent writers never see a partial one."""
+"""Writing files so that readers and concurrent writers never see a partial one: each is filled
+under a temporary name beside its target (`.NAME.XXXXXXXX`, the pattern of tempfile.mkstemp),
+then renamed over it; a write that cannot happen is a one-line DataError saying why and what to
+do, and the temporary files of writes killed midway can be swept away.
+"""
 
 from __future__ import annotations
 
+import errno
+import fnmatch
 import os
-import tempfile
+import re
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 
+from canon.errors import CanonError, DataError
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+# `.NAME.` plus mkstemp's eight characters, so leftovers of older canon versions match too.
+_PARTIAL_WRITE = re.compile(r"\.(?P<target>.+)\.[a-z0-9_]{8}")
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def atomic_write(
+    path: Path, write: Callable[[Path], None], *, advice: str = "choose a writable folder"
+) -> None:
     """Let `write` fill a fresh temporary file beside `path`, fsync it, then rename it over
-    `path`. The temporary name is unique (mkstemp), so two processes writing the same file
-    (a shared cache, two ranks) each replace it whole and neither loses its temporary file;
-    on any error the temporary file is removed and `path` keeps its old content."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(handle)
+    `path`. The temporary name is unique, so two processes writing the same file (a shared
+    cache, two ranks) each replace it whole and neither loses its temporary file; on any error
+    the temporary file is removed and `path` keeps its old content. The file gets the mode
+    open(path, "w") would give it. An OSError (unwritable folder, full disk) becomes a
+    DataError naming `path`, the reason and `advice`."""
     try:
-        write(Path(temporary))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = _new_temporary(path)
+    except OSError as error:
+        raise cannot_write(path, error, advice) from None
+    try:
+        write(temporary)
         with open(temporary, "rb") as f:
             os.fsync(f.fileno())
         os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+    except BaseException as error:
+        temporary.unlink(missing_ok=True)
+        if isinstance(error, OSError) and not isinstance(error, CanonError):
+            raise cannot_write(path, error, advice) from None
         raise
+
+
+def make_folder(folder: Path, *, advice: str = "choose a writable folder") -> None:
+    """mkdir -p `folder`; DataError naming it, the reason and `advice` when it cannot be."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise cannot_write(folder, error, advice) from None
+
+
+def cannot_write(path: Path, error: OSError, advice: str) -> DataError:
+    """The one-line DataError for `error`, met writing `path`: the reason and what to do."""
+    if error.errno in _DISK_FULL:
+        advice = f"free some space or {advice}"
+    return DataError(f"cannot write {path}: {_reason(path, error)}; {advice}")
+
+
+def _reason(path: Path, error: OSError) -> str:
+    if isinstance(error, (NotADirectoryError, FileExistsError)):  # a file where a folder goes
+        blocking = next((p for p in (path, *path.parents) if p.exists()), None)
+        if blocking is not None and not blocking.is_dir():
+            return f"{blocking} is a file, not a folder"
+    return error.strerror or str(error)
+
+
+def _new_temporary(path: Path) -> Path:
+    """A new empty file named like mkstemp's beside `path`, created by the kernel with mode
+    0666 less the umask (and the folder's default ACL) as open() does; mkstemp gives 0600."""
+    while True:
+        temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+        try:
+            os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return temporary
+        except FileExistsError:
+            continue  # a name another writer holds (2**-32 odds): draw again
+
+
+def sweep_partial_writes(folder: Path, targets: tuple[str, ...] = ("*",)) -> list[Path]:
+    """Delete the temporary files that writes killed midway left in `folder` and return them:
+    regular files named `.NAME.XXXXXXXX` where NAME matches one of the shell patterns
+    `targets`, nothing else. Call it only on a folder no other process is writing to (a
+    claimed run directory): it would take a live write's file."""
+    if not folder.is_dir():
+        return []
+    leftovers = [p for p in folder.iterdir() if _is_partial_write(p, targets)]
+    for leftover in leftovers:
+        leftover.unlink(missing_ok=True)
+    return leftovers
+
+
+def _is_partial_write(path: Path, targets: tuple[str, ...]) -> bool:
+    named = _PARTIAL_WRITE.fullmatch(path.name)
+    return (
+        named is not None and any(fnmatch.fnmatchcase(named["target"], t) for t in targets)
+        and path.is_file() and not path.is_symlink()
+    )

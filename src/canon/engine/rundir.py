@@ -1,0 +1,116 @@
+"""One run directory, one run: `claim_run_dir` creates the directory, locks it against every
+other canon run for as long as the run lasts (flock on `.lock`, which the kernel releases when
+the holder dies, so a killed run never blocks the next), refuses to let a new run mix its files
+with an earlier run's unless told to replace them, and sweeps away the temporary files of writes
+that were killed midway.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from canon.engine.checkpoint import (
+    CHECKPOINT_DIR,
+    EXPORT_CONFIG,
+    EXPORT_NORMALIZATION,
+    EXPORT_WEIGHTS,
+    OUTPUT_DIR_ADVICE,
+)
+from canon.engine.logs import EVENTS_DIR
+from canon.errors import DataError
+from canon.files import cannot_write, make_folder, sweep_partial_writes
+
+LOCK_FILE = ".lock"
+# Everything a training run writes into its directory (`canon eval` adds eval-*.json).
+RUN_FILES = ("recipe.yaml", "metrics.csv", "curves.png", EXPORT_WEIGHTS, EXPORT_NORMALIZATION,
+             EXPORT_CONFIG, CHECKPOINT_DIR, EVENTS_DIR)
+# Files that show an earlier run got as far as results (besides its checkpoints).
+_RESULTS = ("metrics.csv", EXPORT_WEIGHTS, EXPORT_CONFIG)
+_EXPORTS = (EXPORT_WEIGHTS, EXPORT_NORMALIZATION, EXPORT_CONFIG)  # the files written atomically
+
+
+@contextmanager
+def claim_run_dir(run_dir: Path, *, resume: bool, overwrite: bool = False) -> Iterator[None]:
+    """Hold `run_dir` for one training run while the block runs: create it (DataError when it
+    cannot be), lock it (DataError naming the holder's pid when another canon run has it; freed
+    on exit, errors included), then delete the temporary files of killed writes. Only rank 0
+    claims the directory: the other ranks write nothing there.
+
+    A new run (`resume` False) refuses a directory holding an earlier run's results (a
+    checkpoint, metrics.csv, an export) with a DataError saying what to do; `overwrite` deletes
+    that run's files (RUN_FILES and eval-*.json, nothing else) instead. The files of an earlier
+    run that stopped before its first checkpoint are deleted without asking: there is nothing
+    in them to resume. Unrelated files stay.
+    """
+    make_folder(run_dir, advice=OUTPUT_DIR_ADVICE)
+    with _locked(run_dir):
+        if not resume:
+            _clear_earlier_run(run_dir, overwrite)
+        sweep_partial_writes(run_dir, targets=_EXPORTS)  # other files there may be the user's
+        sweep_partial_writes(run_dir / CHECKPOINT_DIR)
+        yield
+
+
+def _clear_earlier_run(run_dir: Path, overwrite: bool) -> None:
+    if _has_results(run_dir) and not overwrite:
+        raise DataError(
+            f"{run_dir} already holds a run; continue it with --resume {run_dir}, or pass "
+            "--overwrite to replace it, or pick another --output-dir"
+        )
+    for path in [*(run_dir / name for name in RUN_FILES), *run_dir.glob("eval-*.json")]:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _has_results(run_dir: Path) -> bool:
+    checkpoints = run_dir / CHECKPOINT_DIR
+    saved = checkpoints.is_dir() and any(not p.name.startswith(".") for p in checkpoints.iterdir())
+    return saved or any((run_dir / name).exists() for name in _RESULTS)
+
+
+@contextmanager
+def _locked(run_dir: Path) -> Iterator[None]:
+    path = run_dir / LOCK_FILE
+    descriptor = _lock(path, run_dir)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # still locked here: a waiting opener sees it went (_lock)
+        os.close(descriptor)
+
+
+def _lock(path: Path, run_dir: Path) -> int:
+    """A descriptor of `path`, exclusively locked and holding this process's pid."""
+    while True:
+        try:
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as error:
+            raise cannot_write(path, error, OUTPUT_DIR_ADVICE) from None
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(descriptor, 32).decode(errors="replace").strip() or "unknown"
+            os.close(descriptor)
+            raise DataError(
+                f"{run_dir} is in use by another canon run (pid {holder}); wait for it or use "
+                "another --output-dir"
+            ) from None
+        if _still_there(descriptor, path):
+            os.ftruncate(descriptor, 0)
+            os.write(descriptor, f"{os.getpid()}\n".encode())
+            return descriptor
+        os.close(descriptor)  # its holder deleted that file as it finished: lock the new one
+
+
+def _still_there(descriptor: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(descriptor), path.stat())
+    except FileNotFoundError:
+        return False

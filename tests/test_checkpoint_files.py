@@ -1,0 +1,485 @@
+"""The files of a run on disk: their mode, unwritable and full output folders, temporary files
+of killed writes, unreadable checkpoints and exports, and one run per run directory. Every
+case uses real files, and real processes where a kill or a lock is involved."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+from canon.engine import checkpoint as ckpt
+from canon.engine.rundir import claim_run_dir
+from canon.errors import DataError
+from canon.files import atomic_write, sweep_partial_writes
+from canon.recipes import load_recipe
+from canon.registry import create_model
+
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+           "truck"]
+CLASS_IDS = [f"n0{index:07d}" for index in range(10)]  # as an ImageNet folder's wnids
+
+
+def training_state(epoch: int) -> dict:
+    """A complete state as the trainer writes it, for quickstart's ResNet-20."""
+    model = create_model("resnet20", 10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    return {
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": {},
+        "scaler": {}, "ema": None, "epoch": epoch, "step": 10 * epoch, "step_in_epoch": 0,
+        "epoch_totals": [{"loss": 0.0}], "rng": [ckpt.capture_rng_state()], "metrics": [],
+        "recipe": load_recipe("quickstart").to_dict(), "commit": None, "model_name": "resnet20",
+        "classes": CLASSES, "class_ids": CLASS_IDS, "eval_config": model.eval_config.to_dict(),
+        "normalization": {"mean": torch.rand(3, 32, 32), "std": None},
+        "torch_version": str(torch.__version__),
+    }
+
+
+def write_run(run_dir: Path) -> dict:
+    """Two epoch checkpoints, best.pt, the export and the logs a finished run leaves."""
+    for epoch in (1, 2):
+        state = training_state(epoch)
+        ckpt.save_checkpoint(state, ckpt.epoch_checkpoint(run_dir, epoch))
+    ckpt.copy_checkpoint(ckpt.epoch_checkpoint(run_dir, 2), ckpt.best_checkpoint(run_dir))
+    model = create_model("resnet20", 10)
+    model.load_state_dict(state["model"])
+    info = {"model": "resnet20", "num_classes": 10, "classes": CLASSES, "class_ids": CLASS_IDS,
+            "data": state["recipe"]["data"]}
+    ckpt.export_model(run_dir, model, state["normalization"], info)
+    (run_dir / "metrics.csv").write_text("epoch,val_top1_error\n1,80.0\n2,70.0\n")
+    (run_dir / "recipe.yaml").write_text("name: quickstart\n")
+    (run_dir / "tensorboard").mkdir()
+    (run_dir / "tensorboard" / "events.out.tfevents.1").write_bytes(b"events")
+    (run_dir / "eval-center.json").write_text("{}")
+    return state
+
+
+def single_line_error(info: pytest.ExceptionInfo) -> str:
+    message = str(info.value)
+    assert "\n" not in message, message
+    return message
+
+
+# ---- the mode of written files -----------------------------------------------------------
+
+
+def test_written_files_get_the_mode_open_gives(tmp_path):
+    previous = os.umask(0o027)
+    try:
+        atomic_write(tmp_path / "plain.txt", lambda temporary: temporary.write_text("x"))
+        with open(tmp_path / "opened.txt", "w") as f:
+            f.write("x")
+        write_run(tmp_path / "run")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "opened.txt").stat().st_mode & 0o777 == 0o640
+    written = [tmp_path / "plain.txt", *(tmp_path / "run").rglob("*.pt"),
+               *(tmp_path / "run").glob("*.safetensors"), tmp_path / "run" / "eval_config.json"]
+    assert {oct(path.stat().st_mode & 0o777) for path in written} == {oct(0o640)}
+
+
+# ---- folders that cannot be written -------------------------------------------------------
+
+
+def test_a_file_in_place_of_the_output_folder_is_a_one_line_data_error(tmp_path):
+    blocker = tmp_path / "taken"
+    blocker.write_text("a file, not a folder")
+    with pytest.raises(DataError) as caught:
+        atomic_write(blocker / "cache" / "entry.bin", lambda temporary: temporary.write_text("x"))
+    assert single_line_error(caught) == (
+        f"cannot write {blocker}/cache/entry.bin: {blocker} is a file, not a folder; "
+        "choose a writable folder"
+    )
+    with pytest.raises(DataError, match=r"epoch-001\.pt: .* is a file, not a folder; choose a "
+                                        r"writable --output-dir$") as caught:
+        ckpt.save_checkpoint(training_state(1), ckpt.epoch_checkpoint(blocker / "run", 1))
+    single_line_error(caught)
+    for run_dir in (blocker, blocker / "run"):
+        with pytest.raises(DataError) as caught, claim_run_dir(run_dir, resume=False):
+            pass
+        assert single_line_error(caught) == (
+            f"cannot write {run_dir}: {blocker} is a file, not a folder; "
+            "choose a writable --output-dir"
+        )
+    assert blocker.read_text() == "a file, not a folder"
+
+
+def test_a_folder_without_write_permission_is_a_one_line_data_error(tmp_path):
+    if os.geteuid() != 0:
+        folder = tmp_path / "read-only"
+        folder.mkdir(mode=0o555)
+    elif Path("/sys/kernel").is_dir():  # root may write anywhere chmod allows, but not to sysfs
+        folder = Path("/sys")
+    else:
+        pytest.skip("running as root without a sysfs to find a folder root cannot write")
+    with pytest.raises(DataError) as caught:
+        ckpt.save_checkpoint(training_state(1), folder / "epoch-001.pt")
+    assert single_line_error(caught) == (
+        f"cannot write {folder}/epoch-001.pt: Permission denied; choose a writable --output-dir"
+    )
+    with pytest.raises(DataError) as caught, claim_run_dir(folder / "run", resume=False):
+        pass
+    assert single_line_error(caught) in (  # sysfs refuses folders with EPERM
+        f"cannot write {folder}/run: {reason}; choose a writable --output-dir"
+        for reason in ("Permission denied", "Operation not permitted")
+    )
+
+
+FULL_DISK = """
+import resource, signal, sys
+from pathlib import Path
+import torch
+from canon.engine import checkpoint as ckpt
+from canon.errors import DataError
+from canon.registry import create_model
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))  # as if the disk were full
+run_dir = Path(sys.argv[1])
+for write in (
+    lambda: ckpt.save_checkpoint({"model": torch.zeros(100_000)}, run_dir / "epoch-001.pt"),
+    lambda: ckpt.export_model(run_dir, create_model("resnet20", 10), None, {}),
+):
+    try:
+        write()
+    except DataError as error:
+        print(error)
+"""
+
+
+def test_a_full_disk_is_a_data_error_that_leaves_no_temporary_file(tmp_path):
+    result = subprocess.run([sys.executable, "-c", FULL_DISK, str(tmp_path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    advice = "File too large; free some space or choose a writable --output-dir"
+    assert result.stdout.splitlines() == [
+        f"cannot write {tmp_path}/epoch-001.pt: {advice}",
+        f"cannot write {tmp_path}/model.safetensors: {advice}",
+    ]
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---- temporary files of writes killed midway ----------------------------------------------
+
+
+KILLED_WRITE = """
+import sys, time
+from pathlib import Path
+from canon.files import atomic_write
+
+def write_slowly(temporary):
+    temporary.write_bytes(b"the first half of a checkpoint")
+    print(temporary, flush=True)
+    time.sleep(600)
+
+atomic_write(Path(sys.argv[1]), write_slowly)
+"""
+
+
+def kill_mid_write(target: Path) -> Path:
+    """Write `target` in another process and SIGKILL it midway; the temporary file it left."""
+    child = subprocess.Popen([sys.executable, "-c", KILLED_WRITE, str(target)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    temporary = Path(child.stdout.readline().strip())
+    child.kill()
+    _, errors = child.communicate(timeout=60)
+    assert temporary.parent == target.parent and temporary.is_file(), errors
+    return temporary
+
+
+def test_sweeping_removes_the_files_of_killed_writes_and_nothing_else(tmp_path):
+    folder = tmp_path / "checkpoints"
+    killed = kill_mid_write(folder / "epoch-002.pt")
+    assert killed.name.startswith(".epoch-002.pt.")
+    handle, older_canon = tempfile.mkstemp(prefix=".epoch-003.pt.", dir=folder)  # as before
+    os.close(handle)
+    kept = [folder / name for name in (
+        "epoch-001.pt", "notes.txt", ".lock", ".hidden", ".epoch-001.pt.bak", "a.b.abcdefgh",
+        ".epoch-001.pt.abcdefghi",
+    )]
+    for path in kept:
+        path.write_bytes(b"keep")
+    (folder / ".folder.abcdefgh").mkdir()  # named like one, but a folder
+    kept.append(folder / ".folder.abcdefgh")
+    assert sweep_partial_writes(folder, targets=("*.safetensors", "notes.txt")) == []
+    assert sorted(sweep_partial_writes(folder)) == sorted([killed, Path(older_canon)])
+    assert sorted(folder.iterdir()) == sorted(kept)
+    assert sweep_partial_writes(tmp_path / "absent") == []
+
+
+def test_pruning_epoch_checkpoints_sweeps_killed_writes(tmp_path):
+    for epoch in (1, 2, 3):
+        ckpt.save_checkpoint(training_state(epoch), ckpt.epoch_checkpoint(tmp_path, epoch))
+    killed = kill_mid_write(ckpt.epoch_checkpoint(tmp_path, 4))
+    ckpt.prune_epoch_checkpoints(tmp_path, keep=2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "epoch-002.pt", "epoch-003.pt"
+    ]
+    assert not killed.exists()
+
+
+# ---- resuming -----------------------------------------------------------------------------
+
+
+def test_a_kill_during_the_first_checkpoint_says_to_start_again(tmp_path):
+    kill_mid_write(ckpt.epoch_checkpoint(tmp_path, 1))
+    with pytest.raises(DataError) as caught:
+        ckpt.load_for_resume(tmp_path)
+    assert single_line_error(caught) == (
+        f"no checkpoint to resume from in {tmp_path}/checkpoints: the run stopped before its "
+        "first checkpoint was written; simply start it again, without --resume"
+    )
+    with claim_run_dir(tmp_path, resume=False):  # ... and starting again is allowed
+        assert [p.name for p in tmp_path.iterdir()] == [".lock"]
+
+
+def test_resuming_from_a_path_that_does_not_exist_is_one_error_and_no_warning(tmp_path):
+    missing = tmp_path / "runs" / "does-not-exist"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(DataError) as caught:
+            ckpt.load_for_resume(missing)
+    assert single_line_error(caught) == (
+        f"{missing} does not exist; resume from a run directory or a checkpoint file"
+    )
+
+
+def random_files(count: int) -> list[bytes]:
+    """Random bytes of many lengths; some start like a zip archive or a pickle, to get past
+    the first checks of torch.load."""
+    rng = random.Random(2012)
+    contents = []
+    for index in range(count):
+        length = rng.choice([0, 1, 2, 7, 8, 30, 64, 100, 512, 1000, 4096, 40_000])
+        content = rng.randbytes(length)
+        start = (b"", b"PK\x03\x04", b"\x80\x02", b"\x80\x04\x95")[index % 4]
+        contents.append(start + content[len(start):] if length > len(start) else content)
+    return contents
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol 4:UserWarning")  # torch, on noise
+def test_every_unreadable_checkpoint_is_a_data_error_naming_it(tmp_path):
+    path = tmp_path / "epoch-001.pt"
+    for content in random_files(200):
+        path.write_bytes(content)
+        with pytest.raises(DataError) as caught:
+            ckpt.load_checkpoint(path)
+        assert str(path) in single_line_error(caught)
+    ckpt.save_checkpoint(training_state(1), path)
+    whole = path.read_bytes()
+    for size in (10, len(whole) // 3, len(whole) // 2, len(whole) - 100):
+        path.write_bytes(whole[:size])
+        with pytest.raises(DataError, match=r"epoch-001\.pt is unreadable") as caught:
+            ckpt.load_checkpoint(path)
+        single_line_error(caught)
+    torch.save({"model": {}, "recipe": {}}, path)  # readable, but not the trainer's state
+    with pytest.raises(DataError, match=r"epoch-001\.pt has no valid 'optimizer' \(dict "):
+        ckpt.load_checkpoint(path)
+    torch.save([1, 2, 3], path)
+    with pytest.raises(DataError, match="not a canon training checkpoint"):
+        ckpt.load_checkpoint(path)
+
+
+def test_resume_passes_over_unreadable_checkpoints_to_the_last_good_one(tmp_path):
+    write_run(tmp_path)
+    ckpt.epoch_checkpoint(tmp_path, 2).write_bytes(random_files(12)[11])
+    torch.save({"model": {}, "recipe": {}, "epoch": 2}, ckpt.interrupted_checkpoint(tmp_path))
+    with pytest.warns(ckpt.CheckpointWarning) as caught:
+        path, state = ckpt.load_for_resume(tmp_path)
+    assert path == ckpt.epoch_checkpoint(tmp_path, 1) and state["epoch"] == 1
+    assert [str(warning.message).split(" ")[0] for warning in caught] == [
+        str(ckpt.interrupted_checkpoint(tmp_path)), str(ckpt.epoch_checkpoint(tmp_path, 2))
+    ]
+
+
+# ---- trained models from exports and checkpoints ------------------------------------------
+
+
+def test_a_trained_model_carries_its_class_ids(tmp_path):
+    state = write_run(tmp_path)
+    for source in (tmp_path, tmp_path / "model.safetensors", ckpt.best_checkpoint(tmp_path)):
+        trained = ckpt.load_trained(source)
+        assert trained.classes == CLASSES and trained.class_ids == CLASS_IDS
+    assert ckpt.load_trained(tmp_path).source == tmp_path / "model.safetensors"
+    # Runs from before class_ids was saved: the class names stand in.
+    info = json.loads((tmp_path / "eval_config.json").read_text())
+    del info["class_ids"]
+    (tmp_path / "eval_config.json").write_text(json.dumps(info))
+    del state["class_ids"]
+    ckpt.save_checkpoint(state, ckpt.best_checkpoint(tmp_path))
+    for source in (tmp_path, ckpt.best_checkpoint(tmp_path)):
+        assert ckpt.load_trained(source).class_ids == CLASSES
+
+
+def edit_config(change):
+    def edit(run_dir: Path) -> None:
+        path = run_dir / "eval_config.json"
+        path.write_text(change(json.loads(path.read_text())))
+    return edit
+
+
+def truncate(name: str):
+    def cut(run_dir: Path) -> None:
+        path = run_dir / name
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return cut
+
+
+def without(key: str):
+    return edit_config(lambda info: json.dumps({k: v for k, v in info.items() if k != key}))
+
+
+BAD_EXPORTS = {  # a damage, and what the error must name
+    "truncated weights": (truncate("model.safetensors"), r"model\.safetensors is unreadable"),
+    "random weights": (
+        lambda run_dir: (run_dir / "model.safetensors").write_bytes(random.randbytes(3000)),
+        r"model\.safetensors is unreadable",
+    ),
+    "truncated normalization": (
+        truncate("normalization.safetensors"), r"normalization\.safetensors is unreadable"
+    ),
+    "config not JSON": (
+        edit_config(lambda info: json.dumps(info)[:-20]), r"eval_config\.json is unreadable"
+    ),
+    "config a list": (
+        edit_config(lambda info: json.dumps(list(info))),
+        r"eval_config\.json holds a JSON list, not the object canon train writes",
+    ),
+    "no num_classes": (without("num_classes"), r"eval_config\.json has no valid 'num_classes'"),
+    "no model": (without("model"), r"eval_config\.json has no valid 'model'"),
+    "no classes": (without("classes"), r"eval_config\.json has no valid 'classes'"),
+    "weights of another model": (
+        lambda run_dir: safetensors.torch.save_file(
+            {"fc.weight": torch.zeros(2, 2)}, run_dir / "model.safetensors"
+        ),
+        r"model\.safetensors: its weights do not fit resnet20 with 10 classes",
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", BAD_EXPORTS, ids=list(BAD_EXPORTS))
+def test_a_bad_export_is_a_data_error_and_a_run_falls_back_to_best_pt(tmp_path, damage):
+    random.seed(damage)
+    write_run(tmp_path)
+    corrupt, named = BAD_EXPORTS[damage]
+    corrupt(tmp_path)
+    with pytest.raises(DataError, match=named) as caught:
+        ckpt.load_trained(tmp_path / "model.safetensors")
+    single_line_error(caught)
+    with pytest.warns(ckpt.CheckpointWarning, match=named + ".*; using .*best.pt instead"):
+        trained = ckpt.load_trained(tmp_path)
+    assert trained.source == ckpt.best_checkpoint(tmp_path) and trained.class_ids == CLASS_IDS
+    ckpt.best_checkpoint(tmp_path).unlink()
+    with pytest.raises(DataError, match=named):  # nothing to fall back to
+        ckpt.load_trained(tmp_path)
+
+
+# ---- one run per run directory -------------------------------------------------------------
+
+
+def test_a_new_run_refuses_a_directory_holding_another_run(tmp_path):
+    write_run(tmp_path)
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(DataError) as caught, claim_run_dir(tmp_path, resume=False):
+        pass
+    assert single_line_error(caught) == (
+        f"{tmp_path} already holds a run; continue it with --resume {tmp_path}, or pass "
+        "--overwrite to replace it, or pick another --output-dir"
+    )
+    assert sorted(tmp_path.rglob("*")) == before
+    with claim_run_dir(tmp_path, resume=True):  # continuing it keeps everything
+        assert (tmp_path / ".lock").read_text() == f"{os.getpid()}\n"
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_overwrite_deletes_the_earlier_run_s_files_only(tmp_path):
+    write_run(tmp_path)
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "data").mkdir()
+    with claim_run_dir(tmp_path, resume=False, overwrite=True):
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "data", "notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "notes.txt"]
+
+
+def test_new_runs_start_in_empty_unrelated_or_result_less_directories(tmp_path):
+    with claim_run_dir(tmp_path / "new" / "run", resume=False):  # created, parents too
+        assert (tmp_path / "new" / "run").is_dir()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for name in ("notes.txt", ".config.settings"):  # the latter named like a temporary file
+        (mine / name).write_text("mine")
+    killed = kill_mid_write(mine / "model.safetensors")
+    with claim_run_dir(mine, resume=False):
+        pass
+    assert sorted(p.name for p in mine.iterdir()) == [".config.settings", "notes.txt"]
+    assert not killed.exists()
+    # A run that stopped before its first checkpoint: nothing to resume, so it is replaced.
+    stopped = tmp_path / "stopped"
+    (stopped / "tensorboard").mkdir(parents=True)
+    (stopped / "recipe.yaml").write_text("name: quickstart\n")
+    killed = kill_mid_write(ckpt.epoch_checkpoint(stopped, 1))
+    with claim_run_dir(stopped, resume=False):
+        assert sorted(p.name for p in stopped.iterdir()) == [".lock"]
+    assert not killed.exists()
+
+
+def test_the_lock_is_freed_when_the_block_fails(tmp_path):
+    with pytest.raises(RuntimeError, match="training failed"), claim_run_dir(tmp_path,
+                                                                                resume=False):
+        raise RuntimeError("training failed")
+    with claim_run_dir(tmp_path, resume=True):
+        pass
+
+
+HOLD_RUN_DIR = """
+import sys, time
+from pathlib import Path
+from canon.engine.rundir import claim_run_dir
+from canon.errors import DataError
+
+try:
+    with claim_run_dir(Path(sys.argv[1]), resume=True):
+        print("claimed", flush=True)
+        time.sleep(600)
+except DataError as error:
+    print(error, flush=True)
+"""
+
+
+def claim_in_child(run_dir: Path) -> tuple[subprocess.Popen, str]:
+    child = subprocess.Popen([sys.executable, "-c", HOLD_RUN_DIR, str(run_dir)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return child, child.stdout.readline().strip()
+
+
+def test_a_second_run_on_the_same_directory_fails_at_once(tmp_path):
+    with claim_run_dir(tmp_path, resume=False):
+        child, said = claim_in_child(tmp_path)
+        assert child.wait(timeout=60) == 0, child.stderr.read()
+    assert said == (
+        f"{tmp_path} is in use by another canon run (pid {os.getpid()}); wait for it or use "
+        "another --output-dir"
+    )
+
+
+def test_a_killed_run_does_not_block_the_next(tmp_path):
+    child, said = claim_in_child(tmp_path)
+    assert said == "claimed", child.stderr.read()
+    with pytest.raises(DataError, match=f"in use by another canon run \\(pid {child.pid}\\)"), \
+            claim_run_dir(tmp_path, resume=True):
+        pass
+    child.kill()
+    child.wait(timeout=60)
+    assert (tmp_path / ".lock").read_text() == f"{child.pid}\n"  # left behind by the kill
+    with claim_run_dir(tmp_path, resume=True):
+        assert (tmp_path / ".lock").read_text() == f"{os.getpid()}\n"
+    assert not (tmp_path / ".lock").exists()
