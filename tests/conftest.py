@@ -1,7 +1,7 @@
 """Shared fixtures: the real data in ../shared/data, unpacked once per machine.
 
-Where ../shared is absent (a user's clone) the tests that need it skip; in CI (CI=true) it must
-be there, and its absence is a failure rather than a skip.
+Where ../shared is absent (a user's clone) the tests that need it skip; in CI (the CI service
+sets CI=true; .ci/run does not) it must be there, and its absence is a failure, not a skip.
 """
 
 from __future__ import annotations

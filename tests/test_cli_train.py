@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,10 +16,13 @@ import pytest
 import torch
 from PIL import Image
 
+import canon
 from canon.cli import build_parser, main
-from canon.data import BadImageWarning, open_dataset
+from canon.data import BadImageWarning, decode_image_file, open_dataset
+from canon.data.transforms import center_transform
 from canon.data.views import PROTOCOLS
-from canon.engine.checkpoint import load_checkpoint
+from canon.engine.checkpoint import load_checkpoint, load_trained
+from canon.recipes import Recipe, load_recipe, parse_yaml
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +45,13 @@ def test_train_writes_a_complete_run_directory_and_resumes(trained_run):
         assert (trained_run / name).is_file(), name
     info = json.loads((trained_run / "eval_config.json").read_text())
     assert info["model"] == "resnet20" and info["steps"] == 6 and len(info["classes"]) == 10
-    assert len((trained_run / "metrics.csv").read_text().splitlines()) == 3  # header + 2
+    assert info["class_ids"] == info["classes"]  # the sample's labels are its class names
+    rows = list(csv.reader((trained_run / "metrics.csv").open()))
+    assert len(rows) == 3  # header + 2
+    for value in rows[1] + rows[2]:  # 44.2, not 44.199999999999996
+        assert value == f"{float(value):.7g}"
+    header = (trained_run / "recipe.yaml").read_text().splitlines()[0]
+    assert header.startswith("# the resolved recipe of this run: canon ") and "commit" in header
 
 
 def test_eval_prints_errors_and_writes_json(trained_run, capsys):
@@ -62,12 +72,81 @@ def test_predict_prints_top5_class_names_with_probabilities(trained_run, tmp_pat
     for index in (0, 1):
         paths.append(tmp_path / f"image{index}.png")
         Image.fromarray(test_images.images[index].permute(1, 2, 0).numpy()).save(paths[-1])
-    main(["predict", str(trained_run / "checkpoints" / "best.pt"), *map(str, paths)])
+    main(["predict", str(trained_run / "checkpoints" / "best.pt"), *map(str, paths),
+          "--device", "cpu"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == str(paths[0]) and lines[6] == str(paths[1]) and len(lines) == 12
     probabilities = [float(line.split("%")[0]) for line in lines[1:6]]
     assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) <= 100.01
     assert all(line.split("%")[1].strip() in test_images.classes for line in lines[1:6])
+
+
+def test_eval_maps_a_folder_s_classes_to_the_model_s_by_name(
+    trained_run, image_folder, tmp_path
+):
+    subset = tmp_path / "two-classes"  # sorted, its classes would be labels 0 and 1
+    for name in ("cat", "truck"):
+        shutil.copytree(image_folder / "val" / name, subset / "val" / name)
+    main(["eval", str(trained_run), "--data", str(subset), "--output", str(tmp_path / "e")])
+    result = json.loads((tmp_path / "e").read_text())
+    trained = load_trained(trained_run)
+    transform, wrong = center_transform(trained.preprocess), 0
+    with torch.inference_mode():
+        for name in ("cat", "truck"):
+            for path in sorted((subset / "val" / name).glob("*.png")):
+                logits = trained.model(transform(decode_image_file(path))[None])
+                wrong += int(trained.classes[logits.argmax(1).item()] != name)
+    assert result["images"] == 10
+    assert result["top1_error"] == pytest.approx(100 * wrong / 10)
+
+
+def test_version_and_a_recipe_shown_with_its_citations(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"canon {canon.__version__}"
+    main(["recipes", "show", "resnet110-cifar10"])
+    text = capsys.readouterr().out
+    lines = text.splitlines()
+    lr = next(line for line in lines if line.strip().startswith("lr:"))
+    assert lr.split("#")[0].split() == ["lr:", "0.1"]
+    assert lr.endswith('# s4.2: "start with a learning rate of 0.1" (_resnet-cifar10.yaml)')
+    assert any(line.split() == ["nesterov:", "false", "#", "canon", "default"] for line in lines)
+    # What it prints is the resolved recipe itself, as YAML.
+    assert Recipe.from_dict(parse_yaml(text)) == load_recipe("resnet110-cifar10")
+
+
+def test_a_second_run_into_a_run_directory_is_refused_unless_overwrite(tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["train", "--device", "cpu", "--set", "train.iterations=1", "--output-dir", str(run)]
+    main(args)
+    best = run / "checkpoints" / "best.pt"
+    written = best.stat().st_mtime_ns
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2 and "already holds a run" in capsys.readouterr().err
+    assert best.stat().st_mtime_ns == written
+    main([*args, "--overwrite"])
+    out = capsys.readouterr().out
+    # quickstart: 5,000 images at batch 64; train.iterations counts steps of batch 128.
+    assert "train.iterations 1 -> 2" in out
+    assert "1 epoch(s) of 78 steps, stopping at step 2 (train.iterations), 2 steps into " \
+        "epoch 1" in out
+
+
+def test_help_and_the_recipes_need_no_torch():
+    """`canon --help`, `canon recipes` and `canon recipes show` answer at once: importing
+    torch and torchvision alone takes seconds."""
+    code = (
+        "import sys\nfrom canon.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "main(['recipes'])\nmain(['recipes', 'show', 'alexnet'])\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "[]"
 
 
 def test_eval_help_lists_every_protocol_evaluate_accepts():
@@ -110,7 +189,7 @@ def image_folder(tmp_path_factory):
     return root
 
 
-def test_a_real_ctrl_c_then_resume_equals_an_uninterrupted_run(image_folder, tmp_path):
+def test_a_real_sigterm_then_resume_equals_an_uninterrupted_run(image_folder, tmp_path):
     args = [
         "train", "--data", str(image_folder), "--epochs", "4", "--batch-size", "16",
         "--device", "cpu", "--set", "schedule.kind=step", "--set", "schedule.step_size=1",
@@ -119,14 +198,16 @@ def test_a_real_ctrl_c_then_resume_equals_an_uninterrupted_run(image_folder, tmp
     process = subprocess.Popen(
         [sys.executable, "-m", "canon", *args, "--output-dir", str(stopped)],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True,
     )
     for line in process.stdout:
         if line.startswith("epoch   1/4"):
-            process.send_signal(signal.SIGINT)  # lands somewhere in epoch 2
+            # As SLURM preempts a job: every process of it, the loader workers too. Lands
+            # somewhere in epoch 2.
+            os.killpg(process.pid, signal.SIGTERM)
             break
     output, _ = process.communicate(timeout=300)
-    assert process.returncode == 130, output
+    assert process.returncode == 128 + signal.SIGTERM, output
     assert "resume with: canon train --resume" in output
     saved = load_checkpoint(stopped / "checkpoints" / "interrupted.pt")
     assert saved["epoch"] >= 1 and saved["step"] > 10  # 10 steps per epoch
@@ -174,7 +255,7 @@ def test_undecodable_files_are_skipped_and_counted_or_refused_with_strict(
         main(evaluate)
     assert "skipped 1 undecodable" in capsys.readouterr().out
 
-    for argv, bad in ((train, bad_train), (evaluate, bad_val)):
+    for argv, bad in (([*train, "--overwrite"], bad_train), (evaluate, bad_val)):
         with pytest.raises(SystemExit) as exit_:
             main([*argv, "--strict"])
         assert exit_.value.code == 2
@@ -182,9 +263,18 @@ def test_undecodable_files_are_skipped_and_counted_or_refused_with_strict(
         assert error.startswith(f"canon {argv[0]}: error: ") and str(bad) in error
 
 
-def test_tensorboard_without_the_package_says_how_to_install_it(tmp_path, capsys):
-    with pytest.MonkeyPatch.context() as patch:
+def test_a_run_that_cannot_start_reads_no_data_and_leaves_no_directory(
+    image_folder, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setenv("CANON_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    train = ["train", "--data", str(image_folder), "--device", "cpu", "--output-dir", str(run)]
+    with pytest.raises(SystemExit):
+        main([*train, "--model", "nosuch"])
+    assert "unknown model 'nosuch'" in capsys.readouterr().err
+    with monkeypatch.context() as patch:
         patch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
         with pytest.raises(SystemExit):
-            main(["train", "--tensorboard", "--device", "cpu", "--output-dir", str(tmp_path)])
+            main([*train, "--tensorboard"])
     assert "pip install tensorboard" in capsys.readouterr().err
+    assert not run.exists() and not (tmp_path / "cache").exists()  # no statistics computed

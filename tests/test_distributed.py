@@ -405,8 +405,8 @@ def test_elastic_restart_resumes_from_the_last_checkpoint(
         stderr=subprocess.STDOUT, text=True,
     )
     try:
-        # curves.png is written after epoch 1's checkpoint and metrics; epoch 2 starts next.
-        _wait_for(run / "curves.png", process)
+        # metrics.csv is written after epoch 1's checkpoint; epoch 2 starts next.
+        _wait_for(run / "metrics.csv", process)
         first_epoch = _metrics(run)[0]
         time.sleep(float(first_epoch["seconds"]) / 2)  # about half-way through epoch 2
         assert not (run / "checkpoints" / "epoch-002.pt").exists(), "killed too late"

@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from canon.data import ArrayImages, DataConfig, build_datasets
 from canon.engine import checkpoint as ckpt
-from canon.engine.trainer import NonFiniteLossError, TrainingInterrupted, train
+from canon.engine.trainer import NonFiniteError, TrainingInterrupted, train
 from canon.errors import DataError
 from canon.models.base import CanonModel
 from canon.recipes import Recipe, apply_overrides, load_recipe
@@ -120,16 +120,20 @@ def test_stopping_after_an_epoch_and_resuming_is_bit_identical(
     assert_same_state(final_weights(tmp_path, 2), uninterrupted)
 
 
-def test_ctrl_c_mid_epoch_saves_and_resumes_bit_identically(resume_data, uninterrupted, tmp_path):
-    def press_ctrl_c(step: int) -> None:
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_mid_epoch_saves_and_resumes_bit_identically(
+    resume_data, uninterrupted, tmp_path, stop_signal
+):
+    def send_signal(step: int) -> None:
         if step == 5:  # inside epoch 1 of 8 steps
-            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(stop_signal)
 
     recipe = tiny_recipe(epochs=2, batch_size=16, workers=2)  # worker count must not matter
     with pytest.raises(TrainingInterrupted) as stop:
         train(recipe, tmp_path, device="cpu", datasets=resume_data, progress=False,
-              on_step=press_ctrl_c)
+              on_step=send_signal)
     assert stop.value.checkpoint == ckpt.interrupted_checkpoint(tmp_path)
+    assert stop.value.signal_number == stop_signal
     assert ckpt.load_checkpoint(stop.value.checkpoint)["step"] == 5
     train(recipe, tmp_path, resume=tmp_path, device="cpu", datasets=resume_data, progress=False)
     assert_same_state(final_weights(tmp_path, 2), uninterrupted)
@@ -145,11 +149,31 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
     exploding = apply_overrides(
         Recipe.from_dict(state["recipe"]), [("train.epochs", 2), ("optimizer.lr", 1e30)]
     )
-    with pytest.raises(NonFiniteLossError, match=r"at optimizer step (9|1\d)\b"):
+    with pytest.raises(NonFiniteError, match=r"at optimizer step (9|1\d)\b"):
         train(exploding, tmp_path, resume=state, device="cpu", datasets=resume_data,
               progress=False)
     assert [p.name for p in ckpt.resumable_checkpoints(tmp_path)] == ["epoch-001.pt"]
     assert ckpt.load_checkpoint(ckpt.epoch_checkpoint(tmp_path, 1))["epoch"] == 1
+
+
+def test_weights_that_overflow_are_never_checkpointed(resume_data, tmp_path):
+    """The loss of the last step is finite, the update it makes is not: epoch 2 must not be
+    saved (nor become best.pt), and the error names epoch 1's checkpoint to go back to."""
+    recipe = tiny_recipe(epochs=2, batch_size=16)
+    torch.manual_seed(0)
+    model = SmallConvNet()
+
+    def overflow_at_the_end_of_epoch_2(step: int) -> None:
+        if step == 16:  # 8 steps per epoch
+            with torch.no_grad():
+                model.fc.weight[0, 0] = math.inf
+
+    with pytest.raises(NonFiniteError, match="weights became NaN or infinite") as error:
+        train(recipe, tmp_path, device="cpu", model=model, datasets=resume_data,
+              progress=False, on_step=overflow_at_the_end_of_epoch_2)
+    assert str(ckpt.epoch_checkpoint(tmp_path, 1)) in str(error.value)
+    assert [p.name for p in ckpt.resumable_checkpoints(tmp_path)] == ["epoch-001.pt"]
+    assert ckpt.load_checkpoint(ckpt.best_checkpoint(tmp_path))["epoch"] == 1
 
 
 class SmallConvNet(CanonModel):

@@ -1,6 +1,17 @@
-"""canon: the ImageNet canon of convolutional networks, as the papers describe them."""
+"""canon: the ImageNet canon of convolutional networks, as the papers describe them.
 
-from canon.registry import create_model, describe_model, list_models
+The public API is imported on first use (canon.lazy), so that `canon --help` does not wait for
+torch.
+"""
 
-__all__ = ["create_model", "describe_model", "list_models"]
+from canon.lazy import lazy_attributes
+
 __version__ = "0.1.0"
+
+_HOMES = {
+    "create_model": "canon.registry",
+    "describe_model": "canon.registry",
+    "list_models": "canon.registry",
+}
+__all__ = sorted(_HOMES)
+__getattr__ = lazy_attributes(__name__, _HOMES)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -112,11 +113,28 @@ def _run_stats(args: argparse.Namespace) -> None:
     print(f"cached at {path}")
 
 
-@_verb("recipes", "list the bundled training recipes", _pattern_arguments)
-def _run_recipes(args: argparse.Namespace) -> None:
-    from canon.recipes import RECIPES, list_recipes
+def _recipes_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "words", nargs="*", metavar="PATTERN | show NAME",
+        help="a shell-style filter ('resnet*'), or `show NAME|FILE` for one recipe's resolved "
+        "values with the paper citation of each",
+    )
 
-    _print_described(list_recipes(args.pattern), lambda name: RECIPES.get(name).description)
+
+@_verb("recipes", "list the bundled training recipes, or show one", _recipes_arguments)
+def _run_recipes(args: argparse.Namespace) -> None:
+    from canon.errors import ConfigError
+    from canon.recipes import RECIPES, list_recipes, show_recipe
+
+    if args.words[:1] == ["show"]:
+        if len(args.words) != 2:
+            raise ConfigError("usage: canon recipes show NAME (a bundled recipe or a YAML file)")
+        print(show_recipe(args.words[1]))
+        return
+    if len(args.words) > 1:
+        raise ConfigError("usage: canon recipes [PATTERN] or canon recipes show NAME")
+    pattern = args.words[0] if args.words else None
+    _print_described(list_recipes(pattern), lambda name: RECIPES.get(name).description)
 
 
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -149,6 +167,8 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--output-dir", type=Path, metavar="DIR",
                         help="run directory; default: runs/<recipe>[-N]")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the run already in --output-dir (its files are deleted)")
     parser.add_argument(
         "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
         help="override any recipe value (YAML syntax), e.g. --set schedule.warmup_epochs=5",
@@ -219,11 +239,13 @@ def _run_train(args: argparse.Namespace) -> None:
         run_dir = args.output_dir or checkpoint.run_dir_of(path)
     main_rank = os.environ.get("RANK", "0") == "0"  # torchrun: one line, not one per process
     try:
-        result = train(recipe, run_dir, resume=state, device=args.device)
+        result = train(
+            recipe, run_dir, resume=state, overwrite=args.overwrite, device=args.device
+        )
     except TrainingInterrupted as stop:
         if main_rank:
             print(f"stopped; resume with: canon train --resume {run_dir}  ({stop.checkpoint})")
-        sys.exit(130)
+        sys.exit(128 + stop.signal_number)  # the shell's convention: 130 Ctrl-C, 143 SIGTERM
     last = result.metrics[-1] if result.metrics else None
     if last is not None and main_rank:
         print(
@@ -265,7 +287,8 @@ def _run_eval(args: argparse.Namespace) -> None:
     result = evaluate(
         trained.model, dataset, args.protocol, batch_size=args.batch_size,
         device=resolve_device(args.device), workers=args.workers, data_config=trained.data,
-        preprocess=trained.preprocess, strict=args.strict, progress=True,
+        preprocess=trained.preprocess, class_ids=trained.class_ids, strict=args.strict,
+        progress=True,
     )
     result.update(checkpoint=str(trained.source), data=dataset)
     print(
@@ -285,13 +308,16 @@ def _predict_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a run directory, model.safetensors or a checkpoint .pt file")
     parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     parser.add_argument("--top", type=int, default=5, help="classes to show per image")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
 
 
 @_verb("predict", "the most likely classes for image files", _predict_arguments)
 def _run_predict(args: argparse.Namespace) -> None:
     from canon.engine.checkpoint import load_trained
+    from canon.engine.distributed import resolve_device
 
     trained = load_trained(args.checkpoint)
+    trained.model.to(resolve_device(args.device))
     for path, ranking in zip(args.images, trained.predict(args.images, args.top), strict=True):
         print(path)
         for name, probability in ranking:
@@ -299,15 +325,23 @@ def _run_predict(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from canon import __version__
+
     parser = argparse.ArgumentParser(
         prog="canon", description="The ImageNet canon of convolutional networks."
     )
+    parser.add_argument("--version", action="version", version=f"canon {__version__}")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB")
     for name, (help_text, add_arguments, run) in VERBS.items():
         sub = verbs.add_parser(name, help=help_text, description=help_text)
         add_arguments(sub)
         sub.set_defaults(run=run)
     return parser
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], *_: object) -> str:
+    """Warnings as one line for people at a terminal, not a source line for programmers."""
+    return f"canon: {category.__name__}: {message}\n"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -317,6 +351,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.verb is None:
         parser.print_help()
         return
+    default_format, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
         args.run(args)
     except CanonError as error:
@@ -324,3 +359,5 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"canon {args.verb}: error: {error}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        warnings.formatwarning = default_format  # main() may be called from Python

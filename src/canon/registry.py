@@ -10,11 +10,12 @@ import difflib
 import fnmatch
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
-
-import torch.nn as nn
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from canon.errors import CanonError, ConfigError
+
+if TYPE_CHECKING:
+    import torch.nn as nn
 
 Builder = TypeVar("Builder", bound=Callable[..., Any])
 

@@ -3,37 +3,32 @@
     from canon.data import DataConfig, build_datasets, build_loader
     train, val = build_datasets(DataConfig())          # the bundled CIFAR-10 sample
     loader = build_loader(train, 128, train=True, seed=0)
+
+Names are imported on first use (canon.lazy), so that reading a recipe's data section
+(DataConfig) does not import torch and torchvision.
 """
 
-from canon.data.config import DataConfig
-from canon.data.datasets import (
-    ArrayImages,
-    BadImageWarning,
-    FolderImages,
-    LabeledImages,
-    decode_image_file,
-    open_dataset,
-)
-from canon.data.loaders import ShuffleSampler, build_datasets, build_loader, collate
-from canon.data.stats import DatasetStats, compute_stats, load_or_compute_stats
-from canon.data.transforms import EvalPreprocess, eval_preprocess, training_transform
+from canon.lazy import lazy_attributes
 
-__all__ = [
-    "ArrayImages",
-    "BadImageWarning",
-    "DataConfig",
-    "DatasetStats",
-    "EvalPreprocess",
-    "FolderImages",
-    "LabeledImages",
-    "ShuffleSampler",
-    "build_datasets",
-    "build_loader",
-    "collate",
-    "compute_stats",
-    "decode_image_file",
-    "eval_preprocess",
-    "load_or_compute_stats",
-    "open_dataset",
-    "training_transform",
-]
+_HOMES = {
+    "DataConfig": "canon.data.config",
+    "ArrayImages": "canon.data.datasets",
+    "BadImageWarning": "canon.data.datasets",
+    "FolderImages": "canon.data.datasets",
+    "LabeledImages": "canon.data.datasets",
+    "decode_image_file": "canon.data.datasets",
+    "open_dataset": "canon.data.datasets",
+    "open_eval_split": "canon.data.datasets",
+    "ShuffleSampler": "canon.data.loaders",
+    "build_datasets": "canon.data.loaders",
+    "build_loader": "canon.data.loaders",
+    "collate": "canon.data.loaders",
+    "DatasetStats": "canon.data.stats",
+    "compute_stats": "canon.data.stats",
+    "load_or_compute_stats": "canon.data.stats",
+    "EvalPreprocess": "canon.data.transforms",
+    "eval_preprocess": "canon.data.transforms",
+    "training_transform": "canon.data.transforms",
+}
+__all__ = sorted(_HOMES)
+__getattr__ = lazy_attributes(__name__, _HOMES)

@@ -99,6 +99,11 @@ def _pick_device(device: str, local_rank: int, world_size: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+def cores_per_process() -> int:
+    """The CPU cores this process may use, shared among the training processes of its machine."""
+    return max(1, len(os.sched_getaffinity(0)) // _env_int("LOCAL_WORLD_SIZE", 1))
+
+
 def launched_by_torchrun() -> bool:
     """Whether torchrun (torch.distributed.run) started this process."""
     return "TORCHELASTIC_RUN_ID" in os.environ

@@ -25,10 +25,16 @@ EVENTS_DIR = "tensorboard"
 
 
 def write_metrics_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    """The rows with floats to 7 significant digits (44.2, not 44.199999999999996: float32
+    sums carry no more than that)."""
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(
+            {key: f"{value:.7g}" if isinstance(value, float) else value
+             for key, value in row.items()}
+            for row in rows
+        )
 
 
 def plot_curves(path: Path, rows: list[dict[str, Any]], title: str) -> None:
@@ -85,15 +91,21 @@ def format_postfix(loss: float, lr: float, images_per_second: float) -> dict[str
     }
 
 
-def event_writer(run_dir: Path) -> Any:
-    """A TensorBoard SummaryWriter on run_dir/tensorboard; ConfigError if not installed."""
+def check_tensorboard() -> None:
+    """ConfigError, before a run starts, when train.tensorboard cannot be honoured."""
     try:
-        from torch.utils.tensorboard import SummaryWriter
+        import torch.utils.tensorboard  # noqa: F401  (fails without the tensorboard package)
     except ImportError:
         raise ConfigError(
             "train.tensorboard needs the tensorboard package: pip install tensorboard "
             "(or drop --tensorboard)"
         ) from None
+
+
+def event_writer(run_dir: Path) -> Any:
+    """A TensorBoard SummaryWriter on run_dir/tensorboard (check_tensorboard first)."""
+    from torch.utils.tensorboard import SummaryWriter
+
     return SummaryWriter(str(run_dir / EVENTS_DIR))
 
 

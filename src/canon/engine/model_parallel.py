@@ -25,9 +25,7 @@ Deviations and limits:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -35,34 +33,7 @@ import torch.nn as nn
 from canon.errors import ConfigError
 from canon.models.base import CanonModel
 from canon.models.layers import LocalResponseNorm
-
-SPEC_PATTERN = re.compile(r"^(towers|stages:(\d+)(?::(\d+))?)$")
-
-
-@dataclass(frozen=True)
-class ModelParallelPlan:
-    """What `--model-parallel` asked for: the split kind, device count and micro-batches."""
-
-    kind: str  # "towers" or "stages"
-    num_devices: int
-    micro_batches: int = 1
-
-
-def parse_model_parallel(spec: str) -> ModelParallelPlan:
-    """Parse "towers", "stages:K" or "stages:K:M" (K devices, M micro-batches)."""
-    match = SPEC_PATTERN.match(spec)
-    if match is None:
-        raise ConfigError(
-            f"--model-parallel {spec!r} is not understood; use towers (AlexNet's two GPUs), "
-            "stages:K (K devices) or stages:K:M (K devices, M micro-batches)"
-        )
-    if match.group(1) == "towers":
-        return ModelParallelPlan("towers", 2)
-    num_devices = int(match.group(2))
-    micro_batches = int(match.group(3)) if match.group(3) else 4 * num_devices
-    if num_devices < 1 or micro_batches < 1:
-        raise ConfigError(f"--model-parallel {spec!r}: K and M must be at least 1")
-    return ModelParallelPlan("stages", num_devices, micro_batches)
+from canon.recipes.schema import parse_model_parallel
 
 
 def model_parallel_devices(num_devices: int, first: torch.device) -> list[torch.device]:

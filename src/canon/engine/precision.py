@@ -13,9 +13,9 @@ from typing import Any
 import torch
 
 from canon.errors import ConfigError
+from canon.recipes.schema import AMP_MODES
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-AMP_MODES = ("none", *DTYPES)
 
 
 class Precision:

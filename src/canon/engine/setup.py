@@ -37,11 +37,12 @@ import yaml
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import Dataset, Sampler
 
+import canon
 from canon.data import build_datasets, build_loader
 from canon.data.loaders import ShuffleSampler
 from canon.engine import checkpoint as ckpt
 from canon.engine import distributed as dist
-from canon.engine.logs import event_writer
+from canon.engine.logs import check_tensorboard, event_writer
 from canon.engine.model_parallel import parallelize
 from canon.engine.precision import Precision
 from canon.engine.schedules import (
@@ -51,7 +52,12 @@ from canon.engine.schedules import (
 )
 from canon.errors import ConfigError
 from canon.recipes.schema import OptimizerSection, Recipe, ScheduleSection, TrainSection
-from canon.registry import create_model
+from canon.registry import MODELS, create_model
+
+IMAGENET_PLACEHOLDER = "imagenet"  # the ImageNet recipes' dataset until --data names a folder
+# What stops a run with a checkpoint: Ctrl-C, and SIGTERM (timeout, SLURM preemption,
+# docker stop, Kubernetes).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class _SeededSamples(Dataset):
@@ -71,7 +77,9 @@ class _SeededSamples(Dataset):
         epoch, index = divmod(key, self.size)
         sample_seed = ((self.seed * 1_000_003 + epoch) * 2_147_483_647 + index) % 2**63
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed)
+            # The CPU generator alone: torch.manual_seed also queues the seeding of every CUDA
+            # device, recording a Python stack each time (about 100 us against 1 us).
+            torch.default_generator.manual_seed(sample_seed)
             return self.dataset[index]
 
 
@@ -99,13 +107,27 @@ class _WithAux(nn.Module):
         return self.model.forward_with_aux(images)
 
 
-def _ignore_sigint_in_worker(worker_init: Callable | None) -> Callable[[int], None]:
+def _leave_signals_to_main(worker_init: Callable | None) -> Callable[[int], None]:
+    """Loader workers ignore Ctrl-C and SIGTERM (SLURM signals every process of a job): a
+    worker that died would make the DataLoader raise in the main process mid-step. The main
+    process decides when to stop and ends its workers itself (shut_down_workers)."""
+
     def init(worker_id: int) -> None:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when to stop
+        for stop_signal in STOP_SIGNALS:
+            signal.signal(stop_signal, signal.SIG_IGN)
         if worker_init is not None:
             worker_init(worker_id)
 
     return init
+
+
+def shut_down_workers(loader: Any) -> None:
+    """End a loader's persistent worker processes now. They ignore SIGTERM, which is how
+    multiprocessing ends leftover workers when the interpreter exits (it would wait forever)."""
+    iterator = getattr(loader, "_iterator", None)  # where DataLoader keeps persistent workers
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+        loader._iterator = None
 
 
 def parameter_groups(model: nn.Module, weight_decay: float, no_decay_bn_bias: bool) -> list[dict]:
@@ -147,7 +169,8 @@ class Run:
     ctx: dist.DistributedContext
     run_dir: Path
     train_size: int
-    classes: list[str]
+    classes: list[str]  # human names
+    class_ids: list[str]  # the dataset's own labels (folder names, e.g. wnids)
     num_classes: int
     normalization: dict[str, torch.Tensor | None] | None
     order_sampler: Any  # this rank's sample order, a permutation fixed by (seed, epoch)
@@ -173,6 +196,8 @@ class Run:
     totals: dict[str, Any] = field(default_factory=new_totals)
     best_error: float = math.inf
     events: Any = None  # TensorBoard writer (rank 0, train.tensorboard)
+    val_size: int = 0
+    iterations: int | None = None  # train.iterations converted to this run's global batch
 
 
 def set_up(
@@ -186,9 +211,15 @@ def set_up(
     config = recipe.train
     train_set, val_set = datasets or _build_datasets(recipe, ctx)
     classes = [str(c) for c in getattr(train_set, "classes", [])]
+    class_ids = [str(c) for c in getattr(train_set, "class_ids", classes)]
     num_classes = recipe.model.num_classes or len(classes)
     if not num_classes:
         raise ConfigError("the training set has no .classes: set model.num_classes")
+    if num_classes < 2:
+        raise ConfigError(
+            f"the training set has {num_classes} class ({', '.join(classes) or 'unnamed'}): "
+            "classification needs at least two"
+        )
     preprocess = getattr(val_set, "preprocess", None)
     normalization = {
         "mean": preprocess.normalize.mean, "std": preprocess.normalize.std,
@@ -222,7 +253,7 @@ def set_up(
         train_module = torch.compile(train_module)
     run = Run(
         recipe=recipe, ctx=ctx, run_dir=run_dir, train_size=len(train_set), classes=classes,
-        num_classes=num_classes, normalization=normalization,
+        class_ids=class_ids, num_classes=num_classes, normalization=normalization,
         order_sampler=dist.train_sampler(train_set, ctx, seed=config.seed)
         or ShuffleSampler(train_set, config.seed),
         train_keys=train_keys, train_loader=train_loader, val_loader=val_loader, model=model,
@@ -245,29 +276,64 @@ def set_up(
     run.epochs = min(config.epochs, run.epoch + max(0, math.ceil(steps_left / steps_per_epoch)))
     run.best_error = min((row["val_top1_error"] for row in run.metrics), default=math.inf)
 
-    if ctx.is_main:
-        _open_run_dir(run, len(val_set), iterations)
+    run.val_size, run.iterations = len(val_set), iterations
     return run
 
 
-def _open_run_dir(run: Run, val_size: int, iterations: int | None) -> None:
-    """Rank 0: the run directory with its resolved recipe, the events file, the run's plan."""
+def check_recipe(recipe: Recipe, *, model_given: bool, datasets_given: bool) -> None:
+    """What can be checked before any data is read or any file written."""
+    if not model_given:
+        MODELS.get(recipe.model.name)  # UnknownNameError listing close names
+    if not datasets_given and recipe.data.dataset == IMAGENET_PLACEHOLDER:
+        raise ConfigError(
+            f"recipe {recipe.name} trains on ImageNet: pass --data /path/to/imagenet, a folder "
+            "holding train/<wnid>/*.JPEG and val/<wnid>/*.JPEG"
+        )
+    if recipe.train.tensorboard:
+        check_tensorboard()
+
+
+def open_run_dir(run: Run) -> None:
+    """Rank 0, once it holds the run directory (canon.engine.rundir): the resolved recipe
+    (with the commit), the events file, and a line stating the run's plan."""
     recipe, config, ctx = run.recipe, run.recipe.train, run.ctx
-    run.run_dir.mkdir(parents=True, exist_ok=True)
-    (run.run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    header = f"# the resolved recipe of this run: canon {canon.__version__}, commit {run.commit}\n"
+    (run.run_dir / "recipe.yaml").write_text(
+        header + yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+    )
     if config.tensorboard:
         run.events = event_writer(run.run_dir)
     global_batch_size = config.batch_size * config.accum_steps * ctx.world_size
     print(
         f"{recipe.name}: {recipe.model.name} on {recipe.data.dataset} "
-        f"({run.train_size} train / {val_size} val images, {run.num_classes} classes), "
+        f"({run.train_size} train / {run.val_size} val images, {run.num_classes} classes), "
         f"global batch {global_batch_size} = {config.batch_size} x {config.accum_steps} "
-        f"accum x {ctx.world_size} device(s), peak lr {run.schedule.peak_lr:.4g}, {run.epochs} "
-        f"epochs of {run.steps_per_epoch} steps, "
-        f"{config.amp if config.amp != 'none' else 'fp32'} on {ctx.device}; writing {run.run_dir}"
+        f"accum x {ctx.world_size} device(s), peak lr {run.schedule.peak_lr:.4g}, "
+        f"{_length(run)}, {config.amp if config.amp != 'none' else 'fp32'} on {ctx.device}; "
+        f"writing {run.run_dir}"
     )
-    if run.schedule.config != recipe.schedule or iterations != config.iterations:
-        print(_scaled_counts_note(recipe, run.schedule.config, iterations, global_batch_size))
+    if run.schedule.config != recipe.schedule or run.iterations != config.iterations:
+        print(_scaled_counts_note(recipe, run.schedule.config, run.iterations, global_batch_size))
+
+
+def _length(run: Run) -> str:
+    """How long the run goes, as it will run: epochs, steps, and where an iteration limit
+    cuts the last epoch."""
+    steps_left = run.total_steps - run.step
+    text = f"{run.epochs} epoch(s) of {run.steps_per_epoch} steps"
+    last_epoch_steps = run.total_steps - (run.epochs - 1) * run.steps_per_epoch
+    if run.iterations is not None and last_epoch_steps < run.steps_per_epoch:
+        text += (f", stopping at step {run.total_steps} (train.iterations), "
+                 f"{last_epoch_steps} steps into epoch {run.epochs}")
+    if run.step:
+        text += f"; {steps_left} steps left"
+    return text
+
+
+def loader_workers(config: TrainSection) -> int:
+    """train.workers, or by default one per core of this process's share of the machine
+    (at most 8): more would only compete with each other and with the training step."""
+    return config.workers if config.workers is not None else min(8, dist.cores_per_process())
 
 
 def _loaders(
@@ -275,14 +341,14 @@ def _loaders(
 ) -> tuple[_EpochKeys, Any, Any]:
     """The training loader reads the keys set before each epoch (augmentation seeded per
     sample by _SeededSamples); the validation loader reads this rank's shard."""
-    train_keys = _EpochKeys()
+    train_keys, workers = _EpochKeys(), loader_workers(config)
     train_loader = build_loader(
         _SeededSamples(train_set, config.seed), config.batch_size, train=True,
-        workers=config.workers, sampler=train_keys, seed=config.seed, drop_last=True,
+        workers=workers, sampler=train_keys, seed=config.seed, drop_last=True,
     )
-    train_loader.worker_init_fn = _ignore_sigint_in_worker(train_loader.worker_init_fn)
+    train_loader.worker_init_fn = _leave_signals_to_main(train_loader.worker_init_fn)
     val_loader = build_loader(
-        val_set, config.batch_size, train=False, workers=config.workers,
+        val_set, config.batch_size, train=False, workers=workers,
         sampler=dist.eval_sampler(val_set, ctx),
     )
     return train_keys, train_loader, val_loader
@@ -293,7 +359,8 @@ def _build_datasets(recipe: Recipe, ctx: dist.DistributedContext) -> tuple[Datas
     training-set statistics the recipe needs; the machine's other processes wait for it and
     then read them from the cache instead of computing them at the same time."""
     build = functools.partial(
-        build_datasets, recipe.data, strict=recipe.train.strict_data, workers=recipe.train.workers
+        build_datasets, recipe.data, strict=recipe.train.strict_data,
+        workers=loader_workers(recipe.train),
     )
     if ctx.local_rank != 0:
         dist.barrier(ctx)

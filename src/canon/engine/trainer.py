@@ -13,14 +13,17 @@ already seen and continues bit-identically on the CPU (GPU kernels may not be de
 How each sample's augmentation and the epoch's order are fixed, and what a resume on another
 number of processes changes, is told in canon.engine.setup.
 
-Ctrl-C finishes the optimizer step in progress, saves checkpoints/interrupted.pt and stops; a
-second Ctrl-C stops at once.
+Ctrl-C or SIGTERM (timeout, SLURM preemption, docker stop, Kubernetes) finishes the optimizer
+step in progress on every rank, saves checkpoints/interrupted.pt and stops; a second one stops
+at once.
 
 Also worth knowing:
 - With `train.ema_decay` > 0 the averaged weights are the ones validated, kept as best and
   exported (GoogLeNet's Polyak averaging); the raw weights stay in the checkpoints.
 - The loss is checked for NaN/inf every LOSS_CHECK_STEPS steps (one device sync each), and
-  before any checkpoint is written, so a diverged state is never saved.
+  the loss and the weights before any checkpoint is written, so a diverged state is never
+  saved: the newest checkpoint on disk is always one to resume from.
+- curves.png is drawn once the run stops (finished, interrupted or failed), not every epoch.
 - Undecodable training files are skipped (one warning per file, from canon.data) and counted
   per epoch in metrics.csv (skipped_images); `train.strict_data` stops at the first instead.
 """
@@ -51,25 +54,35 @@ from canon.engine.logs import (
     write_metrics_csv,
 )
 from canon.engine.precision import Precision
-from canon.engine.setup import Run, new_totals, set_up
-from canon.errors import CanonError, ConfigError
+from canon.engine.rundir import claim_run_dir
+from canon.engine.setup import (
+    STOP_SIGNALS,
+    Run,
+    check_recipe,
+    new_totals,
+    open_run_dir,
+    set_up,
+    shut_down_workers,
+)
+from canon.errors import CanonError, ConfigError, DataError
 from canon.evaluation import score_loader
 from canon.recipes.schema import Recipe
 
 LOSS_CHECK_STEPS = 10  # loss values are checked for NaN/inf (one device sync) this often
-IMAGENET_PLACEHOLDER = "imagenet"
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C: the state at the last finished optimizer step is saved at `checkpoint`."""
+    """Ctrl-C or SIGTERM: the state at the last finished optimizer step is at `checkpoint`."""
 
-    def __init__(self, checkpoint: Path) -> None:
+    def __init__(self, checkpoint: Path, signal_number: int = signal.SIGINT) -> None:
         super().__init__(f"interrupted; state saved to {checkpoint}")
         self.checkpoint = checkpoint
+        self.signal_number = signal_number
 
 
-class NonFiniteLossError(CanonError, ArithmeticError):
-    """The loss became NaN or infinite; the message names the step."""
+class NonFiniteError(CanonError, ArithmeticError):
+    """The loss or the weights became NaN or infinite; the message names the step and the
+    newest checkpoint (always a finite one) to go back to."""
 
 
 @dataclass(frozen=True)
@@ -79,27 +92,35 @@ class TrainResult:
     best_val_top1_error: float
 
 
-class _InterruptFlag:
-    """The first SIGINT sets the flag (the loop stops at the next step); the second raises."""
+class _StopFlag:
+    """The first SIGINT or SIGTERM sets the flag (the loop saves a checkpoint after the step in
+    progress and stops); a second one gets the handler that was there before (stop at once)."""
 
     def __init__(self) -> None:
         self.raised = False
+        self.signal_number = signal.SIGINT
+        self._previous: dict[int, Any] = {}
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        previous = signal.signal(signal.SIGINT, self._handle)
+        self._previous = {number: signal.signal(number, self._handle) for number in STOP_SIGNALS}
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, previous)
+            self._restore()
+
+    def _restore(self) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
 
     def _handle(self, signum: int, frame: object) -> None:
-        self.raised = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        print("\ninterrupt: finishing this step and saving a checkpoint (Ctrl-C again to abort)")
+        self.raised, self.signal_number = True, signum
+        self._restore()
+        print(f"\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
+              "(send it again to stop at once)", flush=True)
 
 
 @torch.no_grad()
@@ -128,6 +149,7 @@ def train(
     output_dir: str | Path,
     *,
     resume: str | Path | dict[str, Any] | None = None,
+    overwrite: bool = False,
     device: str = "auto",
     model: nn.Module | None = None,
     datasets: tuple[Dataset, Dataset] | None = None,
@@ -138,19 +160,19 @@ def train(
 
     `resume`: a run directory or checkpoint file to continue from (the newest readable
     checkpoint; an unreadable one is reported and the previous one used), or a checkpoint
-    state already loaded with `checkpoint.load_for_resume`. `model`: a CanonModel to train
-    instead of building `recipe.model.name`. `datasets`: (train, validation) to use instead of
+    state already loaded with `checkpoint.load_for_resume`. Without it, an `output_dir` that
+    holds another run is refused unless `overwrite` (which deletes that run's files); a run
+    directory is locked while a run writes to it. `model`: a CanonModel to train instead of
+    building `recipe.model.name`. `datasets`: (train, validation) to use instead of
     `build_datasets(recipe.data)`; items (image tensor, label), `.classes` on the training set
     unless the recipe sets model.num_classes. `on_step(step)` runs after every optimizer step.
     """
-    if datasets is None and recipe.data.dataset == IMAGENET_PLACEHOLDER:
-        raise ConfigError(
-            f"recipe {recipe.name} trains on ImageNet: pass --data /path/to/imagenet, a folder "
-            "holding train/<wnid>/*.JPEG and val/<wnid>/*.JPEG"
-        )
+    check_recipe(recipe, model_given=model is not None, datasets_given=datasets is not None)
     ctx = dist.init_distributed(device)
     try:
-        return _train(recipe, Path(output_dir), ctx, resume, model, datasets, progress, on_step)
+        return _train(
+            recipe, Path(output_dir), ctx, resume, overwrite, model, datasets, progress, on_step
+        )
     except torch.cuda.OutOfMemoryError:
         raise ConfigError(
             f"out of GPU memory at --batch-size {recipe.train.batch_size} per device: lower "
@@ -166,6 +188,7 @@ def _train(
     run_dir: Path,
     ctx: dist.DistributedContext,
     resume: str | Path | dict[str, Any] | None,
+    overwrite: bool,
     model: nn.Module | None,
     datasets: tuple[Dataset, Dataset] | None,
     progress: bool,
@@ -177,25 +200,55 @@ def _train(
     if state is not None and ctx.is_main:
         print(f"resuming at epoch {state['epoch']} + {state['step_in_epoch']} steps")
     run = set_up(recipe, run_dir, ctx, model, datasets, state)
-    interrupt = _InterruptFlag()
-    try:
-        with interrupt.installed():
+    stop = _StopFlag()
+    with _claimed(run, resuming=state is not None, overwrite=overwrite), stop.installed():
+        try:
             while run.epoch < run.epochs:
-                train_seconds = _train_epoch(run, interrupt, progress, on_step)
+                train_seconds = _train_epoch(run, stop, progress, on_step)
                 _end_epoch(run, train_seconds)
-    finally:
-        if run.events is not None:
-            run.events.close()
-    if ctx.is_main:
-        _export(run)
+        finally:
+            _close(run)
+        if ctx.is_main:
+            _export(run)
     return TrainResult(run_dir, run.metrics, run.best_error)
+
+
+@contextlib.contextmanager
+def _claimed(run: Run, *, resuming: bool, overwrite: bool) -> Iterator[None]:
+    """Rank 0 claims and locks the run directory (refusing another run's) and opens it; the
+    other ranks learn whether it could, so that none of them trains alone."""
+    with contextlib.ExitStack() as stack:
+        failed = False
+        if run.ctx.is_main:
+            try:
+                stack.enter_context(claim_run_dir(run.run_dir, resume=resuming,
+                                                  overwrite=overwrite))
+                open_run_dir(run)
+            except BaseException:
+                _agreed(True, run.ctx)
+                raise
+        failed = _agreed(failed, run.ctx)
+        if failed:
+            raise DataError(f"rank 0 could not open the run directory {run.run_dir}")
+        yield
+
+
+def _close(run: Run) -> None:
+    """Whatever way the run stops: end the loader workers, close the events file; rank 0
+    draws curves.png."""
+    shut_down_workers(run.train_loader)
+    if run.events is not None:
+        run.events.close()
+    if run.ctx.is_main and run.metrics:
+        plot_curves(run.run_dir / "curves.png", run.metrics,
+                    f"{run.recipe.name}: {run.recipe.model.name}")
 
 
 # ---- one epoch of training ------------------------------------------------------------------
 
 
 def _train_epoch(
-    run: Run, interrupt: _InterruptFlag, progress: bool, on_step: Callable[[int], None] | None
+    run: Run, stop_flag: _StopFlag, progress: bool, on_step: Callable[[int], None] | None
 ) -> float:
     """Train until the epoch (or the iteration limit) ends; returns its training seconds."""
     config, ctx = run.recipe.train, run.ctx
@@ -214,7 +267,7 @@ def _train_epoch(
             bar.update()
             if on_step is not None:
                 on_step(run.step)
-            stop = _agreed(interrupt.raised, ctx)
+            stop = _agreed(stop_flag.raised, ctx)
             at_check = run.step_in_epoch % LOSS_CHECK_STEPS == 0 or run.step_in_epoch == epoch_steps
             if stop or at_check:
                 _check_losses(pending_losses, run)
@@ -226,7 +279,7 @@ def _train_epoch(
                 ))
             if stop:
                 run.totals["seconds"] += time.perf_counter() - run.epoch_started
-                _save_interrupted(run)
+                _save_interrupted(run, stop_flag.signal_number)
     return run.totals["seconds"] + time.perf_counter() - run.epoch_started
 
 
@@ -284,11 +337,10 @@ def _check_losses(pending: list[tuple[int, torch.Tensor]], run: Run) -> None:
     bad = (~torch.isfinite(values)).nonzero()
     if len(bad):
         step = pending[int(bad[0])][0]
-        raise NonFiniteLossError(
+        raise NonFiniteError(
             f"the loss became {values[int(bad[0])].item()} at optimizer step {step}; stopping. "
-            f"The last good checkpoint is kept in {run.run_dir / ckpt.CHECKPOINT_DIR}. Lower "
-            "the learning rate (--lr), use --amp bf16 instead of fp16, or add warmup "
-            "(--set schedule.warmup_epochs=5)"
+            f"{_newest_checkpoint_note(run)}. Lower the learning rate (--lr), use --amp bf16 "
+            "instead of fp16, or add warmup (--set schedule.warmup_epochs=5)"
         )
     if run.events is not None:
         for (step, _), value in zip(pending, values.tolist(), strict=True):
@@ -296,13 +348,35 @@ def _check_losses(pending: list[tuple[int, torch.Tensor]], run: Run) -> None:
             run.events.add_scalar("train/lr", run.schedule.lr_at(step - 1), step)
 
 
-def _save_interrupted(run: Run) -> NoReturn:
+def _check_weights(run: Run) -> None:
+    """Refuse to checkpoint NaN/inf weights (one device sync): a finite loss can still end in
+    an update that overflows, and a checkpoint is a promise that the run can go on from it."""
+    models = [run.model] if run.ema is None else [run.model, run.ema]
+    tensors = [t for m in models for t in m.state_dict().values() if t.is_floating_point()]
+    if bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+        return
+    raise NonFiniteError(
+        f"the weights became NaN or infinite by optimizer step {run.step - 1}; stopping "
+        f"without saving them. {_newest_checkpoint_note(run)}. Lower the learning rate "
+        "(--lr) or add warmup (--set schedule.warmup_epochs=5)"
+    )
+
+
+def _newest_checkpoint_note(run: Run) -> str:
+    """Every checkpoint on disk passed _check_weights, so the newest is one to go back to."""
+    saved = ckpt.resumable_checkpoints(run.run_dir) if run.run_dir.is_dir() else []
+    if not saved:
+        return "No checkpoint was written before it"
+    return f"The newest checkpoint, {saved[0]}, is finite (canon train --resume {saved[0]})"
+
+
+def _save_interrupted(run: Run, signal_number: int) -> NoReturn:
     path = ckpt.interrupted_checkpoint(run.run_dir)
     state = _snapshot(run)  # every rank takes part: it gathers their random states
     if run.ctx.is_main:
         ckpt.save_checkpoint(state, path)
     dist.barrier(run.ctx)
-    raise TrainingInterrupted(path)
+    raise TrainingInterrupted(path, signal_number)
 
 
 # ---- end of an epoch: validate, schedule, checkpoint, log ----------------------------------
@@ -340,8 +414,6 @@ def _end_epoch(run: Run, train_seconds: float) -> None:
         _save_epoch(run.run_dir, state, row, val_top1 < run.best_error,
                     run.recipe.train.keep_checkpoints)
         write_metrics_csv(run.run_dir / "metrics.csv", run.metrics)
-        plot_curves(run.run_dir / "curves.png", run.metrics,
-                    f"{run.recipe.name}: {run.recipe.model.name}")
         if run.events is not None:
             write_epoch_events(run.events, row, run.step)
         print(epoch_summary(row, run.epochs), flush=True)
@@ -351,7 +423,9 @@ def _end_epoch(run: Run, train_seconds: float) -> None:
 
 def _snapshot(run: Run) -> dict[str, Any]:
     """The complete training state. Every rank must call it: it gathers each rank's random
-    generator states and epoch totals so far (a resumed run restores them rank by rank)."""
+    generator states and epoch totals so far (a resumed run restores them rank by rank).
+    NonFiniteError if the weights are not finite."""
+    _check_weights(run)
     per_rank = dist.all_gather_object(
         {"rng": ckpt.capture_rng_state(), "totals": _plain(run.totals)}, run.ctx
     )
@@ -363,7 +437,7 @@ def _snapshot(run: Run) -> dict[str, Any]:
         "epoch_totals": [rank["totals"] for rank in per_rank],
         "rng": [rank["rng"] for rank in per_rank],
         "metrics": list(run.metrics), "recipe": run.recipe.to_dict(), "commit": run.commit,
-        "model_name": run.recipe.model.name, "classes": run.classes,
+        "model_name": run.recipe.model.name, "classes": run.classes, "class_ids": run.class_ids,
         "eval_config": run.model.eval_config.to_dict(), "normalization": run.normalization,
         "torch_version": str(torch.__version__),
     }
@@ -391,6 +465,7 @@ def _export(run: Run) -> None:
     last = run.metrics[-1] if run.metrics else {}
     ckpt.export_model(run.run_dir, final, run.normalization, {
         "model": run.recipe.model.name, "num_classes": run.num_classes, "classes": run.classes,
+        "class_ids": run.class_ids,
         "eval_config": final.eval_config.to_dict(), "data": recipe["data"],
         "recipe": run.recipe.name, "commit": run.commit, "epochs": run.epoch, "steps": run.step,
         "val_top1_error": last.get("val_top1_error"), "val_top5_error": last.get("val_top5_error"),
@@ -398,4 +473,4 @@ def _export(run: Run) -> None:
     })
 
 
-__all__ = ["NonFiniteLossError", "TrainResult", "TrainingInterrupted", "train", "validate"]
+__all__ = ["NonFiniteError", "TrainResult", "TrainingInterrupted", "train", "validate"]

@@ -8,6 +8,7 @@ registered name or a path to a YAML file, plus `--set section.key=value` overrid
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Iterable
 from functools import partial
 from pathlib import Path
@@ -22,12 +23,31 @@ from canon.registry import Registry
 RECIPES = Registry("recipe")
 RECIPE_DIR = Path(__file__).resolve().parent
 
-__all__ = ["RECIPES", "Recipe", "apply_overrides", "list_recipes", "load_recipe"]
+
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML as people write numbers: PyYAML follows YAML 1.1, which reads `1e-3` (no dot) as
+    a string; YAML 1.2 and every other reader take it as the float it is."""
+
+
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def parse_yaml(text: str) -> object:
+    """`yaml.safe_load` that also reads exponent numbers without a dot (`1e-3`) as floats."""
+    return yaml.load(text, Loader=_RecipeLoader)  # a SafeLoader: builds no Python objects
+
+__all__ = [
+    "RECIPES", "Recipe", "apply_overrides", "list_recipes", "load_recipe", "show_recipe",
+]
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        values = yaml.safe_load(path.read_text())
+        values = parse_yaml(path.read_text())
     except FileNotFoundError:
         raise DataError(f"recipe file {path} does not exist") from None
     except yaml.YAMLError as error:
@@ -71,7 +91,7 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not key.strip():
         raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. train.epochs=10")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else None
+        parsed = parse_yaml(value) if value.strip() else None
     except yaml.YAMLError:
         parsed = value
     return key.strip().split("."), parsed
@@ -109,16 +129,83 @@ def load_recipe(
     name_or_path: str | Path, overrides: Iterable[str | tuple[str, Any]] = ()
 ) -> Recipe:
     """A registered recipe by name, or a recipe YAML file by path, with overrides applied."""
-    text = str(name_or_path)
-    if text.endswith((".yaml", ".yml")) or Path(text).is_file():
-        recipe = load_recipe_file(text)
-    else:
-        recipe = RECIPES.get(text).builder()
-    return apply_overrides(recipe, overrides)
+    return apply_overrides(load_recipe_file(recipe_path(name_or_path)), overrides)
 
 
 def list_recipes(pattern: str | None = None) -> list[str]:
     return RECIPES.names(pattern)
+
+
+def recipe_path(name_or_path: str | Path) -> Path:
+    """The YAML file of a bundled recipe name, or the given file."""
+    text = str(name_or_path)
+    if text.endswith((".yaml", ".yml")) or Path(text).is_file():
+        return Path(text)
+    RECIPES.get(text)  # UnknownNameError listing close names
+    return RECIPE_DIR / f"{text}.yaml"
+
+
+def show_recipe(name_or_path: str | Path) -> str:
+    """The resolved recipe as YAML, each value with the comment (the paper's citation) of the
+    file that sets it, `# (base.yaml)` naming that file when it is a base, and
+    `# canon default` for values no file sets."""
+    path = recipe_path(name_or_path)
+    recipe = load_recipe_file(path)
+    notes: dict[tuple[str | None, str], str] = {}
+    for file in reversed(_base_chain(path)):  # bases first: the recipe's own notes win
+        for key, comment in _comments(file).items():
+            notes[key] = f"{comment} ({file.name})".strip() if file != path else comment
+    lines = []
+    for section, value in recipe.to_dict().items():
+        if not isinstance(value, dict):
+            lines.append(_noted(f"{section}: {_flow(value)}", notes.get((None, section))))
+            continue
+        lines.append(f"{section}:")
+        for key, item in value.items():
+            note = notes.get((section, key), "canon default")
+            lines.append(_noted(f"  {key}: {_flow(item)}", note))
+    return "\n".join(lines)
+
+
+def _base_chain(path: Path) -> list[Path]:
+    """The file and its `base:` files, the file first (_raw_recipe has checked the chain)."""
+    chain = [path]
+    while (base := _read_yaml(chain[-1]).get("base")) is not None:
+        chain.append(chain[-1].parent / f"{base}.yaml")
+    return chain
+
+
+def _comments(path: Path) -> dict[tuple[str | None, str], str]:
+    """(section, key) -> the comment on its line and the comment-only lines right after it
+    ("" for a key the file sets without a comment)."""
+    comments: dict[tuple[str | None, str], str] = {}
+    section, last = None, None
+    for line in path.read_text().splitlines():
+        code, _, comment = line.partition("#")
+        comment = comment.strip()
+        if not code.strip():
+            if last is not None and comment and line.startswith(" "):
+                comments[last] = f"{comments.get(last, '')} {comment}".strip()
+            else:
+                last = None
+            continue
+        key = code.split(":", 1)[0].strip()
+        if not line.startswith(" "):
+            section = key if not code.split(":", 1)[1].strip() else None
+            last = (None, key)
+        else:
+            last = (section, key)
+        comments[last] = comment
+    return comments
+
+
+def _flow(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, width=10_000).removesuffix(
+        "\n...\n").strip()
+
+
+def _noted(line: str, note: str | None) -> str:
+    return f"{line:<40} # {note}" if note else line
 
 
 def _register_bundled() -> None:

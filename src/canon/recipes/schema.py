@@ -17,19 +17,48 @@ the valid keys; a value of the wrong type names the key and the type expected.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from canon.data.config import DataConfig
-from canon.engine.model_parallel import parse_model_parallel
-from canon.engine.precision import AMP_MODES
 from canon.errors import ConfigError
 
 SCHEDULE_KINDS = ("plateau", "step", "multistep", "cosine", "constant")
 SCHEDULE_UNITS = ("epoch", "iteration")
 WARMUP_MODES = ("linear", "constant")
+AMP_MODES = ("none", "bf16", "fp16")  # autocast precision (canon.engine.precision)
+MODEL_PARALLEL_SPEC = re.compile(r"^(towers|stages:(\d+)(?::(\d+))?)$")
+
+
+@dataclass(frozen=True)
+class ModelParallelPlan:
+    """What `train.model_parallel` asks for: the split kind, device count and micro-batches
+    (carried out by canon.engine.model_parallel)."""
+
+    kind: str  # "towers" or "stages"
+    num_devices: int
+    micro_batches: int = 1
+
+
+def parse_model_parallel(spec: str) -> ModelParallelPlan:
+    """Parse "towers", "stages:K" or "stages:K:M" (K devices, M micro-batches)."""
+    match = MODEL_PARALLEL_SPEC.match(spec)
+    if match is None:
+        raise ConfigError(
+            f"--model-parallel {spec!r} is not understood; use towers (AlexNet's two GPUs), "
+            "stages:K (K devices) or stages:K:M (K devices, M micro-batches)"
+        )
+    if match.group(1) == "towers":
+        return ModelParallelPlan("towers", 2)
+    num_devices = int(match.group(2))
+    micro_batches = int(match.group(3)) if match.group(3) else 4 * num_devices
+    if num_devices < 1 or micro_batches < 1:
+        raise ConfigError(f"--model-parallel {spec!r}: K and M must be at least 1")
+    return ModelParallelPlan("stages", num_devices, micro_batches)
 
 
 def _check(condition: bool, message: str) -> None:
@@ -133,7 +162,9 @@ class TrainSection:
     # ZFNet s3: conv filters whose RMS exceeds this radius are scaled back to it; None = off.
     filter_rms_radius: float | None = None
     seed: int = 0
-    workers: int = 4  # data loader processes per device
+    # Data loader processes per device; None: this machine's cores shared among its training
+    # processes, at most 8 (canon.engine.setup.loader_workers).
+    workers: int | None = None
     keep_checkpoints: int = 2  # epoch checkpoints kept besides best.pt
     # An undecodable image file stops the run (DataError naming it) instead of being skipped.
     strict_data: bool = False
@@ -154,7 +185,7 @@ class TrainSection:
             self.filter_rms_radius is None or self.filter_rms_radius > 0,
             "train.filter_rms_radius must be > 0",
         )
-        _check(self.workers >= 0, "train.workers must be >= 0")
+        _check(self.workers is None or self.workers >= 0, "train.workers must be >= 0")
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
         if self.model_parallel is not None:
             parse_model_parallel(self.model_parallel)  # a ConfigError naming the valid forms
@@ -252,6 +283,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         return tuple(_coerce(v, t, key) for v, t in zip(value, inner, strict=True))
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value!r}")
     if hint in (int, float, str, bool) and (
         not isinstance(value, hint) or (hint is not bool and isinstance(value, bool))
     ):
