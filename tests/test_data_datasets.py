@@ -250,7 +250,7 @@ def test_bad_folder_trains_through_build_datasets(bad_tree, tmp_path_factory):
                         scale_range=(112, 140), mean="channel")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", BadImageWarning)
-        train, _ = build_datasets(config, root_cache=tmp_path_factory.mktemp("cache"))
+        train = build_datasets(config, root_cache=tmp_path_factory.mktemp("cache")).train
         images, labels = next(iter(build_loader(train, 8, train=True, drop_last=False)))
     assert images.shape == (4, 3, 96, 96) and labels.tolist() == [2, 2, 2, 2]
 

@@ -89,7 +89,7 @@ def test_build_datasets_computes_folder_statistics_with_workers(imagenette_root,
     monkeypatch.setattr(stats, "DataLoader", recording_loader)
     config = DataConfig(dataset=str(folder), augmentation="resnet", crop_size=48,
                         resize_size=64, mean="pixel")
-    train, _ = build_datasets(config, root_cache=tmp_path / "cache", workers=2)
+    train = build_datasets(config, root_cache=tmp_path / "cache", workers=2).train
     assert used == [2]
     cached = stats._load(stats_cache_path(train, 64, tmp_path / "cache"))
     direct = compute_stats(FolderImages(folder / "train"), 64, progress=False)

@@ -44,7 +44,8 @@ def test_from_dict_lists_valid_keys():
 
 
 def test_default_config_builds_the_sample(tmp_path):
-    train, val = build_datasets(DataConfig(), root_cache=tmp_path)
+    sets = build_datasets(DataConfig(), root_cache=tmp_path)
+    train, val = sets.train, sets.val
     assert (len(train), len(val)) == (5000, 1000)
     assert train.classes[:3] == ["airplane", "automobile", "bird"]
     image, label = train[0]
@@ -67,8 +68,8 @@ def test_max_image_pixels_reaches_the_datasets(tmp_path):
         config = DataConfig.from_dict(data | ({"max_image_pixels": limit} if limit else {}))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            datasets = build_datasets(config, root_cache=tmp_path / "cache")
-            items = [dataset[i] for dataset in datasets for i in range(len(dataset))]
+            sets = build_datasets(config, root_cache=tmp_path / "cache")
+            items = [dataset[i] for dataset in (sets.train, sets.val) for i in range(len(dataset))]
         assert len(items) == 6 and items.count(None) == 2 * skipped
         messages = [str(w.message) for w in caught if issubclass(w.category, BadImageWarning)]
         assert len(messages) == 2 * skipped
@@ -119,7 +120,7 @@ def test_shuffling_depends_only_on_seed_and_epoch():
 
 
 def test_drop_last_and_worker_augmentation_are_seeded(tmp_path):
-    train, _ = build_datasets(DataConfig(), root_cache=tmp_path)
+    train = build_datasets(DataConfig(), root_cache=tmp_path).train
     loader = build_loader(train, 128, train=True, workers=2, seed=7)
     assert len(loader) == 5000 // 128
     first = next(iter(loader))[0]

@@ -146,7 +146,7 @@ STATE_WORKER = '''
 import shutil, signal, sys
 from pathlib import Path
 import torch, torch.nn as nn
-from canon.data import ArrayImages, DataConfig, build_datasets
+from canon.data import ArrayImages, DataConfig, Datasets, build_datasets
 from canon.engine import distributed as dist
 from canon.engine import trainer
 from canon.models.base import CanonModel
@@ -178,15 +178,14 @@ class BatchNormDropoutNet(CanonModel):
 
 def datasets():
     """64 training images (4 steps of 2 x 8 per epoch) and 21 test images of the sample."""
+    sets = build_datasets(DataConfig(dataset="sample", mean="imagenet"))
     parts = []
-    for dataset, count in zip(build_datasets(DataConfig(dataset="sample", mean="imagenet")),
-                              (64, 21)):
+    for dataset, count in ((sets.train, 64), (sets.val, 21)):
         index = torch.linspace(0, len(dataset) - 1, count).long()
-        part = ArrayImages(dataset.images[index], [dataset.labels[i] for i in index.tolist()],
-                           dataset.classes, name="part", transform=dataset.transform)
-        part.preprocess = dataset.preprocess
-        parts.append(part)
-    return tuple(parts)
+        parts.append(ArrayImages(dataset.images[index],
+                                 [dataset.labels[i] for i in index.tolist()], dataset.classes,
+                                 name="part", transform=dataset.transform))
+    return Datasets(*parts, sets.preprocess)
 
 
 def model():

@@ -16,7 +16,7 @@ import safetensors.torch
 import torch
 import torch.nn as nn
 
-from canon.data import ArrayImages, DataConfig, build_datasets
+from canon.data import ArrayImages, DataConfig, Datasets, build_datasets
 from canon.engine import checkpoint as ckpt
 from canon.engine.trainer import NonFiniteError, TrainingInterrupted, train
 from canon.errors import DataError
@@ -32,12 +32,15 @@ def sample_sets():
 def spread_subset(dataset: ArrayImages, count: int) -> ArrayImages:
     """`count` images spread over the whole set (so every class appears), same transform."""
     index = torch.linspace(0, len(dataset) - 1, count).long()
-    part = ArrayImages(
+    return ArrayImages(
         dataset.images[index], [dataset.labels[i] for i in index.tolist()], dataset.classes,
         name=f"{dataset.name}[{count}]", transform=dataset.transform,
     )
-    part.preprocess = dataset.preprocess
-    return part
+
+
+def spread_subsets(sets: Datasets, train_count: int, val_count: int) -> Datasets:
+    return Datasets(spread_subset(sets.train, train_count), spread_subset(sets.val, val_count),
+                    sets.preprocess)
 
 
 def tiny_recipe(**train_values) -> Recipe:
@@ -64,12 +67,11 @@ def assert_same_state(first: dict, second: dict) -> None:
 
 
 def test_short_run_lowers_the_loss_and_beats_chance_on_held_out_images(sample_sets, tmp_path):
-    train_set, val_set = sample_sets
     recipe = load_recipe("quickstart", [
         ("train.epochs", 2), ("train.batch_size", 32), ("optimizer.base_batch_size", 32),
         ("optimizer.lr", 0.05), ("schedule.warmup_epochs", 0.2),
     ])
-    data = (spread_subset(train_set, 1600), spread_subset(val_set, 500))
+    data = spread_subsets(sample_sets, 1600, 500)
     result = train(recipe, tmp_path, device="cpu", datasets=data, progress=False)
     first, last = result.metrics
     assert last["train_loss"] < min(first["train_loss"], math.log(10))  # ln 10: chance level
@@ -86,8 +88,7 @@ def test_short_run_lowers_the_loss_and_beats_chance_on_held_out_images(sample_se
 
 @pytest.fixture(scope="module")
 def resume_data(sample_sets):
-    train_set, val_set = sample_sets
-    return spread_subset(train_set, 128), spread_subset(val_set, 50)
+    return spread_subsets(sample_sets, 128, 50)
 
 
 @pytest.fixture(scope="module")
@@ -215,13 +216,12 @@ def test_k_micro_batches_of_b_over_k_equal_one_batch_of_b(resume_data, tmp_path)
 def test_bf16_ema_label_smoothing_no_bn_decay_and_filter_clamp_run_together(
     resume_data, tmp_path
 ):
-    train_set, val_set = resume_data
     recipe = apply_overrides(
         tiny_recipe(epochs=1, batch_size=16, accum_steps=2, amp="bf16", ema_decay=0.5,
                     label_smoothing=0.1, filter_rms_radius=0.1),
         [("optimizer.no_decay_bn_bias", True)],
     )
-    data = (spread_subset(train_set, 64), spread_subset(val_set, 10))
+    data = spread_subsets(resume_data, 64, 10)
     train(recipe, tmp_path, device="cpu", datasets=data, progress=False)
     state = final_weights(tmp_path, 1)
     groups = state["optimizer"]["param_groups"]

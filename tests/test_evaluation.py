@@ -134,9 +134,9 @@ def test_144_crop_needs_crops_of_64_px(sample_sets):
             ProtocolViews(protocol, preprocess)
     preprocess = EvalPreprocess(False, 64, 73, Normalize(torch.zeros(3)))
     assert ProtocolViews(protocol, preprocess).scales == (73, 82, 91, 101)
-    _, val = sample_sets
+    val = sample_sets.val
     with pytest.raises(ConfigError, match="144-crop"):
-        evaluate(SmallConvNet(), val, "144-crop")
+        evaluate(SmallConvNet(), val, "144-crop", preprocess=sample_sets.preprocess)
 
 
 def test_protocol_names():
@@ -149,11 +149,12 @@ def test_protocol_names():
 def test_multi_scale_views_on_real_photos(imagenette_root, tmp_path):
     config = DataConfig(dataset=str(imagenette_root), augmentation="vgg", crop_size=96,
                         resize_size=128, mean="imagenet")
-    _, val = build_datasets(config, root_cache=tmp_path)
-    assert val.preprocess.scales == (96, 128, 160)  # VGG s3.2: {S - 32, S, S + 32}
+    sets = build_datasets(config, root_cache=tmp_path)
+    val, preprocess = sets.val, sets.preprocess
+    assert preprocess.scales == (96, 128, 160)  # VGG s3.2: {S - 32, S, S + 32}
     raw = val.load_image(0)
     for name, per_scale in [("multi-scale+ten-crop", 10), ("multi-scale+dense", 2)]:
-        stacks = ProtocolViews(parse_protocol(name), val.preprocess)(raw)
+        stacks = ProtocolViews(parse_protocol(name), preprocess)(raw)
         assert [len(s) for s in stacks] == [per_scale] * 3
         for stack, scale in zip(stacks, (96, 128, 160), strict=True):
             if name.endswith("dense"):
@@ -188,7 +189,7 @@ def test_ten_crop_equals_center_for_a_position_blind_model():
 
 
 def test_evaluate_counts_every_image_exactly(sample_sets):
-    _, val = sample_sets
+    val = sample_sets.val
     model = SmallConvNet().eval()
     images = torch.stack([val[i][0] for i in range(len(val))])
     labels = torch.tensor(val.labels)
@@ -206,7 +207,7 @@ def test_evaluate_counts_every_image_exactly(sample_sets):
 
 
 def test_dense_equals_center_at_training_size(sample_sets):
-    _, val = sample_sets
+    val = sample_sets.val
     model = SmallConvNet().eval()
     images = torch.stack([val[i][0] for i in range(64)])
     with torch.no_grad():
@@ -224,14 +225,14 @@ def test_dense_equals_center_at_training_size(sample_sets):
 def test_dense_on_a_canon_model(sample_sets):
     """resnet20's fully convolutional form scores the training-size image like forward."""
     model = create_model("resnet20", 10).eval()
-    _, val = sample_sets
+    val = sample_sets.val
     images = torch.stack([val[i][0] for i in range(16)])
     with torch.no_grad():
         dense = model.fully_convolutional().eval()(images).mean((2, 3))
         assert torch.allclose(dense, model(images), atol=1e-4)
     subset = ArrayImages(val.images[:100], val.labels[:100], val.classes, name="val[:100]")
-    subset.preprocess = val.preprocess
-    result = evaluate(model, subset, "multi-scale+dense", batch_size=100)
+    result = evaluate(model, subset, "multi-scale+dense", batch_size=100,
+                      preprocess=sample_sets.preprocess)
     assert result["images"] == 100 and result["scales"] == [32, 64]
 
 
@@ -254,7 +255,7 @@ def test_evaluate_a_folder_with_model_eval_config(imagenette_root, tmp_path):
 def test_score_loader_leaves_a_split_model_where_it_is(sample_sets):
     """The trainer validates a model-parallel model through score_loader: the model must not
     be gathered onto one device; only evaluate(), the public entry, moves a plain model."""
-    _, val = sample_sets
+    val = sample_sets.val
     model = SplitOverDevices()
     ready = build_loader(val, 250, train=False)
     errors = score_loader(model, ready, None, "cpu")
@@ -262,14 +263,14 @@ def test_score_loader_leaves_a_split_model_where_it_is(sample_sets):
                                                          batch_size=250).items()
                                if k in ("top1_error", "top5_error", "images")}
     dense = parse_protocol("dense")
-    views = val.with_transform(ProtocolViews(dense, val.preprocess))
+    views = val.with_transform(ProtocolViews(dense, sample_sets.preprocess))
     loader = build_loader(views, 250, train=False, collate_fn=collate_views)
     assert score_loader(model, loader, dense, "cpu").images == 1000
     assert model.piece_elsewhere.weight.is_meta
 
 
 def test_loader_of_views_restores_training_mode(sample_sets):
-    _, val = sample_sets
+    val = sample_sets.val
     model = SmallConvNet().train()
     preprocess = EvalPreprocess(False, 32, 32, Normalize(torch.zeros(3)))
     dataset = val.with_transform(ProtocolViews(parse_protocol("center"), preprocess))

@@ -1,8 +1,8 @@
 """Datasets, the papers' preprocessing, statistics, loaders and test-time views.
 
     from canon.data import DataConfig, build_datasets, build_loader
-    train, val = build_datasets(DataConfig())          # the bundled CIFAR-10 sample
-    loader = build_loader(train, 128, train=True, seed=0)
+    sets = build_datasets(DataConfig())          # the bundled CIFAR-10 sample
+    loader = build_loader(sets.train, 128, train=True, seed=0)
 
 Names are imported on first use (canon.lazy), so that reading a recipe's data section
 (DataConfig) does not import torch and torchvision.
@@ -19,6 +19,7 @@ _HOMES = {
     "decode_image_file": "canon.data.datasets",
     "open_dataset": "canon.data.datasets",
     "open_eval_split": "canon.data.datasets",
+    "Datasets": "canon.data.loaders",
     "ShuffleSampler": "canon.data.loaders",
     "build_datasets": "canon.data.loaders",
     "build_loader": "canon.data.loaders",

@@ -249,9 +249,6 @@ class LabeledImages(Dataset):
     # A trained model keeps them, so an evaluation split's labels can be matched to its outputs.
     class_ids: list[str]
     labels: list[int]
-    # The evaluation preprocessing (canon.data.transforms.EvalPreprocess) when built by
-    # build_datasets; evaluation protocols use it to make their own views of the raw images.
-    preprocess = None
 
     def __init__(self, transform: Transform | None = None) -> None:
         self.transform = transform

@@ -10,6 +10,7 @@ so a resumed run sees the same order as an uninterrupted one.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ from canon.data.config import DataConfig
 from canon.data.datasets import LabeledImages, canon_cache_dir, open_dataset
 from canon.data.stats import DatasetStats, load_or_compute_stats
 from canon.data.transforms import (
+    EvalPreprocess,
     center_transform,
     eval_preprocess,
     needs_stats,
@@ -39,14 +41,25 @@ def dataset_stats(
     )
 
 
+@dataclass(frozen=True)
+class Datasets:
+    """A training and a validation set, and the test-time preprocessing the validation set's
+    images get (evaluation protocols make their views with it; a trained model keeps its
+    mean and std). `preprocess` is None for sets of ready tensors."""
+
+    train: Dataset
+    val: Dataset
+    preprocess: EvalPreprocess | None = None
+
+
 def build_datasets(
     config: DataConfig,
     *,
     root_cache: Path | None = None,
     strict: bool = False,
     workers: int = 0,
-) -> tuple[LabeledImages, LabeledImages]:
-    """(train, validation) with the paper's training and centre-crop test transforms.
+) -> Datasets:
+    """Train and validation sets with the paper's training and centre-crop test transforms.
 
     Items are (float tensor 3 x crop_size x crop_size, int label); both have `.classes`.
     `root_cache` (default $CANON_CACHE or ~/.cache/canon) holds downloads and statistics;
@@ -58,10 +71,11 @@ def build_datasets(
                               max_pixels=config.max_image_pixels)
     stats = dataset_stats(config, train, root_cache=cache, workers=workers)
     preprocess = eval_preprocess(config, stats)
-    train = train.with_transform(training_transform(config, stats))
-    val = val.with_transform(center_transform(preprocess))
-    train.preprocess = val.preprocess = preprocess
-    return train, val
+    return Datasets(
+        train.with_transform(training_transform(config, stats)),
+        val.with_transform(center_transform(preprocess)),
+        preprocess,
+    )
 
 
 def collate(items: list) -> tuple[torch.Tensor, torch.Tensor]:

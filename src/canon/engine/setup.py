@@ -38,8 +38,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import Dataset, Sampler
 
 import canon
-from canon.data import build_datasets, build_loader
-from canon.data.loaders import ShuffleSampler
+from canon.data.loaders import Datasets, ShuffleSampler, build_datasets, build_loader
 from canon.engine import checkpoint as ckpt
 from canon.engine import distributed as dist
 from canon.engine.logs import check_tensorboard, event_writer
@@ -205,11 +204,12 @@ def set_up(
     run_dir: Path,
     ctx: dist.DistributedContext,
     model: nn.Module | None,
-    datasets: tuple[Dataset, Dataset] | None,
+    datasets: Datasets | None,
     state: dict[str, Any] | None,
 ) -> Run:
     config = recipe.train
-    train_set, val_set = datasets or _build_datasets(recipe, ctx)
+    sets = datasets or _build_datasets(recipe, ctx)
+    train_set, val_set, preprocess = sets.train, sets.val, sets.preprocess
     classes = [str(c) for c in getattr(train_set, "classes", [])]
     class_ids = [str(c) for c in getattr(train_set, "class_ids", classes)]
     num_classes = recipe.model.num_classes or len(classes)
@@ -220,7 +220,6 @@ def set_up(
             f"the training set has {num_classes} class ({', '.join(classes) or 'unnamed'}): "
             "classification needs at least two"
         )
-    preprocess = getattr(val_set, "preprocess", None)
     normalization = {
         "mean": preprocess.normalize.mean, "std": preprocess.normalize.std,
     } if preprocess is not None else None
@@ -354,7 +353,7 @@ def _loaders(
     return train_keys, train_loader, val_loader
 
 
-def _build_datasets(recipe: Recipe, ctx: dist.DistributedContext) -> tuple[Dataset, Dataset]:
+def _build_datasets(recipe: Recipe, ctx: dist.DistributedContext) -> Datasets:
     """build_datasets, first by each machine's first process, which computes and caches the
     training-set statistics the recipe needs; the machine's other processes wait for it and
     then read them from the cache instead of computing them at the same time."""

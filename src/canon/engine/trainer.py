@@ -41,8 +41,8 @@ from typing import Any, NoReturn
 
 import torch
 import torch.nn as nn
-from torch.utils.data import Dataset
 
+from canon.data.loaders import Datasets
 from canon.engine import checkpoint as ckpt
 from canon.engine import distributed as dist
 from canon.engine.logs import (
@@ -152,7 +152,7 @@ def train(
     overwrite: bool = False,
     device: str = "auto",
     model: nn.Module | None = None,
-    datasets: tuple[Dataset, Dataset] | None = None,
+    datasets: Datasets | None = None,
     progress: bool = True,
     on_step: Callable[[int], None] | None = None,
 ) -> TrainResult:
@@ -163,7 +163,7 @@ def train(
     state already loaded with `checkpoint.load_for_resume`. Without it, an `output_dir` that
     holds another run is refused unless `overwrite` (which deletes that run's files); a run
     directory is locked while a run writes to it. `model`: a CanonModel to train instead of
-    building `recipe.model.name`. `datasets`: (train, validation) to use instead of
+    building `recipe.model.name`. `datasets`: the sets to use instead of
     `build_datasets(recipe.data)`; items (image tensor, label), `.classes` on the training set
     unless the recipe sets model.num_classes. `on_step(step)` runs after every optimizer step.
     """
@@ -190,7 +190,7 @@ def _train(
     resume: str | Path | dict[str, Any] | None,
     overwrite: bool,
     model: nn.Module | None,
-    datasets: tuple[Dataset, Dataset] | None,
+    datasets: Datasets | None,
     progress: bool,
     on_step: Callable[[int], None] | None,
 ) -> TrainResult:

@@ -91,11 +91,13 @@ def evaluate(
     `data` is a dataset name or folder (its evaluation split alone is read, see
     canon.data.datasets.open_eval_split; preprocessed by `preprocess` when given, e.g. a
     trained run's; else per `data_config`, from the statistics of its training split when
-    those are needed; else per the model's eval_config), a dataset from build_datasets, or any
-    dataset of ready (tensor, label) items (centre protocol only). For a name or folder,
-    `class_ids`, the model's classes in its output order (LabeledImages.class_ids of the set
-    it was trained on), label the split by class name: it may hold some of those classes and
-    no others. Without them the split's own sorted classes are taken to be the model's.
+    those are needed; else per the model's eval_config), a LabeledImages set with the
+    `preprocess` to make its views with (`sets.val, preprocess=sets.preprocess` of
+    build_datasets), or any dataset of ready (tensor, label) items (centre protocol only).
+    For a name or folder, `class_ids`, the model's classes in its output order
+    (LabeledImages.class_ids of the set it was trained on), label the split by class name: it
+    may hold some of those classes and no others. Without them the split's own sorted classes
+    are taken to be the model's.
     The model is moved to `device` first. `scales` overrides the multi-scale shorter sides.
     `sampler` shards the set (distributed evaluation; all-reduce the counts, see
     score_loader). Returns top1_error, top5_error, images, skipped, protocol,
@@ -107,8 +109,8 @@ def evaluate(
             data, data_config, preprocess, model, root_cache, strict, class_ids
         )
         dataset = raw.with_transform(ProtocolViews(parsed, preprocess, tuple(scales)))
-    elif isinstance(data, LabeledImages) and data.preprocess is not None:
-        dataset = data.with_transform(ProtocolViews(parsed, data.preprocess, tuple(scales)))
+    elif isinstance(data, LabeledImages) and preprocess is not None:
+        dataset = data.with_transform(ProtocolViews(parsed, preprocess, tuple(scales)))
     elif parsed.name == "center":
         dataset = data
     else:
