@@ -21,8 +21,8 @@ from canon.engine import checkpoint as ckpt
 from canon.engine.rundir import claim_run_dir
 from canon.errors import DataError
 from canon.files import atomic_write, sweep_partial_writes
+from canon.models.factory import create_model
 from canon.recipes import load_recipe
-from canon.registry import create_model
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
            "truck"]
@@ -140,7 +140,7 @@ from pathlib import Path
 import torch
 from canon.engine import checkpoint as ckpt
 from canon.errors import DataError
-from canon.registry import create_model
+from canon.models.factory import create_model
 
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
 resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))  # as if the disk were full

@@ -51,7 +51,7 @@ from canon.engine.distributed import (
 )
 from canon.engine.trainer import train
 from canon.errors import ConfigError
-from canon.registry import create_model
+from canon.models.factory import create_model
 
 pytestmark = pytest.mark.distributed
 
@@ -68,7 +68,7 @@ from canon.data import open_dataset
 from canon.engine import distributed as dist
 from canon.engine.trainer import train
 from canon.recipes import load_recipe
-from canon.registry import create_model
+from canon.models.factory import create_model
 
 data, out, batch_size = sys.argv[1], sys.argv[2], sys.argv[3]
 recipe = load_recipe("quickstart", [

@@ -24,7 +24,7 @@ from canon.errors import ConfigError, DataError
 from canon.evaluation import TopKErrors, evaluate, score_loader, topk_correct
 from canon.evaluation.protocols import _average_posteriors, preprocess_for
 from canon.models.base import EvalConfig
-from canon.registry import create_model
+from canon.models.factory import create_model
 
 
 class PixelwiseNet(nn.Module):

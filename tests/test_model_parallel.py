@@ -19,10 +19,10 @@ from canon.engine.model_parallel import (
 )
 from canon.engine.trainer import train
 from canon.errors import ConfigError, InputSizeError
+from canon.models.factory import create_model
 from canon.models.layers import LocalResponseNorm
 from canon.recipes import load_recipe
 from canon.recipes.schema import parse_model_parallel
-from canon.registry import create_model
 
 CPU = torch.device("cpu")
 

@@ -7,9 +7,9 @@ import yaml
 
 from canon.data.views import parse_protocol
 from canon.errors import ConfigError
+from canon.models.factory import list_models
 from canon.recipes import RECIPE_DIR, apply_overrides, list_recipes, load_recipe
 from canon.recipes.schema import Recipe, valid_keys
-from canon.registry import list_models
 
 REQUIRED = [
     "alexnet", "zfnet", "vgg16", "vgg19", "googlenet",

@@ -9,9 +9,9 @@ from canon.lazy import lazy_attributes
 __version__ = "0.1.0"
 
 _HOMES = {
-    "create_model": "canon.registry",
-    "describe_model": "canon.registry",
-    "list_models": "canon.registry",
+    "create_model": "canon.models.factory",
+    "describe_model": "canon.models.factory",
+    "list_models": "canon.models.factory",
 }
 __all__ = sorted(_HOMES)
 __getattr__ = lazy_attributes(__name__, _HOMES)

@@ -32,7 +32,7 @@ def _pattern_arguments(parser: argparse.ArgumentParser) -> None:
 
 @_verb("models", "list the registered models", _pattern_arguments)
 def _run_models(args: argparse.Namespace) -> None:
-    from canon.registry import describe_model, list_models
+    from canon.models.factory import describe_model, list_models
 
     _print_described(list_models(args.pattern), describe_model)
 
@@ -58,8 +58,8 @@ def _summary_arguments(parser: argparse.ArgumentParser) -> None:
 @_verb("summary", "layers, parameters, GFLOPs and activation memory per model", _summary_arguments)
 def _run_summary(args: argparse.Namespace) -> None:
     from canon.errors import ConfigError, InputSizeError
+    from canon.models.factory import list_models
     from canon.models.summary import format_table, summarize
-    from canon.registry import list_models
 
     if args.input_size is not None and args.input_size < 1:
         raise ConfigError(f"--input-size must be a positive pixel count, got {args.input_size}")

@@ -1,8 +1,5 @@
-"""One registry for everything canon builds by name: models now, recipes later.
-
-A name is registered once; registering it again is an error, because two builders answering to
-one name would make results depend on import order.
-"""
+"""Registries: builders by name (models, recipes), each name registered once, since two builders
+answering to one name would make results depend on import order."""
 
 from __future__ import annotations
 
@@ -10,12 +7,9 @@ import difflib
 import fnmatch
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
-from canon.errors import CanonError, ConfigError
-
-if TYPE_CHECKING:
-    import torch.nn as nn
+from canon.errors import CanonError
 
 Builder = TypeVar("Builder", bound=Callable[..., Any])
 
@@ -67,43 +61,3 @@ class Registry:
     def names(self, pattern: str | None = None) -> list[str]:
         names = sorted(self._entries)
         return [n for n in names if fnmatch.fnmatch(n, pattern)] if pattern else names
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._entries
-
-
-MODELS = Registry("model")
-register_model = MODELS.register
-
-
-def _load_model_families() -> None:
-    import canon.models  # noqa: F401  (importing registers every family)
-
-
-def create_model(name: str, num_classes: int | None = None, **kwargs: Any) -> nn.Module:
-    """Build the registered model `name` with a classifier of `num_classes` outputs.
-
-    `None` keeps the family's own dataset: 1000 ImageNet classes, 10 for the CIFAR networks.
-    """
-    _load_model_families()
-    entry = MODELS.get(name)
-    if num_classes is None:
-        return entry.builder(**kwargs)
-    check_num_classes(num_classes)
-    return entry.builder(num_classes=num_classes, **kwargs)
-
-
-def check_num_classes(num_classes: int) -> None:
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
-
-
-def list_models(pattern: str | None = None) -> list[str]:
-    """Registered model names, sorted; `pattern` is a shell-style filter such as 'resnet*'."""
-    _load_model_families()
-    return MODELS.names(pattern)
-
-
-def describe_model(name: str) -> str:
-    _load_model_families()
-    return MODELS.get(name).description

@@ -7,9 +7,10 @@ is built; a bad one raises ConfigError naming the field.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from canon.errors import ConfigError
+from canon.validation import build_dataclass
 
 AUGMENTATIONS = ("alexnet", "zfnet", "vgg", "resnet", "googlenet", "cifar", "none")
 MEANS = ("pixel", "channel", "imagenet")
@@ -124,15 +125,7 @@ class DataConfig:
     @classmethod
     def from_dict(cls, values: dict) -> DataConfig:
         """Build from a recipe's `data:` mapping; unknown keys are an error listing valid ones."""
-        valid = [f.name for f in fields(cls)]
-        unknown = sorted(set(values) - set(valid))
-        if unknown:
-            raise ConfigError(f"unknown data key(s) {unknown}; valid keys: {', '.join(valid)}")
-        values = dict(values)
-        for key in ("scale_range", "area_range", "aspect_range", "test_scales"):
-            if isinstance(values.get(key), list):
-                values[key] = tuple(values[key])
-        return cls(**values)
+        return build_dataclass(cls, values, "data")
 
     def multi_scale_test_sizes(self) -> tuple[int, ...]:
         """Shorter sides for multi-scale testing (VGG s3.2 and s4.2 when none are given)."""

@@ -41,7 +41,7 @@ from canon.data.transforms import EvalPreprocess, center_transform, eval_preproc
 from canon.errors import CanonError, DataError
 from canon.evaluation.protocols import preprocess_for
 from canon.files import atomic_write, sweep_partial_writes
-from canon.registry import create_model
+from canon.models.factory import create_model
 
 CHECKPOINT_DIR = "checkpoints"
 EXPORT_WEIGHTS = "model.safetensors"

@@ -50,8 +50,9 @@ from canon.engine.schedules import (
     scale_iteration_counts,
 )
 from canon.errors import ConfigError
+from canon.models.base import MODELS
+from canon.models.factory import create_model
 from canon.recipes.schema import OptimizerSection, Recipe, ScheduleSection, TrainSection
-from canon.registry import MODELS, create_model
 
 IMAGENET_PLACEHOLDER = "imagenet"  # the ImageNet recipes' dataset until --data names a folder
 # What stops a run with a checkpoint: Ctrl-C, and SIGTERM (timeout, SLURM preemption,

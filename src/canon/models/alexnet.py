@@ -38,10 +38,9 @@ from collections import OrderedDict
 
 import torch.nn as nn
 
-from canon.models.base import EvalConfig
+from canon.models.base import EvalConfig, register_model
 from canon.models.init import normal_
 from canon.models.layers import FCHead, FCHeadNet, LocalResponseNorm
-from canon.registry import register_model
 
 # Layers whose biases the paper sets to 1 (section 5); all others start at 0.
 BIAS_ONE = ("conv2", "conv4", "conv5", "fc6", "fc7")

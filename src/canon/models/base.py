@@ -24,7 +24,18 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from canon.errors import InputSizeError
+from canon.errors import ConfigError, InputSizeError
+from canon.registry import Registry
+
+# Every architecture by name: each family module registers its builders when imported
+# (canon.models imports them all; canon.models.factory builds from here).
+MODELS = Registry("model")
+register_model = MODELS.register
+
+
+def check_num_classes(num_classes: int) -> None:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -42,14 +53,6 @@ class EvalConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> EvalConfig:
-        values = dict(values)
-        for key in ("mean", "std"):
-            if key in values:
-                values[key] = tuple(values[key])
-        return cls(**values)
 
 
 class CanonModel(nn.Module):

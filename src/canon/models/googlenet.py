@@ -46,9 +46,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from canon.models.base import register_model
 from canon.models.init import caffe_xavier_
 from canon.models.layers import LocalResponseNorm, PooledHeadNet, fresh_classifier
-from canon.registry import register_model
 
 # Table 1: #1x1, #3x3 reduce, #3x3, #5x5 reduce, #5x5, pool proj; output N x C x H x W at 224.
 INCEPTION_TABLE: dict[str, tuple[int, int, int, int, int, int]] = {

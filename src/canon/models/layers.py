@@ -21,8 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from canon.errors import InputSizeError
-from canon.models.base import CanonModel
-from canon.registry import check_num_classes
+from canon.models.base import CanonModel, check_num_classes
 
 
 class LocalResponseNorm(nn.Module):

@@ -36,9 +36,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from canon.errors import ConfigError
+from canon.models.base import register_model
 from canon.models.init import kaiming_normal_
 from canon.models.layers import PooledHeadNet
-from canon.registry import register_model
 
 # Blocks per stage conv2_x .. conv5_x (Table 1).
 DEPTHS: dict[int, tuple[int, int, int, int]] = {

@@ -27,9 +27,8 @@ from typing import Any
 import torch.nn as nn
 
 from canon.errors import ConfigError
-from canon.models.base import EvalConfig
+from canon.models.base import EvalConfig, register_model
 from canon.models.resnet import BasicBlock, ResNet
-from canon.registry import register_model
 
 # Channel statistics of the 50,000 CIFAR-10 training images (pixels scaled to [0, 1]).
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)

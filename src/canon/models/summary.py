@@ -43,7 +43,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from canon.errors import InputSizeError
-from canon.registry import create_model
+from canon.models.factory import create_model
 
 _DEPTH = "_canon_summary_depth"
 _MIB = 2**20

@@ -27,10 +27,9 @@ from collections import OrderedDict
 import torch.nn as nn
 
 from canon.errors import ConfigError
-from canon.models.base import EvalConfig
+from canon.models.base import EvalConfig, register_model
 from canon.models.init import xavier_
 from canon.models.layers import FCHead, FCHeadNet, LocalResponseNorm
-from canon.registry import register_model
 
 # Table 1 of the paper, one tuple per stage conv1..conv5; a 2x2 max pool ends every stage.
 # "conv3-64" is a 3x3 convolution with 64 output channels, "LRN" local response normalisation.

@@ -36,10 +36,9 @@ from collections import OrderedDict
 import torch.nn as nn
 
 from canon.models.alexnet import conv_stage
-from canon.models.base import EvalConfig
+from canon.models.base import EvalConfig, register_model
 from canon.models.init import normal_
 from canon.models.layers import FCHead, FCHeadNet
-from canon.registry import register_model
 
 
 class ZFNet(FCHeadNet):

@@ -16,16 +16,13 @@ the valid keys; a value of the wrong type names the key and the type expected.
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import re
-import types
-import typing
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from canon.data.config import DataConfig
 from canon.errors import ConfigError
+from canon.validation import build_dataclass, plain
 
 SCHEDULE_KINDS = ("plateau", "step", "multistep", "cosine", "constant")
 SCHEDULE_UNITS = ("epoch", "iteration")
@@ -215,13 +212,13 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML/JSON-able values (tuples become lists); `from_dict` inverts it."""
-        return _plain(dataclasses.asdict(self))
+        return plain(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], where: str = "recipe") -> Recipe:
         """Validate a recipe mapping; `where` (a file name, "--set") prefixes every error."""
         try:
-            return _build(cls, values, "")
+            return build_dataclass(cls, values, "recipe")
         except ConfigError as error:
             raise ConfigError(f"{where}: {error}") from None
 
@@ -242,63 +239,5 @@ def valid_keys(section: str | None = None) -> list[str]:
     return [f.name for f in fields(cls)]
 
 
-def _build(cls: type, values: Any, prefix: str) -> Any:
-    where = prefix.rstrip(".") or "recipe"
-    if not isinstance(values, dict):
-        raise ConfigError(f"{where} must be a mapping of keys to values, got {values!r}")
-    names = valid_keys(None if cls is Recipe else prefix.rstrip("."))
-    unknown = sorted(set(values) - set(names))
-    if unknown:
-        keys = ", ".join(f"{prefix}{key}" for key in unknown)
-        raise ConfigError(f"unknown key(s) {keys}; valid keys in {where}: {', '.join(names)}")
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for f in fields(cls):
-        if f.name not in values:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ConfigError(f"{where} lacks the required key {prefix}{f.name}")
-            continue
-        value = values[f.name]
-        if f.name in SECTIONS and cls is Recipe:
-            kwargs[f.name] = _build(SECTIONS[f.name], value or {}, f"{f.name}.")
-        else:
-            kwargs[f.name] = _coerce(value, hints[f.name], f"{prefix}{f.name}")
-    return cls(**kwargs)
-
-
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Check `value` against a type hint (int, float, bool, str, tuples, Optional)."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [arg for arg in args if arg is not type(None)]
-        return _coerce(value, inner, key)
-    if origin is tuple:
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{key} must be a list, got {value!r}")
-        inner = args[:1] * len(value) if args[-1] is Ellipsis else args
-        if len(inner) != len(value):
-            raise ConfigError(f"{key} must hold {len(inner)} values, got {value!r}")
-        return tuple(_coerce(v, t, key) for v, t in zip(value, inner, strict=True))
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"{key} must be a finite number, got {value!r}")
-    if hint in (int, float, str, bool) and (
-        not isinstance(value, hint) or (hint is not bool and isinstance(value, bool))
-    ):
-        raise ConfigError(f"{key} must be of type {hint.__name__}, got {value!r}")
-    return value
-
-
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
     _check(value in allowed, f"{key} must be one of {', '.join(allowed)}; got {value!r}")
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {key: _plain(v) for key, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
