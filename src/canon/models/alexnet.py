@@ -1,35 +1,7 @@
 """AlexNet: Krizhevsky, Sutskever & Hinton, "ImageNet Classification with Deep Convolutional
-Neural Networks" (NIPS 2012), and the single-tower variant torchvision ships.
-
-`alexnet` is the paper's network (Figure 2, sections 3-5):
-- conv1 96 x 11x11 stride 4; conv2 256 x 5x5; conv3 384, conv4 384, conv5 256, all 3x3; ReLU
-  after every layer; local response normalisation (k=2, n=5, alpha=1e-4, beta=0.75) after the
-  ReLU of conv1 and conv2; overlapping 3x3 stride 2 max pooling after both normalisations and
-  after conv5 (sections 3.3, 3.4).
-- The two GPU towers are channel groups of 2: conv2, conv4 and conv5 see only the maps of their
-  own tower, conv3 sees both (Figure 2, section 3.2). fc6 and fc7 of the towers are one 4096-wide
-  layer each, as the towers exchange all activations there.
-- Each tower normalises only its own maps: the LRN after conv1 and conv2 runs over two channel
-  groups (48 + 48, then 128 + 128 maps), its window clipped at the tower boundary, as each GPU
-  normalised what it held; the towers meet only at conv3 and the FC layers.
-- fc6, fc7 4096 with dropout 0.5 on their outputs (section 4.2); fc8 one output per class.
-- Initialisation (section 5): weights N(0, 0.01); biases 1 in conv2, conv4, conv5 and the fully
-  connected hidden layers fc6, fc7; 0 in conv1, conv3 and fc8 (the paper's "hidden layers"
-  excludes the output layer).
-- 60,965,224 parameters at 1000 classes.
-
-Deviations and choices:
-- Input 227x227, as Caffe's reference model, instead of the paper's 224x224: with 224 and no
-  padding conv1 would give (224 - 11) / 4 + 1 = 54.25 positions; 227 gives the paper's 55x55.
-  conv2 pads 2 and conv3-5 pad 1, keeping 27x27 and 13x13 as in Figure 2; pool5 gives 6x6.
-
-`alexnet_owt` is torchvision's single-tower AlexNet, which torchvision credits to Krizhevsky's
-"One weird trick for parallelizing convolutional neural networks" (2014): conv1-5 with 64, 192,
-384, 256, 256 channels (conv1 pads 2), no normalisation, an adaptive 6x6 average pool before
-fc6 so any input from 63x63 up works, 224 input; 61,100,840 parameters at 1000 classes, the same
-weight shapes as torchvision's `alexnet` (its state dict maps one to one). Differences from
-torchvision: dropout acts on the outputs of fc6 and fc7, as in the 2012 paper, where torchvision
-drops the inputs of fc6 and fc7; weights keep PyTorch's default initialisation, as torchvision's.
+Neural Networks" (NIPS 2012, Figure 2 and sections 3-5), and the single-tower variant torchvision
+ships, which it credits to Krizhevsky's "One weird trick for parallelizing convolutional neural
+networks" (2014).
 """
 
 from __future__ import annotations
@@ -80,7 +52,31 @@ def conv_stage(
 
 
 class AlexNet(FCHeadNet):
-    """The 2012 paper's AlexNet: two towers as channel groups, per-tower LRN, 227x227 input."""
+    """The 2012 paper's AlexNet: two towers as channel groups, per-tower LRN, 227x227 input.
+
+    As the paper (Figure 2, sections 3-5):
+    - conv1 96 x 11x11 stride 4; conv2 256 x 5x5; conv3 384, conv4 384, conv5 256, all 3x3; ReLU
+      after every layer; local response normalisation (k=2, n=5, alpha=1e-4, beta=0.75) after
+      the ReLU of conv1 and conv2; overlapping 3x3 stride 2 max pooling after both
+      normalisations and after conv5 (sections 3.3, 3.4).
+    - The two GPU towers are channel groups of 2: conv2, conv4 and conv5 see only the maps of
+      their own tower, conv3 sees both (Figure 2, section 3.2). fc6 and fc7 of the towers are one
+      4096-wide layer each, as the towers exchange all activations there.
+    - Each tower normalises only its own maps: the LRN after conv1 and conv2 runs over two
+      channel groups (48 + 48, then 128 + 128 maps), its window clipped at the tower boundary,
+      as each GPU normalised what it held; the towers meet only at conv3 and the FC layers.
+    - fc6, fc7 4096 with dropout 0.5 on their outputs (section 4.2); fc8 one output per class.
+    - Initialisation (section 5): weights N(0, 0.01); biases 1 in conv2, conv4, conv5 and the
+      fully connected hidden layers fc6, fc7; 0 in conv1, conv3 and fc8 (the paper's "hidden
+      layers" excludes the output layer).
+    - 60,965,224 parameters at 1000 classes.
+
+    Deviations and choices:
+    - Input 227x227, as Caffe's reference model, instead of the paper's 224x224: with 224 and no
+      padding conv1 would give (224 - 11) / 4 + 1 = 54.25 positions; 227 gives the paper's
+      55x55. conv2 pads 2 and conv3-5 pad 1, keeping 27x27 and 13x13 as in Figure 2; pool5
+      gives 6x6.
+    """
 
     eval_config = EvalConfig(input_size=227, resize_size=256)
     min_input_size = 227
@@ -108,7 +104,18 @@ class AlexNet(FCHeadNet):
 
 
 class AlexNetOWT(FCHeadNet):
-    """torchvision's single-tower AlexNet (64-192-384-256-256, no LRN, adaptive 6x6 pool)."""
+    """torchvision's single-tower AlexNet (64-192-384-256-256, no LRN, adaptive 6x6 pool).
+
+    torchvision credits it to Krizhevsky's "One weird trick for parallelizing convolutional
+    neural networks" (2014): conv1-5 with 64, 192, 384, 256, 256 channels (conv1 pads 2), no
+    normalisation, an adaptive 6x6 average pool before fc6 so any input from 63x63 up works, 224
+    input; 61,100,840 parameters at 1000 classes, the same weight shapes as torchvision's
+    `alexnet` (its state dict maps one to one).
+
+    Differences from torchvision: dropout acts on the outputs of fc6 and fc7, as in the 2012
+    paper, where torchvision drops the inputs of fc6 and fc7; weights keep PyTorch's default
+    initialisation, as torchvision's.
+    """
 
     min_input_size = 63
     dense_min_input_size = 223

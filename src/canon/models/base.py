@@ -1,19 +1,5 @@
-"""The one small interface every canon model has.
-
-Transfer learning, visualisation, evaluation and model parallelism use only this:
-
-- `stages`: the feature extractor as named, ordered stages; running them in order is
-  `forward_features`. Visualisation hooks them, pipeline parallelism places them on devices.
-- `forward_features(x)`: image batch to the last feature map (before any pooling or FC layer).
-- `forward_head(x, pre_logits=False)`: feature map to logits, or to the penultimate features.
-- `reset_classifier(num_classes)`: a fresh last layer for transfer learning.
-- `forward_with_aux(x)`: the explicit training path, `(logits, [auxiliary logits...])`; only
-  GoogLeNet has auxiliary heads, everything else returns an empty list. `forward` never changes
-  its return type with `.training`.
-- `fully_convolutional()`: a module mapping images to class-score maps N x K x h x w whose
-  spatial mean equals `forward`'s logits at the training size (where an FC head gives h = w =
-  1); used for dense evaluation.
-- `eval_config`: the test-time preprocessing the model expects; it travels with checkpoints.
+"""The one small interface every canon model has (`CanonModel`), the test-time preprocessing
+that travels with a model (`EvalConfig`), and the registry of model builders (`MODELS`).
 """
 
 from __future__ import annotations
@@ -56,7 +42,24 @@ class EvalConfig:
 
 
 class CanonModel(nn.Module):
-    """Base class: subclasses define `stages`, `forward_head`, `reset_classifier`."""
+    """Base class: subclasses define `stages`, `forward_head`, `reset_classifier`.
+
+    Transfer learning, visualisation, evaluation and model parallelism use only this interface:
+
+    - `stages`: the feature extractor as named, ordered stages; running them in order is
+      `forward_features`. Visualisation hooks them, pipeline parallelism places them on devices.
+    - `forward_features(x)`: image batch to the last feature map (before any pooling or FC
+      layer).
+    - `forward_head(x, pre_logits=False)`: feature map to logits, or to the penultimate features.
+    - `reset_classifier(num_classes)`: a fresh last layer for transfer learning.
+    - `forward_with_aux(x)`: the explicit training path, `(logits, [auxiliary logits...])`; only
+      GoogLeNet has auxiliary heads, everything else returns an empty list. `forward` never
+      changes its return type with `.training`.
+    - `fully_convolutional()`: a module mapping images to class-score maps N x K x h x w whose
+      spatial mean equals `forward`'s logits at the training size (where an FC head gives h = w
+      = 1); used for dense evaluation.
+    - `eval_config`: the test-time preprocessing the model expects; it travels with checkpoints.
+    """
 
     eval_config: EvalConfig = EvalConfig()
     # Smallest square input the network accepts; models with fixed-size FC heads also set

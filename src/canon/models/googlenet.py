@@ -1,39 +1,6 @@
-"""GoogLeNet, Inception v1 (Szegedy et al., "Going Deeper with Convolutions", 2014, Table 1).
-
-`googlenet` follows Table 1 and Fig. 3: true 5x5 convolutions in the third branch, biases on
-every convolution, ReLU after each, no batch norm; local response normalisation after the first
-max pool and after conv2's 3x3 convolution; a global average pool, dropout 0.4 and a linear
-classifier. Two auxiliary classifiers (section 5) read inception4a and inception4d: 5x5/3
-average pool (4 x 4 x 512 and 4 x 4 x 528 at 224x224), 1x1 convolution of 128 + ReLU, fc 1024
-+ ReLU, dropout 0.7, linear classifier. They exist only on the explicit training path
-`forward_with_aux` (the paper weights their losses by 0.3) and never in `forward`.
-
-Where the paper is silent, canon follows Caffe's bvlc_googlenet replication (Szegedy helped it):
-
-- Padding: 7x7/2 conv pad 3, 3x3 convs pad 1, 5x5 convs pad 2, and every 3x3/2 max pool without
-  padding but rounding its output size up (Caffe's pooling arithmetic, `ceil_mode=True`). That
-  is what makes 224 come out at Table 1's sizes 112, 56, 28, 14 and 7.
-- LRN: Caffe's local_size 5, alpha 1e-4 (averaged over the window, i.e. 2e-5 on the paper's
-  sum convention of `LocalResponseNorm`), beta 0.75, k 1.
-- Initialisation: Caffe's "xavier" filler U(+-sqrt(3 / fan_in)) for every weight, biases 0.2 on
-  convolutions and the auxiliary fc 1024 layers, 0 on the classifiers (the paper does not say).
-
-Deviations:
-
-- Table 1's "avg pool 7x7/1" is a global average pool here, so any input of at least 32x32 runs
-  (the final map is 1x1 there, the total stride being 32). The auxiliary classifiers' fc layers
-  read a 4x4 map: for inputs of 223 to 270 pixels (224 in the paper) the paper's 5x5/3 average
-  pool makes it; for other sizes an adaptive average pool to 4x4 does (torchvision's choice at
-  every size), so that training at, say, 128 pixels keeps the auxiliary losses.
-- Table 1's params column (weights only, in units of 1,024) disagrees with the table's own
-  filter counts, which the model follows, in five rows: conv1 2.7K (7 x 7 x 3 x 64 is 9.2K),
-  inception4c 463K (497.5K), 4d 580K (590.5K), 5a 1072K (1018K), 5b 1388K (1409K). The column's
-  total, 6,798K, is within 0.5% of the model's 6,826K weights (6,998,552 parameters with
-  biases, 1000 classes, without the auxiliary heads).
-- `googlenet_bn` is torchvision's variant, not the paper's: batch norm (eps 1e-3) after every
-  convolution, which then has no bias; 3x3 convolutions in the "5x5" branch; no LRN; dropout
-  0.2. It keeps the paper's pooling (torchvision closes stage 4 with a 2x2 max pool; both give
-  7x7 at 224) and the same initialisation rule as `googlenet`.
+"""GoogLeNet, Inception v1 (Szegedy et al., "Going Deeper with Convolutions", 2014, Table 1,
+Fig. 3 and section 5), completed where the paper is silent by Caffe's bvlc_googlenet replication,
+and torchvision's batch-normalised variant.
 """
 
 from __future__ import annotations
@@ -153,7 +120,45 @@ class AuxClassifier(nn.Module):
 
 
 class GoogLeNet(PooledHeadNet):
-    """Stages conv1 .. inception5b as Table 1's rows, then global average pool, dropout, fc."""
+    """Stages conv1 .. inception5b as Table 1's rows, then global average pool, dropout, fc.
+
+    The defaults are the paper's network (Table 1, Fig. 3): true 5x5 convolutions in the third
+    branch, biases on every convolution, ReLU after each, no batch norm; local response
+    normalisation after the first max pool and after conv2's 3x3 convolution; a global average
+    pool, dropout 0.4 and a linear classifier. Two auxiliary classifiers (section 5) read
+    inception4a and inception4d: 5x5/3 average pool (4 x 4 x 512 and 4 x 4 x 528 at 224x224),
+    1x1 convolution of 128 + ReLU, fc 1024 + ReLU, dropout 0.7, linear classifier. They exist
+    only on the explicit training path `forward_with_aux` (the paper weights their losses by
+    0.3) and never in `forward`.
+
+    Where the paper is silent, canon follows Caffe's bvlc_googlenet replication (Szegedy helped
+    it):
+
+    - Padding: 7x7/2 conv pad 3, 3x3 convs pad 1, 5x5 convs pad 2, and every 3x3/2 max pool
+      without padding but rounding its output size up (Caffe's pooling arithmetic,
+      `ceil_mode=True`). That is what makes 224 come out at Table 1's sizes 112, 56, 28, 14 and 7.
+    - LRN: Caffe's local_size 5, alpha 1e-4 (averaged over the window, i.e. 2e-5 on the paper's
+      sum convention of `LocalResponseNorm`), beta 0.75, k 1.
+    - Initialisation: Caffe's "xavier" filler U(+-sqrt(3 / fan_in)) for every weight, biases 0.2
+      on convolutions and the auxiliary fc 1024 layers, 0 on the classifiers (the paper does not
+      say).
+
+    Deviations:
+
+    - Table 1's "avg pool 7x7/1" is a global average pool here, so any input of at least 32x32
+      runs (the final map is 1x1 there, the total stride being 32). The auxiliary classifiers'
+      fc layers read a 4x4 map: for inputs of 223 to 270 pixels (224 in the paper) the paper's
+      5x5/3 average pool makes it; for other sizes an adaptive average pool to 4x4 does
+      (torchvision's choice at every size), so that training at, say, 128 pixels keeps the
+      auxiliary losses.
+    - Table 1's params column (weights only, in units of 1,024) disagrees with the table's own
+      filter counts, which the model follows, in five rows: conv1 2.7K (7 x 7 x 3 x 64 is 9.2K),
+      inception4c 463K (497.5K), 4d 580K (590.5K), 5a 1072K (1018K), 5b 1388K (1409K). The
+      column's total, 6,798K, is within 0.5% of the model's 6,826K weights (6,998,552
+      parameters with biases, 1000 classes, without the auxiliary heads).
+
+    `batch_norm`, `wide_kernel`, `lrn` and `dropout` make torchvision's variant (`googlenet_bn`).
+    """
 
     def __init__(
         self,
@@ -241,7 +246,13 @@ def googlenet(num_classes: int = 1000, **kwargs: Any) -> GoogLeNet:
 
 @register_model()
 def googlenet_bn(num_classes: int = 1000, **kwargs: Any) -> GoogLeNet:
-    """GoogLeNet as torchvision builds it: batch norm, 3x3 in the "5x5" branch, no LRN."""
+    """GoogLeNet as torchvision builds it: batch norm, 3x3 in the "5x5" branch, no LRN.
+
+    torchvision's variant, not the paper's: batch norm (eps 1e-3) after every convolution,
+    which then has no bias; 3x3 convolutions in the "5x5" branch; no LRN; dropout 0.2. It keeps
+    the paper's pooling (torchvision closes stage 4 with a 2x2 max pool; both give 7x7 at 224)
+    and the same initialisation rule as `googlenet`.
+    """
     options: dict[str, Any] = {"batch_norm": True, "wide_kernel": 3, "lrn": False,
                                "dropout": 0.2}
     return GoogLeNet(num_classes, **{**options, **kwargs})

@@ -1,13 +1,5 @@
-"""Layers the canon shares: the papers' local response normalisation and the two kinds of head.
-
-`FCHeadNet` is the common body of AlexNet, ZFNet and VGG: named convolutional stages followed by
-the three fully connected layers of Krizhevsky et al. (2012), which `fully_convolutional()` turns
-into convolutions for dense evaluation (fc6 as a k x k conv over the last feature map, fc7 and
-fc8 as 1x1 convs), as OverFeat and the VGG paper (section 3.2) evaluate their nets.
-
-`PooledHeadNet` is the common body of GoogLeNet and the ResNets: named stages, a global average
-pool, optional dropout and one linear classifier, which `fully_convolutional()` applies at every
-position of the last feature map as a 1x1 convolution.
+"""Layers the canon shares: the papers' local response normalisation (Krizhevsky et al. 2012,
+section 3.3) and the two kinds of head, fully connected (`FCHeadNet`) and pooled (`PooledHeadNet`).
 """
 
 from __future__ import annotations
@@ -184,6 +176,11 @@ def dense_copy(model: CanonModel, head: nn.Sequential, min_input_size: int) -> F
 class FCHeadNet(CanonModel):
     """Named convolutional stages (`features`) followed by an `FCHead`.
 
+    The common body of AlexNet, ZFNet and VGG: the three fully connected layers of Krizhevsky et
+    al. (2012), which `fully_convolutional()` turns into convolutions for dense evaluation (fc6
+    as a k x k conv over the last feature map, fc7 and fc8 as 1x1 convs), as OverFeat and the
+    VGG paper (section 3.2) evaluate their nets.
+
     Subclasses build both and define `init_classifier`, their paper's rule for a fresh fc8.
     """
 
@@ -216,6 +213,9 @@ class FCHeadNet(CanonModel):
 
 class PooledHeadNet(CanonModel):
     """Named stages, then a global average pool, optional dropout and a linear classifier `fc`.
+
+    The common body of GoogLeNet and the ResNets; `fully_convolutional()` applies the classifier
+    at every position of the last feature map as a 1x1 convolution.
 
     Subclasses register their stages in order with `add_stage`, then call `add_classifier`, and
     define `init_classifier`, their paper's rule for a fresh fc. The head takes any map size.

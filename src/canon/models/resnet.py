@@ -1,29 +1,5 @@
 """ImageNet ResNets and their plain counterparts (He et al., "Deep Residual Learning for Image
-Recognition", 2015, Table 1 and section 3.3-3.4).
-
-`resnet18` .. `resnet152` are the paper's networks: batch norm right after every convolution and
-before the activation, projection shortcuts (1x1 convolution + BN) only where the dimensions
-change (option B), identity elsewhere, and in bottleneck blocks the stride 2 of a downsampling
-block sits in the first 1x1 convolution, as in the released Caffe models. `plain18`, `plain34`
-are the same layers without shortcuts (section 3.4, "Plain Networks").
-
-Deviations and variants:
-
-- `resnet50_v1_5`, `resnet101_v1_5`, `resnet152_v1_5` put the stride in the 3x3 convolution, as
-  torchvision (and NVIDIA's "ResNet v1.5") do; it costs more FLOPs (4.09 vs 3.8 GFLOPs for the
-  50-layer net) and gains ~0.5% top-1. Parameter counts do not change.
-- Table 1 lists the 3x3/2 max pool at the head of conv2_x; here it closes the `conv1` stage, so
-  that every `convN_x` stage is made of residual blocks only.
-- The projection shortcut is a strided 1x1 convolution followed by batch norm; the paper's text
-  says only "1x1 convolutions", the BN is in its released Caffe models and torchvision's.
-- Shortcut options A (zero-padding) and C (all projections) of Table 3 are available through
-  the `shortcut` argument ("A", "B", "C"); the registered names use the paper's default B.
-- Initialisation: He et al. 2015 ("Delving deep into rectifiers") normal init for convolutions,
-  scaled by fan-out as torchvision does (the paper cites the method, not the fan mode); BN
-  gamma 1, beta 0; the fc layer keeps PyTorch's default. `zero_init_residual=True` starts every
-  block's last BN gamma at zero (Goyal et al. 2017), which the paper does not do.
-- The head is a global average pool (Table 1's "average pool") of any size, so the networks
-  accept any input of at least 32x32 (the total stride; the last stage is then 1x1).
+Recognition", 2015, Table 1 and sections 3.3-3.4), plus torchvision's "v1.5" bottleneck variant.
 """
 
 from __future__ import annotations
@@ -74,7 +50,12 @@ class ZeroPadShortcut(nn.Module):
 def make_shortcut(
     option: str | None, in_channels: int, out_channels: int, stride: int
 ) -> nn.Module | None:
-    """The shortcut of one block: None for a plain block, else a module added to its output."""
+    """The shortcut of one block: None for a plain block, else a module added to its output.
+
+    `option` is one of Table 3's: where the dimensions change, "A" subsamples and zero-pads the
+    new channels and "B" projects, both being the identity elsewhere; "C" projects everywhere. A
+    projection is a strided 1x1 convolution followed by batch norm.
+    """
     if option not in SHORTCUT_OPTIONS:
         raise ConfigError(f"shortcut must be one of 'A', 'B', 'C' or None, got {option!r}")
     if option is None:
@@ -143,7 +124,9 @@ class Bottleneck(ResidualBlock):
     """1x1 reduce, 3x3, 1x1 expand to 4x `channels` (Fig. 5 right).
 
     The paper (and its Caffe models) stride the first 1x1 convolution; `stride_in_1x1=False`
-    strides the 3x3 instead (torchvision's "v1.5").
+    strides the 3x3 instead, as torchvision (and NVIDIA's "ResNet v1.5") do: it costs more
+    FLOPs (4.09 vs 3.8 GFLOPs for the 50-layer net) and gains ~0.5% top-1. Parameter counts do
+    not change.
     """
 
     expansion = 4
@@ -192,6 +175,33 @@ class ResNet(PooledHeadNet):
 
     The first stage keeps the stem's resolution; each later one halves it in its first block.
     `block_kwargs` go to every block (`shortcut`, and `stride_in_1x1` for bottlenecks).
+
+    `resnet18` .. `resnet152` are the paper's networks: batch norm right after every
+    convolution and before the activation, projection shortcuts (1x1 convolution + BN) only
+    where the dimensions change (option B), identity elsewhere, and in bottleneck blocks the
+    stride 2 of a downsampling block sits in the first 1x1 convolution, as in the released Caffe
+    models. `plain18`, `plain34` are the same layers without shortcuts (`shortcut=None`;
+    section 3.4, "Plain Networks").
+
+    Deviations and variants:
+
+    - The projection shortcut is a strided 1x1 convolution followed by batch norm; the paper's
+      text says only "1x1 convolutions", the BN is in its released Caffe models and
+      torchvision's.
+    - Shortcut options A (zero-padding) and C (all projections) of Table 3 are available
+      through the `shortcut` argument ("A", "B", "C"); the registered names use the paper's
+      default B.
+    - `resnet50_v1_5`, `resnet101_v1_5`, `resnet152_v1_5` stride the bottleneck's 3x3
+      convolution instead of its first 1x1, as torchvision does (see `Bottleneck`).
+    - Table 1 lists the 3x3/2 max pool at the head of conv2_x; here it closes the `conv1` stage,
+      so that every `convN_x` stage is made of residual blocks only.
+    - Initialisation: He et al. 2015 ("Delving deep into rectifiers") normal init for
+      convolutions, scaled by fan-out as torchvision does (the paper cites the method, not the
+      fan mode); BN gamma 1, beta 0; the fc layer keeps PyTorch's default.
+      `zero_init_residual=True` starts every block's last BN gamma at zero (Goyal et al. 2017),
+      which the paper does not do.
+    - The head is a global average pool (Table 1's "average pool") of any size, so the networks
+      accept any input of at least 32x32 (the total stride; the last stage is then 1x1).
     """
 
     def __init__(

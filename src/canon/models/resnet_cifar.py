@@ -1,23 +1,6 @@
-"""The CIFAR-10 networks of the ResNet paper (He et al. 2015, section 4.2, Table 6, Fig. 6).
-
-A 3x3 convolution of 16 filters, then three stages of n basic blocks each (2n 3x3 layers on
-32x32, 16x16 and 8x8 maps with 16, 32 and 64 filters), global average pooling and a fully
-connected layer: 6n + 2 weight layers. Subsampling is a stride-2 convolution in the first block
-of the second and third stage. Shortcuts are identities everywhere, with option A where the
-dimensions grow (subsample by 2, pad the new channels with zeros), so shortcuts add no
-parameters. `plainN` are the same layers without shortcuts.
-
-Deviations:
-
-- The paper subtracts the per-pixel mean image; `eval_config` normalises by the per-channel
-  mean and standard deviation of the CIFAR-10 training set instead, the convention the data
-  pipeline shares with every other model.
-- Initialisation: He et al. normal init scaled by fan-out (the paper cites [13] without a fan
-  mode); BN gamma 1, beta 0; the fc layer keeps PyTorch's default.
-- Stages are named like the ImageNet nets (conv1, conv2_x, conv3_x, conv4_x); the paper gives
-  them no names.
-- Any input of at least 4x4 is accepted (the total stride: every stride-2 stage then still
-  halves its input, ending at 1x1); the paper uses 32x32.
+"""The CIFAR-10 networks of the ResNet paper, ResNet-20 .. ResNet-1202 and their plain
+counterparts (He et al., "Deep Residual Learning for Image Recognition", 2015, section 4.2,
+Table 6, Fig. 6).
 """
 
 from __future__ import annotations
@@ -38,7 +21,27 @@ CIFAR_WIDTHS = (16, 32, 64)
 
 
 class CifarResNet(ResNet):
-    """ResNet of depth 6n + 2 for 32x32 images (section 4.2)."""
+    """ResNet of depth 6n + 2 for 32x32 images (section 4.2).
+
+    A 3x3 convolution of 16 filters, then three stages of n basic blocks each (2n 3x3 layers on
+    32x32, 16x16 and 8x8 maps with 16, 32 and 64 filters), global average pooling and a fully
+    connected layer: 6n + 2 weight layers. Subsampling is a stride-2 convolution in the first
+    block of the second and third stage. Shortcuts are identities everywhere, with option A
+    where the dimensions grow (subsample by 2, pad the new channels with zeros), so shortcuts add
+    no parameters. `shortcut=None` (`plainN`) gives the same layers without shortcuts.
+
+    Deviations:
+
+    - The paper subtracts the per-pixel mean image; `eval_config` normalises by the per-channel
+      mean and standard deviation of the CIFAR-10 training set instead, the convention the data
+      pipeline shares with every other model.
+    - Initialisation: He et al. normal init scaled by fan-out (the paper cites [13] without a
+      fan mode); BN gamma 1, beta 0; the fc layer keeps PyTorch's default.
+    - Stages are named like the ImageNet nets (conv1, conv2_x, conv3_x, conv4_x); the paper
+      gives them no names.
+    - Any input of at least 4x4 is accepted (the total stride: every stride-2 stage then still
+      halves its input, ending at 1x1); the paper uses 32x32.
+    """
 
     eval_config = EvalConfig(input_size=32, resize_size=32, mean=CIFAR10_MEAN, std=CIFAR10_STD)
     min_input_size = 4

@@ -1,34 +1,5 @@
-"""What a model costs, counted from its real modules: depth, parameters, multiply-adds, memory.
-
-`summarize` runs one forward pass of a single image through the model on PyTorch's meta device
-(shapes only, no arithmetic, so VGG-19 and ResNet-152 take milliseconds) and watches every
-ATen operation it dispatches. The counts, per image:
-
-- layers: the depth as the papers count it, the longest chain of weight layers (convolutions
-  and fully connected layers) from the input to the logits. Each tensor carries the depth of
-  the chain that produced it; a weight layer adds one, every other operation keeps the largest
-  depth of its inputs. Branches side by side (Inception modules, projection shortcuts) so do
-  not add: AlexNet 8, VGG-16 16, GoogLeNet 22, ResNet-50 50, CIFAR ResNet-20 20.
-- weight_layers: how many convolutions and fully connected layers the forward pass runs
-  (ResNet-50: 53 convolutions, 4 of them projection shortcuts, plus the classifier = 54).
-  A grouped convolution (AlexNet's two towers) is one layer, as in the paper.
-- params: the parameters the forward pass reads, exactly. Weights used only by another path,
-  such as GoogLeNet's auxiliary classifiers (training only), are not counted.
-- gflops: billions of multiply-adds of the convolutions and matrix products (fully connected
-  layers), the convention of the ResNet paper and of torchvision's published GFLOPS. Bias
-  additions, normalisation, activations and pooling are not counted: with them the figures
-  would no longer match the papers' (VGG-19 19.6, ResNet-50 3.8).
-- activation_mb: mebibytes (2**20 bytes) of the tensors autograd keeps for the backward pass
-  of one image, parameters and buffers excluded: the input image, layer inputs and outputs,
-  max-pooling indices, each storage once however many operations keep it. This is the memory
-  a training batch needs per image on top of the weights, gradients and optimizer state, but
-  for two small terms: the pass runs in eval mode (batch-norm statistics in training mode take
-  PyTorch's meta kernels 20 times longer), so dropout masks and per-channel batch statistics
-  are left out; they add under 0.1 MiB to any model here.
-
-A model whose fully connected head takes one input size (AlexNet 227, the papers' VGG) is
-counted, at any other size, in its `fully_convolutional()` form, the network dense evaluation
-runs there; its name then ends in " (dense)".
+"""What a model costs, counted from its real modules: depth, parameters, multiply-adds, memory,
+per image and in the papers' conventions (`summarize`), and the table `canon summary` prints.
 """
 
 from __future__ import annotations
@@ -51,7 +22,32 @@ _MIB = 2**20
 
 @dataclass(frozen=True)
 class ModelSummary:
-    """One row of the table; the module docstring defines each count."""
+    """One row of the table: what one image costs, as `summarize` counts it.
+
+    - layers: the depth as the papers count it, the longest chain of weight layers
+      (convolutions and fully connected layers) from the input to the logits. Each tensor
+      carries the depth of the chain that produced it; a weight layer adds one, every other
+      operation keeps the largest depth of its inputs. Branches side by side (Inception modules,
+      projection shortcuts) so do not add: AlexNet 8, VGG-16 16, GoogLeNet 22, ResNet-50 50,
+      CIFAR ResNet-20 20.
+    - weight_layers: how many convolutions and fully connected layers the forward pass runs
+      (ResNet-50: 53 convolutions, 4 of them projection shortcuts, plus the classifier = 54).
+      A grouped convolution (AlexNet's two towers) is one layer, as in the paper.
+    - params: the parameters the forward pass reads, exactly. Weights used only by another path,
+      such as GoogLeNet's auxiliary classifiers (training only), are not counted.
+    - gflops: billions of multiply-adds of the convolutions and matrix products (fully connected
+      layers), the convention of the ResNet paper and of torchvision's published GFLOPS. Bias
+      additions, normalisation, activations and pooling are not counted: with them the figures
+      would no longer match the papers' (VGG-19 19.6, ResNet-50 3.8).
+    - activation_mb: mebibytes (2**20 bytes) of the tensors autograd keeps for the backward
+      pass of one image, parameters and buffers excluded: the input image, layer inputs and
+      outputs, max-pooling indices, each storage once however many operations keep it. This is
+      the memory a training batch needs per image on top of the weights, gradients and optimizer
+      state, but for two small terms: the pass runs in eval mode (batch-norm statistics in
+      training mode take PyTorch's meta kernels 20 times longer), so dropout masks and
+      per-channel batch statistics are left out; they add under 0.1 MiB to any model here.
+    - name ends in " (dense)" where the model was counted in its `fully_convolutional()` form.
+    """
 
     name: str
     layers: int
@@ -155,6 +151,14 @@ def summarize(
     in_channels: int = 3,
 ) -> ModelSummary:
     """Count layers, parameters, multiply-adds and activation memory for one image.
+
+    One forward pass of a single image runs through the model on PyTorch's meta device (shapes
+    only, no arithmetic, so VGG-19 and ResNet-152 take milliseconds) while every ATen operation
+    it dispatches is watched; `ModelSummary` defines each count.
+
+    A model whose fully connected head takes one input size (AlexNet 227, the papers' VGG) is
+    counted, at any other size, in its `fully_convolutional()` form, the network dense
+    evaluation runs there; its name then ends in " (dense)".
 
     `model_or_name` is a registered name or any module taking N x C x H x W inputs (it is not
     modified); `in_channels` is C, 3 for images, more to summarize a single block.

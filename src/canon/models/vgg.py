@@ -1,23 +1,6 @@
 """VGG: Simonyan & Zisserman, "Very Deep Convolutional Networks for Large-Scale Image
-Recognition" (ICLR 2015, arXiv:1409.1556), configurations A to E of Table 1.
-
-As the paper (section 2.1, Table 1):
-- 3x3 convolutions with stride 1 and 1-pixel padding; configuration C's 1x1 convolutions pad 0;
-  ReLU after every convolution; 2x2 stride 2 max pooling after each of the five stages.
-- A-LRN adds local response normalisation after conv1_1 with the parameters of Krizhevsky et al.
-  (k=2, n=5, alpha=1e-4, beta=0.75).
-- fc6, fc7 4096 with dropout 0.5 on their outputs (section 3.1); fc8 one output per class.
-- Input 224x224; the FC head takes that size only, `fully_convolutional()` any size from 224 up
-  (fc6 as a 7x7 convolution, fc7 and fc8 as 1x1), as the paper's dense evaluation (section 3.2).
-- Initialisation: Glorot & Bengio's (uniform, biases 0), which the paper notes (end of section
-  3.1) trains the deep configurations from scratch without pre-training from A.
-- Parameter counts equal torchvision's: vgg11 132,863,336, vgg13 133,047,848, vgg16
-  138,357,544, vgg19 143,667,240; C (vgg16_c) has 133,638,952 (the paper's Table 2: 134M).
-
-Variants beyond the paper: the `_bn` models put batch normalisation between each convolution
-(which keeps its bias, as torchvision's) and its ReLU, as torchvision's vgg*_bn (batch
-normalisation came after VGG). torchvision also adds an adaptive 7x7 average pool before fc6 so
-its FC head takes any size; canon keeps the paper's fixed 224 and offers `fully_convolutional()`.
+Recognition" (ICLR 2015, arXiv:1409.1556), configurations A to E of Table 1 (section 2.1), with
+torchvision's batch-normalised variants.
 """
 
 from __future__ import annotations
@@ -105,7 +88,28 @@ def vgg_stage(
 
 
 class VGG(FCHeadNet):
-    """A VGG configuration of Table 1 ("A", "A-LRN", "B", "C", "D", "E")."""
+    """A VGG configuration of Table 1 ("A", "A-LRN", "B", "C", "D", "E").
+
+    As the paper (section 2.1, Table 1):
+    - 3x3 convolutions with stride 1 and 1-pixel padding; configuration C's 1x1 convolutions pad
+      0; ReLU after every convolution; 2x2 stride 2 max pooling after each of the five stages.
+    - A-LRN adds local response normalisation after conv1_1 with the parameters of Krizhevsky et
+      al. (k=2, n=5, alpha=1e-4, beta=0.75).
+    - fc6, fc7 4096 with dropout 0.5 on their outputs (section 3.1); fc8 one output per class.
+    - Input 224x224; the FC head takes that size only, `fully_convolutional()` any size from 224
+      up (fc6 as a 7x7 convolution, fc7 and fc8 as 1x1), as the paper's dense evaluation
+      (section 3.2).
+    - Initialisation: Glorot & Bengio's (uniform, biases 0), which the paper notes (end of
+      section 3.1) trains the deep configurations from scratch without pre-training from A.
+    - Parameter counts equal torchvision's: vgg11 132,863,336, vgg13 133,047,848, vgg16
+      138,357,544, vgg19 143,667,240; C (vgg16_c) has 133,638,952 (the paper's Table 2: 134M).
+
+    Variants beyond the paper: `batch_norm=True` (the `_bn` models) puts batch normalisation
+    between each convolution (which keeps its bias, as torchvision's) and its ReLU, as
+    torchvision's vgg*_bn (batch normalisation came after VGG). torchvision also adds an adaptive
+    7x7 average pool before fc6 so its FC head takes any size; canon keeps the paper's fixed 224
+    and offers `fully_convolutional()`.
+    """
 
     eval_config = EvalConfig(input_size=224, resize_size=256)
     min_input_size = 224

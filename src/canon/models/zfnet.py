@@ -1,32 +1,6 @@
 """ZFNet: Zeiler & Fergus, "Visualizing and Understanding Convolutional Networks" (ECCV 2014,
-arXiv:1311.2901), the network of their Figure 3.
-
-`zfnet` follows Figure 3 and sections 3 and 4.1:
-- Input 224x224. conv1 96 x 7x7 stride 2 (AlexNet's 11x11 stride 4 made smaller and denser
-  after the visualisations of Figure 6); conv2 256 x 5x5 stride 2; conv3 384, conv4 384,
-  conv5 256, all 3x3 stride 1; ReLU after every layer; 3x3 stride 2 max pooling after conv1,
-  conv2 and conv5; fc6, fc7 4096 with dropout 0.5; fc8 one output per class.
-- Layer 1 and 2 responses are pooled and then "contrast normalized across feature maps"
-  (caption of Figure 3): pooling comes before normalisation, the reverse of AlexNet.
-- One tower: "the sparse connections used in Krizhevsky's layers 3,4,5 (due to the model being
-  split across 2 GPUs) are replaced with dense connections" (section 3), so no channel groups.
-- Initialisation (section 3): weights N(0, 0.01) (the paper's "initialized to 10^-2" read as
-  the standard deviation, as in AlexNet), biases 0.
-- 62,357,608 parameters at 1000 classes.
-
-`zfnet_wide` is the larger model of Table 2 ("layers 3,4,5: 512,1024,512 maps"; also Table 3).
-
-Choices where the paper is silent, made so every map size of Figure 3 comes out exactly
-(224 -> 110 -> 55 -> 26 -> 13 -> 13 -> 13 -> 13 -> 6):
-- conv1 pads 1 pixel ((224 + 2 - 7) // 2 + 1 = 110); conv2 pads 0 ((55 - 5) // 2 + 1 = 26);
-  conv3-5 pad 1.
-- Max pooling rounds up (Caffe's convention, `ceil_mode=True`): 110 -> 55 and 26 -> 13, where
-  rounding down would give 54 and 12.
-- The contrast normalisation constants are not given; AlexNet's local response normalisation
-  (k=2, n=5, alpha=1e-4, beta=0.75) is used.
-
-Not part of the model: the training-time renormalisation of conv filters whose RMS exceeds 0.1
-(section 3) is a step of the training loop, which this module does not implement.
+arXiv:1311.2901), the network of their Figure 3 (sections 3 and 4.1) and the larger model of
+their Table 2.
 """
 
 from __future__ import annotations
@@ -42,7 +16,36 @@ from canon.models.layers import FCHead, FCHeadNet
 
 
 class ZFNet(FCHeadNet):
-    """Zeiler & Fergus's Figure 3 network; `widths` are conv3, conv4, conv5's channels."""
+    """Zeiler & Fergus's Figure 3 network; `widths` are conv3, conv4, conv5's channels.
+
+    As the paper (Figure 3, sections 3 and 4.1):
+    - Input 224x224. conv1 96 x 7x7 stride 2 (AlexNet's 11x11 stride 4 made smaller and denser
+      after the visualisations of Figure 6); conv2 256 x 5x5 stride 2; conv3 384, conv4 384,
+      conv5 256, all 3x3 stride 1; ReLU after every layer; 3x3 stride 2 max pooling after conv1,
+      conv2 and conv5; fc6, fc7 4096 with dropout 0.5; fc8 one output per class.
+    - Layer 1 and 2 responses are pooled and then "contrast normalized across feature maps"
+      (caption of Figure 3): pooling comes before normalisation, the reverse of AlexNet.
+    - One tower: "the sparse connections used in Krizhevsky's layers 3,4,5 (due to the model
+      being split across 2 GPUs) are replaced with dense connections" (section 3), so no channel
+      groups.
+    - Initialisation (section 3): weights N(0, 0.01) (the paper's "initialized to 10^-2" read as
+      the standard deviation, as in AlexNet), biases 0.
+    - 62,357,608 parameters at 1000 classes.
+    - `widths=(512, 1024, 512)` is the larger model of Table 2 ("layers 3,4,5: 512,1024,512
+      maps"; also Table 3), registered as `zfnet_wide`.
+
+    Choices where the paper is silent, made so every map size of Figure 3 comes out exactly
+    (224 -> 110 -> 55 -> 26 -> 13 -> 13 -> 13 -> 13 -> 6):
+    - conv1 pads 1 pixel ((224 + 2 - 7) // 2 + 1 = 110); conv2 pads 0 ((55 - 5) // 2 + 1 = 26);
+      conv3-5 pad 1.
+    - Max pooling rounds up (Caffe's convention, `ceil_mode=True`): 110 -> 55 and 26 -> 13,
+      where rounding down would give 54 and 12.
+    - The contrast normalisation constants are not given; AlexNet's local response normalisation
+      (k=2, n=5, alpha=1e-4, beta=0.75) is used.
+
+    Not part of the model: the training-time renormalisation of conv filters whose RMS exceeds
+    0.1 (section 3) is a step of the training loop, which this module does not implement.
+    """
 
     eval_config = EvalConfig(input_size=224, resize_size=256)
     min_input_size = 224
