@@ -24,15 +24,14 @@ from pathlib import Path
 import torch
 
 from canon.data import DataConfig, FolderImages, compute_stats
+from canon.data.normalize import ToFloat, make_normalize
 from canon.data.transforms import (
     Compose,
     RandomCrop,
     RandomFlip,
     RescaleShorter,
     RescaleSquare,
-    ToFloat,
     make_fancy_pca,
-    make_normalize,
     training_transform,
 )
 

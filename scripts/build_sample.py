@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from canon.data.datasets import SAMPLE_DIR, load_sample, read_cifar
+from canon.data.cifar import read_cifar
+from canon.data.datasets import SAMPLE_DIR, load_sample
 
 TILES_PER_ROW = 100
 

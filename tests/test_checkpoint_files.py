@@ -19,6 +19,7 @@ import torch
 
 from canon.engine import checkpoint as ckpt
 from canon.engine.rundir import claim_run_dir
+from canon.engine.trained import load_trained
 from canon.errors import DataError
 from canon.files import atomic_write, sweep_partial_writes
 from canon.models.factory import create_model
@@ -307,9 +308,9 @@ def test_resume_passes_over_unreadable_checkpoints_to_the_last_good_one(tmp_path
 def test_a_trained_model_carries_its_class_ids(tmp_path):
     state = write_run(tmp_path)
     for source in (tmp_path, tmp_path / "model.safetensors", ckpt.best_checkpoint(tmp_path)):
-        trained = ckpt.load_trained(source)
+        trained = load_trained(source)
         assert trained.classes == CLASSES and trained.class_ids == CLASS_IDS
-    assert ckpt.load_trained(tmp_path).source == tmp_path / "model.safetensors"
+    assert load_trained(tmp_path).source == tmp_path / "model.safetensors"
     # Runs from before class_ids was saved: the class names stand in.
     info = json.loads((tmp_path / "eval_config.json").read_text())
     del info["class_ids"]
@@ -317,7 +318,7 @@ def test_a_trained_model_carries_its_class_ids(tmp_path):
     del state["class_ids"]
     ckpt.save_checkpoint(state, ckpt.best_checkpoint(tmp_path))
     for source in (tmp_path, ckpt.best_checkpoint(tmp_path)):
-        assert ckpt.load_trained(source).class_ids == CLASSES
+        assert load_trained(source).class_ids == CLASSES
 
 
 def edit_config(change):
@@ -373,14 +374,14 @@ def test_a_bad_export_is_a_data_error_and_a_run_falls_back_to_best_pt(tmp_path, 
     corrupt, named = BAD_EXPORTS[damage]
     corrupt(tmp_path)
     with pytest.raises(DataError, match=named) as caught:
-        ckpt.load_trained(tmp_path / "model.safetensors")
+        load_trained(tmp_path / "model.safetensors")
     single_line_error(caught)
     with pytest.warns(ckpt.CheckpointWarning, match=named + ".*; using .*best.pt instead"):
-        trained = ckpt.load_trained(tmp_path)
+        trained = load_trained(tmp_path)
     assert trained.source == ckpt.best_checkpoint(tmp_path) and trained.class_ids == CLASS_IDS
     ckpt.best_checkpoint(tmp_path).unlink()
     with pytest.raises(DataError, match=named):  # nothing to fall back to
-        ckpt.load_trained(tmp_path)
+        load_trained(tmp_path)
 
 
 # ---- one run per run directory -------------------------------------------------------------

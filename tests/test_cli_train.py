@@ -19,9 +19,10 @@ from PIL import Image
 import canon
 from canon.cli import build_parser, main
 from canon.data import BadImageWarning, decode_image_file, open_dataset
-from canon.data.transforms import center_transform
+from canon.data.preprocess import center_transform
 from canon.data.views import PROTOCOLS
-from canon.engine.checkpoint import load_checkpoint, load_trained
+from canon.engine.checkpoint import load_checkpoint
+from canon.engine.trained import load_trained
 from canon.recipes import Recipe, load_recipe, parse_yaml
 
 

@@ -18,19 +18,10 @@ import torch
 from PIL import Image
 
 from canon.data import BadImageWarning, DataConfig, build_datasets, build_loader
-from canon.data.datasets import (
-    CIFAR,
-    FolderImages,
-    decode_image_file,
-    download_and_verify,
-    extract_tar,
-    fetch_cifar,
-    image_size,
-    load_sample,
-    open_dataset,
-    open_eval_split,
-    read_cifar,
-)
+from canon.data.cifar import CIFAR, download_and_verify, extract_tar, fetch_cifar, read_cifar
+from canon.data.datasets import load_sample, open_dataset, open_eval_split
+from canon.data.decoding import decode_image_file, image_size
+from canon.data.folders import FolderImages
 from canon.data.stats import compute_stats
 from canon.errors import ConfigError, DataError
 

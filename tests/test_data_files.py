@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from canon.data import DataConfig, build_datasets, stats
-from canon.data import datasets as datasets_module
-from canon.data.datasets import FolderImages, download_and_verify
+from canon.data import cifar as cifar_module
+from canon.data.cifar import download_and_verify
+from canon.data.folders import FolderImages
 from canon.data.stats import compute_stats, stats_cache_path
 from canon.files import atomic_write
 
@@ -66,7 +67,7 @@ def test_two_downloads_of_one_archive_both_succeed(tmp_path, monkeypatch):
             download_and_verify(source.as_uri(), target, md5)  # the other process
         real_copy(response, out, length)
 
-    monkeypatch.setattr(datasets_module.shutil, "copyfileobj", copy_while_another_download_runs)
+    monkeypatch.setattr(cifar_module.shutil, "copyfileobj", copy_while_another_download_runs)
     assert download_and_verify(source.as_uri(), target, md5).read_bytes() == source.read_bytes()
     assert interleaved and [p.name for p in target.parent.iterdir()] == ["archive.bin"]
 

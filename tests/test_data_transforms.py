@@ -8,27 +8,23 @@ import pytest
 import torch
 
 from canon.data import DataConfig
-from canon.data.datasets import FolderImages, load_sample
+from canon.data.datasets import load_sample
+from canon.data.folders import FolderImages
+from canon.data.geometry import crop_box, resize_image
+from canon.data.normalize import Normalize, ToFloat, make_normalize
+from canon.data.preprocess import EvalPreprocess, center_transform, eval_preprocess
 from canon.data.stats import compute_stats, imagenet_pca
 from canon.data.transforms import (
     Compose,
-    EvalPreprocess,
     FancyPCA,
     FixedCropChoice,
-    Normalize,
     Photometric,
     RandomAreaCrop,
     RandomCrop,
     RandomFlip,
     RescaleShorter,
     RescaleSquare,
-    ToFloat,
-    center_transform,
-    crop_box,
-    eval_preprocess,
     make_fancy_pca,
-    make_normalize,
-    resize_image,
     training_transform,
 )
 from canon.data.views import ProtocolViews, parse_protocol, ten_crop

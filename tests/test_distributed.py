@@ -35,18 +35,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from canon.data.sampling import ShardSampler, ShuffleSampler, epoch_order, eval_shard
 from canon.engine import checkpoint as ckpt
 from canon.engine.distributed import (
     DistributedContext,
-    ShardSampler,
     all_reduce_sum,
     elastic_restart_count,
-    eval_sampler,
     init_distributed,
     launched_by_torchrun,
     sync_context,
-    train_sampler,
-    unwrap_model,
     wrap_model,
 )
 from canon.engine.trainer import train
@@ -65,6 +62,7 @@ from pathlib import Path
 import torch, torch.nn as nn
 import canon.data.stats
 from canon.data import open_dataset
+from canon.data.sampling import eval_shard
 from canon.engine import distributed as dist
 from canon.engine.trainer import train
 from canon.recipes import load_recipe
@@ -87,7 +85,7 @@ def without_batch_norm(module):
 ctx = dist.init_distributed("cpu")  # the trainer uses this process group and leaves it be
 # Which validation images each rank evaluates, summed over ranks.
 _, val_set = open_dataset(data)
-sampler = dist.eval_sampler(val_set, ctx)
+sampler = eval_shard(len(val_set), ctx.rank, ctx.world_size)
 indices = list(sampler) if sampler is not None else list(range(len(val_set)))
 seen = torch.zeros(len(val_set), dtype=torch.long)
 seen[indices] += 1
@@ -353,8 +351,8 @@ def test_single_process_is_plain_pytorch() -> None:
     assert ctx == SINGLE and ctx.is_main
     assert not launched_by_torchrun() and elastic_restart_count() == 0
     model = torch.nn.Linear(3, 2)
-    assert wrap_model(model, ctx) is model and unwrap_model(model) is model
-    assert train_sampler(range(10), ctx, seed=0) is None and eval_sampler(range(10), ctx) is None
+    assert wrap_model(model, ctx) is model
+    assert isinstance(epoch_order(10, seed=0), ShuffleSampler) and eval_shard(10, 0, 1) is None
     torch.testing.assert_close(all_reduce_sum(torch.ones(2), ctx), torch.ones(2))
     with sync_context(model, sync=False):
         pass

@@ -18,6 +18,8 @@ import torch.nn as nn
 
 from canon.data import ArrayImages, DataConfig, Datasets, build_datasets
 from canon.engine import checkpoint as ckpt
+from canon.engine.rundir import latest_run_dir, new_run_dir
+from canon.engine.trained import load_trained
 from canon.engine.trainer import NonFiniteError, TrainingInterrupted, train
 from canon.errors import DataError
 from canon.models.base import CanonModel
@@ -233,7 +235,7 @@ def test_bf16_ema_label_smoothing_no_bn_decay_and_filter_clamp_run_together(
     assert not torch.equal(exported[weight], state["model"][weight])
     rms = state["model"][weight].pow(2).mean((1, 2, 3)).sqrt()
     assert rms.max() <= 0.1 + 1e-6  # ZFNet's filter RMS clamp
-    from_checkpoint = ckpt.load_trained(ckpt.epoch_checkpoint(tmp_path, 1)).model.state_dict()
+    from_checkpoint = load_trained(ckpt.epoch_checkpoint(tmp_path, 1)).model.state_dict()
     assert torch.equal(from_checkpoint[weight], exported[weight])  # the EMA weights, too
 
 
@@ -244,7 +246,7 @@ def test_run_directories_are_numbered_and_a_bare_resume_finds_this_recipe_s_late
         path.parent.mkdir(parents=True)
         path.write_bytes(b"")
         os.utime(path, (1_000_000 + age, 1_000_000 + age))
-    assert ckpt.new_run_dir(tmp_path, "resnet20-cifar10").name == "resnet20-cifar10-3"
-    assert ckpt.latest_run_dir(tmp_path, "resnet20-cifar10").name == "resnet20-cifar10-2"
+    assert new_run_dir(tmp_path, "resnet20-cifar10").name == "resnet20-cifar10-3"
+    assert latest_run_dir(tmp_path, "resnet20-cifar10").name == "resnet20-cifar10-2"
     with pytest.raises(DataError, match="no run of quickstart"):
-        ckpt.latest_run_dir(tmp_path, "quickstart")
+        latest_run_dir(tmp_path, "quickstart")

@@ -11,7 +11,9 @@ from torch.utils.data import TensorDataset
 
 from canon.data import ArrayImages, DataConfig, build_datasets, build_loader, decode_image_file
 from canon.data.datasets import open_eval_split
-from canon.data.transforms import EvalPreprocess, Normalize, resize_image
+from canon.data.geometry import resize_image
+from canon.data.normalize import Normalize
+from canon.data.preprocess import EvalPreprocess
 from canon.data.views import (
     ProtocolViews,
     collate_views,

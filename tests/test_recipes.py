@@ -19,7 +19,7 @@ REQUIRED = [
 ]
 
 
-def test_the_issue_s_recipes_are_all_bundled():
+def test_every_paper_setting_has_a_bundled_recipe():
     assert set(REQUIRED) <= set(list_recipes())
 
 

@@ -209,45 +209,22 @@ def _flag_overrides(args: argparse.Namespace) -> list[tuple[str, object]]:
 
 @_verb("train", "train a model with one of the papers' recipes", _train_arguments)
 def _run_train(args: argparse.Namespace) -> None:
-    from canon.engine import checkpoint, distributed
+    from canon.engine.distributed import is_main_process
+    from canon.engine.rundir import plan_run
     from canon.engine.trainer import TrainingInterrupted, train
-    from canon.recipes import Recipe, apply_overrides, load_recipe
 
-    overrides = [*_flag_overrides(args), *args.set]
-    state = None
-    # Under torchrun every process must pick the same directory, and an elastic restart
-    # (same command, TORCHELASTIC_RESTART_COUNT > 0) must continue the run it restarts.
-    if args.resume is None and distributed.launched_by_torchrun():
-        name = load_recipe(args.recipe).name
-        elastic_id = os.environ["TORCHELASTIC_RUN_ID"]
-        args.output_dir = args.output_dir or Path("runs") / f"{name}-{elastic_id}"
-        restarted = distributed.elastic_restart_count() > 0
-        if restarted and checkpoint.resumable_checkpoints(args.output_dir):
-            args.resume = str(args.output_dir)
-    if args.resume is None:
-        recipe = load_recipe(args.recipe, overrides)
-        run_dir = args.output_dir or checkpoint.new_run_dir(Path("runs"), recipe.name)
-    else:
-        if args.resume != "latest":
-            source = Path(args.resume)
-        elif args.output_dir is not None:
-            source = args.output_dir
-        else:
-            source = checkpoint.latest_run_dir(Path("runs"), load_recipe(args.recipe).name)
-        path, state = checkpoint.load_for_resume(source)
-        recipe = apply_overrides(Recipe.from_dict(state["recipe"], where=str(path)), overrides)
-        run_dir = args.output_dir or checkpoint.run_dir_of(path)
-    main_rank = os.environ.get("RANK", "0") == "0"  # torchrun: one line, not one per process
+    plan = plan_run(args.recipe, [*_flag_overrides(args), *args.set], resume=args.resume,
+                    output_dir=args.output_dir)
     try:
-        result = train(
-            recipe, run_dir, resume=state, overwrite=args.overwrite, device=args.device
-        )
+        result = train(plan.recipe, plan.run_dir, resume=plan.state, overwrite=args.overwrite,
+                       device=args.device)
     except TrainingInterrupted as stop:
-        if main_rank:
-            print(f"stopped; resume with: canon train --resume {run_dir}  ({stop.checkpoint})")
+        if is_main_process():
+            print(f"stopped; resume with: canon train --resume {plan.run_dir}  "
+                  f"({stop.checkpoint})")
         sys.exit(128 + stop.signal_number)  # the shell's convention: 130 Ctrl-C, 143 SIGTERM
     last = result.metrics[-1] if result.metrics else None
-    if last is not None and main_rank:
+    if last is not None and is_main_process():
         print(
             f"done: {result.run_dir}  val top-1 error {last['val_top1_error']:.2f}% "
             f"(best {result.best_val_top1_error:.2f}%), top-5 {last['val_top5_error']:.2f}%"
@@ -278,22 +255,17 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_eval(args: argparse.Namespace) -> None:
     import json
 
-    from canon.engine.checkpoint import load_trained
-    from canon.engine.distributed import resolve_device
-    from canon.evaluation import evaluate
+    from canon.engine.trained import load_trained
 
     trained = load_trained(args.checkpoint)
-    dataset = args.data or trained.data.dataset
-    result = evaluate(
-        trained.model, dataset, args.protocol, batch_size=args.batch_size,
-        device=resolve_device(args.device), workers=args.workers, data_config=trained.data,
-        preprocess=trained.preprocess, class_ids=trained.class_ids, strict=args.strict,
-        progress=True,
+    result = trained.evaluate(
+        args.data, args.protocol, device=args.device, batch_size=args.batch_size,
+        workers=args.workers, strict=args.strict, progress=True,
     )
-    result.update(checkpoint=str(trained.source), data=dataset)
     print(
-        f"{trained.source}: {result['protocol']} on {dataset} ({result['images']} images): "
-        f"top-1 error {result['top1_error']:.2f}%, top-5 error {result['top5_error']:.2f}%"
+        f"{trained.source}: {result['protocol']} on {result['data']} ({result['images']} "
+        f"images): top-1 error {result['top1_error']:.2f}%, top-5 error "
+        f"{result['top5_error']:.2f}%"
     )
     if result["skipped"]:
         print(f"skipped {result['skipped']} undecodable image file(s) (see the warnings; "
@@ -313,8 +285,8 @@ def _predict_arguments(parser: argparse.ArgumentParser) -> None:
 
 @_verb("predict", "the most likely classes for image files", _predict_arguments)
 def _run_predict(args: argparse.Namespace) -> None:
-    from canon.engine.checkpoint import load_trained
     from canon.engine.distributed import resolve_device
+    from canon.engine.trained import load_trained
 
     trained = load_trained(args.checkpoint)
     trained.model.to(resolve_device(args.device))

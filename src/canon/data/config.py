@@ -1,8 +1,7 @@
-"""The `data:` section of a recipe: which dataset, and which paper's preprocessing.
-
-Every field has a default that reproduces the bundled-sample CIFAR setting of He et al. (2015),
-section 4.2, so `DataConfig()` is a working configuration. Values are validated when the object
-is built; a bad one raises ConfigError naming the field.
+"""The `data:` section of a recipe: which dataset, and which paper's preprocessing. Every field
+has a default that reproduces the bundled-sample CIFAR setting of He et al. (2015), s4.2, so
+`DataConfig()` is a working configuration; values are validated when the object is built, and
+a bad one raises ConfigError naming the field.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ so a resumed run sees the same order as an uninterrupted one.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,15 +18,12 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.dataloader import default_collate
 
 from canon.data.config import DataConfig
-from canon.data.datasets import LabeledImages, canon_cache_dir, open_dataset
-from canon.data.stats import DatasetStats, load_or_compute_stats
-from canon.data.transforms import (
-    EvalPreprocess,
-    center_transform,
-    eval_preprocess,
-    needs_stats,
-    training_transform,
-)
+from canon.data.datasets import canon_cache_dir, open_dataset
+from canon.data.labeled import LabeledImages
+from canon.data.preprocess import EvalPreprocess, center_transform, eval_preprocess
+from canon.data.sampling import ShuffleSampler
+from canon.data.stats import DatasetStats, load_or_compute_stats, needs_stats
+from canon.data.transforms import training_transform
 
 
 def dataset_stats(
@@ -85,24 +82,6 @@ def collate(items: list) -> tuple[torch.Tensor, torch.Tensor]:
     if not good:
         return torch.empty(0), torch.empty(0, dtype=torch.long)
     return default_collate(good)
-
-
-class ShuffleSampler(Sampler[int]):
-    """A random permutation per epoch drawn from (seed, epoch) alone, like DistributedSampler's
-    shuffling on one process: `set_epoch(e)` before each epoch."""
-
-    def __init__(self, dataset: Dataset, seed: int = 0) -> None:
-        self.length, self.seed, self.epoch = len(dataset), seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.length, generator=generator).tolist())
-
-    def __len__(self) -> int:
-        return self.length
 
 
 def build_loader(

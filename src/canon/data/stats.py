@@ -1,12 +1,6 @@
-"""Training-set statistics for the papers' preprocessing: mean image, channel mean/std, RGB PCA.
-
-Computed in one streaming pass (float64 running sums, memory bounded by one mean image and
-one batch) with every image squashed to `size x size`, as AlexNet s2 does for its 256 x 256
-mean image; pixel values are in [0, 1]. Cached as safetensors keyed by the dataset's
-fingerprint and the size, so a second run reads them in milliseconds.
-
-ImageNet's published statistics are constants here: torchvision's channel mean/std and the
-RGB eigen-decomposition used by fb.resnet.torch and most reimplementations of fancy PCA.
+"""Training-set statistics for the papers' preprocessing: the mean image (AlexNet s2, ResNet
+s3.4), channel mean and std (VGG s2.1) and the RGB PCA of fancy PCA (AlexNet s4.1), computed in
+one streaming pass and cached, plus ImageNet's published constants for each.
 """
 
 from __future__ import annotations
@@ -22,18 +16,15 @@ from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
-from canon.data.datasets import (
-    ArrayImages,
-    LabeledImages,
-    canon_cache_dir,
-    dataset_fingerprint,
-    open_dataset,
-)
+from canon.data.config import DataConfig
+from canon.data.datasets import canon_cache_dir, dataset_fingerprint, open_dataset
+from canon.data.labeled import ArrayImages, LabeledImages
 from canon.errors import DataError
 from canon.files import atomic_write
 
 # RGB covariance eigen-decomposition of ImageNet (pixels in [0, 1]), as published with
-# fb.resnet.torch (datasets/imagenet.lua); columns of the matrix are the eigenvectors.
+# fb.resnet.torch (datasets/imagenet.lua) and used by most reimplementations of fancy PCA;
+# columns of the matrix are the eigenvectors.
 IMAGENET_PCA_EIGVAL = (0.2175, 0.0188, 0.0045)
 IMAGENET_PCA_EIGVEC = (
     (-0.5675, 0.7192, 0.4009),
@@ -118,7 +109,9 @@ def compute_stats(
     batch_size: int = 256,
     progress: bool = True,
 ) -> DatasetStats:
-    """One pass over `dataset` (raw uint8 images), images squashed to size x size."""
+    """One pass over `dataset` (raw uint8 images), images squashed to size x size, as AlexNet
+    s2 does for its 256 x 256 mean image; pixel values are in [0, 1]. float64 running sums:
+    memory is bounded by one mean image and one batch."""
     if isinstance(dataset, ArrayImages):  # in memory: slice batches, no per-item overhead
         loader = (
             (_squash(dataset.images[start : start + batch_size], size), 0)
@@ -168,6 +161,12 @@ def compute_stats(
     )
 
 
+def needs_stats(config: DataConfig) -> bool:
+    """Whether the training set's statistics are needed (else no pass over the data)."""
+    uses_pca = config.pca_std > 0 and config.pca_source == "dataset"
+    return config.mean in ("pixel", "channel") or uses_pca
+
+
 def stats_cache_path(dataset: LabeledImages, size: int, cache: Path | None = None) -> Path:
     folder = (cache or canon_cache_dir()) / "stats"
     return folder / f"{dataset_fingerprint(dataset)}-{size}.safetensors"
@@ -182,7 +181,9 @@ def load_or_compute_stats(
     progress: bool = True,
     refresh: bool = False,
 ) -> DatasetStats:
-    """Cached statistics of `dataset` at `size`, computing (and caching) them when absent."""
+    """Cached statistics of `dataset` at `size`, computing (and caching) them when absent: a
+    safetensors file keyed by the dataset's fingerprint and the size, so a second run reads
+    them in milliseconds."""
     path = stats_cache_path(dataset, size, cache)
     return _load_or_compute(path, dataset, size, workers, progress, refresh)
 

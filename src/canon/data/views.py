@@ -1,30 +1,7 @@
-"""Test-time views: the crops (or whole images) a protocol feeds the network per image.
-
-A protocol is a base view at one or more scales, written as in `canon eval --protocol`:
-`center`, `ten-crop`, `dense`, `144-crop`, and `multi-scale[+center|+ten-crop|+dense]` (plain
-`multi-scale` means multi-scale+center).
-- center: one crop_size centre crop of the image rescaled to resize_size.
-- ten-crop (AlexNet s4.1): the four corner crops and the centre crop, and their reflections
-  (ZFNet, s3: of the image's centred resize_size square, EvalPreprocess.center_square).
-- dense (VGG s3.2): the whole rescaled image through the fully convolutional network, the
-  class score map spatially averaged; plus the horizontal reflection.
-- multi-scale (VGG s3.2/s4.2, ResNet s3.4): the same base view at several shorter sides
-  (DataConfig.multi_scale_test_sizes), posteriors averaged over everything.
-- 144-crop (GoogLeNet s7): shorter side 256, 288, 320 and 352 (for a 224 crop; scaled in
-  proportion for other crop sizes); the left, centre and right squares (top, middle, bottom
-  for portrait images); in each, the four corner and the centre crop_size crops and the
-  square resized to crop_size; and the reflections of all: 4 x 3 x 6 x 2 = 144 views.
-  Refused for crops under 64 px (MIN_144_CROP_SIZE): on CIFAR's square 32 px images the three
-  squares are one and the crops a few pixels apart, so it would spend 144 forward passes per
-  image (minutes on CIFAR's test set) on near-copies of the ten-crop views.
-
-Deviations and gaps: plain `multi-scale` takes one centre crop per scale (the papers pair
-multi-scale with dense or multi-crop evaluation); VGG's 150-crop "multi-crop" (a 5 x 5 grid
-with flips at three scales) is not implemented.
-
-`ProtocolViews` turns one raw uint8 image into a list of view stacks, one per scale, each
-V x 3 x h x w; `collate_views` batches them for the DataLoader. Scoring lives in
-canon.evaluation.protocols.
+"""Test-time views: the crops, or whole images, a protocol feeds the network per image (AlexNet
+s4.1, ZFNet s3, VGG s3.2, GoogLeNet s7, ResNet s3.4). `ProtocolViews` turns one raw uint8 image
+into a list of view stacks, one per scale, each V x 3 x h x w, and `collate_views` batches
+them for the DataLoader; scoring lives in canon.evaluation.protocols.
 """
 
 from __future__ import annotations
@@ -34,18 +11,16 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data.dataloader import default_collate
 
-from canon.data.transforms import (
-    EvalPreprocess,
-    check_crop,
-    crop_box,
-    five_crop_boxes,
-    resize_image,
-)
+from canon.data.geometry import check_crop, crop_box, five_crop_boxes, resize_image
+from canon.data.preprocess import EvalPreprocess
 from canon.errors import ConfigError
 
 BASE_VIEWS = ("center", "ten-crop", "dense", "144-crop")
 VIEWS_PER_SCALE = {"center": 1, "ten-crop": 10, "dense": 2, "144-crop": 36}
 GOOGLENET_SCALES = (256, 288, 320, 352)  # s7, for 224 x 224 crops
+# On CIFAR's square 32 px images the three squares of 144-crop are one and its crops a few
+# pixels apart: 144 forward passes per image (minutes on CIFAR's test set) on near-copies of
+# the ten-crop views. Refused below this crop size.
 MIN_144_CROP_SIZE = 64
 PROTOCOLS = (
     "center",
@@ -71,7 +46,9 @@ class Protocol:
 
 
 def parse_protocol(name: str) -> Protocol:
-    """`center`, `ten-crop`, `dense`, `multi-scale`, `multi-scale+<base>` (either order)."""
+    """`center`, `ten-crop`, `dense`, `144-crop`, `multi-scale`, `multi-scale+<base>` (either
+    order), as written in `canon eval --protocol`; plain `multi-scale` means multi-scale+center.
+    """
     parts = [p.strip() for p in name.split("+")]
     multi = "multi-scale" in parts
     rest = [p for p in parts if p != "multi-scale"]
@@ -119,7 +96,25 @@ def dense_view(image: torch.Tensor) -> torch.Tensor:
 
 
 class ProtocolViews:
-    """Raw uint8 image -> list (one per scale) of normalised view stacks V x 3 x h x w."""
+    """Raw uint8 image -> list (one per scale) of normalised view stacks V x 3 x h x w.
+
+    - center: one crop_size centre crop of the image rescaled to resize_size.
+    - ten-crop (AlexNet s4.1): the four corner crops and the centre crop, and their reflections
+      (ZFNet, s3: of the image's centred resize_size square, EvalPreprocess.center_square).
+    - dense (VGG s3.2): the whole rescaled image through the fully convolutional network, the
+      class score map spatially averaged; plus the horizontal reflection.
+    - multi-scale (VGG s3.2/s4.2, ResNet s3.4): the same base view at several shorter sides
+      (DataConfig.multi_scale_test_sizes), posteriors averaged over everything.
+    - 144-crop (GoogLeNet s7): shorter side 256, 288, 320 and 352 (for a 224 crop; scaled in
+      proportion for other crop sizes); the left, centre and right squares (top, middle,
+      bottom for portrait images); in each, the four corner and the centre crop_size crops and
+      the square resized to crop_size; and the reflections of all: 4 x 3 x 6 x 2 = 144 views.
+      Refused for crops under MIN_144_CROP_SIZE.
+
+    Deviations and gaps: plain `multi-scale` takes one centre crop per scale (the papers pair
+    multi-scale with dense or multi-crop evaluation); VGG's 150-crop "multi-crop" (a 5 x 5
+    grid with flips at three scales) is not implemented.
+    """
 
     def __init__(
         self, protocol: Protocol, preprocess: EvalPreprocess, scales: tuple[int, ...] = ()

@@ -1,21 +1,7 @@
-"""Checkpoints: complete training state, written atomically, read back with weights_only=True.
-
-A run directory holds
-```
-checkpoints/epoch-NNN.pt     state after epoch NNN (the last `keep_checkpoints` are kept)
-checkpoints/interrupted.pt   state at the last finished optimizer step before Ctrl-C
-checkpoints/best.pt          the epoch with the lowest validation top-1 error
-model.safetensors            the trained weights (the EMA weights when EMA is on)
-normalization.safetensors    the mean (image) and std the training inputs were normalised by
-eval_config.json             model name, classes, class_ids, data section, recipe, commit, errors
-```
-Every file is written to a temporary name in the same folder, flushed to disk, then renamed over
-the target (os.replace), so a crash mid-write never leaves a half-written checkpoint under a
-real name (pruning and claiming the directory sweep such temporary files away). The state holds
-only tensors and plain containers (the recipe as a dict), so `torch.load(weights_only=True)`
-reads it without running any pickled code. Its "rng" and "epoch_totals" are lists with one
-entry per process of the run that wrote it (rank order).
-"""
+"""Checkpoints: a run's complete training state, written atomically (canon.files) and read
+back with `torch.load(weights_only=True)`, which runs no pickled code since the state holds only
+tensors and plain containers; and the exported weights (safetensors) a trained model is loaded
+from (canon.engine.trained)."""
 
 from __future__ import annotations
 
@@ -26,7 +12,6 @@ import re
 import shutil
 import subprocess
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,18 +20,17 @@ import safetensors.torch
 import torch
 import torch.nn as nn
 
-from canon.data.config import DataConfig
-from canon.data.datasets import decode_image_file
-from canon.data.transforms import EvalPreprocess, center_transform, eval_preprocess
-from canon.errors import CanonError, DataError
-from canon.evaluation.protocols import preprocess_for
+from canon.errors import DataError
 from canon.files import atomic_write, sweep_partial_writes
-from canon.models.factory import create_model
 
+# A run directory holds checkpoints/epoch-NNN.pt (the state after epoch NNN; the last
+# train.keep_checkpoints are kept), checkpoints/interrupted.pt (the last step before Ctrl-C or
+# SIGTERM), checkpoints/best.pt (the epoch of lowest validation top-1 error), and the export.
+# A state's "rng" and "epoch_totals" hold one entry per process of the run that wrote it.
 CHECKPOINT_DIR = "checkpoints"
-EXPORT_WEIGHTS = "model.safetensors"
-EXPORT_CONFIG = "eval_config.json"
-EXPORT_NORMALIZATION = "normalization.safetensors"
+EXPORT_WEIGHTS = "model.safetensors"  # the trained weights (the EMA's when EMA is on)
+EXPORT_CONFIG = "eval_config.json"  # model, classes, class_ids, data section, recipe, commit
+EXPORT_NORMALIZATION = "normalization.safetensors"  # the mean (image) and std of the inputs
 OUTPUT_DIR_ADVICE = "choose a writable --output-dir"  # what to do when a run file cannot be written
 
 # What a resumable checkpoint must hold (dotted: nested), and of which kind.
@@ -99,7 +83,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise DataError(f"{path} is not a canon training checkpoint (it holds a "
                         f"{type(state).__name__})")
     for key, kind in _STATE_KINDS.items():
-        _field(state, key, kind, path)
+        checked_field(state, key, kind, path)
     return state
 
 
@@ -110,20 +94,22 @@ def _unreadable_checkpoint(path: Path, error: Exception) -> DataError:
             f"{path} holds objects other than tensors and plain values ({disallowed[1]}), so "
             "canon will not unpickle it (weights_only=True)"
         )
-    return _unreadable(path, error)
+    return unreadable_file(path, error)
 
 
-def _unreadable(path: Path, error: Exception) -> DataError:
+def unreadable_file(path: Path, error: Exception) -> DataError:
     return DataError(f"{path} is unreadable, probably truncated by a crash or a full disk "
-                     f"({_first_line(error)})")
+                     f"({first_line(error)})")
 
 
-def _first_line(error: Exception) -> str:
+def first_line(error: Exception) -> str:
     lines = str(error).strip().splitlines()
     return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
 
 
-def _field(record: dict[str, Any], key: str, kind: type | tuple[type, ...], source: Path) -> Any:
+def checked_field(
+    record: dict[str, Any], key: str, kind: type | tuple[type, ...], source: Path
+) -> Any:
     """record[key] (a dotted key reaches into nested dicts), checked to be of `kind`;
     DataError naming `source` and the key otherwise."""
     value: Any = record
@@ -137,8 +123,8 @@ def _field(record: dict[str, Any], key: str, kind: type | tuple[type, ...], sour
     return value
 
 
-def _names(record: dict[str, Any], key: str, source: Path) -> list[str]:
-    names = _field(record, key, list, source)
+def checked_names(record: dict[str, Any], key: str, source: Path) -> list[str]:
+    names = checked_field(record, key, list, source)
     if not all(isinstance(name, str) for name in names):
         raise _invalid(source, key, "a list of names")
     return names
@@ -290,155 +276,3 @@ def export_model(
 def _write_bytes(path: Path, content: bytes) -> None:
     # Written by Python, a full disk is an OSError (safetensors' own writer raises its own error).
     atomic_write(path, lambda target: target.write_bytes(content), advice=OUTPUT_DIR_ADVICE)
-
-
-@dataclass(frozen=True)
-class TrainedModel:
-    """A trained model ready for evaluation, with what its inputs need."""
-
-    model: nn.Module
-    classes: list[str]  # the name of each output, in order
-    class_ids: list[str]  # the dataset's class folder names (ImageNet wnids), in the same order
-    preprocess: EvalPreprocess  # the training run's test-time preprocessing
-    data: DataConfig  # the recipe's data section
-    source: Path
-
-    @torch.inference_mode()
-    def predict(self, paths: list[str | Path], top_k: int = 5) -> list[list[tuple[str, float]]]:
-        """The `top_k` (class name, probability) pairs for each image file, centre crop, on
-        the device the model is on."""
-        transform = center_transform(self.preprocess)
-        limit = self.data.max_image_pixels
-        batch = torch.stack([transform(decode_image_file(p, limit)) for p in paths])
-        device = next(self.model.parameters()).device
-        probabilities = self.model(batch.to(device)).float().softmax(1).cpu()
-        top = probabilities.topk(min(top_k, probabilities.shape[1]), dim=1)
-        return [
-            [(self.classes[i], p) for i, p in zip(idx.tolist(), probs.tolist(), strict=True)]
-            for idx, probs in zip(top.indices, top.values, strict=True)
-        ]
-
-
-def new_run_dir(root: Path, name: str) -> Path:
-    """root/name, or root/name-2, -3, ... when taken: every run gets its own directory."""
-    candidate, number = root / name, 1
-    while candidate.exists():
-        number += 1
-        candidate = root / f"{name}-{number}"
-    return candidate
-
-
-def latest_run_dir(root: Path, name: str) -> Path:
-    """The most recently written run of recipe `name` under `root` (for a bare --resume)."""
-    numbered = [p for p in root.glob(f"{name}-*") if p.name[len(name) + 1 :].isdigit()]
-    runs = [p for p in (root / name, *numbered) if resumable_checkpoints(p)]
-    if not runs:
-        raise DataError(
-            f"no run of {name} with checkpoints under {root}/; pass --resume PATH "
-            "(a run directory or a checkpoint file)"
-        )
-    return max(runs, key=lambda run: resumable_checkpoints(run)[0].stat().st_mtime_ns)
-
-
-def load_trained(path: str | Path) -> TrainedModel:
-    """A trained model from a run directory (its export, else its best checkpoint), a
-    model.safetensors file (eval_config.json beside it) or a training checkpoint (.pt).
-
-    A file that cannot be read is a DataError naming it (and the key at fault); a run
-    directory whose export is unreadable falls back to checkpoints/best.pt with a
-    CheckpointWarning. Runs from before class_ids were saved get their class names as ids.
-    """
-    path = Path(path)
-    if not path.is_dir():
-        return _load_export(path) if path.suffix == ".safetensors" else _load_from_checkpoint(path)
-    exported, best = path / EXPORT_WEIGHTS, best_checkpoint(path)
-    if not exported.is_file():
-        return _load_from_checkpoint(best)
-    try:
-        return _load_export(exported)
-    except CanonError as error:
-        if not best.is_file():
-            raise
-        warnings.warn(f"{error}; using {best} instead", CheckpointWarning, stacklevel=2)
-        return _load_from_checkpoint(best)
-
-
-def _load_export(path: Path) -> TrainedModel:
-    config_path = path.with_name(EXPORT_CONFIG)
-    if not path.is_file() or not config_path.is_file():
-        raise DataError(f"{path} needs {EXPORT_CONFIG} beside it (training writes both)")
-    info = _json_object(config_path)
-    norm_path = path.with_name(EXPORT_NORMALIZATION)
-    normalization = _safetensors(norm_path) if norm_path.is_file() else None
-    if normalization is not None:
-        _field(normalization, "mean", torch.Tensor, norm_path)
-    classes = _names(info, "classes", config_path)
-    return _assemble(
-        path, name=_field(info, "model", str, config_path),
-        num_classes=_field(info, "num_classes", int, config_path), classes=classes,
-        class_ids=_names(info, "class_ids", config_path) if "class_ids" in info else classes,
-        data=_field(info, "data", dict, config_path), weights=_safetensors(path),
-        normalization=normalization,
-    )
-
-
-def _load_from_checkpoint(path: Path) -> TrainedModel:
-    state = load_checkpoint(path)  # it has checked the kinds of model_name, ema, recipe.data
-    classes = _names(state, "classes", path)
-    if state["normalization"] is not None:
-        _field(state, "normalization.mean", torch.Tensor, path)
-    num_classes = _field(state, "recipe.model.num_classes", (int, type(None)), path)
-    weights = state["model"]
-    if state["ema"] is not None:  # the averaged weights are the ones validated and exported
-        weights = {
-            key.removeprefix("module."): value for key, value in state["ema"].items()
-            if key != "n_averaged"
-        }
-    return _assemble(
-        path, name=state["model_name"], num_classes=num_classes or len(classes),
-        classes=classes,
-        class_ids=_names(state, "class_ids", path) if "class_ids" in state else classes,
-        data=state["recipe"]["data"], weights=weights, normalization=state["normalization"],
-    )
-
-
-def _assemble(
-    source: Path, *, name: str, num_classes: int, classes: list[str], class_ids: list[str],
-    data: dict[str, Any], weights: dict[str, Any], normalization: dict[str, Any] | None,
-) -> TrainedModel:
-    model = create_model(name, num_classes)
-    try:
-        model.load_state_dict(weights)
-    except Exception as error:  # wrong names or shapes, or values that are not tensors
-        raise DataError(
-            f"{source}: its weights do not fit {name} with {num_classes} classes "
-            f"({_first_line(error)})"
-        ) from None
-    model.eval()
-    data_config = DataConfig.from_dict(data)
-    if normalization is None:  # trained on ready tensors: fall back to the model's own
-        preprocess = preprocess_for(model, data_config.augmentation)
-    else:
-        preprocess = eval_preprocess(
-            data_config, mean=normalization["mean"], std=normalization.get("std")
-        )
-    return TrainedModel(model, classes, class_ids, preprocess, data_config, source)
-
-
-def _json_object(path: Path) -> dict[str, Any]:
-    try:
-        info = json.loads(path.read_text())
-    except (OSError, ValueError) as error:  # ValueError: not JSON, or not UTF-8
-        raise _unreadable(path, error) from None
-    if not isinstance(info, dict):
-        raise DataError(f"{path} holds a JSON {type(info).__name__}, not the object canon "
-                        "train writes")
-    return info
-
-
-def _safetensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return safetensors.torch.load_file(path)
-    except Exception as error:  # SafetensorError, OSError, ... for a truncated or foreign file
-        raise _unreadable(path, error) from None
-

@@ -1,29 +1,11 @@
-"""Data parallelism on torch.distributed, launched by `torchrun`; nothing home-made.
-
-One process per device. `torchrun` sets RANK, LOCAL_RANK and WORLD_SIZE (and the rendezvous
-address); `init_distributed` reads them, joins the process group (NCCL on GPUs, gloo on CPUs)
-and picks this process's device. When a worker dies, torchrun (`--max-restarts`) restarts all
-workers with the same command line; `elastic_restart_count` tells them to resume.
-
-Run without `torchrun`, everything here degrades to a single process: no process group, no
-DistributedDataParallel wrapper, no samplers, and the collectives return their input
-unchanged. The trainer therefore has one code path.
-
-Evaluation is exact: `eval_sampler` gives each rank a disjoint contiguous shard, so every
-image is seen once in total even when the set does not divide by the world size (torch's
-DistributedSampler pads the last shard with repeated images, which would bias the metrics).
-
-Buffers (batch-norm running statistics) are rank 0's: DDP copies rank 0's to every rank
-before each training forward, but each rank's forward then updates its own copy, so after a
-step they differ. `broadcast_buffers` copies rank 0's again before validation, so every rank
-scores its shard with the model rank 0 saves (timm's distribute_bn can average them instead;
-canon keeps DDP's convention that rank 0's statistics are the model's).
-"""
+"""Data parallelism on torch.distributed, launched by `torchrun` (one process per device,
+DistributedDataParallel, NCCL on GPUs and gloo on CPUs); run without torchrun, every call here
+degrades to a single process (no process group, no wrapper, collectives return their input), so
+the trainer has one code path."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sized
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
@@ -32,7 +14,6 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.constants import default_pg_timeout
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DistributedSampler, Sampler
 
 from canon.errors import ConfigError
 
@@ -107,6 +88,17 @@ def cores_per_process() -> int:
 def launched_by_torchrun() -> bool:
     """Whether torchrun (torch.distributed.run) started this process."""
     return "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def elastic_run_id() -> str:
+    """torchrun's id of this run (--rdzv-id; one per --standalone launch), the same on every
+    process and across elastic restarts."""
+    return os.environ["TORCHELASTIC_RUN_ID"]
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun launch, or a process of its own: the one that prints summaries."""
+    return _env_int("RANK", 0) == 0
 
 
 def elastic_restart_count() -> int:
@@ -185,55 +177,6 @@ def wrap_model(
     return DistributedDataParallel(model.to(ctx.device), device_ids=device_ids)
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The model inside DDP and torch.compile wrappers.
-
-    Model-parallel wrappers (canon.engine.model_parallel) are kept: they are the model on
-    several devices, and their state dicts already carry the plain model's keys.
-    """
-    while True:
-        if isinstance(model, DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
-            model = model._orig_mod
-        else:
-            return model
-
-
-def train_sampler(dataset: Sized, ctx: DistributedContext, *, seed: int) -> Sampler | None:
-    """A shuffling sampler sharding `dataset` across ranks; None for a single process.
-
-    Call `.set_epoch(epoch)` every epoch so the shuffle differs between epochs but agrees
-    between ranks.
-    """
-    if ctx.world_size == 1:
-        return None
-    return DistributedSampler(
-        dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed
-    )
-
-
-class ShardSampler(Sampler[int]):
-    """Rank r of w takes the contiguous indices [r*n//w, (r+1)*n//w): no padding, no repeats."""
-
-    def __init__(self, dataset_size: int, rank: int, world_size: int) -> None:
-        self.start = rank * dataset_size // world_size
-        self.stop = (rank + 1) * dataset_size // world_size
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.start, self.stop))
-
-    def __len__(self) -> int:
-        return self.stop - self.start
-
-
-def eval_sampler(dataset: Sized, ctx: DistributedContext) -> Sampler | None:
-    """This rank's shard of an evaluation set; the shards cover each image exactly once."""
-    if ctx.world_size == 1:
-        return None
-    return ShardSampler(len(dataset), ctx.rank, ctx.world_size)
-
-
 def all_reduce_sum(tensor: torch.Tensor, ctx: DistributedContext) -> torch.Tensor:
     """The sum of `tensor` over all ranks (a new tensor on this rank's device)."""
     total = tensor.detach().to(ctx.device, copy=True)
@@ -252,7 +195,12 @@ def all_gather_object(value: object, ctx: DistributedContext) -> list:
 
 
 def broadcast_buffers(model: nn.Module, ctx: DistributedContext) -> None:
-    """Give every rank rank 0's buffers (batch-norm running statistics, an EMA's count)."""
+    """Give every rank rank 0's buffers (batch-norm running statistics, an EMA's count).
+
+    DDP copies rank 0's buffers to every rank before each training forward, but each rank's
+    forward then updates its own copy; called before validation, this makes every rank score
+    its shard with the model rank 0 saves (timm's distribute_bn averages them instead; canon
+    keeps DDP's convention that rank 0's statistics are the model's)."""
     if ctx.world_size == 1:
         return
     for buffer in model.buffers():

@@ -1,27 +1,7 @@
-"""Model parallelism: one model spread over several devices of one process.
-
-`--model-parallel towers` is AlexNet's original split (Krizhevsky et al. 2012, section 3.2 and
-Figure 2): each tower holds half the kernels of every layer on its own device; conv2, conv4
-and conv5 read only their own tower's maps and each tower normalises (LRN) only its own maps,
-while conv3, fc6, fc7 and fc8 read both towers', the only places the towers exchange
-activations. `TwoTowerAlexNet` builds the towers from an `alexnet` model by slicing its
-(grouped) weights along the output dimension, so it computes exactly what the model computes,
-and its state dict is the model's (same keys and shapes), so checkpoints load either way.
-
-`--model-parallel stages:K[:M]` is a GPipe-style pipeline (Huang et al. 2019) over any model's
-`stages`: consecutive stages on K devices, balanced by parameter count, the head on the last
-device; each batch splits into M micro-batches (default 4K, as GPipe advises) that flow through
-the devices in a wavefront, so device k works on micro-batch m while device k+1 works on m-1.
-On CPU "devices" the schedule runs sequentially; on GPUs kernel launches and device-to-device
-copies are asynchronous, so the devices overlap. Backward is plain autograd across devices.
-
-Deviations and limits:
-- The pipeline's batch norm sees micro-batches, as in GPipe: statistics over batch/M images
-  and M running-statistic updates per step; `stages:K:1` keeps whole-batch statistics.
-- Auxiliary heads (GoogLeNet) hang off intermediate stages and are not pipelined; such a
-  model is refused rather than silently trained without them.
-- Both run in a single process; combining them with torchrun's data parallelism is not done.
-"""
+"""Model parallelism, one model over several devices of one process: AlexNet's original
+two-tower split (Krizhevsky et al. 2012, s3.2 and Fig. 2), and a GPipe-style pipeline of any
+model's stages (Huang et al. 2019). Both run in a single process; combining them with
+torchrun's data parallelism is not done."""
 
 from __future__ import annotations
 
@@ -93,7 +73,13 @@ def _exchange(maps: Sequence[torch.Tensor], devices: Sequence[torch.device]) -> 
 
 
 class TwoTowerAlexNet(nn.Module):
-    """AlexNet as the paper ran it: two towers on two devices (see the module docstring)."""
+    """AlexNet as the paper ran it (`--model-parallel towers`): each tower holds half the
+    kernels of every layer on its own device; conv2, conv4 and conv5 read only their own
+    tower's maps and each tower normalises (LRN) only its own, while conv3, fc6, fc7 and fc8
+    read both towers': the only places the towers exchange activations. The towers are sliced
+    from an `alexnet` model's (grouped) weights along the output dimension, so this computes
+    exactly what the model computes, and its state dict is the model's (same keys and shapes):
+    checkpoints load either way."""
 
     def __init__(self, model: nn.Module, devices: Sequence[torch.device]) -> None:
         super().__init__()
@@ -236,7 +222,17 @@ def balance_stages(costs: Sequence[int], head_cost: int, num_groups: int) -> lis
 
 
 class PipelineParallel(nn.Module):
-    """A CanonModel's stages on consecutive devices, run with micro-batches (GPipe-style).
+    """A CanonModel's stages on consecutive devices, run with micro-batches (GPipe-style,
+    `--model-parallel stages:K[:M]`).
+
+    Consecutive stages sit on K devices, balanced by parameter count, the head on the last;
+    each batch splits into M micro-batches (default 4K, as GPipe advises) that flow through the
+    devices in a wavefront, so device k works on micro-batch m while device k+1 works on m-1
+    (on GPUs launches and copies are asynchronous, so the devices overlap; CPU "devices" run in
+    turn). Backward is plain autograd across devices. As in GPipe, batch norm sees
+    micro-batches (statistics over batch/M images, M updates per step; `stages:K:1` keeps
+    whole-batch statistics). Auxiliary heads (GoogLeNet) hang off intermediate stages and are
+    not pipelined: such a model is refused rather than trained without them.
 
     `module` is the model itself, its layers moved to their devices. The pipeline's state dict
     is the model's (same keys, no `module.` prefix), so checkpoints load either way.

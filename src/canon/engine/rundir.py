@@ -1,8 +1,9 @@
-"""One run directory, one run: `claim_run_dir` creates the directory, locks it against every
-other canon run for as long as the run lasts (flock on `.lock`, which the kernel releases when
-the holder dies, so a killed run never blocks the next), refuses to let a new run mix its files
-with an earlier run's unless told to replace them, and sweeps away the temporary files of writes
-that were killed midway.
+"""Which run, and where: `plan_run` decides what a `canon train` command starts or continues
+(a new run directory, `--resume`, an elastic restart under torchrun) and with which recipe;
+`claim_run_dir` then holds that directory for the run: it locks it against every other canon
+run (flock on `.lock`, which the kernel releases when the holder dies, so a killed run never
+blocks the next), refuses to mix a new run's files with an earlier run's unless told to replace
+them, and sweeps away the temporary files of writes that were killed midway.
 """
 
 from __future__ import annotations
@@ -10,20 +11,27 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from canon.engine import distributed
 from canon.engine.checkpoint import (
     CHECKPOINT_DIR,
     EXPORT_CONFIG,
     EXPORT_NORMALIZATION,
     EXPORT_WEIGHTS,
     OUTPUT_DIR_ADVICE,
+    load_for_resume,
+    resumable_checkpoints,
+    run_dir_of,
 )
 from canon.engine.logs import EVENTS_DIR
 from canon.errors import DataError
 from canon.files import cannot_write, make_folder, sweep_partial_writes
+from canon.recipes import Recipe, apply_overrides, load_recipe
 
 LOCK_FILE = ".lock"
 # Everything a training run writes into its directory (`canon eval` adds eval-*.json).
@@ -32,6 +40,75 @@ RUN_FILES = ("recipe.yaml", "metrics.csv", "curves.png", EXPORT_WEIGHTS, EXPORT_
 # Files that show an earlier run got as far as results (besides its checkpoints).
 _RESULTS = ("metrics.csv", EXPORT_WEIGHTS, EXPORT_CONFIG)
 _EXPORTS = (EXPORT_WEIGHTS, EXPORT_NORMALIZATION, EXPORT_CONFIG)  # the files written atomically
+
+
+RUNS_ROOT = Path("runs")  # where `canon train` puts run directories by default
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What a training command runs: the recipe, its directory, and the checkpoint state it
+    continues from (None for a new run)."""
+
+    recipe: Recipe
+    run_dir: Path
+    state: dict[str, Any] | None
+
+
+def plan_run(
+    recipe: str | Path,
+    overrides: Iterable[str | tuple[str, Any]] = (),
+    *,
+    resume: str | Path | None = None,
+    output_dir: Path | None = None,
+) -> RunPlan:
+    """The run a `canon train` command means.
+
+    A new run: `recipe` (a bundled name or a YAML file) with `overrides`, in `output_dir` or a
+    fresh runs/<recipe>[-N]. `resume`: a run directory or checkpoint file, or "latest" (the run
+    in `output_dir`, else the newest run of `recipe` under runs/); the recipe is the
+    checkpoint's, with `overrides` on top. Under torchrun every process picks the same
+    directory (runs/<recipe>-<torchrun's run id>), and an elastic restart (the same command
+    again) continues that run from its newest checkpoint.
+    """
+    if resume is None and distributed.launched_by_torchrun():
+        name = load_recipe(recipe).name
+        output_dir = output_dir or RUNS_ROOT / f"{name}-{distributed.elastic_run_id()}"
+        if distributed.elastic_restart_count() > 0 and resumable_checkpoints(output_dir):
+            resume = output_dir
+    if resume is None:
+        loaded = load_recipe(recipe, overrides)
+        return RunPlan(loaded, output_dir or new_run_dir(RUNS_ROOT, loaded.name), None)
+    if resume != "latest":
+        source = Path(resume)
+    elif output_dir is not None:
+        source = output_dir
+    else:
+        source = latest_run_dir(RUNS_ROOT, load_recipe(recipe).name)
+    path, state = load_for_resume(source)
+    loaded = apply_overrides(Recipe.from_dict(state["recipe"], where=str(path)), overrides)
+    return RunPlan(loaded, output_dir or run_dir_of(path), state)
+
+
+def new_run_dir(root: Path, name: str) -> Path:
+    """root/name, or root/name-2, -3, ... when taken: every run gets its own directory."""
+    candidate, number = root / name, 1
+    while candidate.exists():
+        number += 1
+        candidate = root / f"{name}-{number}"
+    return candidate
+
+
+def latest_run_dir(root: Path, name: str) -> Path:
+    """The most recently written run of recipe `name` under `root` (for a bare --resume)."""
+    numbered = [p for p in root.glob(f"{name}-*") if p.name[len(name) + 1 :].isdigit()]
+    runs = [p for p in (root / name, *numbered) if resumable_checkpoints(p)]
+    if not runs:
+        raise DataError(
+            f"no run of {name} with checkpoints under {root}/; pass --resume PATH "
+            "(a run directory or a checkpoint file)"
+        )
+    return max(runs, key=lambda run: resumable_checkpoints(run)[0].stat().st_mtime_ns)
 
 
 @contextmanager

@@ -1,32 +1,7 @@
-"""Learning-rate schedules: the papers' and today's, as one small object with a state dict.
-
-The learning rate at optimizer step t is `peak_lr x warmup(t) x decay(t)`:
-
-- decay `plateau`: divide by 1/gamma (10 in every paper) when the validation top-1 error has not
-  improved for `patience` epochs (Krizhevsky et al. 2012 s5, Simonyan & Zisserman 2014 s3.1,
-  He et al. 2015 s3.4), at most `max_reductions` times (AlexNet and VGG: three);
-- `step`: multiply by gamma every `step_size` epochs or iterations (GoogLeNet s6: 0.96 every 8
-  epochs);
-- `multistep`: multiply by gamma at each milestone (ResNet CIFAR s4.2: 32k and 48k iterations);
-- `cosine`: half a cosine from peak_lr to min_lr over the run after warmup (Loshchilov & Hutter
-  2017, without restarts);
-- `constant`.
-
-Warmup over `warmup_iterations` (or `warmup_epochs`, converted with the steps per epoch):
-`linear` ramps from warmup_start_factor x peak to peak (Goyal et al. 2017); `constant` holds
-warmup_start_factor x peak and then jumps to peak (He et al. 2015 s4.2 for ResNet-110: 0.01
-until training error falls below 80%, about 400 iterations; canon uses the fixed 400, not the
-error test).
-
-The lr is set on every step from the step count alone (plus the plateau state), so resuming at
-any step gives exactly the same lr sequence.
-
-Iteration counts in a recipe (milestones and step_size with unit `iteration`,
-warmup_iterations, train.iterations) are stated, like the lr, for optimizer.base_batch_size
-images per step. A run with another global batch converts them with `scale_iteration_counts`
-so that it sees the same number of images (epochs) at each point of the schedule: ResNet
-CIFAR's 32k/48k/64k at batch 128 become 16k/24k/32k at batch 256.
-"""
+"""Learning-rate schedules, the papers' and today's, as one small object with a state dict:
+the lr at optimizer step t is `peak_lr x warmup(t) x decay(t)`, set every step from the step
+count alone (plus a plateau schedule's state), so resuming at any step gives the same lr
+sequence."""
 
 from __future__ import annotations
 
@@ -50,7 +25,8 @@ def scale_iteration_counts(
     global_batch_size: int,
 ) -> tuple[ScheduleSection, int | None]:
     """The schedule's iteration counts and the iteration limit, stated for `base_batch_size`
-    images per step, as steps of `global_batch_size` images (the same images seen)."""
+    images per step, as steps of `global_batch_size` images (the same images seen): ResNet
+    CIFAR's 32k/48k/64k at batch 128 become 16k/24k/32k at batch 256."""
     if global_batch_size == base_batch_size:
         return schedule, iterations
     factor = base_batch_size / global_batch_size
@@ -70,6 +46,20 @@ def scale_iteration_counts(
 
 
 class LearningRateSchedule:
+    """Decay: `plateau` divides by 1/gamma (10 in every paper) when the validation top-1 error
+    has not improved for `patience` epochs (Krizhevsky et al. 2012 s5, Simonyan & Zisserman
+    2014 s3.1, He et al. 2015 s3.4), at most `max_reductions` times (AlexNet and VGG: three);
+    `step` multiplies by gamma every `step_size` epochs or iterations (GoogLeNet s6: 0.96 every
+    8 epochs); `multistep` at each milestone (ResNet CIFAR s4.2: 32k and 48k iterations);
+    `cosine` is half a cosine from peak_lr to min_lr after warmup (Loshchilov & Hutter 2017,
+    no restarts); `constant`.
+
+    Warmup over `warmup_iterations` (or `warmup_epochs`): `linear` ramps from
+    warmup_start_factor x peak to peak (Goyal et al. 2017); `constant` holds
+    warmup_start_factor x peak, then jumps to peak (He et al. 2015 s4.2 for ResNet-110: 0.01
+    until the training error falls below 80%, about 400 iterations; canon uses the fixed 400,
+    not the error test)."""
+
     def __init__(
         self,
         optimizer: torch.optim.Optimizer,

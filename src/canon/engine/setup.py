@@ -1,32 +1,12 @@
-"""Setting up a training run: datasets, loaders, model, optimizer, EMA, schedule, resumed state.
-
-`set_up` builds the `Run` that the loop in canon.engine.trainer runs and, on rank 0, opens the
-run directory: the resolved recipe.yaml, the events file and a line stating the run's plan.
-
-Exact resumption (the loop's side is in canon.engine.trainer). Every training image is
-augmented under its own random seed, derived from (seed, epoch, index): the augmentation a
-sample gets does not depend on which worker process loads it, how many there are, or whether
-the run was interrupted. The epoch's sample order is a permutation fixed by (seed, epoch).
-`_restore` puts back every rank's random generator states and partial epoch sums from the
-checkpoint. Resumed with another number of processes, each rank's generator is reseeded from
-(seed, rank, step) instead: the run goes on, but not bit-identically (and from a mid-epoch
-checkpoint it skips as many steps of the epoch, which now hold other images).
-
-Also worth knowing:
-- A cosine schedule spans the run's length: resuming with more epochs changes its shape.
-- Iteration counts (milestones, warmup_iterations, train.iterations) are stated for
-  optimizer.base_batch_size images per step and converted to the run's global batch
-  (canon.engine.schedules.scale_iteration_counts); the log says so when it changes them.
-- Under torchrun each machine's first process builds the datasets (and caches the training
-  set's statistics) before the others, which then read the cache.
-"""
+"""Setting a training run up: `set_up` builds the `Run` the loop in canon.engine.trainer
+runs (datasets, loaders, model on its devices, optimizer, EMA, lr schedule with iteration counts
+converted to the global batch, and the state a resumed run continues from), and `open_run_dir`
+writes the run directory's recipe.yaml and states the run's plan."""
 
 from __future__ import annotations
 
 import functools
 import math
-import signal
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +18,9 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import Dataset, Sampler
 
 import canon
-from canon.data.loaders import Datasets, ShuffleSampler, build_datasets, build_loader
+from canon.data.datasets import check_dataset_name
+from canon.data.loaders import Datasets, build_datasets, build_loader
+from canon.data.sampling import EpochKeys, SeededSamples, epoch_order, eval_shard
 from canon.engine import checkpoint as ckpt
 from canon.engine import distributed as dist
 from canon.engine.logs import check_tensorboard, event_writer
@@ -49,51 +31,11 @@ from canon.engine.schedules import (
     linear_scaled_lr,
     scale_iteration_counts,
 )
+from canon.engine.stopping import leave_signals_to_main
 from canon.errors import ConfigError
 from canon.models.base import MODELS
 from canon.models.factory import create_model
 from canon.recipes.schema import OptimizerSection, Recipe, ScheduleSection, TrainSection
-
-IMAGENET_PLACEHOLDER = "imagenet"  # the ImageNet recipes' dataset until --data names a folder
-# What stops a run with a checkpoint: Ctrl-C, and SIGTERM (timeout, SLURM preemption,
-# docker stop, Kubernetes).
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-class _SeededSamples(Dataset):
-    """Index `epoch * n + i` -> sample i, augmented under a seed fixed by (seed, epoch, i).
-
-    canon's transforms draw from torch's global generator only (canon.data.transforms), so
-    seeding that one around each sample is enough; the caller's generator state is restored.
-    """
-
-    def __init__(self, dataset: Dataset, seed: int) -> None:
-        self.dataset, self.seed, self.size = dataset, seed, len(dataset)
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __getitem__(self, key: int):
-        epoch, index = divmod(key, self.size)
-        sample_seed = ((self.seed * 1_000_003 + epoch) * 2_147_483_647 + index) % 2**63
-        with torch.random.fork_rng(devices=[]):
-            # The CPU generator alone: torch.manual_seed also queues the seeding of every CUDA
-            # device, recording a Python stack each time (about 100 us against 1 us).
-            torch.default_generator.manual_seed(sample_seed)
-            return self.dataset[index]
-
-
-class _EpochKeys(Sampler[int]):
-    """The dataset keys the training loader reads this epoch, set before each epoch."""
-
-    def __init__(self) -> None:
-        self.keys: list[int] = []
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.keys)
-
-    def __len__(self) -> int:
-        return len(self.keys)
 
 
 class _WithAux(nn.Module):
@@ -105,29 +47,6 @@ class _WithAux(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         return self.model.forward_with_aux(images)
-
-
-def _leave_signals_to_main(worker_init: Callable | None) -> Callable[[int], None]:
-    """Loader workers ignore Ctrl-C and SIGTERM (SLURM signals every process of a job): a
-    worker that died would make the DataLoader raise in the main process mid-step. The main
-    process decides when to stop and ends its workers itself (shut_down_workers)."""
-
-    def init(worker_id: int) -> None:
-        for stop_signal in STOP_SIGNALS:
-            signal.signal(stop_signal, signal.SIG_IGN)
-        if worker_init is not None:
-            worker_init(worker_id)
-
-    return init
-
-
-def shut_down_workers(loader: Any) -> None:
-    """End a loader's persistent worker processes now. They ignore SIGTERM, which is how
-    multiprocessing ends leftover workers when the interpreter exits (it would wait forever)."""
-    iterator = getattr(loader, "_iterator", None)  # where DataLoader keeps persistent workers
-    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-        iterator._shutdown_workers()
-        loader._iterator = None
 
 
 def parameter_groups(model: nn.Module, weight_decay: float, no_decay_bn_bias: bool) -> list[dict]:
@@ -173,8 +92,8 @@ class Run:
     class_ids: list[str]  # the dataset's own labels (folder names, e.g. wnids)
     num_classes: int
     normalization: dict[str, torch.Tensor | None] | None
-    order_sampler: Any  # this rank's sample order, a permutation fixed by (seed, epoch)
-    train_keys: _EpochKeys
+    order_sampler: Sampler  # this rank's sample order (canon.data.sampling.epoch_order)
+    train_keys: EpochKeys
     train_loader: Any
     val_loader: Any
     model: nn.Module  # the plain model, whose state dict the checkpoints hold
@@ -254,8 +173,7 @@ def set_up(
     run = Run(
         recipe=recipe, ctx=ctx, run_dir=run_dir, train_size=len(train_set), classes=classes,
         class_ids=class_ids, num_classes=num_classes, normalization=normalization,
-        order_sampler=dist.train_sampler(train_set, ctx, seed=config.seed)
-        or ShuffleSampler(train_set, config.seed),
+        order_sampler=epoch_order(len(train_set), config.seed, ctx.rank, ctx.world_size),
         train_keys=train_keys, train_loader=train_loader, val_loader=val_loader, model=model,
         train_module=train_module, ema=ema, optimizer=optimizer,
         schedule=LearningRateSchedule(
@@ -284,11 +202,8 @@ def check_recipe(recipe: Recipe, *, model_given: bool, datasets_given: bool) -> 
     """What can be checked before any data is read or any file written."""
     if not model_given:
         MODELS.get(recipe.model.name)  # UnknownNameError listing close names
-    if not datasets_given and recipe.data.dataset == IMAGENET_PLACEHOLDER:
-        raise ConfigError(
-            f"recipe {recipe.name} trains on ImageNet: pass --data /path/to/imagenet, a folder "
-            "holding train/<wnid>/*.JPEG and val/<wnid>/*.JPEG"
-        )
+    if not datasets_given:
+        check_dataset_name(recipe.data.dataset)
     if recipe.train.tensorboard:
         check_tensorboard()
 
@@ -338,18 +253,18 @@ def loader_workers(config: TrainSection) -> int:
 
 def _loaders(
     train_set: Dataset, val_set: Dataset, config: TrainSection, ctx: dist.DistributedContext
-) -> tuple[_EpochKeys, Any, Any]:
+) -> tuple[EpochKeys, Any, Any]:
     """The training loader reads the keys set before each epoch (augmentation seeded per
-    sample by _SeededSamples); the validation loader reads this rank's shard."""
-    train_keys, workers = _EpochKeys(), loader_workers(config)
+    sample by SeededSamples); the validation loader reads this rank's shard."""
+    train_keys, workers = EpochKeys(), loader_workers(config)
     train_loader = build_loader(
-        _SeededSamples(train_set, config.seed), config.batch_size, train=True,
+        SeededSamples(train_set, config.seed), config.batch_size, train=True,
         workers=workers, sampler=train_keys, seed=config.seed, drop_last=True,
     )
-    train_loader.worker_init_fn = _leave_signals_to_main(train_loader.worker_init_fn)
+    train_loader.worker_init_fn = leave_signals_to_main(train_loader.worker_init_fn)
     val_loader = build_loader(
         val_set, config.batch_size, train=False, workers=workers,
-        sampler=dist.eval_sampler(val_set, ctx),
+        sampler=eval_shard(len(val_set), ctx.rank, ctx.world_size),
     )
     return train_keys, train_loader, val_loader
 
@@ -413,7 +328,12 @@ def _scaled_counts_note(
 
 
 def _restore(run: Run, state: dict[str, Any]) -> None:
-    """Continue from a checkpoint: weights, optimizer, schedule, progress, random streams."""
+    """Continue from a checkpoint: weights, optimizer, schedule, progress, and every rank's
+    random generator states and partial epoch sums. Resumed with another number of processes,
+    each rank's generator is reseeded from (seed, rank, step) instead: the run goes on, but not
+    bit-identically (and from a mid-epoch checkpoint it skips as many steps of the epoch, which
+    now hold other images). A cosine schedule spans the run's length: resuming with more
+    epochs changes its shape."""
     ctx = run.ctx
     run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])

@@ -1,38 +1,12 @@
-"""The training loop: a recipe in, a run directory with checkpoints, metrics and weights out.
-
-Plain PyTorch: cross-entropy (plus GoogLeNet's auxiliary losses weighted by
-`train.aux_loss_weight`), SGD with momentum, the recipe's lr schedule applied every step,
-gradient accumulation, autocast. Distribution (canon.engine.distributed) and precision
-(canon.engine.precision) stay behind small calls at the edges. Read it as `set_up` (in
-canon.engine.setup: data, model, optimizer, schedule, resumed state), `_train_epoch` (with
-`_optimizer_step`) and `_end_epoch` (validate, schedule, checkpoint, log).
-
-Exact resumption. A checkpoint records the optimizer step reached inside the epoch and every
-rank's random generator states and partial epoch sums, so a resumed run skips the samples
-already seen and continues bit-identically on the CPU (GPU kernels may not be deterministic).
-How each sample's augmentation and the epoch's order are fixed, and what a resume on another
-number of processes changes, is told in canon.engine.setup.
-
-Ctrl-C or SIGTERM (timeout, SLURM preemption, docker stop, Kubernetes) finishes the optimizer
-step in progress on every rank, saves checkpoints/interrupted.pt and stops; a second one stops
-at once.
-
-Also worth knowing:
-- With `train.ema_decay` > 0 the averaged weights are the ones validated, kept as best and
-  exported (GoogLeNet's Polyak averaging); the raw weights stay in the checkpoints.
-- The loss is checked for NaN/inf every LOSS_CHECK_STEPS steps (one device sync each), and
-  the loss and the weights before any checkpoint is written, so a diverged state is never
-  saved: the newest checkpoint on disk is always one to resume from.
-- curves.png is drawn once the run stops (finished, interrupted or failed), not every epoch.
-- Undecodable training files are skipped (one warning per file, from canon.data) and counted
-  per epoch in metrics.csv (skipped_images); `train.strict_data` stops at the first instead.
-"""
+"""The training loop, a readable page of plain PyTorch: `train` sets a run up
+(canon.engine.setup), then `_train_epoch` (cross-entropy plus GoogLeNet's auxiliary losses, SGD
+with momentum, the lr schedule every step, gradient accumulation, autocast) and `_end_epoch`
+(validate, schedule, checkpoint, log) until the recipe's epochs or iterations are done."""
 
 from __future__ import annotations
 
 import contextlib
 import signal
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -56,14 +30,13 @@ from canon.engine.logs import (
 from canon.engine.precision import Precision
 from canon.engine.rundir import claim_run_dir
 from canon.engine.setup import (
-    STOP_SIGNALS,
     Run,
     check_recipe,
     new_totals,
     open_run_dir,
     set_up,
-    shut_down_workers,
 )
+from canon.engine.stopping import StopFlag, shut_down_workers
 from canon.errors import CanonError, ConfigError, DataError
 from canon.evaluation import score_loader
 from canon.recipes.schema import Recipe
@@ -90,37 +63,6 @@ class TrainResult:
     run_dir: Path
     metrics: list[dict[str, Any]]
     best_val_top1_error: float
-
-
-class _StopFlag:
-    """The first SIGINT or SIGTERM sets the flag (the loop saves a checkpoint after the step in
-    progress and stops); a second one gets the handler that was there before (stop at once)."""
-
-    def __init__(self) -> None:
-        self.raised = False
-        self.signal_number = signal.SIGINT
-        self._previous: dict[int, Any] = {}
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[None]:
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        self._previous = {number: signal.signal(number, self._handle) for number in STOP_SIGNALS}
-        try:
-            yield
-        finally:
-            self._restore()
-
-    def _restore(self) -> None:
-        for number, handler in self._previous.items():
-            signal.signal(number, handler)
-
-    def _handle(self, signum: int, frame: object) -> None:
-        self.raised, self.signal_number = True, signum
-        self._restore()
-        print(f"\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
-              "(send it again to stop at once)", flush=True)
 
 
 @torch.no_grad()
@@ -157,6 +99,17 @@ def train(
     on_step: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Train as `recipe` says, writing checkpoints and logs to `output_dir`.
+
+    Resuming is exact: a checkpoint records the step reached inside the epoch and every rank's
+    random generator states and partial epoch sums, so a resumed run continues bit-identically
+    on the CPU (see canon.engine.setup for what a resume on another number of processes
+    changes). Ctrl-C or SIGTERM finishes the step in progress on every rank, saves
+    checkpoints/interrupted.pt and raises TrainingInterrupted; a second signal stops at once.
+    A NaN/inf loss (checked every LOSS_CHECK_STEPS steps, one device sync) or non-finite
+    weights (checked before every checkpoint) raise NonFiniteError: nothing diverged is ever
+    saved. With train.ema_decay > 0 the averaged weights are the ones validated, kept as best
+    and exported (the raw ones stay in the checkpoints). Undecodable training files are
+    skipped and counted (metrics.csv skipped_images), or stop the run with train.strict_data.
 
     `resume`: a run directory or checkpoint file to continue from (the newest readable
     checkpoint; an unreadable one is reported and the previous one used), or a checkpoint
@@ -200,7 +153,7 @@ def _train(
     if state is not None and ctx.is_main:
         print(f"resuming at epoch {state['epoch']} + {state['step_in_epoch']} steps")
     run = set_up(recipe, run_dir, ctx, model, datasets, state)
-    stop = _StopFlag()
+    stop = StopFlag()
     with _claimed(run, resuming=state is not None, overwrite=overwrite), stop.installed():
         try:
             while run.epoch < run.epochs:
@@ -248,7 +201,7 @@ def _close(run: Run) -> None:
 
 
 def _train_epoch(
-    run: Run, stop_flag: _StopFlag, progress: bool, on_step: Callable[[int], None] | None
+    run: Run, stop_flag: StopFlag, progress: bool, on_step: Callable[[int], None] | None
 ) -> float:
     """Train until the epoch (or the iteration limit) ends; returns its training seconds."""
     config, ctx = run.recipe.train, run.ctx

@@ -20,9 +20,11 @@ from torch.utils.data import Dataset, Sampler
 from tqdm import tqdm
 
 from canon.data.config import MAX_IMAGE_PIXELS, DataConfig
-from canon.data.datasets import LabeledImages, canon_cache_dir, open_dataset, open_eval_split
+from canon.data.datasets import canon_cache_dir, open_dataset, open_eval_split
+from canon.data.labeled import LabeledImages
 from canon.data.loaders import build_loader, collate, dataset_stats
-from canon.data.transforms import EvalPreprocess, eval_preprocess, needs_stats
+from canon.data.preprocess import EvalPreprocess, eval_preprocess
+from canon.data.stats import needs_stats
 from canon.data.views import (
     VIEWS_PER_SCALE,
     Protocol,

@@ -1,0 +1,166 @@
+"""CIFAR-10 and CIFAR-100 in their pickled python format (the datasets of He et al. s4.2):
+reading the batches without running code from them, and downloading the published archive,
+checked against its md5, and extracting it safely.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import shutil
+import tarfile
+import tempfile
+import urllib.request
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from canon.data.labeled import ArrayImages
+from canon.errors import DataError
+from canon.files import atomic_write
+
+CIFAR = {
+    "cifar10": {
+        "folder": "cifar-10-batches-py",
+        "train": [f"data_batch_{i}" for i in range(1, 6)],
+        "test": ["test_batch"],
+        "meta": "batches.meta",
+        "label_key": "labels",
+        "names_key": "label_names",
+        "url": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+        "md5": "c58f30108f718f92721af3b95e74349a",
+    },
+    "cifar100": {
+        "folder": "cifar-100-python",
+        "train": ["train"],
+        "test": ["test"],
+        "meta": "meta",
+        "label_key": "fine_labels",
+        "names_key": "fine_label_names",
+        "url": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+        "md5": "eb9058c3a382ffc7106e4002c42a8d85",
+    },
+}
+CIFAR_SIZES = {"train": 50000, "test": 10000}
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles plain containers and numpy arrays only, so a CIFAR file cannot run code."""
+
+    ALLOWED: ClassVar[set[tuple[str, str]]] = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def _read_pickle(path: Path) -> dict[str, object]:
+    try:
+        with open(path, "rb") as f:
+            content = _ArrayUnpickler(f, encoding="latin1").load()
+    except FileNotFoundError:
+        raise DataError(f"{path}: missing (the CIFAR folder is incomplete)") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as error:
+        raise DataError(f"{path}: not a CIFAR pickle ({error})") from None
+    if not isinstance(content, dict):
+        raise DataError(f"{path}: not a CIFAR pickle (expected a dict)")
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in content.items()}
+
+
+def find_cifar(root: Path) -> tuple[str, Path] | None:
+    """(name, folder) when `root` is, or holds, a CIFAR-10/100 folder."""
+    for name, spec in CIFAR.items():
+        for folder in (root / spec["folder"], root):
+            if folder.name == spec["folder"] and (folder / spec["meta"]).is_file():
+                return name, folder
+    return None
+
+
+def read_cifar(name: str, folder: Path, split: str) -> ArrayImages:
+    """One split ("train" or "test") of CIFAR-10/100 from its pickled batches."""
+    spec = CIFAR[name]
+    meta = _read_pickle(folder / spec["meta"])
+    classes = [c.decode() if isinstance(c, bytes) else str(c) for c in meta[spec["names_key"]]]
+    images, labels = [], []
+    for part in spec[split]:
+        batch = _read_pickle(folder / part)
+        data = np.asarray(batch.get("data"))
+        if data.ndim != 2 or data.shape[1] != 3072 or data.dtype != np.uint8:
+            raise DataError(f"{folder / part}: 'data' is not N x 3072 uint8 (got {data.shape})")
+        images.append(data.reshape(-1, 3, 32, 32))
+        labels.extend(int(x) for x in batch[spec["label_key"]])
+    array = torch.from_numpy(np.concatenate(images))
+    if len(array) != CIFAR_SIZES[split]:
+        raise DataError(
+            f"{folder}: {split} split has {len(array)} images, expected {CIFAR_SIZES[split]}"
+        )
+    return ArrayImages(array, labels, classes, name=f"{name}-{split}")
+
+
+def download_and_verify(url: str, destination: Path, md5: str) -> Path:
+    """Fetch `url` to `destination` unless a file with this md5 is there; check the md5."""
+    if destination.is_file() and file_md5(destination) == md5:
+        return destination
+
+    def fetch(partial: Path) -> None:
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
+                shutil.copyfileobj(response, out, length=1 << 20)
+        except OSError as error:
+            raise DataError(
+                f"cannot download {url} ({error}); fetch it by hand and place it at {destination}"
+            ) from None
+        actual = file_md5(partial)
+        if actual != md5:
+            raise DataError(f"{url}: md5 {actual} does not match the published {md5}; try again")
+
+    atomic_write(destination, fetch)
+    return destination
+
+
+def file_md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def extract_tar(archive: Path, destination: Path) -> None:
+    """Unpack a tar archive, refusing members that would land outside `destination`."""
+    with tarfile.open(archive) as tar:
+        base = destination.resolve()
+        for member in tar.getmembers():
+            target = (destination / member.name).resolve()
+            if not (member.isfile() or member.isdir()) or not target.is_relative_to(base):
+                raise DataError(f"{archive}: unsafe member {member.name!r}; not extracting")
+        tar.extractall(destination)
+
+
+def fetch_cifar(name: str, cache: Path, *, download: bool) -> Path:
+    """The CIFAR folder under `cache`, downloading and verifying the archive if needed."""
+    spec = CIFAR[name]
+    folder = cache / spec["folder"]
+    if (folder / spec["meta"]).is_file():
+        return folder
+    if not download:
+        raise DataError(
+            f"{name} is not in {cache}; allow download (data.download: true) or point "
+            f"data.dataset at a folder holding {spec['folder']}/"
+        )
+    archive = download_and_verify(spec["url"], cache / Path(spec["url"]).name, spec["md5"])
+    with tempfile.TemporaryDirectory(dir=cache) as scratch:
+        extract_tar(archive, Path(scratch))
+        Path(scratch, spec["folder"]).replace(folder)
+    return folder

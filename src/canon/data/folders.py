@@ -1,0 +1,311 @@
+"""Image folder trees as datasets: ImageNet's layout (`train/<wnid>/*.JPEG`, `val/<wnid>/*.JPEG`,
+the data of every ImageNet paper, e.g. Krizhevsky et al. s2), any ImageFolder layout, and
+Tiny-ImageNet's; with class names from a synset mapping file beside the tree, and bad files
+skipped with a warning rather than stopping a run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from canon.data.config import MAX_IMAGE_PIXELS
+from canon.data.decoding import decode_image_file
+from canon.data.labeled import LabeledImages, Transform
+from canon.errors import DataError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm")
+SYNSET_FILES = ("LOC_synset_mapping.txt", "synset_words.txt", "words.txt")
+# Folder names of a dataset's splits; the evaluation split's in order of preference.
+SPLIT_NAMES = {"train": ("train",), "val": ("val", "validation", "valid", "test")}
+VAL_ANNOTATIONS = "val_annotations.txt"  # Tiny-ImageNet's labels of val/images/
+
+
+class BadImageWarning(UserWarning):
+    """A file in an image tree that canon skipped."""
+
+
+class FolderImages(LabeledImages):
+    """Image folder trees: `ROOT/<class>/<image>` (ImageNet's train/ and val/, any ImageFolder
+    layout); Tiny-ImageNet's `ROOT/<class>/images/<image>` (a class folder whose only subfolder
+    is images/) and its val/, `ROOT/images/<image>` labelled by `ROOT/val_annotations.txt`
+    (lines `file<TAB>class<TAB>...`).
+
+    `class_ids`: the classes labels index, in that order: the training split's when this
+    folder is its validation split (the two must hold the same classes), or a model's when
+    `require_all` is False (an evaluation folder may hold some of its classes, no others).
+    Without them the folder's own sorted class names are the classes; there must be two at
+    least. Images of more than `max_pixels` pixels count as undecodable (decode_image_file).
+
+    Bad files never stop a run: zero-byte files and files without an image extension are
+    skipped when the tree is scanned, and files that fail to decode when read (the item comes
+    out as None). Each skipped file gets one BadImageWarning and the scan reports a count;
+    `strict=True` turns the first one into a DataError naming the file.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        class_ids: list[str] | None = None,
+        require_all: bool = True,
+        strict: bool = False,
+        max_pixels: int = MAX_IMAGE_PIXELS,
+        transform: Transform | None = None,
+    ) -> None:
+        super().__init__(transform)
+        self.root = Path(root)
+        self.strict, self.max_pixels = strict, max_pixels
+        if not self.root.is_dir():
+            raise DataError(f"{self.root}: not a folder")
+        annotations = self.root / VAL_ANNOTATIONS
+        listed = _read_annotations(annotations) if annotations.is_file() else None
+        found = sorted(listed) if listed is not None else _class_folders(self.root)
+        self.class_ids = self._check_classes(found, class_ids, require_all)
+        index_of = {name: i for i, name in enumerate(self.class_ids)}
+        self.paths: list[Path] = []
+        self.labels = []
+        self.skipped: list[Path] = []
+        digest = hashlib.sha256(str(self.root.resolve()).encode())
+        for name in found:
+            if listed is not None:
+                paths = self._scan_listed(name, listed[name], digest)
+            else:
+                paths = self._scan_class(self.root / name, name, digest)
+            self.paths.extend(paths)
+            self.labels.extend([index_of[name]] * len(paths))
+        if not self.paths:
+            looked_in = self.root / ("images" if listed is not None else found[0])
+            raise DataError(
+                f"{self.root}: no image files ({looked_in} holds {_contents(looked_in)}); "
+                f"expected {_layouts(self.root)}"
+            )
+        if self.skipped:
+            warnings.warn(
+                f"{self.root}: skipped {len(self.skipped)} of "
+                f"{len(self.paths) + len(self.skipped)} files (see the warnings above)",
+                BadImageWarning,
+                stacklevel=2,
+            )
+        self._fingerprint = digest.hexdigest()[:16]
+        self.classes = class_names(self.root, self.class_ids)
+        self._reported: set[Path] = set()
+
+    def _check_classes(
+        self, found: list[str], class_ids: list[str] | None, require_all: bool
+    ) -> list[str]:
+        if class_ids is None:
+            if len(found) < 2:
+                raise DataError(
+                    f"{self.root}: found 1 class folder ({found[0]}); classification needs at "
+                    "least two"
+                )
+            return found
+        if not require_all:
+            check_known_classes(str(self.root), found, class_ids)
+        elif set(found) != set(class_ids):
+            raise DataError(
+                f"{self.root}: train and val have different classes; only in train: "
+                f"{_short_list(sorted(set(class_ids) - set(found)))}; only in val: "
+                f"{_short_list(sorted(set(found) - set(class_ids)))}"
+            )
+        return list(class_ids)
+
+    def _scan_class(self, folder: Path, name: str, digest) -> list[Path]:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        if [e.name for e in entries if e.is_dir() and e.name[0] != "."] == ["images"]:
+            # Tiny-ImageNet: <class>/images/*.JPEG beside <class>_boxes.txt
+            return self._scan_class(folder / "images", name, digest)
+        paths = []
+        for entry in entries:
+            if entry.name[0] == "." or not entry.is_file():
+                continue
+            path = Path(entry.path)
+            if self._keep(path, entry.stat().st_size, name, digest):
+                paths.append(path)
+        if not entries:
+            warnings.warn(f"{folder}: empty class folder", BadImageWarning, stacklevel=3)
+        return paths
+
+    def _scan_listed(self, name: str, files: list[str], digest) -> list[Path]:
+        paths = []
+        for file in files:
+            path = self.root / "images" / file
+            try:
+                size = path.stat().st_size
+            except OSError:
+                self._skip(path, f"listed in {VAL_ANNOTATIONS} but missing")
+                continue
+            if self._keep(path, size, name, digest):
+                paths.append(path)
+        return paths
+
+    def _keep(self, path: Path, size: int, name: str, digest) -> bool:
+        """Whether a file is worth decoding; skips others (with a warning) or, strict, raises."""
+        if not path.name.lower().endswith(IMAGE_EXTENSIONS):
+            self._skip(path, "not an image file name (extension)")
+        elif size == 0:
+            self._skip(path, "empty file (0 bytes)")
+        else:
+            digest.update(f"{name}/{path.name}:{size};".encode())
+            return True
+        return False
+
+    def _skip(self, path: Path, reason: str) -> None:
+        if self.strict:
+            raise DataError(f"{path}: {reason} (strict mode: remove it, or run without strict)")
+        self.skipped.append(path)
+        warnings.warn(f"skipping {path}: {reason}", BadImageWarning, stacklevel=5)
+
+    def load_image(self, index: int) -> torch.Tensor | None:
+        path = self.paths[index]
+        try:
+            return decode_image_file(path, self.max_pixels)
+        except DataError as error:
+            if self.strict:
+                message = f"{error} (strict mode: remove it, or run without strict)"
+                raise DataError(message) from None
+            if path not in self._reported:
+                self._reported.add(path)
+                warnings.warn(f"skipping {error}", BadImageWarning, stacklevel=2)
+            return None
+
+    def fingerprint(self) -> str:
+        """Identifies this tree's content for caching statistics: its resolved root and the
+        class, name and size of every file (recorded during the scan, no second pass)."""
+        return self._fingerprint
+
+    def __repr__(self) -> str:
+        return f"FolderImages({self.root}, {len(self)} images, {len(self.classes)} classes)"
+
+
+def check_known_classes(where: str, found: list[str], class_ids: list[str]) -> None:
+    """Refuse classes outside a model's `class_ids`: it has no output to score them with."""
+    unknown = sorted(set(found) - set(class_ids))
+    if unknown:
+        raise DataError(
+            f"{where}: class(es) {_short_list(unknown)} are not among the model's "
+            f"{len(class_ids)} classes ({_short_list(class_ids, 5)}); evaluate it on "
+            "classes it was trained on"
+        )
+
+
+def _class_folders(root: Path) -> list[str]:
+    found = sorted(e.name for e in os.scandir(root) if e.is_dir() and e.name[0] != ".")
+    if not found:
+        raise DataError(
+            f"{root}: no class folders (it holds {_contents(root)}); expected {_layouts(root)}"
+        )
+    return found
+
+
+def _read_annotations(path: Path) -> dict[str, list[str]]:
+    """Tiny-ImageNet's val_annotations.txt: class -> the files of images/ it labels."""
+    listed: dict[str, list[str]] = {}
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    for number, line in enumerate(lines, 1):
+        parts = line.split("\t")
+        if len(parts) < 2:
+            if not line.strip():
+                continue
+            raise DataError(f"{path}:{number}: expected 'file<TAB>class<TAB>...', got {line!r}")
+        listed.setdefault(parts[1].strip(), []).append(parts[0].strip())
+    if not listed:
+        raise DataError(f"{path}: empty; expected lines 'file<TAB>class<TAB>...'")
+    return listed
+
+
+def _layouts(root: Path) -> str:
+    return (
+        f"{root}/<class>/<image files>, {root}/<class>/images/<image files> or "
+        f"{root}/images/<image files> with {root}/{VAL_ANNOTATIONS} (Tiny-ImageNet)"
+    )
+
+
+def _contents(folder: Path) -> str:
+    """What a folder holds, for errors about a layout canon cannot read."""
+    entries = [e for e in os.scandir(folder) if e.name[0] != "."] if folder.is_dir() else []
+    if not entries:
+        return "nothing"
+    folders = sorted(e.name + "/" for e in entries if e.is_dir())
+    files = sorted(e.name for e in entries if not e.is_dir())
+    return (
+        f"{len(files)} file(s): {_short_list(files, 3)}; "
+        f"{len(folders)} folder(s): {_short_list(folders, 3)}"
+    )
+
+
+def class_names(root: Path, class_ids: list[str]) -> list[str]:
+    """Human names from a synset mapping file (`wnid name, synonyms`) beside the tree, if any."""
+    for folder in (root, root.parent, root.parent.parent):
+        for filename in SYNSET_FILES:
+            mapping = folder / filename
+            if mapping.is_file():
+                names = _read_synsets(mapping)
+                return [names.get(i, i) for i in class_ids]
+    return list(class_ids)
+
+
+def _read_synsets(path: Path) -> dict[str, str]:
+    names = {}
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        parts = line.strip().split(None, 1)
+        if len(parts) == 2:
+            names[parts[0]] = parts[1].split(",")[0].strip()
+    return names
+
+
+def open_image_folder(
+    root: Path, *, strict: bool = False, max_pixels: int = MAX_IMAGE_PIXELS
+) -> tuple[FolderImages, FolderImages]:
+    """Train and val trees of an ImageNet-layout root; their class sets must match."""
+    folders = {split: _split_folder(root, split) for split in SPLIT_NAMES}
+    for split, folder in folders.items():
+        if folder is None:
+            raise _no_split_folder(root, split)
+    train = FolderImages(folders["train"], strict=strict, max_pixels=max_pixels)
+    val = FolderImages(
+        folders["val"], class_ids=train.class_ids, strict=strict, max_pixels=max_pixels
+    )
+    return train, val
+
+
+def open_eval_folder(
+    root: Path,
+    class_ids: list[str] | None = None,
+    *,
+    strict: bool = False,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+) -> FolderImages:
+    """The evaluation split of a folder (see canon.data.datasets.open_eval_split): its first
+    SPLIT_NAMES["val"] subfolder, else the folder itself when it has no train/ either."""
+    folder = _split_folder(root, "val")
+    if folder is None and _split_folder(root, "train") is not None:
+        raise _no_split_folder(root, "val")
+    return FolderImages(
+        folder or root, class_ids=class_ids, require_all=False, strict=strict,
+        max_pixels=max_pixels,
+    )
+
+
+def _split_folder(root: Path, split: str) -> Path | None:
+    """The first of SPLIT_NAMES[split] that `root` holds."""
+    return next((root / name for name in SPLIT_NAMES[split] if (root / name).is_dir()), None)
+
+
+def _no_split_folder(root: Path, split: str) -> DataError:
+    return DataError(
+        f"{root}: no {'/'.join(SPLIT_NAMES[split])} folder (it holds {_contents(root)}); "
+        f"expected the ImageNet layout {root}/train/<class>/*.JPEG and {root}/val/<class>/*.JPEG"
+    )
+
+
+def _short_list(names: list[str], limit: int = 10) -> str:
+    if not names:
+        return "none"
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more

@@ -1,0 +1,105 @@
+"""Image geometry shared by the training augmentation and the test-time views: resizing
+(isotropic, as VGG s3.1 and ResNet s3.4 rescale the shorter side, or to a square, AlexNet s2)
+and the boxes and crops cut from an image (AlexNet s4.1's corner and centre crops, CIFAR's
+padded crops, He et al. s4.2), on uint8 and float images alike.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+from canon.errors import ConfigError
+
+INTERPOLATION = {
+    "bilinear": InterpolationMode.BILINEAR,
+    "bicubic": InterpolationMode.BICUBIC,
+    "nearest": InterpolationMode.NEAREST,
+}
+
+
+def resize_image(image: torch.Tensor, height: int, width: int, interpolation: str) -> torch.Tensor:
+    if tuple(image.shape[-2:]) == (height, width):
+        return image
+    antialias = interpolation != "nearest"
+    return TF.resize(image, [height, width], INTERPOLATION[interpolation], antialias=antialias)
+
+
+def shorter_side_size(height: int, width: int, size: int) -> tuple[int, int]:
+    """Height and width after an isotropic rescale that makes the shorter side `size`."""
+    if height <= width:
+        return size, max(size, round(width * size / height))
+    return max(size, round(height * size / width)), size
+
+
+def check_crop(height: int, width: int, size: int) -> None:
+    """Refuse size x size crops of a smaller image."""
+    if min(height, width) < size:
+        raise ConfigError(f"cannot take {size}x{size} crops of a {height}x{width} image")
+
+
+def center_box(height: int, width: int, size: int) -> tuple[int, int]:
+    """(top, left) of the centred size x size window of a height x width image."""
+    check_crop(height, width, size)
+    return (height - size) // 2, (width - size) // 2
+
+
+def five_crop_boxes(height: int, width: int, size: int) -> list[tuple[int, int]]:
+    """(top, left) of the top-left, top-right, bottom-left, bottom-right and centre windows
+    (AlexNet s4.1's test crops, Zeiler & Fergus s3's training crops)."""
+    top, left = center_box(height, width, size)
+    bottom, right = height - size, width - size
+    return [(0, 0), (0, right), (bottom, 0), (bottom, right), (top, left)]
+
+
+def crop_box(image: torch.Tensor, top: int, left: int, size: int) -> torch.Tensor:
+    return image[..., top : top + size, left : left + size]
+
+
+def overlap(
+    top: int, left: int, size: int, height: int, width: int
+) -> tuple[tuple[int, int, int, int], list[int]]:
+    """A size x size window at (top, left), which may overhang a height x width image: the
+    part inside as (top, left, rows, columns), and the zero padding that completes it
+    ([left, right, top, bottom], F.pad's order)."""
+    inner_top, inner_left = max(top, 0), max(left, 0)
+    bottom, right = min(top + size, height), min(left + size, width)
+    inside = (inner_top, inner_left, bottom - inner_top, right - inner_left)
+    return inside, [inner_left - left, left + size - right, inner_top - top, top + size - bottom]
+
+
+def cut(image: torch.Tensor, inside: tuple[int, int, int, int]) -> torch.Tensor:
+    top, left, rows, columns = inside
+    return image[..., top : top + rows, left : left + columns]
+
+
+def resampling_taps(
+    source: int, target: int, start: int, count: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Source indices and weights (count x taps) of outputs start .. start + count - 1 when
+    `source` samples are resampled to `target`: torch's antialiased bilinear filter (a
+    triangle, widened by the scale when shrinking), computed in float32 as torch does, so
+    resampling through them matches TF.resize(..., antialias=True) to float rounding."""
+    scale = torch.tensor(source / target, dtype=torch.float32)
+    support = scale.clamp(min=1.0)
+    centers = (torch.arange(start, start + count, dtype=torch.float32) + 0.5) * scale
+    first = (centers - support + 0.5).long().clamp(min=0)
+    index = first[:, None] + torch.arange(math.ceil(2 * float(support)) + 1)
+    weight = (1 - ((index - centers[:, None] + 0.5) / support).abs()).clamp(min=0)
+    weight[index >= source] = 0
+    return index.clamp(max=source - 1), weight / weight.sum(1, keepdim=True)
+
+
+def resample_rows(image: torch.Tensor, target: int, start: int, count: int) -> torch.Tensor:
+    """Rows start .. start + count - 1 of `image` (C x H x W) resampled to `target` rows, as
+    TF.resize(..., antialias=True) computes them (resampling_taps), without the others."""
+    if image.shape[1] == target:
+        return image[:, start : start + count]
+    index, weight = resampling_taps(image.shape[1], target, start, count)
+    rows = image.index_select(1, index[:, 0]) * weight[:, 0, None]
+    for tap in range(1, index.shape[1]):  # a weighted sum of whole rows: contiguous copies
+        rows.addcmul_(image.index_select(1, index[:, tap]), weight[:, tap, None])
+    return rows

@@ -1,0 +1,94 @@
+"""Pixel values: uint8 to float in [0, 1] and the papers' mean subtraction (the training set's
+mean image, AlexNet s2 and ResNet s3.4/s4.2, or its channel mean, VGG s2.1, or ImageNet's
+published constants), then, by default, division by the channel standard deviation.
+"""
+
+from __future__ import annotations
+
+import torch
+from torchvision.transforms.v2 import functional as TF
+
+from canon.data.config import DataConfig
+from canon.data.geometry import resample_rows
+from canon.data.stats import DatasetStats, imagenet_channel_stats
+from canon.errors import ConfigError
+
+
+class ToFloat:
+    """uint8 [0, 255] -> float32 [0, 1]; float input passes through."""
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        if image.dtype == torch.uint8:
+            return image.to(torch.float32).div_(255)
+        return image.float()
+
+    def __repr__(self) -> str:
+        return "ToFloat()"
+
+
+class Normalize:
+    """Subtract a channel mean (3,) or a mean image (3 x S x S, resampled to the input's
+    size), then divide by a channel std when given.
+
+    Deviations: pixels are in [0, 1], and by default (DataConfig.divide_std) divided by the
+    channel std; the papers subtract the mean from 0-255 pixels. The papers do not say how a
+    fixed-size mean image meets inputs of other sizes (scale jitter, GoogLeNet crops, test
+    scales): here it is resampled to them (antialiased bilinear, as TF.resize)."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor | None = None) -> None:
+        self.mean = mean.float() if mean.dim() == 3 else mean.float().view(3, 1, 1)
+        self.std = None if std is None else std.float().view(3, 1, 1)
+        self._resized = {tuple(self.mean.shape[-2:]): self.mean}
+
+    def mean_at(
+        self, height: int, width: int, inside: tuple[int, int, int, int] | None = None
+    ) -> torch.Tensor:
+        """The mean for a height x width image, or for its window `inside` = (top, left, rows,
+        columns): the mean image as resampled to height x width, computed only inside
+        unless that size was resampled whole before."""
+        if self.mean.shape[-2:] == (1, 1):
+            return self.mean
+        if inside is None:  # whole images: a few sizes recur (GoogLeNet crops, test scales)
+            if (height, width) not in self._resized:
+                if len(self._resized) > 64:  # scale jitter makes many sizes; bound the memory
+                    self._resized = {tuple(self.mean.shape[-2:]): self.mean}
+                self._resized[height, width] = TF.resize(self.mean, [height, width],
+                                                         antialias=True)
+            return self._resized[height, width]
+        top, left, rows, columns = inside
+        if (height, width) in self._resized:
+            return self._resized[height, width][:, top : top + rows, left : left + columns]
+        window = resample_rows(self.mean, height, top, rows).transpose(1, 2).contiguous()
+        return resample_rows(window, width, left, columns).transpose(1, 2)
+
+    def __call__(
+        self, image: torch.Tensor, within: tuple[int, int, int, int] | None = None
+    ) -> torch.Tensor:
+        """`within` = (height, width, top, left): `image` is the window at (top, left) of a
+        height x width image, and gets the mean image of that size at that window."""
+        if within is None:
+            mean = self.mean_at(*image.shape[-2:])
+        else:
+            height, width, top, left = within
+            mean = self.mean_at(height, width, (top, left, *image.shape[-2:]))
+        image = image - mean
+        return image / self.std if self.std is not None else image
+
+    def __repr__(self) -> str:
+        kind = "image" if self.mean.shape[-1] > 1 else "channel"
+        return f"Normalize(mean={kind}, std={'yes' if self.std is not None else 'no'})"
+
+
+def make_normalize(config: DataConfig, stats: DatasetStats | None) -> Normalize:
+    """The normalisation DataConfig.mean names: ImageNet's published channel mean and std, or
+    the training set's `stats`, whose mean image is that of every image squashed to
+    resize_size x resize_size (one statistics pass). For ZFNet that deviates from the paper,
+    whose mean image is of the centre 256 x 256 squares."""
+    if config.mean == "imagenet":
+        mean, std = imagenet_channel_stats()
+    else:
+        if stats is None:
+            raise ConfigError(f"data.mean={config.mean!r} needs the training set's statistics")
+        mean = stats.mean_image if config.mean == "pixel" else stats.channel_mean
+        std = stats.channel_std
+    return Normalize(mean, std if config.divide_std else None)

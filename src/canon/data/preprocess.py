@@ -1,0 +1,94 @@
+"""Evaluation preprocessing: the test-time rescale, crop and normalisation every view shares
+(AlexNet s2 and s4.1, ZFNet s3, VGG s3.2, GoogLeNet s7, ResNet s3.4), and the single
+centre-crop transform used for validation during training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from canon.data.config import DataConfig
+from canon.data.geometry import center_box, crop_box, resize_image, shorter_side_size
+from canon.data.normalize import Normalize, ToFloat, make_normalize
+from canon.data.stats import DatasetStats
+
+
+@dataclass
+class EvalPreprocess:
+    """Test-time preprocessing shared by every view: rescale, then to float and normalise.
+
+    AlexNet rescales to a square; the others rescale the shorter side isotropically, and
+    ZFNet (s3) then keeps the centred square, whose corners its ten crops take."""
+
+    square: bool
+    crop_size: int
+    resize_size: int
+    normalize: Normalize
+    interpolation: str = "bilinear"
+    # Shorter sides for multi-scale protocols (DataConfig.multi_scale_test_sizes).
+    scales: tuple[int, ...] = ()
+    center_square: bool = False
+
+    def rescale(self, image: torch.Tensor, size: int | None = None) -> torch.Tensor:
+        size = size or self.resize_size
+        if self.square:
+            return resize_image(image, size, size, self.interpolation)
+        height, width = shorter_side_size(*image.shape[-2:], size)
+        image = resize_image(image, height, width, self.interpolation)
+        if self.center_square:
+            return crop_box(image, *center_box(height, width, size), size)
+        return image
+
+    def __call__(self, image: torch.Tensor, size: int | None = None) -> torch.Tensor:
+        """The rescaled, normalised float image (before any crop)."""
+        return self.normalize(ToFloat()(self.rescale(image, size)))
+
+    def center(self, image: torch.Tensor, size: int | None = None) -> torch.Tensor:
+        """The normalised centre crop_size crop of the image rescaled to `size`; equals
+        cropping self(image, size), with the float work done on the crop alone."""
+        image = self.rescale(image, size)
+        height, width = image.shape[-2:]
+        top, left = center_box(height, width, self.crop_size)
+        window = ToFloat()(crop_box(image, top, left, self.crop_size))
+        return self.normalize(window, (height, width, top, left))
+
+
+def eval_preprocess(
+    config: DataConfig,
+    stats: DatasetStats | None = None,
+    *,
+    mean: torch.Tensor | None = None,
+    std: torch.Tensor | None = None,
+) -> EvalPreprocess:
+    """The test-time preprocessing of a data section, normalised with `mean` (and `std` when
+    given) if `mean` is given (a trained run's stored normalisation, a model's eval_config),
+    else as the section says, from the training set's `stats`."""
+    normalize = make_normalize(config, stats) if mean is None else Normalize(mean, std)
+    return EvalPreprocess(
+        square=config.augmentation == "alexnet",
+        crop_size=config.crop_size,
+        resize_size=config.resize_size,
+        normalize=normalize,
+        interpolation=config.interpolation,
+        scales=config.multi_scale_test_sizes(),
+        center_square=config.augmentation == "zfnet",
+    )
+
+
+class CenterTransform:
+    """The single-crop test transform: rescale, centre crop, normalise (EvalPreprocess.center)."""
+
+    def __init__(self, preprocess: EvalPreprocess) -> None:
+        self.preprocess = preprocess
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return self.preprocess.center(image)
+
+    def __repr__(self) -> str:
+        return f"CenterTransform(crop_size={self.preprocess.crop_size})"
+
+
+def center_transform(preprocess: EvalPreprocess) -> CenterTransform:
+    return CenterTransform(preprocess)

@@ -1,0 +1,69 @@
+"""Stopping cleanly on a signal: Ctrl-C (SIGINT) and SIGTERM (timeout, SLURM preemption,
+docker stop, Kubernetes) set a flag that the training loop reads after each step, on every rank,
+so it can save a checkpoint before it stops; loader workers leave the signals to it."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+# What stops a run with a checkpoint: Ctrl-C, and SIGTERM (timeout, SLURM preemption,
+# docker stop, Kubernetes).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class StopFlag:
+    """The first SIGINT or SIGTERM sets the flag (the loop saves a checkpoint after the step in
+    progress and stops); a second one gets the handler that was there before (stop at once)."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self.signal_number = signal.SIGINT
+        self._previous: dict[int, Any] = {}
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        self._previous = {number: signal.signal(number, self._handle) for number in STOP_SIGNALS}
+        try:
+            yield
+        finally:
+            self._restore()
+
+    def _restore(self) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.raised, self.signal_number = True, signum
+        self._restore()
+        print(f"\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
+              "(send it again to stop at once)", flush=True)
+
+
+def leave_signals_to_main(worker_init: Callable | None) -> Callable[[int], None]:
+    """Loader workers ignore Ctrl-C and SIGTERM (SLURM signals every process of a job): a
+    worker that died would make the DataLoader raise in the main process mid-step. The main
+    process decides when to stop and ends its workers itself (shut_down_workers)."""
+
+    def init(worker_id: int) -> None:
+        for stop_signal in STOP_SIGNALS:
+            signal.signal(stop_signal, signal.SIG_IGN)
+        if worker_init is not None:
+            worker_init(worker_id)
+
+    return init
+
+
+def shut_down_workers(loader: Any) -> None:
+    """End a loader's persistent worker processes now. They ignore SIGTERM, which is how
+    multiprocessing ends leftover workers when the interpreter exits (it would wait forever)."""
+    iterator = getattr(loader, "_iterator", None)  # where DataLoader keeps persistent workers
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+        loader._iterator = None

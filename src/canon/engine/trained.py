@@ -1,0 +1,186 @@
+"""A trained model ready to use: `load_trained` reads a run directory, its exported
+model.safetensors (with eval_config.json) or a training checkpoint, and gives the model in eval
+mode with its class names and the test-time preprocessing it was trained for."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+import torch.nn as nn
+
+from canon.data.config import DataConfig
+from canon.data.decoding import decode_image_file
+from canon.data.preprocess import EvalPreprocess, center_transform, eval_preprocess
+from canon.engine.checkpoint import (
+    EXPORT_CONFIG,
+    EXPORT_NORMALIZATION,
+    EXPORT_WEIGHTS,
+    CheckpointWarning,
+    best_checkpoint,
+    checked_field,
+    checked_names,
+    first_line,
+    load_checkpoint,
+    unreadable_file,
+)
+from canon.engine.distributed import resolve_device
+from canon.errors import CanonError, DataError
+from canon.evaluation.protocols import evaluate, preprocess_for
+from canon.models.factory import create_model
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    """A trained model ready for evaluation, with what its inputs need."""
+
+    model: nn.Module
+    classes: list[str]  # the name of each output, in order
+    class_ids: list[str]  # the dataset's class folder names (ImageNet wnids), in the same order
+    preprocess: EvalPreprocess  # the training run's test-time preprocessing
+    data: DataConfig  # the recipe's data section
+    source: Path
+
+    def evaluate(
+        self, data: str | Path | None = None, protocol: str = "center", *,
+        device: str = "auto", **options: Any,
+    ) -> dict[str, Any]:
+        """canon.evaluation.evaluate on `data` (default: the dataset it was trained on, its
+        evaluation split), under this run's preprocessing and with its classes matched by
+        name; `options` are evaluate's (batch_size, workers, strict, progress, ...). The
+        result also names the checkpoint and the data."""
+        data = data or self.data.dataset
+        result = evaluate(
+            self.model, data, protocol, device=resolve_device(device), data_config=self.data,
+            preprocess=self.preprocess, class_ids=self.class_ids, **options,
+        )
+        return {**result, "checkpoint": str(self.source), "data": str(data)}
+
+    @torch.inference_mode()
+    def predict(
+        self, images: Sequence[str | Path | torch.Tensor], top_k: int = 5
+    ) -> list[list[tuple[str, float]]]:
+        """The `top_k` (class name, probability) pairs for each image: a file, or a decoded
+        uint8 RGB tensor 3 x H x W; centre crop, on the device the model is on."""
+        transform = center_transform(self.preprocess)
+        limit = self.data.max_image_pixels
+        batch = torch.stack([
+            transform(image if torch.is_tensor(image) else decode_image_file(image, limit))
+            for image in images
+        ])
+        device = next(self.model.parameters()).device
+        probabilities = self.model(batch.to(device)).float().softmax(1).cpu()
+        top = probabilities.topk(min(top_k, probabilities.shape[1]), dim=1)
+        return [
+            [(self.classes[i], p) for i, p in zip(idx.tolist(), probs.tolist(), strict=True)]
+            for idx, probs in zip(top.indices, top.values, strict=True)
+        ]
+
+
+def load_trained(path: str | Path) -> TrainedModel:
+    """A trained model from a run directory (its export, else its best checkpoint), a
+    model.safetensors file (eval_config.json beside it) or a training checkpoint (.pt).
+
+    A file that cannot be read is a DataError naming it (and the key at fault); a run
+    directory whose export is unreadable falls back to checkpoints/best.pt with a
+    CheckpointWarning. Runs from before class_ids were saved get their class names as ids.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return _load_export(path) if path.suffix == ".safetensors" else _load_from_checkpoint(path)
+    exported, best = path / EXPORT_WEIGHTS, best_checkpoint(path)
+    if not exported.is_file():
+        return _load_from_checkpoint(best)
+    try:
+        return _load_export(exported)
+    except CanonError as error:
+        if not best.is_file():
+            raise
+        warnings.warn(f"{error}; using {best} instead", CheckpointWarning, stacklevel=2)
+        return _load_from_checkpoint(best)
+
+
+def _load_export(path: Path) -> TrainedModel:
+    config_path = path.with_name(EXPORT_CONFIG)
+    if not path.is_file() or not config_path.is_file():
+        raise DataError(f"{path} needs {EXPORT_CONFIG} beside it (training writes both)")
+    info = _json_object(config_path)
+    norm_path = path.with_name(EXPORT_NORMALIZATION)
+    normalization = _safetensors(norm_path) if norm_path.is_file() else None
+    if normalization is not None:
+        checked_field(normalization, "mean", torch.Tensor, norm_path)
+    classes = checked_names(info, "classes", config_path)
+    return _assemble(
+        path, name=checked_field(info, "model", str, config_path),
+        num_classes=checked_field(info, "num_classes", int, config_path), classes=classes,
+        class_ids=checked_names(info, "class_ids", config_path) if "class_ids" in info else classes,
+        data=checked_field(info, "data", dict, config_path), weights=_safetensors(path),
+        normalization=normalization,
+    )
+
+
+def _load_from_checkpoint(path: Path) -> TrainedModel:
+    state = load_checkpoint(path)  # it has checked the kinds of model_name, ema, recipe.data
+    classes = checked_names(state, "classes", path)
+    if state["normalization"] is not None:
+        checked_field(state, "normalization.mean", torch.Tensor, path)
+    num_classes = checked_field(state, "recipe.model.num_classes", (int, type(None)), path)
+    weights = state["model"]
+    if state["ema"] is not None:  # the averaged weights are the ones validated and exported
+        weights = {
+            key.removeprefix("module."): value for key, value in state["ema"].items()
+            if key != "n_averaged"
+        }
+    return _assemble(
+        path, name=state["model_name"], num_classes=num_classes or len(classes),
+        classes=classes,
+        class_ids=checked_names(state, "class_ids", path) if "class_ids" in state else classes,
+        data=state["recipe"]["data"], weights=weights, normalization=state["normalization"],
+    )
+
+
+def _assemble(
+    source: Path, *, name: str, num_classes: int, classes: list[str], class_ids: list[str],
+    data: dict[str, Any], weights: dict[str, Any], normalization: dict[str, Any] | None,
+) -> TrainedModel:
+    model = create_model(name, num_classes)
+    try:
+        model.load_state_dict(weights)
+    except Exception as error:  # wrong names or shapes, or values that are not tensors
+        raise DataError(
+            f"{source}: its weights do not fit {name} with {num_classes} classes "
+            f"({first_line(error)})"
+        ) from None
+    model.eval()
+    data_config = DataConfig.from_dict(data)
+    if normalization is None:  # trained on ready tensors: fall back to the model's own
+        preprocess = preprocess_for(model, data_config.augmentation)
+    else:
+        preprocess = eval_preprocess(
+            data_config, mean=normalization["mean"], std=normalization.get("std")
+        )
+    return TrainedModel(model, classes, class_ids, preprocess, data_config, source)
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError) as error:  # ValueError: not JSON, or not UTF-8
+        raise unreadable_file(path, error) from None
+    if not isinstance(info, dict):
+        raise DataError(f"{path} holds a JSON {type(info).__name__}, not the object canon "
+                        "train writes")
+    return info
+
+
+def _safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return safetensors.torch.load_file(path)
+    except Exception as error:  # SafetensorError, OSError, ... for a truncated or foreign file
+        raise unreadable_file(path, error) from None
