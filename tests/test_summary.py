@@ -211,3 +211,6 @@ def test_cli_summary_bad_input(capsys: pytest.CaptureFixture[str]) -> None:
         summarize("vgg20")
     with pytest.raises(InputSizeError):
         summarize("resnet18", input_size=0)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["summary", "resnet*", "--input-size", "0"])  # an error, not every model skipped
+    assert exit_info.value.code == 2 and "positive number of pixels" in capsys.readouterr().err

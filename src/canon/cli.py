@@ -57,25 +57,11 @@ def _summary_arguments(parser: argparse.ArgumentParser) -> None:
 
 @_verb("summary", "layers, parameters, GFLOPs and activation memory per model", _summary_arguments)
 def _run_summary(args: argparse.Namespace) -> None:
-    from canon.errors import ConfigError, InputSizeError
-    from canon.models.factory import list_models
-    from canon.models.summary import format_table, summarize
+    from canon.models.summary import format_table, summarize_requested
 
-    if args.input_size is not None and args.input_size < 1:
-        raise ConfigError(f"--input-size must be a positive pixel count, got {args.input_size}")
-    summaries = []
-    for requested in args.models or ["*"]:
-        if not any(c in requested for c in "*?["):
-            summaries.append(summarize(requested, input_size=args.input_size))
-            continue
-        matches = list_models(requested)
-        if not matches:
-            raise ConfigError(f"no registered model matches {requested!r} (see `canon models`)")
-        for name in matches:
-            try:
-                summaries.append(summarize(name, input_size=args.input_size))
-            except InputSizeError as error:  # a pattern asks for the models that fit
-                print(f"canon summary: skipped {name}: {error}", file=sys.stderr)
+    summaries, skipped = summarize_requested(args.models, args.input_size)
+    for name, reason in skipped:
+        print(f"canon summary: skipped {name}: {reason}", file=sys.stderr)
     print(format_table(summaries, markdown=args.markdown))
 
 

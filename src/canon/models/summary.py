@@ -13,8 +13,8 @@ from torch.func import functional_call
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from canon.errors import InputSizeError
-from canon.models.factory import create_model
+from canon.errors import ConfigError, InputSizeError
+from canon.models.factory import create_model, list_models
 
 _DEPTH = "_canon_summary_depth"
 _MIB = 2**20
@@ -245,6 +245,31 @@ def _cells(summary: ModelSummary) -> tuple[str, ...]:
         f"{summary.gflops:.2f}",
         f"{summary.activation_mb:.1f}",
     )
+
+
+def summarize_requested(
+    requested: Sequence[str], input_size: int | None = None
+) -> tuple[list[ModelSummary], list[tuple[str, str]]]:
+    """`canon summary`: the summaries of the named models and of every model matching each
+    shell-style pattern ('resnet*'; none: all). A named model that does not fit `input_size`
+    is an error; a pattern asks for the models that fit, so the others are returned as
+    (name, reason) pairs instead."""
+    if input_size is not None and input_size < 1:  # not a model that does not fit: all don't
+        raise InputSizeError(f"input size must be a positive number of pixels, got {input_size}")
+    summaries, skipped = [], []
+    for pattern in requested or ["*"]:
+        if not any(c in pattern for c in "*?["):
+            summaries.append(summarize(pattern, input_size=input_size))
+            continue
+        matches = list_models(pattern)
+        if not matches:
+            raise ConfigError(f"no registered model matches {pattern!r} (see `canon models`)")
+        for name in matches:
+            try:
+                summaries.append(summarize(name, input_size=input_size))
+            except InputSizeError as error:
+                skipped.append((name, str(error)))
+    return summaries, skipped
 
 
 def format_table(summaries: Iterable[ModelSummary], markdown: bool = False) -> str:
