@@ -20,8 +20,8 @@ from canon.data import ArrayImages, DataConfig, Datasets, build_datasets
 from canon.engine import checkpoint as ckpt
 from canon.engine.rundir import latest_run_dir, new_run_dir
 from canon.engine.trained import load_trained
-from canon.engine.trainer import NonFiniteError, TrainingInterrupted, train
-from canon.errors import DataError
+from canon.engine.trainer import TrainingInterrupted, train
+from canon.errors import DataError, NonFiniteError
 from canon.models.base import CanonModel
 from canon.recipes import Recipe, apply_overrides, load_recipe
 
@@ -162,7 +162,8 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
 def test_weights_that_overflow_are_never_checkpointed(resume_data, tmp_path):
     """The loss of the last step is finite, the update it makes is not: epoch 2 must not be
     saved (nor become best.pt), and the error names epoch 1's checkpoint to go back to."""
-    recipe = tiny_recipe(epochs=2, batch_size=16)
+    # data.val_split: validated as on held-out training images, so best.pt is kept.
+    recipe = apply_overrides(tiny_recipe(epochs=2, batch_size=16), [("data.val_split", 50)])
     torch.manual_seed(0)
     model = SmallConvNet()
 
@@ -177,6 +178,73 @@ def test_weights_that_overflow_are_never_checkpointed(resume_data, tmp_path):
     assert str(ckpt.epoch_checkpoint(tmp_path, 1)) in str(error.value)
     assert [p.name for p in ckpt.resumable_checkpoints(tmp_path)] == ["epoch-001.pt"]
     assert ckpt.load_checkpoint(ckpt.best_checkpoint(tmp_path))["epoch"] == 1
+
+
+def test_a_run_validated_on_the_test_set_chooses_no_checkpoint_on_it(resume_data, tmp_path):
+    """The sample (like CIFAR) validates on its test split: no best.pt, no "best" error; the
+    final model is the result."""
+    result = train(tiny_recipe(epochs=2, batch_size=16), tmp_path, device="cpu",
+                   datasets=resume_data, progress=False)
+    assert result.validated_on_test_set and result.best_val_top1_error is None
+    assert not ckpt.best_checkpoint(tmp_path).exists()
+    assert [p.name for p in ckpt.resumable_checkpoints(tmp_path)] == [
+        "epoch-002.pt", "epoch-001.pt"]
+
+
+@pytest.fixture(scope="module")
+def small_data(resume_data):
+    return spread_subsets(resume_data, 64, 10)  # 4 steps of 16 per epoch
+
+
+def test_the_trainer_ends_a_warmup_on_the_training_error_and_resumes_it_exactly(
+    small_data, tmp_path
+):
+    """ResNet-110's warm-up (He et al. s4.2), ending at the first training error below 100%:
+    at the first check, step 4 (the end of epoch 1; LOSS_CHECK_STEPS is 10)."""
+    recipe = apply_overrides(tiny_recipe(epochs=2, batch_size=16), [
+        ("schedule.warmup_mode", "constant"), ("schedule.warmup_iterations", 1000),
+        ("schedule.warmup_until_train_error", 100.0),
+    ])
+    straight = tmp_path / "straight"
+    result = train(recipe, straight, device="cpu", datasets=small_data, progress=False)
+    state = final_weights(straight, 2)
+    assert state["schedule"]["warmup_ended_at"] == 4
+    peak = 0.1 * 16 / 128  # quickstart's lr, scaled to batch 16
+    first, second = result.metrics
+    assert first["lr"] == pytest.approx(0.1 * peak) and second["lr"] == pytest.approx(0.5 * peak)
+
+    def send_signal(step: int) -> None:
+        if step == 2:  # before the first check: the resumed run must count steps 1-2 too
+            signal.raise_signal(signal.SIGINT)
+
+    stopped = tmp_path / "stopped"
+    with pytest.raises(TrainingInterrupted):
+        train(recipe, stopped, device="cpu", datasets=small_data, progress=False,
+              on_step=send_signal)
+    train(recipe, stopped, resume=stopped, device="cpu", datasets=small_data, progress=False)
+    resumed = final_weights(stopped, 2)
+    assert resumed["schedule"] == state["schedule"]
+    assert_same_state(resumed, state)
+
+
+def test_polyak_averaging_starts_after_its_epochs_and_survives_a_resume(small_data, tmp_path):
+    data = small_data
+    recipe = tiny_recipe(epochs=2, batch_size=16, polyak_after_epochs=1)
+    train(recipe, tmp_path / "straight", device="cpu", datasets=data, progress=False)
+    assert final_weights(tmp_path / "straight", 1)["ema"] is None  # not begun: raw weights
+    state = final_weights(tmp_path / "straight", 2)
+    assert int(state["ema"]["n_averaged"]) == 4  # the steps of epoch 2
+    exported = safetensors.torch.load_file(tmp_path / "straight" / "model.safetensors")
+    weight = "conv1.0.weight"
+    assert torch.equal(exported[weight], state["ema"][f"module.{weight}"])
+
+    one_epoch = apply_overrides(recipe, [("train.epochs", 1)])
+    train(one_epoch, tmp_path / "resumed", device="cpu", datasets=data, progress=False)
+    train(recipe, tmp_path / "resumed", resume=tmp_path / "resumed", device="cpu",
+          datasets=data, progress=False)
+    resumed = final_weights(tmp_path / "resumed", 2)
+    for key, tensor in state["ema"].items():
+        assert torch.equal(resumed["ema"][key], tensor), key
 
 
 class SmallConvNet(CanonModel):

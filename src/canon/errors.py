@@ -1,7 +1,6 @@
-"""Errors a user can act on. The command line prints their message alone, without a traceback.
-
-Each also derives from the builtin a library user would catch (ValueError, LookupError, ...).
-"""
+"""Errors a user can act on: the command line prints their message alone, without a
+traceback, and each also derives from the builtin a library user would catch (ValueError,
+LookupError, ...)."""
 
 
 class CanonError(Exception):
@@ -18,3 +17,8 @@ class InputSizeError(CanonError, ValueError):
 
 class DataError(CanonError, OSError):
     """A missing, corrupt or badly laid-out dataset, image or checkpoint file."""
+
+
+class NonFiniteError(CanonError, ArithmeticError):
+    """The loss or the weights became NaN or infinite; the message names the step and the
+    newest checkpoint (always a finite one) to go back to."""

@@ -29,6 +29,13 @@ from canon.engine.logs import (
 )
 from canon.engine.precision import Precision
 from canon.engine.rundir import claim_run_dir
+from canon.engine.saving import (
+    export,
+    newest_checkpoint_note,
+    save_epoch,
+    snapshot,
+    validated_model,
+)
 from canon.engine.setup import (
     Run,
     check_recipe,
@@ -37,7 +44,7 @@ from canon.engine.setup import (
     set_up,
 )
 from canon.engine.stopping import StopFlag, shut_down_workers
-from canon.errors import CanonError, ConfigError, DataError
+from canon.errors import ConfigError, DataError, NonFiniteError
 from canon.evaluation import score_loader
 from canon.recipes.schema import Recipe
 
@@ -53,16 +60,15 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.signal_number = signal_number
 
 
-class NonFiniteError(CanonError, ArithmeticError):
-    """The loss or the weights became NaN or infinite; the message names the step and the
-    newest checkpoint (always a finite one) to go back to."""
-
-
 @dataclass(frozen=True)
 class TrainResult:
     run_dir: Path
     metrics: list[dict[str, Any]]
-    best_val_top1_error: float
+    # The lowest validation top-1 error (the epoch checkpoints/best.pt holds); None when the
+    # validation set is the test set: nothing is chosen on it, metrics[-1] (the final model)
+    # is the result.
+    best_val_top1_error: float | None
+    validated_on_test_set: bool
 
 
 @torch.no_grad()
@@ -107,9 +113,13 @@ def train(
     checkpoints/interrupted.pt and raises TrainingInterrupted; a second signal stops at once.
     A NaN/inf loss (checked every LOSS_CHECK_STEPS steps, one device sync) or non-finite
     weights (checked before every checkpoint) raise NonFiniteError: nothing diverged is ever
-    saved. With train.ema_decay > 0 the averaged weights are the ones validated, kept as best
-    and exported (the raw ones stay in the checkpoints). Undecodable training files are
-    skipped and counted (metrics.csv skipped_images), or stop the run with train.strict_data.
+    saved. With weight averaging (train.ema_decay, train.polyak_after_epochs) the averaged
+    weights, once averaging has begun, are the ones validated, kept as best and exported (the
+    raw ones stay in the checkpoints). checkpoints/best.pt holds the epoch of lowest
+    validation error, unless the validation set is the dataset's test set (CIFAR, the sample,
+    without data.val_split): then nothing is chosen on it and the final model is the result.
+    Undecodable training files are skipped and counted (metrics.csv skipped_images), or stop
+    the run with train.strict_data.
 
     `resume`: a run directory or checkpoint file to continue from (the newest readable
     checkpoint; an unreadable one is reported and the previous one used), or a checkpoint
@@ -162,8 +172,9 @@ def _train(
         finally:
             _close(run)
         if ctx.is_main:
-            _export(run)
-    return TrainResult(run_dir, run.metrics, run.best_error)
+            export(run)
+    best = None if run.validates_on_test_set else run.best_error
+    return TrainResult(run_dir, run.metrics, best, run.validates_on_test_set)
 
 
 @contextlib.contextmanager
@@ -230,6 +241,8 @@ def _train_epoch(
                     float(run.totals["loss"]) / max(run.totals["images"], 1),
                     run.schedule.lr_at(run.step - 1), run.totals["images"] / max(elapsed, 1e-9),
                 ))
+            if at_check:  # not at a stop: a resumed run must see the same windows
+                _report_train_error(run)
             if stop:
                 run.totals["seconds"] += time.perf_counter() - run.epoch_started
                 _save_interrupted(run, stop_flag.signal_number)
@@ -263,8 +276,8 @@ def _optimizer_step(run: Run, batches: Iterator) -> torch.Tensor:
         images_seen += len(targets)
     run.precision.step(run.optimizer)
     run.optimizer.zero_grad(set_to_none=True)
-    if run.ema is not None:
-        run.ema.update_parameters(run.model)
+    if _averaging(run):
+        run.average.update_parameters(run.model)
     if config.filter_rms_radius is not None:
         clamp_filter_rms(run.model, config.filter_rms_radius)
     run.step += 1
@@ -273,6 +286,27 @@ def _optimizer_step(run: Run, batches: Iterator) -> torch.Tensor:
     run.totals["correct"] = run.totals["correct"] + correct
     run.totals["images"] += images_seen
     return loss_sum / max(images_seen, 1)
+
+
+def _averaging(run: Run) -> bool:
+    """Whether this step's weights go into the average: every step for EMA, from the end of
+    epoch train.polyak_after_epochs on for Polyak averaging."""
+    start = run.recipe.train.polyak_after_epochs
+    return run.average is not None and (start is None or run.epoch >= start)
+
+
+def _report_train_error(run: Run) -> None:
+    """Give a warm-up that ends on the training error (ResNet-110) the top-1 error of the
+    steps since the last check, all ranks together. Read only while that warm-up runs: the
+    one device sync rides on the loss check's."""
+    totals = run.totals
+    if run.schedule.awaits_train_error(run.step):
+        correct, images = dist.all_reduce_sum(torch.tensor(
+            [float(totals["correct"] - totals["checked_correct"]),
+             totals["images"] - totals["checked_images"]], dtype=torch.float64,
+        ), run.ctx).tolist()
+        run.schedule.observe_train_error(100.0 * (1 - correct / max(images, 1)), run.step)
+    totals["checked_correct"], totals["checked_images"] = totals["correct"], totals["images"]
 
 
 def _agreed(flag: bool, ctx: dist.DistributedContext) -> bool:
@@ -292,7 +326,7 @@ def _check_losses(pending: list[tuple[int, torch.Tensor]], run: Run) -> None:
         step = pending[int(bad[0])][0]
         raise NonFiniteError(
             f"the loss became {values[int(bad[0])].item()} at optimizer step {step}; stopping. "
-            f"{_newest_checkpoint_note(run)}. Lower the learning rate (--lr), use --amp bf16 "
+            f"{newest_checkpoint_note(run)}. Lower the learning rate (--lr), use --amp bf16 "
             "instead of fp16, or add warmup (--set schedule.warmup_epochs=5)"
         )
     if run.events is not None:
@@ -301,31 +335,9 @@ def _check_losses(pending: list[tuple[int, torch.Tensor]], run: Run) -> None:
             run.events.add_scalar("train/lr", run.schedule.lr_at(step - 1), step)
 
 
-def _check_weights(run: Run) -> None:
-    """Refuse to checkpoint NaN/inf weights (one device sync): a finite loss can still end in
-    an update that overflows, and a checkpoint is a promise that the run can go on from it."""
-    models = [run.model] if run.ema is None else [run.model, run.ema]
-    tensors = [t for m in models for t in m.state_dict().values() if t.is_floating_point()]
-    if bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
-        return
-    raise NonFiniteError(
-        f"the weights became NaN or infinite by optimizer step {run.step - 1}; stopping "
-        f"without saving them. {_newest_checkpoint_note(run)}. Lower the learning rate "
-        "(--lr) or add warmup (--set schedule.warmup_epochs=5)"
-    )
-
-
-def _newest_checkpoint_note(run: Run) -> str:
-    """Every checkpoint on disk passed _check_weights, so the newest is one to go back to."""
-    saved = ckpt.resumable_checkpoints(run.run_dir) if run.run_dir.is_dir() else []
-    if not saved:
-        return "No checkpoint was written before it"
-    return f"The newest checkpoint, {saved[0]}, is finite (canon train --resume {saved[0]})"
-
-
 def _save_interrupted(run: Run, signal_number: int) -> NoReturn:
     path = ckpt.interrupted_checkpoint(run.run_dir)
-    state = _snapshot(run)  # every rank takes part: it gathers their random states
+    state = snapshot(run)  # every rank takes part: it gathers their random states
     if run.ctx.is_main:
         ckpt.save_checkpoint(state, path)
     dist.barrier(run.ctx)
@@ -337,14 +349,12 @@ def _save_interrupted(run: Run, signal_number: int) -> NoReturn:
 
 def _end_epoch(run: Run, train_seconds: float) -> None:
     ctx, totals = run.ctx, run.totals
-    # Rank 0's batch-norm statistics (and EMA) on every rank: each rank then scores its shard
-    # with the model that rank 0 saves (see canon.engine.distributed).
+    # Rank 0's batch-norm statistics (and average) on every rank: each rank then scores its
+    # shard with the model that rank 0 saves (see canon.engine.distributed).
     dist.broadcast_buffers(run.model, ctx)
-    if run.ema is not None:
-        dist.broadcast_buffers(run.ema, ctx)
-    val_top1, val_top5 = validate(
-        run.ema.module if run.ema is not None else run.model, run.val_loader, ctx, run.precision
-    )
+    if run.average is not None:
+        dist.broadcast_buffers(run.average, ctx)
+    val_top1, val_top5 = validate(validated_model(run), run.val_loader, ctx, run.precision)
     run.schedule.end_epoch(val_top1)
     loss, correct, images, skipped = dist.all_reduce_sum(torch.tensor(
         [float(totals["loss"]), float(totals["correct"]), totals["images"], totals["skipped"]],
@@ -362,10 +372,10 @@ def _end_epoch(run: Run, train_seconds: float) -> None:
     run.metrics.append(row)
     run.step_in_epoch = 0
     run.totals = new_totals()
-    state = _snapshot(run)
+    state = snapshot(run)
     if ctx.is_main:
-        _save_epoch(run.run_dir, state, row, val_top1 < run.best_error,
-                    run.recipe.train.keep_checkpoints)
+        is_best = not run.validates_on_test_set and val_top1 < run.best_error
+        save_epoch(run.run_dir, state, row, is_best, run.recipe.train.keep_checkpoints)
         write_metrics_csv(run.run_dir / "metrics.csv", run.metrics)
         if run.events is not None:
             write_epoch_events(run.events, row, run.step)
@@ -374,56 +384,4 @@ def _end_epoch(run: Run, train_seconds: float) -> None:
     dist.barrier(ctx)
 
 
-def _snapshot(run: Run) -> dict[str, Any]:
-    """The complete training state. Every rank must call it: it gathers each rank's random
-    generator states and epoch totals so far (a resumed run restores them rank by rank).
-    NonFiniteError if the weights are not finite."""
-    _check_weights(run)
-    per_rank = dist.all_gather_object(
-        {"rng": ckpt.capture_rng_state(), "totals": _plain(run.totals)}, run.ctx
-    )
-    return {
-        "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-        "schedule": run.schedule.state_dict(), "scaler": run.precision.state_dict(),
-        "ema": run.ema.state_dict() if run.ema is not None else None,
-        "epoch": run.epoch, "step": run.step, "step_in_epoch": run.step_in_epoch,
-        "epoch_totals": [rank["totals"] for rank in per_rank],
-        "rng": [rank["rng"] for rank in per_rank],
-        "metrics": list(run.metrics), "recipe": run.recipe.to_dict(), "commit": run.commit,
-        "model_name": run.recipe.model.name, "classes": run.classes, "class_ids": run.class_ids,
-        "eval_config": run.model.eval_config.to_dict(), "normalization": run.normalization,
-        "torch_version": str(torch.__version__),
-    }
-
-
-def _plain(totals: dict[str, Any]) -> dict[str, Any]:
-    return {key: float(value) if torch.is_tensor(value) else value for key, value in totals.items()}
-
-
-def _save_epoch(
-    run_dir: Path, state: dict[str, Any], row: dict[str, Any], is_best: bool, keep: int
-) -> None:
-    path = ckpt.epoch_checkpoint(run_dir, row["epoch"])
-    ckpt.save_checkpoint(state, path)
-    ckpt.interrupted_checkpoint(run_dir).unlink(missing_ok=True)
-    if is_best:
-        ckpt.copy_checkpoint(path, ckpt.best_checkpoint(run_dir))
-    ckpt.prune_epoch_checkpoints(run_dir, keep)
-
-
-def _export(run: Run) -> None:
-    """model.safetensors (the EMA weights when EMA is on), normalization, eval_config.json."""
-    final = run.ema.module if run.ema is not None else run.model
-    recipe = run.recipe.to_dict()
-    last = run.metrics[-1] if run.metrics else {}
-    ckpt.export_model(run.run_dir, final, run.normalization, {
-        "model": run.recipe.model.name, "num_classes": run.num_classes, "classes": run.classes,
-        "class_ids": run.class_ids,
-        "eval_config": final.eval_config.to_dict(), "data": recipe["data"],
-        "recipe": run.recipe.name, "commit": run.commit, "epochs": run.epoch, "steps": run.step,
-        "val_top1_error": last.get("val_top1_error"), "val_top5_error": last.get("val_top5_error"),
-        "reported": recipe["reported"],
-    })
-
-
-__all__ = ["NonFiniteError", "TrainResult", "TrainingInterrupted", "train", "validate"]
+__all__ = ["TrainResult", "TrainingInterrupted", "train", "validate"]

@@ -1,0 +1,101 @@
+"""What a training run saves: its complete state for a checkpoint (every rank's random
+generators and epoch sums gathered), the epoch checkpoints with best.pt, and the export
+(model.safetensors, normalization, eval_config.json); never non-finite weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from canon.engine import checkpoint as ckpt
+from canon.engine import distributed as dist
+from canon.engine.setup import Run
+from canon.errors import NonFiniteError
+
+
+def validated_model(run: Run) -> nn.Module:
+    """The averaged weights once averaging has begun, else the raw ones."""
+    if run.average is not None and run.average.n_averaged > 0:
+        return run.average.module
+    return run.model
+
+
+def check_weights(run: Run) -> None:
+    """Refuse to checkpoint NaN/inf weights (one device sync): a finite loss can still end in
+    an update that overflows, and a checkpoint is a promise that the run can go on from it."""
+    models = [run.model] if run.average is None else [run.model, run.average]
+    tensors = [t for m in models for t in m.state_dict().values() if t.is_floating_point()]
+    if bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+        return
+    raise NonFiniteError(
+        f"the weights became NaN or infinite by optimizer step {run.step - 1}; stopping "
+        f"without saving them. {newest_checkpoint_note(run)}. Lower the learning rate "
+        "(--lr) or add warmup (--set schedule.warmup_epochs=5)"
+    )
+
+
+def newest_checkpoint_note(run: Run) -> str:
+    """Every checkpoint on disk passed check_weights, so the newest is one to go back to."""
+    saved = ckpt.resumable_checkpoints(run.run_dir) if run.run_dir.is_dir() else []
+    if not saved:
+        return "No checkpoint was written before it"
+    return f"The newest checkpoint, {saved[0]}, is finite (canon train --resume {saved[0]})"
+
+
+def snapshot(run: Run) -> dict[str, Any]:
+    """The complete training state. Every rank must call it: it gathers each rank's random
+    generator states and epoch totals so far (a resumed run restores them rank by rank).
+    NonFiniteError if the weights are not finite."""
+    check_weights(run)
+    per_rank = dist.all_gather_object(
+        {"rng": ckpt.capture_rng_state(), "totals": _plain(run.totals)}, run.ctx
+    )
+    return {
+        "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+        "schedule": run.schedule.state_dict(), "scaler": run.precision.state_dict(),
+        # The average ("ema" for any kind), None until averaging has begun.
+        "ema": run.average.state_dict() if validated_model(run) is not run.model else None,
+        "epoch": run.epoch, "step": run.step, "step_in_epoch": run.step_in_epoch,
+        "epoch_totals": [rank["totals"] for rank in per_rank],
+        "rng": [rank["rng"] for rank in per_rank],
+        "metrics": list(run.metrics), "recipe": run.recipe.to_dict(), "commit": run.commit,
+        "model_name": run.recipe.model.name, "classes": run.classes, "class_ids": run.class_ids,
+        "eval_config": run.model.eval_config.to_dict(), "normalization": run.normalization,
+        "torch_version": str(torch.__version__),
+    }
+
+
+def _plain(totals: dict[str, Any]) -> dict[str, Any]:
+    return {key: float(value) if torch.is_tensor(value) else value for key, value in totals.items()}
+
+
+def save_epoch(
+    run_dir: Path, state: dict[str, Any], row: dict[str, Any], is_best: bool, keep: int
+) -> None:
+    """The epoch's checkpoint (replacing interrupted.pt), best.pt when it is the best, and
+    only the newest `keep` epoch checkpoints."""
+    path = ckpt.epoch_checkpoint(run_dir, row["epoch"])
+    ckpt.save_checkpoint(state, path)
+    ckpt.interrupted_checkpoint(run_dir).unlink(missing_ok=True)
+    if is_best:
+        ckpt.copy_checkpoint(path, ckpt.best_checkpoint(run_dir))
+    ckpt.prune_epoch_checkpoints(run_dir, keep)
+
+
+def export(run: Run) -> None:
+    """model.safetensors (the averaged weights once averaging has begun), normalization,
+    eval_config.json."""
+    final = validated_model(run)
+    recipe = run.recipe.to_dict()
+    last = run.metrics[-1] if run.metrics else {}
+    ckpt.export_model(run.run_dir, final, run.normalization, {
+        "model": run.recipe.model.name, "num_classes": run.num_classes, "classes": run.classes,
+        "class_ids": run.class_ids,
+        "eval_config": final.eval_config.to_dict(), "data": recipe["data"],
+        "recipe": run.recipe.name, "commit": run.commit, "epochs": run.epoch, "steps": run.step,
+        "val_top1_error": last.get("val_top1_error"), "val_top5_error": last.get("val_top5_error"),
+        "reported": recipe["reported"],
+    })
