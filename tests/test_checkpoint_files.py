@@ -368,7 +368,7 @@ BAD_EXPORTS = {  # a damage, and what the error must name
 
 
 @pytest.mark.parametrize("damage", BAD_EXPORTS, ids=list(BAD_EXPORTS))
-def test_a_bad_export_is_a_data_error_and_a_run_falls_back_to_best_pt(tmp_path, damage):
+def test_a_bad_export_is_a_data_error_and_a_run_falls_back_to_its_checkpoint(tmp_path, damage):
     random.seed(damage)
     write_run(tmp_path)
     corrupt, named = BAD_EXPORTS[damage]
@@ -379,7 +379,11 @@ def test_a_bad_export_is_a_data_error_and_a_run_falls_back_to_best_pt(tmp_path, 
     with pytest.warns(ckpt.CheckpointWarning, match=named + ".*; using .*best.pt instead"):
         trained = load_trained(tmp_path)
     assert trained.source == ckpt.best_checkpoint(tmp_path) and trained.class_ids == CLASS_IDS
-    ckpt.best_checkpoint(tmp_path).unlink()
+    ckpt.best_checkpoint(tmp_path).unlink()  # as in a run that validated on the test set
+    with pytest.warns(ckpt.CheckpointWarning, match=named + ".*; using .*epoch-002.pt instead"):
+        assert load_trained(tmp_path).source == ckpt.epoch_checkpoint(tmp_path, 2)
+    for epoch in (1, 2):
+        ckpt.epoch_checkpoint(tmp_path, epoch).unlink()
     with pytest.raises(DataError, match=named):  # nothing to fall back to
         load_trained(tmp_path)
 

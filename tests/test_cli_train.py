@@ -41,9 +41,10 @@ def trained_run(tmp_path_factory):
 
 def test_train_writes_a_complete_run_directory_and_resumes(trained_run):
     for name in ("recipe.yaml", "metrics.csv", "curves.png", "model.safetensors",
-                 "normalization.safetensors", "eval_config.json", "checkpoints/best.pt",
+                 "normalization.safetensors", "eval_config.json",
                  "checkpoints/epoch-001.pt", "checkpoints/epoch-002.pt"):
         assert (trained_run / name).is_file(), name
+    assert not (trained_run / "checkpoints" / "best.pt").exists()  # it validates on test images
     info = json.loads((trained_run / "eval_config.json").read_text())
     assert info["model"] == "resnet20" and info["steps"] == 6 and len(info["classes"]) == 10
     assert info["class_ids"] == info["classes"]  # the sample's labels are its class names
@@ -73,7 +74,7 @@ def test_predict_prints_top5_class_names_with_probabilities(trained_run, tmp_pat
     for index in (0, 1):
         paths.append(tmp_path / f"image{index}.png")
         Image.fromarray(test_images.images[index].permute(1, 2, 0).numpy()).save(paths[-1])
-    main(["predict", str(trained_run / "checkpoints" / "best.pt"), *map(str, paths),
+    main(["predict", str(trained_run / "checkpoints" / "epoch-002.pt"), *map(str, paths),
           "--device", "cpu"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == str(paths[0]) and lines[6] == str(paths[1]) and len(lines) == 12
@@ -121,13 +122,13 @@ def test_a_second_run_into_a_run_directory_is_refused_unless_overwrite(tmp_path,
     run = tmp_path / "run"
     args = ["train", "--device", "cpu", "--set", "train.iterations=1", "--output-dir", str(run)]
     main(args)
-    best = run / "checkpoints" / "best.pt"
-    written = best.stat().st_mtime_ns
+    first = run / "checkpoints" / "epoch-001.pt"
+    written = first.stat().st_mtime_ns
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_:
         main(args)
     assert exit_.value.code == 2 and "already holds a run" in capsys.readouterr().err
-    assert best.stat().st_mtime_ns == written
+    assert first.stat().st_mtime_ns == written
     main([*args, "--overwrite"])
     out = capsys.readouterr().out
     # quickstart: 5,000 images at batch 64; train.iterations counts steps of batch 128.

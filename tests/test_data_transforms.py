@@ -17,7 +17,6 @@ from canon.data.stats import compute_stats, imagenet_pca
 from canon.data.transforms import (
     Compose,
     FancyPCA,
-    FixedCropChoice,
     Photometric,
     RandomAreaCrop,
     RandomCrop,
@@ -92,7 +91,7 @@ def test_cifar_crop_pads_four_zero_pixels(sample):
 def test_center_crop_position(photos):
     """The test-time centre crop, cut before the float work, equals cropping the whole
     normalised image at the centre; the views' centre protocol is the same crop."""
-    preprocess = EvalPreprocess(False, 128, 150, Normalize(torch.rand(3, 40, 40)))
+    preprocess = EvalPreprocess(128, 150, Normalize(torch.rand(3, 40, 40)))
     for image in photos[:3]:
         whole = preprocess(image)
         height, width = whole.shape[-2:]
@@ -102,7 +101,7 @@ def test_center_crop_position(photos):
         (view,) = ProtocolViews(parse_protocol("center"), preprocess)(image)
         assert torch.allclose(view[0], expected, atol=1e-6)
     with pytest.raises(ConfigError, match="cannot take 160x160 crops of a 150x"):
-        EvalPreprocess(False, 160, 150, Normalize(torch.zeros(3))).center(photos[0])
+        EvalPreprocess(160, 150, Normalize(torch.zeros(3))).center(photos[0])
 
 
 def test_flip_is_identity_or_mirror_and_both_happen(sample):
@@ -132,8 +131,11 @@ def test_scale_jitter_range_and_aspect(photos):
     assert min(sides) < 150 and max(sides) > 195
 
 
-def test_rescale_square_ignores_aspect(photos):
-    assert RescaleSquare(256)(photos[1]).shape == (3, 256, 256)
+def test_rescale_square_keeps_the_central_square_or_squashes(photos):
+    image = photos[1]
+    assert RescaleSquare(256)(image).shape == (3, 256, 256)
+    squashed = RescaleSquare(256, "squash")(image)
+    assert torch.equal(squashed, resize_image(image, 256, 256, "bilinear"))
 
 
 def test_area_crop_boxes_respect_area_and_aspect(photos):
@@ -301,6 +303,5 @@ def test_zfnet_takes_one_of_the_ten_crops_of_the_centre_square(photos):
         (match,) = [i for i in range(10) if torch.allclose(out, expected[i], atol=1e-6)]
         seen.add(match)
     assert seen == set(range(10))
-    assert FixedCropChoice(48, 64).boxes(height, width)[4] == (top + 8, left + 8)
     evaluation = eval_preprocess(config)
     assert evaluation.rescale(image).shape == (3, 64, 64)  # its ten test crops: same square

@@ -9,13 +9,14 @@ import pytest
 import torch
 
 from canon.engine.schedules import LearningRateSchedule, linear_scaled_lr, scale_iteration_counts
+from canon.errors import ConfigError
 from canon.recipes import load_recipe
 from canon.recipes.schema import ScheduleSection
 
 
 def make(config: ScheduleSection, **kwargs) -> LearningRateSchedule:
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    defaults = {"peak_lr": 0.1, "steps_per_epoch": 100, "total_steps": 1000}
+    defaults = {"peak_lr": 0.1, "base_lr": 0.1, "steps_per_epoch": 100, "total_steps": 1000}
     return LearningRateSchedule(optimizer, config, **{**defaults, **kwargs})
 
 
@@ -30,6 +31,62 @@ def test_resnet_cifar_multistep_by_iteration_with_constant_warmup():
     assert schedule.lr_at(31999) == pytest.approx(0.1)
     assert schedule.lr_at(32000) == pytest.approx(0.01)
     assert schedule.lr_at(48000) == pytest.approx(0.001)
+
+
+def test_resnet110_warms_up_at_001_until_the_training_error_is_below_80_percent():
+    """He et al. 2015 s4.2: 0.01 "until the training error is below 80% (about 400
+    iterations), and then go back to 0.1"; the 400 iterations are only the latest end."""
+    config = load_recipe("resnet110-cifar10").schedule
+    schedule = make(config, steps_per_epoch=390, total_steps=64000)
+    for step, error in ((10, 90.0), (20, 85.5), (30, 80.0)):  # 80.0 is not below 80%
+        schedule.observe_train_error(error, step)
+        assert schedule.awaits_train_error(step)
+        assert schedule.lr_at(step) == pytest.approx(0.01)
+    schedule.observe_train_error(79.2, 40)
+    assert not schedule.awaits_train_error(40)
+    assert schedule.lr_at(39) == pytest.approx(0.01)
+    assert schedule.lr_at(40) == schedule.lr_at(399) == pytest.approx(0.1)
+    schedule.observe_train_error(95.0, 50)  # once ended, the warm-up stays over
+    assert schedule.lr_at(50) == pytest.approx(0.1)
+    assert schedule.lr_at(32000) == pytest.approx(0.01)  # the milestones are unchanged
+
+    # State round trip: a resumed run keeps where the warm-up ended; an older checkpoint,
+    # from before the key existed, loads as not ended.
+    resumed = make(config, steps_per_epoch=390, total_steps=64000)
+    resumed.load_state_dict(schedule.state_dict())
+    assert resumed.lr_at(40) == pytest.approx(0.1) and not resumed.awaits_train_error(40)
+    older = {k: v for k, v in schedule.state_dict().items() if k != "warmup_ended_at"}
+    resumed.load_state_dict(older)
+    assert resumed.lr_at(40) == pytest.approx(0.01) and resumed.awaits_train_error(40)
+
+    # Fallback: an error that never falls below 80% ends the warm-up at 400 iterations.
+    stuck = make(config, steps_per_epoch=390, total_steps=64000)
+    for step in range(10, 400, 10):
+        stuck.observe_train_error(88.0, step)
+    assert stuck.lr_at(399) == pytest.approx(0.01)
+    assert not stuck.awaits_train_error(400) and stuck.lr_at(400) == pytest.approx(0.1)
+    stuck.observe_train_error(10.0, 410)
+    assert stuck.warmup_ended_at is None  # reports after the cap change nothing
+
+
+def test_a_warmup_that_ends_on_the_training_error_needs_a_constant_warmup_and_a_cap():
+    with pytest.raises(ConfigError, match="warmup_until_train_error needs"):
+        ScheduleSection(warmup_until_train_error=80.0, warmup_mode="constant")
+    with pytest.raises(ConfigError, match="warmup_until_train_error needs"):
+        ScheduleSection(warmup_until_train_error=80.0, warmup_iterations=400)  # linear
+    with pytest.raises(ConfigError, match="in percent"):
+        ScheduleSection(warmup_until_train_error=-5.0, warmup_mode="constant",
+                        warmup_iterations=400)
+
+
+def test_warmup_from_the_base_lr_starts_at_the_unscaled_rate():
+    config = ScheduleSection(warmup_epochs=1, warmup_start="base_lr")
+    ramp = make(config, peak_lr=0.8, base_lr=0.1)  # k = 8
+    assert ramp.lr_at(0) == pytest.approx(0.1)
+    assert ramp.lr_at(50) == pytest.approx(0.45)
+    assert ramp.lr_at(100) == pytest.approx(0.8)
+    # At or below the base batch there is nothing to warm up from.
+    assert make(config, peak_lr=0.05, base_lr=0.1).lr_at(0) == pytest.approx(0.05)
 
 
 def test_step_by_epoch_googlenet():

@@ -15,10 +15,12 @@ from canon.data.geometry import resize_image
 from canon.data.normalize import Normalize
 from canon.data.preprocess import EvalPreprocess
 from canon.data.views import (
+    PROTOCOLS,
     ProtocolViews,
     collate_views,
     dense_view,
     googlenet_crops,
+    grid_crops,
     parse_protocol,
     ten_crop,
 )
@@ -119,7 +121,7 @@ def test_googlenet_144_crops():
         assert torch.equal(crops[18 + index * 6 : 24 + index * 6], first.flip(-1))
     portrait = googlenet_crops(image.transpose(1, 2), 6)
     assert torch.equal(portrait[0], image.transpose(1, 2)[:, :6, :6])
-    preprocess = EvalPreprocess(False, 224, 256, Normalize(torch.zeros(3)))
+    preprocess = EvalPreprocess(224, 256, Normalize(torch.zeros(3)))
     views = ProtocolViews(parse_protocol("144-crop"), preprocess)
     assert views.scales == (256, 288, 320, 352)
     stacks = views(torch.randint(0, 255, (3, 240, 320), dtype=torch.uint8))
@@ -130,11 +132,11 @@ def test_144_crop_needs_crops_of_64_px(sample_sets):
     """GoogLeNet's 144 views of a 32 px CIFAR image mostly repeat each other: refused."""
     protocol = parse_protocol("144-crop")
     for crop_size in (32, 63):
-        preprocess = EvalPreprocess(False, crop_size, crop_size, Normalize(torch.zeros(3)))
+        preprocess = EvalPreprocess(crop_size, crop_size, Normalize(torch.zeros(3)))
         with pytest.raises(ConfigError, match=rf"'144-crop' .* {crop_size} px crops .*center, "
                                               "ten-crop or dense"):
             ProtocolViews(protocol, preprocess)
-    preprocess = EvalPreprocess(False, 64, 73, Normalize(torch.zeros(3)))
+    preprocess = EvalPreprocess(64, 73, Normalize(torch.zeros(3)))
     assert ProtocolViews(protocol, preprocess).scales == (73, 82, 91, 101)
     val = sample_sets.val
     with pytest.raises(ConfigError, match="144-crop"):
@@ -146,6 +148,62 @@ def test_protocol_names():
     assert parse_protocol("dense+multi-scale").name == "multi-scale+dense"
     with pytest.raises(ConfigError, match="unknown protocol 'twelve-crop'"):
         parse_protocol("twelve-crop")
+
+
+def test_vgg_multi_crop_is_a_5x5_grid_with_flips_at_three_scales():
+    """VGG s3.2: "50 crops per scale (5 x 5 regular grid with 2 flips), for a total of 150
+    crops over 3 scales"."""
+    image = torch.arange(3 * 50 * 70, dtype=torch.float32).view(3, 50, 70)
+    crops = grid_crops(image, 30)
+    assert crops.shape == (50, 3, 30, 30)
+    tops, lefts = [0, 5, 10, 15, 20], [0, 10, 20, 30, 40]  # regular, edge to edge
+    for index, (top, left) in enumerate((t, c) for t in tops for c in lefts):
+        assert torch.equal(crops[index], image[:, top : top + 30, left : left + 30])
+        assert torch.equal(crops[25 + index], crops[index].flip(-1))
+    preprocess = EvalPreprocess(32, 40, Normalize(torch.zeros(3)), scales=(32, 40, 48))
+    raw = torch.randint(0, 256, (3, 60, 90), dtype=torch.uint8)
+    stacks = ProtocolViews(parse_protocol("multi-crop"), preprocess)(raw)
+    assert [len(stack) for stack in stacks] == [50, 50, 50]
+    for stack, scale in zip(stacks, (32, 40, 48), strict=True):
+        assert torch.equal(stack, grid_crops(preprocess(raw, scale), 32))
+    assert {"multi-crop", "multi-crop+dense"} <= set(PROTOCOLS)
+    for name in ("multi-crop+dense", "dense+multi-crop", "multi-scale+multi-crop+dense"):
+        assert parse_protocol(name).methods == ("multi-crop", "dense")
+    assert parse_protocol("multi-scale+multi-crop").name == "multi-crop"
+    with pytest.raises(ConfigError, match="unknown protocol"):
+        parse_protocol("ten-crop+dense")
+
+
+def test_multi_crop_plus_dense_averages_the_two_methods():
+    """VGG s4.3 (Table 5): multi-crop and dense evaluation combined by "averaging their
+    soft-max outputs": each method's posteriors over its views, then the two methods'."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (4, 3, 40, 52), dtype=torch.uint8, generator=generator)
+    preprocess = EvalPreprocess(32, 40, Normalize(torch.tensor([0.5, 0.4, 0.3])),
+                                scales=(32, 40, 48))
+    model = SmallConvNet().eval()
+    dense_network = model.fully_convolutional().eval()
+    crop_only, dense_only = parse_protocol("multi-crop"), parse_protocol("multi-scale+dense")
+    both = parse_protocol("multi-crop+dense")
+    with torch.no_grad():
+        expected, per_view = [], []
+        for image in images:
+            crops = torch.cat(ProtocolViews(crop_only, preprocess)(image))
+            crop_posterior = model(crops).softmax(1).mean(0)
+            dense = [dense_network(stack).mean((2, 3)).softmax(1)
+                     for stack in ProtocolViews(dense_only, preprocess)(image)]
+            dense_posterior = torch.cat(dense).mean(0)
+            expected.append((crop_posterior + dense_posterior) / 2)
+            per_view.append((150 * crop_posterior + 6 * dense_posterior) / 156)
+        stacks = [ProtocolViews(both, preprocess)(image) for image in images]
+        combined = _average_posteriors(model, dense_network, stacks, both, "cpu")
+    assert torch.allclose(combined, torch.stack(expected), atol=1e-6)
+    assert not torch.allclose(combined, torch.stack(per_view), atol=1e-4)
+    labels = torch.stack(expected).argmax(1).tolist()
+    dataset = ArrayImages(images, labels, [str(c) for c in range(10)], name="four")
+    result = evaluate(model, dataset, "dense+multi-crop", preprocess=preprocess)
+    assert result["top1_error"] == 0 and result["views_per_image"] == 156
+    assert result["protocol"] == "multi-crop+dense"
 
 
 def test_multi_scale_views_on_real_photos(imagenette_root, tmp_path):
@@ -176,16 +234,16 @@ def test_ten_crop_equals_center_for_a_position_blind_model():
     generator = torch.Generator().manual_seed(0)
     tiles = torch.randint(0, 256, (8, 3, 4, 4), dtype=torch.uint8, generator=generator)
     images = tiles.repeat(1, 1, 12, 13)[:, :, :46, :50]  # 46 x 50, period 4
-    preprocess = EvalPreprocess(False, 32, 46, Normalize(torch.tensor([0.5, 0.4, 0.3])))
+    preprocess = EvalPreprocess(32, 46, Normalize(torch.tensor([0.5, 0.4, 0.3])))
     per_image = ProtocolViews(parse_protocol("ten-crop"), preprocess)(images[0])
     crops = per_image[0][:5]
     assert all(not torch.equal(crops[i], crops[j]) for i in range(5) for j in range(i))
     model, ten, center = PixelwiseNet(), parse_protocol("ten-crop"), parse_protocol("center")
     with torch.no_grad():
         stacks = [ProtocolViews(ten, preprocess)(image) for image in images]
-        tencrop = _average_posteriors(model, stacks, ten, "cpu")
+        tencrop = _average_posteriors(model, None, stacks, ten, "cpu")
         stacks = [ProtocolViews(center, preprocess)(image) for image in images]
-        single = _average_posteriors(model, stacks, center, "cpu")
+        single = _average_posteriors(model, None, stacks, center, "cpu")
     assert torch.allclose(tencrop, single, atol=1e-6)
     assert not torch.allclose(single, single.mean(0))  # the images do score differently
 
@@ -214,7 +272,7 @@ def test_dense_equals_center_at_training_size(sample_sets):
     images = torch.stack([val[i][0] for i in range(64)])
     with torch.no_grad():
         posteriors = _average_posteriors(
-            model.fully_convolutional(), [[dense_view(x)] for x in images],
+            model, model.fully_convolutional(), [[dense_view(x)] for x in images],
             parse_protocol("dense"), "cpu",
         )
         expected = (model(images).softmax(1) + model(images.flip(-1)).softmax(1)) / 2
@@ -274,7 +332,7 @@ def test_score_loader_leaves_a_split_model_where_it_is(sample_sets):
 def test_loader_of_views_restores_training_mode(sample_sets):
     val = sample_sets.val
     model = SmallConvNet().train()
-    preprocess = EvalPreprocess(False, 32, 32, Normalize(torch.zeros(3)))
+    preprocess = EvalPreprocess(32, 32, Normalize(torch.zeros(3)))
     dataset = val.with_transform(ProtocolViews(parse_protocol("center"), preprocess))
     loader = build_loader(dataset, 50, train=False, collate_fn=collate_views)
     assert len(next(iter(loader))[0]) == 50
@@ -320,6 +378,6 @@ def test_evaluate_with_a_preprocess_reads_no_training_split(imagenette_root, tmp
     with pytest.raises(DataError, match="train and val have different classes"):
         build_datasets(DataConfig(dataset=str(tmp_path), mean="imagenet"))
     model = PixelwiseNet(num_classes=2)
-    preprocess = EvalPreprocess(False, 64, 72, Normalize(torch.zeros(3)))
+    preprocess = EvalPreprocess(64, 72, Normalize(torch.zeros(3)))
     result = evaluate(model, tmp_path, "ten-crop", preprocess=preprocess)
     assert result["images"] == 6 and result["views_per_image"] == 10

@@ -176,6 +176,8 @@ def test_kaiming_init_and_zero_init_residual() -> None:
     bottleneck = canon.create_model("resnet50", zero_init_residual=True)
     assert all(torch.all(b.bn3.weight == 0) for b in bottleneck.blocks())
     assert not any(torch.all(b.bn3.weight == 0) for b in canon.create_model("resnet50").blocks())
+    cifar = canon.create_model("resnet20", zero_init_residual=True)  # the CIFAR nets too
+    assert all(torch.all(b.bn2.weight == 0) for b in cifar.blocks())
 
 
 def test_zero_init_residual_refuses_plain_nets() -> None:

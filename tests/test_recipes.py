@@ -15,7 +15,8 @@ REQUIRED = [
     "alexnet", "zfnet", "vgg16", "vgg19", "googlenet",
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
     "resnet20-cifar10", "resnet32-cifar10", "resnet44-cifar10", "resnet56-cifar10",
-    "resnet110-cifar10", "plain20-cifar10", "plain56-cifar10", "resnet50-cosine", "quickstart",
+    "resnet110-cifar10", "plain20-cifar10", "plain32-cifar10", "plain44-cifar10",
+    "plain56-cifar10", "plain110-cifar10", "resnet50-cosine", "resnet50-goyal", "quickstart",
 ]
 
 
@@ -44,6 +45,11 @@ def test_paper_values_reach_the_recipes():
     assert cifar.schedule.milestones == (32000, 48000) and cifar.schedule.unit == "iteration"
     assert cifar.train.iterations == 64000 and cifar.schedule.warmup_mode == "constant"
     assert cifar.optimizer.lr * cifar.schedule.warmup_start_factor == pytest.approx(0.01)
+    # s4.2: "until the training error is below 80% (about 400 iterations)"
+    assert cifar.schedule.warmup_until_train_error == 80.0
+    assert cifar.schedule.warmup_iterations == 400
+    for depth in (20, 32, 44, 56, 110):  # Fig. 6: the plain nets (plain-110's error > 60%)
+        assert load_recipe(f"plain{depth}-cifar10").model.name == f"plain{depth}"
     assert load_recipe("resnet56-cifar10").schedule.warmup_iterations == 0
     assert load_recipe("vgg16").data.scale_range == (256, 512)
     assert load_recipe("googlenet").train.aux_loss_weight == 0.3

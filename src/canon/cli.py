@@ -211,10 +211,11 @@ def _run_train(args: argparse.Namespace) -> None:
         sys.exit(128 + stop.signal_number)  # the shell's convention: 130 Ctrl-C, 143 SIGTERM
     last = result.metrics[-1] if result.metrics else None
     if last is not None and is_main_process():
-        print(
-            f"done: {result.run_dir}  val top-1 error {last['val_top1_error']:.2f}% "
-            f"(best {result.best_val_top1_error:.2f}%), top-5 {last['val_top5_error']:.2f}%"
-        )
+        split = "test" if result.validated_on_test_set else "val"
+        best = "" if result.best_val_top1_error is None else (
+            f" (best epoch {result.best_val_top1_error:.2f}%)")
+        print(f"done: {result.run_dir}  final model: {split} top-1 error "
+              f"{last['val_top1_error']:.2f}%{best}, top-5 {last['val_top5_error']:.2f}%")
 
 
 def _eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -224,7 +225,8 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--protocol", default="center",
         help="center, ten-crop, dense, 144-crop (GoogLeNet), multi-scale (= multi-scale+center), "
-        "multi-scale+ten-crop or multi-scale+dense",
+        "multi-scale+ten-crop, multi-scale+dense, multi-crop (VGG: 5x5 grid + flips at 3 scales) "
+        "or multi-crop+dense (VGG)",
     )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")

@@ -14,7 +14,8 @@ from canon.validation import build_dataclass
 AUGMENTATIONS = ("alexnet", "zfnet", "vgg", "resnet", "googlenet", "cifar", "none")
 MEANS = ("pixel", "channel", "imagenet")
 PCA_SOURCES = ("dataset", "imagenet")
-INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "area")
+ALEXNET_RESIZES = ("center-square", "squash")
 # PIL's decompression-bomb threshold, 2 x PIL.Image.MAX_IMAGE_PIXELS: PIL refuses larger images.
 MAX_IMAGE_PIXELS = 178_956_970
 
@@ -33,10 +34,14 @@ class DataConfig:
     # Side of the square training crop: 224 in the ImageNet papers, 32 for CIFAR.
     crop_size: int = 32
     # Evaluation: shorter side before the centre crop (256 for VGG/ResNet/GoogLeNet). AlexNet
-    # (s2) rescales every image to resize_size x resize_size instead; ZFNet (s3) takes the
-    # centre resize_size square of the rescaled image. Also the side of the square at which
-    # the mean image is computed.
+    # (s2) and ZFNet (s3) then keep the central resize_size square, for training and testing
+    # alike (image_fit). Also the side of the mean image (canon.data.stats.mean_image_fit).
     resize_size: int = 32
+    # AlexNet s2: "we first rescaled the image such that the shorter side was of length 256,
+    # and then cropped out the central 256x256 patch" ("center-square"); "squash" rescales the
+    # whole image to resize_size x resize_size, ignoring its aspect ratio (canon's earlier
+    # reading, kept by name). Read by the alexnet pipeline only.
+    alexnet_resize: str = "center-square"
     # VGG s3.1 scale jittering / ResNet s3.4 scale augmentation: the shorter side is drawn
     # uniformly from [min, max] per image, e.g. (256, 512) or (256, 480). None: fixed at
     # resize_size (VGG's single-scale training with S = resize_size).
@@ -44,10 +49,10 @@ class DataConfig:
     # Mean subtraction: "pixel" = the training set's mean image (AlexNet s2, ResNet s3.4/s4.2),
     # "channel" = per-channel mean (VGG s2.1), "imagenet" = torchvision's published constants.
     mean: str = "pixel"
-    # Also divide by the per-channel standard deviation. Not in the papers (they subtract the
-    # mean from 0-255 pixels); on by default because He initialisation assumes unit-variance
-    # inputs. With mean="imagenet" the published std is used.
-    divide_std: bool = True
+    # Also divide by the per-channel standard deviation. Off, as in the five papers, which
+    # subtract a mean and nothing else (AlexNet s2, ZFNet s3, VGG s2.1, GoogLeNet s5, ResNet
+    # s3.4/s4.2); torchvision-style recipes turn it on. With mean="imagenet" the published std.
+    divide_std: bool = False
     # AlexNet s4.1 "fancy PCA" colour augmentation: std of alpha_i (0.1 in the paper); 0 = off.
     # VGG s3.1 and ResNet s3.4 reuse it ("random RGB colour shift", "standard colour
     # augmentation").
@@ -65,8 +70,12 @@ class DataConfig:
     # GoogLeNet s6 photometric distortions (Howard 2013): strength of random brightness,
     # contrast and saturation changes; 0 = off.
     photometric: float = 0.4
-    # Resampling filter for every resize.
+    # Resampling filter for every resize ("area": box averaging, see geometry.resize_image).
     interpolation: str = "bilinear"
+    # GoogLeNet s6: "random interpolation methods (bilinear, area, nearest neighbor and cubic,
+    # with equal probability) for resizing", drawn per training crop by the googlenet
+    # pipeline; false: data.interpolation for every crop.
+    interpolation_jitter: bool = True
     # Multi-scale test scales (shorter sides); empty = VGG s3.2's rule: {S-32, S, S+32} for a
     # fixed training scale S = resize_size, {min, mid, max} for a jittered scale_range.
     test_scales: tuple[int, ...] = ()
@@ -77,9 +86,18 @@ class DataConfig:
     # 0: no limit of canon's own; PIL, which reads the headers, still refuses more than
     # 2 x PIL.Image.MAX_IMAGE_PIXELS (the default here, unless a program raises PIL's limit).
     max_image_pixels: int = MAX_IMAGE_PIXELS
+    # Training images held out as the validation set (He et al. s4.2 fixed its CIFAR schedule
+    # "on a 45k/5k train/val split"): the training set is the rest, and the dataset's own
+    # test/val split is not read. Stratified: each class gives its share. 0: validate on the
+    # dataset's test/val split.
+    val_split: int = 0
+    # Seeds the choice of held-out images; apart from train.seed, so runs with different
+    # seeds are validated on the same images.
+    val_split_seed: int = 0
 
     def __post_init__(self) -> None:
         _choice("augmentation", self.augmentation, AUGMENTATIONS)
+        _choice("alexnet_resize", self.alexnet_resize, ALEXNET_RESIZES)
         _choice("mean", self.mean, MEANS)
         _choice("pca_source", self.pca_source, PCA_SOURCES)
         _choice("interpolation", self.interpolation, INTERPOLATIONS)
@@ -111,13 +129,13 @@ class DataConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
                 raise ConfigError(f"data.{name} must be a number >= 0, got {value!r}")
-        for name in ("padding", "max_image_pixels"):
+        for name in ("padding", "max_image_pixels", "val_split", "val_split_seed"):
             _non_negative_int(name, getattr(self, name))
         scales = tuple(self.test_scales)
         for scale in scales:
             _positive_int("test_scales", scale)
         object.__setattr__(self, "test_scales", scales)
-        for name in ("divide_std", "flip", "download"):
+        for name in ("divide_std", "flip", "download", "interpolation_jitter"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"data.{name} must be true or false, got {getattr(self, name)!r}")
 
@@ -125,6 +143,14 @@ class DataConfig:
     def from_dict(cls, values: dict) -> DataConfig:
         """Build from a recipe's `data:` mapping; unknown keys are an error listing valid ones."""
         return build_dataclass(cls, values, "data")
+
+    def image_fit(self) -> str:
+        """How images are rescaled before any crop (canon.data.geometry.fit_image): to the
+        central resize_size square (AlexNet s2, ZFNet s3), squashed (alexnet_resize), or with
+        the shorter side to the scale, the whole image kept (the others)."""
+        if self.augmentation == "alexnet":
+            return self.alexnet_resize
+        return "center-square" if self.augmentation == "zfnet" else "shorter"
 
     def multi_scale_test_sizes(self) -> tuple[int, ...]:
         """Shorter sides for multi-scale testing (VGG s3.2 and s4.2 when none are given)."""

@@ -23,8 +23,9 @@ from canon.data.folders import (
     check_known_classes,
     open_eval_folder,
     open_image_folder,
+    open_train_folder,
 )
-from canon.data.labeled import ArrayImages, LabeledImages
+from canon.data.labeled import ArrayImages, ImageSubset, LabeledImages
 from canon.errors import DataError
 
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample"
@@ -76,6 +77,21 @@ def open_dataset(
     if isinstance(source, Path):
         return open_image_folder(source, strict=strict, max_pixels=max_pixels)
     return source("train"), source("test")
+
+
+def open_train_split(
+    dataset: str,
+    *,
+    cache: Path | None = None,
+    strict: bool = False,
+    download: bool = True,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+) -> LabeledImages:
+    """The training split alone of a DataConfig.dataset value (no other split is read)."""
+    source = _source(dataset, cache or canon_cache_dir(), download)
+    if isinstance(source, Path):
+        return open_train_folder(source, strict=strict, max_pixels=max_pixels)
+    return source("train")
 
 
 def open_eval_split(
@@ -148,5 +164,9 @@ def dataset_fingerprint(dataset: LabeledImages) -> str:
     if isinstance(dataset, ArrayImages):
         digest = hashlib.sha256(np.ascontiguousarray(dataset.images.numpy()))  # no copy
         digest.update(np.asarray(dataset.labels, dtype=np.int64).tobytes())
+        return digest.hexdigest()[:16]
+    if isinstance(dataset, ImageSubset):
+        digest = hashlib.sha256(dataset_fingerprint(dataset.parent).encode())
+        digest.update(np.asarray(dataset.indices, dtype=np.int64).tobytes())
         return digest.hexdigest()[:16]
     raise TypeError(f"cannot fingerprint {type(dataset).__name__}")

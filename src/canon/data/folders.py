@@ -267,11 +267,21 @@ def open_image_folder(
     for split, folder in folders.items():
         if folder is None:
             raise _no_split_folder(root, split)
-    train = FolderImages(folders["train"], strict=strict, max_pixels=max_pixels)
+    train = open_train_folder(root, strict=strict, max_pixels=max_pixels)
     val = FolderImages(
         folders["val"], class_ids=train.class_ids, strict=strict, max_pixels=max_pixels
     )
     return train, val
+
+
+def open_train_folder(
+    root: Path, *, strict: bool = False, max_pixels: int = MAX_IMAGE_PIXELS
+) -> FolderImages:
+    """The train tree of an ImageNet-layout root alone (no val/ needed)."""
+    folder = _split_folder(root, "train")
+    if folder is None:
+        raise _no_split_folder(root, "train")
+    return FolderImages(folder, strict=strict, max_pixels=max_pixels)
 
 
 def open_eval_folder(

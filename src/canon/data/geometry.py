@@ -1,7 +1,8 @@
 """Image geometry shared by the training augmentation and the test-time views: resizing
-(isotropic, as VGG s3.1 and ResNet s3.4 rescale the shorter side, or to a square, AlexNet s2)
-and the boxes and crops cut from an image (AlexNet s4.1's corner and centre crops, CIFAR's
-padded crops, He et al. s4.2), on uint8 and float images alike.
+(isotropic, as VGG s3.1 and ResNet s3.4 rescale the shorter side, then the central square for
+AlexNet s2 and ZFNet s3) and the boxes and crops cut from an image (AlexNet s4.1's corner and
+centre crops, VGG s3.2's 5 x 5 grid, CIFAR's padded crops, He et al. s4.2), on uint8 and float
+images alike.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
@@ -22,10 +24,39 @@ INTERPOLATION = {
 
 
 def resize_image(image: torch.Tensor, height: int, width: int, interpolation: str) -> torch.Tensor:
+    """`image` (C x H x W or N x C x H x W, uint8 or float) resized to height x width;
+    bilinear and bicubic antialiased when shrinking. "area" is a box filter: each output pixel
+    the mean of the input pixels its cell covers (F.interpolate's "area", adaptive average
+    pooling; TensorFlow's and OpenCV's area resize when shrinking), which no torchvision
+    tensor mode offers; when enlarging it repeats pixels, nearly nearest-neighbour."""
     if tuple(image.shape[-2:]) == (height, width):
         return image
+    if interpolation == "area":
+        return _area_resize(image, height, width)
     antialias = interpolation != "nearest"
     return TF.resize(image, [height, width], INTERPOLATION[interpolation], antialias=antialias)
+
+
+def _area_resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    batch = image.unsqueeze(0) if image.dim() == 3 else image
+    resized = F.interpolate(batch.float(), size=(height, width), mode="area")
+    if image.dtype == torch.uint8:
+        resized = resized.round_().clamp_(0, 255).to(torch.uint8)
+    return resized.squeeze(0) if image.dim() == 3 else resized
+
+
+def fit_image(image: torch.Tensor, size: int, fit: str, interpolation: str) -> torch.Tensor:
+    """The image rescaled before any crop (DataConfig.image_fit): "shorter", the shorter side
+    to `size`, aspect ratio kept (VGG s3.2, ResNet s3.4); "center-square", that and then the
+    central size x size square (AlexNet s2, ZFNet s3); "squash", the whole image to size x
+    size, aspect ratio ignored (DataConfig.alexnet_resize)."""
+    if fit == "squash":
+        return resize_image(image, size, size, interpolation)
+    height, width = shorter_side_size(*image.shape[-2:], size)
+    image = resize_image(image, height, width, interpolation)
+    if fit == "center-square":
+        return crop_box(image, *center_box(height, width, size), size)
+    return image
 
 
 def shorter_side_size(height: int, width: int, size: int) -> tuple[int, int]:
@@ -53,6 +84,16 @@ def five_crop_boxes(height: int, width: int, size: int) -> list[tuple[int, int]]
     top, left = center_box(height, width, size)
     bottom, right = height - size, width - size
     return [(0, 0), (0, right), (bottom, 0), (bottom, right), (top, left)]
+
+
+def grid_boxes(height: int, width: int, size: int, count: int) -> list[tuple[int, int]]:
+    """(top, left) of count x count size x size windows on a regular grid, row by row, the
+    first and last at the image's edges (VGG s3.2's "5 x 5 regular grid"); the middle one of
+    an odd grid is the centre window."""
+    check_crop(height, width, size)
+    tops = [row * (height - size) // (count - 1) for row in range(count)]
+    lefts = [column * (width - size) // (count - 1) for column in range(count)]
+    return [(top, left) for top in tops for left in lefts]
 
 
 def crop_box(image: torch.Tensor, top: int, left: int, size: int) -> torch.Tensor:

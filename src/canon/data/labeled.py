@@ -1,6 +1,6 @@
 """The base of canon's datasets, `LabeledImages` (items `(transform(image), label)`, `image` a
-decoded uint8 tensor 3 x H x W, RGB), and `ArrayImages`, images held in memory (CIFAR, He et
-al. s4.2, and the bundled sample).
+decoded uint8 tensor 3 x H x W, RGB), `ArrayImages`, images held in memory (CIFAR, He et al.
+s4.2, and the bundled sample), and `ImageSubset`, some images of another set.
 """
 
 from __future__ import annotations
@@ -82,3 +82,22 @@ class ArrayImages(LabeledImages):
 
     def __repr__(self) -> str:
         return f"ArrayImages({self.name}, {len(self)} images, {len(self.classes)} classes)"
+
+
+class ImageSubset(LabeledImages):
+    """The images of `parent` at `indices`, in that order, with its classes (the two parts of
+    a training split that data.val_split divides, canon.data.holdout)."""
+
+    def __init__(
+        self, parent: LabeledImages, indices: list[int], transform: Transform | None = None
+    ) -> None:
+        super().__init__(transform)
+        self.parent, self.indices = parent, list(indices)
+        self.labels = [parent.labels[i] for i in self.indices]
+        self.classes, self.class_ids = parent.classes, parent.class_ids
+
+    def load_image(self, index: int) -> torch.Tensor | None:
+        return self.parent.load_image(self.indices[index])
+
+    def __repr__(self) -> str:
+        return f"ImageSubset({self.parent!r}, {len(self)} images)"

@@ -1,10 +1,11 @@
 """From a DataConfig to ready datasets and DataLoaders.
 
-`build_datasets` opens the dataset, computes (or reads the cached) training-set statistics the
-preprocessing needs, and attaches the paper's training transform to the training set and the
-centre-crop test transform to the validation set. `build_loader` wraps a dataset in a
-DataLoader whose shuffling depends only on `seed` and the epoch (`loader.sampler.set_epoch`),
-so a resumed run sees the same order as an uninterrupted one.
+`build_datasets` opens the dataset (or only its training split, part of which it holds out
+as the validation set with data.val_split), computes (or reads the cached) training-set
+statistics the preprocessing needs, and attaches the paper's training transform to the
+training set and the centre-crop test transform to the validation set. `build_loader` wraps
+a dataset in a DataLoader whose shuffling depends only on `seed` and the epoch
+(`loader.sampler.set_epoch`), so a resumed run sees the same order as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.dataloader import default_collate
 
 from canon.data.config import DataConfig
-from canon.data.datasets import canon_cache_dir, open_dataset
+from canon.data.datasets import canon_cache_dir, open_dataset, open_train_split
+from canon.data.holdout import hold_out
 from canon.data.labeled import LabeledImages
 from canon.data.preprocess import EvalPreprocess, center_transform, eval_preprocess
 from canon.data.sampling import ShuffleSampler
-from canon.data.stats import DatasetStats, load_or_compute_stats, needs_stats
+from canon.data.stats import DatasetStats, load_or_compute_stats, mean_image_fit, needs_stats
 from canon.data.transforms import training_transform
 
 
@@ -34,7 +36,8 @@ def dataset_stats(
     if not needs_stats(config):
         return None
     return load_or_compute_stats(
-        train, config.resize_size, cache=root_cache, workers=workers, progress=progress
+        train, config.resize_size, fit=mean_image_fit(config), cache=root_cache,
+        workers=workers, progress=progress,
     )
 
 
@@ -59,13 +62,20 @@ def build_datasets(
     """Train and validation sets with the paper's training and centre-crop test transforms.
 
     Items are (float tensor 3 x crop_size x crop_size, int label); both have `.classes`.
-    `root_cache` (default $CANON_CACHE or ~/.cache/canon) holds downloads and statistics;
-    `workers` decoding processes compute the statistics of an image folder when they are not
-    cached yet (pass the run's train.workers).
+    The validation set is the dataset's test/val split or, with data.val_split, that many
+    training images held out (canon.data.holdout; the other split is then not read, and the
+    statistics are of the rest). `root_cache` (default $CANON_CACHE or ~/.cache/canon) holds
+    downloads and statistics; `workers` decoding processes compute the statistics of an image
+    folder when they are not cached yet (pass the run's train.workers).
     """
     cache = root_cache or canon_cache_dir()
-    train, val = open_dataset(config.dataset, cache=cache, strict=strict, download=config.download,
-                              max_pixels=config.max_image_pixels)
+    options = {"cache": cache, "strict": strict, "download": config.download,
+               "max_pixels": config.max_image_pixels}
+    if config.val_split:
+        train, val = hold_out(open_train_split(config.dataset, **options), config.val_split,
+                              config.val_split_seed)
+    else:
+        train, val = open_dataset(config.dataset, **options)
     stats = dataset_stats(config, train, root_cache=cache, workers=workers)
     preprocess = eval_preprocess(config, stats)
     return Datasets(

@@ -1,6 +1,7 @@
 """Pixel values: uint8 to float in [0, 1] and the papers' mean subtraction (the training set's
 mean image, AlexNet s2 and ResNet s3.4/s4.2, or its channel mean, VGG s2.1, or ImageNet's
-published constants), then, by default, division by the channel standard deviation.
+published constants), and, when asked (DataConfig.divide_std), division by the channel
+standard deviation.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ class Normalize:
     """Subtract a channel mean (3,) or a mean image (3 x S x S, resampled to the input's
     size), then divide by a channel std when given.
 
-    Deviations: pixels are in [0, 1], and by default (DataConfig.divide_std) divided by the
-    channel std; the papers subtract the mean from 0-255 pixels. The papers do not say how a
+    Deviation: pixels are in [0, 1]; the papers subtract the mean from 0-255 pixels (inputs
+    255 times larger). The papers do not say how a
     fixed-size mean image meets inputs of other sizes (scale jitter, GoogLeNet crops, test
     scales): here it is resampled to them (antialiased bilinear, as TF.resize)."""
 
@@ -81,9 +82,9 @@ class Normalize:
 
 def make_normalize(config: DataConfig, stats: DatasetStats | None) -> Normalize:
     """The normalisation DataConfig.mean names: ImageNet's published channel mean and std, or
-    the training set's `stats`, whose mean image is that of every image squashed to
-    resize_size x resize_size (one statistics pass). For ZFNet that deviates from the paper,
-    whose mean image is of the centre 256 x 256 squares."""
+    the training set's `stats`, whose mean image is of its images fitted to resize_size x
+    resize_size (canon.data.stats.mean_image_fit: AlexNet's and ZFNet's central squares,
+    else squashed). The std divides only with DataConfig.divide_std."""
     if config.mean == "imagenet":
         mean, std = imagenet_channel_stats()
     else:

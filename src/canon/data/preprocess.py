@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from canon.data.config import DataConfig
-from canon.data.geometry import center_box, crop_box, resize_image, shorter_side_size
+from canon.data.geometry import center_box, crop_box, fit_image
 from canon.data.normalize import Normalize, ToFloat, make_normalize
 from canon.data.stats import DatasetStats
 
@@ -19,27 +19,20 @@ from canon.data.stats import DatasetStats
 class EvalPreprocess:
     """Test-time preprocessing shared by every view: rescale, then to float and normalise.
 
-    AlexNet rescales to a square; the others rescale the shorter side isotropically, and
-    ZFNet (s3) then keeps the centred square, whose corners its ten crops take."""
+    `fit` (DataConfig.image_fit): the shorter side rescaled isotropically, the whole image
+    kept; or then its central square (AlexNet s2, ZFNet s3), whose corners and centre the
+    ten test crops take; or squashed to a square (DataConfig.alexnet_resize="squash")."""
 
-    square: bool
     crop_size: int
     resize_size: int
     normalize: Normalize
     interpolation: str = "bilinear"
     # Shorter sides for multi-scale protocols (DataConfig.multi_scale_test_sizes).
     scales: tuple[int, ...] = ()
-    center_square: bool = False
+    fit: str = "shorter"
 
     def rescale(self, image: torch.Tensor, size: int | None = None) -> torch.Tensor:
-        size = size or self.resize_size
-        if self.square:
-            return resize_image(image, size, size, self.interpolation)
-        height, width = shorter_side_size(*image.shape[-2:], size)
-        image = resize_image(image, height, width, self.interpolation)
-        if self.center_square:
-            return crop_box(image, *center_box(height, width, size), size)
-        return image
+        return fit_image(image, size or self.resize_size, self.fit, self.interpolation)
 
     def __call__(self, image: torch.Tensor, size: int | None = None) -> torch.Tensor:
         """The rescaled, normalised float image (before any crop)."""
@@ -67,13 +60,12 @@ def eval_preprocess(
     else as the section says, from the training set's `stats`."""
     normalize = make_normalize(config, stats) if mean is None else Normalize(mean, std)
     return EvalPreprocess(
-        square=config.augmentation == "alexnet",
         crop_size=config.crop_size,
         resize_size=config.resize_size,
         normalize=normalize,
         interpolation=config.interpolation,
         scales=config.multi_scale_test_sizes(),
-        center_square=config.augmentation == "zfnet",
+        fit=config.image_fit(),
     )
 
 

@@ -1,6 +1,7 @@
 """Training-set statistics for the papers' preprocessing: the mean image (AlexNet s2, ResNet
 s3.4), channel mean and std (VGG s2.1) and the RGB PCA of fancy PCA (AlexNet s4.1), computed in
-one streaming pass and cached, plus ImageNet's published constants for each.
+one streaming pass over the images as the pipeline fits them to a square (mean_image_fit) and
+cached, plus ImageNet's published constants for each.
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
-from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 from canon.data.config import DataConfig
 from canon.data.datasets import canon_cache_dir, dataset_fingerprint, open_dataset
+from canon.data.geometry import fit_image
 from canon.data.labeled import ArrayImages, LabeledImages
 from canon.errors import DataError
 from canon.files import atomic_write
@@ -76,24 +77,28 @@ def imagenet_channel_stats() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
 
 
-class _Squashed(torch.utils.data.Dataset):
-    """Raw images resized to size x size (uint8), or None for an undecodable file."""
+def mean_image_fit(config: DataConfig) -> str:
+    """How the statistics pass fits images to resize_size x resize_size: as the network sees
+    them where that is a fixed square, the central squares of AlexNet s2 ("subtracting the
+    mean activity over the training set", its training set being those squares) and ZFNet s3;
+    else squashed. The papers with whole-image inputs (VGG, GoogLeNet, ResNet) do not say
+    how a mean image meets images of many sizes: canon squashes them to one square and
+    resamples that mean to each input (canon.data.normalize.Normalize)."""
+    return "center-square" if config.image_fit() == "center-square" else "squash"
 
-    def __init__(self, dataset: LabeledImages, size: int) -> None:
-        self.dataset, self.size = dataset, size
+
+class _Fitted(torch.utils.data.Dataset):
+    """Raw images fitted to size x size (uint8), or None for an undecodable file."""
+
+    def __init__(self, dataset: LabeledImages, size: int, fit: str) -> None:
+        self.dataset, self.size, self.fit = dataset, size, fit
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> torch.Tensor | None:
         image = self.dataset.load_image(index)
-        return None if image is None else _squash(image, self.size)
-
-
-def _squash(images: torch.Tensor, size: int) -> torch.Tensor:
-    if tuple(images.shape[-2:]) == (size, size):
-        return images
-    return TF.resize(images, [size, size], antialias=True)
+        return None if image is None else fit_image(image, self.size, self.fit, "bilinear")
 
 
 def _stack_decoded(items: list[torch.Tensor | None]) -> tuple[torch.Tensor | None, int]:
@@ -105,21 +110,22 @@ def compute_stats(
     dataset: LabeledImages,
     size: int,
     *,
+    fit: str = "squash",
     workers: int = 0,
     batch_size: int = 256,
     progress: bool = True,
 ) -> DatasetStats:
-    """One pass over `dataset` (raw uint8 images), images squashed to size x size, as AlexNet
-    s2 does for its 256 x 256 mean image; pixel values are in [0, 1]. float64 running sums:
+    """One pass over `dataset` (raw uint8 images), images fitted to size x size ("squash" or
+    "center-square", mean_image_fit); pixel values are in [0, 1]. float64 running sums:
     memory is bounded by one mean image and one batch."""
     if isinstance(dataset, ArrayImages):  # in memory: slice batches, no per-item overhead
         loader = (
-            (_squash(dataset.images[start : start + batch_size], size), 0)
+            (fit_image(dataset.images[start : start + batch_size], size, fit, "bilinear"), 0)
             for start in range(0, len(dataset), batch_size)
         )
     else:
         loader = DataLoader(
-            _Squashed(dataset, size),
+            _Fitted(dataset, size, fit),
             batch_size=batch_size,
             num_workers=workers,
             collate_fn=_stack_decoded,
@@ -167,36 +173,42 @@ def needs_stats(config: DataConfig) -> bool:
     return config.mean in ("pixel", "channel") or uses_pca
 
 
-def stats_cache_path(dataset: LabeledImages, size: int, cache: Path | None = None) -> Path:
+def stats_cache_path(
+    dataset: LabeledImages, size: int, cache: Path | None = None, fit: str = "squash"
+) -> Path:
+    """Keyed by the dataset's fingerprint, the size and, unless squashed, the fit."""
     folder = (cache or canon_cache_dir()) / "stats"
-    return folder / f"{dataset_fingerprint(dataset)}-{size}.safetensors"
+    suffix = "" if fit == "squash" else f"-{fit}"
+    return folder / f"{dataset_fingerprint(dataset)}-{size}{suffix}.safetensors"
 
 
 def load_or_compute_stats(
     dataset: LabeledImages,
     size: int,
     *,
+    fit: str = "squash",
     cache: Path | None = None,
     workers: int = 0,
     progress: bool = True,
     refresh: bool = False,
 ) -> DatasetStats:
-    """Cached statistics of `dataset` at `size`, computing (and caching) them when absent: a
-    safetensors file keyed by the dataset's fingerprint and the size, so a second run reads
+    """Cached statistics of `dataset` fitted to `size` (compute_stats), computing (and
+    caching) them when absent: a safetensors file (stats_cache_path), so a second run reads
     them in milliseconds."""
-    path = stats_cache_path(dataset, size, cache)
-    return _load_or_compute(path, dataset, size, workers, progress, refresh)
+    path = stats_cache_path(dataset, size, cache, fit)
+    return _load_or_compute(path, dataset, size, fit, workers, progress, refresh)
 
 
 def _load_or_compute(
-    path: Path, dataset: LabeledImages, size: int, workers: int, progress: bool, refresh: bool
+    path: Path, dataset: LabeledImages, size: int, fit: str, workers: int, progress: bool,
+    refresh: bool,
 ) -> DatasetStats:
     if path.is_file() and not refresh:
         try:
             return _load(path)
         except (OSError, ValueError, KeyError):
             pass  # a stale or partial cache file is recomputed below
-    stats = compute_stats(dataset, size, workers=workers, progress=progress)
+    stats = compute_stats(dataset, size, fit=fit, workers=workers, progress=progress)
     _save(stats, path)
     return stats
 
@@ -239,9 +251,11 @@ def statistics_of(
     """`canon stats`: the (cached) statistics of a dataset's training split and their file.
 
     `size` defaults to the images' own side for CIFAR and the sample (32) and to 256 (the
-    papers' resize) for folders; pass the recipe's data.resize_size to match its cache key."""
+    papers' resize) for folders; pass the recipe's data.resize_size to match its cache key.
+    These are of squashed images; the AlexNet and ZFNet pipelines' central-square statistics
+    (mean_image_fit) are cached under their own key by build_datasets."""
     train, _ = open_dataset(dataset, cache=cache, strict=strict, download=True)
     if size is None:
         size = int(train.images.shape[-1]) if isinstance(train, ArrayImages) else 256
     path = stats_cache_path(train, size, cache)  # hashes the whole set: once
-    return _load_or_compute(path, train, size, workers, progress, refresh), path
+    return _load_or_compute(path, train, size, "squash", workers, progress, refresh), path

@@ -16,10 +16,10 @@ import torch.nn.functional as F
 
 from canon.data.config import DataConfig
 from canon.data.geometry import (
-    center_box,
     check_crop,
     crop_box,
     cut,
+    fit_image,
     five_crop_boxes,
     overlap,
     resize_image,
@@ -30,22 +30,27 @@ from canon.data.preprocess import center_transform, eval_preprocess
 from canon.data.stats import DatasetStats, imagenet_pca
 from canon.errors import ConfigError
 
+# GoogLeNet s6: "random interpolation methods (bilinear, area, nearest neighbor and cubic, with
+# equal probability) for resizing"; "area" as geometry.resize_image computes it.
+INTERPOLATION_JITTER = ("bilinear", "area", "nearest", "bicubic")
+
 
 class RescaleSquare:
-    """AlexNet: rescale to size x size, ignoring the aspect ratio.
+    """A size x size square: by default the central square of the image rescaled to shorter
+    side `size` (AlexNet s2: "rescaled the image such that the shorter side was of length 256,
+    and then cropped out the central 256x256 patch"; ZFNet s3 alike), or with
+    fit="squash" the whole image rescaled to size x size (DataConfig.alexnet_resize)."""
 
-    Deviation: AlexNet s2 rescales the shorter side to 256 and keeps the central 256 x 256
-    patch (what canon does for ZFNet: RescaleShorter, then FixedCropChoice's centred square).
-    """
-
-    def __init__(self, size: int, interpolation: str = "bilinear") -> None:
-        self.size, self.interpolation = size, interpolation
+    def __init__(
+        self, size: int, fit: str = "center-square", interpolation: str = "bilinear"
+    ) -> None:
+        self.size, self.fit, self.interpolation = size, fit, interpolation
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        return resize_image(image, self.size, self.size, self.interpolation)
+        return fit_image(image, self.size, self.fit, self.interpolation)
 
     def __repr__(self) -> str:
-        return f"RescaleSquare({self.size})"
+        return f"RescaleSquare({self.size}, {self.fit})"
 
 
 class RescaleShorter:
@@ -92,26 +97,21 @@ class RandomCrop:
 
 class FixedCropChoice:
     """Zeiler & Fergus s3: one of the five size x size crops (corners and centre) of the
-    centred region x region square, uniformly per image; with RandomFlip, one of the ten
-    "sub-crops of size 224x224 (corners + center with(out) horizontal flips)"."""
+    image (the central square, RescaleSquare), uniformly per image; with RandomFlip, one of
+    the ten "sub-crops of size 224x224 (corners + center with(out) horizontal flips)"."""
 
-    def __init__(self, size: int, region: int) -> None:
-        check_crop(region, region, size)
-        self.size, self.region = size, region
-
-    def boxes(self, height: int, width: int) -> list[tuple[int, int]]:
-        top, left = center_box(height, width, self.region)
-        corners = five_crop_boxes(self.region, self.region, self.size)
-        return [(top + down, left + right) for down, right in corners]
+    def __init__(self, size: int) -> None:
+        self.size = size
 
     def box(self, height: int, width: int) -> tuple[int, int]:
-        return self.boxes(height, width)[int(torch.randint(0, 5, ()).item())]
+        boxes = five_crop_boxes(height, width, self.size)
+        return boxes[int(torch.randint(0, 5, ()).item())]
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         return crop_box(image, *self.box(*image.shape[-2:]), self.size)
 
     def __repr__(self) -> str:
-        return f"FixedCropChoice({self.size}, region={self.region})"
+        return f"FixedCropChoice({self.size})"
 
 
 class RandomFlip:
@@ -126,18 +126,26 @@ class RandomFlip:
 
 class RandomAreaCrop:
     """GoogLeNet s6: a crop of area fraction in `area_range` and aspect ratio in
-    `aspect_range` (log-uniform), resized to size x size; after 10 failed draws, the largest
-    centred crop with a ratio in range."""
+    `aspect_range` (log-uniform), resized to size x size with one of `interpolations` drawn
+    uniformly per image (INTERPOLATION_JITTER: s6's random interpolation methods, which the
+    paper adopted "relatively late" and "could not tell definitely" helped); after 10 failed
+    draws, the largest centred crop with a ratio in range."""
 
     def __init__(
         self,
         size: int,
         area_range: tuple[float, float] = (0.08, 1.0),
         aspect_range: tuple[float, float] = (3 / 4, 4 / 3),
-        interpolation: str = "bilinear",
+        interpolations: Sequence[str] = ("bilinear",),
     ) -> None:
         self.size, self.area_range, self.aspect_range = size, area_range, aspect_range
-        self.interpolation = interpolation
+        self.interpolations = tuple(interpolations)
+
+    def interpolation(self) -> str:
+        """This image's resampling filter; a single one costs no random draw."""
+        if len(self.interpolations) == 1:
+            return self.interpolations[0]
+        return self.interpolations[int(torch.randint(0, len(self.interpolations), ()).item())]
 
     def box(self, height: int, width: int) -> tuple[int, int, int, int]:
         """(top, left, crop height, crop width)."""
@@ -159,10 +167,11 @@ class RandomAreaCrop:
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         top, left, crop_h, crop_w = self.box(*image.shape[-2:])
         patch = image[..., top : top + crop_h, left : left + crop_w]
-        return resize_image(patch, self.size, self.size, self.interpolation)
+        return resize_image(patch, self.size, self.size, self.interpolation())
 
     def __repr__(self) -> str:
-        return f"RandomAreaCrop({self.size}, area={self.area_range}, aspect={self.aspect_range})"
+        return (f"RandomAreaCrop({self.size}, area={self.area_range}, "
+                f"aspect={self.aspect_range}, interpolations={self.interpolations})")
 
 
 class FancyPCA:
@@ -290,17 +299,18 @@ def training_transform(config: DataConfig, stats: DatasetStats | None) -> CropFi
         # cheaper, and GoogLeNet usually uses the channel mean anyway.
         colour = [Photometric(config.photometric)] if config.photometric > 0 else []
         colour += [fancy_pca] if fancy_pca is not None else []
+        jitter = INTERPOLATION_JITTER if config.interpolation_jitter else ()
         crop = RandomAreaCrop(config.crop_size, config.area_range, config.aspect_range,
-                              config.interpolation)
+                              jitter or (config.interpolation,))
         flip = [RandomFlip()] if config.flip else []
         return Compose([crop, ToFloat(), *colour, normalize, *flip])
-    if name == "alexnet":
-        rescale = RescaleSquare(config.resize_size, config.interpolation)
-    else:  # zfnet, vgg, resnet, cifar
+    if name in ("alexnet", "zfnet"):  # crops of the central square (or the squashed image)
+        rescale = RescaleSquare(config.resize_size, config.image_fit(), config.interpolation)
+    else:  # vgg, resnet, cifar
         low, high = config.scale_range or (config.resize_size, config.resize_size)
         rescale = RescaleShorter(low, high, config.interpolation)
     if name == "zfnet":
-        crop = FixedCropChoice(config.crop_size, config.resize_size)
+        crop = FixedCropChoice(config.crop_size)
     else:
         crop = RandomCrop(config.crop_size, config.padding if name == "cifar" else 0)
     return CropFirst(rescale, crop, normalize, fancy_pca, config.flip)

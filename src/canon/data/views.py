@@ -1,7 +1,7 @@
 """Test-time views: the crops, or whole images, a protocol feeds the network per image (AlexNet
 s4.1, ZFNet s3, VGG s3.2, GoogLeNet s7, ResNet s3.4). `ProtocolViews` turns one raw uint8 image
-into a list of view stacks, one per scale, each V x 3 x h x w, and `collate_views` batches
-them for the DataLoader; scoring lives in canon.evaluation.protocols.
+into a list of view stacks, one per method and scale, each V x 3 x h x w, and `collate_views`
+batches them for the DataLoader; scoring lives in canon.evaluation.protocols.
 """
 
 from __future__ import annotations
@@ -11,13 +11,14 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data.dataloader import default_collate
 
-from canon.data.geometry import check_crop, crop_box, five_crop_boxes, resize_image
+from canon.data.geometry import check_crop, crop_box, five_crop_boxes, grid_boxes, resize_image
 from canon.data.preprocess import EvalPreprocess
 from canon.errors import ConfigError
 
-BASE_VIEWS = ("center", "ten-crop", "dense", "144-crop")
-VIEWS_PER_SCALE = {"center": 1, "ten-crop": 10, "dense": 2, "144-crop": 36}
+BASE_VIEWS = ("center", "ten-crop", "dense", "144-crop", "multi-crop")
+VIEWS_PER_SCALE = {"center": 1, "ten-crop": 10, "dense": 2, "144-crop": 36, "multi-crop": 50}
 GOOGLENET_SCALES = (256, 288, 320, 352)  # s7, for 224 x 224 crops
+VGG_GRID = 5  # VGG s3.2: "50 crops per scale (5 x 5 regular grid with 2 flips)"
 # On CIFAR's square 32 px images the three squares of 144-crop are one and its crops a few
 # pixels apart: 144 forward passes per image (minutes on CIFAR's test set) on near-copies of
 # the ten-crop views. Refused below this crop size.
@@ -31,34 +32,43 @@ PROTOCOLS = (
     "multi-scale+center",
     "multi-scale+ten-crop",
     "multi-scale+dense",
+    "multi-crop",
+    "multi-crop+dense",
 )
 
 
 @dataclass(frozen=True)
 class Protocol:
     name: str
-    base: str  # one of BASE_VIEWS
+    # Each one of BASE_VIEWS. Posteriors are averaged over each method's views, then over the
+    # methods (canon.evaluation.protocols).
+    methods: tuple[str, ...]
     multi_scale: bool
 
     @property
     def dense(self) -> bool:
-        return self.base == "dense"
+        return "dense" in self.methods
 
 
 def parse_protocol(name: str) -> Protocol:
-    """`center`, `ten-crop`, `dense`, `144-crop`, `multi-scale`, `multi-scale+<base>` (either
-    order), as written in `canon eval --protocol`; plain `multi-scale` means multi-scale+center.
-    """
+    """`center`, `ten-crop`, `dense`, `144-crop`, `multi-crop`, `multi-scale`,
+    `multi-scale+<base>`, `multi-crop+dense` (parts in any order), as written in `canon eval
+    --protocol`; plain `multi-scale` means multi-scale+center. 144-crop and multi-crop (and
+    so multi-crop+dense) come with their scales: a `multi-scale` part changes nothing."""
     parts = [p.strip() for p in name.split("+")]
     multi = "multi-scale" in parts
     rest = [p for p in parts if p != "multi-scale"]
+    if sorted(rest) == ["dense", "multi-crop"] and len(parts) - len(rest) <= 1:
+        return Protocol("multi-crop+dense", ("multi-crop", "dense"), True)
     if len(parts) > 2 or len(rest) > 1 or (rest and rest[0] not in BASE_VIEWS):
         raise ConfigError(f"unknown protocol {name!r}; choose from {', '.join(PROTOCOLS)}")
     base = rest[0] if rest else "center"
-    if base == "144-crop":  # its scales are part of its definition
-        return Protocol(base, base, False)
+    if base == "144-crop":  # GoogLeNet's own scales (ProtocolViews)
+        return Protocol(base, (base,), False)
+    if base == "multi-crop":  # VGG's: "150 crops over 3 scales"
+        return Protocol(base, (base,), True)
     label = f"multi-scale+{base}" if multi else base
-    return Protocol(label, base, multi)
+    return Protocol(label, (base,), multi)
 
 
 def ten_crop(image: torch.Tensor, size: int) -> torch.Tensor:
@@ -90,30 +100,47 @@ def googlenet_crops(
     return torch.cat([crops, crops.flip(-1)])
 
 
+def grid_crops(image: torch.Tensor, size: int, count: int = VGG_GRID) -> torch.Tensor:
+    """2 count^2 x C x size x size: the crops on a count x count regular grid (geometry.
+    grid_boxes), row by row, then their reflections (VGG s3.2's multi-crop at one scale)."""
+    boxes = grid_boxes(*image.shape[-2:], size, count)
+    crops = torch.stack([crop_box(image, top, left, size) for top, left in boxes])
+    return torch.cat([crops, crops.flip(-1)])
+
+
 def dense_view(image: torch.Tensor) -> torch.Tensor:
     """2 x C x H x W: the whole image and its reflection (VGG s3.2)."""
     return torch.stack([image, image.flip(-1)])
 
 
 class ProtocolViews:
-    """Raw uint8 image -> list (one per scale) of normalised view stacks V x 3 x h x w.
+    """Raw uint8 image -> list of normalised view stacks V x 3 x h x w, one per method and
+    scale: every scale of the protocol's first method, then of its second.
 
     - center: one crop_size centre crop of the image rescaled to resize_size.
     - ten-crop (AlexNet s4.1): the four corner crops and the centre crop, and their reflections
-      (ZFNet, s3: of the image's centred resize_size square, EvalPreprocess.center_square).
+      (for AlexNet, s2, and ZFNet, s3, of the image's central resize_size square,
+      EvalPreprocess.fit).
     - dense (VGG s3.2): the whole rescaled image through the fully convolutional network, the
       class score map spatially averaged; plus the horizontal reflection.
     - multi-scale (VGG s3.2/s4.2, ResNet s3.4): the same base view at several shorter sides
       (DataConfig.multi_scale_test_sizes), posteriors averaged over everything.
+    - multi-crop (VGG s3.2): "50 crops per scale (5 x 5 regular grid with 2 flips), for a
+      total of 150 crops over 3 scales": the crop_size crops at the corners and on a regular
+      grid between them, and their reflections, at each multi-scale test size.
+    - multi-crop+dense (VGG s4.3, Table 5, its best single-net result): both at the same
+      scales, combined by "averaging their soft-max outputs", "their" being the two
+      techniques': the mean of the two methods' posteriors, each averaged over its own views
+      (150 crops, 6 dense views). The paper gives no formula; weighting all 156 views alike
+      would all but drop the dense half.
     - 144-crop (GoogLeNet s7): shorter side 256, 288, 320 and 352 (for a 224 crop; scaled in
       proportion for other crop sizes); the left, centre and right squares (top, middle,
       bottom for portrait images); in each, the four corner and the centre crop_size crops and
       the square resized to crop_size; and the reflections of all: 4 x 3 x 6 x 2 = 144 views.
       Refused for crops under MIN_144_CROP_SIZE.
 
-    Deviations and gaps: plain `multi-scale` takes one centre crop per scale (the papers pair
-    multi-scale with dense or multi-crop evaluation); VGG's 150-crop "multi-crop" (a 5 x 5
-    grid with flips at three scales) is not implemented.
+    Deviation: plain `multi-scale` takes one centre crop per scale (the papers pair
+    multi-scale with dense or multi-crop evaluation).
     """
 
     def __init__(
@@ -121,27 +148,33 @@ class ProtocolViews:
     ) -> None:
         self.protocol, self.preprocess = protocol, preprocess
         self.scales = (scales or preprocess.scales) if protocol.multi_scale else ()
-        if protocol.base == "144-crop":
+        if protocol.methods == ("144-crop",):
             _check_144_crop(preprocess.crop_size)
             ratio = preprocess.crop_size / 224
             self.scales = scales or tuple(round(s * ratio) for s in GOOGLENET_SCALES)
         self.scales = self.scales or (preprocess.resize_size,)
 
     def __call__(self, image: torch.Tensor) -> list[torch.Tensor]:
-        stacks = []
-        size = self.preprocess.crop_size
+        methods = self.protocol.methods
+        stacks: dict[str, list[torch.Tensor]] = {method: [] for method in methods}
         for scale in self.scales:
-            if self.protocol.base == "center":  # the float work on the crop alone
-                stacks.append(self.preprocess.center(image, scale).unsqueeze(0))
+            if methods == ("center",):  # the float work on the crop alone
+                stacks["center"].append(self.preprocess.center(image, scale).unsqueeze(0))
                 continue
-            scaled = self.preprocess(image, scale)
-            if self.protocol.base == "ten-crop":
-                stacks.append(ten_crop(scaled, size))
-            elif self.protocol.base == "144-crop":
-                stacks.append(googlenet_crops(scaled, size, self.preprocess.interpolation))
-            else:
-                stacks.append(dense_view(scaled))
-        return stacks
+            scaled = self.preprocess(image, scale)  # once for every method at this scale
+            for method in methods:
+                stacks[method].append(self._views(method, scaled))
+        return [stack for method in methods for stack in stacks[method]]
+
+    def _views(self, method: str, scaled: torch.Tensor) -> torch.Tensor:
+        size = self.preprocess.crop_size
+        if method == "ten-crop":
+            return ten_crop(scaled, size)
+        if method == "144-crop":
+            return googlenet_crops(scaled, size, self.preprocess.interpolation)
+        if method == "multi-crop":
+            return grid_crops(scaled, size)
+        return dense_view(scaled)
 
 
 def _check_144_crop(crop_size: int) -> None:

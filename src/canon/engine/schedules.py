@@ -1,7 +1,7 @@
 """Learning-rate schedules, the papers' and today's, as one small object with a state dict:
 the lr at optimizer step t is `peak_lr x warmup(t) x decay(t)`, set every step from the step
-count alone (plus a plateau schedule's state), so resuming at any step gives the same lr
-sequence."""
+count alone (plus the state a plateau schedule or a warm-up that ends on the training error
+keeps), so resuming at any step gives the same lr sequence."""
 
 from __future__ import annotations
 
@@ -54,11 +54,21 @@ class LearningRateSchedule:
     `cosine` is half a cosine from peak_lr to min_lr after warmup (Loshchilov & Hutter 2017,
     no restarts); `constant`.
 
-    Warmup over `warmup_iterations` (or `warmup_epochs`): `linear` ramps from
-    warmup_start_factor x peak to peak (Goyal et al. 2017); `constant` holds
-    warmup_start_factor x peak, then jumps to peak (He et al. 2015 s4.2 for ResNet-110: 0.01
-    until the training error falls below 80%, about 400 iterations; canon uses the fixed 400,
-    not the error test)."""
+    Warmup over `warmup_iterations` (or `warmup_epochs`) from a start lr: warmup_start_factor
+    x peak, or with `warmup_start: base_lr` the unscaled `base_lr` (optimizer.lr, at most the
+    peak; Goyal et al. 2017 s2.2: "we start from a learning rate of eta and increment it by a
+    constant amount at each iteration such that it reaches eta-hat = k eta after 5 epochs").
+    `linear` ramps from the start to peak (Goyal et al. 2017); `constant` holds the start,
+    then jumps to peak. With `warmup_until_train_error` a constant warm-up ends as soon as
+    the trainer reports (`observe_train_error`) a training error below it, the iteration
+    count being the latest it ends (He et al. 2015 s4.2, ResNet-110: "we use 0.01 to warm up
+    the training until the training error is below 80% (about 400 iterations), and then go
+    back to 0.1"); the step where it ended is part of the state dict.
+
+    Momentum: torch.optim.SGD keeps u = m u + g and steps w -= lr u, Goyal et al.'s reference
+    form (s3, eq. 9), in which u does not depend on the lr; their "momentum correction" (s3,
+    Remark 3) only makes the lr-folded form v = m v + lr g (eq. 10) equal to it when the lr
+    changes, so setting a new lr each step needs no correction here."""
 
     def __init__(
         self,
@@ -66,18 +76,25 @@ class LearningRateSchedule:
         config: ScheduleSection,
         *,
         peak_lr: float,
+        base_lr: float,
         steps_per_epoch: int,
         total_steps: int,
     ) -> None:
         self.optimizer = optimizer
         self.config = config
         self.peak_lr = peak_lr
+        self.warmup_start_factor = (
+            min(1.0, base_lr / peak_lr) if config.warmup_start == "base_lr"
+            else config.warmup_start_factor
+        )
         self.steps_per_epoch = max(1, steps_per_epoch)
         self.total_steps = max(1, total_steps)
         self.warmup_steps = config.warmup_iterations or round(
             config.warmup_epochs * self.steps_per_epoch
         )
-        # Plateau state: the only part that depends on the run's history.
+        # The state that depends on the run's history: where an error-ended warm-up ended ...
+        self.warmup_ended_at: int | None = None
+        # ... and the plateau schedule's.
         self.reductions = 0
         self.best_error = math.inf
         self.epochs_without_improvement = 0
@@ -110,10 +127,26 @@ class LearningRateSchedule:
             return True
         return False
 
+    def awaits_train_error(self, step: int) -> bool:
+        """True while a warm-up that ends on the training error runs at optimizer step `step`."""
+        return (
+            self.config.warmup_until_train_error is not None
+            and self.warmup_ended_at is None
+            and step < self.warmup_steps
+        )
+
+    def observe_train_error(self, train_top1_error: float, step: int) -> None:
+        """The training top-1 error (%) of the steps before optimizer step `step`: below
+        warmup_until_train_error, it ends the warm-up, and step `step` is taken at peak."""
+        threshold = self.config.warmup_until_train_error
+        if self.awaits_train_error(step) and train_top1_error < threshold:
+            self.warmup_ended_at = step
+
     def _warmup_factor(self, step: int) -> float:
-        if step >= self.warmup_steps:
+        ended = self.warmup_ended_at is not None and step >= self.warmup_ended_at
+        if step >= self.warmup_steps or ended:
             return 1.0
-        start = self.config.warmup_start_factor
+        start = self.warmup_start_factor
         if self.config.warmup_mode == "constant":
             return start
         return start + (1.0 - start) * step / self.warmup_steps
@@ -136,12 +169,14 @@ class LearningRateSchedule:
 
     def state_dict(self) -> dict[str, Any]:
         return {
+            "warmup_ended_at": self.warmup_ended_at,
             "reductions": self.reductions,
             "best_error": self.best_error,
             "epochs_without_improvement": self.epochs_without_improvement,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.warmup_ended_at = state.get("warmup_ended_at")  # absent from older checkpoints
         self.reductions = int(state["reductions"])
         self.best_error = float(state["best_error"])
         self.epochs_without_improvement = int(state["epochs_without_improvement"])

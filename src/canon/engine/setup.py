@@ -1,7 +1,7 @@
 """Setting a training run up: `set_up` builds the `Run` the loop in canon.engine.trainer
-runs (datasets, loaders, model on its devices, optimizer, EMA, lr schedule with iteration counts
-converted to the global batch, and the state a resumed run continues from), and `open_run_dir`
-writes the run directory's recipe.yaml and states the run's plan."""
+runs (datasets, loaders, model on its devices, optimizer, weight averaging, lr schedule with
+iteration counts converted to the global batch, and the state a resumed run continues from),
+and `open_run_dir` writes the run directory's recipe.yaml and states the run's plan."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import Dataset, Sampler
 
 import canon
+from canon.data.cifar import CIFAR, find_cifar
+from canon.data.config import DataConfig
 from canon.data.datasets import check_dataset_name
 from canon.data.loaders import Datasets, build_datasets, build_loader
 from canon.data.sampling import EpochKeys, SeededSamples, epoch_order, eval_shard
@@ -75,9 +77,35 @@ def make_optimizer(
     return optimizer, peak_lr
 
 
+def make_average(model: nn.Module, config: TrainSection) -> AveragedModel | None:
+    """The running average of the weights (and BN statistics) that train.ema_decay or
+    train.polyak_after_epochs ask for: exponential, or AveragedModel's default, the uniform
+    mean of every weight vector it is given (Polyak & Juditsky 1992)."""
+    if config.ema_decay > 0:
+        ema = get_ema_multi_avg_fn(config.ema_decay)
+        return AveragedModel(model, multi_avg_fn=ema, use_buffers=True)
+    if config.polyak_after_epochs is not None:
+        return AveragedModel(model, use_buffers=True)
+    return None
+
+
+def validates_on_test_set(data: DataConfig) -> bool:
+    """True when the validation images are the dataset's test split: CIFAR and the bundled
+    sample have no validation split, so without data.val_split canon validates on their test
+    images. An image folder's val/ is a validation set (ImageNet's, which the papers report
+    on, its test labels being unpublished)."""
+    if data.val_split:
+        return False
+    name = data.dataset
+    return name == "sample" or name in CIFAR or find_cifar(Path(name).expanduser()) is not None
+
+
 def new_totals() -> dict[str, Any]:
-    """The running sums of an epoch on this rank (all-reduced when it ends)."""
-    return {"loss": 0.0, "correct": 0.0, "images": 0, "skipped": 0, "seconds": 0.0}
+    """The running sums of an epoch on this rank (all-reduced when it ends), and the correct
+    predictions and images counted up to the last loss check (a warm-up that ends on the
+    training error reads the steps since then)."""
+    return {"loss": 0.0, "correct": 0.0, "images": 0, "skipped": 0, "seconds": 0.0,
+            "checked_correct": 0.0, "checked_images": 0}
 
 
 @dataclass(eq=False)
@@ -98,7 +126,7 @@ class Run:
     val_loader: Any
     model: nn.Module  # the plain model, whose state dict the checkpoints hold
     train_module: nn.Module  # the model as trained: in DDP and torch.compile wrappers
-    ema: AveragedModel | None
+    average: AveragedModel | None  # train.ema_decay or train.polyak_after_epochs
     optimizer: torch.optim.Optimizer
     schedule: LearningRateSchedule
     precision: Precision
@@ -114,6 +142,8 @@ class Run:
     metrics: list[dict[str, Any]] = field(default_factory=list)
     totals: dict[str, Any] = field(default_factory=new_totals)
     best_error: float = math.inf
+    # The validation set is the test set: no checkpoint is chosen on it (no best.pt).
+    validates_on_test_set: bool = False
     events: Any = None  # TensorBoard writer (rank 0, train.tensorboard)
     val_size: int = 0
     iterations: int | None = None  # train.iterations converted to this run's global batch
@@ -160,11 +190,6 @@ def set_up(
     train_keys, train_loader, val_loader = _loaders(train_set, val_set, config, ctx)
     model = _placed_model(recipe, model, num_classes, ctx)
     optimizer, peak_lr = make_optimizer(model, recipe.optimizer, global_batch_size)
-    ema = None
-    if config.ema_decay > 0:
-        ema = AveragedModel(
-            model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True
-        )
     train_module: nn.Module = dist.wrap_model(
         _WithAux(model), ctx, sync_batchnorm=config.sync_batchnorm
     )
@@ -175,10 +200,10 @@ def set_up(
         class_ids=class_ids, num_classes=num_classes, normalization=normalization,
         order_sampler=epoch_order(len(train_set), config.seed, ctx.rank, ctx.world_size),
         train_keys=train_keys, train_loader=train_loader, val_loader=val_loader, model=model,
-        train_module=train_module, ema=ema, optimizer=optimizer,
+        train_module=train_module, average=make_average(model, config), optimizer=optimizer,
         schedule=LearningRateSchedule(
-            optimizer, schedule_config, peak_lr=peak_lr, steps_per_epoch=steps_per_epoch,
-            total_steps=total_steps,
+            optimizer, schedule_config, peak_lr=peak_lr, base_lr=recipe.optimizer.lr,
+            steps_per_epoch=steps_per_epoch, total_steps=total_steps,
         ),
         precision=Precision(config.amp, ctx.device),
         criterion=nn.CrossEntropyLoss(label_smoothing=config.label_smoothing),
@@ -195,6 +220,7 @@ def set_up(
     run.best_error = min((row["val_top1_error"] for row in run.metrics), default=math.inf)
 
     run.val_size, run.iterations = len(val_set), iterations
+    run.validates_on_test_set = validates_on_test_set(recipe.data)
     return run
 
 
@@ -219,14 +245,18 @@ def open_run_dir(run: Run) -> None:
     if config.tensorboard:
         run.events = event_writer(run.run_dir)
     global_batch_size = config.batch_size * config.accum_steps * ctx.world_size
+    val = "test images" if run.validates_on_test_set else "val images"
     print(
         f"{recipe.name}: {recipe.model.name} on {recipe.data.dataset} "
-        f"({run.train_size} train / {run.val_size} val images, {run.num_classes} classes), "
+        f"({run.train_size} train / {run.val_size} {val}, {run.num_classes} classes), "
         f"global batch {global_batch_size} = {config.batch_size} x {config.accum_steps} "
         f"accum x {ctx.world_size} device(s), peak lr {run.schedule.peak_lr:.4g}, "
         f"{_length(run)}, {config.amp if config.amp != 'none' else 'fp32'} on {ctx.device}; "
         f"writing {run.run_dir}"
     )
+    if run.validates_on_test_set:
+        print("validating on the test set (data.val_split is 0): no checkpoint is chosen on it "
+              "(no best.pt); the final model's error is the result")
     if run.schedule.config != recipe.schedule or run.iterations != config.iterations:
         print(_scaled_counts_note(recipe, run.schedule.config, run.iterations, global_batch_size))
 
@@ -295,7 +325,7 @@ def _placed_model(
         torch.backends.cudnn.benchmark = True  # fastest conv kernels (GPU runs are not bitwise)
     torch.manual_seed(config.seed)
     if model is None:
-        model = create_model(recipe.model.name, num_classes)
+        model = build_model(recipe, num_classes)
     if config.model_parallel is not None:
         if ctx.world_size > 1 or config.compile:
             raise ConfigError(
@@ -308,6 +338,20 @@ def _placed_model(
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+def build_model(recipe: Recipe, num_classes: int) -> nn.Module:
+    """The recipe's model (a model given to `train` is used as it is); the
+    model.zero_init_residual option goes to the ResNet builders, which alone take it."""
+    name = recipe.model.name
+    if not recipe.model.zero_init_residual:
+        return create_model(name, num_classes)
+    try:
+        return create_model(name, num_classes, zero_init_residual=True)
+    except TypeError as error:  # a builder without the option
+        raise ConfigError(
+            f"model.zero_init_residual is for ResNets; {name} has no residual blocks ({error})"
+        ) from None
 
 
 def _scaled_counts_note(
@@ -339,14 +383,15 @@ def _restore(run: Run, state: dict[str, Any]) -> None:
     run.optimizer.load_state_dict(state["optimizer"])
     run.schedule.load_state_dict(state["schedule"])
     run.precision.load_state_dict(state["scaler"])
-    if run.ema is not None:
-        run.ema.load_state_dict(state["ema"])
+    if run.average is not None and state["ema"] is not None:  # None: not started (Polyak)
+        run.average.load_state_dict(state["ema"])
     run.epoch, run.step, run.step_in_epoch = state["epoch"], state["step"], state["step_in_epoch"]
     run.metrics = list(state["metrics"])  # the caller's state stays as it was
     saved_ranks = len(state["rng"])  # one RNG state and one set of epoch totals per rank
     if saved_ranks == ctx.world_size:
         ckpt.restore_rng_state(state["rng"][ctx.rank])
-        run.totals = dict(state["epoch_totals"][ctx.rank])
+        # Older checkpoints lack the checked_* counts: they start from zero.
+        run.totals = {**new_totals(), **state["epoch_totals"][ctx.rank]}
         return
     # Another number of processes: there is no saved stream for this rank, so each rank's is
     # reseeded from (seed, rank, step), and rank 0 carries the epoch's totals so far.
@@ -357,9 +402,12 @@ def _restore(run: Run, state: dict[str, Any]) -> None:
     torch.manual_seed(seed % 2**63)
     run.totals = new_totals()
     if ctx.is_main:
-        for key in ("loss", "correct", "images", "skipped"):
-            run.totals[key] = sum(totals[key] for totals in state["epoch_totals"])
+        for key in ("loss", "correct", "images", "skipped", "checked_correct", "checked_images"):
+            run.totals[key] = sum(totals.get(key, 0) for totals in state["epoch_totals"])
         run.totals["seconds"] = state["epoch_totals"][0]["seconds"]
 
 
-__all__ = ["Run", "make_optimizer", "new_totals", "parameter_groups", "set_up"]
+__all__ = [
+    "Run", "build_model", "make_average", "make_optimizer", "new_totals", "parameter_groups",
+    "set_up", "validates_on_test_set",
+]

@@ -27,7 +27,9 @@ from canon.engine.checkpoint import (
     checked_field,
     checked_names,
     first_line,
+    interrupted_checkpoint,
     load_checkpoint,
+    resumable_checkpoints,
     unreadable_file,
 )
 from canon.engine.distributed import resolve_device
@@ -84,26 +86,34 @@ class TrainedModel:
 
 
 def load_trained(path: str | Path) -> TrainedModel:
-    """A trained model from a run directory (its export, else its best checkpoint), a
-    model.safetensors file (eval_config.json beside it) or a training checkpoint (.pt).
+    """A trained model from a run directory (its export, else its best checkpoint, else its
+    last epoch's: runs that validate on the test set keep no best), a model.safetensors file
+    (eval_config.json beside it) or a training checkpoint (.pt).
 
     A file that cannot be read is a DataError naming it (and the key at fault); a run
-    directory whose export is unreadable falls back to checkpoints/best.pt with a
+    directory whose export is unreadable falls back to that checkpoint with a
     CheckpointWarning. Runs from before class_ids were saved get their class names as ids.
     """
     path = Path(path)
     if not path.is_dir():
         return _load_export(path) if path.suffix == ".safetensors" else _load_from_checkpoint(path)
-    exported, best = path / EXPORT_WEIGHTS, best_checkpoint(path)
+    exported, fallback = path / EXPORT_WEIGHTS, _checkpoint_to_use(path)
     if not exported.is_file():
-        return _load_from_checkpoint(best)
+        return _load_from_checkpoint(fallback)
     try:
         return _load_export(exported)
     except CanonError as error:
-        if not best.is_file():
+        if not fallback.is_file():
             raise
-        warnings.warn(f"{error}; using {best} instead", CheckpointWarning, stacklevel=2)
-        return _load_from_checkpoint(best)
+        warnings.warn(f"{error}; using {fallback} instead", CheckpointWarning, stacklevel=2)
+        return _load_from_checkpoint(fallback)
+
+
+def _checkpoint_to_use(run_dir: Path) -> Path:
+    """best.pt, else the last epoch's checkpoint (an interrupted state is not a model)."""
+    best = best_checkpoint(run_dir)
+    epochs = [p for p in resumable_checkpoints(run_dir) if p != interrupted_checkpoint(run_dir)]
+    return best if best.is_file() or not epochs else epochs[0]
 
 
 def _load_export(path: Path) -> TrainedModel:

@@ -2,7 +2,8 @@
 
 Views come from canon.data.views. Each view's logits go through a softmax and the posteriors
 of all views of an image (crops, reflections, scales) are averaged, as AlexNet s4.1 and
-VGG s3.2 do. For dense views the fully convolutional network's class score map is first
+VGG s3.2 do; a protocol of two methods (VGG s4.3's multi-crop+dense) averages each method's,
+then the two. For dense views the fully convolutional network's class score map is first
 averaged over space (VGG s3.2: "spatially averaged (sum-pooled)"), then the softmax.
 Images whose file cannot be decoded are skipped (warned about by the dataset) and counted in
 the result's "skipped".
@@ -20,7 +21,8 @@ from torch.utils.data import Dataset, Sampler
 from tqdm import tqdm
 
 from canon.data.config import MAX_IMAGE_PIXELS, DataConfig
-from canon.data.datasets import canon_cache_dir, open_dataset, open_eval_split
+from canon.data.datasets import canon_cache_dir, open_eval_split, open_train_split
+from canon.data.holdout import hold_out
 from canon.data.labeled import LabeledImages
 from canon.data.loaders import build_loader, collate, dataset_stats
 from canon.data.preprocess import EvalPreprocess, eval_preprocess
@@ -66,7 +68,9 @@ def _validation_images(
         return val, preprocess_for(model)
     if not needs_stats(data_config):
         return val, eval_preprocess(data_config)
-    train, _ = open_dataset(str(data), **options)  # its statistics normalise the inputs
+    train = open_train_split(str(data), **options)  # its statistics normalise the inputs
+    if data_config.val_split:  # the part the run trained on (build_datasets)
+        train, _ = hold_out(train, data_config.val_split, data_config.val_split_seed)
     stats = dataset_stats(data_config, train, root_cache=options["cache"])
     return val, eval_preprocess(data_config, stats)
 
@@ -141,7 +145,7 @@ def evaluate(
 
 
 def _views_per_image(protocol: Protocol, views: ProtocolViews) -> int:
-    return VIEWS_PER_SCALE[protocol.base] * len(views.scales)
+    return sum(VIEWS_PER_SCALE[method] for method in protocol.methods) * len(views.scales)
 
 
 @torch.inference_mode()
@@ -161,8 +165,9 @@ def score_loader(
     inputs on the first."""
     was_training = model.training
     model.eval()
-    network = model.fully_convolutional() if protocol is not None and protocol.dense else model
-    network.eval()
+    dense_network = None
+    if protocol is not None and protocol.dense:
+        dense_network = model.fully_convolutional().eval()
     errors = TopKErrors()
     try:
         for batch in tqdm(loader, desc="evaluate", unit="batch", disable=not progress):
@@ -173,30 +178,47 @@ def score_loader(
             else:
                 stacks, labels = batch
                 if len(labels):
-                    errors.update(_average_posteriors(network, stacks, protocol, device), labels)
+                    posteriors = _average_posteriors(model, dense_network, stacks, protocol,
+                                                     device)
+                    errors.update(posteriors, labels)
     finally:
         model.train(was_training)
     return errors
 
 
 def _average_posteriors(
-    network: nn.Module, per_image: list[list[torch.Tensor]], protocol: Protocol, device
+    model: nn.Module,
+    dense_network: nn.Module | None,
+    per_image: list[list[torch.Tensor]],
+    protocol: Protocol,
+    device,
 ) -> torch.Tensor:
-    """Mean softmax over every view of every image; views of equal shape run together."""
-    groups: dict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = {}
+    """Per image, the mean softmax over each method's views, then the mean over the methods.
+
+    An image's stacks are its methods' in order, an equal number each (ProtocolViews). Dense
+    views go through `dense_network` (the model's fully convolutional form), crops through
+    `model`; views of one method and shape run together."""
+    methods = len(protocol.methods)
+    groups: dict[tuple[bool, tuple[int, ...]], list[tuple[int, torch.Tensor]]] = {}
     for index, stacks in enumerate(per_image):
-        for stack in stacks:
-            groups.setdefault(tuple(stack.shape[1:]), []).append((index, stack))
+        per_method = len(stacks) // methods
+        for position, stack in enumerate(stacks):
+            method = position // per_method
+            dense = protocol.methods[method] == "dense"
+            owner = index * methods + method
+            groups.setdefault((dense, tuple(stack.shape[1:])), []).append((owner, stack))
     totals = None
-    counts = torch.zeros(len(per_image), device=device)
-    for members in groups.values():
+    counts = torch.zeros(len(per_image) * methods, device=device)
+    for (dense, _), members in groups.items():
         owners = torch.cat([torch.full((len(s),), i) for i, s in members]).to(device)
+        network = dense_network if dense else model
         scores = network(torch.cat([s for _, s in members]).to(device))
-        if protocol.dense:
+        if dense:
             scores = scores.mean((2, 3))
         probabilities = scores.float().softmax(1)
         if totals is None:
-            totals = torch.zeros(len(per_image), probabilities.shape[1], device=device)
+            totals = torch.zeros(len(counts), probabilities.shape[1], device=device)
         totals.index_add_(0, owners, probabilities)
         counts.index_add_(0, owners, torch.ones_like(owners, dtype=counts.dtype))
-    return totals / counts.view(-1, 1)
+    per_method_mean = totals / counts.view(-1, 1)
+    return per_method_mean.view(len(per_image), methods, -1).mean(1)

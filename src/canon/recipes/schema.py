@@ -6,7 +6,7 @@ model:      ModelSection      which registered model, how many classes
 data:       DataConfig        dataset and the paper's preprocessing (canon.data.config)
 optimizer:  OptimizerSection  SGD with momentum; lr stated for base_batch_size images
 schedule:   ScheduleSection   lr schedule and warmup (canon.engine.schedules)
-train:      TrainSection      epochs, batch, precision, EMA, seed, ...
+train:      TrainSection      epochs, batch, precision, weight averaging, seed, ...
 reported:   ReportedSection   the paper's error for this setting, to set results beside
 ```
 
@@ -27,6 +27,9 @@ from canon.validation import build_dataclass, plain
 SCHEDULE_KINDS = ("plateau", "step", "multistep", "cosine", "constant")
 SCHEDULE_UNITS = ("epoch", "iteration")
 WARMUP_MODES = ("linear", "constant")
+# Where a warm-up starts: warmup_start_factor x the peak lr, or optimizer.lr itself (the rate
+# stated for base_batch_size images, before linear scaling: Goyal et al. 2017 s2.2).
+WARMUP_STARTS = ("factor", "base_lr")
 AMP_MODES = ("none", "bf16", "fp16")  # autocast precision (canon.engine.precision)
 MODEL_PARALLEL_SPEC = re.compile(r"^(towers|stages:(\d+)(?::(\d+))?)$")
 
@@ -67,6 +70,9 @@ def _check(condition: bool, message: str) -> None:
 class ModelSection:
     name: str
     num_classes: int | None = None  # None: as many as the dataset has
+    # Every residual block's last BN gamma starts at 0, so each block starts as its shortcut
+    # (Goyal et al. 2017 s5.1); ResNets only (canon.models.resnet, resnet_cifar).
+    zero_init_residual: bool = False
 
     def __post_init__(self) -> None:
         _check(
@@ -114,12 +120,18 @@ class ScheduleSection:
     warmup_epochs: float = 0.0
     warmup_iterations: int = 0  # takes precedence over warmup_epochs when > 0
     warmup_mode: str = "linear"
+    warmup_start: str = "factor"  # factor: warmup_start_factor x peak lr; base_lr: optimizer.lr
     warmup_start_factor: float = 0.1
+    # Constant warm-up that ends once the training top-1 error (%, over the last steps) falls
+    # below this, or at the end of the warm-up's iterations/epochs at the latest (He et al.
+    # 2015 s4.2, ResNet-110: 0.01 "until the training error is below 80%"); None: the count only.
+    warmup_until_train_error: float | None = None
 
     def __post_init__(self) -> None:
         _choice("schedule.kind", self.kind, SCHEDULE_KINDS)
         _choice("schedule.unit", self.unit, SCHEDULE_UNITS)
         _choice("schedule.warmup_mode", self.warmup_mode, WARMUP_MODES)
+        _choice("schedule.warmup_start", self.warmup_start, WARMUP_STARTS)
         _check(0 < self.gamma <= 1, f"schedule.gamma must lie in (0, 1], got {self.gamma}")
         _check(self.step_size >= 1, "schedule.step_size must be >= 1")
         _check(self.patience >= 0, "schedule.patience must be >= 0")
@@ -136,6 +148,17 @@ class ScheduleSection:
             self.kind != "multistep" or bool(self.milestones),
             "schedule.kind multistep needs schedule.milestones",
         )
+        if self.warmup_until_train_error is not None:
+            _check(
+                0 < self.warmup_until_train_error <= 100,
+                "schedule.warmup_until_train_error is a top-1 error in percent, in (0, 100]",
+            )
+            _check(
+                self.warmup_mode == "constant"
+                and (self.warmup_iterations > 0 or self.warmup_epochs > 0),
+                "schedule.warmup_until_train_error needs warmup_mode constant and a limit "
+                "(warmup_iterations or warmup_epochs) at which the warm-up ends at the latest",
+            )
 
 
 @dataclass(frozen=True)
@@ -151,7 +174,14 @@ class TrainSection:
     amp: str = "none"  # none | bf16 | fp16 (autocast; fp16 adds a GradScaler)
     channels_last: bool = False
     compile: bool = False  # torch.compile the training forward
-    ema_decay: float = 0.0  # > 0: keep an exponential moving average of the weights
+    # Weight averaging; the averaged weights are the ones validated, checkpointed as the
+    # model to evaluate, and exported. ema_decay > 0: an exponential moving average of the
+    # weights after every optimizer step (avg = d avg + (1 - d) w).
+    ema_decay: float = 0.0
+    # Polyak(-Ruppert) averaging (Polyak & Juditsky 1992): the uniform mean of the weights
+    # after every optimizer step from the moment this many epochs are done (0: from the
+    # first step); until then the raw weights are validated. None: off.
+    polyak_after_epochs: int | None = None
     sync_batchnorm: bool = False  # several GPUs: batch statistics over the global batch
     # One model over several devices of one process: "towers" (AlexNet 2012's two GPUs),
     # "stages:K" or "stages:K:M" (pipeline over K devices, M micro-batches); None = off.
@@ -178,6 +208,15 @@ class TrainSection:
         _check(self.aux_loss_weight >= 0, "train.aux_loss_weight must be >= 0")
         _choice("train.amp", self.amp, AMP_MODES)
         _check(0 <= self.ema_decay < 1, f"train.ema_decay must lie in [0, 1), got {self.ema_decay}")
+        _check(
+            self.polyak_after_epochs is None or self.polyak_after_epochs >= 0,
+            "train.polyak_after_epochs must be >= 0",
+        )
+        _check(
+            self.polyak_after_epochs is None or self.ema_decay == 0,
+            "train.ema_decay and train.polyak_after_epochs are two kinds of weight averaging; "
+            "set one of them",
+        )
         _check(
             self.filter_rms_radius is None or self.filter_rms_radius > 0,
             "train.filter_rms_radius must be > 0",
