@@ -9,8 +9,9 @@ import torch
 import torch.nn as nn
 
 from canon.data import DataConfig
+from canon.data.datasets import validates_on_test_split
 from canon.engine.schedules import LearningRateSchedule, scale_iteration_counts
-from canon.engine.setup import build_model, make_average, make_optimizer, validates_on_test_set
+from canon.engine.setup import build_model, make_average, make_optimizer
 from canon.errors import ConfigError
 from canon.recipes import list_recipes, load_recipe
 from canon.recipes.schema import TrainSection
@@ -117,8 +118,8 @@ def test_no_cifar_recipe_chooses_a_checkpoint_on_the_test_set():
              if load_recipe(name).data.dataset in ("cifar10", "cifar100", "sample")]
     assert "resnet110-cifar10" in cifar and "quickstart" in cifar
     for name in cifar:  # they validate on the test split, so the trainer picks no best.pt
-        assert validates_on_test_set(load_recipe(name).data), name
+        assert validates_on_test_split(load_recipe(name).data), name
         held_out = load_recipe(name, ["data.val_split=5000"]).data
-        assert not validates_on_test_set(held_out), name  # s4.2's 45k/5k split for tuning
-    assert not validates_on_test_set(load_recipe("resnet50").data)  # ImageNet's val/
-    assert not validates_on_test_set(DataConfig(dataset="/data/imagenet"))
+        assert not validates_on_test_split(held_out), name  # s4.2's 45k/5k split for tuning
+    assert not validates_on_test_split(load_recipe("resnet50").data)  # ImageNet's val/
+    assert not validates_on_test_split(DataConfig(dataset="/data/imagenet"))

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from canon.data.cifar import CIFAR, fetch_cifar, find_cifar, read_cifar
-from canon.data.config import MAX_IMAGE_PIXELS
+from canon.data.config import MAX_IMAGE_PIXELS, DataConfig
 from canon.data.decoding import decode_image_file
 from canon.data.folders import (
     FolderImages,
@@ -125,6 +125,17 @@ def check_dataset_name(dataset: str) -> None:
             "this recipe trains on ImageNet: pass --data /path/to/imagenet, a folder holding "
             "train/<wnid>/*.JPEG and val/<wnid>/*.JPEG"
         )
+
+
+def validates_on_test_split(data: DataConfig) -> bool:
+    """True when the validation images are the dataset's test split: CIFAR and the bundled
+    sample have no validation split, so without data.val_split canon validates on their test
+    images. An image folder's val/ is a validation set (ImageNet's, which the papers report
+    on, its test labels being unpublished)."""
+    if data.val_split:
+        return False
+    name = data.dataset
+    return name == "sample" or name in CIFAR or find_cifar(Path(name).expanduser()) is not None
 
 
 def _source(dataset: str, cache: Path, download: bool) -> Callable[[str], ArrayImages] | Path:

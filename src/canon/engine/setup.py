@@ -18,9 +18,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import Dataset, Sampler
 
 import canon
-from canon.data.cifar import CIFAR, find_cifar
-from canon.data.config import DataConfig
-from canon.data.datasets import check_dataset_name
+from canon.data.datasets import check_dataset_name, validates_on_test_split
 from canon.data.loaders import Datasets, build_datasets, build_loader
 from canon.data.sampling import EpochKeys, SeededSamples, epoch_order, eval_shard
 from canon.engine import checkpoint as ckpt
@@ -87,17 +85,6 @@ def make_average(model: nn.Module, config: TrainSection) -> AveragedModel | None
     if config.polyak_after_epochs is not None:
         return AveragedModel(model, use_buffers=True)
     return None
-
-
-def validates_on_test_set(data: DataConfig) -> bool:
-    """True when the validation images are the dataset's test split: CIFAR and the bundled
-    sample have no validation split, so without data.val_split canon validates on their test
-    images. An image folder's val/ is a validation set (ImageNet's, which the papers report
-    on, its test labels being unpublished)."""
-    if data.val_split:
-        return False
-    name = data.dataset
-    return name == "sample" or name in CIFAR or find_cifar(Path(name).expanduser()) is not None
 
 
 def new_totals() -> dict[str, Any]:
@@ -220,7 +207,7 @@ def set_up(
     run.best_error = min((row["val_top1_error"] for row in run.metrics), default=math.inf)
 
     run.val_size, run.iterations = len(val_set), iterations
-    run.validates_on_test_set = validates_on_test_set(recipe.data)
+    run.validates_on_test_set = validates_on_test_split(recipe.data)
     return run
 
 
@@ -409,5 +396,5 @@ def _restore(run: Run, state: dict[str, Any]) -> None:
 
 __all__ = [
     "Run", "build_model", "make_average", "make_optimizer", "new_totals", "parameter_groups",
-    "set_up", "validates_on_test_set",
+    "set_up",
 ]
