@@ -72,8 +72,7 @@ def build_datasets(
     options = {"cache": cache, "strict": strict, "download": config.download,
                "max_pixels": config.max_image_pixels}
     if config.val_split:
-        train, val = hold_out(open_train_split(config.dataset, **options), config.val_split,
-                              config.val_split_seed)
+        train, val = _held_out(open_train_split(config.dataset, **options), config)
     else:
         train, val = open_dataset(config.dataset, **options)
     stats = dataset_stats(config, train, root_cache=cache, workers=workers)
@@ -83,6 +82,27 @@ def build_datasets(
         val.with_transform(center_transform(preprocess)),
         preprocess,
     )
+
+
+def trained_preprocess(
+    config: DataConfig, dataset: str, *, cache: Path, strict: bool, download: bool,
+    max_pixels: int,
+) -> EvalPreprocess:
+    """The test-time preprocessing build_datasets gives a run with data section `config` on
+    `dataset`: normalised by the statistics of the images it trains on (the training split,
+    less data.val_split), read only when the preprocessing needs them."""
+    if not needs_stats(config):
+        return eval_preprocess(config)
+    train = open_train_split(dataset, cache=cache, strict=strict, download=download,
+                             max_pixels=max_pixels)
+    if config.val_split:
+        train, _ = _held_out(train, config)
+    return eval_preprocess(config, dataset_stats(config, train, root_cache=cache))
+
+
+def _held_out(train: LabeledImages, config: DataConfig) -> tuple[LabeledImages, LabeledImages]:
+    """(the images trained on, the validation set) of a training split, data.val_split."""
+    return hold_out(train, config.val_split, config.val_split_seed)
 
 
 def collate(items: list) -> tuple[torch.Tensor, torch.Tensor]:

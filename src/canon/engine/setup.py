@@ -195,6 +195,8 @@ def set_up(
         precision=Precision(config.amp, ctx.device),
         criterion=nn.CrossEntropyLoss(label_smoothing=config.label_smoothing),
         steps_per_epoch=steps_per_epoch, total_steps=total_steps, commit=ckpt.git_commit(),
+        val_size=len(val_set), iterations=iterations,
+        validates_on_test_set=validates_on_test_split(recipe.data),
     )
     if state is not None:
         _restore(run, state)
@@ -205,9 +207,6 @@ def set_up(
     steps_left = total_steps - run.step + run.step_in_epoch  # from the current epoch's start
     run.epochs = min(config.epochs, run.epoch + max(0, math.ceil(steps_left / steps_per_epoch)))
     run.best_error = min((row["val_top1_error"] for row in run.metrics), default=math.inf)
-
-    run.val_size, run.iterations = len(val_set), iterations
-    run.validates_on_test_set = validates_on_test_split(recipe.data)
     return run
 
 

@@ -182,17 +182,15 @@ def _claimed(run: Run, *, resuming: bool, overwrite: bool) -> Iterator[None]:
     """Rank 0 claims and locks the run directory (refusing another run's) and opens it; the
     other ranks learn whether it could, so that none of them trains alone."""
     with contextlib.ExitStack() as stack:
-        failed = False
         if run.ctx.is_main:
             try:
                 stack.enter_context(claim_run_dir(run.run_dir, resume=resuming,
                                                   overwrite=overwrite))
                 open_run_dir(run)
             except BaseException:
-                _agreed(True, run.ctx)
+                _agreed(True, run.ctx)  # the other ranks' matching call below
                 raise
-        failed = _agreed(failed, run.ctx)
-        if failed:
+        if _agreed(False, run.ctx):
             raise DataError(f"rank 0 could not open the run directory {run.run_dir}")
         yield
 

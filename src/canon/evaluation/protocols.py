@@ -21,12 +21,10 @@ from torch.utils.data import Dataset, Sampler
 from tqdm import tqdm
 
 from canon.data.config import MAX_IMAGE_PIXELS, DataConfig
-from canon.data.datasets import canon_cache_dir, open_eval_split, open_train_split
-from canon.data.holdout import hold_out
+from canon.data.datasets import canon_cache_dir, open_eval_split
 from canon.data.labeled import LabeledImages
-from canon.data.loaders import build_loader, collate, dataset_stats
+from canon.data.loaders import build_loader, collate, trained_preprocess
 from canon.data.preprocess import EvalPreprocess, eval_preprocess
-from canon.data.stats import needs_stats
 from canon.data.views import (
     VIEWS_PER_SCALE,
     Protocol,
@@ -66,13 +64,7 @@ def _validation_images(
         return val, preprocess
     if data_config is None:
         return val, preprocess_for(model)
-    if not needs_stats(data_config):
-        return val, eval_preprocess(data_config)
-    train = open_train_split(str(data), **options)  # its statistics normalise the inputs
-    if data_config.val_split:  # the part the run trained on (build_datasets)
-        train, _ = hold_out(train, data_config.val_split, data_config.val_split_seed)
-    stats = dataset_stats(data_config, train, root_cache=options["cache"])
-    return val, eval_preprocess(data_config, stats)
+    return val, trained_preprocess(data_config, str(data), **options)
 
 
 def evaluate(
