@@ -152,6 +152,8 @@ def test_forward_backward_and_interface(built) -> None:
         assert torch.equal(model.forward_features(image), features)
         torch.testing.assert_close(model.forward_head(features), logits)
         pooled = model.forward_head(features, pre_logits=True)
+        # the classifier is the last layer: a linear probe fitted on `pooled` replaces it
+        torch.testing.assert_close(model.classifier(pooled), logits)
     assert pooled.dim() == 2 and pooled.shape[0] == 1
     assert torch.isfinite(logits).all()
 
@@ -183,6 +185,7 @@ def test_fully_convolutional_matches_forward(built) -> None:
 def test_reset_classifier(built) -> None:
     name, model = built
     model.reset_classifier(7)
+    assert model.classifier.out_features == 7
     size = smallest_valid_size(model)
     model.eval()
     with torch.no_grad():

@@ -51,7 +51,9 @@ class CanonModel(nn.Module):
     - `forward_features(x)`: image batch to the last feature map (before any pooling or FC
       layer).
     - `forward_head(x, pre_logits=False)`: feature map to logits, or to the penultimate features.
-    - `reset_classifier(num_classes)`: a fresh last layer for transfer learning.
+    - `classifier`: the last layer, mapping the penultimate features to logits (a linear probe
+      fits it; fine-tuning gives it its own learning rate).
+    - `reset_classifier(num_classes)`: a fresh `classifier` for transfer learning.
     - `forward_with_aux(x)`: the explicit training path, `(logits, [auxiliary logits...])`; only
       GoogLeNet has auxiliary heads, everything else returns an empty list. `forward` never
       changes its return type with `.training`.
@@ -77,6 +79,10 @@ class CanonModel(nn.Module):
         return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def classifier(self) -> nn.Linear:
         raise NotImplementedError
 
     def reset_classifier(self, num_classes: int) -> None:

@@ -59,8 +59,8 @@ def conv_bn_relu(
     ))
 
 
-def max_pool() -> nn.MaxPool2d:
-    return nn.MaxPool2d(3, stride=2, ceil_mode=True)
+def max_pool(kernel_size: int = 3) -> nn.MaxPool2d:
+    return nn.MaxPool2d(kernel_size, stride=2, ceil_mode=True)
 
 
 def googlenet_lrn() -> LocalResponseNorm:
@@ -157,7 +157,8 @@ class GoogLeNet(PooledHeadNet):
       column's total, 6,798K, is within 0.5% of the model's 6,826K weights (6,998,552
       parameters with biases, 1000 classes, without the auxiliary heads).
 
-    `batch_norm`, `wide_kernel`, `lrn` and `dropout` make torchvision's variant (`googlenet_bn`).
+    `batch_norm`, `wide_kernel`, `lrn`, `dropout` and `pool4_kernel` make torchvision's variant
+    (`googlenet_bn`).
     """
 
     def __init__(
@@ -169,6 +170,7 @@ class GoogLeNet(PooledHeadNet):
         lrn: bool = True,
         dropout: float = 0.4,
         aux_dropout: float = 0.7,
+        pool4_kernel: int = 3,
     ) -> None:
         super().__init__()
         conv = conv_bn_relu if batch_norm else conv_relu
@@ -186,7 +188,8 @@ class GoogLeNet(PooledHeadNet):
         aux_channels = {}
         for name, widths in INCEPTION_TABLE.items():
             if name in POOL_BEFORE:
-                stages.append((POOL_BEFORE[name], max_pool()))
+                pool = POOL_BEFORE[name]
+                stages.append((pool, max_pool(pool4_kernel if pool == "pool4" else 3)))
             module = Inception(in_channels, widths, conv, wide_kernel)
             stages.append((name, module))
             in_channels = module.out_channels
@@ -249,10 +252,11 @@ def googlenet_bn(num_classes: int = 1000, **kwargs: Any) -> GoogLeNet:
     """GoogLeNet as torchvision builds it: batch norm, 3x3 in the "5x5" branch, no LRN.
 
     torchvision's variant, not the paper's: batch norm (eps 1e-3) after every convolution,
-    which then has no bias; 3x3 convolutions in the "5x5" branch; no LRN; dropout 0.2. It keeps
-    the paper's pooling (torchvision closes stage 4 with a 2x2 max pool; both give 7x7 at 224)
-    and the same initialisation rule as `googlenet`.
+    which then has no bias; 3x3 convolutions in the "5x5" branch; no LRN; dropout 0.2; stage 4
+    closed by a 2x2/2 max pool (the paper's is 3x3/2; both give 7x7 at 224), so torchvision's
+    ImageNet weights give torchvision's outputs (canon.transfer.from_torchvision). The
+    initialisation rule is `googlenet`'s.
     """
     options: dict[str, Any] = {"batch_norm": True, "wide_kernel": 3, "lrn": False,
-                               "dropout": 0.2}
+                               "dropout": 0.2, "pool4_kernel": 2}
     return GoogLeNet(num_classes, **{**options, **kwargs})

@@ -202,6 +202,10 @@ class FCHeadNet(CanonModel):
     def init_classifier(self, layer: nn.Linear) -> None:
         raise NotImplementedError
 
+    @property
+    def classifier(self) -> nn.Linear:
+        return self.head.fc8
+
     def reset_classifier(self, num_classes: int) -> None:
         self.head.fc8 = fresh_classifier(self.head.fc8, num_classes, self.init_classifier)
 
@@ -250,6 +254,10 @@ class PooledHeadNet(CanonModel):
 
     def init_classifier(self, layer: nn.Linear) -> None:
         raise NotImplementedError
+
+    @property
+    def classifier(self) -> nn.Linear:
+        return self.fc
 
     def reset_classifier(self, num_classes: int) -> None:
         self.fc = fresh_classifier(self.fc, num_classes, self.init_classifier)
