@@ -381,3 +381,28 @@ def test_evaluate_with_a_preprocess_reads_no_training_split(imagenette_root, tmp
     preprocess = EvalPreprocess(64, 72, Normalize(torch.zeros(3)))
     result = evaluate(model, tmp_path, "ten-crop", preprocess=preprocess)
     assert result["images"] == 6 and result["views_per_image"] == 10
+
+
+def test_evaluate_keeps_the_probabilities_in_dataset_order(sample_sets):
+    """keep_probabilities: the posteriors the errors were counted from, one row per image in
+    the dataset's order, with its label; a softmax of the logits for ready tensors."""
+    val = sample_sets.val
+    subset = ArrayImages(val.images[:30], val.labels[:30], val.classes, name="val[:30]")
+    model, ten = SmallConvNet().eval(), parse_protocol("ten-crop")
+    result = evaluate(model, subset, "ten-crop", batch_size=8, preprocess=sample_sets.preprocess,
+                      keep_probabilities=True)
+    with torch.no_grad():
+        stacks = [ProtocolViews(ten, sample_sets.preprocess)(image) for image in subset.images]
+        expected = _average_posteriors(model, None, stacks, ten, "cpu")
+    assert torch.allclose(result["probabilities"], expected, atol=1e-6)
+    assert torch.equal(result["labels"], torch.tensor(subset.labels))
+    wrong = (expected.argmax(1) != result["labels"]).sum().item()
+    assert result["top1_error"] == pytest.approx(100 * wrong / 30)
+
+    images = torch.stack([val[i][0] for i in range(30)])
+    ready = TensorDataset(images, torch.tensor(val.labels[:30]))
+    kept = evaluate(model, ready, "center", batch_size=8, keep_probabilities=True)
+    with torch.no_grad():
+        assert torch.allclose(kept["probabilities"], model(images).softmax(1), atol=1e-6)
+    assert kept["probabilities"].shape == (30, 10) and kept["probabilities"].device.type == "cpu"
+    assert "probabilities" not in evaluate(model, ready, "center")

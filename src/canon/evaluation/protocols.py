@@ -12,7 +12,7 @@ the result's "skipped".
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -83,6 +83,7 @@ def evaluate(
     strict: bool = False,
     progress: bool = False,
     class_ids: list[str] | None = None,
+    keep_probabilities: bool = False,
 ) -> dict:
     """Top-1/top-5 error (percent) of `model` on `data` under `protocol`.
 
@@ -99,7 +100,10 @@ def evaluate(
     The model is moved to `device` first. `scales` overrides the multi-scale shorter sides.
     `sampler` shards the set (distributed evaluation; all-reduce the counts, see
     score_loader). Returns top1_error, top5_error, images, skipped, protocol,
-    views_per_image, scales, seconds.
+    views_per_image, scales, seconds; with `keep_probabilities` also `probabilities`, the
+    class posteriors of every image scored (N x K float32 on the CPU, the softmax averaged
+    over the protocol's views; a softmax of the logits for ready tensors), and `labels` (N),
+    in the loader's order: the dataset's less its skipped images (the sampler's, with one).
     """
     parsed = parse_protocol(protocol)
     if isinstance(data, str | Path):
@@ -123,7 +127,13 @@ def evaluate(
         collate_fn=collate_views if views else collate,
     )
     start = time.perf_counter()
-    errors = score_loader(model, loader, parsed if views else None, device, progress=progress)
+    errors, kept, kept_labels = TopKErrors(), [], []
+    for scores, labels in _scored_batches(model, loader, parsed if views else None, device,
+                                          progress):
+        errors.update(scores, labels)
+        if keep_probabilities:  # view batches come as posteriors, ready ones as logits
+            kept.append((scores if views else scores.float().softmax(1)).cpu())
+            kept_labels.append(labels)
     result = errors.result()
     expected = len(sampler) if sampler is not None else len(dataset)
     result.update(
@@ -133,6 +143,11 @@ def evaluate(
         scales=list(dataset.transform.scales) if views else [],
         seconds=round(time.perf_counter() - start, 3),
     )
+    if keep_probabilities:
+        result.update(
+            probabilities=torch.cat(kept) if kept else torch.empty(0, 0),
+            labels=torch.cat(kept_labels) if kept else torch.empty(0, dtype=torch.long),
+        )
     return result
 
 
@@ -140,7 +155,6 @@ def _views_per_image(protocol: Protocol, views: ProtocolViews) -> int:
     return sum(VIEWS_PER_SCALE[method] for method in protocol.methods) * len(views.scales)
 
 
-@torch.inference_mode()
 def score_loader(
     model: nn.Module,
     loader: Iterable[tuple],
@@ -155,27 +169,39 @@ def score_loader(
     Inputs go to `device`; the model stays where the caller put it, since a model-parallel
     one (canon.engine.model_parallel) has its pieces on several devices and takes its
     inputs on the first."""
+    errors = TopKErrors()
+    for scores, labels in _scored_batches(model, loader, protocol, device, progress):
+        errors.update(scores, labels)
+    return errors
+
+
+@torch.inference_mode()
+def _scored_batches(
+    model: nn.Module,
+    loader: Iterable[tuple],
+    protocol: Protocol | None,
+    device: str | torch.device,
+    progress: bool,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(scores N x K, labels N) of each non-empty batch of score_loader's `loader`: logits of
+    ready batches, the protocol's averaged posteriors of view batches. The model is in eval
+    mode while this runs (inference mode is entered per step, not around the consumer)."""
     was_training = model.training
     model.eval()
     dense_network = None
     if protocol is not None and protocol.dense:
         dense_network = model.fully_convolutional().eval()
-    errors = TopKErrors()
     try:
         for batch in tqdm(loader, desc="evaluate", unit="batch", disable=not progress):
+            inputs, labels = batch  # images, or per-image view stacks
+            if not len(labels):
+                continue
             if protocol is None:
-                images, labels = batch
-                if len(labels):
-                    errors.update(model(images.to(device)), labels)
+                yield model(inputs.to(device)), labels
             else:
-                stacks, labels = batch
-                if len(labels):
-                    posteriors = _average_posteriors(model, dense_network, stacks, protocol,
-                                                     device)
-                    errors.update(posteriors, labels)
+                yield _average_posteriors(model, dense_network, inputs, protocol, device), labels
     finally:
         model.train(was_training)
-    return errors
 
 
 def _average_posteriors(

@@ -1,0 +1,175 @@
+"""Ensembles: the papers' headline results average the softmax outputs of several nets under
+one test protocol (AlexNet s6, five CNNs; VGG s4.4, "averaging their soft-max class
+posteriors"; GoogLeNet s7, seven models, "softmax probabilities are averaged over multiple crops
+and over all the individual classifiers"; ResNet s4.1, six models). Each member scores the same
+images through its own preprocessing (input size, mean), so nets trained differently combine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from canon.data.config import DataConfig
+from canon.data.labeled import LabeledImages
+from canon.data.preprocess import EvalPreprocess, center_transform
+from canon.errors import ConfigError
+from canon.evaluation.metrics import TopKErrors
+from canon.evaluation.protocols import evaluate, preprocess_for
+
+
+@dataclass(frozen=True)
+class EnsembleMember:
+    """One net of an ensemble and what its inputs need (canon.engine's TrainedModel has it all).
+
+    `preprocess` None: for evaluation, per `data_config` (from the statistics of its training
+    split) or else the model's eval_config, as canon.evaluation.evaluate decides; for
+    prediction and for a LabeledImages set, the model's eval_config."""
+
+    name: str  # how results and errors call it, e.g. its run directory
+    model: nn.Module
+    class_ids: list[str]  # its outputs' classes by id, in order; the same for every member
+    preprocess: EvalPreprocess | None = None
+    data_config: DataConfig | None = None  # its recipe's data section
+    classes: list[str] | None = None  # human names of its outputs; default: class_ids
+
+
+def ensemble_probabilities(probabilities: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The mean of the members' N x K class probability matrices (same images, same classes)."""
+    if not probabilities:
+        raise ValueError("an ensemble needs at least one probability matrix")
+    shapes = {tuple(p.shape) for p in probabilities}
+    if len(shapes) != 1:
+        raise ValueError(f"probability matrices of different shapes: {sorted(shapes)}")
+    # A running sum: stacking would hold another copy of every matrix (ImageNet: 200 MB each).
+    return sum(probabilities[1:], probabilities[0].float()) / len(probabilities)
+
+
+def evaluate_ensemble(
+    members: Sequence[EnsembleMember],
+    data: str | Path | LabeledImages,
+    protocol: str = "center",
+    *,
+    keep_probabilities: bool = False,
+    **options: Any,
+) -> dict[str, Any]:
+    """Top-1/top-5 error (percent) of each member and of their ensemble, the mean of the
+    members' posteriors, on `data` under `protocol`.
+
+    Each member is scored by canon.evaluation.evaluate with its own preprocessing and class
+    ids on the same split (`data`: a dataset name or folder, whose split is labelled by the
+    members' class ids; or a LabeledImages set whose class_ids are theirs); `options` are
+    evaluate's (batch_size, device, workers, scales, strict, progress, ...). Members whose
+    class ids differ, or that scored different images (their skipped files differ), are a
+    ConfigError naming them. Returns top1_error, top5_error, images, skipped, protocol and
+    `members`, each member's evaluate result with its name; with `keep_probabilities` also
+    the ensemble's `probabilities` (N x K) and `labels` (N), as evaluate gives them.
+    """
+    _check_classes(members)
+    if not isinstance(data, str | Path | LabeledImages):
+        raise ConfigError(
+            "each member of an ensemble makes its own views of raw images: pass a dataset name "
+            f"or folder, or a LabeledImages set, not a {type(data).__name__} of ready tensors"
+        )
+    if isinstance(data, LabeledImages) and data.class_ids != members[0].class_ids:
+        raise ConfigError(
+            f"{data!r} is labelled by other classes than the members' "
+            f"({_difference(members[0].class_ids, data.class_ids)}): pass the dataset's name "
+            "or folder, whose labels are then matched to the members' classes by name"
+        )
+    results, probabilities = [], []
+    for member in members:
+        result = evaluate(
+            member.model, data, protocol, preprocess=_preprocess(member, data),
+            data_config=member.data_config, class_ids=member.class_ids,
+            keep_probabilities=True, **options,
+        )
+        probabilities.append(result.pop("probabilities"))
+        if results and not torch.equal(result["labels"], results[0]["labels"]):
+            raise ConfigError(
+                f"{members[0].name!r} and {member.name!r} scored different images "
+                f"({results[0]['images']} and {result['images']}): the image files each "
+                "skipped differ (see the warnings; strict=True stops at the first)"
+            )
+        results.append(result)
+    labels = results[0]["labels"]
+    ensemble = ensemble_probabilities(probabilities)
+    errors = TopKErrors()
+    errors.update(ensemble, labels)
+    summary = {
+        **errors.result(),
+        "skipped": results[0]["skipped"],
+        "protocol": results[0]["protocol"],
+        "members": [
+            {"name": member.name, **{k: v for k, v in result.items() if k != "labels"}}
+            for member, result in zip(members, results, strict=True)
+        ],
+    }
+    if keep_probabilities:
+        summary.update(probabilities=ensemble, labels=labels)
+    return summary
+
+
+@torch.inference_mode()
+def predict_ensemble(
+    members: Sequence[EnsembleMember], images: Sequence[torch.Tensor], top_k: int = 5
+) -> list[list[tuple[str, float]]]:
+    """The `top_k` (class name, probability) pairs of each decoded image (uint8 RGB tensor
+    3 x H x W), probabilities averaged over the members, each scoring its own centre crop on
+    the device its model is on."""
+    _check_classes(members)
+    probabilities = ensemble_probabilities(
+        [_center_probabilities(member, images) for member in members]
+    )
+    top = probabilities.topk(min(top_k, probabilities.shape[1]), dim=1)
+    names = members[0].classes or members[0].class_ids
+    return [
+        [(names[i], p) for i, p in zip(indices.tolist(), values.tolist(), strict=True)]
+        for indices, values in zip(top.indices, top.values, strict=True)
+    ]
+
+
+def _center_probabilities(member: EnsembleMember, images: Sequence[torch.Tensor]) -> torch.Tensor:
+    transform = center_transform(member.preprocess or preprocess_for(member.model))
+    batch = torch.stack([transform(image) for image in images])
+    model = member.model
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        return model(batch.to(device)).float().softmax(1).cpu()
+    finally:
+        model.train(was_training)
+
+
+def _preprocess(member: EnsembleMember, data: object) -> EvalPreprocess | None:
+    """A LabeledImages set needs one to make its views with; for a dataset name or folder,
+    evaluate picks the member's from its data_config or eval_config."""
+    if member.preprocess is None and isinstance(data, LabeledImages):
+        return preprocess_for(member.model)
+    return member.preprocess
+
+
+def _check_classes(members: Sequence[EnsembleMember]) -> None:
+    """Averaging posteriors adds up output i of every member: it must be the same class."""
+    if not members:
+        raise ConfigError("an ensemble needs at least one member")
+    first = members[0]
+    for member in members[1:]:
+        if member.class_ids != first.class_ids:
+            raise ConfigError(
+                f"{first.name!r} and {member.name!r} cannot be averaged: their classes differ "
+                f"({_difference(first.class_ids, member.class_ids)})"
+            )
+
+
+def _difference(ours: list[str], theirs: list[str]) -> str:
+    if len(ours) != len(theirs):
+        return f"{len(ours)} against {len(theirs)} classes"
+    index = next(i for i, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a != b)
+    return f"output {index} is {ours[index]!r} against {theirs[index]!r}"
