@@ -83,6 +83,38 @@ def test_predict_prints_top5_class_names_with_probabilities(trained_run, tmp_pat
     assert all(line.split("%")[1].strip() in test_images.classes for line in lines[1:6])
 
 
+def test_an_ensemble_of_two_runs_through_eval_and_predict(trained_run, tmp_path, capsys):
+    """`canon eval A B` reports each model and the mean of their softmax outputs, with
+    --per-class a CSV and a confusion matrix; `canon predict A B IMAGE` averages likewise."""
+    first = trained_run / "checkpoints" / "epoch-001.pt"
+    output = tmp_path / "ensemble.json"
+    main(["eval", str(trained_run), str(first), "--per-class", "--output", str(output),
+          "--batch-size", "250", "--device", "cpu"])
+    result = json.loads(output.read_text())
+    assert [m["name"] for m in result["members"]] == [
+        str(trained_run / "model.safetensors"), str(first)]
+    assert result["images"] == 1000 and "probabilities" not in result
+    models = [load_trained(trained_run), load_trained(first)]
+    _, test_images = open_dataset("sample")
+    batch = [torch.stack([center_transform(m.preprocess)(test_images.load_image(i))
+                          for i in range(1000)]) for m in models]
+    with torch.inference_mode():
+        mean = sum(m.model(x).softmax(1) for m, x in zip(models, batch, strict=True)) / 2
+    wrong = (mean.argmax(1) != torch.tensor(test_images.labels)).float().mean().item()
+    assert result["top1_error"] == pytest.approx(100 * wrong, abs=1e-6)
+    rows = list(csv.DictReader((tmp_path / "ensemble-per-class.csv").open()))
+    assert len(rows) == 10 and sum(int(row["images"]) for row in rows) == 1000
+    with Image.open(tmp_path / "ensemble-confusion.png") as picture:
+        assert min(picture.size) > 200
+    path = tmp_path / "image.png"
+    Image.fromarray(test_images.images[0].permute(1, 2, 0).numpy()).save(path)
+    capsys.readouterr()
+    main(["predict", str(trained_run), str(first), str(path), "--top", "1", "--device", "cpu"])
+    name, probability = mean[0].max(0).indices.item(), mean[0].max().item()
+    assert capsys.readouterr().out.splitlines()[1].split() == [
+        f"{probability:.2%}", models[0].classes[name]]
+
+
 def test_eval_maps_a_folder_s_classes_to_the_model_s_by_name(
     trained_run, image_folder, tmp_path
 ):

@@ -1,8 +1,9 @@
 """canon's modules import one way: each layer only from the layers below it, and no cycles.
 
-Layers, bottom to top: errors/files/lazy/validation -> registry -> models -> data -> recipes ->
-evaluation -> engine -> cli. The package itself (`canon/__init__.py`) is the public API over
-all of them and imports lazily (canon.lazy), by name.
+Layers, bottom to top: errors/files/lazy/validation -> registry -> models -> data ->
+transfer.torchvision -> recipes -> evaluation -> engine -> transfer/visualize -> reproduce ->
+cli. The package itself (`canon/__init__.py`) is the public API over all of them and imports
+lazily (canon.lazy), by name.
 """
 
 from __future__ import annotations
@@ -18,9 +19,13 @@ LAYERS = [
     ("canon.registry",),
     ("canon.models",),
     ("canon.data",),
+    # torchvision's weights in canon's models: below the engine, which starts runs from them
+    ("canon.transfer.torchvision",),
     ("canon.recipes",),
     ("canon.evaluation",),
     ("canon.engine",),
+    ("canon.transfer", "canon.visualize"),
+    ("canon.reproduce",),
     ("canon.cli", "canon.__main__"),
 ]
 

@@ -131,6 +131,11 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--model", help="train this registered model instead of the recipe's")
     parser.add_argument(
+        "--init-from", metavar="RUN|CKPT|torchvision:NAME",
+        help="start from these weights (tensors copied by name and shape; model.init_layers "
+        "limits them): a run directory, checkpoint, model.safetensors or torchvision:NAME",
+    )
+    parser.add_argument(
         "--data", metavar="PATH|cifar10|cifar100|sample",
         help="dataset: an ImageNet-layout folder (train/<class>/, val/<class>/), a CIFAR "
         "folder or name, or the bundled sample",
@@ -179,7 +184,8 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _flag_overrides(args: argparse.Namespace) -> list[tuple[str, object]]:
     flags = [
-        ("model.name", args.model), ("data.dataset", args.data),
+        ("model.name", args.model), ("model.init_from", args.init_from),
+        ("data.dataset", args.data),
         ("train.epochs", args.epochs), ("train.batch_size", args.batch_size),
         ("optimizer.lr", args.lr), ("train.amp", args.amp), ("train.accum_steps", args.accum),
         ("train.compile", args.compile or None), ("train.workers", args.workers),
@@ -218,9 +224,14 @@ def _run_train(args: argparse.Namespace) -> None:
               f"{last['val_top1_error']:.2f}%{best}, top-5 {last['val_top5_error']:.2f}%")
 
 
+SOURCE_HELP = ("a run directory, model.safetensors, a checkpoint .pt file, or torchvision:NAME "
+               "(torchvision's ImageNet weights, downloaded to its cache)")
+
+
 def _eval_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", type=Path,
-                        help="a run directory, model.safetensors or a checkpoint .pt file")
+    parser.add_argument("sources", nargs="+", metavar="SOURCE",
+                        help=SOURCE_HELP + "; several: each one and their ensemble (the mean "
+                        "of their softmax outputs)")
     parser.add_argument("--data", help="dataset name or folder; default: the one trained on")
     parser.add_argument(
         "--protocol", default="center",
@@ -228,60 +239,169 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
         "multi-scale+ten-crop, multi-scale+dense, multi-crop (VGG: 5x5 grid + flips at 3 scales) "
         "or multi-crop+dense (VGG)",
     )
+    parser.add_argument("--per-class", action="store_true",
+                        help="also write each class's error (CSV) and the confusion matrix (PNG)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
     parser.add_argument("--workers", type=int, default=0)
-    parser.add_argument("--output", type=Path, metavar="JSON",
-                        help="where to write the result; default: beside the checkpoint")
+    parser.add_argument(
+        "--output", type=Path, metavar="JSON",
+        help="where to write the result; default: eval-PROTOCOL.json beside the model, or "
+        "ensemble-PROTOCOL.json here for several",
+    )
     parser.add_argument(
         "--strict", action="store_true",
         help="stop at the first undecodable image file instead of skipping it with a warning",
     )
 
 
-@_verb("eval", "top-1/top-5 error of a trained model under a test protocol", _eval_arguments)
+@_verb("eval", "top-1/top-5 error of trained models (or their ensemble) under a test protocol",
+       _eval_arguments)
 def _run_eval(args: argparse.Namespace) -> None:
     import json
 
+    from canon.engine.distributed import resolve_device
     from canon.engine.trained import load_trained
+    from canon.evaluation.ensemble import evaluate_ensemble
+    from canon.evaluation.report import class_report, write_class_errors, write_confusion_png
 
-    trained = load_trained(args.checkpoint)
-    result = trained.evaluate(
-        args.data, args.protocol, device=args.device, batch_size=args.batch_size,
-        workers=args.workers, strict=args.strict, progress=True,
-    )
+    trained = [load_trained(source) for source in args.sources]
+    options = {"batch_size": args.batch_size, "workers": args.workers, "strict": args.strict,
+               "progress": True, "keep_probabilities": args.per_class}
+    if len(trained) == 1:
+        result = trained[0].evaluate(args.data, args.protocol, device=args.device, **options)
+        output = args.output or trained[0].source.parent / f"eval-{result['protocol']}.json"
+    else:
+        data = args.data or trained[0].data.dataset
+        result = evaluate_ensemble([t.member() for t in trained], data, args.protocol,
+                                   device=resolve_device(args.device), **options)
+        result["data"] = str(data)
+        for member in result["members"]:
+            print(f"  {member['name']}: top-1 error {member['top1_error']:.2f}%, top-5 error "
+                  f"{member['top5_error']:.2f}%")
+        output = args.output or Path(f"ensemble-{result['protocol']}.json")
+    what = trained[0].source if len(trained) == 1 else f"ensemble of {len(trained)}"
     print(
-        f"{trained.source}: {result['protocol']} on {result['data']} ({result['images']} "
-        f"images): top-1 error {result['top1_error']:.2f}%, top-5 error "
-        f"{result['top5_error']:.2f}%"
+        f"{what}: {result['protocol']} on {result['data']} ({result['images']} images): top-1 "
+        f"error {result['top1_error']:.2f}%, top-5 error {result['top5_error']:.2f}%"
     )
     if result["skipped"]:
         print(f"skipped {result['skipped']} undecodable image file(s) (see the warnings; "
               "--strict stops at the first)")
-    output = args.output or trained.source.parent / f"eval-{result['protocol']}.json"
+    if args.per_class:
+        report = class_report(result.pop("probabilities"), result.pop("labels"),
+                              trained[0].classes)
+        stem = output.with_suffix("")
+        write_class_errors(report, stem.with_name(f"{stem.name}-per-class.csv"))
+        write_confusion_png(report.confusion, report.classes,
+                            stem.with_name(f"{stem.name}-confusion.png"))
+        print(f"wrote {stem}-per-class.csv and {stem}-confusion.png")
     output.write_text(json.dumps(result, indent=2))
     print(f"wrote {output}")
 
 
 def _predict_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", type=Path,
-                        help="a run directory, model.safetensors or a checkpoint .pt file")
-    parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    parser.add_argument(
+        "paths", nargs="+", metavar="SOURCE... IMAGE...",
+        help="one or more models (" + SOURCE_HELP + "; several: their ensemble), then images",
+    )
     parser.add_argument("--top", type=int, default=5, help="classes to show per image")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
 
 
-@_verb("predict", "the most likely classes for image files", _predict_arguments)
+def _is_source(path: str) -> bool:
+    return (path.startswith("torchvision:") or Path(path).is_dir()
+            or Path(path).suffix in (".pt", ".safetensors"))
+
+
+@_verb("predict", "the most likely classes for image files (one model or an ensemble)",
+       _predict_arguments)
 def _run_predict(args: argparse.Namespace) -> None:
     from canon.engine.distributed import resolve_device
-    from canon.engine.trained import load_trained
+    from canon.engine.trained import decode_images, load_trained
+    from canon.errors import ConfigError
+    from canon.evaluation.ensemble import predict_ensemble
 
-    trained = load_trained(args.checkpoint)
-    trained.model.to(resolve_device(args.device))
-    for path, ranking in zip(args.images, trained.predict(args.images, args.top), strict=True):
+    count = next((i for i, p in enumerate(args.paths) if not _is_source(p)), len(args.paths))
+    sources, images = args.paths[:count], args.paths[count:]
+    if not sources or not images:
+        raise ConfigError("usage: canon predict SOURCE [SOURCE...] IMAGE [IMAGE...]: models "
+                          "(run directories, .pt, .safetensors, torchvision:NAME) first")
+    trained = [load_trained(source) for source in sources]
+    for model in trained:
+        model.model.to(resolve_device(args.device))
+    rankings = predict_ensemble([t.member() for t in trained],
+                                decode_images(images, trained[0].data), args.top)
+    for path, ranking in zip(images, rankings, strict=True):
         print(path)
         for name, probability in ranking:
             print(f"  {probability:7.2%}  {name}")
+
+
+def _transfer_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", metavar="SOURCE", help=SOURCE_HELP)
+    parser.add_argument("--data", required=True, metavar="PATH|cifar10|cifar100",
+                        help="the new dataset: a folder with train/ and val/ (or valid/, test/)"
+                        " class folders, or a CIFAR name or folder")
+    parser.add_argument(
+        "--mode", required=True, choices=("linear-probe", "finetune"),
+        help="linear-probe: logistic regression on the frozen network's penultimate features; "
+        "finetune: train the whole network with a new classifier",
+    )
+    parser.add_argument("--output-dir", type=Path, metavar="DIR",
+                        help="the run directory to write; default: runs/transfer-<mode>[-N]")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the run already in --output-dir")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="finetune: override a recipe value, e.g. --set train.epochs=30 or "
+        "--set model.frozen_stages=2",
+    )
+    parser.add_argument("--batch-size", type=int, default=64, help="linear-probe: feature batch")
+    parser.add_argument("--workers", type=int, default=0, help="linear-probe: decoding processes")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
+
+
+@_verb("transfer", "carry a trained network to a new dataset (linear probe or fine-tuning)",
+       _transfer_arguments)
+def _run_transfer(args: argparse.Namespace) -> None:
+    from canon.engine.rundir import RUNS_ROOT, new_run_dir
+    from canon.transfer.runs import transfer
+
+    out = args.output_dir or new_run_dir(RUNS_ROOT, f"transfer-{args.mode}")
+    run_dir = transfer(
+        args.source, args.data, args.mode, out, overrides=args.set, overwrite=args.overwrite,
+        device=args.device, batch_size=args.batch_size, workers=args.workers,
+    )
+    print(f"done: {run_dir}  (canon eval {run_dir}; canon predict {run_dir} IMAGE...)")
+
+
+def _features_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", metavar="SOURCE", help=SOURCE_HELP)
+    parser.add_argument("--data", required=True, help="dataset name or folder")
+    parser.add_argument("--split", default="train", choices=("train", "val"))
+    parser.add_argument("--out", required=True, type=Path, metavar="FILE.safetensors")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
+
+
+@_verb("features", "export a network's penultimate features of a dataset split",
+       _features_arguments)
+def _run_features(args: argparse.Namespace) -> None:
+    from canon.engine.distributed import resolve_device
+    from canon.engine.trained import load_trained
+    from canon.transfer.features import extract_features, open_split
+
+    trained = load_trained(args.source)
+    trained.model.to(resolve_device(args.device))
+    features = extract_features(
+        trained, open_split(args.data, args.split), f"{args.data} {args.split}",
+        batch_size=args.batch_size, workers=args.workers, progress=True,
+    )
+    features.save(args.out)
+    print(f"wrote {args.out}: {tuple(features.features.shape)} features and labels of "
+          f"{len(features.classes)} classes")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,6 +5,8 @@ model trained on it; the papers' ImageNet validation sets are held-out sets of t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from canon.data.labeled import ImageSubset, LabeledImages
@@ -22,8 +24,14 @@ def hold_out(
             f"data.val_split must hold out between 1 and {len(dataset) - 1} of the "
             f"{len(dataset)} training images, got {count}"
         )
+    rest, held = stratified_split(dataset.labels, count, seed)
+    return ImageSubset(dataset, rest), ImageSubset(dataset, held)
+
+
+def stratified_split(labels: Sequence[int], count: int, seed: int) -> tuple[list[int], list[int]]:
+    """(the other indices, `count` held-out indices, sorted) of `labels`, as hold_out."""
     members: dict[int, list[int]] = {}
-    for index, label in enumerate(dataset.labels):
+    for index, label in enumerate(labels):
         members.setdefault(label, []).append(index)
     classes = sorted(members)
     generator = torch.Generator().manual_seed(seed)
@@ -33,8 +41,7 @@ def hold_out(
         order = torch.randperm(len(members[label]), generator=generator)[:share]
         held.extend(members[label][i] for i in order.tolist())
     chosen = set(held)
-    rest = [index for index in range(len(dataset)) if index not in chosen]
-    return ImageSubset(dataset, rest), ImageSubset(dataset, sorted(held))
+    return [index for index in range(len(labels)) if index not in chosen], sorted(held)
 
 
 def _shares(count: int, sizes: list[int]) -> list[int]:

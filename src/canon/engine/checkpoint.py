@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import warnings
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -199,13 +200,16 @@ def run_dir_of(path: Path) -> Path:
     return path.parent.parent if path.parent.name == CHECKPOINT_DIR else path.parent
 
 
-def prune_epoch_checkpoints(run_dir: Path, keep: int) -> None:
-    """Delete all but the newest `keep` epoch checkpoints (best.pt is a separate copy), and the
-    temporary files of checkpoint writes killed midway."""
+def prune_epoch_checkpoints(
+    run_dir: Path, keep: int, keep_epochs: Collection[int] = ()
+) -> None:
+    """Delete all but the newest `keep` epoch checkpoints and those of `keep_epochs` (best.pt
+    is a separate copy), and the temporary files of checkpoint writes killed midway."""
     folder = run_dir / CHECKPOINT_DIR
     epochs = sorted(folder.glob("epoch-*.pt"), key=_epoch_number)
     for old in epochs[:-keep]:
-        old.unlink()
+        if _epoch_number(old) not in keep_epochs:
+            old.unlink()
     sweep_partial_writes(folder)
 
 

@@ -28,15 +28,18 @@ from canon.engine.checkpoint import (
     resumable_checkpoints,
     run_dir_of,
 )
+from canon.engine.initialize import INIT_REPORT
 from canon.engine.logs import EVENTS_DIR
 from canon.errors import DataError
 from canon.files import cannot_write, make_folder, sweep_partial_writes
 from canon.recipes import Recipe, apply_overrides, load_recipe
 
 LOCK_FILE = ".lock"
-# Everything a training run writes into its directory (`canon eval` adds eval-*.json).
+PROBE_REPORT = "probe.json"  # what `canon transfer --mode linear-probe` measured
+# Everything a training or transfer run writes into its directory (`canon eval` adds
+# eval-*.json; a linear probe's features/ cache stays, checked against its source and data).
 RUN_FILES = ("recipe.yaml", "metrics.csv", "curves.png", EXPORT_WEIGHTS, EXPORT_NORMALIZATION,
-             EXPORT_CONFIG, CHECKPOINT_DIR, EVENTS_DIR)
+             EXPORT_CONFIG, CHECKPOINT_DIR, EVENTS_DIR, INIT_REPORT, PROBE_REPORT)
 # Files that show an earlier run got as far as results (besides its checkpoints).
 _RESULTS = ("metrics.csv", EXPORT_WEIGHTS, EXPORT_CONFIG)
 _EXPORTS = (EXPORT_WEIGHTS, EXPORT_NORMALIZATION, EXPORT_CONFIG)  # the files written atomically

@@ -14,6 +14,7 @@ from canon.engine import checkpoint as ckpt
 from canon.engine import distributed as dist
 from canon.engine.setup import Run
 from canon.errors import NonFiniteError
+from canon.recipes.schema import TrainSection
 
 
 def validated_model(run: Run) -> nn.Module:
@@ -73,16 +74,17 @@ def _plain(totals: dict[str, Any]) -> dict[str, Any]:
 
 
 def save_epoch(
-    run_dir: Path, state: dict[str, Any], row: dict[str, Any], is_best: bool, keep: int
+    run_dir: Path, state: dict[str, Any], row: dict[str, Any], is_best: bool,
+    config: TrainSection,
 ) -> None:
     """The epoch's checkpoint (replacing interrupted.pt), best.pt when it is the best, and
-    only the newest `keep` epoch checkpoints."""
+    only the newest train.keep_checkpoints epoch checkpoints besides train.keep_epochs'."""
     path = ckpt.epoch_checkpoint(run_dir, row["epoch"])
     ckpt.save_checkpoint(state, path)
     ckpt.interrupted_checkpoint(run_dir).unlink(missing_ok=True)
     if is_best:
         ckpt.copy_checkpoint(path, ckpt.best_checkpoint(run_dir))
-    ckpt.prune_epoch_checkpoints(run_dir, keep)
+    ckpt.prune_epoch_checkpoints(run_dir, config.keep_checkpoints, config.keep_epochs)
 
 
 def export(run: Run) -> None:

@@ -106,7 +106,7 @@ class LearningRateSchedule:
     def apply(self, step: int) -> float:
         lr = self.lr_at(step)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # fine-tuning's backbone rate
         return lr
 
     def end_epoch(self, val_top1_error: float) -> bool:

@@ -23,6 +23,7 @@ from canon.data.loaders import Datasets, build_datasets, build_loader
 from canon.data.sampling import EpochKeys, SeededSamples, epoch_order, eval_shard
 from canon.engine import checkpoint as ckpt
 from canon.engine import distributed as dist
+from canon.engine.initialize import InitReport, initialize_from
 from canon.engine.logs import check_tensorboard, event_writer
 from canon.engine.model_parallel import parallelize
 from canon.engine.precision import Precision
@@ -32,6 +33,7 @@ from canon.engine.schedules import (
     scale_iteration_counts,
 )
 from canon.engine.stopping import leave_signals_to_main
+from canon.engine.trained import TORCHVISION
 from canon.errors import ConfigError
 from canon.models.base import MODELS
 from canon.models.factory import create_model
@@ -49,15 +51,28 @@ class _WithAux(nn.Module):
         return self.model.forward_with_aux(images)
 
 
-def parameter_groups(model: nn.Module, weight_decay: float, no_decay_bn_bias: bool) -> list[dict]:
-    """One group, or two when BN weights and biases (every 1-d parameter) skip weight decay."""
-    if not no_decay_bn_bias:
-        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
-    decay, no_decay = [], []
+def parameter_groups(model: nn.Module, config: OptimizerSection) -> list[dict]:
+    """The trainable parameters in groups by weight decay (BN weights and biases, every 1-d
+    parameter, skip it under no_decay_bn_bias) and by `lr_scale`, the factor on the schedule's
+    lr (backbone_lr_scale for every parameter outside the classifier)."""
+    scaled = config.backbone_lr_scale != 1
+    if scaled and not isinstance(getattr(model, "classifier", None), nn.Module):
+        raise ConfigError(
+            f"optimizer.backbone_lr_scale needs a canon model with a classifier; "
+            f"{type(model).__name__} has none"
+        )
+    head = {id(p) for p in model.classifier.parameters()} if scaled else set()
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     for parameter in model.parameters():
         if parameter.requires_grad:
-            (no_decay if parameter.ndim <= 1 else decay).append(parameter)
-    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+            no_decay = config.no_decay_bn_bias and parameter.ndim <= 1
+            lr_scale = 1.0 if id(parameter) in head or not scaled else config.backbone_lr_scale
+            key = (0.0 if no_decay else config.weight_decay, lr_scale)
+            groups.setdefault(key, []).append(parameter)
+    return [
+        {"params": params, "weight_decay": weight_decay, "lr_scale": lr_scale}
+        for (weight_decay, lr_scale), params in groups.items()
+    ]
 
 
 def make_optimizer(
@@ -68,9 +83,8 @@ def make_optimizer(
     if config.scale_lr:
         peak_lr = linear_scaled_lr(config.lr, global_batch_size, config.base_batch_size)
     optimizer = torch.optim.SGD(
-        parameter_groups(model, config.weight_decay, config.no_decay_bn_bias),
-        lr=peak_lr, momentum=config.momentum, nesterov=config.nesterov,
-        weight_decay=config.weight_decay,
+        parameter_groups(model, config), lr=peak_lr, momentum=config.momentum,
+        nesterov=config.nesterov, weight_decay=config.weight_decay,
     )
     return optimizer, peak_lr
 
@@ -134,6 +148,8 @@ class Run:
     events: Any = None  # TensorBoard writer (rank 0, train.tensorboard)
     val_size: int = 0
     iterations: int | None = None  # train.iterations converted to this run's global batch
+    init_report: InitReport | None = None  # what model.init_from copied
+    frozen: list[nn.Parameter] = field(default_factory=list)  # this epoch's frozen stages
 
 
 def set_up(
@@ -175,6 +191,13 @@ def set_up(
         total_steps = min(total_steps, iterations)
 
     train_keys, train_loader, val_loader = _loaders(train_set, val_set, config, ctx)
+    init_report = None
+    if recipe.model.init_from is not None and state is None:  # a resumed run has its own
+        if model is None:
+            model = build_model(recipe, num_classes)
+        init_report = initialize_from(
+            model, recipe.model.init_from, recipe.model.init_layers, class_ids
+        )
     model = _placed_model(recipe, model, num_classes, ctx)
     optimizer, peak_lr = make_optimizer(model, recipe.optimizer, global_batch_size)
     train_module: nn.Module = dist.wrap_model(
@@ -196,7 +219,7 @@ def set_up(
         criterion=nn.CrossEntropyLoss(label_smoothing=config.label_smoothing),
         steps_per_epoch=steps_per_epoch, total_steps=total_steps, commit=ckpt.git_commit(),
         val_size=len(val_set), iterations=iterations,
-        validates_on_test_set=validates_on_test_split(recipe.data),
+        validates_on_test_set=validates_on_test_split(recipe.data), init_report=init_report,
     )
     if state is not None:
         _restore(run, state)
@@ -216,6 +239,12 @@ def check_recipe(recipe: Recipe, *, model_given: bool, datasets_given: bool) -> 
         MODELS.get(recipe.model.name)  # UnknownNameError listing close names
     if not datasets_given:
         check_dataset_name(recipe.data.dataset)
+    source = recipe.model.init_from
+    if source is not None and not source.startswith(TORCHVISION) and not Path(source).exists():
+        raise ConfigError(
+            f"model.init_from {source} does not exist: pass --init-from with the run directory "
+            "or checkpoint to start from (a bundled recipe names the run it expects)"
+        )
     if recipe.train.tensorboard:
         check_tensorboard()
 
@@ -240,6 +269,9 @@ def open_run_dir(run: Run) -> None:
         f"{_length(run)}, {config.amp if config.amp != 'none' else 'fp32'} on {ctx.device}; "
         f"writing {run.run_dir}"
     )
+    if run.init_report is not None:
+        print(run.init_report.summary())
+        run.init_report.write(run.run_dir)
     if run.validates_on_test_set:
         print("validating on the test set (data.val_split is 0): no checkpoint is chosen on it "
               "(no best.pt); the final model's error is the result")

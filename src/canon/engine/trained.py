@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from canon.data.config import DataConfig
 from canon.data.decoding import decode_image_file
-from canon.data.preprocess import EvalPreprocess, center_transform, eval_preprocess
+from canon.data.preprocess import EvalPreprocess, eval_preprocess
 from canon.engine.checkpoint import (
     EXPORT_CONFIG,
     EXPORT_NORMALIZATION,
@@ -34,8 +34,12 @@ from canon.engine.checkpoint import (
 )
 from canon.engine.distributed import resolve_device
 from canon.errors import CanonError, DataError
+from canon.evaluation.ensemble import EnsembleMember, predict_ensemble
 from canon.evaluation.protocols import evaluate, preprocess_for
 from canon.models.factory import create_model
+from canon.transfer.torchvision import load_torchvision
+
+TORCHVISION = "torchvision:"  # a source naming torchvision's weights: torchvision:resnet50
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,7 @@ class TrainedModel:
     preprocess: EvalPreprocess  # the training run's test-time preprocessing
     data: DataConfig  # the recipe's data section
     source: Path
+    name: str  # the registered model name (canon.create_model)
 
     def evaluate(
         self, data: str | Path | None = None, protocol: str = "center", *,
@@ -64,36 +69,41 @@ class TrainedModel:
         )
         return {**result, "checkpoint": str(self.source), "data": str(data)}
 
-    @torch.inference_mode()
+    def member(self) -> EnsembleMember:
+        """This model as one net of an ensemble (canon.evaluation.ensemble)."""
+        return EnsembleMember(str(self.source), self.model, self.class_ids,
+                              preprocess=self.preprocess, data_config=self.data,
+                              classes=self.classes)
+
     def predict(
         self, images: Sequence[str | Path | torch.Tensor], top_k: int = 5
     ) -> list[list[tuple[str, float]]]:
         """The `top_k` (class name, probability) pairs for each image: a file, or a decoded
         uint8 RGB tensor 3 x H x W; centre crop, on the device the model is on."""
-        transform = center_transform(self.preprocess)
-        limit = self.data.max_image_pixels
-        batch = torch.stack([
-            transform(image if torch.is_tensor(image) else decode_image_file(image, limit))
-            for image in images
-        ])
-        device = next(self.model.parameters()).device
-        probabilities = self.model(batch.to(device)).float().softmax(1).cpu()
-        top = probabilities.topk(min(top_k, probabilities.shape[1]), dim=1)
-        return [
-            [(self.classes[i], p) for i, p in zip(idx.tolist(), probs.tolist(), strict=True)]
-            for idx, probs in zip(top.indices, top.values, strict=True)
-        ]
+        return predict_ensemble([self.member()], decode_images(images, self.data), top_k)
+
+
+def decode_images(
+    images: Sequence[str | Path | torch.Tensor], data: DataConfig
+) -> list[torch.Tensor]:
+    """Files decoded (within data.max_image_pixels); tensors as they are."""
+    limit = data.max_image_pixels
+    return [image if torch.is_tensor(image) else decode_image_file(image, limit)
+            for image in images]
 
 
 def load_trained(path: str | Path) -> TrainedModel:
     """A trained model from a run directory (its export, else its best checkpoint, else its
     last epoch's: runs that validate on the test set keep no best), a model.safetensors file
-    (eval_config.json beside it) or a training checkpoint (.pt).
+    (eval_config.json beside it), a training checkpoint (.pt), or `torchvision:NAME[:WEIGHTS]`
+    (torchvision's ImageNet weights in canon's model, canon.transfer.torchvision).
 
     A file that cannot be read is a DataError naming it (and the key at fault); a run
     directory whose export is unreadable falls back to that checkpoint with a
     CheckpointWarning. Runs from before class_ids were saved get their class names as ids.
     """
+    if str(path).startswith(TORCHVISION):
+        return _load_torchvision(str(path))
     path = Path(path)
     if not path.is_dir():
         return _load_export(path) if path.suffix == ".safetensors" else _load_from_checkpoint(path)
@@ -107,6 +117,19 @@ def load_trained(path: str | Path) -> TrainedModel:
             raise
         warnings.warn(f"{error}; using {fallback} instead", CheckpointWarning, stacklevel=2)
         return _load_from_checkpoint(fallback)
+
+
+def _load_torchvision(source: str) -> TrainedModel:
+    name, _, weights = source.removeprefix(TORCHVISION).partition(":")
+    loaded = load_torchvision(name, weights or "DEFAULT")
+    preprocess = loaded.preprocess
+    data = DataConfig(  # what fine-tuning and `canon eval --data` start from
+        dataset="imagenet", augmentation="resnet", crop_size=preprocess.crop_size,
+        resize_size=preprocess.resize_size, interpolation=preprocess.interpolation,
+        mean="channel", divide_std=True,
+    )
+    return TrainedModel(loaded.model, loaded.classes, loaded.class_ids, preprocess, data,
+                        Path(source), loaded.model_name)
 
 
 def _checkpoint_to_use(run_dir: Path) -> Path:
@@ -175,7 +198,7 @@ def _assemble(
         preprocess = eval_preprocess(
             data_config, mean=normalization["mean"], std=normalization.get("std")
         )
-    return TrainedModel(model, classes, class_ids, preprocess, data_config, source)
+    return TrainedModel(model, classes, class_ids, preprocess, data_config, source, name)
 
 
 def _json_object(path: Path) -> dict[str, Any]:

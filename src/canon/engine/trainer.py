@@ -19,6 +19,7 @@ import torch.nn as nn
 from canon.data.loaders import Datasets
 from canon.engine import checkpoint as ckpt
 from canon.engine import distributed as dist
+from canon.engine.freezing import freeze_stages, frozen_stage_count
 from canon.engine.logs import (
     epoch_summary,
     format_postfix,
@@ -222,6 +223,7 @@ def _train_epoch(
     run.epoch_started, pending_losses = time.perf_counter(), []
     batches = iter(run.train_loader)
     run.train_module.train()
+    run.frozen = freeze_stages(run.model, frozen_stage_count(run.recipe, run.epoch))
     with progress_bar(epoch_steps, run.epoch + 1, run.epochs, initial=run.step_in_epoch,
                       enabled=progress and ctx.is_main) as bar:  # closed on errors too
         while run.step_in_epoch < epoch_steps:
@@ -272,6 +274,8 @@ def _optimizer_step(run: Run, batches: Iterator) -> torch.Tensor:
         loss_sum = loss_sum + loss.detach() * len(targets)
         correct = correct + (logits.argmax(1) == targets).sum()
         images_seen += len(targets)
+    for parameter in run.frozen:
+        parameter.grad = None
     run.precision.step(run.optimizer)
     run.optimizer.zero_grad(set_to_none=True)
     if _averaging(run):
@@ -373,7 +377,7 @@ def _end_epoch(run: Run, train_seconds: float) -> None:
     state = snapshot(run)
     if ctx.is_main:
         is_best = not run.validates_on_test_set and val_top1 < run.best_error
-        save_epoch(run.run_dir, state, row, is_best, run.recipe.train.keep_checkpoints)
+        save_epoch(run.run_dir, state, row, is_best, run.recipe.train)
         write_metrics_csv(run.run_dir / "metrics.csv", run.metrics)
         if run.events is not None:
             write_epoch_events(run.events, row, run.step)

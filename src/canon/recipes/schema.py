@@ -73,12 +73,26 @@ class ModelSection:
     # Every residual block's last BN gamma starts at 0, so each block starts as its shortcut
     # (Goyal et al. 2017 s5.1); ResNets only (canon.models.resnet, resnet_cifar).
     zero_init_residual: bool = False
+    # Start from another model's weights (canon.engine.initialize): a run directory, a
+    # checkpoint (.pt), an exported model.safetensors or torchvision:NAME. Tensors are copied
+    # by name where shapes agree; `init_layers` (layer-name patterns, fnmatch) limits the copy
+    # to those layers, and a shape mismatch there is an error. A resumed run keeps its own.
+    init_from: str | None = None
+    init_layers: tuple[str, ...] = ()
+    # Fine-tuning: the first this many of the model's stages start frozen (no updates, BN in
+    # eval mode); train.unfreeze_every_epochs unfreezes them one by one, the last first.
+    frozen_stages: int = 0
 
     def __post_init__(self) -> None:
         _check(
             self.num_classes is None or self.num_classes >= 1,
             f"model.num_classes must be a positive integer, got {self.num_classes}",
         )
+        _check(
+            not self.init_layers or self.init_from is not None,
+            "model.init_layers names layers to copy from model.init_from; set init_from too",
+        )
+        _check(self.frozen_stages >= 0, "model.frozen_stages must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -97,6 +111,8 @@ class OptimizerSection:
     weight_decay: float = 1e-4
     # Exempt BatchNorm weights and all biases from weight decay (He et al. 2019, s3.1).
     no_decay_bn_bias: bool = False
+    # Fine-tuning: every layer but the classifier learns at lr x this (1: one rate for all).
+    backbone_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         _check(self.lr > 0, f"optimizer.lr must be > 0, got {self.lr}")
@@ -104,6 +120,7 @@ class OptimizerSection:
         _check(0 <= self.momentum < 1, f"optimizer.momentum must lie in [0, 1): {self.momentum}")
         _check(self.weight_decay >= 0, "optimizer.weight_decay must be >= 0")
         _check(not self.nesterov or self.momentum > 0, "optimizer.nesterov needs momentum > 0")
+        _check(self.backbone_lr_scale >= 0, "optimizer.backbone_lr_scale must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -193,6 +210,12 @@ class TrainSection:
     # processes, at most 8 (canon.engine.setup.loader_workers).
     workers: int | None = None
     keep_checkpoints: int = 2  # epoch checkpoints kept besides best.pt
+    # Epochs whose checkpoints are kept for good, beyond keep_checkpoints (canon visualize
+    # evolution shows features at them, as Zeiler & Fergus's Fig. 4 at epochs 1, 2, 5, 10, ...).
+    keep_epochs: tuple[int, ...] = ()
+    # Fine-tuning with model.frozen_stages: one more stage unfrozen every this many epochs,
+    # the deepest frozen one first (0: they stay frozen).
+    unfreeze_every_epochs: int = 0
     # An undecodable image file stops the run (DataError naming it) instead of being skipped.
     strict_data: bool = False
     tensorboard: bool = False  # also write TensorBoard events (needs `pip install tensorboard`)
@@ -223,6 +246,8 @@ class TrainSection:
         )
         _check(self.workers is None or self.workers >= 0, "train.workers must be >= 0")
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
+        _check(all(e >= 1 for e in self.keep_epochs), "train.keep_epochs must be epochs >= 1")
+        _check(self.unfreeze_every_epochs >= 0, "train.unfreeze_every_epochs must be >= 0")
         if self.model_parallel is not None:
             parse_model_parallel(self.model_parallel)  # a ConfigError naming the valid forms
 

@@ -1,0 +1,116 @@
+"""Starting a model from another's weights (recipe `model.init_from`, `--init-from`): VGG's
+staged training (Simonyan & Zisserman s3.1: configuration D started from a trained A), training
+at a new scale from a model trained at another, and transfer learning.
+
+Tensors are copied by name where the shapes agree. `model.init_layers` (fnmatch patterns of
+layer names, e.g. `features.conv1.*` or `head.fc6`) limits the copy to those layers; a layer
+asked for whose shape differs is an error, while with no patterns such a tensor keeps its fresh
+initialisation. The classifier is copied only when the source was trained on the same classes
+(class ids, in order) as the new run. What was copied and what was not, and why, goes to the log
+and to init_from.json in the run directory.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from canon.engine.trained import load_trained
+from canon.errors import ConfigError
+from canon.files import atomic_write
+
+INIT_REPORT = "init_from.json"
+
+
+@dataclass
+class InitReport:
+    """Which of the model's tensors came from the source and which kept their fresh values."""
+
+    source: str
+    copied: list[str] = field(default_factory=list)
+    kept: dict[str, str] = field(default_factory=dict)  # tensor name -> why it was not copied
+
+    def summary(self) -> str:
+        lines = [f"init_from {self.source}: copied {len(self.copied)} tensors, "
+                 f"{len(self.kept)} keep their fresh initialisation"]
+        lines += [f"  kept {name}: {why}" for name, why in self.kept.items()]
+        return "\n".join(lines)
+
+    def write(self, run_dir: Path) -> None:
+        text = json.dumps(
+            {"source": self.source, "copied": self.copied, "kept": self.kept}, indent=2
+        )
+        atomic_write(run_dir / INIT_REPORT, lambda target: target.write_text(text))
+
+
+def initialize_from(
+    model: nn.Module, source: str, layers: tuple[str, ...] = (), class_ids: list[str] | None = None
+) -> InitReport:
+    """Copy into `model`, whose outputs are `class_ids`, the tensors of `source` (a run,
+    checkpoint, model.safetensors or torchvision:NAME, read by canon.engine.trained.load_trained)
+    that `layers` select (all when empty)."""
+    trained = load_trained(source)
+    same_classes = class_ids is None or trained.class_ids == class_ids
+    return copy_matching(model, trained.model.state_dict(), source, layers, same_classes)
+
+
+def copy_matching(
+    model: nn.Module, weights: dict[str, torch.Tensor], source: str,
+    layers: tuple[str, ...] = (), same_classes: bool = True,
+) -> InitReport:
+    """Copy `weights` into `model` by name and shape; see the module docstring."""
+    report = InitReport(source)
+    own = model.state_dict()
+    unmatched = [p for p in layers if not any(_selects(p, name) for name in own)]
+    if unmatched:
+        raise ConfigError(
+            f"model.init_layers {unmatched} name no layer of {type(model).__name__}; its "
+            f"layers: {', '.join(sorted({n.rpartition('.')[0] for n in own}))}"
+        )
+    classifier = _classifier_prefix(model)
+    for name, tensor in own.items():
+        asked = any(_selects(p, name) for p in layers)
+        if layers and not asked:
+            report.kept[name] = "not in model.init_layers"
+        elif name not in weights:
+            report.kept[name] = "absent from the source"
+        elif name.startswith(classifier) and not same_classes:
+            report.kept[name] = "the classifier of other classes"
+        elif weights[name].shape != tensor.shape:
+            theirs, ours = tuple(weights[name].shape), tuple(tensor.shape)
+            if asked:
+                raise ConfigError(
+                    f"model.init_layers asks for {name}, but it is {theirs} in {source} and "
+                    f"{ours} in {type(model).__name__}; leave it out of init_layers"
+                )
+            why = "the classifier of another class count" if name.startswith(classifier) else (
+                "another shape")
+            report.kept[name] = f"{why}: {theirs} in the source, {ours} here"
+        else:
+            report.copied.append(name)
+    with torch.no_grad():
+        for name in report.copied:
+            own[name].copy_(weights[name])
+    return report
+
+
+def _selects(pattern: str, tensor_name: str) -> bool:
+    """A pattern names a layer (all its tensors) or, with wildcards, tensors or layers."""
+    layer = tensor_name.rpartition(".")[0]
+    return any(
+        fnmatch.fnmatchcase(candidate, pattern) or candidate.startswith(pattern + ".")
+        for candidate in (tensor_name, layer)
+    )
+
+
+def _classifier_prefix(model: nn.Module) -> str:
+    classifier = getattr(model, "classifier", None)
+    for name, module in model.named_modules():
+        if module is classifier:
+            return name + "."
+    return "\0"  # matches no tensor name

@@ -1,0 +1,155 @@
+"""`canon transfer`: a trained network (a run, a checkpoint, model.safetensors or
+torchvision:NAME) carried to a new dataset, by a linear probe on its frozen features or by
+fine-tuning. Either way the result is an ordinary run directory: `canon eval`, `canon predict`
+and `--init-from` read it as they read a training run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from canon.engine.checkpoint import export_model
+from canon.engine.distributed import resolve_device
+from canon.engine.rundir import PROBE_REPORT, claim_run_dir
+from canon.engine.trained import TrainedModel, load_trained
+from canon.engine.trainer import TrainResult, train
+from canon.errors import ConfigError
+from canon.files import atomic_write, make_folder
+from canon.recipes import apply_overrides
+from canon.recipes.schema import Recipe
+from canon.transfer.features import Features, extract_features, open_split
+from canon.transfer.probe import train_linear_probe
+from canon.validation import plain
+
+MODES = ("linear-probe", "finetune")
+FEATURE_CACHE = "features"
+
+# Fine-tuning's defaults, canon's choices where a recipe says nothing (Kornblith et al. 2019
+# s3 fine-tuned with SGD, momentum 0.9, batch 256 and a tuned lr; canon fixes one): the new
+# classifier at lr 0.01, the transferred layers at a tenth of it, a cosine decay over 10
+# epochs.
+FINETUNE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "optimizer": {"lr": 0.01, "base_batch_size": 256, "momentum": 0.9, "weight_decay": 1e-4,
+                  "backbone_lr_scale": 0.1},
+    "schedule": {"kind": "cosine"},
+    "train": {"epochs": 10, "batch_size": 64},
+}
+
+
+def transfer(
+    source: str, data: str | Path, mode: str, out: str | Path, *,
+    overrides: Sequence[str] = (), overwrite: bool = False, device: str = "auto",
+    batch_size: int = 64, workers: int = 0, progress: bool = True,
+) -> Path:
+    """Carry `source` to the dataset `data` by `mode`, writing the run directory `out`.
+    `overrides` are recipe `--set` assignments for fine-tuning."""
+    if mode not in MODES:
+        raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "finetune":
+        return finetune(source, data, out, overrides=overrides, overwrite=overwrite,
+                        device=device, progress=progress).run_dir
+    if overrides:
+        raise ConfigError("--set applies to fine-tuning; a linear probe has no recipe")
+    return linear_probe(source, data, out, overwrite=overwrite, device=device,
+                        batch_size=batch_size, workers=workers, progress=progress)
+
+
+def linear_probe(
+    source: str, data: str | Path, out: str | Path, *, overwrite: bool = False,
+    device: str = "auto", batch_size: int = 64, workers: int = 0, progress: bool = True,
+) -> Path:
+    """Features of both splits (cached in out/features/), the probe fitted on the training
+    split's, its error on the evaluation split's; exported as the source network with the
+    probe as its classifier."""
+    out, data = Path(out), str(data)
+    trained = load_trained(source)
+    trained.model.to(resolve_device(device))
+    with claim_run_dir(out, resume=False, overwrite=overwrite):
+        started = time.perf_counter()
+        train_set = _cached_features(trained, data, "train", out, batch_size, workers, progress)
+        val_set = _cached_features(trained, data, "val", out, batch_size, workers, progress)
+        num_classes = len(train_set.classes)
+        result = train_linear_probe(train_set.features, train_set.labels, num_classes)
+        errors = result.classifier.errors(val_set.features, val_set.labels)
+        model = trained.model.cpu()
+        model.reset_classifier(num_classes)
+        with torch.no_grad():
+            model.classifier.weight.copy_(result.classifier.weight)
+            model.classifier.bias.copy_(result.classifier.bias)
+        report = {
+            "source": str(trained.source), "mode": "linear-probe", "data": data,
+            "train_images": len(train_set.labels), "val_images": len(val_set.labels),
+            "l2": result.l2, "l2_search": result.search, **errors,
+            "seconds": time.perf_counter() - started,
+        }
+        _export(out, trained, data, train_set, {"transfer": report, **errors})
+        atomic_write(out / PROBE_REPORT, lambda t: t.write_text(json.dumps(report, indent=2)))
+    print(f"linear probe of {trained.source} on {data}: top-1 error {errors['top1_error']:.2f}%, "
+          f"top-5 {errors['top5_error']:.2f}% on {len(val_set.labels)} images (L2 {result.l2:g},"
+          f" chosen on a fifth of the {len(train_set.labels)} training images); wrote {out}")
+    return out
+
+
+def finetune(
+    source: str, data: str | Path, out: str | Path, *, overrides: Sequence[str] = (),
+    overwrite: bool = False, device: str = "auto", progress: bool = True,
+) -> TrainResult:
+    """A training run of the source's network on `data`, started from its weights (all but
+    the classifier, which gets the new class count), under the source's data preprocessing
+    and FINETUNE_DEFAULTS, then `overrides`."""
+    trained = load_trained(source)
+    return train(finetune_recipe(trained, source, str(data), overrides), out,
+                 overwrite=overwrite, device=device, progress=progress)
+
+
+def finetune_recipe(
+    trained: TrainedModel, source: str, data: str, overrides: Sequence[str] = ()
+) -> Recipe:
+    values = {
+        "name": f"finetune-{trained.name}", "source": f"fine-tuned from {trained.source}",
+        "description": f"{trained.name} fine-tuned on {data} from {trained.source}",
+        "model": {"name": trained.name, "init_from": source},
+        "data": {**plain(trained.data), "dataset": data, "val_split": 0},
+        **FINETUNE_DEFAULTS,
+    }
+    return apply_overrides(Recipe.from_dict(values, "fine-tuning recipe"), overrides)
+
+
+def _cached_features(
+    trained: TrainedModel, data: str, split: str, out: Path, batch_size: int, workers: int,
+    progress: bool,
+) -> Features:
+    """A split's features, read back from out/features/ when this run computed them before
+    for the same source and data (a re-run with --overwrite skips the network)."""
+    path = out / FEATURE_CACHE / f"{split}.safetensors"
+    if path.is_file():
+        cached = Features.load(path)
+        if (cached.source, cached.data) == (str(trained.source), f"{data} {split}"):
+            return cached
+    features = extract_features(
+        trained, open_split(data, split), f"{data} {split}", batch_size=batch_size,
+        workers=workers, progress=progress,
+    )
+    make_folder(path.parent)
+    features.save(path)
+    return features
+
+
+def _export(
+    out: Path, trained: TrainedModel, data: str, train_set: Features, extra: dict[str, Any]
+) -> None:
+    """model.safetensors, normalization and eval_config.json as training writes them."""
+    model = trained.model
+    normalize = trained.preprocess.normalize
+    data_section = plain(dataclasses.replace(trained.data, dataset=data, val_split=0))
+    export_model(out, model, {"mean": normalize.mean, "std": normalize.std}, {
+        "model": trained.name, "num_classes": len(train_set.classes),
+        "classes": train_set.classes, "class_ids": train_set.class_ids,
+        "eval_config": model.eval_config.to_dict(), "data": data_section, **extra,
+    })

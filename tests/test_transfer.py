@@ -1,0 +1,219 @@
+"""Starting from trained weights: --init-from, the linear probe, fine-tuning's per-group rates
+and frozen stages, and features export, on real training runs and real PNG folders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+from PIL import Image
+
+import canon
+from canon.cli import main
+from canon.data.datasets import open_dataset
+from canon.data.labeled import LabeledImages
+from canon.engine.freezing import freeze_stages, frozen_stage_count
+from canon.engine.initialize import copy_matching, initialize_from
+from canon.engine.schedules import LearningRateSchedule
+from canon.engine.setup import make_optimizer
+from canon.errors import ConfigError
+from canon.recipes.schema import OptimizerSection, ScheduleSection
+from canon.transfer.features import Features, extract_features, open_split
+from canon.transfer.probe import fit_logistic_regression, train_linear_probe
+from canon.transfer.runs import linear_probe
+
+SOURCE_CLASSES, TARGET_CLASSES = range(5), range(5, 10)
+
+
+def write_png_folder(
+    root: Path, cifar: dict[str, LabeledImages], classes: range, per_class: dict[str, int]
+) -> Path:
+    """CIFAR-10 images of `classes` as PNG files in the ImageNet layout: train/<class>/ and
+    val/<class>/ (from CIFAR's training and test splits)."""
+    for split, images in cifar.items():
+        counts = dict.fromkeys(classes, 0)
+        for index, label in enumerate(images.labels):
+            if label in counts and counts[label] < per_class[split]:
+                folder = root / split / images.classes[label]
+                folder.mkdir(parents=True, exist_ok=True)
+                pixels = images.load_image(index).permute(1, 2, 0).numpy()
+                Image.fromarray(pixels).save(folder / f"{index}.png")
+                counts[label] += 1
+    return root
+
+
+@pytest.fixture(scope="module")
+def folders(cifar10_root: Path, tmp_path_factory) -> tuple[Path, Path]:
+    """(five CIFAR-10 classes to train on, the other five to transfer to), as PNG folders."""
+    root = tmp_path_factory.mktemp("transfer")
+    train, test = open_dataset(str(cifar10_root), download=False)
+    cifar = {"train": train, "val": test}
+    source = write_png_folder(root / "source", cifar, SOURCE_CLASSES,
+                              {"train": 600, "val": 100})
+    target = write_png_folder(root / "target", cifar, TARGET_CLASSES,
+                              {"train": 200, "val": 100})
+    return source, target
+
+
+@pytest.fixture(scope="module")
+def source_run(folders, tmp_path_factory) -> Path:
+    """ResNet-20 trained for three epochs on the five source classes (3,000 PNGs)."""
+    out = tmp_path_factory.mktemp("runs") / "source"
+    recipe = canon.load_recipe("quickstart", [
+        f"data.dataset={folders[0]}", "train.epochs=3", "data.mean=channel",
+        "train.keep_epochs=[1]", "train.keep_checkpoints=1",
+    ])
+    canon.train(recipe, out, device="cpu", progress=False)
+    return out
+
+
+def test_a_trained_backbone_transfers_better_than_a_random_one(folders, source_run, tmp_path):
+    """The linear probe on features learnt from five CIFAR classes beats the probe on a randomly
+    initialised ResNet-20 for the other five; the backbone stays bit-identical."""
+    trained_probe = linear_probe(str(source_run), folders[1], tmp_path / "trained",
+                                 device="cpu", progress=False)
+    canon.train(canon.load_recipe("quickstart", [
+        f"data.dataset={folders[0]}", "train.iterations=1", "optimizer.lr=1e-12",
+    ]), tmp_path / "random", device="cpu", progress=False)
+    random_source = tmp_path / "random" / "checkpoints" / "epoch-001.pt"
+    random_probe = linear_probe(str(random_source), folders[1], tmp_path / "untrained",
+                                device="cpu", progress=False)
+    learnt = json.loads((trained_probe / "probe.json").read_text())
+    chance = json.loads((random_probe / "probe.json").read_text())
+    assert learnt["val_images"] == chance["val_images"] == 500
+    assert learnt["top1_error"] < chance["top1_error"] - 5, (learnt, chance)
+
+    before = canon.load_trained(source_run).model.state_dict()
+    after = safetensors.torch.load_file(trained_probe / "model.safetensors")
+    assert after["fc.weight"].shape == (5, 64)
+    for name, tensor in before.items():
+        if not name.startswith("fc."):
+            assert torch.equal(after[name], tensor), name
+    # an ordinary run directory: evaluation gives the probe's own error on the same images
+    result = canon.load_trained(trained_probe).evaluate(device="cpu")
+    assert result["images"] == 500
+    assert result["top1_error"] == pytest.approx(learnt["top1_error"], abs=0.21)
+
+
+def test_the_probe_chooses_l2_on_held_out_training_features():
+    torch.manual_seed(0)
+    centers = torch.randn(3, 16) * 2
+    labels = torch.arange(300) % 3
+    features = centers[labels] + torch.randn(300, 16)
+    result = train_linear_probe(features, labels, 3, grid=(100.0, 1e-2))
+    assert [row["l2"] for row in result.search] == [100.0, 1e-2]
+    errors = [row["val_top1_error"] for row in result.search]
+    assert result.l2 == result.search[errors.index(min(errors))]["l2"]  # ties: the stronger
+    assert result.classifier.errors(features, labels)["top1_error"] < 5
+    # the fit minimises its objective: no small step lowers it
+    classifier = fit_logistic_regression(features, labels, 3, l2=0.1)
+
+    def objective(weight: torch.Tensor, bias: torch.Tensor) -> float:
+        """Mean cross-entropy + l2/2 |W|^2, W the weights on standardised features."""
+        standardised_weight = weight * features.std(0)
+        logits = features @ weight.T + bias
+        return float(torch.nn.functional.cross_entropy(logits, labels)
+                     + 0.05 * standardised_weight.pow(2).sum())
+
+    best = objective(classifier.weight, classifier.bias)
+    for _ in range(5):
+        nudge = 1e-2 * torch.randn_like(classifier.weight)
+        assert objective(classifier.weight + nudge, classifier.bias) >= best - 1e-6
+
+
+def test_init_from_copies_exactly_the_requested_layers(source_run, tmp_path, capsys):
+    source = canon.load_trained(source_run).model.state_dict()
+    model = canon.create_model("resnet20", num_classes=7)
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    report = initialize_from(model, str(source_run), ("conv1", "conv2_x.0.*"))
+    for name, tensor in model.state_dict().items():
+        asked = name.startswith(("conv1.", "conv2_x.0."))
+        assert torch.equal(tensor, source[name] if asked else fresh[name]), name
+        assert (name in report.copied) == asked
+        if not asked:
+            assert report.kept[name] == "not in model.init_layers"
+    with pytest.raises(ConfigError, match=r"fc.*\(5, 64\) in .* and \(7, 64\)"):
+        initialize_from(canon.create_model("resnet20", num_classes=7), str(source_run), ("fc",))
+    with pytest.raises(ConfigError, match=r"\['conv9'\] name no layer"):
+        copy_matching(model, source, "x", ("conv9",))
+
+    # a whole run: all tensors but the classifier of other classes, logged and written
+    out = tmp_path / "init"
+    main(["train", "--init-from", str(source_run), "--data", "sample", "--output-dir", str(out),
+          "--device", "cpu", "--set", "train.iterations=1", "--set", "model.num_classes=10"])
+    log = capsys.readouterr().out
+    assert f"init_from {source_run}" in log
+    assert "kept fc.weight: the classifier of other classes" in log
+    written = json.loads((out / "init_from.json").read_text())
+    assert set(written["kept"]) == {"fc.weight", "fc.bias"}
+    assert len(written["copied"]) == len(source) - 2
+    assert "init_from:" in (out / "recipe.yaml").read_text()
+
+
+def test_keep_epochs_keeps_those_checkpoints(source_run):
+    kept = sorted(p.name for p in (source_run / "checkpoints").glob("epoch-*.pt"))
+    assert kept == ["epoch-001.pt", "epoch-003.pt"]  # keep_checkpoints=1, plus keep_epochs [1]
+
+
+def test_finetuning_moves_the_backbone_at_its_scaled_rate():
+    """One SGD step (no momentum or decay): each parameter moves by -lr x its group's scale x
+    its gradient; the classifier at the full lr, the rest at backbone_lr_scale of it."""
+    torch.manual_seed(0)
+    model = canon.create_model("resnet20", num_classes=5)
+    config = OptimizerSection(lr=0.5, momentum=0, weight_decay=0, backbone_lr_scale=0.1,
+                              scale_lr=False)
+    optimizer, peak = make_optimizer(model, config, 128)
+    LearningRateSchedule(optimizer, ScheduleSection(), peak_lr=peak, base_lr=0.5,
+                         steps_per_epoch=1, total_steps=1).apply(0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model(torch.randn(8, 3, 32, 32)).logsumexp(1).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    optimizer.step()
+    for name, parameter in model.named_parameters():
+        rate = 0.5 if name.startswith("fc.") else 0.05
+        torch.testing.assert_close(parameter.detach(), before[name] - rate * grads[name])
+
+
+def test_frozen_stages_unfreeze_one_by_one():
+    recipe = canon.load_recipe("quickstart", ["model.frozen_stages=3",
+                                              "train.unfreeze_every_epochs=2"])
+    assert [frozen_stage_count(recipe, epoch) for epoch in range(8)] == [3, 3, 2, 2, 1, 1, 0, 0]
+    model = canon.create_model("resnet20").train()
+    frozen = freeze_stages(model, 2)
+    stages = dict(model.stages)
+    assert not any(m.training for m in stages["conv1"].modules())
+    assert all(m.training for m in stages["conv3_x"].modules())
+    assert {id(p) for p in frozen} == {
+        id(p) for name in list(stages)[:2] for p in stages[name].parameters()}
+    with pytest.raises(ConfigError, match=r"frozen_stages is 9.*4 stages"):
+        freeze_stages(model, 9)
+
+
+def test_finetune_and_features_through_the_cli(folders, source_run, tmp_path, capsys):
+    out = tmp_path / "finetuned"
+    main(["transfer", str(source_run), "--data", str(folders[1]), "--mode", "finetune",
+          "--output-dir", str(out), "--device", "cpu", "--set", "train.iterations=2",
+          "--set", "model.frozen_stages=2"])
+    # the same number of classes, but others: the classifier starts afresh
+    assert "kept fc.weight: the classifier of other classes" in capsys.readouterr().out
+    recipe = (out / "recipe.yaml").read_text()
+    assert f"init_from: {source_run}" in recipe and "backbone_lr_scale: 0.1" in recipe
+    finetuned = safetensors.torch.load_file(out / "model.safetensors")
+    source = canon.load_trained(source_run).model.state_dict()
+    # the two frozen stages kept the source's weights and BN statistics exactly
+    for name in source:
+        if name.startswith(("conv1.", "conv2_x.")):
+            assert torch.equal(finetuned[name], source[name]), name
+    assert not torch.equal(finetuned["conv4_x.2.conv2.weight"], source["conv4_x.2.conv2.weight"])
+
+    features_file = tmp_path / "val.safetensors"
+    main(["features", str(out), "--data", str(folders[1]), "--split", "val",
+          "--out", str(features_file), "--device", "cpu"])
+    features = Features.load(features_file)
+    assert features.features.shape == (500, 64) and features.labels.bincount().tolist() == [100] * 5
+    assert features.classes == ["dog", "frog", "horse", "ship", "truck"]
+    direct = extract_features(canon.load_trained(out), open_split(str(folders[1]), "val"), "x")
+    assert torch.equal(direct.features, features.features)

@@ -1,0 +1,175 @@
+"""canon.transfer.torchvision: torchvision's models, converted, give torchvision's outputs; what
+cannot be converted faithfully is refused; the weights' metadata becomes canon's preprocessing
+and class ids. Offline: torchvision's models are built with random weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision.models as tvm
+
+from canon.errors import ConfigError
+from canon.models.base import IMAGENET_MEAN, IMAGENET_STD
+from canon.models.factory import list_models
+from canon.transfer import torchvision as transfer
+
+
+def randomized(model: nn.Module) -> nn.Module:
+    """`model` in eval mode with BN statistics, affine parameters and biases away from their
+    initial values, so that the test sees whether they are copied."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5, generator=generator)
+                module.running_var.uniform_(0.5, 2.0, generator=generator)
+                module.weight.uniform_(0.5, 1.5, generator=generator)
+                module.bias.uniform_(-0.5, 0.5, generator=generator)
+                module.num_batches_tracked.fill_(int(torch.randint(1, 1000, (1,))))
+            elif isinstance(module, nn.Conv2d | nn.Linear) and module.bias is not None:
+                module.bias.uniform_(-0.1, 0.1, generator=generator)
+    return model.eval()
+
+
+def assert_converts(tv_model: nn.Module, canon_name: str, size: int, batch: int = 2) -> nn.Module:
+    model = transfer.from_torchvision(tv_model, canon_name).eval()
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected, actual = tv_model(x), model(x)
+    assert expected.abs().max() > 0.01  # far above assert_close's tolerance
+    torch.testing.assert_close(actual, expected)
+    counts = [sorted(int(b) for b in m.buffers() if b.dtype == torch.long)
+              for m in (model, tv_model)]
+    assert counts[0] == counts[1]  # num_batches_tracked too
+    return model
+
+
+@pytest.mark.parametrize(("tv_name", "canon_name", "size", "batch"), [
+    ("resnet18", "resnet18", 64, 2),
+    ("resnet50", "resnet50_v1_5", 64, 2),
+    ("vgg11", "vgg11", 224, 1),  # the FC head takes 224 only
+    ("alexnet", "alexnet_owt", 224, 1),
+])
+def test_converted_model_gives_torchvisions_outputs(
+    tv_name: str, canon_name: str, size: int, batch: int
+) -> None:
+    options = {"init_weights": False} if tv_name.startswith("vgg") else {}  # faster to build
+    tv_model = randomized(tvm.get_model(tv_name, weights=None, num_classes=10, **options))
+    model = assert_converts(tv_model, canon_name, size, batch)
+    assert model.forward_head(model.forward_features(torch.zeros(1, 3, size, size))).shape[1] == 10
+
+
+@pytest.mark.parametrize("aux_logits", [False, True])
+def test_googlenet_converts_with_its_aux_heads(aux_logits: bool) -> None:
+    tv_model = randomized(tvm.googlenet(weights=None, aux_logits=aux_logits, init_weights=False,
+                                        transform_input=False, num_classes=10))
+    model = assert_converts(tv_model, "googlenet_bn", 112)
+    assert len(model.aux_classifiers()) == (2 if aux_logits else 0)
+    if aux_logits:  # at maps other than 14x14 both heads pool adaptively to 4x4
+        features = torch.randn(2, 512, 8, 8)
+        with torch.no_grad():
+            torch.testing.assert_close(model.aux1(features), tv_model.aux1(features))
+
+
+def test_googlenet_transform_input_becomes_the_preprocessing() -> None:
+    tv_model = randomized(tvm.googlenet(weights=None, aux_logits=False, init_weights=False,
+                                        transform_input=True))
+    with pytest.raises(ConfigError, match="transform_input=False"):
+        transfer.from_torchvision(tv_model, "googlenet_bn")
+    tv_model.transform_input = False
+    model = transfer.from_torchvision(tv_model, "googlenet_bn").eval()
+    tv_model.transform_input = True
+    pixels = torch.rand(2, 3, 112, 112, generator=torch.Generator().manual_seed(2))
+    imagenet = (pixels - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(
+        IMAGENET_STD).view(3, 1, 1)
+    preprocess = transfer.preprocess_of(tvm.GoogLeNet_Weights.IMAGENET1K_V1)
+    with torch.no_grad():
+        expected, actual = tv_model(imagenet), model(preprocess.normalize(pixels))
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_paper_resnet50_is_refused() -> None:
+    with pytest.raises(ConfigError, match="convert to resnet50_v1_5"):
+        transfer.from_torchvision(tvm.resnet50(weights=None), "resnet50")
+
+
+def test_mismatches_are_named() -> None:
+    tv_model = tvm.resnet18(weights=None)
+    tv_model.layer2[0].conv1.stride = (1, 1)
+    with pytest.raises(ConfigError, match=r"layer2\.0\.conv1 has stride=\(1, 1\), canon's "
+                                          r"conv3_x\.0\.conv1 stride=\(2, 2\)"):
+        transfer.from_torchvision(tv_model, "resnet18")
+    shapes = (r"canon's conv2_x\.0\.conv1\.weight is \(64, 64, 1, 1\), "
+              r"torchvision's layer1\.0\.conv1\.weight \(64, 64, 3, 3\)")
+    with pytest.raises(ConfigError, match=shapes):
+        transfer.from_torchvision(tvm.resnet18(weights=None), "resnet50_v1_5")
+    with pytest.raises(ConfigError, match="features have 13 layers, canon's 15"):
+        transfer.from_torchvision(tvm.alexnet(num_classes=10), "alexnet")  # the paper's: LRN
+    with pytest.raises(ConfigError, match="supported: ResNet, VGG"):
+        transfer.from_torchvision(tvm.squeezenet1_0(weights=None), "resnet18")
+
+
+def test_default_canon_names() -> None:
+    assert transfer.default_canon_name("resnet18") == "resnet18"
+    assert transfer.default_canon_name("resnet50") == "resnet50_v1_5"
+    assert transfer.default_canon_name("vgg16_bn") == "vgg16_bn"
+    assert transfer.default_canon_name("alexnet") == "alexnet_owt"
+    assert transfer.default_canon_name("googlenet") == "googlenet_bn"
+    assert set(transfer.CANON_NAMES.values()) <= set(list_models())
+    with pytest.raises(ConfigError, match="supported: resnet18, resnet34, resnet50"):
+        transfer.default_canon_name("inception_v3")
+
+
+def test_preprocess_from_the_weights_metadata() -> None:
+    preprocess = transfer.preprocess_of(tvm.ResNet50_Weights.IMAGENET1K_V2)
+    assert (preprocess.crop_size, preprocess.resize_size) == (224, 232)
+    assert preprocess.interpolation == "bilinear"
+    torch.testing.assert_close(preprocess.normalize.mean.flatten(), torch.tensor(IMAGENET_MEAN))
+    torch.testing.assert_close(preprocess.normalize.std.flatten(), torch.tensor(IMAGENET_STD))
+    googlenet = transfer.preprocess_of(tvm.GoogLeNet_Weights.IMAGENET1K_V1)
+    assert googlenet.normalize.mean.flatten().tolist() == [0.5, 0.5, 0.5]
+
+
+def test_weights_by_name() -> None:
+    assert transfer.weights_of("resnet50", "DEFAULT") is tvm.ResNet50_Weights.IMAGENET1K_V2
+    assert transfer.weights_of("resnet50", "IMAGENET1K_V1") is tvm.ResNet50_Weights.IMAGENET1K_V1
+    full = transfer.weights_of("resnet50", "ResNet50_Weights.IMAGENET1K_V1")
+    assert full is tvm.ResNet50_Weights.IMAGENET1K_V1
+    for wrong in ("IMAGENET1K_V3", "ResNet18_Weights.IMAGENET1K_V1"):
+        with pytest.raises(ConfigError, match="IMAGENET1K_V1, IMAGENET1K_V2"):
+            transfer.weights_of("resnet50", wrong)
+    with pytest.raises(ConfigError, match="without a trained classifier"):
+        transfer.load_torchvision("vgg16", "IMAGENET1K_FEATURES")
+
+
+def test_imagenet_wnids_in_class_index_order() -> None:
+    wnids = transfer.imagenet_wnids()
+    assert len(set(wnids)) == len(wnids) == 1000
+    assert (wnids[0], wnids[-1]) == ("n01440764", "n15075141")
+    assert list(wnids) == sorted(wnids)
+    imagenette = {"n01440764": 0, "n02102040": 217, "n02979186": 482, "n03000684": 491,
+                  "n03028079": 497, "n03394916": 566, "n03417042": 569, "n03425413": 571,
+                  "n03445777": 574, "n03888257": 701}  # tench .. parachute
+    assert {wnid: wnids.index(wnid) for wnid in imagenette} == imagenette
+    categories = tvm.ResNet50_Weights.IMAGENET1K_V2.meta["categories"]
+    assert (categories[0], categories[217], categories[701]) == (
+        "tench", "English springer", "parachute")
+
+
+def test_load_torchvision(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Everything but the download: torchvision's builder returns random weights here."""
+    built, build = {}, tvm.get_model
+
+    def get_model(name: str, weights: object, **options: object) -> nn.Module:
+        built.update(name=name, weights=weights, **options)
+        return build(name, weights=None, **options)
+
+    monkeypatch.setattr(transfer.tvm, "get_model", get_model)
+    loaded = transfer.load_torchvision("resnet18")
+    assert built == {"name": "resnet18", "weights": tvm.ResNet18_Weights.IMAGENET1K_V1}
+    assert (loaded.model_name, loaded.weights) == ("resnet18", "ResNet18_Weights.IMAGENET1K_V1")
+    assert not loaded.model.training
+    assert loaded.classes[0] == "tench" and loaded.class_ids[0] == "n01440764"
+    assert len(loaded.classes) == len(loaded.class_ids) == 1000
+    assert (loaded.preprocess.crop_size, loaded.preprocess.resize_size) == (224, 256)
