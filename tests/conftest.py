@@ -1,4 +1,5 @@
-"""Shared fixtures: the real data in ../shared/data, unpacked once per machine.
+"""Shared fixtures: the real data in ../shared/data, unpacked once per machine; a tiny real
+training run and sample images for the canon.visualize tests.
 
 Where ../shared is absent (a user's clone) the tests that need it skip; in CI (the CI service
 sets CI=true; .ci/run does not) it must be there, and its absence is a failure, not a skip.
@@ -12,6 +13,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from visualize_helpers import save_png
+
+import canon
+from canon.data import ArrayImages, DataConfig, Datasets, build_datasets
+from canon.data.datasets import load_sample
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("CANON_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -40,3 +47,34 @@ def cifar10_root() -> Path:
 def imagenette_root() -> Path:
     """1,500 real ImageNet JPEGs in the ImageNet layout: train/<wnid>/, val/<wnid>/."""
     return _require_shared(SHARED_DATA / "imagenette2-160-mini")
+
+
+def _spread(dataset: ArrayImages, count: int) -> ArrayImages:
+    """`count` images evenly spaced over `dataset` (so every class is in)."""
+    index = torch.linspace(0, len(dataset) - 1, count).long()
+    return ArrayImages(dataset.images[index], [dataset.labels[i] for i in index.tolist()],
+                       dataset.classes, name=f"{dataset.name}[{count}]",
+                       transform=dataset.transform)
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(tmp_path_factory) -> Path:
+    """A real two-epoch quickstart run (ResNet-20) on 32 training and 16 test images of the
+    bundled CIFAR-10 sample, trained once for every test that reads one."""
+    sets = build_datasets(DataConfig(dataset="sample"))
+    recipe = canon.load_recipe("quickstart", [
+        ("train.epochs", 2), ("train.batch_size", 16), ("train.channels_last", False),
+    ])
+    folder = tmp_path_factory.mktemp("runs") / "resnet20-tiny"
+    canon.train(recipe, folder, device="cpu", progress=False,
+                datasets=Datasets(_spread(sets.train, 32), _spread(sets.val, 16),
+                                  sets.preprocess))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def sample_images(tmp_path_factory) -> list[Path]:
+    """Two CIFAR-10 sample test images (32x32) as PNG files."""
+    folder = tmp_path_factory.mktemp("images")
+    sample = load_sample("test")
+    return [save_png(folder / f"test{i}.png", sample.load_image(i)) for i in (3, 17)]

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from canon.errors import CanonError
+from canon.visualize.commands import add_visualize_parser
 
 VERBS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable]] = {}
 
@@ -416,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub = verbs.add_parser(name, help=help_text, description=help_text)
         add_arguments(sub)
         sub.set_defaults(run=run)
+    add_visualize_parser(verbs)
     return parser
 
 

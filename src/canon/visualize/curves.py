@@ -1,0 +1,125 @@
+"""Training curves of several runs on one plot, as He et al. (2015) compare plain nets and
+ResNets (Fig. 4 and Fig. 6): thin dashed lines the training error, bold lines the validation
+error (the test error for runs that validate on their test set: CIFAR, the sample), one colour
+per run, against epochs, read from each run's metrics.csv (canon.engine.logs). The paper plots
+against iterations; metrics.csv has a row per epoch.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from canon.engine.checkpoint import run_dir_of
+from canon.errors import ConfigError, DataError
+from canon.files import make_folder
+from canon.visualize.images import save_csv, save_json
+from canon.visualize.plots import (
+    integer_x,
+    new_figure,
+    run_names,
+    save_figure,
+)
+
+METRICS_FILE = "metrics.csv"
+# metric: (training column or None where training does not log it, validation column)
+METRICS = {"top1": ("train_top1_error", "val_top1_error"), "top5": (None, "val_top5_error")}
+
+
+def metrics_file(run: str | Path) -> Path:
+    """A run's metrics.csv: in a run directory, beside an export or a checkpoint, or the path
+    of a .csv itself."""
+    run = Path(run)
+    if not run.exists():
+        raise DataError(f"{run} does not exist; give a run directory (it holds {METRICS_FILE})")
+    if run.is_dir():
+        return run / METRICS_FILE
+    return run if run.suffix == ".csv" else run_dir_of(run) / METRICS_FILE
+
+
+def read_metrics(path: Path, columns: Sequence[str]) -> dict[str, list[float]]:
+    """The named columns of a metrics.csv, as floats; DataError naming the file for one that is
+    missing, unreadable, empty or lacks a column."""
+    if not path.is_file():
+        raise DataError(f"{path} does not exist: give a run directory, which holds the "
+                        f"{METRICS_FILE} canon train writes after every epoch")
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise DataError(f"{path}: cannot read ({error})") from None
+    if not rows:
+        raise DataError(f"{path} holds no epoch yet: the run has not finished its first one")
+    missing = [c for c in columns if c not in rows[0]]
+    if missing:
+        raise DataError(f"{path} has no column {', '.join(missing)}; is it a canon "
+                        f"{METRICS_FILE}?")
+    try:
+        return {c: [float(row[c]) for row in rows] for c in columns}
+    except (TypeError, ValueError):
+        raise DataError(f"{path}: a row with a missing or non-numeric value") from None
+
+
+def curves(
+    runs: Sequence[str | Path],
+    output_dir: str | Path,
+    *,
+    metric: str = "top1",
+    names: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Training and validation `metric` error (%) by epoch for `runs` (run directories, or
+    their checkpoints, exports or metrics.csv files); writes curves-METRIC.png, .csv and
+    .json to `output_dir` and returns what the JSON holds plus the paths written. `names`
+    label the runs (default: their folders). Training logs no top-5 error, so `top5` draws
+    validation curves only."""
+    if metric not in METRICS:
+        raise ConfigError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
+    train_column, val_column = METRICS[metric]
+    series = []
+    for name, run in zip(run_names(runs, names), runs, strict=True):
+        path = metrics_file(run)
+        columns = read_metrics(path, [c for c in ("epoch", train_column, val_column) if c])
+        series.append({"name": name, "file": str(path), "epoch": columns["epoch"],
+                       "train": columns.get(train_column), "val": columns[val_column]})
+    result: dict[str, Any] = {"metric": metric, "unit": "error (%)", "runs": series}
+    folder = Path(output_dir)
+    make_folder(folder)
+    stem = folder / f"curves-{metric}"
+    result["png"] = str(save_figure(curves_figure(series, metric), stem.with_suffix(".png")))
+    rows = [{"run": s["name"], "epoch": epoch,
+             "train_error": s["train"][i] if s["train"] is not None else "",
+             "val_error": s["val"][i]}
+            for s in series for i, epoch in enumerate(s["epoch"])]
+    result["csv"] = str(save_csv(stem.with_suffix(".csv"), rows))
+    result["json"] = str(save_json(stem.with_suffix(".json"), result))
+    return result
+
+
+def curves_figure(series: list[dict[str, Any]], metric: str) -> Figure:
+    """The plot of curves(): per run, its training curve dashed and thin, its validation
+    curve solid and bold, in one colour."""
+    figure = new_figure(8, 5)
+    axes = figure.subplots()
+    for index, run in enumerate(series):
+        colour = f"C{index % 10}"
+        if run["train"] is not None:
+            axes.plot(run["epoch"], run["train"], "--", color=colour, linewidth=1)
+        axes.plot(run["epoch"], run["val"], "-", color=colour, linewidth=2.5, label=run["name"])
+    styles = [Line2D([], [], color="black", linewidth=2.5, label="bold: validation")]
+    if any(run["train"] is not None for run in series):
+        styles.append(Line2D([], [], color="black", linestyle="--", linewidth=1,
+                             label="dashed: training"))
+    runs_legend = axes.legend(fontsize=9, loc="upper right")
+    axes.add_artist(runs_legend)
+    axes.legend(handles=styles, fontsize=8, loc="lower left")
+    name = {"top1": "top-1", "top5": "top-5"}[metric]
+    axes.set(xlabel="epoch", ylabel=f"{name} error (%)",
+             title=f"{name} error by epoch (He et al. Fig. 6 style)")
+    integer_x(axes)
+    axes.grid(alpha=0.3)
+    return figure

@@ -1,0 +1,70 @@
+"""Naming a network's layers, reading their outputs, and the input pixels a position of their
+output sees: a layer is a module's dotted path in `model.named_modules()` (e.g.
+`features.conv5` for ZFNet), as `canon summary` prints them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+
+from canon.errors import ConfigError
+
+Box = tuple[int, int, int, int]  # top, left, bottom, right (inclusive), in input pixels
+
+
+def find_layer(model: nn.Module, name: str) -> nn.Module:
+    """The submodule called `name`; an unknown name is a ConfigError listing the layers."""
+    modules = dict(model.named_modules())
+    if not name or name not in modules:
+        known = ", ".join(n for n in modules if n)
+        raise ConfigError(f"{type(model).__name__} has no layer {name!r}; its layers: {known}")
+    return modules[name]
+
+
+@contextmanager
+def capture_outputs(
+    model: nn.Module, names: Sequence[str]
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Within the block, each forward pass of `model` stores the output of every layer in
+    `names` (detached) in the yielded dict under its name. A copy, not the tensor itself: an
+    in-place ReLU after the layer would otherwise change the stored value."""
+    outputs: dict[str, torch.Tensor] = {}
+    handles = [
+        find_layer(model, name).register_forward_hook(
+            lambda _module, _inputs, output, name=name: outputs.__setitem__(
+                name, output.detach().clone()
+            )
+        )
+        for name in names
+    ]
+    try:
+        yield outputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (value[0], value[1])
+
+
+def receptive_field(layers: list[nn.Module], row: int, column: int) -> Box:
+    """The input pixels that position (row, column) of the last layer's map sees, from each
+    convolution's and pool's kernel, stride, padding and dilation; it may reach outside the
+    image (padding, ceil-mode pools): `clip` it."""
+    top, bottom, left, right = row, row, column, column
+    for layer in reversed(layers):
+        if isinstance(layer, nn.Conv2d | nn.MaxPool2d):
+            (k_y, k_x), (s_y, s_x) = _pair(layer.kernel_size), _pair(layer.stride)
+            (p_y, p_x), (d_y, d_x) = _pair(layer.padding), _pair(layer.dilation)
+            top, bottom = top * s_y - p_y, bottom * s_y - p_y + d_y * (k_y - 1)
+            left, right = left * s_x - p_x, right * s_x - p_x + d_x * (k_x - 1)
+    return top, left, bottom, right
+
+
+def clip(box: Box, height: int, width: int) -> Box:
+    top, left, bottom, right = box
+    return max(top, 0), max(left, 0), min(bottom, height - 1), min(right, width - 1)
