@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from canon.errors import CanonError
+from canon.reproduce.commands import add_reproduce_parser
 from canon.visualize.commands import add_visualize_parser
 
 VERBS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable]] = {}
@@ -418,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_arguments(sub)
         sub.set_defaults(run=run)
     add_visualize_parser(verbs)
+    add_reproduce_parser(verbs)
     return parser
 
 

@@ -1,0 +1,204 @@
+"""From an experiment's finished runs to its table (our numbers beside the paper's), plots and
+qualitative finding, one function per experiment (Experiment.analysis names it). The plots
+come from canon.visualize (curves for Fig. 6, responses for Fig. 7) where it draws them.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from canon.engine.distributed import resolve_device
+from canon.engine.trained import load_trained
+from canon.evaluation.ensemble import evaluate_ensemble
+from canon.reproduce.experiments import Experiment, Mode
+from canon.reproduce.training import RunRecord
+from canon.visualize.curves import curves
+from canon.visualize.plots import new_figure, save_figure
+from canon.visualize.responses import responses as layer_responses
+
+
+@dataclass(frozen=True)
+class Finding:
+    statement: str  # what the paper found, as a claim about our runs
+    held: bool
+    evidence: str  # our numbers behind it
+
+
+@dataclass(frozen=True)
+class Outcome:
+    table: list[dict[str, Any]]  # one row per model (or run), the paper's columns beside ours
+    findings: list[Finding]
+    plots: list[Path]
+    numbers: dict[str, Any] = field(default_factory=dict)  # more, for results.json
+
+
+@dataclass(frozen=True)
+class Context:
+    experiment: Experiment
+    mode: Mode
+    device: str
+    folder: Path  # where the report goes
+
+
+Analysis = Callable[[list[RunRecord], Context], Outcome]
+
+
+def _family(record: RunRecord) -> str:
+    return _model_parts(record)[0]
+
+
+def _depth(record: RunRecord) -> int:
+    return _model_parts(record)[1]
+
+
+def _model_parts(record: RunRecord) -> tuple[str, int]:
+    """("plain" or "resnet", depth) from the model name: plain56, resnet110."""
+    family, depth = re.fullmatch(r"([a-z]+)(\d+)", record.run.recipe.model.name).groups()
+    return family, int(depth)
+
+
+def _label(record: RunRecord, seeds: bool = False) -> str:
+    """plain-56, ResNet-110; with `seeds`, the seed too."""
+    family = {"plain": "plain", "resnet": "ResNet"}[_family(record)]
+    return f"{family}-{_depth(record)}" + (f" seed {record.run.seed}" if seeds else "")
+
+
+def _training_errors(records: list[RunRecord]) -> str:
+    return ", ".join(f"{_label(r)} {r.train_error:.2f}%" for r in records)
+
+
+def degradation(records: list[RunRecord], context: Context) -> Outcome:
+    """Fig. 6: the final training error against depth, plain nets and ResNets apart."""
+    table = [{"net": _label(r), "training error (%)": r.train_error,
+              "test error (%)": r.test_error,
+              "paper's test error (%)": r.run.recipe.reported.top1_error} for r in records]
+    findings, plots = [], []
+    for family, nets, claim in (("plain", "plain nets", "higher"),
+                                ("resnet", "ResNets", "lower (or equal)")):
+        group = sorted((r for r in records if _family(r) == family), key=_depth)
+        result = curves([r.run.run_dir for r in group], context.folder / f"{family}-curves",
+                        names=[_label(r) for r in group])
+        plots.append(Path(result["png"]))
+        shallow, deep = group[0], group[-1]
+        held = (deep.train_error > shallow.train_error if family == "plain"
+                else deep.train_error <= shallow.train_error)
+        findings.append(Finding(
+            f"{nets}: the deeper {_label(deep)} ends with {claim} training error than the "
+            f"shallower {_label(shallow)}", held,
+            f"final training error {_training_errors(group)}"))
+    return Outcome(table, findings, plots)
+
+
+def table6(records: list[RunRecord], context: Context) -> Outcome:
+    """Table 6: the final test error by depth, mean and std over seeds, with parameters."""
+    groups: dict[str, list[RunRecord]] = {}
+    for record in records:
+        groups.setdefault(record.run.recipe.name, []).append(record)
+    table, means = [], []
+    for name, group in groups.items():
+        errors = [r.test_error for r in group]
+        model = load_trained(group[0].run.run_dir).model
+        means.append(statistics.fmean(errors))
+        table.append({
+            "net": _label(group[0]), "runs": len(errors), "test error (%)": means[-1],
+            "std over runs": statistics.stdev(errors) if len(errors) > 1 else None,
+            "paper's test error (%)": group[0].run.recipe.reported.top1_error,
+            "params (M)": sum(p.numel() for p in model.parameters()) / 1e6,
+            "paper's params (M)": context.experiment.paper_params.get(name),
+        })
+    first, last = table[0], table[-1]
+    finding = Finding(
+        f"the deepest net ({last['net']}) ends with lower test error than the shallowest "
+        f"({first['net']})", means[-1] < means[0],
+        ", ".join(f"{row['net']} {row['test error (%)']:.2f}%" for row in table))
+    return Outcome(table, [finding], [_depth_plot(table, context.folder / "table6.png")])
+
+
+def _depth_plot(table: list[dict[str, Any]], path: Path) -> Path:
+    figure = new_figure(6, 4)
+    axes = figure.subplots()
+    depths = [int(row["net"].split("-")[1]) for row in table]
+    axes.errorbar(depths, [row["test error (%)"] for row in table],
+                  yerr=[row["std over runs"] or 0 for row in table], marker="o", capsize=3,
+                  label="canon (final model; mean and std over runs)")
+    paper = [(d, row["paper's test error (%)"]) for d, row in zip(depths, table, strict=True)
+             if row["paper's test error (%)"] is not None]
+    if paper:
+        axes.plot(*zip(*paper, strict=True), "s--", label="He et al. 2015, Table 6")
+    axes.set(xlabel="depth (layers)", ylabel="CIFAR-10 test error (%)",
+             title="ResNets on CIFAR-10 (Table 6)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    return save_figure(figure, path)
+
+
+def responses(records: list[RunRecord], context: Context) -> Outcome:
+    """Fig. 7: the mean response std of each net's 3x3 layers, plain against residual."""
+    result = layer_responses([r.run.run_dir for r in records], context.folder,
+                             names=[_label(r) for r in records], device=context.device,
+                             max_images=context.mode.test_images)
+    mean_std = {run["name"]: statistics.fmean(layer["std"] for layer in run["layers"])
+                for run in result["runs"]}
+    table = [{"net": run["name"], "3x3 layers": len(run["layers"]),
+              "mean response std": mean_std[run["name"]],
+              "largest response std": max(layer["std"] for layer in run["layers"])}
+             for run in result["runs"]]
+    plain = {_depth(r): _label(r) for r in records if _family(r) == "plain"}
+    resnets = sorted((r for r in records if _family(r) == "resnet"), key=_depth)
+    pairs = [(plain[_depth(r)], _label(r)) for r in resnets if _depth(r) in plain]
+    shallow, deep = _label(resnets[0]), _label(resnets[-1])
+    findings = [
+        Finding("each ResNet's layers respond more weakly than the plain net's of its depth",
+                all(mean_std[res] < mean_std[p] for p, res in pairs),
+                ", ".join(f"{res} {mean_std[res]:.3f} against {p} {mean_std[p]:.3f}"
+                          for p, res in pairs)),
+        Finding(f"the deeper {deep}'s layers respond more weakly than {shallow}'s",
+                mean_std[deep] <= mean_std[shallow],
+                f"mean std {deep} {mean_std[deep]:.3f}, {shallow} {mean_std[shallow]:.3f}"),
+    ]
+    return Outcome(table, findings, [Path(result["png"])],
+                   {"images": result["runs"][0]["images"]})
+
+
+def ensembles(records: list[RunRecord], context: Context) -> Outcome:
+    """The ensembling gain: each seeded net's test error against their averaged softmax's."""
+    members = [load_trained(r.run.run_dir).member() for r in records]
+    result = evaluate_ensemble(members, records[0].run.recipe.data.dataset, "center",
+                               device=resolve_device(context.device))
+    table = [{"net": _label(r, seeds=True), "top-1 error (%)": m["top1_error"],
+              "top-5 error (%)": m["top5_error"]}
+             for r, m in zip(records, result["members"], strict=True)]
+    singles = [row["top-1 error (%)"] for row in table]
+    table.append({"net": f"ensemble of {len(records)}", "top-1 error (%)": result["top1_error"],
+                  "top-5 error (%)": result["top5_error"]})
+    finding = Finding(
+        f"the ensemble of {len(records)} has lower top-1 error than its nets on average",
+        result["top1_error"] < statistics.fmean(singles),
+        f"ensemble {result['top1_error']:.2f}%, nets {statistics.fmean(singles):.2f}% on "
+        f"average (best {min(singles):.2f}%), on {result['images']} test images")
+    return Outcome(table, [finding], [_ensemble_plot(table, context.folder / "ensemble.png")],
+                   {"images": result["images"]})
+
+
+def _ensemble_plot(table: list[dict[str, Any]], path: Path) -> Path:
+    figure = new_figure(6, 4)
+    axes = figure.subplots()
+    colours = ["C0"] * (len(table) - 1) + ["C3"]
+    bars = axes.bar([row["net"] for row in table], [row["top-1 error (%)"] for row in table],
+                    color=colours)
+    axes.bar_label(bars, fmt="%.2f", fontsize=8)  # the differences are a few points
+    axes.set(ylabel="top-1 test error (%)", title="seeded nets and their ensemble")
+    axes.tick_params(axis="x", labelrotation=30)
+    axes.grid(alpha=0.3, axis="y")
+    return save_figure(figure, path)
+
+
+ANALYSES: dict[str, Analysis] = {
+    "degradation": degradation, "table6": table6, "responses": responses,
+    "ensembles": ensembles,
+}

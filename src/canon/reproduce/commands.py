@@ -1,0 +1,59 @@
+"""`canon reproduce NAME [--quick] [--runs N] [--output-dir DIR] [--device D]` and
+`canon reproduce --list`: the command line of canon.reproduce. `--micro` (not shown in --help)
+is for canon's tests: a few steps of two depths, which show nothing. torch loads only when an
+experiment runs, so `--list` and `--help` answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from canon.errors import ConfigError
+from canon.reproduce.experiments import MODES, listing
+
+
+def add_reproduce_parser(subparsers: argparse._SubParsersAction) -> None:
+    """The `reproduce` verb, on canon's top-level subparsers (sets `run`)."""
+    help_text = "reproduce the papers' findings and set our numbers beside theirs"
+    parser = subparsers.add_parser("reproduce", help=help_text, description=help_text)
+    parser.add_argument("experiment", nargs="?", metavar="NAME",
+                        help="the experiment (--list names them)")
+    parser.add_argument("--list", action="store_true", help="list the experiments and exit")
+    modes = parser.add_mutually_exclusive_group()
+    modes.add_argument("--quick", dest="mode", action="store_const", const="quick",
+                       help=f"shortened: {MODES['quick'].describe}")
+    modes.add_argument("--micro", dest="mode", action="store_const", const="micro",
+                       help=argparse.SUPPRESS)  # canon's tests only
+    parser.add_argument("--runs", type=int, metavar="N",
+                        help="seeds per recipe, for the experiments that compare seeds "
+                        "(cifar-table6: mean and std; ensembles: its members)")
+    parser.add_argument("--output-dir", type=Path, metavar="DIR", default=Path("reproduce"),
+                        help="runs go to DIR/runs (shared by the experiments), the report to "
+                        "DIR/NAME[-quick]; default: ./reproduce")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
+    parser.set_defaults(run=run_reproduce, mode="full")
+
+
+def run_reproduce(args: argparse.Namespace) -> None:
+    """List the experiments, or reproduce one and say whether its finding showed."""
+    if args.list:
+        print(listing())
+        return
+    if args.experiment is None:
+        raise ConfigError("name an experiment: canon reproduce NAME (canon reproduce --list)")
+    from canon.engine.trainer import TrainingInterrupted
+    from canon.reproduce.runner import reproduce
+
+    try:
+        result = reproduce(args.experiment, args.output_dir, mode=args.mode, runs=args.runs,
+                           device=args.device)
+    except TrainingInterrupted as stop:
+        print(f"stopped ({stop.checkpoint}); the same command resumes it")
+        sys.exit(128 + stop.signal_number)  # the shell's convention, as `canon train`
+    for finding in result.findings:
+        print(f"{'held' if finding.held else 'did not hold'}: {finding.statement} "
+              f"({finding.evidence})")
+    print(f"{args.experiment}: finding {'shown' if result.shown else 'not shown'} "
+          f"({result.trained} run(s) trained now) -> {result.readme}")

@@ -1,0 +1,165 @@
+"""The papers' experiments as data (`canon reproduce NAME`): which recipes each trains and with
+how many seeds, how each mode shortens them, what the paper reported beside them, and which
+analysis (canon.reproduce.analyses) turns the runs into a table, plots and the qualitative
+finding. Nothing here imports torch, so `canon reproduce --list` answers at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from canon.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Mode:
+    """How a mode shortens the paper's recipes: every iteration count (the limit, the lr
+    milestones, the warm-up) divided by `divisor`, on `dataset` instead of the recipe's, with
+    `overrides` on top; `train_images`/`test_images` (micro only) train and validate on that
+    many images spread over the dataset's splits."""
+
+    name: str
+    describe: str  # one line for the report
+    divisor: int = 1
+    dataset: str | None = None
+    overrides: tuple[tuple[str, Any], ...] = ()
+    train_images: int | None = None
+    test_images: int | None = None
+
+
+MODES = {mode.name: mode for mode in (
+    Mode("full", "the paper's recipes unchanged"),
+    # 64k iterations / 164 = 390 at batch 128 (lr / 10 at 195 and 293): exactly 10 epochs of
+    # the sample's 39 steps, so the last epoch's training error is over a whole epoch (the
+    # paper's 64k are 164 epochs of CIFAR-10's 390). Sized for a CPU: the nine degradation
+    # runs cost about as much as 22 ResNet-20 runs of 50k images. The bundled sample is
+    # CIFAR-10's first 500 training and 100 test images per class: a tenth of the data, no
+    # download.
+    Mode("quick", "every iteration count / 164 (64k -> 390 at batch 128, 10 epochs; lr / 10 "
+         "at 195 and 293) on the bundled sample (5,000 CIFAR-10 training and 1,000 test "
+         "images)",
+         divisor=164, dataset="sample",
+         # The sample sits in memory (loader processes would only compete for the cores);
+         # channels_last is faster on a CPU (ResNet-20: 1.2x, one thread), the model the same.
+         overrides=(("train.workers", 0), ("train.channels_last", True))),
+    # For canon's tests: 2 epochs of 4 steps of 32 images; it shows nothing.
+    Mode("micro", "2 epochs of 4 steps of 32 images on 128 training and 64 test images of "
+         "the bundled sample (for canon's tests: it shows nothing)",
+         divisor=32_000, dataset="sample",
+         overrides=(("train.workers", 0), ("train.batch_size", 32)),
+         train_images=128, test_images=64),
+)}
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One of the papers' findings, reproduced by training `recipes` (`micro_recipes` in
+    micro mode), `runs` seeds each (None: one, and --runs does not apply; at least
+    `min_runs`)."""
+
+    name: str
+    cites: str  # the paper's figure or table
+    shows: str  # what the experiment shows, one sentence
+    plot: str  # what its plots draw
+    recipes: tuple[str, ...]
+    micro_recipes: tuple[str, ...]
+    analysis: str  # a key of canon.reproduce.analyses.ANALYSES
+    paper: tuple[str, ...] = ()  # the paper's numbers the recipes' `reported` does not hold
+    runs: int | None = None
+    min_runs: int = 1
+    paper_params: Mapping[str, float] = field(default_factory=dict)  # recipe: millions
+
+
+def _cifar(family: str, depths: tuple[int, ...]) -> tuple[str, ...]:
+    return tuple(f"{family}{depth}-cifar10" for depth in depths)
+
+
+_MICRO_DEPTHS = (20, 32)
+_MICRO = (*_cifar("plain", _MICRO_DEPTHS), *_cifar("resnet", _MICRO_DEPTHS))
+_RESNETS = _cifar("resnet", (20, 32, 44, 56, 110))
+
+EXPERIMENTS = {experiment.name: experiment for experiment in (
+    Experiment(
+        name="degradation", cites="He et al. 2015, Fig. 6 (s4.2)",
+        shows="the deeper plain net has higher training error than the shallower one (it is "
+        "not overfitting), while the deeper ResNet has lower training error",
+        plot="training (thin, dashed) and test (bold) top-1 error by epoch, plain nets and "
+        "ResNets in two panels",
+        recipes=(*_cifar("plain", (20, 32, 44, 56)), *_RESNETS), micro_recipes=_MICRO,
+        analysis="degradation",
+        paper=("Fig. 6 plots the curves without tabulating them: plain-20/32/44/56 end with "
+               "higher training and test error the deeper they are (plain-110 above 60%, not "
+               "plotted); ResNet-20/32/44/56/110 end lower the deeper they are.",),
+    ),
+    Experiment(
+        name="cifar-table6", cites="He et al. 2015, Table 6",
+        shows="the test error of the final ResNet-20/32/44/56/110 falls with depth "
+        "(the final model's error, never an epoch chosen on the test set)",
+        plot="final test error by depth, ours (mean and std over seeds) beside the paper's",
+        recipes=_RESNETS, micro_recipes=_cifar("resnet", _MICRO_DEPTHS),
+        analysis="table6", runs=1,
+        paper=("ResNet-110's 6.43 is the best of 5 runs; their mean is 6.61 +- 0.16.",
+               "A widely used public PyTorch reproduction reports 8.27 / 7.37 / 6.90 / 6.61 / "
+               "6.32, but chose its best epoch on the test set; canon reports the final "
+               "model."),
+        paper_params={"resnet20-cifar10": 0.27, "resnet32-cifar10": 0.46,
+                      "resnet44-cifar10": 0.66, "resnet56-cifar10": 0.85,
+                      "resnet110-cifar10": 1.7},
+    ),
+    Experiment(
+        name="responses", cites="He et al. 2015, Fig. 7",
+        shows="the responses of residual functions (std of each 3x3 layer's output after BN) "
+        "are smaller than those of plain layers, and smaller in the deeper ResNet",
+        plot="response std of every 3x3 layer, in network order and sorted by size",
+        recipes=(*_cifar("plain", (20, 56)), *_cifar("resnet", (20, 56, 110))),
+        micro_recipes=_MICRO, analysis="responses",
+        paper=("Fig. 7 gives no numbers: ResNets' responses are generally smaller than their "
+               "plain counterparts', and the deeper ResNet's smaller still.",),
+    ),
+    Experiment(
+        name="ensembles", cites="Krizhevsky et al. 2012, Table 2; He et al. 2015, s4.1",
+        shows="averaging the softmax outputs of independently seeded nets gives a lower "
+        "error than the nets alone",
+        plot="top-1 test error of each seeded ResNet-20 and of their ensemble",
+        recipes=_cifar("resnet", (20,)), micro_recipes=_cifar("resnet", (20,)),
+        analysis="ensembles", runs=5, min_runs=2,
+        paper=("AlexNet (ImageNet, Table 2): one CNN 40.7% top-1 / 18.2% top-5 error, five "
+               "CNNs averaged 16.4% top-5.",),
+    ),
+)}
+
+# Experiments of issue 13 that canon cannot run yet, and why.
+NOT_YET_DEFINED = {
+    "imagenette": "no bundled recipe trains on Imagenette-160 at 128 px yet (issue 13 asks for "
+    "one made of the papers' parts: a ResNet, scale augmentation, linear scaling and warm-up); "
+    "the fast.ai leaderboard to set beside it: 87.43% top-1 after 5 epochs, 91.57% after 20",
+}
+
+
+def get_experiment(name: str) -> Experiment:
+    """The experiment called `name`; ConfigError listing the others."""
+    if name in EXPERIMENTS:
+        return EXPERIMENTS[name]
+    if name in NOT_YET_DEFINED:
+        raise ConfigError(f"{name} is not defined yet: {NOT_YET_DEFINED[name]}")
+    raise ConfigError(f"unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)} "
+                      "(canon reproduce --list)")
+
+
+def listing() -> str:
+    """What `canon reproduce --list` prints: each experiment, then those not defined yet."""
+    width = max(map(len, [*EXPERIMENTS, *NOT_YET_DEFINED]))
+    lines = [f"{e.name:<{width}}  {e.cites}: {e.shows} ({_run_count(e)})"
+             for e in EXPERIMENTS.values()]
+    lines.append("not yet defined:")
+    lines += [f"{name:<{width}}  {why}" for name, why in NOT_YET_DEFINED.items()]
+    return "\n".join(lines)
+
+
+def _run_count(experiment: Experiment) -> str:
+    count = len(experiment.recipes)
+    if experiment.runs is None:
+        return f"{count} runs"
+    return f"{count} recipe(s) x --runs N seeds, default {experiment.runs}"

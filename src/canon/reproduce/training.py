@@ -1,0 +1,156 @@
+"""The training runs of an experiment: each recipe and seed as a mode shortens it, in its own
+run directory under the reproduction's runs/ folder, shared by every experiment that needs the
+same run (the degradation runs serve Fig. 7's responses and Table 6's first seed). A finished
+run (its export written) is read, not trained again; an interrupted one resumes from its
+newest checkpoint (canon.engine.checkpoint.load_for_resume), bit for bit on the CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from canon.data.labeled import ImageSubset
+from canon.data.loaders import Datasets, build_datasets
+from canon.engine.checkpoint import EXPORT_CONFIG, EXPORT_WEIGHTS, resumable_checkpoints
+from canon.engine.schedules import scale_iteration_counts
+from canon.engine.trainer import train
+from canon.errors import ConfigError
+from canon.recipes import Recipe, apply_overrides, load_recipe, parse_yaml
+from canon.reproduce.experiments import Experiment, Mode
+from canon.visualize.curves import metrics_file, read_metrics
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    recipe: Recipe  # as the mode shortens it
+    seed: int
+    run_dir: Path  # named RECIPE[-MODE]-seedN
+
+    @property
+    def name(self) -> str:
+        return self.run_dir.name
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """A finished run: what this call did with it and what its metrics.csv says."""
+
+    run: PlannedRun
+    status: str  # "trained", "resumed" or "finished before"
+    wall_seconds: float | None  # of this call's training; None when it had nothing to do
+    epochs: int
+    train_seconds: float  # metrics.csv's seconds summed: training only, every session
+    train_error: float  # final epoch's top-1 training error (%), over its augmented batches
+    test_error: float  # the final model's top-1 test error (%)
+
+
+def plan_runs(experiment: Experiment, mode: Mode, runs: int | None, root: Path
+              ) -> list[PlannedRun]:
+    """Every (recipe, seed) run of `experiment` in `mode`, with seeds 0 .. runs - 1."""
+    if runs is not None and experiment.runs is None:
+        raise ConfigError(f"{experiment.name} trains one run per recipe; --runs applies to "
+                          "experiments that compare seeds (canon reproduce --list)")
+    count = experiment.runs if runs is None else runs
+    if count is not None and count < experiment.min_runs:
+        raise ConfigError(f"{experiment.name} needs --runs {experiment.min_runs} at least, "
+                          f"got {count}")
+    recipes = experiment.micro_recipes if mode.name == "micro" else experiment.recipes
+    suffix = "" if mode.name == "full" else f"-{mode.name}"
+    return [PlannedRun(shortened_recipe(name, mode, seed), seed,
+                       root / f"{name}{suffix}-seed{seed}")
+            for name in recipes for seed in range(count or 1)]
+
+
+def shortened_recipe(name: str, mode: Mode, seed: int) -> Recipe:
+    """Recipe `name` with train.seed `seed`, shortened as `mode` says."""
+    recipe = load_recipe(name, [("train.seed", seed)])
+    if mode.divisor == 1:
+        return recipe
+    if recipe.train.iterations is None:
+        raise ConfigError(f"{name} has no train.iterations: a mode shortens iteration counts")
+    dataset = () if mode.dataset is None else (("data.dataset", mode.dataset),)
+    recipe = apply_overrides(recipe, [*dataset, *mode.overrides])
+    # The conversion a larger batch makes (same images seen), by the mode's divisor.
+    schedule, iterations = scale_iteration_counts(
+        recipe.schedule, recipe.train.iterations, 1, mode.divisor)
+    # The iteration limit ends the run; epochs only must not end it sooner (an epoch has at
+    # least one step), and the trainer runs no more of them than the limit needs.
+    epochs = math.ceil(iterations * recipe.optimizer.base_batch_size / recipe.train.batch_size)
+    return dataclasses.replace(recipe, schedule=schedule, train=dataclasses.replace(
+        recipe.train, iterations=iterations, epochs=epochs))
+
+
+def ensure_run(run: PlannedRun, mode: Mode, *, device: str, progress: bool) -> RunRecord:
+    """Train `run`, resume it, or leave it as it is when it has finished."""
+    run_dir = run.run_dir
+    if _finished(run_dir):
+        _check_same_recipe(run_dir, run.recipe)
+        return _record(run, "finished before", None)
+    resume = run_dir if resumable_checkpoints(run_dir) else None
+    if resume is not None:
+        _check_same_recipe(run_dir, run.recipe)
+    started = time.perf_counter()
+    train(run.recipe, run_dir, resume=resume, device=device, progress=progress,
+          datasets=_micro_datasets(run.recipe, mode))
+    status = "trained" if resume is None else "resumed"
+    return _record(run, status, time.perf_counter() - started)
+
+
+def _finished(run_dir: Path) -> bool:
+    """The trainer exports the model only once the last epoch is done."""
+    return (run_dir / EXPORT_WEIGHTS).is_file() and (run_dir / EXPORT_CONFIG).is_file()
+
+
+def _check_same_recipe(run_dir: Path, recipe: Recipe) -> None:
+    """Refuse to keep or continue a run of another recipe (another mode, an edited recipe)."""
+    path = run_dir / "recipe.yaml"
+    if not path.is_file():
+        return
+    saved, ours = _flat(parse_yaml(path.read_text()) or {}), _flat(recipe.to_dict())
+    differing = sorted(key for key in saved.keys() | ours.keys()
+                       if saved.get(key) != ours.get(key))
+    if differing:
+        raise ConfigError(
+            f"{run_dir} holds a run of another recipe ({', '.join(differing)} differ): delete "
+            "it to train it again, or choose another --output-dir"
+        )
+
+
+def _flat(values: dict[str, Any]) -> dict[str, Any]:
+    """A recipe mapping as section.key: value (top-level values under their own name)."""
+    flat: dict[str, Any] = {}
+    for section, value in values.items():
+        if isinstance(value, dict):
+            flat.update({f"{section}.{key}": item for key, item in value.items()})
+        else:
+            flat[section] = value
+    return flat
+
+
+def _micro_datasets(recipe: Recipe, mode: Mode) -> Datasets | None:
+    """Micro mode's few images, spread evenly over the splits (so every class is in)."""
+    if mode.train_images is None or mode.test_images is None:
+        return None
+    sets = build_datasets(recipe.data)
+    return Datasets(_spread(sets.train, mode.train_images), _spread(sets.val, mode.test_images),
+                    sets.preprocess)
+
+
+def _spread(split: Any, count: int) -> ImageSubset:
+    indices = torch.linspace(0, len(split) - 1, count).long().tolist()
+    return ImageSubset(split, indices, transform=split.transform)
+
+
+def _record(run: PlannedRun, status: str, wall_seconds: float | None) -> RunRecord:
+    columns = read_metrics(metrics_file(run.run_dir),
+                           ["epoch", "train_top1_error", "val_top1_error", "seconds"])
+    return RunRecord(run, status, wall_seconds, int(columns["epoch"][-1]),
+                     sum(columns["seconds"]), columns["train_top1_error"][-1],
+                     columns["val_top1_error"][-1])

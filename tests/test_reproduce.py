@@ -1,0 +1,131 @@
+"""canon reproduce (issue 13): the experiments are data every recipe of which loads; the
+degradation experiment runs end to end through the command line in micro mode (four tiny runs
+on the bundled sample), writes its table and plots, trains nothing again when run again, and
+resumes an interrupted run instead of restarting it."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from canon.cli import main
+from canon.engine.checkpoint import (
+    EXPORT_CONFIG,
+    EXPORT_NORMALIZATION,
+    EXPORT_WEIGHTS,
+    epoch_checkpoint,
+)
+from canon.errors import ConfigError
+from canon.recipes import load_recipe
+from canon.reproduce import training
+from canon.reproduce.analyses import ANALYSES
+from canon.reproduce.experiments import EXPERIMENTS, MODES, NOT_YET_DEFINED
+
+
+def test_every_experiment_is_data_that_loads() -> None:
+    for experiment in EXPERIMENTS.values():
+        assert experiment.analysis in ANALYSES
+        for name in {*experiment.recipes, *experiment.micro_recipes}:
+            for mode in MODES.values():
+                recipe = training.shortened_recipe(name, mode, seed=1)
+                assert recipe.train.seed == 1
+                assert recipe.train.iterations == round(load_recipe(name).train.iterations
+                                                        / mode.divisor)
+    assert not set(NOT_YET_DEFINED) & set(EXPERIMENTS)
+
+
+def test_list_names_every_experiment_and_those_not_defined(capsys) -> None:
+    main(["reproduce", "--list"])
+    out = capsys.readouterr().out
+    assert all(name in out for name in [*EXPERIMENTS, *NOT_YET_DEFINED])
+    assert "not yet defined" in out
+    for argv, message in ((["imagenette"], "not defined yet"),
+                          (["degradation", "--runs", "2", "--micro"], "--runs applies")):
+        with pytest.raises(SystemExit) as stopped:
+            main(["reproduce", *argv])
+        assert stopped.value.code == 2 and message in capsys.readouterr().err
+
+
+def _metrics(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_degradation_micro_end_to_end_skips_finished_runs_and_resumes(
+    tmp_path: Path, monkeypatch
+) -> None:
+    calls = []
+    real_train = training.train
+
+    def counted_train(recipe, run_dir, **options):
+        calls.append((recipe.name, options["resume"]))
+        return real_train(recipe, run_dir, **options)
+
+    monkeypatch.setattr(training, "train", counted_train)
+    argv = ["reproduce", "degradation", "--micro", "--output-dir", str(tmp_path),
+            "--device", "cpu"]
+    main(argv)
+
+    recipes = EXPERIMENTS["degradation"].micro_recipes
+    assert calls == [(name, None) for name in recipes]
+    report = tmp_path / "degradation-micro"
+    readme = (report / "README.md").read_text()
+    assert "**Finding shown**" in readme or "**Finding not shown**" in readme
+    for net in ("plain-20", "plain-32", "ResNet-20", "ResNet-32"):
+        assert f"| {net} |" in readme
+    assert "| 8.75 |" in readme  # the paper's Table 6 error for ResNet-20, beside ours
+    for panel in ("plain-curves", "resnet-curves"):
+        assert (report / panel / "curves-top1.png").stat().st_size > 0
+        assert f"]({panel}/curves-top1.png)" in readme
+    results = json.loads((report / "results.json").read_text())
+    assert [run["status"] for run in results["runs"]] == ["trained"] * len(recipes)
+    assert results["environment"]["torch"] and len(results["findings"]) == 2
+
+    # Again: every run has finished, so nothing is trained and no run file is rewritten.
+    runs = tmp_path / "runs"
+    exports = {p: p.stat().st_mtime_ns for p in runs.glob(f"*/{EXPORT_WEIGHTS}")}
+    calls.clear()
+    main(argv)
+    assert calls == []
+    assert {p: p.stat().st_mtime_ns for p in runs.glob(f"*/{EXPORT_WEIGHTS}")} == exports
+    results = json.loads((report / "results.json").read_text())
+    assert {run["status"] for run in results["runs"]} == {"finished before"}
+
+    # plain-32 as if killed during its second (last) epoch: only epoch 1's checkpoint left.
+    run_dir = runs / "plain32-cifar10-micro-seed0"
+    finished = _metrics(run_dir)
+    assert len(finished) == 2
+    for name in (EXPORT_WEIGHTS, EXPORT_NORMALIZATION, EXPORT_CONFIG):
+        (run_dir / name).unlink()
+    epoch_checkpoint(run_dir, 2).unlink()
+    assert epoch_checkpoint(run_dir, 1).is_file()
+    calls.clear()
+    main(argv)
+    assert calls == [("plain32-cifar10", run_dir)]  # resumed, not restarted
+    resumed = _metrics(run_dir)
+    assert [row["epoch"] for row in resumed] == ["1", "2"]
+    # Epoch 1 comes from the checkpoint; epoch 2 is retrained exactly as before (CPU).
+    for before, after in zip(finished, resumed, strict=True):
+        assert after["train_loss"] == before["train_loss"]
+        assert after["val_top1_error"] == before["val_top1_error"]
+    statuses = {run["run"]: run["status"] for run in
+                json.loads((report / "results.json").read_text())["runs"]}
+    assert statuses.pop("plain32-cifar10-micro-seed0") == "resumed"
+    assert set(statuses.values()) == {"finished before"}
+
+
+def test_a_run_of_another_recipe_is_refused(tmp_path: Path) -> None:
+    """A run directory holding another mode's (or an edited recipe's) run is neither kept nor
+    continued: its recipe.yaml is compared with the recipe planned."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    quick = training.shortened_recipe("resnet20-cifar10", MODES["quick"], 0)
+    (run_dir / "recipe.yaml").write_text("name: resnet20-cifar10\ntrain: {iterations: 7}\n")
+    (run_dir / EXPORT_WEIGHTS).write_bytes(b"")
+    (run_dir / EXPORT_CONFIG).write_text("{}")
+    planned = training.PlannedRun(quick, 0, run_dir)
+    with pytest.raises(ConfigError, match=r"train\.iterations"):
+        training.ensure_run(planned, MODES["quick"], device="cpu", progress=False)
