@@ -298,6 +298,7 @@ def _run_eval(args: argparse.Namespace) -> None:
         write_confusion_png(report.confusion, report.classes,
                             stem.with_name(f"{stem.name}-confusion.png"))
         print(f"wrote {stem}-per-class.csv and {stem}-confusion.png")
+    output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=2))
     print(f"wrote {output}")
 
