@@ -313,7 +313,9 @@ def _predict_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _is_source(path: str) -> bool:
-    return (path.startswith("torchvision:") or Path(path).is_dir()
+    from canon.engine.trained import TORCHVISION
+
+    return (path.startswith(TORCHVISION) or Path(path).is_dir()
             or Path(path).suffix in (".pt", ".safetensors"))
 
 
@@ -392,9 +394,10 @@ def _features_arguments(parser: argparse.ArgumentParser) -> None:
 @_verb("features", "export a network's penultimate features of a dataset split",
        _features_arguments)
 def _run_features(args: argparse.Namespace) -> None:
+    from canon.data.datasets import open_split
     from canon.engine.distributed import resolve_device
     from canon.engine.trained import load_trained
-    from canon.transfer.features import extract_features, open_split
+    from canon.transfer.features import extract_features
 
     trained = load_trained(args.source)
     trained.model.to(resolve_device(args.device))

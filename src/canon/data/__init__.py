@@ -14,6 +14,7 @@ _HOMES = {
     "DataConfig": "canon.data.config",
     "open_dataset": "canon.data.datasets",
     "open_eval_split": "canon.data.datasets",
+    "open_split": "canon.data.datasets",
     "open_train_split": "canon.data.datasets",
     "decode_image_file": "canon.data.decoding",
     "BadImageWarning": "canon.data.folders",

@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable
 from functools import lru_cache, partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,7 +27,7 @@ from canon.data.folders import (
     open_train_folder,
 )
 from canon.data.labeled import ArrayImages, ImageSubset, LabeledImages
-from canon.errors import DataError
+from canon.errors import ConfigError, DataError
 
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample"
 
@@ -115,6 +116,16 @@ def open_eval_split(
     if not isinstance(source, Path):
         return source("test") if class_ids is None else _relabel(source("test"), class_ids)
     return open_eval_folder(source, class_ids, strict=strict, max_pixels=max_pixels)
+
+
+def open_split(dataset: str, split: str, **options: Any) -> LabeledImages:
+    """The training ("train") or evaluation ("val") split alone of a DataConfig.dataset value,
+    labelled by its own classes; `options` are open_train_split's / open_eval_split's."""
+    if split == "train":
+        return open_train_split(dataset, **options)
+    if split == "val":
+        return open_eval_split(dataset, **options)
+    raise ConfigError(f"split must be 'train' or 'val', got {split!r}")
 
 
 def check_dataset_name(dataset: str) -> None:

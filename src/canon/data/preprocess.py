@@ -38,14 +38,21 @@ class EvalPreprocess:
         """The rescaled, normalised float image (before any crop)."""
         return self.normalize(ToFloat()(self.rescale(image, size)))
 
-    def center(self, image: torch.Tensor, size: int | None = None) -> torch.Tensor:
-        """The normalised centre crop_size crop of the image rescaled to `size`; equals
-        cropping self(image, size), with the float work done on the crop alone."""
+    def center_crop(
+        self, image: torch.Tensor, size: int | None = None
+    ) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+        """The uint8 centre crop_size crop of the image rescaled to `size` (what the network
+        sees), and where it lies: (height, width) of the rescaled image, (top, left)."""
         image = self.rescale(image, size)
         height, width = image.shape[-2:]
         top, left = center_box(height, width, self.crop_size)
-        window = ToFloat()(crop_box(image, top, left, self.crop_size))
-        return self.normalize(window, (height, width, top, left))
+        return crop_box(image, top, left, self.crop_size), (height, width, top, left)
+
+    def center(self, image: torch.Tensor, size: int | None = None) -> torch.Tensor:
+        """The normalised centre crop_size crop of the image rescaled to `size`; equals
+        cropping self(image, size), with the float work done on the crop alone."""
+        window, placement = self.center_crop(image, size)
+        return self.normalize(ToFloat()(window), placement)
 
 
 def eval_preprocess(

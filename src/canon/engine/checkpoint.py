@@ -261,6 +261,17 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     )
 
 
+def model_info(
+    name: str, model: nn.Module, num_classes: int, classes: list[str], class_ids: list[str],
+    data: dict[str, Any],
+) -> dict[str, Any]:
+    """What eval_config.json must hold for canon.engine.trained.load_trained to rebuild the
+    model: its name and class count, its classes, its test-time configuration, its data
+    section; writers add their own details beside these."""
+    return {"model": name, "num_classes": num_classes, "classes": classes,
+            "class_ids": class_ids, "eval_config": model.eval_config.to_dict(), "data": data}
+
+
 def export_model(
     run_dir: Path,
     model: nn.Module,

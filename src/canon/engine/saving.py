@@ -94,9 +94,8 @@ def export(run: Run) -> None:
     recipe = run.recipe.to_dict()
     last = run.metrics[-1] if run.metrics else {}
     ckpt.export_model(run.run_dir, final, run.normalization, {
-        "model": run.recipe.model.name, "num_classes": run.num_classes, "classes": run.classes,
-        "class_ids": run.class_ids,
-        "eval_config": final.eval_config.to_dict(), "data": recipe["data"],
+        **ckpt.model_info(run.recipe.model.name, final, run.num_classes, run.classes,
+                          run.class_ids, recipe["data"]),
         "recipe": run.recipe.name, "commit": run.commit, "epochs": run.epoch, "steps": run.step,
         "val_top1_error": last.get("val_top1_error"), "val_top5_error": last.get("val_top5_error"),
         "reported": recipe["reported"],

@@ -191,14 +191,9 @@ def set_up(
         total_steps = min(total_steps, iterations)
 
     train_keys, train_loader, val_loader = _loaders(train_set, val_set, config, ctx)
-    init_report = None
-    if recipe.model.init_from is not None and state is None:  # a resumed run has its own
-        if model is None:
-            model = build_model(recipe, num_classes)
-        init_report = initialize_from(
-            model, recipe.model.init_from, recipe.model.init_layers, class_ids
-        )
-    model = _placed_model(recipe, model, num_classes, ctx)
+    model, init_report = _placed_model(
+        recipe, model, num_classes, class_ids, ctx, fresh=state is None
+    )
     optimizer, peak_lr = make_optimizer(model, recipe.optimizer, global_batch_size)
     train_module: nn.Module = dist.wrap_model(
         _WithAux(model), ctx, sync_batchnorm=config.sync_batchnorm
@@ -335,15 +330,23 @@ def _build_datasets(recipe: Recipe, ctx: dist.DistributedContext) -> Datasets:
 
 
 def _placed_model(
-    recipe: Recipe, model: nn.Module | None, num_classes: int, ctx: dist.DistributedContext
-) -> nn.Module:
-    """The model built (same initial weights on every rank) and put on its device(s)."""
+    recipe: Recipe, model: nn.Module | None, num_classes: int, class_ids: list[str],
+    ctx: dist.DistributedContext, *, fresh: bool,
+) -> tuple[nn.Module, InitReport | None]:
+    """The model built (same initial weights, from train.seed, on every rank), started from
+    model.init_from when the run is `fresh` (a resumed run has its own weights), and put on its
+    device(s)."""
     config = recipe.train
     if ctx.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fastest conv kernels (GPU runs are not bitwise)
     torch.manual_seed(config.seed)
     if model is None:
         model = build_model(recipe, num_classes)
+    init_report = None
+    if recipe.model.init_from is not None and fresh:
+        init_report = initialize_from(
+            model, recipe.model.init_from, recipe.model.init_layers, class_ids
+        )
     if config.model_parallel is not None:
         if ctx.world_size > 1 or config.compile:
             raise ConfigError(
@@ -355,7 +358,7 @@ def _placed_model(
         model = model.to(ctx.device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return model
+    return model, init_report
 
 
 def build_model(recipe: Recipe, num_classes: int) -> nn.Module:

@@ -12,16 +12,13 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
-from canon.data.datasets import open_eval_split, open_train_split
 from canon.data.labeled import LabeledImages
 from canon.data.loaders import build_loader
 from canon.data.preprocess import center_transform
 from canon.engine.checkpoint import unreadable_file
 from canon.engine.trained import TrainedModel
-from canon.errors import ConfigError, DataError
+from canon.errors import DataError
 from canon.files import atomic_write
-
-SPLITS = ("train", "val")
 
 
 @dataclass(frozen=True)
@@ -55,15 +52,6 @@ class Features:
             raise DataError(f"{path} is not a features file canon wrote (no {error})") from None
         except Exception as error:  # SafetensorError, OSError: truncated or foreign
             raise unreadable_file(path, error) from None
-
-
-def open_split(data: str, split: str, *, strict: bool = False) -> LabeledImages:
-    """A dataset's training or evaluation split, labelled by its own sorted classes."""
-    if split not in SPLITS:
-        raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-    if split == "train":
-        return open_train_split(data, strict=strict)
-    return open_eval_split(data, strict=strict)
 
 
 @torch.no_grad()  # not inference_mode: the probe fits on these tensors with autograd

@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from canon.engine.checkpoint import export_model
+from canon.data.datasets import open_split
+from canon.engine.checkpoint import export_model, model_info
 from canon.engine.distributed import resolve_device
 from canon.engine.rundir import PROBE_REPORT, claim_run_dir
 from canon.engine.trained import TrainedModel, load_trained
@@ -23,7 +24,7 @@ from canon.errors import ConfigError
 from canon.files import atomic_write, make_folder
 from canon.recipes import apply_overrides
 from canon.recipes.schema import Recipe
-from canon.transfer.features import Features, extract_features, open_split
+from canon.transfer.features import Features, extract_features
 from canon.transfer.probe import train_linear_probe
 from canon.validation import plain
 
@@ -148,8 +149,6 @@ def _export(
     model = trained.model
     normalize = trained.preprocess.normalize
     data_section = plain(dataclasses.replace(trained.data, dataset=data, val_split=0))
-    export_model(out, model, {"mean": normalize.mean, "std": normalize.std}, {
-        "model": trained.name, "num_classes": len(train_set.classes),
-        "classes": train_set.classes, "class_ids": train_set.class_ids,
-        "eval_config": model.eval_config.to_dict(), "data": data_section, **extra,
-    })
+    info = model_info(trained.name, model, len(train_set.classes), train_set.classes,
+                      train_set.class_ids, data_section)
+    export_model(out, model, {"mean": normalize.mean, "std": normalize.std}, {**info, **extra})

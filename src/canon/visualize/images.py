@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.utils import make_grid
 
-from canon.data.geometry import center_box, crop_box
 from canon.data.preprocess import EvalPreprocess
 from canon.files import atomic_write
 
@@ -66,9 +65,7 @@ def tile_grid(tiles: torch.Tensor, columns: int) -> torch.Tensor:
 
 def seen_crop(preprocess: EvalPreprocess, image: torch.Tensor) -> torch.Tensor:
     """The uint8 centre crop of `image` that preprocess.center normalises: what the network saw."""
-    image = preprocess.rescale(image)
-    top, left = center_box(*image.shape[-2:], preprocess.crop_size)
-    return crop_box(image, top, left, preprocess.crop_size)
+    return preprocess.center_crop(image)[0]
 
 
 def window(image: torch.Tensor, box: tuple[int, int, int, int], fill: float) -> torch.Tensor:

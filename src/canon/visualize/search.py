@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from canon.data.datasets import open_eval_split, open_train_split
+from canon.data import datasets
 from canon.data.labeled import LabeledImages
 from canon.data.loaders import build_loader
 from canon.data.preprocess import EvalPreprocess, center_transform
@@ -95,13 +95,10 @@ class _Indexed(Dataset):
 def open_split(trained: TrainedModel, data: str | Path | None, split: str) -> LabeledImages:
     """The `split` ("val": the evaluation split, or "train") of `data` (default: the dataset
     the run trained on), untransformed, labelled by its own classes."""
-    data = str(data or trained.data.dataset)
-    options = {"download": trained.data.download, "max_pixels": trained.data.max_image_pixels}
-    if split == "train":
-        return open_train_split(data, **options)
-    if split == "val":
-        return open_eval_split(data, **options)
-    raise ConfigError(f"split must be 'val' or 'train', got {split!r}")
+    return datasets.open_split(
+        str(data or trained.data.dataset), split, download=trained.data.download,
+        max_pixels=trained.data.max_image_pixels,
+    )
 
 
 def indexed_batches(
