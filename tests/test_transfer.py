@@ -13,7 +13,7 @@ from PIL import Image
 
 import canon
 from canon.cli import main
-from canon.data.datasets import open_dataset
+from canon.data.datasets import open_dataset, open_split
 from canon.data.labeled import LabeledImages
 from canon.engine.freezing import freeze_stages, frozen_stage_count
 from canon.engine.initialize import copy_matching, initialize_from
@@ -21,7 +21,7 @@ from canon.engine.schedules import LearningRateSchedule
 from canon.engine.setup import make_optimizer
 from canon.errors import ConfigError
 from canon.recipes.schema import OptimizerSection, ScheduleSection
-from canon.transfer.features import Features, extract_features, open_split
+from canon.transfer.features import Features, extract_features
 from canon.transfer.probe import fit_logistic_regression, train_linear_probe
 from canon.transfer.runs import linear_probe
 
