@@ -19,11 +19,11 @@ from canon.engine.freezing import freeze_stages, frozen_stage_count
 from canon.engine.initialize import copy_matching, initialize_from
 from canon.engine.schedules import LearningRateSchedule
 from canon.engine.setup import make_optimizer
-from canon.errors import ConfigError
+from canon.errors import ConfigError, DataError
 from canon.recipes.schema import OptimizerSection, ScheduleSection
 from canon.transfer.features import Features, extract_features
 from canon.transfer.probe import fit_logistic_regression, train_linear_probe
-from canon.transfer.runs import linear_probe
+from canon.transfer.runs import linear_probe, transfer
 
 SOURCE_CLASSES, TARGET_CLASSES = range(5), range(5, 10)
 
@@ -217,3 +217,24 @@ def test_finetune_and_features_through_the_cli(folders, source_run, tmp_path, ca
     assert features.classes == ["dog", "frog", "horse", "ship", "truck"]
     direct = extract_features(canon.load_trained(out), open_split(str(folders[1]), "val"), "x")
     assert torch.equal(direct.features, features.features)
+
+
+def test_bad_transfer_inputs_are_named_and_lose_nothing(tmp_path):
+    """A missing init_from is refused before any data is read or directory made; a truncated
+    features file is a DataError naming it; an unknown split or mode names the valid ones."""
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"model.init_from .*nowhere does not exist"):
+        canon.train(canon.load_recipe("quickstart", [f"model.init_from={tmp_path / 'nowhere'}"]),
+                    out, device="cpu", progress=False)
+    assert not out.exists()
+    features = Features(torch.rand(4, 3), torch.arange(4), list("abcd"), list("abcd"), "s", "d")
+    path = tmp_path / "f.safetensors"
+    features.save(path)
+    assert torch.equal(Features.load(path).features, features.features)
+    path.write_bytes(path.read_bytes()[:20])
+    with pytest.raises(DataError, match=str(path)):
+        Features.load(path)
+    with pytest.raises(ConfigError, match="split must be 'train' or 'val', got 'test'"):
+        open_split("sample", "test")
+    with pytest.raises(ConfigError, match="--mode must be one of linear-probe, finetune"):
+        transfer("x", "sample", "probe", tmp_path / "t")
