@@ -100,7 +100,7 @@ def test_an_ensemble_of_two_runs_through_eval_and_predict(trained_run, tmp_path,
                           for i in range(1000)]) for m in models]
     with torch.inference_mode():
         mean = sum(m.model(x).softmax(1) for m, x in zip(models, batch, strict=True)) / 2
-    wrong = (mean.argmax(1) != torch.tensor(test_images.labels)).float().mean().item()
+    wrong = (mean.argmax(1) != torch.tensor(test_images.labels)).double().mean().item()
     assert result["top1_error"] == pytest.approx(100 * wrong, abs=1e-6)
     rows = list(csv.DictReader((tmp_path / "ensemble-per-class.csv").open()))
     assert len(rows) == 10 and sum(int(row["images"]) for row in rows) == 1000

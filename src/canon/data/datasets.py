@@ -1,7 +1,8 @@
-"""A dataset by name or folder: the bundled CIFAR-10 sample, CIFAR-10/100 (He et al. s4.2) and
-image folder trees such as ImageNet (Krizhevsky et al. s2) opened as untransformed train and
-validation sets (`open_dataset`) or as an evaluation split alone (`open_eval_split`), the
-cache folder for downloads and statistics, and the fingerprints that key cached statistics.
+"""A dataset by name or folder: the bundled CIFAR-10 sample, CIFAR-10/100 (He et al. s4.2),
+image folder trees such as ImageNet (Krizhevsky et al. s2) and shard folders of them (`canon
+pack`, streamed by canon.data.shards.ShardImages) opened as untransformed train and validation
+sets (`open_dataset`) or as an evaluation split alone (`open_eval_split`), the cache folder for
+downloads and statistics, and the fingerprints that key cached statistics.
 """
 
 from __future__ import annotations
@@ -27,11 +28,23 @@ from canon.data.folders import (
     open_train_folder,
 )
 from canon.data.labeled import ArrayImages, ImageSubset, LabeledImages
+from canon.data.shard_index import is_shard_folder, read_index
+from canon.data.shards import ShardImages
 from canon.errors import ConfigError, DataError
 
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample"
 
+Images = LabeledImages | ShardImages  # a split as the openers give it
+
 IMAGENET = "imagenet"  # the ImageNet recipes' dataset until --data names the folder
+# Recipes' dataset names that only a folder of the user's can stand for (--data), with where
+# to get it.
+PLACEHOLDERS = {
+    IMAGENET: "this recipe trains on ImageNet (which canon cannot download)",
+    "imagenette2-160": "this recipe trains on Imagenette-160 (fast.ai's 10-class subset of "
+    "ImageNet): download https://s3.amazonaws.com/fast-ai-imageclas/imagenette2-160.tgz, "
+    "unpack it",
+}
 
 
 def canon_cache_dir() -> Path:
@@ -72,9 +85,10 @@ def open_dataset(
     strict: bool = False,
     download: bool = True,
     max_pixels: int = MAX_IMAGE_PIXELS,
-) -> tuple[LabeledImages, LabeledImages]:
-    """Untransformed (train, validation) datasets for a DataConfig.dataset value."""
-    source = _source(dataset, cache or canon_cache_dir(), download)
+) -> tuple[Images, Images]:
+    """Untransformed (train, validation) datasets for a DataConfig.dataset value (a shard
+    folder's as ShardImages: train shuffled, val in pack order)."""
+    source = _source(dataset, cache or canon_cache_dir(), download, strict, max_pixels)
     if isinstance(source, Path):
         return open_image_folder(source, strict=strict, max_pixels=max_pixels)
     return source("train"), source("test")
@@ -87,9 +101,9 @@ def open_train_split(
     strict: bool = False,
     download: bool = True,
     max_pixels: int = MAX_IMAGE_PIXELS,
-) -> LabeledImages:
+) -> Images:
     """The training split alone of a DataConfig.dataset value (no other split is read)."""
-    source = _source(dataset, cache or canon_cache_dir(), download)
+    source = _source(dataset, cache or canon_cache_dir(), download, strict, max_pixels)
     if isinstance(source, Path):
         return open_train_folder(source, strict=strict, max_pixels=max_pixels)
     return source("train")
@@ -103,16 +117,17 @@ def open_eval_split(
     strict: bool = False,
     download: bool = True,
     max_pixels: int = MAX_IMAGE_PIXELS,
-) -> LabeledImages:
+) -> Images:
     """The evaluation split alone of a DataConfig.dataset value (no training split is read).
 
     A folder's is its val/, validation/, valid/ or test/ subfolder (in that preference), or
-    the folder itself when it has no train/ either (it holds the class folders); CIFAR's and
-    the sample's is the test split. With `class_ids` (a trained model's, in its output order)
-    labels index them, matched by name (folder name, e.g. wnid; CIFAR class name): the split
-    may hold some of the model's classes but no others. Without, its own classes, sorted.
+    the folder itself when it has no train/ either (it holds the class folders); a shard
+    folder's its val shards; CIFAR's and the sample's the test split. With `class_ids` (a
+    trained model's, in its output order) labels index them, matched by name (folder name,
+    e.g. wnid; CIFAR class name): the split may hold some of the model's classes but no
+    others. Without, its own classes, sorted.
     """
-    source = _source(dataset, cache or canon_cache_dir(), download)
+    source = _source(dataset, cache or canon_cache_dir(), download, strict, max_pixels)
     if not isinstance(source, Path):
         return source("test") if class_ids is None else _relabel(source("test"), class_ids)
     return open_eval_folder(source, class_ids, strict=strict, max_pixels=max_pixels)
@@ -120,7 +135,15 @@ def open_eval_split(
 
 def open_split(dataset: str, split: str, **options: Any) -> LabeledImages:
     """The training ("train") or evaluation ("val") split alone of a DataConfig.dataset value,
-    labelled by its own classes; `options` are open_train_split's / open_eval_split's."""
+    labelled by its own classes; `options` are open_train_split's / open_eval_split's. Its
+    readers take images by index: a shard folder, which streams, is refused."""
+    root = Path(dataset).expanduser()
+    if is_shard_folder(root):
+        raise ConfigError(
+            f"{dataset}: a shard folder (canon pack), which training and evaluation stream; "
+            f"this command reads images by index: pass the folder it was packed from, "
+            f"{read_index(root).source}"
+        )
     if split == "train":
         return open_train_split(dataset, **options)
     if split == "val":
@@ -129,11 +152,10 @@ def open_split(dataset: str, split: str, **options: Any) -> LabeledImages:
 
 
 def check_dataset_name(dataset: str) -> None:
-    """Before any work: the ImageNet recipes' dataset is the name `imagenet`, which only the
-    user's own folder can stand for (canon cannot download ImageNet)."""
-    if dataset == IMAGENET and not Path(dataset).is_dir():
+    """Before any work: a placeholder dataset name (PLACEHOLDERS) needs --data."""
+    if dataset in PLACEHOLDERS and not Path(dataset).is_dir():
         raise DataError(
-            "this recipe trains on ImageNet: pass --data /path/to/imagenet, a folder holding "
+            f"{PLACEHOLDERS[dataset]}: pass --data /path/to/{dataset}, a folder holding "
             "train/<wnid>/*.JPEG and val/<wnid>/*.JPEG"
         )
 
@@ -149,9 +171,12 @@ def validates_on_test_split(data: DataConfig) -> bool:
     return name == "sample" or name in CIFAR or find_cifar(Path(name).expanduser()) is not None
 
 
-def _source(dataset: str, cache: Path, download: bool) -> Callable[[str], ArrayImages] | Path:
+def _source(
+    dataset: str, cache: Path, download: bool, strict: bool = False,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+) -> Callable[[str], ArrayImages | ShardImages] | Path:
     """A DataConfig.dataset value as a reader of its "train" and "test" splits (the sample,
-    CIFAR) or as the root of an image folder tree."""
+    CIFAR, a shard folder) or as the root of an image folder tree."""
     check_dataset_name(dataset)
     if dataset == "sample":
         return load_sample
@@ -163,25 +188,37 @@ def _source(dataset: str, cache: Path, download: bool) -> Callable[[str], ArrayI
         raise DataError(
             f"dataset {dataset!r} is neither sample, cifar10, cifar100 nor an existing folder; "
             f"a folder must hold the ImageNet layout {root}/train/<class>/*.JPEG and "
-            f"{root}/val/<class>/*.JPEG, or cifar-10-batches-py/ or cifar-100-python/"
+            f"{root}/val/<class>/*.JPEG, or cifar-10-batches-py/ or cifar-100-python/, or be "
+            "a shard folder (canon pack)"
         )
+    if is_shard_folder(root):
+        return partial(_shard_split, root, strict=strict, max_pixels=max_pixels)
     found = find_cifar(root)
     return root if found is None else partial(read_cifar, *found)
 
 
-def _relabel(split: ArrayImages, class_ids: list[str]) -> ArrayImages:
+def _shard_split(root: Path, split: str, *, strict: bool, max_pixels: int) -> ShardImages:
+    """A shard folder's "train" split, shuffled, or its val split ("test"), in pack order."""
+    if split == "train":
+        return ShardImages(root, "train", strict=strict, max_pixels=max_pixels)
+    return ShardImages(root, "val", shuffle=False, strict=strict, max_pixels=max_pixels)
+
+
+def _relabel(split: ArrayImages | ShardImages, class_ids: list[str]) -> ArrayImages | ShardImages:
     """`split` with labels indexing `class_ids` (its classes matched by name)."""
     if split.class_ids == list(class_ids):
         return split
+    if isinstance(split, ShardImages):
+        return split.reading(class_ids=class_ids)
     check_known_classes(split.name, split.class_ids, class_ids)
     index_of = {name: i for i, name in enumerate(class_ids)}
     labels = [index_of[split.class_ids[label]] for label in split.labels]
     return ArrayImages(split.images, labels, list(class_ids), name=split.name)
 
 
-def dataset_fingerprint(dataset: LabeledImages) -> str:
+def dataset_fingerprint(dataset: Images) -> str:
     """A short key that changes when the dataset's content does (for cached statistics)."""
-    if isinstance(dataset, FolderImages):
+    if isinstance(dataset, FolderImages | ShardImages):
         return dataset.fingerprint()
     if isinstance(dataset, ArrayImages):
         digest = hashlib.sha256(np.ascontiguousarray(dataset.images.numpy()))  # no copy

@@ -6,9 +6,11 @@ images reduced to their high byte, and a DataError naming the file for anything 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import struct
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -43,18 +45,25 @@ def decode_image_file(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> t
         raise DataError(f"{path}: cannot read ({error.strerror or error})") from None
     if not data:
         raise DataError(f"{path}: empty file (0 bytes)")
+    return decode_image_bytes(data, path, max_pixels)
+
+
+def decode_image_bytes(data: bytes, name: str | Path, max_pixels: int = MAX_IMAGE_PIXELS
+                       ) -> torch.Tensor:
+    """An image file's bytes decoded as decode_image_file decodes the file (the same checks,
+    decoders and fallbacks); errors name `name` (a file, a shard member)."""
     size = image_size(data)  # PNG, JPEG, WebP: from the bytes (~3 us; PIL's header ~60 us)
     if size is not None:
-        _check_pixels(size, max_pixels, path)
+        _check_pixels(size, max_pixels, name)
         tensor = _decode_with_torchvision(data)
         if tensor is not None:
             return tensor
     # Other formats, headers image_size cannot parse, and files torchvision rejects: PIL reads
     # the header (and checks it again: its decoders read their own) and decodes.
-    with _open_header(data, path) as image:
-        _check_pixels(image.size, max_pixels, path)
+    with _open_header(data, name) as image:
+        _check_pixels(image.size, max_pixels, name)
         tensor = _decode_with_torchvision(data) if size is None else None
-        return tensor if tensor is not None else _decode_with_pil(image, path)
+        return tensor if tensor is not None else _decode_with_pil(image, name)
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -119,7 +128,7 @@ def _webp_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def _open_header(data: bytes, path: Path) -> Image.Image:
+def _open_header(data: bytes, path: str | Path) -> Image.Image:
     try:
         with warnings.catch_warnings():
             # PIL warns of images over half its own limit; max_pixels decides instead.
@@ -129,7 +138,7 @@ def _open_header(data: bytes, path: Path) -> Image.Image:
         raise DataError(f"{path}: {_unreadable_because(error)}") from None
 
 
-def _check_pixels(size: tuple[int, int], max_pixels: int, path: Path) -> None:
+def _check_pixels(size: tuple[int, int], max_pixels: int, path: str | Path) -> None:
     width, height = size
     pixels = width * height
     if max_pixels and pixels > max_pixels:
@@ -146,14 +155,21 @@ def _check_pixels(size: tuple[int, int], max_pixels: int, path: Path) -> None:
         )
 
 
+@contextlib.contextmanager
+def libjpeg_errors() -> Iterator[None]:
+    """Around torchvision's decoders: libjpeg reports corrupt data as a warning and returns a
+    partial image, an error here (UserWarning raised); torchvision 0.29 deprecates its
+    decoders (they still work, and 0.26 must be supported too)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        yield
+
+
 def _decode_with_torchvision(data: bytes) -> torch.Tensor | None:
     """uint8 3 x H x W, or None where torchvision cannot decode the file (PIL may)."""
     try:
-        with warnings.catch_warnings():
-            # libjpeg reports corrupt data as a warning and returns a partial image; torchvision
-            # 0.29 deprecates its decoders (they still work; 0.26 must be supported too).
-            warnings.simplefilter("error", UserWarning)
-            warnings.simplefilter("ignore", DeprecationWarning)
+        with libjpeg_errors():
             tensor = decode_image(
                 torch.frombuffer(bytearray(data), dtype=torch.uint8),
                 mode=ImageReadMode.RGB,
@@ -166,7 +182,7 @@ def _decode_with_torchvision(data: bytes) -> torch.Tensor | None:
     return _high_byte(tensor) if tensor.dtype == torch.uint16 else tensor
 
 
-def _decode_with_pil(image: Image.Image, path: Path) -> torch.Tensor:
+def _decode_with_pil(image: Image.Image, path: str | Path) -> torch.Tensor:
     try:
         image.load()  # raises on truncated data (LOAD_TRUNCATED_IMAGES stays False)
         if image.mode.startswith("I"):  # 16-bit greyscale (I;16 TIFF, I PGM): convert clips

@@ -9,12 +9,13 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from canon.data.config import MAX_IMAGE_PIXELS
-from canon.data.decoding import decode_image_file
+from canon.data.decoding import decode_image_bytes, decode_image_file
 from canon.data.labeled import LabeledImages, Transform
 from canon.errors import DataError
 
@@ -163,8 +164,17 @@ class FolderImages(LabeledImages):
 
     def load_image(self, index: int) -> torch.Tensor | None:
         path = self.paths[index]
+        return self._decoded(path, lambda: decode_image_file(path, self.max_pixels))
+
+    def image_from_bytes(self, index: int, data: bytes) -> torch.Tensor | None:
+        """load_image, from the bytes of image `index`'s file read already."""
+        path = self.paths[index]
+        return self._decoded(path, lambda: decode_image_bytes(data, path, self.max_pixels))
+
+    def _decoded(self, path: Path, decode: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+        """decode(), or None for a bad file (reported once), or a DataError when strict."""
         try:
-            return decode_image_file(path, self.max_pixels)
+            return decode()
         except DataError as error:
             if self.strict:
                 message = f"{error} (strict mode: remove it, or run without strict)"

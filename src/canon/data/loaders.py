@@ -5,7 +5,8 @@ as the validation set with data.val_split), computes (or reads the cached) train
 statistics the preprocessing needs, and attaches the paper's training transform to the
 training set and the centre-crop test transform to the validation set. `build_loader` wraps
 a dataset in a DataLoader whose shuffling depends only on `seed` and the epoch
-(`loader.sampler.set_epoch`), so a resumed run sees the same order as an uninterrupted one.
+(`loader.sampler.set_epoch`), so a resumed run sees the same order as an uninterrupted one;
+a stream (a shard folder's ShardImages) orders itself the same way (`dataset.set_epoch`).
 """
 
 from __future__ import annotations
@@ -15,21 +16,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from torch.utils.data.dataloader import default_collate
 
 from canon.data.config import DataConfig
-from canon.data.datasets import canon_cache_dir, open_dataset, open_train_split
+from canon.data.datasets import Images, canon_cache_dir, open_dataset, open_train_split
 from canon.data.holdout import hold_out
 from canon.data.labeled import LabeledImages
 from canon.data.preprocess import EvalPreprocess, center_transform, eval_preprocess
 from canon.data.sampling import ShuffleSampler
+from canon.data.shard_index import read_index
+from canon.data.shards import ShardImages
 from canon.data.stats import DatasetStats, load_or_compute_stats, mean_image_fit, needs_stats
 from canon.data.transforms import training_transform
+from canon.errors import ConfigError
 
 
 def dataset_stats(
-    config: DataConfig, train: LabeledImages, *, root_cache: Path | None = None,
+    config: DataConfig, train: Images, *, root_cache: Path | None = None,
     workers: int = 0, progress: bool = True,
 ) -> DatasetStats | None:
     """The training set's statistics when the configured preprocessing needs them."""
@@ -62,11 +66,13 @@ def build_datasets(
     """Train and validation sets with the paper's training and centre-crop test transforms.
 
     Items are (float tensor 3 x crop_size x crop_size, int label); both have `.classes`.
+    A shard folder's sets are ShardImages streams, which the trainer deals out to its ranks.
     The validation set is the dataset's test/val split or, with data.val_split, that many
     training images held out (canon.data.holdout; the other split is then not read, and the
-    statistics are of the rest). `root_cache` (default $CANON_CACHE or ~/.cache/canon) holds
-    downloads and statistics; `workers` decoding processes compute the statistics of an image
-    folder when they are not cached yet (pass the run's train.workers).
+    statistics are of the rest; not for a shard folder, whose val shards are its validation
+    set). `root_cache` (default $CANON_CACHE or ~/.cache/canon) holds downloads and
+    statistics; `workers` decoding processes compute the statistics of an image folder or
+    shard folder when they are not cached yet (pass the run's train.workers).
     """
     cache = root_cache or canon_cache_dir()
     options = {"cache": cache, "strict": strict, "download": config.download,
@@ -100,8 +106,15 @@ def trained_preprocess(
     return eval_preprocess(config, dataset_stats(config, train, root_cache=cache))
 
 
-def _held_out(train: LabeledImages, config: DataConfig) -> tuple[LabeledImages, LabeledImages]:
+def _held_out(train: Images, config: DataConfig) -> tuple[LabeledImages, LabeledImages]:
     """(the images trained on, the validation set) of a training split, data.val_split."""
+    if isinstance(train, ShardImages):  # it streams whole shards, takes no image by index
+        raise ConfigError(
+            f"data.val_split {config.val_split}: a shard folder (canon pack) cannot hold "
+            f"images out of its training split; it validates on its val shards (set "
+            f"data.val_split=0), or train from the folder it was packed from, "
+            f"{read_index(train.root).source}"
+        )
     return hold_out(train, config.val_split, config.val_split_seed)
 
 
@@ -124,14 +137,17 @@ def build_loader(
     seed: int = 0,
     drop_last: bool | None = None,
     collate_fn: Callable[[list], object] = collate,
+    pin_memory: bool | None = None,
 ) -> DataLoader:
-    """A DataLoader: shuffled (ShuffleSampler from `seed`) when training, in order otherwise;
-    `sampler` (e.g. a DistributedSampler) replaces either. Worker random streams (the
-    augmentation) also derive from `seed`; with workers=0 the augmentation draws from torch's
-    global generator (seed it with torch.manual_seed). drop_last defaults to `train`.
-    `collate_fn` is views.collate_views for multi-view test protocols."""
-    if sampler is None:
-        sampler = ShuffleSampler(dataset, seed) if train else None
+    """A DataLoader: shuffled (ShuffleSampler from `seed`) when training, in order otherwise
+    (a stream, an IterableDataset, orders itself); `sampler` (e.g. a DistributedSampler)
+    replaces either. Worker random streams (the augmentation) also derive from `seed`; with
+    workers=0 the augmentation draws from torch's global generator (seed it with
+    torch.manual_seed). drop_last defaults to `train`.
+    `collate_fn` is views.collate_views for multi-view test protocols. Batches are pinned
+    for faster copies when CUDA is present, unless `pin_memory` says otherwise."""
+    if sampler is None and train and not isinstance(dataset, IterableDataset):
+        sampler = ShuffleSampler(dataset, seed)
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
         dataset,
@@ -140,7 +156,7 @@ def build_loader(
         num_workers=workers,
         collate_fn=collate_fn,
         drop_last=train if drop_last is None else drop_last,
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         persistent_workers=workers > 0,
         generator=generator,
     )

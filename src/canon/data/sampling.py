@@ -5,6 +5,7 @@ exactly once."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import torch
@@ -64,6 +65,22 @@ def eval_shard(dataset_size: int, rank: int, world_size: int) -> Sampler | None:
     return ShardSampler(dataset_size, rank, world_size)
 
 
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of sample `index`'s augmentation in `epoch` of a run seeded `seed`."""
+    return ((seed * 1_000_003 + epoch) * 2_147_483_647 + index) % 2**63
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """torch's global CPU generator seeded with `seed` inside, restored after (the
+    transforms draw from it)."""
+    with torch.random.fork_rng(devices=[]):
+        # The CPU generator alone: torch.manual_seed also queues the seeding of every CUDA
+        # device, recording a Python stack each time (about 100 us against 1 us).
+        torch.default_generator.manual_seed(seed)
+        yield
+
+
 class SeededSamples(Dataset):
     """Index `epoch * n + i` -> sample i, augmented under a seed fixed by (seed, epoch, i).
 
@@ -81,11 +98,7 @@ class SeededSamples(Dataset):
 
     def __getitem__(self, key: int):
         epoch, index = divmod(key, self.size)
-        sample_seed = ((self.seed * 1_000_003 + epoch) * 2_147_483_647 + index) % 2**63
-        with torch.random.fork_rng(devices=[]):
-            # The CPU generator alone: torch.manual_seed also queues the seeding of every CUDA
-            # device, recording a Python stack each time (about 100 us against 1 us).
-            torch.default_generator.manual_seed(sample_seed)
+        with seeded(sample_seed(self.seed, epoch, index)):
             return self.dataset[index]
 
 
@@ -100,3 +113,18 @@ class EpochKeys(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.keys)
+
+
+class SeededOrder:
+    """What a map-style training loader reads each epoch: `keys`, its sampler, set by
+    `set_epoch(epoch, start)` to the SeededSamples keys of this rank's part of the epoch's
+    permutation (epoch_order) from its sample `start` on (those before it a resumed run has
+    taken), as canon.data.shards.ShardImages.set_epoch does for a stream."""
+
+    def __init__(self, dataset_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        self.size, self.keys = dataset_size, EpochKeys()
+        self.order = epoch_order(dataset_size, seed, rank, world_size)
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.order.set_epoch(epoch)
+        self.keys.keys = [epoch * self.size + i for i in list(self.order)[start:]]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -17,9 +18,10 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from canon.data.config import DataConfig
-from canon.data.datasets import canon_cache_dir, dataset_fingerprint, open_dataset
+from canon.data.datasets import Images, canon_cache_dir, dataset_fingerprint, open_dataset
 from canon.data.geometry import fit_image
 from canon.data.labeled import ArrayImages, LabeledImages
+from canon.data.shards import ShardImages
 from canon.errors import DataError
 from canon.files import atomic_write
 
@@ -106,8 +108,13 @@ def _stack_decoded(items: list[torch.Tensor | None]) -> tuple[torch.Tensor | Non
     return (torch.stack(good) if good else None), len(items) - len(good)
 
 
+def _stack_items(items: list[tuple[torch.Tensor, int] | None]) -> tuple[torch.Tensor | None, int]:
+    """_stack_decoded of (image, label) items."""
+    return _stack_decoded([None if item is None else item[0] for item in items])
+
+
 def compute_stats(
-    dataset: LabeledImages,
+    dataset: Images,
     size: int,
     *,
     fit: str = "squash",
@@ -123,6 +130,13 @@ def compute_stats(
             (fit_image(dataset.images[start : start + batch_size], size, fit, "bilinear"), 0)
             for start in range(0, len(dataset), batch_size)
         )
+    elif isinstance(dataset, ShardImages):  # a stream: every image once, in pack order
+        dataset = dataset.reading(
+            transform=partial(fit_image, size=size, fit=fit, interpolation="bilinear"),
+            shuffle=False, rank=0, world_size=1, batch_size=batch_size, workers=workers,
+        )
+        loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                            collate_fn=_stack_items)
     else:
         loader = DataLoader(
             _Fitted(dataset, size, fit),
@@ -174,7 +188,7 @@ def needs_stats(config: DataConfig) -> bool:
 
 
 def stats_cache_path(
-    dataset: LabeledImages, size: int, cache: Path | None = None, fit: str = "squash"
+    dataset: Images, size: int, cache: Path | None = None, fit: str = "squash"
 ) -> Path:
     """Keyed by the dataset's fingerprint, the size and, unless squashed, the fit."""
     folder = (cache or canon_cache_dir()) / "stats"
@@ -183,7 +197,7 @@ def stats_cache_path(
 
 
 def load_or_compute_stats(
-    dataset: LabeledImages,
+    dataset: Images,
     size: int,
     *,
     fit: str = "squash",
@@ -200,7 +214,7 @@ def load_or_compute_stats(
 
 
 def _load_or_compute(
-    path: Path, dataset: LabeledImages, size: int, fit: str, workers: int, progress: bool,
+    path: Path, dataset: Images, size: int, fit: str, workers: int, progress: bool,
     refresh: bool,
 ) -> DatasetStats:
     if path.is_file() and not refresh:

@@ -60,11 +60,14 @@ class RescaleShorter:
     def __init__(self, low: int, high: int | None = None, interpolation: str = "bilinear") -> None:
         self.low, self.high, self.interpolation = low, high or low, interpolation
 
+    def shorter_side(self, generator: torch.Generator | None = None) -> int:
+        """This image's S, drawn from `generator` (default: torch's global one)."""
+        if self.high == self.low:
+            return self.low
+        return int(torch.randint(self.low, self.high + 1, (), generator=generator))
+
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        size = self.low
-        if self.high > self.low:
-            size = int(torch.randint(self.low, self.high + 1, ()).item())
-        height, width = shorter_side_size(*image.shape[-2:], size)
+        height, width = shorter_side_size(*image.shape[-2:], self.shorter_side())
         return resize_image(image, height, width, self.interpolation)
 
     def __repr__(self) -> str:
@@ -78,11 +81,15 @@ class RandomCrop:
     def __init__(self, size: int, padding: int = 0) -> None:
         self.size, self.padding = size, padding
 
-    def box(self, height: int, width: int) -> tuple[int, int]:
-        """(top, left) in the unpadded image's coordinates, so from -padding on."""
+    def box(self, height: int, width: int, generator: torch.Generator | None = None
+            ) -> tuple[int, int]:
+        """(top, left) in the unpadded image's coordinates, so from -padding on, drawn from
+        `generator` (default: torch's global one)."""
         check_crop(height + 2 * self.padding, width + 2 * self.padding, self.size)
-        top = int(torch.randint(0, height + 2 * self.padding - self.size + 1, ()).item())
-        left = int(torch.randint(0, width + 2 * self.padding - self.size + 1, ()).item())
+        top = int(torch.randint(0, height + 2 * self.padding - self.size + 1, (),
+                                generator=generator))
+        left = int(torch.randint(0, width + 2 * self.padding - self.size + 1, (),
+                                 generator=generator))
         return top - self.padding, left - self.padding
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
@@ -147,17 +154,21 @@ class RandomAreaCrop:
             return self.interpolations[0]
         return self.interpolations[int(torch.randint(0, len(self.interpolations), ()).item())]
 
-    def box(self, height: int, width: int) -> tuple[int, int, int, int]:
-        """(top, left, crop height, crop width)."""
+    def box(self, height: int, width: int, generator: torch.Generator | None = None
+            ) -> tuple[int, int, int, int]:
+        """(top, left, crop height, crop width), drawn from `generator` (default: torch's
+        global one)."""
         log_low, log_high = (math.log(r) for r in self.aspect_range)
         for _ in range(10):
-            area = height * width * float(torch.empty(()).uniform_(*self.area_range))
-            ratio = math.exp(float(torch.empty(()).uniform_(log_low, log_high)))
+            area = height * width * float(
+                torch.empty(()).uniform_(*self.area_range, generator=generator))
+            ratio = math.exp(float(torch.empty(()).uniform_(log_low, log_high,
+                                                            generator=generator)))
             crop_w = round(math.sqrt(area * ratio))
             crop_h = round(math.sqrt(area / ratio))
             if 0 < crop_w <= width and 0 < crop_h <= height:
-                top = int(torch.randint(0, height - crop_h + 1, ()).item())
-                left = int(torch.randint(0, width - crop_w + 1, ()).item())
+                top = int(torch.randint(0, height - crop_h + 1, (), generator=generator))
+                left = int(torch.randint(0, width - crop_w + 1, (), generator=generator))
                 return top, left, crop_h, crop_w
         ratio = min(max(width / height, self.aspect_range[0]), self.aspect_range[1])
         crop_w = min(width, round(height * ratio))
@@ -186,10 +197,14 @@ class FancyPCA:
     def __init__(self, eigvec: torch.Tensor, eigval: torch.Tensor, alpha_std: float) -> None:
         self.eigvec, self.eigval, self.alpha_std = eigvec.float(), eigval.float(), alpha_std
 
-    def noise(self) -> torch.Tensor:
-        """The RGB shift for one image (3,)."""
-        alpha = torch.randn(3) * self.alpha_std
-        return self.eigvec @ (alpha * self.eigval)
+    def noise(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The RGB shift for one image (3,), drawn from `generator` (default: torch's global
+        one)."""
+        return self.shift(torch.randn(3, generator=generator) * self.alpha_std)
+
+    def shift(self, alpha: torch.Tensor) -> torch.Tensor:
+        """The RGB shifts (..., 3) of alpha (..., 3) ~ N(0, alpha_std^2)."""
+        return (alpha * self.eigval.to(alpha.device)) @ self.eigvec.to(alpha.device).T
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         return image + self.noise().view(3, 1, 1)

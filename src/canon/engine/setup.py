@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,12 +16,16 @@ import torch
 import torch.nn as nn
 import yaml
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
 import canon
+from canon.data.batched import BatchedCrop, DeviceBatches, held_images
 from canon.data.datasets import check_dataset_name, validates_on_test_split
+from canon.data.device_jpeg import DeviceCrops, DeviceDecodedBatches, FileBytes, collate_files
+from canon.data.folders import FolderImages
 from canon.data.loaders import Datasets, build_datasets, build_loader
-from canon.data.sampling import EpochKeys, SeededSamples, epoch_order, eval_shard
+from canon.data.sampling import SeededOrder, SeededSamples, eval_shard
+from canon.data.shards import ShardImages
 from canon.engine import checkpoint as ckpt
 from canon.engine import distributed as dist
 from canon.engine.initialize import InitReport, initialize_from
@@ -84,9 +89,16 @@ def make_optimizer(
         peak_lr = linear_scaled_lr(config.lr, global_batch_size, config.base_batch_size)
     optimizer = torch.optim.SGD(
         parameter_groups(model, config), lr=peak_lr, momentum=config.momentum,
-        nesterov=config.nesterov, weight_decay=config.weight_decay,
+        nesterov=config.nesterov, weight_decay=config.weight_decay, fused=fused_sgd(model),
     )
     return optimizer, peak_lr
+
+
+def fused_sgd(model: nn.Module) -> bool | None:
+    """SGD's `fused` for `model`: on GPUs, one fused kernel for the whole update instead of a
+    few per tensor, which keeps small nets (the CIFAR ResNets) from being bound by kernel
+    launches; None (torch's default) elsewhere."""
+    return all(parameter.is_cuda for parameter in model.parameters()) or None
 
 
 def make_average(model: nn.Module, config: TrainSection) -> AveragedModel | None:
@@ -121,8 +133,9 @@ class Run:
     class_ids: list[str]  # the dataset's own labels (folder names, e.g. wnids)
     num_classes: int
     normalization: dict[str, torch.Tensor | None] | None
-    order_sampler: Sampler  # this rank's sample order (canon.data.sampling.epoch_order)
-    train_keys: EpochKeys
+    # What the training loader reads, set before each epoch by set_epoch(epoch, start): the
+    # keys of this rank's sample order, or a shard folder's stream itself.
+    train_order: SeededOrder | ShardImages
     train_loader: Any
     val_loader: Any
     model: nn.Module  # the plain model, whose state dict the checkpoints hold
@@ -162,7 +175,8 @@ def set_up(
 ) -> Run:
     config = recipe.train
     sets = datasets or _build_datasets(recipe, ctx)
-    train_set, val_set, preprocess = sets.train, sets.val, sets.preprocess
+    train_set, val_set = (_for_this_rank(s, config, ctx) for s in (sets.train, sets.val))
+    preprocess = sets.preprocess
     classes = [str(c) for c in getattr(train_set, "classes", [])]
     class_ids = [str(c) for c in getattr(train_set, "class_ids", classes)]
     num_classes = recipe.model.num_classes or len(classes)
@@ -176,10 +190,13 @@ def set_up(
     normalization = {
         "mean": preprocess.normalize.mean, "std": preprocess.normalize.std,
     } if preprocess is not None else None
-    steps_per_epoch = len(train_set) // (config.batch_size * ctx.world_size) // config.accum_steps
+    # This rank's samples per epoch: a stream's length is its share already.
+    rank_samples = (len(train_set) if isinstance(train_set, ShardImages)
+                    else len(train_set) // ctx.world_size)
+    steps_per_epoch = rank_samples // config.batch_size // config.accum_steps
     if steps_per_epoch == 0:
         raise ConfigError(
-            f"{len(train_set)} training images make no full step of batch {config.batch_size} "
+            f"{len(sets.train)} training images make no full step of batch {config.batch_size} "
             f"x accum {config.accum_steps} x {ctx.world_size} device(s); lower --batch-size"
         )
     global_batch_size = config.batch_size * config.accum_steps * ctx.world_size
@@ -190,7 +207,7 @@ def set_up(
     if iterations is not None:
         total_steps = min(total_steps, iterations)
 
-    train_keys, train_loader, val_loader = _loaders(train_set, val_set, config, ctx)
+    train_order, train_loader, val_loader = _loaders(train_set, val_set, config, ctx)
     model, init_report = _placed_model(
         recipe, model, num_classes, class_ids, ctx, fresh=state is None
     )
@@ -201,10 +218,9 @@ def set_up(
     if config.compile:
         train_module = torch.compile(train_module)
     run = Run(
-        recipe=recipe, ctx=ctx, run_dir=run_dir, train_size=len(train_set), classes=classes,
+        recipe=recipe, ctx=ctx, run_dir=run_dir, train_size=len(sets.train), classes=classes,
         class_ids=class_ids, num_classes=num_classes, normalization=normalization,
-        order_sampler=epoch_order(len(train_set), config.seed, ctx.rank, ctx.world_size),
-        train_keys=train_keys, train_loader=train_loader, val_loader=val_loader, model=model,
+        train_order=train_order, train_loader=train_loader, val_loader=val_loader, model=model,
         train_module=train_module, average=make_average(model, config), optimizer=optimizer,
         schedule=LearningRateSchedule(
             optimizer, schedule_config, peak_lr=peak_lr, base_lr=recipe.optimizer.lr,
@@ -213,7 +229,7 @@ def set_up(
         precision=Precision(config.amp, ctx.device),
         criterion=nn.CrossEntropyLoss(label_smoothing=config.label_smoothing),
         steps_per_epoch=steps_per_epoch, total_steps=total_steps, commit=ckpt.git_commit(),
-        val_size=len(val_set), iterations=iterations,
+        val_size=len(sets.val), iterations=iterations,
         validates_on_test_set=validates_on_test_split(recipe.data), init_report=init_report,
     )
     if state is not None:
@@ -296,20 +312,71 @@ def loader_workers(config: TrainSection) -> int:
 
 def _loaders(
     train_set: Dataset, val_set: Dataset, config: TrainSection, ctx: dist.DistributedContext
-) -> tuple[EpochKeys, Any, Any]:
-    """The training loader reads the keys set before each epoch (augmentation seeded per
-    sample by SeededSamples); the validation loader reads this rank's shard."""
-    train_keys, workers = EpochKeys(), loader_workers(config)
-    train_loader = build_loader(
-        SeededSamples(train_set, config.seed), config.batch_size, train=True,
-        workers=workers, sampler=train_keys, seed=config.seed, drop_last=True,
-    )
-    train_loader.worker_init_fn = leave_signals_to_main(train_loader.worker_init_fn)
-    val_loader = build_loader(
-        val_set, config.batch_size, train=False, workers=workers,
-        sampler=eval_shard(len(val_set), ctx.rank, ctx.world_size),
-    )
-    return train_keys, train_loader, val_loader
+) -> tuple[SeededOrder | ShardImages, Any, Any]:
+    """(train_order, the training loader, the validation loader). The training loader reads
+    what train_order sets before each epoch: a shard folder's stream (canon.data.shards),
+    which orders, seeds and shares itself out, or the keys of a SeededOrder: an in-memory set
+    whose augmentation has a batched form goes to the device whole (canon.data.batched); with
+    train.decode_on_device an image folder's files are decoded and augmented a batch at a
+    time on the device (canon.data.device_jpeg); any other set is augmented per sample in
+    loader processes, seeded by SeededSamples. The validation loader reads this rank's
+    shard (a stream's: its shards)."""
+    workers = loader_workers(config)
+    if isinstance(train_set, ShardImages):
+        train_order, samples, train_keys = train_set, train_set, None
+    else:
+        train_order = SeededOrder(len(train_set), config.seed, ctx.rank, ctx.world_size)
+        samples, train_keys = SeededSamples(train_set, config.seed), train_order.keys
+    images = held_images(train_set) if config.data_on_device else None
+    augment = None if images is None else BatchedCrop.of(train_set.transform,
+                                                         *images.shape[-2:])
+    decoded = _device_decoding(train_set, config)
+    if augment is not None:
+        train_loader: Any = DeviceBatches(images, train_set.labels, train_keys, augment,
+                                          config.batch_size, config.seed, ctx.device)
+    elif decoded is not None:
+        files = build_loader(FileBytes(train_set), config.batch_size, train=True,
+                             workers=workers, sampler=train_keys, seed=config.seed,
+                             drop_last=True, collate_fn=collate_files,
+                             pin_memory=False)  # decode_jpeg reads its input on the CPU
+        files.worker_init_fn = leave_signals_to_main(files.worker_init_fn)
+        train_loader = DeviceDecodedBatches(files, train_set, decoded, config.seed, ctx.device)
+    else:
+        train_loader = build_loader(
+            samples, config.batch_size, train=True, workers=workers, sampler=train_keys,
+            seed=config.seed, drop_last=True,
+        )
+        train_loader.worker_init_fn = leave_signals_to_main(train_loader.worker_init_fn)
+    shard = None if isinstance(val_set, ShardImages) else eval_shard(len(val_set), ctx.rank,
+                                                                      ctx.world_size)
+    val_loader = build_loader(val_set, config.batch_size, train=False, workers=workers,
+                              sampler=shard)
+    return train_order, train_loader, val_loader
+
+
+def _device_decoding(train_set: Dataset, config: TrainSection) -> DeviceCrops | None:
+    """train.decode_on_device's pipeline for `train_set`, or None (with a warning saying why
+    when it was asked for)."""
+    if not config.decode_on_device:
+        return None
+    crops = DeviceCrops.of(train_set.transform) if isinstance(train_set, FolderImages) else None
+    if crops is None:
+        warnings.warn(
+            "train.decode_on_device: decoding per image in loader processes instead, since "
+            "only a whole image folder (no data.val_split, no shards) with a random-area or "
+            "scale-jittered crop, a channel mean and bilinear resizing has an on-device form",
+            stacklevel=2)
+    return crops
+
+
+def _for_this_rank(dataset: Dataset, config: TrainSection, ctx: dist.DistributedContext) -> Dataset:
+    """A shard folder's split as this rank's loader reads it (ShardImages deals each rank its
+    shards, in whole batches of its loader's workers); any other set as it is (samplers share
+    it out)."""
+    if not isinstance(dataset, ShardImages):
+        return dataset
+    return dataset.reading(seed=config.seed, rank=ctx.rank, world_size=ctx.world_size,
+                           batch_size=config.batch_size, workers=loader_workers(config))
 
 
 def _build_datasets(recipe: Recipe, ctx: dist.DistributedContext) -> Datasets:
@@ -402,6 +469,8 @@ def _restore(run: Run, state: dict[str, Any]) -> None:
     ctx = run.ctx
     run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
+    for group in run.optimizer.param_groups:  # the state's own came from its device
+        group["fused"] = fused_sgd(run.model)
     run.schedule.load_state_dict(state["schedule"])
     run.precision.load_state_dict(state["scaler"])
     if run.average is not None and state["ema"] is not None:  # None: not started (Polyak)

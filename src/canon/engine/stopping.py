@@ -63,6 +63,7 @@ def leave_signals_to_main(worker_init: Callable | None) -> Callable[[int], None]
 def shut_down_workers(loader: Any) -> None:
     """End a loader's persistent worker processes now. They ignore SIGTERM, which is how
     multiprocessing ends leftover workers when the interpreter exits (it would wait forever)."""
+    loader = getattr(loader, "loader", loader)  # on-device decoding wraps its DataLoader
     iterator = getattr(loader, "_iterator", None)  # where DataLoader keeps persistent workers
     if iterator is not None and hasattr(iterator, "_shutdown_workers"):
         iterator._shutdown_workers()

@@ -215,10 +215,8 @@ def _train_epoch(
 ) -> float:
     """Train until the epoch (or the iteration limit) ends; returns its training seconds."""
     config, ctx = run.recipe.train, run.ctx
-    run.order_sampler.set_epoch(run.epoch)
-    order = list(run.order_sampler)
-    seen = run.step_in_epoch * config.accum_steps * config.batch_size
-    run.train_keys.keys = [run.epoch * run.train_size + i for i in order[seen:]]
+    seen = run.step_in_epoch * config.accum_steps * config.batch_size  # a resumed epoch's
+    run.train_order.set_epoch(run.epoch, seen)
     epoch_steps = min(run.steps_per_epoch, run.step_in_epoch + run.total_steps - run.step)
     run.epoch_started, pending_losses = time.perf_counter(), []
     batches = iter(run.train_loader)

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset, Sampler
 from tqdm import tqdm
 
 from canon.data.config import MAX_IMAGE_PIXELS, DataConfig
-from canon.data.datasets import canon_cache_dir, open_eval_split
+from canon.data.datasets import Images, canon_cache_dir, open_eval_split
 from canon.data.labeled import LabeledImages
 from canon.data.loaders import build_loader, collate, trained_preprocess
 from canon.data.preprocess import EvalPreprocess, eval_preprocess
@@ -52,7 +52,7 @@ def preprocess_for(model: nn.Module, augmentation: str = "none") -> EvalPreproce
 def _validation_images(
     data: str | Path, data_config: DataConfig | None, preprocess: EvalPreprocess | None,
     model: nn.Module, root_cache: Path | None, strict: bool, class_ids: list[str] | None,
-) -> tuple[LabeledImages, EvalPreprocess]:
+) -> tuple[Images, EvalPreprocess]:
     options = {
         "cache": root_cache or canon_cache_dir(),
         "strict": strict,
@@ -120,7 +120,7 @@ def evaluate(
             f"protocol {parsed.name!r} needs raw images: pass the data folder or a dataset "
             "from canon.data.build_datasets, not a dataset of ready tensors"
         )
-    views = isinstance(dataset, LabeledImages) and isinstance(dataset.transform, ProtocolViews)
+    views = isinstance(getattr(dataset, "transform", None), ProtocolViews)
     model.to(device)
     loader = build_loader(
         dataset, batch_size, train=False, workers=workers, sampler=sampler,

@@ -209,6 +209,16 @@ class TrainSection:
     # Data loader processes per device; None: this machine's cores shared among its training
     # processes, at most 8 (canon.engine.setup.loader_workers).
     workers: int | None = None
+    # An in-memory training set (CIFAR, the sample) whose augmentation has a batched form is
+    # held on the training device and augmented a batch at a time there (canon.data.batched);
+    # false: per-image transforms in `workers` loader processes.
+    data_on_device: bool = True
+    # An image folder's JPEGs are decoded and augmented a batch at a time on the training
+    # device (nvJPEG on a GPU; canon.data.device_jpeg), the loader processes only reading
+    # bytes. For GPUs: on a CPU it moves the work into the main process. Pipelines without an
+    # on-device form (AlexNet's, a mean image, GoogLeNet's photometric distortions) stay on
+    # the CPU.
+    decode_on_device: bool = False
     keep_checkpoints: int = 2  # epoch checkpoints kept besides best.pt
     # Epochs whose checkpoints are kept for good, beyond keep_checkpoints (canon visualize
     # evolution shows features at them, as Zeiler & Fergus's Fig. 4 at epochs 1, 2, 5, 10, ...).

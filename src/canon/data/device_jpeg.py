@@ -1,0 +1,259 @@
+"""ImageNet-style JPEG training with the decoding and the augmentation on the training device:
+loader processes only read file bytes; the main process decodes a whole batch at once
+(torchvision.io.decode_jpeg: nvJPEG on a GPU, libjpeg-turbo on the CPU) and crops, resizes,
+reflects, colour-shifts and normalises it with tensor ops there. On a GPU that takes the
+work that bounds ImageNet training off the host's cores; on a CPU it only moves it into the
+main process, so it is off unless train.decode_on_device asks for it.
+
+The crops are the papers' (GoogLeNet s6's random area and aspect ratio, or VGG s3.1 / ResNet
+s3.4's random shorter side and a fixed-size crop), drawn by the per-image pipeline's own code
+(canon.data.transforms) from the seed the per-image pipeline gives the sample, in its order: the
+same boxes, colour shifts and reflections as the CPU path, whatever batch a sample falls in.
+Each crop is cut and resized in one step by roi_align (bilinear, averaging several samples per
+output pixel when it shrinks) where the CPU path resizes with antialiasing, so pixels differ
+slightly while the statistics agree (tests/test_data_device_jpeg.py); nvJPEG's inverse DCT and
+chroma upsampling differ from libjpeg-turbo's by a grey level here and there too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.ops import roi_align
+
+from canon.data.decoding import image_size, libjpeg_errors
+from canon.data.folders import FolderImages
+from canon.data.geometry import shorter_side_size
+from canon.data.normalize import Normalize, ToFloat
+from canon.data.sampling import sample_seed
+from canon.data.transforms import (
+    Compose,
+    CropFirst,
+    FancyPCA,
+    RandomAreaCrop,
+    RandomCrop,
+    RandomFlip,
+    RescaleShorter,
+)
+
+Box = tuple[float, float, float, float]  # top, left, height, width in the image's pixels
+
+
+@dataclass(frozen=True)
+class Draws:
+    """One image's random choices: its crop box, colour shift alpha (None: no shift) and
+    reflection."""
+
+    box: Box
+    alpha: torch.Tensor | None
+    flip: bool
+
+
+# An h x w image's draws from its own generator.
+DrawFor = Callable[[int, int, torch.Generator], Draws]
+
+
+class FileBytes(Dataset):
+    """Key `epoch * n + i` -> (key, the raw bytes of image i's file, its label): all a loader
+    process does for on-device decoding."""
+
+    def __init__(self, folder: FolderImages) -> None:
+        self.folder = folder
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, key: int) -> tuple[int, torch.Tensor, int]:
+        index = key % len(self.folder)
+        data = Path(self.folder.paths[index]).read_bytes()
+        return key, torch.frombuffer(bytearray(data), dtype=torch.uint8), self.folder.labels[index]
+
+
+def collate_files(items: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(keys, the files' bytes end to end, their lengths, labels) of a batch: one tensor of
+    bytes crosses from a loader process, not one per file (each would hold a descriptor)."""
+    keys, files, labels = zip(*items, strict=True)
+    return (torch.tensor(keys), torch.cat(files), torch.tensor([len(f) for f in files]),
+            torch.tensor(labels))
+
+
+def decode_batch(files: list[torch.Tensor], keys: torch.Tensor, folder: FolderImages,
+                 device: torch.device) -> list[torch.Tensor | None]:
+    """The batch's images, uint8 RGB 3 x H x W on `device`. Plain JPEGs are decoded together
+    (decode_jpeg); canon's own decoder, on the CPU, takes the others and applies the folder's
+    checks as the per-image pipeline does: other formats (a PNG named .JPEG), EXIF orientation
+    (which nvJPEG ignores), images over data.max_image_pixels, CMYK and corrupt JPEGs. None
+    for a file it cannot read (FolderImages warns and the run counts it as skipped; with
+    strict data it stops the run, naming the file)."""
+    count, images = len(folder), [None] * len(files)
+    plain = [i for i, data in enumerate(files) if _plain_jpeg(data, folder.max_pixels)]
+    if plain:
+        with libjpeg_errors():
+            try:
+                decoded = decode_jpeg([files[i] for i in plain], mode=ImageReadMode.RGB,
+                                      device=device)
+                for i, image in zip(plain, decoded, strict=True):
+                    images[i] = image
+            except (RuntimeError, UserWarning):  # one bad file fails the call: all go one by one
+                pass
+    for i, image in enumerate(images):
+        if image is None:
+            fallback = folder.image_from_bytes(int(keys[i]) % count, files[i].numpy().tobytes())
+            images[i] = None if fallback is None else fallback.to(device)
+    return images
+
+
+def _plain_jpeg(data: torch.Tensor, max_pixels: int) -> bool:
+    """A baseline or progressive JPEG without EXIF data, within max_pixels (0: no limit)."""
+    head = data[:65_536].numpy().tobytes()  # the APP1 (EXIF) segment comes first and is < 64 KB
+    size = image_size(head)
+    return (head[:2] == b"\xff\xd8" and size is not None and b"Exif\x00\x00" not in head
+            and (not max_pixels or size[0] * size[1] <= max_pixels))
+
+
+def _flip(flip: bool, generator: torch.Generator) -> bool:
+    """RandomFlip's draw."""
+    return flip and bool(torch.rand((), generator=generator) < 0.5)
+
+
+def _alpha(fancy_pca: FancyPCA | None, generator: torch.Generator) -> torch.Tensor | None:
+    """FancyPCA.noise's draw."""
+    if fancy_pca is None:
+        return None
+    return torch.randn(3, generator=generator) * fancy_pca.alpha_std
+
+
+def area_draws(crop: RandomAreaCrop, fancy_pca: FancyPCA | None, flip: bool) -> DrawFor:
+    """GoogLeNet s6's pipeline (RandomAreaCrop, colour shift, reflection), in its order."""
+
+    def draw(height: int, width: int, generator: torch.Generator) -> Draws:
+        box = tuple(float(value) for value in crop.box(height, width, generator))
+        return Draws(box, _alpha(fancy_pca, generator), _flip(flip, generator))
+
+    return draw
+
+
+def scale_draws(rescale: RescaleShorter, crop: RandomCrop, fancy_pca: FancyPCA | None,
+                flip: bool) -> DrawFor:
+    """VGG s3.1 / ResNet s3.4 (CropFirst: shorter side S, colour shift, a crop x crop window
+    of the rescaled image, reflection), in its order; the window as a box of the original."""
+
+    def draw(height: int, width: int, generator: torch.Generator) -> Draws:
+        scaled_h, scaled_w = shorter_side_size(height, width, rescale.shorter_side(generator))
+        alpha = _alpha(fancy_pca, generator)
+        top, left = crop.box(scaled_h, scaled_w, generator)
+        down, across = height / scaled_h, width / scaled_w
+        box = (top * down, left * across, crop.size * down, crop.size * across)
+        return Draws(box, alpha, _flip(flip, generator))
+
+    return draw
+
+
+class DeviceCrops:
+    """A batch of decoded images (a list, sizes differing) to B x 3 x size x size floats on
+    their device. Each image draws from a generator of its own, seeded as
+    canon.data.sampling.SeededSamples seeds the per-image pipeline and drawing in its order,
+    so its box, colour shift and reflection are the ones the CPU pipeline would take; the
+    crops are cut and resized by roi_align, shifted, normalised by a channel mean (and
+    std) and reflected."""
+
+    def __init__(self, size: int, draw: DrawFor, mean: torch.Tensor, std: torch.Tensor | None,
+                 fancy_pca: FancyPCA | None) -> None:
+        self.size, self.draw, self.fancy_pca = size, draw, fancy_pca
+        self.mean, self.std = mean.view(1, 3, 1, 1), None if std is None else std.view(1, 3, 1, 1)
+        self._constants: dict[torch.device, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    def draws(self, images: list[torch.Tensor], keys: torch.Tensor, seed: int, set_size: int
+              ) -> list[Draws]:
+        """Each image's draws, from the seed of its key (`epoch * set_size + index`)."""
+        return [self.draw(*image.shape[-2:], torch.Generator().manual_seed(
+                    sample_seed(seed, *divmod(int(key), set_size))))
+                for image, key in zip(images, keys, strict=True)]
+
+    def __call__(self, images: list[torch.Tensor], keys: torch.Tensor, seed: int,
+                 set_size: int) -> torch.Tensor:
+        device = images[0].device
+        chosen = self.draws(images, keys, seed, set_size)
+        rois = torch.tensor([[left, top, left + width, top + height]
+                             for top, left, height, width in (d.box for d in chosen)])
+        rois = rois.to(device, non_blocking=True)
+        crops = torch.cat([
+            roi_align(image[None].float(), [rois[i : i + 1]], output_size=self.size,
+                      sampling_ratio=-1, aligned=True)
+            for i, image in enumerate(images)
+        ]).div_(255)
+        if self.fancy_pca is not None:
+            alpha = torch.stack([d.alpha for d in chosen]).to(device, non_blocking=True)
+            crops += self.fancy_pca.shift(alpha).view(-1, 3, 1, 1)
+        mean, std = self._on(device)
+        crops -= mean
+        if std is not None:
+            crops /= std
+        flips = torch.tensor([d.flip for d in chosen]).to(device, non_blocking=True)
+        crops = torch.where(flips.view(-1, 1, 1, 1), crops.flip(3), crops)
+        return crops.contiguous(memory_format=torch.channels_last)
+
+    def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The mean and std on `device`, moved once."""
+        if device not in self._constants:
+            self._constants[device] = (self.mean.to(device),
+                                       None if self.std is None else self.std.to(device))
+        return self._constants[device]
+
+    @classmethod
+    def of(cls, transform: object) -> DeviceCrops | None:
+        """The on-device form of a training transform (canon.data.transforms'
+        training_transform), or None where it has none: AlexNet's and ZFNet's fixed squares,
+        a mean image (resampled per crop on the CPU path), GoogLeNet s6's photometric
+        distortions or random interpolation methods, filters other than bilinear."""
+        if isinstance(transform, CropFirst):
+            rescale, crop = transform.rescale, transform.crop
+            if not (isinstance(rescale, RescaleShorter) and isinstance(crop, RandomCrop)
+                    and crop.padding == 0 and rescale.interpolation == "bilinear"):
+                return None
+            normalize, fancy_pca = transform.normalize, transform.fancy_pca
+            draw = scale_draws(rescale, crop, fancy_pca, transform.flip is not None)
+        elif isinstance(transform, Compose) and isinstance(transform.steps[0], RandomAreaCrop):
+            crop, rest = transform.steps[0], transform.steps[1:]
+            if crop.interpolations != ("bilinear",) or not all(
+                    isinstance(step, (ToFloat, FancyPCA, Normalize, RandomFlip)) for step in rest):
+                return None
+            normalize = next(step for step in rest if isinstance(step, Normalize))
+            fancy_pca = next((step for step in rest if isinstance(step, FancyPCA)), None)
+            draw = area_draws(crop, fancy_pca, any(isinstance(step, RandomFlip) for step in rest))
+        else:
+            return None
+        if normalize.mean.shape[-2:] != (1, 1):
+            return None
+        return cls(crop.size, draw, normalize.mean.flatten(),
+                   None if normalize.std is None else normalize.std.flatten(), fancy_pca)
+
+
+class DeviceDecodedBatches:
+    """The training loader for on-device decoding: a DataLoader of FileBytes batches
+    (collate_files), decoded and augmented on `device` in the main process."""
+
+    def __init__(self, loader: Iterable, folder: FolderImages, augment: DeviceCrops, seed: int,
+                 device: torch.device | str) -> None:
+        self.loader, self.folder, self.augment, self.seed = loader, folder, augment, seed
+        self.device = torch.device(device)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for keys, data, lengths, labels in self.loader:
+            files = list(torch.split(data, lengths.tolist()))
+            decoded = decode_batch(files, keys, self.folder, self.device)
+            kept = [i for i, image in enumerate(decoded) if image is not None]
+            labels = labels[kept].to(self.device, non_blocking=True)
+            if not kept:  # the trainer counts them as skipped
+                yield torch.empty(0), labels
+                continue
+            images = [decoded[i] for i in kept]
+            yield self.augment(images, keys[kept], self.seed, len(self.folder)), labels

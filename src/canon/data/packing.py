@@ -1,0 +1,197 @@
+"""`pack_folder` (`canon pack`): an ImageNet-layout folder as tar shards in the WebDataset
+convention, which canon.data.shards.ShardImages streams (issue 14).
+
+`OUT/train-000000.tar`, ...: each sample is two members, `KEY.jpg` (the image file's bytes,
+unchanged; `.png` etc. for other formats) and `KEY.cls` (its class index as text), with KEY
+`<class id>/<file stem>`; then `OUT/index.json`, written last. The images and class order are
+exactly those canon's folder reader (canon.data.folders) trains on. Validation shards keep its
+order (classes, then file names); training shards hold the images in a fixed pseudo-random
+order, since in class order each shard would hold a class or two, more than a reader's shuffle
+buffer could mix.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import tarfile
+from collections.abc import Iterable
+from functools import partial
+from io import BytesIO
+from pathlib import Path
+
+from tqdm import tqdm
+
+from canon.data.folders import SPLIT_NAMES, FolderImages, open_image_folder, open_train_folder
+from canon.data.shard_index import INDEX, PackIndex, Shard, SplitIndex
+from canon.errors import ConfigError, DataError
+from canon.files import atomic_write, make_folder, sweep_partial_writes
+
+PACK_SEED = 0  # fixed: a pack is a function of the folder alone
+_NAMES = r"(?:index\.json|(?:train|val)-\d{6}\.tar)"
+_OURS = re.compile(rf"{_NAMES}|\.{_NAMES}\.[a-z0-9_]{{8}}")  # and partial writes of them
+_SHARD = re.compile(r"(?:train|val)-\d{6}\.tar")
+_ADVICE = "choose a writable --out folder"
+
+
+def pack_folder(
+    root: str | Path,
+    out: str | Path,
+    *,
+    shard_bytes: int = 1_000_000_000,
+    splits: Iterable[str] = ("train", "val"),
+    progress: bool = True,
+) -> PackIndex:
+    """Pack the `splits` of the ImageNet-layout folder `root` (train/<class>/*, val/<class>/*)
+    into shards of at most `shard_bytes` (a shard holds one image at least) in `out`: a new or
+    empty folder, or an earlier pack of the same folder, which is replaced. Each shard is
+    written under a temporary name and renamed when complete; index.json last."""
+    root, out, splits = Path(root), Path(out), list(splits)
+    if shard_bytes <= 0:
+        raise ConfigError(f"shard size {shard_bytes}: must be a positive number of bytes")
+    if not splits or any(split not in SPLIT_NAMES for split in splits):
+        raise ConfigError(f"splits {','.join(splits)}: choose among {', '.join(SPLIT_NAMES)}")
+    if not root.is_dir():
+        raise DataError(f"{root}: not a folder; pass an ImageNet-layout folder "
+                        "(train/<class>/*.JPEG, val/<class>/*.JPEG)")
+    folders = _open_splits(root, splits)
+    if any(out.resolve().is_relative_to(f.root.resolve()) for f in folders.values()):
+        raise DataError(f"{out}: inside the folder it packs (a class folder, once written); "
+                        "choose an --out folder outside it")
+    _check_out(out, root)
+    make_folder(out, advice=_ADVICE)
+    sweep_partial_writes(out, ("*.tar", INDEX))  # left by a pack that was killed
+    (out / INDEX).unlink(missing_ok=True)  # an earlier pack's: stale until the shards are done
+    classes = next(iter(folders.values()))
+    with tqdm(total=sum(len(f) for f in folders.values()), desc="pack", unit="img",
+              disable=not progress) as bar:
+        written = {
+            split: SplitIndex(_SplitWriter(out, split, folder, shard_bytes, bar).write(),
+                              folder.fingerprint(), len(folder.skipped))
+            for split, folder in folders.items()
+        }
+    index = PackIndex(str(root.resolve()), shard_bytes, classes.class_ids, classes.classes,
+                      written)
+    text = json.dumps(index.to_dict(), indent=1) + "\n"
+    atomic_write(out / INDEX, lambda path: path.write_text(text, encoding="utf-8"),
+                 advice=_ADVICE)
+    kept = {shard.file for split in written.values() for shard in split.shards}
+    for path in out.iterdir():  # an earlier pack's surplus shards
+        if _SHARD.fullmatch(path.name) and path.name not in kept:
+            path.unlink()
+    return index
+
+
+def _open_splits(root: Path, splits: list[str]) -> dict[str, FolderImages]:
+    """The splits' folders as canon's folder reader sees them, with the training split's
+    classes (val alone is packed with them too)."""
+    if "val" not in splits:
+        return {"train": open_train_folder(root)}
+    train, val = open_image_folder(root)
+    return {split: folder for split, folder in (("train", train), ("val", val))
+            if split in splits}
+
+
+def _check_out(out: Path, root: Path) -> None:
+    """Refuse to write into anything but a new or empty folder or a pack of `root`."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise DataError(f"{out}: a file, not a folder; choose a new --out folder")
+    others = sorted(path.name for path in out.iterdir() if not _OURS.fullmatch(path.name))
+    if others:
+        more = f" and {len(others) - 3} more" if len(others) > 3 else ""
+        raise DataError(f"{out}: not empty and not a canon pack (it holds {', '.join(others[:3])}"
+                        f"{more}); choose a new or empty --out folder")
+    try:
+        source = json.loads((out / INDEX).read_text(encoding="utf-8")).get("source")
+    except (OSError, ValueError, AttributeError):
+        return  # no index: a pack killed before its end, which never named its source
+    if source != str(root.resolve()):
+        raise DataError(f"{out}: holds a pack of {source}; choose another --out folder, or "
+                        f"delete this one to pack {root} there")
+
+
+class _SplitWriter:
+    """A split's images into shards `SPLIT-NNNNNN.tar` in turn: an image that would take the
+    current shard past shard_bytes starts the next."""
+
+    def __init__(self, out: Path, split: str, folder: FolderImages, shard_bytes: int,
+                 bar: tqdm) -> None:
+        self.out, self.split, self.folder = out, split, folder
+        self.shard_bytes, self.bar = shard_bytes, bar
+        order = list(range(len(folder)))
+        if split == "train":
+            random.Random(PACK_SEED).shuffle(order)
+        keys = _keys(folder)
+        self.samples = iter([(keys[i], folder.paths[i], folder.labels[i]) for i in order])
+        self.pending = self._next()
+
+    def write(self) -> list[Shard]:
+        shards = []
+        while self.pending is not None:
+            path = self.out / f"{self.split}-{len(shards):06d}.tar"
+            counts = [0] * len(self.folder.class_ids)
+            atomic_write(path, partial(self._fill, counts=counts), advice=_ADVICE)
+            shards.append(Shard(path.name, sum(counts), path.stat().st_size, counts))
+        return shards
+
+    def _fill(self, temporary: Path, counts: list[int]) -> None:
+        size = 0  # of the members so far
+        with tarfile.open(temporary, "w", format=tarfile.PAX_FORMAT) as tar:
+            while self.pending is not None:
+                members, label = self.pending
+                grown = size + sum(_member_bytes(info) for info, _ in members)
+                if size and _tar_bytes(grown) > self.shard_bytes:
+                    return
+                for info, data in members:
+                    tar.addfile(info, BytesIO(data))
+                size, counts[label] = grown, counts[label] + 1
+                self.bar.update()
+                self.pending = self._next()
+
+    def _next(self) -> tuple[list[tuple[tarfile.TarInfo, bytes]], int] | None:
+        """The next image's tar members (headers as TarInfo() makes them: mtime 0, no owner,
+        so that packing the same folder twice gives the same bytes) and its label."""
+        key, path, label = next(self.samples, (None, None, None))
+        if key is None:
+            return None
+        try:
+            data = path.read_bytes()
+        except OSError as error:
+            raise DataError(f"{path}: cannot read ({error.strerror or error}); fix or remove "
+                            "it and pack again") from None
+        extension = path.suffix.lower().lstrip(".").replace("jpeg", "jpg")
+        members = []
+        for name, content in ((f"{key}.{extension}", data), (f"{key}.cls", str(label).encode())):
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            members.append((info, content))
+        return members, label
+
+
+def _keys(folder: FolderImages) -> list[str]:
+    """`<class id>/<file stem>` per image, dots made underscores (a key ends at its first dot)
+    and made unique by a suffix _2, _3, ... where two files differ only in extension or dots."""
+    keys, taken = [], set()
+    for path, label in zip(folder.paths, folder.labels, strict=True):
+        key = base = f"{folder.class_ids[label]}/{path.stem}".replace(".", "_")
+        copy = 1
+        while key in taken:
+            copy += 1
+            key = f"{base}_{copy}"
+        taken.add(key)
+        keys.append(key)
+    return keys
+
+
+def _member_bytes(info: tarfile.TarInfo) -> int:
+    """What a member takes in the tar file: its header(s), its data padded to whole blocks."""
+    header = info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
+    return len(header) + -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+
+
+def _tar_bytes(members: int) -> int:
+    """A tar file's size: its members, two zero blocks, padded to whole records."""
+    return -(-(members + 2 * tarfile.BLOCKSIZE) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE

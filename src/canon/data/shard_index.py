@@ -1,0 +1,114 @@
+"""The index of a shard folder (`canon pack`, canon.data.packing): `index.json`, written last,
+names every shard of every split with its sample count, size and per-class counts, so that a
+reader knows each rank's share of an epoch before it opens a shard.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from canon.errors import DataError
+
+INDEX = "index.json"
+FORMAT = "canon-shards"
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One tar file of a split: `samples` samples of `class_counts[c]` images of class c."""
+
+    file: str
+    samples: int
+    bytes: int
+    class_counts: list[int]
+
+
+@dataclass(frozen=True)
+class SplitIndex:
+    """A split's shards in pack order; `fingerprint` identifies the folder they were packed
+    from (FolderImages.fingerprint); `skipped`: its files the folder scan skipped."""
+
+    shards: list[Shard]
+    fingerprint: str
+    skipped: int
+
+    @property
+    def samples(self) -> int:
+        return sum(shard.samples for shard in self.shards)
+
+    @property
+    def bytes(self) -> int:
+        return sum(shard.bytes for shard in self.shards)
+
+    @property
+    def class_counts(self) -> list[int]:
+        return [sum(counts) for counts in zip(*(s.class_counts for s in self.shards), strict=True)]
+
+
+@dataclass(frozen=True)
+class PackIndex:
+    """What `index.json` holds: the packed folder (`source`, resolved), the shard size asked
+    for, the classes labels index (`class_ids`: folder names, ImageNet wnids; `classes`: human
+    names where the folder has a synset mapping file, else the ids) and the splits."""
+
+    source: str
+    shard_bytes: int
+    class_ids: list[str]
+    classes: list[str]
+    splits: dict[str, SplitIndex]
+
+    def to_dict(self) -> dict:
+        """The JSON form; each split also states its totals, for people reading the file."""
+        data = {"format": FORMAT, "version": VERSION, **asdict(self)}
+        for name, split in self.splits.items():
+            data["splits"][name].update(samples=split.samples, bytes=split.bytes,
+                                        class_counts=split.class_counts)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict, where: Path) -> PackIndex:
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise DataError(f"{where}: not a canon shard index (no format '{FORMAT}')")
+        if data.get("version") != VERSION:
+            raise DataError(
+                f"{where}: shard index version {data.get('version')}, this canon reads "
+                f"version {VERSION}; re-run canon pack with this canon"
+            )
+        try:
+            splits = {
+                name: SplitIndex([Shard(**s) for s in split["shards"]], split["fingerprint"],
+                                 split["skipped"])
+                for name, split in data["splits"].items()
+            }
+            return cls(data["source"], data["shard_bytes"], data["class_ids"], data["classes"],
+                       splits)
+        except (KeyError, TypeError, AttributeError) as error:
+            raise DataError(f"{where}: malformed shard index ({error!r}); re-run canon pack") \
+                from None
+
+
+def is_shard_folder(path: str | Path) -> bool:
+    """Whether `path` is a folder of canon shards (it holds index.json)."""
+    return (Path(path) / INDEX).is_file()
+
+
+def read_index(folder: str | Path) -> PackIndex:
+    """The index of a shard folder, or a DataError saying how to make one."""
+    path = Path(folder) / INDEX
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(
+            f"{folder}: not a shard folder (no {INDEX}); make one with "
+            f"`canon pack DATA --out {folder}`"
+        ) from None
+    except OSError as error:
+        raise DataError(f"{path}: cannot read ({error.strerror or error})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}: not valid JSON ({error}); re-run canon pack") from None
+    return PackIndex.from_dict(data, path)

@@ -1,0 +1,282 @@
+"""`ShardImages`: a split of a shard folder (`canon pack`, canon.data.packing) streamed as an
+IterableDataset, so that training reads a few large files in sequence rather than a million
+small ones from shared storage (issue 14).
+
+Training (shuffle=True): each epoch permutes the split's shards from (seed, epoch), the same on
+every rank; rank r takes the shards at positions r, r + world_size, ... of that permutation,
+and DataLoader worker w of W the rank's shards at w, w + W, ...; each worker streams its
+shards' samples through a shuffle buffer seeded from (seed, epoch, rank, worker) and decodes
+only what leaves it. Each sample's augmentation draws from a seed of its own, fixed by (seed,
+epoch, its place in the pack), as SeededSamples does for folders. The stream is therefore a
+function of (seed, epoch, rank, world_size, workers, batch_size) alone, and `set_epoch(epoch,
+start)` resumes it after `start` samples without decoding them.
+
+The sharding caveat: ranks get whole shards, so their sample counts differ by up to a shard (and
+change with the epoch's permutation). Ranks must take the same number of steps, so in training
+every rank stops after the same count, `len(self)`, computed from the index: the fewest samples
+any rank can be dealt (the world_size-th part of the shards, the smallest ones), less what does
+not fill whole batches of every worker; the samples past it differ from epoch to epoch. Each
+worker's share is a multiple of batch_size, so every batch is full. Evaluation (shuffle=False)
+reads the shards in pack order and every sample of the rank's shards exactly once, with any
+number of loader workers.
+
+Undecodable images come out as None (canon.data.loaders.collate drops them) unless strict; a
+shard cut short or altered since it was packed is a DataError naming it.
+"""
+
+from __future__ import annotations
+
+import random
+import tarfile
+import warnings
+from collections.abc import Iterator
+from itertools import accumulate, islice
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from canon.data.config import MAX_IMAGE_PIXELS
+from canon.data.decoding import decode_image_bytes
+from canon.data.folders import BadImageWarning, check_known_classes
+from canon.data.labeled import Transform
+from canon.data.sampling import sample_seed, seeded
+from canon.data.shard_index import PackIndex, read_index
+from canon.errors import ConfigError, DataError
+
+READ_BYTES = 2**20
+RawSample = tuple[int, str, bytes, int]  # place in the pack, member name, image bytes, label
+# The constructor's keyword arguments, which `reading` carries over.
+_OPTIONS = ("transform", "shuffle", "shuffle_buffer", "seed", "rank", "world_size", "batch_size",
+            "workers", "strict", "max_pixels", "class_ids")
+
+
+class ShardImages(IterableDataset):
+    """A split of the shard folder `root`, as `(transform(image), label)` items (`image` uint8
+    RGB 3 x H x W; None where it cannot be decoded), this rank's share (see the module).
+
+    `batch_size` and `workers` must be the DataLoader's batch_size and num_workers in training
+    (a worker process checks the latter): with them each worker's share is made of whole
+    batches. `class_ids` (a trained model's, in its output order): labels index them, matched
+    by name; the split may hold some of them but no others. Without, the pack's classes.
+    `shuffle_buffer` raw (undecoded) images per worker: about 110 KB each for ImageNet.
+    `len()`: training, the samples every rank yields per epoch (a multiple of batch_size);
+    evaluation, this rank's shards' samples.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str,
+        *,
+        transform: Transform | None = None,
+        shuffle: bool = True,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        batch_size: int = 1,
+        workers: int = 0,
+        strict: bool = False,
+        max_pixels: int = MAX_IMAGE_PIXELS,
+        class_ids: list[str] | None = None,
+    ) -> None:
+        self.root = Path(root)
+        index = read_index(self.root)
+        if split not in index.splits:
+            raise DataError(
+                f"{self.root}: no {split} split (it holds {', '.join(index.splits)}); pack it "
+                f"with `canon pack DATA --out {self.root} --splits {split}`"
+            )
+        if not 0 <= rank < world_size or batch_size < 1 or workers < 0 or shuffle_buffer < 0:
+            raise ConfigError(
+                f"ShardImages: need 0 <= rank < world_size, batch_size >= 1, workers >= 0 and "
+                f"shuffle_buffer >= 0; got rank {rank}, world_size {world_size}, batch_size "
+                f"{batch_size}, workers {workers}, shuffle_buffer {shuffle_buffer}"
+            )
+        self.shards = index.splits[split].shards
+        if shuffle and len(self.shards) < world_size:
+            raise ConfigError(
+                f"{self.root}: {len(self.shards)} {split} shard(s) for {world_size} ranks, which "
+                "need one each at least; re-pack it with a smaller --shard-size"
+            )
+        self.split, self._fingerprint = split, index.splits[split].fingerprint
+        self.class_ids, self.classes, self._labels = _classes(self.root, index, split, class_ids)
+        self.transform, self.shuffle, self.shuffle_buffer = transform, shuffle, shuffle_buffer
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.batch_size, self.workers = batch_size, workers
+        self.strict, self.max_pixels = strict, max_pixels
+        self._first = [0, *accumulate(s.samples for s in self.shards)]  # places in the pack
+        # (epoch, start) in shared memory: persistent worker processes keep their own copy of
+        # the rest of this object, and read these at each new iteration.
+        self._position = torch.zeros(2, dtype=torch.int64).share_memory_()
+
+    def reading(self, **options: Any) -> ShardImages:
+        """This split read with other constructor keyword arguments, e.g. as a run's loader
+        reads it (its batch size, workers, seed, rank and world size)."""
+        return ShardImages(self.root, self.split,
+                           **{**{name: getattr(self, name) for name in _OPTIONS}, **options})
+
+    def with_transform(self, transform: Transform | None) -> ShardImages:
+        """This split with another transform (as LabeledImages.with_transform)."""
+        return self.reading(transform=transform)
+
+    def fingerprint(self) -> str:
+        """The fingerprint of the folder split it was packed from (FolderImages.fingerprint):
+        the same images, so the same cached statistics."""
+        return self._fingerprint
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Read epoch `epoch` next, from sample `start` of this rank's stream on (the samples
+        a run interrupted mid-epoch consumed: a whole number of batches with workers)."""
+        if not 0 <= start <= len(self) or (self.workers and start % self.batch_size):
+            raise ConfigError(
+                f"ShardImages.set_epoch: start {start} is not a multiple of batch_size "
+                f"{self.batch_size} in 0..{len(self)}"
+            )
+        self._position[0], self._position[1] = epoch, start
+
+    def __len__(self) -> int:
+        if not self.shuffle:
+            return sum(self.shards[i].samples for i in self._rank_shards(0))
+        dealt = len(self.shards) // self.world_size  # shards every rank gets at least
+        fewest = sorted(shard.samples for shard in self.shards)[:dealt]
+        workers, size = max(self.workers, 1), self.batch_size
+        return max(0, -((workers * (size - 1) - sum(fewest)) // size)) * size
+
+    def _rank_shards(self, epoch: int) -> list[int]:
+        order = list(range(len(self.shards)))
+        if self.shuffle:
+            random.Random(f"shards {self.seed} {epoch}").shuffle(order)
+        return order[self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[tuple[object, int] | None]:
+        epoch, start = self._position.tolist()
+        info = get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        if self.shuffle and workers != max(self.workers, 1):
+            raise ConfigError(
+                f"ShardImages(workers={self.workers}) read by {workers} loader process(es): "
+                "pass the DataLoader's num_workers"
+            )
+        shards = self._rank_shards(epoch)
+        counts = [sum(self.shards[i].samples for i in shards[w::workers]) for w in range(workers)]
+        size = self.batch_size
+        if self.shuffle:
+            batches = _deal(len(self) // size, [c // size for c in counts])[0]
+            takes = [b * size for b in batches]
+        else:
+            takes, batches = counts, [-(-c // size) for c in counts]
+        # A DataLoader takes batches from its workers in turn, from worker 0 on, so a resumed
+        # stream gives worker w the part of the one next in turn, w places on.
+        done, turn = _deal(start // size, batches)
+        part = (turn + worker) % workers
+        skip = start if workers == 1 else min(done[part] * size, takes[part])
+        stream = self._raw(shards[part::workers])
+        if self.shuffle and self.shuffle_buffer:
+            stream = _shuffled(stream, self.shuffle_buffer,
+                               random.Random(f"buffer {self.seed} {epoch} {self.rank} {part}"))
+        for place, name, data, label in islice(stream, skip, takes[part]):
+            yield self._item(place, name, data, label, epoch)
+
+    def _item(self, place: int, name: str, data: bytes, label: int, epoch: int):
+        try:
+            image = decode_image_bytes(data, name, self.max_pixels)
+        except DataError as error:
+            if self.strict:
+                raise DataError(f"{error} (strict mode: re-pack without it, or run without "
+                                "strict)") from None
+            warnings.warn(f"skipping {error}", BadImageWarning, stacklevel=2)
+            return None
+        if self.transform is None:
+            return image, label
+        with seeded(sample_seed(self.seed, epoch, place)):
+            return self.transform(image), label
+
+    def _raw(self, shards: list[int]) -> Iterator[RawSample]:
+        for index in shards:
+            yield from self._read_shard(index)
+
+    def _read_shard(self, index: int) -> Iterator[RawSample]:
+        """A shard's samples, undecoded, in order: tar members KEY.EXT grouped by KEY."""
+        shard, path = self.shards[index], self.root / self.shards[index].file
+        found = path.stat().st_size if path.is_file() else None
+        if found != shard.bytes:
+            what = "missing" if found is None else f"{found:,} bytes"
+            raise DataError(f"{path}: {what}, index.json says {shard.bytes:,} bytes (cut short or "
+                            "replaced since it was packed); re-run canon pack")
+        count, key, members = 0, None, {}
+        try:  # sequential reads of 1 MiB; tarfile's "r|" stream mode parses half as fast
+            with open(path, "rb", buffering=READ_BYTES) as file, \
+                    tarfile.open(fileobj=file, mode="r:") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    folder, _, base = member.name.rpartition("/")
+                    stem, _, extension = base.partition(".")
+                    if (folder, stem) != key and members:
+                        yield self._sample(path, index, count, members)
+                        count, members = count + 1, {}
+                    key = folder, stem
+                    members[extension] = member.name, tar.extractfile(member).read()
+                if members:
+                    yield self._sample(path, index, count, members)
+                    count += 1
+        except (tarfile.TarError, EOFError, OSError) as error:
+            if isinstance(error, DataError):
+                raise
+            raise DataError(f"{path}: unreadable shard ({error}); re-run canon pack") from None
+        if count != shard.samples:
+            raise DataError(f"{path}: {count} samples, index.json says {shard.samples}; re-run "
+                            "canon pack")
+
+    def _sample(self, path: Path, index: int, count: int, members: dict) -> RawSample:
+        label = members.pop("cls", (None, None))[1]
+        if label is None or len(members) != 1:
+            raise DataError(f"{path}: sample {count} has members {sorted(members)}, not one image "
+                            "and a .cls; re-run canon pack")
+        ((name, data),) = members.values()
+        return self._first[index] + count, f"{path}:{name}", data, self._labels[int(label)]
+
+
+def _classes(
+    root: Path, index: PackIndex, split: str, class_ids: list[str] | None
+) -> tuple[list[str], list[str], list[int]]:
+    """(the class ids labels index, their names, the label of each packed label): the pack's
+    own, or `class_ids` matched by name (refused if the split holds a class outside them)."""
+    if class_ids is None or list(class_ids) == index.class_ids:
+        return index.class_ids, index.classes, list(range(len(index.class_ids)))
+    counts = index.splits[split].class_counts
+    held = [name for name, count in zip(index.class_ids, counts, strict=True) if count]
+    check_known_classes(str(root), held, class_ids)
+    position = {name: i for i, name in enumerate(class_ids)}
+    names = dict(zip(index.class_ids, index.classes, strict=True))
+    labels = [position.get(name, -1) for name in index.class_ids]  # -1: a class never read
+    return list(class_ids), [names.get(name, name) for name in class_ids], labels
+
+
+def _deal(total: int, capacities: list[int]) -> tuple[list[int], int]:
+    """`total` units dealt in turn to slots of the given capacities (holding `total` at least),
+    as a DataLoader takes batches from its workers, and the slot next in turn."""
+    dealt, slot = [0] * len(capacities), 0
+    while total:
+        if dealt[slot] < capacities[slot]:
+            dealt[slot], total = dealt[slot] + 1, total - 1
+        slot = (slot + 1) % len(capacities)
+    return dealt, slot
+
+
+def _shuffled(items: Iterator, size: int, rng: random.Random) -> Iterator:
+    """Items through a buffer of `size`: each arriving one takes the place of a random one,
+    which leaves; what remains at the end leaves in random order."""
+    buffer = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        slot = rng.randrange(size)
+        yield buffer[slot]
+        buffer[slot] = item
+    rng.shuffle(buffer)
+    yield from buffer

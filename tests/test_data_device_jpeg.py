@@ -1,0 +1,145 @@
+"""canon.data.device_jpeg (issue 14): on-device decoding and augmentation, run here on the CPU
+tensor path: a batch decodes to exactly canon's own decoder's pixels (a PNG named .JPEG among
+them too), the crops are the per-image pipeline's boxes resampled by roi_align (close pixel
+for pixel, the same statistics), only pipelines with an on-device form get one, and a run
+with train.decode_on_device trains on real JPEGs."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from canon.data.config import DataConfig
+from canon.data.decoding import decode_image_file
+from canon.data.device_jpeg import (
+    DeviceCrops,
+    DeviceDecodedBatches,
+    FileBytes,
+    collate_files,
+    decode_batch,
+)
+from canon.data.folders import FolderImages
+from canon.data.loaders import build_datasets
+from canon.data.sampling import SeededSamples
+from canon.engine.trainer import train
+from canon.recipes import load_recipe
+
+CPU = torch.device("cpu")
+
+
+def _recipe_train(name: str, root: Path, **changes):
+    data = dataclasses.replace(load_recipe(name).data, dataset=str(root), **changes)
+    return build_datasets(data).train
+
+
+def _batch(folder: FolderImages, indices: list[int]):
+    """(keys, files, labels) of images `indices`, as the loader hands them over."""
+    keys, data, lengths, labels = collate_files([FileBytes(folder)[i] for i in indices])
+    return keys, list(torch.split(data, lengths.tolist())), labels
+
+
+def test_a_batch_decodes_to_canons_pixels_with_a_png_and_an_exif_rotation_among_the_jpegs(
+    imagenette_root: Path, tmp_path: Path
+) -> None:
+    for wnid in ("n01440764", "n02102040"):
+        folder = tmp_path / wnid
+        folder.mkdir()
+        originals = sorted((imagenette_root / "train" / wnid).iterdir())[:3]
+        for path in originals:
+            shutil.copy(path, folder / path.name)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees to display
+    Image.open(originals[1]).save(folder / "zy_rotated.JPEG", exif=exif)
+    Image.open(originals[0]).save(folder / "zz_png_named.JPEG", format="PNG")
+    images = FolderImages(tmp_path)
+    keys, files, labels = _batch(images, list(range(len(images))))
+    assert labels.tolist() == images.labels
+    assert images.paths[6].name == "zy_rotated.JPEG"
+    assert decode_image_file(images.paths[6]).shape[1:] == decode_image_file(
+        originals[1]).shape[:0:-1]  # canon's decoder turns it upright
+    for count in (6, 7, 8):  # plain JPEGs: one decode_jpeg call; the others: canon's decoder
+        decoded = decode_batch(files[:count], keys, images, CPU)
+        for i, image in enumerate(decoded):
+            assert torch.equal(image, decode_image_file(images.paths[i]))
+    (tmp_path / "n02102040" / "zz_png_named.JPEG").write_bytes(files[0][:300].numpy().tobytes())
+    with pytest.warns(UserWarning, match="zz_png_named.JPEG"):  # now a truncated JPEG
+        truncated = FolderImages(tmp_path)
+        keys, files, _ = _batch(truncated, [0, 7])
+        decoded = decode_batch(files, keys, truncated, CPU)
+        assert decoded[1] is None and torch.equal(decoded[0], truncated.load_image(0))
+
+
+def test_only_pipelines_with_an_on_device_form_get_one(imagenette_root: Path) -> None:
+    def device_form(name: str, **changes):
+        return DeviceCrops.of(_recipe_train(name, imagenette_root, **changes).transform)
+
+    assert device_form("resnet18-imagenette5") is not None  # random area crops, channel mean
+    assert device_form("resnet50-goyal") is not None
+    assert device_form("resnet18", mean="imagenet") is not None  # scale augmentation + PCA
+    assert device_form("resnet18") is None  # its per-pixel mean image
+    assert device_form("googlenet", mean="imagenet") is None  # photometric, random filters
+    assert device_form("alexnet", mean="imagenet") is None  # crops of a fixed square
+
+
+@pytest.mark.parametrize(("recipe", "scales"), [("resnet18-imagenette5", None),
+                                               ("resnet18", None), ("resnet18", (100, 130))])
+def test_on_device_crops_are_the_cpu_pipelines_crops_resampled(
+    imagenette_root: Path, recipe: str, scales: tuple[int, int] | None
+) -> None:
+    """The same boxes, colour shifts and reflections as the per-image pipeline seeded as in
+    training (SeededSamples), jittered scales too; only the resampling filter differs."""
+    train_set = _recipe_train(recipe, imagenette_root, mean="imagenet", crop_size=96,
+                              resize_size=110, scale_range=scales, pca_std=0.1,
+                              pca_source="imagenet")
+    augment = DeviceCrops.of(train_set.transform)
+    count, size = 48, len(train_set)
+    indices = torch.linspace(0, size - 1, count).long()
+    keys = 3 * size + indices  # epoch 3
+    images = [train_set.load_image(int(i)) for i in indices]
+    crops = augment(images, keys, 5, size)
+    assert crops.shape == (count, 3, 96, 96) and crops.is_contiguous(
+        memory_format=torch.channels_last)
+    assert torch.equal(torch.cat([augment(images[:20], keys[:20], 5, size),
+                                  augment(images[20:], keys[20:], 5, size)]), crops)
+    per_image = SeededSamples(train_set, seed=5)
+    reference = torch.stack([per_image[int(key)][0] for key in keys])
+    difference = (crops - reference).abs()
+    assert difference.mean() < 0.03  # normalised units: a grey level or two on average
+    assert difference.flatten(1).mean(1).max() < 0.1  # no image cropped elsewhere or unflipped
+    torch.testing.assert_close(crops.mean((0, 2, 3)), reference.mean((0, 2, 3)), atol=0.01,
+                               rtol=0)
+    torch.testing.assert_close(crops.std((0, 2, 3)), reference.std((0, 2, 3)), atol=0, rtol=0.03)
+
+
+def test_a_run_decoding_on_the_device_trains_on_real_jpegs(
+    imagenette_root: Path, tmp_path: Path
+) -> None:
+    recipe = load_recipe("resnet18-imagenette5", [
+        ("data.dataset", str(imagenette_root)), ("data.crop_size", 48),
+        ("data.resize_size", 56), ("train.batch_size", 32), ("train.epochs", 1),
+        ("train.iterations", 5), ("train.workers", 1), ("train.decode_on_device", True),
+        ("model.name", "resnet18")])
+    result = train(recipe, tmp_path / "run", device="cpu", progress=False)
+    assert result is not None
+    metrics = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    assert len(metrics) == 2 and "nan" not in metrics[1]
+
+
+def test_the_training_loader_decodes_on_the_device_only_when_asked(imagenette_root) -> None:
+    from canon.engine import distributed as dist
+    from canon.engine import setup
+
+    ctx = dist.DistributedContext(rank=0, local_rank=0, world_size=1, device=CPU)
+    train_set = _recipe_train("resnet18-imagenette5", imagenette_root)
+    val_set = build_datasets(DataConfig()).val
+    config = load_recipe("resnet18-imagenette5").train
+    asked = dataclasses.replace(config, decode_on_device=True, workers=0)
+    loader = setup._loaders(train_set, val_set, asked, ctx)[1]
+    assert isinstance(loader, DeviceDecodedBatches)
+    assert not isinstance(setup._loaders(train_set, val_set, config, ctx)[1],
+                          DeviceDecodedBatches)

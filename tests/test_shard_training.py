@@ -1,0 +1,173 @@
+"""Training and evaluation from a shard folder (`canon pack`, canon.data.shards): `canon train
+--data SHARDS/` end to end with training-set statistics streamed from the shards, `canon eval`
+on its val shards, an exact resume from the middle of an epoch, the refusals, and a 2-process
+torchrun run. The data: 160 training and 40 validation JPEGs of Imagenette packed into 9 and 3
+shards, a ResNet-18 at 32 px (5 s an epoch on one CPU thread)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from canon.cli import main
+from canon.data.datasets import open_eval_split, open_split
+from canon.data.folders import open_train_folder
+from canon.data.packing import pack_folder
+from canon.data.shard_index import read_index
+from canon.data.stats import compute_stats, stats_cache_path
+from canon.engine import checkpoint as ckpt
+from canon.engine.trainer import TrainingInterrupted, train
+from canon.errors import ConfigError, DataError
+from canon.recipes import load_recipe
+
+SMALL = [("data.crop_size", 32), ("data.resize_size", 36), ("train.batch_size", 16),
+         ("train.epochs", 2), ("train.channels_last", False)]
+SMALL_FLAGS = ["--recipe", "resnet18-imagenette5", "--device", "cpu",
+               *(f for key, value in SMALL for f in ("--set", f"{key}={value}"))]
+
+
+def _link_images(source: Path, target: Path, count: int) -> None:
+    """The first `count` images of `source`, class by class in turn, linked into `target`."""
+    files = [sorted(folder.glob("*.JPEG")) for folder in sorted(source.iterdir())]
+    for images in zip(*files, strict=False):
+        for image in images[: max(0, count)]:
+            (target / image.parent.name).mkdir(parents=True, exist_ok=True)
+            (target / image.parent.name / image.name).symlink_to(image)
+        count -= len(images)
+
+
+@pytest.fixture(scope="module")
+def packed(imagenette_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(the image folder, its pack): 160 training JPEGs in 9 shards, 40 validation in 3."""
+    root = tmp_path_factory.mktemp("shard-training")
+    _link_images(imagenette_root / "train", root / "folder" / "train", 160)
+    _link_images(imagenette_root / "val", root / "folder" / "val", 40)
+    index = pack_folder(root / "folder", root / "shards", shard_bytes=200_000, progress=False)
+    assert [len(split.shards) for split in index.splits.values()] == [9, 3]
+    return root / "folder", root / "shards"
+
+
+def _metrics(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "metrics.csv") as file:
+        return list(csv.DictReader(file))
+
+
+def _printed_top1(output: str) -> str:
+    return re.search(r"top-1 error (\d+\.\d+)%", output).group(1)
+
+
+def test_train_with_streamed_statistics_then_eval_on_the_val_shards(
+    packed, tmp_path, capsys, monkeypatch
+):
+    folder, shards = packed
+    monkeypatch.setenv("CANON_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    main(["train", *SMALL_FLAGS, "--data", str(shards), "--workers", "2", "--set",
+          "data.mean=pixel", "--output-dir", str(run)])
+    output = capsys.readouterr().out
+    # 2 workers take 9 whole batches of 16 of the 160 images each epoch
+    assert "(160 train / 40 val images, 10 classes)" in output
+    assert "2 epoch(s) of 9 steps" in output
+    rows = _metrics(run)
+    assert [row["epoch"] for row in rows] == ["1", "2"]
+
+    # The statistics are the folder's (streamed from its shards), cached under its fingerprint.
+    train_folder = open_train_folder(folder)
+    expected = compute_stats(train_folder, 36, progress=False)
+    mean = load_file(run / "normalization.safetensors")["mean"]
+    torch.testing.assert_close(mean, expected.mean_image)
+    cached = stats_cache_path(train_folder, 36, tmp_path / "cache")
+    assert [p.name for p in (tmp_path / "cache" / "stats").iterdir()] == [cached.name]
+
+    # canon eval reads the run's own data, the val shards (with workers), or the folder.
+    main(["eval", str(run), "--device", "cpu", "--workers", "2"])
+    from_shards = capsys.readouterr().out
+    assert f"center on {shards} (40 images)" in from_shards
+    assert _printed_top1(from_shards) == f"{float(rows[-1]['val_top1_error']):.2f}"
+    main(["eval", str(run), "--device", "cpu", "--data", str(folder)])
+    assert _printed_top1(capsys.readouterr().out) == _printed_top1(from_shards)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_run_stopped_mid_epoch_resumes_exactly(packed, tmp_path, workers):
+    _, shards = packed
+    recipe = load_recipe("resnet18-imagenette5",
+                         [("data.dataset", str(shards)), ("train.workers", workers), *SMALL])
+
+    steps_per_epoch = {0: 10, 2: 9}[workers]  # whole batches of 16 of 160 for every worker
+
+    def ctrl_c(step: int) -> None:
+        if step == 12:  # in epoch 2
+            signal.raise_signal(signal.SIGINT)
+
+    train(recipe, tmp_path / "straight", device="cpu", progress=False)
+    with pytest.raises(TrainingInterrupted) as stop:
+        train(recipe, tmp_path / "stopped", device="cpu", progress=False, on_step=ctrl_c)
+    assert ckpt.load_checkpoint(stop.value.checkpoint)["step_in_epoch"] == 12 - steps_per_epoch
+    train(recipe, tmp_path / "stopped", resume=tmp_path / "stopped", device="cpu",
+          progress=False)
+    straight, resumed = (ckpt.load_checkpoint(ckpt.epoch_checkpoint(tmp_path / run, 2))
+                         for run in ("straight", "stopped"))
+    for key, tensor in straight["model"].items():
+        assert torch.equal(tensor, resumed["model"][key]), key
+    for row, again in zip(_metrics(tmp_path / "straight"), _metrics(tmp_path / "stopped"),
+                          strict=True):
+        for key in ("train_loss", "train_top1_error", "val_top1_error", "val_top5_error"):
+            assert row[key] == again[key], key
+
+
+def test_shard_folders_refuse_val_split_and_readers_by_index(packed, tmp_path, capsys):
+    folder, shards = packed
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", *SMALL_FLAGS, "--data", str(shards), "--set", "data.val_split=20",
+              "--output-dir", str(tmp_path / "run")])
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err
+    assert "cannot hold images out of its training split" in error
+    assert str(folder.resolve()) in error and not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match=re.escape(f"packed from, {folder.resolve()}")):
+        open_split(str(shards), "val")
+    assert read_index(shards).source == str(folder.resolve())
+
+
+def test_the_val_shards_are_labelled_by_a_model_s_classes_by_name(packed):
+    _, shards = packed
+    own = open_eval_split(str(shards))
+    model_ids = [*reversed(own.class_ids), "n00000000"]  # another order, one class more
+    relabelled = open_eval_split(str(shards), model_ids)
+    assert relabelled.class_ids == model_ids and relabelled.classes[0] == own.classes[-1]
+    labels = [label for _, label in own]
+    assert [label for _, label in relabelled] == [9 - label for label in labels]
+    with pytest.raises(DataError, match="not among the model's 9 classes"):
+        open_eval_split(str(shards), own.class_ids[1:])
+
+
+@pytest.mark.distributed
+def test_two_torchrun_processes_train_on_their_own_shards(packed, tmp_path, capsys):
+    _, shards = packed
+    run = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "canon", "train", *SMALL_FLAGS, "--data", str(shards), "--workers", "0",
+         "--output-dir", str(run)],
+        env={**os.environ, "CANON_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # each rank is dealt 4 of the 9 shards at least, the smallest 57 images: 3 batches of 16
+    assert "global batch 32 = 16 x 1 accum x 2 device(s)" in done.stdout
+    assert "2 epoch(s) of 3 steps" in done.stdout
+    rows = _metrics(run)
+    assert [row["epoch"] for row in rows] == ["1", "2"]
+    # The ranks validated on their val shards together: every image once, as one process does.
+    main(["eval", str(run), "--device", "cpu"])
+    assert _printed_top1(capsys.readouterr().out) == f"{float(rows[-1]['val_top1_error']):.2f}"

@@ -1,0 +1,225 @@
+"""Sharded data (canon.data.packing, canon.data.shards, `canon pack`): the 1,500 real Imagenette
+JPEGs packed once into several shards per split, then read back as canon's folder reader reads
+them, in every order the training and evaluation streams promise."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import shutil
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from canon.data.folders import BadImageWarning, open_image_folder
+from canon.data.loaders import collate
+from canon.data.pack_command import add_pack_parser, parse_size
+from canon.data.packing import pack_folder
+from canon.data.shard_index import is_shard_folder, read_index
+from canon.data.shards import ShardImages
+from canon.errors import ConfigError, DataError
+
+SHARD_BYTES = 1_500_000  # 7 training and 4 validation shards
+
+
+def digest(image: torch.Tensor) -> str:
+    """A transform naming an image by its pixels, so that tests can follow each sample."""
+    return hashlib.sha1(image.numpy().tobytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def folders(imagenette_root):
+    return dict(zip(("train", "val"), open_image_folder(imagenette_root), strict=True))
+
+
+@pytest.fixture(scope="module")
+def packed(imagenette_root, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shards") / "imagenette"
+    pack_folder(imagenette_root, out, shard_bytes=SHARD_BYTES, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def train_digests(folders) -> list[str]:
+    train = folders["train"].with_transform(digest)
+    digests = [train[i][0] for i in range(len(train))]
+    assert len(set(digests)) == len(digests)  # every image tells itself apart
+    return digests
+
+
+def stream(images: ShardImages, epoch: int = 0, start: int = 0) -> list[tuple[str, int]]:
+    images.set_epoch(epoch, start)
+    return [(name, int(label)) for names, labels in DataLoader(
+        images, batch_size=images.batch_size, num_workers=images.workers, collate_fn=collate
+    ) for name, label in zip(names, labels, strict=True)]
+
+
+def test_the_index_lists_what_the_folder_reader_finds(packed, folders, imagenette_root):
+    index = read_index(packed)
+    assert is_shard_folder(packed) and not is_shard_folder(imagenette_root)
+    assert index.class_ids == folders["train"].class_ids
+    assert index.classes == folders["train"].classes
+    assert index.source == str(imagenette_root.resolve())
+    for name, folder in folders.items():
+        split = index.splits[name]
+        assert split.samples == len(folder)
+        assert split.class_counts == [folder.labels.count(c) for c in range(10)]
+        assert split.fingerprint == folder.fingerprint() and split.skipped == 0
+        assert [s.file for s in split.shards] == [f"{name}-{i:06d}.tar"
+                                                 for i in range(len(split.shards))]
+        assert len(split.shards) >= 4
+        for shard in split.shards:
+            assert (packed / shard.file).stat().st_size == shard.bytes <= SHARD_BYTES
+            assert sum(shard.class_counts) == shard.samples
+    assert sorted(p.name for p in packed.iterdir() if not p.name.endswith(".tar")) == [
+        "index.json"]
+
+
+def test_shards_are_tars_of_the_original_files(packed, folders):
+    for name, folder in folders.items():
+        originals = {f"{folder.class_ids[label]}/{path.stem}": (path, label)
+                     for path, label in zip(folder.paths, folder.labels, strict=True)}
+        keys = []
+        for shard in read_index(packed).splits[name].shards:
+            with tarfile.open(packed / shard.file) as tar:
+                members = tar.getmembers()
+                names = [m.name for m in members]
+                assert names[0::2] == [n.removesuffix(".cls") + ".jpg" for n in names[1::2]]
+                for image, label in zip(members[0::2], members[1::2], strict=True):
+                    key = image.name.removesuffix(".jpg")
+                    path, expected = originals[key]
+                    assert tar.extractfile(image).read() == path.read_bytes()
+                    assert tar.extractfile(label).read() == str(expected).encode()
+                    keys.append(key)
+        assert sorted(keys) == sorted(originals)
+        if name == "val":  # in the folder reader's order; training shards are mixed
+            assert keys == list(originals)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_each_epoch_reads_every_training_image_once(packed, train_digests, workers):
+    # batch_size 1 (the default): whole batches of 25 per worker would hold some images back
+    images = ShardImages(packed, "train", transform=digest, shuffle_buffer=200, workers=workers)
+    assert len(images) == 1000
+    loader = DataLoader(images, batch_size=25, num_workers=workers, collate_fn=collate,
+                        persistent_workers=workers > 0)
+    orders = []
+    for epoch in (0, 1):  # persistent workers see the epoch change too
+        images.set_epoch(epoch)
+        orders.append([name for names, _ in loader for name in names])
+        assert Counter(orders[-1]) == Counter(train_digests)
+    assert orders[0] != orders[1]
+
+
+def test_the_same_seed_and_epoch_give_the_same_stream(packed):
+    def images(seed: int) -> ShardImages:
+        return ShardImages(packed, "train", transform=digest, seed=seed, shuffle_buffer=100)
+
+    first = stream(images(0), epoch=3)
+    assert stream(images(0), epoch=3) == first
+    assert stream(images(1), epoch=3) != first
+
+
+def test_ranks_read_disjoint_equal_shares_of_whole_batches(packed, train_digests):
+    shares = [stream(ShardImages(packed, "train", transform=digest, rank=rank, world_size=2,
+                                 batch_size=16, workers=2), epoch=1) for rank in (0, 1)]
+    counts = [s.samples for s in read_index(packed).splits["train"].shards]
+    fewest = sum(sorted(counts)[: len(counts) // 2])  # of 7 shards, each rank gets 3 at least
+    assert len(shares[0]) == len(shares[1]) > fewest - 2 * 16
+    assert len(shares[0]) % 16 == 0
+    names = [{name for name, _ in share} for share in shares]
+    assert not names[0] & names[1] and names[0] | names[1] <= set(train_digests)
+
+
+def test_evaluation_reads_every_image_once_in_order_as_the_folder_reader(packed, folders):
+    val = folders["val"]
+    images = ShardImages(packed, "val", shuffle=False)
+    assert len(images) == len(val)
+    for i, (image, label) in enumerate(images):
+        expected, expected_label = val[i]
+        assert label == expected_label and torch.equal(image, expected)
+    ranks = [ShardImages(packed, "val", shuffle=False, transform=digest, rank=r, world_size=3)
+             for r in range(3)]
+    assert sum(len(r) for r in ranks) == len(val)
+    read = [item for r in ranks for item in stream(r)]
+    assert sorted(read) == sorted(zip(map(digest, map(val.load_image, range(len(val)))),
+                                      val.labels, strict=True))
+
+
+@pytest.mark.parametrize(("workers", "start"), [(0, 37), (2, 5 * 16), (2, 9 * 16)])
+def test_a_resumed_epoch_continues_the_same_stream(packed, workers, start):
+    images = ShardImages(packed, "train", transform=digest, workers=workers, batch_size=16,
+                         shuffle_buffer=100)
+    whole = stream(images, epoch=2)
+    assert stream(images, epoch=2, start=start) == whole[start:]
+    with pytest.raises(ConfigError, match="multiple of batch_size"):
+        images.set_epoch(2, start + 1 if workers else len(images) + 1)
+
+
+def test_a_damaged_shard_is_named(packed, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(packed, copy)
+    shard = copy / "train-000002.tar"
+    shard.write_bytes(shard.read_bytes()[:100_000])
+    with pytest.raises(DataError, match=r"train-000002.tar.*cut short"):
+        list(ShardImages(copy, "train", shuffle=False))
+
+
+@pytest.fixture
+def with_bad_image(imagenette_root, tmp_path) -> Path:
+    """Two classes of two real JPEGs in train/ and val/, one training file corrupt."""
+    root = tmp_path / "data"
+    for split in ("train", "val"):
+        for wnid in ("n01440764", "n02102040"):
+            for path in sorted((imagenette_root / split / wnid).iterdir())[:2]:
+                (root / split / wnid).mkdir(parents=True, exist_ok=True)
+                shutil.copy(path, root / split / wnid / path.name)
+    (root / "train" / "n02102040" / "broken.JPEG").write_bytes(b"\xff\xd8 not a JPEG")
+    return root
+
+
+def test_an_undecodable_image_is_skipped_or_strict(with_bad_image, tmp_path):
+    out = tmp_path / "shards"
+    pack_folder(with_bad_image, out, progress=False)
+    with pytest.warns(BadImageWarning, match="broken"):
+        items = list(ShardImages(out, "train", shuffle=False))
+    assert len(items) == 5 and sum(item is None for item in items) == 1
+    with pytest.raises(DataError, match=r"n02102040/broken.jpg"):
+        list(ShardImages(out, "train", shuffle=False, strict=True))
+
+
+def test_pack_refuses_folders_it_would_damage(with_bad_image, packed, tmp_path):
+    unrelated = tmp_path / "notes"
+    unrelated.mkdir()
+    (unrelated / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match="notes: not empty and not a canon pack"):
+        pack_folder(with_bad_image, unrelated, progress=False)
+    with pytest.raises(DataError, match=r"holds a pack of .*imagenette2-160-mini"):
+        pack_folder(with_bad_image, packed, progress=False)
+    with pytest.raises(DataError, match="inside the folder it packs"):
+        pack_folder(with_bad_image, with_bad_image / "train" / "shards", progress=False)
+    with pytest.raises(DataError, match="missing: not a folder"):
+        pack_folder(tmp_path / "missing", tmp_path / "out", progress=False)
+    with pytest.raises(DataError, match="not a shard folder"):
+        ShardImages(unrelated, "train")
+    pack_folder(with_bad_image, tmp_path / "small", shard_bytes=1, splits=["val"], progress=False)
+    with pytest.raises(ConfigError, match=r"4 val shard.* for 5 ranks"):
+        ShardImages(tmp_path / "small", "val", world_size=5)
+
+
+def test_pack_command_replaces_its_own_pack(with_bad_image, tmp_path, capsys):
+    parser = argparse.ArgumentParser(prog="canon")
+    add_pack_parser(parser.add_subparsers())
+    command = ["pack", str(with_bad_image), "--out", str(tmp_path / "shards"), "--shard-size"]
+    for size in ("1", "1GB"):  # a shard per image, then one shard per split
+        args = parser.parse_args([*command, size])
+        args.run(args)
+    output = capsys.readouterr().out
+    assert "train: 5 shards, 5 images" in output and "train: 1 shards, 5 images" in output
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == [
+        "index.json", "train-000000.tar", "val-000000.tar"]
+    assert parse_size("1.5GB") == 1_500_000_000 and parse_size("2GiB") == 2**31
