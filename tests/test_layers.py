@@ -1,9 +1,9 @@
 """canon's modules import one way: each layer only from the layers below it, and no cycles.
 
 Layers, bottom to top: errors/files/lazy/validation -> registry -> models -> data ->
-transfer.torchvision -> recipes -> evaluation -> engine -> transfer/visualize -> reproduce ->
-cli. The package itself (`canon/__init__.py`) is the public API over all of them and imports
-lazily (canon.lazy), by name.
+transfer.torchvision -> recipes -> evaluation -> engine -> transfer/visualize ->
+reproduce/bench -> cli. The package itself (`canon/__init__.py`) is the public API over all of
+them and imports lazily (canon.lazy), by name.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ LAYERS = [
     ("canon.evaluation",),
     ("canon.engine",),
     ("canon.transfer", "canon.visualize"),
-    ("canon.reproduce",),
+    ("canon.reproduce", "canon.bench"),
     ("canon.cli", "canon.__main__"),
 ]
 

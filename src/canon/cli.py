@@ -13,6 +13,8 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+from canon.bench.commands import add_bench_parser
+from canon.data.pack_command import add_pack_parser
 from canon.errors import CanonError
 from canon.reproduce.commands import add_reproduce_parser
 from canon.visualize.commands import add_visualize_parser
@@ -139,8 +141,8 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--data", metavar="PATH|cifar10|cifar100|sample",
-        help="dataset: an ImageNet-layout folder (train/<class>/, val/<class>/), a CIFAR "
-        "folder or name, or the bundled sample",
+        help="dataset: an ImageNet-layout folder (train/<class>/, val/<class>/), a shard "
+        "folder of one (canon pack), a CIFAR folder or name, or the bundled sample",
     )
     parser.add_argument("--epochs", type=int, help="epochs to train (replaces the recipe's "
                         "iteration limit)")
@@ -424,6 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(run=run)
     add_visualize_parser(verbs)
     add_reproduce_parser(verbs)
+    add_bench_parser(verbs)
+    add_pack_parser(verbs)
     return parser
 
 

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Issue 14's GPU figures in one call of a lent device (/work/.library/device/README.md): the
+# training step of canon's models against torchvision's (bf16, eager, then ResNet-50 compiled),
+# and canon's CIFAR loop against the plain one. Nothing installs there: it runs the checkout
+# with PYTHONPATH=src on the machine's own torch. About 8 minutes on one H100; figures go to
+# $OUT (the device tool brings them back) or ./gpu-results.
+set -u -o pipefail
+export PYTHONPATH=src
+out=${OUT:-gpu-results}
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,driver_version --format=csv > "$out/gpu.txt"
+python3 -c "import torch, torchvision; print(torch.__version__, torchvision.__version__)" >> "$out/gpu.txt"
+for model in resnet50_v1_5 resnet18 alexnet_owt googlenet_bn; do
+  python3 -m canon bench train --model "$model" --amp bf16 --repeats 3 \
+    --json "$out/train-$model.json" 2>&1 | tee -a "$out/log.txt"
+done
+python3 -m canon bench train --model vgg16 --amp bf16 --batch-size 128 --repeats 3 \
+  --json "$out/train-vgg16.json" 2>&1 | tee -a "$out/log.txt"
+python3 -m canon bench train --model resnet50_v1_5 --amp bf16 --compile --repeats 3 \
+  --json "$out/train-resnet50_v1_5-compiled.json" 2>&1 | tee -a "$out/log.txt"
+python3 -m canon bench loop --device cuda --repeats 3 --json "$out/loop.json" 2>&1 \
+  | tee -a "$out/log.txt"

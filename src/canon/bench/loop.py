@@ -1,0 +1,159 @@
+"""`canon bench loop`: canon's whole training loop on the CIFAR quickstart (`canon train`'s
+default: ResNet-20 on the bundled sample) against the plain PyTorch loop a user would write for
+the same training, measured in the same process: the torchvision CIFAR-10 way (a PIL image per
+sample through RandomCrop(32, padding=4), RandomHorizontalFlip, ToTensor and Normalize, in a
+DataLoader), the same model, memory format, optimizer and batch. Both time the training steps
+of one epoch after a few warm-up steps; validation is not timed.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from canon.bench.train import synchronize
+from canon.data.datasets import load_sample
+from canon.engine.distributed import resolve_device
+from canon.engine.setup import make_optimizer
+from canon.engine.trainer import train
+from canon.errors import ConfigError
+from canon.models.factory import create_model
+from canon.recipes import Recipe, apply_overrides, load_recipe
+
+WARMUP_STEPS = 3  # untimed: allocator and kernel-choice warm-up, loader workers starting
+
+
+@dataclass(frozen=True)
+class LoopTiming:
+    name: str
+    images_per_second: float
+    steps: int  # timed steps
+
+
+def canon_loop(recipe: Recipe, device: str, steps: int | None = None) -> LoopTiming:
+    """canon's trainer (canon.engine.trainer.train) for one epoch of `recipe` (or `steps`
+    steps), timed from the end of the warm-up steps to the end of the last step."""
+    recipe = apply_overrides(recipe, [("train.epochs", 1), *_step_limit(recipe, steps)])
+    last = steps or len(load_sample("train")) // recipe.train.batch_size
+    marks: list[float] = []
+    target = torch.device(resolve_device(device))
+
+    def mark(step: int) -> None:
+        if step in (WARMUP_STEPS, last):  # waiting for the device only where timing starts
+            synchronize(target)           # and ends keeps its work overlapping the host's
+        marks.append(time.perf_counter())
+
+    with tempfile.TemporaryDirectory() as run_dir:
+        train(recipe, run_dir, device=device, progress=False, on_step=mark)
+    return _timing("canon", marks, recipe.train.batch_size)
+
+
+def _timing(name: str, marks: list[float], batch_size: int) -> LoopTiming:
+    """Images per second from the end of the warm-up steps to the end of the last."""
+    timed = len(marks) - WARMUP_STEPS
+    if timed < 1:
+        raise ConfigError(f"time at least {WARMUP_STEPS + 1} steps (got {len(marks)})")
+    return LoopTiming(name, timed * batch_size / (marks[-1] - marks[WARMUP_STEPS - 1]), timed)
+
+
+def _step_limit(recipe: Recipe, steps: int | None) -> list[tuple[str, Any]]:
+    """Overrides that stop after `steps` steps: the iteration limit counted at the run's own
+    batch, the base lr restated at it so that the peak lr stays the recipe's."""
+    if steps is None:
+        return []
+    optimizer, batch = recipe.optimizer, recipe.train.batch_size * recipe.train.accum_steps
+    lr = optimizer.lr * batch / optimizer.base_batch_size if optimizer.scale_lr else optimizer.lr
+    return [("optimizer.lr", lr), ("optimizer.base_batch_size", batch),
+            ("train.iterations", steps)]
+
+
+class _PILImages(Dataset):
+    """What torchvision.datasets.CIFAR10 does per item: an H x W x 3 uint8 array made a PIL
+    image, then the transform."""
+
+    def __init__(self, images: np.ndarray, labels: list[int], transform: Any) -> None:
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.images[index])), self.labels[index]
+
+
+def plain_loop(recipe: Recipe, device: str, workers: int, steps: int | None = None
+               ) -> LoopTiming:
+    """The plain PyTorch loop for the same training: torchvision transforms on PIL images in
+    a DataLoader with `workers` processes, the same model, optimizer and batch size."""
+    from torchvision import transforms as T
+
+    target = torch.device(resolve_device(device))
+    sample = load_sample("train")
+    images = sample.images.permute(0, 2, 3, 1).numpy()
+    mean = (images.reshape(-1, 3) / 255).mean(0).tolist()
+    std = (images.reshape(-1, 3) / 255).std(0).tolist()
+    transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
+                           T.Normalize(mean, std)])
+    loader = DataLoader(_PILImages(images, sample.labels, transform),
+                        batch_size=recipe.train.batch_size, shuffle=True, num_workers=workers,
+                        drop_last=True, pin_memory=target.type == "cuda")
+    torch.manual_seed(recipe.train.seed)
+    model = create_model(recipe.model.name, num_classes=len(sample.classes)).to(target)
+    memory_format = torch.channels_last if recipe.train.channels_last else torch.preserve_format
+    model = model.to(memory_format=memory_format).train()
+    optimizer, _ = make_optimizer(model, recipe.optimizer, recipe.train.batch_size)
+    criterion = nn.CrossEntropyLoss()
+    limit = len(loader) if steps is None else min(steps, len(loader))
+    marks = []
+    for step, (batch, labels) in enumerate(loader):
+        if step == limit:
+            break
+        batch = batch.to(target, non_blocking=True).contiguous(memory_format=memory_format)
+        loss = criterion(model(batch), labels.to(target, non_blocking=True))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step + 1 in (WARMUP_STEPS, limit):
+            synchronize(target)
+        marks.append(time.perf_counter())
+    return _timing(f"plain, {workers} workers", marks, recipe.train.batch_size)
+
+
+def bench_loop(recipe_name: str = "quickstart", device: str = "cpu", repeats: int = 3,
+               workers: tuple[int, ...] = (0, 2), steps: int | None = None) -> dict[str, Any]:
+    """canon's loop and the plain ones, alternating, `repeats` times each; medians, and the
+    ratio of canon's to the fastest plain loop."""
+    recipe = load_recipe(recipe_name)
+    if recipe.data.dataset != "sample":  # the plain loop reads the sample
+        raise ConfigError(f"canon bench loop times recipes on the bundled sample; "
+                          f"{recipe_name} trains on {recipe.data.dataset}")
+    rates: dict[str, list[float]] = {}
+    for _ in range(repeats):
+        for timing in [canon_loop(recipe, device, steps),
+                       *(plain_loop(recipe, device, count, steps) for count in workers)]:
+            rates.setdefault(timing.name, []).append(timing.images_per_second)
+    medians = {name: statistics.median(values) for name, values in rates.items()}
+    baseline = max((name for name in medians if name != "canon"), key=medians.__getitem__)
+    return {"recipe": recipe_name, "device": resolve_device(device),
+            "threads": torch.get_num_threads(), "repeats": repeats, "images_per_second": medians,
+            "runs": rates, "baseline": baseline,
+            "ratio": medians["canon"] / medians[baseline]}
+
+
+def format_loop(figures: dict[str, Any]) -> str:
+    """The table `canon bench loop` prints."""
+    lines = [f"{figures['recipe']} on {figures['device']} ({figures['threads']} threads), "
+             f"median of {figures['repeats']} runs; training images/s, validation not timed"]
+    lines += [f"{name:<20} {rate:8.1f}" for name, rate in figures["images_per_second"].items()]
+    lines.append(f"canon / {figures['baseline']}: {figures['ratio']:.3f}")
+    return "\n".join(lines)

@@ -1,0 +1,128 @@
+"""canon.bench: the training-step, input-pipeline and training-loop benchmarks give figures on a
+CPU with tiny settings (no timing is checked), and their command line parses."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from torchvision.transforms.functional import to_pil_image
+
+from canon.bench.commands import add_bench_parser, run_data
+from canon.bench.data import (
+    bench_config,
+    bench_data,
+    imagenet_recipes,
+    pipelines,
+    torchvision_transform,
+)
+from canon.bench.train import bench_train, format_train, matmul_peak, torchvision_twin
+from canon.data.transforms import training_transform
+from canon.errors import ConfigError
+from canon.models.summary import summarize
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="canon")
+    add_bench_parser(parser.add_subparsers(dest="verb"))
+    return parser
+
+
+def test_train_bench_gives_rates_flops_and_ratio_on_cpu():
+    bench = bench_train("resnet18", batch_size=2, steps=1, warmup=1, device="cpu",
+                        image_size=64, repeats=2)
+    train_gflops = 3 * summarize("resnet18", input_size=64).gflops
+    assert bench.canon.train_gflops == pytest.approx(train_gflops)
+    assert bench.torchvision.train_gflops == pytest.approx(train_gflops)  # same architecture
+    for speed in (bench.canon, bench.torchvision):
+        assert speed.images_per_s > 0 and speed.ms_per_step > 0 and speed.mfu > 0
+    assert bench.ratio == pytest.approx(bench.canon.images_per_s / bench.torchvision.images_per_s)
+    assert bench.settings["image_size"] == 64 and bench.peak_gmacs > 0
+    assert "canon / torchvision images/s" in format_train(bench)
+    assert json.loads(json.dumps(bench.to_dict()))["ratio"] == pytest.approx(bench.ratio)
+
+
+def test_train_bench_googlenet_trains_the_auxiliary_heads_of_both():
+    bench = bench_train("googlenet_bn", batch_size=2, steps=1, warmup=0, device="cpu",
+                        image_size=64, repeats=1)
+    assert bench.settings["model"] == "googlenet_bn"
+    assert bench.canon.images_per_s > 0 and bench.torchvision.images_per_s > 0
+
+
+def test_torchvision_twins_paper_resnets_included():
+    assert torchvision_twin("resnet50_v1_5") == torchvision_twin("resnet50") == "resnet50"
+    assert torchvision_twin("alexnet_owt") == "alexnet"
+    assert torchvision_twin("googlenet_bn") == "googlenet"
+
+
+def test_a_model_without_torchvision_twin_is_refused_naming_the_supported():
+    with pytest.raises(ConfigError, match=r"resnet50_v1_5.*vgg16_bn"):
+        bench_train("zfnet", device="cpu")
+
+
+def test_matmul_peak_is_positive():
+    assert matmul_peak(torch.device("cpu"), size=64, iterations=2) > 0
+
+
+def test_data_bench_gives_both_rates(imagenette_root):
+    (result,) = bench_data(imagenette_root, images=8, repeats=1)
+    assert result.recipe == "resnet18-imagenette5" and result.images == 8
+    assert result.canon_images_per_s > 0 and result.torchvision_images_per_s > 0
+    assert result.ratio > 0
+
+
+def test_both_pipelines_give_the_same_tensors_of_the_same_images(imagenette_root):
+    sets = pipelines(bench_config("resnet18-imagenette5", imagenette_root), images=3)
+    for i, j in zip(sets.canon_indices, sets.torchvision_indices, strict=True):
+        assert sets.canon.paths[i].name == sets.torchvision.samples[j][0].rsplit("/", 1)[1]
+        canon_image, tv_image = sets.canon[i][0], sets.torchvision[j][0]
+        assert canon_image.shape == tv_image.shape == (3, 128, 128)
+        assert canon_image.dtype == tv_image.dtype == torch.float32
+
+
+def test_every_imagenet_recipe_has_a_torchvision_pipeline_and_cifar_is_refused(tmp_path):
+    recipes = imagenet_recipes()
+    assert {"alexnet", "zfnet", "vgg16", "resnet50", "googlenet"} <= set(recipes)
+    assert "quickstart" not in recipes
+    image = torch.randint(0, 256, (3, 200, 300), dtype=torch.uint8)
+    for recipe in recipes:
+        config = bench_config(recipe, tmp_path)
+        assert config.pca_std == 0 and config.photometric == 0
+        # canon's pipeline with ImageNet's mean: the recipe's pixel mean needs a dataset.
+        canon_image = training_transform(replace(config, mean="imagenet"), None)(image)
+        tv_image = torchvision_transform(config)(to_pil_image(image))
+        assert canon_image.shape == tv_image.shape == (3, config.crop_size, config.crop_size)
+    with pytest.raises(ConfigError, match="CIFAR"):
+        bench_config("resnet20-cifar10", tmp_path)
+
+
+def test_parser_and_data_command(imagenette_root, tmp_path, capsys):
+    parser = _parser()
+    args = parser.parse_args(["bench", "train", "--model", "resnet18"])
+    assert (args.model, args.batch_size, args.channels_last, args.amp) == (
+        "resnet18", None, None, "none")
+    assert args.run.__name__ == "run_train"
+    args = parser.parse_args(["bench", "data", "--data", "X"])
+    assert (args.data, args.recipe, args.images) == ("X", "resnet18-imagenette5", 500)
+    out = tmp_path / "data.json"
+    run_data(parser.parse_args(["bench", "data", "--data", str(imagenette_root), "--images",
+                                "4", "--repeats", "1", "--json", str(out)]))
+    assert "resnet18-imagenette5" in capsys.readouterr().out
+    assert json.loads(out.read_text())[0]["images"] == 4
+
+
+def test_loop_bench_times_canons_loop_and_the_plain_ones(capsys):
+    from canon.cli import main
+
+    main(["bench", "loop", "--steps", "5", "--repeats", "1", "--workers", "0"])
+    out = capsys.readouterr().out
+    assert "canon / plain, 0 workers:" in out
+    rates = [float(line.split()[-1]) for line in out.splitlines()
+             if line.startswith(("canon ", "plain")) and "/" not in line]
+    assert len(rates) == 2 and min(rates) > 0
+    with pytest.raises(SystemExit) as refused:
+        main(["bench", "loop", "--recipe", "resnet20-cifar10"])
+    assert refused.value.code == 2 and "trains on cifar10" in capsys.readouterr().err
