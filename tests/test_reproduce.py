@@ -1,7 +1,8 @@
 """canon reproduce (issue 13): the experiments are data every recipe of which loads; the
 degradation experiment runs end to end through the command line in micro mode (four tiny runs
 on the bundled sample), writes its table and plots, trains nothing again when run again, and
-resumes an interrupted run instead of restarting it."""
+resumes an interrupted run instead of restarting it; imagenette trains on a real JPEG folder
+given by --data and sets its accuracy beside the leaderboard's."""
 
 from __future__ import annotations
 
@@ -19,31 +20,40 @@ from canon.engine.checkpoint import (
     epoch_checkpoint,
 )
 from canon.errors import ConfigError
-from canon.recipes import load_recipe
+from canon.recipes import apply_overrides, load_recipe
 from canon.reproduce import training
 from canon.reproduce.analyses import ANALYSES
-from canon.reproduce.experiments import EXPERIMENTS, MODES, NOT_YET_DEFINED
+from canon.reproduce.experiments import EXPERIMENTS, MODES
 
 
 def test_every_experiment_is_data_that_loads() -> None:
     for experiment in EXPERIMENTS.values():
         assert experiment.analysis in ANALYSES
-        for name in {*experiment.recipes, *experiment.micro_recipes}:
-            for mode in MODES.values():
+        assert set(experiment.modes) == {"full", "quick", "micro"}
+        for mode in experiment.modes.values():
+            for name in experiment.recipes_in(mode.name):
                 recipe = training.shortened_recipe(name, mode, seed=1)
                 assert recipe.train.seed == 1
-                assert recipe.train.iterations == round(load_recipe(name).train.iterations
-                                                        / mode.divisor)
-    assert not set(NOT_YET_DEFINED) & set(EXPERIMENTS)
+                original = load_recipe(name).train
+                if original.iterations is None:  # counted in epochs: the mode may set them
+                    assert mode.divisor == 1
+                else:
+                    assert recipe.train.iterations == round(original.iterations / mode.divisor)
+    imagenette = EXPERIMENTS["imagenette"]
+    assert [load_recipe(name).train.epochs for name in imagenette.recipes] == [5, 20]
+    assert imagenette.recipes_in("quick") == ("resnet18-imagenette5",)
 
 
-def test_list_names_every_experiment_and_those_not_defined(capsys) -> None:
+def test_list_names_every_experiment_and_bad_requests_are_refused(capsys, tmp_path) -> None:
     main(["reproduce", "--list"])
     out = capsys.readouterr().out
-    assert all(name in out for name in [*EXPERIMENTS, *NOT_YET_DEFINED])
-    assert "not yet defined" in out
-    for argv, message in ((["imagenette"], "not defined yet"),
-                          (["degradation", "--runs", "2", "--micro"], "--runs applies")):
+    assert all(name in out for name in EXPERIMENTS)
+    assert "--quick: the 5-epoch run alone" in out
+    for argv, message in ((["degradation", "--runs", "2", "--micro"], "--runs applies"),
+                          (["degradation", "--quick", "--data", str(tmp_path)],
+                           "--data applies where"),
+                          (["imagenette", "--micro", "--output-dir", str(tmp_path)],
+                           "pass --data /path/to/imagenette2-160")):
         with pytest.raises(SystemExit) as stopped:
             main(["reproduce", *argv])
         assert stopped.value.code == 2 and message in capsys.readouterr().err
@@ -129,3 +139,38 @@ def test_a_run_of_another_recipe_is_refused(tmp_path: Path) -> None:
     planned = training.PlannedRun(quick, 0, run_dir)
     with pytest.raises(ConfigError, match=r"train\.iterations"):
         training.ensure_run(planned, MODES["quick"], device="cpu", progress=False)
+
+
+def test_imagenette_micro_trains_on_a_jpeg_folder_and_sets_it_beside_the_leaderboard(
+    tmp_path: Path, imagenette_root: Path, capsys
+) -> None:
+    main(["reproduce", "imagenette", "--micro", "--data", str(imagenette_root),
+          "--output-dir", str(tmp_path), "--device", "cpu"])
+    assert "imagenette: finding not shown" in capsys.readouterr().out  # 4 steps learn nothing
+    report = tmp_path / "imagenette-micro"
+    readme = (report / "README.md").read_text()
+    assert "| ResNet-18, 1 epochs |" in readme and "| 87.43 |" in readme
+    assert f"--data {imagenette_root.resolve()}" in readme
+    assert (report / "curves" / "curves-top1.png").stat().st_size > 0
+    run = json.loads((report / "results.json").read_text())["runs"][0]
+    assert run["run"] == "resnet18-imagenette5-micro-seed0" and run["epochs"] == 1
+    recipe = load_recipe(Path(run["run_dir"]) / "recipe.yaml")
+    assert recipe.data.dataset == str(imagenette_root.resolve())
+    assert recipe.data.crop_size == 128
+
+
+def test_a_finished_run_saved_before_a_key_existed_is_kept_while_the_key_is_at_its_default(
+    tmp_path: Path
+) -> None:
+    import yaml
+
+    quick = training.shortened_recipe("resnet20-cifar10", MODES["quick"], 0)
+    saved = quick.to_dict()
+    del saved["train"]["data_on_device"]  # a run of a canon before that key
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(saved))
+    training._check_same_recipe(tmp_path, quick, finished=True)
+    off = apply_overrides(quick, [("train.data_on_device", False)])
+    with pytest.raises(ConfigError, match=r"train\.data_on_device"):
+        training._check_same_recipe(tmp_path, off, finished=True)
+    with pytest.raises(ConfigError, match=r"train\.data_on_device"):  # not to continue it
+        training._check_same_recipe(tmp_path, quick)

@@ -198,7 +198,28 @@ def _ensemble_plot(table: list[dict[str, Any]], path: Path) -> Path:
     return save_figure(figure, path)
 
 
+def imagenette(records: list[RunRecord], context: Context) -> Outcome:
+    """canon's Imagenette recipes against the leaderboard: the final model's top-1 accuracy
+    on the validation set (as the leaderboard reports it) after each schedule."""
+    table, findings = [], []
+    for record in records:
+        recipe = record.run.recipe
+        ours, board = 100 - record.test_error, 100 - recipe.reported.top1_error
+        name = f"{_label(record)}, {record.epochs} epochs"
+        table.append({"run": name, "top-1 accuracy (%)": ours, "leaderboard (%)": board,
+                      "ours - leaderboard": ours - board,
+                      "training error (%)": record.train_error,
+                      "training s": record.train_seconds})
+        findings.append(Finding(
+            f"{name} reaches the leaderboard's {board:.2f}% at {record.epochs} epochs",
+            ours >= board, f"{ours:.2f}% top-1 on {recipe.data.crop_size} px centre crops, "
+            f"{ours - board:+.2f} points"))
+    result = curves([r.run.run_dir for r in records], context.folder / "curves",
+                    names=[row["run"] for row in table])
+    return Outcome(table, findings, [Path(result["png"])])
+
+
 ANALYSES: dict[str, Analysis] = {
     "degradation": degradation, "table6": table6, "responses": responses,
-    "ensembles": ensembles,
+    "ensembles": ensembles, "imagenette": imagenette,
 }

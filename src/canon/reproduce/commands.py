@@ -1,4 +1,4 @@
-"""`canon reproduce NAME [--quick] [--runs N] [--output-dir DIR] [--device D]` and
+"""`canon reproduce NAME [--quick] [--runs N] [--data DIR] [--output-dir DIR] [--device D]` and
 `canon reproduce --list`: the command line of canon.reproduce. `--micro` (not shown in --help)
 is for canon's tests: a few steps of two depths, which show nothing. torch loads only when an
 experiment runs, so `--list` and `--help` answer at once.
@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from canon.errors import ConfigError
-from canon.reproduce.experiments import MODES, listing
+from canon.reproduce.experiments import listing
 
 
 def add_reproduce_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -23,7 +23,7 @@ def add_reproduce_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--list", action="store_true", help="list the experiments and exit")
     modes = parser.add_mutually_exclusive_group()
     modes.add_argument("--quick", dest="mode", action="store_const", const="quick",
-                       help=f"shortened: {MODES['quick'].describe}")
+                       help="shortened for a CPU; --list says how for each experiment")
     modes.add_argument("--micro", dest="mode", action="store_const", const="micro",
                        help=argparse.SUPPRESS)  # canon's tests only
     parser.add_argument("--runs", type=int, metavar="N",
@@ -32,6 +32,9 @@ def add_reproduce_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--output-dir", type=Path, metavar="DIR", default=Path("reproduce"),
                         help="runs go to DIR/runs (shared by the experiments), the report to "
                         "DIR/NAME[-quick]; default: ./reproduce")
+    parser.add_argument("--data", metavar="DIR",
+                        help="the dataset folder the recipes train on (imagenette: "
+                        "/path/to/imagenette2-160); CIFAR-10 is downloaded when absent")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
     parser.set_defaults(run=run_reproduce, mode="full")
 
@@ -48,7 +51,7 @@ def run_reproduce(args: argparse.Namespace) -> None:
 
     try:
         result = reproduce(args.experiment, args.output_dir, mode=args.mode, runs=args.runs,
-                           device=args.device)
+                           device=args.device, data=args.data)
     except TrainingInterrupted as stop:
         print(f"stopped ({stop.checkpoint}); the same command resumes it")
         sys.exit(128 + stop.signal_number)  # the shell's convention, as `canon train`

@@ -14,10 +14,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from canon.errors import ConfigError
 from canon.files import make_folder
 from canon.reproduce.analyses import ANALYSES, Context, Finding
-from canon.reproduce.experiments import MODES, get_experiment
+from canon.reproduce.experiments import get_experiment
 from canon.reproduce.report import environment, write_report
 from canon.reproduce.training import ensure_run, plan_runs
 
@@ -39,37 +38,42 @@ def reproduce(
     mode: str = "full",
     runs: int | None = None,
     device: str = "auto",
+    data: str | None = None,
     progress: bool = True,
 ) -> Reproduction:
     """Reproduce experiment `name` (canon.reproduce.experiments.EXPERIMENTS) in `mode`
     ("full", "quick" or "micro", the last for tests) with `runs` seeds where it compares
-    seeds. Finished runs under OUTPUT/runs are read as they are, interrupted ones resumed;
-    Ctrl-C stops the run in training with a checkpoint (canon.engine.trainer's
-    TrainingInterrupted), and the same call again goes on from it."""
-    if mode not in MODES:
-        raise ConfigError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
-    experiment, chosen = get_experiment(name), MODES[mode]
+    seeds, on the folder `data` instead of the recipes' dataset when given. Finished runs
+    under OUTPUT/runs are read as they are, interrupted ones resumed; Ctrl-C stops the run in
+    training with a checkpoint (canon.engine.trainer's TrainingInterrupted), and the same
+    call again goes on from it."""
+    experiment = get_experiment(name)
+    chosen = experiment.mode(mode)
+    if data is not None:  # stored in each run's recipe.yaml, compared when a run is reused
+        data = str(Path(data).expanduser().resolve())
     root = Path(output_dir)
     started = time.perf_counter()
-    planned = plan_runs(experiment, chosen, runs, root / "runs")
+    planned = plan_runs(experiment, chosen, runs, root / "runs", data)
     records = [ensure_run(run, chosen, device=device, progress=progress) for run in planned]
     suffix = "" if mode == "full" else f"-{mode}"
     context = Context(experiment, chosen, device, root / f"{name}{suffix}")
     make_folder(context.folder)
     outcome = ANALYSES[experiment.analysis](records, context)
-    readme = write_report(context, _command(name, mode, runs, root), records, outcome,
+    readme = write_report(context, _command(name, mode, runs, root, data), records, outcome,
                           environment(device), time.perf_counter() - started)
     return Reproduction(readme, outcome.findings, all(f.held for f in outcome.findings),
                         sum(record.status != "finished before" for record in records))
 
 
-def _command(name: str, mode: str, runs: int | None, root: Path) -> str:
+def _command(name: str, mode: str, runs: int | None, root: Path, data: str | None) -> str:
     """The command line that makes the same report."""
     parts = ["canon", "reproduce", name]
     if mode != "full":
         parts.append(f"--{mode}")
     if runs is not None:
         parts += ["--runs", str(runs)]
+    if data is not None:
+        parts += ["--data", data]
     if root != DEFAULT_OUTPUT:
         parts += ["--output-dir", str(root)]
     return " ".join(parts)

@@ -22,8 +22,10 @@ from canon.engine.checkpoint import EXPORT_CONFIG, EXPORT_WEIGHTS, resumable_che
 from canon.engine.schedules import scale_iteration_counts
 from canon.engine.trainer import train
 from canon.errors import ConfigError
-from canon.recipes import Recipe, apply_overrides, load_recipe, parse_yaml
+from canon.recipes import Recipe, load_recipe, parse_yaml
+from canon.recipes.schema import SECTIONS
 from canon.reproduce.experiments import Experiment, Mode
+from canon.validation import plain
 from canon.visualize.curves import metrics_file, read_metrics
 
 
@@ -51,9 +53,10 @@ class RunRecord:
     test_error: float  # the final model's top-1 test error (%)
 
 
-def plan_runs(experiment: Experiment, mode: Mode, runs: int | None, root: Path
-              ) -> list[PlannedRun]:
-    """Every (recipe, seed) run of `experiment` in `mode`, with seeds 0 .. runs - 1."""
+def plan_runs(experiment: Experiment, mode: Mode, runs: int | None, root: Path,
+              data: str | None = None) -> list[PlannedRun]:
+    """Every (recipe, seed) run of `experiment` in `mode`, with seeds 0 .. runs - 1, on the
+    folder `data` when given."""
     if runs is not None and experiment.runs is None:
         raise ConfigError(f"{experiment.name} trains one run per recipe; --runs applies to "
                           "experiments that compare seeds (canon reproduce --list)")
@@ -61,22 +64,26 @@ def plan_runs(experiment: Experiment, mode: Mode, runs: int | None, root: Path
     if count is not None and count < experiment.min_runs:
         raise ConfigError(f"{experiment.name} needs --runs {experiment.min_runs} at least, "
                           f"got {count}")
-    recipes = experiment.micro_recipes if mode.name == "micro" else experiment.recipes
+    if data is not None and mode.dataset is not None:
+        raise ConfigError(f"--{mode.name} trains {experiment.name} on {mode.dataset}; --data "
+                          "applies where a mode keeps the recipes' dataset")
     suffix = "" if mode.name == "full" else f"-{mode.name}"
-    return [PlannedRun(shortened_recipe(name, mode, seed), seed,
+    return [PlannedRun(shortened_recipe(name, mode, seed, data), seed,
                        root / f"{name}{suffix}-seed{seed}")
-            for name in recipes for seed in range(count or 1)]
+            for name in experiment.recipes_in(mode.name) for seed in range(count or 1)]
 
 
-def shortened_recipe(name: str, mode: Mode, seed: int) -> Recipe:
-    """Recipe `name` with train.seed `seed`, shortened as `mode` says."""
-    recipe = load_recipe(name, [("train.seed", seed)])
+def shortened_recipe(name: str, mode: Mode, seed: int, data: str | None = None) -> Recipe:
+    """Recipe `name` with train.seed `seed` (on the folder `data` when given), shortened as
+    `mode` says."""
+    dataset = mode.dataset or data
+    recipe = load_recipe(name, [
+        ("train.seed", seed), *([] if dataset is None else [("data.dataset", dataset)]),
+        *mode.overrides])
     if mode.divisor == 1:
         return recipe
     if recipe.train.iterations is None:
         raise ConfigError(f"{name} has no train.iterations: a mode shortens iteration counts")
-    dataset = () if mode.dataset is None else (("data.dataset", mode.dataset),)
-    recipe = apply_overrides(recipe, [*dataset, *mode.overrides])
     # The conversion a larger batch makes (same images seen), by the mode's divisor.
     schedule, iterations = scale_iteration_counts(
         recipe.schedule, recipe.train.iterations, 1, mode.divisor)
@@ -91,7 +98,7 @@ def ensure_run(run: PlannedRun, mode: Mode, *, device: str, progress: bool) -> R
     """Train `run`, resume it, or leave it as it is when it has finished."""
     run_dir = run.run_dir
     if _finished(run_dir):
-        _check_same_recipe(run_dir, run.recipe)
+        _check_same_recipe(run_dir, run.recipe, finished=True)
         return _record(run, "finished before", None)
     resume = run_dir if resumable_checkpoints(run_dir) else None
     if resume is not None:
@@ -108,19 +115,28 @@ def _finished(run_dir: Path) -> bool:
     return (run_dir / EXPORT_WEIGHTS).is_file() and (run_dir / EXPORT_CONFIG).is_file()
 
 
-def _check_same_recipe(run_dir: Path, recipe: Recipe) -> None:
-    """Refuse to keep or continue a run of another recipe (another mode, an edited recipe)."""
+def _check_same_recipe(run_dir: Path, recipe: Recipe, *, finished: bool = False) -> None:
+    """Refuse to keep or continue a run of another recipe (another mode, an edited recipe).
+    A finished run may predate a key that is at its default: its result stands; a run to
+    continue may not (the key may change what the rest of it does)."""
     path = run_dir / "recipe.yaml"
     if not path.is_file():
         return
     saved, ours = _flat(parse_yaml(path.read_text()) or {}), _flat(recipe.to_dict())
+    defaults = _flat(_defaults()) if finished else {}
     differing = sorted(key for key in saved.keys() | ours.keys()
-                       if saved.get(key) != ours.get(key))
+                       if saved.get(key, defaults.get(key)) != ours.get(key))
     if differing:
         raise ConfigError(
             f"{run_dir} holds a run of another recipe ({', '.join(differing)} differ): delete "
             "it to train it again, or choose another --output-dir"
         )
+
+
+def _defaults() -> dict[str, Any]:
+    """Every section's defaults, as Recipe.to_dict writes values."""
+    return {section: plain(kind()) if section != "model" else {}
+            for section, kind in SECTIONS.items()}
 
 
 def _flat(values: dict[str, Any]) -> dict[str, Any]:
