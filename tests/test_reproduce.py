@@ -36,12 +36,28 @@ def test_every_experiment_is_data_that_loads() -> None:
                 assert recipe.train.seed == 1
                 original = load_recipe(name).train
                 if original.iterations is None:  # counted in epochs: the mode may set them
-                    assert mode.divisor == 1
+                    assert mode.iterations is None
                 else:
-                    assert recipe.train.iterations == round(original.iterations / mode.divisor)
+                    assert recipe.train.iterations == (mode.iterations or original.iterations)
     imagenette = EXPERIMENTS["imagenette"]
     assert [load_recipe(name).train.epochs for name in imagenette.recipes] == [5, 20]
     assert imagenette.recipes_in("quick") == ("resnet18-imagenette5",)
+
+
+def test_quick_mode_shortens_the_schedule_in_proportion_and_warms_up_every_net() -> None:
+    quick = MODES["quick"]
+    resnet56 = training.shortened_recipe("resnet56-cifar10", quick, seed=0)
+    assert resnet56.train.iterations == 1170  # 30 epochs of the sample's 39 steps
+    assert resnet56.schedule.milestones == (585, 878)  # 32k and 48k of 64k
+    assert (resnet56.schedule.warmup_iterations, resnet56.schedule.warmup_mode,
+            resnet56.schedule.warmup_start_factor) == (78, "linear", 0.1)
+    # ResNet-110 keeps its own warm-up (lr 0.01 until 80% training error), shortened with the
+    # rest: 400 of 64k iterations at the latest.
+    resnet110 = training.shortened_recipe("resnet110-cifar10", quick, seed=0)
+    assert resnet110.schedule.warmup_mode == "constant"
+    assert resnet110.schedule.warmup_iterations == round(400 * 1170 / 64000)
+    assert training.shortened_recipe("resnet56-cifar10", MODES["full"], seed=0).schedule == (
+        load_recipe("resnet56-cifar10").schedule)
 
 
 def test_list_names_every_experiment_and_bad_requests_are_refused(capsys, tmp_path) -> None:

@@ -80,13 +80,17 @@ def shortened_recipe(name: str, mode: Mode, seed: int, data: str | None = None) 
     recipe = load_recipe(name, [
         ("train.seed", seed), *([] if dataset is None else [("data.dataset", dataset)]),
         *mode.overrides])
-    if mode.divisor == 1:
+    if mode.iterations is None:
         return recipe
     if recipe.train.iterations is None:
         raise ConfigError(f"{name} has no train.iterations: a mode shortens iteration counts")
-    # The conversion a larger batch makes (same images seen), by the mode's divisor.
+    # The conversion a larger batch makes (same images seen), by the ratio of the limits.
     schedule, iterations = scale_iteration_counts(
-        recipe.schedule, recipe.train.iterations, 1, mode.divisor)
+        recipe.schedule, recipe.train.iterations, mode.iterations, recipe.train.iterations)
+    if mode.warmup_iterations and not (schedule.warmup_iterations or schedule.warmup_epochs):
+        schedule = dataclasses.replace(schedule, warmup_iterations=mode.warmup_iterations,
+                                       warmup_mode="linear", warmup_start="factor",
+                                       warmup_start_factor=0.1)
     # The iteration limit ends the run; epochs only must not end it sooner (an epoch has at
     # least one step), and the trainer runs no more of them than the limit needs.
     epochs = math.ceil(iterations * recipe.optimizer.base_batch_size / recipe.train.batch_size)
