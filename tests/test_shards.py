@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from canon.data.folders import BadImageWarning, open_image_folder
 from canon.data.loaders import collate
 from canon.data.pack_command import add_pack_parser, parse_size
-from canon.data.packing import pack_folder
+from canon.data.packing import _even_bounds, pack_folder
 from canon.data.shard_index import is_shard_folder, read_index
 from canon.data.shards import ShardImages
 from canon.errors import ConfigError, DataError
@@ -72,6 +72,8 @@ def test_the_index_lists_what_the_folder_reader_finds(packed, folders, imagenett
         assert [s.file for s in split.shards] == [f"{name}-{i:06d}.tar"
                                                  for i in range(len(split.shards))]
         assert len(split.shards) >= 4
+        counts = [shard.samples for shard in split.shards]
+        assert max(counts) - min(counts) <= 1  # no small last shard to cut the stream short
         for shard in split.shards:
             assert (packed / shard.file).stat().st_size == shard.bytes <= SHARD_BYTES
             assert sum(shard.class_counts) == shard.samples
@@ -113,6 +115,25 @@ def test_each_epoch_reads_every_training_image_once(packed, train_digests, worke
         orders.append([name for names, _ in loader for name in names])
         assert Counter(orders[-1]) == Counter(train_digests)
     assert orders[0] != orders[1]
+
+
+def test_shards_are_the_fewest_of_equal_counts_that_fit() -> None:
+    # Ten samples of 100 kB in shards of 350 kB: four shards of 2-3 (a greedy cut would give
+    # 3, 3, 3, 1, and a rank dealt the 1 would cut every rank's epoch short).
+    assert _even_bounds([100_000] * 10, 350_000) == [0, 2, 5, 7, 10]
+    assert _even_bounds([10, 10**6, 10], 100_000) == [0, 1, 2, 3]  # one image a shard at least
+    assert _even_bounds([], 100_000) == [0]
+
+
+def test_one_shard_read_by_many_workers_loses_only_the_last_partial_batch(
+    imagenette_root, tmp_path
+):
+    out = tmp_path / "one"
+    pack_folder(imagenette_root, out, splits=["train"], progress=False)
+    assert len(read_index(out).splits["train"].shards) == 1
+    images = ShardImages(out, "train", transform=digest, batch_size=16, workers=2)
+    assert len(images) == 1000 // 16 * 16  # the idle second worker holds nothing back
+    assert len(stream(images)) == len(images)
 
 
 def test_the_same_seed_and_epoch_give_the_same_stream(packed):

@@ -25,7 +25,7 @@ def add_pack_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="a new or empty folder (or an earlier pack of DATA, replaced)")
     parser.add_argument("--shard-size", type=parse_size, default=10**9, metavar="SIZE",
                         help="largest shard: bytes, or with a unit (500MB, 1GB, 1GiB); "
-                        "default: 1GB")
+                        "the fewest shards that fit, equal in image count; default: 1GB")
     parser.add_argument("--splits", type=lambda text: text.split(","), default=["train", "val"],
                         metavar="LIST", help="comma-separated; default: train,val")
     parser.set_defaults(run=run_pack)

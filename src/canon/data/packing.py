@@ -19,6 +19,7 @@ import tarfile
 from collections.abc import Iterable
 from functools import partial
 from io import BytesIO
+from itertools import accumulate, pairwise
 from pathlib import Path
 
 from tqdm import tqdm
@@ -44,9 +45,10 @@ def pack_folder(
     progress: bool = True,
 ) -> PackIndex:
     """Pack the `splits` of the ImageNet-layout folder `root` (train/<class>/*, val/<class>/*)
-    into shards of at most `shard_bytes` (a shard holds one image at least) in `out`: a new or
-    empty folder, or an earlier pack of the same folder, which is replaced. Each shard is
-    written under a temporary name and renamed when complete; index.json last."""
+    into the fewest shards of at most `shard_bytes` (one image each at least) that hold equal
+    image counts, within one, in `out`: a new or empty folder, or an earlier pack of the same
+    folder, which is replaced. Each shard is written under a temporary name and renamed when
+    complete; index.json last."""
     root, out, splits = Path(root), Path(out), list(splits)
     if shard_bytes <= 0:
         raise ConfigError(f"shard size {shard_bytes}: must be a positive number of bytes")
@@ -114,61 +116,77 @@ def _check_out(out: Path, root: Path) -> None:
 
 
 class _SplitWriter:
-    """A split's images into shards `SPLIT-NNNNNN.tar` in turn: an image that would take the
-    current shard past shard_bytes starts the next."""
+    """A split's images into shards `SPLIT-NNNNNN.tar`: the fewest that fit in shard_bytes
+    with equal image counts (within one), so that no rank's stream is cut short by a small
+    last shard (canon.data.shards.ShardImages.__len__ counts the smallest ones)."""
 
     def __init__(self, out: Path, split: str, folder: FolderImages, shard_bytes: int,
                  bar: tqdm) -> None:
-        self.out, self.split, self.folder = out, split, folder
-        self.shard_bytes, self.bar = shard_bytes, bar
+        self.out, self.split, self.bar = out, split, bar
+        self.class_count = len(folder.class_ids)
         order = list(range(len(folder)))
         if split == "train":
             random.Random(PACK_SEED).shuffle(order)
         keys = _keys(folder)
-        self.samples = iter([(keys[i], folder.paths[i], folder.labels[i]) for i in order])
-        self.pending = self._next()
+        self.samples = [(keys[i], folder.paths[i], folder.labels[i]) for i in order]
+        sizes = [sum(_member_bytes(info) for info, _ in _members(*sample, read=False))
+                 for sample in self.samples]
+        self.bounds = _even_bounds(sizes, shard_bytes)
 
     def write(self) -> list[Shard]:
         shards = []
-        while self.pending is not None:
-            path = self.out / f"{self.split}-{len(shards):06d}.tar"
-            counts = [0] * len(self.folder.class_ids)
-            atomic_write(path, partial(self._fill, counts=counts), advice=_ADVICE)
+        for number, (start, stop) in enumerate(pairwise(self.bounds)):
+            path = self.out / f"{self.split}-{number:06d}.tar"
+            counts = [0] * self.class_count
+            atomic_write(path, partial(self._fill, samples=self.samples[start:stop],
+                                       counts=counts), advice=_ADVICE)
             shards.append(Shard(path.name, sum(counts), path.stat().st_size, counts))
         return shards
 
-    def _fill(self, temporary: Path, counts: list[int]) -> None:
-        size = 0  # of the members so far
+    def _fill(self, temporary: Path, samples: list[tuple[str, Path, int]],
+              counts: list[int]) -> None:
         with tarfile.open(temporary, "w", format=tarfile.PAX_FORMAT) as tar:
-            while self.pending is not None:
-                members, label = self.pending
-                grown = size + sum(_member_bytes(info) for info, _ in members)
-                if size and _tar_bytes(grown) > self.shard_bytes:
-                    return
-                for info, data in members:
+            for key, path, label in samples:
+                for info, data in _members(key, path, label):
                     tar.addfile(info, BytesIO(data))
-                size, counts[label] = grown, counts[label] + 1
+                counts[label] += 1
                 self.bar.update()
-                self.pending = self._next()
 
-    def _next(self) -> tuple[list[tuple[tarfile.TarInfo, bytes]], int] | None:
-        """The next image's tar members (headers as TarInfo() makes them: mtime 0, no owner,
-        so that packing the same folder twice gives the same bytes) and its label."""
-        key, path, label = next(self.samples, (None, None, None))
-        if key is None:
-            return None
-        try:
-            data = path.read_bytes()
-        except OSError as error:
-            raise DataError(f"{path}: cannot read ({error.strerror or error}); fix or remove "
-                            "it and pack again") from None
-        extension = path.suffix.lower().lstrip(".").replace("jpeg", "jpg")
-        members = []
-        for name, content in ((f"{key}.{extension}", data), (f"{key}.cls", str(label).encode())):
-            info = tarfile.TarInfo(name)
-            info.size = len(content)
-            members.append((info, content))
-        return members, label
+
+def _members(key: str, path: Path, label: int, read: bool = True
+             ) -> list[tuple[tarfile.TarInfo, bytes]]:
+    """An image's tar members, `KEY.EXT` and `KEY.cls` (headers as TarInfo() makes them:
+    mtime 0, no owner, so that packing the same folder twice gives the same bytes); with
+    read=False the image's member has its size but no data."""
+    try:
+        data = path.read_bytes() if read else b""
+        size = len(data) if read else path.stat().st_size
+    except OSError as error:
+        raise DataError(f"{path}: cannot read ({error.strerror or error}); fix or remove "
+                        "it and pack again") from None
+    extension = path.suffix.lower().lstrip(".").replace("jpeg", "jpg")
+    members = []
+    for name, content, length in ((f"{key}.{extension}", data, size),
+                                  (f"{key}.cls", str(label).encode(), len(str(label)))):
+        info = tarfile.TarInfo(name)
+        info.size = length
+        members.append((info, content))
+    return members
+
+
+def _even_bounds(sizes: list[int], shard_bytes: int) -> list[int]:
+    """Where each shard's samples start, then the end: the fewest shards of equal sample
+    counts (within one) whose tar files, of samples taking `sizes` bytes, hold at most
+    shard_bytes; one sample each where even that does not fit."""
+    prefix = list(accumulate(sizes, initial=0))
+    total = len(sizes)
+    count = max(1, -(-_tar_bytes(prefix[-1]) // shard_bytes))
+    while count < total:
+        bounds = [k * total // count for k in range(count + 1)]
+        if all(_tar_bytes(prefix[b] - prefix[a]) <= shard_bytes for a, b in pairwise(bounds)):
+            return bounds
+        count += 1
+    return list(range(total + 1))
 
 
 def _keys(folder: FolderImages) -> list[str]:

@@ -15,10 +15,12 @@ The sharding caveat: ranks get whole shards, so their sample counts differ by up
 change with the epoch's permutation). Ranks must take the same number of steps, so in training
 every rank stops after the same count, `len(self)`, computed from the index: the fewest samples
 any rank can be dealt (the world_size-th part of the shards, the smallest ones), less what does
-not fill whole batches of every worker; the samples past it differ from epoch to epoch. Each
-worker's share is a multiple of batch_size, so every batch is full. Evaluation (shuffle=False)
-reads the shards in pack order and every sample of the rank's shards exactly once, with any
-number of loader workers.
+not fill whole batches of the workers that read a shard; the samples past it differ from epoch
+to epoch. `canon pack` makes shards of equal sample counts, so an epoch skips about (shards mod
+world_size) / shards of the split: pack a multiple of the world size's shards (canon pack
+--shard-size) to read nearly every image each epoch. Each worker's share is a multiple of
+batch_size, so every batch is full. Evaluation (shuffle=False) reads the shards in pack order
+and every sample of the rank's shards exactly once, with any number of loader workers.
 
 Undecodable images come out as None (canon.data.loaders.collate drops them) unless strict; a
 shard cut short or altered since it was packed is a DataError naming it.
@@ -142,8 +144,10 @@ class ShardImages(IterableDataset):
             return sum(self.shards[i].samples for i in self._rank_shards(0))
         dealt = len(self.shards) // self.world_size  # shards every rank gets at least
         fewest = sorted(shard.samples for shard in self.shards)[:dealt]
-        workers, size = max(self.workers, 1), self.batch_size
-        return max(0, -((workers * (size - 1) - sum(fewest)) // size)) * size
+        # Loader workers with a shard (the rest idle), each of which may end short of a batch.
+        reading = min(max(self.workers, 1), -(-len(self.shards) // self.world_size))
+        size = self.batch_size
+        return max(0, -((reading * (size - 1) - sum(fewest)) // size)) * size
 
     def _rank_shards(self, epoch: int) -> list[int]:
         order = list(range(len(self.shards)))
