@@ -20,12 +20,14 @@ from canon.data.device_jpeg import (
     DeviceCrops,
     DeviceDecodedBatches,
     FileBytes,
+    _plain_jpeg,
     collate_files,
     decode_batch,
 )
 from canon.data.folders import FolderImages
 from canon.data.loaders import build_datasets
 from canon.data.sampling import SeededSamples
+from canon.data.transforms import Compose, RandomAreaCrop, ToFloat
 from canon.engine.trainer import train
 from canon.recipes import load_recipe
 
@@ -84,6 +86,36 @@ def test_only_pipelines_with_an_on_device_form_get_one(imagenette_root: Path) ->
     assert device_form("resnet18") is None  # its per-pixel mean image
     assert device_form("googlenet", mean="imagenet") is None  # photometric, random filters
     assert device_form("alexnet", mean="imagenet") is None  # crops of a fixed square
+    assert DeviceCrops.of(Compose([RandomAreaCrop(64), ToFloat()])) is None  # no Normalize
+
+
+def test_cmyk_and_greyscale_jpegs_decode_to_canons_pixels(imagenette_root: Path,
+                                                          tmp_path: Path) -> None:
+    original = sorted((imagenette_root / "train" / "n01440764").iterdir())[0]
+    for wnid, mode in (("n01440764", "CMYK"), ("n02102040", "L")):
+        (tmp_path / wnid).mkdir()
+        Image.open(original).convert(mode).save(tmp_path / wnid / f"{mode}.JPEG")
+    images = FolderImages(tmp_path)
+    keys, files, _ = _batch(images, [0, 1])
+    assert [_plain_jpeg(data, 0) for data in files] == [False, True]  # CMYK: canon's decoder
+    for i, image in enumerate(decode_batch(files, keys, images, CPU)):
+        assert torch.equal(image, decode_image_file(images.paths[i]))
+
+
+def test_a_file_gone_after_the_scan_is_skipped_with_the_reason(
+    imagenette_root: Path, tmp_path: Path
+) -> None:
+    for wnid in ("n01440764", "n02102040"):
+        (tmp_path / wnid).mkdir()
+        for path in sorted((imagenette_root / "train" / wnid).iterdir())[:2]:
+            shutil.copy(path, tmp_path / wnid / path.name)
+    images = FolderImages(tmp_path)
+    images.paths[1].unlink()
+    keys, files, _ = _batch(images, [0, 1])
+    assert len(files[1]) == 0  # the loader process hands over no bytes, and no error
+    with pytest.warns(UserWarning, match=rf"{images.paths[1].name}: cannot read"):
+        decoded = decode_batch(files, keys, images, CPU)
+    assert decoded[1] is None and torch.equal(decoded[0], images.load_image(0))
 
 
 @pytest.mark.parametrize(("recipe", "scales"), [("resnet18-imagenette5", None),

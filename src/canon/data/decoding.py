@@ -80,7 +80,8 @@ def image_size(data: bytes) -> tuple[int, int] | None:
         if data.startswith(_PNG_SIGNATURE) and data[12:16] == b"IHDR":
             size = struct.unpack_from(">II", data, 16)
         elif data.startswith(b"\xff\xd8"):
-            size = _jpeg_size(data)
+            frame = jpeg_frame(data)
+            size = None if frame is None else frame[:2]
         elif data.startswith(b"RIFF") and data[8:12] == b"WEBP":
             size = _webp_size(data)
         else:
@@ -90,8 +91,10 @@ def image_size(data: bytes) -> tuple[int, int] | None:
     return size if size and size[0] > 0 and size[1] > 0 else None
 
 
-def _jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """Walk the markers from SOI to the first frame header, as libjpeg does."""
+def jpeg_frame(data: bytes) -> tuple[int, int, int, int] | None:
+    """(width, height, colour components, bits per sample) from a JPEG's first frame header,
+    reached by walking the markers from SOI as libjpeg does; None where the walk fails.
+    Raises struct.error or IndexError when the bytes end first."""
     at = 2
     while True:
         if data[at] != 0xFF:  # garbage between segments: leave it to PIL
@@ -100,9 +103,9 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
             at += 1
         marker = data[at]
         at += 1
-        if marker in _JPEG_FRAMES:  # length, precision, height, width
-            height, width = struct.unpack_from(">HH", data, at + 3)
-            return width, height
+        if marker in _JPEG_FRAMES:  # length, precision, height, width, components
+            precision, height, width, components = struct.unpack_from(">BHHB", data, at + 2)
+            return width, height, components, precision
         if marker in _JPEG_STANDALONE:
             continue
         if marker in (0x00, 0xD8, 0xD9, 0xDA):  # stuffing, SOI, EOI, SOS before any frame

@@ -17,6 +17,7 @@ chroma upsampling differ from libjpeg-turbo's by a grey level here and there too
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.ops import roi_align
 
-from canon.data.decoding import image_size, libjpeg_errors
+from canon.data.decoding import jpeg_frame, libjpeg_errors
 from canon.data.folders import FolderImages
 from canon.data.geometry import shorter_side_size
 from canon.data.normalize import Normalize, ToFloat
@@ -69,9 +70,17 @@ class FileBytes(Dataset):
         return len(self.folder)
 
     def __getitem__(self, key: int) -> tuple[int, torch.Tensor, int]:
+        """No bytes for a file that cannot be read (gone, unreadable, empty): decode_batch
+        hands it to the folder's decoder, which skips it with a warning, or stops a strict
+        run naming it, as the per-image pipeline does."""
         index = key % len(self.folder)
-        data = Path(self.folder.paths[index]).read_bytes()
-        return key, torch.frombuffer(bytearray(data), dtype=torch.uint8), self.folder.labels[index]
+        try:
+            data = Path(self.folder.paths[index]).read_bytes()
+        except OSError:
+            data = b""
+        image = (torch.frombuffer(bytearray(data), dtype=torch.uint8) if data
+                 else torch.empty(0, dtype=torch.uint8))
+        return key, image, self.folder.labels[index]
 
 
 def collate_files(items: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -93,27 +102,53 @@ def decode_batch(files: list[torch.Tensor], keys: torch.Tensor, folder: FolderIm
     count, images = len(folder), [None] * len(files)
     plain = [i for i, data in enumerate(files) if _plain_jpeg(data, folder.max_pixels)]
     if plain:
-        with libjpeg_errors():
-            try:
-                decoded = decode_jpeg([files[i] for i in plain], mode=ImageReadMode.RGB,
-                                      device=device)
-                for i, image in zip(plain, decoded, strict=True):
-                    images[i] = image
-            except (RuntimeError, UserWarning):  # one bad file fails the call: all go one by one
-                pass
+        decoded = _decode_jpegs([files[i] for i in plain], device)
+        if decoded is None:  # one bad file fails the whole call: decode them one by one
+            decoded = [_decode_one(files[i], device) for i in plain]
+        for i, image in zip(plain, decoded, strict=True):
+            images[i] = image
     for i, image in enumerate(images):
         if image is None:
-            fallback = folder.image_from_bytes(int(keys[i]) % count, files[i].numpy().tobytes())
+            index = int(keys[i]) % count
+            fallback = (folder.image_from_bytes(index, files[i].numpy().tobytes())
+                        if len(files[i]) else folder.load_image(index))  # says why it failed
             images[i] = None if fallback is None else fallback.to(device)
     return images
 
 
+def _decode_jpegs(files: list[torch.Tensor], device: torch.device
+                  ) -> list[torch.Tensor] | None:
+    """decode_jpeg's RGB images of `files`, or None when it refuses one of them. Running out
+    of GPU memory is not a bad file: it stops the run as anywhere else."""
+    with libjpeg_errors():
+        try:
+            return decode_jpeg(files, mode=ImageReadMode.RGB, device=device)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except (RuntimeError, UserWarning):
+            return None
+
+
+def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    """One file by decode_jpeg; None for canon's decoder to take it."""
+    decoded = _decode_jpegs([data], device)
+    return None if decoded is None else decoded[0]
+
+
 def _plain_jpeg(data: torch.Tensor, max_pixels: int) -> bool:
-    """A baseline or progressive JPEG without EXIF data, within max_pixels (0: no limit)."""
+    """An 8-bit greyscale or YCbCr JPEG (baseline or progressive) without EXIF data, within
+    max_pixels (0: no limit): what decode_jpeg turns into the pixels canon's decoder gives.
+    CMYK and 12-bit JPEGs, which nvJPEG may refuse or convert otherwise, are not."""
     head = data[:65_536].numpy().tobytes()  # the APP1 (EXIF) segment comes first and is < 64 KB
-    size = image_size(head)
-    return (head[:2] == b"\xff\xd8" and size is not None and b"Exif\x00\x00" not in head
-            and (not max_pixels or size[0] * size[1] <= max_pixels))
+    try:
+        frame = jpeg_frame(head) if head[:2] == b"\xff\xd8" else None
+    except (struct.error, IndexError):  # cut short
+        return False
+    if frame is None or b"Exif\x00\x00" in head:
+        return False
+    width, height, components, precision = frame
+    return (components in (1, 3) and precision == 8 and width > 0 and height > 0
+            and (not max_pixels or width * height <= max_pixels))
 
 
 def _flip(flip: bool, generator: torch.Generator) -> bool:
@@ -223,7 +258,9 @@ class DeviceCrops:
             if crop.interpolations != ("bilinear",) or not all(
                     isinstance(step, (ToFloat, FancyPCA, Normalize, RandomFlip)) for step in rest):
                 return None
-            normalize = next(step for step in rest if isinstance(step, Normalize))
+            normalize = next((step for step in rest if isinstance(step, Normalize)), None)
+            if normalize is None:
+                return None
             fancy_pca = next((step for step in rest if isinstance(step, FancyPCA)), None)
             draw = area_draws(crop, fancy_pca, any(isinstance(step, RandomFlip) for step in rest))
         else:

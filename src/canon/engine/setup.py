@@ -195,9 +195,15 @@ def set_up(
                     else len(train_set) // ctx.world_size)
     steps_per_epoch = rank_samples // config.batch_size // config.accum_steps
     if steps_per_epoch == 0:
+        stream = (f" (a shard folder: each rank streams whole shards, here {rank_samples} "
+                  f"images at the least of {len(train_set.shards)} shards over "
+                  f"{ctx.world_size} rank(s) and {max(train_set.workers, 1)} loader "
+                  "worker(s); re-pack into more shards with canon pack --shard-size)"
+                  if isinstance(train_set, ShardImages) else "")
         raise ConfigError(
             f"{len(sets.train)} training images make no full step of batch {config.batch_size} "
-            f"x accum {config.accum_steps} x {ctx.world_size} device(s); lower --batch-size"
+            f"x accum {config.accum_steps} x {ctx.world_size} device(s){stream}; lower "
+            "--batch-size"
         )
     global_batch_size = config.batch_size * config.accum_steps * ctx.world_size
     schedule_config, iterations = scale_iteration_counts(
@@ -330,7 +336,7 @@ def _loaders(
     images = held_images(train_set) if config.data_on_device else None
     augment = None if images is None else BatchedCrop.of(train_set.transform,
                                                          *images.shape[-2:])
-    decoded = _device_decoding(train_set, config)
+    decoded = None if augment is not None else _device_decoding(train_set, config)
     if augment is not None:
         train_loader: Any = DeviceBatches(images, train_set.labels, train_keys, augment,
                                           config.batch_size, config.seed, ctx.device)
