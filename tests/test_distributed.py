@@ -25,6 +25,7 @@ import csv
 import importlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -382,6 +383,34 @@ def _worker_of_rank(torchrun_pid: int, rank: int) -> int:
         if f"RANK={rank}".encode() in environ:
             return int(pid)
     raise AssertionError(f"no worker with RANK={rank} among {children}")
+
+
+def test_a_rank_whose_micro_batch_is_all_undecodable_stops_every_rank_with_the_reason(
+    imagenette_root: Path, tmp_path: Path
+) -> None:
+    """Four training files, one decodable, over two ranks of one micro-batch of 2: one rank's
+    batch holds only bad files, whichever order the sampler draws. Skipping it alone would
+    leave the other rank waiting in its gradient all-reduce."""
+    data = tmp_path / "data"
+    _link_images(imagenette_root / "val", data / "val", 4)
+    classes = sorted(p.name for p in (data / "val").iterdir())
+    for index, name in enumerate(classes[:2] * 2):
+        target = data / "train" / name / f"{index}.JPEG"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if index == 0:
+            target.symlink_to(next((data / "val" / name).iterdir()).resolve())
+        else:
+            target.write_bytes(b"not a JPEG at all")
+    for extra in classes[2:]:  # val's other classes would be unknown to the training set
+        shutil.rmtree(data / "val" / extra)
+    result = subprocess.run(
+        [*_torchrun(2), "-m", "canon", "train", "--data", str(data), "--set",
+         "data.mean=imagenet", "--batch-size", "2", "--epochs", "1", "--workers", "0",
+         "--output-dir", str(tmp_path / "run")],
+        env=_environment(tmp_path / "cache"), capture_output=True, text=True, timeout=240,
+    )
+    assert result.returncode != 0
+    assert "every file of a micro-batch of 2 was undecodable" in result.stdout + result.stderr
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds workers via /proc")

@@ -257,6 +257,15 @@ def _optimizer_step(run: Run, batches: Iterator) -> torch.Tensor:
         images, targets = next(batches)
         run.totals["skipped"] += config.batch_size - len(targets)  # undecodable files
         if not len(targets):
+            # The last micro-batch's backward all-reduces the gradients: under torchrun the
+            # other ranks would wait for this one's.
+            if ctx.world_size > 1 and micro == config.accum_steps - 1:
+                raise DataError(
+                    f"rank {ctx.rank}: every file of a micro-batch of {config.batch_size} was "
+                    "undecodable, and under torchrun no rank can skip the gradient exchange "
+                    "the others make: remove or repair the bad files (canon train --strict "
+                    "stops at the first one and names it)"
+                )
             continue
         images = images.to(ctx.device, non_blocking=True)
         targets = targets.to(ctx.device, non_blocking=True)
