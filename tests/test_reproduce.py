@@ -65,6 +65,7 @@ def test_list_names_every_experiment_and_bad_requests_are_refused(capsys, tmp_pa
     out = capsys.readouterr().out
     assert all(name in out for name in EXPERIMENTS)
     assert "--quick: the 5-epoch run alone" in out
+    assert "trains plain20-cifar10, plain56-cifar10, resnet20-cifar10, resnet56-cifar10" in out
     for argv, message in ((["degradation", "--runs", "2", "--micro"], "--runs applies"),
                           (["degradation", "--quick", "--data", str(tmp_path)],
                            "--data applies where"),
@@ -103,6 +104,7 @@ def test_degradation_micro_end_to_end_skips_finished_runs_and_resumes(
     for net in ("plain-20", "plain-32", "ResNet-20", "ResNet-32"):
         assert f"| {net} |" in readme
     assert "| 8.75 |" in readme  # the paper's Table 6 error for ResNet-20, beside ours
+    assert "final model on the test set" in readme
     for panel in ("plain-curves", "resnet-curves"):
         assert (report / panel / "curves-top1.png").stat().st_size > 0
         assert f"]({panel}/curves-top1.png)" in readme
@@ -166,6 +168,7 @@ def test_imagenette_micro_trains_on_a_jpeg_folder_and_sets_it_beside_the_leaderb
     report = tmp_path / "imagenette-micro"
     readme = (report / "README.md").read_text()
     assert "| ResNet-18, 1 epochs |" in readme and "| 87.43 |" in readme
+    assert "final model on the validation set" in readme and "## The reference: fast.ai" in readme
     assert f"--data {imagenette_root.resolve()}" in readme
     assert (report / "curves" / "curves-top1.png").stat().st_size > 0
     run = json.loads((report / "results.json").read_text())["runs"][0]

@@ -195,7 +195,13 @@ def listing() -> str:
     width = max(map(len, EXPERIMENTS))
     return "\n".join(
         f"{e.name:<{width}}  {e.cites}: {e.shows} ({_run_count(e)})\n{'':<{width}}  "
-        f"--quick: {e.mode('quick').describe}" for e in EXPERIMENTS.values())
+        f"--quick: {e.mode('quick').describe}{_quick_runs(e)}" for e in EXPERIMENTS.values())
+
+
+def _quick_runs(experiment: Experiment) -> str:
+    """Which recipes --quick trains, where they are not the experiment's own."""
+    quick = experiment.recipes_in("quick")
+    return "" if quick == experiment.recipes else f"; trains {', '.join(quick)}"
 
 
 def _run_count(experiment: Experiment) -> str:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from canon import __version__
+from canon.data.datasets import validates_on_test_split
 from canon.engine.checkpoint import git_commit
 from canon.engine.distributed import resolve_device
 from canon.files import atomic_write
@@ -64,18 +65,20 @@ def write_report(
     })
     lines = [
         f"# {experiment.name} ({mode.name} mode): {experiment.cites}", "",
-        f"The paper: {experiment.shows}.", "",
+        f"The claim: {experiment.shows}.", "",
         f"**Finding {'shown' if shown else 'not shown'}** in this {mode.name} run:",
         *(f"- [{'x' if f.held else ' '}] {f.statement}: {f.evidence}"
           for f in outcome.findings), "",
         f"Command: `{command}`  ", f"Mode: {mode.name}: {mode.describe}.", "",
         "## Our numbers beside the paper's", "", *_markdown_table(outcome.table), "",
-        "Errors are top-1 errors of the final model on the test set (no epoch is chosen on "
-        "it); training errors are over the last epoch's augmented batches.", "",
+        f"Errors are top-1 errors of the final model on the {_evaluated_on(records)} (no "
+        "epoch is chosen on it); training errors are over the last epoch's augmented "
+        "batches.", "",
         "## Plots", "", f"{experiment.plot[0].upper()}{experiment.plot[1:]}.", "",
         *(f"![{p.relative_to(folder).as_posix()}]({p.relative_to(folder).as_posix()})"
           for p in outcome.plots), "",
-        "## The paper", "", *(f"- {note}" for note in experiment.paper), "",
+        f"## The reference: {experiment.cites}", "",
+        *(f"- {note}" for note in experiment.paper), "",
         "## Runs", "", *_markdown_table([_run_row(entry) for entry in runs]), "",
         "Training s: metrics.csv's seconds summed (training only, every session of the run); "
         "wall s: the run's training call in this command, validation and set-up included.", "",
@@ -84,6 +87,13 @@ def write_report(
     path = folder / "README.md"
     atomic_write(path, lambda target: target.write_text("\n".join(lines)))
     return path
+
+
+def _evaluated_on(records: list[RunRecord]) -> str:
+    """The split the runs' errors are measured on: CIFAR's test set, a folder's validation
+    set."""
+    on_test = all(validates_on_test_split(r.run.recipe.data) for r in records)
+    return "test set" if on_test else "validation set"
 
 
 def _run_entry(record: RunRecord) -> dict[str, Any]:
