@@ -1,7 +1,7 @@
 """Training and evaluation from a shard folder (`canon pack`, canon.data.shards): `canon train
 --data SHARDS/` end to end with training-set statistics streamed from the shards, `canon eval`
 on its val shards, an exact resume from the middle of an epoch, the refusals, and a 2-process
-torchrun run. The data: 160 training and 40 validation JPEGs of Imagenette packed into 9 and 3
+torchrun run. The data: 160 training and 40 validation JPEGs of Imagenette packed into 11 and 3
 shards, a ResNet-18 at 32 px (5 s an epoch on one CPU thread)."""
 
 from __future__ import annotations
@@ -47,12 +47,12 @@ def _link_images(source: Path, target: Path, count: int) -> None:
 
 @pytest.fixture(scope="module")
 def packed(imagenette_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(the image folder, its pack): 160 training JPEGs in 9 shards, 40 validation in 3."""
+    """(the image folder, its pack): 160 training JPEGs in 11 shards, 40 validation in 3."""
     root = tmp_path_factory.mktemp("shard-training")
     _link_images(imagenette_root / "train", root / "folder" / "train", 160)
     _link_images(imagenette_root / "val", root / "folder" / "val", 40)
     index = pack_folder(root / "folder", root / "shards", shard_bytes=200_000, progress=False)
-    assert [len(split.shards) for split in index.splits.values()] == [9, 3]
+    assert [len(split.shards) for split in index.splits.values()] == [11, 3]
     return root / "folder", root / "shards"
 
 
@@ -163,9 +163,10 @@ def test_two_torchrun_processes_train_on_their_own_shards(packed, tmp_path, caps
         capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    # each rank is dealt 4 of the 9 shards at least, the smallest 57 images: 3 batches of 16
+    # each rank is dealt 5 of the 11 shards (of 14 or 15 images) at least, the smallest 70
+    # images: 4 batches of 16
     assert "global batch 32 = 16 x 1 accum x 2 device(s)" in done.stdout
-    assert "2 epoch(s) of 3 steps" in done.stdout
+    assert "2 epoch(s) of 4 steps" in done.stdout
     rows = _metrics(run)
     assert [row["epoch"] for row in rows] == ["1", "2"]
     # The ranks validated on their val shards together: every image once, as one process does.
