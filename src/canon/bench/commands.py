@@ -34,9 +34,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
     parser.add_argument("--image-size", type=int, metavar="N",
                         help="square input side; default: the model's own (224)")
-    parser.add_argument("--repeats", type=int, default=5, metavar="N",
-                        help="timed repeats per model, alternating; the median is reported")
-    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the figures here")
+    _repeats_and_json(parser, 5, "timed repeats per model")
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,9 +45,7 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
                         f"default: {DEFAULT_RECIPE}")
     parser.add_argument("--images", type=int, default=500, metavar="N",
                         help="training images per pass, spread over the split")
-    parser.add_argument("--repeats", type=int, default=5, metavar="N",
-                        help="passes per pipeline, alternating; the median is reported")
-    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the figures here")
+    _repeats_and_json(parser, 5, "passes per pipeline")
 
 
 def add_loop_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,8 +57,13 @@ def add_loop_arguments(parser: argparse.ArgumentParser) -> None:
                         "is the baseline; default: 0,2")
     parser.add_argument("--steps", type=int, metavar="N",
                         help="steps per loop; default: one epoch")
-    parser.add_argument("--repeats", type=int, default=3, metavar="N",
-                        help="runs per loop, alternating; the median is reported")
+    _repeats_and_json(parser, 3, "runs per loop")
+
+
+def _repeats_and_json(parser: argparse.ArgumentParser, repeats: int, what: str) -> None:
+    """Every benchmark's --repeats (`what`, alternating, the median reported) and --json."""
+    parser.add_argument("--repeats", type=int, default=repeats, metavar="N",
+                        help=f"{what}, alternating; the median is reported")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the figures here")
 
 
