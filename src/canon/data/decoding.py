@@ -93,8 +93,15 @@ def image_size(data: bytes) -> tuple[int, int] | None:
 
 def jpeg_frame(data: bytes) -> tuple[int, int, int, int] | None:
     """(width, height, colour components, bits per sample) from a JPEG's first frame header,
-    reached by walking the markers from SOI as libjpeg does; None where the walk fails.
-    Raises struct.error or IndexError when the bytes end first."""
+    reached by walking the markers from SOI as libjpeg does; None where the walk fails or the
+    bytes end first."""
+    try:
+        return _walk_to_frame(data)
+    except (struct.error, IndexError):  # cut short
+        return None
+
+
+def _walk_to_frame(data: bytes) -> tuple[int, int, int, int] | None:
     at = 2
     while True:
         if data[at] != 0xFF:  # garbage between segments: leave it to PIL

@@ -165,9 +165,10 @@ def _members(key: str, path: Path, label: int, read: bool = True
         raise DataError(f"{path}: cannot read ({error.strerror or error}); fix or remove "
                         "it and pack again") from None
     extension = path.suffix.lower().lstrip(".").replace("jpeg", "jpg")
+    label_text = str(label).encode()
     members = []
     for name, content, length in ((f"{key}.{extension}", data, size),
-                                  (f"{key}.cls", str(label).encode(), len(str(label)))):
+                                  (f"{key}.cls", label_text, len(label_text))):
         info = tarfile.TarInfo(name)
         info.size = length
         members.append((info, content))
