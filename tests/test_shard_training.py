@@ -134,6 +134,15 @@ def test_shard_folders_refuse_val_split_and_readers_by_index(packed, tmp_path, c
     error = capsys.readouterr().err
     assert "cannot hold images out of its training split" in error
     assert str(folder.resolve()) in error and not (tmp_path / "run").exists()
+    with pytest.raises(SystemExit) as exit_:  # 160 images, 11 shards: no batch of 200 fills
+        main(["train", *SMALL_FLAGS, "--data", str(shards), "--set", "train.batch_size=200",
+              "--workers", "0", "--output-dir", str(tmp_path / "big")])
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err
+    assert "160 training images make no full step of batch 200" in error
+    assert "of 11 shards over 1 rank(s) and 1 loader worker(s)" in error
+    assert "re-pack into more shards with canon pack --shard-size" in error
+    assert not (tmp_path / "big").exists()
     with pytest.raises(ConfigError, match=re.escape(f"packed from, {folder.resolve()}")):
         open_split(str(shards), "val")
     assert read_index(shards).source == str(folder.resolve())
