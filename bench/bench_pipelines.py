@@ -3,14 +3,16 @@
 
     python bench/bench_pipelines.py [FOLDER] [--images 300] [--repeats 5]
 
-canon's training pipelines (canon.data.transforms.training_transform) cut the crop from the
-rescaled uint8 image first, so the float conversion, the colour shift and the mean
-subtraction touch only crop_size x crop_size pixels. The reference is the earlier order,
-built from the same public steps: rescale, convert the whole image to float, colour-shift
-it, subtract the mean image resized to it, and only then crop and flip. Both see the same
-decoded Imagenette JPEGs (decoding is excluded: it is the same for both) with the same seeds,
-on one thread; the best of `--repeats` alternating passes is reported in ms per image, and
-the ratio reference / canon. The two agree to float rounding (checked on the first images).
+canon's training pipelines (canon.data.transforms.training_transform) find the crop first
+and rescale (a jittered shorter side: resample, in float) only the crop, so the float
+conversion, the colour shift and the mean subtraction touch only crop_size x crop_size
+pixels. The reference is the earlier order, built from the same public steps: rescale
+(AlexNet's square in uint8, a shorter side in float), convert the whole image to float,
+colour-shift it, subtract the mean image resized to it, and only then crop and flip. Both
+see the same decoded Imagenette JPEGs (decoding is excluded: it is the same for both) with
+the same seeds, on one thread; the best of `--repeats` alternating passes is reported in ms
+per image, and the ratio reference / canon. The two agree to float rounding (checked on the
+first images).
 """
 
 from __future__ import annotations
@@ -47,10 +49,10 @@ CONFIGS = {  # the data sections of recipes/_resnet-imagenet.yaml and recipes/al
 def float_everything(config: DataConfig, stats) -> Compose:
     """The reference order: every float step on the whole rescaled image, then the crop."""
     if config.augmentation == "alexnet":
-        rescale = RescaleSquare(config.resize_size)
+        rescale = [RescaleSquare(config.resize_size), ToFloat()]
     else:
-        rescale = RescaleShorter(*config.scale_range)
-    return Compose([rescale, ToFloat(), make_fancy_pca(config, stats),
+        rescale = [ToFloat(), RescaleShorter(*config.scale_range)]
+    return Compose([*rescale, make_fancy_pca(config, stats),
                     make_normalize(config, stats), RandomCrop(config.crop_size), RandomFlip()])
 
 

@@ -255,19 +255,23 @@ def test_mean_image_window_equals_resizing_then_cropping(sample_stats):
 
 
 def _float_everything(config, stats):
-    """The earlier order: all float work on the whole rescaled image, then crop and flip."""
-    rescale = (RescaleSquare(config.resize_size) if config.augmentation == "alexnet"
-               else RescaleShorter(*(config.scale_range or (config.resize_size,) * 2)))
+    """The earlier order: all float work on the whole rescaled image, then crop and flip.
+    AlexNet's square is rescaled in uint8, as CropFirst does; a shorter side in float, as
+    CropFirst resamples its window."""
+    if config.augmentation == "alexnet":
+        rescale = [RescaleSquare(config.resize_size), ToFloat()]
+    else:
+        rescale = [ToFloat(), RescaleShorter(*(config.scale_range or (config.resize_size,) * 2))]
     padding = config.padding if config.augmentation == "cifar" else 0
-    return Compose([rescale, ToFloat(), make_fancy_pca(config, stats),
+    return Compose([*rescale, make_fancy_pca(config, stats),
                     make_normalize(config, stats), RandomCrop(config.crop_size, padding),
                     RandomFlip()])
 
 
 @pytest.mark.parametrize("name", ["resnet", "alexnet", "vgg", "cifar"])
 def test_crop_first_pipelines_equal_normalising_the_whole_image(name, photos, sample_stats):
-    """Cutting the uint8 crop first changes no output: same draws, same pixels (the mean
-    image is resampled to each jittered size, so up to float rounding)."""
+    """Cutting the crop first changes no output: same draws, same pixels (up to float
+    rounding where the image and the mean image are resampled to each jittered size)."""
     config = DataConfig(augmentation=name, crop_size=24, resize_size=32, pca_std=0.1,
                         scale_range=(32, 48) if name in ("vgg", "resnet") else None,
                         mean="channel" if name == "vgg" else "pixel")

@@ -7,6 +7,7 @@ images alike.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -117,30 +118,46 @@ def cut(image: torch.Tensor, inside: tuple[int, int, int, int]) -> torch.Tensor:
     return image[..., top : top + rows, left : left + columns]
 
 
-def resampling_taps(
-    source: int, target: int, start: int, count: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Source indices and weights (count x taps) of outputs start .. start + count - 1 when
-    `source` samples are resampled to `target`: torch's antialiased bilinear filter (a
-    triangle, widened by the scale when shrinking), computed in float32 as torch does, so
-    resampling through them matches TF.resize(..., antialias=True) to float rounding."""
+@functools.lru_cache(maxsize=4096)  # under 10 KB each when enlarging (scale jitter)
+def resampling_taps(source: int, target: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Source indices and weights (target x taps) of every output when `source` samples are
+    resampled to `target`: torch's antialiased bilinear filter (a triangle, widened by the
+    scale when shrinking), computed in float32 as torch does, so resampling through them
+    matches TF.resize(..., antialias=True) to float rounding. Taps no output uses are dropped.
+    Shared by every caller: read, never write."""
     scale = torch.tensor(source / target, dtype=torch.float32)
     support = scale.clamp(min=1.0)
-    centers = (torch.arange(start, start + count, dtype=torch.float32) + 0.5) * scale
+    centers = (torch.arange(target, dtype=torch.float32) + 0.5) * scale
     first = (centers - support + 0.5).long().clamp(min=0)
     index = first[:, None] + torch.arange(math.ceil(2 * float(support)) + 1)
     weight = (1 - ((index - centers[:, None] + 0.5) / support).abs()).clamp(min=0)
     weight[index >= source] = 0
-    return index.clamp(max=source - 1), weight / weight.sum(1, keepdim=True)
+    used = weight.amax(0) > 0
+    weight = weight[:, used]
+    index = index[:, used].clamp(max=source - 1).to(torch.int32)
+    return index, weight / weight.sum(1, keepdim=True)
 
 
 def resample_rows(image: torch.Tensor, target: int, start: int, count: int) -> torch.Tensor:
-    """Rows start .. start + count - 1 of `image` (C x H x W) resampled to `target` rows, as
-    TF.resize(..., antialias=True) computes them (resampling_taps), without the others."""
+    """Rows start .. start + count - 1 of `image` (float C x H x W) resampled to `target`
+    rows, as TF.resize(..., antialias=True) computes them (resampling_taps), without the
+    others."""
     if image.shape[1] == target:
         return image[:, start : start + count]
-    index, weight = resampling_taps(image.shape[1], target, start, count)
+    index, weight = resampling_taps(image.shape[1], target)
+    index, weight = index[start : start + count], weight[start : start + count]
     rows = image.index_select(1, index[:, 0]) * weight[:, 0, None]
     for tap in range(1, index.shape[1]):  # a weighted sum of whole rows: contiguous copies
         rows.addcmul_(image.index_select(1, index[:, tap]), weight[:, tap, None])
     return rows
+
+
+def resample_window(
+    image: torch.Tensor, height: int, width: int, inside: tuple[int, int, int, int]
+) -> torch.Tensor:
+    """The window `inside` = (top, left, rows, columns) of `image` (float C x H x W) as
+    resized to height x width by TF.resize(..., antialias=True), computing only the window:
+    rows first, then the window's columns."""
+    top, left, rows, columns = inside
+    window = resample_rows(image, height, top, rows).transpose(1, 2).contiguous()
+    return resample_rows(window, width, left, columns).transpose(1, 2)

@@ -10,7 +10,7 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 
 from canon.data.config import DataConfig
-from canon.data.geometry import resample_rows
+from canon.data.geometry import resample_window
 from canon.data.stats import DatasetStats, imagenet_channel_stats
 from canon.errors import ConfigError
 
@@ -56,11 +56,10 @@ class Normalize:
                 self._resized[height, width] = TF.resize(self.mean, [height, width],
                                                          antialias=True)
             return self._resized[height, width]
-        top, left, rows, columns = inside
         if (height, width) in self._resized:
+            top, left, rows, columns = inside
             return self._resized[height, width][:, top : top + rows, left : left + columns]
-        window = resample_rows(self.mean, height, top, rows).transpose(1, 2).contiguous()
-        return resample_rows(window, width, left, columns).transpose(1, 2)
+        return resample_window(self.mean, height, width, inside)
 
     def __call__(
         self, image: torch.Tensor, within: tuple[int, int, int, int] | None = None

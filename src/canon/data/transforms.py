@@ -22,6 +22,7 @@ from canon.data.geometry import (
     fit_image,
     five_crop_boxes,
     overlap,
+    resample_window,
     resize_image,
     shorter_side_size,
 )
@@ -49,6 +50,14 @@ class RescaleSquare:
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         return fit_image(image, self.size, self.fit, self.interpolation)
 
+    def target_size(self, image: torch.Tensor) -> tuple[int, int]:
+        return self.size, self.size
+
+    def window(self, image: torch.Tensor, height: int, width: int,
+               inside: tuple[int, int, int, int]) -> torch.Tensor:
+        """The float window `inside` of the rescaled image."""
+        return ToFloat()(cut(self(image), inside))
+
     def __repr__(self) -> str:
         return f"RescaleSquare({self.size}, {self.fit})"
 
@@ -67,8 +76,21 @@ class RescaleShorter:
         return int(torch.randint(self.low, self.high + 1, (), generator=generator))
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        height, width = shorter_side_size(*image.shape[-2:], self.shorter_side())
-        return resize_image(image, height, width, self.interpolation)
+        return resize_image(image, *self.target_size(image), self.interpolation)
+
+    def target_size(self, image: torch.Tensor) -> tuple[int, int]:
+        """Height and width of `image` rescaled, S drawn from torch's global generator."""
+        return shorter_side_size(*image.shape[-2:], self.shorter_side())
+
+    def window(self, image: torch.Tensor, height: int, width: int,
+               inside: tuple[int, int, int, int]) -> torch.Tensor:
+        """The float window `inside` of `image` rescaled to height x width. Bilinear
+        resamples only the window, in float (resample_window: the same filter, without
+        rounding the rescaled image to uint8): scale jitter enlarges Imagenette's images up
+        to 3 times, and a 224 crop is then as little as a fifth of them."""
+        if self.interpolation == "bilinear" and tuple(image.shape[-2:]) != (height, width):
+            return resample_window(ToFloat()(image), height, width, inside)
+        return ToFloat()(cut(resize_image(image, height, width, self.interpolation), inside))
 
     def __repr__(self) -> str:
         scale = self.low if self.high == self.low else (self.low, self.high)
@@ -254,9 +276,10 @@ class Compose:
 
 
 class CropFirst:
-    """Rescale; draw the colour shift, then the crop box; cut the crop from the uint8 image;
-    to float, shift, subtract the mean image at the crop's box, zero-pad where the crop
-    overhangs (CIFAR), reflect (the alexnet, zfnet, vgg, resnet and cifar pipelines).
+    """Draw the rescaled size, the colour shift, then the crop box; take the crop of the
+    rescaled image as float (RescaleShorter resamples only the crop; RescaleSquare cuts it
+    from the uint8 square); shift, subtract the mean image at the crop's box, zero-pad where
+    the crop overhangs (CIFAR), reflect (the alexnet, zfnet, vgg, resnet and cifar pipelines).
 
     That equals normalising the whole rescaled image and cropping it afterwards, with the same
     random draws in the same order: the order the papers describe (the zero padding of the
@@ -276,11 +299,10 @@ class CropFirst:
         self.fancy_pca, self.flip = fancy_pca, RandomFlip() if flip else None
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        image = self.rescale(image)
+        height, width = self.rescale.target_size(image)
         shift = self.fancy_pca.noise().view(3, 1, 1) if self.fancy_pca is not None else None
-        height, width = image.shape[-2:]
         inside, padding = overlap(*self.crop.box(height, width), self.crop.size, height, width)
-        window = ToFloat()(cut(image, inside))
+        window = self.rescale.window(image, height, width, inside)
         if shift is not None:
             window = window + shift
         window = self.normalize(window, (height, width, inside[0], inside[1]))
