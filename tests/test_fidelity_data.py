@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 
 import canon.data.datasets
@@ -149,6 +150,16 @@ def test_area_interpolation_averages_boxes():
     shrunk = resize_image(image, 2, 2, "area")
     assert shrunk.dtype == torch.uint8
     assert shrunk[0].tolist() == [[2, 4], [10, 12]]  # means 2.5, 4.5, 10.5, 12.5, rounded even
+
+
+@pytest.mark.parametrize("shape", [(3, 37, 50), (2, 3, 90, 41)])
+@pytest.mark.parametrize("size", [(64, 71), (20, 13), (37, 120)])
+def test_area_interpolation_is_adaptive_average_pooling(shape, size):
+    """canon's separable box passes equal F.interpolate's "area", enlarging and shrinking."""
+    image = torch.rand(shape, generator=torch.Generator().manual_seed(sum(size)))
+    batch = image if image.dim() == 4 else image.unsqueeze(0)
+    expected = F.interpolate(batch, size=size, mode="area").view(*shape[:-2], *size)
+    assert torch.allclose(resize_image(image, *size, "area"), expected, atol=1e-6)
 
 
 def test_mean_subtraction_alone_is_the_default():

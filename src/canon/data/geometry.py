@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
@@ -39,11 +39,12 @@ def resize_image(image: torch.Tensor, height: int, width: int, interpolation: st
 
 
 def _area_resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    batch = image.unsqueeze(0) if image.dim() == 3 else image
-    resized = F.interpolate(batch.float(), size=(height, width), mode="area")
+    """F.interpolate's "area" (adaptive average pooling), computed as two separable passes
+    of box_taps: several times faster on a CPU when enlarging, where pooling is slowest."""
+    resized = resample_window(image.float(), height, width, (0, 0, height, width), box_taps)
     if image.dtype == torch.uint8:
         resized = resized.round_().clamp_(0, 255).to(torch.uint8)
-    return resized.squeeze(0) if image.dim() == 3 else resized
+    return resized
 
 
 def fit_image(image: torch.Tensor, size: int, fit: str, interpolation: str) -> torch.Tensor:
@@ -138,26 +139,45 @@ def resampling_taps(source: int, target: int) -> tuple[torch.Tensor, torch.Tenso
     return index, weight / weight.sum(1, keepdim=True)
 
 
-def resample_rows(image: torch.Tensor, target: int, start: int, count: int) -> torch.Tensor:
-    """Rows start .. start + count - 1 of `image` (float C x H x W) resampled to `target`
-    rows, as TF.resize(..., antialias=True) computes them (resampling_taps), without the
-    others."""
-    if image.shape[1] == target:
-        return image[:, start : start + count]
-    index, weight = resampling_taps(image.shape[1], target)
+@functools.lru_cache(maxsize=4096)
+def box_taps(source: int, target: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Source indices and weights (target x taps) of adaptive average pooling from `source`
+    to `target` samples (F.interpolate's "area"): output i is the mean of the samples
+    floor(i * source / target) .. ceil((i + 1) * source / target) - 1. Read, never write."""
+    outputs = torch.arange(target)
+    first = outputs * source // target
+    count = ((outputs + 1) * source + target - 1) // target - first
+    index = first[:, None] + torch.arange(int(count.max()))
+    weight = (index < (first + count)[:, None]).float() / count[:, None]
+    return index.clamp(max=source - 1).to(torch.int32), weight
+
+
+Taps = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+def resample_rows(
+    image: torch.Tensor, target: int, start: int, count: int, taps: Taps = resampling_taps
+) -> torch.Tensor:
+    """Rows start .. start + count - 1 of `image` (float ... x H x W) resampled to `target`
+    rows through `taps` (default: as TF.resize(..., antialias=True) computes them), without
+    the others."""
+    if image.shape[-2] == target:
+        return image[..., start : start + count, :]
+    index, weight = taps(image.shape[-2], target)
     index, weight = index[start : start + count], weight[start : start + count]
-    rows = image.index_select(1, index[:, 0]) * weight[:, 0, None]
+    rows = image.index_select(-2, index[:, 0]) * weight[:, 0, None]
     for tap in range(1, index.shape[1]):  # a weighted sum of whole rows: contiguous copies
-        rows.addcmul_(image.index_select(1, index[:, tap]), weight[:, tap, None])
+        rows.addcmul_(image.index_select(-2, index[:, tap]), weight[:, tap, None])
     return rows
 
 
 def resample_window(
-    image: torch.Tensor, height: int, width: int, inside: tuple[int, int, int, int]
+    image: torch.Tensor, height: int, width: int, inside: tuple[int, int, int, int],
+    taps: Taps = resampling_taps,
 ) -> torch.Tensor:
-    """The window `inside` = (top, left, rows, columns) of `image` (float C x H x W) as
-    resized to height x width by TF.resize(..., antialias=True), computing only the window:
-    rows first, then the window's columns."""
+    """The window `inside` = (top, left, rows, columns) of `image` (float ... x H x W) as
+    resized to height x width through `taps` (default: TF.resize(..., antialias=True)),
+    computing only the window: rows first, then the window's columns."""
     top, left, rows, columns = inside
-    window = resample_rows(image, height, top, rows).transpose(1, 2).contiguous()
-    return resample_rows(window, width, left, columns).transpose(1, 2)
+    window = resample_rows(image, height, top, rows, taps).transpose(-1, -2).contiguous()
+    return resample_rows(window, width, left, columns, taps).transpose(-1, -2)
