@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Issue 14's GPU figures in one call of a lent device (/work/.library/device/README.md): the
 # training step of canon's models against torchvision's (bf16, eager, then ResNet-50 compiled),
-# and canon's CIFAR loop against the plain one. Nothing installs there: it runs the checkout
-# with PYTHONPATH=src on the machine's own torch. About 8 minutes on one H100; figures go to
-# $OUT (the device tool brings them back) or ./gpu-results.
+# canon's CIFAR loop against the plain one, and ResNet-110 at the paper's batch 128 with the
+# step captured in a CUDA graph and without (its 64k-iteration schedule takes 64,000 x 128 /
+# images/s). Nothing installs there: it runs the checkout with PYTHONPATH=src on the machine's
+# own torch. About 9 minutes on one H100; figures go to $OUT (the device tool brings them
+# back) or ./gpu-results.
 set -u -o pipefail
 export PYTHONPATH=src
 out=${OUT:-gpu-results}
@@ -20,3 +22,9 @@ python3 -m canon bench train --model resnet50_v1_5 --amp bf16 --compile --repeat
   --json "$out/train-resnet50_v1_5-compiled.json" 2>&1 | tee -a "$out/log.txt"
 python3 -m canon bench loop --device cuda --repeats 3 --json "$out/loop.json" 2>&1 \
   | tee -a "$out/log.txt"
+for graph in false true; do
+  python3 -m canon bench loop --device cuda --repeats 3 --workers 4 \
+    --set model.name=resnet110 --set train.batch_size=128 --set optimizer.base_batch_size=128 \
+    --set train.cuda_graph=$graph --json "$out/loop-resnet110-graph-$graph.json" 2>&1 \
+    | tee -a "$out/log.txt"
+done

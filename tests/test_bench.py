@@ -117,8 +117,10 @@ def test_parser_and_data_command(imagenette_root, tmp_path, capsys):
 def test_loop_bench_times_canons_loop_and_the_plain_ones(capsys):
     from canon.cli import main
 
-    main(["bench", "loop", "--steps", "5", "--repeats", "1", "--workers", "0"])
+    main(["bench", "loop", "--steps", "5", "--repeats", "1", "--workers", "0",
+          "--set", "train.batch_size=32", "--set", "train.cuda_graph=true"])
     out = capsys.readouterr().out
+    assert "--set train.batch_size=32 --set train.cuda_graph=true on cpu" in out
     assert "canon / plain, 0 workers:" in out
     rates = [float(line.split()[-1]) for line in out.splitlines()
              if line.startswith(("canon ", "plain")) and "/" not in line]

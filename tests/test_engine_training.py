@@ -18,10 +18,11 @@ import torch.nn as nn
 
 from canon.data import ArrayImages, DataConfig, Datasets, build_datasets
 from canon.engine import checkpoint as ckpt
+from canon.engine.graphed import GraphedStep, restored_after
 from canon.engine.rundir import latest_run_dir, new_run_dir
 from canon.engine.trained import load_trained
 from canon.engine.trainer import TrainingInterrupted, train
-from canon.errors import DataError, NonFiniteError
+from canon.errors import ConfigError, DataError, NonFiniteError
 from canon.models.base import CanonModel
 from canon.recipes import Recipe, apply_overrides, load_recipe
 
@@ -318,3 +319,87 @@ def test_run_directories_are_numbered_and_a_bare_resume_finds_this_recipe_s_late
     assert latest_run_dir(tmp_path, "resnet20-cifar10").name == "resnet20-cifar10-2"
     with pytest.raises(DataError, match="no run of quickstart"):
         latest_run_dir(tmp_path, "quickstart")
+
+
+def test_the_cuda_graph_step_trains_and_resumes_as_the_plain_one(
+    resume_data, uninterrupted, tmp_path
+):
+    """train.cuda_graph's static-buffer step (uncaptured on a CPU) changes nothing: an epoch,
+    a resume from its checkpoint and a second epoch end bit-identical to the plain run."""
+    graphed = tiny_recipe(epochs=1, batch_size=16, cuda_graph=True)
+    train(graphed, tmp_path, device="cpu", datasets=resume_data, progress=False)
+    longer = apply_overrides(graphed, [("train.epochs", 2)])
+    train(longer, tmp_path, resume=tmp_path, device="cpu", datasets=resume_data, progress=False)
+    assert_same_state(final_weights(tmp_path, 2), uninterrupted)
+
+
+def _bn_net() -> nn.Module:
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(144, 5))
+
+
+def _sgd_step(model: nn.Module, optimizer: torch.optim.Optimizer, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    images, targets = torch.randn(6, 3, 8, 8, generator=generator), torch.arange(6) % 5
+    nn.functional.cross_entropy(model(images), targets).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def test_warm_up_steps_before_a_capture_are_undone_in_place():
+    """restored_after: weights, BN statistics and momentum come back, at the same addresses
+    (a captured graph holds them), and the next step is the first step it would have been."""
+    models = [_bn_net() for _ in range(2)]
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, nesterov=True,
+                                  weight_decay=1e-3) for m in models]
+    watched = models[1].state_dict()
+    before = {key: tensor.clone() for key, tensor in watched.items()}
+    with restored_after(models[1], optimizers[1]):
+        for seed in range(3):
+            _sgd_step(models[1], optimizers[1], 10 + seed)
+        assert not torch.equal(watched["1.running_mean"], before["1.running_mean"])
+    for key, tensor in models[1].state_dict().items():
+        assert torch.equal(tensor, before[key]), key
+        assert tensor.data_ptr() == watched[key].data_ptr(), key
+    for model, optimizer in zip(models, optimizers, strict=True):
+        _sgd_step(model, optimizer, 0)
+    for key, tensor in models[0].state_dict().items():
+        assert torch.equal(models[1].state_dict()[key], tensor), key
+
+
+def test_cuda_graph_refuses_what_it_cannot_capture(resume_data, tmp_path):
+    with pytest.raises(ConfigError, match=r"does not combine with train\.accum_steps > 1, "
+                                          r"train\.ema_decay"):
+        tiny_recipe(cuda_graph=True, accum_steps=2, ema_decay=0.9)
+    model = _bn_net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+    def step(images, targets):
+        loss = nn.functional.cross_entropy(model(images), targets)
+        loss.backward()
+        optimizer.step()
+        return loss.detach(), torch.zeros(())
+
+    graphed = GraphedStep(step, model, optimizer, capture=False)
+    graphed(torch.randn(4, 3, 8, 8), torch.arange(4))
+    with pytest.raises(DataError, match=r"captured for a batch of \(4, 3, 8, 8\), got "
+                                        r"\(3, 3, 8, 8\)"):
+        graphed(torch.randn(3, 3, 8, 8), torch.arange(3))
+    with pytest.raises(ConfigError, match="fused SGD"):
+        GraphedStep(step, model, optimizer, capture=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_captured_step_replays_what_the_eager_step_computes(resume_data, tmp_path):
+    """On a GPU: ResNet-20 with the step captured and replayed against the same run uncaptured
+    (cuDNN's kernels are not bitwise reproducible: close, not equal)."""
+    states = []
+    for graph in (False, True):
+        recipe = tiny_recipe(epochs=2, batch_size=16, cuda_graph=graph)
+        train(recipe, tmp_path / str(graph), device="cuda", datasets=resume_data,
+              progress=False)
+        states.append(final_weights(tmp_path / str(graph), 2))
+    for key, tensor in states[0]["model"].items():
+        torch.testing.assert_close(states[1]["model"][key], tensor, rtol=1e-3, atol=1e-4)

@@ -57,6 +57,9 @@ def add_loop_arguments(parser: argparse.ArgumentParser) -> None:
                         "is the baseline; default: 0,2")
     parser.add_argument("--steps", type=int, metavar="N",
                         help="steps per loop; default: one epoch")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a recipe value for both loops, e.g. --set "
+                        "model.name=resnet110 --set train.cuda_graph=true (canon's alone)")
     _repeats_and_json(parser, 3, "runs per loop")
 
 
@@ -124,7 +127,7 @@ def run_loop(args: argparse.Namespace) -> None:
     from canon.bench.loop import bench_loop, format_loop
 
     workers = tuple(int(count) for count in args.workers.split(","))
-    figures = bench_loop(args.recipe, args.device, args.repeats, workers, args.steps)
+    figures = bench_loop(args.recipe, args.device, args.repeats, workers, args.steps, args.set)
     print(format_loop(figures))
     _write_json(args.json, figures)
 

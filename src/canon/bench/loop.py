@@ -11,6 +11,7 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,10 +131,12 @@ def plain_loop(recipe: Recipe, device: str, workers: int, steps: int | None = No
 
 
 def bench_loop(recipe_name: str = "quickstart", device: str = "cpu", repeats: int = 3,
-               workers: tuple[int, ...] = (0, 2), steps: int | None = None) -> dict[str, Any]:
+               workers: tuple[int, ...] = (0, 2), steps: int | None = None,
+               overrides: Sequence[str] = ()) -> dict[str, Any]:
     """canon's loop and the plain ones, alternating, `repeats` times each; medians, and the
-    ratio of canon's to the fastest plain loop."""
-    recipe = load_recipe(recipe_name)
+    ratio of canon's to the fastest plain loop. `overrides` ("section.key=value") apply to
+    the recipe both loops train."""
+    recipe = load_recipe(recipe_name, list(overrides))
     if recipe.data.dataset != "sample":  # the plain loop reads the sample
         raise ConfigError(f"canon bench loop times recipes on the bundled sample; "
                           f"{recipe_name} trains on {recipe.data.dataset}")
@@ -144,7 +147,7 @@ def bench_loop(recipe_name: str = "quickstart", device: str = "cpu", repeats: in
             rates.setdefault(timing.name, []).append(timing.images_per_second)
     medians = {name: statistics.median(values) for name, values in rates.items()}
     baseline = max((name for name in medians if name != "canon"), key=medians.__getitem__)
-    return {"recipe": recipe_name, "device": resolve_device(device),
+    return {"recipe": recipe_name, "overrides": list(overrides), "device": resolve_device(device),
             "threads": torch.get_num_threads(), "repeats": repeats, "images_per_second": medians,
             "runs": rates, "baseline": baseline,
             "ratio": medians["canon"] / medians[baseline]}
@@ -152,7 +155,8 @@ def bench_loop(recipe_name: str = "quickstart", device: str = "cpu", repeats: in
 
 def format_loop(figures: dict[str, Any]) -> str:
     """The table `canon bench loop` prints."""
-    lines = [f"{figures['recipe']} on {figures['device']} ({figures['threads']} threads), "
+    recipe = " ".join([figures["recipe"], *(f"--set {o}" for o in figures["overrides"])])
+    lines = [f"{recipe} on {figures['device']} ({figures['threads']} threads), "
              f"median of {figures['repeats']} runs; training images/s, validation not timed"]
     lines += [f"{name:<20} {rate:8.1f}" for name, rate in figures["images_per_second"].items()]
     lines.append(f"canon / {figures['baseline']}: {figures['ratio']:.3f}")

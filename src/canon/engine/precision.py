@@ -19,17 +19,20 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Precision:
-    def __init__(self, mode: str, device: torch.device) -> None:
+    """`cache` off for a step captured in a CUDA graph, which autocast's cast cache would
+    break (torch's CUDA graphs notes)."""
+
+    def __init__(self, mode: str, device: torch.device, cache: bool = True) -> None:
         if mode not in AMP_MODES:
             raise ConfigError(f"--amp must be bf16 or fp16 (or none), got {mode!r}")
-        self.mode = mode
-        self.device = device
+        self.mode, self.device, self.cache = mode, device, cache
         self.scaler = torch.amp.GradScaler(device.type) if mode == "fp16" else None
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.mode == "none":
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=DTYPES[self.mode])
+        return torch.autocast(self.device.type, dtype=DTYPES[self.mode],
+                              cache_enabled=self.cache)
 
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()

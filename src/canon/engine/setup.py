@@ -28,6 +28,7 @@ from canon.data.sampling import SeededOrder, SeededSamples, eval_shard
 from canon.data.shards import ShardImages
 from canon.engine import checkpoint as ckpt
 from canon.engine import distributed as dist
+from canon.engine.graphed import GraphedStep
 from canon.engine.initialize import InitReport, initialize_from
 from canon.engine.logs import check_tensorboard, event_writer
 from canon.engine.model_parallel import parallelize
@@ -163,6 +164,7 @@ class Run:
     iterations: int | None = None  # train.iterations converted to this run's global batch
     init_report: InitReport | None = None  # what model.init_from copied
     frozen: list[nn.Parameter] = field(default_factory=list)  # this epoch's frozen stages
+    graphed_step: GraphedStep | None = None  # train.cuda_graph
 
 
 def set_up(
@@ -205,6 +207,11 @@ def set_up(
             f"x accum {config.accum_steps} x {ctx.world_size} device(s){stream}; lower "
             "--batch-size"
         )
+    if config.cuda_graph and (ctx.world_size > 1 or recipe.model.frozen_stages):
+        raise ConfigError(
+            "train.cuda_graph captures one process's plain step: run it without torchrun and "
+            "without model.frozen_stages"
+        )
     global_batch_size = config.batch_size * config.accum_steps * ctx.world_size
     schedule_config, iterations = scale_iteration_counts(
         recipe.schedule, config.iterations, recipe.optimizer.base_batch_size, global_batch_size
@@ -232,7 +239,7 @@ def set_up(
             optimizer, schedule_config, peak_lr=peak_lr, base_lr=recipe.optimizer.lr,
             steps_per_epoch=steps_per_epoch, total_steps=total_steps,
         ),
-        precision=Precision(config.amp, ctx.device),
+        precision=Precision(config.amp, ctx.device, cache=not config.cuda_graph),
         criterion=nn.CrossEntropyLoss(label_smoothing=config.label_smoothing),
         steps_per_epoch=steps_per_epoch, total_steps=total_steps, commit=ckpt.git_commit(),
         val_size=len(sets.val), iterations=iterations,

@@ -20,6 +20,7 @@ from canon.data.loaders import Datasets
 from canon.engine import checkpoint as ckpt
 from canon.engine import distributed as dist
 from canon.engine.freezing import freeze_stages, frozen_stage_count
+from canon.engine.graphed import GraphedStep
 from canon.engine.logs import (
     epoch_summary,
     format_postfix,
@@ -164,6 +165,8 @@ def _train(
     if state is not None and ctx.is_main:
         print(f"resuming at epoch {state['epoch']} + {state['step_in_epoch']} steps")
     run = set_up(recipe, run_dir, ctx, model, datasets, state)
+    if recipe.train.cuda_graph:
+        run.graphed_step = graphed_step(run)
     stop = StopFlag()
     with _claimed(run, resuming=state is not None, overwrite=overwrite), stop.installed():
         try:
@@ -249,8 +252,33 @@ def _train_epoch(
 
 def _optimizer_step(run: Run, batches: Iterator) -> torch.Tensor:
     """One optimizer step over accum_steps micro-batches; returns its mean loss (on device)."""
-    config, ctx = run.recipe.train, run.ctx
+    config = run.recipe.train
     run.schedule.apply(run.step)
+    if run.graphed_step is not None:  # one micro-batch, the update included
+        images, targets = next(batches)
+        loss_sum, correct = run.graphed_step(*_on_device(run, images, targets))
+        images_seen = len(targets)
+    else:
+        loss_sum, correct, images_seen = _accumulate(run, batches)
+        for parameter in run.frozen:
+            parameter.grad = None
+        run.precision.step(run.optimizer)
+        run.optimizer.zero_grad(set_to_none=True)
+    if _averaging(run):
+        run.average.update_parameters(run.model)
+    if config.filter_rms_radius is not None:
+        clamp_filter_rms(run.model, config.filter_rms_radius)
+    run.step += 1
+    run.step_in_epoch += 1
+    run.totals["loss"] = run.totals["loss"] + loss_sum
+    run.totals["correct"] = run.totals["correct"] + correct
+    run.totals["images"] += images_seen
+    return loss_sum / max(images_seen, 1)
+
+
+def _accumulate(run: Run, batches: Iterator) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Gradients of accum_steps micro-batches; their summed loss, correct count and size."""
+    config, ctx = run.recipe.train, run.ctx
     loss_sum = torch.zeros((), device=ctx.device)
     correct, images_seen = torch.zeros((), device=ctx.device), 0
     for micro in range(config.accum_steps):
@@ -267,34 +295,45 @@ def _optimizer_step(run: Run, batches: Iterator) -> torch.Tensor:
                     "stops at the first one and names it)"
                 )
             continue
-        images = images.to(ctx.device, non_blocking=True)
-        targets = targets.to(ctx.device, non_blocking=True)
-        if config.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
         with dist.sync_context(run.train_module, sync=micro == config.accum_steps - 1):
-            with run.precision.autocast():
-                logits, aux_logits = run.train_module(images)
-                loss = run.criterion(logits, targets)
-                for aux in aux_logits:
-                    loss = loss + config.aux_loss_weight * run.criterion(aux, targets)
-            run.precision.backward(loss / config.accum_steps)
-        loss_sum = loss_sum + loss.detach() * len(targets)
-        correct = correct + (logits.argmax(1) == targets).sum()
+            micro_loss, micro_correct = _forward_backward(
+                run, *_on_device(run, images, targets), config.accum_steps)
+        loss_sum = loss_sum + micro_loss
+        correct = correct + micro_correct
         images_seen += len(targets)
-    for parameter in run.frozen:
-        parameter.grad = None
-    run.precision.step(run.optimizer)
-    run.optimizer.zero_grad(set_to_none=True)
-    if _averaging(run):
-        run.average.update_parameters(run.model)
-    if config.filter_rms_radius is not None:
-        clamp_filter_rms(run.model, config.filter_rms_radius)
-    run.step += 1
-    run.step_in_epoch += 1
-    run.totals["loss"] = run.totals["loss"] + loss_sum
-    run.totals["correct"] = run.totals["correct"] + correct
-    run.totals["images"] += images_seen
-    return loss_sum / max(images_seen, 1)
+    return loss_sum, correct, images_seen
+
+
+def _on_device(run: Run, images: torch.Tensor, targets: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    images = images.to(run.ctx.device, non_blocking=True)
+    if run.recipe.train.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, targets.to(run.ctx.device, non_blocking=True)
+
+
+def _forward_backward(run: Run, images: torch.Tensor, targets: torch.Tensor, accum_steps: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward, the loss (with GoogLeNet's auxiliary ones) and backward of one micro-batch of
+    `accum_steps`; its summed loss (detached) and correct count."""
+    with run.precision.autocast():
+        logits, aux_logits = run.train_module(images)
+        loss = run.criterion(logits, targets)
+        for aux in aux_logits:
+            loss = loss + run.recipe.train.aux_loss_weight * run.criterion(aux, targets)
+    run.precision.backward(loss / accum_steps)
+    return loss.detach() * len(targets), (logits.argmax(1) == targets).sum()
+
+
+def graphed_step(run: Run) -> GraphedStep:
+    """train.cuda_graph's step: forward, backward and the SGD update of one batch."""
+
+    def step(images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        outputs = _forward_backward(run, images, targets, 1)
+        run.precision.step(run.optimizer)
+        return outputs
+
+    return GraphedStep(step, run.model, run.optimizer, capture=run.ctx.device.type == "cuda")
 
 
 def _averaging(run: Run) -> bool:

@@ -191,6 +191,10 @@ class TrainSection:
     amp: str = "none"  # none | bf16 | fp16 (autocast; fp16 adds a GradScaler)
     channels_last: bool = False
     compile: bool = False  # torch.compile the training forward
+    # Capture the whole training step in a CUDA graph and replay it (canon.engine.graphed):
+    # for small nets that leave a big GPU waiting on kernel launches (the CIFAR ResNets). One
+    # process, full batches of one shape; on a CPU the same step runs uncaptured.
+    cuda_graph: bool = False
     # Weight averaging; the averaged weights are the ones validated, checkpointed as the
     # model to evaluate, and exported. ema_decay > 0: an exponential moving average of the
     # weights after every optimizer step (avg = d avg + (1 - d) w).
@@ -258,6 +262,19 @@ class TrainSection:
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
         _check(all(e >= 1 for e in self.keep_epochs), "train.keep_epochs must be epochs >= 1")
         _check(self.unfreeze_every_epochs >= 0, "train.unfreeze_every_epochs must be >= 0")
+        if self.cuda_graph:
+            clashes = [name for name, clash in [
+                ("train.accum_steps > 1", self.accum_steps > 1),
+                ("train.amp fp16 (its loss scaler syncs with the host)", self.amp == "fp16"),
+                ("train.compile", self.compile),
+                ("train.ema_decay", self.ema_decay > 0),
+                ("train.polyak_after_epochs", self.polyak_after_epochs is not None),
+                ("train.model_parallel", self.model_parallel is not None),
+                ("train.filter_rms_radius", self.filter_rms_radius is not None),
+                ("train.unfreeze_every_epochs", self.unfreeze_every_epochs > 0),
+            ] if clash]
+            _check(not clashes, "train.cuda_graph captures a plain step; it does not combine "
+                                f"with {', '.join(clashes)}")
         if self.model_parallel is not None:
             parse_model_parallel(self.model_parallel)  # a ConfigError naming the valid forms
 
