@@ -381,13 +381,18 @@ def test_cuda_graph_refuses_what_it_cannot_capture(resume_data, tmp_path):
         optimizer.step()
         return loss.detach(), torch.zeros(())
 
-    graphed = GraphedStep(step, model, optimizer, capture=False)
-    graphed(torch.randn(4, 3, 8, 8), torch.arange(4))
-    with pytest.raises(DataError, match=r"captured for a batch of \(4, 3, 8, 8\), got "
-                                        r"\(3, 3, 8, 8\)"):
-        graphed(torch.randn(3, 3, 8, 8), torch.arange(3))
+    graphed = GraphedStep(step, model, optimizer, 4, capture=False)
+    for size in (3, 4, 3):  # a short first batch is refused too: it would fix the shape
+        if size == 4:
+            graphed(torch.randn(4, 3, 8, 8), torch.arange(4))
+            continue
+        with pytest.raises(DataError, match=r"every batch of 4 images of one size; got a "
+                                            r"batch of \(3, 3, 8, 8\)"):
+            graphed(torch.randn(size, 3, 8, 8), torch.arange(size))
+    with pytest.raises(DataError, match=r"got a batch of \(4, 3, 9, 9\)"):
+        graphed(torch.randn(4, 3, 9, 9), torch.arange(4))
     with pytest.raises(ConfigError, match="fused SGD"):
-        GraphedStep(step, model, optimizer, capture=True)
+        GraphedStep(step, model, optimizer, 4, capture=True)
 
 
 @pytest.mark.gpu

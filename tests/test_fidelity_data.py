@@ -155,11 +155,17 @@ def test_area_interpolation_averages_boxes():
 @pytest.mark.parametrize("shape", [(3, 37, 50), (2, 3, 90, 41)])
 @pytest.mark.parametrize("size", [(64, 71), (20, 13), (37, 120)])
 def test_area_interpolation_is_adaptive_average_pooling(shape, size):
-    """canon's separable box passes equal F.interpolate's "area", enlarging and shrinking."""
+    """canon's separable box passes equal F.interpolate's "area", enlarging and shrinking;
+    on uint8 pixels exactly, rounding of halves included."""
     image = torch.rand(shape, generator=torch.Generator().manual_seed(sum(size)))
-    batch = image if image.dim() == 4 else image.unsqueeze(0)
-    expected = F.interpolate(batch, size=size, mode="area").view(*shape[:-2], *size)
-    assert torch.allclose(resize_image(image, *size, "area"), expected, atol=1e-6)
+    for pixels in (image, (image * 255).to(torch.uint8)):
+        batch = pixels.float() if pixels.dim() == 4 else pixels.float().unsqueeze(0)
+        expected = F.interpolate(batch, size=size, mode="area").view(*shape[:-2], *size)
+        if pixels.dtype == torch.uint8:
+            assert torch.equal(resize_image(pixels, *size, "area"),
+                               expected.round().to(torch.uint8))
+        else:
+            assert torch.allclose(resize_image(pixels, *size, "area"), expected, atol=1e-6)
 
 
 def test_mean_subtraction_alone_is_the_default():

@@ -8,9 +8,10 @@ A replay reads its batch from static input tensors, written before it, and the l
 of each parameter group from a device tensor (fused SGD takes a tensor lr), written from the
 schedule's value before it; everything else it touches (weights, BN statistics, momentum
 buffers, gradients) stays at fixed addresses. torch needs a few eager steps before capturing
-(on a side stream); canon runs them on the first batch and then undoes them (`restored_after`),
-so the run trains exactly as the uncaptured one would. On a CPU there is nothing to capture:
-the same static-buffer step runs eagerly, which is how the tests cover its logic there.
+(on a side stream); canon runs them on the first batch and then undoes them (`restored_after`,
+and the CUDA generator's state), so the first replay starts from the state the uncaptured run
+would step from. On a CPU there is nothing to capture: the same static-buffer step runs
+eagerly, which is how the tests cover its logic there.
 """
 
 from __future__ import annotations
@@ -35,14 +36,16 @@ def restored_after(model: nn.Module, optimizer: torch.optim.Optimizer) -> Iterat
     the first step it would have been."""
     tensors = [*model.state_dict().values(), *_momentum_buffers(optimizer)]
     saved = [tensor.detach().clone() for tensor in tensors]
-    yield
-    with torch.no_grad():
-        for tensor, value in zip(tensors, saved, strict=True):
-            tensor.copy_(value)
-        known = {id(tensor) for tensor in tensors}
-        for buffer in _momentum_buffers(optimizer):
-            if id(buffer) not in known:
-                buffer.zero_()
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for tensor, value in zip(tensors, saved, strict=True):
+                tensor.copy_(value)
+            known = {id(tensor) for tensor in tensors}
+            for buffer in _momentum_buffers(optimizer):
+                if id(buffer) not in known:
+                    buffer.zero_()
 
 
 def _momentum_buffers(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -53,17 +56,18 @@ def _momentum_buffers(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
 class GraphedStep:
     """`step(images, targets)` (forward, backward and optimizer.step(), returning the batch's
     summed loss and correct count) replayed from a CUDA graph captured at the first call
-    (`capture`), or run eagerly on the same static buffers. Every batch must have the first
-    one's shape."""
+    (`capture`), or run eagerly on the same static buffers. Every batch must hold
+    `batch_size` images of the first one's shape."""
 
     def __init__(self, step: Step, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 capture: bool) -> None:
+                 batch_size: int, capture: bool) -> None:
         if any(group["dampening"] for group in optimizer.param_groups):
             raise ConfigError("train.cuda_graph needs SGD without dampening")
         if capture and not all(group.get("fused") for group in optimizer.param_groups):
             raise ConfigError("train.cuda_graph captures fused SGD (a tensor lr, no host sync): "
                               "every parameter must be on one GPU")
-        self.step, self.model, self.optimizer, self.capture = step, model, optimizer, capture
+        self.step, self.model, self.optimizer = step, model, optimizer
+        self.batch_size, self.capture = batch_size, capture
         self.inputs: tuple[torch.Tensor, torch.Tensor] | None = None
         self.outputs: tuple[torch.Tensor, torch.Tensor] | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -71,14 +75,15 @@ class GraphedStep:
 
     def __call__(self, images: torch.Tensor, targets: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.inputs is None:
-            self.inputs = (images.clone(), targets.clone())  # clone keeps channels_last
-        elif images.shape != self.inputs[0].shape or targets.shape != self.inputs[1].shape:
+        if len(targets) != self.batch_size or (
+                self.inputs is not None and images.shape != self.inputs[0].shape):
             raise DataError(
-                f"train.cuda_graph replays a step captured for a batch of "
-                f"{tuple(self.inputs[0].shape)}, got {tuple(images.shape)} (a batch short of "
+                f"train.cuda_graph replays one step for every batch of {self.batch_size} "
+                f"images of one size; got a batch of {tuple(images.shape)} (short of "
                 "undecodable files?): remove or repair them, or set train.cuda_graph false"
             )
+        if self.inputs is None:
+            self.inputs = (images.clone(), targets.clone())  # clone keeps channels_last
         self.inputs[0].copy_(images)
         self.inputs[1].copy_(targets)
         if not self.capture:
@@ -94,10 +99,11 @@ class GraphedStep:
 
     def _capture(self) -> None:
         """Warm up eagerly on a side stream, capture with each group's lr a device tensor,
-        and undo the warm-up."""
+        and undo the warm-up (the CUDA generator's draws, for dropout, included)."""
         groups = self.optimizer.param_groups
         device = self.inputs[0].device
         with restored_after(self.model, self.optimizer):
+            generator_state = torch.cuda.get_rng_state(device)
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):
@@ -105,14 +111,17 @@ class GraphedStep:
                     self.step(*self.inputs)
                     self.optimizer.zero_grad(set_to_none=True)
             torch.cuda.current_stream(device).wait_stream(side)
+            torch.cuda.set_rng_state(generator_state, device)
             rates = [group["lr"] for group in groups]
             self.lrs = [torch.tensor(float(rate), device=device) for rate in rates]
             for group, lr in zip(groups, self.lrs, strict=True):
                 group["lr"] = lr
-            self.graph = torch.cuda.CUDAGraph()
+            graph = torch.cuda.CUDAGraph()
             try:
-                with torch.cuda.graph(self.graph):
+                # thread_local: the loader's pin-memory thread may allocate meanwhile
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                     self.outputs = self.step(*self.inputs)
             finally:  # the schedule, checkpoints and logs keep plain floats
                 for group, rate in zip(groups, rates, strict=True):
                     group["lr"] = rate
+            self.graph = graph

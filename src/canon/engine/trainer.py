@@ -333,7 +333,8 @@ def graphed_step(run: Run) -> GraphedStep:
         run.precision.step(run.optimizer)
         return outputs
 
-    return GraphedStep(step, run.model, run.optimizer, capture=run.ctx.device.type == "cuda")
+    return GraphedStep(step, run.model, run.optimizer, run.recipe.train.batch_size,
+                       capture=run.ctx.device.type == "cuda")
 
 
 def _averaging(run: Run) -> bool:
