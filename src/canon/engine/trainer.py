@@ -167,6 +167,9 @@ def _train(
     run = set_up(recipe, run_dir, ctx, model, datasets, state)
     if recipe.train.cuda_graph:
         run.graphed_step = graphed_step(run)
+        if ctx.device.type != "cuda" and ctx.is_main:
+            print(f"train.cuda_graph: nothing to capture on {ctx.device}; the same step runs "
+                  "uncaptured")
     stop = StopFlag()
     with _claimed(run, resuming=state is not None, overwrite=overwrite), stop.installed():
         try:
