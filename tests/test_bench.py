@@ -46,10 +46,14 @@ def test_train_bench_gives_rates_flops_and_ratio_on_cpu():
 
 
 def test_train_bench_googlenet_trains_the_auxiliary_heads_of_both():
+    """With --cuda-graph canon's step goes through GraphedStep (uncaptured on a CPU)."""
     bench = bench_train("googlenet_bn", batch_size=2, steps=1, warmup=0, device="cpu",
-                        image_size=64, repeats=1)
-    assert bench.settings["model"] == "googlenet_bn"
+                        image_size=64, repeats=1, cuda_graph=True)
+    assert bench.settings["model"] == "googlenet_bn" and bench.settings["cuda_graph"]
     assert bench.canon.images_per_s > 0 and bench.torchvision.images_per_s > 0
+    assert "canon's step in a CUDA graph" in format_train(bench)
+    with pytest.raises(ConfigError, match="drop --compile"):
+        bench_train("resnet18", device="cpu", compile=True, cuda_graph=True)
 
 
 def test_torchvision_twins_paper_resnets_included():

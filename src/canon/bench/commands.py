@@ -31,6 +31,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
                         help="channels-last memory format; default: on CUDA, off on CPU")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="capture canon's step in a CUDA graph (train.cuda_graph)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
     parser.add_argument("--image-size", type=int, metavar="N",
                         help="square input side; default: the model's own (224)")
@@ -106,6 +108,7 @@ def run_train(args: argparse.Namespace) -> None:
     bench = bench_train(
         args.model, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
         amp=args.amp, channels_last=args.channels_last, compile=args.compile,
+        cuda_graph=args.cuda_graph,
         device=args.device, image_size=args.image_size, repeats=args.repeats,
     )
     print(format_train(bench))

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 import torchvision.models as tvm
 
 from canon.engine.distributed import resolve_device
+from canon.engine.graphed import GraphedStep
 from canon.engine.precision import DTYPES, Precision
 from canon.engine.setup import fused_sgd
 from canon.errors import ConfigError
@@ -113,10 +114,12 @@ class TrainingForward(nn.Module):
         return out.logits, [aux for aux in (out.aux_logits1, out.aux_logits2) if aux is not None]
 
 
-def train_step(
+def update(
     forward: nn.Module, optimizer: torch.optim.Optimizer, precision: Precision,
     images: torch.Tensor, targets: torch.Tensor,
-) -> None:
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward, loss, backward and optimizer step (as GraphedStep captures it); the loss and
+    the correct count."""
     with precision.autocast():
         logits, aux_logits = forward(images)
         loss = F.cross_entropy(logits, targets)
@@ -124,6 +127,14 @@ def train_step(
             loss = loss + TrainSection.aux_loss_weight * F.cross_entropy(aux, targets)
     precision.backward(loss)
     precision.step(optimizer)
+    return loss.detach(), (logits.argmax(1) == targets).sum()
+
+
+def train_step(
+    forward: nn.Module, optimizer: torch.optim.Optimizer, precision: Precision,
+    images: torch.Tensor, targets: torch.Tensor,
+) -> None:
+    update(forward, optimizer, precision, images, targets)
     optimizer.zero_grad(set_to_none=True)
 
 
@@ -215,9 +226,10 @@ class _Contender:
 def _prepare(
     name: str, model: nn.Module, flops_model: str | None, *, device: torch.device, amp: str,
     channels_last: bool, compile: bool, images: torch.Tensor, targets: torch.Tensor,
-    warmup: int,
+    warmup: int, cuda_graph: bool = False,
 ) -> _Contender:
-    """Count the model's FLOPs, move it to the device, run the warm-up (compiling)."""
+    """Count the model's FLOPs, move it to the device, run the warm-up (compiling, or
+    capturing the step in a CUDA graph)."""
     gflops = training_gflops(flops_model or model, images.shape[-1])
     model = model.to(device).train()
     if channels_last:
@@ -227,7 +239,13 @@ def _prepare(
         forward = torch.compile(forward)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM,
                                 weight_decay=WEIGHT_DECAY, fused=fused_sgd(model))
-    step = partial(train_step, forward, optimizer, Precision(amp, device), images, targets)
+    precision = Precision(amp, device, cache=not cuda_graph)
+    if cuda_graph:
+        graphed = GraphedStep(partial(update, forward, optimizer, precision), model, optimizer,
+                              len(targets), capture=device.type == "cuda")
+        step = partial(graphed, images, targets)
+    else:
+        step = partial(train_step, forward, optimizer, precision, images, targets)
     timed(step, warmup, device)
     return _Contender(name, model, optimizer, step, gflops)
 
@@ -266,9 +284,11 @@ def bench_train(
     model: str, *, batch_size: int | None = None, steps: int | None = None,
     warmup: int | None = None, amp: str = "none", channels_last: bool | None = None,
     compile: bool = False, device: str = "auto", image_size: int | None = None,
-    repeats: int = 5,
+    repeats: int = 5, cuda_graph: bool = False,
 ) -> TrainBench:
     """Time canon's `model` and torchvision's twin (`torchvision_twin`), repeats alternating.
+    `cuda_graph`: canon's step captured in a CUDA graph (train.cuda_graph), torchvision's as
+    it is (uncaptured on a CPU).
 
     Defaults: on CUDA batch 256, 50 steps after 10 warm-up steps, channels-last; on CPU batch
     16, 5 steps after 2, contiguous; image_size the model's own input size (224).
@@ -285,6 +305,9 @@ def bench_train(
                   repeats=(repeats, 1))
     if amp not in AMP_MODES:
         raise ConfigError(f"--amp must be none, bf16 or fp16, got {amp!r}")
+    if cuda_graph and (compile or amp == "fp16"):
+        raise ConfigError("--cuda-graph captures an eager step without fp16's loss scaler: "
+                          "drop --compile or use --amp bf16")
 
     images = torch.randn(batch_size, 3, size, size, device=dev)
     if channels_last:
@@ -295,7 +318,8 @@ def bench_train(
     # torchvision's GoogLeNet warns that it will stop initialising its weights unless asked.
     tv_options = {"init_weights": True} if twin == "googlenet" else {}
     contenders = [
-        _prepare(f"canon {model}", create_model(model, num_classes=1000), model, **options),
+        _prepare(f"canon {model}", create_model(model, num_classes=1000), model, **options,
+                 cuda_graph=cuda_graph),
         _prepare(f"torchvision {twin}",
                  tvm.get_model(twin, weights=None, num_classes=1000, **tv_options), None,
                  **options),
@@ -324,7 +348,8 @@ def bench_train(
         "model": model, "device": torch.cuda.get_device_name(dev) if cuda else "cpu",
         "threads": torch.get_num_threads(), "batch_size": batch_size, "image_size": size,
         "steps": steps, "warmup": warmup, "repeats": repeats, "amp": amp,
-        "channels_last": channels_last, "compile": compile, "torch": torch.__version__,
+        "channels_last": channels_last, "compile": compile, "cuda_graph": cuda_graph,
+        "torch": torch.__version__,
         "memory": "CUDA allocated" if cuda else "resident set size (approximate)",
     }
     return TrainBench(settings, peak / 1e9, peak_dtype, speed(contenders[0]),
@@ -335,6 +360,8 @@ def format_train(bench: TrainBench) -> str:
     """The figures as the command prints them."""
     s = bench.settings
     compiled = "torch.compile" if s["compile"] else "eager"
+    if s.get("cuda_graph"):
+        compiled += ", canon's step in a CUDA graph"
     layout = "channels-last" if s["channels_last"] else "contiguous"
     lines = [
         f"{s['model']} on {s['device']} ({s['threads']} threads), batch {s['batch_size']}, "
