@@ -3,9 +3,9 @@
 # training step of canon's models against torchvision's (bf16, eager, then ResNet-50 compiled
 # and with canon's step in a CUDA graph), canon's CIFAR loop against the plain one, and
 # ResNet-110 at the paper's batch 128 with the step captured in a CUDA graph and without (its
-# 64k-iteration schedule takes 64,000 x 128 / images/s). Nothing installs there: it runs the checkout with PYTHONPATH=src on the machine's
-# own torch. About 9 minutes on one H100; figures go to $OUT (the device tool brings them
-# back) or ./gpu-results.
+# 64k-iteration schedule takes 64,000 x 128 / images/s). Nothing installs there: it runs the
+# checkout with PYTHONPATH=src on the machine's own torch. About 9 minutes on one H100; figures
+# go to $OUT (the device tool brings them back) or ./gpu-results.
 set -u -o pipefail
 export PYTHONPATH=src
 out=${OUT:-gpu-results}
