@@ -16,6 +16,7 @@ from visualize_helpers import assert_picture, run_verb, save_png
 import canon
 from canon.data import DataConfig
 from canon.data.decoding import decode_image_file
+from canon.data.packing import pack_folder
 from canon.data.preprocess import center_transform, eval_preprocess
 from canon.engine.trained import TrainedModel, load_trained
 from canon.errors import ConfigError, DataError
@@ -157,6 +158,15 @@ def test_responses_of_a_run_default_to_its_own_evaluation_split(quickstart_run, 
     run = result["runs"][0]
     assert (run["name"], run["data"], run["images"]) == ("resnet20-tiny", "sample", 8)
     assert all(layer["std"] > 0 and layer["channels"] in (16, 32, 64) for layer in run["layers"])
+
+
+def test_responses_refuse_to_subsample_a_shard_folder(quickstart_run, imagenette_root, tmp_path):
+    shards = tmp_path / "shards"
+    pack_folder(imagenette_root, shards, splits=("val",), progress=False)
+    with pytest.raises(ConfigError, match=r"shards is a shard folder, which streams: drop "
+                                          r"--max-images"):
+        responses([quickstart_run / "model.safetensors"], tmp_path / "out", data=shards,
+                  max_images=8, device="cpu")
 
 
 @pytest.mark.parametrize(("transform", "values"), [

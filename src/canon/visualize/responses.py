@@ -29,6 +29,7 @@ from canon.data.datasets import canon_cache_dir, open_eval_split
 from canon.data.labeled import ImageSubset
 from canon.data.loaders import build_loader
 from canon.data.preprocess import center_transform
+from canon.data.shards import ShardImages
 from canon.engine.trained import TrainedModel
 from canon.errors import ConfigError, DataError
 from canon.files import make_folder
@@ -92,6 +93,12 @@ def layer_stds(
     split = open_eval_split(data, cache=canon_cache_dir(), download=trained.data.download,
                             max_pixels=trained.data.max_image_pixels)
     if max_images is not None and max_images < len(split):
+        if isinstance(split, ShardImages):
+            raise ConfigError(
+                f"--max-images spreads images over an indexed split, and {data} is a shard "
+                "folder, which streams: drop --max-images (every image is read once) or pass "
+                "the image folder it was packed from"
+            )
         split = ImageSubset(split, torch.linspace(0, len(split) - 1, max_images).long().tolist())
     sums: dict[str, list] = {}  # name: [per-channel sum, sum of squares, values per channel]
 
