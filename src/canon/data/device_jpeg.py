@@ -28,7 +28,6 @@ from torchvision.ops import roi_align
 
 from canon.data.decoding import jpeg_frame, libjpeg_errors
 from canon.data.folders import FolderImages
-from canon.data.geometry import shorter_side_size
 from canon.data.normalize import Normalize, ToFloat
 from canon.data.sampling import sample_seed
 from canon.data.transforms import (
@@ -175,7 +174,7 @@ def scale_draws(rescale: RescaleShorter, crop: RandomCrop, fancy_pca: FancyPCA |
     of the rescaled image, reflection), in its order; the window as a box of the original."""
 
     def draw(height: int, width: int, generator: torch.Generator) -> Draws:
-        scaled_h, scaled_w = shorter_side_size(height, width, rescale.shorter_side(generator))
+        scaled_h, scaled_w = rescale.target_size(height, width, generator)
         alpha = _alpha(fancy_pca, generator)
         top, left = crop.box(scaled_h, scaled_w, generator)
         down, across = height / scaled_h, width / scaled_w

@@ -50,7 +50,8 @@ class RescaleSquare:
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         return fit_image(image, self.size, self.fit, self.interpolation)
 
-    def target_size(self, image: torch.Tensor) -> tuple[int, int]:
+    def target_size(self, height: int, width: int,
+                    generator: torch.Generator | None = None) -> tuple[int, int]:
         return self.size, self.size
 
     def window(self, image: torch.Tensor, height: int, width: int,
@@ -76,11 +77,13 @@ class RescaleShorter:
         return int(torch.randint(self.low, self.high + 1, (), generator=generator))
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        return resize_image(image, *self.target_size(image), self.interpolation)
+        return resize_image(image, *self.target_size(*image.shape[-2:]), self.interpolation)
 
-    def target_size(self, image: torch.Tensor) -> tuple[int, int]:
-        """Height and width of `image` rescaled, S drawn from torch's global generator."""
-        return shorter_side_size(*image.shape[-2:], self.shorter_side())
+    def target_size(self, height: int, width: int,
+                    generator: torch.Generator | None = None) -> tuple[int, int]:
+        """A height x width image's size rescaled, S drawn from `generator` (default: torch's
+        global one)."""
+        return shorter_side_size(height, width, self.shorter_side(generator))
 
     def window(self, image: torch.Tensor, height: int, width: int,
                inside: tuple[int, int, int, int]) -> torch.Tensor:
@@ -299,7 +302,7 @@ class CropFirst:
         self.fancy_pca, self.flip = fancy_pca, RandomFlip() if flip else None
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        height, width = self.rescale.target_size(image)
+        height, width = self.rescale.target_size(*image.shape[-2:])
         shift = self.fancy_pca.noise().view(3, 1, 1) if self.fancy_pca is not None else None
         inside, padding = overlap(*self.crop.box(height, width), self.crop.size, height, width)
         window = self.rescale.window(image, height, width, inside)
