@@ -117,9 +117,8 @@ class TrainingForward(nn.Module):
 def update(
     forward: nn.Module, optimizer: torch.optim.Optimizer, precision: Precision,
     images: torch.Tensor, targets: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward, loss, backward and optimizer step (as GraphedStep captures it); the loss and
-    the correct count."""
+) -> torch.Tensor:
+    """Forward, loss, backward and optimizer step (as GraphedStep captures it); the loss."""
     with precision.autocast():
         logits, aux_logits = forward(images)
         loss = F.cross_entropy(logits, targets)
@@ -127,7 +126,7 @@ def update(
             loss = loss + TrainSection.aux_loss_weight * F.cross_entropy(aux, targets)
     precision.backward(loss)
     precision.step(optimizer)
-    return loss.detach(), (logits.argmax(1) == targets).sum()
+    return loss.detach()
 
 
 def train_step(

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
 from canon.errors import ConfigError, DataError
 
-Step = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+Step = Callable[[torch.Tensor, torch.Tensor], Any]  # its outputs: tensors a replay rewrites
 WARMUP_STEPS = 3  # eager steps before capture: cuDNN's algorithm choice, the allocator's pools
 
 
@@ -54,10 +55,10 @@ def _momentum_buffers(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
 
 
 class GraphedStep:
-    """`step(images, targets)` (forward, backward and optimizer.step(), returning the batch's
-    summed loss and correct count) replayed from a CUDA graph captured at the first call
-    (`capture`), or run eagerly on the same static buffers. Every batch must hold
-    `batch_size` images of the first one's shape."""
+    """`step(images, targets)` (forward, backward and optimizer.step(), returning tensors
+    such as the loss) replayed from a CUDA graph captured at the first call (`capture`), or
+    run eagerly on the same static buffers. Every batch must hold `batch_size` images of the
+    first one's shape."""
 
     def __init__(self, step: Step, model: nn.Module, optimizer: torch.optim.Optimizer,
                  batch_size: int, capture: bool) -> None:
@@ -69,12 +70,11 @@ class GraphedStep:
         self.step, self.model, self.optimizer = step, model, optimizer
         self.batch_size, self.capture = batch_size, capture
         self.inputs: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.outputs: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.outputs: Any = None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.lrs: list[torch.Tensor] = []
 
-    def __call__(self, images: torch.Tensor, targets: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> Any:
         if len(targets) != self.batch_size or (
                 self.inputs is not None and images.shape != self.inputs[0].shape):
             raise DataError(
