@@ -206,6 +206,34 @@ def test_multi_crop_plus_dense_averages_the_two_methods():
     assert result["protocol"] == "multi-crop+dense"
 
 
+def test_a_forward_pass_takes_at_most_batch_size_views():
+    """64 images under VGG's multi-crop are 9,600 views: they go through the model in passes of
+    at most evaluate's batch_size, with the same posteriors as in one pass."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (5, 3, 40, 52), dtype=torch.uint8, generator=generator)
+    preprocess = EvalPreprocess(32, 40, Normalize(torch.tensor([0.5, 0.4, 0.3])),
+                                scales=(32, 40, 48))
+    model = SmallConvNet().eval()
+    dense_network = model.fully_convolutional().eval()
+    passes = []
+    for network in (model, dense_network):
+        network.register_forward_pre_hook(lambda _, inputs: passes.append(len(inputs[0])))
+    protocol = parse_protocol("multi-crop+dense")
+    stacks = [ProtocolViews(protocol, preprocess)(image) for image in images]
+    with torch.no_grad():
+        whole = _average_posteriors(model, dense_network, stacks, protocol, "cpu")
+        assert max(passes) == 5 * 150  # every crop at once, without a bound
+        passes.clear()
+        chunked = _average_posteriors(model, dense_network, stacks, protocol, "cpu", 7)
+    assert torch.allclose(chunked, whole, atol=1e-6)
+    assert max(passes) == 7 and sum(passes) == 5 * 156
+    passes.clear()
+    labels = whole.argmax(1).tolist()
+    dataset = ArrayImages(images, labels, [str(c) for c in range(10)], name="five")
+    result = evaluate(model, dataset, "ten-crop", batch_size=3, preprocess=preprocess)
+    assert result["images"] == 5 and max(passes) == 3 and sum(passes) == 50
+
+
 def test_multi_scale_views_on_real_photos(imagenette_root, tmp_path):
     config = DataConfig(dataset=str(imagenette_root), augmentation="vgg", crop_size=96,
                         resize_size=128, mean="imagenet")

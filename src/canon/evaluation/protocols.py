@@ -97,7 +97,9 @@ def evaluate(
     (LabeledImages.class_ids of the set it was trained on), label the split by class name: it
     may hold some of those classes and no others. Without them the split's own sorted classes
     are taken to be the model's.
-    The model is moved to `device` first. `scales` overrides the multi-scale shorter sides.
+    The model is moved to `device` first. `batch_size` images are loaded at a time, and a
+    forward pass takes at most `batch_size` of their views (ten per image under ten-crop).
+    `scales` overrides the multi-scale shorter sides.
     `sampler` shards the set (distributed evaluation; all-reduce the counts, see
     score_loader). Returns top1_error, top5_error, images, skipped, protocol,
     views_per_image, scales, seconds; with `keep_probabilities` also `probabilities`, the
@@ -129,7 +131,7 @@ def evaluate(
     start = time.perf_counter()
     errors, kept, kept_labels = TopKErrors(), [], []
     for scores, labels in _scored_batches(model, loader, parsed if views else None, device,
-                                          progress):
+                                          progress, views_per_forward=batch_size):
         errors.update(scores, labels)
         if keep_probabilities:  # view batches come as posteriors, ready ones as logits
             kept.append((scores if views else scores.float().softmax(1)).cpu())
@@ -162,15 +164,19 @@ def score_loader(
     device: str | torch.device = "cpu",
     *,
     progress: bool = False,
+    views_per_forward: int | None = None,
 ) -> TopKErrors:
     """Top-k counts over a loader: of ready (images, labels) batches when `protocol` is
-    None, else of collate_views batches. Restores the model's training mode afterwards.
+    None, else of collate_views batches, whose views go through the model at most
+    `views_per_forward` at a time (None: a batch's views of one shape together). Restores the
+    model's training mode afterwards.
 
     Inputs go to `device`; the model stays where the caller put it, since a model-parallel
     one (canon.engine.model_parallel) has its pieces on several devices and takes its
     inputs on the first."""
     errors = TopKErrors()
-    for scores, labels in _scored_batches(model, loader, protocol, device, progress):
+    for scores, labels in _scored_batches(model, loader, protocol, device, progress,
+                                          views_per_forward):
         errors.update(scores, labels)
     return errors
 
@@ -182,6 +188,7 @@ def _scored_batches(
     protocol: Protocol | None,
     device: str | torch.device,
     progress: bool,
+    views_per_forward: int | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(scores N x K, labels N) of each non-empty batch of score_loader's `loader`: logits of
     ready batches, the protocol's averaged posteriors of view batches. The model is in eval
@@ -199,7 +206,8 @@ def _scored_batches(
             if protocol is None:
                 yield model(inputs.to(device)), labels
             else:
-                yield _average_posteriors(model, dense_network, inputs, protocol, device), labels
+                yield _average_posteriors(model, dense_network, inputs, protocol, device,
+                                          views_per_forward), labels
     finally:
         model.train(was_training)
 
@@ -210,12 +218,13 @@ def _average_posteriors(
     per_image: list[list[torch.Tensor]],
     protocol: Protocol,
     device,
+    views_per_forward: int | None = None,
 ) -> torch.Tensor:
     """Per image, the mean softmax over each method's views, then the mean over the methods.
 
     An image's stacks are its methods' in order, an equal number each (ProtocolViews). Dense
     views go through `dense_network` (the model's fully convolutional form), crops through
-    `model`; views of one method and shape run together."""
+    `model`; views of one method and shape run together, `views_per_forward` at most."""
     methods = len(protocol.methods)
     groups: dict[tuple[bool, tuple[int, ...]], list[tuple[int, torch.Tensor]]] = {}
     for index, stacks in enumerate(per_image):
@@ -230,7 +239,8 @@ def _average_posteriors(
     for (dense, _), members in groups.items():
         owners = torch.cat([torch.full((len(s),), i) for i, s in members]).to(device)
         network = dense_network if dense else model
-        scores = network(torch.cat([s for _, s in members]).to(device))
+        scores = _forward_in_chunks(network, [s for _, s in members], views_per_forward,
+                                    device)
         if dense:
             scores = scores.mean((2, 3))
         probabilities = scores.float().softmax(1)
@@ -240,3 +250,22 @@ def _average_posteriors(
         counts.index_add_(0, owners, torch.ones_like(owners, dtype=counts.dtype))
     per_method_mean = totals / counts.view(-1, 1)
     return per_method_mean.view(len(per_image), methods, -1).mean(1)
+
+
+def _forward_in_chunks(
+    network: nn.Module, stacks: list[torch.Tensor], size: int | None, device
+) -> torch.Tensor:
+    """`network`'s outputs for the rows of `stacks` in order, run `size` rows at a time (all
+    at once for None). A batch of 64 images under VGG's multi-crop is 9,600 views, whose
+    activations in one pass no device holds; smaller passes also run faster on a CPU."""
+    if size is None:
+        return network(torch.cat(stacks).to(device))
+    outputs, pending, pending_rows = [], [], 0
+    for piece in (piece for stack in stacks for piece in stack.split(size)):
+        if pending_rows + len(piece) > size:
+            outputs.append(network(torch.cat(pending).to(device)))
+            pending, pending_rows = [], 0
+        pending.append(piece)
+        pending_rows += len(piece)
+    outputs.append(network(torch.cat(pending).to(device)))
+    return torch.cat(outputs)
