@@ -89,6 +89,12 @@ def test_occlusion_is_lowest_where_the_one_region_that_matters_is_covered(tmp_pa
     assert torch.equal(top_class == 0, probability > 0.5)
     assert top_class[row, column] == 1  # the patch hidden, the other class wins
     assert_picture(result["png"], 1200, 300, levels=50)
+    # In ImageNet's layout (val/<class id>/x.JPEG) the folder names the correct class.
+    (tmp_path / "val" / "other").mkdir(parents=True)
+    filed = save_png(tmp_path / "val" / "other" / "bright.png", picture)
+    result = occlusion(trained, filed, tmp_path / "out", size=8, stride=4, device="cpu")
+    assert (result["label"], result["label_from"]) == ("other", "the image's folder")
+    assert result["unoccluded_top_class"] == "patch"
 
 
 def test_occlusion_on_a_trained_run_names_its_last_stage(

@@ -93,8 +93,9 @@ def square_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stride", type=positive_int, metavar="N",
                         help="pixels between its positions (default: 8 at a 224 input, scaled)")
     parser.add_argument("--label", metavar="CLASS",
-                        help="the correct class (name, id or index); default: the unoccluded "
-                        "image's top prediction")
+                        help="the correct class (name, id or index); default: the one the "
+                        "image's folder names (ImageNet layout) if the model has it, else the "
+                        "unoccluded image's top prediction")
 
 
 def transform_arguments(parser: argparse.ArgumentParser) -> None:
@@ -106,7 +107,8 @@ def transform_arguments(parser: argparse.ArgumentParser) -> None:
                         "pixels at 224, scales 0.5-1.5, rotations 0-360)")
     parser.add_argument("--label", action="append", dest="labels", metavar="CLASS",
                         help="the true class (name, id or index): once for all images or "
-                        "once per image; default: each image's top prediction")
+                        "once per image; default: the one each image's folder names "
+                        "(ImageNet layout) if the model has it, else its top prediction")
 
 
 def max_images_argument(parser: argparse.ArgumentParser) -> None:

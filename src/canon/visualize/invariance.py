@@ -34,6 +34,7 @@ from canon.visualize.layers import capture_outputs
 from canon.visualize.plots import (
     check_counts,
     class_index,
+    correct_class,
     mean_colour,
     model_device,
     new_figure,
@@ -96,7 +97,8 @@ def invariance(
     `output_dir` and returns what the JSON holds plus the paths written.
 
     `labels`: the true class of each image (a class name, id or index), or one for all;
-    default: each untransformed image's top prediction.
+    default: the class each image's folder names (ImageNet's layout) if the model has it,
+    else the untransformed image's top prediction.
     """
     if transform not in TRANSFORMS:
         raise ConfigError(f"unknown transform {transform!r}; use one of {', '.join(TRANSFORMS)}")
@@ -120,10 +122,10 @@ def invariance(
         measured = _measure(trained.model, preprocess.center(rescaled),
                             [preprocess.center(image) for image in changed], batch_size)
         original, probabilities = measured.pop("original"), measured.pop("probabilities")
-        target = given[min(index, len(given) - 1)] if given else int(original.argmax())
+        target, label_from = correct_class(
+            trained, path, given[min(index, len(given) - 1)] if given else None, original)
         results.append({
-            "image": str(path), "label": trained.classes[target],
-            "label_from": "given" if given else "top prediction of the original",
+            "image": str(path), "label": trained.classes[target], "label_from": label_from,
             **measured, "probability": probabilities[:, target].tolist(),
             "top_class": [trained.classes[i] for i in probabilities.argmax(1).tolist()],
         })

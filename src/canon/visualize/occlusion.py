@@ -29,6 +29,7 @@ from canon.visualize.layers import capture_outputs
 from canon.visualize.plots import (
     check_counts,
     class_index,
+    correct_class,
     mean_colour,
     model_device,
     new_figure,
@@ -61,7 +62,8 @@ def occlusion(
 
     The square (side `size`, moved by `stride`; defaults 32 and 8 at a 224 input, scaled to
     the run's crop) takes every position inside the centre crop. `label` (a class name, id or
-    index) is the correct class; default: the unoccluded image's top prediction. `layer` is a
+    index) is the correct class; default: the class the image's folder names (ImageNet's
+    layout) if the model has it, else the unoccluded image's top prediction. `layer` is a
     module name as `canon summary` prints it; default: the last of model.stages.
     """
     check_counts(batch_size=batch_size)
@@ -80,7 +82,7 @@ def occlusion(
     given = class_index(trained, label) if label is not None else None  # checked first
     probabilities, strongest, activation, scores = _scan(model, crop, layer, starts, size,
                                                          batch_size)
-    target = int(probabilities.argmax()) if given is None else given
+    target, label_from = correct_class(trained, image, given, probabilities)
     probability, top_class = scores[:, target].tolist(), scores.argmax(1).tolist()
     rows = len(starts)
     maps = {name: [values[i * rows : (i + 1) * rows] for i in range(rows)]
@@ -91,7 +93,7 @@ def occlusion(
         "size": size, "stride": stride, "starts": starts, "grey": GREY_MEANING,
         "layer": layer, "feature_map": strongest,
         "label": trained.classes[target], "label_index": target,
-        "label_from": "given" if label is not None else "top prediction of the unoccluded image",
+        "label_from": label_from,
         "unoccluded_probability": float(probabilities[target]),
         "unoccluded_top_class": trained.classes[int(probabilities.argmax())],
         "classes": {str(i): trained.classes[i] for i in sorted(set(top_class))},

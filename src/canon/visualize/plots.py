@@ -87,6 +87,19 @@ def class_index(trained: TrainedModel, label: str) -> int:
                       f"outputs ({shown}); give a class name, id or index")
 
 
+def correct_class(trained: TrainedModel, image: str | Path, given: int | None,
+                  probabilities: torch.Tensor) -> tuple[int, str]:
+    """(output index, where it came from) of an image's correct class: `given`, else the class
+    its folder names when the model has it (ImageNet's layout, val/<wnid>/x.JPEG), else its
+    top prediction (`probabilities`, of the unaltered image)."""
+    if given is not None:
+        return given, "given"
+    folder = Path(image).parent.name
+    if folder in trained.class_ids:
+        return trained.class_ids.index(folder), "the image's folder"
+    return int(probabilities.argmax()), "top prediction of the unaltered image"
+
+
 def new_figure(width: float, height: float) -> Figure:
     figure = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(figure)
