@@ -150,6 +150,11 @@ def test_class_names_from_synset_mapping(tmp_path, imagenette_root):
     )
     train, val = open_dataset(str(tmp_path))
     assert train.classes == val.classes == ["tench", "English springer"]
+    (tmp_path / "LOC_synset_mapping.txt").unlink()  # torchvision's names of ImageNet's wnids
+    assert open_dataset(str(tmp_path))[0].classes == ["tench", "English springer"]
+    (tmp_path / "train" / "n02102040").rename(tmp_path / "train" / "dogs")
+    (tmp_path / "val" / "n02102040").rename(tmp_path / "val" / "dogs")
+    assert open_dataset(str(tmp_path))[0].classes == ["dogs", "tench"]  # other names kept
 
 
 def test_train_and_val_classes_must_match(tmp_path, imagenette_root):

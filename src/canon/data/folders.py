@@ -16,6 +16,7 @@ import torch
 
 from canon.data.config import MAX_IMAGE_PIXELS
 from canon.data.decoding import decode_image_bytes, decode_image_file
+from canon.data.imagenet_classes import imagenet_names, imagenet_wnids
 from canon.data.labeled import LabeledImages, Transform
 from canon.errors import DataError
 
@@ -250,13 +251,17 @@ def _contents(folder: Path) -> str:
 
 
 def class_names(root: Path, class_ids: list[str]) -> list[str]:
-    """Human names from a synset mapping file (`wnid name, synonyms`) beside the tree, if any."""
+    """Human names from a synset mapping file (`wnid name, synonyms`) beside the tree, else
+    torchvision's names of ImageNet-1k's classes for folders named by their wnids; other
+    folders keep their names."""
     for folder in (root, root.parent, root.parent.parent):
         for filename in SYNSET_FILES:
             mapping = folder / filename
             if mapping.is_file():
                 names = _read_synsets(mapping)
                 return [names.get(i, i) for i in class_ids]
+    if set(class_ids) & set(imagenet_wnids()):
+        return [imagenet_names().get(i, i) for i in class_ids]
     return list(class_ids)
 
 

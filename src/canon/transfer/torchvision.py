@@ -40,9 +40,7 @@ only at input sizes where canon pools adaptively to 4x4 as torchvision always do
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -50,6 +48,7 @@ import torchvision.models as tvm
 from torchvision.models import WeightsEnum
 from torchvision.models.resnet import Bottleneck
 
+from canon.data.imagenet_classes import imagenet_wnids
 from canon.data.normalize import Normalize
 from canon.data.preprocess import EvalPreprocess
 from canon.errors import ConfigError
@@ -66,7 +65,6 @@ CANON_NAMES = {
     "alexnet": "alexnet_owt",
     "googlenet": "googlenet_bn",
 }
-WNIDS_FILE = Path(__file__).with_name("imagenet_wnids.txt")
 # Module settings that change a layer's output for equal weights.
 SETTINGS: dict[type[nn.Module], tuple[str, ...]] = {
     nn.Conv2d: ("stride", "padding", "dilation", "groups", "padding_mode"),
@@ -222,13 +220,6 @@ def copy_tensors(tv_model: nn.Module, model: nn.Module, pairs: dict[str, str], w
 def as_pair(value: object) -> object:
     """3 and (3, 3) are the same kernel size."""
     return (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
-
-
-@functools.cache
-def imagenet_wnids() -> tuple[str, ...]:
-    """The 1000 ImageNet-1k (ILSVRC-2012) WordNet ids in the standard class index order (sorted),
-    the order of torchvision's categories: index 0 is n01440764 (tench)."""
-    return tuple(WNIDS_FILE.read_text().split())
 
 
 def preprocess_of(weights: WeightsEnum) -> EvalPreprocess:
