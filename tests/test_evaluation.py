@@ -208,7 +208,8 @@ def test_multi_crop_plus_dense_averages_the_two_methods():
 
 def test_a_forward_pass_takes_at_most_batch_size_views():
     """64 images under VGG's multi-crop are 9,600 views: they go through the model in passes of
-    at most evaluate's batch_size, with the same posteriors as in one pass."""
+    at most evaluate's batch_size, with the same posteriors as in one pass, and are loaded a
+    few images at a time."""
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (5, 3, 40, 52), dtype=torch.uint8, generator=generator)
     preprocess = EvalPreprocess(32, 40, Normalize(torch.tensor([0.5, 0.4, 0.3])),
@@ -232,6 +233,9 @@ def test_a_forward_pass_takes_at_most_batch_size_views():
     dataset = ArrayImages(images, labels, [str(c) for c in range(10)], name="five")
     result = evaluate(model, dataset, "ten-crop", batch_size=3, preprocess=preprocess)
     assert result["images"] == 5 and max(passes) == 3 and sum(passes) == 50
+    passes.clear()  # 25 views per pass: two images (20 views) loaded at a time
+    result = evaluate(model, dataset, "ten-crop", batch_size=25, preprocess=preprocess)
+    assert result["images"] == 5 and passes == [20, 20, 10]
 
 
 def test_multi_scale_views_on_real_photos(imagenette_root, tmp_path):

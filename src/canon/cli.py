@@ -246,8 +246,8 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--per-class", action="store_true",
                         help="also write each class's error (CSV) and the confusion matrix (PNG)")
     parser.add_argument("--batch-size", type=int, default=64,
-                        help="images loaded at a time, and the most views (crops, reflections, "
-                        "scales) a forward pass takes")
+                        help="the most views (crops, reflections, scales) a forward pass "
+                        "takes: images are loaded BATCH_SIZE // views per image at a time")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument(

@@ -97,8 +97,9 @@ def evaluate(
     (LabeledImages.class_ids of the set it was trained on), label the split by class name: it
     may hold some of those classes and no others. Without them the split's own sorted classes
     are taken to be the model's.
-    The model is moved to `device` first. `batch_size` images are loaded at a time, and a
-    forward pass takes at most `batch_size` of their views (ten per image under ten-crop).
+    The model is moved to `device` first. A forward pass takes at most `batch_size` views
+    (ten per image under ten-crop), and images are loaded batch_size // views at a time (one
+    at least).
     `scales` overrides the multi-scale shorter sides.
     `sampler` shards the set (distributed evaluation; all-reduce the counts, see
     score_loader). Returns top1_error, top5_error, images, skipped, protocol,
@@ -123,10 +124,13 @@ def evaluate(
             "from canon.data.build_datasets, not a dataset of ready tensors"
         )
     views = isinstance(getattr(dataset, "transform", None), ProtocolViews)
+    views_per_image = _views_per_image(parsed, dataset.transform) if views else 1
     model.to(device)
+    # A loaded batch holds about batch_size views: 150 per image under VGG's multi-crop,
+    # whose views of 64 images would take 5.8 GB as floats (times the batches prefetched).
     loader = build_loader(
-        dataset, batch_size, train=False, workers=workers, sampler=sampler,
-        collate_fn=collate_views if views else collate,
+        dataset, max(1, batch_size // views_per_image), train=False, workers=workers,
+        sampler=sampler, collate_fn=collate_views if views else collate,
     )
     start = time.perf_counter()
     errors, kept, kept_labels = TopKErrors(), [], []
@@ -141,7 +145,7 @@ def evaluate(
     result.update(
         protocol=parsed.name,
         skipped=expected - errors.images,
-        views_per_image=_views_per_image(parsed, dataset.transform) if views else 1,
+        views_per_image=views_per_image,
         scales=list(dataset.transform.scales) if views else [],
         seconds=round(time.perf_counter() - start, 3),
     )
