@@ -36,7 +36,7 @@ import torchvision.models as tvm
 from canon.engine.distributed import resolve_device
 from canon.engine.graphed import GraphedStep
 from canon.engine.precision import DTYPES, Precision
-from canon.engine.setup import fused_sgd
+from canon.engine.setup import classification_loss, fused_sgd
 from canon.errors import ConfigError
 from canon.models.factory import create_model
 from canon.models.summary import summarize
@@ -120,10 +120,8 @@ def update(
 ) -> torch.Tensor:
     """Forward, loss, backward and optimizer step (as GraphedStep captures it); the loss."""
     with precision.autocast():
-        logits, aux_logits = forward(images)
-        loss = F.cross_entropy(logits, targets)
-        for aux in aux_logits:
-            loss = loss + TrainSection.aux_loss_weight * F.cross_entropy(aux, targets)
+        loss = classification_loss(F.cross_entropy, *forward(images), targets,
+                                   TrainSection.aux_loss_weight)
     precision.backward(loss)
     precision.step(optimizer)
     return loss.detach()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,18 @@ def make_optimizer(
         nesterov=config.nesterov, weight_decay=config.weight_decay, fused=fused_sgd(model),
     )
     return optimizer, peak_lr
+
+
+def classification_loss(
+    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], logits: torch.Tensor,
+    aux_logits: Sequence[torch.Tensor], targets: torch.Tensor, aux_weight: float,
+) -> torch.Tensor:
+    """The training loss: `criterion` on the logits, plus `aux_weight` times it on each of
+    GoogLeNet's auxiliary classifiers' (s5: weighted 0.3)."""
+    loss = criterion(logits, targets)
+    for aux in aux_logits:
+        loss = loss + aux_weight * criterion(aux, targets)
+    return loss
 
 
 def fused_sgd(model: nn.Module) -> bool | None:

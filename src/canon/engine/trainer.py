@@ -41,6 +41,7 @@ from canon.engine.saving import (
 from canon.engine.setup import (
     Run,
     check_recipe,
+    classification_loss,
     new_totals,
     open_run_dir,
     set_up,
@@ -321,9 +322,8 @@ def _forward_backward(run: Run, images: torch.Tensor, targets: torch.Tensor, acc
     `accum_steps`; its summed loss (detached) and correct count."""
     with run.precision.autocast():
         logits, aux_logits = run.train_module(images)
-        loss = run.criterion(logits, targets)
-        for aux in aux_logits:
-            loss = loss + run.recipe.train.aux_loss_weight * run.criterion(aux, targets)
+        loss = classification_loss(run.criterion, logits, aux_logits, targets,
+                                   run.recipe.train.aux_loss_weight)
     run.precision.backward(loss / accum_steps)
     return loss.detach() * len(targets), (logits.argmax(1) == targets).sum()
 
