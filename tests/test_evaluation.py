@@ -296,6 +296,8 @@ def test_evaluate_counts_every_image_exactly(sample_sets):
         assert result["top5_error"] == pytest.approx(100 * wrong5 / 1000)
     with pytest.raises(ConfigError, match="needs raw images"):
         evaluate(model, TensorDataset(images, labels), "ten-crop")
+    with pytest.raises(ConfigError, match="batch_size must be at least 1"):
+        evaluate(model, val, "center", batch_size=0)
 
 
 def test_dense_equals_center_at_training_size(sample_sets):
@@ -340,7 +342,7 @@ def test_evaluate_a_folder_with_model_eval_config(imagenette_root, tmp_path):
     with pytest.raises(ConfigError, match="eval_config"):
         evaluate(model, tmp_path, "center")
     model.eval_config = EvalConfig(input_size=112, resize_size=128)
-    result = evaluate(model, tmp_path, "ten-crop", batch_size=8)  # 30 = 3 x 8 + 6
+    result = evaluate(model, tmp_path, "ten-crop", batch_size=8)  # 30 batches of one image
     assert result["images"] == 30 and result["scales"] == [128]
 
 

@@ -21,8 +21,8 @@ class LabeledImages(Dataset):
     transform (default: none, the item is the decoded image). An item is None where the image
     could not be decoded; canon.data.loaders.collate drops it."""
 
-    # Human names where known (FolderImages: from a synset mapping file beside the tree), else
-    # the class_ids.
+    # Human names where known (FolderImages: from a synset mapping file beside the tree, else
+    # torchvision's for ImageNet wnids), else the class_ids.
     classes: list[str]
     # What labels index, by name: folder names (ImageNet wnids) or, for arrays, the classes.
     # A trained model keeps them, so an evaluation split's labels can be matched to its outputs.

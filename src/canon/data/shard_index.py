@@ -52,7 +52,7 @@ class SplitIndex:
 class PackIndex:
     """What `index.json` holds: the packed folder (`source`, resolved), the shard size asked
     for, the classes labels index (`class_ids`: folder names, ImageNet wnids; `classes`: human
-    names where the folder has a synset mapping file, else the ids) and the splits."""
+    names as FolderImages.classes gives them when it is packed) and the splits."""
 
     source: str
     shard_bytes: int

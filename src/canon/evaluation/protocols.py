@@ -108,6 +108,9 @@ def evaluate(
     over the protocol's views; a softmax of the logits for ready tensors), and `labels` (N),
     in the loader's order: the dataset's less its skipped images (the sampler's, with one).
     """
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be at least 1 (views per forward pass), got "
+                          f"{batch_size}")
     parsed = parse_protocol(protocol)
     if isinstance(data, str | Path):
         raw, preprocess = _validation_images(

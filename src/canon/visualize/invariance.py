@@ -112,8 +112,8 @@ def invariance(
     given = [class_index(trained, label) for label in labels or []]
     if not images or len(given) not in (0, 1, len(images)):
         raise ConfigError(f"{len(given)} labels for {len(images)} images: give at least one "
-                          "image, and one label per image, one for all, or none (each "
-                          "image's top prediction)")
+                          "image, and one label per image, one for all, or none (the class "
+                          "each image's folder names, else its top prediction)")
     fill = mean_colour(preprocess)
     results, examples = [], []
     for index, path in enumerate(images):
