@@ -78,6 +78,9 @@ def test_predict_prints_top5_class_names_with_probabilities(trained_run, tmp_pat
           "--device", "cpu"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == str(paths[0]) and lines[6] == str(paths[1]) and len(lines) == 12
+    main(["predict", str(trained_run / "checkpoints" / "epoch-002.pt"), *map(str, paths),
+          "--device", "cpu", "--batch-size", "1"])  # one image at a time: the same output
+    assert capsys.readouterr().out.splitlines() == lines
     probabilities = [float(line.split("%")[0]) for line in lines[1:6]]
     assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) <= 100.01
     assert all(line.split("%")[1].strip() in test_images.classes for line in lines[1:6])

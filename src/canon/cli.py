@@ -313,6 +313,8 @@ def _predict_arguments(parser: argparse.ArgumentParser) -> None:
         help="one or more models (" + SOURCE_HELP + "; several: their ensemble), then images",
     )
     parser.add_argument("--top", type=int, default=5, help="classes to show per image")
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="images decoded and scored at a time (results print as each is done)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
 
 
@@ -336,15 +338,19 @@ def _run_predict(args: argparse.Namespace) -> None:
     if not sources or not images:
         raise ConfigError("usage: canon predict SOURCE [SOURCE...] IMAGE [IMAGE...]: models "
                           "(run directories, .pt, .safetensors, torchvision:NAME) first")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
     trained = [load_trained(source) for source in sources]
     for model in trained:
         model.model.to(resolve_device(args.device))
-    rankings = predict_ensemble([t.member() for t in trained],
-                                decode_images(images, trained[0].data), args.top)
-    for path, ranking in zip(images, rankings, strict=True):
-        print(path)
-        for name, probability in ranking:
-            print(f"  {probability:7.2%}  {name}")
+    members = [t.member() for t in trained]
+    for start in range(0, len(images), args.batch_size):  # a folder's worth stays in bounds
+        batch = images[start : start + args.batch_size]
+        rankings = predict_ensemble(members, decode_images(batch, trained[0].data), args.top)
+        for path, ranking in zip(batch, rankings, strict=True):
+            print(path, flush=True)
+            for name, probability in ranking:
+                print(f"  {probability:7.2%}  {name}")
 
 
 def _transfer_arguments(parser: argparse.ArgumentParser) -> None:

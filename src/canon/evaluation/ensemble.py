@@ -134,6 +134,7 @@ def predict_ensemble(
     ]
 
 
+@torch.inference_mode()
 def _center_probabilities(member: EnsembleMember, images: Sequence[torch.Tensor]) -> torch.Tensor:
     transform = center_transform(member.preprocess or preprocess_for(member.model))
     batch = torch.stack([transform(image) for image in images])
