@@ -81,6 +81,17 @@ def test_predict_prints_top5_class_names_with_probabilities(trained_run, tmp_pat
     main(["predict", str(trained_run / "checkpoints" / "epoch-002.pt"), *map(str, paths),
           "--device", "cpu", "--batch-size", "1"])  # one image at a time: the same output
     assert capsys.readouterr().out.splitlines() == lines
+    cut = tmp_path / "cut.png"  # a truncated file between the two: skipped, named, counted
+    cut.write_bytes(paths[0].read_bytes()[:100])
+    with pytest.warns(BadImageWarning, match="cut.png"):
+        main(["predict", str(trained_run), str(paths[0]), str(cut), str(paths[1]),
+              "--device", "cpu", "--batch-size", "2"])
+    shown = capsys.readouterr().out.splitlines()
+    assert shown[0] == str(paths[0]) and shown[6] == str(paths[1]) and len(shown) == 13
+    assert shown[-1].startswith("skipped 1 undecodable image file(s)")
+    with pytest.raises(SystemExit) as exit_:
+        main(["predict", str(trained_run), str(cut), "--device", "cpu", "--strict"])
+    assert exit_.value.code == 2 and "cut.png" in capsys.readouterr().err
     probabilities = [float(line.split("%")[0]) for line in lines[1:6]]
     assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) <= 100.01
     assert all(line.split("%")[1].strip() in test_images.classes for line in lines[1:6])

@@ -315,6 +315,9 @@ def _predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top", type=int, default=5, help="classes to show per image")
     parser.add_argument("--batch-size", type=int, default=64,
                         help="images decoded and scored at a time (results print as each is done)")
+    parser.add_argument("--strict", action="store_true",
+                        help="stop at the first undecodable image file instead of skipping it "
+                        "with a warning")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
 
 
@@ -328,9 +331,12 @@ def _is_source(path: str) -> bool:
 @_verb("predict", "the most likely classes for image files (one model or an ensemble)",
        _predict_arguments)
 def _run_predict(args: argparse.Namespace) -> None:
+    import warnings
+
+    from canon.data.folders import BadImageWarning
     from canon.engine.distributed import resolve_device
     from canon.engine.trained import decode_images, load_trained
-    from canon.errors import ConfigError
+    from canon.errors import ConfigError, DataError
     from canon.evaluation.ensemble import predict_ensemble
 
     count = next((i for i, p in enumerate(args.paths) if not _is_source(p)), len(args.paths))
@@ -343,14 +349,26 @@ def _run_predict(args: argparse.Namespace) -> None:
     trained = [load_trained(source) for source in sources]
     for model in trained:
         model.model.to(resolve_device(args.device))
-    members = [t.member() for t in trained]
+    members, skipped = [t.member() for t in trained], 0
     for start in range(0, len(images), args.batch_size):  # a folder's worth stays in bounds
-        batch = images[start : start + args.batch_size]
-        rankings = predict_ensemble(members, decode_images(batch, trained[0].data), args.top)
-        for path, ranking in zip(batch, rankings, strict=True):
+        paths, decoded = [], []
+        for path in images[start : start + args.batch_size]:
+            try:
+                decoded += decode_images([path], trained[0].data)
+                paths.append(path)
+            except DataError as error:
+                if args.strict:
+                    raise
+                warnings.warn(f"skipping {error}", BadImageWarning, stacklevel=1)
+                skipped += 1
+        rankings = predict_ensemble(members, decoded, args.top) if decoded else []
+        for path, ranking in zip(paths, rankings, strict=True):
             print(path, flush=True)
             for name, probability in ranking:
                 print(f"  {probability:7.2%}  {name}")
+    if skipped:
+        print(f"skipped {skipped} undecodable image file(s) (see the warnings; --strict stops at "
+              "the first)")
 
 
 def _transfer_arguments(parser: argparse.ArgumentParser) -> None:
