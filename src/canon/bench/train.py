@@ -237,26 +237,44 @@ def _prepare(
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM,
                                 weight_decay=WEIGHT_DECAY, fused=fused_sgd(model))
     precision = Precision(amp, device, cache=not cuda_graph)
+    captured = cuda_graph and device.type == "cuda"
     if cuda_graph:
         graphed = GraphedStep(partial(update, forward, optimizer, precision), model, optimizer,
-                              len(targets), capture=device.type == "cuda")
+                              len(targets), capture=captured)
         step = partial(graphed, images, targets)
     else:
         step = partial(train_step, forward, optimizer, precision, images, targets)
-    timed(step, warmup, device)
-    return _Contender(name, model, optimizer, step, gflops)
+    contender = _Contender(name, model, optimizer, step, gflops)
+    if not captured:
+        timed(step, warmup, device)
+        return contender
+    # A replay allocates nothing: the graph's memory is taken at capture, in the warm-up.
+    _, rise = _memory_rise(lambda: timed(step, warmup, device), device)
+    if rise is not None:
+        contender.peak = state_bytes(model, optimizer) + rise
+    return contender
+
+
+def _memory_rise(action: Callable[[], float], device: torch.device) -> tuple[float, int | None]:
+    """`action()`, and the largest rise of the device's (or process's) memory over the level
+    at its start (None where the peak cannot be reset)."""
+    start = memory_level(device)
+    resettable = reset_peak(device)
+    result = action()
+    peak = memory_peak(device)
+    if resettable and start is not None and peak is not None:
+        return result, peak - start
+    return result, None
 
 
 def _run_repeat(contender: _Contender, steps: int, device: torch.device) -> None:
-    """One timed repeat. Its peak memory: the model's state, plus the largest rise of the
-    device's (or process's) memory over the level at the start, where the other model sits."""
+    """One timed repeat. Its peak memory: the model's state, plus the largest rise of memory
+    over the level at the start, where the other model sits."""
     own = state_bytes(contender.model, contender.optimizer)
-    start = memory_level(device)
-    resettable = reset_peak(device)
-    contender.seconds.append(timed(contender.step, steps, device))
-    peak = memory_peak(device)
-    if resettable and start is not None and peak is not None:
-        contender.peak = max(own + peak - start, contender.peak or 0)
+    seconds, rise = _memory_rise(lambda: timed(contender.step, steps, device), device)
+    contender.seconds.append(seconds)
+    if rise is not None:
+        contender.peak = max(own + rise, contender.peak or 0)
 
 
 def _device(name: str) -> torch.device:
