@@ -90,11 +90,14 @@ class GraphedStep:
             outputs = self.step(*self.inputs)
             self.optimizer.zero_grad(set_to_none=True)
             return outputs
-        if self.graph is None:
-            self._capture()
-        for lr, group in zip(self.lrs, self.optimizer.param_groups, strict=True):
-            lr.fill_(group["lr"])
-        self.graph.replay()
+        # On the inputs' device, not the current one: the graph is captured and launched on
+        # a stream of the current device (a bench on cuda:1 never makes it current).
+        with torch.cuda.device(self.inputs[0].device):
+            if self.graph is None:
+                self._capture()
+            for lr, group in zip(self.lrs, self.optimizer.param_groups, strict=True):
+                lr.fill_(group["lr"])
+            self.graph.replay()
         return self.outputs
 
     def _capture(self) -> None:
