@@ -174,15 +174,21 @@ def test_vgg_multi_crop_is_a_5x5_grid_with_flips_at_three_scales():
         parse_protocol("ten-crop+dense")
 
 
-def test_multi_crop_plus_dense_averages_the_two_methods():
-    """VGG s4.3 (Table 5): multi-crop and dense evaluation combined by "averaging their
-    soft-max outputs": each method's posteriors over its views, then the two methods'."""
+def _three_scale_setting(count: int):
+    """`count` random 40 x 52 images, preprocessed at scales 32 / 40 / 48, and a SmallConvNet
+    with its fully convolutional form."""
     generator = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (4, 3, 40, 52), dtype=torch.uint8, generator=generator)
+    images = torch.randint(0, 256, (count, 3, 40, 52), dtype=torch.uint8, generator=generator)
     preprocess = EvalPreprocess(32, 40, Normalize(torch.tensor([0.5, 0.4, 0.3])),
                                 scales=(32, 40, 48))
     model = SmallConvNet().eval()
-    dense_network = model.fully_convolutional().eval()
+    return images, preprocess, model, model.fully_convolutional().eval()
+
+
+def test_multi_crop_plus_dense_averages_the_two_methods():
+    """VGG s4.3 (Table 5): multi-crop and dense evaluation combined by "averaging their
+    soft-max outputs": each method's posteriors over its views, then the two methods'."""
+    images, preprocess, model, dense_network = _three_scale_setting(4)
     crop_only, dense_only = parse_protocol("multi-crop"), parse_protocol("multi-scale+dense")
     both = parse_protocol("multi-crop+dense")
     with torch.no_grad():
@@ -210,12 +216,7 @@ def test_a_forward_pass_takes_at_most_batch_size_views():
     """64 images under VGG's multi-crop are 9,600 views: they go through the model in passes of
     at most evaluate's batch_size, with the same posteriors as in one pass, and are loaded a
     few images at a time."""
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (5, 3, 40, 52), dtype=torch.uint8, generator=generator)
-    preprocess = EvalPreprocess(32, 40, Normalize(torch.tensor([0.5, 0.4, 0.3])),
-                                scales=(32, 40, 48))
-    model = SmallConvNet().eval()
-    dense_network = model.fully_convolutional().eval()
+    images, preprocess, model, dense_network = _three_scale_setting(5)
     passes = []
     for network in (model, dense_network):
         network.register_forward_pre_hook(lambda _, inputs: passes.append(len(inputs[0])))
