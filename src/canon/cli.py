@@ -178,10 +178,7 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--sync-bn", action="store_true",
                         help="under torchrun: batch-norm statistics over the global batch (CUDA)")
-    parser.add_argument(
-        "--strict", action="store_true",
-        help="stop at the first undecodable image file instead of skipping it with a warning",
-    )
+    _strict_argument(parser)
     parser.add_argument("--tensorboard", action="store_true",
                         help="also write TensorBoard events to <run>/tensorboard")
 
@@ -232,6 +229,19 @@ SOURCE_HELP = ("a run directory, model.safetensors, a checkpoint .pt file, or to
                "(torchvision's ImageNet weights, downloaded to its cache)")
 
 
+def _strict_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--strict", action="store_true",
+        help="stop at the first undecodable image file instead of skipping it with a warning",
+    )
+
+
+def _report_skipped(count: int) -> None:
+    if count:
+        print(f"skipped {count} undecodable image file(s) (see the warnings; --strict stops at "
+              "the first)")
+
+
 def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("sources", nargs="+", metavar="SOURCE",
                         help=SOURCE_HELP + "; several: each one and their ensemble (the mean "
@@ -255,10 +265,7 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
         help="where to write the result; default: eval-PROTOCOL.json beside the model, or "
         "ensemble-PROTOCOL.json here for several",
     )
-    parser.add_argument(
-        "--strict", action="store_true",
-        help="stop at the first undecodable image file instead of skipping it with a warning",
-    )
+    _strict_argument(parser)
 
 
 @_verb("eval", "top-1/top-5 error of trained models (or their ensemble) under a test protocol",
@@ -291,9 +298,7 @@ def _run_eval(args: argparse.Namespace) -> None:
         f"{what}: {result['protocol']} on {result['data']} ({result['images']} images): top-1 "
         f"error {result['top1_error']:.2f}%, top-5 error {result['top5_error']:.2f}%"
     )
-    if result["skipped"]:
-        print(f"skipped {result['skipped']} undecodable image file(s) (see the warnings; "
-              "--strict stops at the first)")
+    _report_skipped(result["skipped"])
     if args.per_class:
         report = class_report(result.pop("probabilities"), result.pop("labels"),
                               trained[0].classes)
@@ -315,9 +320,7 @@ def _predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top", type=int, default=5, help="classes to show per image")
     parser.add_argument("--batch-size", type=int, default=64,
                         help="images decoded and scored at a time (results print as each is done)")
-    parser.add_argument("--strict", action="store_true",
-                        help="stop at the first undecodable image file instead of skipping it "
-                        "with a warning")
+    _strict_argument(parser)
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
 
 
@@ -366,9 +369,7 @@ def _run_predict(args: argparse.Namespace) -> None:
             print(path, flush=True)
             for name, probability in ranking:
                 print(f"  {probability:7.2%}  {name}")
-    if skipped:
-        print(f"skipped {skipped} undecodable image file(s) (see the warnings; --strict stops at "
-              "the first)")
+    _report_skipped(skipped)
 
 
 def _transfer_arguments(parser: argparse.ArgumentParser) -> None:
