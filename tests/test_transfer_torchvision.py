@@ -4,11 +4,16 @@ and class ids. Offline: torchvision's models are built with random weights."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn as nn
 import torchvision.models as tvm
 
+from canon.engine.checkpoint import export_model, model_info
+from canon.engine.trained import load_trained
 from canon.errors import ConfigError
 from canon.models.base import IMAGENET_MEAN, IMAGENET_STD
 from canon.models.factory import list_models
@@ -173,3 +178,21 @@ def test_load_torchvision(monkeypatch: pytest.MonkeyPatch) -> None:
     assert loaded.classes[0] == "tench" and loaded.class_ids[0] == "n01440764"
     assert len(loaded.classes) == len(loaded.class_ids) == 1000
     assert (loaded.preprocess.crop_size, loaded.preprocess.resize_size) == (224, 256)
+
+
+def test_a_googlenet_without_aux_heads_loads_back_from_its_export(tmp_path: Path) -> None:
+    """torchvision's pretrained GoogLeNet has no auxiliary heads, nor then a linear probe of
+    it: its export says so, and loads back into the same model."""
+    tv_model = randomized(tvm.googlenet(weights=None, aux_logits=False, init_weights=False,
+                                        transform_input=False))
+    model = transfer.from_torchvision(tv_model, "googlenet_bn").eval()
+    classes = [str(i) for i in range(1000)]
+    export_model(tmp_path, model, None, model_info("googlenet_bn", model, 1000, classes, classes,
+                                                   {"dataset": "imagenet"}))
+    assert json.loads((tmp_path / "eval_config.json").read_text())["model_options"] == {
+        "aux_logits": False}
+    loaded = load_trained(tmp_path).model
+    assert loaded.aux_classifiers() == []
+    images = torch.rand(2, 3, 112, 112)
+    with torch.no_grad():
+        assert torch.equal(loaded(images), model(images))

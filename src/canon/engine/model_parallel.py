@@ -93,7 +93,7 @@ class TwoTowerAlexNet(nn.Module):
         if len(devices) != 2:
             raise ConfigError(f"AlexNet has two towers, got {len(devices)} devices")
         self.devices = list(devices)
-        self.eval_config = model.eval_config
+        self.eval_config, self.build_options = model.eval_config, model.build_options
         self.min_input_size, self.fixed_input_size = model.min_input_size, model.fixed_input_size
         self.towers = nn.ModuleList(nn.ModuleDict() for _ in devices)
         # Parameter-free layers (ReLU, LRN, pooling, dropout) both towers apply.
@@ -271,6 +271,9 @@ class PipelineParallel(nn.Module):
     @property
     def eval_config(self):
         return self.module.eval_config
+
+    def build_options(self) -> dict:
+        return self.module.build_options()
 
     def _run_group(self, index: int, x: torch.Tensor) -> torch.Tensor:
         device, stages = self.groups[index]

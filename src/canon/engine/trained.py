@@ -155,6 +155,8 @@ def _load_export(path: Path) -> TrainedModel:
         class_ids=checked_names(info, "class_ids", config_path) if "class_ids" in info else classes,
         data=checked_field(info, "data", dict, config_path), weights=_safetensors(path),
         normalization=normalization,
+        options=checked_field(info, "model_options", dict, config_path)
+        if "model_options" in info else {},
     )
 
 
@@ -181,8 +183,12 @@ def _load_from_checkpoint(path: Path) -> TrainedModel:
 def _assemble(
     source: Path, *, name: str, num_classes: int, classes: list[str], class_ids: list[str],
     data: dict[str, Any], weights: dict[str, Any], normalization: dict[str, Any] | None,
+    options: dict[str, Any] | None = None,
 ) -> TrainedModel:
-    model = create_model(name, num_classes)
+    try:
+        model = create_model(name, num_classes, **(options or {}))
+    except TypeError as error:  # an option the model's builder does not take
+        raise DataError(f"{source}: cannot build {name} with {options} ({error})") from None
     try:
         model.load_state_dict(weights)
     except Exception as error:  # wrong names or shapes, or values that are not tensors

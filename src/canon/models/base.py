@@ -61,6 +61,8 @@ class CanonModel(nn.Module):
       spatial mean equals `forward`'s logits at the training size (where an FC head gives h = w
       = 1); used for dense evaluation.
     - `eval_config`: the test-time preprocessing the model expects; it travels with checkpoints.
+    - `build_options()`: the constructor options, beyond the class count, that rebuild this
+      model's layers where they differ from its builder's defaults (they travel with exports).
     """
 
     eval_config: EvalConfig = EvalConfig()
@@ -115,3 +117,6 @@ class CanonModel(nn.Module):
 
     def forward_with_aux(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         return self(x), []
+
+    def build_options(self) -> dict[str, Any]:
+        return {}
