@@ -4,6 +4,7 @@ and frozen stages, and features export, on real training runs and real PNG folde
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -238,3 +239,46 @@ def test_bad_transfer_inputs_are_named_and_lose_nothing(tmp_path):
         open_split("sample", "test")
     with pytest.raises(ConfigError, match="--mode must be one of linear-probe, finetune"):
         transfer("x", "sample", "probe", tmp_path / "t")
+
+
+def test_the_probe_labels_validation_by_the_training_classes(folders, source_run, tmp_path):
+    """A validation split lacking one of the training classes is labelled by the training
+    split's classes, which the probe's outputs follow: its error is the one `canon eval` gives
+    (which matches classes by name)."""
+    data = tmp_path / "data"
+    shutil.copytree(folders[1], data)
+    shutil.rmtree(data / "val" / "frog")
+    out = linear_probe(str(source_run), data, tmp_path / "probe", device="cpu", progress=False)
+    val = Features.load(out / "features" / "val.safetensors")
+    train = Features.load(out / "features" / "train.safetensors")
+    assert val.class_ids == train.class_ids == ["dog", "frog", "horse", "ship", "truck"]
+    assert val.labels.bincount(minlength=5).tolist() == [100, 0, 100, 100, 100]
+    probe = json.loads((out / "probe.json").read_text())
+    result = canon.load_trained(out).evaluate(device="cpu")
+    assert result["images"] == probe["val_images"] == 400
+    assert result["top1_error"] == pytest.approx(probe["top1_error"], abs=0.26)
+
+
+def test_the_feature_cache_follows_the_weights(folders, source_run, tmp_path, monkeypatch):
+    """Re-probing with --overwrite reads the cached features only while the source's weights
+    are the same: a source retrained at the same path has its features extracted again."""
+    source = tmp_path / "source"
+    shutil.copytree(source_run, source, ignore=shutil.ignore_patterns("checkpoints"))
+    out = tmp_path / "probe"
+    linear_probe(str(source), folders[1], out, device="cpu", progress=False)
+    first = Features.load(out / "features" / "train.safetensors")
+
+    def extract_again(*args, **kwargs):
+        raise AssertionError("features extracted again from the same weights")
+
+    with monkeypatch.context() as patched:
+        patched.setattr("canon.transfer.runs.extract_features", extract_again)
+        linear_probe(str(source), folders[1], out, overwrite=True, device="cpu", progress=False)
+    weights = safetensors.torch.load_file(source / "model.safetensors")
+    first_conv = next(name for name, tensor in weights.items() if tensor.dim() == 4)
+    weights[first_conv] *= 2
+    safetensors.torch.save_file(weights, source / "model.safetensors")
+    linear_probe(str(source), folders[1], out, overwrite=True, device="cpu", progress=False)
+    second = Features.load(out / "features" / "train.safetensors")
+    assert second.fingerprint != first.fingerprint
+    assert not torch.equal(second.features, first.features)

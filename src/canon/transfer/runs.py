@@ -24,7 +24,7 @@ from canon.errors import ConfigError
 from canon.files import atomic_write, make_folder
 from canon.recipes import apply_overrides
 from canon.recipes.schema import Recipe
-from canon.transfer.features import Features, extract_features
+from canon.transfer.features import Features, extract_features, features_fingerprint
 from canon.transfer.probe import train_linear_probe
 from canon.validation import plain
 
@@ -74,7 +74,9 @@ def linear_probe(
     with claim_run_dir(out, resume=False, overwrite=overwrite):
         started = time.perf_counter()
         train_set = _cached_features(trained, data, "train", out, batch_size, workers, progress)
-        val_set = _cached_features(trained, data, "val", out, batch_size, workers, progress)
+        # Labelled by the training split's classes, which the probe's outputs follow.
+        val_set = _cached_features(trained, data, "val", out, batch_size, workers, progress,
+                                   class_ids=train_set.class_ids)
         num_classes = len(train_set.classes)
         result = train_linear_probe(train_set.features, train_set.labels, num_classes)
         errors = result.classifier.errors(val_set.features, val_set.labels)
@@ -124,19 +126,19 @@ def finetune_recipe(
 
 def _cached_features(
     trained: TrainedModel, data: str, split: str, out: Path, batch_size: int, workers: int,
-    progress: bool,
+    progress: bool, class_ids: list[str] | None = None,
 ) -> Features:
-    """A split's features, read back from out/features/ when this run computed them before
-    for the same source and data (a re-run with --overwrite skips the network)."""
+    """A split's features (labels indexing `class_ids` when given), read back from
+    out/features/ when this run computed them before from the same weights, preprocessing,
+    images and classes (a re-run with --overwrite skips the network)."""
+    images = open_split(data, split, **({} if class_ids is None else {"class_ids": class_ids}))
     path = out / FEATURE_CACHE / f"{split}.safetensors"
     if path.is_file():
         cached = Features.load(path)
-        if (cached.source, cached.data) == (str(trained.source), f"{data} {split}"):
+        if cached.fingerprint == features_fingerprint(trained, images):
             return cached
-    features = extract_features(
-        trained, open_split(data, split), f"{data} {split}", batch_size=batch_size,
-        workers=workers, progress=progress,
-    )
+    features = extract_features(trained, images, f"{data} {split}", batch_size=batch_size,
+                                workers=workers, progress=progress)
     make_folder(path.parent)
     features.save(path)
     return features
