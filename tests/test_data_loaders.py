@@ -90,11 +90,21 @@ def test_statistics_are_cached(tmp_path, monkeypatch):
     assert torch.equal(first.mean_image, second.mean_image)
     assert torch.equal(first.pca_eigvec, second.pca_eigvec) and second.images == 5000
 
+    # a cache file cut short (a full disk, a killed copy) is computed again, not a crash
+    path = stats_cache_path(sample, 32, tmp_path)
+    path.write_bytes(path.read_bytes()[:5])
+    monkeypatch.undo()
+    third = load_or_compute_stats(sample, 32, cache=tmp_path, progress=False)
+    assert torch.equal(first.pca_eigvec, third.pca_eigvec)
+
 
 def test_stats_verb(tmp_path, capsys):
     main(["stats", "sample", "--cache", str(tmp_path)])
     out = capsys.readouterr().out
     assert "images: 5000 (skipped 0)" in out and "channel mean (RGB, 0-1): (0.49" in out
+    stats = load_or_compute_stats(load_sample("train"), 32, cache=tmp_path, progress=False)
+    first_eigenvector = ", ".join(f"{v:.4f}" for v in stats.pca_eigvec[:, 0].tolist())
+    assert f"PCA eigenvectors: ({first_eigenvector}), (" in out
     assert f"cached at {tmp_path}" in out
     with pytest.raises(SystemExit):
         main(["stats", "/no/such/folder", "--cache", str(tmp_path)])

@@ -13,6 +13,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -62,7 +63,7 @@ class DatasetStats:
             f"channel mean (RGB, 0-1): {fmt(self.channel_mean)}\n"
             f"channel std  (RGB, 0-1): {fmt(self.channel_std)}\n"
             f"PCA eigenvalues: {fmt(self.pca_eigval)}\n"
-            f"PCA eigenvectors (columns): {[fmt(row) for row in self.pca_eigvec]}"
+            f"PCA eigenvectors: {', '.join(fmt(column) for column in self.pca_eigvec.T)}"
         )
 
 
@@ -220,7 +221,7 @@ def _load_or_compute(
     if path.is_file() and not refresh:
         try:
             return _load(path)
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, SafetensorError):
             pass  # a stale or partial cache file is recomputed below
     stats = compute_stats(dataset, size, fit=fit, workers=workers, progress=progress)
     _save(stats, path)
