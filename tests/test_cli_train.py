@@ -96,6 +96,9 @@ def test_predict_prints_top5_class_names_with_probabilities(trained_run, tmp_pat
         main(["predict", str(trained_run), str(paths[0]), "--batch-size", "0"])
     assert exit_.value.code == 2
     assert "--batch-size must be at least 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # a second model's path mistyped
+        main(["predict", str(trained_run), str(tmp_path / "runz"), str(paths[0])])
+    assert exit_.value.code == 2 and f"no such file: {tmp_path / 'runz'}" in capsys.readouterr().err
     probabilities = [float(line.split("%")[0]) for line in lines[1:6]]
     assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) <= 100.01
     assert all(line.split("%")[1].strip() in test_images.classes for line in lines[1:6])

@@ -349,6 +349,10 @@ def _run_predict(args: argparse.Namespace) -> None:
                           "(run directories, .pt, .safetensors, torchvision:NAME) first")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
+    missing = [path for path in images if not Path(path).exists()]
+    if missing:  # a mistyped model path would otherwise be skipped as an image
+        raise ConfigError(f"no such file: {', '.join(missing)} (models first: run directories, "
+                          ".pt, .safetensors, torchvision:NAME; then image files)")
     trained = [load_trained(source) for source in sources]
     for model in trained:
         model.model.to(resolve_device(args.device))
