@@ -12,12 +12,14 @@ import torch
 import torch.nn as nn
 import torchvision.models as tvm
 
+from canon.data.normalize import make_normalize
 from canon.engine.checkpoint import export_model, model_info
 from canon.engine.trained import load_trained
 from canon.errors import ConfigError
 from canon.models.base import IMAGENET_MEAN, IMAGENET_STD
 from canon.models.factory import list_models
 from canon.transfer import torchvision as transfer
+from canon.transfer.runs import finetune_recipe
 
 
 def randomized(model: nn.Module) -> nn.Module:
@@ -196,3 +198,20 @@ def test_a_googlenet_without_aux_heads_loads_back_from_its_export(tmp_path: Path
     images = torch.rand(2, 3, 112, 112)
     with torch.no_grad():
         assert torch.equal(loaded(images), model(images))
+
+
+@pytest.mark.parametrize(("name", "mean"), [("resnet18", "imagenet"), ("googlenet", "inception")])
+def test_finetuning_keeps_the_weights_normalisation(
+    name: str, mean: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fine-tuning torchvision's weights normalises the new images with the constants the
+    weights were trained with (GoogLeNet's 0.5), not with the new dataset's own statistics."""
+    build, quick = tvm.get_model, {"init_weights": False} if name == "googlenet" else {}
+    monkeypatch.setattr(transfer.tvm, "get_model",
+                        lambda model, weights, **options: build(model, weights=None, **options,
+                                                                **quick))
+    source = load_trained(f"torchvision:{name}")
+    recipe = finetune_recipe(source, f"torchvision:{name}", "/data/flowers")
+    assert (recipe.data.mean, recipe.data.divide_std) == (mean, True)
+    normalize, theirs = make_normalize(recipe.data, None), source.preprocess.normalize
+    assert torch.equal(normalize.mean, theirs.mean) and torch.equal(normalize.std, theirs.std)

@@ -12,7 +12,7 @@ from canon.errors import ConfigError
 from canon.validation import build_dataclass
 
 AUGMENTATIONS = ("alexnet", "zfnet", "vgg", "resnet", "googlenet", "cifar", "none")
-MEANS = ("pixel", "channel", "imagenet")
+MEANS = ("pixel", "channel", "imagenet", "inception")
 PCA_SOURCES = ("dataset", "imagenet")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "area")
 ALEXNET_RESIZES = ("center-square", "squash")
@@ -47,11 +47,12 @@ class DataConfig:
     # resize_size (VGG's single-scale training with S = resize_size).
     scale_range: tuple[int, int] | None = None
     # Mean subtraction: "pixel" = the training set's mean image (AlexNet s2, ResNet s3.4/s4.2),
-    # "channel" = per-channel mean (VGG s2.1), "imagenet" = torchvision's published constants.
+    # "channel" = per-channel mean (VGG s2.1), "imagenet" = torchvision's published constants,
+    # "inception" = 0.5 for mean and std (torchvision's pretrained GoogLeNet takes this input).
     mean: str = "pixel"
     # Also divide by the per-channel standard deviation. Off, as in the five papers, which
     # subtract a mean and nothing else (AlexNet s2, ZFNet s3, VGG s2.1, GoogLeNet s5, ResNet
-    # s3.4/s4.2); torchvision-style recipes turn it on. With mean="imagenet" the published std.
+    # s3.4/s4.2); torchvision-style recipes turn it on. With a published mean, its std.
     divide_std: bool = False
     # AlexNet s4.1 "fancy PCA" colour augmentation: std of alpha_i (0.1 in the paper); 0 = off.
     # VGG s3.1 and ResNet s3.4 reuse it ("random RGB colour shift", "standard colour

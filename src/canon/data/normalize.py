@@ -79,13 +79,30 @@ class Normalize:
         return f"Normalize(mean={kind}, std={'yes' if self.std is not None else 'no'})"
 
 
+# DataConfig.mean's published constants: (channel mean, channel std), in [0, 1] RGB.
+PUBLISHED = {
+    "imagenet": imagenet_channel_stats,
+    "inception": lambda: (torch.full((3,), 0.5), torch.full((3,), 0.5)),
+}
+
+
+def published_mean(normalize: Normalize) -> str | None:
+    """The DataConfig.mean whose published constants `normalize` applies, if any."""
+    if normalize.std is None or normalize.mean.shape[-2:] != (1, 1):
+        return None
+    return next((name for name, constants in PUBLISHED.items()
+                 if all(torch.allclose(ours.flatten(), theirs, atol=1e-6) for ours, theirs
+                        in zip((normalize.mean, normalize.std), constants(), strict=True))),
+                None)
+
+
 def make_normalize(config: DataConfig, stats: DatasetStats | None) -> Normalize:
     """The normalisation DataConfig.mean names: ImageNet's published channel mean and std, or
     the training set's `stats`, whose mean image is of its images fitted to resize_size x
     resize_size (canon.data.stats.mean_image_fit: AlexNet's and ZFNet's central squares,
     else squashed). The std divides only with DataConfig.divide_std."""
-    if config.mean == "imagenet":
-        mean, std = imagenet_channel_stats()
+    if config.mean in PUBLISHED:
+        mean, std = PUBLISHED[config.mean]()
     else:
         if stats is None:
             raise ConfigError(f"data.mean={config.mean!r} needs the training set's statistics")

@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from canon.data.config import DataConfig
 from canon.data.decoding import decode_image_file
+from canon.data.normalize import published_mean
 from canon.data.preprocess import EvalPreprocess, eval_preprocess
 from canon.engine.checkpoint import (
     EXPORT_CONFIG,
@@ -126,7 +127,8 @@ def _load_torchvision(source: str) -> TrainedModel:
     data = DataConfig(  # what fine-tuning and `canon eval --data` start from
         dataset="imagenet", augmentation="resnet", crop_size=preprocess.crop_size,
         resize_size=preprocess.resize_size, interpolation=preprocess.interpolation,
-        mean="channel", divide_std=True,
+        # the constants the weights were trained with, which fine-tuning keeps
+        mean=published_mean(preprocess.normalize) or "channel", divide_std=True,
     )
     return TrainedModel(loaded.model, loaded.classes, loaded.class_ids, preprocess, data,
                         Path(source), loaded.model_name)

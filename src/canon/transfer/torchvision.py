@@ -49,7 +49,7 @@ from torchvision.models import WeightsEnum
 from torchvision.models.resnet import Bottleneck
 
 from canon.data.imagenet_classes import imagenet_wnids
-from canon.data.normalize import Normalize
+from canon.data.normalize import PUBLISHED, Normalize
 from canon.data.preprocess import EvalPreprocess
 from canon.errors import ConfigError
 from canon.models.base import CanonModel
@@ -227,13 +227,13 @@ def preprocess_of(weights: WeightsEnum) -> EvalPreprocess:
     std from `weights.transforms()`; GoogLeNet's mean and std are 0.5, as its converted model
     takes the input torchvision's transform_input would make (see the module docstring)."""
     transforms = weights.transforms()
-    mean, std = transforms.mean, transforms.std
+    mean, std = torch.tensor(transforms.mean), torch.tensor(transforms.std)
     if isinstance(weights, tvm.GoogLeNet_Weights):
-        mean = std = [0.5, 0.5, 0.5]
+        mean, std = PUBLISHED["inception"]()
     return EvalPreprocess(
         crop_size=transforms.crop_size[0],
         resize_size=transforms.resize_size[0],
-        normalize=Normalize(torch.tensor(mean), torch.tensor(std)),
+        normalize=Normalize(mean, std),
         interpolation=transforms.interpolation.value,
     )
 
