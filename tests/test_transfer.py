@@ -197,11 +197,12 @@ def test_finetune_and_features_through_the_cli(folders, source_run, tmp_path, ca
     out = tmp_path / "finetuned"
     main(["transfer", str(source_run), "--data", str(folders[1]), "--mode", "finetune",
           "--output-dir", str(out), "--device", "cpu", "--set", "train.iterations=2",
-          "--set", "model.frozen_stages=2"])
+          "--set", "model.frozen_stages=2", "--batch-size", "32"])
     # the same number of classes, but others: the classifier starts afresh
     assert "kept fc.weight: the classifier of other classes" in capsys.readouterr().out
     recipe = (out / "recipe.yaml").read_text()
     assert f"init_from: {source_run}" in recipe and "backbone_lr_scale: 0.1" in recipe
+    assert "batch_size: 32" in recipe  # --batch-size is fine-tuning's train.batch_size
     finetuned = safetensors.torch.load_file(out / "model.safetensors")
     source = canon.load_trained(source_run).model.state_dict()
     # the two frozen stages kept the source's weights and BN statistics exactly

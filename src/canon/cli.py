@@ -395,8 +395,12 @@ def _transfer_arguments(parser: argparse.ArgumentParser) -> None:
         help="finetune: override a recipe value, e.g. --set train.epochs=30 or "
         "--set model.frozen_stages=2",
     )
-    parser.add_argument("--batch-size", type=int, default=64, help="linear-probe: feature batch")
-    parser.add_argument("--workers", type=int, default=0, help="linear-probe: decoding processes")
+    parser.add_argument("--batch-size", type=int,
+                        help="linear-probe: feature batch (default 64); finetune: "
+                        "train.batch_size")
+    parser.add_argument("--workers", type=int,
+                        help="decoding processes (linear-probe default 0; finetune: "
+                        "train.workers)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
 
 

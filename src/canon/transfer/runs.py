@@ -46,19 +46,24 @@ FINETUNE_DEFAULTS: dict[str, dict[str, Any]] = {
 def transfer(
     source: str, data: str | Path, mode: str, out: str | Path, *,
     overrides: Sequence[str] = (), overwrite: bool = False, device: str = "auto",
-    batch_size: int = 64, workers: int = 0, progress: bool = True,
+    batch_size: int | None = None, workers: int | None = None, progress: bool = True,
 ) -> Path:
     """Carry `source` to the dataset `data` by `mode`, writing the run directory `out`.
-    `overrides` are recipe `--set` assignments for fine-tuning."""
+    `overrides` are recipe `--set` assignments for fine-tuning; `batch_size` and `workers`
+    (None: each mode's default) are the probe's feature batches and decoding processes, or
+    fine-tuning's train.batch_size and train.workers (a --set of them wins)."""
     if mode not in MODES:
         raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
     if mode == "finetune":
-        return finetune(source, data, out, overrides=overrides, overwrite=overwrite,
-                        device=device, progress=progress).run_dir
+        given = [f"train.{key}={value}" for key, value in
+                 (("batch_size", batch_size), ("workers", workers)) if value is not None]
+        return finetune(source, data, out, overrides=[*given, *overrides],
+                        overwrite=overwrite, device=device, progress=progress).run_dir
     if overrides:
         raise ConfigError("--set applies to fine-tuning; a linear probe has no recipe")
     return linear_probe(source, data, out, overwrite=overwrite, device=device,
-                        batch_size=batch_size, workers=workers, progress=progress)
+                        batch_size=64 if batch_size is None else batch_size,
+                        workers=workers or 0, progress=progress)
 
 
 def linear_probe(
