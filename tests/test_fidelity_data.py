@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -110,7 +111,7 @@ def test_googlenet_draws_one_of_four_interpolations_per_image():
     """Szegedy et al. s6: "bilinear, area, nearest neighbor and cubic, with equal
     probability"; drawn from torch's generator, so a seed fixes them."""
     config = DataConfig(augmentation="googlenet", crop_size=32, resize_size=40, mean="imagenet")
-    crop = training_transform(config, None).steps[0]
+    crop = training_transform(config, None).crop
     assert isinstance(crop, RandomAreaCrop) and crop.interpolations == INTERPOLATION_JITTER
     draws = []
     for _ in range(2):
@@ -120,7 +121,7 @@ def test_googlenet_draws_one_of_four_interpolations_per_image():
     counts = Counter(draws[0])
     assert set(counts) == {"bilinear", "area", "nearest", "bicubic"}
     assert all(70 <= count <= 130 for count in counts.values())  # 100 +- 3.5 sigma
-    fixed = training_transform(replace(config, interpolation_jitter=False), None).steps[0]
+    fixed = training_transform(replace(config, interpolation_jitter=False), None).crop
     assert fixed.interpolations == ("bilinear",)
 
 
@@ -143,6 +144,26 @@ def test_googlenet_crop_is_resized_with_the_drawn_interpolation(sample_image):
     assert used == set(INTERPOLATION_JITTER)
     outputs = [resize_image(sample_image, 20, 20, name) for name in INTERPOLATION_JITTER]
     assert all(not torch.equal(a, b) for i, a in enumerate(outputs) for b in outputs[:i])
+
+
+def test_googlenet_crops_subtract_the_mean_image_under_them():
+    """An image equal to the mean image (GoogLeNet's recipe subtracts the pixel mean) comes out
+    near zero from any random-area crop, with each of the four filters: the mean's window
+    under the crop is subtracted, not the whole mean image squeezed into the crop."""
+    ramp = torch.linspace(0, 1, 32)
+    mean = torch.stack([ramp.view(1, 32).expand(32, 32), ramp.view(32, 1).expand(32, 32),
+                        ramp.flip(0).view(1, 32).expand(32, 32)])
+    config = DataConfig(augmentation="googlenet", crop_size=24, resize_size=32, mean="pixel",
+                        photometric=0.0)
+    stats = SimpleNamespace(mean_image=mean, channel_std=torch.ones(3))
+    transform = training_transform(config, stats)
+    image = (resize_image(mean, 60, 90, "bilinear") * 255).round().to(torch.uint8)
+    torch.manual_seed(0)
+    for _ in range(40):
+        assert transform(image).abs().max() < 0.03
+    whole = make_normalize(config, stats)  # the mean squeezed into the crop, as it was
+    assert (ToFloat()(resize_image(image[:, :20, :20], 24, 24, "bilinear")) - whole.mean_at(24, 24)
+            ).abs().max() > 0.3
 
 
 def test_area_interpolation_averages_boxes():

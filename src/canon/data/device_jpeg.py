@@ -28,15 +28,13 @@ from torchvision.ops import roi_align
 
 from canon.data.decoding import jpeg_frame, libjpeg_errors
 from canon.data.folders import FolderImages
-from canon.data.normalize import Normalize, ToFloat
 from canon.data.sampling import sample_seed
 from canon.data.transforms import (
-    Compose,
+    AreaCropFirst,
     CropFirst,
     FancyPCA,
     RandomAreaCrop,
     RandomCrop,
-    RandomFlip,
     RescaleShorter,
 )
 
@@ -248,16 +246,12 @@ class DeviceCrops:
                 return None
             normalize, fancy_pca = transform.normalize, transform.fancy_pca
             draw = scale_draws(rescale, crop, fancy_pca, transform.flip is not None)
-        elif isinstance(transform, Compose) and isinstance(transform.steps[0], RandomAreaCrop):
-            crop, rest = transform.steps[0], transform.steps[1:]
-            if crop.interpolations != ("bilinear",) or not all(
-                    isinstance(step, (ToFloat, FancyPCA, Normalize, RandomFlip)) for step in rest):
+        elif isinstance(transform, AreaCropFirst):
+            crop = transform.crop
+            if crop.interpolations != ("bilinear",) or transform.photometric is not None:
                 return None
-            normalize = next((step for step in rest if isinstance(step, Normalize)), None)
-            if normalize is None:
-                return None
-            fancy_pca = next((step for step in rest if isinstance(step, FancyPCA)), None)
-            draw = area_draws(crop, fancy_pca, any(isinstance(step, RandomFlip) for step in rest))
+            normalize, fancy_pca = transform.normalize, transform.fancy_pca
+            draw = area_draws(crop, fancy_pca, transform.flip is not None)
         else:
             return None
         if normalize.mean.shape[-2:] != (1, 1):

@@ -27,7 +27,7 @@ from canon.data.geometry import (
     shorter_side_size,
 )
 from canon.data.normalize import Normalize, ToFloat, make_normalize
-from canon.data.preprocess import center_transform, eval_preprocess
+from canon.data.preprocess import CenterTransform, center_transform, eval_preprocess
 from canon.data.stats import DatasetStats, imagenet_pca
 from canon.errors import ConfigError
 
@@ -254,12 +254,13 @@ class Photometric:
             factor = float(torch.empty(()).uniform_(1 - self.strength, 1 + self.strength))
             if which == 0:
                 image = image * factor
-                continue
-            grey = (image * _LUMA_WEIGHTS).sum(0)
-            if which == 1:
-                grey = grey.mean()
-            image = (image - grey) * factor + grey
-        return image.clamp(0, 1)
+            else:
+                grey = (image * _LUMA_WEIGHTS.to(image)).sum(0)
+                if which == 1:
+                    grey = grey.mean()
+                image = (image - grey) * factor + grey
+            image = image.clamp(0, 1)  # after each, as an image editor (and torchvision) would
+        return image
 
     def __repr__(self) -> str:
         return f"Photometric({self.strength})"
@@ -318,6 +319,51 @@ class CropFirst:
         return "CropFirst(" + ", ".join(repr(s) for s in steps if s is not None) + ")"
 
 
+class AreaCropFirst:
+    """GoogLeNet s6's pipeline: draw the crop box and resampling filter (RandomAreaCrop), cut
+    and resize the crop, apply the photometric distortions and the colour shift, subtract the
+    mean image's window under the crop resized alike (a channel mean as it is), divide by the
+    std when asked, reflect.
+
+    The mean is aligned with the crop as CropFirst's is: an 8% crop of the top-left corner
+    gets the top-left of the mean image, as evaluation's centre crop gets its centre."""
+
+    def __init__(
+        self,
+        crop: RandomAreaCrop,
+        normalize: Normalize,
+        photometric: Photometric | None = None,
+        fancy_pca: FancyPCA | None = None,
+        flip: bool = True,
+    ) -> None:
+        self.crop, self.normalize = crop, normalize
+        self.photometric, self.fancy_pca = photometric, fancy_pca
+        self.flip = RandomFlip() if flip else None
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        height, width = image.shape[-2:]
+        box = self.crop.box(height, width)
+        interpolation = self.crop.interpolation()
+        size = self.crop.size
+        top, left, crop_h, crop_w = box
+        patch = resize_image(image[..., top : top + crop_h, left : left + crop_w], size, size,
+                             interpolation)
+        patch = ToFloat()(patch)
+        if self.photometric is not None:
+            patch = self.photometric(patch)
+        if self.fancy_pca is not None:
+            patch = self.fancy_pca(patch)
+        mean = self.normalize.mean_at(height, width, box)
+        patch = patch - resize_image(mean, size, size, interpolation)
+        if self.normalize.std is not None:
+            patch = patch / self.normalize.std
+        return self.flip(patch) if self.flip is not None else patch
+
+    def __repr__(self) -> str:
+        steps = [self.crop, self.photometric, self.fancy_pca, self.normalize, self.flip]
+        return "AreaCropFirst(" + ", ".join(repr(s) for s in steps if s is not None) + ")"
+
+
 def make_fancy_pca(config: DataConfig, stats: DatasetStats | None) -> FancyPCA:
     if config.pca_source == "imagenet":
         eigval, eigvec = imagenet_pca()
@@ -327,7 +373,9 @@ def make_fancy_pca(config: DataConfig, stats: DatasetStats | None) -> FancyPCA:
     return FancyPCA(stats.pca_eigvec, stats.pca_eigval, config.pca_std)
 
 
-def training_transform(config: DataConfig, stats: DatasetStats | None) -> CropFirst | Compose:
+def training_transform(
+    config: DataConfig, stats: DatasetStats | None
+) -> CropFirst | AreaCropFirst | CenterTransform:
     """The named paper pipeline (DataConfig.augmentation) for training images."""
     name = config.augmentation
     if name == "none":
@@ -335,15 +383,11 @@ def training_transform(config: DataConfig, stats: DatasetStats | None) -> CropFi
     normalize = make_normalize(config, stats)
     fancy_pca = make_fancy_pca(config, stats) if config.pca_std > 0 else None
     if name == "googlenet":
-        # The crop is taken before the mean subtraction (the mean image resampled to the crop):
-        # cheaper, and GoogLeNet usually uses the channel mean anyway.
-        colour = [Photometric(config.photometric)] if config.photometric > 0 else []
-        colour += [fancy_pca] if fancy_pca is not None else []
         jitter = INTERPOLATION_JITTER if config.interpolation_jitter else ()
         crop = RandomAreaCrop(config.crop_size, config.area_range, config.aspect_range,
                               jitter or (config.interpolation,))
-        flip = [RandomFlip()] if config.flip else []
-        return Compose([crop, ToFloat(), *colour, normalize, *flip])
+        photometric = Photometric(config.photometric) if config.photometric > 0 else None
+        return AreaCropFirst(crop, normalize, photometric, fancy_pca, config.flip)
     if name in ("alexnet", "zfnet"):  # crops of the central square (or the squashed image)
         rescale = RescaleSquare(config.resize_size, config.image_fit(), config.interpolation)
     else:  # vgg, resnet, cifar
