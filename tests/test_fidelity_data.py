@@ -273,3 +273,13 @@ def test_val_split_is_validated():
             hold_out(sample, count, 0)
     rest, held = hold_out(sample, 7, 3)  # 7 of 10 equal classes: the lowest seven give one
     assert sorted(held.labels) == list(range(7)) and len(rest) == len(sample) - 7
+
+
+@pytest.mark.parametrize(("name", "scales"), [
+    ("vgg11", (224, 256, 288)), ("vgg16-s256", (224, 256, 288)),
+    ("vgg16-s384", (352, 384, 416)), ("vgg16", (256, 384, 512)), ("vgg19", (256, 384, 512))])
+def test_vgg_multi_scale_test_scales_follow_the_training_scale(name, scales):
+    """Simonyan & Zisserman s4.2: Q = {S - 32, S, S + 32} for a fixed S, and
+    {S_min, 0.5 (S_min + S_max), S_max} for a jittered one."""
+    data = load_recipe(name).data
+    assert data.multi_scale_test_sizes() == scales
