@@ -24,9 +24,10 @@ from canon.data.views import (
     parse_protocol,
     ten_crop,
 )
-from canon.errors import ConfigError, DataError
+from canon.errors import ConfigError, DataError, NonFiniteError
 from canon.evaluation import TopKErrors, evaluate, score_loader, topk_correct
 from canon.evaluation.protocols import _average_posteriors, preprocess_for
+from canon.evaluation.report import class_report
 from canon.models.base import EvalConfig
 from canon.models.factory import create_model
 
@@ -91,6 +92,19 @@ def test_topk_correct_by_hand():
     assert result["images"] == 4
     assert result["top1_error"] == pytest.approx(50.0)
     assert result["top2_error"] == pytest.approx(25.0)
+
+
+def test_equal_scores_rank_by_class_and_nan_is_refused():
+    """Ties rank lowest class first in the top-k counts and the per-class report alike (topk
+    alone orders them as the device likes); a diverged model's NaN is not scored."""
+    uniform = torch.full((3, 10), 0.1)
+    labels = torch.tensor([0, 8, 3])
+    assert topk_correct(uniform, labels, (1, 5)) == {1: 1, 5: 2}
+    report = class_report(uniform, labels, [str(i) for i in range(10)])
+    assert report.top1_error[0] == 0.0 and report.top1_error[8] == 100.0
+    assert report.confusion[:, 0].tolist() == [1, 0, 0, 1, 0, 0, 0, 0, 1, 0]
+    with pytest.raises(NonFiniteError, match="NaN or infinite"):
+        TopKErrors().update(torch.tensor([[0.5, float("nan")]]), torch.tensor([0]))
 
 
 def test_crop_geometry():

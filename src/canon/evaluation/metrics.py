@@ -1,7 +1,9 @@
 """Top-k accuracy counting. Errors are percentages over every counted image.
 
 With fewer than k classes, top-k is taken over all classes (so it is always correct), as a
-classifier over 3 classes cannot name 5.
+classifier over 3 classes cannot name 5. Equal scores rank by class index, lowest first, in
+every count and in the confusion matrix alike; non-finite scores (a diverged model) are
+refused rather than ranked.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+
+from canon.errors import NonFiniteError
 
 
 def topk_correct(
@@ -18,9 +22,18 @@ def topk_correct(
     among the k highest."""
     if scores.dim() != 2 or len(scores) != len(targets):
         raise ValueError(f"scores must be N x K for N targets, got {tuple(scores.shape)}")
-    top = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices
+    top = ranked(scores, max(ks))
     hits = top == targets.view(-1, 1).to(top.device)
     return {k: int(hits[:, :k].sum().item()) for k in ks}
+
+
+def ranked(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The indices of each row's k highest scores (all, with fewer classes), best first, equal
+    scores in class order (topk leaves their order to the device)."""
+    if not bool(torch.isfinite(scores).all()):
+        raise NonFiniteError("the model's scores are NaN or infinite (its weights have diverged"
+                             "?): nothing to rank")
+    return scores.argsort(dim=1, descending=True, stable=True)[:, :k]
 
 
 class TopKErrors:

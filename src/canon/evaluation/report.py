@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from canon.errors import ConfigError
-from canon.evaluation.metrics import topk_correct
+from canon.evaluation.metrics import ranked, topk_correct
 from canon.files import atomic_write
 
 # Up to this many classes the PNG names every class and writes each cell's count; beyond it,
@@ -48,7 +48,7 @@ def confusion_matrix(probabilities: torch.Tensor, labels: torch.Tensor) -> torch
     """K x K counts (int64) of N images by true class (row) and top-1 prediction (column),
     from N x K class scores and N labels."""
     classes = probabilities.shape[1]
-    cells = labels.long() * classes + probabilities.argmax(1)
+    cells = labels.long() * classes + ranked(probabilities, 1)[:, 0]
     return torch.bincount(cells, minlength=classes * classes).view(classes, classes)
 
 
