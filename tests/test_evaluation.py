@@ -157,6 +157,17 @@ def test_144_crop_needs_crops_of_64_px(sample_sets):
         evaluate(SmallConvNet(), val, "144-crop", preprocess=sample_sets.preprocess)
 
 
+def test_test_scales_are_refused_where_ignored_or_too_small():
+    preprocess = EvalPreprocess(32, 40, Normalize(torch.zeros(3)), scales=(32, 40, 48))
+    with pytest.raises(ConfigError, match=r"scales \(48,\) apply to .*; dense evaluates at"):
+        ProtocolViews(parse_protocol("dense"), preprocess, scales=(48,))
+    with pytest.raises(ConfigError, match=r"scales \(24, 40\): .* under the crop size 32"):
+        ProtocolViews(parse_protocol("multi-scale+ten-crop"), preprocess, scales=(24, 40))
+    assert ProtocolViews(parse_protocol("multi-scale+dense"), preprocess, scales=(24,)).scales == (
+        24,)
+    assert ProtocolViews(parse_protocol("multi-crop"), preprocess).scales == (32, 40, 48)
+
+
 def test_protocol_names():
     assert parse_protocol("multi-scale").name == "multi-scale+center"
     assert parse_protocol("dense+multi-scale").name == "multi-scale+dense"

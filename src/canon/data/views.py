@@ -50,6 +50,20 @@ class Protocol:
         return "dense" in self.methods
 
 
+def _check_scales(protocol: Protocol, preprocess: EvalPreprocess, scales: tuple[int, ...]
+                  ) -> None:
+    """Refuse test scales a protocol would ignore, or too small for its crops."""
+    if not scales:
+        return
+    if not (protocol.multi_scale or protocol.methods == ("144-crop",)):
+        raise ConfigError(f"scales {tuple(scales)} apply to the multi-scale protocols and "
+                          f"144-crop; {protocol.name} evaluates at resize_size "
+                          f"({preprocess.resize_size})")
+    if protocol.methods != ("dense",) and min(scales) < preprocess.crop_size:
+        raise ConfigError(f"scales {tuple(scales)}: a shorter side under the crop size "
+                          f"{preprocess.crop_size} has no {protocol.name} crops")
+
+
 def parse_protocol(name: str) -> Protocol:
     """`center`, `ten-crop`, `dense`, `144-crop`, `multi-crop`, `multi-scale`,
     `multi-scale+<base>`, `multi-crop+dense` (parts in any order), as written in `canon eval
@@ -147,6 +161,7 @@ class ProtocolViews:
         self, protocol: Protocol, preprocess: EvalPreprocess, scales: tuple[int, ...] = ()
     ) -> None:
         self.protocol, self.preprocess = protocol, preprocess
+        _check_scales(protocol, preprocess, scales)
         self.scales = (scales or preprocess.scales) if protocol.multi_scale else ()
         if protocol.methods == ("144-crop",):
             _check_144_crop(preprocess.crop_size)
