@@ -35,6 +35,7 @@ from canon.data.transforms import (
     FancyPCA,
     RandomAreaCrop,
     RandomCrop,
+    RandomFlip,
     RescaleShorter,
 )
 
@@ -145,15 +146,11 @@ def _plain_jpeg(data: torch.Tensor, max_pixels: int) -> bool:
 
 
 def _flip(flip: bool, generator: torch.Generator) -> bool:
-    """RandomFlip's draw."""
-    return flip and bool(torch.rand((), generator=generator) < 0.5)
+    return flip and RandomFlip.draw(generator)
 
 
 def _alpha(fancy_pca: FancyPCA | None, generator: torch.Generator) -> torch.Tensor | None:
-    """FancyPCA.noise's draw."""
-    if fancy_pca is None:
-        return None
-    return torch.randn(3, generator=generator) * fancy_pca.alpha_std
+    return None if fancy_pca is None else fancy_pca.alpha(generator)
 
 
 def area_draws(crop: RandomAreaCrop, fancy_pca: FancyPCA | None, flip: bool) -> DrawFor:

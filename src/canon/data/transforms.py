@@ -149,8 +149,13 @@ class FixedCropChoice:
 class RandomFlip:
     """Horizontal reflection with probability 1/2 (every paper)."""
 
+    @staticmethod
+    def draw(generator: torch.Generator | None = None) -> bool:
+        """Whether to reflect, drawn from `generator` (default: torch's global one)."""
+        return bool(torch.rand((), generator=generator) < 0.5)
+
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        return image.flip(-1) if torch.rand(()) < 0.5 else image
+        return image.flip(-1) if self.draw() else image
 
     def __repr__(self) -> str:
         return "RandomFlip()"
@@ -222,10 +227,14 @@ class FancyPCA:
     def __init__(self, eigvec: torch.Tensor, eigval: torch.Tensor, alpha_std: float) -> None:
         self.eigvec, self.eigval, self.alpha_std = eigvec.float(), eigval.float(), alpha_std
 
+    def alpha(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """alpha (3,) ~ N(0, alpha_std^2) for one image, drawn from `generator` (default:
+        torch's global one)."""
+        return torch.randn(3, generator=generator) * self.alpha_std
+
     def noise(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        """The RGB shift for one image (3,), drawn from `generator` (default: torch's global
-        one)."""
-        return self.shift(torch.randn(3, generator=generator) * self.alpha_std)
+        """The RGB shift for one image (3,), of alpha drawn from `generator`."""
+        return self.shift(self.alpha(generator))
 
     def shift(self, alpha: torch.Tensor) -> torch.Tensor:
         """The RGB shifts (..., 3) of alpha (..., 3) ~ N(0, alpha_std^2)."""
