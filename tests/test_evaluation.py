@@ -320,8 +320,18 @@ def test_evaluate_counts_every_image_exactly(sample_sets):
         assert result["images"] == 1000 and result["skipped"] == 0
         assert result["top1_error"] == pytest.approx(100 * wrong1 / 1000)
         assert result["top5_error"] == pytest.approx(100 * wrong5 / 1000)
-    with pytest.raises(ConfigError, match="needs raw images"):
+    with pytest.raises(ConfigError, match="makes its views of raw images"):
         evaluate(model, TensorDataset(images, labels), "ten-crop")
+    # a set of raw images without preprocess= is preprocessed per the model's eval_config,
+    # as the dataset's name is
+    resnet = create_model("resnet20").eval()
+    raw = open_eval_split("sample")
+    for protocol in ("center", "ten-crop"):
+        by_name = evaluate(resnet, "sample", protocol, batch_size=100)
+        by_set = evaluate(resnet, raw, protocol, batch_size=100)
+        assert (by_set["images"], by_set["top1_error"]) == (1000, by_name["top1_error"])
+    with pytest.raises(ConfigError, match="SmallConvNet has no eval_config"):
+        evaluate(model, raw, "center")
     with pytest.raises(ConfigError, match="batch_size must be at least 1"):
         evaluate(model, val, "center", batch_size=0)
 

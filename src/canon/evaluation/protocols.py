@@ -92,7 +92,9 @@ def evaluate(
     trained run's; else per `data_config`, from the statistics of its training split when
     those are needed; else per the model's eval_config), a LabeledImages set with the
     `preprocess` to make its views with (`sets.val, preprocess=sets.preprocess` of
-    build_datasets), or any dataset of ready (tensor, label) items (centre protocol only).
+    build_datasets; a set without a transform, of raw images, is preprocessed per the model's
+    eval_config when `preprocess` is not given), or any dataset of ready (tensor, label) items
+    (centre protocol only).
     For a name or folder, `class_ids`, the model's classes in its output order
     (LabeledImages.class_ids of the set it was trained on), label the split by class name: it
     may hold some of those classes and no others. Without them the split's own sorted classes
@@ -117,14 +119,16 @@ def evaluate(
             data, data_config, preprocess, model, root_cache, strict, class_ids
         )
         dataset = raw.with_transform(ProtocolViews(parsed, preprocess, tuple(scales)))
-    elif isinstance(data, LabeledImages) and preprocess is not None:
+    elif isinstance(data, LabeledImages) and (preprocess is not None or data.transform is None):
+        preprocess = preprocess or preprocess_for(model)  # raw images: the model's own
         dataset = data.with_transform(ProtocolViews(parsed, preprocess, tuple(scales)))
     elif parsed.name == "center":
         dataset = data
     else:
         raise ConfigError(
-            f"protocol {parsed.name!r} needs raw images: pass the data folder or a dataset "
-            "from canon.data.build_datasets, not a dataset of ready tensors"
+            f"protocol {parsed.name!r} makes its views of raw images: pass the data folder, or "
+            "a LabeledImages set with preprocess= (build_datasets' sets.val and "
+            "sets.preprocess), not a dataset of ready tensors"
         )
     views = isinstance(getattr(dataset, "transform", None), ProtocolViews)
     views_per_image = _views_per_image(parsed, dataset.transform) if views else 1
