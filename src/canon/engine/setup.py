@@ -229,9 +229,9 @@ def set_up(
     schedule_config, iterations = scale_iteration_counts(
         recipe.schedule, config.iterations, recipe.optimizer.base_batch_size, global_batch_size
     )
-    total_steps = config.epochs * steps_per_epoch
-    if iterations is not None:
-        total_steps = min(total_steps, iterations)
+    # An iteration limit is the run's length (ResNet s4.2's 64k), however many epochs of this
+    # split, batch and world size that takes.
+    total_steps = config.epochs * steps_per_epoch if iterations is None else iterations
 
     train_order, train_loader, val_loader = _loaders(train_set, val_set, config, ctx)
     model, init_report = _placed_model(
@@ -265,7 +265,9 @@ def set_up(
     # An iteration limit may end an epoch early; a resumed run with a higher limit goes on
     # with the next epoch.
     steps_left = total_steps - run.step + run.step_in_epoch  # from the current epoch's start
-    run.epochs = min(config.epochs, run.epoch + max(0, math.ceil(steps_left / steps_per_epoch)))
+    run.epochs = run.epoch + max(0, math.ceil(steps_left / steps_per_epoch))
+    if iterations is None:
+        run.epochs = min(config.epochs, run.epochs)
     run.best_error = min((row["val_top1_error"] for row in run.metrics), default=math.inf)
     return run
 

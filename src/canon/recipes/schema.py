@@ -181,8 +181,9 @@ class ScheduleSection:
 @dataclass(frozen=True)
 class TrainSection:
     epochs: int = 90
-    # Stop after this many optimizer steps of optimizer.base_batch_size images instead (ResNet
-    # CIFAR s4.2: 64k); the last epoch is cut short there and still validated and checkpointed.
+    # Run this many optimizer steps of optimizer.base_batch_size images instead, whatever
+    # `epochs` says (ResNet CIFAR s4.2: 64k, whether on 50k or 45k images, on one GPU or
+    # eight); the last epoch is cut short there and still validated and checkpointed.
     iterations: int | None = None
     batch_size: int = 256  # per device, per accumulation micro-step
     accum_steps: int = 1  # micro-steps per optimizer step

@@ -91,8 +91,9 @@ def shortened_recipe(name: str, mode: Mode, seed: int, data: str | None = None) 
         schedule = dataclasses.replace(schedule, warmup_iterations=mode.warmup_iterations,
                                        warmup_mode="linear", warmup_start="factor",
                                        warmup_start_factor=0.1)
-    # The iteration limit ends the run; epochs only must not end it sooner (an epoch has at
-    # least one step), and the trainer runs no more of them than the limit needs.
+    # The iteration limit is the run's length (the trainer then ignores epochs). epochs is
+    # still the most the limit can take, as runs recorded it in their recipe.yaml when epochs
+    # capped the length: finished and interrupted runs are checked against it.
     epochs = math.ceil(iterations * recipe.optimizer.base_batch_size / recipe.train.batch_size)
     return dataclasses.replace(recipe, schedule=schedule, train=dataclasses.replace(
         recipe.train, iterations=iterations, epochs=epochs))
