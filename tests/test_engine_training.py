@@ -192,6 +192,30 @@ def test_a_run_validated_on_the_test_set_chooses_no_checkpoint_on_it(resume_data
         "epoch-002.pt", "epoch-001.pt"]
 
 
+def test_an_iteration_limit_is_the_run_s_length_whatever_the_epochs(resume_data, tmp_path):
+    """ResNet s4.2's 64k iterations on the 45k/5k split take more epochs than the recipe's
+    165 (which fit 50k images): the limit, not the epochs, ends the run."""
+    # 128 images at batch 16: 8 steps an epoch; 10 steps of quickstart's base batch 128 are
+    # 80 of 16, so 10 epochs where the recipe says 3.
+    result = train(tiny_recipe(epochs=3, batch_size=16, iterations=10), tmp_path, device="cpu",
+                   datasets=resume_data, progress=False)
+    assert [row["epoch"] for row in result.metrics] == list(range(1, 11))
+    assert ckpt.load_checkpoint(ckpt.epoch_checkpoint(tmp_path, 10))["step"] == 80
+
+
+def test_metrics_log_the_lr_each_epoch_trained_at(
+    resume_data, tmp_path
+):
+    """A plateau cut at the end of epoch 2 shows from epoch 3's row on (the row of the epoch
+    that triggered it trained at the rate before it)."""
+    recipe = apply_overrides(tiny_recipe(epochs=3, batch_size=16), [
+        ("schedule.kind", "plateau"), ("schedule.patience", 0), ("optimizer.lr", 1e-12)])
+    result = train(recipe, tmp_path / "plateau", device="cpu", datasets=resume_data,
+                   progress=False)
+    rates = [row["lr"] for row in result.metrics]
+    assert rates[0] == rates[1] == pytest.approx(10 * rates[2])
+
+
 @pytest.fixture(scope="module")
 def small_data(resume_data):
     return spread_subsets(resume_data, 64, 10)  # 4 steps of 16 per epoch

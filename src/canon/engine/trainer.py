@@ -32,6 +32,7 @@ from canon.engine.logs import (
 from canon.engine.precision import Precision
 from canon.engine.rundir import claim_run_dir
 from canon.engine.saving import (
+    check_weights,
     export,
     newest_checkpoint_note,
     save_epoch,
@@ -401,12 +402,14 @@ def _save_interrupted(run: Run, signal_number: int) -> NoReturn:
 
 def _end_epoch(run: Run, train_seconds: float) -> None:
     ctx, totals = run.ctx, run.totals
+    check_weights(run)  # before validation, whose NaN scores would say less
     # Rank 0's batch-norm statistics (and average) on every rank: each rank then scores its
     # shard with the model that rank 0 saves (see canon.engine.distributed).
     dist.broadcast_buffers(run.model, ctx)
     if run.average is not None:
         dist.broadcast_buffers(run.average, ctx)
     val_top1, val_top5 = validate(validated_model(run), run.val_loader, ctx, run.precision)
+    trained_at = run.schedule.lr_at(run.step - 1)  # a plateau cut below is for the next epoch
     run.schedule.end_epoch(val_top1)
     loss, correct, images, skipped = dist.all_reduce_sum(torch.tensor(
         [float(totals["loss"]), float(totals["correct"]), totals["images"], totals["skipped"]],
@@ -414,7 +417,7 @@ def _end_epoch(run: Run, train_seconds: float) -> None:
     ), ctx).tolist()
     run.epoch += 1
     row = {
-        "epoch": run.epoch, "lr": run.schedule.lr_at(run.step - 1),
+        "epoch": run.epoch, "lr": trained_at,
         "train_loss": loss / images, "train_top1_error": 100.0 * (1 - correct / images),
         "val_top1_error": val_top1, "val_top5_error": val_top5,
         "images_per_second": images / max(train_seconds, 1e-9),
