@@ -127,6 +127,9 @@ def test_shuffling_depends_only_on_seed_and_epoch():
     sampler.set_epoch(1)
     assert list(sampler) == list(loader.sampler)
     assert _order(build_loader(indexed, 100, train=False)) == indexed.labels
+    # consecutive seeds (ensemble members) are not each other's orders an epoch apart
+    next_seed = ShuffleSampler(indexed, seed=4)
+    assert list(next_seed) != list(sampler)
 
 
 def test_drop_last_and_worker_augmentation_are_seeded(tmp_path):

@@ -12,6 +12,12 @@ import torch
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 
+def _order_seed(seed: int) -> int:
+    """The samplers' seed for a run seeded `seed`: they draw from it + epoch, so runs seeded
+    s and s + 1 (ensemble members) would otherwise see each other's orders an epoch apart."""
+    return seed * 1_000_003
+
+
 class ShuffleSampler(Sampler[int]):
     """A random permutation per epoch drawn from (seed, epoch) alone, like DistributedSampler's
     shuffling on one process: `set_epoch(e)` before each epoch."""
@@ -23,7 +29,7 @@ class ShuffleSampler(Sampler[int]):
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        generator = torch.Generator().manual_seed(_order_seed(self.seed) + self.epoch)
         return iter(torch.randperm(self.length, generator=generator).tolist())
 
     def __len__(self) -> int:
@@ -36,9 +42,8 @@ def epoch_order(dataset_size: int, seed: int, rank: int = 0, world_size: int = 1
     epoch). On one process every index, in the permutation's order."""
     if world_size == 1:
         return ShuffleSampler(range(dataset_size), seed)
-    return DistributedSampler(
-        range(dataset_size), num_replicas=world_size, rank=rank, shuffle=True, seed=seed
-    )
+    return DistributedSampler(range(dataset_size), num_replicas=world_size, rank=rank,
+                              shuffle=True, seed=_order_seed(seed))
 
 
 class ShardSampler(Sampler[int]):
