@@ -519,3 +519,39 @@ def test_resuming_on_another_number_of_processes_reseeds_each_rank(
         final_rng_states.append(torch.get_rng_state())
     assert "written by 2 process(es), this run has 1" in capsys.readouterr().out
     assert torch.equal(*final_rng_states)  # reseeded from (seed, rank, step) alone
+
+
+NAN_ON_RANK_0 = '''
+import os, sys, torch
+from pathlib import Path
+from canon.engine.trainer import train
+from canon.errors import NonFiniteError
+from canon.models.factory import create_model
+from canon.recipes import load_recipe
+
+out, rank = Path(sys.argv[1]), int(os.environ["RANK"])
+recipe = load_recipe("quickstart", ["train.batch_size=8", "train.workers=0", "train.epochs=1",
+                                    "train.channels_last=false"])
+model = create_model("resnet20", num_classes=10)
+
+def poison(step):  # rank 0's tenth step computes a NaN loss; rank 1's is still finite
+    if rank == 0 and step == 9:
+        with torch.no_grad():
+            next(model.parameters()).fill_(float("nan"))
+
+try:
+    train(recipe, out / "run", model=model, device="cpu", progress=False, on_step=poison)
+except NonFiniteError as error:
+    (out / f"rank-{rank}.txt").write_text(str(error))
+'''
+
+
+def test_a_nan_loss_on_one_rank_stops_every_rank(tmp_path: Path) -> None:
+    """The loss check after 10 steps sees the NaN on rank 0 only: rank 1 must stop too rather than
+    wait for rank 0 in its next gradient all-reduce."""
+    script = tmp_path / "worker.py"
+    script.write_text(NAN_ON_RANK_0)
+    subprocess.run([*_torchrun(2), str(script), str(tmp_path)], env=_environment(tmp_path / "c"),
+                   capture_output=True, text=True, timeout=240, check=True)
+    assert "the loss became nan at optimizer step 9;" in (tmp_path / "rank-0.txt").read_text()
+    assert "on another process by optimizer step 9;" in (tmp_path / "rank-1.txt").read_text()

@@ -370,17 +370,21 @@ def _agreed(flag: bool, ctx: dist.DistributedContext) -> bool:
 
 
 def _check_losses(pending: list[tuple[int, torch.Tensor]], run: Run) -> None:
-    """Stop on a NaN/inf loss (one device sync for all pending steps); log them otherwise."""
+    """Stop on a NaN/inf loss (one device sync for all pending steps), every process alike
+    when any of them saw one (the others would wait for it in their next collective); log
+    them otherwise."""
     if not pending:
         return
     values = torch.stack([loss for _, loss in pending]).float().cpu()
     bad = (~torch.isfinite(values)).nonzero()
-    if len(bad):
-        step = pending[int(bad[0])][0]
+    if _agreed(bool(len(bad)), run.ctx):
+        where = (f"became {values[int(bad[0])].item()} at optimizer step "
+                 f"{pending[int(bad[0])][0]}" if len(bad) else
+                 f"became NaN or infinite on another process by optimizer step {pending[-1][0]}")
         raise NonFiniteError(
-            f"the loss became {values[int(bad[0])].item()} at optimizer step {step}; stopping. "
-            f"{newest_checkpoint_note(run)}. Lower the learning rate (--lr), use --amp bf16 "
-            "instead of fp16, or add warmup (--set schedule.warmup_epochs=5)"
+            f"the loss {where}; stopping. {newest_checkpoint_note(run)}. Lower the learning "
+            "rate (--lr), use --amp bf16 instead of fp16, or add warmup (--set "
+            "schedule.warmup_epochs=5)"
         )
     if run.events is not None:
         for (step, _), value in zip(pending, values.tolist(), strict=True):
