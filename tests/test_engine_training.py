@@ -18,8 +18,10 @@ import torch.nn as nn
 
 from canon.data import ArrayImages, DataConfig, Datasets, build_datasets
 from canon.engine import checkpoint as ckpt
+from canon.engine.distributed import init_distributed
 from canon.engine.graphed import GraphedStep, restored_after
 from canon.engine.rundir import latest_run_dir, new_run_dir
+from canon.engine.setup import set_up
 from canon.engine.trained import load_trained
 from canon.engine.trainer import TrainingInterrupted, train
 from canon.errors import ConfigError, DataError, NonFiniteError
@@ -201,6 +203,26 @@ def test_an_iteration_limit_is_the_run_s_length_whatever_the_epochs(resume_data,
                    datasets=resume_data, progress=False)
     assert [row["epoch"] for row in result.metrics] == list(range(1, 11))
     assert ckpt.load_checkpoint(ckpt.epoch_checkpoint(tmp_path, 10))["step"] == 80
+
+
+def test_a_resume_takes_the_recipe_s_optimizer_values_and_refuses_another_model(
+    resume_data, tmp_path
+):
+    """--set optimizer.weight_decay=0 on a resume is what the run goes on with (the
+    checkpoint's groups held 5e-4); a checkpoint of another net is refused by name."""
+    train(tiny_recipe(epochs=1, batch_size=16), tmp_path, device="cpu", datasets=resume_data,
+          progress=False)
+    state = ckpt.load_checkpoint(ckpt.epoch_checkpoint(tmp_path, 1))
+    assert {g["weight_decay"] for g in state["optimizer"]["param_groups"]} == {5e-4}
+    recipe = apply_overrides(tiny_recipe(epochs=2, batch_size=16),
+                             [("optimizer.weight_decay", 0.0)])
+    run = set_up(recipe, tmp_path, init_distributed("cpu"), None, resume_data, state)
+    assert {g["weight_decay"] for g in run.optimizer.param_groups} == {0.0}
+    assert run.optimizer.state_dict()["state"]  # the momentum buffers carried on
+    other = apply_overrides(recipe, [("model.name", "resnet32")])
+    with pytest.raises(ConfigError, match=r"cannot resume: the checkpoint's model \(resnet20\)"
+                                          r" .* this run's resnet32"):
+        set_up(other, tmp_path, init_distributed("cpu"), None, resume_data, state)
 
 
 def test_metrics_log_the_lr_each_epoch_trained_at(

@@ -495,10 +495,23 @@ def _restore(run: Run, state: dict[str, Any]) -> None:
     now hold other images). A cosine schedule spans the run's length: resuming with more
     epochs changes its shape."""
     ctx = run.ctx
-    run.model.load_state_dict(state["model"])
-    run.optimizer.load_state_dict(state["optimizer"])
-    for group in run.optimizer.param_groups:  # the state's own came from its device
-        group["fused"] = fused_sgd(run.model)
+    recipe_groups = [{k: v for k, v in group.items() if k != "params"}
+                     for group in run.optimizer.param_groups]
+    try:
+        run.model.load_state_dict(state["model"])
+        run.optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError) as error:  # other layer names or shapes, other groups
+        raise ConfigError(
+            f"cannot resume: the checkpoint's model ({state.get('model_name')}) or optimizer "
+            f"groups do not fit this run's {run.recipe.model.name} with {run.num_classes} "
+            f"classes ({ckpt.first_line(error)}); resume without changing model, data classes or "
+            "optimizer.no_decay_bn_bias / backbone_lr_scale"
+        ) from None
+    # The recipe's hyperparameters (a --set on resume) over the checkpoint's: its state
+    # (momentum buffers) carries on, the lr is the schedule's at every step.
+    for group, values in zip(run.optimizer.param_groups, recipe_groups, strict=True):
+        group.update(values)
+        group["fused"] = fused_sgd(run.model)  # the state's own came from its device
     run.schedule.load_state_dict(state["schedule"])
     run.precision.load_state_dict(state["scaler"])
     if run.average is not None and state["ema"] is not None:  # None: not started (Polyak)
