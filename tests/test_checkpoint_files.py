@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -300,6 +301,19 @@ def test_resume_passes_over_unreadable_checkpoints_to_the_last_good_one(tmp_path
     assert [str(warning.message).split(" ")[0] for warning in caught] == [
         str(ckpt.interrupted_checkpoint(tmp_path)), str(ckpt.epoch_checkpoint(tmp_path, 2))
     ]
+    # a file named goes back to older ones only, never to the run's newer (readable) ones
+    shutil.copy(ckpt.epoch_checkpoint(tmp_path, 1), ckpt.interrupted_checkpoint(tmp_path))
+    with pytest.warns(ckpt.CheckpointWarning, match="epoch-002.pt"):
+        assert ckpt.load_for_resume(ckpt.epoch_checkpoint(tmp_path, 2))[0] == \
+            ckpt.epoch_checkpoint(tmp_path, 1)
+    ckpt.epoch_checkpoint(tmp_path, 1).write_bytes(b"cut")
+    with pytest.raises(DataError, match="no readable checkpoint"), \
+            pytest.warns(ckpt.CheckpointWarning):
+        ckpt.load_for_resume(ckpt.epoch_checkpoint(tmp_path, 1))
+    # a user's copy beside them is not an epoch checkpoint (it crashed the listing)
+    (tmp_path / "checkpoints" / "epoch-002-backup.pt").write_bytes(b"mine")
+    assert [p.name for p in ckpt.resumable_checkpoints(tmp_path)] == [
+        "interrupted.pt", "epoch-002.pt", "epoch-001.pt"]
 
 
 # ---- trained models from exports and checkpoints ------------------------------------------

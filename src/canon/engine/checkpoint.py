@@ -154,11 +154,16 @@ def _epoch_number(path: Path) -> int:
     return int(path.stem.removeprefix("epoch-"))
 
 
+def _epoch_checkpoints(folder: Path) -> list[Path]:
+    """epoch-NNN.pt files, oldest first; a user's epoch-005-backup.pt is not one."""
+    found = [p for p in folder.glob("epoch-*.pt") if re.fullmatch(r"epoch-\d+\.pt", p.name)]
+    return sorted(found, key=_epoch_number)
+
+
 def resumable_checkpoints(run_dir: Path) -> list[Path]:
     """Interruption and epoch checkpoints of a run, newest first. interrupted.pt, when there,
     is the newest: the next epoch checkpoint deletes it."""
-    folder = run_dir / CHECKPOINT_DIR
-    epochs = sorted(folder.glob("epoch-*.pt"), key=_epoch_number, reverse=True)
+    epochs = _epoch_checkpoints(run_dir / CHECKPOINT_DIR)[::-1]
     interrupted = interrupted_checkpoint(run_dir)
     return [interrupted, *epochs] if interrupted.is_file() else epochs
 
@@ -175,8 +180,9 @@ def load_for_resume(path: str | Path) -> tuple[Path, dict[str, Any]]:
         raise DataError(f"{path} does not exist; resume from a run directory or a checkpoint file")
     if path.is_dir():
         candidates = resumable_checkpoints(path)
-    else:
-        older = [p for p in resumable_checkpoints(run_dir_of(path)) if p != path]
+    else:  # the run's checkpoints older than the one named (none after best.pt, a copy)
+        run = [p.resolve() for p in resumable_checkpoints(run_dir_of(path))]
+        older = run[run.index(path.resolve()) + 1 :] if path.resolve() in run else []
         candidates = [path, *older]
     if not candidates:
         raise DataError(
@@ -206,7 +212,7 @@ def prune_epoch_checkpoints(
     """Delete all but the newest `keep` epoch checkpoints and those of `keep_epochs` (best.pt
     is a separate copy), and the temporary files of checkpoint writes killed midway."""
     folder = run_dir / CHECKPOINT_DIR
-    epochs = sorted(folder.glob("epoch-*.pt"), key=_epoch_number)
+    epochs = _epoch_checkpoints(folder)
     for old in epochs[:-keep]:
         if _epoch_number(old) not in keep_epochs:
             old.unlink()
