@@ -16,6 +16,7 @@ import safetensors.torch
 import torch
 import torch.nn as nn
 
+from canon.cli import main
 from canon.data import ArrayImages, DataConfig, Datasets, build_datasets
 from canon.engine import checkpoint as ckpt
 from canon.engine.distributed import init_distributed
@@ -124,6 +125,35 @@ def test_stopping_after_an_epoch_and_resuming_is_bit_identical(
     assert path == ckpt.epoch_checkpoint(tmp_path, 1) and state["epoch"] == 1
     train(longer, tmp_path, resume=state, device="cpu", datasets=resume_data, progress=False)
     assert_same_state(final_weights(tmp_path, 2), uninterrupted)
+
+
+def test_going_on_from_an_older_checkpoint_takes_a_directory_of_its_own(
+    resume_data, uninterrupted, tmp_path, capsys
+):
+    """Resuming epoch 1 of a run that has epoch 2 in that run's own directory would
+    interleave two continuations: refused, nothing touched; in a new directory it goes on
+    (bit-identically); into a directory holding another run only with overwrite."""
+    run, branch = tmp_path / "run", tmp_path / "branch"
+    recipe = tiny_recipe(epochs=2, batch_size=16)
+    train(recipe, run, device="cpu", datasets=resume_data, progress=False)
+    first = ckpt.epoch_checkpoint(run, 1)
+    before = {p.name: p.stat().st_mtime_ns for p in (run / "checkpoints").iterdir()}
+    with pytest.raises(DataError, match=r"epoch-001\.pt is older than .*epoch-002\.pt.*"
+                                        "--output-dir"):
+        train(recipe, run, resume=first, device="cpu", datasets=resume_data, progress=False)
+    with pytest.raises(SystemExit) as exit_:  # canon train --resume says the same
+        main(["train", "--resume", str(first), "--device", "cpu"])
+    assert exit_.value.code == 2 and "is older than" in capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in (run / "checkpoints").iterdir()} == before
+    train(recipe, branch, resume=first, device="cpu", datasets=resume_data, progress=False)
+    assert_same_state(final_weights(branch, 2), uninterrupted)
+    longer, branch_end = tiny_recipe(epochs=3, batch_size=16), ckpt.epoch_checkpoint(branch, 2)
+    with pytest.raises(DataError, match="already holds a run"):
+        train(longer, run, resume=branch_end, device="cpu", datasets=resume_data,
+              progress=False)
+    train(longer, run, resume=branch_end, overwrite=True, device="cpu", datasets=resume_data,
+          progress=False)
+    assert [p.name for p in ckpt.resumable_checkpoints(run)] == ["epoch-003.pt"]
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])

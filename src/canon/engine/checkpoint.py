@@ -173,7 +173,8 @@ def load_for_resume(path: str | Path) -> tuple[Path, dict[str, Any]]:
 
     A checkpoint that cannot be read (e.g. truncated) gets a warning naming it, and the next
     older one of the same run is tried; DataError when none is readable, when the run has no
-    checkpoint yet, or when `path` does not exist.
+    checkpoint yet, or when `path` does not exist. The state says which file it came from
+    (RESUMED_FROM).
     """
     path = Path(path)
     if not path.exists():
@@ -192,11 +193,17 @@ def load_for_resume(path: str | Path) -> tuple[Path, dict[str, Any]]:
     errors = []
     for candidate in candidates:
         try:
-            return candidate, load_checkpoint(candidate)
+            state = load_checkpoint(candidate)
+            state[RESUMED_FROM] = str(candidate)
+            return candidate, state
         except DataError as error:
             errors.append(str(error))
             warnings.warn(f"{error}; trying an older checkpoint", CheckpointWarning, stacklevel=2)
     raise DataError("no readable checkpoint: " + "; ".join(errors))
+
+
+# The key load_for_resume adds to a state: the checkpoint file it was read from.
+RESUMED_FROM = "resumed_from"
 
 
 def run_dir_of(path: Path) -> Path:

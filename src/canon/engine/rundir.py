@@ -24,6 +24,7 @@ from canon.engine.checkpoint import (
     EXPORT_NORMALIZATION,
     EXPORT_WEIGHTS,
     OUTPUT_DIR_ADVICE,
+    RESUMED_FROM,
     load_for_resume,
     resumable_checkpoints,
     run_dir_of,
@@ -90,7 +91,32 @@ def plan_run(
         source = latest_run_dir(RUNS_ROOT, load_recipe(recipe).name)
     path, state = load_for_resume(source)
     loaded = apply_overrides(Recipe.from_dict(state["recipe"], where=str(path)), overrides)
-    return RunPlan(loaded, output_dir or run_dir_of(path), state)
+    run_dir = output_dir or run_dir_of(path)
+    check_continuation(path, Path(source).is_file(), run_dir)
+    return RunPlan(loaded, run_dir, state)
+
+
+def check_continuation(loaded: Path, named: bool, run_dir: Path) -> None:
+    """Refuse to go on in its own run directory from a checkpoint file the user `named` that
+    is not the run's newest: the continuation's epoch checkpoints would interleave with the
+    later ones (pruning deleting its own), and a later --resume pick up the abandoned ones."""
+    source_run = run_dir_of(loaded)
+    if not named or source_run.resolve() != run_dir.resolve():
+        return
+    newest = resumable_checkpoints(source_run)
+    if newest and newest[0].resolve() != loaded.resolve():
+        raise DataError(
+            f"{loaded} is older than {newest[0]}, the newest checkpoint of {source_run}: going "
+            "on from it there would mix two continuations of the run; continue it in a new "
+            "directory with --output-dir DIR, or delete the later checkpoints first"
+        )
+
+
+def continues_elsewhere(state: dict[str, Any] | None, run_dir: Path) -> bool:
+    """Whether a resumed run writes to another directory than its checkpoint's run, which is
+    then claimed as a new run's (refused when it holds another run, unless overwrite)."""
+    source = None if state is None else state.get(RESUMED_FROM)
+    return source is not None and run_dir_of(Path(source)).resolve() != run_dir.resolve()
 
 
 def new_run_dir(root: Path, name: str) -> Path:

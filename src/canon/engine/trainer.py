@@ -30,7 +30,7 @@ from canon.engine.logs import (
     write_metrics_csv,
 )
 from canon.engine.precision import Precision
-from canon.engine.rundir import claim_run_dir
+from canon.engine.rundir import check_continuation, claim_run_dir, continues_elsewhere
 from canon.engine.saving import (
     check_weights,
     export,
@@ -163,7 +163,8 @@ def _train(
 ) -> TrainResult:
     state = resume if isinstance(resume, dict) or resume is None else None
     if state is None and resume is not None:
-        _, state = ckpt.load_for_resume(resume)
+        loaded, state = ckpt.load_for_resume(resume)
+        check_continuation(loaded, Path(resume).is_file(), run_dir)
     if state is not None and ctx.is_main:
         print(f"resuming at epoch {state['epoch']} + {state['step_in_epoch']} steps")
     run = set_up(recipe, run_dir, ctx, model, datasets, state)
@@ -173,7 +174,8 @@ def _train(
             print(f"train.cuda_graph: nothing to capture on {ctx.device}; the same step runs "
                   "uncaptured")
     stop = StopFlag()
-    with _claimed(run, resuming=state is not None, overwrite=overwrite), stop.installed():
+    in_place = state is not None and not continues_elsewhere(state, run_dir)
+    with _claimed(run, resuming=in_place, overwrite=overwrite), stop.installed():
         try:
             while run.epoch < run.epochs:
                 train_seconds = _train_epoch(run, stop, progress, on_step)
