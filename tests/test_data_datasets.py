@@ -213,7 +213,7 @@ def test_bad_files_are_skipped_with_one_warning_each(bad_tree):
     messages = [str(w.message) for w in caught if issubclass(w.category, BadImageWarning)]
     assert any("zero.JPEG" in m and "0 bytes" in m for m in messages)
     assert any("notes.txt" in m for m in messages)
-    assert any(m.endswith("empty: empty class folder") for m in messages)
+    assert any("empty: empty class folder" in m for m in messages)
     assert any("skipped 2 of" in m for m in messages)
     assert train.class_ids == ["bad", "empty", "good"] and len(train) == 6
 
@@ -497,6 +497,28 @@ def test_tiny_imagenet_layout(tmp_path):
     assert val[0][0].shape == (3, 6, 8)
 
 
+def test_images_in_subfolders_of_a_class_are_read_and_nothing_goes_unsaid(tmp_path):
+    """As torchvision's ImageFolder: a class folder's subfolders are read. A link to nothing
+    and a linked folder are skipped with a warning naming them."""
+    _write_images(tmp_path / "a", 1)
+    _write_images(tmp_path / "a" / "sub", 2)
+    (tmp_path / "a" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    _write_images(tmp_path / "b" / "images", 1)  # not Tiny-ImageNet: a file beside images/
+    _write_images(tmp_path / "b", 1, ".JPEG")
+    _write_images(tmp_path / "c" / "deeper" / "still", 1)
+    (tmp_path / "c" / "loop").symlink_to(tmp_path / "c", target_is_directory=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        images = FolderImages(tmp_path)
+    named = " ".join(str(w.message) for w in caught if issubclass(w.category, BadImageWarning))
+    assert f"{tmp_path / 'a' / 'gone.png'}: a link to nothing" in named
+    assert f"{tmp_path / 'c' / 'loop'}: a link to a folder" in named
+    assert [str(p.relative_to(tmp_path)) for p in images.paths] == [
+        "a/img0.png", "a/sub/img0.png", "a/sub/img1.png", "b/images/img0.png", "b/img0.JPEG",
+        "c/deeper/still/img0.png"]
+    assert images.labels == [0, 0, 0, 1, 1, 2]
+
+
 def test_unreadable_layouts_say_what_was_found(tmp_path):
     for split in ("train", "val"):  # images without class folders
         _write_images(tmp_path / "flat" / split, 2)
@@ -504,11 +526,12 @@ def test_unreadable_layouts_say_what_was_found(tmp_path):
                                         r"img0\.png, img1\.png; 0 folder\(s\): none\); "
                                         r"expected .*train/<class>/<image files>"):
         open_dataset(str(tmp_path / "flat"))
-    for label in ("a", "b"):  # one level too deep
+    for label in ("a", "b"):  # class folders holding only folders without images
         for split in ("train", "val"):
-            _write_images(tmp_path / "deep" / split / label / "photos", 1)
+            (tmp_path / "deep" / split / label / "photos").mkdir(parents=True)
     with pytest.raises(DataError, match=r"no image files \(.*train/a holds 0 file\(s\): none; "
-                                        r"1 folder\(s\): photos/\); expected .*<class>/images/"):
+                                        r"1 folder\(s\): photos/\); expected .*<class>/images/"), \
+            pytest.warns(BadImageWarning, match="empty class folder"):
         open_dataset(str(tmp_path / "deep"))
     (tmp_path / "no_val" / "train").mkdir(parents=True)
     (tmp_path / "no_val" / "readme.txt").write_text("")

@@ -32,10 +32,11 @@ class BadImageWarning(UserWarning):
 
 
 class FolderImages(LabeledImages):
-    """Image folder trees: `ROOT/<class>/<image>` (ImageNet's train/ and val/, any ImageFolder
-    layout); Tiny-ImageNet's `ROOT/<class>/images/<image>` (a class folder whose only subfolder
-    is images/) and its val/, `ROOT/images/<image>` labelled by `ROOT/val_annotations.txt`
-    (lines `file<TAB>class<TAB>...`).
+    """Image folder trees: `ROOT/<class>/<image>`, subfolders of a class folder included
+    (ImageNet's train/ and val/, any ImageFolder layout); Tiny-ImageNet's
+    `ROOT/<class>/images/<image>` (beside `<class>_boxes.txt`) and its val/,
+    `ROOT/images/<image>` labelled by `ROOT/val_annotations.txt` (lines
+    `file<TAB>class<TAB>...`).
 
     `class_ids`: the classes labels index, in that order: the training split's when this
     folder is its validation split (the two must hold the same classes), or a model's when
@@ -118,19 +119,28 @@ class FolderImages(LabeledImages):
         return list(class_ids)
 
     def _scan_class(self, folder: Path, name: str, digest) -> list[Path]:
-        entries = sorted(os.scandir(folder), key=lambda e: e.name)
-        if [e.name for e in entries if e.is_dir() and e.name[0] != "."] == ["images"]:
-            # Tiny-ImageNet: <class>/images/*.JPEG beside <class>_boxes.txt
-            return self._scan_class(folder / "images", name, digest)
+        """A class folder's image files, in its subfolders too (as torchvision's ImageFolder
+        reads them), in name order; Tiny-ImageNet's <class>_boxes.txt beside images/ quietly
+        left out."""
+        visible = [e for e in sorted(os.scandir(folder), key=lambda e: e.name)
+                   if e.name[0] != "."]
+        if [e.name for e in visible if e.is_dir()] == ["images"] and all(
+                e.is_dir() or e.name.endswith("_boxes.txt") for e in visible):
+            visible = [e for e in visible if e.is_dir()]
         paths = []
-        for entry in entries:
-            if entry.name[0] == "." or not entry.is_file():
-                continue
+        for entry in visible:
             path = Path(entry.path)
-            if self._keep(path, entry.stat().st_size, name, digest):
+            if entry.is_dir() and entry.is_symlink():  # a loop would never end
+                self._skip(path, "a link to a folder inside a class folder (not followed)")
+            elif entry.is_dir():
+                paths += self._scan_class(path, f"{name}/{entry.name}", digest)
+            elif not entry.is_file():
+                self._skip(path, "a link to nothing")
+            elif self._keep(path, entry.stat().st_size, name, digest):
                 paths.append(path)
-        if not entries:
-            warnings.warn(f"{folder}: empty class folder", BadImageWarning, stacklevel=3)
+        if not paths and "/" not in name:  # the class folder itself, not one of its own
+            warnings.warn(f"{folder}: empty class folder (no image file in it)",
+                          BadImageWarning, stacklevel=3)
         return paths
 
     def _scan_listed(self, name: str, files: list[str], digest) -> list[Path]:
