@@ -36,7 +36,9 @@ def decode_image_file(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> t
     (e.g. CMYK/YCCK variants, BMP, TIFF). The format is sniffed from the bytes, so a PNG
     named .JPEG decodes as the PNG it is. 16-bit samples keep their high byte (as PIL does
     for 16-bit RGB PNGs). A truncated file is an error, not a half-grey picture: that would be
-    corrupt training data.
+    corrupt training data. Damage inside the data of a complete JPEG is not caught: libjpeg
+    says "Corrupt JPEG data" on stderr (without the file's name) and returns the damaged
+    picture, as it does under torchvision's and PIL's own readers.
     """
     path = Path(path)
     try:
@@ -167,9 +169,9 @@ def _check_pixels(size: tuple[int, int], max_pixels: int, path: str | Path) -> N
 
 @contextlib.contextmanager
 def libjpeg_errors() -> Iterator[None]:
-    """Around torchvision's decoders: libjpeg reports corrupt data as a warning and returns a
-    partial image, an error here (UserWarning raised); torchvision 0.29 deprecates its
-    decoders (they still work, and 0.26 must be supported too)."""
+    """Around torchvision's decoders: a warning they raise about the data (a UserWarning) is
+    an error here, not a partial image; torchvision 0.29 deprecates its decoders (they still
+    work, and 0.26 must be supported too)."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
