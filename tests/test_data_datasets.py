@@ -519,6 +519,15 @@ def test_images_in_subfolders_of_a_class_are_read_and_nothing_goes_unsaid(tmp_pa
     assert images.labels == [0, 0, 0, 1, 1, 2]
 
 
+def test_an_image_folder_may_hold_an_index_json_of_its_own(tmp_path):
+    for split in ("train", "val"):
+        for label in ("apple", "pear"):
+            _write_images(tmp_path / split / label, 2)
+    (tmp_path / "index.json").write_text('{"labelled by": "someone"}')
+    train, val = open_dataset(str(tmp_path))
+    assert (len(train), len(val)) == (4, 4)
+
+
 def test_unreadable_layouts_say_what_was_found(tmp_path):
     for split in ("train", "val"):  # images without class folders
         _write_images(tmp_path / "flat" / split, 2)

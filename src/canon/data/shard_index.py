@@ -91,8 +91,13 @@ class PackIndex:
 
 
 def is_shard_folder(path: str | Path) -> bool:
-    """Whether `path` is a folder of canon shards (it holds index.json)."""
-    return (Path(path) / INDEX).is_file()
+    """Whether `path` is a folder of canon shards: its index.json names their format at the
+    start (an image folder may hold an index.json of its own)."""
+    try:
+        with (Path(path) / INDEX).open("rb") as index:
+            return FORMAT.encode() in index.read(4096)
+    except OSError:
+        return False
 
 
 def read_index(folder: str | Path) -> PackIndex:
