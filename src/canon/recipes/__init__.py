@@ -67,18 +67,25 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def _base_path(path: Path, base: str) -> Path:
+    """The recipe a file's `base: NAME` names: NAME.yaml beside it, else the bundled one (a
+    user's recipe may build on resnet50)."""
+    for folder in (path.parent, RECIPE_DIR):
+        if (folder / f"{base}.yaml").is_file():
+            return folder / f"{base}.yaml"
+    raise ConfigError(f"{path.name}: base recipe {base!r} is neither beside it "
+                      f"({path.parent / f'{base}.yaml'}) nor bundled (canon recipes)")
+
+
 def _raw_recipe(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """The file's mapping with its `base:` chain resolved (bases live beside it)."""
+    """The file's mapping with its `base:` chain resolved (_base_path)."""
     if path in seen:
         raise ConfigError(f"{path.name}: `base:` chain loops: {' -> '.join(p.name for p in seen)}")
     values = _read_yaml(path)
     base = values.pop("base", None)
     if base is None:
         return values
-    base_path = path.parent / f"{base}.yaml"
-    if not base_path.exists():
-        raise ConfigError(f"{path.name}: base recipe {base!r} not found beside it ({base_path})")
-    return _merge(_raw_recipe(base_path, (*seen, path)), values)
+    return _merge(_raw_recipe(_base_path(path, base), (*seen, path)), values)
 
 
 def load_recipe_file(path: str | Path) -> Recipe:
@@ -171,7 +178,7 @@ def _base_chain(path: Path) -> list[Path]:
     """The file and its `base:` files, the file first (_raw_recipe has checked the chain)."""
     chain = [path]
     while (base := _read_yaml(chain[-1]).get("base")) is not None:
-        chain.append(chain[-1].parent / f"{base}.yaml")
+        chain.append(_base_path(chain[-1], base))
     return chain
 
 
