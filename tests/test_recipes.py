@@ -93,6 +93,10 @@ def test_wrong_types_and_values_are_named(tmp_path):
         load_recipe("quickstart", ["schedule.kind=exponential"])
     with pytest.raises(ConfigError, match=r"data\.augmentation"):
         load_recipe("quickstart", ["data.augmentation=fancy"])
+    for setting, key in (("schedule.max_reductions=-1", "max_reductions"),
+                         ("schedule.threshold=-0.5", "threshold")):
+        with pytest.raises(ConfigError, match=rf"schedule\.{key} must be >= 0"):
+            load_recipe("alexnet", [setting])
 
 
 def test_a_recipe_file_can_start_from_a_bundled_base(tmp_path):
@@ -100,6 +104,14 @@ def test_a_recipe_file_can_start_from_a_bundled_base(tmp_path):
     (tmp_path / "child.yaml").write_text("base: _base\nname: child\ntrain: {batch_size: 32}\n")
     recipe = load_recipe(tmp_path / "child.yaml")
     assert (recipe.train.epochs, recipe.train.batch_size) == (7, 32)
+    # a base not beside it is a bundled recipe (its own bases bundled too)
+    (tmp_path / "mine.yaml").write_text("base: resnet56-cifar10\nname: mine\ntrain: {seed: 3}\n")
+    mine = load_recipe(tmp_path / "mine.yaml")
+    bundled = load_recipe("resnet56-cifar10")
+    assert (mine.model, mine.schedule, mine.train.seed) == (bundled.model, bundled.schedule, 3)
+    (tmp_path / "lost.yaml").write_text("base: resnet57\n")
+    with pytest.raises(ConfigError, match=r"lost.yaml: base recipe 'resnet57' is neither beside"):
+        load_recipe(tmp_path / "lost.yaml")
 
 
 def test_set_overrides_parse_yaml_values_and_reject_unknown_keys():

@@ -47,8 +47,9 @@ def scale_iteration_counts(
 
 class LearningRateSchedule:
     """Decay: `plateau` divides by 1/gamma (10 in every paper) when the validation top-1 error
-    has not improved for `patience` epochs (Krizhevsky et al. 2012 s5, Simonyan & Zisserman
-    2014 s3.1, He et al. 2015 s3.4), at most `max_reductions` times (AlexNet and VGG: three);
+    has not improved for more than `patience` epochs (Krizhevsky et al. 2012 s5, Simonyan &
+    Zisserman 2014 s3.1, He et al. 2015 s3.4), at most `max_reductions` times (AlexNet and
+    VGG: three);
     `step` multiplies by gamma every `step_size` epochs or iterations (GoogLeNet s6: 0.96 every
     8 epochs); `multistep` at each milestone (ResNet CIFAR s4.2: 32k and 48k iterations);
     `cosine` is half a cosine from peak_lr to min_lr after warmup (Loshchilov & Hutter 2017,

@@ -130,9 +130,11 @@ class ScheduleSection:
     milestones: tuple[int, ...] = ()
     step_size: int = 30
     gamma: float = 0.1
-    patience: int = 5  # plateau: epochs without improvement before the lr is cut
+    # plateau: epochs without improvement let pass; the next one cuts the lr (as torch's
+    # ReduceLROnPlateau: patience 4 cuts after the 5th epoch without improvement)
+    patience: int = 5
     threshold: float = 0.0  # plateau: improvement (in error points) that counts
-    max_reductions: int | None = None  # plateau: cut at most this many times
+    max_reductions: int | None = None  # plateau: cut at most this many times (>= 0)
     min_lr: float = 0.0  # cosine: floor
     warmup_epochs: float = 0.0
     warmup_iterations: int = 0  # takes precedence over warmup_epochs when > 0
@@ -152,6 +154,9 @@ class ScheduleSection:
         _check(0 < self.gamma <= 1, f"schedule.gamma must lie in (0, 1], got {self.gamma}")
         _check(self.step_size >= 1, "schedule.step_size must be >= 1")
         _check(self.patience >= 0, "schedule.patience must be >= 0")
+        _check(self.threshold >= 0, "schedule.threshold must be >= 0 (error points)")
+        _check(self.max_reductions is None or self.max_reductions >= 0,
+               "schedule.max_reductions must be >= 0 (or null: no limit)")
         _check(
             list(self.milestones) == sorted(self.milestones),
             f"schedule.milestones must be increasing, got {list(self.milestones)}",
