@@ -271,10 +271,10 @@ def _optimizer_step(run: Run, batches: Iterator) -> torch.Tensor:
             parameter.grad = None
         run.precision.step(run.optimizer)
         run.optimizer.zero_grad(set_to_none=True)
+    if config.filter_rms_radius is not None:  # part of the update: the average sees it
+        clamp_filter_rms(run.model, config.filter_rms_radius)
     if _averaging(run):
         run.average.update_parameters(run.model)
-    if config.filter_rms_radius is not None:
-        clamp_filter_rms(run.model, config.filter_rms_radius)
     run.step += 1
     run.step_in_epoch += 1
     run.totals["loss"] = run.totals["loss"] + loss_sum
