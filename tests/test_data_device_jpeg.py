@@ -154,7 +154,7 @@ def test_a_run_decoding_on_the_device_trains_on_real_jpegs(
     recipe = load_recipe("resnet18-imagenette5", [
         ("data.dataset", str(imagenette_root)), ("data.crop_size", 48),
         ("data.resize_size", 56), ("train.batch_size", 32), ("train.epochs", 1),
-        ("train.iterations", 5), ("train.workers", 1), ("train.decode_on_device", True),
+        ("train.iterations", 1), ("train.workers", 1), ("train.decode_on_device", True),
         ("model.name", "resnet18")])
     result = train(recipe, tmp_path / "run", device="cpu", progress=False)
     assert result is not None
