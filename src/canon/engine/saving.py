@@ -78,12 +78,17 @@ def save_epoch(
     config: TrainSection,
 ) -> None:
     """The epoch's checkpoint (replacing interrupted.pt), best.pt when it is the best, and
-    only the newest train.keep_checkpoints epoch checkpoints besides train.keep_epochs'."""
+    only the newest train.keep_checkpoints epoch checkpoints besides train.keep_epochs'.
+
+    best.pt is written first: a run killed in between resumes from before this epoch and
+    writes both again, where the other order left a best.pt that missed the best epoch."""
     path = ckpt.epoch_checkpoint(run_dir, row["epoch"])
-    ckpt.save_checkpoint(state, path)
-    ckpt.interrupted_checkpoint(run_dir).unlink(missing_ok=True)
     if is_best:
-        ckpt.copy_checkpoint(path, ckpt.best_checkpoint(run_dir))
+        ckpt.save_checkpoint(state, ckpt.best_checkpoint(run_dir))
+        ckpt.copy_checkpoint(ckpt.best_checkpoint(run_dir), path)
+    else:
+        ckpt.save_checkpoint(state, path)
+    ckpt.interrupted_checkpoint(run_dir).unlink(missing_ok=True)
     ckpt.prune_epoch_checkpoints(run_dir, config.keep_checkpoints, config.keep_epochs)
 
 
