@@ -220,6 +220,16 @@ def test_finetune_and_features_through_the_cli(folders, source_run, tmp_path, ca
     direct = extract_features(canon.load_trained(out), open_split(str(folders[1]), "val"), "x")
     assert torch.equal(direct.features, features.features)
 
+    # val without the training split's first class: labels still index the training classes
+    partial = tmp_path / "partial"
+    shutil.copytree(folders[1], partial)
+    shutil.rmtree(partial / "val" / "dog")
+    main(["features", str(out), "--data", str(partial), "--split", "val",
+          "--out", str(features_file), "--device", "cpu"])
+    features = Features.load(features_file)
+    assert features.classes == ["dog", "frog", "horse", "ship", "truck"]
+    assert features.labels.bincount().tolist() == [0] + [100] * 4
+
 
 def test_bad_transfer_inputs_are_named_and_lose_nothing(tmp_path):
     """A missing init_from is refused before any data is read or directory made; a truncated

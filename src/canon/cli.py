@@ -438,8 +438,12 @@ def _run_features(args: argparse.Namespace) -> None:
 
     trained = load_trained(args.source)
     trained.model.to(resolve_device(args.device))
+    # The evaluation split is labelled by the training split's classes, as a probe fitted on
+    # the training features reads them (val may lack some of them).
+    options = ({"class_ids": open_split(args.data, "train").class_ids}
+               if args.split == "val" else {})
     features = extract_features(
-        trained, open_split(args.data, args.split), f"{args.data} {args.split}",
+        trained, open_split(args.data, args.split, **options), f"{args.data} {args.split}",
         batch_size=args.batch_size, workers=args.workers, progress=True,
     )
     features.save(args.out)
