@@ -518,3 +518,18 @@ def test_best_pt_is_written_before_the_epoch_checkpoint(tmp_path, monkeypatch):
         save_epoch(tmp_path, {"epoch": 3}, {"epoch": 3}, True, TrainSection())
     assert torch.load(ckpt.best_checkpoint(tmp_path), weights_only=True) == {"epoch": 3}
     assert ckpt.resumable_checkpoints(tmp_path) == []
+
+
+def test_a_checkpoint_rebuilds_a_model_given_with_other_options(tmp_path):
+    """A GoogLeNet without auxiliary heads given to canon.train: its checkpoints load back
+    into the same architecture, as its export does."""
+    from canon.engine.trainer import train
+
+    recipe = load_recipe("quickstart", ["model.name=googlenet", "train.iterations=1",
+                                        "train.batch_size=16", "data.val_split=16"])
+    model = create_model("googlenet", 10, aux_logits=False)
+    train(recipe, tmp_path, model=model, device="cpu", progress=False)
+    for source in (tmp_path, ckpt.epoch_checkpoint(tmp_path, 1)):
+        loaded = load_trained(source).model
+        assert loaded.aux_classifiers() == [], source
+        assert torch.equal(loaded.state_dict()["fc.weight"], model.state_dict()["fc.weight"])

@@ -179,6 +179,10 @@ def _load_from_checkpoint(path: Path) -> TrainedModel:
         classes=classes,
         class_ids=checked_names(state, "class_ids", path) if "class_ids" in state else classes,
         data=state["recipe"]["data"], weights=weights, normalization=state["normalization"],
+        # a model given to canon.train built with other options (checkpoints from before
+        # these were saved hold models built with none)
+        options=checked_field(state, "model_options", dict, path)
+        if "model_options" in state else {},
     )
 
 
