@@ -124,6 +124,20 @@ def test_missing_cifar_without_download_says_what_to_do(tmp_path):
     assert CIFAR["cifar10"]["md5"] == "c58f30108f718f92721af3b95e74349a"
 
 
+def test_an_incomplete_cifar_folder_is_named_and_kept(tmp_path):
+    """A copy cut short (no batches.meta) is not downloaded over nor deleted; a folder in
+    place of a batch file is a DataError naming it."""
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    (folder / "data_batch_1").write_bytes(b"half")
+    with pytest.raises(DataError, match=r"cifar-10-batches-py has no batches\.meta.*remove"):
+        fetch_cifar("cifar10", tmp_path, download=True)
+    assert (folder / "data_batch_1").read_bytes() == b"half"
+    (folder / "batches.meta").mkdir()
+    with pytest.raises(DataError, match=r"batches\.meta: cannot read"):
+        read_cifar("cifar10", folder, "test")
+
+
 def test_imagenet_layout(imagenette_root):
     train, val = open_dataset(str(imagenette_root))
     assert (len(train), len(val)) == (1000, 500)

@@ -71,6 +71,8 @@ def _read_pickle(path: Path) -> dict[str, object]:
             content = _ArrayUnpickler(f, encoding="latin1").load()
     except FileNotFoundError:
         raise DataError(f"{path}: missing (the CIFAR folder is incomplete)") from None
+    except OSError as error:  # a folder in its place, no permission, a failing disk
+        raise DataError(f"{path}: cannot read it ({error})") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as error:
         raise DataError(f"{path}: not a CIFAR pickle ({error})") from None
     if not isinstance(content, dict):
@@ -154,6 +156,11 @@ def fetch_cifar(name: str, cache: Path, *, download: bool) -> Path:
     folder = cache / spec["folder"]
     if (folder / spec["meta"]).is_file():
         return folder
+    if folder.exists():  # a copy cut short: its files are the user's to finish or remove
+        raise DataError(
+            f"{folder} has no {spec['meta']}: an incomplete copy of {name}; finish copying it "
+            f"or remove the folder to download {name} afresh"
+        )
     if not download:
         raise DataError(
             f"{name} is not in {cache}; allow download (data.download: true) or point "
