@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import pickle
 import struct
 import tarfile
@@ -531,6 +532,20 @@ def test_images_in_subfolders_of_a_class_are_read_and_nothing_goes_unsaid(tmp_pa
         "a/img0.png", "a/sub/img0.png", "a/sub/img1.png", "b/images/img0.png", "b/img0.JPEG",
         "c/deeper/still/img0.png"]
     assert images.labels == [0, 0, 0, 1, 1, 2]
+
+
+def test_a_file_rewritten_at_the_same_size_changes_the_folder_fingerprint(tmp_path):
+    """The fingerprint keys cached statistics: an image replaced by another of the same size
+    (a new modification time) must not find the old statistics."""
+    _write_images(tmp_path / "a", 1)
+    _write_images(tmp_path / "b", 1)
+    before = FolderImages(tmp_path).fingerprint()
+    assert FolderImages(tmp_path).fingerprint() == before
+    image = tmp_path / "a" / "img0.png"
+    size, modified = image.stat().st_size, image.stat().st_mtime_ns
+    image.write_bytes(image.read_bytes()[::-1])
+    os.utime(image, ns=(modified, modified + 10**9))
+    assert image.stat().st_size == size and FolderImages(tmp_path).fingerprint() != before
 
 
 def test_an_image_folder_may_hold_an_index_json_of_its_own(tmp_path):

@@ -136,7 +136,7 @@ class FolderImages(LabeledImages):
                 paths += self._scan_class(path, f"{name}/{entry.name}", digest)
             elif not entry.is_file():
                 self._skip(path, "a link to nothing")
-            elif self._keep(path, entry.stat().st_size, name, digest):
+            elif self._keep(path, entry.stat(), name, digest):
                 paths.append(path)
         if not paths and "/" not in name:  # the class folder itself, not one of its own
             warnings.warn(f"{folder}: empty class folder (no image file in it)",
@@ -148,22 +148,22 @@ class FolderImages(LabeledImages):
         for file in files:
             path = self.root / "images" / file
             try:
-                size = path.stat().st_size
+                status = path.stat()
             except OSError:
                 self._skip(path, f"listed in {VAL_ANNOTATIONS} but missing")
                 continue
-            if self._keep(path, size, name, digest):
+            if self._keep(path, status, name, digest):
                 paths.append(path)
         return paths
 
-    def _keep(self, path: Path, size: int, name: str, digest) -> bool:
+    def _keep(self, path: Path, status: os.stat_result, name: str, digest) -> bool:
         """Whether a file is worth decoding; skips others (with a warning) or, strict, raises."""
         if not path.name.lower().endswith(IMAGE_EXTENSIONS):
             self._skip(path, "not an image file name (extension)")
-        elif size == 0:
+        elif status.st_size == 0:
             self._skip(path, "empty file (0 bytes)")
-        else:
-            digest.update(f"{name}/{path.name}:{size};".encode())
+        else:  # a file rewritten at the same size changes its modification time
+            digest.update(f"{name}/{path.name}:{status.st_size}:{status.st_mtime_ns};".encode())
             return True
         return False
 
@@ -197,7 +197,8 @@ class FolderImages(LabeledImages):
 
     def fingerprint(self) -> str:
         """Identifies this tree's content for caching statistics: its resolved root and the
-        class, name and size of every file (recorded during the scan, no second pass)."""
+        class, name, size and modification time of every file (recorded during the scan, no
+        second pass)."""
         return self._fingerprint
 
     def __repr__(self) -> str:
