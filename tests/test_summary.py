@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn as nn
@@ -104,6 +106,42 @@ def test_vgg_head_runs_dense_at_other_sizes() -> None:
     assert at_384.layers == 16
     assert at_384.params == summarize("vgg16").params
     assert at_384.gflops > 2.5 * summarize("vgg16").gflops
+
+
+def test_a_model_instance_runs_dense_without_copying_its_weights(monkeypatch) -> None:
+    model = canon.create_model("alexnet")
+    copy_parameter = nn.Parameter.__deepcopy__
+
+    def meta_only(parameter: nn.Parameter, memo: dict) -> nn.Parameter:
+        assert parameter.device.type == "meta", "summarize copied a real weight"
+        return copy_parameter(parameter, memo)
+
+    monkeypatch.setattr(nn.Parameter, "__deepcopy__", meta_only)
+    summary = summarize(model, input_size=259)
+    assert summary.name == "AlexNet (dense)"
+    assert summary == dataclasses.replace(summarize("alexnet", input_size=259), name=summary.name)
+
+
+def test_every_matrix_product_with_a_weight_counts() -> None:
+    """Products torch.matmul and hand-written layers dispatch besides mm and addmm."""
+
+    class Products(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.batched = nn.Parameter(torch.zeros(2, 4, 5))
+            self.vector = nn.Parameter(torch.zeros(5))
+            self.bias = nn.Parameter(torch.zeros(3, 5))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: 1 x 3 x 4 x 4
+            rows = x[0, :, 0, :]  # 3 x 4
+            baddbmm = torch.baddbmm(self.bias, rows.expand(2, 3, 4), self.batched)  # 2 x 3 x 5
+            addbmm = torch.addbmm(self.bias, rows.expand(2, 3, 4), self.batched)  # 3 x 5
+            mv = torch.mv(addbmm, self.vector)  # 3
+            return baddbmm.sum() + mv.sum() + torch.dot(addbmm[0], self.vector)
+
+    summary = summarize(Products(), input_size=4)
+    assert round(summary.gflops * 1e9) == 2 * 3 * 5 * 4 + 2 * 3 * 5 * 4 + 3 * 5 + 5
+    assert summary.weight_layers == 4
 
 
 def test_googlenet_without_auxiliary_heads() -> None:

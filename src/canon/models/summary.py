@@ -4,6 +4,7 @@ per image and in the papers' conventions (`summarize`), and the table `canon sum
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -68,16 +69,24 @@ def _conv_multiply_adds(args: Sequence, out: torch.Tensor) -> int:
 
 
 def _matmul_multiply_adds(args: Sequence, out: torch.Tensor) -> int:
-    # mm(a, b), addmm(bias, a, b), bmm(a, b): out has ... x n x m, the inner dimension is k.
+    # mm(a, b), bmm, mv, dot and their add- forms (bias first): each output element is a dot
+    # product over the first factor's last dimension, k.
     first = args[-2]
     return out.numel() * first.shape[-1]
 
 
+def _summed_bmm_multiply_adds(args: Sequence, out: torch.Tensor) -> int:
+    # addbmm(bias, a, b): the batch of products is summed into one n x m output.
+    first = args[-2]
+    return out.numel() * first.shape[0] * first.shape[-1]
+
+
 _WEIGHT_OPS: dict[object, Callable[[Sequence, torch.Tensor], int]] = {
     torch.ops.aten.convolution: _conv_multiply_adds,
-    torch.ops.aten.mm: _matmul_multiply_adds,
-    torch.ops.aten.addmm: _matmul_multiply_adds,
-    torch.ops.aten.bmm: _matmul_multiply_adds,
+    **dict.fromkeys((torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm,
+                     torch.ops.aten.baddbmm, torch.ops.aten.mv, torch.ops.aten.addmv,
+                     torch.ops.aten.dot), _matmul_multiply_adds),
+    torch.ops.aten.addbmm: _summed_bmm_multiply_adds,
 }
 
 
@@ -138,6 +147,16 @@ def _default_input_size(model: nn.Module) -> int:
     return config.input_size if config is not None else 224
 
 
+def _meta_copy(model: nn.Module) -> nn.Module:
+    """The model with shape-only parameters and buffers: its weights are never copied."""
+    memo: dict[int, object] = {
+        id(p): nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
+        for p in model.parameters()
+    }
+    memo.update((id(b), torch.empty_like(b, device="meta")) for b in model.buffers())
+    return copy.deepcopy(model, memo)
+
+
 def _build(name: str, num_classes: int | None) -> nn.Module:
     # On the meta device the weights are never allocated nor initialised.
     with torch.device("meta"):
@@ -174,7 +193,7 @@ def summarize(
         raise InputSizeError(f"input size must be a positive number of pixels, got {size!r}")
     if getattr(model, "fixed_input_size", None) not in (None, size):
         # An FC head takes one size; at any other the net runs as dense evaluation runs it.
-        name, model = f"{name} (dense)", model.fully_convolutional()
+        name, model = f"{name} (dense)", _meta_copy(model).fully_convolutional()
 
     state = _meta_state(model)
     parameter_names = {key for key, _ in model.named_parameters()}
