@@ -156,6 +156,29 @@ def test_networks_it_cannot_invert_are_refused_clearly(name, layer, culprit) -> 
     assert "AlexNet, ZFNet and VGG" in message and "activations" in message
 
 
+def test_named_paddings_project_as_their_numbers() -> None:
+    """padding="valid" and "same" (odd kernels) are zero paddings of 0 and (k - 1) x d / 2 a
+    side; "same" with an even kernel pads unevenly and, like reflection, is refused."""
+
+    def net(first: int | str, second: int | str) -> nn.Sequential:
+        torch.manual_seed(0)
+        return nn.Sequential(OrderedDict(
+            conv1=nn.Conv2d(3, 4, 3, padding=first), relu1=nn.ReLU(),
+            conv2=nn.Conv2d(4, 5, 3, padding=second, dilation=2), relu2=nn.ReLU(),
+        )).eval()
+
+    images = torch.randn(2, 3, 12, 12)
+    numbered = deconvnet_layers(net(0, 2), "relu2")
+    named = deconvnet_layers(net("valid", "same"), "relu2")
+    expected, _, _ = project(numbered, images, torch.tensor([1, 3]))
+    projections, _, _ = project(named, images, torch.tensor([1, 3]))
+    assert projections.shape == images.shape and projections.abs().max() > 0
+    assert torch.equal(projections, expected)
+    for conv in (nn.Conv2d(3, 4, 2, padding="same"), nn.Conv2d(3, 4, 3, padding_mode="reflect")):
+        with pytest.raises(ConfigError, match="Conv2d"):
+            deconvnet_layers(nn.Sequential(OrderedDict(conv=conv)), "conv")
+
+
 def sample_folder(root, per_class: dict[str, int]) -> None:
     """An ImageNet-layout tree of real CIFAR-10 sample images (32x32 PNGs), two classes."""
     sample = load_sample("test")

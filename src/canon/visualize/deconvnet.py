@@ -84,7 +84,8 @@ def _collect(model: nn.Module, module: nn.Module, names: dict[int, str], layer: 
     if type(module) is nn.Sequential:
         if any(_collect(model, child, names, layer, path) for child in module.children()):
             return True
-    elif isinstance(module, PROJECTABLE) and not _odd_padding(module):
+    elif isinstance(module, PROJECTABLE) and (
+            not isinstance(module, nn.Conv2d) or _zero_padding(module) is not None):
         path.append(module)
     else:
         raise _unsupported(f"{name} of {type(model).__name__} is {type(module).__name__}, "
@@ -92,10 +93,18 @@ def _collect(model: nn.Module, module: nn.Module, names: dict[int, str], layer: 
     return name == layer
 
 
-def _odd_padding(module: nn.Module) -> bool:
-    return isinstance(module, nn.Conv2d) and (
-        module.padding_mode != "zeros" or isinstance(module.padding, str)
-    )
+def _zero_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
+    """The zeros `conv` pads each side with, per dimension (padding="valid" and "same"
+    included); None where its transpose has no such form: another padding mode, or "same"
+    padding one more on one side than on the other (an even kernel)."""
+    if conv.padding_mode != "zeros":
+        return None
+    if conv.padding == "valid":
+        return (0, 0)
+    if conv.padding != "same":
+        return conv.padding
+    totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
+    return None if any(t % 2 for t in totals) else (totals[0] // 2, totals[1] // 2)
 
 
 def _unsupported(reason: str) -> ConfigError:
@@ -140,12 +149,14 @@ def unpool(signal: torch.Tensor, switches: torch.Tensor, size: torch.Size) -> to
 def transposed_conv(conv: nn.Conv2d, signal: torch.Tensor, size: torch.Size) -> torch.Tensor:
     """`signal` through the transpose of `conv` (its filters, stride, padding, groups and
     dilation; no bias), with the output padding that gives the conv's input `size`."""
+    padding = _zero_padding(conv)
+    assert padding is not None, "_collect admits only convolutions padded with zeros evenly"
     extra = tuple(
-        size[2 + i] - ((signal.shape[2 + i] - 1) * conv.stride[i] - 2 * conv.padding[i]
+        size[2 + i] - ((signal.shape[2 + i] - 1) * conv.stride[i] - 2 * padding[i]
                        + conv.dilation[i] * (conv.kernel_size[i] - 1) + 1)
         for i in range(2)
     )
-    return F.conv_transpose2d(signal, conv.weight, None, conv.stride, conv.padding, extra,
+    return F.conv_transpose2d(signal, conv.weight, None, conv.stride, padding, extra,
                               conv.groups, conv.dilation)
 
 
