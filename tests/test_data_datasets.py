@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from canon.data import BadImageWarning, DataConfig, build_datasets, build_loader
 from canon.data.cifar import CIFAR, download_and_verify, extract_tar, fetch_cifar, read_cifar
@@ -304,6 +304,25 @@ def _png(width: int, height: int, bit_depth: int, colour_type: int, rows: bytes)
     header = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
             + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_format_is_turned_upright_by_its_exif_orientation(orientation, tmp_path):
+    """torchvision turns JPEGs and PNGs, not WebPs; canon turns them all, PNG as the
+    reference (lossless, as the WebP here)."""
+    pixels = np.arange(5 * 7 * 3, dtype=np.uint8).reshape(5, 7, 3) * 2
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    decoded = {}
+    for suffix, options in ((".png", {}), (".webp", {"lossless": True})):
+        path = tmp_path / f"image{suffix}"
+        Image.fromarray(pixels).save(path, exif=exif.tobytes(), **options)
+        decoded[suffix] = decode_image_file(path)
+    assert decoded[".png"].shape[1:] == ((5, 7) if orientation < 5 else (7, 5))
+    assert torch.equal(decoded[".webp"], decoded[".png"])
+    with Image.open(tmp_path / "image.png") as image:
+        upright = np.array(ImageOps.exif_transpose(image).convert("RGB"))
+    assert torch.equal(decoded[".png"], torch.from_numpy(upright).permute(2, 0, 1))
 
 
 def test_16_bit_images_decode_to_8_bit(tmp_path):

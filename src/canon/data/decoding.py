@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_image
 
 from canon.data.config import MAX_IMAGE_PIXELS
@@ -35,10 +35,12 @@ def decode_image_file(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> t
     libpng, libwebp), the faster decoder (bench/bench_decode.py); PIL for what it rejects
     (e.g. CMYK/YCCK variants, BMP, TIFF). The format is sniffed from the bytes, so a PNG
     named .JPEG decodes as the PNG it is. 16-bit samples keep their high byte (as PIL does
-    for 16-bit RGB PNGs). A truncated file is an error, not a half-grey picture: that would be
-    corrupt training data. Damage inside the data of a complete JPEG is not caught: libjpeg
-    says "Corrupt JPEG data" on stderr (without the file's name) and returns the damaged
-    picture, as it does under torchvision's and PIL's own readers.
+    for 16-bit RGB PNGs). Every format is turned upright by its EXIF orientation (torchvision
+    does so for JPEG and PNG only, PIL's loaders for TIFF). A truncated file is an error, not
+    a half-grey picture: that would be corrupt training data. Damage inside the data of a
+    complete JPEG is not caught: libjpeg says "Corrupt JPEG data" on stderr (without the
+    file's name) and returns the damaged picture, as it does under torchvision's and PIL's own
+    readers.
     """
     path = Path(path)
     try:
@@ -55,7 +57,8 @@ def decode_image_bytes(data: bytes, name: str | Path, max_pixels: int = MAX_IMAG
     """An image file's bytes decoded as decode_image_file decodes the file (the same checks,
     decoders and fallbacks); errors name `name` (a file, a shard member)."""
     size = image_size(data)  # PNG, JPEG, WebP: from the bytes (~3 us; PIL's header ~60 us)
-    if size is not None:
+    # torchvision turns JPEGs and PNGs upright by their EXIF orientation, not WebPs: PIL does.
+    if size is not None and not _webp_with_exif(data):
         _check_pixels(size, max_pixels, name)
         tensor = _decode_with_torchvision(data)
         if tensor is not None:
@@ -194,9 +197,15 @@ def _decode_with_torchvision(data: bytes) -> torch.Tensor | None:
     return _high_byte(tensor) if tensor.dtype == torch.uint16 else tensor
 
 
+def _webp_with_exif(data: bytes) -> bool:
+    # An extended WebP (a VP8X chunk first) flags an EXIF chunk in its first flag byte.
+    return (data[8:16] == b"WEBPVP8X" and len(data) > 20 and bool(data[20] & 0x08))
+
+
 def _decode_with_pil(image: Image.Image, path: str | Path) -> torch.Tensor:
     try:
         image.load()  # raises on truncated data (LOAD_TRUNCATED_IMAGES stays False)
+        image = ImageOps.exif_transpose(image)  # upright, as torchvision's JPEGs and PNGs
         if image.mode.startswith("I"):  # 16-bit greyscale (I;16 TIFF, I PGM): convert clips
             grey = _high_byte(torch.from_numpy(np.asarray(image, dtype=np.int32)))
             return grey.expand(3, -1, -1).contiguous()
