@@ -288,11 +288,24 @@ def check_recipe(recipe: Recipe, *, model_given: bool, datasets_given: bool) -> 
         check_tensorboard()
 
 
+RECIPE_HEADER = "# the resolved recipe of this run: "  # then canon's version and commit
+
+
+def recorded_commit(run_dir: Path) -> str | None:
+    """The commit that last trained the run in `run_dir`, as its recipe.yaml names it."""
+    try:
+        first = (run_dir / "recipe.yaml").read_text().partition("\n")[0]
+    except OSError:
+        return None
+    commit = first.rpartition(", commit ")[2] if first.startswith(RECIPE_HEADER) else ""
+    return None if commit in ("", "None") else commit
+
+
 def open_run_dir(run: Run) -> None:
     """Rank 0, once it holds the run directory (canon.engine.rundir): the resolved recipe
     (with the commit), the events file, and a line stating the run's plan."""
     recipe, config, ctx = run.recipe, run.recipe.train, run.ctx
-    header = f"# the resolved recipe of this run: canon {canon.__version__}, commit {run.commit}\n"
+    header = f"{RECIPE_HEADER}canon {canon.__version__}, commit {run.commit}\n"
     (run.run_dir / "recipe.yaml").write_text(
         header + yaml.safe_dump(recipe.to_dict(), sort_keys=False)
     )

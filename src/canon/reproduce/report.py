@@ -80,9 +80,10 @@ def write_report(
         f"## The reference: {experiment.cites}", "",
         *(f"- {note}" for note in experiment.paper), "",
         "## Runs", "", *_markdown_table([_run_row(entry) for entry in runs]), "",
-        "Training s: metrics.csv's seconds summed (training only, every session of the run); "
+        "Epochs s: metrics.csv's seconds summed (training and each epoch's validation, every "
+        "session of the run); "
         "wall s: the run's training call in this command, validation and set-up included.", "",
-        "## Environment", "", *_environment_lines(env, wall_seconds), "",
+        "## This command's environment", "", *_environment_lines(env, wall_seconds), "",
     ]
     path = folder / "README.md"
     atomic_write(path, lambda target: target.write_text("\n".join(lines)))
@@ -100,21 +101,24 @@ def _run_entry(record: RunRecord) -> dict[str, Any]:
     return {"run": record.run.name, "recipe": record.run.recipe.name, "seed": record.run.seed,
             "run_dir": str(record.run.run_dir), "status": record.status,
             "wall_seconds": record.wall_seconds, "epochs": record.epochs,
-            "train_seconds": record.train_seconds, "train_error": record.train_error,
+            "epoch_seconds": record.epoch_seconds, "commit": record.commit,
+            "train_error": record.train_error,
             "test_error": record.test_error}
 
 
 def _run_row(entry: dict[str, Any]) -> dict[str, Any]:
     return {"run": entry["run"], "seed": entry["seed"], "this command": entry["status"],
-            "epochs": entry["epochs"], "training s": entry["train_seconds"],
-            "wall s": entry["wall_seconds"]}
+            "epochs": entry["epochs"], "epochs s": entry["epoch_seconds"],
+            "wall s": entry["wall_seconds"], "trained at": (entry["commit"] or "unknown")[:10]}
 
 
 def _environment_lines(env: dict[str, Any], wall_seconds: float) -> list[str]:
     return [
         f"- hardware: {env['platform']}; CPU {env['cpu']} ({env['cpu_cores']} cores, "
         f"{env['torch_threads']} torch threads); GPU {env['gpu'] or 'none used'}; "
-        f"trained on {env['device']}",
+        f"device {env['device']}",
+        "- runs 'finished before' or 'resumed' were trained, wholly or in part, by earlier "
+        "commands, perhaps elsewhere: 'trained at' names the commit that last trained each",
         f"- software: torch {env['torch']}, Python {env['python']}, canon {env['canon']}, "
         f"commit {env['commit'] or 'unknown (not a git checkout)'}",
         f"- date: {env['date']}; this command took {wall_seconds:.0f} s",

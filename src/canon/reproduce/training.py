@@ -20,6 +20,7 @@ from canon.data.labeled import ImageSubset
 from canon.data.loaders import Datasets, build_datasets
 from canon.engine.checkpoint import EXPORT_CONFIG, EXPORT_WEIGHTS, resumable_checkpoints
 from canon.engine.schedules import scale_iteration_counts
+from canon.engine.setup import recorded_commit
 from canon.engine.trainer import train
 from canon.errors import ConfigError
 from canon.recipes import Recipe, load_recipe, parse_yaml
@@ -48,7 +49,9 @@ class RunRecord:
     status: str  # "trained", "resumed" or "finished before"
     wall_seconds: float | None  # of this call's training; None when it had nothing to do
     epochs: int
-    train_seconds: float  # metrics.csv's seconds summed: training only, every session
+    epoch_seconds: float  # metrics.csv's seconds summed: training and each epoch's
+    # validation, every session
+    commit: str | None  # the commit that last trained it (its recipe.yaml's header)
     train_error: float  # final epoch's top-1 training error (%), over its augmented batches
     test_error: float  # the final model's top-1 test error (%)
 
@@ -173,5 +176,5 @@ def _record(run: PlannedRun, status: str, wall_seconds: float | None) -> RunReco
     columns = read_metrics(metrics_file(run.run_dir),
                            ["epoch", "train_top1_error", "val_top1_error", "seconds"])
     return RunRecord(run, status, wall_seconds, int(columns["epoch"][-1]),
-                     sum(columns["seconds"]), columns["train_top1_error"][-1],
-                     columns["val_top1_error"][-1])
+                     sum(columns["seconds"]), recorded_commit(run.run_dir),
+                     columns["train_top1_error"][-1], columns["val_top1_error"][-1])
