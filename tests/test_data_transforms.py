@@ -10,7 +10,7 @@ import torch
 from canon.data import DataConfig
 from canon.data.datasets import load_sample
 from canon.data.folders import FolderImages
-from canon.data.geometry import crop_box, resize_image
+from canon.data.geometry import crop_box, cut, overlap, resize_image
 from canon.data.normalize import Normalize, ToFloat, make_normalize
 from canon.data.preprocess import EvalPreprocess, center_transform, eval_preprocess
 from canon.data.stats import compute_stats, imagenet_pca
@@ -86,6 +86,24 @@ def test_cifar_crop_pads_four_zero_pixels(sample):
         zeros = (out == 0).all(0)
         assert zeros.sum() == 32 * 32 - (32 - abs(top - 4)) * (32 - abs(left - 4))
     assert {s for s, _ in shifts} == set(range(9))
+
+
+def test_padding_wider_than_the_crop_still_gives_crops_of_the_padded_image():
+    """Windows partly or wholly in the padding: every one equals the same window of the
+    zero-padded image, as the batched path cuts it."""
+    image = torch.arange(1, 1 + 3 * 6 * 5, dtype=torch.float32).view(3, 6, 5)
+    padded = torch.nn.functional.pad(image, [10] * 4)
+    for top in range(-10, 6 + 10 - 4 + 1):
+        for left in range(-10, 5 + 10 - 4 + 1):
+            inside, pads = overlap(top, left, 4, 6, 5)
+            window = torch.nn.functional.pad(cut(image, inside), pads)
+            assert torch.equal(window, crop_box(padded, top + 10, left + 10, 4)), (top, left)
+    config = DataConfig(augmentation="cifar", crop_size=8, resize_size=8, padding=10,
+                        mean="imagenet")
+    transform = training_transform(config, None)
+    torch.manual_seed(0)
+    pixels = torch.randint(0, 256, (3, 8, 8), dtype=torch.uint8)
+    assert {tuple(transform(pixels).shape) for _ in range(200)} == {(3, 8, 8)}
 
 
 def test_center_crop_position(photos):

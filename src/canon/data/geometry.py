@@ -111,11 +111,20 @@ def overlap(
 ) -> tuple[tuple[int, int, int, int], list[int]]:
     """A size x size window at (top, left), which may overhang a height x width image: the
     part inside as (top, left, rows, columns), and the zero padding that completes it
-    ([left, right, top, bottom], F.pad's order)."""
-    inner_top, inner_left = max(top, 0), max(left, 0)
-    bottom, right = min(top + size, height), min(left + size, width)
-    inside = (inner_top, inner_left, bottom - inner_top, right - inner_left)
-    return inside, [inner_left - left, left + size - right, inner_top - top, top + size - bottom]
+    ([left, right, top, bottom], F.pad's order). A window wholly in the padding (padding
+    wider than the crop) has nothing inside and is all padding."""
+    rows_at, rows, pad_top = _overlap_1d(top, size, height)
+    columns_at, columns, pad_left = _overlap_1d(left, size, width)
+    inside = (rows_at, columns_at, rows, columns)
+    return inside, [pad_left, size - columns - pad_left, pad_top, size - rows - pad_top]
+
+
+def _overlap_1d(start: int, size: int, length: int) -> tuple[int, int, int]:
+    """Where [start, start + size) meets [0, length): (its first index inside, how many are
+    inside, how many come before it)."""
+    first = min(max(start, 0), length)
+    end = max(min(start + size, length), first)
+    return first, end - first, min(max(first - start, 0), size)
 
 
 def cut(image: torch.Tensor, inside: tuple[int, int, int, int]) -> torch.Tensor:
