@@ -177,8 +177,11 @@ def test_a_resumed_epoch_continues_the_same_stream(packed, workers, start):
                          shuffle_buffer=100)
     whole = stream(images, epoch=2)
     assert stream(images, epoch=2, start=start) == whole[start:]
-    with pytest.raises(ConfigError, match="multiple of batch_size"):
-        images.set_epoch(2, start + 1 if workers else len(images) + 1)
+    if workers:
+        with pytest.raises(ConfigError, match="not a multiple of batch_size"):
+            images.set_epoch(2, start + 1)
+    with pytest.raises(ConfigError, match=rf"beyond this rank's {len(images)} samples.*workers"):
+        images.set_epoch(2, len(images) + 16)
 
 
 def test_a_damaged_shard_is_named(packed, tmp_path):

@@ -132,10 +132,16 @@ class ShardImages(IterableDataset):
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """Read epoch `epoch` next, from sample `start` of this rank's stream on (the samples
         a run interrupted mid-epoch consumed: a whole number of batches with workers)."""
-        if not 0 <= start <= len(self) or (self.workers and start % self.batch_size):
+        if not 0 <= start <= len(self):
+            raise ConfigError(
+                f"ShardImages.set_epoch: start {start} is beyond this rank's {len(self)} "
+                "samples an epoch: resume with the world size and train.workers the run had "
+                "(they set how the shards are dealt)"
+            )
+        if self.workers and start % self.batch_size:
             raise ConfigError(
                 f"ShardImages.set_epoch: start {start} is not a multiple of batch_size "
-                f"{self.batch_size} in 0..{len(self)}"
+                f"{self.batch_size} (loader workers deal whole batches)"
             )
         self._position[0], self._position[1] = epoch, start
 
