@@ -211,14 +211,19 @@ def test_eval_help_lists_every_protocol_evaluate_accepts():
         assert protocol in help_text
 
 
-def test_bad_input_gets_a_one_line_error(tmp_path, capsys):
+def test_bad_input_gets_a_one_line_error(trained_run, tmp_path, capsys):
+    features = ["features", str(trained_run), "--data", "sample", "--out", str(tmp_path / "f")]
     cases = [
         (["train", "--recipe", "resnet5O"], "did you mean"),
         (["train", "--set", "train.epoch=3"], "valid keys"),
         (["train", "--recipe", "alexnet"], "pass --data /path/to/imagenet"),
         (["train", "--data", str(tmp_path / "missing")], "neither sample, cifar10"),
         (["eval", str(tmp_path)], "does not exist"),
+        (["eval", str(trained_run), "--device", "bogus"], "unknown device 'bogus'"),
+        ([*features, "--device", "meta"], "device 'meta' is not supported"),
     ]
+    if not torch.cuda.is_available():
+        cases.append((["eval", str(trained_run), "--device", "cuda"], "no CUDA device"))
     for argv, expected in cases:
         with pytest.raises(SystemExit) as exit_:
             main(argv)

@@ -47,24 +47,26 @@ def _env_int(name: str, default: int) -> int:
 
 
 def resolve_device(device: str) -> str:
-    """"auto" becomes "cuda" when a GPU is visible, else "cpu"; other names pass through."""
+    """"auto" becomes "cuda" when a GPU is visible, else "cpu"; a CPU or CUDA device name
+    passes through. A name torch does not know, another device type, or CUDA where none is
+    visible is a ConfigError."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def _pick_device(device: str, local_rank: int, world_size: int) -> torch.device:
-    device = resolve_device(device)
     try:
         chosen = torch.device(device)
     except RuntimeError:
         raise ConfigError(f"unknown device {device!r}; use auto, cpu or cuda") from None
     if chosen.type not in ("cpu", "cuda"):
         raise ConfigError(f"device {device!r} is not supported; use auto, cpu or cuda")
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device} asks for CUDA, but no CUDA device is visible")
+    return device
+
+
+def _pick_device(device: str, local_rank: int, world_size: int) -> torch.device:
+    chosen = torch.device(resolve_device(device))
     if chosen.type == "cpu":
         return chosen
-    if not torch.cuda.is_available():
-        raise ConfigError(f"--device {device} asks for CUDA, but no CUDA device is visible")
     if chosen.index is not None:
         if world_size > 1:
             raise ConfigError(
