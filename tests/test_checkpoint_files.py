@@ -19,7 +19,7 @@ import safetensors.torch
 import torch
 
 from canon.engine import checkpoint as ckpt
-from canon.engine.rundir import claim_run_dir
+from canon.engine.rundir import RECIPE_HEADER, claim_run_dir
 from canon.engine.trained import load_trained
 from canon.errors import DataError
 from canon.files import atomic_write, sweep_partial_writes
@@ -58,7 +58,7 @@ def write_run(run_dir: Path) -> dict:
             "data": state["recipe"]["data"]}
     ckpt.export_model(run_dir, model, state["normalization"], info)
     (run_dir / "metrics.csv").write_text("epoch,val_top1_error\n1,80.0\n2,70.0\n")
-    (run_dir / "recipe.yaml").write_text("name: quickstart\n")
+    (run_dir / "recipe.yaml").write_text(f"{RECIPE_HEADER}canon 0.1.0, commit None\nname: x\n")
     (run_dir / "tensorboard").mkdir()
     (run_dir / "tensorboard" / "events.out.tfevents.1").write_bytes(b"events")
     (run_dir / "eval-center.json").write_text("{}")
@@ -444,11 +444,18 @@ def test_new_runs_start_in_empty_unrelated_or_result_less_directories(tmp_path):
     # A run that stopped before its first checkpoint: nothing to resume, so it is replaced.
     stopped = tmp_path / "stopped"
     (stopped / "tensorboard").mkdir(parents=True)
-    (stopped / "recipe.yaml").write_text("name: quickstart\n")
+    (stopped / "recipe.yaml").write_text(f"{RECIPE_HEADER}canon 0.1.0, commit None\nname: x\n")
     killed = kill_mid_write(ckpt.epoch_checkpoint(stopped, 1))
     with claim_run_dir(stopped, resume=False):
         assert sorted(p.name for p in stopped.iterdir()) == [".lock"]
     assert not killed.exists()
+    # A recipe.yaml no run wrote is the user's: kept, even under --overwrite.
+    (mine / "recipe.yaml").write_text("# my experiment\nbase: quickstart\n")
+    for overwrite in (False, True):
+        with (pytest.raises(DataError, match=r"recipe\.yaml is not a recipe a run wrote"),
+              claim_run_dir(mine, resume=False, overwrite=overwrite)):
+            pass
+    assert (mine / "recipe.yaml").read_text() == "# my experiment\nbase: quickstart\n"
 
 
 def test_the_lock_is_freed_when_the_block_fails(tmp_path):
@@ -462,7 +469,7 @@ def test_the_lock_is_freed_when_the_block_fails(tmp_path):
 HOLD_RUN_DIR = """
 import sys, time
 from pathlib import Path
-from canon.engine.rundir import claim_run_dir
+from canon.engine.rundir import RECIPE_HEADER, claim_run_dir
 from canon.errors import DataError
 
 try:

@@ -46,6 +46,19 @@ _RESULTS = ("metrics.csv", EXPORT_WEIGHTS, EXPORT_CONFIG)
 _EXPORTS = (EXPORT_WEIGHTS, EXPORT_NORMALIZATION, EXPORT_CONFIG)  # the files written atomically
 
 
+RECIPE_HEADER = "# the resolved recipe of this run: "  # then canon's version and commit
+
+
+def recorded_commit(run_dir: Path) -> str | None:
+    """The commit that last trained the run in `run_dir`, as its recipe.yaml names it."""
+    try:
+        first = (run_dir / "recipe.yaml").read_text().partition("\n")[0]
+    except OSError:
+        return None
+    commit = first.rpartition(", commit ")[2] if first.startswith(RECIPE_HEADER) else ""
+    return None if commit in ("", "None") else commit
+
+
 RUNS_ROOT = Path("runs")  # where `canon train` puts run directories by default
 
 
@@ -168,11 +181,25 @@ def _clear_earlier_run(run_dir: Path, overwrite: bool) -> None:
             f"{run_dir} already holds a run; continue it with --resume {run_dir}, or pass "
             "--overwrite to replace it, or pick another --output-dir"
         )
+    recipe = run_dir / "recipe.yaml"
+    if recipe.is_file() and not _written_by_a_run(recipe):  # the user's own, not a run's copy
+        raise DataError(
+            f"{recipe} is not a recipe a run wrote (its first line would say so), and a run "
+            "writes its resolved recipe there: move it, or pick another --output-dir"
+        )
     for path in [*(run_dir / name for name in RUN_FILES), *run_dir.glob("eval-*.json")]:
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         else:
             path.unlink(missing_ok=True)
+
+
+def _written_by_a_run(recipe: Path) -> bool:
+    try:
+        with recipe.open("rb") as file:
+            return file.read(len(RECIPE_HEADER)) == RECIPE_HEADER.encode()
+    except OSError:
+        return False
 
 
 def _has_results(run_dir: Path) -> bool:

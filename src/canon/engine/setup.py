@@ -34,6 +34,7 @@ from canon.engine.initialize import InitReport, initialize_from
 from canon.engine.logs import check_tensorboard, event_writer
 from canon.engine.model_parallel import parallelize
 from canon.engine.precision import Precision
+from canon.engine.rundir import RECIPE_HEADER
 from canon.engine.schedules import (
     LearningRateSchedule,
     linear_scaled_lr,
@@ -286,19 +287,6 @@ def check_recipe(recipe: Recipe, *, model_given: bool, datasets_given: bool) -> 
         )
     if recipe.train.tensorboard:
         check_tensorboard()
-
-
-RECIPE_HEADER = "# the resolved recipe of this run: "  # then canon's version and commit
-
-
-def recorded_commit(run_dir: Path) -> str | None:
-    """The commit that last trained the run in `run_dir`, as its recipe.yaml names it."""
-    try:
-        first = (run_dir / "recipe.yaml").read_text().partition("\n")[0]
-    except OSError:
-        return None
-    commit = first.rpartition(", commit ")[2] if first.startswith(RECIPE_HEADER) else ""
-    return None if commit in ("", "None") else commit
 
 
 def open_run_dir(run: Run) -> None:

@@ -19,8 +19,8 @@ import torch
 from canon.data.labeled import ImageSubset
 from canon.data.loaders import Datasets, build_datasets
 from canon.engine.checkpoint import EXPORT_CONFIG, EXPORT_WEIGHTS, resumable_checkpoints
+from canon.engine.rundir import recorded_commit
 from canon.engine.schedules import scale_iteration_counts
-from canon.engine.setup import recorded_commit
 from canon.engine.trainer import train
 from canon.errors import ConfigError
 from canon.recipes import Recipe, load_recipe, parse_yaml
