@@ -224,11 +224,23 @@ def test_bad_input_gets_a_one_line_error(trained_run, tmp_path, capsys):
     ]
     if not torch.cuda.is_available():
         cases.append((["eval", str(trained_run), "--device", "cuda"], "no CUDA device"))
+    # outputs that would replace a run's weights or a user's file, or cannot be written
+    weights = trained_run / "model.safetensors"
+    (tmp_path / "afile").write_text("mine")
+    cases += [
+        (["eval", str(trained_run), "--output", str(weights)], "is not an evaluation's JSON"),
+        ([*features[:-1], str(weights)], "is not a features file"),
+        (["eval", str(trained_run), "--output", str(tmp_path)], "is a folder"),
+        (["eval", str(trained_run), "--output", str(tmp_path / "afile" / "x.json")],
+         "afile is a file, not a folder"),
+    ]
+    before = weights.read_bytes()
     for argv, expected in cases:
         with pytest.raises(SystemExit) as exit_:
             main(argv)
         assert exit_.value.code == 2
         assert expected in capsys.readouterr().err, argv
+    assert weights.read_bytes() == before and (tmp_path / "afile").read_text() == "mine"
 
 
 @pytest.fixture(scope="module")

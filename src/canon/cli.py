@@ -16,6 +16,7 @@ from pathlib import Path
 from canon.bench.commands import add_bench_parser
 from canon.data.pack_command import add_pack_parser
 from canon.errors import CanonError
+from canon.files import check_output_file
 from canon.reproduce.commands import add_reproduce_parser
 from canon.visualize.commands import add_visualize_parser
 
@@ -268,6 +269,27 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     _strict_argument(parser)
 
 
+def _is_eval_json(path: Path) -> bool:
+    import json
+
+    try:
+        written = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(written, dict) and {"protocol", "top1_error"} <= written.keys()
+
+
+def _is_features_file(path: Path) -> bool:
+    from canon.errors import DataError
+    from canon.transfer.features import Features
+
+    try:
+        Features.load(path)
+    except DataError:
+        return False
+    return True
+
+
 @_verb("eval", "top-1/top-5 error of trained models (or their ensemble) under a test protocol",
        _eval_arguments)
 def _run_eval(args: argparse.Namespace) -> None:
@@ -278,6 +300,8 @@ def _run_eval(args: argparse.Namespace) -> None:
     from canon.evaluation.ensemble import evaluate_ensemble
     from canon.evaluation.report import class_report, write_class_errors, write_confusion_png
 
+    if args.output is not None:
+        check_output_file(args.output, "--output", "an evaluation's JSON", _is_eval_json)
     trained = [load_trained(source) for source in args.sources]
     options = {"batch_size": args.batch_size, "workers": args.workers, "strict": args.strict,
                "progress": True, "keep_probabilities": args.per_class}
@@ -436,6 +460,7 @@ def _run_features(args: argparse.Namespace) -> None:
     from canon.engine.trained import load_trained
     from canon.transfer.features import extract_features
 
+    check_output_file(args.out, "--out", "a features file", _is_features_file)
     trained = load_trained(args.source)
     trained.model.to(resolve_device(args.device))
     # The evaluation split is labelled by the training split's classes, as a probe fitted on

@@ -47,6 +47,21 @@ def atomic_write(
         raise
 
 
+def check_output_file(path: Path, option: str, kind: str, is_kind: Callable[[Path], bool]
+                      ) -> None:
+    """Before any work: `path` (given as `option`) can take the output, replacing only an
+    earlier output of the same `kind` (`is_kind` tells); a folder there or in place of its
+    parent, or another file (a run's weights, the user's), is a DataError naming it."""
+    if path.is_dir():
+        raise DataError(f"{option} {path} is a folder; name a file in it")
+    if path.exists() and not is_kind(path):
+        raise DataError(f"{option} {path} exists and is not {kind}: choose another {option} "
+                        "(canon replaces only its own output)")
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise DataError(f"{option} {path}: {parent} is a file, not a folder")
+
+
 def make_folder(folder: Path, *, advice: str = "choose a writable folder") -> None:
     """mkdir -p `folder`; DataError naming it, the reason and `advice` when it cannot be."""
     try:
