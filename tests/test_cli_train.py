@@ -95,7 +95,7 @@ def test_predict_prints_top5_class_names_with_probabilities(trained_run, tmp_pat
     with pytest.raises(SystemExit) as exit_:
         main(["predict", str(trained_run), str(paths[0]), "--batch-size", "0"])
     assert exit_.value.code == 2
-    assert "--batch-size must be at least 1, got 0" in capsys.readouterr().err
+    assert "argument --batch-size: must be at least 1, got 0" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:  # a second model's path mistyped
         main(["predict", str(trained_run), str(tmp_path / "runz"), str(paths[0])])
     assert exit_.value.code == 2 and f"no such file: {tmp_path / 'runz'}" in capsys.readouterr().err
@@ -233,6 +233,13 @@ def test_bad_input_gets_a_one_line_error(trained_run, tmp_path, capsys):
         (["eval", str(trained_run), "--output", str(tmp_path)], "is a folder"),
         (["eval", str(trained_run), "--output", str(tmp_path / "afile" / "x.json")],
          "afile is a file, not a folder"),
+    ]
+    cases += [  # numbers argparse checks, before any work
+        (["eval", str(trained_run), "--workers", "-1"], "--workers: must be at least 0"),
+        ([*features, "--batch-size", "0"], "--batch-size: must be at least 1"),
+        (["transfer", str(trained_run), "--data", "sample", "--workers", "-2"],
+         "--workers: must be at least 0"),
+        (["predict", str(trained_run), str(weights), "--top", "0"], "--top: must be at least 1"),
     ]
     before = weights.read_bytes()
     for argv, expected in cases:

@@ -18,6 +18,7 @@ from canon.data.pack_command import add_pack_parser
 from canon.errors import CanonError
 from canon.files import check_output_file
 from canon.reproduce.commands import add_reproduce_parser
+from canon.visualize.arguments import non_negative_int, positive_int
 from canon.visualize.commands import add_visualize_parser
 
 VERBS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable]] = {}
@@ -79,7 +80,7 @@ def _stats_arguments(parser: argparse.ArgumentParser) -> None:
         help="side of the mean image (use the recipe's data.resize_size); "
         "default: 32 for CIFAR and the sample, 256 for folders",
     )
-    parser.add_argument("--workers", type=int, default=0, help="decoding processes")
+    parser.add_argument("--workers", type=non_negative_int, default=0, help="decoding processes")
     parser.add_argument("--cache", type=Path, help="cache folder (default: ~/.cache/canon)")
     parser.add_argument("--refresh", action="store_true", help="recompute even if cached")
     parser.add_argument(
@@ -256,11 +257,11 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--per-class", action="store_true",
                         help="also write each class's error (CSV) and the confusion matrix (PNG)")
-    parser.add_argument("--batch-size", type=int, default=64,
+    parser.add_argument("--batch-size", type=positive_int, default=64,
                         help="the most views (crops, reflections, scales) a forward pass "
                         "takes: images are loaded BATCH_SIZE // views per image at a time")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
-    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--workers", type=non_negative_int, default=0)
     parser.add_argument(
         "--output", type=Path, metavar="JSON",
         help="where to write the result; default: eval-PROTOCOL.json beside the model, or "
@@ -341,8 +342,8 @@ def _predict_arguments(parser: argparse.ArgumentParser) -> None:
         "paths", nargs="+", metavar="SOURCE... IMAGE...",
         help="one or more models (" + SOURCE_HELP + "; several: their ensemble), then images",
     )
-    parser.add_argument("--top", type=int, default=5, help="classes to show per image")
-    parser.add_argument("--batch-size", type=int, default=64,
+    parser.add_argument("--top", type=positive_int, default=5, help="classes to show per image")
+    parser.add_argument("--batch-size", type=positive_int, default=64,
                         help="images decoded and scored at a time (results print as each is done)")
     _strict_argument(parser)
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
@@ -371,8 +372,6 @@ def _run_predict(args: argparse.Namespace) -> None:
     if not sources or not images:
         raise ConfigError("usage: canon predict SOURCE [SOURCE...] IMAGE [IMAGE...]: models "
                           "(run directories, .pt, .safetensors, torchvision:NAME) first")
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
     missing = [path for path in images if not Path(path).exists()]
     if missing:  # a mistyped model path would otherwise be skipped as an image
         raise ConfigError(f"no such file: {', '.join(missing)} (models first: run directories, "
@@ -419,10 +418,10 @@ def _transfer_arguments(parser: argparse.ArgumentParser) -> None:
         help="finetune: override a recipe value, e.g. --set train.epochs=30 or "
         "--set model.frozen_stages=2",
     )
-    parser.add_argument("--batch-size", type=int,
+    parser.add_argument("--batch-size", type=positive_int,
                         help="linear-probe: feature batch (default 64); finetune: "
                         "train.batch_size")
-    parser.add_argument("--workers", type=int,
+    parser.add_argument("--workers", type=non_negative_int,
                         help="decoding processes (linear-probe default 0; finetune: "
                         "train.workers)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
@@ -447,8 +446,8 @@ def _features_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="dataset name or folder")
     parser.add_argument("--split", default="train", choices=("train", "val"))
     parser.add_argument("--out", required=True, type=Path, metavar="FILE.safetensors")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--batch-size", type=positive_int, default=64)
+    parser.add_argument("--workers", type=non_negative_int, default=0)
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
 
 
