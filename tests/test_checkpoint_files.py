@@ -289,6 +289,9 @@ def test_every_unreadable_checkpoint_is_a_data_error_naming_it(tmp_path):
     torch.save([1, 2, 3], path)
     with pytest.raises(DataError, match="not a canon training checkpoint"):
         ckpt.load_checkpoint(path)
+    path.write_text("epoch,val_top1_error\n1,80.0\n")  # another file of the run, named
+    with pytest.raises(DataError, match=r"epoch-001\.pt is not a checkpoint"):
+        ckpt.load_checkpoint(path)
 
 
 def test_resume_passes_over_unreadable_checkpoints_to_the_last_good_one(tmp_path):

@@ -95,6 +95,16 @@ def _unreadable_checkpoint(path: Path, error: Exception) -> DataError:
             f"{path} holds objects other than tensors and plain values ({disallowed[1]}), so "
             "canon will not unpickle it (weights_only=True)"
         )
+    try:
+        with open(path, "rb") as file:
+            head = file.read(4)
+    except OSError:
+        head = b""
+    if head and head != b"PK\x03\x04":  # torch.save writes a zip archive
+        return DataError(
+            f"{path} is not a checkpoint (torch.save's zip archive): pass a run directory, a "
+            "checkpoint .pt or a model.safetensors"
+        )
     return unreadable_file(path, error)
 
 
