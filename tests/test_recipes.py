@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from canon.data.views import parse_protocol
-from canon.errors import ConfigError
+from canon.errors import ConfigError, DataError
 from canon.models.factory import list_models
 from canon.recipes import RECIPE_DIR, apply_overrides, list_recipes, load_recipe
 from canon.recipes.schema import Recipe, valid_keys
@@ -82,6 +82,22 @@ def test_unknown_top_level_section_lists_the_sections(tmp_path):
     path.write_text("name: typo\nmodel: {name: resnet20}\ntrainer: {epochs: 3}\n")
     with pytest.raises(ConfigError, match=r"typo.yaml.*trainer.*valid keys in recipe: name"):
         load_recipe(path)
+
+
+def test_unreadable_recipe_files_are_named(tmp_path):
+    """Not YAML, not UTF-8, a folder: one error naming the file, not a traceback."""
+    cases = {"broken.yaml": (b"name: [unclosed\n", ConfigError, "not valid YAML"),
+             "latin1.yaml": ("# caf\u00e9\nname: x\n".encode("latin-1"), ConfigError,
+                             "not UTF-8 text"),
+             "folder.yaml": (None, DataError, "is a folder")}
+    for name, (content, kind, message) in cases.items():
+        path = tmp_path / name
+        if content is None:
+            path.mkdir()
+        else:
+            path.write_bytes(content)
+        with pytest.raises(kind, match=message):
+            load_recipe(path)
 
 
 def test_wrong_types_and_values_are_named(tmp_path):

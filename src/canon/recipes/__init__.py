@@ -47,9 +47,16 @@ __all__ = [
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        values = parse_yaml(path.read_text())
+        values = parse_yaml(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise DataError(f"recipe file {path} does not exist") from None
+    except IsADirectoryError:
+        raise DataError(f"recipe file {path} is a folder; name a .yaml file") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); "
+                          "save the recipe as UTF-8") from None
+    except OSError as error:
+        raise DataError(f"recipe file {path}: cannot read it ({error.strerror})") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{path.name}: not valid YAML: {error}") from None
     if not isinstance(values, dict):
@@ -187,7 +194,7 @@ def _comments(path: Path) -> dict[tuple[str | None, str], str]:
     ("" for a key the file sets without a comment)."""
     comments: dict[tuple[str | None, str], str] = {}
     section, last = None, None
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8").splitlines():
         code, _, comment = line.partition("#")
         comment = comment.strip()
         if not code.strip():
