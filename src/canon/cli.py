@@ -397,6 +397,9 @@ def _run_predict(args: argparse.Namespace) -> None:
             for name, probability in ranking:
                 print(f"  {probability:7.2%}  {name}")
     _report_skipped(skipped)
+    if skipped == len(images):  # nothing predicted: a script must not read success
+        raise DataError(f"none of the {len(images)} image file(s) could be decoded (see the "
+                        "warnings)")
 
 
 def _transfer_arguments(parser: argparse.ArgumentParser) -> None:
