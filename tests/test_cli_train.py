@@ -92,7 +92,7 @@ def test_predict_prints_top5_class_names_with_probabilities(trained_run, tmp_pat
     with pytest.raises(SystemExit) as exit_:
         main(["predict", str(trained_run), str(cut), "--device", "cpu", "--strict"])
     assert exit_.value.code == 2 and "cut.png" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exit_:  # nothing decodable: no success to report
+    with pytest.raises(SystemExit) as exit_, pytest.warns(BadImageWarning):  # none decoded
         main(["predict", str(trained_run), str(cut), "--device", "cpu"])
     assert exit_.value.code == 2 and "none of the 1 image file(s)" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:
