@@ -178,8 +178,8 @@ def claim_run_dir(run_dir: Path, *, resume: bool, overwrite: bool = False) -> It
 def _clear_earlier_run(run_dir: Path, overwrite: bool) -> None:
     if _has_results(run_dir) and not overwrite:
         raise DataError(
-            f"{run_dir} already holds a run; continue it with --resume {run_dir}, or pass "
-            "--overwrite to replace it, or pick another --output-dir"
+            f"{run_dir} already holds a run; pass --overwrite to replace it, or pick another "
+            f"--output-dir (a training run continues with canon train --resume {run_dir})"
         )
     recipe = run_dir / "recipe.yaml"
     if recipe.is_file() and not _written_by_a_run(recipe):  # the user's own, not a run's copy
