@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from canon.data.datasets import open_dataset
 from canon.data.folders import BadImageWarning, open_image_folder
 from canon.data.loaders import collate
 from canon.data.pack_command import add_pack_parser, parse_size
@@ -191,6 +192,9 @@ def test_a_damaged_shard_is_named(packed, tmp_path):
     shard.write_bytes(shard.read_bytes()[:100_000])
     with pytest.raises(DataError, match=r"train-000002.tar.*cut short"):
         list(ShardImages(copy, "train", shuffle=False))
+    (copy / "index.json").write_bytes(b"\x00" * 64)  # its index overwritten
+    with pytest.raises(DataError, match=r"index\.json: not valid JSON.*re-run canon pack"):
+        open_dataset(str(copy))
 
 
 @pytest.fixture

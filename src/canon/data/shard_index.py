@@ -92,12 +92,14 @@ class PackIndex:
 
 def is_shard_folder(path: str | Path) -> bool:
     """Whether `path` is a folder of canon shards: its index.json names their format at the
-    start (an image folder may hold an index.json of its own)."""
+    start (an image folder may hold an index.json of its own), or an index.json beside tar
+    shards is damaged (read_index then says so)."""
     try:
         with (Path(path) / INDEX).open("rb") as index:
-            return FORMAT.encode() in index.read(4096)
+            head = index.read(4096)
     except OSError:
         return False
+    return FORMAT.encode() in head or any(Path(path).glob("*.tar"))
 
 
 def read_index(folder: str | Path) -> PackIndex:
