@@ -132,3 +132,21 @@ def test_loop_bench_times_canons_loop_and_the_plain_ones(capsys):
     with pytest.raises(SystemExit) as refused:
         main(["bench", "loop", "--recipe", "resnet20-cifar10"])
     assert refused.value.code == 2 and "trains on cifar10" in capsys.readouterr().err
+
+
+
+def test_bench_arguments_that_cannot_work_stop_before_timing(tmp_path, capsys):
+    from canon.cli import main
+
+    (tmp_path / "notes.txt").write_text("mine")
+    cases = [
+        (["loop", "--workers", "a,b"], "expected counts such as 0,2"),
+        (["loop", "--workers", "0,-1"], "counts must be at least 0"),
+        (["train", "--model", "resnet18", "--json", str(tmp_path)], "is a folder"),
+        (["loop", "--json", str(tmp_path / "notes.txt")], "exists and is not a JSON file"),
+    ]
+    for argv, expected in cases:
+        with pytest.raises(SystemExit) as refused:
+            main(["bench", *argv])
+        assert refused.value.code == 2 and expected in capsys.readouterr().err, argv
+    assert (tmp_path / "notes.txt").read_text() == "mine"

@@ -12,6 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from canon.bench import DEFAULT_RECIPE
+from canon.errors import ConfigError
+from canon.files import atomic_write, check_output_file
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -94,15 +96,30 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
         sub.set_defaults(run=run)
 
 
+def _check_json(path: Path | None) -> None:
+    """Before the benchmark runs: --json can take its figures."""
+    if path is not None:
+        check_output_file(path, "--json", "a JSON file", _is_json)
+
+
+def _is_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def _write_json(path: Path | None, figures: object) -> None:
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(figures, indent=2))
+        text = json.dumps(figures, indent=2)
+        atomic_write(path, lambda target: target.write_text(text))
         print(f"wrote {path}")
 
 
 def run_train(args: argparse.Namespace) -> None:
     """Time the training step of canon's model and torchvision's, and print the figures."""
+    _check_json(args.json)
     from canon.bench.train import bench_train, format_train
 
     bench = bench_train(
@@ -117,6 +134,7 @@ def run_train(args: argparse.Namespace) -> None:
 
 def run_data(args: argparse.Namespace) -> None:
     """Time canon's and torchvision's training pipelines, and print the table."""
+    _check_json(args.json)
     from canon.bench.data import bench_data, format_data, imagenet_recipes
 
     recipes = imagenet_recipes() if args.recipe == "all" else [args.recipe]
@@ -127,9 +145,15 @@ def run_data(args: argparse.Namespace) -> None:
 
 def run_loop(args: argparse.Namespace) -> None:
     """Time canon's training loop and the plain ones, and print the rates and the ratio."""
+    _check_json(args.json)
     from canon.bench.loop import bench_loop, format_loop
 
-    workers = tuple(int(count) for count in args.workers.split(","))
+    try:
+        workers = tuple(int(count) for count in args.workers.split(","))
+    except ValueError:
+        raise ConfigError(f"--workers {args.workers!r}: expected counts such as 0,2") from None
+    if any(count < 0 for count in workers):
+        raise ConfigError(f"--workers {args.workers!r}: counts must be at least 0")
     figures = bench_loop(args.recipe, args.device, args.repeats, workers, args.steps, args.set)
     print(format_loop(figures))
     _write_json(args.json, figures)
