@@ -142,6 +142,7 @@ def test_bench_arguments_that_cannot_work_stop_before_timing(tmp_path, capsys):
     cases = [
         (["loop", "--workers", "a,b"], "expected counts such as 0,2"),
         (["loop", "--workers", "0,-1"], "counts must be at least 0"),
+        (["loop", "--steps", "3"], "--steps 3: time at least 4 steps"),
         (["train", "--model", "resnet18", "--json", str(tmp_path)], "is a folder"),
         (["loop", "--json", str(tmp_path / "notes.txt")], "exists and is not a JSON file"),
     ]

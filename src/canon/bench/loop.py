@@ -136,6 +136,9 @@ def bench_loop(recipe_name: str = "quickstart", device: str = "cpu", repeats: in
     """canon's loop and the plain ones, alternating, `repeats` times each; medians, and the
     ratio of canon's to the fastest plain loop. `overrides` ("section.key=value") apply to
     the recipe both loops train."""
+    if steps is not None and steps <= WARMUP_STEPS:  # before any loop trains
+        raise ConfigError(f"--steps {steps}: time at least {WARMUP_STEPS + 1} steps (the first "
+                          f"{WARMUP_STEPS} of each loop are untimed)")
     recipe = load_recipe(recipe_name, list(overrides))
     if recipe.data.dataset != "sample":  # the plain loop reads the sample
         raise ConfigError(f"canon bench loop times recipes on the bundled sample; "
