@@ -309,10 +309,14 @@ def test_resume_passes_over_unreadable_checkpoints_to_the_last_good_one(tmp_path
     with pytest.warns(ckpt.CheckpointWarning, match="epoch-002.pt"):
         assert ckpt.load_for_resume(ckpt.epoch_checkpoint(tmp_path, 2))[0] == \
             ckpt.epoch_checkpoint(tmp_path, 1)
+    # the file named and nothing older: its own error, without "trying an older checkpoint"
     ckpt.epoch_checkpoint(tmp_path, 1).write_bytes(b"cut")
-    with pytest.raises(DataError, match="no readable checkpoint"), \
-            pytest.warns(ckpt.CheckpointWarning):
-        ckpt.load_for_resume(ckpt.epoch_checkpoint(tmp_path, 1))
+    for named, reason in ((ckpt.epoch_checkpoint(tmp_path, 1), ""),
+                          (tmp_path / "metrics.csv", " is not a checkpoint")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(DataError, match=rf"^{named}{reason}"):
+                ckpt.load_for_resume(named)
     # a user's copy beside them is not an epoch checkpoint (it crashed the listing)
     (tmp_path / "checkpoints" / "epoch-002-backup.pt").write_bytes(b"mine")
     assert [p.name for p in ckpt.resumable_checkpoints(tmp_path)] == [

@@ -201,14 +201,18 @@ def load_for_resume(path: str | Path) -> tuple[Path, dict[str, Any]]:
             "its first checkpoint was written; simply start it again, without --resume"
         )
     errors = []
-    for candidate in candidates:
+    for number, candidate in enumerate(candidates, 1):
         try:
             state = load_checkpoint(candidate)
             state[RESUMED_FROM] = str(candidate)
             return candidate, state
         except DataError as error:
+            if len(candidates) == 1:  # the one file named: its own error says it all
+                raise
             errors.append(str(error))
-            warnings.warn(f"{error}; trying an older checkpoint", CheckpointWarning, stacklevel=2)
+            if number < len(candidates):
+                warnings.warn(f"{error}; trying an older checkpoint", CheckpointWarning,
+                              stacklevel=2)
     raise DataError("no readable checkpoint: " + "; ".join(errors))
 
 
