@@ -174,6 +174,8 @@ def test_named_paddings_project_as_their_numbers() -> None:
     projections, _, _ = project(named, images, torch.tensor([1, 3]))
     assert projections.shape == images.shape and projections.abs().max() > 0
     assert torch.equal(projections, expected)
+    for row, column in ((0, 0), (3, 7), (11, 11)):
+        assert receptive_field(named, row, column) == receptive_field(numbered, row, column)
     for conv in (nn.Conv2d(3, 4, 2, padding="same"), nn.Conv2d(3, 4, 3, padding_mode="reflect")):
         with pytest.raises(ConfigError, match="Conv2d"):
             deconvnet_layers(nn.Sequential(OrderedDict(conv=conv)), "conv")

@@ -42,7 +42,7 @@ from canon.visualize.images import (
     side_by_side,
     upscale,
 )
-from canon.visualize.layers import Box, clip, find_layer, receptive_field
+from canon.visualize.layers import Box, clip, conv_padding, find_layer, receptive_field
 from canon.visualize.search import indexed_batches, open_split, top_activations
 
 PROJECTABLE = (nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.Dropout, LocalResponseNorm,
@@ -85,26 +85,12 @@ def _collect(model: nn.Module, module: nn.Module, names: dict[int, str], layer: 
         if any(_collect(model, child, names, layer, path) for child in module.children()):
             return True
     elif isinstance(module, PROJECTABLE) and (
-            not isinstance(module, nn.Conv2d) or _zero_padding(module) is not None):
+            not isinstance(module, nn.Conv2d) or conv_padding(module) is not None):
         path.append(module)
     else:
         raise _unsupported(f"{name} of {type(model).__name__} is {type(module).__name__}, "
                            "which it cannot invert")
     return name == layer
-
-
-def _zero_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
-    """The zeros `conv` pads each side with, per dimension (padding="valid" and "same"
-    included); None where its transpose has no such form: another padding mode, or "same"
-    padding one more on one side than on the other (an even kernel)."""
-    if conv.padding_mode != "zeros":
-        return None
-    if conv.padding == "valid":
-        return (0, 0)
-    if conv.padding != "same":
-        return conv.padding
-    totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
-    return None if any(t % 2 for t in totals) else (totals[0] // 2, totals[1] // 2)
 
 
 def _unsupported(reason: str) -> ConfigError:
@@ -149,7 +135,7 @@ def unpool(signal: torch.Tensor, switches: torch.Tensor, size: torch.Size) -> to
 def transposed_conv(conv: nn.Conv2d, signal: torch.Tensor, size: torch.Size) -> torch.Tensor:
     """`signal` through the transpose of `conv` (its filters, stride, padding, groups and
     dilation; no bias), with the output padding that gives the conv's input `size`."""
-    padding = _zero_padding(conv)
+    padding = conv_padding(conv)
     assert padding is not None, "_collect admits only convolutions padded with zeros evenly"
     extra = tuple(
         size[2 + i] - ((signal.shape[2 + i] - 1) * conv.stride[i] - 2 * padding[i]

@@ -51,6 +51,21 @@ def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else (value[0], value[1])
 
 
+def conv_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
+    """The zeros `conv` pads each side with, per dimension (padding="valid" and "same"
+    included); None where it has no such form, for the deconvnet's transpose and the
+    receptive field: another padding mode, or "same" padding one more on one side than on the
+    other (an even kernel)."""
+    if conv.padding_mode != "zeros":
+        return None
+    if conv.padding == "valid":
+        return (0, 0)
+    if conv.padding != "same":
+        return conv.padding
+    totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
+    return None if any(t % 2 for t in totals) else (totals[0] // 2, totals[1] // 2)
+
+
 def receptive_field(layers: list[nn.Module], row: int, column: int) -> Box:
     """The input pixels that position (row, column) of the last layer's map sees, from each
     convolution's and pool's kernel, stride, padding and dilation; it may reach outside the
@@ -59,7 +74,8 @@ def receptive_field(layers: list[nn.Module], row: int, column: int) -> Box:
     for layer in reversed(layers):
         if isinstance(layer, nn.Conv2d | nn.MaxPool2d):
             (k_y, k_x), (s_y, s_x) = _pair(layer.kernel_size), _pair(layer.stride)
-            (p_y, p_x), (d_y, d_x) = _pair(layer.padding), _pair(layer.dilation)
+            padding = conv_padding(layer) if isinstance(layer, nn.Conv2d) else layer.padding
+            (p_y, p_x), (d_y, d_x) = _pair(padding), _pair(layer.dilation)
             top, bottom = top * s_y - p_y, bottom * s_y - p_y + d_y * (k_y - 1)
             left, right = left * s_x - p_x, right * s_x - p_x + d_x * (k_x - 1)
     return top, left, bottom, right
