@@ -51,12 +51,20 @@ RECIPE_HEADER = "# the resolved recipe of this run: "  # then canon's version an
 
 def recorded_commit(run_dir: Path) -> str | None:
     """The commit that last trained the run in `run_dir`, as its recipe.yaml names it."""
+    header = _run_header(run_dir / "recipe.yaml")
+    commit = header.rpartition(", commit ")[2].rstrip() if header else ""
+    return None if commit in ("", "None") else commit
+
+
+def _run_header(recipe: Path) -> str | None:
+    """The first line of a recipe.yaml a run wrote (RECIPE_HEADER...); None for another
+    file, or none."""
     try:
-        first = (run_dir / "recipe.yaml").read_text().partition("\n")[0]
+        with recipe.open(encoding="utf-8", errors="replace") as file:
+            first = file.readline()
     except OSError:
         return None
-    commit = first.rpartition(", commit ")[2] if first.startswith(RECIPE_HEADER) else ""
-    return None if commit in ("", "None") else commit
+    return first if first.startswith(RECIPE_HEADER) else None
 
 
 RUNS_ROOT = Path("runs")  # where `canon train` puts run directories by default
@@ -182,7 +190,7 @@ def _clear_earlier_run(run_dir: Path, overwrite: bool) -> None:
             f"--output-dir (a training run continues with canon train --resume {run_dir})"
         )
     recipe = run_dir / "recipe.yaml"
-    if recipe.is_file() and not _written_by_a_run(recipe):  # the user's own, not a run's copy
+    if recipe.is_file() and _run_header(recipe) is None:  # the user's own, not a run's copy
         raise DataError(
             f"{recipe} is not a recipe a run wrote (its first line would say so), and a run "
             "writes its resolved recipe there: move it, or pick another --output-dir"
@@ -192,14 +200,6 @@ def _clear_earlier_run(run_dir: Path, overwrite: bool) -> None:
             shutil.rmtree(path)
         else:
             path.unlink(missing_ok=True)
-
-
-def _written_by_a_run(recipe: Path) -> bool:
-    try:
-        with recipe.open("rb") as file:
-            return file.read(len(RECIPE_HEADER)) == RECIPE_HEADER.encode()
-    except OSError:
-        return False
 
 
 def _has_results(run_dir: Path) -> bool:
