@@ -150,9 +150,16 @@ def init_distributed(device: str = "auto") -> DistributedContext:
     return DistributedContext(rank, local_rank, world_size, chosen, owns_process_group=joins)
 
 
-def shutdown_distributed(ctx: DistributedContext) -> None:
-    """Leave the process group if `init_distributed` joined it (a caller's group stays)."""
+def shutdown_distributed(ctx: DistributedContext, *, together: bool = True) -> None:
+    """Leave the process group if `init_distributed` joined it (a caller's group stays).
+
+    `together` (the ranks finished alike): all ranks first meet at a barrier, since a rank
+    tearing gloo down while its peer still talks aborts the peer ("terminate called without an
+    active exception", about 1 two-process launch in 4 on CPU). A rank leaving on an error does
+    not wait: its peers may be stuck in a collective it will never join."""
     if ctx.owns_process_group and dist.is_initialized():
+        if together:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -137,17 +137,21 @@ def train(
     check_recipe(recipe, model_given=model is not None, datasets_given=datasets is not None)
     ctx = dist.init_distributed(device)
     try:
-        return _train(
+        result = _train(
             recipe, Path(output_dir), ctx, resume, overwrite, model, datasets, progress, on_step
         )
     except torch.cuda.OutOfMemoryError:
+        dist.shutdown_distributed(ctx, together=False)
         raise ConfigError(
             f"out of GPU memory at --batch-size {recipe.train.batch_size} per device: lower "
             "--batch-size and raise --accum by the same factor to keep the global batch (and "
             "the learning rate) unchanged"
         ) from None
-    finally:
-        dist.shutdown_distributed(ctx)
+    except BaseException:
+        dist.shutdown_distributed(ctx, together=False)
+        raise
+    dist.shutdown_distributed(ctx)
+    return result
 
 
 def _train(
