@@ -473,6 +473,22 @@ def test_the_lock_is_freed_when_the_block_fails(tmp_path):
         pass
 
 
+def test_a_failed_run_removes_the_empty_directory_it_created_and_nothing_else(tmp_path):
+    created = tmp_path / "runs" / "transfer-linear-probe"
+    with pytest.raises(DataError, match="no images"), claim_run_dir(created, resume=False):
+        raise DataError("no images")
+    assert not created.exists() and (tmp_path / "runs").is_dir()
+    with pytest.raises(DataError), claim_run_dir(created, resume=False):
+        (created / "features").mkdir()  # it wrote something: kept, for the user to look at
+        raise DataError("no images")
+    assert sorted(p.name for p in created.iterdir()) == ["features"]
+    given = tmp_path / "given"
+    given.mkdir()
+    with pytest.raises(DataError), claim_run_dir(given, resume=False):
+        raise DataError("no images")
+    assert given.is_dir()  # the user made it
+
+
 HOLD_RUN_DIR = """
 import sys, time
 from pathlib import Path

@@ -172,15 +172,23 @@ def claim_run_dir(run_dir: Path, *, resume: bool, overwrite: bool = False) -> It
     checkpoint, metrics.csv, an export) with a DataError saying what to do; `overwrite` deletes
     that run's files (RUN_FILES and eval-*.json, nothing else) instead. The files of an earlier
     run that stopped before its first checkpoint are deleted without asking: there is nothing
-    in them to resume. Unrelated files stay.
+    in them to resume. Unrelated files stay. A directory this call created is removed again
+    when the block fails having written nothing there, so failed attempts leave no empty
+    runs/NAME-N behind.
     """
+    created = not run_dir.exists()
     make_folder(run_dir, advice=OUTPUT_DIR_ADVICE)
-    with _locked(run_dir):
-        if not resume:
-            _clear_earlier_run(run_dir, overwrite)
-        sweep_partial_writes(run_dir, targets=_EXPORTS)  # other files there may be the user's
-        sweep_partial_writes(run_dir / CHECKPOINT_DIR)
-        yield
+    try:
+        with _locked(run_dir):
+            if not resume:
+                _clear_earlier_run(run_dir, overwrite)
+            sweep_partial_writes(run_dir, targets=_EXPORTS)  # other files may be the user's
+            sweep_partial_writes(run_dir / CHECKPOINT_DIR)
+            yield
+    except BaseException:
+        if created and not any(run_dir.iterdir()):
+            run_dir.rmdir()
+        raise
 
 
 def _clear_earlier_run(run_dir: Path, overwrite: bool) -> None:
