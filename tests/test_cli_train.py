@@ -102,6 +102,25 @@ def test_predict_prints_top5_class_names_with_probabilities(trained_run, tmp_pat
     with pytest.raises(SystemExit) as exit_:  # a second model's path mistyped
         main(["predict", str(trained_run), str(tmp_path / "runz"), str(paths[0])])
     assert exit_.value.code == 2 and f"no such file: {tmp_path / 'runz'}" in capsys.readouterr().err
+    folder = tmp_path / "photos"  # a folder of images: its files, found recursively, by name
+    (folder / "nested").mkdir(parents=True)
+    for index, path in enumerate(paths):
+        (folder / ("nested" if index else "") / path.name).write_bytes(path.read_bytes())
+    (folder / "notes.txt").write_text("not an image")
+    main(["predict", str(trained_run), str(folder), "--device", "cpu"])
+    by_folder = capsys.readouterr().out.splitlines()
+    assert by_folder[0] == str(folder / paths[0].name)
+    assert by_folder[6] == str(folder / "nested" / paths[1].name)
+    assert by_folder[1:6] + by_folder[7:] == lines[1:6] + lines[7:]
+    for arguments, problem in (([str(folder)], "canon predict needs a model: models first"),
+                               ([str(trained_run)], "canon predict needs images: models first"),
+                               ([str(trained_run), str(folder / "nested" / "none")],
+                                "no such file"),
+                               ([str(trained_run), str(tmp_path / "runs")], "holds no image")):
+        (tmp_path / "runs").mkdir(exist_ok=True)
+        with pytest.raises(SystemExit) as exit_:
+            main(["predict", *arguments, "--device", "cpu"])
+        assert exit_.value.code == 2 and problem in capsys.readouterr().err
     probabilities = [float(line.split("%")[0]) for line in lines[1:6]]
     assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) <= 100.01
     assert all(line.split("%")[1].strip() in test_images.classes for line in lines[1:6])

@@ -340,7 +340,8 @@ def _run_eval(args: argparse.Namespace) -> None:
 def _predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "paths", nargs="+", metavar="SOURCE... IMAGE...",
-        help="one or more models (" + SOURCE_HELP + "; several: their ensemble), then images",
+        help="one or more models (" + SOURCE_HELP + "; several: their ensemble), then image "
+        "files or folders (searched recursively)",
     )
     parser.add_argument("--top", type=positive_int, default=5, help="classes to show per image")
     parser.add_argument("--batch-size", type=positive_int, default=64,
@@ -350,10 +351,29 @@ def _predict_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _is_source(path: str) -> bool:
+    """A model: torchvision:NAME, a .pt or .safetensors file, or a folder holding a run's
+    export or checkpoints (any other folder is one of images)."""
+    from canon.engine.checkpoint import CHECKPOINT_DIR, EXPORT_WEIGHTS
     from canon.engine.trained import TORCHVISION
 
-    return (path.startswith(TORCHVISION) or Path(path).is_dir()
-            or Path(path).suffix in (".pt", ".safetensors"))
+    if Path(path).is_dir():
+        return (Path(path) / EXPORT_WEIGHTS).is_file() or (Path(path) / CHECKPOINT_DIR).is_dir()
+    return path.startswith(TORCHVISION) or Path(path).suffix in (".pt", ".safetensors")
+
+
+def _image_files(path: str) -> list[str]:
+    """`path`, or the image files under it (by name, in sorted order) when it is a folder."""
+    from canon.data.folders import IMAGE_EXTENSIONS
+    from canon.errors import ConfigError
+
+    if not Path(path).is_dir():
+        return [path]
+    found = sorted(str(p) for p in Path(path).rglob("*")
+                   if p.name.lower().endswith(IMAGE_EXTENSIONS) and p.is_file())
+    if not found:
+        raise ConfigError(f"{path} holds no image files ({', '.join(IMAGE_EXTENSIONS)}) and is "
+                          "not a run directory (no model.safetensors or checkpoints/)")
+    return found
 
 
 @_verb("predict", "the most likely classes for image files (one model or an ensemble)",
@@ -370,12 +390,14 @@ def _run_predict(args: argparse.Namespace) -> None:
     count = next((i for i, p in enumerate(args.paths) if not _is_source(p)), len(args.paths))
     sources, images = args.paths[:count], args.paths[count:]
     if not sources or not images:
-        raise ConfigError("usage: canon predict SOURCE [SOURCE...] IMAGE [IMAGE...]: models "
-                          "(run directories, .pt, .safetensors, torchvision:NAME) first")
+        raise ConfigError(f"canon predict needs {'a model' if not sources else 'images'}: "
+                          "models first (run directories, .pt, .safetensors, torchvision:NAME), "
+                          "then image files or folders of them")
     missing = [path for path in images if not Path(path).exists()]
     if missing:  # a mistyped model path would otherwise be skipped as an image
         raise ConfigError(f"no such file: {', '.join(missing)} (models first: run directories, "
                           ".pt, .safetensors, torchvision:NAME; then image files)")
+    images = [file for path in images for file in _image_files(path)]
     trained = [load_trained(source) for source in sources]
     for model in trained:
         model.model.to(resolve_device(args.device))
