@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -166,6 +168,16 @@ def test_test_scales_are_refused_where_ignored_or_too_small():
     assert ProtocolViews(parse_protocol("multi-scale+dense"), preprocess, scales=(24,)).scales == (
         24,)
     assert ProtocolViews(parse_protocol("multi-crop"), preprocess).scales == (32, 40, 48)
+    # The preprocessing's own scales are checked as well, and there must be some.
+    small = dataclasses.replace(preprocess, scales=(24, 40))
+    with pytest.raises(ConfigError, match=r"scales \(24, 40\) \(the recipe's data.test_scales\)"
+                       r": a shorter side under the crop size 32 has no multi-crop crops"):
+        ProtocolViews(parse_protocol("multi-crop"), small)
+    assert ProtocolViews(parse_protocol("multi-scale+dense"), small).scales == (24, 40)
+    for name in ("multi-scale+center", "multi-crop", "multi-crop+dense"):
+        with pytest.raises(ConfigError, match=re.escape(f"{name} needs test scales")):
+            ProtocolViews(parse_protocol(name), dataclasses.replace(preprocess, scales=()))
+    assert ProtocolViews(parse_protocol("ten-crop"), small).scales == (40,)  # resize_size
 
 
 def test_protocol_names():
@@ -476,3 +488,17 @@ def test_evaluate_keeps_the_probabilities_in_dataset_order(sample_sets):
         assert torch.allclose(kept["probabilities"], model(images).softmax(1), atol=1e-6)
     assert kept["probabilities"].shape == (30, 10) and kept["probabilities"].device.type == "cpu"
     assert "probabilities" not in evaluate(model, ready, "center")
+
+
+def test_a_model_s_own_preprocessing_keeps_the_central_square_of_alexnet_and_zfnet():
+    """AlexNet s2 and ZFNet s3 test on the central 256 x 256 square of the rescaled image,
+    with or without a recipe; the other models keep the whole rescaled image."""
+    image = torch.randint(0, 256, (3, 120, 160), dtype=torch.uint8)
+    for name, fit in (("alexnet", "center-square"), ("zfnet", "center-square"),
+                      ("vgg11", "shorter"), ("resnet18", "shorter")):
+        preprocess = preprocess_for(create_model(name, 10))
+        assert preprocess.fit == fit
+        dense = ProtocolViews(parse_protocol("dense"), preprocess)(image)
+        assert dense[0].shape[-2:] == ((256, 256) if fit == "center-square" else (256, 341))
+    squash = preprocess_for(create_model("alexnet", 10), fit="squash")  # a recipe's choice
+    assert squash.fit == "squash"

@@ -136,6 +136,9 @@ def test_preprocess_from_the_weights_metadata() -> None:
     torch.testing.assert_close(preprocess.normalize.std.flatten(), torch.tensor(IMAGENET_STD))
     googlenet = transfer.preprocess_of(tvm.GoogLeNet_Weights.IMAGENET1K_V1)
     assert googlenet.normalize.mean.flatten().tolist() == [0.5, 0.5, 0.5]
+    # VGG's test scales {S - 32, S, S + 32}: a multi-scale protocol had one scale before.
+    assert transfer.preprocess_of(tvm.VGG16_Weights.IMAGENET1K_V1).scales == (224, 256, 288)
+    assert preprocess.scales == (232, 264)  # 200 is under the crop
 
 
 def test_weights_by_name() -> None:

@@ -52,15 +52,21 @@ class Protocol:
 
 def _check_scales(protocol: Protocol, preprocess: EvalPreprocess, scales: tuple[int, ...]
                   ) -> None:
-    """Refuse test scales a protocol would ignore, or too small for its crops."""
-    if not scales:
-        return
-    if not (protocol.multi_scale or protocol.methods == ("144-crop",)):
+    """Refuse given test scales a protocol would ignore; for a multi-scale protocol, refuse
+    having no scales, and scales (given, or the preprocessing's) too small for its crops."""
+    if scales and not (protocol.multi_scale or protocol.methods == ("144-crop",)):
         raise ConfigError(f"scales {tuple(scales)} apply to the multi-scale protocols and "
                           f"144-crop; {protocol.name} evaluates at resize_size "
                           f"({preprocess.resize_size})")
-    if protocol.methods != ("dense",) and min(scales) < preprocess.crop_size:
-        raise ConfigError(f"scales {tuple(scales)}: a shorter side under the crop size "
+    if not protocol.multi_scale:
+        return
+    used = tuple(scales or preprocess.scales)
+    if not used:
+        raise ConfigError(f"{protocol.name} needs test scales: pass scales, or set "
+                          "data.test_scales in the recipe")
+    if protocol.methods != ("dense",) and min(used) < preprocess.crop_size:
+        where = "" if scales else " (the recipe's data.test_scales)"
+        raise ConfigError(f"scales {used}{where}: a shorter side under the crop size "
                           f"{preprocess.crop_size} has no {protocol.name} crops")
 
 
@@ -162,12 +168,12 @@ class ProtocolViews:
     ) -> None:
         self.protocol, self.preprocess = protocol, preprocess
         _check_scales(protocol, preprocess, scales)
-        self.scales = (scales or preprocess.scales) if protocol.multi_scale else ()
+        self.scales = tuple(scales or preprocess.scales) if protocol.multi_scale else ()
         if protocol.methods == ("144-crop",):
             _check_144_crop(preprocess.crop_size)
             ratio = preprocess.crop_size / 224
             self.scales = scales or tuple(round(s * ratio) for s in GOOGLENET_SCALES)
-        self.scales = self.scales or (preprocess.resize_size,)
+        self.scales = self.scales or (preprocess.resize_size,)  # the single-scale protocols
 
     def __call__(self, image: torch.Tensor) -> list[torch.Tensor]:
         methods = self.protocol.methods

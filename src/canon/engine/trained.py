@@ -205,7 +205,7 @@ def _assemble(
     model.eval()
     data_config = DataConfig.from_dict(data)
     if normalization is None:  # trained on ready tensors: fall back to the model's own
-        preprocess = preprocess_for(model, data_config.augmentation)
+        preprocess = preprocess_for(model, data_config.image_fit())
     else:
         preprocess = eval_preprocess(
             data_config, mean=normalization["mean"], std=normalization.get("std")

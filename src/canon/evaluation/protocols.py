@@ -11,6 +11,7 @@ the result's "skipped".
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -36,17 +37,20 @@ from canon.errors import ConfigError
 from canon.evaluation.metrics import TopKErrors
 
 
-def preprocess_for(model: nn.Module, augmentation: str = "none") -> EvalPreprocess:
-    """Test preprocessing from the model's own eval_config (input size, resize, mean, std)."""
+def preprocess_for(model: nn.Module, fit: str | None = None) -> EvalPreprocess:
+    """Test preprocessing from the model's own eval_config (input size, resize, fit, mean,
+    std); `fit` (a recipe's DataConfig.image_fit()) replaces the model's."""
     config = getattr(model, "eval_config", None)
     if config is None:
         raise ConfigError(
             f"{type(model).__name__} has no eval_config; pass data_config= (the recipe's "
             "data section) to say how to preprocess its inputs"
         )
-    data = DataConfig(augmentation=augmentation, crop_size=config.input_size,
-                      resize_size=config.resize_size, interpolation=config.interpolation)
-    return eval_preprocess(data, mean=torch.tensor(config.mean), std=torch.tensor(config.std))
+    data = DataConfig(crop_size=config.input_size, resize_size=config.resize_size,
+                      interpolation=config.interpolation)
+    preprocess = eval_preprocess(data, mean=torch.tensor(config.mean),
+                                 std=torch.tensor(config.std))
+    return dataclasses.replace(preprocess, fit=fit or config.fit)
 
 
 def _validation_images(

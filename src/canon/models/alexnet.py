@@ -78,7 +78,7 @@ class AlexNet(FCHeadNet):
       gives 6x6.
     """
 
-    eval_config = EvalConfig(input_size=227, resize_size=256)
+    eval_config = EvalConfig(input_size=227, resize_size=256, fit="center-square")  # s2
     min_input_size = 227
     fixed_input_size = 227
 

@@ -29,13 +29,16 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Test-time preprocessing: resize the shorter side, centre-crop, normalise."""
+    """Test-time preprocessing: rescale to resize_size as `fit` says (canon.data.geometry.
+    fit_image: the shorter side, or the central square of AlexNet s2 and ZFNet s3), centre-crop,
+    normalise."""
 
     input_size: int = 224
     resize_size: int = 256
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     interpolation: str = "bilinear"
+    fit: str = "shorter"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

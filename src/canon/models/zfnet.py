@@ -47,7 +47,7 @@ class ZFNet(FCHeadNet):
     0.1 (section 3) is a step of the training loop, which this module does not implement.
     """
 
-    eval_config = EvalConfig(input_size=224, resize_size=256)
+    eval_config = EvalConfig(input_size=224, resize_size=256, fit="center-square")  # s3
     min_input_size = 224
     fixed_input_size = 224
     dense_min_input_size = 207  # the smallest input whose pool5 map is still 6x6

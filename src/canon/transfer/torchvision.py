@@ -48,9 +48,10 @@ import torchvision.models as tvm
 from torchvision.models import WeightsEnum
 from torchvision.models.resnet import Bottleneck
 
+from canon.data.config import DataConfig
 from canon.data.imagenet_classes import imagenet_wnids
-from canon.data.normalize import PUBLISHED, Normalize
-from canon.data.preprocess import EvalPreprocess
+from canon.data.normalize import PUBLISHED
+from canon.data.preprocess import EvalPreprocess, eval_preprocess
 from canon.errors import ConfigError
 from canon.models.base import CanonModel
 from canon.models.factory import create_model, list_models
@@ -230,12 +231,9 @@ def preprocess_of(weights: WeightsEnum) -> EvalPreprocess:
     mean, std = torch.tensor(transforms.mean), torch.tensor(transforms.std)
     if isinstance(weights, tvm.GoogLeNet_Weights):
         mean, std = PUBLISHED["inception"]()
-    return EvalPreprocess(
-        crop_size=transforms.crop_size[0],
-        resize_size=transforms.resize_size[0],
-        normalize=Normalize(mean, std),
-        interpolation=transforms.interpolation.value,
-    )
+    data = DataConfig(crop_size=transforms.crop_size[0], resize_size=transforms.resize_size[0],
+                      interpolation=transforms.interpolation.value)
+    return eval_preprocess(data, mean=mean, std=std)  # VGG's test scales for multi-scale
 
 
 @dataclass(frozen=True)
