@@ -502,3 +502,29 @@ def test_a_model_s_own_preprocessing_keeps_the_central_square_of_alexnet_and_zfn
         assert dense[0].shape[-2:] == ((256, 256) if fit == "center-square" else (256, 341))
     squash = preprocess_for(create_model("alexnet", 10), fit="squash")  # a recipe's choice
     assert squash.fit == "squash"
+
+
+def test_a_recipe_s_data_section_normalises_by_the_set_it_trained_on(tmp_path):
+    """A test folder with no train/ (as ImageNetV2): the statistics come from the training set
+    the data section names, as in training, not from the folder being tested."""
+    from PIL import Image
+
+    from canon.data.datasets import load_sample
+    from canon.data.loaders import trained_preprocess
+
+    test = load_sample("test")
+    for index in range(6):
+        folder = tmp_path / "val" / test.classes[test.labels[index]]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(test.images[index].permute(1, 2, 0).numpy()).save(folder / f"{index}.png")
+    config = DataConfig(dataset="sample", crop_size=32, resize_size=32, mean="channel",
+                        divide_std=True)
+    model = create_model("resnet20", 10).eval()
+    result = evaluate(model, tmp_path, data_config=config, class_ids=test.class_ids,
+                      keep_probabilities=True, root_cache=tmp_path / "cache")
+    trained = trained_preprocess(config, "sample", cache=tmp_path / "cache", strict=False,
+                                 download=False, max_pixels=config.max_image_pixels)
+    expected = evaluate(model, tmp_path, preprocess=trained, class_ids=test.class_ids,
+                        keep_probabilities=True)
+    assert result["images"] == 6
+    torch.testing.assert_close(result["probabilities"], expected["probabilities"])

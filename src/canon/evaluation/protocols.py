@@ -68,7 +68,8 @@ def _validation_images(
         return val, preprocess
     if data_config is None:
         return val, preprocess_for(model)
-    return val, trained_preprocess(data_config, str(data), **options)
+    # Normalised as in training: by the statistics of the set trained on, not the one tested.
+    return val, trained_preprocess(data_config, data_config.dataset, **options)
 
 
 def evaluate(
@@ -93,8 +94,8 @@ def evaluate(
 
     `data` is a dataset name or folder (its evaluation split alone is read, see
     canon.data.datasets.open_eval_split; preprocessed by `preprocess` when given, e.g. a
-    trained run's; else per `data_config`, from the statistics of its training split when
-    those are needed; else per the model's eval_config), a LabeledImages set with the
+    trained run's; else per `data_config`, the recipe's data section, with the statistics of
+    the training set it names when those are needed; else per the model's eval_config), a LabeledImages set with the
     `preprocess` to make its views with (`sets.val, preprocess=sets.preprocess` of
     build_datasets; a set without a transform, of raw images, is preprocessed per the model's
     eval_config when `preprocess` is not given), or any dataset of ready (tensor, label) items
