@@ -95,8 +95,8 @@ def evaluate(
     `data` is a dataset name or folder (its evaluation split alone is read, see
     canon.data.datasets.open_eval_split; preprocessed by `preprocess` when given, e.g. a
     trained run's; else per `data_config`, the recipe's data section, with the statistics of
-    the training set it names when those are needed; else per the model's eval_config), a LabeledImages set with the
-    `preprocess` to make its views with (`sets.val, preprocess=sets.preprocess` of
+    the training set it names when those are needed; else per the model's eval_config), a
+    LabeledImages set with the `preprocess` to make its views with (`sets.val, preprocess=sets.preprocess` of
     build_datasets; a set without a transform, of raw images, is preprocessed per the model's
     eval_config when `preprocess` is not given), or any dataset of ready (tensor, label) items
     (centre protocol only).
