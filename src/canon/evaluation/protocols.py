@@ -96,10 +96,10 @@ def evaluate(
     canon.data.datasets.open_eval_split; preprocessed by `preprocess` when given, e.g. a
     trained run's; else per `data_config`, the recipe's data section, with the statistics of
     the training set it names when those are needed; else per the model's eval_config), a
-    LabeledImages set with the `preprocess` to make its views with (`sets.val, preprocess=sets.preprocess` of
-    build_datasets; a set without a transform, of raw images, is preprocessed per the model's
-    eval_config when `preprocess` is not given), or any dataset of ready (tensor, label) items
-    (centre protocol only).
+    LabeledImages set with the `preprocess` to make its views with (`sets.val,
+    preprocess=sets.preprocess` of build_datasets; a set without a transform, of raw images,
+    is preprocessed per the model's eval_config when `preprocess` is not given), or any
+    dataset of ready (tensor, label) items (centre protocol only).
     For a name or folder, `class_ids`, the model's classes in its output order
     (LabeledImages.class_ids of the set it was trained on), label the split by class name: it
     may hold some of those classes and no others. Without them the split's own sorted classes
