@@ -159,7 +159,7 @@ def test_an_ensemble_of_two_runs_through_eval_and_predict(trained_run, tmp_path,
 
 
 def test_eval_maps_a_folder_s_classes_to_the_model_s_by_name(
-    trained_run, image_folder, tmp_path
+    trained_run, image_folder, tmp_path, capsys
 ):
     subset = tmp_path / "two-classes"  # sorted, its classes would be labels 0 and 1
     for name in ("cat", "truck"):
@@ -175,6 +175,15 @@ def test_eval_maps_a_folder_s_classes_to_the_model_s_by_name(
                 wrong += int(trained.classes[logits.argmax(1).item()] != name)
     assert result["images"] == 10
     assert result["top1_error"] == pytest.approx(100 * wrong / 10)
+    broken = tmp_path / "broken"  # no file decodes: an error, and no JSON of NaNs
+    for name in ("cat", "truck"):
+        (broken / "val" / name).mkdir(parents=True)
+        (broken / "val" / name / "0.png").write_bytes(b"not a png")
+    with pytest.raises(SystemExit) as exit_, pytest.warns(BadImageWarning):
+        main(["eval", str(trained_run), "--data", str(broken), "--per-class", "--output",
+              str(tmp_path / "broken.json")])
+    assert exit_.value.code == 2 and not (tmp_path / "broken.json").exists()
+    assert "none of the 2 image file(s) of" in capsys.readouterr().err
 
 
 def test_version_and_a_recipe_shown_with_its_citations(capsys):

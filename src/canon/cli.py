@@ -298,6 +298,7 @@ def _run_eval(args: argparse.Namespace) -> None:
 
     from canon.engine.distributed import resolve_device
     from canon.engine.trained import load_trained
+    from canon.errors import DataError
     from canon.evaluation.ensemble import evaluate_ensemble
     from canon.evaluation.report import class_report, write_class_errors, write_confusion_png
 
@@ -318,6 +319,9 @@ def _run_eval(args: argparse.Namespace) -> None:
             print(f"  {member['name']}: top-1 error {member['top1_error']:.2f}%, top-5 error "
                   f"{member['top5_error']:.2f}%")
         output = args.output or Path(f"ensemble-{result['protocol']}.json")
+    if not result["images"]:  # every file undecodable: no error rate to print or write
+        raise DataError(f"none of the {result['skipped']} image file(s) of {result['data']} "
+                        "could be decoded (see the warnings): nothing was evaluated")
     what = trained[0].source if len(trained) == 1 else f"ensemble of {len(trained)}"
     print(
         f"{what}: {result['protocol']} on {result['data']} ({result['images']} images): top-1 "

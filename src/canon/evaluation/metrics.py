@@ -59,6 +59,7 @@ class TopKErrors:
         images = self.images
         out: dict[str, float | int] = {}
         for k, hits in zip(self.ks, self.counts[1:].tolist(), strict=True):
-            out[f"top{k}_error"] = 100.0 * (1 - hits / images) if images else float("nan")
+            # (images - hits) / images: 45.0, where 1 - hits / images gives 44.99999999999999
+            out[f"top{k}_error"] = 100.0 * (images - hits) / images if images else float("nan")
         out["images"] = images
         return out
