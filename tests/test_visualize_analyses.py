@@ -6,6 +6,7 @@ the bundled CIFAR-10 sample and on models built here so the right answer is know
 from __future__ import annotations
 
 import csv
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ from canon.evaluation.protocols import preprocess_for
 from canon.models.base import CanonModel
 from canon.visualize.curves import curves, curves_figure
 from canon.visualize.invariance import default_values, invariance, transform_image
-from canon.visualize.occlusion import occlusion
+from canon.visualize.occlusion import _cell_edges, occlusion, square_starts
 from canon.visualize.responses import response_layers, responses
 
 
@@ -95,6 +96,27 @@ def test_occlusion_is_lowest_where_the_one_region_that_matters_is_covered(tmp_pa
     result = occlusion(trained, filed, tmp_path / "out", size=8, stride=4, device="cpu")
     assert (result["label"], result["label_from"]) == ("other", "the image's folder")
     assert result["unoccluded_top_class"] == "patch"
+    # A stride that does not divide the room: the last square sits flush with the edge, so
+    # every pixel is covered (the strip past 20 + 8 was never occluded before).
+    result = occlusion(trained, image, tmp_path / "uneven", size=8, stride=10, device="cpu")
+    assert result["starts"] == [0, 10, 20, 24]
+    assert len(result["maps"]["probability"]) == 4
+    assert all(len(row) == 4 for row in result["maps"]["probability"])
+    assert_picture(result["png"], 1200, 300, levels=50)
+
+
+def test_occlusion_squares_cover_every_pixel_and_map_cells_sit_on_their_centres() -> None:
+    for side, size, stride in ((227, 32, 8), (32, 5, 2), (224, 113, 112), (32, 32, 8)):
+        starts = square_starts(side, size, stride)
+        covered = torch.zeros(side, dtype=torch.bool)
+        for start in starts:
+            covered[start : start + size] = True
+        assert covered.all() and starts == sorted(set(starts)) and starts[-1] == side - size
+        assert all(b - a <= stride for a, b in pairwise(starts))
+    # Cells stride wide centred on each square; the last, flush one meets its neighbour
+    # halfway between their centres.
+    assert _cell_edges([0, 4, 8], 8, 4) == [1.5, 5.5, 9.5, 13.5]
+    assert _cell_edges([0, 10, 20, 24], 8, 10) == [-1.5, 8.5, 18.5, 25.5, 32.5]
 
 
 def test_occlusion_on_a_trained_run_names_its_last_stage(

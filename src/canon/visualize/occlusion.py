@@ -12,6 +12,7 @@ mean image's own values where a per-pixel mean is subtracted).
 
 from __future__ import annotations
 
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -61,10 +62,12 @@ def occlusion(
     `output_dir` and returns what the JSON holds plus the paths written.
 
     The square (side `size`, moved by `stride`; defaults 32 and 8 at a 224 input, scaled to
-    the run's crop) takes every position inside the centre crop. `label` (a class name, id or
-    index) is the correct class; default: the class the image's folder names (ImageNet's
-    layout) if the model has it, else the unoccluded image's top prediction. `layer` is a
-    module name as `canon summary` prints it; default: the last of model.stages.
+    the run's crop) takes the positions `stride` apart inside the centre crop, and the last
+    row and column flush with its edge, so that every pixel is covered (`square_starts`).
+    `label` (a class name, id or index) is the correct class; default: the class the image's
+    folder names (ImageNet's layout) if the model has it, else the unoccluded image's top
+    prediction. `layer` is a module name as `canon summary` prints it; default: the last of
+    model.stages.
     """
     check_counts(batch_size=batch_size)
     trained = trained_model(source, device)
@@ -78,7 +81,7 @@ def occlusion(
         raise ConfigError(f"the square must be 1..{side} pixels (the crop) and the stride at "
                           f"least 1, got size {size}, stride {stride}")
     layer = layer or stage_layers(model)[-1]
-    starts = list(range(0, side - size + 1, stride))
+    starts = square_starts(side, size, stride)
     given = class_index(trained, label) if label is not None else None  # checked first
     probabilities, strongest, activation, scores = _scan(model, crop, layer, starts, size,
                                                          batch_size)
@@ -107,6 +110,13 @@ def occlusion(
     result["png"] = str(save_figure(figure, folder / f"{stem}.png"))
     result["json"] = str(save_json(folder / f"{stem}.json", result))
     return result
+
+
+def square_starts(side: int, size: int, stride: int) -> list[int]:
+    """Offsets `stride` apart along a side, then flush with its far edge when they stop short
+    of it (Zeiler & Fergus slide the square over the whole image)."""
+    starts = list(range(0, side - size + 1, stride))
+    return starts if starts[-1] == side - size else [*starts, side - size]
 
 
 @torch.inference_mode()
@@ -143,28 +153,34 @@ def _figure(view: torch.Tensor, result: dict[str, Any], classes: list[str],
     size, stride, side = result["size"], result["stride"], result["crop_size"]
     show_image(image_axes, view, f"input ({side}x{side}) and the {size}x{size} grey square")
     image_axes.add_patch(Rectangle((-0.5, -0.5), size, size, facecolor=grey, edgecolor="white"))
-    # Each cell sits at its square's centre, so the maps overlay the input pixel for pixel.
-    first, last = result["starts"][0], result["starts"][-1]
-    low, high = first + (size - stride) / 2 - 0.5, last + (size + stride) / 2 - 0.5
-    extent = (low, high, high, low)
+    edges = _cell_edges(result["starts"], size, stride)
     label = result["label"]
     for axes, key, title, colours in (
         (map_axes[0], "activation", f"(a) {result['layer']}, feature map "
                                     f"{result['feature_map']}: total activation", "viridis"),
         (map_axes[1], "probability", f"(b) p({label})", "magma"),
     ):
-        shown = axes.imshow(result["maps"][key], extent=extent, cmap=colours)
+        shown = axes.pcolormesh(edges, edges, result["maps"][key], cmap=colours)
         axes.figure.colorbar(shown, ax=axes, shrink=0.8)
         axes.set(xlim=(-0.5, side - 0.5), ylim=(side - 0.5, -0.5))
         axes.set_title(title, fontsize=9)
-    _class_map(map_axes[2], result["maps"]["top_class"], extent, classes, side)
+    _class_map(map_axes[2], result["maps"]["top_class"], edges, classes, side)
     figure.suptitle(f"occlusion sensitivity (Zeiler & Fergus Fig. 7): {Path(result['image']).name}"
                     f", correct class {label} ({result['label_from']}, "
                     f"p = {result['unoccluded_probability']:.3f} unoccluded)", fontsize=10)
     return figure
 
 
-def _class_map(axes: Any, top_class: list[list[int]], extent: tuple, classes: list[str],
+def _cell_edges(starts: list[int], size: int, stride: int) -> list[float]:
+    """Pixel coordinates of the map cells' edges: each cell is centred on its square, `stride`
+    wide, and the last (flush with the edge, nearer its neighbour) meets it halfway, so the
+    maps overlay the input pixel for pixel."""
+    centres = [start + (size - 1) / 2 for start in starts]
+    between = [(a + b) / 2 for a, b in pairwise(centres)]
+    return [centres[0] - stride / 2, *between, centres[-1] + stride / 2]
+
+
+def _class_map(axes: Any, top_class: list[list[int]], edges: list[float], classes: list[str],
                side: int) -> None:
     """The most probable class at each position, one colour per class (the ten most frequent
     named in the legend)."""
@@ -172,8 +188,8 @@ def _class_map(axes: Any, top_class: list[list[int]], extent: tuple, classes: li
     present, counts = flat.unique(return_counts=True)
     codes = torch.searchsorted(present, flat)
     palette = [colormaps["tab20"](i % 20) for i in range(len(present))]
-    axes.imshow(codes.numpy(), extent=extent, cmap=ListedColormap(palette),
-                vmin=-0.5, vmax=len(present) - 0.5, interpolation="nearest")
+    axes.pcolormesh(edges, edges, codes.numpy(), cmap=ListedColormap(palette),
+                    vmin=-0.5, vmax=len(present) - 0.5)
     axes.set(xlim=(-0.5, side - 0.5), ylim=(side - 0.5, -0.5))
     axes.set_title("(c) most probable class", fontsize=9)
     frequent = counts.argsort(descending=True)[:10].tolist()
