@@ -199,6 +199,7 @@ def test_responses_refuse_to_subsample_a_shard_folder(quickstart_run, imagenette
 
 @pytest.mark.parametrize(("transform", "values"), [
     ("translate", [-4.0, 0.0, 4.0]), ("rotate", [0.0, 90.0, 360.0]), ("scale", [0.8, 1.0, 1.25]),
+    ("rotate", [0.0]),  # one value: a strip of one example image
 ])
 def test_invariance_is_zero_at_the_identity_and_grows_away_from_it(
     quickstart_run, sample_images, tmp_path, transform, values
