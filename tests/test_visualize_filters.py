@@ -116,6 +116,18 @@ def test_captured_outputs_are_not_changed_by_an_in_place_relu_after_them() -> No
     assert outputs["0"].min() < 0  # the convolution's output, not the ReLU's
 
 
+def test_a_layer_that_inference_does_not_run_is_named_in_the_error(tmp_path) -> None:
+    """GoogLeNet's auxiliary heads run only in training: their layers have no activations
+    to show (before, a bare KeyError)."""
+    model = canon.create_model("googlenet", num_classes=10).eval()
+    with (pytest.raises(ConfigError, match=r"layer aux1.conv did not run in the model's "
+                                           r"forward pass \(auxiliary heads run only in"),
+          capture_outputs(model, ["aux1.conv", "inception4a"]) as outputs, torch.no_grad()):
+        model(torch.zeros(1, 3, 224, 224))
+        assert outputs["inception4a"].shape[1] == 512
+        outputs["aux1.conv"]
+
+
 def test_filters_and_activations_commands_on_a_real_run(
     quickstart_run, sample_images, tmp_path, capsys
 ) -> None:

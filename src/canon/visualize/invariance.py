@@ -177,7 +177,8 @@ def _figure(result: dict[str, Any], examples: list[tuple[float, torch.Tensor]]) 
     figure = new_figure(15, 7.2)
     strip, panels = figure.subfigures(2, 1, height_ratios=[1, 2.1])
     name = Path(result["images"][0]["image"]).name
-    for axes, (value, image) in zip(strip.subplots(1, len(examples), squeeze=False)[0], examples, strict=True):
+    strip_axes = strip.subplots(1, len(examples), squeeze=False)[0]
+    for axes, (value, image) in zip(strip_axes, examples, strict=True):
         show_image(axes, image, f"{name}, {result['transform']} {value:g}")
     titles = (f"layer 1 ({result['layer1']}): distance", "penultimate layer: distance",
               "probability of the true class")

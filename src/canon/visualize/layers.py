@@ -30,8 +30,9 @@ def capture_outputs(
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Within the block, each forward pass of `model` stores the output of every layer in
     `names` (detached) in the yielded dict under its name. A copy, not the tensor itself: an
-    in-place ReLU after the layer would otherwise change the stored value."""
-    outputs: dict[str, torch.Tensor] = {}
+    in-place ReLU after the layer would otherwise change the stored value. Reading a layer
+    the pass did not run is a ConfigError."""
+    outputs: dict[str, torch.Tensor] = _LayerOutputs()
     handles = [
         find_layer(model, name).register_forward_hook(
             lambda _module, _inputs, output, name=name: outputs.__setitem__(
@@ -45,6 +46,14 @@ def capture_outputs(
     finally:
         for handle in handles:
             handle.remove()
+
+
+class _LayerOutputs(dict):
+    def __missing__(self, name: str) -> torch.Tensor:
+        raise ConfigError(
+            f"layer {name} did not run in the model's forward pass (auxiliary heads run only in "
+            "training); choose a layer on the main path (canon summary lists them)"
+        )
 
 
 def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:
