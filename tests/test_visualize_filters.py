@@ -92,16 +92,16 @@ def test_activations_show_a_layers_maps_on_one_scale(tmp_path) -> None:
     Image.fromarray(sample.permute(1, 2, 0).numpy()).save(image)
     write_activations(trained, image, "1", tmp_path)
     maps = model[1](model[0](center_transform(trained.preprocess)(sample)[None]))[0].detach()
-    grid = read_png(tmp_path / "activations-1.png")
+    grid = read_png(tmp_path / "activations-image-1.png")
     side = 64  # 32x32 maps enlarged to at least 48 pixels: twice
     assert grid.shape == (3, side + 2 * GRID_PADDING, 6 * (side + GRID_PADDING) + GRID_PADDING)
     low, high = maps.min(), maps.max()
     for channel, tile in enumerate(tiles_of(grid, 6, side, 6)):
         expected = ((maps[channel] - low) / (high - low) * 255).round()
         assert torch.equal(tile[0, ::2, ::2].float(), expected)
-    with Image.open(tmp_path / "activations-1-input.png") as picture:
+    with Image.open(tmp_path / "activations-image-1-input.png") as picture:
         assert picture.size == (32, 32)
-    with open(tmp_path / "activations-1.csv") as f:
+    with open(tmp_path / "activations-image-1.csv") as f:
         peaks = [float(row["max"]) for row in csv.DictReader(f)]
     torch.testing.assert_close(torch.tensor(peaks), maps.flatten(1).max(1).values)
     with pytest.raises(ConfigError, match="no feature maps"):
@@ -139,9 +139,10 @@ def test_filters_and_activations_commands_on_a_real_run(
     lines = run_verb(["activations", str(quickstart_run / "model.safetensors"),
                       str(sample_images[0]), "--layer", "conv3_x", "--output-dir", str(out),
                       "--device", "cpu"], capsys)
-    assert lines[:4] == [str(out / f"activations-conv3_x{suffix}")
+    stem = f"activations-{Path(sample_images[0]).stem}-conv3_x"
+    assert lines[:4] == [str(out / f"{stem}{suffix}")
                          for suffix in (".png", "-input.png", ".csv", ".json")]
-    assert_picture(out / "activations-conv3_x.png", 16 * 48, 2 * 48)  # 32 maps 16x16
+    assert_picture(out / f"{stem}.png", 16 * 48, 2 * 48)  # 32 maps 16x16
 
     with pytest.raises(SystemExit) as exit_info:
         run_verb(["deconvnet", str(quickstart_run), "--layer", "conv2_x"], capsys)

@@ -93,7 +93,7 @@ def write_activations(
     maps = maps[0].float().cpu()
     tiles = upscale(as_rgb(contrast_normalise(maps[None])[0][:, None]))  # the layer as one
     make_folder(output_dir)
-    stem = f"activations-{layer}"
+    stem = f"activations-{Path(image).stem}-{layer}"  # another image's go beside these
     rows = [
         {"channel": c, "max": float(m.max()), "mean": float(m.mean()),
          "positive": float((m > 0).float().mean())}
