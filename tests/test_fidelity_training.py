@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+from torch.optim import swa_utils
 
 from canon.data import DataConfig
 from canon.data.datasets import validates_on_test_split
@@ -105,6 +106,26 @@ def test_polyak_averaging_is_the_mean_of_the_iterates_and_ema_stays_exponential(
     assert make_average(model, TrainSection()) is None
     with pytest.raises(ConfigError, match="set one of them"):
         TrainSection(ema_decay=0.9, polyak_after_epochs=0)
+
+
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA device")])])
+def test_polyak_averaging_takes_batch_norms_integer_counter(monkeypatch, device):
+    """On a GPU AveragedModel averages with torch's foreach kernels, whose uniform mean
+    refuses BN's int64 num_batches_tracked; made to take that path on the CPU too."""
+    monkeypatch.setattr(swa_utils, "_get_foreach_kernels_supported_devices",
+                        lambda: ["cuda", "cpu"])
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).to(device)
+    polyak = make_average(model, TrainSection(polyak_after_epochs=0))
+    means = []
+    for _ in range(3):
+        model(torch.randn(2, 3, 5, 5, device=device))
+        polyak.update_parameters(model)
+        means.append(model[1].running_mean.clone())
+    assert int(polyak.module[1].num_batches_tracked) == 3
+    torch.testing.assert_close(polyak.module[1].running_mean, torch.stack(means).mean(0))
 
 
 def test_googlenet_uses_polyak_averaging_not_an_ema():

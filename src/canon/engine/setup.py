@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import yaml
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, get_swa_multi_avg_fn
 from torch.utils.data import Dataset
 
 import canon
@@ -124,8 +124,22 @@ def make_average(model: nn.Module, config: TrainSection) -> AveragedModel | None
         ema = get_ema_multi_avg_fn(config.ema_decay)
         return AveragedModel(model, multi_avg_fn=ema, use_buffers=True)
     if config.polyak_after_epochs is not None:
-        return AveragedModel(model, use_buffers=True)
+        return AveragedModel(model, multi_avg_fn=_uniform_mean, use_buffers=True)
     return None
+
+
+_float_mean = get_swa_multi_avg_fn()
+
+
+def _uniform_mean(averaged: list[torch.Tensor], current: list[torch.Tensor],
+                  count: torch.Tensor) -> None:
+    """AveragedModel's uniform mean of one device's and dtype's tensors, integer buffers
+    included: torch's own, which AveragedModel picks on GPUs, divides BN's num_batches_tracked
+    with an integer addcdiv and fails. A counter is not averaged: it takes the model's value."""
+    if averaged[0].is_floating_point() or averaged[0].is_complex():
+        _float_mean(averaged, current, count)
+    else:
+        torch._foreach_copy_(averaged, current)
 
 
 def new_totals() -> dict[str, Any]:
