@@ -32,6 +32,8 @@ from canon.engine.trainer import train
 from canon.recipes import load_recipe
 
 CPU = torch.device("cpu")
+ON_GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                              reason="needs a CUDA device")]
 
 
 def _recipe_train(name: str, root: Path, **changes):
@@ -118,13 +120,17 @@ def test_a_file_gone_after_the_scan_is_skipped_with_the_reason(
     assert decoded[1] is None and torch.equal(decoded[0], images.load_image(0))
 
 
-@pytest.mark.parametrize(("recipe", "scales"), [("resnet18-imagenette5", None),
-                                               ("resnet18", None), ("resnet18", (100, 130))])
+@pytest.mark.parametrize(("recipe", "scales", "device"), [
+    ("resnet18-imagenette5", None, "cpu"), ("resnet18", None, "cpu"),
+    ("resnet18", (100, 130), "cpu"),
+    pytest.param("resnet18-imagenette5", None, "cuda", marks=ON_GPU),
+    pytest.param("resnet18", (100, 130), "cuda", marks=ON_GPU)])
 def test_on_device_crops_are_the_cpu_pipelines_crops_resampled(
-    imagenette_root: Path, recipe: str, scales: tuple[int, int] | None
+    imagenette_root: Path, recipe: str, scales: tuple[int, int] | None, device: str
 ) -> None:
     """The same boxes, colour shifts and reflections as the per-image pipeline seeded as in
-    training (SeededSamples), jittered scales too; only the resampling filter differs."""
+    training (SeededSamples), jittered scales too; only the resampling filter differs (and on
+    a GPU nvJPEG's decoding, by a grey level here and there)."""
     train_set = _recipe_train(recipe, imagenette_root, mean="imagenet", crop_size=96,
                               resize_size=110, scale_range=scales, pca_std=0.1,
                               pca_source="imagenet")
@@ -132,12 +138,19 @@ def test_on_device_crops_are_the_cpu_pipelines_crops_resampled(
     count, size = 48, len(train_set)
     indices = torch.linspace(0, size - 1, count).long()
     keys = 3 * size + indices  # epoch 3
-    images = [train_set.load_image(int(i)) for i in indices]
+    if device == "cpu":
+        images = [train_set.load_image(int(i)) for i in indices]
+    else:  # the files' bytes decoded together on the GPU, as DeviceDecodedBatches does
+        folder = FolderImages(imagenette_root / "train")
+        _, files, _ = _batch(folder, indices.tolist())
+        images = decode_batch(files, keys, folder, torch.device(device))
+        assert all(image.device.type == device for image in images)
     crops = augment(images, keys, 5, size)
     assert crops.shape == (count, 3, 96, 96) and crops.is_contiguous(
         memory_format=torch.channels_last)
     assert torch.equal(torch.cat([augment(images[:20], keys[:20], 5, size),
                                   augment(images[20:], keys[20:], 5, size)]), crops)
+    crops = crops.cpu()
     per_image = SeededSamples(train_set, seed=5)
     reference = torch.stack([per_image[int(key)][0] for key in keys])
     difference = (crops - reference).abs()
@@ -148,15 +161,16 @@ def test_on_device_crops_are_the_cpu_pipelines_crops_resampled(
     torch.testing.assert_close(crops.std((0, 2, 3)), reference.std((0, 2, 3)), atol=0, rtol=0.03)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=ON_GPU)])
 def test_a_run_decoding_on_the_device_trains_on_real_jpegs(
-    imagenette_root: Path, tmp_path: Path
+    imagenette_root: Path, tmp_path: Path, device: str
 ) -> None:
     recipe = load_recipe("resnet18-imagenette5", [
         ("data.dataset", str(imagenette_root)), ("data.crop_size", 48),
         ("data.resize_size", 56), ("train.batch_size", 32), ("train.epochs", 1),
         ("train.iterations", 1), ("train.workers", 1), ("train.decode_on_device", True),
         ("model.name", "resnet18")])
-    result = train(recipe, tmp_path / "run", device="cpu", progress=False)
+    result = train(recipe, tmp_path / "run", device=device, progress=False)
     assert result is not None
     metrics = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
     assert len(metrics) == 2 and "nan" not in metrics[1]
