@@ -176,6 +176,21 @@ def test_a_run_decoding_on_the_device_trains_on_real_jpegs(
     assert len(metrics) == 2 and "nan" not in metrics[1]
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_decoding_beside_a_queued_step_leaves_its_tensors_alone(imagenette_root, tmp_path):
+    """ResNet-50 at batch 256 on the GPU, each batch decoded while the previous step's kernels
+    are queued: with nvJPEG writing into blocks they still read (pytorch/vision#9606) its
+    loss was NaN by the third step on an H200, where decoding on the CPU trained on."""
+    recipe = load_recipe("resnet18-imagenette5", [
+        ("data.dataset", str(imagenette_root)), ("model.name", "resnet50_v1_5"),
+        ("data.crop_size", 224), ("data.resize_size", 256), ("train.batch_size", 256),
+        ("train.epochs", 3), ("train.amp", "bf16"), ("optimizer.lr", 0.1),
+        ("train.workers", 4), ("train.decode_on_device", True)])
+    train(recipe, tmp_path / "run", device="cuda", progress=False)  # NonFiniteError on NaN
+    assert len((tmp_path / "run" / "metrics.csv").read_text().splitlines()) == 4
+
+
 def test_the_training_loader_decodes_on_the_device_only_when_asked(imagenette_root) -> None:
     from canon.engine import distributed as dist
     from canon.engine import setup

@@ -119,11 +119,35 @@ def _decode_jpegs(files: list[torch.Tensor], device: torch.device
     of GPU memory is not a bad file: it stops the run as anywhere else."""
     with libjpeg_errors():
         try:
+            if device.type == "cuda":
+                return _decode_on_own_stream(files, device)
             return decode_jpeg(files, mode=ImageReadMode.RGB, device=device)
         except torch.cuda.OutOfMemoryError:
             raise
         except (RuntimeError, UserWarning):
             return None
+
+
+_DECODE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _decode_on_own_stream(files: list[torch.Tensor], device: torch.device
+                          ) -> list[torch.Tensor]:
+    """nvJPEG's decoding with a stream of its own current. torchvision allocates the images
+    on the current stream, then has nvJPEG write them from a private stream that does not
+    wait for it (pytorch/vision#9606): on the training stream, the allocator hands it blocks
+    that the previous step's queued kernels have yet to read, and the step trains on the
+    overwritten values (ResNet-50's loss was NaN by the third step on an H200). The images
+    are then marked as in use by the training stream, whose kernels read them: their blocks
+    go to no later decode before those kernels have run."""
+    training = torch.cuda.current_stream(device)
+    decoding = _DECODE_STREAMS.setdefault(device, torch.cuda.Stream(device))
+    with torch.cuda.stream(decoding):
+        images = decode_jpeg(files, mode=ImageReadMode.RGB, device=device)
+    training.wait_stream(decoding)
+    for image in images:
+        image.record_stream(training)
+    return images
 
 
 def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor | None:
