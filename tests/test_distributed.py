@@ -553,5 +553,5 @@ def test_a_nan_loss_on_one_rank_stops_every_rank(tmp_path: Path) -> None:
     script.write_text(NAN_ON_RANK_0)
     subprocess.run([*_torchrun(2), str(script), str(tmp_path)], env=_environment(tmp_path / "c"),
                    capture_output=True, text=True, timeout=240, check=True)
-    assert "the loss became nan at optimizer step 9;" in (tmp_path / "rank-0.txt").read_text()
-    assert "on another process by optimizer step 9;" in (tmp_path / "rank-1.txt").read_text()
+    assert "the loss became nan at optimizer step 10;" in (tmp_path / "rank-0.txt").read_text()
+    assert "on another process by optimizer step 10;" in (tmp_path / "rank-1.txt").read_text()

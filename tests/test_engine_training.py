@@ -176,6 +176,22 @@ def test_ctrl_c_or_sigterm_mid_epoch_saves_and_resumes_bit_identically(
     assert not ckpt.interrupted_checkpoint(tmp_path).exists()
 
 
+def test_tensorboard_logs_each_steps_loss_and_lr_at_its_count(resume_data, tmp_path):
+    """The n-th step's loss and lr at x = n, where epoch/* puts an epoch ending with it; the
+    step schedule halves the lr from the first step of epoch 2, the 9th."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(tiny_recipe(epochs=2, batch_size=16, tensorboard=True), tmp_path, device="cpu",
+          datasets=resume_data, progress=False)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    lrs = {event.step: event.value for event in events.Scalars("train/lr")}
+    assert sorted(lrs) == list(range(1, 17))
+    assert lrs[8] == pytest.approx(2 * lrs[9]) and lrs[9] == lrs[16]
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 17))
+    assert [e.step for e in events.Scalars("epoch/lr")] == [8, 16]
+
+
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
     resume_data, tmp_path
 ):
@@ -185,7 +201,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
     exploding = apply_overrides(
         Recipe.from_dict(state["recipe"]), [("train.epochs", 2), ("optimizer.lr", 1e30)]
     )
-    with pytest.raises(NonFiniteError, match=r"at optimizer step (9|1\d)\b"):
+    with pytest.raises(NonFiniteError, match=r"at optimizer step (1\d|20)\b"):
         train(exploding, tmp_path, resume=state, device="cpu", datasets=resume_data,
               progress=False)
     assert [p.name for p in ckpt.resumable_checkpoints(tmp_path)] == ["epoch-001.pt"]
@@ -474,14 +490,20 @@ def test_cuda_graph_refuses_what_it_cannot_capture(resume_data, tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_a_captured_step_replays_what_the_eager_step_computes(resume_data, tmp_path):
-    """On a GPU: ResNet-20 with the step captured and replayed against the same run uncaptured
-    (cuDNN's kernels are not bitwise reproducible: close, not equal)."""
-    states = []
+def test_a_captured_step_replays_what_the_eager_step_computes(resume_data, tmp_path,
+                                                              monkeypatch):
+    """On a GPU: ResNet-20's first three steps (the warm-up changing the lr at each) captured
+    and replayed against the same steps uncaptured, TF32 off. Only a few: cuDNN's kernels are
+    not bitwise reproducible, and on an H200 two eager runs of 16 steps parted by several units
+    in some weights, where after 1 and 2 steps graph and eager agreed within 1.2e-7."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    weights = []
     for graph in (False, True):
-        recipe = tiny_recipe(epochs=2, batch_size=16, cuda_graph=graph)
+        recipe = tiny_recipe(epochs=1, batch_size=16, cuda_graph=graph, iterations=3)
+        recipe = apply_overrides(recipe, [("optimizer.base_batch_size", 16)])
         train(recipe, tmp_path / str(graph), device="cuda", datasets=resume_data,
               progress=False)
-        states.append(final_weights(tmp_path / str(graph), 2))
-    for key, tensor in states[0]["model"].items():
-        torch.testing.assert_close(states[1]["model"][key], tensor, rtol=1e-3, atol=1e-4)
+        weights.append(safetensors.torch.load_file(tmp_path / str(graph) / "model.safetensors"))
+    for key, tensor in weights[0].items():
+        torch.testing.assert_close(weights[1][key], tensor, rtol=1e-4, atol=1e-5, msg=key)

@@ -382,20 +382,21 @@ def _check_losses(pending: list[tuple[int, torch.Tensor]], run: Run) -> None:
     if not pending:
         return
     values = torch.stack([loss for _, loss in pending]).float().cpu()
+    counts = [step + 1 for step, _ in pending]  # the 1st, 2nd, ... step, as the progress bar
     bad = (~torch.isfinite(values)).nonzero()
     if _agreed(bool(len(bad)), run.ctx):
-        where = (f"became {values[int(bad[0])].item()} at optimizer step "
-                 f"{pending[int(bad[0])][0]}" if len(bad) else
-                 f"became NaN or infinite on another process by optimizer step {pending[-1][0]}")
+        where = (f"became {values[int(bad[0])].item()} at optimizer step {counts[int(bad[0])]}"
+                 if len(bad) else
+                 f"became NaN or infinite on another process by optimizer step {counts[-1]}")
         raise NonFiniteError(
             f"the loss {where}; stopping. {newest_checkpoint_note(run)}. Lower the learning "
             "rate (--lr), use --amp bf16 instead of fp16, or add warmup (--set "
             "schedule.warmup_epochs=5)"
         )
     if run.events is not None:
-        for (step, _), value in zip(pending, values.tolist(), strict=True):
-            run.events.add_scalar("train/loss", value, step)
-            run.events.add_scalar("train/lr", run.schedule.lr_at(step - 1), step)
+        for (step, _), count, value in zip(pending, counts, values.tolist(), strict=True):
+            run.events.add_scalar("train/loss", value, count)  # x: steps done, as epoch/*
+            run.events.add_scalar("train/lr", run.schedule.lr_at(step), count)
 
 
 def _save_interrupted(run: Run, signal_number: int) -> NoReturn:
