@@ -37,11 +37,12 @@ def _assert_state_equal(actual: dict, expected: dict, **tolerance: float) -> Non
         torch.testing.assert_close(actual[key], value, msg=key, **tolerance)
 
 
-def _tower_grads(towers: TwoTowerAlexNet) -> dict[str, torch.Tensor]:
-    """Each original parameter's gradient, rebuilt from its two tower halves."""
+def _tower_grads(towers: TwoTowerAlexNet, device: torch.device = CPU
+                 ) -> dict[str, torch.Tensor]:
+    """Each original parameter's gradient, rebuilt on `device` from its two tower halves."""
     params = dict(towers.named_parameters())
     return {
-        original: torch.cat([params[name].grad for name in names])
+        original: torch.cat([params[name].grad.to(device) for name in names])
         for original, names in towers.split_names.items()
     }
 
@@ -189,7 +190,7 @@ def test_towers_across_gpu_and_cpu_match_the_single_device_alexnet(
     torch.testing.assert_close(actual, expected, rtol=1e-3, atol=1e-4)
     expected.sum().backward()
     actual.sum().backward()
-    grads = {k: g.to(gpu) for k, g in _tower_grads(towers).items()}
+    grads = _tower_grads(towers, gpu)
     expected_grads = {k: p.grad for k, p in reference.named_parameters()}
     for key, grad in expected_grads.items():
         torch.testing.assert_close(grads[key], grad, rtol=1e-3, atol=1e-4, msg=key)
