@@ -50,6 +50,7 @@ from canon.engine.distributed import (
 from canon.engine.trainer import train
 from canon.errors import ConfigError
 from canon.models.factory import create_model
+from canon.recipes import apply_overrides
 
 pytestmark = pytest.mark.distributed
 
@@ -509,12 +510,18 @@ def test_resuming_on_another_number_of_processes_reseeds_each_rank(
     batch_norm_dropout_runs, tmp_path, capsys
 ):
     work, worker = batch_norm_dropout_runs
+    checkpoint = work / "interrupted-2-processes.pt"
+    with pytest.raises(ConfigError, match=r"global batch 8 \(8 x 1 accum x 1 process\(es\)\): "
+                       r"the checkpoint's \d+ steps were of 16 \(8 x 1 x 2\)"):
+        train(worker.RECIPE, tmp_path / "halved", model=worker.model(), resume=checkpoint,
+              datasets=worker.datasets(), device="cpu", progress=False)
+    one_process = apply_overrides(worker.RECIPE, [("train.accum_steps", 2)])  # still 16
     final_rng_states = []
     for seed in (1, 2):  # whatever the global generator held before
         torch.manual_seed(seed)
-        result = train(worker.RECIPE, tmp_path / str(seed), model=worker.model(),
-                       resume=work / "interrupted-2-processes.pt", datasets=worker.datasets(),
-                       device="cpu", progress=False)
+        result = train(one_process, tmp_path / str(seed), model=worker.model(),
+                       resume=checkpoint, datasets=worker.datasets(), device="cpu",
+                       progress=False)
         assert [row["epoch"] for row in result.metrics] == [1, 2]
         final_rng_states.append(torch.get_rng_state())
     assert "written by 2 process(es), this run has 1" in capsys.readouterr().out

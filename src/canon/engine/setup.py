@@ -502,14 +502,34 @@ def _scaled_counts_note(
     )
 
 
+def _check_same_global_batch(run: Run, state: dict[str, Any]) -> None:
+    """A checkpoint's progress (optimizer steps taken, the position in the epoch, where the
+    warm-up ended) counts steps of its global batch: at another, the schedule and the epoch's
+    end would fall elsewhere."""
+    saved = Recipe.from_dict(state["recipe"]).train
+    ranks, config = len(state["rng"]), run.recipe.train
+    before = saved.batch_size * saved.accum_steps * ranks
+    now = config.batch_size * config.accum_steps * run.ctx.world_size
+    if before != now:
+        raise ConfigError(
+            f"cannot resume at global batch {now} ({config.batch_size} x {config.accum_steps} "
+            f"accum x {run.ctx.world_size} process(es)): the checkpoint's {state['step']} steps "
+            f"were of {before} ({saved.batch_size} x {saved.accum_steps} x {ranks}). Resume "
+            "with a batch, --accum and process count that multiply to "
+            f"{before}, or start a new run from its weights with --init-from"
+        )
+
+
 def _restore(run: Run, state: dict[str, Any]) -> None:
     """Continue from a checkpoint: weights, optimizer, schedule, progress, and every rank's
-    random generator states and partial epoch sums. Resumed with another number of processes,
-    each rank's generator is reseeded from (seed, rank, step) instead: the run goes on, but not
+    random generator states and partial epoch sums, at the checkpoint's global batch. Resumed
+    with another number of processes (and a batch or accum making up for it), each rank's
+    generator is reseeded from (seed, rank, step) instead: the run goes on, but not
     bit-identically (and from a mid-epoch checkpoint it skips as many steps of the epoch, which
     now hold other images). A cosine schedule spans the run's length: resuming with more
     epochs changes its shape."""
     ctx = run.ctx
+    _check_same_global_batch(run, state)
     recipe_groups = [{k: v for k, v in group.items() if k != "params"}
                      for group in run.optimizer.param_groups]
     try:
