@@ -176,6 +176,34 @@ def test_ctrl_c_or_sigterm_mid_epoch_saves_and_resumes_bit_identically(
     assert not ckpt.interrupted_checkpoint(tmp_path).exists()
 
 
+def test_accumulation_weighs_every_image_alike_when_a_micro_batch_is_short():
+    """Micro-batches of 4 and (files skipped) 2 at batch 4 x accum 2: the gradient is the sum
+    of the 6 images' over the step's 8, not the two micro-batches' means halved."""
+    from types import SimpleNamespace
+
+    from canon.engine.distributed import DistributedContext
+    from canon.engine.precision import Precision
+    from canon.engine.setup import _WithAux, new_totals
+    from canon.engine.trainer import _accumulate
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    model.forward_with_aux = lambda images: (model(images), [])
+    images, targets = torch.randn(6, 3), torch.tensor([0, 1, 1, 0, 1, 0])
+    cpu = torch.device("cpu")
+    run = SimpleNamespace(
+        recipe=tiny_recipe(batch_size=4, accum_steps=2, channels_last=False),
+        ctx=DistributedContext(rank=0, local_rank=0, world_size=1, device=cpu),
+        totals=new_totals(), train_module=_WithAux(model), precision=Precision("none", cpu),
+        criterion=nn.CrossEntropyLoss())
+    _, _, seen = _accumulate(run, iter([(images[:4], targets[:4]), (images[4:], targets[4:])]))
+    assert seen == 6 and run.totals["skipped"] == 2
+    expected = torch.autograd.grad(
+        nn.functional.cross_entropy(model(images), targets, reduction="sum") / 8,
+        model.weight)[0]
+    torch.testing.assert_close(model.weight.grad, expected)
+
+
 def test_tensorboard_logs_each_steps_loss_and_lr_at_its_count(resume_data, tmp_path):
     """The n-th step's loss and lr at x = n, where epoch/* puts an epoch ending with it; the
     step schedule halves the lr from the first step of epoch 2, the 9th."""

@@ -306,9 +306,12 @@ def _accumulate(run: Run, batches: Iterator) -> tuple[torch.Tensor, torch.Tensor
                     "stops at the first one and names it)"
                 )
             continue
+        # Its share of the step's nominal images: with undecodable files skipped every image
+        # still weighs alike, here and (DDP averaging ranks) across ranks.
+        share = len(targets) / (config.batch_size * config.accum_steps)
         with dist.sync_context(run.train_module, sync=micro == config.accum_steps - 1):
             micro_loss, micro_correct = _forward_backward(
-                run, *_on_device(run, images, targets), config.accum_steps)
+                run, *_on_device(run, images, targets), share)
         loss_sum = loss_sum + micro_loss
         correct = correct + micro_correct
         images_seen += len(targets)
@@ -323,15 +326,16 @@ def _on_device(run: Run, images: torch.Tensor, targets: torch.Tensor
     return images, targets.to(run.ctx.device, non_blocking=True)
 
 
-def _forward_backward(run: Run, images: torch.Tensor, targets: torch.Tensor, accum_steps: int
+def _forward_backward(run: Run, images: torch.Tensor, targets: torch.Tensor, share: float
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward, the loss (with GoogLeNet's auxiliary ones) and backward of one micro-batch of
-    `accum_steps`; its summed loss (detached) and correct count."""
+    """Forward, the loss (with GoogLeNet's auxiliary ones) and backward of one micro-batch,
+    its mean loss weighted by its `share` of the step; its summed loss (detached) and correct
+    count."""
     with run.precision.autocast():
         logits, aux_logits = run.train_module(images)
         loss = classification_loss(run.criterion, logits, aux_logits, targets,
                                    run.recipe.train.aux_loss_weight)
-    run.precision.backward(loss / accum_steps)
+    run.precision.backward(loss * share)
     return loss.detach() * len(targets), (logits.argmax(1) == targets).sum()
 
 
@@ -339,7 +343,7 @@ def graphed_step(run: Run) -> GraphedStep:
     """train.cuda_graph's step: forward, backward and the SGD update of one batch."""
 
     def step(images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        outputs = _forward_backward(run, images, targets, 1)
+        outputs = _forward_backward(run, images, targets, 1.0)
         run.precision.step(run.optimizer)
         return outputs
 
