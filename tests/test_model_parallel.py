@@ -165,6 +165,15 @@ def test_pipeline_micro_batches_match_alexnet() -> None:
     _check_pipeline("alexnet", "stages:2:3", 227, train=False)
 
 
+def test_fine_tuning_options_are_refused_with_a_split_model() -> None:
+    recipe = load_recipe("quickstart", ["train.model_parallel=stages:2",
+                                        "model.frozen_stages=1",
+                                        "optimizer.backbone_lr_scale=0.1"])
+    with pytest.raises(ConfigError, match=r"train.model_parallel \(stages:2\) splits the "
+                       r".* model.frozen_stages and optimizer.backbone_lr_scale cannot"):
+        train(recipe, "unused", device="cpu", progress=False)
+
+
 def test_pipeline_refuses_what_it_cannot_place() -> None:
     with pytest.raises(ConfigError, match="auxiliary heads"):
         parallelize(create_model("googlenet", num_classes=3), "stages:2", CPU)

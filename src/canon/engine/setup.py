@@ -299,6 +299,16 @@ def check_recipe(recipe: Recipe, *, model_given: bool, datasets_given: bool) -> 
             f"model.init_from {source} does not exist: pass --init-from with the run directory "
             "or checkpoint to start from (a bundled recipe names the run it expects)"
         )
+    fine_tuning = [key for key, asked in [
+        ("model.frozen_stages", recipe.model.frozen_stages > 0),
+        ("optimizer.backbone_lr_scale", recipe.optimizer.backbone_lr_scale != 1),
+    ] if asked]
+    if recipe.train.model_parallel is not None and fine_tuning:
+        raise ConfigError(
+            f"train.model_parallel ({recipe.train.model_parallel}) splits the model into "
+            f"pieces on several devices, which {' and '.join(fine_tuning)} cannot find their "
+            "stages or classifier in: fine-tune on one device, or on several with torchrun"
+        )
     if recipe.train.tensorboard:
         check_tensorboard()
 
