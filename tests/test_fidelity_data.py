@@ -195,6 +195,23 @@ def test_mean_subtraction_alone_is_the_default():
     assert make_normalize(DataConfig(mean="imagenet"), None).std is None
 
 
+def test_the_papers_0_to_255_pixels_where_their_constants_assume_them():
+    """AlexNet's LRN constants and unit biases, ZFNet's RMS radius and the N(0, 0.01) weights
+    of AlexNet, ZFNet and VGG are for mean-subtracted 0-255 values: those recipes scale to
+    them, on every normalising path (a std of 1/255); the ResNets keep [0, 1]."""
+    for name in ("alexnet", "zfnet", "vgg16", "googlenet"):
+        assert load_recipe(name).data.pixel_scale == 255, name
+    assert load_recipe("resnet50").data.pixel_scale == 1
+    image, mean = torch.rand(3, 4, 4), torch.rand(3)
+    normalize = make_normalize(DataConfig(mean="imagenet", pixel_scale=255), None)
+    normalize.mean = mean.view(3, 1, 1)
+    torch.testing.assert_close(normalize(image), 255 * (image - mean.view(3, 1, 1)))
+    with pytest.raises(ConfigError, match=r"pixel_scale 255 .* divide_std would scale back"):
+        DataConfig(pixel_scale=255, divide_std=True)
+    with pytest.raises(ConfigError, match=r"data\.pixel_scale must be 1 or 255, got 100"):
+        DataConfig(pixel_scale=100)
+
+
 def _data_sections(path: Path) -> list[dict]:
     """The `data:` mappings of a recipe file and of its `base:` chain."""
     sections = []

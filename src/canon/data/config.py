@@ -54,6 +54,11 @@ class DataConfig:
     # subtract a mean and nothing else (AlexNet s2, ZFNet s3, VGG s2.1, GoogLeNet s5, ResNet
     # s3.4/s4.2); torchvision-style recipes turn it on. With a published mean, its std.
     divide_std: bool = False
+    # What the mean is subtracted from: 1, pixels in [0, 1] (torchvision's convention); 255,
+    # the papers' 0-255 values, 255 times larger, for which AlexNet's LRN constants and unit
+    # biases (s3.3, s5), ZFNet's filter RMS radius (s3) and the N(0, 0.01) initial weights of
+    # AlexNet, ZFNet and VGG were chosen. Only without divide_std, which undoes any scale.
+    pixel_scale: int = 1
     # AlexNet s4.1 "fancy PCA" colour augmentation: std of alpha_i (0.1 in the paper); 0 = off.
     # VGG s3.1 and ResNet s3.4 reuse it ("random RGB colour shift", "standard colour
     # augmentation").
@@ -139,6 +144,11 @@ class DataConfig:
         for name in ("divide_std", "flip", "download", "interpolation_jitter"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"data.{name} must be true or false, got {getattr(self, name)!r}")
+        if self.pixel_scale not in (1, 255) or isinstance(self.pixel_scale, bool):
+            raise ConfigError(f"data.pixel_scale must be 1 or 255, got {self.pixel_scale!r}")
+        if self.pixel_scale != 1 and self.divide_std:
+            raise ConfigError("data.pixel_scale 255 scales mean-subtracted pixels, which "
+                              "divide_std would scale back: set one of them")
 
     @classmethod
     def from_dict(cls, values: dict) -> DataConfig:

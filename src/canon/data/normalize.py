@@ -1,7 +1,7 @@
 """Pixel values: uint8 to float in [0, 1] and the papers' mean subtraction (the training set's
 mean image, AlexNet s2 and ResNet s3.4/s4.2, or its channel mean, VGG s2.1, or ImageNet's
 published constants), and, when asked (DataConfig.divide_std), division by the channel
-standard deviation.
+standard deviation, or (DataConfig.pixel_scale) the papers' 0-255 scale.
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ class Normalize:
     """Subtract a channel mean (3,) or a mean image (3 x S x S, resampled to the input's
     size), then divide by a channel std when given.
 
-    Deviation: pixels are in [0, 1]; the papers subtract the mean from 0-255 pixels (inputs
-    255 times larger). The papers do not say how a
-    fixed-size mean image meets inputs of other sizes (scale jitter, GoogLeNet crops, test
-    scales): here it is resampled to them (antialiased bilinear, as TF.resize)."""
+    The papers subtract the mean from 0-255 pixels: DataConfig.pixel_scale 255 gives their
+    values as a std of 1/255. The papers do not say how a fixed-size mean image meets inputs
+    of other sizes (scale jitter, GoogLeNet crops, test scales): here it is resampled to them
+    (antialiased bilinear, as TF.resize)."""
 
     def __init__(self, mean: torch.Tensor, std: torch.Tensor | None = None) -> None:
         self.mean = mean.float() if mean.dim() == 3 else mean.float().view(3, 1, 1)
@@ -100,7 +100,10 @@ def make_normalize(config: DataConfig, stats: DatasetStats | None) -> Normalize:
     """The normalisation DataConfig.mean names: ImageNet's published channel mean and std, or
     the training set's `stats`, whose mean image is of its images fitted to resize_size x
     resize_size (canon.data.stats.mean_image_fit: AlexNet's and ZFNet's central squares,
-    else squashed). The std divides only with DataConfig.divide_std."""
+    else squashed). The std divides only with DataConfig.divide_std; without it
+    DataConfig.pixel_scale 255 multiplies (a std of 1/255), so that every path that
+    normalises (per image, per batch, on the device, at evaluation and after export) gives
+    the papers' 0-255 values."""
     if config.mean in PUBLISHED:
         mean, std = PUBLISHED[config.mean]()
     else:
@@ -108,4 +111,7 @@ def make_normalize(config: DataConfig, stats: DatasetStats | None) -> Normalize:
             raise ConfigError(f"data.mean={config.mean!r} needs the training set's statistics")
         mean = stats.mean_image if config.mean == "pixel" else stats.channel_mean
         std = stats.channel_std
-    return Normalize(mean, std if config.divide_std else None)
+    if config.divide_std:
+        return Normalize(mean, std)
+    return Normalize(mean, None if config.pixel_scale == 1
+                     else torch.full((3,), 1 / config.pixel_scale))
