@@ -8,7 +8,7 @@ import yaml
 from canon.data.views import parse_protocol
 from canon.errors import ConfigError, DataError
 from canon.models.factory import list_models
-from canon.recipes import RECIPE_DIR, apply_overrides, list_recipes, load_recipe
+from canon.recipes import RECIPE_DIR, apply_overrides, list_recipes, load_recipe, show_recipe
 from canon.recipes.schema import Recipe, valid_keys
 
 REQUIRED = [
@@ -146,3 +146,18 @@ def test_set_overrides_parse_yaml_values_and_reject_unknown_keys():
 def test_unknown_recipe_name_suggests_close_ones():
     with pytest.raises(LookupError, match="resnet50"):
         load_recipe("resnet5O")
+
+
+def test_recipes_show_keeps_each_citation_whole_and_marks_keys_the_schedule_ignores():
+    def notes(name: str) -> dict[str, str]:
+        lines = show_recipe(name).splitlines()
+        return {line.split(":")[0].strip(): line.partition("# ")[2] for line in lines}
+
+    vgg = notes("vgg16")
+    assert vgg["kind"].endswith('validation set accuracy stopped improving" (_vgg.yaml)')
+    assert vgg["gamma"] == 's3.1: "by a factor of 10" (_vgg.yaml)'
+    assert "Multi-scale" not in vgg["pca_std"]  # the next paragraph's comment
+    goyal = notes("resnet50-goyal")
+    assert goyal["patience"].startswith("unused by kind multistep [canon's choice")
+    assert not goyal["milestones"].startswith("unused")
+    assert notes("alexnet")["patience"].startswith("canon's choice")  # plateau reads it

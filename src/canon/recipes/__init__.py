@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from canon.errors import ConfigError, DataError
-from canon.recipes.schema import Recipe, valid_keys
+from canon.recipes.schema import SCHEDULE_KIND_KEYS, Recipe, valid_keys
 from canon.registry import Registry
 
 RECIPES = Registry("recipe")
@@ -177,6 +177,9 @@ def show_recipe(name_or_path: str | Path) -> str:
         lines.append(f"{section}:")
         for key, item in value.items():
             note = notes.get((section, key), "canon default")
+            readers = SCHEDULE_KIND_KEYS.get(key, ()) if section == "schedule" else ()
+            if readers and recipe.schedule.kind not in readers:
+                note = f"unused by kind {recipe.schedule.kind} [{note}]"
             lines.append(_noted(f"  {key}: {_flow(item)}", note))
     return "\n".join(lines)
 
@@ -190,21 +193,23 @@ def _base_chain(path: Path) -> list[Path]:
 
 
 def _comments(path: Path) -> dict[tuple[str | None, str], str]:
-    """(section, key) -> the comment on its line and the comment-only lines right after it
-    ("" for a key the file sets without a comment)."""
+    """(section, key) -> the comment on its line and the comment-only lines in the comment
+    column right after it ("" for a key the file sets without a comment). A comment-only line
+    at a key's indentation (or less) is about what follows, not a continuation."""
     comments: dict[tuple[str | None, str], str] = {}
-    section, last = None, None
+    section, last, key_indent = None, None, 0
     for line in path.read_text(encoding="utf-8").splitlines():
         code, _, comment = line.partition("#")
         comment = comment.strip()
         if not code.strip():
-            if last is not None and comment and line.startswith(" "):
+            if last is not None and comment and len(code) > key_indent:
                 comments[last] = f"{comments.get(last, '')} {comment}".strip()
             else:
                 last = None
             continue
         key = code.split(":", 1)[0].strip()
-        if not line.startswith(" "):
+        key_indent = len(code) - len(code.lstrip())
+        if not key_indent:
             section = key if not code.split(":", 1)[1].strip() else None
             last = (None, key)
         else:

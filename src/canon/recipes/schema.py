@@ -25,6 +25,13 @@ from canon.errors import ConfigError
 from canon.validation import build_dataclass, plain
 
 SCHEDULE_KINDS = ("plateau", "step", "multistep", "cosine", "constant")
+# The schedule keys that only some kinds read (canon.engine.schedules); the others (the
+# warm-up's) every kind reads.
+SCHEDULE_KIND_KEYS = {
+    "unit": ("step", "multistep"), "milestones": ("multistep",), "step_size": ("step",),
+    "gamma": ("plateau", "step", "multistep"), "patience": ("plateau",),
+    "threshold": ("plateau",), "max_reductions": ("plateau",), "min_lr": ("cosine",),
+}
 SCHEDULE_UNITS = ("epoch", "iteration")
 WARMUP_MODES = ("linear", "constant")
 # Where a warm-up starts: warmup_start_factor x the peak lr, or optimizer.lr itself (the rate
