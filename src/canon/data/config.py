@@ -82,7 +82,7 @@ class DataConfig:
     # with equal probability) for resizing", drawn per training crop by the googlenet
     # pipeline; false: data.interpolation for every crop.
     interpolation_jitter: bool = True
-    # Multi-scale test scales (shorter sides); empty = VGG s3.2's rule: {S-32, S, S+32} for a
+    # Multi-scale test scales (shorter sides); empty = VGG s4.2's rule: {S-32, S, S+32} for a
     # fixed training scale S = resize_size, {min, mid, max} for a jittered scale_range.
     test_scales: tuple[int, ...] = ()
     # Fetch CIFAR from its official address (md5-verified) when it is not on disk.
@@ -164,7 +164,7 @@ class DataConfig:
         return "center-square" if self.augmentation == "zfnet" else "shorter"
 
     def multi_scale_test_sizes(self) -> tuple[int, ...]:
-        """Shorter sides for multi-scale testing (VGG s3.2 and s4.2 when none are given)."""
+        """Shorter sides for multi-scale testing (VGG s4.2's Q when none are given)."""
         if self.test_scales:
             return self.test_scales
         if self.scale_range is not None:
