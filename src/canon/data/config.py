@@ -148,7 +148,8 @@ class DataConfig:
             raise ConfigError(f"data.pixel_scale must be 1 or 255, got {self.pixel_scale!r}")
         if self.pixel_scale != 1 and self.divide_std:
             raise ConfigError("data.pixel_scale 255 scales mean-subtracted pixels, which "
-                              "divide_std would scale back: set one of them")
+                              "divide_std would scale back: set one of them (with "
+                              "data.divide_std true, also set data.pixel_scale 1)")
 
     @classmethod
     def from_dict(cls, values: dict) -> DataConfig:

@@ -141,7 +141,9 @@ def _decode_on_own_stream(files: list[torch.Tensor], device: torch.device
     are then marked as in use by the training stream, whose kernels read them: their blocks
     go to no later decode before those kernels have run."""
     training = torch.cuda.current_stream(device)
-    decoding = _DECODE_STREAMS.setdefault(device, torch.cuda.Stream(device))
+    if device not in _DECODE_STREAMS:
+        _DECODE_STREAMS[device] = torch.cuda.Stream(device)
+    decoding = _DECODE_STREAMS[device]
     with torch.cuda.stream(decoding):
         images = decode_jpeg(files, mode=ImageReadMode.RGB, device=device)
     training.wait_stream(decoding)

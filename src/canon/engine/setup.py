@@ -516,15 +516,16 @@ def _check_same_global_batch(run: Run, state: dict[str, Any]) -> None:
     """A checkpoint's progress (optimizer steps taken, the position in the epoch, where the
     warm-up ended) counts steps of its global batch: at another, the schedule and the epoch's
     end would fall elsewhere."""
-    saved = Recipe.from_dict(state["recipe"]).train
+    saved = state["recipe"]["train"]  # as written: any key it has since lost is no matter
+    batch, accum = saved["batch_size"], saved.get("accum_steps", 1)
     ranks, config = len(state["rng"]), run.recipe.train
-    before = saved.batch_size * saved.accum_steps * ranks
+    before = batch * accum * ranks
     now = config.batch_size * config.accum_steps * run.ctx.world_size
     if before != now:
         raise ConfigError(
             f"cannot resume at global batch {now} ({config.batch_size} x {config.accum_steps} "
             f"accum x {run.ctx.world_size} process(es)): the checkpoint's {state['step']} steps "
-            f"were of {before} ({saved.batch_size} x {saved.accum_steps} x {ranks}). Resume "
+            f"were of {before} ({batch} x {accum} x {ranks}). Resume "
             "with a batch, --accum and process count that multiply to "
             f"{before}, or start a new run from its weights with --init-from"
         )
