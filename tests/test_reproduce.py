@@ -155,6 +155,24 @@ def test_degradation_micro_end_to_end_skips_finished_runs_and_resumes(
     assert set(statuses.values()) == {"finished before"}
 
 
+def test_jobs_train_runs_in_processes_of_their_own(tmp_path: Path, capsys) -> None:
+    """--jobs 2: the four degradation runs trained two at a time in spawned processes, the
+    report as from one process; a second call trains nothing."""
+    argv = ["reproduce", "degradation", "--micro", "--output-dir", str(tmp_path), "--device",
+            "cpu", "--jobs", "2"]
+    main(argv)
+    assert "(4 run(s) trained now)" in capsys.readouterr().out
+    results = json.loads((tmp_path / "degradation-micro" / "results.json").read_text())
+    assert [run["status"] for run in results["runs"]] == ["trained"] * 4
+    for run in results["runs"]:
+        assert len(_metrics(tmp_path / "runs" / run["run"])) == 2
+    main(argv)
+    assert "(0 run(s) trained now)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main([*argv[:-1], "0"])
+    assert "--jobs 0: train at least one run at a time" in capsys.readouterr().err
+
+
 def test_a_run_of_another_recipe_is_refused(tmp_path: Path) -> None:
     """A run directory holding another mode's (or an edited recipe's) run is neither kept nor
     continued: its recipe.yaml is compared with the recipe planned."""

@@ -36,6 +36,9 @@ def add_reproduce_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="the dataset folder the recipes train on (imagenette: "
                         "/path/to/imagenette2-160); CIFAR-10 is downloaded when absent")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N",
+                        help="train N runs at once, a process each, on the same device (the "
+                        "CIFAR nets leave a big GPU mostly idle); default: 1")
     parser.set_defaults(run=run_reproduce, mode="full")
 
 
@@ -46,12 +49,14 @@ def run_reproduce(args: argparse.Namespace) -> None:
         return
     if args.experiment is None:
         raise ConfigError("name an experiment: canon reproduce NAME (canon reproduce --list)")
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs {args.jobs}: train at least one run at a time")
     from canon.engine.trainer import TrainingInterrupted
     from canon.reproduce.runner import reproduce
 
     try:
         result = reproduce(args.experiment, args.output_dir, mode=args.mode, runs=args.runs,
-                           device=args.device, data=args.data)
+                           device=args.device, data=args.data, jobs=args.jobs)
     except TrainingInterrupted as stop:
         print(f"stopped ({stop.checkpoint}); the same command resumes it")
         sys.exit(128 + stop.signal_number)  # the shell's convention, as `canon train`

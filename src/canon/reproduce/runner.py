@@ -10,15 +10,22 @@ OUTPUT/NAME[-MODE]/                README.md, results.json and the plots of expe
 
 from __future__ import annotations
 
+import multiprocessing
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import torch
+
+from canon.engine.stopping import StopFlag
+from canon.engine.trainer import TrainingInterrupted
 from canon.files import make_folder
 from canon.reproduce.analyses import ANALYSES, Context, Finding
-from canon.reproduce.experiments import get_experiment
+from canon.reproduce.experiments import Mode, get_experiment
 from canon.reproduce.report import environment, write_report
-from canon.reproduce.training import ensure_run, plan_runs
+from canon.reproduce.training import PlannedRun, RunRecord, ensure_run, plan_runs
 
 DEFAULT_OUTPUT = Path("reproduce")
 
@@ -40,13 +47,15 @@ def reproduce(
     device: str = "auto",
     data: str | None = None,
     progress: bool = True,
+    jobs: int = 1,
 ) -> Reproduction:
     """Reproduce experiment `name` (canon.reproduce.experiments.EXPERIMENTS) in `mode`
     ("full", "quick" or "micro", the last for tests) with `runs` seeds where it compares
     seeds, on the folder `data` instead of the recipes' dataset when given. Finished runs
     under OUTPUT/runs are read as they are, interrupted ones resumed; Ctrl-C stops the run in
     training with a checkpoint (canon.engine.trainer's TrainingInterrupted), and the same
-    call again goes on from it."""
+    call again goes on from it. `jobs` > 1 trains that many runs at once, each in a process
+    of its own on the same device: small nets leave a big GPU mostly idle."""
     experiment = get_experiment(name)
     chosen = experiment.mode(mode)
     if data is not None:  # stored in each run's recipe.yaml, compared when a run is reused
@@ -54,7 +63,7 @@ def reproduce(
     root = Path(output_dir)
     started = time.perf_counter()
     planned = plan_runs(experiment, chosen, runs, root / "runs", data)
-    records = [ensure_run(run, chosen, device=device, progress=progress) for run in planned]
+    records = _ensure_runs(planned, chosen, device, progress, jobs)
     suffix = "" if mode == "full" else f"-{mode}"
     context = Context(experiment, chosen, device, root / f"{name}{suffix}")
     make_folder(context.folder)
@@ -63,6 +72,61 @@ def reproduce(
                           environment(device), time.perf_counter() - started)
     return Reproduction(readme, outcome.findings, all(f.held for f in outcome.findings),
                         sum(record.status != "finished before" for record in records))
+
+
+def _ensure_runs(planned: list[PlannedRun], mode: Mode, device: str, progress: bool,
+                 jobs: int) -> list[RunRecord]:
+    """Each planned run trained, resumed or read; `jobs` at a time in spawned processes (no
+    progress bars: their lines would interleave). Ctrl-C reaches every process: each running
+    run saves its checkpoint, no further run starts, and this process reports the stop once
+    they have."""
+    if jobs <= 1 or len(planned) <= 1:
+        return [ensure_run(run, mode, device=device, progress=progress) for run in planned]
+    spawn = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+    stopping, flag = spawn.Event(), StopFlag()
+    with flag.installed(), ProcessPoolExecutor(
+            max_workers=jobs, mp_context=spawn, initializer=_pool_process,
+            initargs=(jobs, stopping)) as pool:
+        futures = [pool.submit(_ensure_in_process, run, mode, device) for run in planned]
+        while not all(future.done() for future in futures):
+            wait(futures, timeout=0.5, return_when=FIRST_COMPLETED)
+            if flag.raised or any(_stopped(future) for future in futures):
+                stopping.set()  # the runs queued in the pool's processes do not start
+                for future in futures:
+                    future.cancel()
+    outcomes = [None if future.cancelled() else future.result() for future in futures]
+    stop = next((o for o in outcomes if isinstance(o, tuple)), None)
+    if stop is not None:
+        raise TrainingInterrupted(*stop)
+    if flag.raised:  # a signal to this process alone: the running runs finished, no more began
+        raise TrainingInterrupted(planned[0].run_dir.parent, flag.signal_number)
+    return outcomes
+
+
+_STOPPING: Any = None  # a pool process's copy of the stop event
+
+
+def _pool_process(jobs: int, stopping: Any) -> None:
+    global _STOPPING
+    _STOPPING = stopping
+    torch.set_num_threads(max(1, torch.get_num_threads() // jobs))
+
+
+def _stopped(future: Future) -> bool:
+    return future.done() and not future.cancelled() and isinstance(future.result(), tuple)
+
+
+def _ensure_in_process(run: PlannedRun, mode: Mode, device: str
+                       ) -> RunRecord | tuple[Path, int] | None:
+    """ensure_run in a pool process; None when a stop came before it began, and a stop during
+    it as (checkpoint, signal), since TrainingInterrupted's arguments do not survive
+    pickling."""
+    if _STOPPING.is_set():
+        return None
+    try:
+        return ensure_run(run, mode, device=device, progress=False)
+    except TrainingInterrupted as stop:
+        return stop.checkpoint, stop.signal_number
 
 
 def _command(name: str, mode: str, runs: int | None, root: Path, data: str | None) -> str:
