@@ -157,7 +157,8 @@ def test_degradation_micro_end_to_end_skips_finished_runs_and_resumes(
 
 def test_jobs_train_runs_in_processes_of_their_own(tmp_path: Path, capsys) -> None:
     """--jobs 2: the four degradation runs trained two at a time in spawned processes, the
-    report as from one process; a second call trains nothing."""
+    report as from one process; a second call trains nothing, with --cuda-graph too (the same
+    runs: the graph changes their speed, not what they compute)."""
     argv = ["reproduce", "degradation", "--micro", "--output-dir", str(tmp_path), "--device",
             "cpu", "--jobs", "2"]
     main(argv)
@@ -166,7 +167,7 @@ def test_jobs_train_runs_in_processes_of_their_own(tmp_path: Path, capsys) -> No
     assert [run["status"] for run in results["runs"]] == ["trained"] * 4
     for run in results["runs"]:
         assert len(_metrics(tmp_path / "runs" / run["run"])) == 2
-    main(argv)
+    main([*argv, "--cuda-graph"])  # the same runs, faster where there is a GPU
     assert "(0 run(s) trained now)" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main([*argv[:-1], "0"])

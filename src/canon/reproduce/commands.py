@@ -39,6 +39,9 @@ def add_reproduce_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--jobs", type=int, default=1, metavar="N",
                         help="train N runs at once, a process each, on the same device (the "
                         "CIFAR nets leave a big GPU mostly idle); default: 1")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="capture each run's training step in a CUDA graph "
+                        "(train.cuda_graph): the same training, launched at once")
     parser.set_defaults(run=run_reproduce, mode="full")
 
 
@@ -56,7 +59,8 @@ def run_reproduce(args: argparse.Namespace) -> None:
 
     try:
         result = reproduce(args.experiment, args.output_dir, mode=args.mode, runs=args.runs,
-                           device=args.device, data=args.data, jobs=args.jobs)
+                           device=args.device, data=args.data, jobs=args.jobs,
+                           cuda_graph=args.cuda_graph)
     except TrainingInterrupted as stop:
         print(f"stopped ({stop.checkpoint}); the same command resumes it")
         sys.exit(128 + stop.signal_number)  # the shell's convention, as `canon train`

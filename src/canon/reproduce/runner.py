@@ -10,6 +10,7 @@ OUTPUT/NAME[-MODE]/                README.md, results.json and the plots of expe
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -22,6 +23,7 @@ import torch
 from canon.engine.stopping import StopFlag
 from canon.engine.trainer import TrainingInterrupted
 from canon.files import make_folder
+from canon.recipes import apply_overrides
 from canon.reproduce.analyses import ANALYSES, Context, Finding
 from canon.reproduce.experiments import Mode, get_experiment
 from canon.reproduce.report import environment, write_report
@@ -48,6 +50,7 @@ def reproduce(
     data: str | None = None,
     progress: bool = True,
     jobs: int = 1,
+    cuda_graph: bool = False,
 ) -> Reproduction:
     """Reproduce experiment `name` (canon.reproduce.experiments.EXPERIMENTS) in `mode`
     ("full", "quick" or "micro", the last for tests) with `runs` seeds where it compares
@@ -55,7 +58,9 @@ def reproduce(
     under OUTPUT/runs are read as they are, interrupted ones resumed; Ctrl-C stops the run in
     training with a checkpoint (canon.engine.trainer's TrainingInterrupted), and the same
     call again goes on from it. `jobs` > 1 trains that many runs at once, each in a process
-    of its own on the same device: small nets leave a big GPU mostly idle."""
+    of its own on the same device: small nets leave a big GPU mostly idle. `cuda_graph`
+    captures every run's step in a CUDA graph (train.cuda_graph), which changes its speed,
+    not what it computes."""
     experiment = get_experiment(name)
     chosen = experiment.mode(mode)
     if data is not None:  # stored in each run's recipe.yaml, compared when a run is reused
@@ -63,6 +68,9 @@ def reproduce(
     root = Path(output_dir)
     started = time.perf_counter()
     planned = plan_runs(experiment, chosen, runs, root / "runs", data)
+    if cuda_graph:
+        planned = [dataclasses.replace(run, recipe=apply_overrides(
+            run.recipe, [("train.cuda_graph", True)])) for run in planned]
     records = _ensure_runs(planned, chosen, device, progress, jobs)
     suffix = "" if mode == "full" else f"-{mode}"
     context = Context(experiment, chosen, device, root / f"{name}{suffix}")

@@ -56,6 +56,11 @@ class RunRecord:
     test_error: float  # the final model's top-1 test error (%)
 
 
+# Keys that change how fast a run trains, not what it computes: a run is the same run with
+# them either way (a GPU may go on with a run a CPU began).
+SPEED_ONLY = frozenset({"train.cuda_graph", "train.compile"})
+
+
 def plan_runs(experiment: Experiment, mode: Mode, runs: int | None, root: Path,
               data: str | None = None) -> list[PlannedRun]:
     """Every (recipe, seed) run of `experiment` in `mode`, with seeds 0 .. runs - 1, on the
@@ -132,7 +137,7 @@ def _check_same_recipe(run_dir: Path, recipe: Recipe, *, finished: bool = False)
         return
     saved, ours = _flat(parse_yaml(path.read_text()) or {}), _flat(recipe.to_dict())
     defaults = _flat(_defaults()) if finished else {}
-    differing = sorted(key for key in saved.keys() | ours.keys()
+    differing = sorted(key for key in (saved.keys() | ours.keys()) - SPEED_ONLY
                        if saved.get(key, defaults.get(key)) != ours.get(key))
     if differing:
         raise ConfigError(
