@@ -96,8 +96,8 @@ def _ensure_runs(planned: list[PlannedRun], mode: Mode, device: str, progress: b
             max_workers=jobs, mp_context=spawn, initializer=_pool_process,
             initargs=(jobs, stopping)) as pool:
         futures = [pool.submit(_ensure_in_process, run, mode, device) for run in planned]
-        while not all(future.done() for future in futures):
-            wait(futures, timeout=0.5, return_when=FIRST_COMPLETED)
+        while pending := [future for future in futures if not future.done()]:
+            wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
             if flag.raised or any(_stopped(future) for future in futures):
                 stopping.set()  # the runs queued in the pool's processes do not start
                 for future in futures:
