@@ -5,14 +5,16 @@
 #   mkdir -p .devdata && cp -r ../shared/data/imagenette2-160-mini .devdata/
 # Most important first, since a call is cut at its limit: the GPU tests (captured step against
 # eager, nvJPEG crops against the CPU pipeline and beside a queued step, Polyak averaging, model
-# parallelism), ResNet-50's step eager, in a CUDA graph and compiled against torchvision's
-# (bf16), ResNet-110 at the paper's batch 128 with and without the graph (its 64k-iteration
-# schedule takes 64,000 x 128 / images/s), the other models' eager steps, and ResNet-50
+# parallelism), the JPEG pipeline on the GPU alone (`bench data --device cuda`: nvJPEG and
+# the crops, against one CPU core), ResNet-50's step eager, in a CUDA graph and compiled
+# against torchvision's (bf16), ResNet-110 at the paper's batch 128 with and without the graph
+# (its 64k-iteration schedule takes 64,000 x 128 / images/s), the other models' eager steps,
+# and ResNet-50
 # training on real JPEGs decoded on the GPU and by loader processes (images/s per epoch in
 # metrics.csv). Each command has a time limit. The device tool brings back at most 8 files
 # from $OUT: the JSON figures and the real-JPEG runs' metrics go into one results.tar, re-packed
 # after every command so a cut call still returns them; the printed tables go to log.txt. Give
-# the call timeout_s 600 (on 2026-12-04 an H200 ran it in 380 s).
+# the call timeout_s 600 (on 2026-12-04 an H200 ran it in 380 s, without the data bench).
 set -u -o pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1 CANON_SHARED_DATA=$PWD/.devdata
 out=${OUT:-gpu-results}
@@ -34,6 +36,8 @@ train_bench() {  # train_bench NAME SECONDS FLAGS...: canon bench train, figures
 
 step 100 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_engine_training.py \
   tests/test_fidelity_training.py tests/test_data_device_jpeg.py tests/test_model_parallel.py
+step 60 python3 -m canon bench data --data .devdata/imagenette2-160-mini --images 1000 \
+  --repeats 3 --recipe resnet50-goyal --device cuda --json "$figures/data-on-device.json"
 train_bench resnet50_v1_5 45 --model resnet50_v1_5
 train_bench resnet50_v1_5-graph 45 --model resnet50_v1_5 --cuda-graph
 for graph in true false; do

@@ -78,6 +78,21 @@ def test_data_bench_gives_both_rates(imagenette_root):
     assert result.ratio > 0
 
 
+def test_data_bench_times_the_on_device_path_where_a_recipe_has_one(imagenette_root, capsys):
+    """--device: canon's decode_on_device path, the same batched ops on the CPU here; AlexNet's
+    fixed square crops have no on-device form."""
+    from canon.cli import main
+
+    results = bench_data(imagenette_root, ["resnet18-imagenette5", "alexnet"], images=8,
+                         repeats=1, device="cpu", batch_size=4)
+    assert results[0].on_device_images_per_s > 0 and results[1].on_device_images_per_s is None
+    main(["bench", "data", "--data", str(imagenette_root), "--images", "4", "--repeats", "1",
+          "--device", "cpu", "--batch-size", "2"])
+    table = capsys.readouterr().out.splitlines()
+    assert table[1].endswith("on cpu") and len(table[2].split()) == 6
+    assert table[-1].startswith("on cpu: canon's on-device path")
+
+
 def test_both_pipelines_give_the_same_tensors_of_the_same_images(imagenette_root):
     sets = pipelines(bench_config("resnet18-imagenette5", imagenette_root), images=3)
     for i, j in zip(sets.canon_indices, sets.torchvision_indices, strict=True):

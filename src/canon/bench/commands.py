@@ -49,6 +49,11 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
                         f"default: {DEFAULT_RECIPE}")
     parser.add_argument("--images", type=int, default=500, metavar="N",
                         help="training images per pass, spread over the split")
+    parser.add_argument("--device", metavar="DEVICE",
+                        help="also time canon's on-device path (train.decode_on_device) there: "
+                        "cuda, cpu or auto")
+    parser.add_argument("--batch-size", type=int, default=256, metavar="N",
+                        help="files decoded together on the device; default: 256")
     _repeats_and_json(parser, 5, "passes per pipeline")
 
 
@@ -138,8 +143,9 @@ def run_data(args: argparse.Namespace) -> None:
     from canon.bench.data import bench_data, format_data, imagenet_recipes
 
     recipes = imagenet_recipes() if args.recipe == "all" else [args.recipe]
-    results = bench_data(args.data, recipes, images=args.images, repeats=args.repeats)
-    print(format_data(results, args.data))
+    results = bench_data(args.data, recipes, images=args.images, repeats=args.repeats,
+                         device=args.device, batch_size=args.batch_size)
+    print(format_data(results, args.data, args.device, args.batch_size))
     _write_json(args.json, [result.to_dict() for result in results])
 
 

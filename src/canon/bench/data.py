@@ -22,6 +22,11 @@ is work only canon does. canon's "area" filter becomes PIL's box filter.
 
 One process, one thread, no DataLoader workers; the same images (spread evenly over the
 training split) by index in both, repeats alternating, the median reported.
+
+With a device (`--device cuda`), canon's on-device path (train.decode_on_device) is timed too
+on the same images: each batch's files read, decoded together (nvJPEG on a GPU) and cropped,
+shifted, normalised and reflected there (canon.data.device_jpeg), the device's queued work
+waited for at the end. Only recipes with an on-device form get the figure.
 """
 
 from __future__ import annotations
@@ -38,11 +43,15 @@ from torchvision.datasets import ImageFolder
 from torchvision.transforms import InterpolationMode, v2
 
 from canon.bench import DEFAULT_RECIPE
+from canon.bench.train import synchronize
 from canon.data.config import DataConfig
+from canon.data.device_jpeg import DeviceCrops, FileBytes, collate_files, decode_batch
+from canon.data.folders import FolderImages
 from canon.data.geometry import INTERPOLATION
 from canon.data.loaders import build_datasets
 from canon.data.stats import imagenet_channel_stats
 from canon.data.transforms import INTERPOLATION_JITTER
+from canon.engine.distributed import resolve_device
 from canon.errors import ConfigError
 from canon.recipes import list_recipes, load_recipe
 
@@ -59,6 +68,7 @@ class DataBench:
     repeats: int
     canon_images_per_s: float
     torchvision_images_per_s: float
+    on_device_images_per_s: float | None = None  # canon's on-device path, when asked for
 
     @property
     def ratio(self) -> float:
@@ -159,15 +169,37 @@ def images_per_second(dataset: Dataset, indices: Sequence[int]) -> float:
     return len(indices) / (time.perf_counter() - start)
 
 
+def on_device_images_per_second(folder: FolderImages, indices: Sequence[int],
+                                 device: torch.device, batch_size: int) -> float | None:
+    """One pass of canon's on-device path over `indices`, `batch_size` files at a time: read,
+    decoded together and augmented on `device`; None for a pipeline without that form."""
+    augment = DeviceCrops.of(folder.transform)
+    if augment is None:
+        return None
+    files = FileBytes(folder)
+    synchronize(device)
+    start = time.perf_counter()
+    for first in range(0, len(indices), batch_size):
+        keys, data, lengths, _ = collate_files(
+            [files[i] for i in indices[first : first + batch_size]])
+        decoded = decode_batch(list(torch.split(data, lengths.tolist())), keys, folder, device)
+        kept = [i for i, image in enumerate(decoded) if image is not None]
+        augment([decoded[i] for i in kept], keys[kept], 0, len(folder))
+    synchronize(device)
+    return len(indices) / (time.perf_counter() - start)
+
+
 def bench_data(
     data: str | Path, recipes: Sequence[str] = (DEFAULT_RECIPE,), images: int = 500,
-    repeats: int = 5,
+    repeats: int = 5, device: str | None = None, batch_size: int = 256,
 ) -> list[DataBench]:
     """canon's and torchvision's pipelines for each recipe on the dataset folder `data`, on
-    one thread (torch's thread count is restored afterwards)."""
+    one thread (torch's thread count is restored afterwards), and canon's on-device path on
+    `device` in batches of `batch_size` when a device is given."""
     if images < 1 or repeats < 1:
         raise ConfigError(f"--images and --repeats must be at least 1, got {images}, {repeats}")
     configs = [bench_config(recipe, data) for recipe in recipes]  # bad names fail first
+    target = None if device is None else torch.device(resolve_device(device))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     results, folder = [], None
@@ -175,28 +207,43 @@ def bench_data(
         for recipe, config in zip(recipes, configs, strict=True):
             sets = pipelines(config, images, folder)
             folder = sets.torchvision
-            rates: dict[str, list[float]] = {"canon": [], "torchvision": []}
+            rates: dict[str, list[float]] = {"canon": [], "torchvision": [], "device": []}
             for _ in range(repeats):
                 rates["canon"].append(images_per_second(sets.canon, sets.canon_indices))
                 rates["torchvision"].append(
                     images_per_second(sets.torchvision, sets.torchvision_indices))
+                if target is not None and isinstance(sets.canon, FolderImages):
+                    rate = on_device_images_per_second(sets.canon, sets.canon_indices, target,
+                                                       batch_size)
+                    rates["device"] += [] if rate is None else [rate]
             results.append(DataBench(
                 recipe, config.augmentation, len(sets.canon_indices), repeats,
                 statistics.median(rates["canon"]), statistics.median(rates["torchvision"]),
+                statistics.median(rates["device"]) if rates["device"] else None,
             ))
     finally:
         torch.set_num_threads(threads)
     return results
 
 
-def format_data(results: Sequence[DataBench], data: str | Path) -> str:
+def format_data(results: Sequence[DataBench], data: str | Path, device: str | None = None,
+                batch_size: int = 256) -> str:
     """The table the command prints."""
     first = results[0]
+    column = f"on {device}" if device is not None else ""
     lines = [
         f"{first.images} training images of {data}, one thread, no workers, median of "
         f"{first.repeats} repeats; images/s (per core), colour augmentation off",
-        f"{'recipe':<24}{'augmentation':<14}{'canon':>9}{'torchvision':>13}{'canon/tv':>10}",
+        f"{'recipe':<24}{'augmentation':<14}{'canon':>9}{'torchvision':>13}{'canon/tv':>10}"
+        f"{column:>14}",
     ]
-    lines += [f"{r.recipe:<24}{r.augmentation:<14}{r.canon_images_per_s:>9.1f}"
-              f"{r.torchvision_images_per_s:>13.1f}{r.ratio:>10.3f}" for r in results]
+    for r in results:
+        rate = r.on_device_images_per_s
+        on_device = "" if device is None else f"{'-' if rate is None else f'{rate:.1f}':>14}"
+        lines.append(f"{r.recipe:<24}{r.augmentation:<14}{r.canon_images_per_s:>9.1f}"
+                     f"{r.torchvision_images_per_s:>13.1f}{r.ratio:>10.3f}{on_device}")
+    if device is not None:
+        lines.append(f"{column}: canon's on-device path (train.decode_on_device), batches of "
+                     f"{batch_size} files read, decoded together and augmented there; "
+                     "-: no on-device form")
     return "\n".join(lines)
