@@ -9,9 +9,8 @@
 # the crops, against one CPU core), ResNet-50's step eager, in a CUDA graph and compiled
 # against torchvision's (bf16), ResNet-110 at the paper's batch 128 with and without the graph
 # (its 64k-iteration schedule takes 64,000 x 128 / images/s), the other models' eager steps,
-# and ResNet-50
-# training on real JPEGs decoded on the GPU and by loader processes (images/s per epoch in
-# metrics.csv). Each command has a time limit. The device tool brings back at most 8 files
+# and ResNet-50 training on real JPEGs decoded on the GPU and by loader processes (images/s per
+# epoch in metrics.csv). Each command has a time limit. The device tool brings back at most 8 files
 # from $OUT: the JSON figures and the real-JPEG runs' metrics go into one results.tar, re-packed
 # after every command so a cut call still returns them; the printed tables go to log.txt. Give
 # the call timeout_s 600 (on 2026-12-04 an H200 ran it in 380 s, without the data bench).
