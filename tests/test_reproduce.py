@@ -169,6 +169,12 @@ def test_jobs_train_runs_in_processes_of_their_own(tmp_path: Path, capsys) -> No
         assert len(_metrics(tmp_path / "runs" / run["run"])) == 2
     main([*argv, "--cuda-graph"])  # the same runs, faster where there is a GPU
     assert "(0 run(s) trained now)" in capsys.readouterr().out
+    recipe = tmp_path / "runs" / "plain20-cifar10-micro-seed0" / "recipe.yaml"
+    recipe.write_text(recipe.read_text().replace("\n  seed: 0", "\n  seed: 7"))
+    with pytest.raises(SystemExit):  # one run's failure ends the call, named
+        main(argv)
+    assert "plain20-cifar10-micro-seed0 holds a run of another recipe (train.seed differ)" \
+        in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([*argv[:-1], "0"])
     assert "--jobs 0: train at least one run at a time" in capsys.readouterr().err

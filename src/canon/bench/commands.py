@@ -52,8 +52,8 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", metavar="DEVICE",
                         help="also time canon's on-device path (train.decode_on_device) there: "
                         "cuda, cpu or auto")
-    parser.add_argument("--batch-size", type=int, default=256, metavar="N",
-                        help="files decoded together on the device; default: 256")
+    parser.add_argument("--batch-size", type=int, metavar="N",
+                        help="files decoded together on --device; default: 256")
     _repeats_and_json(parser, 5, "passes per pipeline")
 
 
@@ -143,9 +143,12 @@ def run_data(args: argparse.Namespace) -> None:
     from canon.bench.data import bench_data, format_data, imagenet_recipes
 
     recipes = imagenet_recipes() if args.recipe == "all" else [args.recipe]
+    if args.batch_size is not None and args.device is None:
+        raise ConfigError("--batch-size sizes the batches decoded on --device: give it too")
+    batch_size = 256 if args.batch_size is None else args.batch_size
     results = bench_data(args.data, recipes, images=args.images, repeats=args.repeats,
-                         device=args.device, batch_size=args.batch_size)
-    print(format_data(results, args.data, args.device, args.batch_size))
+                         device=args.device, batch_size=batch_size)
+    print(format_data(results, args.data, args.device, batch_size))
     _write_json(args.json, [result.to_dict() for result in results])
 
 

@@ -196,8 +196,9 @@ def bench_data(
     """canon's and torchvision's pipelines for each recipe on the dataset folder `data`, on
     one thread (torch's thread count is restored afterwards), and canon's on-device path on
     `device` in batches of `batch_size` when a device is given."""
-    if images < 1 or repeats < 1:
-        raise ConfigError(f"--images and --repeats must be at least 1, got {images}, {repeats}")
+    if images < 1 or repeats < 1 or batch_size < 1:
+        raise ConfigError(f"--images, --repeats and --batch-size must be at least 1, got "
+                          f"{images}, {repeats}, {batch_size}")
     configs = [bench_config(recipe, data) for recipe in recipes]  # bad names fail first
     target = None if device is None else torch.device(resolve_device(device))
     threads = torch.get_num_threads()
@@ -230,12 +231,12 @@ def format_data(results: Sequence[DataBench], data: str | Path, device: str | No
                 batch_size: int = 256) -> str:
     """The table the command prints."""
     first = results[0]
-    column = f"on {device}" if device is not None else ""
+    column = f"on {resolve_device(device)}" if device is not None else ""
     lines = [
         f"{first.images} training images of {data}, one thread, no workers, median of "
         f"{first.repeats} repeats; images/s (per core), colour augmentation off",
         f"{'recipe':<24}{'augmentation':<14}{'canon':>9}{'torchvision':>13}{'canon/tv':>10}"
-        f"{column:>14}",
+        + (f"{column:>14}" if column else ""),
     ]
     for r in results:
         rate = r.on_device_images_per_s

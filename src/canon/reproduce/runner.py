@@ -14,6 +14,7 @@ import dataclasses
 import multiprocessing
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import torch
 
 from canon.engine.stopping import StopFlag
 from canon.engine.trainer import TrainingInterrupted
+from canon.errors import CanonError
 from canon.files import make_folder
 from canon.recipes import apply_overrides
 from canon.reproduce.analyses import ANALYSES, Context, Finding
@@ -85,43 +87,53 @@ def reproduce(
 def _ensure_runs(planned: list[PlannedRun], mode: Mode, device: str, progress: bool,
                  jobs: int) -> list[RunRecord]:
     """Each planned run trained, resumed or read; `jobs` at a time in spawned processes (no
-    progress bars: their lines would interleave). Ctrl-C reaches every process: each running
-    run saves its checkpoint, no further run starts, and this process reports the stop once
-    they have."""
+    progress bars: their lines would interleave). A stop signal to every process (Ctrl-C,
+    SLURM) makes each running run save its checkpoint; then, as when a run fails, no queued
+    run starts, and the stop or the first failure is raised once the running ones are done.
+    A SIGTERM to this process alone lets the running runs finish."""
     if jobs <= 1 or len(planned) <= 1:
         return [ensure_run(run, mode, device=device, progress=progress) for run in planned]
     spawn = multiprocessing.get_context("spawn")  # CUDA cannot be forked
-    stopping, flag = spawn.Event(), StopFlag()
+    stopping, flag, workers = spawn.Event(), StopFlag(), min(jobs, len(planned))
     with flag.installed(), ProcessPoolExecutor(
-            max_workers=jobs, mp_context=spawn, initializer=_pool_process,
-            initargs=(jobs, stopping)) as pool:
+            max_workers=workers, mp_context=spawn, initializer=_pool_process,
+            initargs=(workers, stopping)) as pool:
         futures = [pool.submit(_ensure_in_process, run, mode, device) for run in planned]
         while pending := [future for future in futures if not future.done()]:
             wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-            if flag.raised or any(_stopped(future) for future in futures):
+            if flag.raised or any(_ended_early(future) for future in futures):
                 stopping.set()  # the runs queued in the pool's processes do not start
                 for future in futures:
                     future.cancel()
-    outcomes = [None if future.cancelled() else future.result() for future in futures]
-    stop = next((o for o in outcomes if isinstance(o, tuple)), None)
+    ended = [future for future in futures if not future.cancelled()]
+    stop = next((f.result() for f in ended if _ended_early(f) and not f.exception()), None)
     if stop is not None:
         raise TrainingInterrupted(*stop)
+    error = next((f.exception() for f in ended if f.exception() is not None), None)
+    if isinstance(error, BrokenProcessPool):
+        raise CanonError(f"a run's process died ({error}); the same command resumes the runs "
+                         "from their last checkpoints")
+    if error is not None:
+        raise error
     if flag.raised:  # a signal to this process alone: the running runs finished, no more began
         raise TrainingInterrupted(planned[0].run_dir.parent, flag.signal_number)
-    return outcomes
+    return [future.result() for future in futures]
 
 
 _STOPPING: Any = None  # a pool process's copy of the stop event
 
 
-def _pool_process(jobs: int, stopping: Any) -> None:
+def _pool_process(workers: int, stopping: Any) -> None:
     global _STOPPING
     _STOPPING = stopping
-    torch.set_num_threads(max(1, torch.get_num_threads() // jobs))
+    torch.set_num_threads(max(1, torch.get_num_threads() // workers))
 
 
-def _stopped(future: Future) -> bool:
-    return future.done() and not future.cancelled() and isinstance(future.result(), tuple)
+def _ended_early(future: Future) -> bool:
+    """A run that failed, or stopped with a checkpoint."""
+    if not future.done() or future.cancelled():
+        return False
+    return future.exception() is not None or isinstance(future.result(), tuple)
 
 
 def _ensure_in_process(run: PlannedRun, mode: Mode, device: str
