@@ -106,10 +106,11 @@ def _ensure_runs(planned: list[PlannedRun], mode: Mode, device: str, progress: b
                 for future in futures:
                     future.cancel()
     ended = [future for future in futures if not future.cancelled()]
-    stop = next((f.result() for f in ended if _ended_early(f) and not f.exception()), None)
+    error = next((f.exception() for f in ended if f.exception() is not None), None)
+    outcomes = [future.result() for future in ended if future.exception() is None]
+    stop = next((outcome for outcome in outcomes if isinstance(outcome, tuple)), None)
     if stop is not None:
         raise TrainingInterrupted(*stop)
-    error = next((f.exception() for f in ended if f.exception() is not None), None)
     if isinstance(error, BrokenProcessPool):
         raise CanonError(f"a run's process died ({error}); the same command resumes the runs "
                          "from their last checkpoints")
@@ -117,7 +118,7 @@ def _ensure_runs(planned: list[PlannedRun], mode: Mode, device: str, progress: b
         raise error
     if flag.raised:  # a signal to this process alone: the running runs finished, no more began
         raise TrainingInterrupted(planned[0].run_dir.parent, flag.signal_number)
-    return [future.result() for future in futures]
+    return outcomes  # every run's record, in plan order: none was cancelled or failed
 
 
 _STOPPING: Any = None  # a pool process's copy of the stop event
@@ -145,8 +146,13 @@ def _ensure_in_process(run: PlannedRun, mode: Mode, device: str
         return None
     try:
         return ensure_run(run, mode, device=device, progress=False)
-    except TrainingInterrupted as stop:
-        return stop.checkpoint, stop.signal_number
+    except BaseException as error:
+        # Set here, not only by the waiting process: this process may take its next queued
+        # run before that one has seen the stop.
+        _STOPPING.set()
+        if isinstance(error, TrainingInterrupted):
+            return error.checkpoint, error.signal_number
+        raise
 
 
 def _command(name: str, mode: str, runs: int | None, root: Path, data: str | None) -> str:
