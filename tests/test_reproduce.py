@@ -180,6 +180,32 @@ def test_jobs_train_runs_in_processes_of_their_own(tmp_path: Path, capsys) -> No
     assert "--jobs 0: train at least one run at a time" in capsys.readouterr().err
 
 
+def test_a_pool_process_that_stops_or_fails_starts_no_queued_run(monkeypatch) -> None:
+    """The stop is set in the run's own process, which may take its next queued run before
+    the waiting process has seen it."""
+    import multiprocessing
+
+    from canon.engine.trainer import TrainingInterrupted
+    from canon.reproduce import runner
+
+    for raised, expected in ((TrainingInterrupted(Path("ckpt.pt"), 15), (Path("ckpt.pt"), 15)),
+                             (ConfigError("bad run"), None)):
+        stopping = multiprocessing.get_context("spawn").Event()
+        monkeypatch.setattr(runner, "_STOPPING", stopping)
+
+        def failing(*args, error=raised, **options):
+            raise error
+
+        monkeypatch.setattr(runner, "ensure_run", failing)
+        if expected is None:
+            with pytest.raises(ConfigError, match="bad run"):
+                runner._ensure_in_process("run", "mode", "cpu")
+        else:
+            assert runner._ensure_in_process("run", "mode", "cpu") == expected
+        assert stopping.is_set()
+        assert runner._ensure_in_process("next run", "mode", "cpu") is None
+
+
 def test_a_run_of_another_recipe_is_refused(tmp_path: Path) -> None:
     """A run directory holding another mode's (or an edited recipe's) run is neither kept nor
     continued: its recipe.yaml is compared with the recipe planned."""
