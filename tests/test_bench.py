@@ -158,6 +158,8 @@ def test_bench_arguments_that_cannot_work_stop_before_timing(tmp_path, capsys):
         (["loop", "--workers", "a,b"], "expected counts such as 0,2"),
         (["loop", "--workers", "0,-1"], "counts must be at least 0"),
         (["loop", "--steps", "3"], "--steps 3: time at least 4 steps"),
+        (["loop", "--steps", "79"], "--steps 79: an epoch of the sample is 78 steps at batch 64"),
+        (["loop", "--set", "train.batch_size=2048"], "an epoch of the sample is 2 steps"),
         (["train", "--model", "resnet18", "--json", str(tmp_path)], "is a folder"),
         (["loop", "--json", str(tmp_path / "notes.txt")], "exists and is not a JSON file"),
     ]

@@ -114,7 +114,7 @@ def plain_loop(recipe: Recipe, device: str, workers: int, steps: int | None = No
     model = model.to(memory_format=memory_format).train()
     optimizer, _ = make_optimizer(model, recipe.optimizer, recipe.train.batch_size)
     criterion = nn.CrossEntropyLoss()
-    limit = len(loader) if steps is None else min(steps, len(loader))
+    limit = steps or len(loader)  # bench_loop keeps steps within an epoch
     marks = []
     for step, (batch, labels) in enumerate(loader):
         if step == limit:
@@ -143,6 +143,14 @@ def bench_loop(recipe_name: str = "quickstart", device: str = "cpu", repeats: in
     if recipe.data.dataset != "sample":  # the plain loop reads the sample
         raise ConfigError(f"canon bench loop times recipes on the bundled sample; "
                           f"{recipe_name} trains on {recipe.data.dataset}")
+    # Within one epoch: canon's loop would validate at its end (inside the timed span) and
+    # the plain loop's DataLoader would stop there.
+    per_epoch = len(load_sample("train")) // recipe.train.batch_size
+    if (steps or per_epoch) > per_epoch or per_epoch <= WARMUP_STEPS:
+        raise ConfigError(f"--steps {steps or per_epoch}: an epoch of the sample is {per_epoch} "
+                          f"steps at batch {recipe.train.batch_size}, and the timed steps (after "
+                          f"the first {WARMUP_STEPS}) must lie within it; lower --steps or "
+                          "train.batch_size")
     rates: dict[str, list[float]] = {}
     for _ in range(repeats):
         for timing in [canon_loop(recipe, device, steps),
