@@ -52,8 +52,8 @@ def test_train_bench_googlenet_trains_the_auxiliary_heads_of_both():
     assert bench.settings["model"] == "googlenet_bn" and bench.settings["cuda_graph"]
     assert bench.canon.images_per_s > 0 and bench.torchvision.images_per_s > 0
     assert "canon's step in a CUDA graph" in format_train(bench)
-    with pytest.raises(ConfigError, match="drop --compile"):
-        bench_train("resnet18", device="cpu", compile=True, cuda_graph=True)
+    with pytest.raises(ConfigError, match="use --amp bf16 or none"):
+        bench_train("resnet18", device="cpu", amp="fp16", cuda_graph=True)
 
 
 def test_torchvision_twins_paper_resnets_included():

@@ -454,6 +454,24 @@ def test_the_cuda_graph_step_trains_and_resumes_as_the_plain_one(
     assert_same_state(final_weights(tmp_path, 2), uninterrupted)
 
 
+def test_a_compiled_model_trains_in_the_cuda_graph_step(resume_data, tmp_path):
+    """train.compile with train.cuda_graph: the compiled forward in the static-buffer step
+    (uncaptured on a CPU) trains as the compiled one alone does, and as the eager one up to
+    the generated kernels' rounding."""
+    weights = {}
+    for name, compiled, graph in (("eager", False, False), ("compiled", True, False),
+                                  ("both", True, True)):
+        torch.manual_seed(0)
+        recipe = tiny_recipe(epochs=1, batch_size=16, compile=compiled, cuda_graph=graph)
+        train(recipe, tmp_path / name, device="cpu", model=SmallConvNet(),
+              datasets=resume_data, progress=False)
+        weights[name] = final_weights(tmp_path / name, 1)["model"]
+    for key, tensor in weights["compiled"].items():
+        torch.testing.assert_close(weights["both"][key], tensor, msg=key)
+        torch.testing.assert_close(weights["both"][key], weights["eager"][key], rtol=1e-4,
+                                   atol=1e-5, msg=key)
+
+
 def _bn_net() -> nn.Module:
     torch.manual_seed(3)
     return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
@@ -518,17 +536,20 @@ def test_cuda_graph_refuses_what_it_cannot_capture(resume_data, tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("compiled", [False, True])
 def test_a_captured_step_replays_what_the_eager_step_computes(resume_data, tmp_path,
-                                                              monkeypatch):
+                                                              monkeypatch, compiled):
     """On a GPU: ResNet-20's first three steps (the warm-up changing the lr at each) captured
-    and replayed against the same steps uncaptured, TF32 off. Only a few: cuDNN's kernels are
-    not bitwise reproducible, and on an H200 two eager runs of 16 steps parted by several units
-    in some weights, where after 1 and 2 steps graph and eager agreed within 1.2e-7."""
+    and replayed against the same steps uncaptured, TF32 off; compiled, against the compiled
+    steps uncaptured. Only a few: cuDNN's kernels are not bitwise reproducible, and on an H200
+    two eager runs of 16 steps parted by several units in some weights, where after 1 and 2
+    steps graph and eager agreed within 1.2e-7."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     weights = []
     for graph in (False, True):
-        recipe = tiny_recipe(epochs=1, batch_size=16, cuda_graph=graph, iterations=3)
+        recipe = tiny_recipe(epochs=1, batch_size=16, cuda_graph=graph, iterations=3,
+                             compile=compiled)
         recipe = apply_overrides(recipe, [("optimizer.base_batch_size", 16)])
         train(recipe, tmp_path / str(graph), device="cuda", datasets=resume_data,
               progress=False)

@@ -10,8 +10,10 @@ schedule's value before it; everything else it touches (weights, BN statistics, 
 buffers, gradients) stays at fixed addresses. torch needs a few eager steps before capturing
 (on a side stream); canon runs them on the first batch and then undoes them (`restored_after`,
 and the CUDA generator's state), so the first replay starts from the state the uncaptured run
-would step from. On a CPU there is nothing to capture: the same static-buffer step runs
-eagerly, which is how the tests cover its logic there.
+would step from. A torch.compile'd model compiles in those warm-up steps, so the capture
+records its generated kernels (compiling inside a capture fails: pytorch/pytorch#131782). On
+a CPU there is nothing to capture: the same static-buffer step runs eagerly, which is how the
+tests cover its logic there.
 """
 
 from __future__ import annotations

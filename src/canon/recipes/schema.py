@@ -206,7 +206,8 @@ class TrainSection:
     compile: bool = False  # torch.compile the training forward
     # Capture the whole training step in a CUDA graph and replay it (canon.engine.graphed):
     # for small nets that leave a big GPU waiting on kernel launches (the CIFAR ResNets). One
-    # process, full batches of one shape; on a CPU the same step runs uncaptured.
+    # process, full batches of one shape; on a CPU the same step runs uncaptured. With
+    # train.compile it captures the compiled kernels (compiled in the warm-up before capture).
     cuda_graph: bool = False
     # Weight averaging; the averaged weights are the ones validated, checkpointed as the
     # model to evaluate, and exported. ema_decay > 0: an exponential moving average of the
@@ -279,7 +280,6 @@ class TrainSection:
             clashes = [name for name, clash in [
                 ("train.accum_steps > 1", self.accum_steps > 1),
                 ("train.amp fp16 (its loss scaler syncs with the host)", self.amp == "fp16"),
-                ("train.compile", self.compile),
                 ("train.ema_decay", self.ema_decay > 0),
                 ("train.polyak_after_epochs", self.polyak_after_epochs is not None),
                 ("train.model_parallel", self.model_parallel is not None),
