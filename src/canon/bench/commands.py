@@ -68,7 +68,8 @@ def add_loop_arguments(parser: argparse.ArgumentParser) -> None:
                         help="steps per loop; default: one epoch")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a recipe value for both loops, e.g. --set "
-                        "model.name=resnet110 --set train.cuda_graph=true (canon's alone)")
+                        "model.name=resnet110; train.cuda_graph and train.compile reach "
+                        "canon's loop alone")
     _repeats_and_json(parser, 3, "runs per loop")
 
 

@@ -95,7 +95,8 @@ class _PILImages(Dataset):
 def plain_loop(recipe: Recipe, device: str, workers: int, steps: int | None = None
                ) -> LoopTiming:
     """The plain PyTorch loop for the same training: torchvision transforms on PIL images in
-    a DataLoader with `workers` processes, the same model, optimizer and batch size."""
+    a DataLoader with `workers` processes, the same model, optimizer, batch size and autocast
+    precision (fp16 with a GradScaler)."""
     from torchvision import transforms as T
 
     target = torch.device(resolve_device(device))
@@ -114,16 +115,20 @@ def plain_loop(recipe: Recipe, device: str, workers: int, steps: int | None = No
     model = model.to(memory_format=memory_format).train()
     optimizer, _ = make_optimizer(model, recipe.optimizer, recipe.train.batch_size)
     criterion = nn.CrossEntropyLoss()
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(recipe.train.amp)
+    scaler = torch.amp.GradScaler(target.type, enabled=half is torch.float16)
     limit = steps or len(loader)  # bench_loop keeps steps within an epoch
     marks = []
     for step, (batch, labels) in enumerate(loader):
         if step == limit:
             break
         batch = batch.to(target, non_blocking=True).contiguous(memory_format=memory_format)
-        loss = criterion(model(batch), labels.to(target, non_blocking=True))
+        with torch.autocast(target.type, dtype=half, enabled=half is not None):
+            loss = criterion(model(batch), labels.to(target, non_blocking=True))
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         if step + 1 in (WARMUP_STEPS, limit):
             synchronize(target)
         marks.append(time.perf_counter())
