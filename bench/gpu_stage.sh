@@ -1,21 +1,22 @@
 #!/usr/bin/env bash
-# Fill .devdata (ignored by git) with what call N of bench/gpu_session.sh carries: 64 MiB
-# travel per call with the checkout (about 13 MB), so CIFAR-10 (98 MB) comes in three pieces.
-#   bash bench/gpu_stage.sh 1   # the Imagenette slice and CIFAR batches 1-2 (about 48 MB)
-#   bash bench/gpu_stage.sh 2   # CIFAR batches 3-4 (about 33 MB)
-#   bash bench/gpu_stage.sh 3   # CIFAR batch 5, the test batch, checksums, the unpacker
-# The data comes from ../shared/data (or $CANON_SHARED_DATA).
+# Fill the folders that bench/gpu_session.sh's calls carry to a lent GPU machine, all at once,
+# so that nothing runs here between the calls (a machine left idle 30 s is given back, with
+# what earlier calls carried). 64 MiB travel per call with the checkout (about 13 MB), so
+# CIFAR-10 (98 MB of WebP mosaics) comes in three pieces, one per call:
+#   .devdata    the 1,500-image Imagenette slice (15 MB)   carry with .devcifar1 in call 1
+#   .devcifar1  CIFAR batches 1-2 (33 MB)
+#   .devcifar2  CIFAR batches 3-4 (33 MB)                   call 2
+#   .devcifar3  batch 5, the test batch, checksums, unpack_cifar10.py (33 MB)   call 3
+# The data comes from ../shared/data (or $CANON_SHARED_DATA). All five are ignored by git.
 set -eu
-call=${1:?usage: gpu_stage.sh 1|2|3}
-shared=${CANON_SHARED_DATA:-$(cd "$(dirname "$0")/../.." && pwd)/shared/data}
+cd "$(dirname "$0")/.."
+shared=${CANON_SHARED_DATA:-$(cd .. && pwd)/shared/data}
 cifar=$shared/cifar10
-rm -rf .devdata && mkdir -p .devdata/cifar10
-case $call in
-  1) cp -r "$shared/imagenette2-160-mini" .devdata/
-     cp "$cifar"/data_batch_{1,2}.* .devdata/cifar10/ ;;
-  2) cp "$cifar"/data_batch_{3,4}.* .devdata/cifar10/ ;;
-  3) cp "$cifar"/data_batch_5.* "$cifar"/test_batch.* "$cifar"/checksums.json .devdata/cifar10/
-     cp "$shared/unpack_cifar10.py" .devdata/ ;;
-  *) echo "gpu_stage.sh: call 1, 2 or 3, not $call" >&2; exit 2 ;;
-esac
-du -sh .devdata
+rm -rf .devdata .devcifar1 .devcifar2 .devcifar3
+mkdir -p .devdata .devcifar1 .devcifar2 .devcifar3
+cp -r "$shared/imagenette2-160-mini" .devdata/
+cp "$cifar"/data_batch_{1,2}.* .devcifar1/
+cp "$cifar"/data_batch_{3,4}.* .devcifar2/
+cp "$cifar"/data_batch_5.* "$cifar"/test_batch.* "$cifar"/checksums.json \
+  "$shared/unpack_cifar10.py" .devcifar3/
+du -sh .devdata .devcifar1 .devcifar2 .devcifar3

@@ -141,6 +141,7 @@ def test_loop_bench_times_canons_loop_and_the_plain_ones(capsys):
     out = capsys.readouterr().out
     assert "--set train.batch_size=32 --set train.cuda_graph=true on cpu" in out
     assert "canon / plain, 0 workers:" in out
+    assert "(train.cuda_graph: canon's loop alone; the plain loops run eagerly)" in out
     rates = [float(line.split()[-1]) for line in out.splitlines()
              if line.startswith(("canon ", "plain")) and "/" not in line]
     assert len(rates) == 2 and min(rates) > 0
@@ -160,6 +161,7 @@ def test_bench_arguments_that_cannot_work_stop_before_timing(tmp_path, capsys):
         (["loop", "--steps", "3"], "--steps 3: time at least 4 steps"),
         (["loop", "--steps", "79"], "--steps 79: an epoch of the sample is 78 steps at batch 64"),
         (["loop", "--set", "train.batch_size=2048"], "an epoch of the sample is 2 steps"),
+        (["loop", "--set", "train.accum_steps=2"], "drop train.accum_steps and data.val_split"),
         (["train", "--model", "resnet18", "--json", str(tmp_path)], "is a folder"),
         (["loop", "--json", str(tmp_path / "notes.txt")], "exists and is not a JSON file"),
     ]

@@ -30,6 +30,7 @@ from canon.models.factory import create_model
 from canon.recipes import Recipe, apply_overrides, load_recipe
 
 WARMUP_STEPS = 3  # untimed: allocator and kernel-choice warm-up, loader workers starting
+CANON_ONLY = ("train.cuda_graph=", "train.compile=")  # settings the plain loops do not take
 
 
 @dataclass(frozen=True)
@@ -148,14 +149,20 @@ def bench_loop(recipe_name: str = "quickstart", device: str = "cpu", repeats: in
     if recipe.data.dataset != "sample":  # the plain loop reads the sample
         raise ConfigError(f"canon bench loop times recipes on the bundled sample; "
                           f"{recipe_name} trains on {recipe.data.dataset}")
+    if recipe.train.accum_steps != 1 or recipe.data.val_split:  # the plain loop has neither
+        raise ConfigError("canon bench loop compares steps of one batch on the whole training "
+                          "sample: drop train.accum_steps and data.val_split")
     # Within one epoch: canon's loop would validate at its end (inside the timed span) and
     # the plain loop's DataLoader would stop there.
     per_epoch = len(load_sample("train")) // recipe.train.batch_size
-    if (steps or per_epoch) > per_epoch or per_epoch <= WARMUP_STEPS:
-        raise ConfigError(f"--steps {steps or per_epoch}: an epoch of the sample is {per_epoch} "
-                          f"steps at batch {recipe.train.batch_size}, and the timed steps (after "
-                          f"the first {WARMUP_STEPS}) must lie within it; lower --steps or "
-                          "train.batch_size")
+    if per_epoch <= WARMUP_STEPS:
+        raise ConfigError(f"an epoch of the sample is {per_epoch} steps at train.batch_size "
+                          f"{recipe.train.batch_size}, too few to time after the first "
+                          f"{WARMUP_STEPS}: lower train.batch_size")
+    if steps is not None and steps > per_epoch:
+        raise ConfigError(f"--steps {steps}: an epoch of the sample is {per_epoch} steps at "
+                          f"batch {recipe.train.batch_size}, and the timed steps must lie "
+                          "within it")
     rates: dict[str, list[float]] = {}
     for _ in range(repeats):
         for timing in [canon_loop(recipe, device, steps),
@@ -176,4 +183,7 @@ def format_loop(figures: dict[str, Any]) -> str:
              f"median of {figures['repeats']} runs; training images/s, validation not timed"]
     lines += [f"{name:<20} {rate:8.1f}" for name, rate in figures["images_per_second"].items()]
     lines.append(f"canon / {figures['baseline']}: {figures['ratio']:.3f}")
+    own = [o.split("=")[0] for o in figures["overrides"] if o.startswith(CANON_ONLY)]
+    if own:
+        lines.append(f"({', '.join(own)}: canon's loop alone; the plain loops run eagerly)")
     return "\n".join(lines)

@@ -123,8 +123,11 @@ class GraphedStep:
                 group["lr"] = lr
             graph = torch.cuda.CUDAGraph()
             try:
-                # thread_local: the loader's pin-memory thread may allocate meanwhile
-                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                # thread_local: the loader's pin-memory thread may allocate meanwhile. A
+                # compiled model must not compile again inside the capture, where dynamo's
+                # own error would be an obscure one about the CUDA generator.
+                with torch.compiler.set_stance("fail_on_recompile"), \
+                        torch.cuda.graph(graph, capture_error_mode="thread_local"):
                     self.outputs = self.step(*self.inputs)
             finally:  # the schedule, checkpoints and logs keep plain floats
                 for group, rate in zip(groups, rates, strict=True):
