@@ -45,6 +45,7 @@ from canon.data.folders import BadImageWarning, check_known_classes
 from canon.data.labeled import Transform
 from canon.data.sampling import sample_seed, seeded
 from canon.data.shard_index import PackIndex, read_index
+from canon.data.tar_reader import tar_members
 from canon.errors import ConfigError, DataError
 
 READ_BYTES = 2**20
@@ -217,19 +218,16 @@ class ShardImages(IterableDataset):
             raise DataError(f"{path}: {what}, index.json says {shard.bytes:,} bytes (cut short or "
                             "replaced since it was packed); re-run canon pack")
         count, key, members = 0, None, {}
-        try:  # sequential reads of 1 MiB; tarfile's "r|" stream mode parses half as fast
-            with open(path, "rb", buffering=READ_BYTES) as file, \
-                    tarfile.open(fileobj=file, mode="r:") as tar:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    folder, _, base = member.name.rpartition("/")
+        try:  # sequential reads of 1 MiB
+            with open(path, "rb", buffering=READ_BYTES) as file:
+                for name, data in tar_members(file):
+                    folder, _, base = name.rpartition("/")
                     stem, _, extension = base.partition(".")
                     if (folder, stem) != key and members:
                         yield self._sample(path, index, count, members)
                         count, members = count + 1, {}
                     key = folder, stem
-                    members[extension] = member.name, tar.extractfile(member).read()
+                    members[extension] = name, data
                 if members:
                     yield self._sample(path, index, count, members)
                     count += 1

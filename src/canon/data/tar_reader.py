@@ -1,0 +1,95 @@
+"""The regular files of a tar stream, in order: what the shard reader (canon.data.shards) needs
+of a tar, at a fifth of tarfile's cost per member (about 6 us against 30-40 us on a 2-core
+EPYC), since tarfile builds a TarInfo and a file object for every member and an ImageNet shard
+sample is two members. The POSIX formats tarfile writes (ustar with its name prefix, pax
+extended headers for long names and large sizes) and GNU long names are read; a header whose
+checksum fails, or a stream cut short, raises tarfile's own errors, so callers handle them as
+they would tarfile's.
+"""
+
+from __future__ import annotations
+
+import tarfile
+from collections.abc import Iterator
+from typing import BinaryIO
+
+BLOCK = tarfile.BLOCKSIZE
+REGULAR = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE)
+
+
+def tar_members(file: BinaryIO) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of each regular file in the tar read from `file`, in stream order, up to
+    the end-of-archive block (or the end of the file)."""
+    long_name, pax = None, {}
+    while True:
+        header = file.read(BLOCK)
+        if not header or header.count(0) == BLOCK:
+            return
+        if len(header) < BLOCK:
+            raise tarfile.ReadError("unexpected end of data in a header")
+        _check_sum(header)
+        kind = header[156:157]
+        size = int(pax["size"]) if "size" in pax else _number(header[124:136])
+        data = file.read(size)
+        if len(data) < size:
+            raise tarfile.ReadError(f"unexpected end of data: {len(data)} of {size} bytes")
+        file.read(-size % BLOCK)  # the padding to the next header
+        if kind == tarfile.GNUTYPE_LONGNAME:
+            long_name = _text(data.rstrip(b"\0"))
+        elif kind == tarfile.XHDTYPE:
+            pax = _pax_records(data)
+        elif kind == tarfile.XGLTYPE:  # global defaults: none that a regular file needs
+            continue
+        else:
+            if kind in REGULAR:
+                yield pax.get("path") or long_name or _header_name(header), data
+            long_name, pax = None, {}
+
+
+def _check_sum(header: bytes) -> None:
+    stored = _number(header[148:156])
+    unsigned = sum(header) - sum(header[148:156]) + 8 * 32  # the field counts as 8 spaces
+    # tarfile also takes the sum of signed bytes, which some old tar programs wrote.
+    if stored != unsigned and stored != unsigned - 256 * sum(b > 127 for b in header):
+        raise tarfile.HeaderError("bad checksum in a member header")
+
+
+def _number(field: bytes) -> int:
+    """A header's octal number, or its base-256 form (first byte 0x80) for large values."""
+    if field[0] & 0x80:
+        return int.from_bytes(field[1:], "big")
+    digits = field.rstrip(b"\0 ").lstrip(b" ")
+    try:
+        return int(digits, 8) if digits else 0
+    except ValueError:
+        raise tarfile.HeaderError(f"invalid number {field!r} in a member header") from None
+
+
+def _header_name(header: bytes) -> str:
+    name = _text(header[:100].split(b"\0", 1)[0])
+    if header[257:263] == b"ustar\0":  # POSIX ustar: a prefix holds the start of long names
+        prefix = header[345:500].split(b"\0", 1)[0]
+        if prefix:
+            return f"{_text(prefix)}/{name}"
+    return name
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    """A pax extended header's "LENGTH KEY=VALUE\\n" records."""
+    records, position = {}, 0
+    try:
+        while position < len(data) and data[position]:
+            space = data.index(b" ", position)
+            length = int(data[position:space])
+            if length <= space - position:
+                raise ValueError(length)
+            key, _, value = data[space + 1 : position + length - 1].partition(b"=")
+            records[_text(key)] = _text(value)
+            position += length
+    except ValueError:
+        raise tarfile.HeaderError("invalid pax extended header") from None
+    return records
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
