@@ -146,15 +146,24 @@ def test_the_same_seed_and_epoch_give_the_same_stream(packed):
     assert stream(images(1), epoch=3) != first
 
 
-def test_ranks_read_disjoint_equal_shares_of_whole_batches(packed, train_digests):
-    shares = [stream(ShardImages(packed, "train", transform=digest, rank=rank, world_size=2,
-                                 batch_size=16, workers=2), epoch=1) for rank in (0, 1)]
-    counts = [s.samples for s in read_index(packed).splits["train"].shards]
-    fewest = sum(sorted(counts)[: len(counts) // 2])  # of 7 shards, each rank gets 3 at least
-    assert len(shares[0]) == len(shares[1]) > fewest - 2 * 16
-    assert len(shares[0]) % 16 == 0
+@pytest.mark.parametrize(("world_size", "batch_size", "workers"), [(2, 16, 2), (3, 1, 0)])
+def test_ranks_read_disjoint_equal_shares_that_cover_the_epoch(
+    packed, train_digests, world_size, batch_size, workers
+):
+    """7 shards of 142-143 images: 2 ranks take 3 whole shards each and half the seventh, 3
+    ranks 2 each and a third of the last one (a rank dealt a whole extra shard would cut
+    every rank's epoch short by it)."""
+    shares = [stream(ShardImages(packed, "train", transform=digest, rank=rank,
+                                 world_size=world_size, batch_size=batch_size,
+                                 workers=workers), epoch=1)
+              for rank in range(world_size)]
+    assert len({len(share) for share in shares}) == 1 and len(shares[0]) % batch_size == 0
     names = [{name for name, _ in share} for share in shares]
-    assert not names[0] & names[1] and names[0] | names[1] <= set(train_digests)
+    read = set().union(*names)
+    assert sum(map(len, names)) == len(read) and read <= set(train_digests)
+    # Left out: less than a batch per worker, and a sample per shard each rank reads from.
+    per_rank = max(workers, 1) * (batch_size - 1) + 7 // world_size + 7 % world_size
+    assert len(read) >= len(train_digests) - world_size * per_rank
 
 
 def test_evaluation_reads_every_image_once_in_order_as_the_folder_reader(packed, folders):

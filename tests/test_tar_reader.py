@@ -46,6 +46,7 @@ def test_it_reads_the_regular_files_tarfile_reads(tar_format):
         members += [(LONG, b"\x00" * 512), (UNICODE, b"\x01")]
     raw = _tar(tar_format, members)
     assert list(tar_members(io.BytesIO(raw))) == _tarfile_members(raw) == members
+    assert list(tar_members(io.BytesIO(raw), skip=3)) == members[3:]
 
 
 def test_a_pax_size_overrides_the_header_field():

@@ -3,23 +3,24 @@ IterableDataset, so that training reads a few large files in sequence rather tha
 small ones from shared storage (issue 14).
 
 Training (shuffle=True): each epoch permutes the split's shards from (seed, epoch), the same on
-every rank; rank r takes the shards at positions r, r + world_size, ... of that permutation,
-and DataLoader worker w of W the rank's shards at w, w + W, ...; each worker streams its
-shards' samples through a shuffle buffer seeded from (seed, epoch, rank, worker) and decodes
-only what leaves it. Each sample's augmentation draws from a seed of its own, fixed by (seed,
-epoch, its place in the pack), as SeededSamples does for folders. The stream is therefore a
-function of (seed, epoch, rank, world_size, workers, batch_size) alone, and `set_epoch(epoch,
-start)` resumes it after `start` samples without decoding them.
+every rank. Of its first world_size x (shards // world_size), rank r takes those at positions
+r, r + world_size, ...; each of the (shards mod world_size) left over is split by sample
+ranges, rank r taking its r-th part (seeking past the others' data), so that every rank reads
+about the same number of images and the epoch reads them all. DataLoader worker w of W takes
+the rank's pieces at w, w + W, ...; each worker streams its pieces' samples through a shuffle
+buffer seeded from (seed, epoch, rank, worker) and decodes only what leaves it. Each sample's
+augmentation draws from a seed of its own, fixed by (seed, epoch, its place in the pack), as
+SeededSamples does for folders. The stream is therefore a function of (seed, epoch, rank,
+world_size, workers, batch_size) alone, and `set_epoch(epoch, start)` resumes it after `start`
+samples without decoding them.
 
-The sharding caveat: ranks get whole shards, so their sample counts differ by up to a shard (and
-change with the epoch's permutation). Ranks must take the same number of steps, so in training
-every rank stops after the same count, `len(self)`, computed from the index: the fewest samples
-any rank can be dealt (the world_size-th part of the shards, the smallest ones), less what does
-not fill whole batches of the workers that read a shard; the samples past it differ from epoch
-to epoch. `canon pack` makes shards of equal sample counts, so an epoch skips about (shards mod
-world_size) / shards of the split: pack a multiple of the world size's shards (canon pack
---shard-size) to read nearly every image each epoch. Each worker's share is a multiple of
-batch_size, so every batch is full. Evaluation (shuffle=False) reads the shards in pack order
+Ranks must take the same number of steps, so in training every rank stops after the same
+count, `len(self)`, computed from the index: the fewest samples any rank can be dealt (the
+smallest whole shards, and the world_size-th part of the smallest left over), less what does
+not fill whole batches of the workers that read a piece. Each worker's share is a multiple of
+batch_size, so every batch is full. `canon pack` makes shards of equal sample counts (to one),
+so a rank's epoch leaves out less than a batch per loader worker and a sample per shard, which
+ones changing from epoch to epoch. Evaluation (shuffle=False) reads the shards in pack order
 and every sample of the rank's shards exactly once, with any number of loader workers.
 
 Undecodable images come out as None (canon.data.loaders.collate drops them) unless strict; a
@@ -50,6 +51,7 @@ from canon.errors import ConfigError, DataError
 
 READ_BYTES = 2**20
 RawSample = tuple[int, str, bytes, int]  # place in the pack, member name, image bytes, label
+Piece = tuple[int, int, int]  # a shard's index in the split, its first sample to read, the end
 # The constructor's keyword arguments, which `reading` carries over.
 _OPTIONS = ("transform", "shuffle", "shuffle_buffer", "seed", "rank", "world_size", "batch_size",
             "workers", "strict", "max_pixels", "class_ids")
@@ -148,19 +150,29 @@ class ShardImages(IterableDataset):
 
     def __len__(self) -> int:
         if not self.shuffle:
-            return sum(self.shards[i].samples for i in self._rank_shards(0))
-        dealt = len(self.shards) // self.world_size  # shards every rank gets at least
-        fewest = sorted(shard.samples for shard in self.shards)[:dealt]
-        # Loader workers with a shard (the rest idle), each of which may end short of a batch.
-        reading = min(max(self.workers, 1), -(-len(self.shards) // self.world_size))
+            return sum(stop - start for _, start, stop in self._rank_pieces(0))
+        whole, left = divmod(len(self.shards), self.world_size)
+        counts = sorted(shard.samples for shard in self.shards)
+        fewest = sum(counts[:whole]) + sum(n // self.world_size for n in counts[:left])
+        # Loader workers with a piece (the rest idle), each of which may end short of a batch.
+        reading = min(max(self.workers, 1), whole + left)
         size = self.batch_size
-        return max(0, -((reading * (size - 1) - sum(fewest)) // size)) * size
+        return max(0, -((reading * (size - 1) - fewest) // size)) * size
 
-    def _rank_shards(self, epoch: int) -> list[int]:
+    def _rank_pieces(self, epoch: int) -> list[Piece]:
+        """(shard, first sample, end) of each piece of this rank's share, in reading order:
+        whole shards, then in training its parts of the shards left over (see the module)."""
         order = list(range(len(self.shards)))
-        if self.shuffle:
-            random.Random(f"shards {self.seed} {epoch}").shuffle(order)
-        return order[self.rank :: self.world_size]
+        if not self.shuffle:
+            return [(i, 0, self.shards[i].samples) for i in order[self.rank :: self.world_size]]
+        random.Random(f"shards {self.seed} {epoch}").shuffle(order)
+        whole = len(order) // self.world_size * self.world_size
+        pieces = [(i, 0, self.shards[i].samples) for i in order[self.rank : whole :
+                                                                self.world_size]]
+        for i in order[whole:]:
+            samples, rank, world = self.shards[i].samples, self.rank, self.world_size
+            pieces.append((i, rank * samples // world, (rank + 1) * samples // world))
+        return pieces
 
     def __iter__(self) -> Iterator[tuple[object, int] | None]:
         epoch, start = self._position.tolist()
@@ -171,8 +183,9 @@ class ShardImages(IterableDataset):
                 f"ShardImages(workers={self.workers}) read by {workers} loader process(es): "
                 "pass the DataLoader's num_workers"
             )
-        shards = self._rank_shards(epoch)
-        counts = [sum(self.shards[i].samples for i in shards[w::workers]) for w in range(workers)]
+        pieces = self._rank_pieces(epoch)
+        counts = [sum(stop - start for _, start, stop in pieces[w::workers])
+                  for w in range(workers)]
         size = self.batch_size
         if self.shuffle:
             batches = _deal(len(self) // size, [c // size for c in counts])[0]
@@ -184,7 +197,7 @@ class ShardImages(IterableDataset):
         done, turn = _deal(start // size, batches)
         part = (turn + worker) % workers
         skip = start if workers == 1 else min(done[part] * size, takes[part])
-        stream = self._raw(shards[part::workers])
+        stream = self._raw(pieces[part::workers])
         if self.shuffle and self.shuffle_buffer:
             stream = _shuffled(stream, self.shuffle_buffer,
                                random.Random(f"buffer {self.seed} {epoch} {self.rank} {part}"))
@@ -205,27 +218,31 @@ class ShardImages(IterableDataset):
         with seeded(sample_seed(self.seed, epoch, place)):
             return self.transform(image), label
 
-    def _raw(self, shards: list[int]) -> Iterator[RawSample]:
-        for index in shards:
-            yield from self._read_shard(index)
+    def _raw(self, pieces: list[Piece]) -> Iterator[RawSample]:
+        for piece in pieces:
+            yield from self._read_piece(*piece)
 
-    def _read_shard(self, index: int) -> Iterator[RawSample]:
-        """A shard's samples, undecoded, in order: tar members KEY.EXT grouped by KEY."""
+    def _read_piece(self, index: int, start: int, stop: int) -> Iterator[RawSample]:
+        """Samples start to stop of a shard, undecoded, in order: tar members KEY.EXT grouped
+        by KEY, two per sample (canon pack's image and .cls), those before `start` seeked
+        past."""
         shard, path = self.shards[index], self.root / self.shards[index].file
         found = path.stat().st_size if path.is_file() else None
         if found != shard.bytes:
             what = "missing" if found is None else f"{found:,} bytes"
             raise DataError(f"{path}: {what}, index.json says {shard.bytes:,} bytes (cut short or "
                             "replaced since it was packed); re-run canon pack")
-        count, key, members = 0, None, {}
+        count, key, members = start, None, {}
         try:  # sequential reads of 1 MiB
             with open(path, "rb", buffering=READ_BYTES) as file:
-                for name, data in tar_members(file):
+                for name, data in tar_members(file, skip=2 * start):
                     folder, _, base = name.rpartition("/")
                     stem, _, extension = base.partition(".")
                     if (folder, stem) != key and members:
                         yield self._sample(path, index, count, members)
                         count, members = count + 1, {}
+                        if count == stop:
+                            return
                     key = folder, stem
                     members[extension] = name, data
                 if members:

@@ -17,9 +17,11 @@ BLOCK = tarfile.BLOCKSIZE
 REGULAR = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE)
 
 
-def tar_members(file: BinaryIO) -> Iterator[tuple[str, bytes]]:
+def tar_members(file: BinaryIO, skip: int = 0) -> Iterator[tuple[str, bytes]]:
     """(name, bytes) of each regular file in the tar read from `file`, in stream order, up to
-    the end-of-archive block (or the end of the file)."""
+    the end-of-archive block (or the end of the file), less the first `skip` regular files,
+    whose data are seeked past (a seekable `file` then reads little more than their
+    headers)."""
     long_name, pax = None, {}
     while True:
         header = file.read(BLOCK)
@@ -30,19 +32,23 @@ def tar_members(file: BinaryIO) -> Iterator[tuple[str, bytes]]:
         _check_sum(header)
         kind = header[156:157]
         size = int(pax["size"]) if "size" in pax else _number(header[124:136])
-        data = file.read(size)
+        padded = size + -size % BLOCK
+        if kind in REGULAR:
+            name, long_name, pax = pax.get("path") or long_name or _header_name(header), None, {}
+            if skip:
+                skip -= 1
+                file.seek(padded, 1)
+                continue
+        data = file.read(padded)[:size]
         if len(data) < size:
             raise tarfile.ReadError(f"unexpected end of data: {len(data)} of {size} bytes")
-        file.read(-size % BLOCK)  # the padding to the next header
-        if kind == tarfile.GNUTYPE_LONGNAME:
+        if kind in REGULAR:
+            yield name, data
+        elif kind == tarfile.GNUTYPE_LONGNAME:
             long_name = _text(data.rstrip(b"\0"))
         elif kind == tarfile.XHDTYPE:
             pax = _pax_records(data)
-        elif kind == tarfile.XGLTYPE:  # global defaults: none that a regular file needs
-            continue
-        else:
-            if kind in REGULAR:
-                yield pax.get("path") or long_name or _header_name(header), data
+        elif kind != tarfile.XGLTYPE:  # pax global defaults: none that a regular file needs
             long_name, pax = None, {}
 
 
