@@ -29,6 +29,7 @@ shard cut short or altered since it was packed is a DataError naming it.
 
 from __future__ import annotations
 
+import io
 import random
 import tarfile
 import warnings
@@ -46,7 +47,7 @@ from canon.data.folders import BadImageWarning, check_known_classes
 from canon.data.labeled import Transform
 from canon.data.sampling import sample_seed, seeded
 from canon.data.shard_index import PackIndex, read_index
-from canon.data.tar_reader import tar_members
+from canon.data.tar_reader import seek_past, tar_members
 from canon.errors import ConfigError, DataError
 
 READ_BYTES = 2**20
@@ -233,9 +234,11 @@ class ShardImages(IterableDataset):
             raise DataError(f"{path}: {what}, index.json says {shard.bytes:,} bytes (cut short or "
                             "replaced since it was packed); re-run canon pack")
         count, key, members = start, None, {}
-        try:  # sequential reads of 1 MiB
-            with open(path, "rb", buffering=READ_BYTES) as file:
-                for name, data in tar_members(file, skip=2 * start):
+        try:  # the headers of the samples before start, then sequential reads of 1 MiB
+            with open(path, "rb", buffering=0) as raw:
+                seek_past(raw, 2 * start)
+                file = io.BufferedReader(raw, READ_BYTES)
+                for name, data in tar_members(file):
                     folder, _, base = name.rpartition("/")
                     stem, _, extension = base.partition(".")
                     if (folder, stem) != key and members:

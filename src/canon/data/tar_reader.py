@@ -11,17 +11,33 @@ from __future__ import annotations
 
 import tarfile
 from collections.abc import Iterator
+from itertools import islice
 from typing import BinaryIO
 
 BLOCK = tarfile.BLOCKSIZE
 REGULAR = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE)
 
 
-def tar_members(file: BinaryIO, skip: int = 0) -> Iterator[tuple[str, bytes]]:
+def tar_members(file: BinaryIO) -> Iterator[tuple[str, bytes]]:
     """(name, bytes) of each regular file in the tar read from `file`, in stream order, up to
-    the end-of-archive block (or the end of the file), less the first `skip` regular files,
-    whose data are seeked past (a seekable `file` then reads little more than their
-    headers)."""
+    the end-of-archive block (or the end of the file)."""
+    for name, size in _regular_files(file):
+        data = file.read(size + -size % BLOCK)[:size]
+        if len(data) < size:
+            raise tarfile.ReadError(f"unexpected end of data: {len(data)} of {size} bytes")
+        yield name, data
+
+
+def seek_past(file: BinaryIO, count: int) -> None:
+    """Move `file` past its next `count` regular files, reading only the headers: open it
+    unbuffered for this, since a buffered reader would read the data it seeks past."""
+    for _, size in islice(_regular_files(file), count):
+        file.seek(size + -size % BLOCK, 1)
+
+
+def _regular_files(file: BinaryIO) -> Iterator[tuple[str, int]]:
+    """(name, size) of each regular file, `file` then at its data, which the caller reads or
+    seeks past before asking for the next."""
     long_name, pax = None, {}
     while True:
         header = file.read(BLOCK)
@@ -32,19 +48,14 @@ def tar_members(file: BinaryIO, skip: int = 0) -> Iterator[tuple[str, bytes]]:
         _check_sum(header)
         kind = header[156:157]
         size = int(pax["size"]) if "size" in pax else _number(header[124:136])
-        padded = size + -size % BLOCK
         if kind in REGULAR:
-            name, long_name, pax = pax.get("path") or long_name or _header_name(header), None, {}
-            if skip:
-                skip -= 1
-                file.seek(padded, 1)
-                continue
-        data = file.read(padded)[:size]
+            yield pax.get("path") or long_name or _header_name(header), size
+            long_name, pax = None, {}
+            continue
+        data = file.read(size + -size % BLOCK)[:size]
         if len(data) < size:
             raise tarfile.ReadError(f"unexpected end of data: {len(data)} of {size} bytes")
-        if kind in REGULAR:
-            yield name, data
-        elif kind == tarfile.GNUTYPE_LONGNAME:
+        if kind == tarfile.GNUTYPE_LONGNAME:
             long_name = _text(data.rstrip(b"\0"))
         elif kind == tarfile.XHDTYPE:
             pax = _pax_records(data)
