@@ -166,6 +166,22 @@ def test_ranks_read_disjoint_equal_shares_that_cover_the_epoch(
     assert len(read) >= len(train_digests) - world_size * per_rank
 
 
+def test_a_shard_of_fewer_images_than_ranks_is_read_once(imagenette_root, tmp_path):
+    """Five one-image shards on three ranks: the two left over give some ranks no part."""
+    root = tmp_path / "five"
+    for wnid, count in (("n01440764", 3), ("n02102040", 2)):
+        (root / "train" / wnid).mkdir(parents=True)
+        for path in sorted((imagenette_root / "train" / wnid).iterdir())[:count]:
+            shutil.copy(path, root / "train" / wnid / path.name)
+    pack_folder(root, tmp_path / "shards", shard_bytes=1, splits=["train"], progress=False)
+    assert len(read_index(tmp_path / "shards").splits["train"].shards) == 5
+    ranks = [ShardImages(tmp_path / "shards", "train", transform=digest, rank=rank,
+                         world_size=3) for rank in range(3)]
+    for epoch in range(8):  # through the shuffle buffer, a sample read twice may come out
+        names = [name for images in ranks for name, _ in stream(images, epoch)]
+        assert len(names) == len(set(names)) == 3, epoch
+
+
 def test_evaluation_reads_every_image_once_in_order_as_the_folder_reader(packed, folders):
     val = folders["val"]
     images = ShardImages(packed, "val", shuffle=False)

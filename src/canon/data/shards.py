@@ -172,7 +172,9 @@ class ShardImages(IterableDataset):
                                                                 self.world_size]]
         for i in order[whole:]:
             samples, rank, world = self.shards[i].samples, self.rank, self.world_size
-            pieces.append((i, rank * samples // world, (rank + 1) * samples // world))
+            start, stop = rank * samples // world, (rank + 1) * samples // world
+            if start < stop:  # a shard of fewer samples than ranks leaves some without
+                pieces.append((i, start, stop))
         return pieces
 
     def __iter__(self) -> Iterator[tuple[object, int] | None]:
