@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import shutil
 import tarfile
 from collections import Counter
@@ -20,7 +21,7 @@ from canon.data.folders import BadImageWarning, open_image_folder
 from canon.data.loaders import collate
 from canon.data.pack_command import add_pack_parser, parse_size
 from canon.data.packing import _even_bounds, pack_folder
-from canon.data.shard_index import is_shard_folder, read_index
+from canon.data.shard_index import OFFSET_EVERY, is_shard_folder, read_index
 from canon.data.shards import ShardImages
 from canon.errors import ConfigError, DataError
 
@@ -78,6 +79,11 @@ def test_the_index_lists_what_the_folder_reader_finds(packed, folders, imagenett
         for shard in split.shards:
             assert (packed / shard.file).stat().st_size == shard.bytes <= SHARD_BYTES
             assert sum(shard.class_counts) == shard.samples
+            assert len(shard.offsets) == -(-shard.samples // OFFSET_EVERY)
+            with tarfile.open(packed / shard.file) as tar:
+                members = tar.getmembers()
+            for k, offset in enumerate(shard.offsets):  # where sample k x OFFSET_EVERY begins
+                assert members[2 * k * OFFSET_EVERY].offset == offset
     assert sorted(p.name for p in packed.iterdir() if not p.name.endswith(".tar")) == [
         "index.json"]
 
@@ -164,6 +170,25 @@ def test_ranks_read_disjoint_equal_shares_that_cover_the_epoch(
     # Left out: less than a batch per worker, and a sample per shard each rank reads from.
     per_rank = max(workers, 1) * (batch_size - 1) + 7 // world_size + 7 % world_size
     assert len(read) >= len(train_digests) - world_size * per_rank
+
+
+def test_a_pack_without_recorded_offsets_reads_the_same_parts(packed, tmp_path):
+    """Packs made before canon recorded sample offsets: the parts of left-over shards are
+    found by walking the headers from the start instead."""
+    old = tmp_path / "old"
+    shutil.copytree(packed, old)
+    index = json.loads((old / "index.json").read_text())
+    for split in index["splits"].values():
+        for shard in split["shards"]:
+            del shard["offsets"]
+    (old / "index.json").write_text(json.dumps(index))
+    assert read_index(old).splits["train"].shards[0].offsets == []
+    for world_size in (2, 3):
+        for rank in range(world_size):
+            images = [ShardImages(folder, "train", transform=digest, rank=rank,
+                                  world_size=world_size, shuffle_buffer=0)
+                      for folder in (packed, old)]
+            assert stream(images[0], epoch=4) == stream(images[1], epoch=4)
 
 
 def test_a_shard_of_fewer_images_than_ranks_is_read_once(imagenette_root, tmp_path):

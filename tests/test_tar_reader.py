@@ -60,6 +60,15 @@ def test_a_pax_size_overrides_the_header_field():
     assert list(tar_members(io.BytesIO(raw.getvalue()))) == [("big.bin", b"abc")]
 
 
+def _with_field(raw: bytes, at: int, field: bytes) -> bytes:
+    """The first header of `raw` with bytes `at`... replaced by `field`, its checksum redone."""
+    header = bytearray(raw[:512])
+    header[at : at + len(field)] = field
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)
+    return bytes(header) + raw[512:]
+
+
 def test_damaged_streams_raise_tarfile_errors():
     raw = _tar(tarfile.PAX_FORMAT, [("a/b.JPEG", b"x" * 2000), ("a/b.cls", b"1")],
                directory=False)
@@ -67,8 +76,33 @@ def test_damaged_streams_raise_tarfile_errors():
         list(tar_members(io.BytesIO(raw[:1000])))  # inside the first file's data
     with pytest.raises(tarfile.ReadError, match="in a header"):
         list(tar_members(io.BytesIO(raw[:2560 + 100])))  # inside the second header
-    flipped = bytearray(raw)
-    flipped[10] ^= 0x01  # a byte of the first name
-    with pytest.raises(tarfile.HeaderError, match="bad checksum"):
-        list(tar_members(io.BytesIO(bytes(flipped))))
+    for at in (10, 2560 + 10):  # a byte of the first name, then of the second
+        flipped = bytearray(raw)
+        flipped[at] ^= 0x01
+        with pytest.raises(tarfile.HeaderError, match="bad checksum"):
+            list(tar_members(io.BytesIO(bytes(flipped))))
+    with pytest.raises(tarfile.HeaderError, match="negative number"):
+        list(tar_members(io.BytesIO(_with_field(raw, 124, b"\xff" * 12))))
+    pax = io.BytesIO()
+    with tarfile.open(fileobj=pax, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("big.bin")
+        info.size, info.pax_headers = 3, {"size": "3x"}
+        tar.addfile(info, io.BytesIO(b"abc"))
+    with pytest.raises(tarfile.HeaderError, match="invalid pax size '3x'"):
+        list(tar_members(io.BytesIO(pax.getvalue())))
+
+
+def test_the_ends_and_numbers_tarfile_accepts():
+    members = [("a/b.JPEG", b"x" * 2000)]
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo(members[0][0])
+        info.size = 2000
+        tar.addfile(info, io.BytesIO(members[0][1]))
+    raw = buffer.getvalue()
+    end = 512 + 2048  # the member's header and data; the end-of-archive blocks follow
+    for cut in (end, end + 100, len(raw)):  # none, part of them, all of them
+        assert list(tar_members(io.BytesIO(raw[:cut]))) == members
     assert list(tar_members(io.BytesIO(b""))) == []
+    size = _with_field(raw, 124, b"00000003720\0")[:end] + b"\0" * 1024  # 2000, NUL-ended
+    assert list(tar_members(io.BytesIO(_with_field(size, 124, b"0003720\0xyz ")))) == members

@@ -25,7 +25,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from canon.data.folders import SPLIT_NAMES, FolderImages, open_image_folder, open_train_folder
-from canon.data.shard_index import INDEX, PackIndex, Shard, SplitIndex
+from canon.data.shard_index import INDEX, OFFSET_EVERY, PackIndex, Shard, SplitIndex
 from canon.errors import ConfigError, DataError
 from canon.files import atomic_write, make_folder, sweep_partial_writes
 
@@ -129,9 +129,9 @@ class _SplitWriter:
             random.Random(PACK_SEED).shuffle(order)
         keys = _keys(folder)
         self.samples = [(keys[i], folder.paths[i], folder.labels[i]) for i in order]
-        sizes = [sum(_member_bytes(info) for info, _ in _members(*sample, read=False))
-                 for sample in self.samples]
-        self.bounds = _even_bounds(sizes, shard_bytes)
+        self.sizes = [sum(_member_bytes(info) for info, _ in _members(*sample, read=False))
+                      for sample in self.samples]
+        self.bounds = _even_bounds(self.sizes, shard_bytes)
 
     def write(self) -> list[Shard]:
         shards = []
@@ -140,7 +140,8 @@ class _SplitWriter:
             counts = [0] * self.class_count
             atomic_write(path, partial(self._fill, samples=self.samples[start:stop],
                                        counts=counts), advice=_ADVICE)
-            shards.append(Shard(path.name, sum(counts), path.stat().st_size, counts))
+            offsets = list(accumulate(self.sizes[start:stop], initial=0))[:-1:OFFSET_EVERY]
+            shards.append(Shard(path.name, sum(counts), path.stat().st_size, counts, offsets))
         return shards
 
     def _fill(self, temporary: Path, samples: list[tuple[str, Path, int]],

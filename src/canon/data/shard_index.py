@@ -6,7 +6,7 @@ reader knows each rank's share of an epoch before it opens a shard.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from canon.errors import DataError
@@ -14,16 +14,21 @@ from canon.errors import DataError
 INDEX = "index.json"
 FORMAT = "canon-shards"
 VERSION = 1
+OFFSET_EVERY = 64  # samples between the byte offsets a shard's entry records
 
 
 @dataclass(frozen=True)
 class Shard:
-    """One tar file of a split: `samples` samples of `class_counts[c]` images of class c."""
+    """One tar file of a split: `samples` samples of `class_counts[c]` images of class c;
+    `offsets`: where samples 0, OFFSET_EVERY, 2 x OFFSET_EVERY, ... begin in the file, so that
+    a reader of part of a shard seeks near its first sample (empty in packs made before canon
+    recorded them)."""
 
     file: str
     samples: int
     bytes: int
     class_counts: list[int]
+    offsets: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ from canon.data.decoding import decode_image_bytes
 from canon.data.folders import BadImageWarning, check_known_classes
 from canon.data.labeled import Transform
 from canon.data.sampling import sample_seed, seeded
-from canon.data.shard_index import PackIndex, read_index
+from canon.data.shard_index import OFFSET_EVERY, PackIndex, read_index
 from canon.data.tar_reader import seek_past, tar_members
 from canon.errors import ConfigError, DataError
 
@@ -227,8 +227,8 @@ class ShardImages(IterableDataset):
 
     def _read_piece(self, index: int, start: int, stop: int) -> Iterator[RawSample]:
         """Samples start to stop of a shard, undecoded, in order: tar members KEY.EXT grouped
-        by KEY, two per sample (canon pack's image and .cls), those before `start` seeked
-        past."""
+        by KEY, two per sample (canon pack's image and .cls); those before `start` are seeked
+        past, from the shard's recorded offset nearest below it."""
         shard, path = self.shards[index], self.root / self.shards[index].file
         found = path.stat().st_size if path.is_file() else None
         if found != shard.bytes:
@@ -236,9 +236,12 @@ class ShardImages(IterableDataset):
             raise DataError(f"{path}: {what}, index.json says {shard.bytes:,} bytes (cut short or "
                             "replaced since it was packed); re-run canon pack")
         count, key, members = start, None, {}
-        try:  # the headers of the samples before start, then sequential reads of 1 MiB
+        # The last recorded offset at or before start, then the headers from there on.
+        jumps = min(start // OFFSET_EVERY, len(shard.offsets) - 1) if shard.offsets else 0
+        try:  # then sequential reads of 1 MiB
             with open(path, "rb", buffering=0) as raw:
-                seek_past(raw, 2 * start)
+                raw.seek(shard.offsets[jumps] if jumps else 0)
+                seek_past(raw, 2 * (start - jumps * OFFSET_EVERY))
                 file = io.BufferedReader(raw, READ_BYTES)
                 for name, data in tar_members(file):
                     folder, _, base = name.rpartition("/")
@@ -246,7 +249,7 @@ class ShardImages(IterableDataset):
                     if (folder, stem) != key and members:
                         yield self._sample(path, index, count, members)
                         count, members = count + 1, {}
-                        if count == stop:
+                        if count == stop < shard.samples:
                             return
                     key = folder, stem
                     members[extension] = name, data
