@@ -25,10 +25,7 @@ def tar_members(file: BinaryIO) -> Iterator[tuple[str, bytes]]:
     """(name, bytes) of each regular file in the tar read from `file`, in stream order, up to
     the end-of-archive block (or the end of the file)."""
     for name, size in _regular_files(file):
-        data = file.read(size + -size % BLOCK)[:size]
-        if len(data) < size:
-            raise tarfile.ReadError(f"unexpected end of data: {len(data)} of {size} bytes")
-        yield name, data
+        yield name, _data(file, size)
 
 
 def seek_past(file: BinaryIO, count: int) -> None:
@@ -59,15 +56,21 @@ def _regular_files(file: BinaryIO) -> Iterator[tuple[str, int]]:
             yield pax.get("path") or long_name or _header_name(header), size
             long_name, pax = None, {}
             continue
-        data = file.read(size + -size % BLOCK)[:size]
-        if len(data) < size:
-            raise tarfile.ReadError(f"unexpected end of data: {len(data)} of {size} bytes")
+        data = _data(file, size)
         if kind == tarfile.GNUTYPE_LONGNAME:
             long_name = _text(data.rstrip(b"\0"))
         elif kind == tarfile.XHDTYPE:
             pax = _pax_records(data)
-        elif kind != tarfile.XGLTYPE:  # pax global defaults: none that a regular file needs
+        elif kind not in EXTENSIONS:  # a member this reader skips (a folder, a link)
             long_name, pax = None, {}
+
+
+def _data(file: BinaryIO, size: int) -> bytes:
+    """A member's `size` bytes, and the file moved past their padding to the next header."""
+    data = file.read(size + -size % BLOCK)[:size]
+    if len(data) < size:
+        raise tarfile.ReadError(f"unexpected end of data: {len(data)} of {size} bytes")
+    return data
 
 
 def _check_sum(header: bytes) -> None:
