@@ -45,7 +45,7 @@ from torchvision.transforms import InterpolationMode, v2
 from canon.bench import DEFAULT_RECIPE
 from canon.bench.train import synchronize
 from canon.data.config import DataConfig
-from canon.data.device_jpeg import DeviceCrops, FileBytes, collate_files, decode_batch
+from canon.data.device_jpeg import DeviceCrops, DeviceDecodedBatches, FileBytes, collate_files
 from canon.data.folders import FolderImages
 from canon.data.geometry import INTERPOLATION
 from canon.data.loaders import build_datasets
@@ -177,14 +177,12 @@ def on_device_images_per_second(folder: FolderImages, indices: Sequence[int],
     if augment is None:
         return None
     files = FileBytes(folder)
+    batches = (collate_files([files[i] for i in indices[first : first + batch_size]])
+               for first in range(0, len(indices), batch_size))  # read as the loop asks
     synchronize(device)
     start = time.perf_counter()
-    for first in range(0, len(indices), batch_size):
-        keys, data, lengths, _ = collate_files(
-            [files[i] for i in indices[first : first + batch_size]])
-        decoded = decode_batch(list(torch.split(data, lengths.tolist())), keys, folder, device)
-        kept = [i for i, image in enumerate(decoded) if image is not None]
-        augment([decoded[i] for i in kept], keys[kept], 0, len(folder))
+    for _ in DeviceDecodedBatches(batches, folder, augment, 0, device):
+        pass
     synchronize(device)
     return len(indices) / (time.perf_counter() - start)
 

@@ -32,7 +32,7 @@ def seek_past(file: BinaryIO, count: int) -> None:
     """Move `file` past its next `count` regular files, reading only the headers: open it
     unbuffered for this, since a buffered reader would read the data it seeks past."""
     for _, size in islice(_regular_files(file), count):
-        file.seek(size + -size % BLOCK, 1)
+        file.seek(_padded(size), 1)
 
 
 def _regular_files(file: BinaryIO) -> Iterator[tuple[str, int]]:
@@ -67,10 +67,15 @@ def _regular_files(file: BinaryIO) -> Iterator[tuple[str, int]]:
 
 def _data(file: BinaryIO, size: int) -> bytes:
     """A member's `size` bytes, and the file moved past their padding to the next header."""
-    data = file.read(size + -size % BLOCK)[:size]
+    data = file.read(_padded(size))[:size]
     if len(data) < size:
         raise tarfile.ReadError(f"unexpected end of data: {len(data)} of {size} bytes")
     return data
+
+
+def _padded(size: int) -> int:
+    """What `size` bytes of member data take in the stream: whole blocks."""
+    return size + -size % BLOCK
 
 
 def _check_sum(header: bytes) -> None:
