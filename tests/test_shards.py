@@ -239,8 +239,15 @@ def test_a_damaged_shard_is_named(packed, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(packed, copy)
     shard = copy / "train-000002.tar"
-    shard.write_bytes(shard.read_bytes()[:100_000])
+    whole = shard.read_bytes()
+    shard.write_bytes(whole[:100_000])
     with pytest.raises(DataError, match=r"train-000002.tar.*cut short"):
+        list(ShardImages(copy, "train", shuffle=False))
+    damaged = bytearray(whole)
+    damaged[5] ^= 0x01  # a byte of the first member's name: the header's checksum fails
+    shard.write_bytes(bytes(damaged))
+    with pytest.raises(DataError, match=r"train-000002.tar: unreadable shard \(bad checksum"
+                                        r".*re-run canon pack"):
         list(ShardImages(copy, "train", shuffle=False))
     (copy / "index.json").write_bytes(b"\x00" * 64)  # its index overwritten
     with pytest.raises(DataError, match=r"index\.json: not valid JSON.*re-run canon pack"):
