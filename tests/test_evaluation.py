@@ -28,7 +28,7 @@ from canon.data.views import (
 )
 from canon.errors import ConfigError, DataError, NonFiniteError
 from canon.evaluation import TopKErrors, evaluate, score_loader, topk_correct
-from canon.evaluation.protocols import _average_posteriors, preprocess_for
+from canon.evaluation.protocols import ViewScorer, preprocess_for
 from canon.evaluation.report import class_report
 from canon.models.base import EvalConfig
 from canon.models.factory import create_model
@@ -211,6 +211,14 @@ def test_vgg_multi_crop_is_a_5x5_grid_with_flips_at_three_scales():
         parse_protocol("ten-crop+dense")
 
 
+def average_posteriors(model, dense_network, stacks, protocol, views_per_forward=None):
+    """The posteriors of a list of images' view stacks, given to a ViewScorer as one batch."""
+    scorer = ViewScorer(model, dense_network, protocol, "cpu", views_per_forward)
+    labels = torch.zeros(len(stacks), dtype=torch.long)
+    return torch.cat([posteriors for posteriors, _ in [*scorer.add(stacks, labels),
+                                                       *scorer.finish()]])
+
+
 def _three_scale_setting(count: int):
     """`count` random 40 x 52 images, preprocessed at scales 32 / 40 / 48, and a SmallConvNet
     with its fully convolutional form."""
@@ -239,7 +247,7 @@ def test_multi_crop_plus_dense_averages_the_two_methods():
             expected.append((crop_posterior + dense_posterior) / 2)
             per_view.append((150 * crop_posterior + 6 * dense_posterior) / 156)
         stacks = [ProtocolViews(both, preprocess)(image) for image in images]
-        combined = _average_posteriors(model, dense_network, stacks, both, "cpu")
+        combined = average_posteriors(model, dense_network, stacks, both)
     assert torch.allclose(combined, torch.stack(expected), atol=1e-6)
     assert not torch.allclose(combined, torch.stack(per_view), atol=1e-4)
     labels = torch.stack(expected).argmax(1).tolist()
@@ -260,20 +268,29 @@ def test_a_forward_pass_takes_at_most_batch_size_views():
     protocol = parse_protocol("multi-crop+dense")
     stacks = [ProtocolViews(protocol, preprocess)(image) for image in images]
     with torch.no_grad():
-        whole = _average_posteriors(model, dense_network, stacks, protocol, "cpu")
+        whole = average_posteriors(model, dense_network, stacks, protocol)
         assert max(passes) == 5 * 150  # every crop at once, without a bound
         passes.clear()
-        chunked = _average_posteriors(model, dense_network, stacks, protocol, "cpu", 7)
+        chunked = average_posteriors(model, dense_network, stacks, protocol, 7)
     assert torch.allclose(chunked, whole, atol=1e-6)
     assert max(passes) == 7 and sum(passes) == 5 * 156
     passes.clear()
     labels = whole.argmax(1).tolist()
     dataset = ArrayImages(images, labels, [str(c) for c in range(10)], name="five")
     result = evaluate(model, dataset, "ten-crop", batch_size=3, preprocess=preprocess)
-    assert result["images"] == 5 and max(passes) == 3 and sum(passes) == 50
-    passes.clear()  # 25 views per pass: two images (20 views) loaded at a time
-    result = evaluate(model, dataset, "ten-crop", batch_size=25, preprocess=preprocess)
-    assert result["images"] == 5 and passes == [20, 20, 10]
+    assert result["images"] == 5 and passes == [3] * 16 + [2]
+    # Two images (20 views) are loaded at a time, and views carry over to fill each pass of
+    # 25, as a 144-crop image at batch 256 would otherwise run alone in a pass 56% full.
+    passes.clear()
+    result = evaluate(model, dataset, "ten-crop", batch_size=25, preprocess=preprocess,
+                      keep_probabilities=True)
+    assert result["images"] == 5 and passes == [25, 25]
+    ten = parse_protocol("ten-crop")
+    with torch.no_grad():
+        expected = average_posteriors(model, None, [ProtocolViews(ten, preprocess)(image)
+                                                    for image in images], ten)
+    assert torch.allclose(result["probabilities"], expected, atol=1e-6)
+    assert result["labels"].tolist() == labels
 
 
 def test_multi_scale_views_on_real_photos(imagenette_root, tmp_path):
@@ -311,9 +328,9 @@ def test_ten_crop_equals_center_for_a_position_blind_model():
     model, ten, center = PixelwiseNet(), parse_protocol("ten-crop"), parse_protocol("center")
     with torch.no_grad():
         stacks = [ProtocolViews(ten, preprocess)(image) for image in images]
-        tencrop = _average_posteriors(model, None, stacks, ten, "cpu")
+        tencrop = average_posteriors(model, None, stacks, ten)
         stacks = [ProtocolViews(center, preprocess)(image) for image in images]
-        single = _average_posteriors(model, None, stacks, center, "cpu")
+        single = average_posteriors(model, None, stacks, center)
     assert torch.allclose(tencrop, single, atol=1e-6)
     assert not torch.allclose(single, single.mean(0))  # the images do score differently
 
@@ -353,9 +370,9 @@ def test_dense_equals_center_at_training_size(sample_sets):
     model = SmallConvNet().eval()
     images = torch.stack([val[i][0] for i in range(64)])
     with torch.no_grad():
-        posteriors = _average_posteriors(
+        posteriors = average_posteriors(
             model, model.fully_convolutional(), [[dense_view(x)] for x in images],
-            parse_protocol("dense"), "cpu",
+            parse_protocol("dense"),
         )
         expected = (model(images).softmax(1) + model(images.flip(-1)).softmax(1)) / 2
         assert torch.allclose(posteriors, expected, atol=1e-6)
@@ -475,7 +492,7 @@ def test_evaluate_keeps_the_probabilities_in_dataset_order(sample_sets):
                       keep_probabilities=True)
     with torch.no_grad():
         stacks = [ProtocolViews(ten, sample_sets.preprocess)(image) for image in subset.images]
-        expected = _average_posteriors(model, None, stacks, ten, "cpu")
+        expected = average_posteriors(model, None, stacks, ten)
     assert torch.allclose(result["probabilities"], expected, atol=1e-6)
     assert torch.equal(result["labels"], torch.tensor(subset.labels))
     wrong = (expected.argmax(1) != result["labels"]).sum().item()

@@ -104,9 +104,9 @@ def evaluate(
     (LabeledImages.class_ids of the set it was trained on), label the split by class name: it
     may hold some of those classes and no others. Without them the split's own sorted classes
     are taken to be the model's.
-    The model is moved to `device` first. A forward pass takes at most `batch_size` views
-    (ten per image under ten-crop), and images are loaded batch_size // views at a time (one
-    at least).
+    The model is moved to `device` first. A forward pass takes `batch_size` views (ten per
+    image under ten-crop), the views of consecutive loaded batches together, and images are
+    loaded batch_size // views at a time (one at least).
     `scales` overrides the multi-scale shorter sides.
     `sampler` shards the set (distributed evaluation; all-reduce the counts, see
     score_loader). Returns top1_error, top5_error, images, skipped, protocol,
@@ -206,82 +206,145 @@ def _scored_batches(
     progress: bool,
     views_per_forward: int | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(scores N x K, labels N) of each non-empty batch of score_loader's `loader`: logits of
-    ready batches, the protocol's averaged posteriors of view batches. The model is in eval
-    mode while this runs (inference mode is entered per step, not around the consumer)."""
+    """(scores N x K, labels N) in the loader's order: logits of each non-empty ready batch;
+    for view batches, the protocol's averaged posteriors of the images whose views are all
+    scored (ViewScorer). The model is in eval mode while this runs (inference mode is entered
+    per step, not around the consumer)."""
     was_training = model.training
     model.eval()
-    dense_network = None
-    if protocol is not None and protocol.dense:
-        dense_network = model.fully_convolutional().eval()
+    scorer = None
+    if protocol is not None:
+        dense_network = model.fully_convolutional().eval() if protocol.dense else None
+        scorer = ViewScorer(model, dense_network, protocol, device, views_per_forward)
     try:
         for batch in tqdm(loader, desc="evaluate", unit="batch", disable=not progress):
             inputs, labels = batch  # images, or per-image view stacks
             if not len(labels):
                 continue
-            if protocol is None:
+            if scorer is None:
                 yield model(inputs.to(device)), labels
             else:
-                yield _average_posteriors(model, dense_network, inputs, protocol, device,
-                                          views_per_forward), labels
+                yield from scorer.add(inputs, labels)
+        if scorer is not None:
+            yield from scorer.finish()
     finally:
         model.train(was_training)
 
 
-def _average_posteriors(
-    model: nn.Module,
-    dense_network: nn.Module | None,
-    per_image: list[list[torch.Tensor]],
-    protocol: Protocol,
-    device,
-    views_per_forward: int | None = None,
-) -> torch.Tensor:
-    """Per image, the mean softmax over each method's views, then the mean over the methods.
+class ViewScorer:
+    """Per image, the mean softmax over each method's views, then the mean over the methods,
+    with the views of consecutive loaded batches sharing forward passes.
 
     An image's stacks are its methods' in order, an equal number each (ProtocolViews). Dense
     views go through `dense_network` (the model's fully convolutional form), crops through
-    `model`; views of one method and shape run together, `views_per_forward` at most."""
-    methods = len(protocol.methods)
-    groups: dict[tuple[bool, tuple[int, ...]], list[tuple[int, torch.Tensor]]] = {}
-    for index, stacks in enumerate(per_image):
-        per_method = len(stacks) // methods
-        for position, stack in enumerate(stacks):
-            method = position // per_method
-            dense = protocol.methods[method] == "dense"
-            owner = index * methods + method
-            groups.setdefault((dense, tuple(stack.shape[1:])), []).append((owner, stack))
-    totals = None
-    counts = torch.zeros(len(per_image) * methods, device=device)
-    for (dense, _), members in groups.items():
-        owners = torch.cat([torch.full((len(s),), i) for i, s in members]).to(device)
-        network = dense_network if dense else model
-        scores = _forward_in_chunks(network, [s for _, s in members], views_per_forward,
-                                    device)
+    `model`; views of one method and shape run together in passes of exactly `size` views
+    (all that are pending when None), carried over from one loaded batch to the next: at batch
+    256 an image's 144 crops (GoogLeNet) would otherwise run alone, a pass 56% full. Views
+    pending in all shapes together are scored once they reach `size`, which bounds memory when
+    shapes rarely repeat (dense views of images of different aspect). An image's posteriors
+    come out, in order, once all its views are scored."""
+
+    def __init__(self, model: nn.Module, dense_network: nn.Module | None, protocol: Protocol,
+                 device: str | torch.device, size: int | None) -> None:
+        self.model, self.dense_network, self.device, self.size = model, dense_network, device, size
+        self.methods = protocol.methods
+        # Views waiting for a pass, by (dense, view shape): (owner, stack) in arrival order,
+        # an owner being an (image, method) pair's position in the stream.
+        self.pending: dict[tuple[bool, tuple[int, ...]], list[tuple[int, torch.Tensor]]] = {}
+        self.pending_views = 0
+        # The (image, method) pairs not yet given out, from the stream position `first` on:
+        # their posterior sums (created at the first pass, when the class count is known),
+        # views scored and views expected.
+        self.first = 0
+        self.totals: torch.Tensor | None = None
+        self.scored = torch.zeros(0, device=device)
+        self.expected = torch.zeros(0, device=device)
+        self.labels = torch.zeros(0, dtype=torch.long)
+
+    def add(self, per_image: list[list[torch.Tensor]], labels: torch.Tensor
+            ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Take a loaded batch (collate_views'); yield (posteriors, labels) of the images now
+        complete."""
+        methods = len(self.methods)
+        next_owner = self.first + len(self.expected)
+        expected = torch.zeros(len(per_image) * methods)
+        for index, stacks in enumerate(per_image):
+            per_method = len(stacks) // methods
+            for position, stack in enumerate(stacks):
+                method = position // per_method
+                owner = index * methods + method
+                key = (self.methods[method] == "dense", tuple(stack.shape[1:]))
+                self.pending.setdefault(key, []).append((next_owner + owner, stack))
+                expected[owner] += len(stack)
+                self.pending_views += len(stack)
+        self.expected = torch.cat([self.expected, expected.to(self.device)])
+        self.scored = torch.cat([self.scored, torch.zeros_like(expected, device=self.device)])
+        if self.totals is not None:
+            self.totals = torch.cat([self.totals, self.totals.new_zeros(len(expected),
+                                                                         self.totals.shape[1])])
+        self.labels = torch.cat([self.labels, labels])
+        if self.size is None:
+            self._score_all()
+        else:
+            for key in list(self.pending):
+                while self._views(key) >= self.size:
+                    self._score(key, self.size)
+            if self.pending_views >= self.size:
+                self._score_all()
+        yield from self._complete()
+
+    def finish(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Score the views still pending; yield the images they complete."""
+        self._score_all()
+        yield from self._complete()
+
+    def _views(self, key: tuple[bool, tuple[int, ...]]) -> int:
+        return sum(len(stack) for _, stack in self.pending.get(key, ()))
+
+    def _score_all(self) -> None:
+        for key in list(self.pending):
+            while key in self.pending:
+                self._score(key, self.size or self._views(key))
+
+    def _score(self, key: tuple[bool, tuple[int, ...]], count: int) -> None:
+        """One forward pass of the first `count` views pending under `key` (all when fewer)."""
+        members, taken, owners = self.pending[key], [], []
+        while members and count > 0:
+            owner, stack = members[0]
+            if len(stack) > count:
+                members[0] = (owner, stack[count:])
+                stack = stack[:count]
+            else:
+                members.pop(0)
+            taken.append(stack)
+            owners.append(torch.full((len(stack),), owner - self.first))
+            count -= len(stack)
+        if not members:
+            del self.pending[key]
+        views = torch.cat(taken)
+        self.pending_views -= len(views)
+        dense = key[0]
+        scores = (self.dense_network if dense else self.model)(views.to(self.device))
         if dense:
             scores = scores.mean((2, 3))
         probabilities = scores.float().softmax(1)
-        if totals is None:
-            totals = torch.zeros(len(counts), probabilities.shape[1], device=device)
-        totals.index_add_(0, owners, probabilities)
-        counts.index_add_(0, owners, torch.ones_like(owners, dtype=counts.dtype))
-    per_method_mean = totals / counts.view(-1, 1)
-    return per_method_mean.view(len(per_image), methods, -1).mean(1)
+        if self.totals is None:
+            self.totals = probabilities.new_zeros(len(self.expected), probabilities.shape[1])
+        index = torch.cat(owners).to(self.device)
+        self.totals.index_add_(0, index, probabilities)
+        self.scored.index_add_(0, index, torch.ones_like(index, dtype=self.scored.dtype))
 
-
-def _forward_in_chunks(
-    network: nn.Module, stacks: list[torch.Tensor], size: int | None, device
-) -> torch.Tensor:
-    """`network`'s outputs for the rows of `stacks` in order, run `size` rows at a time (all
-    at once for None). A batch of 64 images under VGG's multi-crop is 9,600 views, whose
-    activations in one pass no device holds; smaller passes also run faster on a CPU."""
-    if size is None:
-        return network(torch.cat(stacks).to(device))
-    outputs, pending, pending_rows = [], [], 0
-    for piece in (piece for stack in stacks for piece in stack.split(size)):
-        if pending_rows + len(piece) > size:
-            outputs.append(network(torch.cat(pending).to(device)))
-            pending, pending_rows = [], 0
-        pending.append(piece)
-        pending_rows += len(piece)
-    outputs.append(network(torch.cat(pending).to(device)))
-    return torch.cat(outputs)
+    def _complete(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        methods = len(self.methods)
+        complete = (self.scored == self.expected).view(-1, methods).all(1)
+        images = int(complete.cumprod(0).sum())  # the complete ones ahead of any pending
+        if images == 0:
+            return
+        rows = images * methods
+        sums, scored = self.totals[:rows], self.scored[:rows]
+        posteriors = (sums / scored.view(-1, 1)).view(images, methods, -1).mean(1)
+        labels = self.labels[:images]
+        self.totals, self.scored = self.totals[rows:], self.scored[rows:]
+        self.expected, self.labels = self.expected[rows:], self.labels[images:]
+        self.first += rows
+        yield posteriors, labels
