@@ -293,6 +293,44 @@ def test_a_forward_pass_takes_at_most_batch_size_views():
     assert result["labels"].tolist() == labels
 
 
+def test_views_carried_across_batches_score_as_each_image_alone():
+    """Streams of images whose crops and dense views come in several shapes, split into
+    loaded batches at random and scored in passes of a few views: every image's posteriors
+    are its own views' (crops' mean and dense views' mean, averaged), in order, each view
+    scored once, no pass over the bound."""
+    model = PixelwiseNet()
+    generator = torch.Generator().manual_seed(1)
+    protocol = parse_protocol("multi-crop+dense")
+    passes = []
+    # model.score runs in every pass: the dense network is it, and the model calls it
+    model.score.register_forward_pre_hook(lambda _, inputs: passes.append(len(inputs[0])))
+
+    def draw(count, shapes):
+        return torch.rand(count, 3, *shapes[int(torch.randint(len(shapes), (1,),
+                                                              generator=generator))],
+                          generator=generator)
+
+    for size in (1, 3, 7, 40):
+        images = [[draw(int(torch.randint(1, 9, (1,), generator=generator)), [(4, 4), (5, 3)]),
+                   draw(2, [(6, 6), (6, 9), (9, 6)])] for _ in range(23)]
+        with torch.no_grad():
+            expected = torch.stack([(model(crops).softmax(1).mean(0)
+                                     + model.score(dense).mean((2, 3)).softmax(1).mean(0)) / 2
+                                    for crops, dense in images])
+        scorer = ViewScorer(model, model.score, protocol, "cpu", size)
+        scored, start, passes[:] = [], 0, []
+        while start < len(images):
+            stop = start + int(torch.randint(0, 6, (1,), generator=generator))
+            labels = torch.arange(start, min(stop, len(images)))
+            scored += scorer.add(images[start:stop], labels)
+            start = stop
+        scored += scorer.finish()
+        posteriors = torch.cat([chunk for chunk, _ in scored])
+        assert torch.allclose(posteriors, expected, atol=1e-6)
+        assert torch.cat([labels for _, labels in scored]).tolist() == list(range(23))
+        assert max(passes) <= size and sum(passes) == sum(len(c) + 2 for c, _ in images)
+
+
 def test_multi_scale_views_on_real_photos(imagenette_root, tmp_path):
     config = DataConfig(dataset=str(imagenette_root), augmentation="vgg", crop_size=96,
                         resize_size=128, mean="imagenet")

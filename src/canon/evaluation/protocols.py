@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -104,9 +105,10 @@ def evaluate(
     (LabeledImages.class_ids of the set it was trained on), label the split by class name: it
     may hold some of those classes and no others. Without them the split's own sorted classes
     are taken to be the model's.
-    The model is moved to `device` first. A forward pass takes `batch_size` views (ten per
-    image under ten-crop), the views of consecutive loaded batches together, and images are
-    loaded batch_size // views at a time (one at least).
+    The model is moved to `device` first. A forward pass takes at most `batch_size` views
+    (ten per image under ten-crop), those of consecutive loaded batches together so that
+    passes are full where views share a shape (ViewScorer), and images are loaded
+    batch_size // views at a time (one at least).
     `scales` overrides the multi-scale shorter sides.
     `sampler` shards the set (distributed evaluation; all-reduce the counts, see
     score_loader). Returns top1_error, top5_error, images, skipped, protocol,
@@ -183,9 +185,10 @@ def score_loader(
     views_per_forward: int | None = None,
 ) -> TopKErrors:
     """Top-k counts over a loader: of ready (images, labels) batches when `protocol` is
-    None, else of collate_views batches, whose views go through the model at most
-    `views_per_forward` at a time (None: a batch's views of one shape together). Restores the
-    model's training mode afterwards.
+    None, else of collate_views batches, whose views go through the model
+    `views_per_forward` at a time, those of consecutive batches together (None: a batch's
+    views of one shape together; see ViewScorer). Restores the model's training mode
+    afterwards.
 
     Inputs go to `device`; the model stays where the caller put it, since a model-parallel
     one (canon.engine.model_parallel) has its pieces on several devices and takes its
@@ -237,77 +240,75 @@ class ViewScorer:
 
     An image's stacks are its methods' in order, an equal number each (ProtocolViews). Dense
     views go through `dense_network` (the model's fully convolutional form), crops through
-    `model`; views of one method and shape run together in passes of exactly `size` views
-    (all that are pending when None), carried over from one loaded batch to the next: at batch
-    256 an image's 144 crops (GoogLeNet) would otherwise run alone, a pass 56% full. Views
-    pending in all shapes together are scored once they reach `size`, which bounds memory when
-    shapes rarely repeat (dense views of images of different aspect). An image's posteriors
-    come out, in order, once all its views are scored."""
+    `model`; views of one method and shape run together in passes of `size` views (all that
+    are pending when None), carried over from one loaded batch to the next: at batch 256 an
+    image's 144 crops (GoogLeNet) would otherwise run alone, a pass 56% full. When the views
+    pending in all shapes together reach `size`, the shapes with the fewest are scored until
+    fewer are left, which bounds memory where shapes rarely repeat (dense views of images of
+    different aspect). An image's posteriors come out, in order, once all its views are
+    scored."""
 
     def __init__(self, model: nn.Module, dense_network: nn.Module | None, protocol: Protocol,
                  device: str | torch.device, size: int | None) -> None:
         self.model, self.dense_network, self.device, self.size = model, dense_network, device, size
         self.methods = protocol.methods
         # Views waiting for a pass, by (dense, view shape): (owner, stack) in arrival order,
-        # an owner being an (image, method) pair's position in the stream.
-        self.pending: dict[tuple[bool, tuple[int, ...]], list[tuple[int, torch.Tensor]]] = {}
-        self.pending_views = 0
+        # an owner being an (image, method) pair's position in the stream; and their count.
+        self.pending: dict[tuple[bool, tuple[int, ...]], deque[tuple[int, torch.Tensor]]] = {}
+        self.pending_views: dict[tuple[bool, tuple[int, ...]], int] = {}
         # The (image, method) pairs not yet given out, from the stream position `first` on:
         # their posterior sums (created at the first pass, when the class count is known),
-        # views scored and views expected.
+        # their views and the views of theirs not yet scored; and their images' labels.
         self.first = 0
         self.totals: torch.Tensor | None = None
-        self.scored = torch.zeros(0, device=device)
-        self.expected = torch.zeros(0, device=device)
+        self.views = torch.zeros(0, dtype=torch.long)
+        self.unscored = torch.zeros(0, dtype=torch.long)
         self.labels = torch.zeros(0, dtype=torch.long)
 
     def add(self, per_image: list[list[torch.Tensor]], labels: torch.Tensor
-            ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Take a loaded batch (collate_views'); yield (posteriors, labels) of the images now
-        complete."""
+            ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Take a loaded batch (collate_views'); return (posteriors, labels) of the images now
+        complete, if any."""
         methods = len(self.methods)
-        next_owner = self.first + len(self.expected)
-        expected = torch.zeros(len(per_image) * methods)
+        next_owner = self.first + len(self.views)
+        views = torch.zeros(len(per_image) * methods, dtype=torch.long)
         for index, stacks in enumerate(per_image):
             per_method = len(stacks) // methods
             for position, stack in enumerate(stacks):
                 method = position // per_method
                 owner = index * methods + method
                 key = (self.methods[method] == "dense", tuple(stack.shape[1:]))
-                self.pending.setdefault(key, []).append((next_owner + owner, stack))
-                expected[owner] += len(stack)
-                self.pending_views += len(stack)
-        self.expected = torch.cat([self.expected, expected.to(self.device)])
-        self.scored = torch.cat([self.scored, torch.zeros_like(expected, device=self.device)])
+                self.pending.setdefault(key, deque()).append((next_owner + owner, stack))
+                self.pending_views[key] = self.pending_views.get(key, 0) + len(stack)
+                views[owner] += len(stack)
+        self.views = torch.cat([self.views, views])
+        self.unscored = torch.cat([self.unscored, views])
         if self.totals is not None:
-            self.totals = torch.cat([self.totals, self.totals.new_zeros(len(expected),
+            self.totals = torch.cat([self.totals, self.totals.new_zeros(len(views),
                                                                          self.totals.shape[1])])
         self.labels = torch.cat([self.labels, labels])
         if self.size is None:
-            self._score_all()
+            for key in list(self.pending):
+                self._score(key, self.pending_views[key])
         else:
             for key in list(self.pending):
-                while self._views(key) >= self.size:
+                while self.pending_views.get(key, 0) >= self.size:
                     self._score(key, self.size)
-            if self.pending_views >= self.size:
-                self._score_all()
-        yield from self._complete()
+            for key in sorted(self.pending, key=self.pending_views.__getitem__):
+                if sum(self.pending_views.values()) < self.size:
+                    break
+                self._score(key, self.size)
+        return self._complete()
 
-    def finish(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Score the views still pending; yield the images they complete."""
-        self._score_all()
-        yield from self._complete()
-
-    def _views(self, key: tuple[bool, tuple[int, ...]]) -> int:
-        return sum(len(stack) for _, stack in self.pending.get(key, ()))
-
-    def _score_all(self) -> None:
+    def finish(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Score the views still pending; return the images they complete."""
         for key in list(self.pending):
-            while key in self.pending:
-                self._score(key, self.size or self._views(key))
+            self._score(key, self.pending_views[key])
+        return self._complete()
 
+    @torch.inference_mode()
     def _score(self, key: tuple[bool, tuple[int, ...]], count: int) -> None:
-        """One forward pass of the first `count` views pending under `key` (all when fewer)."""
+        """One forward pass of the first `count` views pending under `key` (fewer are all)."""
         members, taken, owners = self.pending[key], [], []
         while members and count > 0:
             owner, stack = members[0]
@@ -315,36 +316,35 @@ class ViewScorer:
                 members[0] = (owner, stack[count:])
                 stack = stack[:count]
             else:
-                members.pop(0)
+                members.popleft()
             taken.append(stack)
             owners.append(torch.full((len(stack),), owner - self.first))
             count -= len(stack)
+        views, index = torch.cat(taken), torch.cat(owners)
+        self.pending_views[key] -= len(views)
         if not members:
-            del self.pending[key]
-        views = torch.cat(taken)
-        self.pending_views -= len(views)
+            del self.pending[key], self.pending_views[key]
         dense = key[0]
         scores = (self.dense_network if dense else self.model)(views.to(self.device))
         if dense:
             scores = scores.mean((2, 3))
         probabilities = scores.float().softmax(1)
         if self.totals is None:
-            self.totals = probabilities.new_zeros(len(self.expected), probabilities.shape[1])
-        index = torch.cat(owners).to(self.device)
-        self.totals.index_add_(0, index, probabilities)
-        self.scored.index_add_(0, index, torch.ones_like(index, dtype=self.scored.dtype))
+            self.totals = probabilities.new_zeros(len(self.views), probabilities.shape[1])
+        self.totals.index_add_(0, index.to(self.device), probabilities)
+        self.unscored.index_add_(0, index, torch.full_like(index, -1))
 
-    def _complete(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        methods = len(self.methods)
-        complete = (self.scored == self.expected).view(-1, methods).all(1)
-        images = int(complete.cumprod(0).sum())  # the complete ones ahead of any pending
+    def _complete(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        incomplete = (self.unscored > 0).view(-1, len(self.methods)).any(1)
+        waiting = incomplete.nonzero()
+        images = int(waiting[0]) if len(waiting) else len(incomplete)
         if images == 0:
-            return
-        rows = images * methods
-        sums, scored = self.totals[:rows], self.scored[:rows]
-        posteriors = (sums / scored.view(-1, 1)).view(images, methods, -1).mean(1)
+            return []
+        rows = images * len(self.methods)
+        divisors = self.views[:rows].to(self.device, torch.float32).view(-1, 1)
+        posteriors = (self.totals[:rows] / divisors).view(images, len(self.methods), -1).mean(1)
         labels = self.labels[:images]
-        self.totals, self.scored = self.totals[rows:], self.scored[rows:]
-        self.expected, self.labels = self.expected[rows:], self.labels[images:]
+        self.totals, self.views = self.totals[rows:], self.views[rows:]
+        self.unscored, self.labels = self.unscored[rows:], self.labels[images:]
         self.first += rows
-        yield posteriors, labels
+        return [(posteriors, labels)]
