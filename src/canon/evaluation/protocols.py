@@ -288,8 +288,7 @@ class ViewScorer:
                                                                          self.totals.shape[1])])
         self.labels = torch.cat([self.labels, labels])
         if self.size is None:
-            for key in list(self.pending):
-                self._score(key, self.pending_views[key])
+            self._score_all()
         else:
             for key in list(self.pending):
                 while self.pending_views.get(key, 0) >= self.size:
@@ -302,9 +301,13 @@ class ViewScorer:
 
     def finish(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Score the views still pending; return the images they complete."""
+        self._score_all()
+        return self._complete()
+
+    def _score_all(self) -> None:
+        """Every pending view, a pass per shape."""
         for key in list(self.pending):
             self._score(key, self.pending_views[key])
-        return self._complete()
 
     @torch.inference_mode()
     def _score(self, key: tuple[bool, tuple[int, ...]], count: int) -> None:
