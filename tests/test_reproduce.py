@@ -60,6 +60,15 @@ def test_quick_mode_shortens_the_schedule_in_proportion_and_warms_up_every_net()
         load_recipe("resnet56-cifar10").schedule)
 
 
+def test_quick_mode_starts_resnet_blocks_as_their_shortcuts_and_leaves_plain_nets_be() -> None:
+    def zero_init(name: str, mode: str) -> bool:
+        return training.shortened_recipe(name, MODES[mode], seed=0).model.zero_init_residual
+
+    assert zero_init("resnet20-cifar10", "quick") and zero_init("resnet110-cifar10", "quick")
+    assert not zero_init("plain56-cifar10", "quick")  # no shortcut to start as
+    assert not zero_init("resnet56-cifar10", "full")  # the paper's initialisation
+
+
 def test_list_names_every_experiment_and_bad_requests_are_refused(capsys, tmp_path) -> None:
     main(["reproduce", "--list"])
     out = capsys.readouterr().out

@@ -87,7 +87,7 @@ def shortened_recipe(name: str, mode: Mode, seed: int, data: str | None = None) 
     dataset = mode.dataset or data
     recipe = load_recipe(name, [
         ("train.seed", seed), *([] if dataset is None else [("data.dataset", dataset)]),
-        *mode.overrides])
+        *mode.overrides, *mode.recipe_overrides.get(name, ())])
     if mode.iterations is None:
         return recipe
     if recipe.train.iterations is None:
