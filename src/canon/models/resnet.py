@@ -90,10 +90,12 @@ class ResidualBlock(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Summed and rectified in place, as torchvision's blocks are: `out` is a BN output,
+        # which no backward needs, and each new tensor is an allocation per block and step.
         out = self.residual(x)
         if self.shortcut is not None:
-            out += self.shortcut(x)  # in place, as torchvision: a BN output, which no
-        return F.relu(out, inplace=True)  # backward needs, saves an allocation each
+            out += self.shortcut(x)
+        return F.relu(out, inplace=True)
 
 
 class BasicBlock(ResidualBlock):
