@@ -241,7 +241,12 @@ def test_imagenette_micro_trains_on_a_jpeg_folder_and_sets_it_beside_the_leaderb
     assert "final model on the validation set" in readme and "## The reference: fast.ai" in readme
     assert f"--data {imagenette_root.resolve()}" in readme
     assert (report / "curves" / "curves-top1.png").stat().st_size > 0
-    run = json.loads((report / "results.json").read_text())["runs"][0]
+    results = json.loads((report / "results.json").read_text())
+    # Ten crops of the 40 validation images the run scored, not of the folder's 500.
+    right = results["table"][0]["top-1, ten-crop (%)"] * 40 / 100
+    assert 0 <= right <= 40 and right == pytest.approx(round(right))
+    assert "ten-crop column scores the same models under AlexNet's" in readme
+    run = results["runs"][0]
     assert run["run"] == "resnet18-imagenette5-micro-seed0" and run["epochs"] == 1
     recipe = load_recipe(Path(run["run_dir"]) / "recipe.yaml")
     assert recipe.data.dataset == str(imagenette_root.resolve())

@@ -118,7 +118,7 @@ def ensure_run(run: PlannedRun, mode: Mode, *, device: str, progress: bool) -> R
         _check_same_recipe(run_dir, run.recipe)
     started = time.perf_counter()
     train(run.recipe, run_dir, resume=resume, device=device, progress=progress,
-          datasets=_micro_datasets(run.recipe, mode))
+          datasets=micro_datasets(run.recipe, mode))
     status = "trained" if resume is None else "resumed"
     return _record(run, status, time.perf_counter() - started)
 
@@ -163,8 +163,9 @@ def _flat(values: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
-def _micro_datasets(recipe: Recipe, mode: Mode) -> Datasets | None:
-    """Micro mode's few images, spread evenly over the splits (so every class is in)."""
+def micro_datasets(recipe: Recipe, mode: Mode) -> Datasets | None:
+    """Micro mode's few images, spread evenly over the splits (so every class is in); None in
+    the other modes, which train and validate on the whole splits."""
     if mode.train_images is None or mode.test_images is None:
         return None
     sets = build_datasets(recipe.data)
