@@ -45,6 +45,14 @@ def test_train_bench_gives_rates_flops_and_ratio_on_cpu():
     assert json.loads(json.dumps(bench.to_dict()))["ratio"] == pytest.approx(bench.ratio)
 
 
+def test_train_bench_utilisation_is_against_the_peak_of_the_autocast_precision_on_cpu():
+    bench = bench_train("resnet18", batch_size=2, steps=1, warmup=0, device="cpu",
+                        image_size=64, repeats=1, amp="bf16")
+    assert bench.peak_dtype == "bf16" and "matmul peak (bf16)" in format_train(bench)
+    achieved = bench.canon.images_per_s * bench.canon.train_gflops  # G multiply-adds/s
+    assert bench.canon.mfu == pytest.approx(achieved / bench.peak_gmacs, rel=1e-6)
+
+
 def test_train_bench_googlenet_trains_the_auxiliary_heads_of_both():
     """With --cuda-graph canon's step goes through GraphedStep (uncaptured on a CPU)."""
     bench = bench_train("googlenet_bn", batch_size=2, steps=1, warmup=0, device="cpu",

@@ -339,7 +339,9 @@ def bench_train(
                  tvm.get_model(twin, weights=None, num_classes=1000, **tv_options), None,
                  **options),
     ]
-    low_precision = cuda and amp != "none"
+    # The peak of the precision the step computes in, on a CPU too: this project's Zen 4 CPU
+    # (avx512_bf16) multiplies bf16 matrices 2.2 times as fast as float32 ones.
+    low_precision = amp != "none"
     tf32 = cuda and amp == "none" and torch.backends.cudnn.allow_tf32
     peak = matmul_peak(dev, DTYPES[amp] if low_precision else torch.float32, tf32=tf32)
     peak_dtype = amp if low_precision else "tf32" if tf32 else "float32"
