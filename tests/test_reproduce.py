@@ -251,6 +251,16 @@ def test_imagenette_micro_trains_on_a_jpeg_folder_and_sets_it_beside_the_leaderb
     recipe = load_recipe(Path(run["run_dir"]) / "recipe.yaml")
     assert recipe.data.dataset == str(imagenette_root.resolve())
     assert recipe.data.crop_size == 128
+    # Another precision is another run, beside the first, which it leaves as it was.
+    main(["reproduce", "imagenette", "--micro", "--data", str(imagenette_root),
+          "--output-dir", str(tmp_path), "--device", "cpu", "--amp", "bf16"])
+    assert "(1 run(s) trained now)" in capsys.readouterr().out
+    run = json.loads((report / "results.json").read_text())["runs"][0]
+    assert run["run"] == "resnet18-imagenette5-micro-bf16-seed0" and run["epochs"] == 1
+    assert load_recipe(Path(run["run_dir"]) / "recipe.yaml").train.amp == "bf16"
+    assert "--amp bf16" in (report / "README.md").read_text()
+    assert load_recipe(tmp_path / "runs" / "resnet18-imagenette5-micro-seed0" / "recipe.yaml"
+                       ).train.amp == "none"
 
 
 def test_a_finished_run_saved_before_a_key_existed_is_kept_while_the_key_is_at_its_default(

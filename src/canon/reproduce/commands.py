@@ -1,7 +1,8 @@
-"""`canon reproduce NAME [--quick] [--runs N] [--data DIR] [--output-dir DIR] [--device D]` and
-`canon reproduce --list`: the command line of canon.reproduce. `--micro` (not shown in --help)
-is for canon's tests: a few steps of two depths, which show nothing. torch loads only when an
-experiment runs, so `--list` and `--help` answer at once.
+"""`canon reproduce NAME [--quick] [--runs N] [--data DIR] [--amp A] [--output-dir DIR]
+[--device D] [--jobs N] [--cuda-graph]` and `canon reproduce --list`: the command line of
+canon.reproduce. `--micro` (not shown in --help) is for canon's tests: a few steps of two
+depths, which show nothing. torch loads only when an experiment runs, so `--list` and `--help`
+answer at once.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ def add_reproduce_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--cuda-graph", action="store_true",
                         help="capture each run's training step in a CUDA graph "
                         "(train.cuda_graph): the same training, launched at once")
+    parser.add_argument("--amp", choices=("bf16", "fp16", "none"),
+                        help="every run's autocast precision (train.amp; default: the "
+                        "recipes'): other numbers, so other runs, named with it")
     parser.set_defaults(run=run_reproduce, mode="full")
 
 
@@ -60,7 +64,7 @@ def run_reproduce(args: argparse.Namespace) -> None:
     try:
         result = reproduce(args.experiment, args.output_dir, mode=args.mode, runs=args.runs,
                            device=args.device, data=args.data, jobs=args.jobs,
-                           cuda_graph=args.cuda_graph)
+                           cuda_graph=args.cuda_graph, amp=args.amp)
     except TrainingInterrupted as stop:
         print(f"stopped ({stop.checkpoint}); the same command resumes it")
         sys.exit(128 + stop.signal_number)  # the shell's convention, as `canon train`

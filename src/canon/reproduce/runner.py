@@ -3,7 +3,7 @@ analyse them all, write the report. What each experiment is lives in
 canon.reproduce.experiments; the layout of its output folder:
 
 ```
-OUTPUT/runs/RECIPE[-MODE]-seedN/   one canon.train run directory each, shared by experiments
+OUTPUT/runs/RECIPE[-MODE][-AMP]-seedN/   one canon.train run directory each, shared by experiments
 OUTPUT/NAME[-MODE]/                README.md, results.json and the plots of experiment NAME
 ```
 """
@@ -53,6 +53,7 @@ def reproduce(
     progress: bool = True,
     jobs: int = 1,
     cuda_graph: bool = False,
+    amp: str | None = None,
 ) -> Reproduction:
     """Reproduce experiment `name` (canon.reproduce.experiments.EXPERIMENTS) in `mode`
     ("full", "quick" or "micro", the last for tests) with `runs` seeds where it compares
@@ -62,14 +63,15 @@ def reproduce(
     call again goes on from it. `jobs` > 1 trains that many runs at once, each in a process
     of its own on the same device: small nets leave a big GPU mostly idle. `cuda_graph`
     captures every run's step in a CUDA graph (train.cuda_graph), which changes its speed,
-    not what it computes."""
+    not what it computes; `amp` ("bf16", "fp16" or "none") sets every run's autocast
+    precision (train.amp), which changes both: its runs are others, named with it."""
     experiment = get_experiment(name)
     chosen = experiment.mode(mode)
     if data is not None:  # stored in each run's recipe.yaml, compared when a run is reused
         data = str(Path(data).expanduser().resolve())
     root = Path(output_dir)
     started = time.perf_counter()
-    planned = plan_runs(experiment, chosen, runs, root / "runs", data)
+    planned = plan_runs(experiment, chosen, runs, root / "runs", data, amp)
     if cuda_graph:
         planned = [dataclasses.replace(run, recipe=apply_overrides(
             run.recipe, [("train.cuda_graph", True)])) for run in planned]
@@ -78,7 +80,7 @@ def reproduce(
     context = Context(experiment, chosen, device, root / f"{name}{suffix}")
     make_folder(context.folder)
     outcome = ANALYSES[experiment.analysis](records, context)
-    readme = write_report(context, _command(name, mode, runs, root, data), records, outcome,
+    readme = write_report(context, _command(name, mode, runs, root, data, amp), records, outcome,
                           environment(device), time.perf_counter() - started)
     return Reproduction(readme, outcome.findings, all(f.held for f in outcome.findings),
                         sum(record.status != "finished before" for record in records))
@@ -155,7 +157,8 @@ def _ensure_in_process(run: PlannedRun, mode: Mode, device: str
         raise
 
 
-def _command(name: str, mode: str, runs: int | None, root: Path, data: str | None) -> str:
+def _command(name: str, mode: str, runs: int | None, root: Path, data: str | None,
+             amp: str | None) -> str:
     """The command line that makes the same report."""
     parts = ["canon", "reproduce", name]
     if mode != "full":
@@ -164,6 +167,8 @@ def _command(name: str, mode: str, runs: int | None, root: Path, data: str | Non
         parts += ["--runs", str(runs)]
     if data is not None:
         parts += ["--data", data]
+    if amp is not None:
+        parts += ["--amp", amp]
     if root != DEFAULT_OUTPUT:
         parts += ["--output-dir", str(root)]
     return " ".join(parts)

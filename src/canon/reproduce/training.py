@@ -23,7 +23,7 @@ from canon.engine.rundir import recorded_commit
 from canon.engine.schedules import scale_iteration_counts
 from canon.engine.trainer import train
 from canon.errors import ConfigError
-from canon.recipes import Recipe, load_recipe, parse_yaml
+from canon.recipes import Recipe, apply_overrides, load_recipe, parse_yaml
 from canon.recipes.schema import SECTIONS
 from canon.reproduce.experiments import Experiment, Mode
 from canon.validation import plain
@@ -34,7 +34,7 @@ from canon.visualize.curves import metrics_file, read_metrics
 class PlannedRun:
     recipe: Recipe  # as the mode shortens it
     seed: int
-    run_dir: Path  # named RECIPE[-MODE]-seedN
+    run_dir: Path  # named RECIPE[-MODE][-AMP]-seedN
 
     @property
     def name(self) -> str:
@@ -62,9 +62,11 @@ SPEED_ONLY = frozenset({"train.cuda_graph", "train.compile"})
 
 
 def plan_runs(experiment: Experiment, mode: Mode, runs: int | None, root: Path,
-              data: str | None = None) -> list[PlannedRun]:
+              data: str | None = None, amp: str | None = None) -> list[PlannedRun]:
     """Every (recipe, seed) run of `experiment` in `mode`, with seeds 0 .. runs - 1, on the
-    folder `data` when given."""
+    folder `data` when given, in autocast precision `amp` (train.amp) when given. A run in
+    another precision than its recipe's computes other numbers: another run, in a folder
+    named with the precision."""
     if runs is not None and experiment.runs is None:
         raise ConfigError(f"{experiment.name} trains one run per recipe; --runs applies to "
                           "experiments that compare seeds (canon reproduce --list)")
@@ -75,10 +77,16 @@ def plan_runs(experiment: Experiment, mode: Mode, runs: int | None, root: Path,
     if data is not None and mode.dataset is not None:
         raise ConfigError(f"--{mode.name} trains {experiment.name} on {mode.dataset}; --data "
                           "applies where a mode keeps the recipes' dataset")
-    suffix = "" if mode.name == "full" else f"-{mode.name}"
-    return [PlannedRun(shortened_recipe(name, mode, seed, data), seed,
-                       root / f"{name}{suffix}-seed{seed}")
-            for name in experiment.recipes_in(mode.name) for seed in range(count or 1)]
+    planned = []
+    for name in experiment.recipes_in(mode.name):
+        for seed in range(count or 1):
+            recipe = shortened_recipe(name, mode, seed, data)
+            suffix = "" if mode.name == "full" else f"-{mode.name}"
+            if amp is not None and amp != recipe.train.amp:
+                recipe = apply_overrides(recipe, [("train.amp", amp)])
+                suffix += f"-{amp}"
+            planned.append(PlannedRun(recipe, seed, root / f"{name}{suffix}-seed{seed}"))
+    return planned
 
 
 def shortened_recipe(name: str, mode: Mode, seed: int, data: str | None = None) -> Recipe:
