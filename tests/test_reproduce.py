@@ -41,7 +41,7 @@ def test_every_experiment_is_data_that_loads() -> None:
                     assert recipe.train.iterations == (mode.iterations or original.iterations)
     imagenette = EXPERIMENTS["imagenette"]
     assert [load_recipe(name).train.epochs for name in imagenette.recipes] == [5, 20]
-    assert imagenette.recipes_in("quick") == ("resnet18-imagenette5",)
+    assert imagenette.recipes_in("quick") == ("resnet34-imagenette5",)
 
 
 def test_quick_mode_shortens_the_schedule_in_proportion_and_warms_up_every_net() -> None:
@@ -237,7 +237,7 @@ def test_imagenette_micro_trains_on_a_jpeg_folder_and_sets_it_beside_the_leaderb
     assert "imagenette: finding not shown" in capsys.readouterr().out  # 4 steps learn nothing
     report = tmp_path / "imagenette-micro"
     readme = (report / "README.md").read_text()
-    assert "| ResNet-18, 1 epochs |" in readme and "| 87.43 |" in readme
+    assert "| ResNet-34, 1 epochs |" in readme and "| 87.43 |" in readme
     assert "final model on the validation set" in readme and "## The reference: fast.ai" in readme
     assert f"--data {imagenette_root.resolve()}" in readme
     assert (report / "curves" / "curves-top1.png").stat().st_size > 0
@@ -247,7 +247,7 @@ def test_imagenette_micro_trains_on_a_jpeg_folder_and_sets_it_beside_the_leaderb
     assert 0 <= right <= 40 and right == pytest.approx(round(right))
     assert "ten-crop column scores the same models under AlexNet's" in readme
     run = results["runs"][0]
-    assert run["run"] == "resnet18-imagenette5-micro-seed0" and run["epochs"] == 1
+    assert run["run"] == "resnet34-imagenette5-micro-seed0" and run["epochs"] == 1
     recipe = load_recipe(Path(run["run_dir"]) / "recipe.yaml")
     assert recipe.data.dataset == str(imagenette_root.resolve())
     assert recipe.data.crop_size == 128
@@ -256,10 +256,10 @@ def test_imagenette_micro_trains_on_a_jpeg_folder_and_sets_it_beside_the_leaderb
           "--output-dir", str(tmp_path), "--device", "cpu", "--amp", "bf16"])
     assert "(1 run(s) trained now)" in capsys.readouterr().out
     run = json.loads((report / "results.json").read_text())["runs"][0]
-    assert run["run"] == "resnet18-imagenette5-micro-bf16-seed0" and run["epochs"] == 1
+    assert run["run"] == "resnet34-imagenette5-micro-bf16-seed0" and run["epochs"] == 1
     assert load_recipe(Path(run["run_dir"]) / "recipe.yaml").train.amp == "bf16"
     assert "--amp bf16" in (report / "README.md").read_text()
-    assert load_recipe(tmp_path / "runs" / "resnet18-imagenette5-micro-seed0" / "recipe.yaml"
+    assert load_recipe(tmp_path / "runs" / "resnet34-imagenette5-micro-seed0" / "recipe.yaml"
                        ).train.amp == "none"
 
 

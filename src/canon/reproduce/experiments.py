@@ -182,16 +182,16 @@ EXPERIMENTS = {experiment.name: experiment for experiment in (
     ),
     Experiment(
         name="imagenette", cites="fast.ai Imagenette leaderboard, 128 px (not a paper)",
-        shows="a recipe made of the papers' parts (canon's resnet18-imagenette5/20) reaches "
+        shows="a recipe made of the papers' parts (canon's resnet34-imagenette5/20) reaches "
         "the public leaderboard's top-1 accuracy on Imagenette-160 after 5 and 20 epochs",
         plot="training (thin, dashed) and validation (bold) top-1 error by epoch",
-        recipes=("resnet18-imagenette5", "resnet18-imagenette20"),
-        quick_recipes=("resnet18-imagenette5",), micro_recipes=("resnet18-imagenette5",),
+        recipes=("resnet34-imagenette5", "resnet34-imagenette20"),
+        quick_recipes=("resnet34-imagenette5",), micro_recipes=("resnet34-imagenette5",),
         analysis="imagenette", modes=IMAGENETTE_MODES,
         paper=("The leaderboard (fast.ai's imagenette README, 128 px, one GPU): 87.43% top-1 "
                "after 5 epochs, 91.57% after 20, by an xresnet50 with Mish, self-attention, "
                "the Ranger optimizer and a flat-then-cosine schedule; canon trains a plain "
-               "ResNet-18 with SGD.",
+               "ResNet-34 with SGD.",
                "The finding is judged on centre crops, the leaderboard's protocol; the "
                "ten-crop column scores the same models under AlexNet's (s4.1: the mean softmax "
                "of the four corner and the centre crops and their reflections).",
