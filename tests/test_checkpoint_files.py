@@ -369,6 +369,10 @@ BAD_EXPORTS = {  # a damage, and what the error must name
     "truncated normalization": (
         truncate("normalization.safetensors"), r"normalization\.safetensors is unreadable"
     ),
+    "missing normalization": (  # not a silent fall back to the model's default mean
+        lambda run_dir: (run_dir / "normalization.safetensors").unlink(),
+        r"normalization\.safetensors is missing: the model's inputs were normalised",
+    ),
     "config not JSON": (
         edit_config(lambda info: json.dumps(info)[:-20]), r"eval_config\.json is unreadable"
     ),

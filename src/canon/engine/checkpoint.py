@@ -307,12 +307,15 @@ def export_model(
     info: dict[str, Any],
 ) -> None:
     """model.safetensors, normalization.safetensors (the training set's mean and std the
-    inputs were normalised with) and eval_config.json (`info`: model name, classes, data)."""
+    inputs were normalised with) and eval_config.json (`info`: model name, classes, data;
+    and which normalization file the model needs, so that its loss is an error, not a
+    silently different input)."""
     tensors = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
     _write_bytes(run_dir / EXPORT_WEIGHTS, safetensors.torch.save(tensors))
     if normalization is not None:
         stored = {k: v.contiguous() for k, v in normalization.items() if v is not None}
         _write_bytes(run_dir / EXPORT_NORMALIZATION, safetensors.torch.save(stored))
+    info = {**info, "normalization": EXPORT_NORMALIZATION if normalization is not None else None}
     _write_bytes(run_dir / EXPORT_CONFIG, json.dumps(info, indent=2).encode())
 
 

@@ -147,6 +147,11 @@ def _load_export(path: Path) -> TrainedModel:
         raise DataError(f"{path} needs {EXPORT_CONFIG} beside it (training writes both)")
     info = _json_object(config_path)
     norm_path = path.with_name(EXPORT_NORMALIZATION)
+    if info.get("normalization") and not norm_path.is_file():
+        raise DataError(
+            f"{norm_path} is missing: the model's inputs were normalised with the training "
+            f"set's mean and std it holds ({config_path} says so); copy it beside {path.name}, "
+            "or load the run's checkpoint instead")
     normalization = _safetensors(norm_path) if norm_path.is_file() else None
     if normalization is not None:
         checked_field(normalization, "mean", torch.Tensor, norm_path)
