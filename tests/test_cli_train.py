@@ -56,6 +56,13 @@ def test_train_writes_a_complete_run_directory_and_resumes(trained_run):
     assert header.startswith("# the resolved recipe of this run: canon ") and "commit" in header
 
 
+def test_a_resume_refuses_a_recipe_other_than_the_run_s(trained_run, capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--resume", str(trained_run), "--recipe", "resnet20-cifar10"])
+    assert (f"--resume {trained_run} continues a run of quickstart, not of --recipe "
+            "resnet20-cifar10: drop --recipe") in capsys.readouterr().err
+
+
 def test_eval_prints_errors_and_writes_json(trained_run, capsys):
     main(["eval", str(trained_run), "--protocol", "center", "--batch-size", "250"])
     out = capsys.readouterr().out

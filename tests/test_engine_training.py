@@ -297,6 +297,11 @@ def test_a_resume_takes_the_recipe_s_optimizer_values_and_refuses_another_model(
     with pytest.raises(ConfigError, match=r"cannot resume: the checkpoint's model \(resnet20\)"
                                           r" .* this run's resnet32"):
         set_up(other, tmp_path, init_distributed("cpu"), None, resume_data, state)
+    # Fewer steps than it has trained: the export would be a model its recipe does not describe.
+    shorter = apply_overrides(recipe, [("train.iterations", 1), ("optimizer.base_batch_size", 16)])
+    with pytest.raises(ConfigError, match=r"the run has trained \d+ steps \(1 epoch\(s\) \+ 0 "
+                                          r"steps\), more than the \d+ its recipe now asks for"):
+        set_up(shorter, tmp_path, init_distributed("cpu"), None, resume_data, state)
 
 
 def test_metrics_log_the_lr_each_epoch_trained_at(

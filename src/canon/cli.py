@@ -131,7 +131,7 @@ def _run_recipes(args: argparse.Namespace) -> None:
 
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--recipe", default="quickstart", metavar="NAME|FILE",
+        "--recipe", metavar="NAME|FILE",
         help="a bundled recipe (`canon recipes` lists them) or a recipe YAML file; "
         "default: quickstart (ResNet-20 on the bundled CIFAR-10 sample)",
     )

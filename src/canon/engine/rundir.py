@@ -31,7 +31,7 @@ from canon.engine.checkpoint import (
 )
 from canon.engine.initialize import INIT_REPORT
 from canon.engine.logs import EVENTS_DIR
-from canon.errors import DataError
+from canon.errors import ConfigError, DataError
 from canon.files import cannot_write, make_folder, sweep_partial_writes
 from canon.recipes import Recipe, apply_overrides, load_recipe
 
@@ -80,8 +80,11 @@ class RunPlan:
     state: dict[str, Any] | None
 
 
+DEFAULT_RECIPE = "quickstart"  # what `canon train` trains without --recipe
+
+
 def plan_run(
-    recipe: str | Path,
+    recipe: str | Path | None,
     overrides: Iterable[str | tuple[str, Any]] = (),
     *,
     resume: str | Path | None = None,
@@ -89,13 +92,15 @@ def plan_run(
 ) -> RunPlan:
     """The run a `canon train` command means.
 
-    A new run: `recipe` (a bundled name or a YAML file) with `overrides`, in `output_dir` or a
-    fresh runs/<recipe>[-N]. `resume`: a run directory or checkpoint file, or "latest" (the run
-    in `output_dir`, else the newest run of `recipe` under runs/); the recipe is the
-    checkpoint's, with `overrides` on top. Under torchrun every process picks the same
+    A new run: `recipe` (a bundled name or a YAML file; None: DEFAULT_RECIPE) with
+    `overrides`, in `output_dir` or a fresh runs/<recipe>[-N]. `resume`: a run directory or
+    checkpoint file, or "latest" (the run in `output_dir`, else the newest run of `recipe`
+    under runs/); the recipe is the checkpoint's, with `overrides` on top, and a `recipe`
+    named beside a path must be the run's. Under torchrun every process picks the same
     directory (runs/<recipe>-<torchrun's run id>), and an elastic restart (the same command
     again) continues that run from its newest checkpoint.
     """
+    named, recipe = recipe, DEFAULT_RECIPE if recipe is None else recipe
     if resume is None and distributed.launched_by_torchrun():
         name = load_recipe(recipe).name
         output_dir = output_dir or RUNS_ROOT / f"{name}-{distributed.elastic_run_id()}"
@@ -112,6 +117,11 @@ def plan_run(
         source = latest_run_dir(RUNS_ROOT, load_recipe(recipe).name)
     path, state = load_for_resume(source)
     loaded = apply_overrides(Recipe.from_dict(state["recipe"], where=str(path)), overrides)
+    if named is not None and resume != "latest" and load_recipe(named).name != loaded.name:
+        raise ConfigError(
+            f"--resume {resume} continues a run of {loaded.name}, not of --recipe {named}: "
+            "drop --recipe (a resumed run keeps its recipe; --set changes its values), or "
+            "start a new run without --resume")
     run_dir = output_dir or run_dir_of(path)
     check_continuation(path, Path(source).is_file(), run_dir)
     return RunPlan(loaded, run_dir, state)

@@ -275,6 +275,12 @@ def set_up(
     )
     if state is not None:
         _restore(run, state)
+        if run.step > total_steps:  # it would export a model its recipe.yaml does not describe
+            raise ConfigError(
+                f"the run has trained {run.step} steps ({run.epoch} epoch(s) + "
+                f"{run.step_in_epoch} steps), more than the {total_steps} its recipe now asks "
+                "for: a resumed run cannot be shortened; ask for as many or more (--epochs, "
+                "train.iterations), or evaluate it as it is (canon eval RUN)")
     else:
         torch.manual_seed(config.seed + ctx.rank)  # dropout differs between ranks
     # An iteration limit may end an epoch early; a resumed run with a higher limit goes on
