@@ -256,6 +256,8 @@ def test_bad_input_gets_a_one_line_error(trained_run, tmp_path, capsys):
         (["train", "--set", "train.epoch=3"], "valid keys"),
         (["train", "--recipe", "alexnet"], "pass --data /path/to/imagenet"),
         (["train", "--data", str(tmp_path / "missing")], "neither sample, cifar10"),
+        (["train", "--set", "model.num_classes=5", "--output-dir", str(tmp_path / "nc")],
+         "model.num_classes is 5, but the training set has 10 classes (sample)"),
         (["eval", str(tmp_path)], "does not exist"),
         (["eval", str(trained_run), "--device", "bogus"], "unknown device 'bogus'"),
         ([*features, "--device", "meta"], "device 'meta' is not supported"),
@@ -286,6 +288,7 @@ def test_bad_input_gets_a_one_line_error(trained_run, tmp_path, capsys):
         assert exit_.value.code == 2
         assert expected in capsys.readouterr().err, argv
     assert weights.read_bytes() == before and (tmp_path / "afile").read_text() == "mine"
+    assert not (tmp_path / "nc").exists()
 
 
 @pytest.fixture(scope="module")

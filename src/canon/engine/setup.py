@@ -210,6 +210,11 @@ def set_up(
     classes = [str(c) for c in getattr(train_set, "classes", [])]
     class_ids = [str(c) for c in getattr(train_set, "class_ids", classes)]
     num_classes = recipe.model.num_classes or len(classes)
+    if classes and num_classes != len(classes):  # labels past the head, or outputs never named
+        raise ConfigError(
+            f"model.num_classes is {num_classes}, but the training set has {len(classes)} "
+            f"classes ({recipe.data.dataset}): drop model.num_classes (it defaults to the "
+            "dataset's count), or train on a dataset of that many classes")
     if not num_classes:
         raise ConfigError("the training set has no .classes: set model.num_classes")
     if num_classes < 2:
