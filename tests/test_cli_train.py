@@ -357,14 +357,16 @@ def folder_with_bad_files(image_folder, tmp_path_factory):
 
 
 def test_undecodable_files_are_skipped_and_counted_or_refused_with_strict(
-    folder_with_bad_files, trained_run, tmp_path, capsys
+    folder_with_bad_files, trained_run, tmp_path, capsys, monkeypatch
 ):
     root, (bad_train, bad_val) = folder_with_bad_files
     run = tmp_path / "run"
     train = ["train", "--data", str(root), "--epochs", "1", "--batch-size", "8", "--device",
              "cpu", "--output-dir", str(run)]
-    with pytest.warns(BadImageWarning) as warned:  # each epoch's validation reads bad_val
-        main([*train, "--tensorboard"])
+    with pytest.warns(BadImageWarning) as warned, monkeypatch.context() as patch:
+        patch.chdir(root.parent)  # --data relative to it, recorded whole for eval and resume
+        main([*train[:1], "--data", root.name, *train[3:], "--tensorboard"])
+    assert load_recipe(run / "recipe.yaml").data.dataset == str(root.resolve())
     named = " ".join(str(warning.message) for warning in warned)
     assert str(bad_train) in named and str(bad_val) in named
     assert "skipped 1 undecodable" in capsys.readouterr().out  # of 40: 5 steps of 8

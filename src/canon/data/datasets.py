@@ -160,6 +160,16 @@ def check_dataset_name(dataset: str) -> None:
         )
 
 
+def anchored_dataset(dataset: str) -> str:
+    """`dataset` as a run records it: an existing folder as its absolute path, so that eval
+    and resume read the same folder from any working directory; a name (sample, cifar10,
+    cifar100) or a missing path as it is."""
+    if dataset == "sample" or dataset in CIFAR:
+        return dataset
+    root = Path(dataset).expanduser()
+    return str(root.resolve()) if root.exists() else dataset
+
+
 def validates_on_test_split(data: DataConfig) -> bool:
     """True when the validation images are the dataset's test split: CIFAR and the bundled
     sample have no validation split, so without data.val_split canon validates on their test

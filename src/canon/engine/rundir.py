@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from canon.data.datasets import anchored_dataset
 from canon.engine import distributed
 from canon.engine.checkpoint import (
     CHECKPOINT_DIR,
@@ -107,7 +108,7 @@ def plan_run(
         if distributed.elastic_restart_count() > 0 and resumable_checkpoints(output_dir):
             resume = output_dir
     if resume is None:
-        loaded = load_recipe(recipe, overrides)
+        loaded = _anchored(load_recipe(recipe, overrides))
         return RunPlan(loaded, output_dir or new_run_dir(RUNS_ROOT, loaded.name), None)
     if resume != "latest":
         source = Path(resume)
@@ -116,7 +117,8 @@ def plan_run(
     else:
         source = latest_run_dir(RUNS_ROOT, load_recipe(recipe).name)
     path, state = load_for_resume(source)
-    loaded = apply_overrides(Recipe.from_dict(state["recipe"], where=str(path)), overrides)
+    loaded = _anchored(apply_overrides(Recipe.from_dict(state["recipe"], where=str(path)),
+                                       overrides))
     if named is not None and resume != "latest" and load_recipe(named).name != loaded.name:
         raise ConfigError(
             f"--resume {resume} continues a run of {loaded.name}, not of --recipe {named}: "
@@ -125,6 +127,14 @@ def plan_run(
     run_dir = output_dir or run_dir_of(path)
     check_continuation(path, Path(source).is_file(), run_dir)
     return RunPlan(loaded, run_dir, state)
+
+
+def _anchored(recipe: Recipe) -> Recipe:
+    """The recipe with a relative dataset folder made absolute (anchored_dataset)."""
+    dataset = anchored_dataset(recipe.data.dataset)
+    if dataset == recipe.data.dataset:
+        return recipe
+    return apply_overrides(recipe, [("data.dataset", dataset)])
 
 
 def check_continuation(loaded: Path, named: bool, run_dir: Path) -> None:
