@@ -267,7 +267,10 @@ def test_bad_input_gets_a_one_line_error(trained_run, tmp_path, capsys):
     # outputs that would replace a run's weights or a user's file, or cannot be written
     weights = trained_run / "model.safetensors"
     (tmp_path / "afile").write_text("mine")
+    (trained_run / "eval-dense.json").write_text("notes")  # where eval's default output goes
     cases += [
+        (["eval", str(trained_run), "--protocol", "dense"], "eval-dense.json exists and is not "
+         "an evaluation's JSON: choose another --output"),
         (["eval", str(trained_run), "--output", str(weights)], "is not an evaluation's JSON"),
         ([*features[:-1], str(weights)], "is not a features file"),
         (["eval", str(trained_run), "--output", str(tmp_path)], "is a folder"),
@@ -289,6 +292,8 @@ def test_bad_input_gets_a_one_line_error(trained_run, tmp_path, capsys):
         assert expected in capsys.readouterr().err, argv
     assert weights.read_bytes() == before and (tmp_path / "afile").read_text() == "mine"
     assert not (tmp_path / "nc").exists()
+    assert (trained_run / "eval-dense.json").read_text() == "notes"
+    (trained_run / "eval-dense.json").unlink()
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from pathlib import Path
 from canon.bench.commands import add_bench_parser
 from canon.data.pack_command import add_pack_parser
 from canon.errors import CanonError
-from canon.files import check_output_file
+from canon.files import atomic_write, check_output_file
 from canon.reproduce.commands import add_reproduce_parser
 from canon.visualize.arguments import non_negative_int, positive_int
 from canon.visualize.commands import add_visualize_parser
@@ -296,20 +296,23 @@ def _is_features_file(path: Path) -> bool:
 def _run_eval(args: argparse.Namespace) -> None:
     import json
 
+    from canon.data.views import parse_protocol
     from canon.engine.distributed import resolve_device
     from canon.engine.trained import load_trained
     from canon.errors import DataError
     from canon.evaluation.ensemble import evaluate_ensemble
     from canon.evaluation.report import class_report, write_class_errors, write_confusion_png
 
-    if args.output is not None:
-        check_output_file(args.output, "--output", "an evaluation's JSON", _is_eval_json)
     trained = [load_trained(source) for source in args.sources]
+    protocol = parse_protocol(args.protocol).name
+    output = args.output or (trained[0].source.parent / f"eval-{protocol}.json"
+                             if len(trained) == 1 else Path(f"ensemble-{protocol}.json"))
+    # Before the work: the default output too may be a user's file, or unwritable.
+    check_output_file(output, "--output", "an evaluation's JSON", _is_eval_json)
     options = {"batch_size": args.batch_size, "workers": args.workers, "strict": args.strict,
                "progress": True, "keep_probabilities": args.per_class}
     if len(trained) == 1:
         result = trained[0].evaluate(args.data, args.protocol, device=args.device, **options)
-        output = args.output or trained[0].source.parent / f"eval-{result['protocol']}.json"
     else:
         data = args.data or trained[0].data.dataset
         result = evaluate_ensemble([t.member() for t in trained], data, args.protocol,
@@ -318,7 +321,6 @@ def _run_eval(args: argparse.Namespace) -> None:
         for member in result["members"]:
             print(f"  {member['name']}: top-1 error {member['top1_error']:.2f}%, top-5 error "
                   f"{member['top5_error']:.2f}%")
-        output = args.output or Path(f"ensemble-{result['protocol']}.json")
     if not result["images"]:  # every file undecodable: no error rate to print or write
         raise DataError(f"none of the {result['skipped']} image file(s) of {result['data']} "
                         "could be decoded (see the warnings): nothing was evaluated")
@@ -336,8 +338,9 @@ def _run_eval(args: argparse.Namespace) -> None:
         write_confusion_png(report.confusion, report.classes,
                             stem.with_name(f"{stem.name}-confusion.png"))
         print(f"wrote {stem}-per-class.csv and {stem}-confusion.png")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=2))
+    text = json.dumps(result, indent=2)
+    atomic_write(output, lambda path: path.write_text(text),
+                 advice="the result is printed above; choose a writable --output")
     print(f"wrote {output}")
 
 
