@@ -407,3 +407,28 @@ def test_a_run_that_cannot_start_reads_no_data_and_leaves_no_directory(
             main([*train, "--tensorboard"])
     assert "pip install tensorboard" in capsys.readouterr().err
     assert not run.exists() and not (tmp_path / "cache").exists()  # no statistics computed
+
+
+def test_a_training_split_of_undecodable_files_is_a_data_error_naming_it(
+    image_folder, tmp_path, capsys, monkeypatch
+):
+    """Whether statistics are computed first (the quickstart's per-pixel mean) or not (a
+    published mean), a training split none of whose files decodes stops with its name."""
+    monkeypatch.setenv("CANON_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "broken"
+    for name in ("a", "b"):
+        (root / "train" / name).mkdir(parents=True)
+        for index in range(2):
+            (root / "train" / name / f"{index}.jpg").write_text("not a JPEG")
+        (root / "val" / name).mkdir(parents=True)
+        shutil.copy(next((image_folder / "val").glob("*/*.png")), root / "val" / name)
+    train = ["train", "--data", str(root), "--epochs", "1", "--batch-size", "2", "--device",
+             "cpu", "--output-dir", str(tmp_path / "run")]
+    for extra, expected in (([], f"no decodable images to compute statistics from in "
+                                 f"{root / 'train'}"),
+                            (["--set", "data.mean=imagenet", "--overwrite"],
+                             f"no training image of {root} could be decoded in epoch 1")):
+        with pytest.warns(BadImageWarning), pytest.raises(SystemExit) as exit_:
+            main([*train, *extra])
+        assert exit_.value.code == 2
+        assert expected in capsys.readouterr().err.splitlines()[-1]

@@ -167,7 +167,10 @@ def compute_stats(
         bar.update(len(batch))
     bar.close()
     if count == 0:
-        raise DataError("no decodable images to compute statistics from")
+        where = getattr(dataset, "root", None)
+        raise DataError(f"no decodable images to compute statistics from"
+                        f"{'' if where is None else f' in {where}'}: every file failed to "
+                        "decode (see the warnings); check the folder")
     mean_image = pixel_sum / count
     channel_mean = mean_image.mean((1, 2))
     covariance = outer_sum / (count * size * size) - torch.outer(channel_mean, channel_mean)

@@ -430,6 +430,10 @@ def _end_epoch(run: Run, train_seconds: float) -> None:
         [float(totals["loss"]), float(totals["correct"]), totals["images"], totals["skipped"]],
         dtype=torch.float64,
     ), ctx).tolist()
+    if not images:  # every batch came out empty: no loss to report, nothing learnt
+        raise DataError(
+            f"no training image of {run.recipe.data.dataset} could be decoded in epoch "
+            f"{run.epoch + 1} (see the warnings; {int(skipped)} skipped): check the folder")
     run.epoch += 1
     row = {
         "epoch": run.epoch, "lr": trained_at,
