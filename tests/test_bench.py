@@ -86,6 +86,24 @@ def test_data_bench_gives_both_rates(imagenette_root):
     assert result.ratio > 0
 
 
+def test_data_bench_times_only_the_files_canon_decodes(imagenette_root, tmp_path):
+    """An undecodable file is left out of both pipelines (PIL raised on it), with a warning."""
+    import shutil
+
+    from canon.data import BadImageWarning
+
+    for split in ("train", "val"):
+        for class_folder in sorted((imagenette_root / split).iterdir())[:2]:
+            target = tmp_path / split / class_folder.name
+            target.mkdir(parents=True)
+            for image in sorted(class_folder.iterdir())[:2]:
+                shutil.copy(image, target)
+            (target / "broken.JPEG").write_text("not a JPEG")
+    with pytest.warns(BadImageWarning, match="broken.JPEG"):
+        (result,) = bench_data(tmp_path, images=6, repeats=1)
+    assert result.images == 4 and result.torchvision_images_per_s > 0
+
+
 def test_data_bench_times_the_on_device_path_where_a_recipe_has_one(imagenette_root, capsys):
     """--device: canon's decode_on_device path, the same batched ops on the CPU here; AlexNet's
     fixed square crops have no on-device form."""

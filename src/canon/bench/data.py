@@ -52,7 +52,7 @@ from canon.data.loaders import build_datasets
 from canon.data.stats import imagenet_channel_stats
 from canon.data.transforms import INTERPOLATION_JITTER
 from canon.engine.distributed import resolve_device
-from canon.errors import ConfigError
+from canon.errors import ConfigError, DataError
 from canon.recipes import list_recipes, load_recipe
 
 MODES = INTERPOLATION | {"area": InterpolationMode.BOX}
@@ -141,7 +141,8 @@ def pipelines(
     config: DataConfig, images: int, folder: ImageFolder | None = None
 ) -> Pipelines:
     """canon's training set for `config`, torchvision's over the same folder (`folder`, its
-    scan reused, or a new ImageFolder), and `images` files spread evenly over both."""
+    scan reused, or a new ImageFolder), and `images` files spread evenly over both, less those
+    canon cannot decode."""
     canon = build_datasets(config).train
     root, paths = getattr(canon, "root", None), getattr(canon, "paths", None)
     if root is None or paths is None:  # a folder of CIFAR batches
@@ -150,7 +151,11 @@ def pipelines(
         folder = ImageFolder(str(root))
     folder.transform = torchvision_transform(config)
     count = min(images, len(paths))
-    canon_indices = [round(i * (len(paths) - 1) / max(count - 1, 1)) for i in range(count)]
+    spread = [round(i * (len(paths) - 1) / max(count - 1, 1)) for i in range(count)]
+    # Both time the files canon decodes: canon skips (and warns of) the others, PIL would raise.
+    canon_indices = [i for i in spread if canon[i] is not None]
+    if not canon_indices:
+        raise DataError(f"none of the {count} files chosen from {root} decodes (see the warnings)")
     position = {Path(path): i for i, (path, _) in enumerate(folder.samples)}
     missing = [paths[i] for i in canon_indices if Path(paths[i]) not in position]
     if missing:
