@@ -89,7 +89,9 @@ def test_unreadable_recipe_files_are_named(tmp_path):
     cases = {"broken.yaml": (b"name: [unclosed\n", ConfigError, "not valid YAML"),
              "latin1.yaml": ("# caf\u00e9\nname: x\n".encode("latin-1"), ConfigError,
                              "not UTF-8 text"),
-             "folder.yaml": (None, DataError, "is a folder")}
+             "folder.yaml": (None, DataError, "is a folder"),
+             "twice.yaml": (b"name: x\noptimizer: {lr: 0.1}\noptimizer: {lr: 5}\n", ConfigError,
+                            "'optimizer' appears twice in one mapping")}
     for name, (content, kind, message) in cases.items():
         path = tmp_path / name
         if content is None:

@@ -26,7 +26,18 @@ RECIPE_DIR = Path(__file__).resolve().parent
 
 class _RecipeLoader(yaml.SafeLoader):
     """YAML as people write numbers: PyYAML follows YAML 1.1, which reads `1e-3` (no dot) as
-    a string; YAML 1.2 and every other reader take it as the float it is."""
+    a string; YAML 1.2 and every other reader take it as the float it is. A key twice in one
+    mapping is an error (YAML forbids it; PyYAML keeps the later silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key!r} appears twice in one mapping", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 _RecipeLoader.add_implicit_resolver(
