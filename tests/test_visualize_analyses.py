@@ -223,6 +223,13 @@ def test_invariance_is_zero_at_the_identity_and_grows_away_from_it(
     assert_picture(result["png"], 1200, 600, levels=50)
 
 
+def test_invariance_refuses_values_that_are_not_finite(sample_images, tmp_path) -> None:
+    for values in ([float("nan")], [1.0, float("inf")]):
+        with pytest.raises(ConfigError, match=r"scale values must be finite numbers"):
+            invariance("no model is loaded first", sample_images, tmp_path, transform="scale",
+                       values=values)
+
+
 def test_identity_transforms_leave_the_image_alone_and_defaults_include_them() -> None:
     image = torch.randint(0, 256, (3, 37, 53), dtype=torch.uint8)
     for transform, value in (("translate", 0.0), ("rotate", 0.0), ("scale", 1.0)):

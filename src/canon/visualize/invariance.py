@@ -18,6 +18,7 @@ Definitions:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,8 @@ def invariance(
     """
     if transform not in TRANSFORMS:
         raise ConfigError(f"unknown transform {transform!r}; use one of {', '.join(TRANSFORMS)}")
+    if values is not None and not all(math.isfinite(v) for v in values):
+        raise ConfigError(f"{transform} values must be finite numbers, got {list(values)}")
     check_counts(batch_size=batch_size)
     trained = trained_model(source, device)
     preprocess = trained.preprocess
