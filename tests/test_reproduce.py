@@ -19,7 +19,7 @@ from canon.engine.checkpoint import (
     EXPORT_WEIGHTS,
     epoch_checkpoint,
 )
-from canon.errors import ConfigError
+from canon.errors import ConfigError, DataError
 from canon.recipes import apply_overrides, load_recipe
 from canon.reproduce import training
 from canon.reproduce.analyses import ANALYSES
@@ -226,6 +226,12 @@ def test_a_run_of_another_recipe_is_refused(tmp_path: Path) -> None:
     (run_dir / EXPORT_CONFIG).write_text("{}")
     planned = training.PlannedRun(quick, 0, run_dir)
     with pytest.raises(ConfigError, match=r"train\.iterations"):
+        training.ensure_run(planned, MODES["quick"], device="cpu", progress=False)
+    (run_dir / "recipe.yaml").write_text("train: [iterations: 7\n")  # damaged
+    with pytest.raises(ConfigError, match=r"recipe.yaml: not valid YAML"):
+        training.ensure_run(planned, MODES["quick"], device="cpu", progress=False)
+    (run_dir / "recipe.yaml").unlink()  # another tool's results, or a run's copied in
+    with pytest.raises(DataError, match=r"has a model or checkpoints but no recipe.yaml"):
         training.ensure_run(planned, MODES["quick"], device="cpu", progress=False)
 
 

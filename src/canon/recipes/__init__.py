@@ -56,7 +56,9 @@ __all__ = [
 ]
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    """A recipe file's mapping; a one-line error naming the file when it is missing, not
+    UTF-8, not YAML or not a mapping."""
     try:
         values = parse_yaml(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -99,7 +101,7 @@ def _raw_recipe(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """The file's mapping with its `base:` chain resolved (_base_path)."""
     if path in seen:
         raise ConfigError(f"{path.name}: `base:` chain loops: {' -> '.join(p.name for p in seen)}")
-    values = _read_yaml(path)
+    values = read_yaml_mapping(path)
     base = values.pop("base", None)
     if base is None:
         return values
@@ -198,7 +200,7 @@ def show_recipe(name_or_path: str | Path) -> str:
 def _base_chain(path: Path) -> list[Path]:
     """The file and its `base:` files, the file first (_raw_recipe has checked the chain)."""
     chain = [path]
-    while (base := _read_yaml(chain[-1]).get("base")) is not None:
+    while (base := read_yaml_mapping(chain[-1]).get("base")) is not None:
         chain.append(_base_path(chain[-1], base))
     return chain
 
@@ -242,7 +244,7 @@ def _register_bundled() -> None:
     for path in sorted(RECIPE_DIR.glob("*.yaml")):
         if path.name.startswith("_"):
             continue
-        description = str(_read_yaml(path).get("description", ""))
+        description = str(read_yaml_mapping(path).get("description", ""))
         RECIPES.register(path.stem, description=description)(partial(load_recipe_file, path))
 
 

@@ -22,8 +22,8 @@ from canon.engine.checkpoint import EXPORT_CONFIG, EXPORT_WEIGHTS, resumable_che
 from canon.engine.rundir import recorded_commit
 from canon.engine.schedules import scale_iteration_counts
 from canon.engine.trainer import train
-from canon.errors import ConfigError
-from canon.recipes import Recipe, apply_overrides, load_recipe, parse_yaml
+from canon.errors import ConfigError, DataError
+from canon.recipes import Recipe, apply_overrides, load_recipe, read_yaml_mapping
 from canon.recipes.schema import SECTIONS
 from canon.reproduce.experiments import Experiment, Mode
 from canon.validation import plain
@@ -141,9 +141,11 @@ def _check_same_recipe(run_dir: Path, recipe: Recipe, *, finished: bool = False)
     A finished run may predate a key that is at its default: its result stands; a run to
     continue may not (the key may change what the rest of it does)."""
     path = run_dir / "recipe.yaml"
-    if not path.is_file():
-        return
-    saved, ours = _flat(parse_yaml(path.read_text()) or {}), _flat(recipe.to_dict())
+    if not path.is_file():  # training writes it first: this folder holds no run of canon's
+        raise DataError(f"{run_dir} has a model or checkpoints but no recipe.yaml: not a run "
+                        "canon reproduce can check; delete it to train it again, or choose "
+                        "another --output-dir")
+    saved, ours = _flat(read_yaml_mapping(path)), _flat(recipe.to_dict())
     defaults = _flat(_defaults()) if finished else {}
     differing = sorted(key for key in (saved.keys() | ours.keys()) - SPEED_ONLY
                        if saved.get(key, defaults.get(key)) != ours.get(key))
