@@ -384,7 +384,11 @@ def test_undecodable_files_are_skipped_and_counted_or_refused_with_strict(
         main(evaluate)
     assert "skipped 1 undecodable" in capsys.readouterr().out
 
-    for argv, bad in (([*train, "--overwrite"], bad_train), (evaluate, bad_val)):
+    stats = ["stats", str(root), "--cache", str(tmp_path / "cache"), "--size", "32"]
+    with pytest.warns(BadImageWarning, match=bad_train.name):
+        main(stats)  # cached, counting the skipped file: --strict must not pass from it
+    for argv, bad in (([*train, "--overwrite"], bad_train), (evaluate, bad_val),
+                      (stats, bad_train)):
         with pytest.raises(SystemExit) as exit_:
             main([*argv, "--strict"])
         assert exit_.value.code == 2

@@ -152,20 +152,20 @@ def compute_stats(
     pixel_sum = torch.zeros(3, size, size, dtype=torch.float64)
     outer_sum = torch.zeros(3, 3, dtype=torch.float64)
     count = skipped = 0
-    bar = tqdm(total=len(dataset), desc="statistics", unit="img", disable=not progress)
-    for batch, bad in loader:
-        skipped += bad
-        bar.update(bad)
-        if batch is None:
-            continue
-        for chunk in batch.split(_CHUNK_IMAGES):
-            pixels = chunk.to(torch.float64) / 255
-            pixel_sum += pixels.sum(0)
-            flat = pixels.transpose(0, 1).reshape(3, -1)
-            outer_sum += flat @ flat.T
-        count += len(batch)
-        bar.update(len(batch))
-    bar.close()
+    # Closed on errors too, so that an error (a bad file under strict) starts its own line.
+    with tqdm(total=len(dataset), desc="statistics", unit="img", disable=not progress) as bar:
+        for batch, bad in loader:
+            skipped += bad
+            bar.update(bad)
+            if batch is None:
+                continue
+            for chunk in batch.split(_CHUNK_IMAGES):
+                pixels = chunk.to(torch.float64) / 255
+                pixel_sum += pixels.sum(0)
+                flat = pixels.transpose(0, 1).reshape(3, -1)
+                outer_sum += flat @ flat.T
+            count += len(batch)
+            bar.update(len(batch))
     if count == 0:
         where = getattr(dataset, "root", None)
         raise DataError(f"no decodable images to compute statistics from"
@@ -281,4 +281,7 @@ def statistics_of(
     if size is None:
         size = int(train.images.shape[-1]) if isinstance(train, ArrayImages) else 256
     path = stats_cache_path(train, size, cache)  # hashes the whole set: once
-    return _load_or_compute(path, train, size, "squash", workers, progress, refresh), path
+    stats = _load_or_compute(path, train, size, "squash", workers, progress, refresh)
+    if strict and stats.skipped:  # cached by a lenient call: decode again, to stop at the file
+        stats = _load_or_compute(path, train, size, "squash", workers, progress, True)
+    return stats, path
