@@ -15,7 +15,7 @@ import torchvision.models as tvm
 from canon.data.normalize import make_normalize
 from canon.engine.checkpoint import export_model, model_info
 from canon.engine.trained import load_trained
-from canon.errors import ConfigError
+from canon.errors import ConfigError, DataError
 from canon.models.base import IMAGENET_MEAN, IMAGENET_STD
 from canon.models.factory import list_models
 from canon.transfer import torchvision as transfer
@@ -183,6 +183,29 @@ def test_load_torchvision(monkeypatch: pytest.MonkeyPatch) -> None:
     assert loaded.classes[0] == "tench" and loaded.class_ids[0] == "n01440764"
     assert len(loaded.classes) == len(loaded.class_ids) == 1000
     assert (loaded.preprocess.crop_size, loaded.preprocess.resize_size) == (224, 256)
+
+
+def test_weights_that_cannot_be_fetched_or_read_are_named(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Offline (the download fails), or a damaged file in torch's cache: one error naming the
+    address or the file, and what to do."""
+    import urllib.error
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(url: str, *args: object, **options: object) -> None:
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    url = tvm.ResNet18_Weights.IMAGENET1K_V1.url
+    with pytest.raises(DataError, match=f"cannot download .* from {url} .*go online once"):
+        transfer.load_torchvision("resnet18")
+    cached = tmp_path / "hub" / "checkpoints" / url.rsplit("/", 1)[-1]
+    cached.parent.mkdir(parents=True, exist_ok=True)  # torch.hub made it
+    cached.write_bytes(b"\xa9 cut short")
+    with pytest.raises(DataError, match=f"{cached}, the cached file of .* is unreadable"):
+        transfer.load_torchvision("resnet18")
 
 
 def test_a_googlenet_without_aux_heads_loads_back_from_its_export(tmp_path: Path) -> None:

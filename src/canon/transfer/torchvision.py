@@ -41,6 +41,7 @@ only at input sizes where canon pools adaptively to 4x4 as torchvision always do
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -52,7 +53,8 @@ from canon.data.config import DataConfig
 from canon.data.imagenet_classes import imagenet_wnids
 from canon.data.normalize import PUBLISHED
 from canon.data.preprocess import EvalPreprocess, eval_preprocess
-from canon.errors import ConfigError
+from canon.engine.checkpoint import first_line
+from canon.errors import ConfigError, DataError
 from canon.models.base import CanonModel
 from canon.models.factory import create_model, list_models
 
@@ -271,7 +273,16 @@ def load_torchvision(name: str, weights: str = "DEFAULT") -> TorchvisionWeights:
         raise ConfigError(f"{enum} are feature weights without a trained classifier; "
                           f"use {name}'s IMAGENET1K_V1")
     options = {"transform_input": False} if name == "googlenet" else {}
-    tv_model = tvm.get_model(name, weights=enum, **options)
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / enum.url.rsplit("/", 1)[-1]
+    try:
+        tv_model = tvm.get_model(name, weights=enum, **options)
+    except Exception as error:  # offline, or a damaged file in torch's cache
+        if not cached.is_file():  # torch.hub downloads to a temporary file: none was kept
+            raise DataError(f"cannot download {enum} from {enum.url} ({first_line(error)}): "
+                            f"go online once, or put that file at {cached}") from None
+        raise DataError(f"{cached}, the cached file of {enum}, is unreadable "
+                        f"({first_line(error)}): delete it, and the next use downloads it "
+                        "again") from None
     return TorchvisionWeights(
         model=from_torchvision(tv_model, canon_name).eval(),
         model_name=canon_name,
