@@ -233,12 +233,19 @@ def test_pruning_epoch_checkpoints_sweeps_killed_writes(tmp_path):
 
 
 def test_a_kill_during_the_first_checkpoint_says_to_start_again(tmp_path):
+    with pytest.raises(DataError) as caught:
+        ckpt.load_for_resume(tmp_path)
+    assert single_line_error(caught) == (
+        f"{tmp_path} holds no run (no recipe.yaml, no checkpoints); resume from a run "
+        "directory or a checkpoint file")
+    (tmp_path / "recipe.yaml").write_text(f"{RECIPE_HEADER}canon\nname: quickstart\n")  # first
     kill_mid_write(ckpt.epoch_checkpoint(tmp_path, 1))
     with pytest.raises(DataError) as caught:
         ckpt.load_for_resume(tmp_path)
     assert single_line_error(caught) == (
-        f"no checkpoint to resume from in {tmp_path}/checkpoints: the run stopped before its "
-        "first checkpoint was written; simply start it again, without --resume"
+        f"no checkpoint to resume from in {tmp_path}/checkpoints: the run has not finished its "
+        "first epoch (it may still be running) or stopped before; if it stopped, start it "
+        "again without --resume"
     )
     with claim_run_dir(tmp_path, resume=False):  # ... and starting again is allowed
         assert [p.name for p in tmp_path.iterdir()] == [".lock"]

@@ -195,10 +195,14 @@ def load_for_resume(path: str | Path) -> tuple[Path, dict[str, Any]]:
         run = [p.resolve() for p in resumable_checkpoints(run_dir_of(path))]
         older = run[run.index(path.resolve()) + 1 :] if path.resolve() in run else []
         candidates = [path, *older]
+    if not candidates and not (path / "recipe.yaml").is_file():
+        raise DataError(f"{path} holds no run (no recipe.yaml, no checkpoints); resume from a "
+                        "run directory or a checkpoint file")
     if not candidates:
         raise DataError(
-            f"no checkpoint to resume from in {path / CHECKPOINT_DIR}: the run stopped before "
-            "its first checkpoint was written; simply start it again, without --resume"
+            f"no checkpoint to resume from in {path / CHECKPOINT_DIR}: the run has not finished "
+            "its first epoch (it may still be running) or stopped before; if it stopped, "
+            "start it again without --resume"
         )
     errors = []
     for number, candidate in enumerate(candidates, 1):
