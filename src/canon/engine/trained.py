@@ -109,6 +109,10 @@ def load_trained(path: str | Path) -> TrainedModel:
     if not path.is_dir():
         return _load_export(path) if path.suffix == ".safetensors" else _load_from_checkpoint(path)
     exported, fallback = path / EXPORT_WEIGHTS, _checkpoint_to_use(path)
+    if not exported.is_file() and not fallback.is_file():
+        raise DataError(f"{path} holds no trained model (no {EXPORT_WEIGHTS}, no checkpoint "
+                        "in its checkpoints/): name a run directory, a model.safetensors or a "
+                        ".pt checkpoint")
     if not exported.is_file():
         return _load_from_checkpoint(fallback)
     try:
