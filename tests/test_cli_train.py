@@ -261,6 +261,8 @@ def test_bad_input_gets_a_one_line_error(trained_run, tmp_path, capsys):
         (["eval", str(tmp_path)], "holds no trained model (no model.safetensors, no "
          "checkpoint in its checkpoints/)"),
         (["eval", str(trained_run), "--device", "bogus"], "unknown device 'bogus'"),
+        (["predict", str(tmp_path / "mistyped"), str(trained_run / "curves.png")],
+         f"no such file: {tmp_path / 'mistyped'} (models first"),
         ([*features, "--device", "meta"], "device 'meta' is not supported"),
     ]
     if not torch.cuda.is_available():

@@ -396,14 +396,14 @@ def _run_predict(args: argparse.Namespace) -> None:
 
     count = next((i for i, p in enumerate(args.paths) if not _is_source(p)), len(args.paths))
     sources, images = args.paths[:count], args.paths[count:]
-    if not sources or not images:
-        raise ConfigError(f"canon predict needs {'a model' if not sources else 'images'}: "
-                          "models first (run directories, .pt, .safetensors, torchvision:NAME), "
-                          "then image files or folders of them")
     missing = [path for path in images if not Path(path).exists()]
     if missing:  # a mistyped model path would otherwise be skipped as an image
         raise ConfigError(f"no such file: {', '.join(missing)} (models first: run directories, "
                           ".pt, .safetensors, torchvision:NAME; then image files)")
+    if not sources or not images:
+        raise ConfigError(f"canon predict needs {'a model' if not sources else 'images'}: "
+                          "models first (run directories, .pt, .safetensors, torchvision:NAME), "
+                          "then image files or folders of them")
     images = [file for path in images for file in _image_files(path)]
     trained = [load_trained(source) for source in sources]
     for model in trained:
