@@ -111,6 +111,11 @@ def test_wrong_types_and_values_are_named(tmp_path):
         load_recipe("quickstart", ["schedule.kind=exponential"])
     with pytest.raises(ConfigError, match=r"data\.augmentation"):
         load_recipe("quickstart", ["data.augmentation=fancy"])
+    with pytest.raises(ConfigError, match=r"^quickstart with the overrides \(flags, --set\): "
+                                          r"train\.batch_size must be >= 1"):
+        load_recipe("quickstart", [("train.batch_size", 0)])  # as --batch-size 0 gives it
+    with pytest.raises(ConfigError, match=r"got the string 'train.epochs=2': pass \["):
+        load_recipe("quickstart", "train.epochs=2")
     for setting, key in (("schedule.max_reductions=-1", "max_reductions"),
                          ("schedule.threshold=-0.5", "threshold")):
         with pytest.raises(ConfigError, match=rf"schedule\.{key} must be >= 0"):

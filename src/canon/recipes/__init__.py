@@ -126,7 +126,11 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
 
 def apply_overrides(recipe: Recipe, overrides: Iterable[str | tuple[str, Any]]) -> Recipe:
     """A new recipe with settings applied: `"section.key=value"` strings (the value parsed as
-    YAML, as `--set` gives them) or `("section.key", value)` pairs."""
+    YAML, as `--set` gives them) or `("section.key", value)` pairs (as `canon train`'s flags
+    give them)."""
+    if isinstance(overrides, str):  # its characters would be taken for overrides one by one
+        raise ConfigError(f"overrides must be a list of 'section.key=value' strings, got the "
+                          f"string {overrides!r}: pass [{overrides!r}]")
     values = recipe.to_dict()
     for override in overrides:
         if isinstance(override, str):
@@ -149,7 +153,7 @@ def apply_overrides(recipe: Recipe, overrides: Iterable[str | tuple[str, Any]]) 
                 target = target[part]
                 if not isinstance(target, dict):
                     raise ConfigError(f"--set {text!r}: {part} is a value, not a section")
-    return Recipe.from_dict(values, where="--set")
+    return Recipe.from_dict(values, where=f"{recipe.name} with the overrides (flags, --set)")
 
 
 def load_recipe(
