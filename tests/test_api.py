@@ -4,10 +4,12 @@ and its evaluation under a protocol."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import canon
 from canon.data.datasets import load_sample
+from canon.errors import ConfigError
 
 
 def test_every_documented_name_comes_from_canon() -> None:
@@ -33,6 +35,14 @@ def test_train_then_load_predict_and_evaluate(tmp_path) -> None:
     ranked = trained.predict(list(images), top_k=2)  # decoded uint8 tensors, or file paths
     assert [len(top) for top in ranked] == [2, 2, 2]
     assert all(name in trained.classes for top in ranked for name, _ in top)
+    for wrong, named in (("cat.png", r"got one str: pass \[image\]"),
+                         ([], "no images to predict"),
+                         ([images[0].float()], r"torch.float32 tensor of shape \(3, 32, 32\)"),
+                         ([images[0].permute(1, 2, 0)], r"shape \(32, 32, 3\)")):
+        with pytest.raises(ConfigError, match=named):
+            trained.predict(wrong)
+    with pytest.raises(ConfigError, match="top_k must be at least 1, got 0"):
+        trained.predict(list(images), top_k=0)
 
     by_run = trained.evaluate(protocol="center", batch_size=500)  # the data it trained on
     by_hand = canon.evaluate(trained.model, "sample", "center", batch_size=500,

@@ -34,7 +34,7 @@ from canon.engine.checkpoint import (
     unreadable_file,
 )
 from canon.engine.distributed import resolve_device
-from canon.errors import CanonError, DataError
+from canon.errors import CanonError, ConfigError, DataError
 from canon.evaluation.ensemble import EnsembleMember, predict_ensemble
 from canon.evaluation.protocols import evaluate, preprocess_for
 from canon.models.factory import create_model
@@ -88,6 +88,9 @@ def decode_images(
     images: Sequence[str | Path | torch.Tensor], data: DataConfig
 ) -> list[torch.Tensor]:
     """Files decoded (within data.max_image_pixels); tensors as they are."""
+    if isinstance(images, (str, Path)) or torch.is_tensor(images):
+        raise ConfigError(f"images must be a list of files or tensors, got one "
+                          f"{type(images).__name__}: pass [image]")
     limit = data.max_image_pixels
     return [image if torch.is_tensor(image) else decode_image_file(image, limit)
             for image in images]

@@ -123,6 +123,15 @@ def predict_ensemble(
     3 x H x W), probabilities averaged over the members, each scoring its own centre crop on
     the device its model is on."""
     _check_classes(members)
+    if top_k < 1:
+        raise ConfigError(f"top_k must be at least 1, got {top_k}")
+    if not images:
+        raise ConfigError("no images to predict: give at least one")
+    for index, image in enumerate(images):  # a float or HWC tensor would be misread silently
+        if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
+            raise ConfigError(
+                f"image {index} is a {image.dtype} tensor of shape {tuple(image.shape)}; "
+                "predict takes decoded images as uint8 RGB tensors 3 x H x W (0-255), or files")
     probabilities = ensemble_probabilities(
         [_center_probabilities(member, images) for member in members]
     )
