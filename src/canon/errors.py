@@ -22,3 +22,9 @@ class DataError(CanonError, OSError):
 class NonFiniteError(CanonError, ArithmeticError):
     """The loss or the weights became NaN or infinite; the message names the step and the
     newest checkpoint (always a finite one) to go back to."""
+
+
+def first_line(error: Exception) -> str:
+    """An error as one line to put in a message of canon's: its kind and first line."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__

@@ -21,7 +21,7 @@ import safetensors.torch
 import torch
 import torch.nn as nn
 
-from canon.errors import DataError
+from canon.errors import DataError, first_line
 from canon.files import atomic_write, sweep_partial_writes
 
 # A run directory holds checkpoints/epoch-NNN.pt (the state after epoch NNN; the last
@@ -111,11 +111,6 @@ def _unreadable_checkpoint(path: Path, error: Exception) -> DataError:
 def unreadable_file(path: Path, error: Exception) -> DataError:
     return DataError(f"{path} is unreadable, probably truncated by a crash or a full disk "
                      f"({first_line(error)})")
-
-
-def first_line(error: Exception) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
 
 
 def checked_field(

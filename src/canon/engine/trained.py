@@ -27,14 +27,13 @@ from canon.engine.checkpoint import (
     best_checkpoint,
     checked_field,
     checked_names,
-    first_line,
     interrupted_checkpoint,
     load_checkpoint,
     resumable_checkpoints,
     unreadable_file,
 )
 from canon.engine.distributed import resolve_device
-from canon.errors import CanonError, ConfigError, DataError
+from canon.errors import CanonError, ConfigError, DataError, first_line
 from canon.evaluation.ensemble import EnsembleMember, predict_ensemble
 from canon.evaluation.protocols import evaluate, preprocess_for
 from canon.models.factory import create_model

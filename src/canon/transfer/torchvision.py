@@ -53,8 +53,7 @@ from canon.data.config import DataConfig
 from canon.data.imagenet_classes import imagenet_wnids
 from canon.data.normalize import PUBLISHED
 from canon.data.preprocess import EvalPreprocess, eval_preprocess
-from canon.engine.checkpoint import first_line
-from canon.errors import ConfigError, DataError
+from canon.errors import ConfigError, DataError, first_line
 from canon.models.base import CanonModel
 from canon.models.factory import create_model, list_models
 
