@@ -42,7 +42,7 @@ from canon.engine.schedules import (
 )
 from canon.engine.stopping import leave_signals_to_main
 from canon.engine.trained import TORCHVISION
-from canon.errors import ConfigError
+from canon.errors import ConfigError, first_line
 from canon.models.base import MODELS
 from canon.models.factory import create_model
 from canon.recipes.schema import OptimizerSection, Recipe, ScheduleSection, TrainSection
@@ -561,7 +561,7 @@ def _restore(run: Run, state: dict[str, Any]) -> None:
         raise ConfigError(
             f"cannot resume: the checkpoint's model ({state.get('model_name')}) or optimizer "
             f"groups do not fit this run's {run.recipe.model.name} with {run.num_classes} "
-            f"classes ({ckpt.first_line(error)}); resume without changing model, data classes or "
+            f"classes ({first_line(error)}); resume without changing model, data classes or "
             "optimizer.no_decay_bn_bias / backbone_lr_scale"
         ) from None
     # The recipe's hyperparameters (a --set on resume) over the checkpoint's: its state
