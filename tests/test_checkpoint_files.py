@@ -420,6 +420,17 @@ def test_a_bad_export_is_a_data_error_and_a_run_falls_back_to_its_checkpoint(tmp
         load_trained(tmp_path)
 
 
+def test_a_run_without_an_export_falls_back_from_an_unreadable_best_to_its_last_epoch(
+    tmp_path
+):
+    write_run(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    truncate("checkpoints/best.pt")(tmp_path)
+    with pytest.warns(ckpt.CheckpointWarning,
+                      match=r"best\.pt is unreadable.*; using .*epoch-002\.pt instead"):
+        assert load_trained(tmp_path).source == ckpt.epoch_checkpoint(tmp_path, 2)
+
+
 # ---- one run per run directory -------------------------------------------------------------
 
 

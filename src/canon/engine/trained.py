@@ -116,14 +116,14 @@ def load_trained(path: str | Path) -> TrainedModel:
                         "in its checkpoints/): name a run directory, a model.safetensors or a "
                         ".pt checkpoint")
     if not exported.is_file():
-        return _load_from_checkpoint(fallback)
+        return _load_run_checkpoint(path, fallback)
     try:
         return _load_export(exported)
     except CanonError as error:
         if not fallback.is_file():
             raise
         warnings.warn(f"{error}; using {fallback} instead", CheckpointWarning, stacklevel=2)
-        return _load_from_checkpoint(fallback)
+        return _load_run_checkpoint(path, fallback)
 
 
 def _load_torchvision(source: str) -> TrainedModel:
@@ -145,6 +145,20 @@ def _checkpoint_to_use(run_dir: Path) -> Path:
     best = best_checkpoint(run_dir)
     epochs = [p for p in resumable_checkpoints(run_dir) if p != interrupted_checkpoint(run_dir)]
     return best if best.is_file() or not epochs else epochs[0]
+
+
+def _load_run_checkpoint(run_dir: Path, chosen: Path) -> TrainedModel:
+    """The run's `chosen` checkpoint (_checkpoint_to_use), else, when it cannot be read, the
+    newest epoch checkpoint besides it, with a CheckpointWarning naming both."""
+    try:
+        return _load_from_checkpoint(chosen)
+    except CanonError as error:
+        others = [p for p in resumable_checkpoints(run_dir)
+                  if p not in (chosen, interrupted_checkpoint(run_dir))]
+        if not others:
+            raise
+        warnings.warn(f"{error}; using {others[0]} instead", CheckpointWarning, stacklevel=3)
+        return _load_from_checkpoint(others[0])
 
 
 def _load_export(path: Path) -> TrainedModel:
