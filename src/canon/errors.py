@@ -25,6 +25,11 @@ class NonFiniteError(CanonError, ArithmeticError):
 
 
 def first_line(error: Exception) -> str:
-    """An error as one line to put in a message of canon's: its kind and first line."""
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
+    """An error as one line to put in a message of canon's: its kind and first line, and the
+    next one where the first ends in a colon (torch's "Error(s) in loading state_dict for X:"
+    says nothing of the keys at fault until its second line)."""
+    lines = [line.strip() for line in str(error).strip().splitlines()]
+    if not lines:
+        return type(error).__name__
+    text = " ".join(lines[:2]) if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+    return f"{type(error).__name__}: {text[:300]}"
