@@ -30,13 +30,17 @@ class _RecipeLoader(yaml.SafeLoader):
     mapping is an error (YAML forbids it; PyYAML keeps the later silently)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        # Keys as written (a recipe's keys are plain words): not constructed twice, and an
+        # unhashable key is left to PyYAML's own error.
         seen = set()
         for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, str) and key in seen:
+            if not isinstance(key_node, yaml.ScalarNode):
+                continue
+            if key_node.value in seen:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"{key!r} appears twice in one mapping", key_node.start_mark)
-            seen.add(key)
+                    None, None, f"{key_node.value!r} appears twice in one mapping",
+                    key_node.start_mark)
+            seen.add(key_node.value)
         return super().construct_mapping(node, deep)
 
 
