@@ -91,7 +91,8 @@ def test_unreadable_recipe_files_are_named(tmp_path):
                              "not UTF-8 text"),
              "folder.yaml": (None, DataError, "is a folder"),
              "twice.yaml": (b"name: x\noptimizer: {lr: 0.1}\noptimizer: {lr: 5}\n", ConfigError,
-                            "'optimizer' appears twice in one mapping")}
+                            "'optimizer' appears twice in one mapping"),
+             "listkey.yaml": (b"name: x\n? [a, b]\n: 1\n", ConfigError, "not valid YAML")}
     for name, (content, kind, message) in cases.items():
         path = tmp_path / name
         if content is None:
