@@ -42,3 +42,11 @@ def test_cli_models_and_unknown_error(capsys) -> None:
     out = capsys.readouterr().out
     assert "resnet50" in out and "vgg16" not in out
     assert all(len(line.split(maxsplit=1)) == 2 for line in out.splitlines())
+
+
+@pytest.mark.parametrize("verb, kind", [("models", "model"), ("recipes", "recipe")])
+def test_cli_listing_a_pattern_that_matches_nothing_is_an_error(capsys, verb, kind) -> None:
+    with pytest.raises(SystemExit) as stop:
+        main([verb, "zzz*"])
+    assert stop.value.code != 0
+    assert f"no {kind} matches 'zzz*'" in capsys.readouterr().err

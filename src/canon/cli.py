@@ -40,11 +40,16 @@ def _pattern_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_models(args: argparse.Namespace) -> None:
     from canon.models.factory import describe_model, list_models
 
-    _print_described(list_models(args.pattern), describe_model)
+    _print_described(list_models(args.pattern), describe_model, args.pattern, "model")
 
 
-def _print_described(names: list[str], describe: Callable[[str], str]) -> None:
-    width = max((len(n) for n in names), default=0)
+def _print_described(names: list[str], describe: Callable[[str], str], pattern: str | None,
+                     kind: str) -> None:
+    from canon.errors import ConfigError
+
+    if not names:  # as `canon summary` does: an empty listing reads as success
+        raise ConfigError(f"no {kind} matches {pattern!r} (`canon {kind}s` lists them all)")
+    width = max(len(n) for n in names)
     for name in names:
         print(f"{name:<{width}}  {describe(name)}")
 
@@ -126,7 +131,8 @@ def _run_recipes(args: argparse.Namespace) -> None:
     if len(args.words) > 1:
         raise ConfigError("usage: canon recipes [PATTERN] or canon recipes show NAME")
     pattern = args.words[0] if args.words else None
-    _print_described(list_recipes(pattern), lambda name: RECIPES.get(name).description)
+    _print_described(list_recipes(pattern), lambda name: RECIPES.get(name).description,
+                     pattern, "recipe")
 
 
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
