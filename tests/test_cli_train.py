@@ -286,6 +286,8 @@ def test_bad_input_gets_a_one_line_error(trained_run, tmp_path, capsys):
         (["transfer", str(trained_run), "--data", "sample", "--workers", "-2"],
          "--workers: must be at least 0"),
         (["predict", str(trained_run), str(weights), "--top", "0"], "--top: must be at least 1"),
+        (["stats", "sample", "--size", "0"], "--size must be a pixel count from 1 to 1024"),
+        (["stats", "sample", "--size", "1000000"], "got 1000000"),  # not an allocator's error
     ]
     before = weights.read_bytes()
     for argv, expected in cases:

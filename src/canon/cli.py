@@ -93,13 +93,19 @@ def _stats_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+_MAX_STATS_SIZE = 1024
+
+
 @_verb("stats", "training-set mean image, channel mean/std and RGB PCA (cached)", _stats_arguments)
 def _run_stats(args: argparse.Namespace) -> None:
     from canon.data.stats import statistics_of
     from canon.errors import ConfigError
 
-    if args.size is not None and args.size < 1:
-        raise ConfigError(f"--size must be a positive pixel count, got {args.size}")
+    # A bound, not an allocator traceback: the canon's networks see 224-512 px, and a batch of
+    # 256 fitted images at 1024 px is already 0.8 GB.
+    if args.size is not None and not 1 <= args.size <= _MAX_STATS_SIZE:
+        raise ConfigError(f"--size must be a pixel count from 1 to {_MAX_STATS_SIZE} (the "
+                          f"recipe's data.resize_size), got {args.size}")
     if args.workers < 0:
         raise ConfigError(f"--workers must be >= 0, got {args.workers}")
     stats, path = statistics_of(
