@@ -156,7 +156,7 @@ def test_the_val_shards_are_labelled_by_a_model_s_classes_by_name(packed):
     assert relabelled.class_ids == model_ids and relabelled.classes[0] == own.classes[-1]
     labels = [label for _, label in own]
     assert [label for _, label in relabelled] == [9 - label for label in labels]
-    with pytest.raises(DataError, match="not among the model's 9 classes"):
+    with pytest.raises(DataError, match="not among the 9 classes"):
         open_eval_split(str(shards), own.class_ids[1:])
 
 

@@ -206,13 +206,14 @@ class FolderImages(LabeledImages):
 
 
 def check_known_classes(where: str, found: list[str], class_ids: list[str]) -> None:
-    """Refuse classes outside a model's `class_ids`: it has no output to score them with."""
+    """Refuse classes outside `class_ids` (a trained model's outputs, or under transfer the
+    training split's classes): they have no label to score them with."""
     unknown = sorted(set(found) - set(class_ids))
     if unknown:
         raise DataError(
-            f"{where}: class(es) {_short_list(unknown)} are not among the model's "
-            f"{len(class_ids)} classes ({_short_list(class_ids, 5)}); evaluate it on "
-            "classes it was trained on"
+            f"{where}: class(es) {_short_list(unknown)} are not among the {len(class_ids)} "
+            f"classes it is scored against ({_short_list(class_ids, 5)}: the model's outputs, "
+            "or under transfer the training split's); keep only those classes in it"
         )
 
 
