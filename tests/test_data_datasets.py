@@ -104,8 +104,13 @@ def test_download_verifies_md5(tmp_path):
     # A verified file is not fetched again (the address is gone now).
     payload.unlink()
     assert download_and_verify(payload.as_uri(), target, good) == target
-    with pytest.raises(DataError, match="cannot download"):
+    with pytest.raises(DataError, match=r"cannot download .*fetch it by hand"):
         download_and_verify(payload.as_uri(), tmp_path / "other.bin", good)
+    # Offline with a damaged copy in place: the copy is named as the fault, and kept.
+    target.write_bytes(b"cut short")
+    with pytest.raises(DataError, match=f"{target} there is damaged or incomplete"):
+        download_and_verify(payload.as_uri(), target, good)
+    assert target.read_bytes() == b"cut short"
 
 
 def test_extract_refuses_paths_outside(tmp_path):

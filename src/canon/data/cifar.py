@@ -112,17 +112,21 @@ def read_cifar(name: str, folder: Path, split: str) -> ArrayImages:
 
 def download_and_verify(url: str, destination: Path, md5: str) -> Path:
     """Fetch `url` to `destination` unless a file with this md5 is there; check the md5."""
-    if destination.is_file() and file_md5(destination) == md5:
+    present = file_md5(destination) if destination.is_file() else None
+    if present == md5:
         return destination
+    # Offline, the user's copy is all there is: say why it was not used.
+    damaged = ("" if present is None else
+               f"; the {destination} there is damaged or incomplete (md5 {present}, published "
+               f"{md5}): replace it with a good copy")
 
     def fetch(partial: Path) -> None:
         try:
             with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
                 shutil.copyfileobj(response, out, length=1 << 20)
         except OSError as error:
-            raise DataError(
-                f"cannot download {url} ({error}); fetch it by hand and place it at {destination}"
-            ) from None
+            raise DataError(f"cannot download {url} ({error})" + (
+                damaged or f"; fetch it by hand and place it at {destination}")) from None
         actual = file_md5(partial)
         if actual != md5:
             raise DataError(f"{url}: md5 {actual} does not match the published {md5}; try again")
