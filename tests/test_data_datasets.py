@@ -108,7 +108,7 @@ def test_download_verifies_md5(tmp_path):
         download_and_verify(payload.as_uri(), tmp_path / "other.bin", good)
     # Offline with a damaged copy in place: the copy is named as the fault, and kept.
     target.write_bytes(b"cut short")
-    with pytest.raises(DataError, match=f"{target} there is damaged or incomplete"):
+    with pytest.raises(DataError, match=f"{target} is there but damaged or incomplete"):
         download_and_verify(payload.as_uri(), target, good)
     assert target.read_bytes() == b"cut short"
 

@@ -117,7 +117,7 @@ def download_and_verify(url: str, destination: Path, md5: str) -> Path:
         return destination
     # Offline, the user's copy is all there is: say why it was not used.
     damaged = ("" if present is None else
-               f"; the {destination} there is damaged or incomplete (md5 {present}, published "
+               f"; {destination} is there but damaged or incomplete (md5 {present}, published "
                f"{md5}): replace it with a good copy")
 
     def fetch(partial: Path) -> None:
