@@ -363,7 +363,9 @@ class AreaCropFirst:
         if self.fancy_pca is not None:
             patch = self.fancy_pca(patch)
         mean = self.normalize.mean_at(height, width, box)
-        patch = patch - resize_image(mean, size, size, interpolation)
+        if mean.shape[-2:] != (1, 1):  # a channel mean broadcasts: resizing it changes nothing
+            mean = resize_image(mean, size, size, interpolation)
+        patch = patch - mean
         if self.normalize.std is not None:
             patch = patch / self.normalize.std
         return self.flip(patch) if self.flip is not None else patch
