@@ -13,6 +13,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -139,7 +140,7 @@ def plain_loop(recipe: Recipe, device: str, workers: int, steps: int | None = No
 def bench_loop(recipe_name: str = "quickstart", device: str = "cpu", repeats: int = 3,
                workers: tuple[int, ...] = (0, 2), steps: int | None = None,
                overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """canon's loop and the plain ones, alternating, `repeats` times each; medians, and the
+    """canon's loop and the plain ones, in turn, `repeats` times each; medians, and the
     ratio of canon's to the fastest plain loop. `overrides` ("section.key=value") apply to
     the recipe both loops train."""
     if steps is not None and steps <= WARMUP_STEPS:  # before any loop trains
@@ -163,10 +164,15 @@ def bench_loop(recipe_name: str = "quickstart", device: str = "cpu", repeats: in
         raise ConfigError(f"--steps {steps}: an epoch of the sample is {per_epoch} steps at "
                           f"batch {recipe.train.batch_size}, and the timed steps must lie "
                           "within it")
+    loops = [partial(canon_loop, recipe, device, steps),
+             *(partial(plain_loop, recipe, device, count, steps) for count in workers)]
     rates: dict[str, list[float]] = {}
-    for _ in range(repeats):
-        for timing in [canon_loop(recipe, device, steps),
-                       *(plain_loop(recipe, device, count, steps) for count in workers)]:
+    for repeat in range(repeats):
+        # Each repeat starts with the next loop, so that no loop always runs first in a fresh
+        # process, or always right after the same other one.
+        shift = repeat % len(loops)
+        for loop in loops[shift:] + loops[:shift]:
+            timing = loop()
             rates.setdefault(timing.name, []).append(timing.images_per_second)
     medians = {name: statistics.median(values) for name, values in rates.items()}
     baseline = max((name for name in medians if name != "canon"), key=medians.__getitem__)
