@@ -24,18 +24,24 @@ class SlowPrecisionWarning(UserWarning):
     """Autocast asked for in a precision the device computes more slowly than float32."""
 
 
-def cpu_lacks_bf16() -> bool:
-    """True on an x86 CPU without bf16 instructions (avx512_bf16 or AMX), where oneDNN
-    emulates bf16 convolutions: a ResNet-34 step ran 3.1x slower than float32 on a 2-core Xeon
-    VM (README, "bf16 on a CPU"). Other architectures report nothing torch can read, so they
-    are not judged."""
+# The x86 instructions (torch.cpu's checks) that multiply each autocast precision natively.
+# Without them oneDNN emulates it: bf16 matrices multiplied at a fifth of float32's rate on a
+# 2-core Xeon VM, and fp16 at 0.5-0.7% on it and on a Zen 4 (README, "bf16 on a CPU").
+_NATIVE_ON_X86 = {
+    "bf16": {"avx512_bf16": "_is_avx512_bf16_supported", "AMX": "_is_amx_tile_supported"},
+    "fp16": {"AMX-FP16": "_is_amx_fp16_supported"},
+}
+
+
+def cpu_emulates(mode: str) -> bool:
+    """True on an x86 CPU without instructions for autocast precision `mode` ("bf16" or
+    "fp16"). Other architectures report nothing torch can read, so they are not judged."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
-    has_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
-    has_amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    if has_bf16 is None or has_amx is None:
+    checks = [getattr(torch.cpu, check, None) for check in _NATIVE_ON_X86[mode].values()]
+    if None in checks:
         return False
-    return not (has_bf16() or has_amx())
+    return not any(check() for check in checks)
 
 
 class Precision:
@@ -45,11 +51,11 @@ class Precision:
     def __init__(self, mode: str, device: torch.device, cache: bool = True) -> None:
         if mode not in AMP_MODES:
             raise ConfigError(f"--amp must be bf16 or fp16 (or none), got {mode!r}")
-        if mode == "bf16" and device.type == "cpu" and cpu_lacks_bf16():
-            warnings.warn("--amp bf16 on a CPU without bf16 instructions (avx512_bf16 or AMX): "
-                          "torch emulates them, slower than float32; `canon bench train "
-                          "--device cpu --amp bf16` measures both", SlowPrecisionWarning,
-                          stacklevel=2)
+        if mode != "none" and device.type == "cpu" and cpu_emulates(mode):
+            needs = " or ".join(_NATIVE_ON_X86[mode])
+            warnings.warn(f"--amp {mode} on a CPU without {mode} instructions ({needs}): torch "
+                          "emulates them, slower than float32; `canon bench train --device cpu "
+                          f"--amp {mode}` measures both", SlowPrecisionWarning, stacklevel=2)
         self.mode, self.device, self.cache = mode, device, cache
         self.scaler = torch.amp.GradScaler(device.type) if mode == "fp16" else None
 
