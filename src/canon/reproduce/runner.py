@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from canon.data.datasets import anchored_dataset
 from canon.engine.stopping import StopFlag
 from canon.engine.trainer import TrainingInterrupted
 from canon.errors import CanonError
@@ -68,7 +69,7 @@ def reproduce(
     experiment = get_experiment(name)
     chosen = experiment.mode(mode)
     if data is not None:  # stored in each run's recipe.yaml, compared when a run is reused
-        data = str(Path(data).expanduser().resolve())
+        data = anchored_dataset(data)
     root = Path(output_dir)
     started = time.perf_counter()
     planned = plan_runs(experiment, chosen, runs, root / "runs", data, amp)
