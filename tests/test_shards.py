@@ -152,13 +152,14 @@ def test_the_same_seed_and_epoch_give_the_same_stream(packed):
     assert stream(images(1), epoch=3) != first
 
 
-@pytest.mark.parametrize(("world_size", "batch_size", "workers"), [(2, 16, 2), (3, 1, 0)])
+@pytest.mark.parametrize(("world_size", "batch_size", "workers"),
+                         [(2, 16, 2), (3, 1, 0), (9, 1, 0)])
 def test_ranks_read_disjoint_equal_shares_that_cover_the_epoch(
     packed, train_digests, world_size, batch_size, workers
 ):
     """7 shards of 142-143 images: 2 ranks take 3 whole shards each and half the seventh, 3
     ranks 2 each and a third of the last one (a rank dealt a whole extra shard would cut
-    every rank's epoch short by it)."""
+    every rank's epoch short by it), 9 ranks, more than the shards, a ninth of each."""
     shares = [stream(ShardImages(packed, "train", transform=digest, rank=rank,
                                  world_size=world_size, batch_size=batch_size,
                                  workers=workers), epoch=1)
@@ -291,9 +292,6 @@ def test_pack_refuses_folders_it_would_damage(with_bad_image, packed, tmp_path):
         pack_folder(tmp_path / "missing", tmp_path / "out", progress=False)
     with pytest.raises(DataError, match="not a shard folder"):
         ShardImages(unrelated, "train")
-    pack_folder(with_bad_image, tmp_path / "small", shard_bytes=1, splits=["val"], progress=False)
-    with pytest.raises(ConfigError, match=r"4 val shard.* for 5 ranks"):
-        ShardImages(tmp_path / "small", "val", world_size=5)
 
 
 def test_pack_command_replaces_its_own_pack(with_bad_image, tmp_path, capsys):

@@ -102,11 +102,6 @@ class ShardImages(IterableDataset):
                 f"{batch_size}, workers {workers}, shuffle_buffer {shuffle_buffer}"
             )
         self.shards = index.splits[split].shards
-        if shuffle and len(self.shards) < world_size:
-            raise ConfigError(
-                f"{self.root}: {len(self.shards)} {split} shard(s) for {world_size} ranks, which "
-                "need one each at least; re-pack it with a smaller --shard-size"
-            )
         self.split, self._fingerprint = split, index.splits[split].fingerprint
         self.class_ids, self.classes, self._labels = _classes(self.root, index, split, class_ids)
         self.transform, self.shuffle, self.shuffle_buffer = transform, shuffle, shuffle_buffer
