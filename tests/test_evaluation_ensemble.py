@@ -153,6 +153,8 @@ def test_ensemble_prediction_averages_the_members_probabilities(members, images)
         assert [name for name, _ in ranking] == [f"class {CLASSES[i]}" for i in indices]
         assert [p for _, p in ranking] == pytest.approx(values.tolist(), abs=1e-6)
     assert len(predict_ensemble(members, decoded, top_k=20)[0]) == 10
+    with pytest.raises(ConfigError, match=r"got one tensor of shape \(3, 3, 32, 32\): pass list"):
+        predict_ensemble(members, torch.stack(decoded))
 
 
 def test_ensemble_probabilities_is_the_mean():

@@ -125,7 +125,10 @@ def predict_ensemble(
     _check_classes(members)
     if top_k < 1:
         raise ConfigError(f"top_k must be at least 1, got {top_k}")
-    if not images:
+    if torch.is_tensor(images):  # a batch: `not images` would be ambiguous
+        raise ConfigError(f"images must be a list of 3 x H x W tensors, got one tensor of shape "
+                          f"{tuple(images.shape)}: pass list(batch)")
+    if len(images) == 0:
         raise ConfigError("no images to predict: give at least one")
     for index, image in enumerate(images):  # a float or HWC tensor would be misread silently
         if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
