@@ -19,10 +19,13 @@ from PIL import Image
 import canon
 from canon.cli import build_parser, main
 from canon.data import BadImageWarning, decode_image_file, open_dataset
+from canon.data.config import DataConfig
+from canon.data.loaders import build_datasets
 from canon.data.preprocess import center_transform
 from canon.data.views import PROTOCOLS
 from canon.engine.checkpoint import load_checkpoint
 from canon.engine.trained import load_trained
+from canon.errors import DataError
 from canon.recipes import Recipe, load_recipe, parse_yaml
 
 
@@ -392,6 +395,8 @@ def test_undecodable_files_are_skipped_and_counted_or_refused_with_strict(
     stats = ["stats", str(root), "--cache", str(tmp_path / "cache"), "--size", "32"]
     with pytest.warns(BadImageWarning, match=bad_train.name):
         main(stats)  # cached, counting the skipped file: --strict must not pass from it
+    with pytest.raises(DataError, match=bad_train.name):  # nor may training's statistics
+        build_datasets(DataConfig(dataset=str(root)), root_cache=tmp_path / "cache", strict=True)
     for argv, bad in (([*train, "--overwrite"], bad_train), (evaluate, bad_val),
                       (stats, bad_train)):
         with pytest.raises(SystemExit) as exit_:

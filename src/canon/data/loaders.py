@@ -34,14 +34,15 @@ from canon.errors import ConfigError
 
 def dataset_stats(
     config: DataConfig, train: Images, *, root_cache: Path | None = None,
-    workers: int = 0, progress: bool = True,
+    workers: int = 0, progress: bool = True, strict: bool = False,
 ) -> DatasetStats | None:
-    """The training set's statistics when the configured preprocessing needs them."""
+    """The training set's statistics when the configured preprocessing needs them (`strict`:
+    load_or_compute_stats's)."""
     if not needs_stats(config):
         return None
     return load_or_compute_stats(
         train, config.resize_size, fit=mean_image_fit(config), cache=root_cache,
-        workers=workers, progress=progress,
+        workers=workers, progress=progress, strict=strict,
     )
 
 
@@ -81,7 +82,7 @@ def build_datasets(
         train, val = _held_out(open_train_split(config.dataset, **options), config)
     else:
         train, val = open_dataset(config.dataset, **options)
-    stats = dataset_stats(config, train, root_cache=cache, workers=workers)
+    stats = dataset_stats(config, train, root_cache=cache, workers=workers, strict=strict)
     preprocess = eval_preprocess(config, stats)
     return Datasets(
         train.with_transform(training_transform(config, stats)),
@@ -103,7 +104,8 @@ def trained_preprocess(
                              max_pixels=max_pixels)
     if config.val_split:
         train, _ = _held_out(train, config)
-    return eval_preprocess(config, dataset_stats(config, train, root_cache=cache))
+    return eval_preprocess(config, dataset_stats(config, train, root_cache=cache,
+                                                 strict=strict))
 
 
 def _held_out(train: Images, config: DataConfig) -> tuple[LabeledImages, LabeledImages]:

@@ -214,23 +214,28 @@ def load_or_compute_stats(
     workers: int = 0,
     progress: bool = True,
     refresh: bool = False,
+    strict: bool = False,
 ) -> DatasetStats:
     """Cached statistics of `dataset` fitted to `size` (compute_stats), computing (and
     caching) them when absent: a safetensors file (stats_cache_path), so a second run reads
-    them in milliseconds."""
+    them in milliseconds. `strict` (a strict dataset's) does not take a cache that a lenient
+    call wrote with files skipped: it decodes again, to stop at the first bad file."""
     path = stats_cache_path(dataset, size, cache, fit)
-    return _load_or_compute(path, dataset, size, fit, workers, progress, refresh)
+    return _load_or_compute(path, dataset, size, fit, workers, progress, refresh, strict)
 
 
 def _load_or_compute(
     path: Path, dataset: Images, size: int, fit: str, workers: int, progress: bool,
-    refresh: bool,
+    refresh: bool, strict: bool,
 ) -> DatasetStats:
     if path.is_file() and not refresh:
         try:
-            return _load(path)
+            stats = _load(path)
         except (OSError, ValueError, KeyError, SafetensorError):
             pass  # a stale or partial cache file is recomputed below
+        else:
+            if not (strict and stats.skipped):
+                return stats
     stats = compute_stats(dataset, size, fit=fit, workers=workers, progress=progress)
     _save(stats, path)
     return stats
@@ -281,7 +286,5 @@ def statistics_of(
     if size is None:
         size = int(train.images.shape[-1]) if isinstance(train, ArrayImages) else 256
     path = stats_cache_path(train, size, cache)  # hashes the whole set: once
-    stats = _load_or_compute(path, train, size, "squash", workers, progress, refresh)
-    if strict and stats.skipped:  # cached by a lenient call: decode again, to stop at the file
-        stats = _load_or_compute(path, train, size, "squash", workers, progress, True)
-    return stats, path
+    return _load_or_compute(path, train, size, "squash", workers, progress, refresh,
+                            strict), path
