@@ -7,6 +7,7 @@ import hashlib
 import io
 import os
 import pickle
+import shutil
 import struct
 import tarfile
 import warnings
@@ -19,7 +20,14 @@ import torch
 from PIL import Image, ImageOps
 
 from canon.data import BadImageWarning, DataConfig, build_datasets, build_loader
-from canon.data.cifar import CIFAR, download_and_verify, extract_tar, fetch_cifar, read_cifar
+from canon.data.cifar import (
+    CIFAR,
+    download_and_verify,
+    extract_tar,
+    fetch_cifar,
+    file_md5,
+    read_cifar,
+)
 from canon.data.datasets import load_sample, open_dataset, open_eval_split
 from canon.data.decoding import decode_image_file, image_size
 from canon.data.folders import FolderImages
@@ -128,6 +136,31 @@ def test_missing_cifar_without_download_says_what_to_do(tmp_path):
     with pytest.raises(DataError, match=r"data\.download"):
         fetch_cifar("cifar10", tmp_path, download=False)
     assert CIFAR["cifar10"]["md5"] == "c58f30108f718f92721af3b95e74349a"
+
+
+def test_a_cifar_copy_unpacked_by_another_process_first_is_taken(tmp_path, monkeypatch):
+    """Runs started together (canon reproduce --jobs) each unpack the archive; the first to
+    move its copy in place wins and the others use it."""
+    source = tmp_path / "source"
+    (source / "cifar-10-batches-py").mkdir(parents=True)
+    (source / "cifar-10-batches-py" / "batches.meta").write_bytes(b"meta")
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(source / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    monkeypatch.setitem(CIFAR, "cifar10", {**CIFAR["cifar10"], "url": archive.as_uri(),
+                                           "md5": file_md5(archive)})
+    cache = tmp_path / "cache"
+    cache.mkdir()
+
+    def unpack_while_a_rival_finishes(tar: Path, destination: Path) -> None:
+        extract_tar(tar, destination)
+        shutil.copytree(destination / "cifar-10-batches-py", cache / "cifar-10-batches-py")
+
+    monkeypatch.setattr("canon.data.cifar.extract_tar", unpack_while_a_rival_finishes)
+    folder = fetch_cifar("cifar10", cache, download=True)
+    assert (folder / "batches.meta").read_bytes() == b"meta"
+    assert sorted(p.name for p in cache.iterdir()) == ["cifar-10-batches-py",
+                                                       "cifar-10-python.tar.gz"]
 
 
 def test_an_incomplete_cifar_folder_is_named_and_kept(tmp_path):

@@ -173,5 +173,9 @@ def fetch_cifar(name: str, cache: Path, *, download: bool) -> Path:
     archive = download_and_verify(spec["url"], cache / Path(spec["url"]).name, spec["md5"])
     with tempfile.TemporaryDirectory(dir=cache) as scratch:
         extract_tar(archive, Path(scratch))
-        Path(scratch, spec["folder"]).replace(folder)
+        try:
+            Path(scratch, spec["folder"]).replace(folder)
+        except OSError:  # another process (reproduce --jobs) put its whole copy there first
+            if not (folder / spec["meta"]).is_file():
+                raise
     return folder
