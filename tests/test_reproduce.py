@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import signal
 from pathlib import Path
 
 import pytest
@@ -213,6 +214,39 @@ def test_a_pool_process_that_stops_or_fails_starts_no_queued_run(monkeypatch) ->
             assert runner._ensure_in_process("run", "mode", "cpu") == expected
         assert stopping.is_set()
         assert runner._ensure_in_process("next run", "mode", "cpu") is None
+
+
+def test_a_stop_signal_to_a_pool_process_between_runs_or_in_set_up_ends_it_cleanly(
+    monkeypatch, tmp_path: Path
+) -> None:
+    """Ctrl-C reaches every pool process. One waiting for a run, or setting one up (before
+    its training's StopFlag), must not die of it: the pool would break and kill the others,
+    their runs with it. It starts no queued run and reports the stop instead."""
+    import multiprocessing
+
+    from canon.reproduce import runner
+
+    run = training.PlannedRun(None, 0, tmp_path / "runs" / "resnet20-seed0")
+    previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for stop_signal, in_set_up in ((signal.SIGINT, False), (signal.SIGTERM, True)):
+            monkeypatch.setattr(runner, "_SIGNAL", None)
+            runner._pool_process(1, multiprocessing.get_context("spawn").Event())
+
+            def setting_up(*args, sent=stop_signal, **options):
+                signal.raise_signal(sent)
+                raise AssertionError("went on after the signal")
+
+            monkeypatch.setattr(runner, "ensure_run", setting_up)
+            if not in_set_up:
+                signal.raise_signal(stop_signal)  # waiting for its next run
+            assert runner._ensure_in_process(run, "mode", "cpu") == (tmp_path / "runs",
+                                                                   stop_signal)
+            assert runner._ensure_in_process(run, "mode", "cpu") == (tmp_path / "runs",
+                                                                   stop_signal)
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def test_a_run_of_another_recipe_is_refused(tmp_path: Path) -> None:

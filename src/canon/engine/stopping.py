@@ -46,6 +46,29 @@ class StopFlag:
               "(send it again to stop at once)", flush=True)
 
 
+@contextlib.contextmanager
+def stop_signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM held back in this thread (and delivered on leaving), and in the
+    processes it starts meanwhile until they release them (release_stop_signals): a spawned
+    process has Python's default handlers until its own code can install others, and a pool
+    process that died of a signal then would break its pool."""
+    if not hasattr(signal, "pthread_sigmask"):  # not on Windows
+        yield
+        return
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def release_stop_signals() -> None:
+    """In a process started under stop_signals_held, once its handlers are installed: the
+    signals held back reach them now."""
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
 def leave_signals_to_main(worker_init: Callable | None) -> Callable[[int], None]:
     """Loader workers ignore Ctrl-C and SIGTERM (SLURM signals every process of a job): a
     worker that died would make the DataLoader raise in the main process mid-step. The main

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing
+import signal
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -22,7 +23,12 @@ from typing import Any
 import torch
 
 from canon.data.datasets import anchored_dataset
-from canon.engine.stopping import StopFlag
+from canon.engine.stopping import (
+    STOP_SIGNALS,
+    StopFlag,
+    release_stop_signals,
+    stop_signals_held,
+)
 from canon.engine.trainer import TrainingInterrupted
 from canon.errors import CanonError
 from canon.files import make_folder
@@ -101,7 +107,8 @@ def _ensure_runs(planned: list[PlannedRun], mode: Mode, device: str, progress: b
     with flag.installed(), ProcessPoolExecutor(
             max_workers=workers, mp_context=spawn, initializer=_pool_process,
             initargs=(workers, stopping)) as pool:
-        futures = [pool.submit(_ensure_in_process, run, mode, device) for run in planned]
+        with stop_signals_held():  # the pool's processes start during the submissions
+            futures = [pool.submit(_ensure_in_process, run, mode, device) for run in planned]
         while pending := [future for future in futures if not future.done()]:
             wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
             if flag.raised or any(_ended_early(future) for future in futures):
@@ -125,12 +132,30 @@ def _ensure_runs(planned: list[PlannedRun], mode: Mode, device: str, progress: b
 
 
 _STOPPING: Any = None  # a pool process's copy of the stop event
+_SIGNAL: int | None = None  # the stop signal this pool process got, if any
+_IN_RUN = False  # whether this pool process is in a run (its training's StopFlag aside)
+
+
+class _StoppedOutsideTraining(BaseException):
+    """A stop signal in a run's set-up or wrap-up, where no training step is lost."""
 
 
 def _pool_process(workers: int, stopping: Any) -> None:
     global _STOPPING
     _STOPPING = stopping
     torch.set_num_threads(max(1, torch.get_num_threads() // workers))
+    for number in STOP_SIGNALS:  # Ctrl-C reaches every pool process, and one that died of it
+        signal.signal(number, _stop_signal)  # would break the pool, which kills the others
+    release_stop_signals()
+
+
+def _stop_signal(signum: int, frame: object) -> None:
+    """Between runs: no queued run starts. In a run outside its training (whose StopFlag takes
+    the signals meanwhile, and saves a checkpoint): the run stops at once."""
+    global _SIGNAL
+    _SIGNAL = signum
+    if _IN_RUN:
+        raise _StoppedOutsideTraining
 
 
 def _ended_early(future: Future) -> bool:
@@ -142,11 +167,16 @@ def _ended_early(future: Future) -> bool:
 
 def _ensure_in_process(run: PlannedRun, mode: Mode, device: str
                        ) -> RunRecord | tuple[Path, int] | None:
-    """ensure_run in a pool process; None when a stop came before it began, and a stop during
-    it as (checkpoint, signal), since TrainingInterrupted's arguments do not survive
+    """ensure_run in a pool process; None when another process's stop came before it began;
+    a stop signal to this process as (checkpoint, signal) when the run's training saved one,
+    else as (the runs folder, signal), since TrainingInterrupted's arguments do not survive
     pickling."""
+    global _IN_RUN
+    if _SIGNAL is not None:
+        return run.run_dir.parent, _SIGNAL
     if _STOPPING.is_set():
         return None
+    _IN_RUN = True
     try:
         return ensure_run(run, mode, device=device, progress=False)
     except BaseException as error:
@@ -155,7 +185,11 @@ def _ensure_in_process(run: PlannedRun, mode: Mode, device: str
         _STOPPING.set()
         if isinstance(error, TrainingInterrupted):
             return error.checkpoint, error.signal_number
+        if isinstance(error, _StoppedOutsideTraining):
+            return run.run_dir.parent, _SIGNAL
         raise
+    finally:
+        _IN_RUN = False
 
 
 def _command(name: str, mode: str, runs: int | None, root: Path, data: str | None,
