@@ -19,10 +19,12 @@ from canon.bench.data import (
     pipelines,
     torchvision_transform,
 )
+from canon.bench.loop import speed_settings_on
 from canon.bench.train import bench_train, format_train, matmul_peak, torchvision_twin
 from canon.data.transforms import training_transform
 from canon.errors import ConfigError
 from canon.models.summary import summarize
+from canon.recipes import load_recipe
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -168,6 +170,7 @@ def test_loop_bench_times_canons_loop_and_the_plain_ones(capsys):
     assert "--set train.batch_size=32 --set train.cuda_graph=true on cpu" in out
     assert "canon / plain, 0 workers:" in out
     assert "(train.cuda_graph: canon's loop alone; the plain loops run eagerly)" in out
+    assert speed_settings_on(load_recipe("quickstart", ["train.cuda_graph=false"])) == []
     rates = [float(line.split()[-1]) for line in out.splitlines()
              if line.startswith(("canon ", "plain")) and "/" not in line]
     assert len(rates) == 2 and min(rates) > 0

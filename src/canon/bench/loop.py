@@ -29,9 +29,9 @@ from canon.engine.trainer import train
 from canon.errors import ConfigError
 from canon.models.factory import create_model
 from canon.recipes import Recipe, apply_overrides, load_recipe
+from canon.recipes.schema import SPEED_ONLY_KEYS
 
 WARMUP_STEPS = 3  # untimed: allocator and kernel-choice warm-up, loader workers starting
-CANON_ONLY = ("train.cuda_graph=", "train.compile=")  # settings the plain loops do not take
 
 
 @dataclass(frozen=True)
@@ -178,8 +178,16 @@ def bench_loop(recipe_name: str = "quickstart", device: str = "cpu", repeats: in
     baseline = max((name for name in medians if name != "canon"), key=medians.__getitem__)
     return {"recipe": recipe_name, "overrides": list(overrides), "device": resolve_device(device),
             "threads": torch.get_num_threads(), "repeats": repeats, "images_per_second": medians,
-            "runs": rates, "baseline": baseline,
+            "runs": rates, "baseline": baseline, "canon_only": speed_settings_on(recipe),
             "ratio": medians["canon"] / medians[baseline]}
+
+
+def speed_settings_on(recipe: Recipe) -> list[str]:
+    """The recipe's speed-only settings that are on (SPEED_ONLY_KEYS): canon's loop takes
+    them, the plain loops run eagerly."""
+    sections = recipe.to_dict()
+    return [key for key in sorted(SPEED_ONLY_KEYS)
+            if sections[key.split(".")[0]][key.split(".")[1]]]
 
 
 def format_loop(figures: dict[str, Any]) -> str:
@@ -189,7 +197,7 @@ def format_loop(figures: dict[str, Any]) -> str:
              f"median of {figures['repeats']} runs; training images/s, validation not timed"]
     lines += [f"{name:<20} {rate:8.1f}" for name, rate in figures["images_per_second"].items()]
     lines.append(f"canon / {figures['baseline']}: {figures['ratio']:.3f}")
-    own = [o.split("=")[0] for o in figures["overrides"] if o.startswith(CANON_ONLY)]
-    if own:
-        lines.append(f"({', '.join(own)}: canon's loop alone; the plain loops run eagerly)")
+    if figures["canon_only"]:
+        lines.append(f"({', '.join(figures['canon_only'])}: canon's loop alone; the plain loops "
+                     "run eagerly)")
     return "\n".join(lines)

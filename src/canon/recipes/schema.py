@@ -327,6 +327,10 @@ class Recipe:
             raise ConfigError(f"{where}: {error}") from None
 
 
+# Keys that change how fast a run trains, not what it computes: a run is the same run with
+# them either way (a GPU may go on with a run a CPU began).
+SPEED_ONLY_KEYS = frozenset({"train.cuda_graph", "train.compile"})
+
 SECTIONS: dict[str, type] = {
     "model": ModelSection,
     "data": DataConfig,

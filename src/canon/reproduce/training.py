@@ -24,7 +24,7 @@ from canon.engine.schedules import scale_iteration_counts
 from canon.engine.trainer import train
 from canon.errors import ConfigError, DataError
 from canon.recipes import Recipe, apply_overrides, load_recipe, read_yaml_mapping
-from canon.recipes.schema import SECTIONS
+from canon.recipes.schema import SECTIONS, SPEED_ONLY_KEYS
 from canon.reproduce.experiments import Experiment, Mode
 from canon.validation import plain
 from canon.visualize.curves import metrics_file, read_metrics
@@ -54,11 +54,6 @@ class RunRecord:
     commit: str | None  # the commit that last trained it (its recipe.yaml's header)
     train_error: float  # final epoch's top-1 training error (%), over its augmented batches
     test_error: float  # the final model's top-1 test error (%)
-
-
-# Keys that change how fast a run trains, not what it computes: a run is the same run with
-# them either way (a GPU may go on with a run a CPU began).
-SPEED_ONLY = frozenset({"train.cuda_graph", "train.compile"})
 
 
 def plan_runs(experiment: Experiment, mode: Mode, runs: int | None, root: Path,
@@ -147,7 +142,7 @@ def _check_same_recipe(run_dir: Path, recipe: Recipe, *, finished: bool = False)
                         "another --output-dir")
     saved, ours = _flat(read_yaml_mapping(path)), _flat(recipe.to_dict())
     defaults = _flat(_defaults()) if finished else {}
-    differing = sorted(key for key in (saved.keys() | ours.keys()) - SPEED_ONLY
+    differing = sorted(key for key in (saved.keys() | ours.keys()) - SPEED_ONLY_KEYS
                        if saved.get(key, defaults.get(key)) != ours.get(key))
     if differing:
         raise ConfigError(
