@@ -249,6 +249,17 @@ def test_a_stop_signal_to_a_pool_process_between_runs_or_in_set_up_ends_it_clean
             signal.signal(number, handler)
 
 
+def test_a_recipes_own_relative_folder_is_recorded_whole(
+    tmp_path: Path, imagenette_root: Path, monkeypatch
+) -> None:
+    """As canon train records it: eval and resume then find it from any folder."""
+    (tmp_path / "imagenette2-160").symlink_to(imagenette_root)
+    monkeypatch.chdir(tmp_path)
+    quick = EXPERIMENTS["imagenette"].mode("quick")
+    recipe = training.shortened_recipe("resnet34-imagenette5", quick, 0)
+    assert recipe.data.dataset == str((tmp_path / "imagenette2-160").resolve())
+
+
 def test_a_run_of_another_recipe_is_refused(tmp_path: Path) -> None:
     """A run directory holding another mode's (or an edited recipe's) run is neither kept nor
     continued: its recipe.yaml is compared with the recipe planned."""

@@ -108,7 +108,7 @@ def plan_run(
         if distributed.elastic_restart_count() > 0 and resumable_checkpoints(output_dir):
             resume = output_dir
     if resume is None:
-        loaded = _anchored(load_recipe(recipe, overrides))
+        loaded = anchored_recipe(load_recipe(recipe, overrides))
         return RunPlan(loaded, output_dir or new_run_dir(RUNS_ROOT, loaded.name), None)
     if resume != "latest":
         source = Path(resume)
@@ -117,7 +117,7 @@ def plan_run(
     else:
         source = latest_run_dir(RUNS_ROOT, load_recipe(recipe).name)
     path, state = load_for_resume(source)
-    loaded = _anchored(apply_overrides(Recipe.from_dict(state["recipe"], where=str(path)),
+    loaded = anchored_recipe(apply_overrides(Recipe.from_dict(state["recipe"], where=str(path)),
                                        overrides))
     if named is not None and resume != "latest" and load_recipe(named).name != loaded.name:
         raise ConfigError(
@@ -129,8 +129,9 @@ def plan_run(
     return RunPlan(loaded, run_dir, state)
 
 
-def _anchored(recipe: Recipe) -> Recipe:
-    """The recipe with a relative dataset folder made absolute (anchored_dataset)."""
+def anchored_recipe(recipe: Recipe) -> Recipe:
+    """The recipe with a relative dataset folder made absolute (anchored_dataset), as a run
+    records it."""
     dataset = anchored_dataset(recipe.data.dataset)
     if dataset == recipe.data.dataset:
         return recipe

@@ -19,7 +19,7 @@ import torch
 from canon.data.labeled import ImageSubset
 from canon.data.loaders import Datasets, build_datasets
 from canon.engine.checkpoint import EXPORT_CONFIG, EXPORT_WEIGHTS, resumable_checkpoints
-from canon.engine.rundir import recorded_commit
+from canon.engine.rundir import anchored_recipe, recorded_commit
 from canon.engine.schedules import scale_iteration_counts
 from canon.engine.trainer import train
 from canon.errors import ConfigError, DataError
@@ -88,9 +88,9 @@ def shortened_recipe(name: str, mode: Mode, seed: int, data: str | None = None) 
     """Recipe `name` with train.seed `seed` (on the folder `data` when given), shortened as
     `mode` says."""
     dataset = mode.dataset or data
-    recipe = load_recipe(name, [
+    recipe = anchored_recipe(load_recipe(name, [
         ("train.seed", seed), *([] if dataset is None else [("data.dataset", dataset)]),
-        *mode.overrides, *mode.recipe_overrides.get(name, ())])
+        *mode.overrides, *mode.recipe_overrides.get(name, ())]))
     if mode.iterations is None:
         return recipe
     if recipe.train.iterations is None:
