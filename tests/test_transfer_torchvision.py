@@ -207,6 +207,13 @@ def test_weights_that_cannot_be_fetched_or_read_are_named(
     with pytest.raises(DataError, match=f"{cached}, the cached file of .* is unreadable"):
         transfer.load_torchvision("resnet18")
 
+    def out_of_memory(*args: object, **options: object) -> None:
+        raise MemoryError
+
+    monkeypatch.setattr(tvm, "get_model", out_of_memory)  # not the file's fault: as it is
+    with pytest.raises(MemoryError):
+        transfer.load_torchvision("resnet18")
+
 
 def test_a_googlenet_without_aux_heads_loads_back_from_its_export(tmp_path: Path) -> None:
     """torchvision's pretrained GoogLeNet has no auxiliary heads, nor then a linear probe of

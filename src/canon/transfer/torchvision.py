@@ -40,6 +40,7 @@ only at input sizes where canon pools adaptively to 4x4 as torchvision always do
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -275,7 +276,8 @@ def load_torchvision(name: str, weights: str = "DEFAULT") -> TorchvisionWeights:
     cached = Path(torch.hub.get_dir()) / "checkpoints" / enum.url.rsplit("/", 1)[-1]
     try:
         tv_model = tvm.get_model(name, weights=enum, **options)
-    except Exception as error:  # offline, or a damaged file in torch's cache
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:  # offline
+        # (URLError), a download that failed its hash, or a damaged file in torch's cache
         if not cached.is_file():  # torch.hub downloads to a temporary file: none was kept
             raise DataError(f"cannot download {enum} from {enum.url} ({first_line(error)}): "
                             f"go online once, or put that file at {cached}") from None
