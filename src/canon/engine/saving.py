@@ -25,14 +25,19 @@ def validated_model(run: Run) -> nn.Module:
 
 
 def check_weights(run: Run) -> None:
-    """Refuse to checkpoint NaN/inf weights (one device sync): a finite loss can still end in
-    an update that overflows, and a checkpoint is a promise that the run can go on from it."""
+    """Refuse to checkpoint NaN/inf weights (one sync per device: a pipeline's stages sit on
+    several): a finite loss can still end in an update that overflows, and a checkpoint is a
+    promise that the run can go on from it."""
     models = [run.model] if run.average is None else [run.model, run.average]
-    tensors = [t for m in models for t in m.state_dict().values() if t.is_floating_point()]
-    if bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+    finite: dict[torch.device, list[torch.Tensor]] = {}
+    for m in models:
+        for t in m.state_dict().values():
+            if t.is_floating_point():
+                finite.setdefault(t.device, []).append(torch.isfinite(t).all())
+    if all(bool(torch.stack(flags).all()) for flags in finite.values()):
         return
     raise NonFiniteError(
-        f"the weights became NaN or infinite by optimizer step {run.step - 1}; stopping "
+        f"the weights became NaN or infinite by optimizer step {run.step}; stopping "
         f"without saving them. {newest_checkpoint_note(run)}. Lower the learning rate "
         "(--lr) or add warmup (--set schedule.warmup_epochs=5)"
     )
