@@ -586,3 +586,17 @@ def test_a_checkpoint_rebuilds_a_model_given_with_other_options(tmp_path):
         loaded = load_trained(source).model
         assert loaded.aux_classifiers() == [], source
         assert torch.equal(loaded.state_dict()["fc.weight"], model.state_dict()["fc.weight"])
+
+
+def test_a_resume_that_sees_fewer_gpus_restores_the_ones_it_has(monkeypatch):
+    """A run saved on 4 GPUs and resumed under CUDA_VISIBLE_DEVICES=2: torch's
+    set_rng_state_all would index past the visible devices."""
+    state = ckpt.capture_rng_state()
+    state["cuda"] = [torch.full((16,), float(i)).to(torch.uint8) for i in range(4)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state",
+                        lambda new_state, device: restored.append((int(new_state[0]), device)))
+    ckpt.restore_rng_state(state)
+    assert restored == [(0, 0)]

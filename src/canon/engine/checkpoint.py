@@ -275,7 +275,9 @@ def capture_rng_state() -> dict[str, Any]:
 def restore_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # A resume may see fewer GPUs (CUDA_VISIBLE_DEVICES): those it has get theirs.
+        for index, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, index)
     numpy_state = state["numpy"]
     np.random.set_state((
         numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32),
