@@ -156,6 +156,23 @@ def test_going_on_from_an_older_checkpoint_takes_a_directory_of_its_own(
     assert [p.name for p in ckpt.resumable_checkpoints(run)] == ["epoch-003.pt"]
 
 
+def test_a_run_continued_in_another_directory_keeps_its_best_checkpoint(resume_data, tmp_path):
+    """Its best is chosen over every epoch, the ones trained before the branch too: best.pt
+    of those is there before the first new step, not only once a new epoch beats it."""
+    recipe = apply_overrides(tiny_recipe(epochs=1, batch_size=16), [("data.val_split", 50)])
+    train(recipe, tmp_path / "a", device="cpu", datasets=resume_data, progress=False)
+    carried = []
+
+    def look(step: int) -> None:
+        if step == 9:  # the first step after epoch 1's 8
+            carried.append(ckpt.load_checkpoint(ckpt.best_checkpoint(tmp_path / "b"))["epoch"])
+
+    longer = apply_overrides(recipe, [("train.epochs", 2)])
+    train(longer, tmp_path / "b", resume=ckpt.epoch_checkpoint(tmp_path / "a", 1), device="cpu",
+          datasets=resume_data, progress=False, on_step=look)
+    assert carried == [1]
+
+
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_or_sigterm_mid_epoch_saves_and_resumes_bit_identically(
     resume_data, uninterrupted, tmp_path, stop_signal

@@ -4,6 +4,7 @@ generators and epoch sums gathered), the epoch checkpoints with best.pt, and the
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,24 @@ def save_epoch(
         ckpt.save_checkpoint(state, path)
     ckpt.interrupted_checkpoint(run_dir).unlink(missing_ok=True)
     ckpt.prune_epoch_checkpoints(run_dir, config.keep_checkpoints, config.keep_epochs)
+
+
+def carry_best(run: Run, source: Path) -> None:
+    """Rank 0 of a run continued in another directory from checkpoint `source`: best.pt of
+    its epochs so far, copied from the run it continues (its best.pt, or the best epoch's
+    checkpoint), so that the best is still chosen over every epoch. Where that run keeps
+    neither (pruned, or it went on past `source` to a better epoch), the best is chosen among
+    the epochs trained here."""
+    if run.validates_on_test_set or not run.metrics:
+        return
+    best_epoch = min(run.metrics, key=lambda row: row["val_top1_error"])["epoch"]
+    source_dir = ckpt.run_dir_of(source)
+    for candidate in (ckpt.best_checkpoint(source_dir),
+                      ckpt.epoch_checkpoint(source_dir, best_epoch)):
+        if candidate.is_file() and ckpt.load_checkpoint(candidate)["epoch"] == best_epoch:
+            ckpt.copy_checkpoint(candidate, ckpt.best_checkpoint(run.run_dir))
+            return
+    run.best_error = math.inf
 
 
 def export(run: Run) -> None:

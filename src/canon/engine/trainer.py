@@ -32,6 +32,7 @@ from canon.engine.logs import (
 from canon.engine.precision import Precision
 from canon.engine.rundir import check_continuation, claim_run_dir, continues_elsewhere
 from canon.engine.saving import (
+    carry_best,
     check_weights,
     export,
     newest_checkpoint_note,
@@ -180,6 +181,8 @@ def _train(
     stop = StopFlag()
     in_place = state is not None and not continues_elsewhere(state, run_dir)
     with _claimed(run, resuming=in_place, overwrite=overwrite), stop.installed():
+        if state is not None and not in_place and ctx.is_main:
+            carry_best(run, Path(state[ckpt.RESUMED_FROM]))
         try:
             while run.epoch < run.epochs:
                 train_seconds = _train_epoch(run, stop, progress, on_step)
