@@ -600,3 +600,23 @@ def test_a_resume_that_sees_fewer_gpus_restores_the_ones_it_has(monkeypatch):
                         lambda new_state, device: restored.append((int(new_state[0]), device)))
     ckpt.restore_rng_state(state)
     assert restored == [(0, 0)]
+
+
+def test_metrics_csv_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A finished run's metrics.csv is not written again: a kill while it is rewritten must
+    leave the last epoch's whole."""
+    import csv
+
+    from canon.engine.logs import write_metrics_csv
+
+    path = tmp_path / "metrics.csv"
+    write_metrics_csv(path, [{"epoch": 1, "train_loss": 2.5}])
+    before = path.read_text()
+
+    def killed(self, rows):  # after the header
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(csv.DictWriter, "writerows", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_metrics_csv(path, [{"epoch": 1, "train_loss": 2.5}, {"epoch": 2, "train_loss": 2.0}])
+    assert path.read_text() == before and [p.name for p in tmp_path.iterdir()] == ["metrics.csv"]

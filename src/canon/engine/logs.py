@@ -16,6 +16,7 @@ from typing import Any
 from tqdm import tqdm
 
 from canon.errors import ConfigError
+from canon.files import atomic_write
 
 COLUMNS = (
     "epoch", "lr", "train_loss", "train_top1_error", "val_top1_error", "val_top5_error",
@@ -26,15 +27,20 @@ EVENTS_DIR = "tensorboard"
 
 def write_metrics_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     """The rows with floats to 7 significant digits (44.2, not 44.199999999999996: float32
-    sums carry no more than that)."""
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(
-            {key: f"{value:.7g}" if isinstance(value, float) else value
-             for key, value in row.items()}
-            for row in rows
-        )
+    sums carry no more than that), replacing the file whole (a finished run's file is never
+    written again, so a kill mid-write must not leave it cut short)."""
+
+    def write(temporary: Path) -> None:
+        with open(temporary, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(
+                {key: f"{value:.7g}" if isinstance(value, float) else value
+                 for key, value in row.items()}
+                for row in rows
+            )
+
+    atomic_write(path, write)
 
 
 def plot_curves(path: Path, rows: list[dict[str, Any]], title: str) -> None:

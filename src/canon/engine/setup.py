@@ -43,6 +43,7 @@ from canon.engine.schedules import (
 from canon.engine.stopping import leave_signals_to_main
 from canon.engine.trained import TORCHVISION
 from canon.errors import ConfigError, first_line
+from canon.files import atomic_write
 from canon.models.base import MODELS
 from canon.models.factory import create_model
 from canon.recipes.schema import OptimizerSection, Recipe, ScheduleSection, TrainSection
@@ -329,9 +330,9 @@ def open_run_dir(run: Run) -> None:
     (with the commit), the events file, and a line stating the run's plan."""
     recipe, config, ctx = run.recipe, run.recipe.train, run.ctx
     header = f"{RECIPE_HEADER}canon {canon.__version__}, commit {run.commit}\n"
-    (run.run_dir / "recipe.yaml").write_text(
-        header + yaml.safe_dump(recipe.to_dict(), sort_keys=False)
-    )
+    text = header + yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+    atomic_write(run.run_dir / "recipe.yaml", lambda temporary: temporary.write_text(text),
+                 advice=ckpt.OUTPUT_DIR_ADVICE)
     if config.tensorboard:
         run.events = event_writer(run.run_dir)
     global_batch_size = config.batch_size * config.accum_steps * ctx.world_size
