@@ -109,6 +109,17 @@ def test_equal_scores_rank_by_class_and_nan_is_refused():
         TopKErrors().update(torch.tensor([[0.5, float("nan")]]), torch.tensor([0]))
 
 
+def test_every_error_rate_is_computed_alike():
+    """11 of 20 right is 45.0% wrong in the per-class report as in the totals, not the
+    44.99999999999999 of 1 - 11 / 20."""
+    scores = torch.eye(2)[torch.tensor([0] * 11 + [1] * 9)]
+    labels = torch.zeros(20, dtype=torch.long)
+    totals = TopKErrors(ks=(1,))
+    totals.update(scores, labels)
+    assert totals.result()["top1_error"] == 45.0
+    assert class_report(scores, labels, ["a", "b"]).top1_error[0] == 45.0
+
+
 def test_crop_geometry():
     image = torch.arange(3 * 6 * 8, dtype=torch.float32).view(3, 6, 8)
     crops = ten_crop(image, 4)

@@ -51,6 +51,7 @@ from canon.engine.setup import (
 from canon.engine.stopping import StopFlag, shut_down_workers
 from canon.errors import ConfigError, DataError, NonFiniteError
 from canon.evaluation import score_loader
+from canon.evaluation.metrics import error_percent
 from canon.recipes.schema import Recipe
 
 LOSS_CHECK_STEPS = 10  # loss values are checked for NaN/inf (one device sync) this often
@@ -371,7 +372,7 @@ def _report_train_error(run: Run) -> None:
             [float(totals["correct"] - totals["checked_correct"]),
              totals["images"] - totals["checked_images"]], dtype=torch.float64,
         ), run.ctx).tolist()
-        run.schedule.observe_train_error(100.0 * (1 - correct / max(images, 1)), run.step)
+        run.schedule.observe_train_error(error_percent(correct, max(images, 1)), run.step)
     totals["checked_correct"], totals["checked_images"] = totals["correct"], totals["images"]
 
 
@@ -440,7 +441,7 @@ def _end_epoch(run: Run, train_seconds: float) -> None:
     run.epoch += 1
     row = {
         "epoch": run.epoch, "lr": trained_at,
-        "train_loss": loss / images, "train_top1_error": 100.0 * (1 - correct / images),
+        "train_loss": loss / images, "train_top1_error": error_percent(correct, images),
         "val_top1_error": val_top1, "val_top5_error": val_top5,
         "images_per_second": images / max(train_seconds, 1e-9),
         "seconds": totals["seconds"] + time.perf_counter() - run.epoch_started,

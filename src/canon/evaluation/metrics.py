@@ -36,6 +36,12 @@ def ranked(scores: torch.Tensor, k: int) -> torch.Tensor:
     return scores.argsort(dim=1, descending=True, stable=True)[:, :k]
 
 
+def error_percent(hits: float, images: float) -> float:
+    """The error rate in percent: (images - hits) / images gives 45.0 for 11 hits of 20,
+    where 1 - hits / images gives 44.99999999999999."""
+    return 100.0 * (images - hits) / images
+
+
 class TopKErrors:
     """Accumulates top-k hits over batches; `counts` is one tensor [images, hits_k...] so a
     distributed evaluation can all-reduce it before calling `result`."""
@@ -59,7 +65,6 @@ class TopKErrors:
         images = self.images
         out: dict[str, float | int] = {}
         for k, hits in zip(self.ks, self.counts[1:].tolist(), strict=True):
-            # (images - hits) / images: 45.0, where 1 - hits / images gives 44.99999999999999
-            out[f"top{k}_error"] = 100.0 * (images - hits) / images if images else float("nan")
+            out[f"top{k}_error"] = error_percent(hits, images) if images else float("nan")
         out["images"] = images
         return out

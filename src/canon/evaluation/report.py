@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from canon.errors import ConfigError
-from canon.evaluation.metrics import ranked, topk_correct
+from canon.evaluation.metrics import error_percent, ranked, topk_correct
 from canon.files import atomic_write
 
 # Up to this many classes the PNG names every class and writes each cell's count; beyond it,
@@ -74,7 +74,7 @@ def class_report(
     ]
 
     def errors(k: int) -> list[float | None]:
-        return [100.0 * (1 - h[k] / n) if n else None for h, n in zip(hits, images, strict=True)]
+        return [error_percent(h[k], n) if n else None for h, n in zip(hits, images, strict=True)]
 
     return ClassReport(list(classes), images, errors(1), errors(5),
                        confusion_matrix(probabilities, labels))

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from canon.data.holdout import stratified_split
 from canon.errors import ConfigError
-from canon.evaluation.metrics import topk_correct
+from canon.evaluation.metrics import error_percent, topk_correct
 
 L2_GRID = tuple(10.0**exponent for exponent in range(2, -7, -1))  # strongest first
 
@@ -38,7 +38,7 @@ class LinearClassifier:
     def errors(self, features: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         """Top-1 and top-5 error, in percent."""
         hits = topk_correct(self.logits(features), labels)
-        return {f"top{k}_error": 100.0 * (1 - n / len(labels)) for k, n in hits.items()}
+        return {f"top{k}_error": error_percent(n, len(labels)) for k, n in hits.items()}
 
 
 @dataclass(frozen=True)
