@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from canon.data.config import MAX_IMAGE_PIXELS, DataConfig
@@ -84,7 +84,6 @@ def evaluate(
     data_config: DataConfig | None = None,
     preprocess: EvalPreprocess | None = None,
     scales: Sequence[int] = (),
-    sampler: Sampler | None = None,
     root_cache: Path | None = None,
     strict: bool = False,
     progress: bool = False,
@@ -110,12 +109,11 @@ def evaluate(
     passes are full where views share a shape (ViewScorer), and images are loaded
     batch_size // views at a time (one at least).
     `scales` overrides the multi-scale shorter sides.
-    `sampler` shards the set (distributed evaluation; all-reduce the counts, see
-    score_loader). Returns top1_error, top5_error, images, skipped, protocol,
+    Returns top1_error, top5_error, images, skipped, protocol,
     views_per_image, scales, seconds; with `keep_probabilities` also `probabilities`, the
     class posteriors of every image scored (N x K float32 on the CPU, the softmax averaged
     over the protocol's views; a softmax of the logits for ready tensors), and `labels` (N),
-    in the loader's order: the dataset's less its skipped images (the sampler's, with one).
+    in the dataset's order, less its skipped images.
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1 (views per forward pass), got "
@@ -144,7 +142,7 @@ def evaluate(
     # whose views of 64 images would take 5.8 GB as floats (times the batches prefetched).
     loader = build_loader(
         dataset, max(1, batch_size // views_per_image), train=False, workers=workers,
-        sampler=sampler, collate_fn=collate_views if views else collate,
+        collate_fn=collate_views if views else collate,
     )
     start = time.perf_counter()
     errors, kept, kept_labels = TopKErrors(), [], []
@@ -155,10 +153,9 @@ def evaluate(
             kept.append((scores if views else scores.float().softmax(1)).cpu())
             kept_labels.append(labels)
     result = errors.result()
-    expected = len(sampler) if sampler is not None else len(dataset)
     result.update(
         protocol=parsed.name,
-        skipped=expected - errors.images,
+        skipped=len(dataset) - errors.images,
         views_per_image=views_per_image,
         scales=list(dataset.transform.scales) if views else [],
         seconds=round(time.perf_counter() - start, 3),
