@@ -565,11 +565,11 @@ def _restore(run: Run, state: dict[str, Any]) -> None:
             f"classes ({first_line(error)}); resume without changing model, data classes or "
             "optimizer.no_decay_bn_bias / backbone_lr_scale"
         ) from None
-    # The recipe's hyperparameters (a --set on resume) over the checkpoint's: its state
-    # (momentum buffers) carries on, the lr is the schedule's at every step.
+    # The recipe's hyperparameters (a --set on resume) over the checkpoint's, and "fused" for
+    # this run's device: its state (momentum buffers) carries on, the lr is the schedule's at
+    # every step.
     for group, values in zip(run.optimizer.param_groups, recipe_groups, strict=True):
         group.update(values)
-        group["fused"] = fused_sgd(run.model)  # the state's own came from its device
     run.schedule.load_state_dict(state["schedule"])
     run.precision.load_state_dict(state["scaler"])
     if run.average is not None and state["ema"] is not None:  # None: not started (Polyak)
