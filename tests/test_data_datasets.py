@@ -31,7 +31,7 @@ from canon.data.cifar import (
 from canon.data.datasets import load_sample, open_dataset, open_eval_split
 from canon.data.decoding import decode_image_file, image_size
 from canon.data.folders import FolderImages
-from canon.data.stats import compute_stats
+from canon.data.stats import compute_stats, statistics_of
 from canon.errors import ConfigError, DataError
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
@@ -631,8 +631,18 @@ def test_unreadable_layouts_say_what_was_found(tmp_path):
     (tmp_path / "no_val" / "train").mkdir(parents=True)
     (tmp_path / "no_val" / "readme.txt").write_text("")
     with pytest.raises(DataError, match=r"no val/validation/valid/test folder \(it holds 1 "
-                                        r"file\(s\): readme\.txt; 1 folder\(s\): train/\)"):
+                                        r"file\(s\): readme\.txt; 1 folder\(s\): train/\).*"
+                                        r"or train on train/ alone, holding data\.val_split=N"):
         open_dataset(str(tmp_path / "no_val"))
+
+
+def test_statistics_need_the_training_split_alone(tmp_path):
+    """A folder without val/ trains with data.val_split, so canon stats reads it too."""
+    for label in ("apple", "pear"):
+        _write_images(tmp_path / "fruit" / "train" / label, 2)
+    stats, path = statistics_of(str(tmp_path / "fruit"), size=4, cache=tmp_path / "cache",
+                                progress=False)
+    assert stats.images == 4 and path.is_file()
 
 
 def test_one_class_is_refused(tmp_path):

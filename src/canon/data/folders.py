@@ -292,8 +292,10 @@ def open_image_folder(
     """Train and val trees of an ImageNet-layout root; their class sets must match."""
     folders = {split: _split_folder(root, split) for split in SPLIT_NAMES}
     for split, folder in folders.items():
-        if folder is None:
-            raise _no_split_folder(root, split)
+        if folder is None:  # a run without a validation folder can hold some images out
+            raise _no_split_folder(root, split, "; or train on train/ alone, holding "
+                                   "data.val_split=N of its images out to validate on"
+                                   if split == "val" else "")
     train = open_train_folder(root, strict=strict, max_pixels=max_pixels)
     val = FolderImages(
         folders["val"], class_ids=train.class_ids, strict=strict, max_pixels=max_pixels
@@ -334,10 +336,11 @@ def _split_folder(root: Path, split: str) -> Path | None:
     return next((root / name for name in SPLIT_NAMES[split] if (root / name).is_dir()), None)
 
 
-def _no_split_folder(root: Path, split: str) -> DataError:
+def _no_split_folder(root: Path, split: str, alternative: str = "") -> DataError:
     return DataError(
         f"{root}: no {'/'.join(SPLIT_NAMES[split])} folder (it holds {_contents(root)}); "
         f"expected the ImageNet layout {root}/train/<class>/*.JPEG and {root}/val/<class>/*.JPEG"
+        + alternative
     )
 
 

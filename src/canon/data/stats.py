@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from canon.data.config import DataConfig
-from canon.data.datasets import Images, canon_cache_dir, dataset_fingerprint, open_dataset
+from canon.data.datasets import Images, canon_cache_dir, dataset_fingerprint, open_train_split
 from canon.data.geometry import fit_image
 from canon.data.labeled import ArrayImages, LabeledImages
 from canon.data.shards import ShardImages
@@ -282,7 +282,7 @@ def statistics_of(
     papers' resize) for folders; pass the recipe's data.resize_size to match its cache key.
     These are of squashed images; the AlexNet and ZFNet pipelines' central-square statistics
     (mean_image_fit) are cached under their own key by build_datasets."""
-    train, _ = open_dataset(dataset, cache=cache, strict=strict, download=True)
+    train = open_train_split(dataset, cache=cache, strict=strict)
     if size is None:
         size = int(train.images.shape[-1]) if isinstance(train, ArrayImages) else 256
     path = stats_cache_path(train, size, cache)  # hashes the whole set: once
