@@ -82,8 +82,10 @@ def _stats_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--size", type=int, metavar="N",
-        help="side of the mean image (use the recipe's data.resize_size); "
-        "default: 32 for CIFAR and the sample, 256 for folders",
+        help="side of the mean image, of whole images squashed to it (the cache a run reads "
+        "at its data.resize_size; AlexNet's and ZFNet's central squares, and runs holding "
+        "data.val_split images out, compute their own); default: 32 for CIFAR and the "
+        "sample, 256 for folders",
     )
     parser.add_argument("--workers", type=non_negative_int, default=0, help="decoding processes")
     parser.add_argument("--cache", type=Path, help="cache folder (default: ~/.cache/canon)")
@@ -106,8 +108,6 @@ def _run_stats(args: argparse.Namespace) -> None:
     if args.size is not None and not 1 <= args.size <= _MAX_STATS_SIZE:
         raise ConfigError(f"--size must be a pixel count from 1 to {_MAX_STATS_SIZE} (the "
                           f"recipe's data.resize_size), got {args.size}")
-    if args.workers < 0:
-        raise ConfigError(f"--workers must be >= 0, got {args.workers}")
     stats, path = statistics_of(
         args.data, size=args.size, cache=args.cache, workers=args.workers,
         strict=args.strict, refresh=args.refresh,
