@@ -12,9 +12,10 @@ import torch
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 
-def _order_seed(seed: int) -> int:
-    """The samplers' seed for a run seeded `seed`: they draw from it + epoch, so runs seeded
-    s and s + 1 (ensemble members) would otherwise see each other's orders an epoch apart."""
+def spread_seed(seed: int) -> int:
+    """A run's seed spread out before an epoch, step or index is added to it (the samplers'
+    orders, each sample's augmentation, a reseeded resume): runs seeded s and s + 1 (ensemble
+    members) would otherwise draw each other's streams an epoch apart."""
     return seed * 1_000_003
 
 
@@ -29,7 +30,7 @@ class ShuffleSampler(Sampler[int]):
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(_order_seed(self.seed) + self.epoch)
+        generator = torch.Generator().manual_seed(spread_seed(self.seed) + self.epoch)
         return iter(torch.randperm(self.length, generator=generator).tolist())
 
     def __len__(self) -> int:
@@ -43,7 +44,7 @@ def epoch_order(dataset_size: int, seed: int, rank: int = 0, world_size: int = 1
     if world_size == 1:
         return ShuffleSampler(range(dataset_size), seed)
     return DistributedSampler(range(dataset_size), num_replicas=world_size, rank=rank,
-                              shuffle=True, seed=_order_seed(seed))
+                              shuffle=True, seed=spread_seed(seed))
 
 
 class ShardSampler(Sampler[int]):
@@ -72,7 +73,7 @@ def eval_shard(dataset_size: int, rank: int, world_size: int) -> Sampler | None:
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """The seed of sample `index`'s augmentation in `epoch` of a run seeded `seed`."""
-    return ((seed * 1_000_003 + epoch) * 2_147_483_647 + index) % 2**63
+    return ((spread_seed(seed) + epoch) * 2_147_483_647 + index) % 2**63
 
 
 @contextlib.contextmanager

@@ -25,7 +25,7 @@ from canon.data.datasets import check_dataset_name, validates_on_test_split
 from canon.data.device_jpeg import DeviceCrops, DeviceDecodedBatches, FileBytes, collate_files
 from canon.data.folders import FolderImages
 from canon.data.loaders import Datasets, build_datasets, build_loader
-from canon.data.sampling import SeededOrder, SeededSamples, eval_shard
+from canon.data.sampling import SeededOrder, SeededSamples, eval_shard, spread_seed
 from canon.data.shards import ShardImages
 from canon.engine import checkpoint as ckpt
 from canon.engine import distributed as dist
@@ -587,7 +587,7 @@ def _restore(run: Run, state: dict[str, Any]) -> None:
     if ctx.is_main:
         print(f"the checkpoint was written by {saved_ranks} process(es), this run has "
               f"{ctx.world_size}: random streams reseeded from (seed, rank, step)")
-    seed = (run.recipe.train.seed * 1_000_003 + run.step) * 10_007 + ctx.rank
+    seed = (spread_seed(run.recipe.train.seed) + run.step) * 10_007 + ctx.rank
     torch.manual_seed(seed % 2**63)
     run.totals = new_totals()
     if ctx.is_main:
