@@ -143,9 +143,11 @@ def build_loader(
 ) -> DataLoader:
     """A DataLoader: shuffled (ShuffleSampler from `seed`) when training, in order otherwise
     (a stream, an IterableDataset, orders itself); `sampler` (e.g. a DistributedSampler)
-    replaces either. Worker random streams (the augmentation) also derive from `seed`; with
-    workers=0 the augmentation draws from torch's global generator (seed it with
-    torch.manual_seed). drop_last defaults to `train`.
+    replaces either. Worker random streams (the augmentation) also derive from `seed`, one
+    per worker, so the augmentation depends on the number of workers; with workers=0 it draws
+    from torch's global generator (seed it with torch.manual_seed). For augmentation that any
+    worker count repeats, wrap the set in canon.data.sampling.SeededSamples, as canon's
+    trainer does. drop_last defaults to `train`.
     `collate_fn` is views.collate_views for multi-view test protocols. Batches are pinned
     for faster copies when CUDA is present, unless `pin_memory` says otherwise."""
     if sampler is None and train and not isinstance(dataset, IterableDataset):
