@@ -206,9 +206,14 @@ class RandomAreaCrop:
         return (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        top, left, crop_h, crop_w = self.box(*image.shape[-2:])
+        return self.resized(image, self.box(*image.shape[-2:]), self.interpolation())
+
+    def resized(self, image: torch.Tensor, box: tuple[int, int, int, int],
+                interpolation: str) -> torch.Tensor:
+        """The crop `box` (top, left, height, width) of `image`, resized to size x size."""
+        top, left, crop_h, crop_w = box
         patch = image[..., top : top + crop_h, left : left + crop_w]
-        return resize_image(patch, self.size, self.size, self.interpolation())
+        return resize_image(patch, self.size, self.size, interpolation)
 
     def __repr__(self) -> str:
         return (f"RandomAreaCrop({self.size}, area={self.area_range}, "
@@ -353,18 +358,14 @@ class AreaCropFirst:
         height, width = image.shape[-2:]
         box = self.crop.box(height, width)
         interpolation = self.crop.interpolation()
-        size = self.crop.size
-        top, left, crop_h, crop_w = box
-        patch = resize_image(image[..., top : top + crop_h, left : left + crop_w], size, size,
-                             interpolation)
-        patch = ToFloat()(patch)
+        patch = ToFloat()(self.crop.resized(image, box, interpolation))
         if self.photometric is not None:
             patch = self.photometric(patch)
         if self.fancy_pca is not None:
             patch = self.fancy_pca(patch)
         mean = self.normalize.mean_at(height, width, box)
         if mean.shape[-2:] != (1, 1):  # a channel mean broadcasts: resizing it changes nothing
-            mean = resize_image(mean, size, size, interpolation)
+            mean = resize_image(mean, self.crop.size, self.crop.size, interpolation)
         patch = patch - mean
         if self.normalize.std is not None:
             patch = patch / self.normalize.std
