@@ -13,6 +13,7 @@ from canon.data import BadImageWarning, DataConfig, ShuffleSampler, build_datase
 from canon.data.datasets import load_sample
 from canon.data.stats import load_or_compute_stats, stats_cache_path
 from canon.errors import ConfigError
+from canon.recipes import load_recipe
 
 
 @pytest.mark.parametrize(
@@ -79,14 +80,14 @@ def test_max_image_pixels_reaches_the_datasets(tmp_path):
 
 def test_statistics_are_cached(tmp_path, monkeypatch):
     sample = load_sample("train")
-    first = load_or_compute_stats(sample, 32, cache=tmp_path, progress=False)
-    assert stats_cache_path(sample, 32, tmp_path).is_file()
+    first, path = load_or_compute_stats(sample, 32, cache=tmp_path, progress=False)
+    assert path == stats_cache_path(sample, 32, tmp_path) and path.is_file()
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("statistics were recomputed despite the cache")
 
     monkeypatch.setattr("canon.data.stats.compute_stats", must_not_run)
-    second = load_or_compute_stats(sample, 32, cache=tmp_path, progress=False)
+    second, _ = load_or_compute_stats(sample, 32, cache=tmp_path, progress=False)
     assert torch.equal(first.mean_image, second.mean_image)
     assert torch.equal(first.pca_eigvec, second.pca_eigvec) and second.images == 5000
 
@@ -94,15 +95,41 @@ def test_statistics_are_cached(tmp_path, monkeypatch):
     path = stats_cache_path(sample, 32, tmp_path)
     path.write_bytes(path.read_bytes()[:5])
     monkeypatch.undo()
-    third = load_or_compute_stats(sample, 32, cache=tmp_path, progress=False)
+    third, _ = load_or_compute_stats(sample, 32, cache=tmp_path, progress=False)
     assert torch.equal(first.pca_eigvec, third.pca_eigvec)
+
+
+def test_stats_for_a_recipe_are_the_ones_its_runs_read(tmp_path, capsys, monkeypatch):
+    """AlexNet's runs read the statistics of central squares at 256: canon stats --recipe
+    caches those, so that training finds them."""
+    for label in ("apple", "pear"):
+        for split, count in (("train", 3), ("val", 1)):
+            (tmp_path / "fruit" / split / label).mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (12, 9), (i * 60, 90, 0)).save(
+                    tmp_path / "fruit" / split / label / f"{i}.png")
+    cache = tmp_path / "cache"
+    main(["stats", str(tmp_path / "fruit"), "--recipe", "alexnet", "--cache", str(cache)])
+    assert "-256-center-square.safetensors" in capsys.readouterr().out
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("training computed statistics canon stats had cached")
+
+    monkeypatch.setattr("canon.data.stats.compute_stats", must_not_run)
+    config = load_recipe("alexnet", [("data.dataset", str(tmp_path / "fruit"))]).data
+    build_datasets(config, root_cache=cache)
+    for refused, said in ((["--recipe", "resnet50-goyal"], "read no statistics"),
+                          (["--recipe", "alexnet", "--size", "32"], "not allowed with")):
+        with pytest.raises(SystemExit):
+            main(["stats", str(tmp_path / "fruit"), "--cache", str(cache), *refused])
+        assert said in capsys.readouterr().err
 
 
 def test_stats_verb(tmp_path, capsys):
     main(["stats", "sample", "--cache", str(tmp_path)])
     out = capsys.readouterr().out
     assert "images: 5000 (skipped 0)" in out and "channel mean (RGB, 0-1): (0.49" in out
-    stats = load_or_compute_stats(load_sample("train"), 32, cache=tmp_path, progress=False)
+    stats, _ = load_or_compute_stats(load_sample("train"), 32, cache=tmp_path, progress=False)
     first_eigenvector = ", ".join(f"{v:.4f}" for v in stats.pca_eigvec[:, 0].tolist())
     assert f"PCA eigenvectors: ({first_eigenvector}), (" in out
     assert f"cached at {tmp_path}" in out

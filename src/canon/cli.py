@@ -80,12 +80,18 @@ def _stats_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "data", metavar="DATA", help="sample, cifar10, cifar100, or a dataset folder"
     )
-    parser.add_argument(
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument(
         "--size", type=int, metavar="N",
         help="side of the mean image, of whole images squashed to it (the cache a run reads "
         "at its data.resize_size; AlexNet's and ZFNet's central squares, and runs holding "
-        "data.val_split images out, compute their own); default: 32 for CIFAR and the "
-        "sample, 256 for folders",
+        "data.val_split images out, read others: see --recipe); default: 32 for CIFAR and "
+        "the sample, 256 for folders",
+    )
+    which.add_argument(
+        "--recipe", metavar="NAME|FILE",
+        help="the statistics this recipe's runs on DATA read (its data.resize_size, its mean "
+        "image's fit, the images it trains on), so that training finds them cached",
     )
     parser.add_argument("--workers", type=non_negative_int, default=0, help="decoding processes")
     parser.add_argument("--cache", type=Path, help="cache folder (default: ~/.cache/canon)")
@@ -100,18 +106,26 @@ _MAX_STATS_SIZE = 1024
 
 @_verb("stats", "training-set mean image, channel mean/std and RGB PCA (cached)", _stats_arguments)
 def _run_stats(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from canon.data.loaders import recipe_statistics
     from canon.data.stats import statistics_of
     from canon.errors import ConfigError
+    from canon.recipes import load_recipe
 
     # A bound, not an allocator traceback: the canon's networks see 224-512 px, and a batch of
     # 256 fitted images at 1024 px is already 0.8 GB.
     if args.size is not None and not 1 <= args.size <= _MAX_STATS_SIZE:
         raise ConfigError(f"--size must be a pixel count from 1 to {_MAX_STATS_SIZE} (the "
                           f"recipe's data.resize_size), got {args.size}")
-    stats, path = statistics_of(
-        args.data, size=args.size, cache=args.cache, workers=args.workers,
-        strict=args.strict, refresh=args.refresh,
-    )
+    if args.recipe is not None:
+        data = dataclasses.replace(load_recipe(args.recipe).data, dataset=args.data)
+        stats, path = recipe_statistics(data, cache=args.cache, workers=args.workers,
+                                        strict=args.strict, refresh=args.refresh)
+    else:
+        stats, path = statistics_of(args.data, size=args.size, cache=args.cache,
+                                    workers=args.workers, strict=args.strict,
+                                    refresh=args.refresh)
     print(stats.summary())
     print(f"cached at {path}")
 

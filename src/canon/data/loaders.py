@@ -43,7 +43,24 @@ def dataset_stats(
     return load_or_compute_stats(
         train, config.resize_size, fit=mean_image_fit(config), cache=root_cache,
         workers=workers, progress=progress, strict=strict,
-    )
+    )[0]
+
+
+def recipe_statistics(
+    config: DataConfig, *, cache: Path | None = None, workers: int = 0, strict: bool = False,
+    refresh: bool = False,
+) -> tuple[DatasetStats, Path]:
+    """`canon stats --recipe`: the statistics a run with data section `config` reads (its
+    size, its mean image's fit, the images it trains on), computed now or read from the
+    cache, and their file."""
+    if not needs_stats(config):
+        raise ConfigError(f"data.mean={config.mean!r} subtracts published constants, and no "
+                          "data.pca_source=dataset: runs of this recipe read no statistics")
+    cache = cache or canon_cache_dir()
+    train = training_images(config, config.dataset, cache=cache, strict=strict,
+                            download=config.download, max_pixels=config.max_image_pixels)
+    return load_or_compute_stats(train, config.resize_size, fit=mean_image_fit(config),
+                                 cache=cache, workers=workers, refresh=refresh, strict=strict)
 
 
 @dataclass(frozen=True)
@@ -100,12 +117,21 @@ def trained_preprocess(
     less data.val_split), read only when the preprocessing needs them."""
     if not needs_stats(config):
         return eval_preprocess(config)
-    train = open_train_split(dataset, cache=cache, strict=strict, download=download,
-                             max_pixels=max_pixels)
-    if config.val_split:
-        train, _ = _held_out(train, config)
+    train = training_images(config, dataset, cache=cache, strict=strict, download=download,
+                            max_pixels=max_pixels)
     return eval_preprocess(config, dataset_stats(config, train, root_cache=cache,
                                                  strict=strict))
+
+
+def training_images(
+    config: DataConfig, dataset: str, *, cache: Path, strict: bool, download: bool,
+    max_pixels: int,
+) -> Images:
+    """The images a run with data section `config` trains on in `dataset`: its training split,
+    less the data.val_split images held out."""
+    train = open_train_split(dataset, cache=cache, strict=strict, download=download,
+                             max_pixels=max_pixels)
+    return _held_out(train, config)[0] if config.val_split else train
 
 
 def _held_out(train: Images, config: DataConfig) -> tuple[LabeledImages, LabeledImages]:

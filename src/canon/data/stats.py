@@ -215,19 +215,13 @@ def load_or_compute_stats(
     progress: bool = True,
     refresh: bool = False,
     strict: bool = False,
-) -> DatasetStats:
+) -> tuple[DatasetStats, Path]:
     """Cached statistics of `dataset` fitted to `size` (compute_stats), computing (and
-    caching) them when absent: a safetensors file (stats_cache_path), so a second run reads
-    them in milliseconds. `strict` (a strict dataset's) does not take a cache that a lenient
-    call wrote with files skipped: it decodes again, to stop at the first bad file."""
-    path = stats_cache_path(dataset, size, cache, fit)
-    return _load_or_compute(path, dataset, size, fit, workers, progress, refresh, strict)
-
-
-def _load_or_compute(
-    path: Path, dataset: Images, size: int, fit: str, workers: int, progress: bool,
-    refresh: bool, strict: bool,
-) -> DatasetStats:
+    caching) them when absent, and their file: a safetensors file (stats_cache_path), so a
+    second run reads them in milliseconds. `strict` (a strict dataset's) does not take a cache
+    that a lenient call wrote with files skipped: it decodes again, to stop at the first bad
+    file."""
+    path = stats_cache_path(dataset, size, cache, fit)  # hashes an in-memory set whole: once
     if path.is_file() and not refresh:
         try:
             stats = _load(path)
@@ -235,10 +229,10 @@ def _load_or_compute(
             pass  # a stale or partial cache file is recomputed below
         else:
             if not (strict and stats.skipped):
-                return stats
+                return stats, path
     stats = compute_stats(dataset, size, fit=fit, workers=workers, progress=progress)
     _save(stats, path)
-    return stats
+    return stats, path
 
 
 _TENSORS = ("mean_image", "channel_mean", "channel_std", "rgb_covariance", "pca_eigval",
@@ -276,15 +270,14 @@ def statistics_of(
     refresh: bool = False,
     progress: bool = True,
 ) -> tuple[DatasetStats, Path]:
-    """`canon stats`: the (cached) statistics of a dataset's training split and their file.
-
-    `size` defaults to the images' own side for CIFAR and the sample (32) and to 256 (the
-    papers' resize) for folders; pass the recipe's data.resize_size to match its cache key.
-    These are of squashed images; the AlexNet and ZFNet pipelines' central-square statistics
-    (mean_image_fit) are cached under their own key by build_datasets."""
+    """`canon stats`: the (cached) statistics of a dataset's training split, of its images
+    squashed to size x size, and their file. `size` defaults to the images' own side for
+    CIFAR and the sample (32) and to 256 (the papers' resize) for folders. A recipe's run
+    reads these at its data.resize_size unless it fits its mean image otherwise (AlexNet's and
+    ZFNet's central squares) or holds images out: canon.data.loaders.recipe_statistics
+    computes what any run reads."""
     train = open_train_split(dataset, cache=cache, strict=strict)
     if size is None:
         size = int(train.images.shape[-1]) if isinstance(train, ArrayImages) else 256
-    path = stats_cache_path(train, size, cache)  # hashes the whole set: once
-    return _load_or_compute(path, train, size, "squash", workers, progress, refresh,
-                            strict), path
+    return load_or_compute_stats(train, size, cache=cache, workers=workers, progress=progress,
+                                 refresh=refresh, strict=strict)
