@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
@@ -40,10 +41,8 @@ def dataset_stats(
     load_or_compute_stats's)."""
     if not needs_stats(config):
         return None
-    return load_or_compute_stats(
-        train, config.resize_size, fit=mean_image_fit(config), cache=root_cache,
-        workers=workers, progress=progress, strict=strict,
-    )[0]
+    return _cached_stats(config, train, root_cache, workers=workers, progress=progress,
+                         strict=strict)[0]
 
 
 def recipe_statistics(
@@ -59,8 +58,15 @@ def recipe_statistics(
     cache = cache or canon_cache_dir()
     train = training_images(config, config.dataset, cache=cache, strict=strict,
                             download=config.download, max_pixels=config.max_image_pixels)
+    return _cached_stats(config, train, cache, workers=workers, strict=strict, refresh=refresh)
+
+
+def _cached_stats(config: DataConfig, train: Images, cache: Path | None,
+                  **options: Any) -> tuple[DatasetStats, Path]:
+    """load_or_compute_stats at the size and fit a run with data section `config` reads them
+    (one key for training and `canon stats --recipe`, so that the one finds the other's)."""
     return load_or_compute_stats(train, config.resize_size, fit=mean_image_fit(config),
-                                 cache=cache, workers=workers, refresh=refresh, strict=strict)
+                                 cache=cache, **options)
 
 
 @dataclass(frozen=True)
