@@ -7,6 +7,7 @@ given by --data and sets its accuracy beside the leaderboard's."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import signal
 from pathlib import Path
@@ -329,3 +330,24 @@ def test_a_finished_run_saved_before_a_key_existed_is_kept_while_the_key_is_at_i
         training._check_same_recipe(tmp_path, off, finished=True)
     with pytest.raises(ConfigError, match=r"train\.data_on_device"):  # not to continue it
         training._check_same_recipe(tmp_path, quick)
+
+
+def test_responses_report_names_resnets_that_started_their_blocks_at_gamma_zero(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Fig. 7's comparison is skewed where a ResNet's blocks start as their shortcuts (quick
+    mode): its report says so beside the numbers, and says nothing where none did."""
+    argv = ["reproduce", "responses", "--micro", "--output-dir", str(tmp_path), "--device",
+            "cpu"]
+    main(argv)
+    first = tmp_path / "responses-micro" / "README.md"
+    assert "gamma" not in first.read_text()
+
+    zero_started = {name: (("model.zero_init_residual", True),)
+                    for name in EXPERIMENTS["responses"].micro_recipes if "resnet" in name}
+    micro = dataclasses.replace(MODES["micro"], recipe_overrides=zero_started)
+    monkeypatch.setitem(MODES, "micro", micro)
+    main(["reproduce", "responses", "--micro", "--output-dir", str(tmp_path / "zero"),
+          "--device", "cpu"])
+    readme = (tmp_path / "zero" / "responses-micro" / "README.md").read_text()
+    assert "caveat: ResNet-20, ResNet-32 started each block's last BN gamma at 0" in readme
