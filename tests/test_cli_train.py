@@ -98,7 +98,7 @@ def test_predict_prints_top5_class_names_with_probabilities(trained_run, tmp_pat
               "--device", "cpu", "--batch-size", "2"])
     shown = capsys.readouterr().out.splitlines()
     assert shown[0] == str(paths[0]) and shown[6] == str(paths[1]) and len(shown) == 13
-    assert shown[-1].startswith("skipped 1 undecodable image file(s)")
+    assert shown[-1].startswith("skipped 1 image file(s), empty, missing or undecodable")
     with pytest.raises(SystemExit) as exit_:
         main(["predict", str(trained_run), str(cut), "--device", "cpu", "--strict"])
     assert exit_.value.code == 2 and "cut.png" in capsys.readouterr().err
@@ -390,7 +390,7 @@ def test_undecodable_files_are_skipped_and_counted_or_refused_with_strict(
     evaluate = ["eval", str(trained_run), "--data", str(root), "--output", str(tmp_path / "e")]
     with pytest.warns(BadImageWarning, match=bad_val.name):
         main(evaluate)
-    assert "skipped 1 undecodable" in capsys.readouterr().out
+    assert "skipped 1 image file(s), empty, missing or undecodable" in capsys.readouterr().out
 
     stats = ["stats", str(root), "--cache", str(tmp_path / "cache"), "--size", "32"]
     with pytest.warns(BadImageWarning, match=bad_train.name):

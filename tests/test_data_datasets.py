@@ -33,6 +33,8 @@ from canon.data.decoding import decode_image_file, image_size
 from canon.data.folders import FolderImages
 from canon.data.stats import compute_stats, statistics_of
 from canon.errors import ConfigError, DataError
+from canon.evaluation.protocols import evaluate
+from canon.models.factory import create_model
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                    "ship", "truck"]
@@ -291,6 +293,23 @@ def test_strict_names_the_bad_file(bad_tree):
         strict = FolderImages(root / "train", strict=True)
     with pytest.raises(DataError, match=r"text\.JPEG"):
         [strict[i] for i in range(len(strict))]
+
+
+def test_skipped_counts_the_image_files_left_out_when_listed(bad_tree):
+    """An evaluation's or statistics' count of skipped images includes the empty image files
+    the listing left out, beside the undecodable ones; a notes.txt is no image. Removing one
+    changes the folder's fingerprint (cached statistics count it)."""
+    root, _ = bad_tree
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BadImageWarning)
+        val = FolderImages(root / "val")
+        result = evaluate(create_model("resnet20", num_classes=3), val)
+        stats = compute_stats(val, 16, progress=False)
+        assert val.skipped_at_listing == 1  # zero.JPEG
+        assert (result["images"], result["skipped"]) == (4, 3)  # text.JPEG, truncated.JPEG
+        assert (stats.images, stats.skipped) == (4, 3)
+        (root / "val" / "bad" / "zero.JPEG").unlink()
+        assert FolderImages(root / "val").fingerprint() != val.fingerprint()
 
 
 def test_bad_folder_trains_through_build_datasets(bad_tree, tmp_path_factory):

@@ -260,14 +260,15 @@ SOURCE_HELP = ("a run directory, model.safetensors, a checkpoint .pt file, or to
 def _strict_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--strict", action="store_true",
-        help="stop at the first undecodable image file instead of skipping it with a warning",
+        help="stop at the first file that is no decodable image (empty, undecodable, or not an "
+        "image file name) instead of skipping it with a warning",
     )
 
 
 def _report_skipped(count: int) -> None:
     if count:
-        print(f"skipped {count} undecodable image file(s) (see the warnings; --strict stops at "
-              "the first)")
+        print(f"skipped {count} image file(s), empty, missing or undecodable (see the "
+              "warnings; --strict stops at the first)")
 
 
 def _eval_arguments(parser: argparse.ArgumentParser) -> None:

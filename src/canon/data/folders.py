@@ -47,7 +47,8 @@ class FolderImages(LabeledImages):
     Bad files never stop a run: zero-byte files and files without an image extension are
     skipped when the tree is scanned, and files that fail to decode when read (the item comes
     out as None). Each skipped file gets one BadImageWarning and the scan reports a count;
-    `strict=True` turns the first one into a DataError naming the file.
+    those with an image file's name are `skipped_at_listing`. `strict=True` turns the first
+    one into a DataError naming the file.
     """
 
     def __init__(
@@ -87,7 +88,11 @@ class FolderImages(LabeledImages):
                 f"{self.root}: no image files ({looked_in} holds {_contents(looked_in)}); "
                 f"expected {_layouts(self.root)}"
             )
-        if self.skipped:
+        # Counted as images where their names say so; a README.txt in a class folder is not.
+        self.skipped_at_listing = sum(p.name.lower().endswith(IMAGE_EXTENSIONS)
+                                      for p in self.skipped)
+        if self.skipped:  # a file emptied or removed is a change of content as well
+            digest.update("".join(f"skipped {p};" for p in self.skipped).encode())
             warnings.warn(
                 f"{self.root}: skipped {len(self.skipped)} of "
                 f"{len(self.paths) + len(self.skipped)} files (see the warnings above)",

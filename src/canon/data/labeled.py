@@ -28,6 +28,9 @@ class LabeledImages(Dataset):
     # A trained model keeps them, so an evaluation split's labels can be matched to its outputs.
     class_ids: list[str]
     labels: list[int]
+    # Image files of this set left out when it was listed (FolderImages: empty, missing), so
+    # that a count of skipped images can include them beside the undecodable ones.
+    skipped_at_listing = 0
 
     def __init__(self, transform: Transform | None = None) -> None:
         self.transform = transform

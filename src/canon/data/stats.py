@@ -47,7 +47,7 @@ class DatasetStats:
     pca_eigval: torch.Tensor  # 3, descending
     pca_eigvec: torch.Tensor  # 3 x 3, column i belongs to pca_eigval[i]
     images: int
-    skipped: int
+    skipped: int  # image files left out: undecodable, or empty or missing when listed
 
     @property
     def size(self) -> int:
@@ -151,7 +151,7 @@ def compute_stats(
         )
     pixel_sum = torch.zeros(3, size, size, dtype=torch.float64)
     outer_sum = torch.zeros(3, 3, dtype=torch.float64)
-    count = skipped = 0
+    count, skipped = 0, getattr(dataset, "skipped_at_listing", 0)
     # Closed on errors too, so that an error (a bad file under strict) starts its own line.
     with tqdm(total=len(dataset), desc="statistics", unit="img", disable=not progress) as bar:
         for batch, bad in loader:

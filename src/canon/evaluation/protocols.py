@@ -6,7 +6,7 @@ VGG s3.2 do; a protocol of two methods (VGG s4.3's multi-crop+dense) averages ea
 then the two. For dense views the fully convolutional network's class score map is first
 averaged over space (VGG s3.2: "spatially averaged (sum-pooled)"), then the softmax.
 Images whose file cannot be decoded are skipped (warned about by the dataset) and counted in
-the result's "skipped".
+the result's "skipped", with the image files a folder's listing left out (empty or missing).
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ def evaluate(
     result = errors.result()
     result.update(
         protocol=parsed.name,
-        skipped=len(dataset) - errors.images,
+        skipped=len(dataset) - errors.images + getattr(dataset, "skipped_at_listing", 0),
         views_per_image=views_per_image,
         scales=list(dataset.transform.scales) if views else [],
         seconds=round(time.perf_counter() - start, 3),
