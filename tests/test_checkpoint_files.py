@@ -573,19 +573,23 @@ def test_best_pt_is_written_before_the_epoch_checkpoint(tmp_path, monkeypatch):
     assert ckpt.resumable_checkpoints(tmp_path) == []
 
 
-def test_a_checkpoint_rebuilds_a_model_given_with_other_options(tmp_path):
-    """A GoogLeNet without auxiliary heads given to canon.train: its checkpoints load back
-    into the same architecture, as its export does."""
+@pytest.mark.parametrize("name, options", [("googlenet", {"aux_logits": False}),
+                                           ("resnet18", {"shortcut": "A"})])
+def test_a_checkpoint_rebuilds_a_model_given_with_other_options(name, options, tmp_path):
+    """A GoogLeNet without auxiliary heads, a ResNet with option A shortcuts, given to
+    canon.train: its checkpoints load back into the same architecture, as its export does."""
     from canon.engine.trainer import train
 
-    recipe = load_recipe("quickstart", ["model.name=googlenet", "train.iterations=1",
+    recipe = load_recipe("quickstart", [f"model.name={name}", "train.iterations=1",
                                         "train.batch_size=16", "data.val_split=16"])
-    model = create_model("googlenet", 10, aux_logits=False)
+    model = create_model(name, 10, **options)
     train(recipe, tmp_path, model=model, device="cpu", progress=False)
     for source in (tmp_path, ckpt.epoch_checkpoint(tmp_path, 1)):
         loaded = load_trained(source).model
-        assert loaded.aux_classifiers() == [], source
-        assert torch.equal(loaded.state_dict()["fc.weight"], model.state_dict()["fc.weight"])
+        assert loaded.build_options() == options, source
+        weights = model.state_dict()
+        assert all(torch.equal(value, weights[key])
+                   for key, value in loaded.state_dict().items()), source
 
 
 def test_a_resume_that_sees_fewer_gpus_restores_the_ones_it_has(monkeypatch):

@@ -198,3 +198,25 @@ def test_too_small_input_names_minimum(built) -> None:
     minimum = smallest_valid_size(model)
     with pytest.raises(InputSizeError, match=f"at least {minimum}x{minimum}"):
         model(torch.randn(1, 3, minimum - 1, minimum - 1))
+
+
+@pytest.mark.parametrize("name, options", [
+    ("resnet34", {"shortcut": "A"}),  # Table 3's option A: no projection weights
+    ("resnet50", {"stride_in_1x1": False}),  # the same weights, other outputs
+    ("vgg11", {"batch_norm": True}),
+    ("zfnet", {"widths": (64, 64, 32)}),
+    ("googlenet", {"lrn": False, "aux_logits": False}),
+])
+def test_build_options_rebuild_a_model_built_with_other_options(name, options) -> None:
+    """What travels with an export (build_options) rebuilds the model its builder made: the
+    same weights load and give the same outputs."""
+    torch.manual_seed(0)
+    model = canon.create_model(name, NUM_CLASSES, **options).eval()
+    assert model.build_options() == options
+    rebuilt = canon.create_model(name, NUM_CLASSES, **model.build_options()).eval()
+    rebuilt.load_state_dict(model.state_dict())
+    size = smallest_valid_size(model)
+    images = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(images), model(images))
+    assert canon.create_model(name, NUM_CLASSES).build_options() == {}

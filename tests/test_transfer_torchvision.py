@@ -14,6 +14,7 @@ import torchvision.models as tvm
 
 from canon.data.normalize import make_normalize
 from canon.engine.checkpoint import export_model, model_info
+from canon.engine.setup import build_model
 from canon.engine.trained import load_trained
 from canon.errors import ConfigError, DataError
 from canon.models.base import IMAGENET_MEAN, IMAGENET_STD
@@ -231,6 +232,10 @@ def test_a_googlenet_without_aux_heads_loads_back_from_its_export(tmp_path: Path
     images = torch.rand(2, 3, 112, 112)
     with torch.no_grad():
         assert torch.equal(loaded(images), model(images))
+    # Fine-tuned, it keeps its architecture: no fresh auxiliary heads trained beside it.
+    recipe = finetune_recipe(load_trained(tmp_path), str(tmp_path), "/data/flowers")
+    assert recipe.model.options == {"aux_logits": False}
+    assert build_model(recipe, 5).aux_classifiers() == []
 
 
 @pytest.mark.parametrize(("name", "mean"), [("resnet18", "imagenet"), ("googlenet", "inception")])

@@ -303,6 +303,9 @@ def check_recipe(recipe: Recipe, *, model_given: bool, datasets_given: bool) -> 
     """What can be checked before any data is read or any file written."""
     if not model_given:
         MODELS.get(recipe.model.name)  # UnknownNameError listing close names
+        if recipe.model.options or recipe.model.zero_init_residual:
+            with torch.device("meta"):  # the builder takes them? (no weights allocated)
+                build_model(recipe, recipe.model.num_classes or 2)
     if not datasets_given:
         check_dataset_name(recipe.data.dataset)
     source = recipe.model.init_from
@@ -494,17 +497,19 @@ def _placed_model(
 
 
 def build_model(recipe: Recipe, num_classes: int) -> nn.Module:
-    """The recipe's model (a model given to `train` is used as it is); the
-    model.zero_init_residual option goes to the ResNet builders, which alone take it."""
-    name = recipe.model.name
-    if not recipe.model.zero_init_residual:
-        return create_model(name, num_classes)
+    """The recipe's model (a model given to `train` is used as it is): its builder called with
+    model.options, and zero_init_residual, which the ResNet builders alone take."""
+    section = recipe.model
+    options = {**section.options, **({"zero_init_residual": True}
+                                     if section.zero_init_residual else {})}
     try:
-        return create_model(name, num_classes, zero_init_residual=True)
-    except TypeError as error:  # a builder without the option
-        raise ConfigError(
-            f"model.zero_init_residual is for ResNets; {name} has no residual blocks ({error})"
-        ) from None
+        return create_model(section.name, num_classes, **options)
+    except TypeError as error:  # an option the builder does not take
+        if section.zero_init_residual and "zero_init_residual" in str(error):
+            raise ConfigError(f"model.zero_init_residual is for ResNets; {section.name} has no "
+                              f"residual blocks ({error})") from None
+        raise ConfigError(f"model.options {section.options} do not fit {section.name}'s "
+                          f"builder ({error})") from None
 
 
 def _scaled_counts_note(

@@ -4,7 +4,10 @@ that travels with a model (`EvalConfig`), and the registry of model builders (`M
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -16,7 +19,25 @@ from canon.registry import Registry
 # Every architecture by name: each family module registers its builders when imported
 # (canon.models imports them all; canon.models.factory builds from here).
 MODELS = Registry("model")
-register_model = MODELS.register
+
+
+def register_model(
+    name: str | None = None, *, description: str | None = None
+) -> Callable[[Callable[..., CanonModel]], Callable[..., CanonModel]]:
+    """Decorator: register a model builder in MODELS. The built model remembers the options
+    its builder was called with beyond the class count (`build_options`), so that an export
+    rebuilds the same layers: ResNet-34 with option A shortcuts, VGG without dropout."""
+
+    def decorate(builder: Callable[..., CanonModel]) -> Callable[..., CanonModel]:
+        @functools.wraps(builder)
+        def build(*args: Any, **options: Any) -> CanonModel:
+            model = builder(*args, **options)
+            model.called_with = {k: v for k, v in options.items() if k != "num_classes"}
+            return model
+
+        return MODELS.register(name, description=description)(build)
+
+    return decorate
 
 
 def check_num_classes(num_classes: int) -> None:
@@ -64,8 +85,8 @@ class CanonModel(nn.Module):
       spatial mean equals `forward`'s logits at the training size (where an FC head gives h = w
       = 1); used for dense evaluation.
     - `eval_config`: the test-time preprocessing the model expects; it travels with checkpoints.
-    - `build_options()`: the constructor options, beyond the class count, that rebuild this
-      model's layers where they differ from its builder's defaults (they travel with exports).
+    - `build_options()`: the options, beyond the class count, that its registered builder was
+      called with (they travel with exports, so that the same builder rebuilds its layers).
     """
 
     eval_config: EvalConfig = EvalConfig()
@@ -73,6 +94,8 @@ class CanonModel(nn.Module):
     # `fixed_input_size` (the only size the FC head accepts outside fully convolutional form).
     min_input_size: int = 32
     fixed_input_size: int | None = None
+    # Set by register_model; a model built from its class directly was built with none.
+    called_with: Mapping[str, Any] = MappingProxyType({})
 
     @property
     def stages(self) -> list[tuple[str, nn.Module]]:
@@ -122,4 +145,4 @@ class CanonModel(nn.Module):
         return self(x), []
 
     def build_options(self) -> dict[str, Any]:
-        return {}
+        return dict(self.called_with)

@@ -231,10 +231,6 @@ class GoogLeNet(PooledHeadNet):
                 aux_logits.append(heads[name](x))
         return self.forward_head(x), aux_logits
 
-    def build_options(self) -> dict[str, Any]:
-        # torchvision's pretrained GoogLeNet comes without auxiliary heads (canon.transfer).
-        return {} if self.aux_classifiers() else {"aux_logits": False}
-
     def init_classifier(self, layer: nn.Linear) -> None:
         caffe_xavier_(layer)  # biases 0, as every classifier at construction
 

@@ -89,8 +89,16 @@ class ModelSection:
     # Fine-tuning: the first this many of the model's stages start frozen (no updates, BN in
     # eval mode); train.unfreeze_every_epochs unfreezes them one by one, the last first.
     frozen_stages: int = 0
+    # The builder's own options beyond the class count, as canon.create_model takes them: a
+    # ResNet's shortcut (He et al. 2015 Table 3's "A", "B", "C"), a VGG's batch_norm, a
+    # GoogLeNet's aux_logits. A fine-tuning run carries its source's.
+    options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        _check(
+            isinstance(self.options, dict) and all(isinstance(k, str) for k in self.options),
+            f"model.options must map option names to values, got {self.options!r}",
+        )
         _check(
             self.num_classes is None or self.num_classes >= 1,
             f"model.num_classes must be a positive integer, got {self.num_classes}",

@@ -122,7 +122,8 @@ def finetune_recipe(
     values = {
         "name": f"finetune-{trained.name}", "source": f"fine-tuned from {trained.source}",
         "description": f"{trained.name} fine-tuned on {data} from {trained.source}",
-        "model": {"name": trained.name, "init_from": source},
+        "model": {"name": trained.name, "init_from": source,
+                  "options": trained.model.build_options()},
         "data": {**plain(trained.data), "dataset": data, "val_split": 0},
         **FINETUNE_DEFAULTS,
     }
