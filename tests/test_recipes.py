@@ -56,6 +56,9 @@ def test_paper_values_reach_the_recipes():
     assert load_recipe("resnet50").reported.top5_error == 6.71
     for vgg in ("vgg16", "vgg19"):  # Table 4: dense evaluation at three test scales
         assert load_recipe(vgg).reported.protocol == "multi-scale+dense"
+    for vgg in ("vgg11", "vgg16-s256", "vgg16-s384"):  # Table 3: dense at Q = S
+        recipe = load_recipe(vgg)
+        assert recipe.reported.protocol == "dense" and recipe.data.scale_range is None
 
 
 @pytest.mark.parametrize("name", list_recipes())
