@@ -307,10 +307,12 @@ def test_imagenette_micro_trains_on_a_jpeg_folder_and_sets_it_beside_the_leaderb
     main(["reproduce", "imagenette", "--micro", "--data", str(imagenette_root),
           "--output-dir", str(tmp_path), "--device", "cpu", "--amp", "bf16"])
     assert "(1 run(s) trained now)" in capsys.readouterr().out
-    run = json.loads((report / "results.json").read_text())["runs"][0]
+    run = json.loads((tmp_path / "imagenette-micro-bf16" / "results.json").read_text())["runs"][0]
     assert run["run"] == "resnet34-imagenette5-micro-bf16-seed0" and run["epochs"] == 1
     assert load_recipe(Path(run["run_dir"]) / "recipe.yaml").train.amp == "bf16"
-    assert "--amp bf16" in (report / "README.md").read_text()
+    # Its report goes beside the first one's, which keeps the recipes' own precision.
+    assert "--amp bf16" in (tmp_path / "imagenette-micro-bf16" / "README.md").read_text()
+    assert "--amp" not in (report / "README.md").read_text()
     assert load_recipe(tmp_path / "runs" / "resnet34-imagenette5-micro-seed0" / "recipe.yaml"
                        ).train.amp == "none"
 

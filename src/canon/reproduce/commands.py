@@ -32,7 +32,7 @@ def add_reproduce_parser(subparsers: argparse._SubParsersAction) -> None:
                         "(cifar-table6: mean and std; ensembles: its members)")
     parser.add_argument("--output-dir", type=Path, metavar="DIR", default=Path("reproduce"),
                         help="runs go to DIR/runs (shared by the experiments), the report to "
-                        "DIR/NAME[-quick]; default: ./reproduce")
+                        "DIR/NAME[-quick][-AMP]; default: ./reproduce")
     parser.add_argument("--data", metavar="DIR",
                         help="the dataset folder the recipes train on (imagenette: "
                         "/path/to/imagenette2-160); CIFAR-10 is downloaded when absent")

@@ -83,7 +83,10 @@ def reproduce(
         planned = [dataclasses.replace(run, recipe=apply_overrides(
             run.recipe, [("train.cuda_graph", True)])) for run in planned]
     records = _ensure_runs(planned, chosen, device, progress, jobs)
-    suffix = "" if mode == "full" else f"-{mode}"
+    # Runs named with another precision are other runs: their report goes beside, not over,
+    # the recipes' own.
+    suffix = ("" if mode == "full" else f"-{mode}") + "".join(
+        sorted({f"-{run.precision}" for run in planned if run.precision}))
     context = Context(experiment, chosen, device, root / f"{name}{suffix}")
     make_folder(context.folder)
     outcome = ANALYSES[experiment.analysis](records, context)

@@ -35,6 +35,7 @@ class PlannedRun:
     recipe: Recipe  # as the mode shortens it
     seed: int
     run_dir: Path  # named RECIPE[-MODE][-AMP]-seedN
+    precision: str = ""  # the AMP it is named with: --amp, where it is not the recipe's own
 
     @property
     def name(self) -> str:
@@ -77,10 +78,12 @@ def plan_runs(experiment: Experiment, mode: Mode, runs: int | None, root: Path,
         for seed in range(count or 1):
             recipe = shortened_recipe(name, mode, seed, data)
             suffix = "" if mode.name == "full" else f"-{mode.name}"
-            if amp is not None and amp != recipe.train.amp:
+            precision = amp if amp is not None and amp != recipe.train.amp else ""
+            if precision:
                 recipe = apply_overrides(recipe, [("train.amp", amp)])
                 suffix += f"-{amp}"
-            planned.append(PlannedRun(recipe, seed, root / f"{name}{suffix}-seed{seed}"))
+            planned.append(PlannedRun(recipe, seed, root / f"{name}{suffix}-seed{seed}",
+                                      precision))
     return planned
 
 
