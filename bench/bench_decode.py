@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """JPEG decoding speed: torchvision.io (libjpeg-turbo) against PIL, on real ImageNet JPEGs.
 
-    python bench/bench_decode.py [FOLDER] [--repeats 3]
+    python bench/bench_decode.py [FOLDER] [--repeats 5]
 
 FOLDER defaults to ../shared/data/imagenette2-160-mini (1,500 Imagenette JPEGs, shorter side
 160 px). Files are read into memory first, so only decoding to a uint8 RGB tensor 3 x H x W is

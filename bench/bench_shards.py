@@ -40,10 +40,13 @@ BATCH = 64
 
 
 def images_per_second(loader: DataLoader, limit: int | None) -> float:
-    """One pass; the loader's batches are image counts (collate_fn=len)."""
+    """One pass, timed from its first batch on (the worker processes' start-up is no part of
+    reading); the loader's batches are image counts (collate_fn=len)."""
     batches = len(loader) if limit is None else -(-limit // BATCH)
+    counts = islice(loader, batches)
+    next(counts)
     start = time.perf_counter()
-    count = sum(islice(loader, batches))
+    count = sum(counts)
     return count / (time.perf_counter() - start)
 
 
@@ -74,8 +77,9 @@ def main() -> None:
                 sampler.set_epoch(repeat)
                 images = ShardImages(Path(temporary) / "shards", "train", workers=workers)
                 images.set_epoch(repeat)
-                for name, reader in (("shards", loader(images, workers)),
-                                     ("folder", loader(folder, workers, sampler=sampler))):
+                readers = [("shards", loader(images, workers)),
+                           ("folder", loader(folder, workers, sampler=sampler))]
+                for name, reader in readers[repeat % 2:] + readers[:repeat % 2]:  # in turns
                     speed = images_per_second(reader, args.limit)
                     speeds.setdefault(f"{name}, {workers} workers", []).append(speed)
     print(f"{len(folder)} training images under {args.folder}, packed into {shards} shards "

@@ -9,8 +9,10 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torchvision.models as tvm
 from torchvision.transforms.functional import to_pil_image
 
+import canon.bench.train as train_bench
 from canon.bench.commands import add_bench_parser, run_data
 from canon.bench.data import (
     bench_config,
@@ -19,10 +21,19 @@ from canon.bench.data import (
     pipelines,
     torchvision_transform,
 )
-from canon.bench.loop import speed_settings_on
-from canon.bench.train import bench_train, format_train, matmul_peak, torchvision_twin
+from canon.bench.loop import WARMUP_STEPS, canon_loop, speed_settings_on
+from canon.bench.train import (
+    TrainingForward,
+    bench_train,
+    format_train,
+    matmul_peak,
+    torchvision_twin,
+    update,
+)
 from canon.data.transforms import training_transform
+from canon.engine.precision import Precision
 from canon.errors import ConfigError
+from canon.models.factory import create_model
 from canon.models.summary import summarize
 from canon.recipes import load_recipe
 
@@ -47,17 +58,41 @@ def test_train_bench_gives_rates_flops_and_ratio_on_cpu():
     assert json.loads(json.dumps(bench.to_dict()))["ratio"] == pytest.approx(bench.ratio)
 
 
-def test_train_bench_utilisation_is_against_the_peak_of_the_autocast_precision_on_cpu():
+def test_train_bench_utilisation_is_against_the_peak_of_the_autocast_precision_on_cpu(
+    monkeypatch,
+):
+    measured = []
+    real_peak = train_bench.matmul_peak
+
+    def recorded_peak(device, dtype, **options):
+        measured.append(dtype)
+        return real_peak(device, dtype, size=64, iterations=2)
+
+    monkeypatch.setattr(train_bench, "matmul_peak", recorded_peak)
     bench = bench_train("resnet18", batch_size=2, steps=1, warmup=0, device="cpu",
                         image_size=64, repeats=1, amp="bf16")
+    assert measured == [torch.bfloat16]  # the peak is measured in the autocast precision
     assert bench.peak_dtype == "bf16" and "matmul peak (bf16)" in format_train(bench)
     achieved = bench.canon.images_per_s * bench.canon.train_gflops  # G multiply-adds/s
     assert bench.canon.mfu == pytest.approx(achieved / bench.peak_gmacs, rel=1e-6)
 
 
 def test_train_bench_googlenet_trains_the_auxiliary_heads_of_both():
-    """With --cuda-graph canon's step goes through GraphedStep (uncaptured on a CPU)."""
-    bench = bench_train("googlenet_bn", batch_size=2, steps=1, warmup=0, device="cpu",
+    """Both libraries' GoogLeNets step with their two auxiliary losses; with --cuda-graph
+    canon's step goes through GraphedStep (uncaptured on a CPU)."""
+    torch.manual_seed(0)
+    images, targets = torch.randn(2, 3, 64, 64), torch.randint(0, 1000, (2,))
+    for model in (create_model("googlenet_bn", 1000),
+                  tvm.googlenet(weights=None, init_weights=True)):
+        forward = TrainingForward(model.train())
+        logits, aux = forward(images)
+        assert logits.shape == (2, 1000) and [a.shape for a in aux] == [(2, 1000)] * 2
+        heads = [model.aux1.fc2.weight, model.aux2.fc2.weight]
+        before = [weight.clone() for weight in heads]
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        update(forward, optimizer, Precision("none", torch.device("cpu")), images, targets)
+        assert not any(torch.equal(b, w) for b, w in zip(before, heads, strict=True))
+    bench = bench_train("googlenet_bn", batch_size=2, steps=1, warmup=1, device="cpu",
                         image_size=64, repeats=1, cuda_graph=True)
     assert bench.settings["model"] == "googlenet_bn" and bench.settings["cuda_graph"]
     assert bench.canon.images_per_s > 0 and bench.torchvision.images_per_s > 0
@@ -122,12 +157,18 @@ def test_data_bench_times_the_on_device_path_where_a_recipe_has_one(imagenette_r
 
 
 def test_both_pipelines_give_the_same_tensors_of_the_same_images(imagenette_root):
-    sets = pipelines(bench_config("resnet18-imagenette5", imagenette_root), images=3)
-    for i, j in zip(sets.canon_indices, sets.torchvision_indices, strict=True):
-        assert sets.canon.paths[i].name == sets.torchvision.samples[j][0].rsplit("/", 1)[1]
-        canon_image, tv_image = sets.canon[i][0], sets.torchvision[j][0]
-        assert canon_image.shape == tv_image.shape == (3, 128, 128)
-        assert canon_image.dtype == tv_image.dtype == torch.float32
+    """The same files, and without random crops the same values (decoders and resamplers
+    differ in the last levels: a mean within 0.05, about 3 of 255 levels after the std)."""
+    config = bench_config("resnet18-imagenette5", imagenette_root)
+    for augmentation in ("googlenet", "none"):
+        sets = pipelines(replace(config, augmentation=augmentation), images=3)
+        for i, j in zip(sets.canon_indices, sets.torchvision_indices, strict=True):
+            assert sets.canon.paths[i].name == sets.torchvision.samples[j][0].rsplit("/", 1)[1]
+            canon_image, tv_image = sets.canon[i][0], sets.torchvision[j][0]
+            assert canon_image.shape == tv_image.shape == (3, 128, 128)
+            assert canon_image.dtype == tv_image.dtype == torch.float32
+            if augmentation == "none":
+                assert (canon_image - tv_image).abs().mean() < 0.05
 
 
 def test_every_imagenet_recipe_has_a_torchvision_pipeline_and_cifar_is_refused(tmp_path):
@@ -171,6 +212,10 @@ def test_loop_bench_times_canons_loop_and_the_plain_ones(capsys):
     assert "canon / plain, 0 workers:" in out
     assert "(train.cuda_graph: canon's loop alone; the plain loops run eagerly)" in out
     assert speed_settings_on(load_recipe("quickstart", ["train.cuda_graph=false"])) == []
+    # One epoch of both loops, whatever the recipe's iteration limit (canon's would stop there).
+    timing = canon_loop(load_recipe("quickstart", ["train.iterations=5", "train.batch_size=500"]),
+                        "cpu")
+    assert timing.steps == 10 - WARMUP_STEPS
     rates = [float(line.split()[-1]) for line in out.splitlines()
              if line.startswith(("canon ", "plain")) and "/" not in line]
     assert len(rates) == 2 and min(rates) > 0
@@ -191,6 +236,11 @@ def test_bench_arguments_that_cannot_work_stop_before_timing(tmp_path, capsys):
         (["loop", "--steps", "79"], "--steps 79: an epoch of the sample is 78 steps at batch 64"),
         (["loop", "--set", "train.batch_size=2048"], "an epoch of the sample is 2 steps"),
         (["loop", "--set", "train.accum_steps=2"], "drop train.accum_steps and data.val_split"),
+        (["loop", "--repeats", "0"], "--repeats must be at least 1"),
+        (["train", "--model", "resnet18", "--compile", "--warmup", "0"],
+         "--warmup must be at least 1"),
+        (["train", "--model", "resnet18", "--cuda-graph", "--warmup", "0"],
+         "--warmup must be at least 1"),
         (["train", "--model", "resnet18", "--json", str(tmp_path)], "is a folder"),
         (["loop", "--json", str(tmp_path / "notes.txt")], "exists and is not a JSON file"),
     ]

@@ -43,8 +43,10 @@ class LoopTiming:
 
 def canon_loop(recipe: Recipe, device: str, steps: int | None = None) -> LoopTiming:
     """canon's trainer (canon.engine.trainer.train) for one epoch of `recipe` (or `steps`
-    steps), timed from the end of the warm-up steps to the end of the last step."""
-    recipe = apply_overrides(recipe, [("train.epochs", 1), *_step_limit(recipe, steps)])
+    steps; the recipe's own iteration limit does not apply, as in the plain loops), timed from
+    the end of the warm-up steps to the end of the last step."""
+    recipe = apply_overrides(recipe, [("train.epochs", 1), ("train.iterations", None),
+                                      *_step_limit(recipe, steps)])
     last = steps or len(load_sample("train")) // recipe.train.batch_size
     marks: list[float] = []
     target = torch.device(resolve_device(device))
@@ -143,6 +145,8 @@ def bench_loop(recipe_name: str = "quickstart", device: str = "cpu", repeats: in
     """canon's loop and the plain ones, in turn, `repeats` times each; medians, and the
     ratio of canon's to the fastest plain loop. `overrides` ("section.key=value") apply to
     the recipe both loops train."""
+    if repeats < 1:
+        raise ConfigError(f"--repeats must be at least 1, got {repeats}")
     if steps is not None and steps <= WARMUP_STEPS:  # before any loop trains
         raise ConfigError(f"--steps {steps}: time at least {WARMUP_STEPS + 1} steps (the first "
                           f"{WARMUP_STEPS} of each loop are untimed)")

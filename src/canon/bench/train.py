@@ -248,10 +248,12 @@ def _prepare(
     if not captured:
         timed(step, warmup, device)
         return contender
-    # A replay allocates nothing: the graph's memory is taken at capture, in the warm-up.
+    # A replay allocates nothing: the graph's memory is taken at capture, in the warm-up. The
+    # optimizer's momentum appears in that rise: its state is counted before it exists.
+    own = state_bytes(model, optimizer)
     _, rise = _memory_rise(lambda: timed(step, warmup, device), device)
     if rise is not None:
-        contender.peak = state_bytes(model, optimizer) + rise
+        contender.peak = own + rise
     return contender
 
 
@@ -316,8 +318,9 @@ def bench_train(
     warmup = (10 if cuda else 2) if warmup is None else warmup
     channels_last = cuda if channels_last is None else channels_last
     size = summarize(model, input_size=image_size).input_size
-    _check_counts(batch_size=(batch_size, 1), steps=(steps, 1), warmup=(warmup, 0),
-                  repeats=(repeats, 1))
+    # Compiling and capturing happen in the warm-up, which must then hold a step at least.
+    _check_counts(batch_size=(batch_size, 1), steps=(steps, 1),
+                  warmup=(warmup, 1 if compile or cuda_graph else 0), repeats=(repeats, 1))
     if amp not in AMP_MODES:
         raise ConfigError(f"--amp must be none, bf16 or fp16, got {amp!r}")
     if cuda_graph and amp == "fp16":
@@ -345,8 +348,8 @@ def bench_train(
     tf32 = cuda and amp == "none" and torch.backends.cudnn.allow_tf32
     peak = matmul_peak(dev, DTYPES[amp] if low_precision else torch.float32, tf32=tf32)
     peak_dtype = amp if low_precision else "tf32" if tf32 else "float32"
-    for _ in range(repeats):
-        for contender in contenders:
+    for repeat in range(repeats):  # in turns, so that neither always runs first
+        for contender in contenders[repeat % 2:] + contenders[:repeat % 2]:
             _run_repeat(contender, steps, dev)
 
     def speed(contender: _Contender) -> ModelSpeed:
