@@ -63,8 +63,7 @@ import json, sys
 from pathlib import Path
 import torch, torch.nn as nn
 import canon.data.stats
-from canon.data import open_dataset
-from canon.data.sampling import eval_shard
+import canon.engine.trainer
 from canon.engine import distributed as dist
 from canon.engine.trainer import train
 from canon.recipes import load_recipe
@@ -85,16 +84,15 @@ def without_batch_norm(module):
     return module
 
 ctx = dist.init_distributed("cpu")  # the trainer uses this process group and leaves it be
-# Which validation images each rank evaluates, summed over ranks.
-_, val_set = open_dataset(data)
-sampler = eval_shard(len(val_set), ctx.rank, ctx.world_size)
-indices = list(sampler) if sampler is not None else list(range(len(val_set)))
-seen = torch.zeros(len(val_set), dtype=torch.long)
-seen[indices] += 1
-seen = dist.all_reduce_sum(seen, ctx)
-if ctx.is_main:
-    Path(out).mkdir(parents=True, exist_ok=True)
-    (Path(out) / "seen.json").write_text(json.dumps(seen.tolist()))
+Path(out).mkdir(parents=True, exist_ok=True)
+# Which validation images the trainer's validation scored on each rank, at its last epoch.
+score_loader = canon.engine.trainer.score_loader
+def recording_score_loader(model, loader, *args, **kwargs):
+    errors = score_loader(model, loader, *args, **kwargs)
+    (Path(out) / f"validated-by-rank-{ctx.rank}.json").write_text(json.dumps(
+        {"indices": list(loader.sampler), "images": errors.images}))
+    return errors
+canon.engine.trainer.score_loader = recording_score_loader
 
 # Which ranks compute the training set's statistics (the others should read rank 0's cache).
 compute_stats = canon.data.stats.compute_stats
@@ -321,8 +319,13 @@ def test_rank_0_computes_the_statistics_and_the_other_rank_reads_its_cache(
 def test_distributed_evaluation_counts_each_image_once(
     one_and_two_process_runs: tuple[Path, Path],
 ) -> None:
-    _, double = one_and_two_process_runs
-    assert json.loads((double / "seen.json").read_text()) == [1] * VAL_IMAGES
+    for run_dir in one_and_two_process_runs:
+        scored = [json.loads(path.read_text())
+                  for path in sorted(run_dir.glob("validated-by-rank-*.json"))]
+        indices = [index for rank in scored for index in rank["indices"]]
+        assert sorted(indices) == list(range(VAL_IMAGES))  # each image on one rank only
+        assert sum(rank["images"] for rank in scored) == VAL_IMAGES
+    assert len(list(run_dir.glob("validated-by-rank-*.json"))) == 2  # the two-process run
 
 
 def test_accumulation_all_reduces_on_the_last_micro_step_only(tmp_path: Path) -> None:
