@@ -166,4 +166,8 @@ def test_drop_last_and_worker_augmentation_are_seeded(tmp_path):
     first = next(iter(loader))[0]
     again = next(iter(build_loader(train, 128, train=True, workers=2, seed=7)))[0]
     assert torch.equal(first, again)  # same crops and flips from the same seed
+    # The same images in the same order: another seed, other crops and flips.
+    in_order = [next(iter(build_loader(train, 128, train=True, workers=2, seed=seed,
+                                       sampler=range(len(train)))))[0] for seed in (7, 7, 8)]
+    assert torch.equal(in_order[0], in_order[1]) and not torch.equal(in_order[0], in_order[2])
     assert len(build_loader(train, 128, train=False)) == -(-5000 // 128)
