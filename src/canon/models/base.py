@@ -26,7 +26,7 @@ def register_model(
 ) -> Callable[[Callable[..., CanonModel]], Callable[..., CanonModel]]:
     """Decorator: register a model builder in MODELS. The built model remembers the options
     its builder was called with beyond the class count (`build_options`), so that an export
-    rebuilds the same layers: ResNet-34 with option A shortcuts, VGG without dropout."""
+    rebuilds the same network: ResNet-34 with option A shortcuts, GoogLeNet without LRN."""
 
     def decorate(builder: Callable[..., CanonModel]) -> Callable[..., CanonModel]:
         @functools.wraps(builder)
