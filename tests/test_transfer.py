@@ -293,3 +293,23 @@ def test_the_feature_cache_follows_the_weights(folders, source_run, tmp_path, mo
     second = Features.load(out / "features" / "train.safetensors")
     assert second.fingerprint != first.fingerprint
     assert not torch.equal(second.features, first.features)
+
+
+def test_a_run_written_over_its_own_source_is_refused_and_the_source_kept(
+    folders, source_run, capsys
+):
+    """transfer (either mode) or train --init-from into the folder holding the source, with
+    --overwrite: the new run would delete the network it starts from."""
+    files = sorted(p.relative_to(source_run) for p in source_run.rglob("*"))
+    checkpoint = next((source_run / "checkpoints").glob("*.pt"))
+    attempts = [
+        ["transfer", str(source_run), "--data", str(folders[1]), "--mode", mode,
+         "--output-dir", str(source_run), "--overwrite"] for mode in ("linear-probe", "finetune")
+    ] + [["train", "--init-from", str(checkpoint), "--output-dir", str(source_run),
+          "--overwrite", "--epochs", "1"]]
+    for argv in attempts:
+        with pytest.raises(SystemExit) as refused:
+            main([*argv, "--device", "cpu"])
+        assert refused.value.code == 2
+        assert f"--output-dir {source_run} holds" in capsys.readouterr().err, argv
+    assert sorted(p.relative_to(source_run) for p in source_run.rglob("*")) == files

@@ -32,6 +32,7 @@ from canon.engine.checkpoint import (
 )
 from canon.engine.initialize import INIT_REPORT
 from canon.engine.logs import EVENTS_DIR
+from canon.engine.trained import TORCHVISION
 from canon.errors import ConfigError, DataError
 from canon.files import cannot_write, make_folder, sweep_partial_writes
 from canon.recipes import Recipe, apply_overrides, load_recipe
@@ -180,6 +181,17 @@ def latest_run_dir(root: Path, name: str) -> Path:
             "(a run directory or a checkpoint file)"
         )
     return max(runs, key=lambda run: resumable_checkpoints(run)[0].stat().st_mtime_ns)
+
+
+def check_source_outside(run_dir: str | Path, source: str | Path | None, what: str) -> None:
+    """Refuse a new run in the folder that holds the network it starts from: its files would
+    replace the source's (--overwrite deletes them before the first step)."""
+    if source is None or str(source).startswith(TORCHVISION):
+        return
+    folder, source_path = Path(run_dir).resolve(), Path(source).resolve()
+    if source_path == folder or folder in source_path.parents:
+        raise ConfigError(f"--output-dir {run_dir} holds {what} {source}: the new run would "
+                          "replace it there; pick another --output-dir")
 
 
 @contextmanager

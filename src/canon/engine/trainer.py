@@ -30,7 +30,12 @@ from canon.engine.logs import (
     write_metrics_csv,
 )
 from canon.engine.precision import Precision
-from canon.engine.rundir import check_continuation, claim_run_dir, continues_elsewhere
+from canon.engine.rundir import (
+    check_continuation,
+    check_source_outside,
+    claim_run_dir,
+    continues_elsewhere,
+)
 from canon.engine.saving import (
     carry_best,
     check_weights,
@@ -137,6 +142,8 @@ def train(
     unless the recipe sets model.num_classes. `on_step(step)` runs after every optimizer step.
     """
     check_recipe(recipe, model_given=model is not None, datasets_given=datasets is not None)
+    if resume is None:
+        check_source_outside(output_dir, recipe.model.init_from, "model.init_from")
     ctx = dist.init_distributed(device)
     try:
         result = _train(

@@ -17,7 +17,7 @@ import torch
 from canon.data.datasets import open_split
 from canon.engine.checkpoint import export_model, model_info
 from canon.engine.distributed import resolve_device
-from canon.engine.rundir import PROBE_REPORT, claim_run_dir
+from canon.engine.rundir import PROBE_REPORT, check_source_outside, claim_run_dir
 from canon.engine.trained import TrainedModel, load_trained
 from canon.engine.trainer import TrainResult, train
 from canon.errors import ConfigError
@@ -74,6 +74,7 @@ def linear_probe(
     split's, its error on the evaluation split's; exported as the source network with the
     probe as its classifier."""
     out, data = Path(out), str(data)
+    check_source_outside(out, source, "the source")
     trained = load_trained(source)
     trained.model.to(resolve_device(device))
     with claim_run_dir(out, resume=False, overwrite=overwrite):
