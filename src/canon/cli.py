@@ -15,7 +15,7 @@ from pathlib import Path
 
 from canon.bench.commands import add_bench_parser
 from canon.data.pack_command import add_pack_parser
-from canon.errors import CanonError
+from canon.errors import CanonError, ConfigError
 from canon.files import atomic_write, check_output_file
 from canon.reproduce.commands import add_reproduce_parser
 from canon.visualize.arguments import non_negative_int, positive_int
@@ -45,8 +45,6 @@ def _run_models(args: argparse.Namespace) -> None:
 
 def _print_described(names: list[str], describe: Callable[[str], str], pattern: str | None,
                      kind: str) -> None:
-    from canon.errors import ConfigError
-
     if not names:  # as `canon summary` does: an empty listing reads as success
         raise ConfigError(f"no {kind} matches {pattern!r} (`canon {kind}s` lists them all)")
     width = max(len(n) for n in names)
@@ -224,6 +222,9 @@ def _flag_overrides(args: argparse.Namespace) -> list[tuple[str, object]]:
     ]
     overrides = [(key, value) for key, value in flags if value is not None]
     if args.epochs is not None:
+        if any(item.partition("=")[0].strip() == "train.iterations" for item in args.set):
+            raise ConfigError(f"--epochs {args.epochs} replaces the iteration limit that --set "
+                              "train.iterations gives: pass one of them")
         overrides.append(("train.iterations", None))
     return overrides
 
