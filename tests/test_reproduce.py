@@ -81,7 +81,9 @@ def test_list_names_every_experiment_and_bad_requests_are_refused(capsys, tmp_pa
                           (["degradation", "--quick", "--data", str(tmp_path)],
                            "--data applies where"),
                           (["imagenette", "--micro", "--output-dir", str(tmp_path)],
-                           "pass --data /path/to/imagenette2-160")):
+                           "pass --data /path/to/imagenette2-160"),
+                          (["imagenette", "--micro", "--data", "sample"],  # 32 px CIFAR images
+                           "--data sample: not a folder; imagenette trains on the folder")):
         with pytest.raises(SystemExit) as stopped:
             main(["reproduce", *argv])
         assert stopped.value.code == 2 and message in capsys.readouterr().err

@@ -73,6 +73,9 @@ def plan_runs(experiment: Experiment, mode: Mode, runs: int | None, root: Path,
     if data is not None and mode.dataset is not None:
         raise ConfigError(f"--{mode.name} trains {experiment.name} on {mode.dataset}; --data "
                           "applies where a mode keeps the recipes' dataset")
+    if data is not None and not Path(data).is_dir():  # a name (sample) is another dataset
+        raise ConfigError(f"--data {data}: not a folder; {experiment.name} trains on the "
+                          f"folder of its recipes' dataset ({_recipes_dataset(experiment)})")
     planned = []
     for name in experiment.recipes_in(mode.name):
         for seed in range(count or 1):
@@ -85,6 +88,10 @@ def plan_runs(experiment: Experiment, mode: Mode, runs: int | None, root: Path,
             planned.append(PlannedRun(recipe, seed, root / f"{name}{suffix}-seed{seed}",
                                       precision))
     return planned
+
+
+def _recipes_dataset(experiment: Experiment) -> str:
+    return load_recipe(experiment.recipes[0]).data.dataset
 
 
 def shortened_recipe(name: str, mode: Mode, seed: int, data: str | None = None) -> Recipe:
