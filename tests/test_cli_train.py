@@ -66,7 +66,7 @@ def test_a_resume_refuses_a_recipe_other_than_the_run_s(trained_run, capsys):
             "resnet20-cifar10: drop --recipe") in capsys.readouterr().err
 
 
-def test_eval_prints_errors_and_writes_json(trained_run, capsys):
+def test_eval_prints_errors_and_writes_json(trained_run, tmp_path, capsys):
     main(["eval", str(trained_run), "--protocol", "center", "--batch-size", "250"])
     out = capsys.readouterr().out
     assert "top-1 error" in out and "top-5 error" in out
@@ -77,6 +77,17 @@ def test_eval_prints_errors_and_writes_json(trained_run, capsys):
     last_epoch = list(csv.DictReader((trained_run / "metrics.csv").open()))[-1]
     assert result["top1_error"] == pytest.approx(float(last_epoch["val_top1_error"]), abs=0.01)
 
+    # On another dataset (some of its classes, as PNGs): a file of its own beside that one.
+    _, test_images = open_dataset("sample")
+    other = tmp_path / "my photos"
+    for index in range(4):
+        folder = other / "val" / test_images.classes[test_images.labels[index]]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(test_images.images[index].permute(1, 2, 0).numpy()).save(
+            folder / f"{index}.png")
+    main(["eval", str(trained_run), "--data", str(other)])
+    assert json.loads((trained_run / "eval-center-my_photos.json").read_text())["images"] == 4
+    assert json.loads((trained_run / "eval-center.json").read_text())["images"] == 1000
 
 def test_predict_prints_top5_class_names_with_probabilities(trained_run, tmp_path, capsys):
     _, test_images = open_dataset("sample")

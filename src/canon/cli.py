@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import warnings
 from collections.abc import Callable
@@ -292,8 +293,9 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=non_negative_int, default=0)
     parser.add_argument(
         "--output", type=Path, metavar="JSON",
-        help="where to write the result; default: eval-PROTOCOL.json beside the model, or "
-        "ensemble-PROTOCOL.json here for several",
+        help="where to write the result; default: eval-PROTOCOL.json beside the model "
+        "(eval-PROTOCOL-DATA.json on a --data other than its own), or ensemble-PROTOCOL.json "
+        "here for several",
     )
     _strict_argument(parser)
 
@@ -324,6 +326,7 @@ def _is_features_file(path: Path) -> bool:
 def _run_eval(args: argparse.Namespace) -> None:
     import json
 
+    from canon.data.datasets import anchored_dataset
     from canon.data.views import parse_protocol
     from canon.engine.distributed import resolve_device
     from canon.engine.trained import load_trained
@@ -333,7 +336,10 @@ def _run_eval(args: argparse.Namespace) -> None:
 
     trained = [load_trained(source) for source in args.sources]
     protocol = parse_protocol(args.protocol).name
-    output = args.output or (trained[0].source.parent / f"eval-{protocol}.json"
+    # Another dataset's result goes beside the model's own one, not over it.
+    other = (f"-{re.sub(r'[^A-Za-z0-9._-]', '_', Path(args.data).name)}"
+             if args.data and anchored_dataset(args.data) != trained[0].data.dataset else "")
+    output = args.output or (trained[0].source.parent / f"eval-{protocol}{other}.json"
                              if len(trained) == 1 else Path(f"ensemble-{protocol}.json"))
     # Before the work: the default output too may be a user's file, or unwritable.
     check_output_file(output, "--output", "an evaluation's JSON", _is_eval_json)
