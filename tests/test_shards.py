@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from canon.cli import main
 from canon.data.datasets import open_dataset
 from canon.data.folders import BadImageWarning, open_image_folder
 from canon.data.loaders import collate
@@ -141,6 +142,25 @@ def test_one_shard_read_by_many_workers_loses_only_the_last_partial_batch(
     images = ShardImages(out, "train", transform=digest, batch_size=16, workers=2)
     assert len(images) == 1000 // 16 * 16  # the idle second worker holds nothing back
     assert len(stream(images)) == len(images)
+
+
+def test_packing_one_split_keeps_the_other_splits_of_an_earlier_pack(
+    imagenette_root, tmp_path, capsys
+):
+    """As the missing-split error advises: pack val, then train into the same folder; both
+    end up in the index, val's shards untouched. Another shard size replaces the whole pack."""
+    out = tmp_path / "shards"
+    pack_folder(imagenette_root, out, splits=["val"], progress=False)
+    val = read_index(out).splits["val"]
+    val_bytes = {shard.file: (out / shard.file).read_bytes() for shard in val.shards}
+    main(["pack", str(imagenette_root), "--out", str(out), "--splits", "train"])
+    assert "(kept from the earlier pack)" in capsys.readouterr().out
+    index = read_index(out)
+    assert list(index.splits) == ["train", "val"] and index.splits["val"] == val
+    assert {f: (out / f).read_bytes() for f in val_bytes} == val_bytes
+    pack_folder(imagenette_root, out, shard_bytes=10**6, splits=["train"], progress=False)
+    assert list(read_index(out).splits) == ["train"]
+    assert not any((out / f).exists() for f in val_bytes)
 
 
 def test_the_same_seed_and_epoch_give_the_same_stream(packed):

@@ -50,8 +50,9 @@ def run_pack(args: argparse.Namespace) -> None:
     index = pack_folder(args.data, args.out, shard_bytes=args.shard_size, splits=args.splits)
     for name, split in index.splits.items():
         skipped = f", {split.skipped} files skipped (see the warnings)" if split.skipped else ""
+        kept = "" if name in args.splits else " (kept from the earlier pack)"
         print(f"{name}: {len(split.shards)} shards, {split.samples:,} images, "
-              f"{_size(split.bytes)}{skipped}")
+              f"{_size(split.bytes)}{skipped}{kept}")
     print(f"packed into {args.out} in {time.perf_counter() - started:.1f} s")
 
 

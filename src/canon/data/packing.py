@@ -25,7 +25,14 @@ from pathlib import Path
 from tqdm import tqdm
 
 from canon.data.folders import SPLIT_NAMES, FolderImages, open_image_folder, open_train_folder
-from canon.data.shard_index import INDEX, OFFSET_EVERY, PackIndex, Shard, SplitIndex
+from canon.data.shard_index import (
+    INDEX,
+    OFFSET_EVERY,
+    PackIndex,
+    Shard,
+    SplitIndex,
+    read_index,
+)
 from canon.errors import ConfigError, DataError
 from canon.files import atomic_write, make_folder, sweep_partial_writes
 
@@ -47,8 +54,9 @@ def pack_folder(
     """Pack the `splits` of the ImageNet-layout folder `root` (train/<class>/*, val/<class>/*)
     into the fewest shards of at most `shard_bytes` (one image each at least) that hold equal
     image counts, within one, in `out`: a new or empty folder, or an earlier pack of the same
-    folder, which is replaced. Each shard is written under a temporary name and renamed when
-    complete; index.json last."""
+    folder, whose packed `splits` are replaced and whose other splits are kept where they were
+    packed with the same shard size and classes. Each shard is written under a temporary name
+    and renamed when complete; index.json last."""
     root, out, splits = Path(root), Path(out), list(splits)
     if shard_bytes <= 0:
         raise ConfigError(f"shard size {shard_bytes}: must be a positive number of bytes")
@@ -64,8 +72,9 @@ def pack_folder(
     _check_out(out, root)
     make_folder(out, advice=_ADVICE)
     sweep_partial_writes(out, ("*.tar", INDEX))  # left by a pack that was killed
-    (out / INDEX).unlink(missing_ok=True)  # an earlier pack's: stale until the shards are done
     classes = next(iter(folders.values()))
+    kept = _other_splits(out, splits, shard_bytes, classes.class_ids)
+    (out / INDEX).unlink(missing_ok=True)  # an earlier pack's: stale until the shards are done
     with tqdm(total=sum(len(f) for f in folders.values()), desc="pack", unit="img",
               disable=not progress) as bar:
         written = {
@@ -73,16 +82,31 @@ def pack_folder(
                               folder.fingerprint(), len(folder.skipped))
             for split, folder in folders.items()
         }
+    written = {split: {**kept, **written}[split] for split in SPLIT_NAMES
+               if split in kept or split in written}
     index = PackIndex(str(root.resolve()), shard_bytes, classes.class_ids, classes.classes,
                       written)
     text = json.dumps(index.to_dict(), indent=1) + "\n"
     atomic_write(out / INDEX, lambda path: path.write_text(text, encoding="utf-8"),
                  advice=_ADVICE)
-    kept = {shard.file for split in written.values() for shard in split.shards}
+    indexed = {shard.file for split in written.values() for shard in split.shards}
     for path in out.iterdir():  # an earlier pack's surplus shards
-        if _SHARD.fullmatch(path.name) and path.name not in kept:
+        if _SHARD.fullmatch(path.name) and path.name not in indexed:
             path.unlink()
     return index
+
+
+def _other_splits(out: Path, splits: list[str], shard_bytes: int,
+                  class_ids: list[str]) -> dict[str, SplitIndex]:
+    """The splits of an earlier pack in `out` that this one does not pack, where they hold
+    the same classes in shards of the same size (_check_out has made sure of its source)."""
+    try:
+        earlier = read_index(out)
+    except DataError:  # none, or one this canon cannot read: nothing to keep
+        return {}
+    if earlier.shard_bytes != shard_bytes or earlier.class_ids != class_ids:
+        return {}
+    return {name: split for name, split in earlier.splits.items() if name not in splits}
 
 
 def _open_splits(root: Path, splits: list[str]) -> dict[str, FolderImages]:
