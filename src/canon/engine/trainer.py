@@ -403,10 +403,10 @@ def _check_losses(pending: list[tuple[int, torch.Tensor]], run: Run) -> None:
         where = (f"became {values[int(bad[0])].item()} at optimizer step {counts[int(bad[0])]}"
                  if len(bad) else
                  f"became NaN or infinite on another process by optimizer step {counts[-1]}")
+        fp16 = ", use --amp bf16 instead of fp16" if run.recipe.train.amp == "fp16" else ""
         raise NonFiniteError(
             f"the loss {where}; stopping. {newest_checkpoint_note(run)}. Lower the learning "
-            "rate (--lr), use --amp bf16 instead of fp16, or add warmup (--set "
-            "schedule.warmup_epochs=5)"
+            f"rate (--lr){fp16}, or add warmup (--set schedule.warmup_epochs=5)"
         )
     if run.events is not None:
         for (step, _), count, value in zip(pending, counts, values.tolist(), strict=True):
