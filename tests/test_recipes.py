@@ -154,9 +154,11 @@ def test_set_overrides_parse_yaml_values_and_reject_unknown_keys():
         load_recipe("quickstart", ["train.epochs"])
 
 
-def test_unknown_recipe_name_suggests_close_ones():
+def test_unknown_recipe_name_suggests_close_ones(tmp_path):
     with pytest.raises(LookupError, match="resnet50"):
         load_recipe("resnet5O")
+    with pytest.raises(ConfigError, match="is a folder; pass a recipe's name"):
+        load_recipe(tmp_path)
 
 
 def test_recipes_show_keeps_each_citation_whole_and_marks_keys_the_schedule_ignores():

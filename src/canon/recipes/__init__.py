@@ -176,6 +176,9 @@ def recipe_path(name_or_path: str | Path) -> Path:
     text = str(name_or_path)
     if text.endswith((".yaml", ".yml")) or Path(text).is_file():
         return Path(text)
+    if Path(text).is_dir():
+        raise ConfigError(f"{text} is a folder; pass a recipe's name (canon recipes lists "
+                          "them) or its YAML file")
     RECIPES.get(text)  # UnknownNameError listing close names
     return RECIPE_DIR / f"{text}.yaml"
 
