@@ -264,7 +264,8 @@ def test_eval_help_lists_every_protocol_evaluate_accepts():
 
 
 def test_bad_input_gets_a_one_line_error(trained_run, tmp_path, capsys):
-    features = ["features", str(trained_run), "--data", "sample", "--out", str(tmp_path / "f")]
+    features = ["features", str(trained_run), "--data", "sample", "--out",
+                str(tmp_path / "f.safetensors")]
     cases = [
         (["train", "--recipe", "resnet5O"], "did you mean"),
         (["train", "--set", "train.epoch=3"], "valid keys"),
@@ -290,6 +291,7 @@ def test_bad_input_gets_a_one_line_error(trained_run, tmp_path, capsys):
          "an evaluation's JSON: choose another --output"),
         (["eval", str(trained_run), "--output", str(weights)], "is not an evaluation's JSON"),
         ([*features[:-1], str(weights)], "is not a features file"),
+        ([*features[:-1], str(tmp_path / "f.npy")], "name the file FILE.safetensors"),
         (["eval", str(trained_run), "--output", str(tmp_path)], "is a folder"),
         (["eval", str(trained_run), "--output", str(tmp_path / "afile" / "x.json")],
          "afile is a file, not a folder"),

@@ -525,6 +525,9 @@ def _run_features(args: argparse.Namespace) -> None:
     from canon.engine.trained import load_trained
     from canon.transfer.features import extract_features
 
+    if args.out.suffix != ".safetensors":  # a reader going by the name would misread it
+        raise ConfigError(f"--out {args.out}: the features are written as safetensors; name "
+                          "the file FILE.safetensors")
     check_output_file(args.out, "--out", "a features file", _is_features_file)
     trained = load_trained(args.source)
     trained.model.to(resolve_device(args.device))
