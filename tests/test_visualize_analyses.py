@@ -261,6 +261,9 @@ def test_curves_plot_the_metrics_file_of_a_real_run(quickstart_run, tmp_path) ->
     empty.mkdir()
     with pytest.raises(DataError, match=r"no-metrics/metrics\.csv does not exist"):
         curves([empty], tmp_path)
+    (tmp_path / "notes.yaml").write_text("a: 1\n")  # not beside a run's files: named itself
+    with pytest.raises(DataError, match=r"notes\.yaml: neither a run directory"):
+        curves([tmp_path / "notes.yaml"], tmp_path)
 
 
 def test_the_analyses_from_the_command_line(

@@ -39,7 +39,12 @@ def metrics_file(run: str | Path) -> Path:
         raise DataError(f"{run} does not exist; give a run directory (it holds {METRICS_FILE})")
     if run.is_dir():
         return run / METRICS_FILE
-    return run if run.suffix == ".csv" else run_dir_of(run) / METRICS_FILE
+    if run.suffix == ".csv":
+        return run
+    if run.suffix not in (".pt", ".safetensors"):
+        raise DataError(f"{run}: neither a run directory, a checkpoint (.pt), an export "
+                        f"(.safetensors) nor a {METRICS_FILE}")
+    return run_dir_of(run) / METRICS_FILE
 
 
 def read_metrics(path: Path, columns: Sequence[str]) -> dict[str, list[float]]:
