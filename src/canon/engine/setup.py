@@ -419,6 +419,7 @@ def _loaders(
                                                                       ctx.world_size)
     val_loader = build_loader(val_set, config.batch_size, train=False, workers=workers,
                               sampler=shard)
+    val_loader.worker_init_fn = leave_signals_to_main(val_loader.worker_init_fn)
     return train_order, train_loader, val_loader
 
 
