@@ -451,11 +451,30 @@ def test_a_new_run_refuses_a_directory_holding_another_run(tmp_path):
 
 
 def test_overwrite_deletes_the_earlier_run_s_files_only(tmp_path):
+    """Set aside while the new run has no checkpoint, deleted when it ends well, put back
+    when it fails first."""
     write_run(tmp_path)
     (tmp_path / "notes.txt").write_text("mine")
     (tmp_path / "data").mkdir()
+    earlier = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(KeyboardInterrupt), claim_run_dir(tmp_path, resume=False, overwrite=True):
+        (tmp_path / "recipe.yaml").write_text("the new run's\n")
+        raise KeyboardInterrupt
+    assert sorted(p.name for p in tmp_path.iterdir()) == earlier
+    assert (tmp_path / "recipe.yaml").read_text() != "the new run's\n"
+    # A new run killed (SIGKILL) before its first checkpoint: the next claim puts it back.
+    aside = tmp_path / ".replaced-run"
+    aside.mkdir()
+    for name in sorted(set(earlier) - {"data", "notes.txt"}):
+        (tmp_path / name).rename(aside / name)
+    (tmp_path / "recipe.yaml").write_text(f"{RECIPE_HEADER}canon 0.1.0, commit None\nname: y\n")
+    with (pytest.raises(DataError, match="already holds a run; pass --overwrite"),
+          claim_run_dir(tmp_path, resume=False)):
+        pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == earlier
     with claim_run_dir(tmp_path, resume=False, overwrite=True):
-        assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "data", "notes.txt"]
+        assert sorted(p.name for p in tmp_path.iterdir()) == [
+            ".lock", ".replaced-run", "data", "notes.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "notes.txt"]
 
 

@@ -465,3 +465,30 @@ def test_a_training_split_of_undecodable_files_is_a_data_error_naming_it(
             main([*train, *extra])
         assert exit_.value.code == 2
         assert expected in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_overwrite_keeps_the_earlier_run_until_the_new_one_has_a_checkpoint(
+    image_folder, trained_run, tmp_path, capsys
+):
+    """--overwrite onto a finished run, with a training folder none of whose files decodes:
+    the new run fails in its first epoch, and the earlier run is back as it was. A new run
+    that gets going replaces it for good."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    broken = tmp_path / "broken"
+    for name in ("a", "b"):
+        (broken / "train" / name).mkdir(parents=True)
+        (broken / "train" / name / "0.jpg").write_text("not a JPEG")
+        (broken / "val" / name).mkdir(parents=True)
+        shutil.copy(next((image_folder / "val").glob("*/*.png")), broken / "val" / name)
+    train = ["train", "--batch-size", "2", "--device", "cpu", "--output-dir", str(run),
+             "--overwrite", "--set", "data.mean=imagenet", "--set", "train.epochs=1"]
+    with pytest.warns(BadImageWarning), pytest.raises(SystemExit):
+        main([*train, "--data", str(broken)])
+    assert "could be decoded in epoch 1" in capsys.readouterr().err
+    after = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert after == before
+    main([*train, "--data", str(image_folder), "--set", "train.iterations=1"])
+    assert not (run / ".replaced-run").exists()
+    assert load_recipe(run / "recipe.yaml").data.dataset == str(image_folder)

@@ -190,7 +190,8 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", type=Path, metavar="DIR",
                         help="run directory; default: runs/<recipe>[-N]")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace the run already in --output-dir (its files are deleted)")
+                        help="replace the run already in --output-dir (its files are deleted "
+                        "once the new run has a checkpoint, and put back if it fails before)")
     parser.add_argument(
         "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
         help="override any recipe value (YAML syntax), e.g. --set schedule.warmup_epochs=5",

@@ -48,6 +48,9 @@ _RESULTS = ("metrics.csv", EXPORT_WEIGHTS, EXPORT_CONFIG)
 _EXPORTS = (EXPORT_WEIGHTS, EXPORT_NORMALIZATION, EXPORT_CONFIG)  # the files written atomically
 
 
+# Where --overwrite keeps the earlier run until the new one has a checkpoint (claim_run_dir).
+REPLACED_DIR = ".replaced-run"
+
 RECIPE_HEADER = "# the resolved recipe of this run: "  # then canon's version and commit
 
 
@@ -202,26 +205,57 @@ def claim_run_dir(run_dir: Path, *, resume: bool, overwrite: bool = False) -> It
     claims the directory: the other ranks write nothing there.
 
     A new run (`resume` False) refuses a directory holding an earlier run's results (a
-    checkpoint, metrics.csv, an export) with a DataError saying what to do; `overwrite` deletes
-    that run's files (RUN_FILES and eval-*.json, nothing else) instead. The files of an earlier
-    run that stopped before its first checkpoint are deleted without asking: there is nothing
-    in them to resume. Unrelated files stay. A directory this call created is removed again
-    when the block fails having written nothing there, so failed attempts leave no empty
-    runs/NAME-N behind.
+    checkpoint, metrics.csv, an export) with a DataError saying what to do; `overwrite` sets
+    that run's files (RUN_FILES and eval-*.json, nothing else) aside in REPLACED_DIR instead,
+    deleted once the new run has saved a checkpoint or ended well, and put back if it fails
+    before (bad data found in its first epoch must not cost the earlier run). The files of an
+    earlier run that stopped before its first checkpoint are deleted without asking: there is
+    nothing in them to resume. Unrelated files stay. A directory this call created is removed
+    again when the block fails having written nothing there, so failed attempts leave no
+    empty runs/NAME-N behind.
     """
     created = not run_dir.exists()
     make_folder(run_dir, advice=OUTPUT_DIR_ADVICE)
     try:
         with _locked(run_dir):
+            if (run_dir / REPLACED_DIR).is_dir():  # a killed run's: kept if it got no further
+                _end_replacement(run_dir, failed=True)
             if not resume:
                 _clear_earlier_run(run_dir, overwrite)
             sweep_partial_writes(run_dir, targets=_EXPORTS)  # other files may be the user's
             sweep_partial_writes(run_dir / CHECKPOINT_DIR)
-            yield
+            try:
+                yield
+            except BaseException:
+                _end_replacement(run_dir, failed=True)
+                raise
+            _end_replacement(run_dir, failed=False)
     except BaseException:
         if created and not any(run_dir.iterdir()):
             run_dir.rmdir()
         raise
+
+
+def discard_replaced_run(run_dir: Path) -> None:
+    """Delete the run an --overwrite set aside: the new run has a checkpoint of its own."""
+    aside = run_dir / REPLACED_DIR
+    if aside.is_dir():
+        shutil.rmtree(aside)
+
+
+def _end_replacement(run_dir: Path, *, failed: bool) -> None:
+    """The set-aside run goes for good once the new one has a checkpoint or ended well;
+    otherwise it comes back in place of what the new run wrote."""
+    aside = run_dir / REPLACED_DIR
+    if not aside.is_dir():
+        return
+    if not failed or _has_checkpoint(run_dir):
+        discard_replaced_run(run_dir)
+        return
+    _remove_run_files(run_dir)
+    for path in aside.iterdir():
+        path.rename(run_dir / path.name)
+    aside.rmdir()
 
 
 def _clear_earlier_run(run_dir: Path, overwrite: bool) -> None:
@@ -236,17 +270,35 @@ def _clear_earlier_run(run_dir: Path, overwrite: bool) -> None:
             f"{recipe} is not a recipe a run wrote (its first line would say so), and a run "
             "writes its resolved recipe there: move it, or pick another --output-dir"
         )
-    for path in [*(run_dir / name for name in RUN_FILES), *run_dir.glob("eval-*.json")]:
+    if not _has_results(run_dir):  # a run that stopped before its first checkpoint
+        _remove_run_files(run_dir)
+        return
+    aside = run_dir / REPLACED_DIR
+    aside.mkdir()
+    for path in _run_files(run_dir):
+        path.rename(aside / path.name)
+
+
+def _run_files(run_dir: Path) -> list[Path]:
+    named = [run_dir / name for name in RUN_FILES]
+    return [p for p in [*named, *run_dir.glob("eval-*.json")] if p.exists() or p.is_symlink()]
+
+
+def _remove_run_files(run_dir: Path) -> None:
+    for path in _run_files(run_dir):
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         else:
-            path.unlink(missing_ok=True)
+            path.unlink()
+
+
+def _has_checkpoint(run_dir: Path) -> bool:
+    checkpoints = run_dir / CHECKPOINT_DIR
+    return checkpoints.is_dir() and any(not p.name.startswith(".") for p in checkpoints.iterdir())
 
 
 def _has_results(run_dir: Path) -> bool:
-    checkpoints = run_dir / CHECKPOINT_DIR
-    saved = checkpoints.is_dir() and any(not p.name.startswith(".") for p in checkpoints.iterdir())
-    return saved or any((run_dir / name).exists() for name in _RESULTS)
+    return _has_checkpoint(run_dir) or any((run_dir / name).exists() for name in _RESULTS)
 
 
 @contextmanager

@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from canon.engine import checkpoint as ckpt
 from canon.engine import distributed as dist
+from canon.engine.rundir import discard_replaced_run
 from canon.engine.setup import Run
 from canon.errors import NonFiniteError
 from canon.recipes.schema import TrainSection
@@ -96,6 +97,7 @@ def save_epoch(
     else:
         ckpt.save_checkpoint(state, path)
     ckpt.interrupted_checkpoint(run_dir).unlink(missing_ok=True)
+    discard_replaced_run(run_dir)  # the run --overwrite replaced: this one has a checkpoint
     ckpt.prune_epoch_checkpoints(run_dir, config.keep_checkpoints, config.keep_epochs)
 
 

@@ -225,6 +225,7 @@ def _close(run: Run) -> None:
     """Whatever way the run stops: end the loader workers, close the events file; rank 0
     draws curves.png."""
     shut_down_workers(run.train_loader)
+    shut_down_workers(run.val_loader)  # persistent too, and as deaf to SIGTERM
     if run.events is not None:
         run.events.close()
     if run.ctx.is_main and run.metrics:
