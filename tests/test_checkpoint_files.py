@@ -390,6 +390,13 @@ BAD_EXPORTS = {  # a damage, and what the error must name
     "no num_classes": (without("num_classes"), r"eval_config\.json has no valid 'num_classes'"),
     "no model": (without("model"), r"eval_config\.json has no valid 'model'"),
     "no classes": (without("classes"), r"eval_config\.json has no valid 'classes'"),
+    "weights gone NaN": (  # bytes damaged in place: the file still reads
+        lambda run_dir: safetensors.torch.save_file(
+            {key: value.fill_(float("nan")) if key == "fc.weight" else value for key, value in
+             safetensors.torch.load_file(run_dir / "model.safetensors").items()},
+            run_dir / "model.safetensors"),
+        r"model\.safetensors: its weight fc\.weight holds NaN or infinite values",
+    ),
     "weights of another model": (
         lambda run_dir: safetensors.torch.save_file(
             {"fc.weight": torch.zeros(2, 2)}, run_dir / "model.safetensors"

@@ -227,6 +227,11 @@ def _assemble(
             f"{source}: its weights do not fit {name} with {num_classes} classes "
             f"({first_line(error)})"
         ) from None
+    damaged = next((key for key, value in model.state_dict().items()
+                    if value.is_floating_point() and not torch.isfinite(value).all()), None)
+    if damaged is not None:  # canon saves none such: the file was damaged after
+        raise DataError(f"{source}: its weight {damaged} holds NaN or infinite values (a "
+                        "damaged file); load the run's checkpoints/ or an earlier copy")
     model.eval()
     data_config = DataConfig.from_dict(data)
     if normalization is None:  # trained on ready tensors: fall back to the model's own
