@@ -174,6 +174,9 @@ def test_an_incomplete_cifar_folder_is_named_and_kept(tmp_path):
     with pytest.raises(DataError, match=r"cifar-10-batches-py has no batches\.meta.*remove"):
         fetch_cifar("cifar10", tmp_path, download=True)
     assert (folder / "data_batch_1").read_bytes() == b"half"
+    # given as --data: named as the CIFAR folder it is, not as a wrong ImageNet layout
+    with pytest.raises(DataError, match=r"batches\.meta: missing \(the CIFAR folder is"):
+        open_dataset(str(tmp_path))
     (folder / "batches.meta").mkdir()
     with pytest.raises(DataError, match=r"batches\.meta: cannot read"):
         read_cifar("cifar10", folder, "test")

@@ -70,7 +70,8 @@ def _read_pickle(path: Path) -> dict[str, object]:
         with open(path, "rb") as f:
             content = _ArrayUnpickler(f, encoding="latin1").load()
     except FileNotFoundError:
-        raise DataError(f"{path}: missing (the CIFAR folder is incomplete)") from None
+        raise DataError(f"{path}: missing (the CIFAR folder is incomplete: download it "
+                        "again)") from None
     except OSError as error:  # a folder in its place, no permission, a failing disk
         raise DataError(f"{path}: cannot read it ({error})") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as error:
@@ -82,9 +83,9 @@ def _read_pickle(path: Path) -> dict[str, object]:
 
 def find_cifar(root: Path) -> tuple[str, Path] | None:
     """(name, folder) when `root` is, or holds, a CIFAR-10/100 folder."""
-    for name, spec in CIFAR.items():
+    for name, spec in CIFAR.items():  # one missing its meta file: read_cifar names it
         for folder in (root / spec["folder"], root):
-            if folder.name == spec["folder"] and (folder / spec["meta"]).is_file():
+            if folder.name == spec["folder"] and folder.is_dir():
                 return name, folder
     return None
 
