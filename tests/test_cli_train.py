@@ -431,6 +431,9 @@ def test_a_run_that_cannot_start_reads_no_data_and_leaves_no_directory(
     with pytest.raises(SystemExit):  # which would win is not for canon to guess
         main([*train, "--epochs", "1", "--set", "train.iterations=100"])
     assert "--epochs 1 replaces the iteration limit" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a thousand loader processes on a few cores stall
+        main([*train, "--workers", "1000"])
+    assert "train.workers 1000: this process has" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([*train, "--set", "model.options={shortcut: A, widths: [8, 8]}"])
     assert "model.options {'shortcut': 'A', 'widths': [8, 8]} do not fit" in capsys.readouterr().err

@@ -308,6 +308,13 @@ def check_recipe(recipe: Recipe, *, model_given: bool, datasets_given: bool) -> 
                 build_model(recipe, recipe.model.num_classes or 2)
     if not datasets_given:
         check_dataset_name(recipe.data.dataset)
+    workers, cores = recipe.train.workers, dist.cores_per_process()
+    if workers is not None and workers > MAX_WORKERS_PER_CORE * cores:
+        raise ConfigError(
+            f"train.workers {workers}: this process has {cores} CPU core(s); more than "
+            f"{MAX_WORKERS_PER_CORE} loader processes a core only compete for them and for "
+            "memory. Leave it out (one per core, at most 8) or lower it"
+        )
     source = recipe.model.init_from
     if source is not None and not source.startswith(TORCHVISION) and not Path(source).exists():
         raise ConfigError(
@@ -370,6 +377,11 @@ def _length(run: Run) -> str:
     if run.step:
         text += f"; {steps_left} steps left"
     return text
+
+
+# Loader processes above this many a core are refused (canon.engine.setup.check_recipe): a
+# thousand on two cores stalled validation and ended in a traceback, with nothing saved.
+MAX_WORKERS_PER_CORE = 4
 
 
 def loader_workers(config: TrainSection) -> int:
