@@ -299,6 +299,12 @@ def test_every_unreadable_checkpoint_is_a_data_error_naming_it(tmp_path):
     path.write_text("epoch,val_top1_error\n1,80.0\n")  # another file of the run, named
     with pytest.raises(DataError, match=r"epoch-001\.pt is not a checkpoint"):
         ckpt.load_checkpoint(path)
+    in_a_run = ckpt.epoch_checkpoint(tmp_path / "run", 1)  # RUN/checkpoints/epoch-001.pt
+    in_a_run.parent.mkdir(parents=True)
+    in_a_run.write_bytes(whole[:100])
+    with pytest.raises(DataError, match=f"given the run folder {tmp_path / 'run'} instead, "
+                       "canon passes over unreadable ones"):
+        ckpt.load_checkpoint(in_a_run)
 
 
 def test_resume_passes_over_unreadable_checkpoints_to_the_last_good_one(tmp_path):

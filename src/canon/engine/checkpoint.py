@@ -109,8 +109,11 @@ def _unreadable_checkpoint(path: Path, error: Exception) -> DataError:
 
 
 def unreadable_file(path: Path, error: Exception) -> DataError:
+    # A checkpoint of a run: its folder, given instead, takes the newest readable one.
+    run = path.parent.parent if path.parent.name == CHECKPOINT_DIR else None
+    hint = f"; given the run folder {run} instead, canon passes over unreadable ones" if run else ""
     return DataError(f"{path} is unreadable, probably truncated by a crash or a full disk "
-                     f"({first_line(error)})")
+                     f"({first_line(error)}){hint}")
 
 
 def checked_field(
