@@ -82,8 +82,8 @@ def pack_folder(
                               folder.fingerprint(), len(folder.skipped))
             for split, folder in folders.items()
         }
-    written = {split: {**kept, **written}[split] for split in SPLIT_NAMES
-               if split in kept or split in written}
+    merged = {**kept, **written}
+    written = {split: merged[split] for split in SPLIT_NAMES if split in merged}  # train first
     index = PackIndex(str(root.resolve()), shard_bytes, classes.class_ids, classes.classes,
                       written)
     text = json.dumps(index.to_dict(), indent=1) + "\n"
