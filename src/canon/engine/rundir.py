@@ -188,7 +188,8 @@ def latest_run_dir(root: Path, name: str) -> Path:
 
 def check_source_outside(run_dir: str | Path, source: str | Path | None, what: str) -> None:
     """Refuse a new run in the folder that holds the network it starts from: its files would
-    replace the source's (--overwrite deletes them before the first step)."""
+    replace the source's (--overwrite sets them aside, deleted at the new run's first
+    checkpoint)."""
     if source is None or str(source).startswith(TORCHVISION):
         return
     folder, source_path = Path(run_dir).resolve(), Path(source).resolve()
