@@ -4,6 +4,8 @@ or (--strict) refused; TensorBoard events."""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import csv
 import json
 import os
@@ -101,6 +103,9 @@ def test_predict_prints_top5_class_names_with_probabilities(trained_run, tmp_pat
     assert lines[0] == str(paths[0]) and lines[6] == str(paths[1]) and len(lines) == 12
     main(["predict", str(trained_run / "checkpoints" / "epoch-002.pt"), *map(str, paths),
           "--device", "cpu", "--batch-size", "1"])  # one image at a time: the same output
+    assert capsys.readouterr().out.splitlines() == lines
+    main(["predict", str(trained_run / "checkpoints" / "epoch-002.pt"), "--device", "cpu",
+          str(paths[0]), "--top", "5", str(paths[1])])  # options between the positionals
     assert capsys.readouterr().out.splitlines() == lines
     cut = tmp_path / "cut.png"  # a truncated file between the two: skipped, named, counted
     cut.write_bytes(paths[0].read_bytes()[:100])
@@ -261,6 +266,34 @@ def test_eval_help_lists_every_protocol_evaluate_accepts():
     help_text = next(action.help for action in sub._actions if action.dest == "protocol")
     for protocol in PROTOCOLS:
         assert protocol in help_text
+
+
+def _leaf_parsers(parser, prog=()):
+    subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subparsers:
+        yield prog, parser
+    for action in subparsers:
+        for name, sub in action.choices.items():
+            yield from _leaf_parsers(sub, (*prog, name))
+
+
+def test_every_verb_takes_its_options_between_its_positionals_and_names_itself_in_errors(
+        capsys):
+    leaves = list(_leaf_parsers(build_parser()))
+    assert len(leaves) > 20
+    for verbs, leaf in leaves:
+        # argparse raises TypeError where a parser cannot parse intermixed arguments, and
+        with contextlib.suppress(SystemExit):  # exits where a required one is missing
+            leaf.parse_known_intermixed_args([])
+        with pytest.raises(SystemExit) as exit_:
+            main([*verbs, "--no-such-option"])
+        assert exit_.value.code == 2
+        error = capsys.readouterr().err.splitlines()[-1]
+        assert error.startswith(f"canon {' '.join(verbs)}: error:"), error
+    with pytest.raises(SystemExit):
+        main(["--no-such-option"])
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "canon: error: unrecognized arguments: --no-such-option")
 
 
 def test_bad_input_gets_a_one_line_error(trained_run, tmp_path, capsys):

@@ -569,10 +569,42 @@ def _one_line_warning(message: Warning | str, category: type[Warning], *_: objec
     return f"canon: {category.__name__}: {message}\n"
 
 
+def _chosen_subparser(parser: argparse.ArgumentParser,
+                      args: argparse.Namespace) -> tuple[str, argparse.ArgumentParser] | None:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            name = getattr(args, action.dest)
+            return None if name is None else (name, action.choices[name])
+    return None
+
+
+def parse_command_line(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """`parser.parse_args`, taking a verb's options between its positional arguments too.
+
+    argparse ends a variadic positional at the first option, so `canon predict RUN --top 2
+    IMAGE` would leave IMAGE over as "unrecognized" under plain `canon:`. Where anything is
+    left over, the innermost verb's own parser reads that verb's arguments again with
+    intermixed parsing (which argparse refuses on a parser with subcommands): what is still
+    left over is then reported under the verb's name.
+    """
+    args, extras = parser.parse_known_args(argv)
+    if not extras:
+        return args
+    leaf, start = parser, 0
+    while (chosen := _chosen_subparser(leaf, args)) is not None:
+        name, leaf = chosen
+        start = argv.index(name, start) + 1
+    if leaf is parser:
+        return parser.parse_args(argv)  # no verb: argparse's own error
+    own = {action.dest for action in leaf._actions}
+    outer = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in own})
+    return leaf.parse_intermixed_args(argv[start:], outer)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_command_line(parser, argv)
     if args.verb is None:
         parser.print_help()
         return
