@@ -656,6 +656,12 @@ def test_unreadable_layouts_say_what_was_found(tmp_path):
                                         r"file\(s\): readme\.txt; 1 folder\(s\): train/\).*"
                                         r"or train on train/ alone, holding data\.val_split=N"):
         open_dataset(str(tmp_path / "no_val"))
+    for label in ("a", "b"):  # a split folder given for the dataset's: its parent named
+        _write_images(tmp_path / "data" / "train" / label, 1)
+        _write_images(tmp_path / "data" / "val" / label, 1)
+    with pytest.raises(DataError, match=r"data/train is itself the train/ split of .*data: "
+                                        "give that folder"):
+        open_dataset(str(tmp_path / "data" / "train"))
 
 
 def test_statistics_need_the_training_split_alone(tmp_path):

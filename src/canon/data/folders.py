@@ -342,10 +342,14 @@ def _split_folder(root: Path, split: str) -> Path | None:
 
 
 def _no_split_folder(root: Path, split: str, alternative: str = "") -> DataError:
+    parent_split = next((name for names in SPLIT_NAMES.values() for name in names
+                         if root.name == name and _split_folder(root.parent, split)), None)
+    hint = (f"; {root} is itself the {parent_split}/ split of {root.parent}: give that folder"
+            if parent_split else "")
     return DataError(
         f"{root}: no {'/'.join(SPLIT_NAMES[split])} folder (it holds {_contents(root)}); "
         f"expected the ImageNet layout {root}/train/<class>/*.JPEG and {root}/val/<class>/*.JPEG"
-        + alternative
+        + (hint or alternative)
     )
 
 
