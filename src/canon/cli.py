@@ -212,6 +212,8 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _flag_overrides(args: argparse.Namespace) -> list[tuple[str, object]]:
+    from canon.recipes import override_key
+
     flags = [
         ("model.name", args.model), ("model.init_from", args.init_from),
         ("data.dataset", args.data),
@@ -224,7 +226,7 @@ def _flag_overrides(args: argparse.Namespace) -> list[tuple[str, object]]:
     ]
     overrides = [(key, value) for key, value in flags if value is not None]
     if args.epochs is not None:
-        if any(item.partition("=")[0].strip() == "train.iterations" for item in args.set):
+        if any(override_key(item) == "train.iterations" for item in args.set):
             raise ConfigError(f"--epochs {args.epochs} replaces the iteration limit that --set "
                               "train.iterations gives: pass one of them")
         overrides.append(("train.iterations", None))

@@ -117,15 +117,20 @@ def load_recipe_file(path: str | Path) -> Recipe:
     return Recipe.from_dict(_raw_recipe(path), where=path.name)
 
 
+def override_key(text: str) -> str:
+    """The `section.key` of a `--set section.key=value` item."""
+    return text.partition("=")[0].strip()
+
+
 def _parse_override(text: str) -> tuple[list[str], Any]:
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
+    key, (_, sep, value) = override_key(text), text.partition("=")
+    if not sep or not key:
         raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. train.epochs=10")
     try:
         parsed = parse_yaml(value) if value.strip() else None
     except yaml.YAMLError:
         parsed = value
-    return key.strip().split("."), parsed
+    return key.split("."), parsed
 
 
 def apply_overrides(recipe: Recipe, overrides: Iterable[str | tuple[str, Any]]) -> Recipe:
