@@ -7,6 +7,7 @@ shards, a ResNet-18 at 32 px (5 s an epoch on one CPU thread)."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import signal
@@ -160,14 +161,34 @@ def test_the_val_shards_are_labelled_by_a_model_s_classes_by_name(packed):
         open_eval_split(str(shards), own.class_ids[1:])
 
 
+# `canon train` that records how many validation images the trainer scored on each rank.
+RECORDING_TRAIN = '''
+import json, os, sys
+from pathlib import Path
+import canon.engine.trainer
+from canon.cli import main
+
+score_loader = canon.engine.trainer.score_loader
+def recording_score_loader(model, loader, *args, **kwargs):
+    errors = score_loader(model, loader, *args, **kwargs)
+    Path(sys.argv[1], f"validated-by-rank-{os.environ['RANK']}.json").write_text(
+        json.dumps({"images": errors.images}))
+    return errors
+canon.engine.trainer.score_loader = recording_score_loader
+main(sys.argv[2:])
+'''
+
+
 @pytest.mark.distributed
 def test_two_torchrun_processes_train_on_their_own_shards(packed, tmp_path, capsys):
     _, shards = packed
     run = tmp_path / "run"
+    worker = tmp_path / "recording_train.py"
+    worker.write_text(RECORDING_TRAIN)
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "canon", "train", *SMALL_FLAGS, "--data", str(shards), "--workers", "0",
-         "--output-dir", str(run)],
+         str(worker), str(tmp_path), "train", *SMALL_FLAGS, "--data", str(shards),
+         "--workers", "0", "--output-dir", str(run)],
         env={**os.environ, "CANON_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"},
         capture_output=True, text=True, timeout=300,
     )
@@ -179,5 +200,8 @@ def test_two_torchrun_processes_train_on_their_own_shards(packed, tmp_path, caps
     rows = _metrics(run)
     assert [row["epoch"] for row in rows] == ["1", "2"]
     # The ranks validated on their val shards together: every image once, as one process does.
+    scored = [json.loads((tmp_path / f"validated-by-rank-{rank}.json").read_text())["images"]
+              for rank in (0, 1)]
+    assert sum(scored) == 40 and min(scored) > 0, scored
     main(["eval", str(run), "--device", "cpu"])
     assert _printed_top1(capsys.readouterr().out) == f"{float(rows[-1]['val_top1_error']):.2f}"
