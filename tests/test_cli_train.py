@@ -35,12 +35,13 @@ from canon.recipes import Recipe, load_recipe, parse_yaml
 def trained_run(tmp_path_factory):
     """`canon train` as the README runs it (quickstart, default runs/ directory), then a bare
     `--resume` that raises the iteration limit. The limits count steps of quickstart's
-    optimizer.base_batch_size (128), so at batch 64 they make 4, then 6 steps."""
+    optimizer.base_batch_size (128), so at batch 64 they make 4 steps of epoch 1's 78, then
+    80: the rest of epoch 1 and 2 steps of epoch 2."""
     root = tmp_path_factory.mktemp("cli")
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)
         main(["train", "--device", "cpu", "--set", "train.iterations=2"])
-        main(["train", "--resume", "--device", "cpu", "--set", "train.iterations=3"])
+        main(["train", "--resume", "--device", "cpu", "--set", "train.iterations=40"])
     return root / "runs" / "quickstart"
 
 
@@ -51,7 +52,7 @@ def test_train_writes_a_complete_run_directory_and_resumes(trained_run):
         assert (trained_run / name).is_file(), name
     assert not (trained_run / "checkpoints" / "best.pt").exists()  # it validates on test images
     info = json.loads((trained_run / "eval_config.json").read_text())
-    assert info["model"] == "resnet20" and info["steps"] == 6 and len(info["classes"]) == 10
+    assert info["model"] == "resnet20" and info["steps"] == 80 and len(info["classes"]) == 10
     assert info["class_ids"] == info["classes"]  # the sample's labels are its class names
     rows = list(csv.reader((trained_run / "metrics.csv").open()))
     assert len(rows) == 3  # header + 2

@@ -127,6 +127,36 @@ def test_stopping_after_an_epoch_and_resuming_is_bit_identical(
     assert_same_state(final_weights(tmp_path, 2), uninterrupted)
 
 
+def test_an_iteration_limit_inside_an_epoch_resumes_as_if_the_run_never_stopped(
+    resume_data, tmp_path
+):
+    """A limit that ends a run inside an epoch (epoch 1 of 8 steps, at step 3) leaves the
+    middle of that epoch to resume from: a higher limit (13) or a whole number of epochs (2)
+    then trains what an unlimited run trains, bit for bit, and the cut epoch's row is
+    replaced by the whole epoch's."""
+    def run(run_dir, resume=None, **values):
+        recipe = apply_overrides(tiny_recipe(batch_size=16, **values),
+                                 [("optimizer.base_batch_size", 16)])  # limits count steps
+        return train(recipe, tmp_path / run_dir, resume=resume, device="cpu",
+                     datasets=resume_data, progress=False).metrics
+
+    def untimed(rows):
+        return [{k: v for k, v in row.items() if k not in ("seconds", "images_per_second")}
+                for row in rows]
+
+    limited, unlimited = run("limited", epochs=2, iterations=13), run("unlimited", epochs=2)
+    for longer, reference, rows in (({"iterations": 13}, "limited", limited),
+                                    ({"iterations": None}, "unlimited", unlimited)):
+        cut = f"cut-{reference}"
+        assert [row["epoch"] for row in run(cut, epochs=2, iterations=3)] == [1]
+        _, state = ckpt.load_for_resume(tmp_path / cut)
+        assert (state["epoch"], state["step"], state["step_in_epoch"]) == (0, 3, 3)
+        assert untimed(run(cut, resume=state, epochs=2, **longer)) == untimed(rows)
+        assert_same_state(final_weights(tmp_path / cut, 2), final_weights(tmp_path / reference, 2))
+    assert [row["epoch"] for row in limited] == [1, 2]  # the second cut at step 5 of 8
+    assert ckpt.load_checkpoint(ckpt.epoch_checkpoint(tmp_path / "limited", 2))["step"] == 13
+
+
 def test_going_on_from_an_older_checkpoint_takes_a_directory_of_its_own(
     resume_data, uninterrupted, tmp_path, capsys
 ):

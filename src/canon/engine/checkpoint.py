@@ -24,8 +24,9 @@ import torch.nn as nn
 from canon.errors import DataError, first_line
 from canon.files import atomic_write, sweep_partial_writes
 
-# A run directory holds checkpoints/epoch-NNN.pt (the state after epoch NNN; the last
-# train.keep_checkpoints are kept), checkpoints/interrupted.pt (the last step before Ctrl-C or
+# A run directory holds checkpoints/epoch-NNN.pt (the state after epoch NNN, or where the
+# iteration limit ended the run inside it; the last train.keep_checkpoints are kept),
+# checkpoints/interrupted.pt (the last step before Ctrl-C or
 # SIGTERM), checkpoints/best.pt (the epoch of lowest validation top-1 error), and the export.
 # A state's "rng" and "epoch_totals" hold one entry per process of the run that wrote it.
 CHECKPOINT_DIR = "checkpoints"

@@ -113,10 +113,15 @@ def carry_best(run: Run, source: Path) -> None:
     source_dir = ckpt.run_dir_of(source)
     for candidate in (ckpt.best_checkpoint(source_dir),
                       ckpt.epoch_checkpoint(source_dir, best_epoch)):
-        if candidate.is_file() and ckpt.load_checkpoint(candidate)["epoch"] == best_epoch:
+        if candidate.is_file() and _ends_epoch(ckpt.load_checkpoint(candidate), best_epoch):
             ckpt.copy_checkpoint(candidate, ckpt.best_checkpoint(run.run_dir))
             return
     run.best_error = math.inf
+
+
+def _ends_epoch(state: dict[str, Any], epoch: int) -> bool:
+    """Whether `state` is the end of whole epoch `epoch` (not one cut short inside it)."""
+    return state["epoch"] == epoch and state["step_in_epoch"] == 0
 
 
 def export(run: Run) -> None:
@@ -128,7 +133,8 @@ def export(run: Run) -> None:
     ckpt.export_model(run.run_dir, final, run.normalization, {
         **ckpt.model_info(run.recipe.model.name, final, run.num_classes, run.classes,
                           run.class_ids, recipe["data"]),
-        "recipe": run.recipe.name, "commit": run.commit, "epochs": run.epoch, "steps": run.step,
+        "recipe": run.recipe.name, "commit": run.commit,
+        "epochs": last.get("epoch", run.epoch), "steps": run.step,  # a cut last epoch counts
         "val_top1_error": last.get("val_top1_error"), "val_top5_error": last.get("val_top5_error"),
         "reported": recipe["reported"],
     })

@@ -179,7 +179,7 @@ class Run:
     total_steps: int
     commit: str | None
     epochs: int = 0  # epochs this run reaches (an iteration limit may end it early)
-    epoch: int = 0  # epochs finished
+    epoch: int = 0  # epochs finished (not one the iteration limit cut short)
     step: int = 0  # optimizer steps taken
     step_in_epoch: int = 0
     epoch_started: float = 0.0  # time.perf_counter() when this epoch's training started
@@ -194,6 +194,7 @@ class Run:
     init_report: InitReport | None = None  # what model.init_from copied
     frozen: list[nn.Parameter] = field(default_factory=list)  # this epoch's frozen stages
     graphed_step: GraphedStep | None = None  # train.cuda_graph
+    cut_short: bool = False  # the iteration limit ended the run inside an epoch
 
 
 def set_up(
@@ -290,7 +291,7 @@ def set_up(
     else:
         torch.manual_seed(config.seed + ctx.rank)  # dropout differs between ranks
     # An iteration limit may end an epoch early; a resumed run with a higher limit goes on
-    # with the next epoch.
+    # with the rest of that epoch.
     steps_left = total_steps - run.step + run.step_in_epoch  # from the current epoch's start
     run.epochs = run.epoch + max(0, math.ceil(steps_left / steps_per_epoch))
     if iterations is None:
@@ -593,7 +594,8 @@ def _restore(run: Run, state: dict[str, Any]) -> None:
     if run.average is not None and state["ema"] is not None:  # None: not started (Polyak)
         run.average.load_state_dict(state["ema"])
     run.epoch, run.step, run.step_in_epoch = state["epoch"], state["step"], state["step_in_epoch"]
-    run.metrics = list(state["metrics"])  # the caller's state stays as it was
+    # An epoch the iteration limit cut short goes on: its row is replaced at its end.
+    run.metrics = [row for row in state["metrics"] if row["epoch"] <= run.epoch]
     saved_ranks = len(state["rng"])  # one RNG state and one set of epoch totals per rank
     if saved_ranks == ctx.world_size:
         ckpt.restore_rng_state(state["rng"][ctx.rank])

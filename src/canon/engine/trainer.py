@@ -192,7 +192,7 @@ def _train(
         if state is not None and not in_place and ctx.is_main:
             carry_best(run, Path(state[ckpt.RESUMED_FROM]))
         try:
-            while run.epoch < run.epochs:
+            while run.epoch < run.epochs and not run.cut_short:
                 train_seconds = _train_epoch(run, stop, progress, on_step)
                 _end_epoch(run, train_seconds)
         finally:
@@ -428,7 +428,12 @@ def _save_interrupted(run: Run, signal_number: int) -> NoReturn:
 
 
 def _end_epoch(run: Run, train_seconds: float) -> None:
+    """Validate, log and checkpoint the epoch. Where the iteration limit cut it short, the run
+    ends there, but its state stays that of the middle of the epoch (as interrupted.pt's), its
+    row to be replaced: a resume with a higher limit finishes the epoch as an uncut run does,
+    the same images in the same order."""
     ctx, totals = run.ctx, run.totals
+    cut = run.step_in_epoch < run.steps_per_epoch
     check_weights(run)  # before validation, whose NaN scores would say less
     # Rank 0's batch-norm statistics (and average) on every rank: each rank then scores its
     # shard with the model that rank 0 saves (see canon.engine.distributed).
@@ -437,7 +442,8 @@ def _end_epoch(run: Run, train_seconds: float) -> None:
         dist.broadcast_buffers(run.average, ctx)
     val_top1, val_top5 = validate(validated_model(run), run.val_loader, ctx, run.precision)
     trained_at = run.schedule.lr_at(run.step - 1)  # a plateau cut below is for the next epoch
-    run.schedule.end_epoch(val_top1)
+    if not cut:  # a plateau is judged on whole epochs
+        run.schedule.end_epoch(val_top1)
     loss, correct, images, skipped = dist.all_reduce_sum(torch.tensor(
         [float(totals["loss"]), float(totals["correct"]), totals["images"], totals["skipped"]],
         dtype=torch.float64,
@@ -446,9 +452,8 @@ def _end_epoch(run: Run, train_seconds: float) -> None:
         raise DataError(
             f"no training image of {run.recipe.data.dataset} could be decoded in epoch "
             f"{run.epoch + 1} (see the warnings; {int(skipped)} skipped): check the folder")
-    run.epoch += 1
     row = {
-        "epoch": run.epoch, "lr": trained_at,
+        "epoch": run.epoch + 1, "lr": trained_at,
         "train_loss": loss / images, "train_top1_error": error_percent(correct, images),
         "val_top1_error": val_top1, "val_top5_error": val_top5,
         "images_per_second": images / max(train_seconds, 1e-9),
@@ -456,17 +461,20 @@ def _end_epoch(run: Run, train_seconds: float) -> None:
         "skipped_images": int(skipped),
     }
     run.metrics.append(row)
-    run.step_in_epoch = 0
-    run.totals = new_totals()
+    if cut:
+        run.cut_short = True
+    else:
+        run.epoch, run.step_in_epoch, run.totals = run.epoch + 1, 0, new_totals()
     state = snapshot(run)
     if ctx.is_main:
-        is_best = not run.validates_on_test_set and val_top1 < run.best_error
+        is_best = not (run.validates_on_test_set or cut) and val_top1 < run.best_error
         save_epoch(run.run_dir, state, row, is_best, run.recipe.train)
         write_metrics_csv(run.run_dir / "metrics.csv", run.metrics)
         if run.events is not None:
             write_epoch_events(run.events, row, run.step)
         print(epoch_summary(row, run.epochs), flush=True)
-    run.best_error = min(run.best_error, val_top1)
+    if not cut:  # best.pt is chosen among whole epochs: a resume replaces a cut one's row
+        run.best_error = min(run.best_error, val_top1)
     dist.barrier(ctx)
 
 
