@@ -157,6 +157,23 @@ def test_an_iteration_limit_inside_an_epoch_resumes_as_if_the_run_never_stopped(
     assert ckpt.load_checkpoint(ckpt.epoch_checkpoint(tmp_path / "limited", 2))["step"] == 13
 
 
+def test_a_resume_refuses_another_training_set(sample_sets, resume_data, tmp_path):
+    """Other images held out would put trained-on images in the validation set; another
+    training set puts the checkpoint's steps elsewhere in its epochs."""
+    recipe = tiny_recipe(epochs=1, batch_size=16)
+    train(recipe, tmp_path, device="cpu", datasets=resume_data, progress=False)
+    _, state = ckpt.load_for_resume(tmp_path)
+    longer = apply_overrides(recipe, [("train.epochs", 2)])
+    with pytest.raises(ConfigError, match=r"data\.val_split 10: the checkpoint's run trained "
+                                          "with 0"):
+        train(apply_overrides(longer, [("data.val_split", 10)]), tmp_path, resume=state,
+              device="cpu", datasets=resume_data, progress=False)
+    with pytest.raises(ConfigError, match="its training set has 96 images where the "
+                                          "checkpoint's run trained on 128"):
+        train(longer, tmp_path, resume=state, device="cpu",
+              datasets=spread_subsets(sample_sets, 96, 50), progress=False)
+
+
 def test_going_on_from_an_older_checkpoint_takes_a_directory_of_its_own(
     resume_data, uninterrupted, tmp_path, capsys
 ):

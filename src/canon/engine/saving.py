@@ -70,6 +70,7 @@ def snapshot(run: Run) -> dict[str, Any]:
         "epoch_totals": [rank["totals"] for rank in per_rank],
         "rng": [rank["rng"] for rank in per_rank],
         "metrics": list(run.metrics), "recipe": run.recipe.to_dict(), "commit": run.commit,
+        "train_size": run.train_size,
         "model_name": run.recipe.model.name, "model_options": run.model.build_options(),
         "classes": run.classes, "class_ids": run.class_ids,
         "eval_config": run.model.eval_config.to_dict(), "normalization": run.normalization,

@@ -562,6 +562,26 @@ def _check_same_global_batch(run: Run, state: dict[str, Any]) -> None:
         )
 
 
+def _check_same_training_set(run: Run, state: dict[str, Any]) -> None:
+    """A checkpoint's epochs were of its training set: with other images held out, the new
+    validation set would hold images trained on (and best.pt be chosen on it), and its step
+    counts would fall elsewhere in epochs of another size."""
+    saved = state["recipe"]["data"]
+    for key in ("val_split", "val_split_seed"):
+        before, now = saved.get(key, 0), getattr(run.recipe.data, key)
+        if before != now:
+            raise ConfigError(
+                f"cannot resume with data.{key} {now}: the checkpoint's run trained with "
+                f"{before}, so the images it holds out would change; resume without changing "
+                "it, or start a new run from its weights with --init-from")
+    before = state.get("train_size")  # older checkpoints do not say
+    if before is not None and before != run.train_size:
+        raise ConfigError(
+            f"cannot resume on {run.recipe.data.dataset}: its training set has {run.train_size} "
+            f"images where the checkpoint's run trained on {before}; resume on the same "
+            "images, or start a new run from its weights with --init-from")
+
+
 def _restore(run: Run, state: dict[str, Any]) -> None:
     """Continue from a checkpoint: weights, optimizer, schedule, progress, and every rank's
     random generator states and partial epoch sums, at the checkpoint's global batch. Resumed
@@ -572,6 +592,7 @@ def _restore(run: Run, state: dict[str, Any]) -> None:
     epochs changes its shape."""
     ctx = run.ctx
     _check_same_global_batch(run, state)
+    _check_same_training_set(run, state)
     recipe_groups = [{k: v for k, v in group.items() if k != "params"}
                      for group in run.optimizer.param_groups]
     try:
