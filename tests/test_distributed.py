@@ -368,6 +368,21 @@ def test_single_process_is_plain_pytorch() -> None:
             init_distributed("cuda")
 
 
+def test_accumulation_skips_the_all_reduce_of_a_compiled_ddp_model(tmp_path) -> None:
+    """train.compile wraps the DDP model in torch.compile's module, whose no_sync is DDP's."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}",
+                                         rank=0, world_size=1)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 2))
+        for model in (ddp, torch.compile(ddp)):
+            with sync_context(model, sync=False):
+                assert not ddp.require_backward_grad_sync
+            with sync_context(model, sync=True):
+                assert ddp.require_backward_grad_sync
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 def _wait_for(path: Path, process: subprocess.Popen, timeout_s: float = 120) -> None:
     deadline = time.monotonic() + timeout_s
     while not path.exists():

@@ -221,8 +221,9 @@ def sync_context(model: nn.Module, *, sync: bool) -> AbstractContextManager:
 
     Use as `with sync_context(model, sync=is_last_micro_step): loss.backward()`.
     """
-    if not sync and isinstance(model, DistributedDataParallel):
-        return model.no_sync()
+    wrapped = getattr(model, "_orig_mod", model)  # torch.compile's wrapper of the DDP model
+    if not sync and isinstance(wrapped, DistributedDataParallel):
+        return wrapped.no_sync()
     return nullcontext()
 
 
