@@ -321,6 +321,10 @@ def test_weights_that_overflow_are_never_checkpointed(resume_data, tmp_path):
     assert str(ckpt.epoch_checkpoint(tmp_path, 1)) in str(error.value)
     assert [p.name for p in ckpt.resumable_checkpoints(tmp_path)] == ["epoch-001.pt"]
     assert ckpt.load_checkpoint(ckpt.best_checkpoint(tmp_path))["epoch"] == 1
+    # best.pt, named, is the newest epoch's state: the run goes on from it in its directory
+    train(recipe, tmp_path, resume=ckpt.best_checkpoint(tmp_path), device="cpu",
+          model=SmallConvNet(), datasets=resume_data, progress=False)
+    assert ckpt.resumable_checkpoints(tmp_path)[0].name == "epoch-002.pt"
 
 
 def test_a_run_validated_on_the_test_set_chooses_no_checkpoint_on_it(resume_data, tmp_path):

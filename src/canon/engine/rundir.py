@@ -26,6 +26,7 @@ from canon.engine.checkpoint import (
     EXPORT_WEIGHTS,
     OUTPUT_DIR_ADVICE,
     RESUMED_FROM,
+    load_checkpoint,
     load_for_resume,
     resumable_checkpoints,
     run_dir_of,
@@ -129,7 +130,7 @@ def plan_run(
             "drop --recipe (a resumed run keeps its recipe; --set changes its values), or "
             "start a new run without --resume")
     run_dir = output_dir or run_dir_of(path)
-    check_continuation(path, Path(source).is_file(), run_dir)
+    check_continuation(path, state, Path(source).is_file(), run_dir)
     return RunPlan(loaded, run_dir, state)
 
 
@@ -142,20 +143,29 @@ def anchored_recipe(recipe: Recipe) -> Recipe:
     return apply_overrides(recipe, [("data.dataset", dataset)])
 
 
-def check_continuation(loaded: Path, named: bool, run_dir: Path) -> None:
+def check_continuation(loaded: Path, state: dict[str, Any], named: bool, run_dir: Path) -> None:
     """Refuse to go on in its own run directory from a checkpoint file the user `named` that
-    is not the run's newest: the continuation's epoch checkpoints would interleave with the
-    later ones (pruning deleting its own), and a later --resume pick up the abandoned ones."""
+    is behind the run's newest: the continuation's epoch checkpoints would interleave with the
+    later ones (pruning deleting its own), and a later --resume pick up the abandoned ones.
+    best.pt of the newest epoch is that epoch's state: it goes on."""
     source_run = run_dir_of(loaded)
     if not named or source_run.resolve() != run_dir.resolve():
         return
     newest = resumable_checkpoints(source_run)
-    if newest and newest[0].resolve() != loaded.resolve():
+    if (newest and newest[0].resolve() != loaded.resolve()
+            and _saved_step(newest[0]) != state["step"]):
         raise DataError(
             f"{loaded} is older than {newest[0]}, the newest checkpoint of {source_run}: going "
             "on from it there would mix two continuations of the run; continue it in a new "
             "directory with --output-dir DIR, or delete the later checkpoints first"
         )
+
+
+def _saved_step(checkpoint: Path) -> int | None:
+    try:
+        return load_checkpoint(checkpoint)["step"]
+    except DataError:  # unreadable: nothing to compare with
+        return None
 
 
 def continues_elsewhere(state: dict[str, Any] | None, run_dir: Path) -> bool:

@@ -177,7 +177,7 @@ def _train(
     state = resume if isinstance(resume, dict) or resume is None else None
     if state is None and resume is not None:
         loaded, state = ckpt.load_for_resume(resume)
-        check_continuation(loaded, Path(resume).is_file(), run_dir)
+        check_continuation(loaded, state, Path(resume).is_file(), run_dir)
     if state is not None and ctx.is_main:
         print(f"resuming at epoch {state['epoch']} + {state['step_in_epoch']} steps")
     run = set_up(recipe, run_dir, ctx, model, datasets, state)
