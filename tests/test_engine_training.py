@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+from types import SimpleNamespace
 
 import pytest
 import safetensors.torch
@@ -22,6 +23,7 @@ from canon.engine import checkpoint as ckpt
 from canon.engine.distributed import init_distributed
 from canon.engine.graphed import GraphedStep, restored_after
 from canon.engine.rundir import latest_run_dir, new_run_dir
+from canon.engine.saving import divergence_remedy
 from canon.engine.setup import set_up
 from canon.engine.trained import load_trained
 from canon.engine.trainer import TrainingInterrupted, train
@@ -299,6 +301,15 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
     assert "fp16" not in str(stopped.value)  # a float32 run: no advice about fp16
     assert [p.name for p in ckpt.resumable_checkpoints(tmp_path)] == ["epoch-001.pt"]
     assert ckpt.load_checkpoint(ckpt.epoch_checkpoint(tmp_path, 1))["epoch"] == 1
+
+
+def test_divergence_advice_names_the_warm_up_key_the_recipe_uses():
+    """warmup_iterations, where a recipe sets it, overrides warmup_epochs: advice to set the
+    latter would change nothing for ResNet-110."""
+    for name, advice in (("resnet110-cifar10", "schedule.warmup_iterations=800)"),
+                         ("resnet18-imagenette5", "schedule.warmup_epochs=2)"),
+                         ("resnet20-cifar10", "a warm-up (--set schedule.warmup_epochs=5)")):
+        assert advice in divergence_remedy(SimpleNamespace(recipe=load_recipe(name))), name
 
 
 def test_weights_that_overflow_are_never_checkpointed(resume_data, tmp_path):

@@ -40,9 +40,22 @@ def check_weights(run: Run) -> None:
         return
     raise NonFiniteError(
         f"the weights became NaN or infinite by optimizer step {run.step}; stopping "
-        f"without saving them. {newest_checkpoint_note(run)}. Lower the learning rate "
-        "(--lr) or add warmup (--set schedule.warmup_epochs=5)"
+        f"without saving them. {newest_checkpoint_note(run)}. {divergence_remedy(run)}"
     )
+
+
+def divergence_remedy(run: Run) -> str:
+    """What to change when a run diverged: the lr, fp16, and the warm-up key the recipe uses
+    (warmup_iterations, where set, overrides warmup_epochs)."""
+    iterations, epochs = run.recipe.schedule.warmup_iterations, run.recipe.schedule.warmup_epochs
+    if iterations:
+        warmup = f"a longer warm-up (--set schedule.warmup_iterations={2 * iterations})"
+    elif epochs:
+        warmup = f"a longer warm-up (--set schedule.warmup_epochs={2 * epochs:g})"
+    else:
+        warmup = "a warm-up (--set schedule.warmup_epochs=5)"
+    fp16 = ", use --amp bf16 instead of fp16" if run.recipe.train.amp == "fp16" else ""
+    return f"Lower the learning rate (--lr){fp16}, or give it {warmup}"
 
 
 def newest_checkpoint_note(run: Run) -> str:

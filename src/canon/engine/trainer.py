@@ -39,6 +39,7 @@ from canon.engine.rundir import (
 from canon.engine.saving import (
     carry_best,
     check_weights,
+    divergence_remedy,
     export,
     newest_checkpoint_note,
     save_epoch,
@@ -404,10 +405,8 @@ def _check_losses(pending: list[tuple[int, torch.Tensor]], run: Run) -> None:
         where = (f"became {values[int(bad[0])].item()} at optimizer step {counts[int(bad[0])]}"
                  if len(bad) else
                  f"became NaN or infinite on another process by optimizer step {counts[-1]}")
-        fp16 = ", use --amp bf16 instead of fp16" if run.recipe.train.amp == "fp16" else ""
         raise NonFiniteError(
-            f"the loss {where}; stopping. {newest_checkpoint_note(run)}. Lower the learning "
-            f"rate (--lr){fp16}, or add warmup (--set schedule.warmup_epochs=5)"
+            f"the loss {where}; stopping. {newest_checkpoint_note(run)}. {divergence_remedy(run)}"
         )
     if run.events is not None:
         for (step, _), count, value in zip(pending, counts, values.tolist(), strict=True):
