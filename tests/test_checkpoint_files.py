@@ -481,6 +481,11 @@ def test_overwrite_deletes_the_earlier_run_s_files_only(tmp_path):
     for name in sorted(set(earlier) - {"data", "notes.txt"}):
         (tmp_path / name).rename(aside / name)
     (tmp_path / "recipe.yaml").write_text(f"{RECIPE_HEADER}canon 0.1.0, commit None\nname: y\n")
+    # Until then, what finds no checkpoint here says where the earlier run is.
+    with pytest.raises(DataError, match=r"no checkpoint to resume from .*replaced-run until"):
+        ckpt.load_for_resume(tmp_path)
+    with pytest.raises(DataError, match=r"holds no trained model .*replaced-run until then"):
+        load_trained(tmp_path)
     with (pytest.raises(DataError, match="already holds a run; pass --overwrite"),
           claim_run_dir(tmp_path, resume=False)):
         pass

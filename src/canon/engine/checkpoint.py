@@ -30,6 +30,9 @@ from canon.files import atomic_write, sweep_partial_writes
 # SIGTERM), checkpoints/best.pt (the epoch of lowest validation top-1 error), and the export.
 # A state's "rng" and "epoch_totals" hold one entry per process of the run that wrote it.
 CHECKPOINT_DIR = "checkpoints"
+# Where --overwrite keeps the earlier run until the new one has a checkpoint
+# (canon.engine.rundir.claim_run_dir).
+REPLACED_DIR = ".replaced-run"
 EXPORT_WEIGHTS = "model.safetensors"  # the trained weights (the EMA's when EMA is on)
 EXPORT_CONFIG = "eval_config.json"  # model, classes, class_ids, data section, recipe, commit
 EXPORT_NORMALIZATION = "normalization.safetensors"  # the mean (image) and std of the inputs
@@ -177,6 +180,16 @@ def resumable_checkpoints(run_dir: Path) -> list[Path]:
     return [interrupted, *epochs] if interrupted.is_file() else epochs
 
 
+def replaced_run_note(run_dir: Path) -> str:
+    """Where a run that --overwrite set aside waits, for the messages of a folder holding no
+    checkpoint: its replacement has none yet, or was killed before its first."""
+    if not (run_dir / REPLACED_DIR).is_dir():
+        return ""
+    return (f". The run it replaced waits in {run_dir / REPLACED_DIR} until then: it comes back "
+            f"if the new run fails, and at the next `canon train --output-dir {run_dir}` if the "
+            "new run was killed")
+
+
 def load_for_resume(path: str | Path) -> tuple[Path, dict[str, Any]]:
     """The newest readable checkpoint at `path` (a run directory or a checkpoint file).
 
@@ -201,7 +214,7 @@ def load_for_resume(path: str | Path) -> tuple[Path, dict[str, Any]]:
         raise DataError(
             f"no checkpoint to resume from in {path / CHECKPOINT_DIR}: the run has not finished "
             "its first epoch (it may still be running) or stopped before; if it stopped, "
-            "start it again without --resume"
+            "start it again without --resume" + replaced_run_note(path)
         )
     errors = []
     for number, candidate in enumerate(candidates, 1):

@@ -25,6 +25,7 @@ from canon.engine.checkpoint import (
     EXPORT_NORMALIZATION,
     EXPORT_WEIGHTS,
     OUTPUT_DIR_ADVICE,
+    REPLACED_DIR,
     RESUMED_FROM,
     load_checkpoint,
     load_for_resume,
@@ -48,9 +49,6 @@ RUN_FILES = ("recipe.yaml", "metrics.csv", "curves.png", EXPORT_WEIGHTS, EXPORT_
 _RESULTS = ("metrics.csv", EXPORT_WEIGHTS, EXPORT_CONFIG)
 _EXPORTS = (EXPORT_WEIGHTS, EXPORT_NORMALIZATION, EXPORT_CONFIG)  # the files written atomically
 
-
-# Where --overwrite keeps the earlier run until the new one has a checkpoint (claim_run_dir).
-REPLACED_DIR = ".replaced-run"
 
 RECIPE_HEADER = "# the resolved recipe of this run: "  # then canon's version and commit
 

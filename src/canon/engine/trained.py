@@ -29,6 +29,7 @@ from canon.engine.checkpoint import (
     checked_names,
     interrupted_checkpoint,
     load_checkpoint,
+    replaced_run_note,
     resumable_checkpoints,
     unreadable_file,
 )
@@ -114,7 +115,7 @@ def load_trained(path: str | Path) -> TrainedModel:
     if not exported.is_file() and not fallback.is_file():
         raise DataError(f"{path} holds no trained model (no {EXPORT_WEIGHTS}, no checkpoint "
                         "in its checkpoints/): name a run directory, a model.safetensors or a "
-                        ".pt checkpoint")
+                        ".pt checkpoint" + replaced_run_note(path))
     if not exported.is_file():
         return _load_run_checkpoint(path, fallback)
     try:
