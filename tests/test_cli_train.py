@@ -92,6 +92,17 @@ def test_eval_prints_errors_and_writes_json(trained_run, tmp_path, capsys):
     assert json.loads((trained_run / "eval-center-my_photos.json").read_text())["images"] == 4
     assert json.loads((trained_run / "eval-center.json").read_text())["images"] == 1000
 
+def test_a_loaded_model_alone_is_evaluated_with_its_run_s_preprocessing(trained_run):
+    """canon.evaluate(trained.model, ...) without preprocess= takes the run's own (the
+    sample's mean image), not the model class's eval_config (CIFAR's channel constants)."""
+    trained = load_trained(trained_run)
+    own = trained.evaluate("sample", device="cpu", batch_size=500, keep_probabilities=True)
+    alone = canon.evaluate(trained.model, "sample", batch_size=500, keep_probabilities=True)
+    assert torch.equal(alone["probabilities"], own["probabilities"])
+    info = json.loads((trained_run / "eval_config.json").read_text())
+    assert "eval_config" not in info  # it stated the class's 32/32 and CIFAR constants
+
+
 def test_predict_prints_top5_class_names_with_probabilities(trained_run, tmp_path, capsys):
     _, test_images = open_dataset("sample")
     paths = []

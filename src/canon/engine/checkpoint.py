@@ -311,11 +311,12 @@ def model_info(
     data: dict[str, Any],
 ) -> dict[str, Any]:
     """What eval_config.json must hold for canon.engine.trained.load_trained to rebuild the
-    model: its name, class count and other build options, its classes, its test-time
-    configuration, its data section; writers add their own details beside these."""
+    model: its name, class count and other build options, its classes, and its data section
+    (with normalization.safetensors, its test-time preprocessing; the model class's own
+    eval_config would misstate a run's crop, resize and mean); writers add their own details
+    beside these."""
     return {"model": name, "num_classes": num_classes, "model_options": model.build_options(),
-            "classes": classes, "class_ids": class_ids,
-            "eval_config": model.eval_config.to_dict(), "data": data}
+            "classes": classes, "class_ids": class_ids, "data": data}
 
 
 def export_model(

@@ -86,7 +86,7 @@ def snapshot(run: Run) -> dict[str, Any]:
         "train_size": run.train_size,
         "model_name": run.recipe.model.name, "model_options": run.model.build_options(),
         "classes": run.classes, "class_ids": run.class_ids,
-        "eval_config": run.model.eval_config.to_dict(), "normalization": run.normalization,
+        "normalization": run.normalization,
         "torch_version": str(torch.__version__),
     }
 

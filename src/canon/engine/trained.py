@@ -241,6 +241,7 @@ def _assemble(
         preprocess = eval_preprocess(
             data_config, mean=normalization["mean"], std=normalization.get("std")
         )
+    model.run_preprocess = preprocess  # what canon.evaluate(model, ...) takes as its own
     return TrainedModel(model, classes, class_ids, preprocess, data_config, source, name)
 
 

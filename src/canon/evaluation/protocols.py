@@ -39,8 +39,12 @@ from canon.evaluation.metrics import TopKErrors
 
 
 def preprocess_for(model: nn.Module, fit: str | None = None) -> EvalPreprocess:
-    """Test preprocessing from the model's own eval_config (input size, resize, fit, mean,
-    std); `fit` (a recipe's DataConfig.image_fit()) replaces the model's."""
+    """A model's own test preprocessing: its run's, for a model canon.load_trained loaded
+    (its crop, resize and training-set mean), else from its class's eval_config (input size,
+    resize, fit, mean, std); `fit` (a recipe's DataConfig.image_fit()) replaces the model's."""
+    own = getattr(model, "run_preprocess", None)
+    if own is not None:
+        return dataclasses.replace(own, fit=fit) if fit else own
     config = getattr(model, "eval_config", None)
     if config is None:
         raise ConfigError(
