@@ -456,7 +456,12 @@ def test_evaluate_a_folder_with_model_eval_config(imagenette_root, tmp_path):
     with pytest.raises(ConfigError, match="eval_config"):
         evaluate(model, tmp_path, "center")
     model.eval_config = EvalConfig(input_size=112, resize_size=128)
-    result = evaluate(model, tmp_path, "ten-crop", batch_size=8)  # 30 batches of one image
+    # 2 classes for 10 outputs: labels 0 and 1 would score them as the model's first two
+    with pytest.raises(ConfigError, match="holds 2 classes where the model gives 10 scores"):
+        evaluate(model, tmp_path, "center")
+    class_ids = ["n01440764", "n02102040", *(f"other{i}" for i in range(8))]
+    result = evaluate(model, tmp_path, "ten-crop", batch_size=8,  # 30 batches of one image
+                      class_ids=class_ids)
     assert result["images"] == 30 and result["scales"] == [128]
 
 

@@ -107,7 +107,7 @@ def evaluate(
     For a name or folder, `class_ids`, the model's classes in its output order
     (LabeledImages.class_ids of the set it was trained on), label the split by class name: it
     may hold some of those classes and no others. Without them the split's own sorted classes
-    are taken to be the model's.
+    are taken to be the model's (a ConfigError where there are not as many as it has outputs).
     The model is moved to `device` first. A forward pass takes at most `batch_size` views
     (ten per image under ten-crop), those of consecutive loaded batches together so that
     passes are full where views share a shape (ViewScorer), and images are loaded
@@ -150,8 +150,14 @@ def evaluate(
     )
     start = time.perf_counter()
     errors, kept, kept_labels = TopKErrors(), [], []
+    split_classes = getattr(dataset, "classes", None) if class_ids is None else None
     for scores, labels in _scored_batches(model, loader, parsed if views else None, device,
                                           progress, views_per_forward=batch_size):
+        if split_classes is not None and scores.shape[1] != len(split_classes):
+            raise ConfigError(
+                f"{getattr(dataset, 'name', data)} holds {len(split_classes)} classes where the "
+                f"model gives {scores.shape[1]} scores: its labels would index the wrong ones. "
+                "Pass class_ids= (the model's classes in output order) to label it by name")
         errors.update(scores, labels)
         if keep_probabilities:  # view batches come as posteriors, ready ones as logits
             kept.append((scores if views else scores.float().softmax(1)).cpu())
