@@ -6,11 +6,19 @@ import math
 
 import pytest
 import torch
+import torchvision.transforms.v2.functional as TF
 
 from canon.data import DataConfig
 from canon.data.datasets import load_sample
 from canon.data.folders import FolderImages
-from canon.data.geometry import crop_box, cut, overlap, resize_image
+from canon.data.geometry import (
+    center_box,
+    crop_box,
+    cut,
+    overlap,
+    resize_image,
+    shorter_side_size,
+)
 from canon.data.normalize import Normalize, ToFloat, make_normalize
 from canon.data.preprocess import EvalPreprocess, center_transform, eval_preprocess
 from canon.data.stats import compute_stats, imagenet_pca
@@ -112,14 +120,25 @@ def test_center_crop_position(photos):
     preprocess = EvalPreprocess(128, 150, Normalize(torch.rand(3, 40, 40)))
     for image in photos[:3]:
         whole = preprocess(image)
-        height, width = whole.shape[-2:]
-        top, left = (height - 128) // 2, (width - 128) // 2
-        expected = whole[:, top : top + 128, left : left + 128]
+        expected = TF.center_crop(whole, [128, 128])
         assert torch.allclose(center_transform(preprocess)(image), expected, atol=1e-6)
         (view,) = ProtocolViews(parse_protocol("center"), preprocess)(image)
         assert torch.allclose(view[0], expected, atol=1e-6)
     with pytest.raises(ConfigError, match="cannot take 160x160 crops of a 150x"):
         EvalPreprocess(160, 150, Normalize(torch.zeros(3))).center(photos[0])
+
+
+def test_test_time_geometry_is_torchvision_s():
+    """Resize(256) and CenterCrop(224) as torchvision computes them, whose weights' published
+    accuracy was measured so: the longer side truncated, an odd margin split half to even."""
+    for height in range(224, 420, 7):
+        for width in range(224, 420, 13):
+            shape = TF.resize(torch.zeros(1, height, width), 256, antialias=True).shape[-2:]
+            assert shorter_side_size(height, width, 256) == tuple(shape), (height, width)
+            pixels = torch.arange(height * width).view(1, height, width)
+            top, left = center_box(height, width, 224)
+            assert torch.equal(TF.center_crop(pixels, [224, 224]),
+                               pixels[:, top : top + 224, left : left + 224]), (height, width)
 
 
 def test_flip_is_identity_or_mirror_and_both_happen(sample):

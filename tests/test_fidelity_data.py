@@ -44,8 +44,9 @@ def _alexnet(**values) -> DataConfig:
 
 
 def _central_square(image: torch.Tensor) -> torch.Tensor:
-    """By hand: shorter side 300 -> 256 makes 500 -> 427; the central 256 columns."""
-    rescaled = resize_image(image, 256, 427, "bilinear")
+    """By hand: shorter side 300 -> 256 makes 500 -> 426 (426.67, truncated as torchvision
+    does); the central 256 columns."""
+    rescaled = resize_image(image, 256, 426, "bilinear")
     return rescaled[:, :, 85 : 85 + 256]
 
 

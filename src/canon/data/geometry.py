@@ -66,10 +66,12 @@ def fit_image(image: torch.Tensor, size: int, fit: str, interpolation: str) -> t
 
 
 def shorter_side_size(height: int, width: int, size: int) -> tuple[int, int]:
-    """Height and width after an isotropic rescale that makes the shorter side `size`."""
+    """Height and width after an isotropic rescale that makes the shorter side `size`, the
+    longer truncated to whole pixels as torchvision's Resize(size) does (its weights' published
+    accuracy was measured so)."""
     if height <= width:
-        return size, max(size, round(width * size / height))
-    return max(size, round(height * size / width)), size
+        return size, max(size, int(width * size / height))
+    return max(size, int(height * size / width)), size
 
 
 def check_crop(height: int, width: int, size: int) -> None:
@@ -79,9 +81,10 @@ def check_crop(height: int, width: int, size: int) -> None:
 
 
 def center_box(height: int, width: int, size: int) -> tuple[int, int]:
-    """(top, left) of the centred size x size window of a height x width image."""
+    """(top, left) of the centred size x size window of a height x width image, an odd margin
+    split as torchvision's CenterCrop splits it (Python's round: half to even)."""
     check_crop(height, width, size)
-    return (height - size) // 2, (width - size) // 2
+    return round((height - size) / 2), round((width - size) / 2)
 
 
 def five_crop_boxes(height: int, width: int, size: int) -> list[tuple[int, int]]:
