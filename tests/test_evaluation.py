@@ -384,6 +384,7 @@ def test_ten_crop_equals_center_for_a_position_blind_model():
     assert not torch.allclose(single, single.mean(0))  # the images do score differently
 
 
+@pytest.mark.filterwarnings("ignore:ten-crop of 32 px crops")  # the sample: 32 px images
 def test_evaluate_counts_every_image_exactly(sample_sets):
     val = sample_sets.val
     model = SmallConvNet().eval()
@@ -536,6 +537,14 @@ def test_evaluate_with_a_preprocess_reads_no_training_split(imagenette_root, tmp
     assert result["images"] == 6 and result["views_per_image"] == 10
 
 
+def test_ten_crop_without_a_margin_says_it_has_two_views(sample_sets):
+    """The sample's 32 px images rescaled to 32 for 32 px crops: AlexNet's ten crops, 224 of
+    256, reduce to the image and its reflection."""
+    with pytest.warns(UserWarning, match=r"the centre crop and its reflection \(2 distinct "):
+        ProtocolViews(parse_protocol("ten-crop"), sample_sets.preprocess)
+
+
+@pytest.mark.filterwarnings("ignore:ten-crop of 32 px crops")  # the sample: 32 px images
 def test_evaluate_keeps_the_probabilities_in_dataset_order(sample_sets):
     """keep_probabilities: the posteriors the errors were counted from, one row per image in
     the dataset's order, with its label; a softmax of the logits for ready tensors."""

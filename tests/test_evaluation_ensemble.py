@@ -89,6 +89,7 @@ def test_ensemble_error_is_the_error_of_the_mean_softmax(members, images):
     assert not torch.allclose((logits[0] + logits[1]).softmax(1), mean, atol=1e-3)
 
 
+@pytest.mark.filterwarnings("ignore:ten-crop of 32 px crops")  # the sample: 32 px images
 @pytest.mark.parametrize(("protocol", "count"), [("center", 40), ("ten-crop", 8)])
 def test_each_member_scores_as_evaluate_does_alone(members, protocol, count):
     images = _first(count)

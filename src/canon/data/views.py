@@ -6,6 +6,7 @@ batches them for the DataLoader; scoring lives in canon.evaluation.protocols.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -169,6 +170,8 @@ class ProtocolViews:
         self.protocol, self.preprocess = protocol, preprocess
         _check_scales(protocol, preprocess, scales)
         self.scales = tuple(scales or preprocess.scales) if protocol.multi_scale else ()
+        if "ten-crop" in protocol.methods and not protocol.multi_scale:
+            _warn_if_no_margin(preprocess)
         if protocol.methods == ("144-crop",):
             _check_144_crop(preprocess.crop_size)
             ratio = preprocess.crop_size / 224
@@ -196,6 +199,15 @@ class ProtocolViews:
         if method == "multi-crop":
             return grid_crops(scaled, size)
         return dense_view(scaled)
+
+
+def _warn_if_no_margin(preprocess: EvalPreprocess) -> None:
+    """AlexNet's ten crops are 224 of 256: crops as large as the rescaled image coincide."""
+    if preprocess.resize_size <= preprocess.crop_size:
+        warnings.warn(
+            f"ten-crop of {preprocess.crop_size} px crops from images rescaled to "
+            f"{preprocess.resize_size}: the five crops of a square image are one, so it "
+            "scores the centre crop and its reflection (2 distinct views, not 10)", stacklevel=3)
 
 
 def _check_144_crop(crop_size: int) -> None:
