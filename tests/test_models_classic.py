@@ -257,10 +257,16 @@ def test_bad_input_size_names_the_size(name: str, height: int, width: int, messa
 
 
 def test_alexnet_owt_takes_any_size_from_63() -> None:
+    """Densely evaluated too: a run trained at 112 px (the gallery's) is scored on maps its
+    adaptive pool brings up to fc6's 6 x 6, as forward does."""
     model = create_model("alexnet_owt", num_classes=4).eval()
+    dense = model.fully_convolutional()
     with torch.no_grad():
         assert model(torch.randn(1, 3, 63, 63)).shape == (1, 4)
         assert model(torch.randn(1, 3, 160, 200)).shape == (1, 4)
+        for size in (63, 112, 128):
+            image = torch.randn(2, 3, size, size + 20)
+            torch.testing.assert_close(dense(image).mean((2, 3)), model(image))
 
 
 def test_eval_configs() -> None:

@@ -118,7 +118,6 @@ class AlexNetOWT(FCHeadNet):
     """
 
     min_input_size = 63
-    dense_min_input_size = 223
 
     def __init__(self, num_classes: int = 1000, dropout: float = 0.5) -> None:
         features = nn.Sequential(OrderedDict(

@@ -135,8 +135,11 @@ class FCHead(nn.Module):
         return x if pre_logits else self.fc8(x)
 
     def to_conv(self) -> nn.Sequential:
-        """The head as convolutions (fc6 k x k, fc7 and fc8 1x1), with copies of the weights."""
+        """The head as convolutions (fc6 k x k, fc7 and fc8 1x1), with copies of the weights;
+        with `adaptive_pool`, maps smaller than k x k pooled up to it first, as forward does."""
+        upsample = {"avgpool": PoolUpTo(self.map_size)} if self.avgpool is not None else {}
         return nn.Sequential(OrderedDict(
+            **upsample,
             fc6=linear_to_conv(self.fc6, self.in_channels, self.map_size),
             relu6=nn.ReLU(inplace=True),
             drop6=nn.Dropout(self.drop6.p),
@@ -145,6 +148,21 @@ class FCHead(nn.Module):
             drop7=nn.Dropout(self.drop7.p),
             fc8=linear_to_conv(self.fc8, self.fc8.in_features, 1),
         ))
+
+
+class PoolUpTo(nn.Module):
+    """Adaptive average pooling of a side shorter than `size` up to it, other sides kept: a
+    map torchvision's AlexNet pools to 6 x 6 in training still meets the 6 x 6 fc6 kernel."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        if min(height, width) >= self.size:
+            return x
+        return F.adaptive_avg_pool2d(x, (max(height, self.size), max(width, self.size)))
 
 
 class FullyConvolutional(nn.Module):
