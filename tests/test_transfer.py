@@ -109,6 +109,16 @@ def test_the_probe_chooses_l2_on_held_out_training_features():
     errors = [row["val_top1_error"] for row in result.search]
     assert result.l2 == result.search[errors.index(min(errors))]["l2"]  # ties: the stronger
     assert result.classifier.errors(features, labels)["top1_error"] < 5
+    # The refit on all features takes the search's path to its strength (warm starts): from
+    # zero, 150 iterations left weak strengths far from their optimum on real features. Here
+    # on features where the weaker strength wins.
+    torch.manual_seed(0)
+    closer = torch.randn(3, 16)[labels] * 0.3 + torch.randn(300, 16)
+    weak = train_linear_probe(closer, labels, 3, grid=(100.0, 1e-2))
+    assert weak.l2 == 1e-2
+    path = fit_logistic_regression(closer, labels, 3, 100.0)
+    path = fit_logistic_regression(closer, labels, 3, 1e-2, start=path)
+    assert torch.equal(weak.classifier.weight, path.weight)
     # the fit minimises its objective: no small step lowers it
     classifier = fit_logistic_regression(features, labels, 3, l2=0.1)
 
