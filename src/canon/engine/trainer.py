@@ -460,8 +460,8 @@ def _end_epoch(run: Run, train_seconds: float) -> None:
         "skipped_images": int(skipped),
     }
     run.metrics.append(row)
-    if cut:
-        run.cut_short = True
+    if cut:  # a resume goes on with these totals, as from interrupted.pt
+        run.cut_short, run.totals["seconds"] = True, row["seconds"]
     else:
         run.epoch, run.step_in_epoch, run.totals = run.epoch + 1, 0, new_totals()
     state = snapshot(run)
