@@ -12,6 +12,7 @@ from canon.errors import ConfigError, InputSizeError
 from canon.models.alexnet import AlexNet
 from canon.models.layers import LocalResponseNorm
 from canon.models.vgg import VGG
+from canon.recipes import load_recipe
 
 # torchvision has the same network (same weight shapes) for these names; exact counts of every
 # model are in test_models.EXPECTED_PARAMS.
@@ -100,6 +101,22 @@ def test_vgg_initialisation_is_glorot(vgg11: VGG) -> None:
         assert layer.weight.abs().max() <= bound
         assert abs(layer.weight.std().item() / (bound / 3**0.5) - 1) < 0.05
         assert not layer.bias.any()
+
+
+def test_vgg_has_section_3_1_s_random_initialisation_for_its_staged_recipes() -> None:
+    """N(0, 0.01) weights and zero biases for configuration A and the layers of D that A
+    does not start; a fresh classifier alike; the option travels with the model."""
+    torch.manual_seed(0)
+    for recipe in ("vgg11", "vgg16-s256"):
+        assert load_recipe(recipe).model.options == {"init": "normal"}, recipe
+    model = create_model("vgg11", num_classes=10, init="normal")
+    model.reset_classifier(5)
+    for layer in (model.features.conv1.conv1_1, model.features.conv5.conv5_2, model.head.fc7,
+                  model.head.fc8):
+        assert abs(layer.weight.std().item() - 0.01) < 0.001 and not layer.bias.any()
+    assert model.build_options() == {"init": "normal"}
+    with pytest.raises(ConfigError, match="unknown VGG init 'he'"):
+        create_model("vgg11", init="he")
 
 
 def paper_lrn(a: torch.Tensor, k: float = 2, n: int = 5, alpha: float = 1e-4,

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from canon.errors import ConfigError
 from canon.models.base import EvalConfig, register_model
-from canon.models.init import xavier_
+from canon.models.init import normal_, xavier_
 from canon.models.layers import FCHead, FCHeadNet, LocalResponseNorm
 
 # Table 1 of the paper, one tuple per stage conv1..conv5; a 2x2 max pool ends every stage.
@@ -87,6 +87,10 @@ def vgg_stage(
     return nn.Sequential(modules), channels
 
 
+# VGG's initialisations: section 3.1's random one (std 0.01) and Glorot & Bengio's.
+INITS = {"normal": normal_, "glorot": xavier_}
+
+
 class VGG(FCHeadNet):
     """A VGG configuration of Table 1 ("A", "A-LRN", "B", "C", "D", "E").
 
@@ -99,8 +103,12 @@ class VGG(FCHeadNet):
     - Input 224x224; the FC head takes that size only, `fully_convolutional()` any size from 224
       up (fc6 as a 7x7 convolution, fc7 and fc8 as 1x1), as the paper's dense evaluation
       (section 3.2).
-    - Initialisation: Glorot & Bengio's (uniform, biases 0), which the paper notes (end of
-      section 3.1) trains the deep configurations from scratch without pre-training from A.
+    - Initialisation (`init`): "normal", section 3.1's for configuration A and for the layers
+      of deeper nets not copied from A: weights from a zero-mean normal of "10^-2 variance",
+      biases 0; canon reads it as std 0.01, AlexNet's (section 5) that VGG follows (read
+      literally, std 0.1). "glorot" (the default): Glorot & Bengio's uniform, biases 0, which
+      the paper notes (end of section 3.1) trains the deep configurations from scratch
+      without pre-training from A; canon's one-stage recipes (vgg16, vgg19) rely on it.
     - Parameter counts equal torchvision's: vgg11 132,863,336, vgg13 133,047,848, vgg16
       138,357,544, vgg19 143,667,240; C (vgg16_c) has 133,638,952 (the paper's Table 2: 134M).
 
@@ -121,22 +129,25 @@ class VGG(FCHeadNet):
         num_classes: int = 1000,
         batch_norm: bool = False,
         dropout: float = 0.5,
+        init: str = "glorot",
     ) -> None:
         if config not in CONFIGS:
             raise ConfigError(f"unknown VGG configuration {config!r}; Table 1 has {list(CONFIGS)}")
+        if init not in INITS:
+            raise ConfigError(f"unknown VGG init {init!r}; choose from {', '.join(INITS)}")
         stages: OrderedDict[str, nn.Module] = OrderedDict()
         channels = 3
         for index, layers in enumerate(CONFIGS[config], start=1):
             stages[f"conv{index}"], channels = vgg_stage(index, channels, layers, batch_norm)
         head = FCHead(channels, 7, num_classes, dropout=dropout)              # N x num_classes
         super().__init__(nn.Sequential(stages), head)
-        self.config = config
+        self.config, self.init_weights = config, INITS[init]
         for module in self.modules():
             if isinstance(module, nn.Conv2d | nn.Linear):
-                xavier_(module)
+                self.init_weights(module)
 
     def init_classifier(self, layer: nn.Linear) -> None:
-        xavier_(layer)
+        self.init_weights(layer)
 
 
 @register_model()
