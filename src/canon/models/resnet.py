@@ -183,7 +183,7 @@ class ResNet(PooledHeadNet):
     where the dimensions change (option B), identity elsewhere, and in bottleneck blocks the
     stride 2 of a downsampling block sits in the first 1x1 convolution, as in the released Caffe
     models. `plain18`, `plain34` are the same layers without shortcuts (`shortcut=None`;
-    section 3.4, "Plain Networks").
+    section 3.3, "Plain Network").
 
     Deviations and variants:
 
@@ -191,8 +191,11 @@ class ResNet(PooledHeadNet):
       text says only "1x1 convolutions", the BN is in its released Caffe models and
       torchvision's.
     - Shortcut options A (zero-padding) and C (all projections) of Table 3 are available
-      through the `shortcut` argument ("A", "B", "C"); the registered names use the paper's
-      default B.
+      through the `shortcut` argument ("A", "B", "C"). The registered names use B, the
+      paper's choice for its bottleneck nets (section 4.1); for ResNet-18 and -34 it is
+      torchvision's: the paper's Table 2 and Fig. 4 nets use option A (`shortcut="A"`, as
+      plain-18's parameter count, 11,515,688 at 1000 classes for ResNet-18), and ResNet-34
+      appears with B only in Tables 3 and 4.
     - `resnet50_v1_5`, `resnet101_v1_5`, `resnet152_v1_5` stride the bottleneck's 3x3
       convolution instead of its first 1x1, as torchvision does (see `Bottleneck`).
     - Table 1 lists the 3x3/2 max pool at the head of conv2_x; here it closes the `conv1` stage,
@@ -261,13 +264,15 @@ def _resnet(depth: int, num_classes: int, **kwargs: Any) -> ResNet:
 
 @register_model()
 def resnet18(num_classes: int = 1000, **kwargs: Any) -> ResNet:
-    """ResNet-18 (He et al. 2015), basic blocks, projection shortcuts (option B)."""
+    """ResNet-18 (He et al. 2015), basic blocks, projection shortcuts (option B, torchvision's;
+    the paper's Table 2 net is shortcut="A")."""
     return _resnet(18, num_classes, **kwargs)
 
 
 @register_model()
 def resnet34(num_classes: int = 1000, **kwargs: Any) -> ResNet:
-    """ResNet-34 (He et al. 2015), basic blocks, projection shortcuts (option B)."""
+    """ResNet-34 (He et al. 2015), basic blocks, projection shortcuts (option B, Table 3's
+    B row; Table 2's net is shortcut="A")."""
     return _resnet(34, num_classes, **kwargs)
 
 
@@ -309,7 +314,7 @@ def resnet152_v1_5(num_classes: int = 1000, **kwargs: Any) -> ResNet:
 
 @register_model()
 def plain18(num_classes: int = 1000, **kwargs: Any) -> ResNet:
-    """Plain-18 (He et al. 2015, section 3.4): ResNet-18's layers without shortcuts."""
+    """Plain-18 (He et al. 2015, section 3.3): ResNet-18's layers without shortcuts."""
     return _resnet(18, num_classes, shortcut=None, **kwargs)
 
 
