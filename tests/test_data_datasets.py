@@ -9,6 +9,8 @@ import os
 import pickle
 import shutil
 import struct
+import subprocess
+import sys
 import tarfile
 import warnings
 import zlib
@@ -385,6 +387,21 @@ def test_every_format_is_turned_upright_by_its_exif_orientation(orientation, tmp
     assert torch.equal(decoded[".png"], torch.from_numpy(upright).permute(2, 0, 1))
 
 
+def test_a_png_libpng_rejects_mid_image_is_an_error_not_a_crash(tmp_path):
+    """A row with filter byte 5 (there are 0-4), the checksums right: torchvision's libpng
+    decoder ends the process with a segmentation fault on it, so PNGs go to PIL."""
+    rows = b"".join(b"\x05" + bytes(12) for _ in range(4))
+    (tmp_path / "bad filter.png").write_bytes(_png(4, 4, 8, 2, rows))
+    code = ("from canon.data.decoding import decode_image_file\n"
+            "from canon.errors import DataError\n"
+            "try:\n    decode_image_file('bad filter.png')\n"
+            "except DataError as error:\n    print(error)\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-500:]}"
+    assert done.stdout.startswith("bad filter.png: corrupt image")
+
+
 def test_16_bit_images_decode_to_8_bit(tmp_path):
     generator = np.random.default_rng(0)
     rgb = generator.integers(0, 65536, (6, 6, 3), dtype=np.uint16)
@@ -510,9 +527,9 @@ def test_image_size_walks_fill_bytes_and_standalone_markers(imagenette_root):
     assert image_size(padded) == Image.open(io.BytesIO(data)).size
 
 
-def test_jpeg_png_and_webp_decode_without_a_pil_object(tmp_path, monkeypatch):
-    paths = [path for path in _pil_files(tmp_path) if "CMYK" not in path.name]  # PIL decodes
-    paths.remove(tmp_path / "wide.png")  # 1-bit: PIL's 0/1 are torchvision's 0/255
+def test_jpeg_and_webp_decode_without_a_pil_object(tmp_path, monkeypatch):
+    paths = [path for path in _pil_files(tmp_path)  # PIL decodes CMYK JPEGs and PNGs
+             if "CMYK" not in path.name and path.suffix != ".png"]
     expected = {path: decode_image_file(path) for path in paths}
     monkeypatch.setattr(Image, "open", None)  # the ~60 us header read the fast path avoids
     for path in paths:

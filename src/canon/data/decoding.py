@@ -32,8 +32,9 @@ def decode_image_file(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> t
     a file), and an image of more than `max_pixels` pixels (0: no limit of canon's own; PIL's,
     2 x PIL.Image.MAX_IMAGE_PIXELS, still holds) is refused before it is decoded: a
     decompression bomb's pixels never reach memory. Then torchvision.io (libjpeg-turbo,
-    libpng, libwebp), the faster decoder (bench/bench_decode.py); PIL for what it rejects
-    (e.g. CMYK/YCCK variants, BMP, TIFF). The format is sniffed from the bytes, so a PNG
+    libwebp), the faster decoder (bench/bench_decode.py); PIL for PNGs (torchvision's libpng
+    decoder crashes the process on some damaged files) and for what torchvision rejects (e.g.
+    CMYK/YCCK variants, BMP, TIFF). The format is sniffed from the bytes, so a PNG
     named .JPEG decodes as the PNG it is. 16-bit samples keep their high byte (as PIL does
     for 16-bit RGB PNGs). Every format is turned upright by its EXIF orientation (torchvision
     does so for JPEG and PNG only, PIL's loaders for TIFF). A truncated file is an error, not
@@ -57,9 +58,12 @@ def decode_image_bytes(data: bytes, name: str | Path, max_pixels: int = MAX_IMAG
     """An image file's bytes decoded as decode_image_file decodes the file (the same checks,
     decoders and fallbacks); errors name `name` (a file, a shard member)."""
     size = image_size(data)  # PNG, JPEG, WebP: from the bytes (~3 us; PIL's header ~60 us)
-    # torchvision turns JPEGs and PNGs upright by their EXIF orientation, not WebPs: PIL does.
-    if size is not None and not _webp_with_exif(data):
+    # torchvision turns JPEGs upright by their EXIF orientation, not WebPs: PIL does. PNGs go
+    # to PIL too: libpng errors inside torchvision's decoder (a bad filter byte in a damaged
+    # file) end the process with a segmentation fault, where PIL raises an error.
+    if size is not None:
         _check_pixels(size, max_pixels, name)
+    if size is not None and not _webp_with_exif(data) and not data.startswith(_PNG_SIGNATURE):
         tensor = _decode_with_torchvision(data)
         if tensor is not None:
             return tensor
