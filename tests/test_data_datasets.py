@@ -642,6 +642,14 @@ def test_a_file_rewritten_at_the_same_size_changes_the_folder_fingerprint(tmp_pa
     image.write_bytes(image.read_bytes()[::-1])
     os.utime(image, ns=(modified, modified + 10**9))
     assert image.stat().st_size == size and FolderImages(tmp_path).fingerprint() != before
+    # A file name that is not UTF-8 (Latin-1 bytes, as old archives hold) is read as any other,
+    # and an empty one is skipped by it
+    latin1 = os.fsdecode(b"caf\xe9.png")
+    shutil.copy(image, tmp_path / "a" / latin1)
+    (tmp_path / "b" / os.fsdecode(b"vid\xe9.png")).touch()
+    with pytest.warns(BadImageWarning, match="empty file"):
+        folder = FolderImages(tmp_path)
+    assert latin1 in {p.name for p in folder.paths} and len(folder) == 3
 
 
 def test_an_image_folder_may_hold_an_index_json_of_its_own(tmp_path):

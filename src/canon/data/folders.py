@@ -74,7 +74,7 @@ class FolderImages(LabeledImages):
         self.paths: list[Path] = []
         self.labels = []
         self.skipped: list[Path] = []
-        digest = hashlib.sha256(str(self.root.resolve()).encode())
+        digest = hashlib.sha256(_name_bytes(str(self.root.resolve())))
         for name in found:
             if listed is not None:
                 paths = self._scan_listed(name, listed[name], digest)
@@ -92,7 +92,7 @@ class FolderImages(LabeledImages):
         self.skipped_at_listing = sum(p.name.lower().endswith(IMAGE_EXTENSIONS)
                                       for p in self.skipped)
         if self.skipped:  # a file emptied or removed is a change of content as well
-            digest.update("".join(f"skipped {p};" for p in self.skipped).encode())
+            digest.update(_name_bytes("".join(f"skipped {p};" for p in self.skipped)))
             warnings.warn(
                 f"{self.root}: skipped {len(self.skipped)} of "
                 f"{len(self.paths) + len(self.skipped)} files (see the warnings above)",
@@ -168,7 +168,7 @@ class FolderImages(LabeledImages):
         elif status.st_size == 0:
             self._skip(path, "empty file (0 bytes)")
         else:  # a file rewritten at the same size changes its modification time
-            digest.update(f"{name}/{path.name}:{status.st_size}:{status.st_mtime_ns};".encode())
+            digest.update(_name_bytes(f"{name}/{path.name}:{status.st_size}:{status.st_mtime_ns};"))
             return True
         return False
 
@@ -334,6 +334,12 @@ def open_eval_folder(
         folder or root, class_ids=class_ids, require_all=False, strict=strict,
         max_pixels=max_pixels,
     )
+
+
+def _name_bytes(text: str) -> bytes:
+    """File names as the bytes they are on disk: a name that is not UTF-8 (Python holds its
+    bytes as surrogates) has no strict UTF-8 encoding."""
+    return text.encode("utf-8", "surrogateescape")
 
 
 def _split_folder(root: Path, split: str) -> Path | None:
