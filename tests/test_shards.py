@@ -158,7 +158,9 @@ def test_packing_one_split_keeps_the_other_splits_of_an_earlier_pack(
     index = read_index(out)
     assert list(index.splits) == ["train", "val"] and index.splits["val"] == val
     assert {f: (out / f).read_bytes() for f in val_bytes} == val_bytes
-    pack_folder(imagenette_root, out, shard_bytes=10**6, splits=["train"], progress=False)
+    with pytest.warns(UserWarning, match=r"earlier pack's val split\(s\) are deleted: "
+                                         "packed with other shard size"):
+        pack_folder(imagenette_root, out, shard_bytes=10**6, splits=["train"], progress=False)
     assert list(read_index(out).splits) == ["train"]
     assert not any((out / f).exists() for f in val_bytes)
 

@@ -16,6 +16,7 @@ import json
 import random
 import re
 import tarfile
+import warnings
 from collections.abc import Iterable
 from functools import partial
 from io import BytesIO
@@ -104,9 +105,15 @@ def _other_splits(out: Path, splits: list[str], shard_bytes: int,
         earlier = read_index(out)
     except DataError:  # none, or one this canon cannot read: nothing to keep
         return {}
-    if earlier.shard_bytes != shard_bytes or earlier.class_ids != class_ids:
+    others = [name for name in earlier.splits if name not in splits]
+    changed = ("classes" if earlier.class_ids != class_ids
+               else "shard size" if earlier.shard_bytes != shard_bytes else None)
+    if changed and others:
+        warnings.warn(f"{out}: the earlier pack's {', '.join(others)} split(s) are deleted: "
+                      f"packed with other {changed} than this pack's, they would not go with "
+                      f"it; add them to --splits to pack them again", stacklevel=3)
         return {}
-    return {name: split for name, split in earlier.splits.items() if name not in splits}
+    return {name: earlier.splits[name] for name in others}
 
 
 def _open_splits(root: Path, splits: list[str]) -> dict[str, FolderImages]:
