@@ -657,6 +657,8 @@ def test_an_image_folder_may_hold_an_index_json_of_its_own(tmp_path):
         for label in ("apple", "pear"):
             _write_images(tmp_path / split / label, 2)
     (tmp_path / "index.json").write_text('{"labelled by": "someone"}')
+    with tarfile.open(tmp_path / "originals.tar", "w") as archive:  # and its images' archive
+        archive.add(tmp_path / "train", arcname="train")
     train, val = open_dataset(str(tmp_path))
     assert (len(train), len(val)) == (4, 4)
 

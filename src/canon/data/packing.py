@@ -29,6 +29,7 @@ from canon.data.folders import SPLIT_NAMES, FolderImages, open_image_folder, ope
 from canon.data.shard_index import (
     INDEX,
     OFFSET_EVERY,
+    SHARD_NAME,
     PackIndex,
     Shard,
     SplitIndex,
@@ -38,9 +39,8 @@ from canon.errors import ConfigError, DataError
 from canon.files import atomic_write, make_folder, sweep_partial_writes
 
 PACK_SEED = 0  # fixed: a pack is a function of the folder alone
-_NAMES = r"(?:index\.json|(?:train|val)-\d{6}\.tar)"
+_NAMES = rf"(?:index\.json|{SHARD_NAME.pattern})"
 _OURS = re.compile(rf"{_NAMES}|\.{_NAMES}\.[a-z0-9_]{{8}}")  # and partial writes of them
-_SHARD = re.compile(r"(?:train|val)-\d{6}\.tar")
 _ADVICE = "choose a writable --out folder"
 
 
@@ -92,7 +92,7 @@ def pack_folder(
                  advice=_ADVICE)
     indexed = {shard.file for split in written.values() for shard in split.shards}
     for path in out.iterdir():  # an earlier pack's surplus shards
-        if _SHARD.fullmatch(path.name) and path.name not in indexed:
+        if SHARD_NAME.fullmatch(path.name) and path.name not in indexed:
             path.unlink()
     return index
 

@@ -6,6 +6,7 @@ reader knows each rank's share of an epoch before it opens a shard.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -95,16 +96,21 @@ class PackIndex:
                 from None
 
 
+# A shard's file name (canon.data.packing writes SPLIT-NNNNNN.tar).
+SHARD_NAME = re.compile(r"(?:train|val)-\d{6}\.tar")
+
+
 def is_shard_folder(path: str | Path) -> bool:
     """Whether `path` is a folder of canon shards: its index.json names their format at the
-    start (an image folder may hold an index.json of its own), or an index.json beside tar
-    shards is damaged (read_index then says so)."""
+    start (an image folder may hold an index.json of its own, and an archive of its images), or
+    an index.json beside shards named as canon names them is damaged (read_index then says so)."""
     try:
         with (Path(path) / INDEX).open("rb") as index:
             head = index.read(4096)
     except OSError:
         return False
-    return FORMAT.encode() in head or any(Path(path).glob("*.tar"))
+    return FORMAT.encode() in head or any(SHARD_NAME.fullmatch(p.name)
+                                          for p in Path(path).glob("*.tar"))
 
 
 def read_index(folder: str | Path) -> PackIndex:
