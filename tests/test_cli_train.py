@@ -145,11 +145,17 @@ def test_predict_prints_top5_class_names_with_probabilities(trained_run, tmp_pat
     for index, path in enumerate(paths):
         (folder / ("nested" if index else "") / path.name).write_bytes(path.read_bytes())
     (folder / "notes.txt").write_text("not an image")
-    main(["predict", str(trained_run), str(folder), "--device", "cpu"])
+    (folder / "._image0.png").write_bytes(b"macOS metadata")  # hidden, as a dataset's are
+    (folder / ".ipynb_checkpoints").mkdir()
+    (folder / ".ipynb_checkpoints" / "copy.png").write_bytes(paths[0].read_bytes())
+    (folder / "gone.png").symlink_to(tmp_path / "nowhere.png")  # reported, not dropped
+    with pytest.warns(BadImageWarning, match="gone.png"):
+        main(["predict", str(trained_run), str(folder), "--device", "cpu"])
     by_folder = capsys.readouterr().out.splitlines()
     assert by_folder[0] == str(folder / paths[0].name)
     assert by_folder[6] == str(folder / "nested" / paths[1].name)
-    assert by_folder[1:6] + by_folder[7:] == lines[1:6] + lines[7:]
+    assert by_folder[1:6] + by_folder[7:12] == lines[1:6] + lines[7:]
+    assert len(by_folder) == 13 and by_folder[-1].startswith("skipped 1 image file(s)")
     for arguments, problem in (([str(folder)], "canon predict needs a model: models first"),
                                ([str(trained_run)], "canon predict needs images: models first"),
                                ([str(trained_run), str(folder / "nested" / "none")],

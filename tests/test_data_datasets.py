@@ -652,6 +652,17 @@ def test_a_file_rewritten_at_the_same_size_changes_the_folder_fingerprint(tmp_pa
     assert latin1 in {p.name for p in folder.paths} and len(folder) == 3
 
 
+def test_pgm_and_jfif_files_are_images_as_imagefolder_and_browsers_have_them(tmp_path):
+    for label in ("a", "b"):
+        (tmp_path / label).mkdir()
+        Image.new("L", (8, 6), 90).save(tmp_path / label / "grey.pgm")
+        Image.new("RGB", (8, 6), (9, 9, 9)).save(tmp_path / label / "saved.jfif", "JPEG")
+    folder = FolderImages(tmp_path)
+    assert sorted(p.name for p in folder.paths) == ["grey.pgm", "grey.pgm", "saved.jfif",
+                                                    "saved.jfif"]
+    assert folder[0][0].shape == (3, 6, 8)
+
+
 def test_an_image_folder_may_hold_an_index_json_of_its_own(tmp_path):
     for split in ("train", "val"):
         for label in ("apple", "pear"):

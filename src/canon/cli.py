@@ -406,14 +406,18 @@ def _is_source(path: str) -> bool:
 
 
 def _image_files(path: str) -> list[str]:
-    """`path`, or the image files under it (by name, in sorted order) when it is a folder."""
+    """`path`, or the image files under it (by name, in sorted order) when it is a folder:
+    as a dataset folder is read, hidden files and folders (.DS_Store, macOS's ._name.jpg,
+    .ipynb_checkpoints/) left out, links to nothing kept (to be reported as unreadable)."""
     from canon.data.folders import IMAGE_EXTENSIONS
     from canon.errors import ConfigError
 
-    if not Path(path).is_dir():
+    root = Path(path)
+    if not root.is_dir():
         return [path]
-    found = sorted(str(p) for p in Path(path).rglob("*")
-                   if p.name.lower().endswith(IMAGE_EXTENSIONS) and p.is_file())
+    found = sorted(str(p) for p in root.rglob("*")
+                   if p.name.lower().endswith(IMAGE_EXTENSIONS) and not p.is_dir()
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
     if not found:
         raise ConfigError(f"{path} holds no image files ({', '.join(IMAGE_EXTENSIONS)}) and is "
                           "not a run directory (no model.safetensors or checkpoints/)")

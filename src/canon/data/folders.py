@@ -20,7 +20,9 @@ from canon.data.imagenet_classes import imagenet_names, imagenet_wnids
 from canon.data.labeled import LabeledImages, Transform
 from canon.errors import DataError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm")
+# torchvision's ImageFolder's, and .gif and .jfif (a JPEG, as browsers save some).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff",
+                    ".ppm", ".pgm")
 SYNSET_FILES = ("LOC_synset_mapping.txt", "synset_words.txt", "words.txt")
 # Folder names of a dataset's splits; the evaluation split's in order of preference.
 SPLIT_NAMES = {"train": ("train",), "val": ("val", "validation", "valid", "test")}
