@@ -13,11 +13,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+from sample_subsets import spread_subsets
 from visualize_helpers import save_png
 
 import canon
-from canon.data import ArrayImages, DataConfig, Datasets, build_datasets
+from canon.data import DataConfig, build_datasets
 from canon.data.datasets import load_sample
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,14 +49,6 @@ def imagenette_root() -> Path:
     return _require_shared(SHARED_DATA / "imagenette2-160-mini")
 
 
-def _spread(dataset: ArrayImages, count: int) -> ArrayImages:
-    """`count` images evenly spaced over `dataset` (so every class is in)."""
-    index = torch.linspace(0, len(dataset) - 1, count).long()
-    return ArrayImages(dataset.images[index], [dataset.labels[i] for i in index.tolist()],
-                       dataset.classes, name=f"{dataset.name}[{count}]",
-                       transform=dataset.transform)
-
-
 @pytest.fixture(scope="session")
 def quickstart_run(tmp_path_factory) -> Path:
     """A real two-epoch quickstart run (ResNet-20) on 32 training and 16 test images of the
@@ -67,8 +59,7 @@ def quickstart_run(tmp_path_factory) -> Path:
     ])
     folder = tmp_path_factory.mktemp("runs") / "resnet20-tiny"
     canon.train(recipe, folder, device="cpu", progress=False,
-                datasets=Datasets(_spread(sets.train, 32), _spread(sets.val, 16),
-                                  sets.preprocess))
+                datasets=spread_subsets(sets, 32, 16))
     return folder
 
 

@@ -16,9 +16,10 @@ import pytest
 import safetensors.torch
 import torch
 import torch.nn as nn
+from sample_subsets import spread_subsets
 
 from canon.cli import main
-from canon.data import ArrayImages, DataConfig, Datasets, build_datasets
+from canon.data import DataConfig, build_datasets
 from canon.engine import checkpoint as ckpt
 from canon.engine.distributed import init_distributed
 from canon.engine.graphed import GraphedStep, restored_after
@@ -35,20 +36,6 @@ from canon.recipes import Recipe, apply_overrides, load_recipe
 @pytest.fixture(scope="module")
 def sample_sets():
     return build_datasets(DataConfig(dataset="sample"))
-
-
-def spread_subset(dataset: ArrayImages, count: int) -> ArrayImages:
-    """`count` images spread over the whole set (so every class appears), same transform."""
-    index = torch.linspace(0, len(dataset) - 1, count).long()
-    return ArrayImages(
-        dataset.images[index], [dataset.labels[i] for i in index.tolist()], dataset.classes,
-        name=f"{dataset.name}[{count}]", transform=dataset.transform,
-    )
-
-
-def spread_subsets(sets: Datasets, train_count: int, val_count: int) -> Datasets:
-    return Datasets(spread_subset(sets.train, train_count), spread_subset(sets.val, val_count),
-                    sets.preprocess)
 
 
 def tiny_recipe(**train_values) -> Recipe:

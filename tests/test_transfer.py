@@ -11,9 +11,12 @@ import pytest
 import safetensors.torch
 import torch
 from PIL import Image
+from sample_subsets import spread_subsets
 
 import canon
+import canon.engine.setup
 from canon.cli import main
+from canon.data import build_datasets
 from canon.data.datasets import open_dataset, open_split
 from canon.data.labeled import LabeledImages
 from canon.engine.freezing import freeze_stages, frozen_stage_count
@@ -201,6 +204,22 @@ def test_frozen_stages_unfreeze_one_by_one():
         id(p) for name in list(stages)[:2] for p in stages[name].parameters()}
     with pytest.raises(ConfigError, match=r"frozen_stages is 9.*4 stages"):
         freeze_stages(model, 9)
+
+
+def test_a_stage_unfrozen_after_the_first_step_trains_with_gpu_optimizer_settings(
+    tmp_path, monkeypatch
+):
+    """On GPUs SGD runs fused; its kernel fails on a group whose parameters have momentum
+    buffers but for those of a stage just unfrozen. CPU parameters taken for GPU ones here
+    (torch's fused SGD runs on CPUs too)."""
+    monkeypatch.setattr(canon.engine.setup, "all_on_cuda", lambda model: True)
+    recipe = canon.load_recipe("quickstart", [
+        "model.frozen_stages=1", "train.unfreeze_every_epochs=1", "train.epochs=2",
+        "train.iterations=null", "data.val_split=0"])
+    data = spread_subsets(build_datasets(recipe.data), 64, 32)
+    result = canon.train(recipe, tmp_path, device="cpu", datasets=data, progress=False)
+    assert [row["epoch"] for row in result.metrics] == [1, 2]
+    assert canon.engine.setup.fused_sgd(canon.create_model("resnet20"), frozen_stages=0)
 
 
 def test_finetune_and_features_through_the_cli(folders, source_run, tmp_path, capsys):

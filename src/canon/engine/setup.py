@@ -85,7 +85,7 @@ def parameter_groups(model: nn.Module, config: OptimizerSection) -> list[dict]:
 
 
 def make_optimizer(
-    model: nn.Module, config: OptimizerSection, global_batch_size: int
+    model: nn.Module, config: OptimizerSection, global_batch_size: int, frozen_stages: int = 0
 ) -> tuple[torch.optim.SGD, float]:
     """SGD with momentum and weight decay, and its peak lr for this global batch."""
     peak_lr = config.lr
@@ -93,7 +93,8 @@ def make_optimizer(
         peak_lr = linear_scaled_lr(config.lr, global_batch_size, config.base_batch_size)
     optimizer = torch.optim.SGD(
         parameter_groups(model, config), lr=peak_lr, momentum=config.momentum,
-        nesterov=config.nesterov, weight_decay=config.weight_decay, fused=fused_sgd(model),
+        nesterov=config.nesterov, weight_decay=config.weight_decay,
+        fused=fused_sgd(model, frozen_stages),
     )
     return optimizer, peak_lr
 
@@ -110,11 +111,17 @@ def classification_loss(
     return loss
 
 
-def fused_sgd(model: nn.Module) -> bool | None:
+def fused_sgd(model: nn.Module, frozen_stages: int = 0) -> bool | None:
     """SGD's `fused` for `model`: on GPUs, one fused kernel for the whole update instead of a
     few per tensor, which keeps small nets (the CIFAR ResNets) from being bound by kernel
-    launches; None (torch's default) elsewhere."""
-    return all(parameter.is_cuda for parameter in model.parameters()) or None
+    launches; None (torch's default) elsewhere, and where stages start frozen: a stage
+    unfrozen later leaves its group with momentum buffers for some parameters only, which
+    the fused kernel fails on (the per-tensor update creates the missing ones)."""
+    return (not frozen_stages and all_on_cuda(model)) or None
+
+
+def all_on_cuda(model: nn.Module) -> bool:
+    return all(parameter.is_cuda for parameter in model.parameters())
 
 
 def make_average(model: nn.Module, config: TrainSection) -> AveragedModel | None:
@@ -259,7 +266,8 @@ def set_up(
     model, init_report = _placed_model(
         recipe, model, num_classes, class_ids, ctx, fresh=state is None
     )
-    optimizer, peak_lr = make_optimizer(model, recipe.optimizer, global_batch_size)
+    optimizer, peak_lr = make_optimizer(model, recipe.optimizer, global_batch_size,
+                                        recipe.model.frozen_stages)
     train_module: nn.Module = dist.wrap_model(
         _WithAux(model), ctx, sync_batchnorm=config.sync_batchnorm
     )
