@@ -144,6 +144,14 @@ def test_an_iteration_limit_inside_an_epoch_resumes_as_if_the_run_never_stopped(
         assert_same_state(final_weights(tmp_path / cut, 2), final_weights(tmp_path / reference, 2))
     assert [row["epoch"] for row in limited] == [1, 2]  # the second cut at step 5 of 8
     assert ckpt.load_checkpoint(ckpt.epoch_checkpoint(tmp_path / "limited", 2))["step"] == 13
+    # Validated on held-out images, a run whose only epoch was cut chooses no best (whole
+    # epochs only): no best.pt, and no best error (it was infinite)
+    held_out = apply_overrides(tiny_recipe(batch_size=16, epochs=1, iterations=3), [
+        ("optimizer.base_batch_size", 16), ("data.val_split", 10)])
+    result = train(held_out, tmp_path / "held-out", device="cpu", datasets=resume_data,
+                   progress=False)
+    assert result.best_val_top1_error is None and not result.validated_on_test_set
+    assert not ckpt.best_checkpoint(tmp_path / "held-out").exists()
 
 
 def test_a_resume_refuses_another_training_set(sample_sets, resume_data, tmp_path):

@@ -6,6 +6,7 @@ with momentum, the lr schedule every step, gradient accumulation, autocast) and 
 from __future__ import annotations
 
 import contextlib
+import math
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -76,9 +77,9 @@ class TrainingInterrupted(KeyboardInterrupt):
 class TrainResult:
     run_dir: Path
     metrics: list[dict[str, Any]]
-    # The lowest validation top-1 error (the epoch checkpoints/best.pt holds); None when the
-    # validation set is the test set: nothing is chosen on it, metrics[-1] (the final model)
-    # is the result.
+    # The lowest validation top-1 error of a whole epoch (the one checkpoints/best.pt holds);
+    # None when the validation set is the test set (nothing is chosen on it, metrics[-1], the
+    # final model, is the result) or when the iteration limit cut the only epoch short.
     best_val_top1_error: float | None
     validated_on_test_set: bool
 
@@ -200,7 +201,7 @@ def _train(
             _close(run)
         if ctx.is_main:
             export(run)
-    best = None if run.validates_on_test_set else run.best_error
+    best = None if run.validates_on_test_set or math.isinf(run.best_error) else run.best_error
     return TrainResult(run_dir, run.metrics, best, run.validates_on_test_set)
 
 
