@@ -283,6 +283,22 @@ def test_a_run_of_another_recipe_is_refused(tmp_path: Path) -> None:
         training.ensure_run(planned, MODES["quick"], device="cpu", progress=False)
 
 
+def test_a_mode_that_leaves_a_run_unchanged_shares_the_full_mode_s_folder(imagenette_root):
+    """imagenette's --quick is its 5-epoch run alone, unchanged: the full mode must find it
+    trained, not train it again in a folder of its own; shortened runs keep theirs."""
+    imagenette = EXPERIMENTS["imagenette"]
+    quick, full = (training.plan_runs(imagenette, imagenette.mode(mode), None, Path("runs"),
+                                      data=str(imagenette_root)) for mode in ("quick", "full"))
+    assert [run.run_dir.name for run in quick] == ["resnet34-imagenette5-seed0"]
+    assert quick[0] == full[0]
+    bf16 = training.plan_runs(imagenette, imagenette.mode("quick"), None, Path("runs"),
+                              data=str(imagenette_root), amp="bf16")
+    assert bf16[0].run_dir.name == "resnet34-imagenette5-bf16-seed0"
+    (shortened,) = training.plan_runs(EXPERIMENTS["degradation"], MODES["quick"], None,
+                                      Path("runs"))[:1]
+    assert shortened.run_dir.name == "plain20-cifar10-quick-seed0"
+
+
 def test_imagenette_micro_trains_on_a_jpeg_folder_and_sets_it_beside_the_leaderboard(
     tmp_path: Path, imagenette_root: Path, capsys
 ) -> None:

@@ -80,7 +80,11 @@ def plan_runs(experiment: Experiment, mode: Mode, runs: int | None, root: Path,
     for name in experiment.recipes_in(mode.name):
         for seed in range(count or 1):
             recipe = shortened_recipe(name, mode, seed, data)
-            suffix = "" if mode.name == "full" else f"-{mode.name}"
+            # A mode that leaves a run as the full mode has it (imagenette's quick: its
+            # 5-epoch run alone) shares the full mode's folder, so neither trains it again.
+            same = (recipe == shortened_recipe(name, experiment.mode("full"), seed, data)
+                    and mode.train_images is None and mode.test_images is None)
+            suffix = "" if same else f"-{mode.name}"
             precision = amp if amp is not None and amp != recipe.train.amp else ""
             if precision:
                 recipe = apply_overrides(recipe, [("train.amp", amp)])
