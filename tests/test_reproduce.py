@@ -283,6 +283,14 @@ def test_a_run_of_another_recipe_is_refused(tmp_path: Path) -> None:
         training.ensure_run(planned, MODES["quick"], device="cpu", progress=False)
 
 
+def test_ensembles_micro_scores_its_nets_on_the_images_they_validated_on(tmp_path) -> None:
+    main(["reproduce", "ensembles", "--micro", "--runs", "2", "--output-dir", str(tmp_path)])
+    result = json.loads((tmp_path / "ensembles-micro" / "results.json").read_text())
+    assert result["numbers"]["images"] == 64
+    for row, run in zip(result["table"], result["runs"], strict=False):  # its metrics.csv's
+        assert row["top-1 error (%)"] == run["test_error"]
+
+
 def test_a_mode_that_leaves_a_run_unchanged_shares_the_full_mode_s_folder(imagenette_root):
     """imagenette's --quick is its 5-epoch run alone, unchanged: the full mode must find it
     trained, not train it again in a folder of its own; shortened runs keep theirs."""

@@ -173,8 +173,9 @@ def responses(records: list[RunRecord], context: Context) -> Outcome:
 def ensembles(records: list[RunRecord], context: Context) -> Outcome:
     """The ensembling gain: each seeded net's test error against their averaged softmax's."""
     members = [load_trained(r.run.run_dir).member() for r in records]
-    result = evaluate_ensemble(members, records[0].run.recipe.data.dataset, "center",
-                               device=resolve_device(context.device))
+    micro = micro_datasets(records[0].run.recipe, context.mode)  # the images the runs saw
+    test = micro.val if micro else records[0].run.recipe.data.dataset
+    result = evaluate_ensemble(members, test, "center", device=resolve_device(context.device))
     table = [{"net": _label(r, seeds=True), "top-1 error (%)": m["top1_error"],
               "top-5 error (%)": m["top5_error"]}
              for r, m in zip(records, result["members"], strict=True)]
