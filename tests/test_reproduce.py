@@ -291,6 +291,18 @@ def test_ensembles_micro_scores_its_nets_on_the_images_they_validated_on(tmp_pat
         assert row["top-1 error (%)"] == run["test_error"]
 
 
+def test_ctrl_c_while_the_report_is_made_stops_cleanly(tmp_path, monkeypatch, capsys) -> None:
+    def interrupted(records, context):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(ANALYSES, "ensembles", interrupted)
+    with pytest.raises(SystemExit) as exit_:
+        main(["reproduce", "ensembles", "--micro", "--runs", "2", "--output-dir",
+              str(tmp_path)])
+    assert exit_.value.code == 130
+    assert "stopped before the report was written" in capsys.readouterr().out
+
+
 def test_a_mode_that_leaves_a_run_unchanged_shares_the_full_mode_s_folder(imagenette_root):
     """imagenette's --quick is its 5-epoch run alone, unchanged: the full mode must find it
     trained, not train it again in a folder of its own; shortened runs keep theirs."""

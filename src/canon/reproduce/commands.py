@@ -68,6 +68,10 @@ def run_reproduce(args: argparse.Namespace) -> None:
     except TrainingInterrupted as stop:
         print(f"stopped ({stop.checkpoint}); the same command resumes it")
         sys.exit(128 + stop.signal_number)  # the shell's convention, as `canon train`
+    except KeyboardInterrupt:  # outside training (analysis, report): nothing to save
+        print("stopped before the report was written; the same command writes it (finished "
+              "runs are not trained again)")
+        sys.exit(130)
     for finding in result.findings:
         print(f"{'held' if finding.held else 'did not hold'}: {finding.statement} "
               f"({finding.evidence})")
