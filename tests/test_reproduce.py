@@ -13,6 +13,7 @@ import signal
 from pathlib import Path
 
 import pytest
+import torch
 
 from canon.cli import main
 from canon.engine.checkpoint import (
@@ -180,6 +181,12 @@ def test_jobs_train_runs_in_processes_of_their_own(tmp_path: Path, capsys) -> No
     assert [run["status"] for run in results["runs"]] == ["trained"] * 4
     for run in results["runs"]:
         assert len(_metrics(tmp_path / "runs" / run["run"])) == 2
+    # the threads each run trained with, which change a CPU run's numbers
+    threads = max(1, torch.get_num_threads() // 2)
+    assert (results["environment"]["torch_threads"], results["environment"]["jobs"]) == (
+        threads, 2)
+    readme = (tmp_path / "degradation-micro" / "README.md").read_text()
+    assert f"{threads} torch threads a run, 2 runs at once" in readme
     main([*argv, "--cuda-graph"])  # the same runs, faster where there is a GPU
     assert "(0 run(s) trained now)" in capsys.readouterr().out
     recipe = tmp_path / "runs" / "plain20-cifar10-micro-seed0" / "recipe.yaml"

@@ -24,17 +24,23 @@ from canon.reproduce.training import RunRecord
 from canon.visualize.images import save_json
 
 
-def environment(device: str) -> dict[str, Any]:
-    """The machine and software a reproduction ran on."""
+def environment(device: str, jobs: int = 1) -> dict[str, Any]:
+    """The machine and software a reproduction ran on; with `jobs` runs at once, the torch
+    threads each run trained with (the thread count changes a CPU run's numbers)."""
     resolved = resolve_device(device)
     return {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "platform": platform.platform(), "cpu": _cpu_name(), "cpu_cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": run_threads(jobs), "jobs": jobs,
         "gpu": torch.cuda.get_device_name() if resolved.startswith("cuda") else None,
         "device": resolved, "torch": torch.__version__, "python": platform.python_version(),
         "canon": __version__, "commit": git_commit(),
     }
+
+
+def run_threads(jobs: int) -> int:
+    """The torch threads of each of `jobs` runs trained at once (canon.reproduce.runner)."""
+    return max(1, torch.get_num_threads() // jobs)
 
 
 def _cpu_name() -> str:
@@ -115,7 +121,9 @@ def _run_row(entry: dict[str, Any]) -> dict[str, Any]:
 def _environment_lines(env: dict[str, Any], wall_seconds: float) -> list[str]:
     return [
         f"- hardware: {env['platform']}; CPU {env['cpu']} ({env['cpu_cores']} cores, "
-        f"{env['torch_threads']} torch threads); GPU {env['gpu'] or 'none used'}; "
+        f"{env['torch_threads']} torch threads a run"
+        + (f", {env['jobs']} runs at once" if env.get("jobs", 1) > 1 else "")
+        + f"); GPU {env['gpu'] or 'none used'}; "
         f"device {env['device']}",
         "- runs 'finished before' or 'resumed' were trained, wholly or in part, by earlier "
         "commands, perhaps elsewhere: 'trained at' names the commit that last trained each",

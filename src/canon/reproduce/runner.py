@@ -35,7 +35,7 @@ from canon.files import make_folder
 from canon.recipes import apply_overrides
 from canon.reproduce.analyses import ANALYSES, Context, Finding
 from canon.reproduce.experiments import Mode, get_experiment
-from canon.reproduce.report import environment, write_report
+from canon.reproduce.report import environment, run_threads, write_report
 from canon.reproduce.training import PlannedRun, RunRecord, ensure_run, plan_runs
 
 DEFAULT_OUTPUT = Path("reproduce")
@@ -91,7 +91,7 @@ def reproduce(
     make_folder(context.folder)
     outcome = ANALYSES[experiment.analysis](records, context)
     readme = write_report(context, _command(name, mode, runs, root, data, amp), records, outcome,
-                          environment(device), time.perf_counter() - started)
+                          environment(device, jobs), time.perf_counter() - started)
     return Reproduction(readme, outcome.findings, all(f.held for f in outcome.findings),
                         sum(record.status != "finished before" for record in records))
 
@@ -146,7 +146,7 @@ class _StoppedOutsideTraining(BaseException):
 def _pool_process(workers: int, stopping: Any) -> None:
     global _STOPPING
     _STOPPING = stopping
-    torch.set_num_threads(max(1, torch.get_num_threads() // workers))
+    torch.set_num_threads(run_threads(workers))
     for number in STOP_SIGNALS:  # Ctrl-C reaches every pool process, and one that died of it
         signal.signal(number, _stop_signal)  # would break the pool, which kills the others
     release_stop_signals()
