@@ -49,6 +49,20 @@ def test_batched_crops_equal_the_per_image_pipeline_for_the_same_draws() -> None
             torch.testing.assert_close(batched[i], per_image(images[i]), atol=1e-5, rtol=0)
 
 
+def test_the_normalisation_constants_go_to_the_device_once(monkeypatch) -> None:
+    """A copy from host memory every batch makes the host wait for the GPU's queue (the
+    CUDA-graph CIFAR loop's overlap); on the CPU the same cache shows as one mean_at call."""
+    train = _sample_train(pca_std=0.1)
+    crop = BatchedCrop.of(train.transform, 32, 32)
+    calls = []
+    mean_at = crop.normalize.mean_at
+    monkeypatch.setattr(crop.normalize, "mean_at", lambda *size: calls.append(size) or
+                        mean_at(*size))
+    images = held_images(train)[:8]
+    first = crop(images, torch.arange(8), seed=1)
+    assert torch.equal(crop(images, torch.arange(8), seed=1), first) and calls == [(32, 32)]
+
+
 def test_batched_output_statistics_equal_the_per_image_pipelines() -> None:
     train = _sample_train()
     images = held_images(train)

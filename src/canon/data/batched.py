@@ -71,6 +71,7 @@ class BatchedCrop:
     ) -> None:
         self.size, self.padding, self.flip, self.fancy_pca = size, padding, flip, fancy_pca
         self.normalize = normalize
+        self._constants: dict[tuple, tuple] = {}
 
     def draws(self, keys: torch.Tensor, seed: int, height: int, width: int
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -93,12 +94,13 @@ class BatchedCrop:
         count, _, height, width = images.shape
         device = images.device
         tops, lefts, flips, alpha = self.draws(keys.to(device), seed, height, width)
+        mean, std, fancy_pca = self._on(device, height, width)
         batch = images.float().div_(255)
         if alpha is not None:
-            batch += self.fancy_pca.shift(alpha).view(count, 3, 1, 1)
-        batch -= self.normalize.mean_at(height, width).to(device)
-        if self.normalize.std is not None:
-            batch /= self.normalize.std.to(device)
+            batch += fancy_pca.shift(alpha).view(count, 3, 1, 1)
+        batch -= mean
+        if std is not None:
+            batch /= std
         pad = self.padding
         if pad:
             batch = F.pad(batch, (pad, pad, pad, pad))
@@ -109,6 +111,20 @@ class BatchedCrop:
         picks = torch.arange(count, device=device)[:, None, None]
         crops = batch[picks, :, rows[:, :, None], columns[:, None, :]]  # B x size x size x 3
         return crops.permute(0, 3, 1, 2)
+
+    def _on(self, device: torch.device, height: int, width: int
+            ) -> tuple[torch.Tensor, torch.Tensor | None, FancyPCA | None]:
+        """The mean at this size, the std and the colour shift's basis on `device`, copied
+        there once: a copy from host memory each batch would wait for the GPU's queue."""
+        key = (device, height, width)
+        if key not in self._constants:
+            std, pca = self.normalize.std, self.fancy_pca
+            self._constants[key] = (
+                self.normalize.mean_at(height, width).to(device),
+                None if std is None else std.to(device),
+                None if pca is None else FancyPCA(pca.eigvec.to(device), pca.eigval.to(device),
+                                                  pca.alpha_std))
+        return self._constants[key]
 
     @classmethod
     def of(cls, transform: object, height: int, width: int) -> BatchedCrop | None:
