@@ -25,6 +25,7 @@ from canon.bench.loop import WARMUP_STEPS, canon_loop, speed_settings_on
 from canon.bench.train import (
     TrainingForward,
     bench_train,
+    cudnn_autotuning,
     format_train,
     matmul_peak,
     torchvision_twin,
@@ -99,6 +100,18 @@ def test_train_bench_googlenet_trains_the_auxiliary_heads_of_both():
     assert "canon's step in a CUDA graph" in format_train(bench)
     with pytest.raises(ConfigError, match="use --amp bf16 or none"):
         bench_train("resnet18", device="cpu", amp="fp16", cuda_graph=True)
+
+
+def test_cuda_contenders_all_get_autotuned_kernels_and_the_setting_is_restored(
+        monkeypatch):
+    """canon's trainer turns cudnn.benchmark on for a CUDA run: every contender of a CUDA
+    benchmark gets it from the start, not only those after canon's loop."""
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    with cudnn_autotuning(torch.device("cpu")):
+        assert not torch.backends.cudnn.benchmark
+    with cudnn_autotuning(torch.device("cuda")):
+        assert torch.backends.cudnn.benchmark
+    assert not torch.backends.cudnn.benchmark
 
 
 def test_torchvision_twins_paper_resnets_included():

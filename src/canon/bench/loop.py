@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from canon.bench.train import synchronize
+from canon.bench.train import cudnn_autotuning, synchronize
 from canon.data.datasets import load_sample
 from canon.engine.distributed import resolve_device
 from canon.engine.setup import make_optimizer
@@ -171,13 +171,15 @@ def bench_loop(recipe_name: str = "quickstart", device: str = "cpu", repeats: in
     loops = [partial(canon_loop, recipe, device, steps),
              *(partial(plain_loop, recipe, device, count, steps) for count in workers)]
     rates: dict[str, list[float]] = {}
-    for repeat in range(repeats):
-        # Each repeat starts with the next loop, so that no loop always runs first in a fresh
-        # process, or always right after the same other one.
-        shift = repeat % len(loops)
-        for loop in loops[shift:] + loops[:shift]:
-            timing = loop()
-            rates.setdefault(timing.name, []).append(timing.images_per_second)
+    # canon's trainer turns autotuning on for a CUDA run: on for every loop from the start.
+    with cudnn_autotuning(torch.device(resolve_device(device))):
+        for repeat in range(repeats):
+            # Each repeat starts with the next loop, so that no loop always runs first in a
+            # fresh process, or always right after the same other one.
+            shift = repeat % len(loops)
+            for loop in loops[shift:] + loops[:shift]:
+                timing = loop()
+                rates.setdefault(timing.name, []).append(timing.images_per_second)
     medians = {name: statistics.median(values) for name, values in rates.items()}
     baseline = max((name for name in medians if name != "canon"), key=medians.__getitem__)
     return {"recipe": recipe_name, "overrides": list(overrides), "device": resolve_device(device),

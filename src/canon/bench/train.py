@@ -20,10 +20,11 @@ None elsewhere), which allocator caching blurs: approximate.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -133,6 +134,19 @@ def train_step(
 ) -> None:
     update(forward, optimizer, precision, images, targets)
     optimizer.zero_grad(set_to_none=True)
+
+
+@contextlib.contextmanager
+def cudnn_autotuning(device: torch.device) -> Iterator[None]:
+    """cuDNN's autotuned convolution kernels on CUDA, as canon's training turns them on
+    (canon.engine.setup), for every contender alike (tuned in its warm-up); the setting as it
+    was afterwards, so that no later contender inherits it."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = before or device.type == "cuda"
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
 
 
 def synchronize(device: torch.device) -> None:
@@ -335,22 +349,23 @@ def bench_train(
                "images": images, "targets": targets, "warmup": warmup}
     # torchvision's GoogLeNet warns that it will stop initialising its weights unless asked.
     tv_options = {"init_weights": True} if twin == "googlenet" else {}
-    contenders = [
-        _prepare(f"canon {model}", create_model(model, num_classes=1000), model, **options,
-                 cuda_graph=cuda_graph),
-        _prepare(f"torchvision {twin}",
-                 tvm.get_model(twin, weights=None, num_classes=1000, **tv_options), None,
-                 **options),
-    ]
+    with cudnn_autotuning(dev):
+        contenders = [
+            _prepare(f"canon {model}", create_model(model, num_classes=1000), model, **options,
+                     cuda_graph=cuda_graph),
+            _prepare(f"torchvision {twin}",
+                     tvm.get_model(twin, weights=None, num_classes=1000, **tv_options), None,
+                     **options),
+        ]
+        for repeat in range(repeats):  # in turns, so that neither always runs first
+            for contender in contenders[repeat % 2:] + contenders[:repeat % 2]:
+                _run_repeat(contender, steps, dev)
     # The peak of the precision the step computes in, on a CPU too: this project's Zen 4 CPU
     # (avx512_bf16) multiplies bf16 matrices 2.2 times as fast as float32 ones.
     low_precision = amp != "none"
     tf32 = cuda and amp == "none" and torch.backends.cudnn.allow_tf32
     peak = matmul_peak(dev, DTYPES[amp] if low_precision else torch.float32, tf32=tf32)
     peak_dtype = amp if low_precision else "tf32" if tf32 else "float32"
-    for repeat in range(repeats):  # in turns, so that neither always runs first
-        for contender in contenders[repeat % 2:] + contenders[:repeat % 2]:
-            _run_repeat(contender, steps, dev)
 
     def speed(contender: _Contender) -> ModelSpeed:
         seconds = statistics.median(contender.seconds) / steps
