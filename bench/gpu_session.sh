@@ -3,23 +3,26 @@
 #   bash bench/gpu_session.sh PART...
 # Nothing installs there: it runs the checkout with PYTHONPATH=src on the machine's own torch.
 # `bash bench/gpu_stage.sh` fills, here, the ignored folders the calls carry. A lease has 15
-# minutes of device time, the machine's start and idle time included, so the next one's plan
-# is three calls made one right after the other (earlier calls' folders stay on the machine
-# while it is warm), each with timeout_s 600:
-#   call 1: carry .devdata .devcifar1   `bash bench/gpu_session.sh tests jpeg`   (~250 s)
-#   call 2: carry .devcifar2            `bash bench/gpu_session.sh loop`         (~250 s)
-#   call 3: carry .devcifar3            `bash bench/gpu_session.sh cifar`        (~300 s)
-# and, in a later lease, `steps compiled data` (on 2026-12-04 an H200 ran the steps, the
-# ResNet-110 loops, the real-JPEG runs, the GPU tests and the compiled ResNet-50 in 380 s).
+# minutes of device time, the machine's start (a minute or two), the uploads and idle time
+# included, so the next one's plan is three calls made one right after the other (earlier
+# calls' folders stay on the machine while it is warm), about 11 minutes of commands at most:
+#   call 1: carry .devdata .devcifar1   `bash bench/gpu_session.sh tests jpeg`  timeout_s 420
+#   call 2: carry .devcifar2            `bash bench/gpu_session.sh loop`        timeout_s 150
+#   call 3: carry .devcifar3            `bash bench/gpu_session.sh cifar`       timeout_s 430
+# (about 250, 90 and 300 s when they run as expected; the limits are their steps' limits),
+# and, in a later lease, `steps compiled loopcompiled data` (on 2026-12-04 an H200 ran the
+# steps, the ResNet-110 loops, the real-JPEG runs, the GPU tests and the compiled ResNet-50 in
+# 380 s).
 # Parts:
 #   tests     the GPU tests: captured steps (eager and compiled) against uncaptured ones,
 #             nvJPEG crops against the CPU pipeline and beside a queued step, Polyak
 #             averaging, model parallelism
 #   jpeg      ResNet-50 training on real JPEGs decoded by nvJPEG and by 14 loader processes
 #             (images/s per epoch in metrics.csv; nvJPEG's went NaN before 7e1575e)
-#   loop      ResNet-110 at the paper's batch 128, bf16, channels_last, graphed, and also
-#             compiled (the goal: its 64k-iteration schedule, 64,000 x 128 / images/s, in
-#             <= 8 min; fp32 graphed ran 8,561 img/s, bf16 graphed 10,948)
+#   loop      ResNet-110 at the paper's batch 128, bf16, channels_last, graphed (the goal:
+#             its 64k-iteration schedule, 64,000 x 128 / images/s, in <= 8 min; fp32 graphed
+#             ran 8,561 img/s, bf16 graphed 10,948)
+#   loopcompiled  the same loop compiled too (compiling takes minutes)
 #   cifar     CIFAR-10 assembled from the three pieces and unpacked; ResNet-20 against the
 #             clock (40 and 50 epochs at batch 512, bf16, graphed: the goal is 91.25% in
 #             <= 30 s; the paper's schedule is 164 epochs at batch 128; 30 epochs gave
@@ -40,11 +43,14 @@ out=${OUT:-gpu-results}
 figures=$(mktemp -d) runs=$(mktemp -d)  # the runs' checkpoints stay behind
 cifar=.devcache/cifar  # holds cifar-10-batches-py once unpacked
 
+unbuffered=$(command -v stdbuf > /dev/null && echo "stdbuf -oL")
+
 pack() { tar -cf "$out/results.tar" -C "$figures" .; }
 step() {  # step SECONDS COMMAND...: run it within SECONDS, log it, re-pack; its exit status
   echo "== $(date +%T) ${*:2}" >> "$out/log.txt"
-  timeout -k 30 "$1" "${@:2}" 2>&1 | tr '\r' '\n' | grep -v -e "step/s" -e "^ *$" |
-    tee -a "$out/log.txt"
+  # Line by line, so that what a killed call printed last still reaches the log.
+  timeout -k 30 "$1" "${@:2}" 2>&1 | $unbuffered tr '\r' '\n' |
+    grep --line-buffered -v -e "step/s" -e "^ *$" | tee -a "$out/log.txt"
   local status=${PIPESTATUS[0]}
   pack
   return "$status"
@@ -79,10 +85,12 @@ part_jpeg() {
       --set train.decode_on_device=$decode --set train.workers=14
   done
 }
+loop_bf16=(--set train.cuda_graph=true --set train.amp=bf16 --set train.channels_last=true)
 part_loop() {
-  local bf16=(--set train.cuda_graph=true --set train.amp=bf16 --set train.channels_last=true)
-  loop_bench bf16-graph-cl 90 --repeats 2 "${bf16[@]}"
-  loop_bench bf16-graph-compiled-cl 240 --repeats 1 "${bf16[@]}" --set train.compile=true
+  loop_bench bf16-graph-cl 90 --repeats 2 "${loop_bf16[@]}"
+}
+part_loopcompiled() {
+  loop_bench bf16-graph-compiled-cl 240 --repeats 1 "${loop_bf16[@]}" --set train.compile=true
 }
 part_cifar() {
   local source=.devcache/cifar-src
@@ -130,7 +138,7 @@ part_data() {
     --repeats 3 --recipe resnet50-goyal --device cuda --json "$figures/data-on-device.json"
 }
 
-parts=(tests jpeg loop cifar steps compiled data)
+parts=(tests jpeg loop loopcompiled cifar steps compiled data)
 if [ $# -eq 0 ]; then
   echo "usage: gpu_session.sh PART... (${parts[*]})" >&2
   exit 2
