@@ -26,6 +26,7 @@ from canon.engine.graphed import GraphedStep, restored_after
 from canon.engine.rundir import latest_run_dir, new_run_dir
 from canon.engine.saving import divergence_remedy
 from canon.engine.setup import set_up
+from canon.engine.stopping import StopFlag
 from canon.engine.trained import load_trained
 from canon.engine.trainer import TrainingInterrupted, train
 from canon.errors import ConfigError, DataError, NonFiniteError
@@ -296,6 +297,20 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
     assert "fp16" not in str(stopped.value)  # a float32 run: no advice about fp16
     assert [p.name for p in ckpt.resumable_checkpoints(tmp_path)] == ["epoch-001.pt"]
     assert ckpt.load_checkpoint(ckpt.epoch_checkpoint(tmp_path, 1))["epoch"] == 1
+
+
+def test_a_repeated_sigterm_still_saves_and_a_second_ctrl_c_stops_at_once(capsys):
+    """Under torchrun a worker gets the scheduler's SIGTERM and torchrun's forwarded copy:
+    the second must not kill it before its checkpoint."""
+    flag = StopFlag()
+    with flag.installed():
+        signal.raise_signal(signal.SIGTERM)
+        signal.raise_signal(signal.SIGTERM)
+        assert flag.raised and flag.signal_number == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt):  # Python's own handler, as before
+            signal.raise_signal(signal.SIGINT)
+    assert capsys.readouterr().out.count("finishing this step") == 1
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
 def test_divergence_advice_names_the_warm_up_key_the_recipe_uses():

@@ -17,7 +17,10 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 class StopFlag:
     """The first SIGINT or SIGTERM sets the flag (the loop saves a checkpoint after the step in
-    progress and stops); a second one gets the handler that was there before (stop at once)."""
+    progress and stops); a second Ctrl-C gets the handler that was there before (stop at
+    once). A repeated SIGTERM changes nothing: under torchrun a worker gets one from the
+    scheduler and another forwarded by torchrun, moments apart; what stops at once after a
+    grace period is the scheduler's SIGKILL."""
 
     def __init__(self) -> None:
         self.raised = False
@@ -40,10 +43,12 @@ class StopFlag:
             signal.signal(number, handler)
 
     def _handle(self, signum: int, frame: object) -> None:
+        if self.raised:  # a repeated SIGTERM (a Ctrl-C gets the previous handler)
+            return
         self.raised, self.signal_number = True, signum
-        self._restore()
+        signal.signal(signal.SIGINT, self._previous[signal.SIGINT])
         print(f"\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
-              "(send it again to stop at once)", flush=True)
+              "(Ctrl-C again to stop at once)", flush=True)
 
 
 @contextlib.contextmanager
