@@ -47,6 +47,7 @@ from canon.engine.distributed import (
     sync_context,
     wrap_model,
 )
+from canon.engine.rundir import plan_run
 from canon.engine.trainer import train
 from canon.errors import ConfigError
 from canon.models.factory import create_model
@@ -433,6 +434,24 @@ def test_a_rank_whose_micro_batch_is_all_undecodable_stops_every_rank_with_the_r
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds workers via /proc")
+def test_an_elastic_restart_of_a_resumed_run_goes_on_from_where_it_got_to(
+    quickstart_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restart replays the command, --resume included: from epoch 1's checkpoint (the run's
+    own, or into another --output-dir that has saved epoch 2 since), it must go on from the
+    newest checkpoint, not go back (refused as older, or as a directory holding a run)."""
+    first = quickstart_run / "checkpoints" / "epoch-001.pt"
+    branch = tmp_path / "branch"
+    (branch / "checkpoints").mkdir(parents=True)
+    shutil.copy(quickstart_run / "checkpoints" / "epoch-002.pt", branch / "checkpoints")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    for output_dir, run_dir in ((None, quickstart_run), (branch, branch)):
+        plan = plan_run(None, [], resume=str(first), output_dir=output_dir)
+        assert (plan.run_dir, plan.state["epoch"]) == (run_dir, 2)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")  # the first start: as asked
+    assert plan_run(None, [], resume=str(first), output_dir=branch).state["epoch"] == 1
+
+
 def test_elastic_restart_resumes_from_the_last_checkpoint(
     imagenette_root: Path, tmp_path: Path
 ) -> None:

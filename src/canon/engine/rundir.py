@@ -110,6 +110,13 @@ def plan_run(
         output_dir = output_dir or RUNS_ROOT / f"{name}-{distributed.elastic_run_id()}"
         if distributed.elastic_restart_count() > 0 and resumable_checkpoints(output_dir):
             resume = output_dir
+    elif resume not in (None, "latest") and distributed.elastic_restart_count() > 0:
+        # A restart replays the command's --resume: the run goes on from where it got to in
+        # the directory it writes, not from the checkpoint it started from.
+        target = Path(resume)
+        writing = output_dir or (target if target.is_dir() else run_dir_of(target))
+        if resumable_checkpoints(writing):
+            resume = writing
     if resume is None:
         loaded = anchored_recipe(load_recipe(recipe, overrides))
         return RunPlan(loaded, output_dir or new_run_dir(RUNS_ROOT, loaded.name), None)
