@@ -27,6 +27,7 @@ from canon.data.preprocess import center_transform
 from canon.data.views import PROTOCOLS
 from canon.engine.checkpoint import load_checkpoint
 from canon.engine.trained import load_trained
+from canon.engine.trainer import TrainingInterrupted
 from canon.errors import DataError
 from canon.recipes import Recipe, load_recipe, parse_yaml
 
@@ -293,6 +294,23 @@ def _leaf_parsers(parser, prog=()):
     for action in subparsers:
         for name, sub in action.choices.items():
             yield from _leaf_parsers(sub, (*prog, name))
+
+
+def test_a_stopped_torchrun_run_is_resumed_by_the_same_torchrun_command(
+        tmp_path, monkeypatch, capsys):
+    """Its checkpoint's steps are of the global batch of as many processes: `canon train
+    --resume` alone would be refused."""
+    import canon.engine.trainer
+
+    def stopped(*args, **kwargs):
+        raise TrainingInterrupted(tmp_path / "interrupted.pt", signal.SIGTERM)
+
+    monkeypatch.setattr(canon.engine.trainer, "train", stopped)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--output-dir", str(tmp_path / "run")])
+    assert exit_.value.code == 143
+    assert "resume with: the same torchrun command with --resume" in capsys.readouterr().out
 
 
 def test_every_verb_takes_its_options_between_its_positionals_and_names_itself_in_errors(

@@ -235,7 +235,7 @@ def _flag_overrides(args: argparse.Namespace) -> list[tuple[str, object]]:
 
 @_verb("train", "train a model with one of the papers' recipes", _train_arguments)
 def _run_train(args: argparse.Namespace) -> None:
-    from canon.engine.distributed import is_main_process
+    from canon.engine.distributed import is_main_process, launched_by_torchrun
     from canon.engine.rundir import plan_run
     from canon.engine.trainer import TrainingInterrupted, train
 
@@ -245,9 +245,10 @@ def _run_train(args: argparse.Namespace) -> None:
         result = train(plan.recipe, plan.run_dir, resume=plan.state, overwrite=args.overwrite,
                        device=args.device)
     except TrainingInterrupted as stop:
-        if is_main_process():
-            print(f"stopped; resume with: canon train --resume {plan.run_dir}  "
-                  f"({stop.checkpoint})")
+        if is_main_process():  # under torchrun: as many processes (the checkpoint's batch)
+            how = ("the same torchrun command with --resume" if launched_by_torchrun()
+                   else "canon train --resume")
+            print(f"stopped; resume with: {how} {plan.run_dir}  ({stop.checkpoint})")
         sys.exit(128 + stop.signal_number)  # the shell's convention: 130 Ctrl-C, 143 SIGTERM
     last = result.metrics[-1] if result.metrics else None
     if last is not None and is_main_process():
