@@ -534,6 +534,13 @@ def test_run_directories_are_numbered_and_a_bare_resume_finds_this_recipe_s_late
         os.utime(path, (1_000_000 + age, 1_000_000 + age))
     assert new_run_dir(tmp_path, "resnet20-cifar10").name == "resnet20-cifar10-3"
     assert latest_run_dir(tmp_path, "resnet20-cifar10").name == "resnet20-cifar10-2"
+    (tmp_path / "resnet20-cifar10-cosine" / "recipe.yaml").write_text(
+        "name: resnet20-cifar10-cosine\n")
+    torchrun = tmp_path / "resnet20-cifar10-d3da5421-3432"  # torchrun's runs/NAME-<run id>
+    (torchrun / "checkpoints").mkdir(parents=True)
+    (torchrun / "checkpoints" / "epoch-001.pt").write_bytes(b"")
+    (torchrun / "recipe.yaml").write_text("# the resolved recipe\nname: resnet20-cifar10\n")
+    assert latest_run_dir(tmp_path, "resnet20-cifar10") == torchrun
     with pytest.raises(DataError, match="no run of quickstart"):
         latest_run_dir(tmp_path, "quickstart")
 

@@ -35,9 +35,9 @@ from canon.engine.checkpoint import (
 from canon.engine.initialize import INIT_REPORT
 from canon.engine.logs import EVENTS_DIR
 from canon.engine.trained import TORCHVISION
-from canon.errors import ConfigError, DataError
+from canon.errors import CanonError, ConfigError, DataError
 from canon.files import cannot_write, make_folder, sweep_partial_writes
-from canon.recipes import Recipe, apply_overrides, load_recipe
+from canon.recipes import Recipe, apply_overrides, load_recipe, read_yaml_mapping
 
 LOCK_FILE = ".lock"
 PROBE_REPORT = "probe.json"  # what `canon transfer --mode linear-probe` measured
@@ -190,15 +190,26 @@ def new_run_dir(root: Path, name: str) -> Path:
 
 
 def latest_run_dir(root: Path, name: str) -> Path:
-    """The most recently written run of recipe `name` under `root` (for a bare --resume)."""
-    numbered = [p for p in root.glob(f"{name}-*") if p.name[len(name) + 1 :].isdigit()]
-    runs = [p for p in (root / name, *numbered) if resumable_checkpoints(p)]
+    """The most recently written run of recipe `name` under `root` (for a bare --resume):
+    root/NAME, NAME-2, ... and torchrun's NAME-<run id>, not another recipe's NAME-suffix."""
+    named = [p for p in root.glob(f"{name}-*")
+             if p.name[len(name) + 1 :].isdigit() or _recipe_name(p) == name]
+    runs = [p for p in (root / name, *named) if resumable_checkpoints(p)]
     if not runs:
         raise DataError(
             f"no run of {name} with checkpoints under {root}/; pass --resume PATH "
             "(a run directory or a checkpoint file)"
         )
     return max(runs, key=lambda run: resumable_checkpoints(run)[0].stat().st_mtime_ns)
+
+
+def _recipe_name(run_dir: Path) -> str | None:
+    """The recipe a run directory's recipe.yaml names; None where it has none readable."""
+    try:
+        values = read_yaml_mapping(run_dir / "recipe.yaml")
+    except CanonError:
+        return None
+    return values.get("name")
 
 
 def check_source_outside(run_dir: str | Path, source: str | Path | None, what: str) -> None:
