@@ -311,6 +311,9 @@ def test_a_stopped_torchrun_run_is_resumed_by_the_same_torchrun_command(
         main(["train", "--output-dir", str(tmp_path / "run")])
     assert exit_.value.code == 143
     assert "resume with: the same torchrun command with --resume" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:  # verbs that would run whole on every process
+        main(["eval", str(tmp_path / "run")])
+    assert exit_.value.code == 2 and "run it without torchrun" in capsys.readouterr().err
 
 
 def test_every_verb_takes_its_options_between_its_positionals_and_names_itself_in_errors(

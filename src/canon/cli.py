@@ -608,6 +608,16 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: list[str]) -> argp
     return leaf.parse_intermixed_args(argv[start:], outer)
 
 
+def _check_launcher(verb: str) -> None:
+    """`canon train` shares its work among torchrun's processes; any other verb would run
+    whole in each of them, writing the same files and printing everything once a process."""
+    from canon.engine.distributed import launched_by_torchrun
+
+    if verb != "train" and launched_by_torchrun():
+        raise ConfigError(f"canon {verb} runs in one process, and torchrun started one per "
+                          "device (each would do all of it): run it without torchrun")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
@@ -617,6 +627,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     default_format, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
+        _check_launcher(args.verb)
         args.run(args)
     except CanonError as error:
         if os.environ.get("CANON_DEBUG"):
