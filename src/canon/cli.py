@@ -610,10 +610,13 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: list[str]) -> argp
 
 def _check_launcher(verb: str) -> None:
     """`canon train` shares its work among torchrun's processes; any other verb would run
-    whole in each of them, writing the same files and printing everything once a process."""
+    whole in each of them, writing the same files and printing everything once a process
+    (`canon recipes` only reads YAML, and must not load torch to find out)."""
+    if verb in ("train", "recipes"):
+        return
     from canon.engine.distributed import launched_by_torchrun
 
-    if verb != "train" and launched_by_torchrun():
+    if launched_by_torchrun():
         raise ConfigError(f"canon {verb} runs in one process, and torchrun started one per "
                           "device (each would do all of it): run it without torchrun")
 
