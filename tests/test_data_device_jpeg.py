@@ -27,7 +27,7 @@ from canon.data.device_jpeg import (
 from canon.data.folders import FolderImages
 from canon.data.loaders import build_datasets
 from canon.data.sampling import SeededSamples
-from canon.data.transforms import Compose, RandomAreaCrop, ToFloat
+from canon.data.transforms import Compose, FancyPCA, RandomAreaCrop, ToFloat
 from canon.engine.trainer import train
 from canon.recipes import load_recipe
 
@@ -89,6 +89,19 @@ def test_only_pipelines_with_an_on_device_form_get_one(imagenette_root: Path) ->
     assert device_form("googlenet", mean="imagenet") is None  # photometric, random filters
     assert device_form("alexnet", mean="imagenet") is None  # crops of a fixed square
     assert DeviceCrops.of(Compose([RandomAreaCrop(64), ToFloat()])) is None  # no Normalize
+
+
+def test_the_normalisation_constants_go_to_the_device_once(monkeypatch) -> None:
+    """As the batched CIFAR crops: a copy from host memory every batch would make the host
+    wait for the GPU's queue; on the CPU the cache shows as one copy of the colour basis."""
+    pca = FancyPCA(torch.eye(3), torch.ones(3), 0.1)
+    copies = []
+    to = pca.to
+    monkeypatch.setattr(pca, "to", lambda device: copies.append(device) or to(device))
+    augment = DeviceCrops(8, None, torch.zeros(3), torch.ones(3), pca)
+    first = augment._on(torch.device("cpu"))
+    again = augment._on(torch.device("cpu"))
+    assert all(a is b for a, b in zip(again, first, strict=True)) and len(copies) == 1
 
 
 def test_cmyk_and_greyscale_jpegs_decode_to_canons_pixels(imagenette_root: Path,

@@ -122,8 +122,7 @@ class BatchedCrop:
             self._constants[key] = (
                 self.normalize.mean_at(height, width).to(device),
                 None if std is None else std.to(device),
-                None if pca is None else FancyPCA(pca.eigvec.to(device), pca.eigval.to(device),
-                                                  pca.alpha_std))
+                None if pca is None else pca.to(device))
         return self._constants[key]
 
     @classmethod

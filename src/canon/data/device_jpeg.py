@@ -217,7 +217,7 @@ class DeviceCrops:
                  fancy_pca: FancyPCA | None) -> None:
         self.size, self.draw, self.fancy_pca = size, draw, fancy_pca
         self.mean, self.std = mean.view(1, 3, 1, 1), None if std is None else std.view(1, 3, 1, 1)
-        self._constants: dict[torch.device, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._constants: dict[torch.device, tuple] = {}
 
     def draws(self, images: list[torch.Tensor], keys: torch.Tensor, seed: int, set_size: int
               ) -> list[Draws]:
@@ -238,10 +238,10 @@ class DeviceCrops:
                       sampling_ratio=-1, aligned=True)
             for i, image in enumerate(images)
         ]).div_(255)
-        if self.fancy_pca is not None:
+        mean, std, fancy_pca = self._on(device)
+        if fancy_pca is not None:
             alpha = torch.stack([d.alpha for d in chosen]).to(device, non_blocking=True)
-            crops += self.fancy_pca.shift(alpha).view(-1, 3, 1, 1)
-        mean, std = self._on(device)
+            crops += fancy_pca.shift(alpha).view(-1, 3, 1, 1)
         crops -= mean
         if std is not None:
             crops /= std
@@ -249,11 +249,13 @@ class DeviceCrops:
         crops = torch.where(flips.view(-1, 1, 1, 1), crops.flip(3), crops)
         return crops.contiguous(memory_format=torch.channels_last)
 
-    def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The mean and std on `device`, moved once."""
+    def _on(self, device: torch.device
+            ) -> tuple[torch.Tensor, torch.Tensor | None, FancyPCA | None]:
+        """The mean, std and colour shift's basis on `device`, moved once."""
         if device not in self._constants:
-            self._constants[device] = (self.mean.to(device),
-                                       None if self.std is None else self.std.to(device))
+            self._constants[device] = (
+                self.mean.to(device), None if self.std is None else self.std.to(device),
+                None if self.fancy_pca is None else self.fancy_pca.to(device))
         return self._constants[device]
 
     @classmethod

@@ -245,6 +245,11 @@ class FancyPCA:
         """The RGB shifts (..., 3) of alpha (..., 3) ~ N(0, alpha_std^2)."""
         return (alpha * self.eigval.to(alpha.device)) @ self.eigvec.to(alpha.device).T
 
+    def to(self, device: torch.device) -> FancyPCA:
+        """The same colour shift with its basis on `device`, for batched augmentation to keep
+        (a copy from host memory each batch would wait for the GPU's queue)."""
+        return FancyPCA(self.eigvec.to(device), self.eigval.to(device), self.alpha_std)
+
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         return image + self.noise().view(3, 1, 1)
 
