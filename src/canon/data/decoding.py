@@ -63,10 +63,10 @@ def decode_image_bytes(data: bytes, name: str | Path, max_pixels: int = MAX_IMAG
     # file) end the process with a segmentation fault, where PIL raises an error.
     if size is not None:
         _check_pixels(size, max_pixels, name)
-    if size is not None and not _webp_with_exif(data) and not data.startswith(_PNG_SIGNATURE):
-        tensor = _decode_with_torchvision(data)
-        if tensor is not None:
-            return tensor
+        if not _webp_with_exif(data) and not data.startswith(_PNG_SIGNATURE):
+            tensor = _decode_with_torchvision(data)
+            if tensor is not None:
+                return tensor
     # Other formats, headers image_size cannot parse, and files torchvision rejects: PIL reads
     # the header (and checks it again: its decoders read their own) and decodes.
     with _open_header(data, name) as image:

@@ -245,8 +245,7 @@ def claim_run_dir(run_dir: Path, *, resume: bool, overwrite: bool = False) -> It
     make_folder(run_dir, advice=OUTPUT_DIR_ADVICE)
     try:
         with _locked(run_dir):
-            if (run_dir / REPLACED_DIR).is_dir():  # a killed run's: kept if it got no further
-                _end_replacement(run_dir, failed=True)
+            _end_replacement(run_dir, failed=True)  # a killed run's: kept if it got no further
             if not resume:
                 _clear_earlier_run(run_dir, overwrite)
             sweep_partial_writes(run_dir, targets=_EXPORTS)  # other files may be the user's
