@@ -202,6 +202,7 @@ def test_too_small_input_names_minimum(built) -> None:
 
 @pytest.mark.parametrize("name, options", [
     ("resnet34", {"shortcut": "A"}),  # Table 3's option A: no projection weights
+    ("resnet34", {"stem": "deep", "avg_down": True}),  # timm's resnet34d
     ("resnet50", {"stride_in_1x1": False}),  # the same weights, other outputs
     ("vgg11", {"batch_norm": True}),
     ("zfnet", {"widths": (64, 64, 32)}),

@@ -209,6 +209,41 @@ def test_shortcut_options_of_table_3() -> None:
     assert count(option_c) > option_b
 
 
+def test_deep_stem_is_three_3x3_convolutions_at_the_same_stride() -> None:
+    """stem="deep" (VGG s2.3's stack of 3x3s in place of the 7x7): timm's resnet34d has
+    21.82M parameters, and conv1 still ends at a quarter of the input's side."""
+    deep = canon.create_model("resnet34", stem="deep").eval()
+    convs = [m for m in deep.conv1 if isinstance(m, nn.Conv2d)]
+    assert [(c.kernel_size, c.stride, c.out_channels) for c in convs] == [
+        ((3, 3), (2, 2), 32), ((3, 3), (1, 1), 32), ((3, 3), (1, 1), 64)]
+    stem_weights = 3 * 32 * 9 + 32 * 32 * 9 + 32 * 64 * 9 + 2 * (32 + 32 + 64)
+    assert count(deep) == count(build_on_meta("resnet34")) - (3 * 64 * 49 + 2 * 64) + stem_weights
+    assert round(count(deep) / 1e6, 2) == 21.82
+    with torch.no_grad():
+        assert deep.conv1(torch.randn(1, 3, 128, 128)).shape == (1, 64, 32, 32)
+    with pytest.raises(ConfigError, match="stem must be one of '7x7', 'deep'"):
+        canon.create_model("resnet18", stem="3x3")
+
+
+@pytest.mark.parametrize("block", [BasicBlock, Bottleneck])
+def test_avg_down_projects_the_mean_of_each_2x2_window(block) -> None:
+    """avg_down=True (ResNet-D): a strided projection reads every pixel, not one in four."""
+    torch.manual_seed(0)
+    strided = block(64, 64, stride=2, avg_down=True).eval()
+    x = torch.randn(2, 64, 9, 9)  # odd: the last row and column average what they have
+    _, conv, bn = strided.shortcut
+    window_means = torch.stack([torch.stack([x[..., i:i + 2, j:j + 2].mean((-2, -1))
+                                             for j in range(0, 9, 2)], -1)
+                                for i in range(0, 9, 2)], -2)
+    with torch.no_grad():
+        torch.testing.assert_close(strided.shortcut(x), bn(conv(window_means)))
+    assert (conv.stride, conv.kernel_size) == ((1, 1), (1, 1))
+    assert count(strided) == count(block(64, 64, stride=2))
+    widening = block(64, 128, avg_down=True).shortcut  # no stride: the projection alone
+    assert [type(m) for m in widening] == [nn.Conv2d, nn.BatchNorm2d]
+    assert count(build_on_meta("resnet50", avg_down=True)) == count(build_on_meta("resnet50"))
+
+
 def test_head_interface() -> None:
     model = canon.create_model("resnet50", num_classes=10).eval()
     features = torch.randn(2, 2048, 2, 2)

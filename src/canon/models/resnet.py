@@ -32,6 +32,7 @@ DEPTHS: dict[int, tuple[int, int, int, int]] = {
 # conv5_x N x 512e x 7 x 7     then global average pool and fc
 IMAGENET_WIDTHS = (64, 128, 256, 512)
 SHORTCUT_OPTIONS = ("A", "B", "C", None)
+STEMS = ("7x7", "deep")
 
 
 class ZeroPadShortcut(nn.Module):
@@ -48,13 +49,15 @@ class ZeroPadShortcut(nn.Module):
 
 
 def make_shortcut(
-    option: str | None, in_channels: int, out_channels: int, stride: int
+    option: str | None, in_channels: int, out_channels: int, stride: int, avg_down: bool = False
 ) -> nn.Module | None:
     """The shortcut of one block: None for a plain block, else a module added to its output.
 
     `option` is one of Table 3's: where the dimensions change, "A" subsamples and zero-pads the
     new channels and "B" projects, both being the identity elsewhere; "C" projects everywhere. A
-    projection is a strided 1x1 convolution followed by batch norm.
+    projection is a strided 1x1 convolution followed by batch norm; with `avg_down` a strided
+    one averages each 2x2 window and then convolves with stride 1, instead of reading one pixel
+    in four (He et al. 2019, "Bag of Tricks", ResNet-D; timm's `avg_down`).
     """
     if option not in SHORTCUT_OPTIONS:
         raise ConfigError(f"shortcut must be one of 'A', 'B', 'C' or None, got {option!r}")
@@ -69,6 +72,12 @@ def make_shortcut(
             )
         return ZeroPadShortcut(in_channels, out_channels, stride)
     if option == "C" or (option == "B" and changes_shape):
+        if avg_down and stride != 1:
+            return nn.Sequential(
+                nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False),
+                nn.Conv2d(in_channels, out_channels, 1, bias=False),
+                nn.BatchNorm2d(out_channels),
+            )
         return nn.Sequential(
             nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
             nn.BatchNorm2d(out_channels),
@@ -104,14 +113,19 @@ class BasicBlock(ResidualBlock):
     expansion = 1
 
     def __init__(
-        self, in_channels: int, channels: int, stride: int = 1, shortcut: str | None = "B"
+        self,
+        in_channels: int,
+        channels: int,
+        stride: int = 1,
+        shortcut: str | None = "B",
+        avg_down: bool = False,
     ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, channels, 3, stride=stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(channels)
         self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(channels)
-        self.shortcut = make_shortcut(shortcut, in_channels, channels, stride)
+        self.shortcut = make_shortcut(shortcut, in_channels, channels, stride, avg_down)
 
     @property
     def last_bn(self) -> nn.BatchNorm2d:
@@ -140,6 +154,7 @@ class Bottleneck(ResidualBlock):
         stride: int = 1,
         shortcut: str | None = "B",
         stride_in_1x1: bool = True,
+        avg_down: bool = False,
     ) -> None:
         super().__init__()
         out_channels = channels * self.expansion
@@ -150,7 +165,7 @@ class Bottleneck(ResidualBlock):
         self.bn2 = nn.BatchNorm2d(channels)
         self.conv3 = nn.Conv2d(channels, out_channels, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(out_channels)
-        self.shortcut = make_shortcut(shortcut, in_channels, out_channels, stride)
+        self.shortcut = make_shortcut(shortcut, in_channels, out_channels, stride, avg_down)
 
     @property
     def last_bn(self) -> nn.BatchNorm2d:
@@ -162,14 +177,27 @@ class Bottleneck(ResidualBlock):
         return self.bn3(self.conv3(x))
 
 
-def imagenet_stem() -> nn.Sequential:
-    """conv1 (7x7, 64, stride 2) + BN + ReLU and the 3x3/2 max pool of Table 1."""
-    return nn.Sequential(
-        nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False),
-        nn.BatchNorm2d(64),
-        nn.ReLU(inplace=True),
-        nn.MaxPool2d(3, stride=2, padding=1),
-    )
+def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int,
+                 stride: int = 1) -> list[nn.Module]:
+    return [nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride,
+                      padding=kernel_size // 2, bias=False),
+            nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)]
+
+
+def imagenet_stem(kind: str = "7x7") -> nn.Sequential:
+    """conv1 of Table 1 ("7x7": a 7x7/2 convolution of 64 filters, BN, ReLU) and its 3x3/2 max pool.
+
+    "deep" puts three 3x3 convolutions (32, 32 and 64 filters, the first strided) in place of
+    the 7x7: VGG's argument (Simonyan & Zisserman 2014, s2.3) that such a stack sees as far as
+    one 7x7 with three rectifications in place of one, as Inception-v3 and "Bag of Tricks"
+    (ResNet-C) later did in ResNets; timm's `stem_type="deep"`.
+    """
+    if kind not in STEMS:
+        raise ConfigError(f"stem must be one of {', '.join(map(repr, STEMS))}, got {kind!r}")
+    layers = (conv_bn_relu(3, 64, 7, stride=2) if kind == "7x7" else
+              [*conv_bn_relu(3, 32, 3, stride=2), *conv_bn_relu(32, 32, 3),
+               *conv_bn_relu(32, 64, 3)])
+    return nn.Sequential(*layers, nn.MaxPool2d(3, stride=2, padding=1))
 
 
 class ResNet(PooledHeadNet):
@@ -198,6 +226,8 @@ class ResNet(PooledHeadNet):
       appears with B only in Tables 3 and 4.
     - `resnet50_v1_5`, `resnet101_v1_5`, `resnet152_v1_5` stride the bottleneck's 3x3
       convolution instead of its first 1x1, as torchvision does (see `Bottleneck`).
+    - `stem="deep"` and `avg_down=True` are later variants, not the paper's (see
+      `imagenet_stem` and `make_shortcut`); with both, a net is timm's "d" variant (resnet34d).
     - Table 1 lists the 3x3/2 max pool at the head of conv2_x; here it closes the `conv1` stage,
       so that every `convN_x` stage is made of residual blocks only.
     - Initialisation: He et al. 2015 ("Delving deep into rectifiers") normal init for
@@ -216,13 +246,13 @@ class ResNet(PooledHeadNet):
         num_classes: int = 1000,
         *,
         widths: Sequence[int] = IMAGENET_WIDTHS,
-        stem: nn.Module | None = None,
+        stem: nn.Module | str = "7x7",
         stem_channels: int = 64,
         zero_init_residual: bool = False,
         **block_kwargs: Any,
     ) -> None:
         super().__init__()
-        self.add_stage("conv1", stem if stem is not None else imagenet_stem())
+        self.add_stage("conv1", imagenet_stem(stem) if isinstance(stem, str) else stem)
         in_channels = stem_channels
         for index, (depth, width) in enumerate(zip(depths, widths, strict=True)):
             stride = 1 if index == 0 else 2
