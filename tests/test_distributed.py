@@ -358,6 +358,8 @@ def test_single_process_is_plain_pytorch() -> None:
     assert not launched_by_torchrun() and elastic_restart_count() == 0
     model = torch.nn.Linear(3, 2)
     assert wrap_model(model, ctx) is model
+    with pytest.warns(UserWarning, match="--sync-bn .* no effect in a single process"):
+        assert wrap_model(model, ctx, sync_batchnorm=True) is model
     assert isinstance(epoch_order(10, seed=0), ShuffleSampler) and eval_shard(10, 0, 1) is None
     torch.testing.assert_close(all_reduce_sum(torch.ones(2), ctx), torch.ones(2))
     with sync_context(model, sync=False):

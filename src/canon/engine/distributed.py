@@ -6,6 +6,7 @@ the trainer has one code path."""
 from __future__ import annotations
 
 import os
+import warnings
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
@@ -174,6 +175,10 @@ def wrap_model(
     as in PyTorch).
     """
     if ctx.world_size == 1:
+        if sync_batchnorm:
+            warnings.warn("--sync-bn (train.sync_batchnorm) has no effect in a single process: "
+                          "its batch statistics are already the whole batch's; it applies "
+                          "under torchrun with several processes", stacklevel=2)
         return model
     if sync_batchnorm:
         if ctx.device.type != "cuda":
