@@ -74,14 +74,15 @@ def copy_checkpoint(source: Path, target: Path) -> None:
     )
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
+def load_checkpoint(path: str | Path, *, mmap: bool = False) -> dict[str, Any]:
     """Read a checkpoint on the CPU; DataError naming the file if it is missing, unreadable
-    (truncated, random bytes) or not a canon training checkpoint (a key missing)."""
+    (truncated, random bytes) or not a canon training checkpoint (a key missing). `mmap`
+    leaves the tensors in the file until they are used: for reading a checkpoint's counters."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"checkpoint {path} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # damaged bytes surface as almost any error: IndexError, KeyError..
         raise _unreadable_checkpoint(path, error) from None
     if not isinstance(state, dict):

@@ -168,7 +168,7 @@ def check_continuation(loaded: Path, state: dict[str, Any], named: bool, run_dir
 
 def _saved_step(checkpoint: Path) -> int | None:
     try:
-        return load_checkpoint(checkpoint)["step"]
+        return load_checkpoint(checkpoint, mmap=True)["step"]
     except DataError:  # unreadable: nothing to compare with
         return None
 
