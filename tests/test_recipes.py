@@ -174,3 +174,6 @@ def test_recipes_show_keeps_each_citation_whole_and_marks_keys_the_schedule_igno
     assert goyal["patience"].startswith("unused by kind multistep [canon's choice")
     assert not goyal["milestones"].startswith("unused")
     assert notes("alexnet")["patience"].startswith("canon's choice")  # plateau reads it
+    # A builder option is a key of model.options: each is shown with its own citation.
+    assert notes("vgg11")["init"].startswith('s3.1: "random initialisation"')
+    assert "options: {" not in show_recipe("vgg11")

@@ -209,6 +209,12 @@ def show_recipe(name_or_path: str | Path) -> str:
             readers = SCHEDULE_KIND_KEYS.get(key, ()) if section == "schedule" else ()
             if readers and recipe.schedule.kind not in readers:
                 note = f"unused by kind {recipe.schedule.kind} [{note}]"
+            if isinstance(item, dict) and item:  # model.options: each option with its own
+                lines.append(_noted(f"  {key}:", notes.get((section, key)) or None))
+                lines.extend(_noted(f"    {name}: {_flow(value)}",
+                                    notes.get((section, f"{key}.{name}"), "")) for name, value
+                             in item.items())
+                continue
             lines.append(_noted(f"  {key}: {_flow(item)}", note))
     return "\n".join(lines)
 
@@ -226,7 +232,7 @@ def _comments(path: Path) -> dict[tuple[str | None, str], str]:
     column right after it ("" for a key the file sets without a comment). A comment-only line
     at a key's indentation (or less) is about what follows, not a continuation."""
     comments: dict[tuple[str | None, str], str] = {}
-    section, last, key_indent = None, None, 0
+    section, last, key_indent, parent = None, None, 0, (0, "")
     for line in path.read_text(encoding="utf-8").splitlines():
         code, _, comment = line.partition("#")
         comment = comment.strip()
@@ -240,9 +246,11 @@ def _comments(path: Path) -> dict[tuple[str | None, str], str]:
         key_indent = len(code) - len(code.lstrip())
         if not key_indent:
             section = key if not code.split(":", 1)[1].strip() else None
-            last = (None, key)
+            last, parent = (None, key), (0, "")
+        elif parent[1] and key_indent > parent[0]:  # a key of a mapping value: options.stem
+            last = (section, f"{parent[1]}.{key}")
         else:
-            last = (section, key)
+            last, parent = (section, key), (key_indent, key)
         comments[last] = comment
     return comments
 
