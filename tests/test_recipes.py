@@ -177,3 +177,5 @@ def test_recipes_show_keeps_each_citation_whole_and_marks_keys_the_schedule_igno
     # A builder option is a key of model.options: each is shown with its own citation.
     assert notes("vgg11")["init"].startswith('s3.1: "random initialisation"')
     assert "options: {" not in show_recipe("vgg11")
+    deep = notes("resnet34d-imagenette20")
+    assert deep["stem"] == "as resnet34d-imagenette5.yaml" and deep["options"] == ""

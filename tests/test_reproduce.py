@@ -44,7 +44,7 @@ def test_every_experiment_is_data_that_loads() -> None:
                     assert recipe.train.iterations == (mode.iterations or original.iterations)
     imagenette = EXPERIMENTS["imagenette"]
     assert [load_recipe(name).train.epochs for name in imagenette.recipes] == [5, 20]
-    assert imagenette.recipes_in("quick") == ("resnet34-imagenette5",)
+    assert imagenette.recipes_in("quick") == ("resnet34d-imagenette5",)
 
 
 def test_quick_mode_shortens_the_schedule_in_proportion_and_warms_up_every_net() -> None:
@@ -266,7 +266,7 @@ def test_a_recipes_own_relative_folder_is_recorded_whole(
     (tmp_path / "imagenette2-160").symlink_to(imagenette_root)
     monkeypatch.chdir(tmp_path)
     quick = EXPERIMENTS["imagenette"].mode("quick")
-    recipe = training.shortened_recipe("resnet34-imagenette5", quick, 0)
+    recipe = training.shortened_recipe("resnet34d-imagenette5", quick, 0)
     assert recipe.data.dataset == str((tmp_path / "imagenette2-160").resolve())
 
 
@@ -316,11 +316,11 @@ def test_a_mode_that_leaves_a_run_unchanged_shares_the_full_mode_s_folder(imagen
     imagenette = EXPERIMENTS["imagenette"]
     quick, full = (training.plan_runs(imagenette, imagenette.mode(mode), None, Path("runs"),
                                       data=str(imagenette_root)) for mode in ("quick", "full"))
-    assert [run.run_dir.name for run in quick] == ["resnet34-imagenette5-seed0"]
+    assert [run.run_dir.name for run in quick] == ["resnet34d-imagenette5-seed0"]
     assert quick[0] == full[0]
     bf16 = training.plan_runs(imagenette, imagenette.mode("quick"), None, Path("runs"),
                               data=str(imagenette_root), amp="bf16")
-    assert bf16[0].run_dir.name == "resnet34-imagenette5-bf16-seed0"
+    assert bf16[0].run_dir.name == "resnet34d-imagenette5-bf16-seed0"
     (shortened,) = training.plan_runs(EXPERIMENTS["degradation"], MODES["quick"], None,
                                       Path("runs"))[:1]
     assert shortened.run_dir.name == "plain20-cifar10-quick-seed0"
@@ -344,7 +344,7 @@ def test_imagenette_micro_trains_on_a_jpeg_folder_and_sets_it_beside_the_leaderb
     assert 0 <= right <= 40 and right == pytest.approx(round(right))
     assert "ten-crop column scores the same models under AlexNet's" in readme
     run = results["runs"][0]
-    assert run["run"] == "resnet34-imagenette5-micro-seed0" and run["epochs"] == 1
+    assert run["run"] == "resnet34d-imagenette5-micro-seed0" and run["epochs"] == 1
     recipe = load_recipe(Path(run["run_dir"]) / "recipe.yaml")
     assert recipe.data.dataset == str(imagenette_root.resolve())
     assert recipe.data.crop_size == 128
@@ -353,12 +353,12 @@ def test_imagenette_micro_trains_on_a_jpeg_folder_and_sets_it_beside_the_leaderb
           "--output-dir", str(tmp_path), "--device", "cpu", "--amp", "bf16"])
     assert "(1 run(s) trained now)" in capsys.readouterr().out
     run = json.loads((tmp_path / "imagenette-micro-bf16" / "results.json").read_text())["runs"][0]
-    assert run["run"] == "resnet34-imagenette5-micro-bf16-seed0" and run["epochs"] == 1
+    assert run["run"] == "resnet34d-imagenette5-micro-bf16-seed0" and run["epochs"] == 1
     assert load_recipe(Path(run["run_dir"]) / "recipe.yaml").train.amp == "bf16"
     # Its report goes beside the first one's, which keeps the recipes' own precision.
     assert "--amp bf16" in (tmp_path / "imagenette-micro-bf16" / "README.md").read_text()
     assert "--amp" not in (report / "README.md").read_text()
-    assert load_recipe(tmp_path / "runs" / "resnet34-imagenette5-micro-seed0" / "recipe.yaml"
+    assert load_recipe(tmp_path / "runs" / "resnet34d-imagenette5-micro-seed0" / "recipe.yaml"
                        ).train.amp == "none"
 
 
