@@ -242,6 +242,9 @@ def test_avg_down_projects_the_mean_of_each_2x2_window(block) -> None:
     widening = block(64, 128, avg_down=True).shortcut  # no stride: the projection alone
     assert [type(m) for m in widening] == [nn.Conv2d, nn.BatchNorm2d]
     assert count(build_on_meta("resnet50", avg_down=True)) == count(build_on_meta("resnet50"))
+    for no_projection in ("resnet20", "plain20"):  # option A, and no shortcuts at all
+        with pytest.raises(ConfigError, match="avg_down averages before a projection"):
+            canon.create_model(no_projection, avg_down=True)
 
 
 def test_head_interface() -> None:

@@ -61,6 +61,9 @@ def make_shortcut(
     """
     if option not in SHORTCUT_OPTIONS:
         raise ConfigError(f"shortcut must be one of 'A', 'B', 'C' or None, got {option!r}")
+    if avg_down and option in ("A", None):
+        raise ConfigError(f"avg_down averages before a projection shortcut (option B or C); "
+                          f"shortcut={option!r} has none")
     if option is None:
         return None
     changes_shape = stride != 1 or in_channels != out_channels
