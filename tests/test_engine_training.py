@@ -25,7 +25,7 @@ from canon.engine.distributed import init_distributed
 from canon.engine.graphed import GraphedStep, restored_after
 from canon.engine.rundir import latest_run_dir, new_run_dir
 from canon.engine.saving import divergence_remedy
-from canon.engine.setup import model_label, set_up
+from canon.engine.setup import set_up
 from canon.engine.stopping import StopFlag
 from canon.engine.trained import load_trained
 from canon.engine.trainer import TrainingInterrupted, train
@@ -83,10 +83,13 @@ def test_short_run_lowers_the_loss_and_beats_chance_on_held_out_images(sample_se
 
 
 def test_the_run_header_names_the_models_builder_options() -> None:
-    assert model_label(load_recipe("resnet34-imagenette5").model) == "resnet34"
-    assert model_label(load_recipe("vgg11").model) == "vgg11 (init=normal)"
+    def label(recipe: Recipe) -> str:
+        return recipe.model.labelled(recipe.model.name)
+
+    assert label(load_recipe("resnet34-imagenette5")) == "resnet34"
+    assert label(load_recipe("vgg11")) == "vgg11 (init=normal)"
     options = load_recipe("resnet34", [("model.options", {"stem": "deep", "avg_down": True})])
-    assert model_label(options.model) == "resnet34 (stem=deep, avg_down=True)"
+    assert label(options) == "resnet34 (stem=deep, avg_down=True)"
 
 
 @pytest.fixture(scope="module")

@@ -334,7 +334,7 @@ def test_imagenette_micro_trains_on_a_jpeg_folder_and_sets_it_beside_the_leaderb
     assert "imagenette: finding not shown" in capsys.readouterr().out  # 4 steps learn nothing
     report = tmp_path / "imagenette-micro"
     readme = (report / "README.md").read_text()
-    assert "| ResNet-34, 1 epochs |" in readme and "| 87.43 |" in readme
+    assert "| ResNet-34 (stem=deep, avg_down=True), 1 epochs |" in readme and "| 87.43 |" in readme
     assert "final model on the validation set" in readme and "## The reference: fast.ai" in readme
     assert f"--data {imagenette_root.resolve()}" in readme
     assert (report / "curves" / "curves-top1.png").stat().st_size > 0

@@ -46,13 +46,7 @@ from canon.errors import ConfigError, first_line
 from canon.files import atomic_write
 from canon.models.base import MODELS
 from canon.models.factory import create_model
-from canon.recipes.schema import (
-    ModelSection,
-    OptimizerSection,
-    Recipe,
-    ScheduleSection,
-    TrainSection,
-)
+from canon.recipes.schema import OptimizerSection, Recipe, ScheduleSection, TrainSection
 
 
 class _WithAux(nn.Module):
@@ -363,7 +357,7 @@ def open_run_dir(run: Run) -> None:
     global_batch_size = config.batch_size * config.accum_steps * ctx.world_size
     val = "test images" if run.validates_on_test_set else "val images"
     print(
-        f"{recipe.name}: {model_label(recipe.model)} on {recipe.data.dataset} "
+        f"{recipe.name}: {recipe.model.labelled(recipe.model.name)} on {recipe.data.dataset} "
         f"({run.train_size} train / {run.val_size} {val}, {run.num_classes} classes), "
         f"global batch {global_batch_size} = {config.batch_size} x {config.accum_steps} "
         f"accum x {ctx.world_size} device(s), peak lr {run.schedule.peak_lr:.4g}, "
@@ -378,12 +372,6 @@ def open_run_dir(run: Run) -> None:
               "(no best.pt); the final model's error is the result")
     if run.schedule.config != recipe.schedule or run.iterations != config.iterations:
         print(_scaled_counts_note(recipe, run.schedule.config, run.iterations, global_batch_size))
-
-
-def model_label(section: ModelSection) -> str:
-    """The model's name with the builder options a recipe gives it: 'resnet34 (stem=deep)'."""
-    options = ", ".join(f"{key}={value}" for key, value in section.options.items())
-    return f"{section.name} ({options})" if options else section.name
 
 
 def _length(run: Run) -> str:

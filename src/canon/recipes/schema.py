@@ -109,6 +109,12 @@ class ModelSection:
         )
         _check(self.frozen_stages >= 0, "model.frozen_stages must be >= 0")
 
+    def labelled(self, name: str) -> str:
+        """`name` (the model's, or a report's label for it) with the builder options:
+        'resnet34 (stem=deep, avg_down=True)'."""
+        options = ", ".join(f"{key}={value}" for key, value in self.options.items())
+        return f"{name} ({options})" if options else name
+
 
 @dataclass(frozen=True)
 class OptimizerSection:

@@ -213,7 +213,7 @@ def imagenette(records: list[RunRecord], context: Context) -> Outcome:
         recipe = record.run.recipe
         ours, board = 100 - record.test_error, 100 - recipe.reported.top1_error
         ten_crop = _ten_crop_accuracy(record, context)
-        name = f"{_label(record)}, {record.epochs} epochs"
+        name = f"{recipe.model.labelled(_label(record))}, {record.epochs} epochs"
         table.append({"run": name, "top-1 accuracy (%)": ours, "leaderboard (%)": board,
                       "ours - leaderboard": ours - board, "top-1, ten-crop (%)": ten_crop,
                       "training error (%)": record.train_error,
