@@ -180,8 +180,10 @@ class Bottleneck(ResidualBlock):
         return self.bn3(self.conv3(x))
 
 
-def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int,
-                 stride: int = 1) -> list[nn.Module]:
+def conv_bn_relu_layers(in_channels: int, out_channels: int, kernel_size: int,
+                        stride: int = 1) -> list[nn.Module]:
+    """Convolution, BN, ReLU as loose layers (not googlenet's named conv_bn_relu block): the
+    stem is one flat Sequential, whose conv1.0 and conv1.1 torchvision's conv1 and bn1 map to."""
     return [nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride,
                       padding=kernel_size // 2, bias=False),
             nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)]
@@ -197,9 +199,9 @@ def imagenet_stem(kind: str = "7x7") -> nn.Sequential:
     """
     if kind not in STEMS:
         raise ConfigError(f"stem must be one of {', '.join(map(repr, STEMS))}, got {kind!r}")
-    layers = (conv_bn_relu(3, 64, 7, stride=2) if kind == "7x7" else
-              [*conv_bn_relu(3, 32, 3, stride=2), *conv_bn_relu(32, 32, 3),
-               *conv_bn_relu(32, 64, 3)])
+    layers = (conv_bn_relu_layers(3, 64, 7, stride=2) if kind == "7x7" else
+              [*conv_bn_relu_layers(3, 32, 3, stride=2), *conv_bn_relu_layers(32, 32, 3),
+               *conv_bn_relu_layers(32, 64, 3)])
     return nn.Sequential(*layers, nn.MaxPool2d(3, stride=2, padding=1))
 
 
