@@ -11,8 +11,9 @@ from torch.optim import swa_utils
 
 from canon.data import DataConfig
 from canon.data.datasets import validates_on_test_split
+from canon.engine.optimization import make_average, make_optimizer
 from canon.engine.schedules import LearningRateSchedule, scale_iteration_counts
-from canon.engine.setup import build_model, make_average, make_optimizer
+from canon.engine.setup import build_model
 from canon.errors import ConfigError
 from canon.recipes import list_recipes, load_recipe
 from canon.recipes.schema import TrainSection

@@ -14,15 +14,15 @@ from PIL import Image
 from sample_subsets import spread_subsets
 
 import canon
-import canon.engine.setup
+import canon.engine.optimization
 from canon.cli import main
 from canon.data import build_datasets
 from canon.data.datasets import open_dataset, open_split
 from canon.data.labeled import LabeledImages
 from canon.engine.freezing import freeze_stages, frozen_stage_count
 from canon.engine.initialize import copy_matching, initialize_from
+from canon.engine.optimization import make_optimizer
 from canon.engine.schedules import LearningRateSchedule
-from canon.engine.setup import make_optimizer
 from canon.errors import ConfigError, DataError
 from canon.recipes.schema import OptimizerSection, ScheduleSection
 from canon.transfer.features import Features, extract_features
@@ -212,14 +212,14 @@ def test_a_stage_unfrozen_after_the_first_step_trains_with_gpu_optimizer_setting
     """On GPUs SGD runs fused; its kernel fails on a group whose parameters have momentum
     buffers but for those of a stage just unfrozen. CPU parameters taken for GPU ones here
     (torch's fused SGD runs on CPUs too)."""
-    monkeypatch.setattr(canon.engine.setup, "all_on_cuda", lambda model: True)
+    monkeypatch.setattr(canon.engine.optimization, "all_on_cuda", lambda model: True)
     recipe = canon.load_recipe("quickstart", [
         "model.frozen_stages=1", "train.unfreeze_every_epochs=1", "train.epochs=2",
         "train.iterations=null", "data.val_split=0"])
     data = spread_subsets(build_datasets(recipe.data), 64, 32)
     result = canon.train(recipe, tmp_path, device="cpu", datasets=data, progress=False)
     assert [row["epoch"] for row in result.metrics] == [1, 2]
-    assert canon.engine.setup.fused_sgd(canon.create_model("resnet20"), frozen_stages=0)
+    assert canon.engine.optimization.fused_sgd(canon.create_model("resnet20"), frozen_stages=0)
 
 
 def test_finetune_and_features_through_the_cli(folders, source_run, tmp_path, capsys):

@@ -36,8 +36,8 @@ import torchvision.models as tvm
 
 from canon.engine.distributed import resolve_device
 from canon.engine.graphed import GraphedStep
+from canon.engine.optimization import classification_loss, fused_sgd
 from canon.engine.precision import DTYPES, Precision
-from canon.engine.setup import classification_loss, fused_sgd
 from canon.errors import ConfigError
 from canon.models.factory import create_model
 from canon.models.summary import summarize

@@ -30,6 +30,7 @@ from canon.engine.logs import (
     write_epoch_events,
     write_metrics_csv,
 )
+from canon.engine.optimization import classification_loss
 from canon.engine.precision import Precision
 from canon.engine.rundir import (
     check_continuation,
@@ -47,14 +48,7 @@ from canon.engine.saving import (
     snapshot,
     validated_model,
 )
-from canon.engine.setup import (
-    Run,
-    check_recipe,
-    classification_loss,
-    new_totals,
-    open_run_dir,
-    set_up,
-)
+from canon.engine.setup import Run, check_recipe, new_totals, open_run_dir, set_up
 from canon.engine.stopping import StopFlag, shut_down_workers
 from canon.errors import ConfigError, DataError, NonFiniteError
 from canon.evaluation import score_loader
