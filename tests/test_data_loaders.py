@@ -11,6 +11,7 @@ from PIL import Image
 from canon.cli import main
 from canon.data import BadImageWarning, DataConfig, ShuffleSampler, build_datasets, build_loader
 from canon.data.datasets import load_sample
+from canon.data.sampling import SeededSamples
 from canon.data.stats import load_or_compute_stats, stats_cache_path
 from canon.errors import ConfigError
 from canon.recipes import load_recipe
@@ -158,6 +159,25 @@ def test_shuffling_depends_only_on_seed_and_epoch():
     next_seed = ShuffleSampler(indexed, seed=4)
     assert list(next_seed) != list(sampler)
 
+
+class _Draws(torch.utils.data.Dataset):
+    """Each sample is a draw from torch's global generator, as a transform's would be."""
+
+    def __len__(self) -> int:
+        return 32
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.randint(2**62, (2,))
+
+
+def test_every_sample_and_epoch_draws_its_own_augmentation():
+    """torch's CPU generator reads a seed's low 32 bits alone; every (epoch, index) must still
+    differ there, or later epochs replay earlier ones' crops on neighbouring images."""
+    draws = SeededSamples(_Draws(), seed=0)
+    keys = range(8 * len(draws))  # epochs 0-7
+    seen = {tuple(draws[key].tolist()) for key in keys}
+    assert len(seen) == len(keys)
+    assert torch.equal(draws[70], draws[70])  # and each is fixed by its key
 
 def test_drop_last_and_worker_augmentation_are_seeded(tmp_path):
     train = build_datasets(DataConfig(), root_cache=tmp_path).train

@@ -71,9 +71,18 @@ def eval_shard(dataset_size: int, rank: int, world_size: int) -> Sampler | None:
     return ShardSampler(dataset_size, rank, world_size)
 
 
+_MASK64 = 2**64 - 1
+
+
 def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """The seed of sample `index`'s augmentation in `epoch` of a run seeded `seed`."""
-    return ((spread_seed(seed) + epoch) * 2_147_483_647 + index) % 2**63
+    """The seed of sample `index`'s augmentation in `epoch` of a run seeded `seed`: (seed,
+    epoch, index) in one 64-bit number, mixed by splitmix64's finaliser. torch's CPU generator
+    keeps only a seed's low 32 bits, where the unmixed number gave sample i + 2 in epoch e + 2
+    the draws of sample i in epoch e."""
+    mixed = ((spread_seed(seed) + epoch) * 2_147_483_647 + index) & _MASK64
+    mixed = ((mixed ^ (mixed >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    mixed = ((mixed ^ (mixed >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (mixed ^ (mixed >> 31)) >> 1  # manual_seed takes at most 63 bits
 
 
 @contextlib.contextmanager
