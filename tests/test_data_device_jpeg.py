@@ -70,6 +70,7 @@ def test_a_batch_decodes_to_canons_pixels_with_a_png_and_an_exif_rotation_among_
         decoded = decode_batch(files[:count], keys, images, CPU)
         for i, image in enumerate(decoded):
             assert torch.equal(image, decode_image_file(images.paths[i]))
+    assert _plain_jpeg(files[0], 0) and not _plain_jpeg(files[0][: len(files[0]) // 2], 0)
     (tmp_path / "n02102040" / "zz_png_named.JPEG").write_bytes(files[0][:300].numpy().tobytes())
     with pytest.warns(UserWarning, match="zz_png_named.JPEG"):  # now a truncated JPEG
         truncated = FolderImages(tmp_path)

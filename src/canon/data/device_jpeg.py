@@ -158,13 +158,20 @@ def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor | None
     return None if decoded is None else decoded[0]
 
 
+_END_SEARCH = 64  # bytes at a JPEG's end where its end-of-image marker must be
+
+
 def _plain_jpeg(data: torch.Tensor, max_pixels: int) -> bool:
     """An 8-bit greyscale or YCbCr JPEG (baseline or progressive) without EXIF data, within
-    max_pixels (0: no limit): what decode_jpeg turns into the pixels canon's decoder gives.
-    CMYK and 12-bit JPEGs, which nvJPEG may refuse or convert otherwise, are not."""
+    max_pixels (0: no limit), that ends: what decode_jpeg turns into the pixels canon's decoder
+    gives. CMYK and 12-bit JPEGs, which nvJPEG may refuse or convert otherwise, are not, nor
+    a file cut short, which canon's decoder refuses where nvJPEG might fill the rest in grey.
+    Its end-of-image marker is near the end (a few bytes of padding may follow): scan data
+    never holds one, since an 0xFF byte there is followed by 0x00 or a restart marker."""
     head = data[:65_536].numpy().tobytes()  # the APP1 (EXIF) segment comes first and is < 64 KB
     frame = jpeg_frame(head) if head[:2] == b"\xff\xd8" else None
-    if frame is None or b"Exif\x00\x00" in head:
+    ends = b"\xff\xd9" in data[-_END_SEARCH:].numpy().tobytes()
+    if frame is None or not ends or b"Exif\x00\x00" in head:
         return False
     width, height, components, precision = frame
     return (components in (1, 3) and precision == 8 and width > 0 and height > 0
