@@ -630,6 +630,36 @@ def test_images_in_subfolders_of_a_class_are_read_and_nothing_goes_unsaid(tmp_pa
     assert images.labels == [0, 0, 0, 1, 1, 2]
 
 
+def test_an_unreadable_folder_and_a_file_removed_during_the_scan_are_skipped_by_name(
+    tmp_path, monkeypatch
+):
+    """What the scan meets on a live file system goes through the skip rules, as a bad file
+    does, not out as a bare OSError. Tests run as root here, so a folder without read
+    permission is simulated; the removal is a real one, between listing and stat."""
+    _write_images(tmp_path / "a", 2)
+    _write_images(tmp_path / "a" / "locked", 1)
+    _write_images(tmp_path / "b", 1)
+    scandir = os.scandir
+
+    def live_scandir(folder):
+        if Path(folder).name == "locked":
+            raise PermissionError(13, "Permission denied", str(folder))
+        entries = list(scandir(folder))
+        if Path(folder).name == "a":
+            (Path(folder) / "img1.png").unlink(missing_ok=True)
+        return entries
+
+    monkeypatch.setattr(os, "scandir", live_scandir)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        images = FolderImages(tmp_path)
+    named = " ".join(str(w.message) for w in caught if issubclass(w.category, BadImageWarning))
+    assert f"{tmp_path / 'a' / 'locked'}: cannot read the folder (Permission denied)" in named
+    assert f"{tmp_path / 'a' / 'img1.png'}: removed while the folder was read" in named
+    assert [str(p.relative_to(tmp_path)) for p in images.paths] == ["a/img0.png", "b/img0.png"]
+    with pytest.raises(DataError, match=r"locked: cannot read the folder .*strict mode"):
+        FolderImages(tmp_path, strict=True)
+
 def test_a_file_rewritten_at_the_same_size_changes_the_folder_fingerprint(tmp_path):
     """The fingerprint keys cached statistics: an image replaced by another of the same size
     (a new modification time) must not find the old statistics."""

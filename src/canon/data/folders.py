@@ -129,8 +129,12 @@ class FolderImages(LabeledImages):
         """A class folder's image files, in its subfolders too (as torchvision's ImageFolder
         reads them), in name order; Tiny-ImageNet's <class>_boxes.txt beside images/ quietly
         left out."""
-        visible = [e for e in sorted(os.scandir(folder), key=lambda e: e.name)
-                   if e.name[0] != "."]
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as error:  # permissions, or removed since it was listed
+            self._skip(folder, f"cannot read the folder ({error.strerror or error})")
+            entries = []
+        visible = [e for e in entries if e.name[0] != "."]
         if [e.name for e in visible if e.is_dir()] == ["images"] and all(
                 e.is_dir() or e.name.endswith("_boxes.txt") for e in visible):
             visible = [e for e in visible if e.is_dir()]
@@ -143,7 +147,7 @@ class FolderImages(LabeledImages):
                 paths += self._scan_class(path, f"{name}/{entry.name}", digest)
             elif not entry.is_file():
                 self._skip(path, "a link to nothing")
-            elif self._keep(path, entry.stat(), name, digest):
+            elif self._keep(path, _status(entry), name, digest):
                 paths.append(path)
         if not paths and "/" not in name:  # the class folder itself, not one of its own
             warnings.warn(f"{folder}: empty class folder (no image file in it)",
@@ -163,9 +167,12 @@ class FolderImages(LabeledImages):
                 paths.append(path)
         return paths
 
-    def _keep(self, path: Path, status: os.stat_result, name: str, digest) -> bool:
-        """Whether a file is worth decoding; skips others (with a warning) or, strict, raises."""
-        if not path.name.lower().endswith(IMAGE_EXTENSIONS):
+    def _keep(self, path: Path, status: os.stat_result | None, name: str, digest) -> bool:
+        """Whether a file is worth decoding; skips others (with a warning) or, strict, raises.
+        No status: the file went between the listing and its stat."""
+        if status is None:
+            self._skip(path, "removed while the folder was read")
+        elif not path.name.lower().endswith(IMAGE_EXTENSIONS):
             self._skip(path, "not an image file name (extension)")
         elif status.st_size == 0:
             self._skip(path, "empty file (0 bytes)")
@@ -210,6 +217,13 @@ class FolderImages(LabeledImages):
 
     def __repr__(self) -> str:
         return f"FolderImages({self.root}, {len(self)} images, {len(self.classes)} classes)"
+
+
+def _status(entry: os.DirEntry) -> os.stat_result | None:
+    try:
+        return entry.stat()
+    except FileNotFoundError:
+        return None
 
 
 def check_known_classes(where: str, found: list[str], class_ids: list[str]) -> None:
