@@ -33,7 +33,7 @@ from canon.data.cifar import (
 from canon.data.datasets import load_sample, open_dataset, open_eval_split
 from canon.data.decoding import decode_image_file, image_size
 from canon.data.folders import FolderImages
-from canon.data.stats import compute_stats, statistics_of
+from canon.data.stats import compute_stats, statistics_of, stats_cache_path
 from canon.errors import ConfigError, DataError
 from canon.evaluation.protocols import evaluate
 from canon.models.factory import create_model
@@ -660,6 +660,7 @@ def test_an_unreadable_folder_and_a_file_removed_during_the_scan_are_skipped_by_
     with pytest.raises(DataError, match=r"locked: cannot read the folder .*strict mode"):
         FolderImages(tmp_path, strict=True)
 
+
 def test_a_file_rewritten_at_the_same_size_changes_the_folder_fingerprint(tmp_path):
     """The fingerprint keys cached statistics: an image replaced by another of the same size
     (a new modification time) must not find the old statistics."""
@@ -682,6 +683,16 @@ def test_a_file_rewritten_at_the_same_size_changes_the_folder_fingerprint(tmp_pa
     assert [str(w.message).split(": ")[-1] for w in caught] == [
         "empty file (0 bytes)", "skipped 1 of 4 files (see the warnings above)"]
     assert latin1 in {p.name for p in folder.paths} and len(folder) == 3
+
+
+def test_statistics_under_another_pixel_limit_are_cached_apart(tmp_path):
+    """Images over data.max_image_pixels are skipped as they are decoded, so statistics
+    computed under one limit are not those of the images another limit lets through."""
+    _write_images(tmp_path / "a", 1)
+    _write_images(tmp_path / "b", 1)
+    default, limited = FolderImages(tmp_path), FolderImages(tmp_path, max_pixels=30)
+    assert stats_cache_path(limited, 32) != stats_cache_path(default, 32)
+    assert stats_cache_path(default, 32).name.startswith(default.fingerprint())
 
 
 def test_pgm_and_jfif_files_are_images_as_imagefolder_and_browsers_have_them(tmp_path):

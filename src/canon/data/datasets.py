@@ -229,7 +229,9 @@ def _relabel(split: ArrayImages | ShardImages, class_ids: list[str]) -> ArrayIma
 def dataset_fingerprint(dataset: Images) -> str:
     """A short key that changes when the dataset's content does (for cached statistics)."""
     if isinstance(dataset, FolderImages | ShardImages):
-        return dataset.fingerprint()
+        # An image over max_pixels is skipped when it is decoded: another limit, other images.
+        limit = "" if dataset.max_pixels == MAX_IMAGE_PIXELS else f"-max{dataset.max_pixels}"
+        return dataset.fingerprint() + limit
     if isinstance(dataset, ArrayImages):
         digest = hashlib.sha256(np.ascontiguousarray(dataset.images.numpy()))  # no copy
         digest.update(np.asarray(dataset.labels, dtype=np.int64).tobytes())
