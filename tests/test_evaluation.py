@@ -523,6 +523,19 @@ def test_evaluate_a_folder_of_some_of_the_models_classes(imagenette_root, tmp_pa
         evaluate(model, tmp_path, "center", class_ids=wnids)
 
 
+def test_a_labelled_set_is_scored_only_by_a_model_of_its_classes(sample_sets):
+    """A LabeledImages set's labels index its own class_ids: against a model whose outputs are
+    those classes in another order they would count the wrong outputs, silently."""
+    val = sample_sets.val
+    subset = ArrayImages(val.images[:8], val.labels[:8], val.class_ids, name="val[:8]")
+    model = SmallConvNet().eval()
+    scored = evaluate(model, subset, preprocess=sample_sets.preprocess, class_ids=val.class_ids)
+    assert scored["images"] == 8
+    reordered = val.class_ids[::-1]
+    expected = f"output 0 is '{reordered[0]}' against '{val.class_ids[0]}'"
+    with pytest.raises(ConfigError, match=rf"other classes than the model's \({expected}\)"):
+        evaluate(model, subset, preprocess=sample_sets.preprocess, class_ids=reordered)
+
 def test_evaluate_with_a_preprocess_reads_no_training_split(imagenette_root, tmp_path):
     wnids = ["n01440764", "n02102040"]
     for wnid in wnids:

@@ -20,7 +20,12 @@ from canon.data.labeled import LabeledImages
 from canon.data.preprocess import EvalPreprocess, center_transform
 from canon.errors import ConfigError
 from canon.evaluation.metrics import TopKErrors
-from canon.evaluation.protocols import evaluate, preprocess_for
+from canon.evaluation.protocols import (
+    check_labelled_by,
+    class_difference,
+    evaluate,
+    preprocess_for,
+)
 
 
 @dataclass(frozen=True)
@@ -76,12 +81,8 @@ def evaluate_ensemble(
             "each member of an ensemble makes its own views of raw images: pass a dataset name "
             f"or folder, or a LabeledImages set, not a {type(data).__name__} of ready tensors"
         )
-    if isinstance(data, LabeledImages) and data.class_ids != members[0].class_ids:
-        raise ConfigError(
-            f"{data!r} is labelled by other classes than the members' "
-            f"({_difference(members[0].class_ids, data.class_ids)}): pass the dataset's name "
-            "or folder, whose labels are then matched to the members' classes by name"
-        )
+    if isinstance(data, LabeledImages):
+        check_labelled_by(data, members[0].class_ids, "the members'")
     results, probabilities = [], []
     for member in members:
         result = evaluate(
@@ -177,12 +178,5 @@ def _check_classes(members: Sequence[EnsembleMember]) -> None:
         if member.class_ids != first.class_ids:
             raise ConfigError(
                 f"{first.name!r} and {member.name!r} cannot be averaged: their classes differ "
-                f"({_difference(first.class_ids, member.class_ids)})"
+                f"({class_difference(first.class_ids, member.class_ids)})"
             )
-
-
-def _difference(ours: list[str], theirs: list[str]) -> str:
-    if len(ours) != len(theirs):
-        return f"{len(ours)} against {len(theirs)} classes"
-    index = next(i for i, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a != b)
-    return f"output {index} is {ours[index]!r} against {theirs[index]!r}"

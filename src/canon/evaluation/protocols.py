@@ -108,6 +108,7 @@ def evaluate(
     (LabeledImages.class_ids of the set it was trained on), label the split by class name: it
     may hold some of those classes and no others. Without them the split's own sorted classes
     are taken to be the model's (a ConfigError where there are not as many as it has outputs).
+    A LabeledImages set is labelled already: given `class_ids`, its own must equal them.
     The model is moved to `device` first. A forward pass takes at most `batch_size` views
     (ten per image under ten-crop), those of consecutive loaded batches together so that
     passes are full where views share a shape (ViewScorer), and images are loaded
@@ -123,6 +124,8 @@ def evaluate(
         raise ConfigError(f"batch_size must be at least 1 (views per forward pass), got "
                           f"{batch_size}")
     parsed = parse_protocol(protocol)
+    if isinstance(data, LabeledImages) and class_ids is not None:
+        check_labelled_by(data, class_ids, "the model's")
     if isinstance(data, str | Path):
         raw, preprocess = _validation_images(
             data, data_config, preprocess, model, root_cache, strict, class_ids
@@ -176,6 +179,23 @@ def evaluate(
             labels=torch.cat(kept_labels) if kept else torch.empty(0, dtype=torch.long),
         )
     return result
+
+
+def check_labelled_by(data: LabeledImages, class_ids: Sequence[str], whose: str) -> None:
+    """A ConfigError unless `data`'s labels index `class_ids` (`whose` classes), in order."""
+    if list(data.class_ids) != list(class_ids):
+        raise ConfigError(
+            f"{data!r} is labelled by other classes than {whose} "
+            f"({class_difference(class_ids, data.class_ids)}): pass the dataset's name or "
+            f"folder, whose labels are then matched to {whose} classes by name")
+
+
+def class_difference(ours: Sequence[str], theirs: Sequence[str]) -> str:
+    """Where two unequal class lists first differ, for an error message."""
+    if len(ours) != len(theirs):
+        return f"{len(ours)} against {len(theirs)} classes"
+    index = next(i for i, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a != b)
+    return f"output {index} is {ours[index]!r} against {theirs[index]!r}"
 
 
 def _views_per_image(protocol: Protocol, views: ProtocolViews) -> int:
