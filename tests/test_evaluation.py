@@ -165,6 +165,11 @@ def test_144_crop_needs_crops_of_64_px(sample_sets):
             ProtocolViews(protocol, preprocess)
     preprocess = EvalPreprocess(64, 73, Normalize(torch.zeros(3)))
     assert ProtocolViews(protocol, preprocess).scales == (73, 82, 91, 101)
+    with pytest.raises(ConfigError, match=r"scales \(60, 80\): .* under the crop size 64"):
+        ProtocolViews(protocol, preprocess, scales=(60, 80))  # not in a loader worker, later
+    square = dataclasses.replace(preprocess, fit="center-square")  # AlexNet's and ZFNet's
+    with pytest.warns(UserWarning, match=r"squares are one \(48 distinct views, not 144\)"):
+        ProtocolViews(protocol, square)
     val = sample_sets.val
     with pytest.raises(ConfigError, match="144-crop"):
         evaluate(SmallConvNet(), val, "144-crop", preprocess=sample_sets.preprocess)

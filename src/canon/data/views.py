@@ -59,7 +59,7 @@ def _check_scales(protocol: Protocol, preprocess: EvalPreprocess, scales: tuple[
         raise ConfigError(f"scales {tuple(scales)} apply to the multi-scale protocols and "
                           f"144-crop; {protocol.name} evaluates at resize_size "
                           f"({preprocess.resize_size})")
-    if not protocol.multi_scale:
+    if not protocol.multi_scale and not scales:  # 144-crop's own scales fit its crops
         return
     used = tuple(scales or preprocess.scales)
     if not used:
@@ -173,7 +173,7 @@ class ProtocolViews:
         if "ten-crop" in protocol.methods and not protocol.multi_scale:
             _warn_if_no_margin(preprocess)
         if protocol.methods == ("144-crop",):
-            _check_144_crop(preprocess.crop_size)
+            _check_144_crop(preprocess)
             ratio = preprocess.crop_size / 224
             self.scales = scales or tuple(round(s * ratio) for s in GOOGLENET_SCALES)
         self.scales = self.scales or (preprocess.resize_size,)  # the single-scale protocols
@@ -210,12 +210,18 @@ def _warn_if_no_margin(preprocess: EvalPreprocess) -> None:
             "scores the centre crop and its reflection (2 distinct views, not 10)", stacklevel=3)
 
 
-def _check_144_crop(crop_size: int) -> None:
+def _check_144_crop(preprocess: EvalPreprocess) -> None:
+    crop_size = preprocess.crop_size
     if crop_size < MIN_144_CROP_SIZE:
         raise ConfigError(
             f"protocol '144-crop' is GoogLeNet's for 224 px crops; with {crop_size} px crops "
             f"(under {MIN_144_CROP_SIZE}) its views are near-copies: use center, ten-crop or dense"
         )
+    if preprocess.fit != "shorter":
+        warnings.warn(
+            f"144-crop of images fitted by {preprocess.fit!r}: every rescaled image is a square, "
+            "so its left, centre and right squares are one (48 distinct views, not 144)",
+            stacklevel=3)
 
 
 def collate_views(items: list) -> tuple[list[list[torch.Tensor]], torch.Tensor]:
