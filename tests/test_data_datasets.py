@@ -608,6 +608,14 @@ def test_tiny_imagenet_layout(tmp_path):
     assert val[0][0].shape == (3, 6, 8)
 
 
+def _scanned_with_warnings(root: Path) -> tuple[FolderImages, str]:
+    """The folder as scanned, and the text of every BadImageWarning the scan gave."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        images = FolderImages(root)
+    return images, " ".join(str(w.message) for w in caught
+                            if issubclass(w.category, BadImageWarning))
+
 def test_images_in_subfolders_of_a_class_are_read_and_nothing_goes_unsaid(tmp_path):
     """As torchvision's ImageFolder: a class folder's subfolders are read. A link to nothing
     and a linked folder are skipped with a warning naming them."""
@@ -618,10 +626,7 @@ def test_images_in_subfolders_of_a_class_are_read_and_nothing_goes_unsaid(tmp_pa
     _write_images(tmp_path / "b", 1, ".JPEG")
     _write_images(tmp_path / "c" / "deeper" / "still", 1)
     (tmp_path / "c" / "loop").symlink_to(tmp_path / "c", target_is_directory=True)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        images = FolderImages(tmp_path)
-    named = " ".join(str(w.message) for w in caught if issubclass(w.category, BadImageWarning))
+    images, named = _scanned_with_warnings(tmp_path)
     assert f"{tmp_path / 'a' / 'gone.png'}: a link to nothing" in named
     assert f"{tmp_path / 'c' / 'loop'}: a link to a folder" in named
     assert [str(p.relative_to(tmp_path)) for p in images.paths] == [
@@ -650,10 +655,7 @@ def test_an_unreadable_folder_and_a_file_removed_during_the_scan_are_skipped_by_
         return entries
 
     monkeypatch.setattr(os, "scandir", live_scandir)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        images = FolderImages(tmp_path)
-    named = " ".join(str(w.message) for w in caught if issubclass(w.category, BadImageWarning))
+    images, named = _scanned_with_warnings(tmp_path)
     assert f"{tmp_path / 'a' / 'locked'}: cannot read the folder (Permission denied)" in named
     assert f"{tmp_path / 'a' / 'img1.png'}: removed while the folder was read" in named
     assert [str(p.relative_to(tmp_path)) for p in images.paths] == ["a/img0.png", "b/img0.png"]
