@@ -19,6 +19,7 @@ from canon.cli import main
 from canon.data import build_datasets
 from canon.data.datasets import open_dataset, open_split
 from canon.data.labeled import LabeledImages
+from canon.data.normalize import stored_normalization
 from canon.engine.freezing import freeze_stages, frozen_stage_count
 from canon.engine.initialize import copy_matching, initialize_from
 from canon.engine.optimization import make_optimizer
@@ -222,6 +223,18 @@ def test_a_stage_unfrozen_after_the_first_step_trains_with_gpu_optimizer_setting
     assert canon.engine.optimization.fused_sgd(canon.create_model("resnet20"), frozen_stages=0)
 
 
+def test_a_source_s_normalisation_is_read_from_any_of_its_files(source_run, tmp_path):
+    """data.normalization_from takes what `canon transfer` takes as a source."""
+    expected = stored_normalization(source_run)
+    checkpoint = sorted((source_run / "checkpoints").glob("*.pt"))[-1]
+    for source in (source_run / "model.safetensors", source_run / "normalization.safetensors",
+                   checkpoint):
+        read = stored_normalization(source)
+        assert torch.equal(read.mean, expected.mean) and torch.equal(read.std, expected.std)
+    with pytest.raises(DataError, match=rf"readable from {tmp_path}/normalization.safetensors "
+                                        r".*set data.normalization_from to null"):
+        stored_normalization(tmp_path)
+
 def test_finetune_and_features_through_the_cli(folders, source_run, tmp_path, capsys):
     out = tmp_path / "finetuned"
     main(["transfer", str(source_run), "--data", str(folders[1]), "--mode", "finetune",
@@ -232,6 +245,11 @@ def test_finetune_and_features_through_the_cli(folders, source_run, tmp_path, ca
     recipe = (out / "recipe.yaml").read_text()
     assert f"init_from: {source_run}" in recipe and "backbone_lr_scale: 0.1" in recipe
     assert "batch_size: 32" in recipe  # --batch-size is fine-tuning's train.batch_size
+    # normalised by the source's channel mean, not by the five new classes' own
+    assert f"normalization_from: {(source_run / 'model.safetensors').resolve()}" in recipe
+    theirs = safetensors.torch.load_file(source_run / "normalization.safetensors")
+    ours = safetensors.torch.load_file(out / "normalization.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     finetuned = safetensors.torch.load_file(out / "model.safetensors")
     source = canon.load_trained(source_run).model.state_dict()
     # the two frozen stages kept the source's weights and BN statistics exactly

@@ -59,6 +59,12 @@ class DataConfig:
     # biases (s3.3, s5), ZFNet's filter RMS radius (s3) and the N(0, 0.01) initial weights of
     # AlexNet, ZFNet and VGG were chosen. Only without divide_std, which undoes any scale.
     pixel_scale: int = 1
+    # A trained model's normalisation, in place of the one mean, divide_std and pixel_scale
+    # give: its normalization.safetensors, the run directory or model.safetensors it sits
+    # beside, or a training checkpoint (.pt). A fine-tuned network then sees its inputs as its
+    # weights were trained on them, not shifted by another training set's mean (canon transfer
+    # --mode finetune sets it for a source normalised by its own training set's statistics).
+    normalization_from: str | None = None
     # AlexNet s4.1 "fancy PCA" colour augmentation: std of alpha_i (0.1 in the paper); 0 = off.
     # VGG s3.1 and ResNet s3.4 reuse it ("random RGB colour shift", "standard colour
     # augmentation").
@@ -107,6 +113,10 @@ class DataConfig:
         _choice("mean", self.mean, MEANS)
         _choice("pca_source", self.pca_source, PCA_SOURCES)
         _choice("interpolation", self.interpolation, INTERPOLATIONS)
+        if self.normalization_from is not None and (
+                not isinstance(self.normalization_from, str) or not self.normalization_from):
+            raise ConfigError("data.normalization_from must be a trained model's file or run "
+                              f"directory, or null, got {self.normalization_from!r}")
         if not isinstance(self.dataset, str) or not self.dataset:
             raise ConfigError(f"data.dataset must be a name or a folder, got {self.dataset!r}")
         for name in ("crop_size", "resize_size"):

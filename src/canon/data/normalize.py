@@ -6,13 +6,20 @@ standard deviation, or (DataConfig.pixel_scale) the papers' 0-255 scale.
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import safetensors.torch
 import torch
 from torchvision.transforms.v2 import functional as TF
 
 from canon.data.config import DataConfig
 from canon.data.geometry import resample_window
 from canon.data.stats import DatasetStats, imagenet_channel_stats
-from canon.errors import ConfigError
+from canon.errors import ConfigError, DataError, first_line
+
+# A trained model's normalisation, beside its model.safetensors: {"mean": (3,) or 3 x S x S,
+# "std": (3,), absent where it divides by none}.
+NORMALIZATION_FILE = "normalization.safetensors"
 
 
 class ToFloat:
@@ -103,7 +110,10 @@ def make_normalize(config: DataConfig, stats: DatasetStats | None) -> Normalize:
     else squashed). The std divides only with DataConfig.divide_std; without it
     DataConfig.pixel_scale 255 multiplies (a std of 1/255), so that every path that
     normalises (per image, per batch, on the device, at evaluation and after export) gives
-    the papers' 0-255 values."""
+    the papers' 0-255 values. DataConfig.normalization_from replaces all of this with a
+    trained model's own."""
+    if config.normalization_from is not None:
+        return stored_normalization(config.normalization_from)
     if config.mean in PUBLISHED:
         mean, std = PUBLISHED[config.mean]()
     else:
@@ -115,3 +125,27 @@ def make_normalize(config: DataConfig, stats: DatasetStats | None) -> Normalize:
         return Normalize(mean, std)
     return Normalize(mean, None if config.pixel_scale == 1
                      else torch.full((3,), 1 / config.pixel_scale))
+
+
+def stored_normalization(source: str | Path) -> Normalize:
+    """The normalisation a trained model's inputs had: from its normalization.safetensors, the
+    run directory or model.safetensors it sits beside, or a training checkpoint (.pt)."""
+    path = Path(source)
+    if path.is_dir() or (path.suffix == ".safetensors" and path.name != NORMALIZATION_FILE):
+        path = (path if path.is_dir() else path.parent) / NORMALIZATION_FILE
+    try:
+        if path.suffix == ".pt":
+            stored = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            stored = stored["normalization"]
+            if stored is None:
+                raise KeyError("its run normalised nothing: it trained on ready tensors")
+        else:
+            stored = safetensors.torch.load_file(path)
+        mean, std = stored["mean"], stored.get("std")
+    except Exception as error:  # missing, truncated, foreign: any of a dozen errors
+        raise DataError(
+            f"data.normalization_from: no normalisation readable from {path} "
+            f"({first_line(error)}): name a trained run directory, its model.safetensors or "
+            f"{NORMALIZATION_FILE}, or a checkpoint .pt; or set data.normalization_from to null "
+            "to normalise by data.mean's statistics of this training set") from None
+    return Normalize(mean, std)

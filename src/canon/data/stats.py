@@ -193,7 +193,8 @@ def compute_stats(
 def needs_stats(config: DataConfig) -> bool:
     """Whether the training set's statistics are needed (else no pass over the data)."""
     uses_pca = config.pca_std > 0 and config.pca_source == "dataset"
-    return config.mean in ("pixel", "channel") or uses_pca
+    computed_mean = config.mean in ("pixel", "channel") and config.normalization_from is None
+    return computed_mean or uses_pca
 
 
 def stats_cache_path(

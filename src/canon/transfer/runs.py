@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from canon.data.datasets import open_split
+from canon.data.normalize import PUBLISHED
 from canon.engine.checkpoint import export_model, model_info
 from canon.engine.distributed import resolve_device
 from canon.engine.rundir import PROBE_REPORT, check_source_outside, claim_run_dir
@@ -120,12 +121,18 @@ def finetune(
 def finetune_recipe(
     trained: TrainedModel, source: str, data: str, overrides: Sequence[str] = ()
 ) -> Recipe:
+    """The source's network, data section and weights on `data`. Inputs are normalised as the
+    source's were: by its published constants, or by the statistics of the set it trained on,
+    read from the source (data.normalization_from), not computed anew on `data`."""
+    data_section = {**plain(trained.data), "dataset": data, "val_split": 0}
+    if trained.data.mean not in PUBLISHED:
+        data_section["normalization_from"] = str(trained.source.resolve())
     values = {
         "name": f"finetune-{trained.name}", "source": f"fine-tuned from {trained.source}",
         "description": f"{trained.name} fine-tuned on {data} from {trained.source}",
         "model": {"name": trained.name, "init_from": source,
                   "options": trained.model.build_options()},
-        "data": {**plain(trained.data), "dataset": data, "val_split": 0},
+        "data": data_section,
         **FINETUNE_DEFAULTS,
     }
     return apply_overrides(Recipe.from_dict(values, "fine-tuning recipe"), overrides)
