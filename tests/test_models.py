@@ -186,6 +186,9 @@ def test_reset_classifier(built) -> None:
     name, model = built
     model.reset_classifier(7)
     assert model.classifier.out_features == 7
+    class_layers = model.class_layers()  # each reset with it: transfer treats them alike
+    assert class_layers[0] is model.classifier
+    assert [layer.out_features for layer in class_layers] == [7] * len(class_layers)
     size = smallest_valid_size(model)
     model.eval()
     with torch.no_grad():

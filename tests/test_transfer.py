@@ -192,6 +192,21 @@ def test_finetuning_moves_the_backbone_at_its_scaled_rate():
         torch.testing.assert_close(parameter.detach(), before[name] - rate * grads[name])
 
 
+def test_googlenet_s_auxiliary_classifiers_are_classifiers_in_transfer():
+    """Their last layers score the classes as fc does: not copied from a source of other
+    classes, and trained at the classifier's rate, not the backbone's."""
+    source = canon.create_model("googlenet", num_classes=10).state_dict()
+    model = canon.create_model("googlenet", num_classes=10)
+    report = copy_matching(model, source, "x", same_classes=False)
+    fresh = {name for name, why in report.kept.items() if why == "the classifier of other classes"}
+    assert fresh == {f"{head}.{p}" for head in ("fc", "aux1.fc2", "aux2.fc2")
+                     for p in ("weight", "bias")}
+    config = OptimizerSection(backbone_lr_scale=0.1)
+    groups = make_optimizer(model, config, 256)[0].param_groups
+    at_full_rate = {id(p) for group in groups if group["lr_scale"] == 1 for p in group["params"]}
+    assert at_full_rate == {id(p) for name, p in model.named_parameters()
+                            if name.startswith(("fc.", "aux1.fc2.", "aux2.fc2."))}
+
 def test_frozen_stages_unfreeze_one_by_one():
     recipe = canon.load_recipe("quickstart", ["model.frozen_stages=3",
                                               "train.unfreeze_every_epochs=2"])

@@ -5,9 +5,9 @@ at a new scale from a model trained at another, and transfer learning.
 Tensors are copied by name where the shapes agree. `model.init_layers` (fnmatch patterns of
 layer names, e.g. `features.conv1.*` or `head.fc6`) limits the copy to those layers; a layer
 asked for whose shape differs is an error, while with no patterns such a tensor keeps its fresh
-initialisation. The classifier is copied only when the source was trained on the same classes
-(class ids, in order) as the new run. What was copied and what was not, and why, goes to the log
-and to init_from.json in the run directory.
+initialisation. The classifier (GoogLeNet's auxiliary ones too) is copied only when the source
+was trained on the same classes (class ids, in order) as the new run. What was copied and what
+was not, and why, goes to the log and to init_from.json in the run directory.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch.nn as nn
 from canon.engine.trained import load_trained
 from canon.errors import ConfigError
 from canon.files import atomic_write
+from canon.models.base import CanonModel
 
 INIT_REPORT = "init_from.json"
 
@@ -72,7 +73,7 @@ def copy_matching(
             f"model.init_layers {unmatched} name no layer of {type(model).__name__}; its "
             f"layers: {', '.join(sorted({n.rpartition('.')[0] for n in own}))}"
         )
-    classifier = _classifier_prefix(model)
+    classifier = _class_layer_prefixes(model)
     for name, tensor in own.items():
         asked = any(_selects(p, name) for p in layers)
         if layers and not asked:
@@ -108,9 +109,9 @@ def _selects(pattern: str, tensor_name: str) -> bool:
     )
 
 
-def _classifier_prefix(model: nn.Module) -> str:
-    classifier = getattr(model, "classifier", None)
-    for name, module in model.named_modules():
-        if module is classifier:
-            return name + "."
-    return "\0"  # matches no tensor name
+def _class_layer_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """The tensor-name prefixes of the layers whose outputs are the classes."""
+    layers = model.class_layers() if isinstance(model, CanonModel) else [
+        getattr(model, "classifier", None)]
+    return tuple(name + "." for name, module in model.named_modules()
+                 if any(module is layer for layer in layers))

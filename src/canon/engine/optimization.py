@@ -12,20 +12,25 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, get_swa_m
 
 from canon.engine.schedules import linear_scaled_lr
 from canon.errors import ConfigError
+from canon.models.base import CanonModel
 from canon.recipes.schema import OptimizerSection, TrainSection
 
 
 def parameter_groups(model: nn.Module, config: OptimizerSection) -> list[dict]:
     """The trainable parameters in groups by weight decay (BN weights and biases, every 1-d
     parameter, skip it under no_decay_bn_bias) and by `lr_scale`, the factor on the schedule's
-    lr (backbone_lr_scale for every parameter outside the classifier)."""
+    lr (backbone_lr_scale for every parameter outside the class layers: the classifier, and
+    GoogLeNet's auxiliary ones)."""
     scaled = config.backbone_lr_scale != 1
     if scaled and not isinstance(getattr(model, "classifier", None), nn.Module):
         raise ConfigError(
             f"optimizer.backbone_lr_scale needs a canon model with a classifier; "
             f"{type(model).__name__} has none"
         )
-    head = {id(p) for p in model.classifier.parameters()} if scaled else set()
+    head: set[int] = set()
+    if scaled:
+        layers = model.class_layers() if isinstance(model, CanonModel) else [model.classifier]
+        head = {id(p) for layer in layers for p in layer.parameters()}
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     for parameter in model.parameters():
         if parameter.requires_grad:

@@ -78,6 +78,9 @@ class CanonModel(nn.Module):
     - `classifier`: the last layer, mapping the penultimate features to logits (a linear probe
       fits it; fine-tuning gives it its own learning rate).
     - `reset_classifier(num_classes)`: a fresh `classifier` for transfer learning.
+    - `class_layers()`: every layer whose outputs are the classes, the `classifier` and
+      GoogLeNet's auxiliary heads' last layers: transfer starts them all afresh for other
+      classes and trains them at the classifier's learning rate.
     - `forward_with_aux(x)`: the explicit training path, `(logits, [auxiliary logits...])`; only
       GoogLeNet has auxiliary heads, everything else returns an empty list. `forward` never
       changes its return type with `.training`.
@@ -115,6 +118,9 @@ class CanonModel(nn.Module):
 
     def reset_classifier(self, num_classes: int) -> None:
         raise NotImplementedError
+
+    def class_layers(self) -> list[nn.Module]:
+        return [self.classifier]
 
     def fully_convolutional(self) -> nn.Module:
         raise NotImplementedError

@@ -234,6 +234,9 @@ class GoogLeNet(PooledHeadNet):
     def init_classifier(self, layer: nn.Linear) -> None:
         caffe_xavier_(layer)  # biases 0, as every classifier at construction
 
+    def class_layers(self) -> list[nn.Module]:
+        return [self.classifier, *(aux.fc2 for aux in self.aux_classifiers())]
+
     def reset_classifier(self, num_classes: int) -> None:
         """Fresh classifiers for `num_classes`: the main one and the auxiliary ones."""
         super().reset_classifier(num_classes)

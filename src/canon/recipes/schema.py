@@ -132,7 +132,8 @@ class OptimizerSection:
     weight_decay: float = 1e-4
     # Exempt BatchNorm weights and all biases from weight decay (He et al. 2019, s3.1).
     no_decay_bn_bias: bool = False
-    # Fine-tuning: every layer but the classifier learns at lr x this (1: one rate for all).
+    # Fine-tuning: every layer but the classifier (and GoogLeNet's auxiliary ones) learns at
+    # lr x this (1: one rate for all).
     backbone_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
