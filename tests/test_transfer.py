@@ -24,6 +24,7 @@ from canon.engine.freezing import freeze_stages, frozen_stage_count
 from canon.engine.initialize import copy_matching, initialize_from
 from canon.engine.optimization import make_optimizer
 from canon.engine.schedules import LearningRateSchedule
+from canon.engine.trainer import clamp_filter_rms
 from canon.errors import ConfigError, DataError
 from canon.recipes.schema import OptimizerSection, ScheduleSection
 from canon.transfer.features import Features, extract_features
@@ -206,6 +207,23 @@ def test_googlenet_s_auxiliary_classifiers_are_classifiers_in_transfer():
     at_full_rate = {id(p) for group in groups if group["lr_scale"] == 1 for p in group["params"]}
     assert at_full_rate == {id(p) for name, p in model.named_parameters()
                             if name.startswith(("fc.", "aux1.fc2.", "aux2.fc2."))}
+
+def test_zfnet_s_filter_clamp_leaves_frozen_filters_as_they_are():
+    model = canon.create_model("resnet20")
+    frozen = freeze_stages(model, 2)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(100)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    clamp_filter_rms(model, 0.1, frozen)
+    frozen_ids = {id(p) for p in frozen}
+    for name, parameter in model.named_parameters():
+        if parameter.dim() == 4:  # a convolution's filters
+            rms = parameter.detach().pow(2).mean((1, 2, 3)).sqrt()
+            if id(parameter) in frozen_ids:
+                assert torch.equal(parameter, before[name]), name
+            else:
+                assert rms.max() <= 0.1 + 1e-6, name
 
 def test_frozen_stages_unfreeze_one_by_one():
     recipe = canon.load_recipe("quickstart", ["model.frozen_stages=3",

@@ -9,7 +9,7 @@ import contextlib
 import math
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -79,10 +79,13 @@ class TrainResult:
 
 
 @torch.no_grad()
-def clamp_filter_rms(model: nn.Module, radius: float) -> None:
-    """ZFNet s3: scale conv filters whose RMS exceeds `radius` back onto that radius."""
+def clamp_filter_rms(model: nn.Module, radius: float, frozen: Sequence[nn.Parameter] = ()
+                     ) -> None:
+    """ZFNet s3: scale conv filters whose RMS exceeds `radius` back onto that radius; `frozen`
+    ones (fine-tuning's first stages) learn nothing, and nothing else changes them either."""
+    fixed = {id(parameter) for parameter in frozen}
     for module in model.modules():
-        if isinstance(module, nn.Conv2d):
+        if isinstance(module, nn.Conv2d) and id(module.weight) not in fixed:
             weight = module.weight
             rms = weight.pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt()
             weight.mul_(torch.clamp(radius / rms, max=1.0))
@@ -284,7 +287,7 @@ def _optimizer_step(run: Run, batches: Iterator) -> torch.Tensor:
         run.precision.step(run.optimizer)
         run.optimizer.zero_grad(set_to_none=True)
     if config.filter_rms_radius is not None:  # part of the update: the average sees it
-        clamp_filter_rms(run.model, config.filter_rms_radius)
+        clamp_filter_rms(run.model, config.filter_rms_radius, run.frozen)
     if _averaging(run):
         run.average.update_parameters(run.model)
     run.step += 1
