@@ -6,9 +6,10 @@ Transfer Better?", s3 and A.3) evaluated ImageNet networks as fixed feature extr
 The loss is the mean cross-entropy plus l2/2 ||W||^2, minimised by L-BFGS (150 iterations a
 strength, each fit warm-started from the stronger one before it, the final refit along the same
 path; the weakest strengths stop short of full convergence) over the whole (cached) feature
-matrix, in float64, on features standardised with the training
-part's mean and std (so one grid of strengths suits every network); the fitted weights are
-mapped back to the raw features, so the classifier is an ordinary last layer.
+matrix, in float64, on features standardised with the mean and std of the features it fits
+(the search's part, then the whole training set; so one grid of strengths suits every
+network); the fitted weights are mapped back to the raw features, so the classifier is an
+ordinary last layer.
 Deviation: Kornblith et al. searched 45 strengths from 1e-6 to 1e5; canon searches 9
 (10^-6 .. 10^2), each warm-started from the previous, stronger one.
 """
