@@ -3,6 +3,7 @@ and frozen stages, and features export, on real training runs and real PNG folde
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -17,7 +18,7 @@ import canon
 import canon.engine.optimization
 from canon.cli import main
 from canon.data import build_datasets
-from canon.data.datasets import open_dataset, open_split
+from canon.data.datasets import load_sample, open_dataset, open_split
 from canon.data.labeled import LabeledImages
 from canon.data.normalize import stored_normalization
 from canon.engine.freezing import freeze_stages, frozen_stage_count
@@ -27,7 +28,7 @@ from canon.engine.schedules import LearningRateSchedule
 from canon.engine.trainer import clamp_filter_rms
 from canon.errors import ConfigError, DataError
 from canon.recipes.schema import OptimizerSection, ScheduleSection
-from canon.transfer.features import Features, extract_features
+from canon.transfer.features import Features, extract_features, features_fingerprint
 from canon.transfer.probe import fit_logistic_regression, train_linear_probe
 from canon.transfer.runs import linear_probe, transfer
 
@@ -373,7 +374,24 @@ def test_the_feature_cache_follows_the_weights(folders, source_run, tmp_path, mo
     second = Features.load(out / "features" / "train.safetensors")
     assert second.fingerprint != first.fingerprint
     assert not torch.equal(second.features, first.features)
+    # A damaged cache file (a disk filled up, an editor) is computed again, with a warning.
+    cached, damaged = out / "features" / "train.safetensors", tmp_path / "damaged"
+    damaged.write_bytes(cached.read_bytes()[:1000])
+    damaged.replace(cached)  # a new file: `second` still maps the old one's bytes
+    with pytest.warns(UserWarning, match=r"train.safetensors.*; extracting the features again"):
+        linear_probe(str(source), folders[1], out, overwrite=True, device="cpu", progress=False)
+    assert torch.equal(Features.load(cached).features, second.features)
 
+
+def test_the_feature_cache_key_names_the_network_s_options(source_run):
+    """GoogLeNet with and without LRN have the same tensors but not the same features."""
+    trained, images = canon.load_trained(source_run), load_sample("test")
+    with_lrn = canon.create_model("googlenet", num_classes=5)
+    without = canon.create_model("googlenet", num_classes=5, lrn=False)
+    without.load_state_dict(with_lrn.state_dict())
+    keys = {features_fingerprint(dataclasses.replace(trained, model=model, name="googlenet"),
+                                 images) for model in (with_lrn, without)}
+    assert len(keys) == 2
 
 def test_a_run_written_over_its_own_source_is_refused_and_the_source_kept(
     folders, source_run, capsys

@@ -99,9 +99,11 @@ def extract_features(
 
 
 def features_fingerprint(trained: TrainedModel, images: LabeledImages) -> str:
-    """A short key that changes when the features would: the network's weights, its
-    test-time preprocessing, the images' content and the classes their labels index."""
-    digest = hashlib.sha256()
+    """A short key that changes when the features would: the network (its name and build
+    options, which some layers' behaviour depends on, and its weights), its test-time
+    preprocessing, the images' content and the classes their labels index."""
+    digest = hashlib.sha256(json.dumps([trained.name, trained.model.build_options()],
+                                       sort_keys=True, default=str).encode())
     for name, tensor in trained.model.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from canon.engine.distributed import resolve_device
 from canon.engine.rundir import PROBE_REPORT, check_source_outside, claim_run_dir
 from canon.engine.trained import TrainedModel, load_trained
 from canon.engine.trainer import TrainResult, train
-from canon.errors import ConfigError
+from canon.errors import ConfigError, DataError
 from canon.files import atomic_write, make_folder
 from canon.recipes import apply_overrides
 from canon.recipes.schema import Recipe
@@ -148,9 +149,13 @@ def _cached_features(
     images = open_split(data, split, **({} if class_ids is None else {"class_ids": class_ids}))
     path = out / FEATURE_CACHE / f"{split}.safetensors"
     if path.is_file():
-        cached = Features.load(path)
-        if cached.fingerprint == features_fingerprint(trained, images):
-            return cached
+        try:
+            cached = Features.load(path)
+        except DataError as error:  # canon's own cache: computed again, not a reason to stop
+            warnings.warn(f"{error}; extracting the features again", stacklevel=2)
+        else:
+            if cached.fingerprint == features_fingerprint(trained, images):
+                return cached
     features = extract_features(trained, images, f"{data} {split}", batch_size=batch_size,
                                 workers=workers, progress=progress)
     make_folder(path.parent)
