@@ -73,14 +73,14 @@ def copy_matching(
             f"model.init_layers {unmatched} name no layer of {type(model).__name__}; its "
             f"layers: {', '.join(sorted({n.rpartition('.')[0] for n in own}))}"
         )
-    classifier = _class_layer_prefixes(model)
+    class_layers = _class_layer_prefixes(model)
     for name, tensor in own.items():
         asked = any(_selects(p, name) for p in layers)
         if layers and not asked:
             report.kept[name] = "not in model.init_layers"
         elif name not in weights:
             report.kept[name] = "absent from the source"
-        elif name.startswith(classifier) and not same_classes:
+        elif name.startswith(class_layers) and not same_classes:
             report.kept[name] = "the classifier of other classes"
         elif weights[name].shape != tensor.shape:
             theirs, ours = tuple(weights[name].shape), tuple(tensor.shape)
@@ -89,7 +89,7 @@ def copy_matching(
                     f"model.init_layers asks for {name}, but it is {theirs} in {source} and "
                     f"{ours} in {type(model).__name__}; leave it out of init_layers"
                 )
-            why = "the classifier of another class count" if name.startswith(classifier) else (
+            why = "the classifier of another class count" if name.startswith(class_layers) else (
                 "another shape")
             report.kept[name] = f"{why}: {theirs} in the source, {ours} here"
         else:
