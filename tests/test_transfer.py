@@ -209,6 +209,7 @@ def test_googlenet_s_auxiliary_classifiers_are_classifiers_in_transfer():
     assert at_full_rate == {id(p) for name, p in model.named_parameters()
                             if name.startswith(("fc.", "aux1.fc2.", "aux2.fc2."))}
 
+
 def test_zfnet_s_filter_clamp_leaves_frozen_filters_as_they_are():
     model = canon.create_model("resnet20")
     frozen = freeze_stages(model, 2)
@@ -225,6 +226,7 @@ def test_zfnet_s_filter_clamp_leaves_frozen_filters_as_they_are():
                 assert torch.equal(parameter, before[name]), name
             else:
                 assert rms.max() <= 0.1 + 1e-6, name
+
 
 def test_frozen_stages_unfreeze_one_by_one():
     recipe = canon.load_recipe("quickstart", ["model.frozen_stages=3",
@@ -261,13 +263,15 @@ def test_a_source_s_normalisation_is_read_from_any_of_its_files(source_run, tmp_
     """data.normalization_from takes what `canon transfer` takes as a source."""
     expected = stored_normalization(source_run)
     checkpoint = sorted((source_run / "checkpoints").glob("*.pt"))[-1]
+    renamed = shutil.copy(checkpoint, tmp_path / "source.pth")  # load_trained reads it too
     for source in (source_run / "model.safetensors", source_run / "normalization.safetensors",
-                   checkpoint):
+                   checkpoint, renamed):
         read = stored_normalization(source)
         assert torch.equal(read.mean, expected.mean) and torch.equal(read.std, expected.std)
     with pytest.raises(DataError, match=rf"readable from {tmp_path}/normalization.safetensors "
                                         r".*set data.normalization_from to null"):
         stored_normalization(tmp_path)
+
 
 def test_finetune_and_features_through_the_cli(folders, source_run, tmp_path, capsys):
     out = tmp_path / "finetuned"
@@ -392,6 +396,7 @@ def test_the_feature_cache_key_names_the_network_s_options(source_run):
     keys = {features_fingerprint(dataclasses.replace(trained, model=model, name="googlenet"),
                                  images) for model in (with_lrn, without)}
     assert len(keys) == 2
+
 
 def test_a_run_written_over_its_own_source_is_refused_and_the_source_kept(
     folders, source_run, capsys

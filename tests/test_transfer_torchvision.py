@@ -235,6 +235,7 @@ def test_a_googlenet_without_aux_heads_loads_back_from_its_export(tmp_path: Path
     # Fine-tuned, it keeps its architecture: no fresh auxiliary heads trained beside it.
     recipe = finetune_recipe(load_trained(tmp_path), str(tmp_path), "/data/flowers")
     assert recipe.model.options == {"aux_logits": False}
+    assert recipe.data.normalization_from is None  # its run stored none: computed anew
     assert build_model(recipe, 5).aux_classifiers() == []
 
 

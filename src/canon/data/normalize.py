@@ -129,12 +129,13 @@ def make_normalize(config: DataConfig, stats: DatasetStats | None) -> Normalize:
 
 def stored_normalization(source: str | Path) -> Normalize:
     """The normalisation a trained model's inputs had: from its normalization.safetensors, the
-    run directory or model.safetensors it sits beside, or a training checkpoint (.pt)."""
+    run directory or model.safetensors it sits beside, or a training checkpoint (.pt or any
+    other name)."""
     path = Path(source)
     if path.is_dir() or (path.suffix == ".safetensors" and path.name != NORMALIZATION_FILE):
         path = (path if path.is_dir() else path.parent) / NORMALIZATION_FILE
     try:
-        if path.suffix == ".pt":
+        if path.suffix != ".safetensors":  # a checkpoint, whatever it is named (.pt, .pth)
             stored = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             stored = stored["normalization"]
             if stored is None:
