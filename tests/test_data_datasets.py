@@ -616,6 +616,7 @@ def _scanned_with_warnings(root: Path) -> tuple[FolderImages, str]:
     return images, " ".join(str(w.message) for w in caught
                             if issubclass(w.category, BadImageWarning))
 
+
 def test_images_in_subfolders_of_a_class_are_read_and_nothing_goes_unsaid(tmp_path):
     """As torchvision's ImageFolder: a class folder's subfolders are read. A link to nothing
     and a linked folder are skipped with a warning naming them."""
@@ -643,24 +644,46 @@ def test_an_unreadable_folder_and_a_file_removed_during_the_scan_are_skipped_by_
     permission is simulated; the removal is a real one, between listing and stat."""
     _write_images(tmp_path / "a", 2)
     _write_images(tmp_path / "a" / "locked", 1)
-    _write_images(tmp_path / "b", 1)
-    scandir = os.scandir
+    _write_images(tmp_path / "b", 2)
+    scandir, unreadable = os.scandir, {"locked"}
 
     def live_scandir(folder):
-        if Path(folder).name == "locked":
+        if Path(folder).name in unreadable:
             raise PermissionError(13, "Permission denied", str(folder))
         entries = list(scandir(folder))
         if Path(folder).name == "a":
             (Path(folder) / "img1.png").unlink(missing_ok=True)
-        return entries
+        unstatable = Path(folder).name == "b"
+        return [_Unstatable(e) if unstatable and e.name == "img1.png" else e for e in entries]
 
     monkeypatch.setattr(os, "scandir", live_scandir)
     images, named = _scanned_with_warnings(tmp_path)
     assert f"{tmp_path / 'a' / 'locked'}: cannot read the folder (Permission denied)" in named
     assert f"{tmp_path / 'a' / 'img1.png'}: removed while the folder was read" in named
+    assert f"{tmp_path / 'b' / 'img1.png'}: cannot read (Permission denied)" in named
     assert [str(p.relative_to(tmp_path)) for p in images.paths] == ["a/img0.png", "b/img0.png"]
     with pytest.raises(DataError, match=r"locked: cannot read the folder .*strict mode"):
         FolderImages(tmp_path, strict=True)
+    unreadable |= {"a", "b"}  # no image at all: the error says what it could see, not OSError
+    with pytest.raises(DataError, match=r"a holds nothing canon can read \(Permission denied"):
+        _scanned_with_warnings(tmp_path)
+
+
+class _Unstatable:
+    """A directory entry whose stat fails as a file without search permission on its folder
+    does for other users."""
+
+    def __init__(self, entry: os.DirEntry) -> None:
+        self.name, self.path = entry.name, entry.path
+
+    def is_dir(self) -> bool:
+        return False
+
+    def is_file(self) -> bool:
+        return True
+
+    def stat(self) -> os.stat_result:
+        raise PermissionError(13, "Permission denied", self.path)
 
 
 def test_a_file_rewritten_at_the_same_size_changes_the_folder_fingerprint(tmp_path):

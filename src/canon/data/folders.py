@@ -167,11 +167,11 @@ class FolderImages(LabeledImages):
                 paths.append(path)
         return paths
 
-    def _keep(self, path: Path, status: os.stat_result | None, name: str, digest) -> bool:
+    def _keep(self, path: Path, status: os.stat_result | str, name: str, digest) -> bool:
         """Whether a file is worth decoding; skips others (with a warning) or, strict, raises.
-        No status: the file went between the listing and its stat."""
-        if status is None:
-            self._skip(path, "removed while the folder was read")
+        A status that is a string says why the file could not be read."""
+        if isinstance(status, str):
+            self._skip(path, status)
         elif not path.name.lower().endswith(IMAGE_EXTENSIONS):
             self._skip(path, "not an image file name (extension)")
         elif status.st_size == 0:
@@ -219,11 +219,14 @@ class FolderImages(LabeledImages):
         return f"FolderImages({self.root}, {len(self)} images, {len(self.classes)} classes)"
 
 
-def _status(entry: os.DirEntry) -> os.stat_result | None:
+def _status(entry: os.DirEntry) -> os.stat_result | str:
+    """The file's status, or why there is none."""
     try:
         return entry.stat()
     except FileNotFoundError:
-        return None
+        return "removed while the folder was read"
+    except OSError as error:
+        return f"cannot read ({error.strerror or error})"
 
 
 def check_known_classes(where: str, found: list[str], class_ids: list[str]) -> None:
@@ -272,7 +275,10 @@ def _layouts(root: Path) -> str:
 
 def _contents(folder: Path) -> str:
     """What a folder holds, for errors about a layout canon cannot read."""
-    entries = [e for e in os.scandir(folder) if e.name[0] != "."] if folder.is_dir() else []
+    try:
+        entries = [e for e in os.scandir(folder) if e.name[0] != "."] if folder.is_dir() else []
+    except OSError as error:
+        return f"nothing canon can read ({error.strerror or error})"
     if not entries:
         return "nothing"
     folders = sorted(e.name + "/" for e in entries if e.is_dir())
