@@ -53,7 +53,8 @@ def recipe_statistics(
     size, its mean image's fit, the images it trains on), computed now or read from the
     cache, and their file."""
     if not needs_stats(config):
-        raise ConfigError(f"data.mean={config.mean!r} subtracts published constants, and no "
+        raise ConfigError(f"data.mean={config.mean!r} subtracts published constants (or "
+                          "data.normalization_from a trained model's), and no "
                           "data.pca_source=dataset: runs of this recipe read no statistics")
     cache = cache or canon_cache_dir()
     train = training_images(config, config.dataset, cache=cache, strict=strict,
@@ -120,7 +121,8 @@ def trained_preprocess(
 ) -> EvalPreprocess:
     """The test-time preprocessing build_datasets gives a run with data section `config` on
     `dataset`: normalised by the statistics of the images it trains on (the training split,
-    less data.val_split), read only when the preprocessing needs them."""
+    less data.val_split), read only when the preprocessing needs them (not for published
+    constants or data.normalization_from)."""
     if not needs_stats(config):
         return eval_preprocess(config)
     train = training_images(config, dataset, cache=cache, strict=strict, download=download,
