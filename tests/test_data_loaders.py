@@ -179,6 +179,7 @@ def test_every_sample_and_epoch_draws_its_own_augmentation():
     assert len(seen) == len(keys)
     assert torch.equal(draws[70], draws[70])  # and each is fixed by its key
 
+
 def test_drop_last_and_worker_augmentation_are_seeded(tmp_path):
     train = build_datasets(DataConfig(), root_cache=tmp_path).train
     loader = build_loader(train, 128, train=True, workers=2, seed=7)

@@ -541,6 +541,7 @@ def test_a_labelled_set_is_scored_only_by_a_model_of_its_classes(sample_sets):
     with pytest.raises(ConfigError, match=rf"other classes than the model's \({expected}\)"):
         evaluate(model, subset, preprocess=sample_sets.preprocess, class_ids=reordered)
 
+
 def test_evaluate_with_a_preprocess_reads_no_training_split(imagenette_root, tmp_path):
     wnids = ["n01440764", "n02102040"]
     for wnid in wnids:
