@@ -23,7 +23,7 @@ import torch.nn as nn
 from canon.engine.trained import load_trained
 from canon.errors import ConfigError
 from canon.files import atomic_write
-from canon.models.base import CanonModel
+from canon.models.base import class_layers_of
 
 INIT_REPORT = "init_from.json"
 
@@ -111,7 +111,6 @@ def _selects(pattern: str, tensor_name: str) -> bool:
 
 def _class_layer_prefixes(model: nn.Module) -> tuple[str, ...]:
     """The tensor-name prefixes of the layers whose outputs are the classes."""
-    layers = model.class_layers() if isinstance(model, CanonModel) else [
-        getattr(model, "classifier", None)]
+    layers = class_layers_of(model)
     return tuple(name + "." for name, module in model.named_modules()
                  if any(module is layer for layer in layers))

@@ -12,7 +12,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, get_swa_m
 
 from canon.engine.schedules import linear_scaled_lr
 from canon.errors import ConfigError
-from canon.models.base import CanonModel
+from canon.models.base import class_layers_of
 from canon.recipes.schema import OptimizerSection, TrainSection
 
 
@@ -27,10 +27,8 @@ def parameter_groups(model: nn.Module, config: OptimizerSection) -> list[dict]:
             f"optimizer.backbone_lr_scale needs a canon model with a classifier; "
             f"{type(model).__name__} has none"
         )
-    head: set[int] = set()
-    if scaled:
-        layers = model.class_layers() if isinstance(model, CanonModel) else [model.classifier]
-        head = {id(p) for layer in layers for p in layer.parameters()}
+    layers = class_layers_of(model) if scaled else []
+    head = {id(p) for layer in layers for p in layer.parameters()}
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     for parameter in model.parameters():
         if parameter.requires_grad:

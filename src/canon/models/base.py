@@ -152,3 +152,12 @@ class CanonModel(nn.Module):
 
     def build_options(self) -> dict[str, Any]:
         return dict(self.called_with)
+
+
+def class_layers_of(model: nn.Module) -> list[nn.Module]:
+    """The layers whose outputs are the classes: a canon model's class_layers(), another
+    module's `classifier` if it has one, else none."""
+    if isinstance(model, CanonModel):
+        return model.class_layers()
+    classifier = getattr(model, "classifier", None)
+    return [classifier] if isinstance(classifier, nn.Module) else []
