@@ -54,6 +54,9 @@ class TrainedModel:
     data: DataConfig  # the recipe's data section
     source: Path
     name: str  # the registered model name (canon.create_model)
+    # Its preprocessing subtracts the statistics stored with it (normalization.safetensors or
+    # the checkpoint's), not the model class's own.
+    stores_normalization: bool = False
 
     def evaluate(
         self, data: str | Path | None = None, protocol: str = "center", *,
@@ -242,7 +245,8 @@ def _assemble(
             data_config, mean=normalization["mean"], std=normalization.get("std")
         )
     model.run_preprocess = preprocess  # what canon.evaluate(model, ...) takes as its own
-    return TrainedModel(model, classes, class_ids, preprocess, data_config, source, name)
+    return TrainedModel(model, classes, class_ids, preprocess, data_config, source, name,
+                        stores_normalization=normalization is not None)
 
 
 def _json_object(path: Path) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from canon.data.datasets import open_split
-from canon.data.normalize import PUBLISHED, stored_normalization
+from canon.data.normalize import PUBLISHED
 from canon.engine.checkpoint import export_model, model_info
 from canon.engine.distributed import resolve_device
 from canon.engine.rundir import PROBE_REPORT, check_source_outside, claim_run_dir
@@ -126,7 +126,7 @@ def finetune_recipe(
     source's were: by its published constants, or by the statistics of the set it trained on,
     read from the source (data.normalization_from), not computed anew on `data`."""
     data_section = {**plain(trained.data), "dataset": data, "val_split": 0}
-    if trained.data.mean not in PUBLISHED and _stores_normalization(trained.source):
+    if trained.data.mean not in PUBLISHED and trained.stores_normalization:
         data_section["normalization_from"] = str(trained.source.resolve())
     values = {
         "name": f"finetune-{trained.name}", "source": f"fine-tuned from {trained.source}",
@@ -137,16 +137,6 @@ def finetune_recipe(
         **FINETUNE_DEFAULTS,
     }
     return apply_overrides(Recipe.from_dict(values, "fine-tuning recipe"), overrides)
-
-
-def _stores_normalization(source: Path) -> bool:
-    """Whether a canon source holds the statistics its inputs were normalised by (a run trained
-    on ready tensors holds none; torchvision's weights have published constants)."""
-    try:
-        stored_normalization(source)
-    except DataError:
-        return False
-    return True
 
 
 def _cached_features(
