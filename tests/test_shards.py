@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from canon.cli import main
 from canon.data.datasets import open_dataset
 from canon.data.folders import BadImageWarning, open_image_folder
-from canon.data.loaders import collate
+from canon.data.loaders import build_loader, collate
 from canon.data.pack_command import add_pack_parser, parse_size
 from canon.data.packing import _even_bounds, pack_folder
 from canon.data.shard_index import OFFSET_EVERY, is_shard_folder, read_index
@@ -52,6 +52,12 @@ def train_digests(folders) -> list[str]:
     digests = [train[i][0] for i in range(len(train))]
     assert len(set(digests)) == len(digests)  # every image tells itself apart
     return digests
+
+
+@pytest.fixture(scope="module")
+def val_digests(folders) -> list[str]:
+    val = folders["val"]
+    return [digest(val.load_image(i)) for i in range(len(val))]
 
 
 def stream(images: ShardImages, epoch: int = 0, start: int = 0) -> list[tuple[str, int]]:
@@ -230,7 +236,8 @@ def test_a_shard_of_fewer_images_than_ranks_is_read_once(imagenette_root, tmp_pa
         assert len(names) == len(set(names)) == 3, epoch
 
 
-def test_evaluation_reads_every_image_once_in_order_as_the_folder_reader(packed, folders):
+def test_evaluation_reads_every_image_once_in_order_as_the_folder_reader(packed, folders,
+                                                                          val_digests):
     val = folders["val"]
     images = ShardImages(packed, "val", shuffle=False)
     assert len(images) == len(val)
@@ -241,8 +248,16 @@ def test_evaluation_reads_every_image_once_in_order_as_the_folder_reader(packed,
              for r in range(3)]
     assert sum(len(r) for r in ranks) == len(val)
     read = [item for r in ranks for item in stream(r)]
-    assert sorted(read) == sorted(zip(map(digest, map(val.load_image, range(len(val)))),
-                                      val.labels, strict=True))
+    assert sorted(read) == sorted(zip(val_digests, val.labels, strict=True))
+
+
+def test_evaluation_batches_come_in_pack_order_at_any_batch_size(packed, val_digests):
+    # An ensemble's members load at different batch sizes (views per image) and pair scores
+    # image by image: the order must not depend on the batch size or the number of workers.
+    split = ShardImages(packed, "val", shuffle=False, transform=digest)
+    for batch_size in (7, 200):  # 72 batches and 3, so one worker has one more
+        loader = build_loader(split, batch_size, train=False, workers=2)
+        assert [name for names, _ in loader for name in names] == val_digests, batch_size
 
 
 @pytest.mark.parametrize(("workers", "start"), [(0, 37), (2, 5 * 16), (2, 9 * 16)])

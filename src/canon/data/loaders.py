@@ -183,9 +183,13 @@ def build_loader(
     worker count repeats, wrap the set in canon.data.sampling.SeededSamples, as canon's
     trainer does. drop_last defaults to `train`.
     `collate_fn` is views.collate_views for multi-view test protocols. Batches are pinned
-    for faster copies when CUDA is present, unless `pin_memory` says otherwise."""
+    for faster copies when CUDA is present, unless `pin_memory` says otherwise. A shard
+    folder's evaluation stream is read at the loader's batch size and workers, which keeps its
+    images in pack order."""
     if sampler is None and train and not isinstance(dataset, IterableDataset):
         sampler = ShuffleSampler(dataset, seed)
+    if isinstance(dataset, ShardImages) and not dataset.shuffle:  # deals batches to workers
+        dataset = dataset.reading(batch_size=batch_size, workers=workers)
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
         dataset,

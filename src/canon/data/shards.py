@@ -20,8 +20,11 @@ smallest whole shards, and the world_size-th part of the smallest left over), le
 not fill whole batches of the workers that read a piece. Each worker's share is a multiple of
 batch_size, so every batch is full. `canon pack` makes shards of equal sample counts (to one),
 so a rank's epoch leaves out less than a batch per loader worker and a sample per shard, which
-ones changing from epoch to epoch. Evaluation (shuffle=False) reads the shards in pack order
-and every sample of the rank's shards exactly once, with any number of loader workers.
+ones changing from epoch to epoch. Evaluation (shuffle=False) reads every sample of the
+rank's shards once, and its loader yields them in pack order whatever its batch size and number
+of workers: worker w reads the loader's batches w, w + W, ... (seeking past the others'), which
+a DataLoader takes from its workers in turn. So a model's scores pair up image by image with
+another's read at another batch size (an ensemble's members).
 
 Undecodable images come out as None (canon.data.loaders.collate drops them) unless strict; a
 shard cut short or altered since it was packed is a DataError naming it.
@@ -33,6 +36,7 @@ import io
 import random
 import tarfile
 import warnings
+from bisect import bisect_right
 from collections.abc import Iterator
 from itertools import accumulate, islice
 from pathlib import Path
@@ -64,8 +68,9 @@ class ShardImages(IterableDataset):
 
     `batch_size` and `workers` must be the DataLoader's batch_size and num_workers in training
     (a worker process checks the latter): with them each worker's share is made of whole
-    batches. `class_ids` (a trained model's, in its output order): labels index them, matched
-    by name; the split may hold some of them but no others. Without, the pack's classes.
+    batches. In evaluation, the loader's batch_size keeps pack order (build_loader sets it).
+    `class_ids` (a trained model's, in its output order): labels index them, matched by name;
+    the split may hold some of them but no others. Without, the pack's classes.
     `shuffle_buffer` raw (undecoded) images per worker: about 110 KB each for ImageNet.
     `len()`: training, the samples every rank yields per epoch (a multiple of batch_size);
     evaluation, this rank's shards' samples.
@@ -176,7 +181,18 @@ class ShardImages(IterableDataset):
         epoch, start = self._position.tolist()
         info = get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
-        if self.shuffle and workers != max(self.workers, 1):
+        if self.shuffle:
+            stream = self._training_stream(epoch, start, worker, workers)
+        else:
+            stream = self._raw(self._evaluation_pieces(start, worker, workers))
+        for place, name, data, label in stream:
+            yield self._item(place, name, data, label, epoch)
+
+    def _training_stream(self, epoch: int, start: int, worker: int, workers: int
+                         ) -> Iterator[RawSample]:
+        """This worker's samples of the epoch, undecoded: its pieces of the rank's share through
+        the shuffle buffer, as many as its whole batches hold, less the `start` already read."""
+        if workers != max(self.workers, 1):
             raise ConfigError(
                 f"ShardImages(workers={self.workers}) read by {workers} loader process(es): "
                 "pass the DataLoader's num_workers"
@@ -185,22 +201,37 @@ class ShardImages(IterableDataset):
         counts = [sum(stop - start for _, start, stop in pieces[w::workers])
                   for w in range(workers)]
         size = self.batch_size
-        if self.shuffle:
-            batches = _deal(len(self) // size, [c // size for c in counts])[0]
-            takes = [b * size for b in batches]
-        else:
-            takes, batches = counts, [-(-c // size) for c in counts]
+        batches = _deal(len(self) // size, [c // size for c in counts])[0]
         # A DataLoader takes batches from its workers in turn, from worker 0 on, so a resumed
         # stream gives worker w the part of the one next in turn, w places on.
         done, turn = _deal(start // size, batches)
         part = (turn + worker) % workers
-        skip = start if workers == 1 else min(done[part] * size, takes[part])
+        skip = start if workers == 1 else min(done[part] * size, batches[part] * size)
         stream = self._raw(pieces[part::workers])
-        if self.shuffle and self.shuffle_buffer:
+        if self.shuffle_buffer:
             stream = _shuffled(stream, self.shuffle_buffer,
                                random.Random(f"buffer {self.seed} {epoch} {self.rank} {part}"))
-        for place, name, data, label in islice(stream, skip, takes[part]):
-            yield self._item(place, name, data, label, epoch)
+        return islice(stream, skip, batches[part] * size)
+
+    def _evaluation_pieces(self, start: int, worker: int, workers: int) -> list[Piece]:
+        """This worker's pieces of the rank's samples from `start` on: the batches of
+        batch_size at worker, worker + workers, ... A DataLoader takes batches from its workers
+        in turn, so they come out in pack order whatever the batch size and worker count."""
+        shares = self._rank_pieces(0)
+        ends = list(accumulate(stop - first for _, first, stop in shares))
+        total, size, pieces = (ends[-1] if ends else 0), self.batch_size, []
+        for begin in range(start + worker * size, total, workers * size):
+            end, share = min(begin + size, total), bisect_right(ends, begin)
+            while begin < end:  # the batch, cut where a shard ends
+                index, first, stop = shares[share]
+                offset = first - (ends[share] - (stop - first))  # rank stream to shard place
+                cut = min(end, ends[share])
+                if pieces and pieces[-1][0] == index and pieces[-1][2] == begin + offset:
+                    pieces[-1] = (index, pieces[-1][1], cut + offset)  # read on, no seek
+                else:
+                    pieces.append((index, begin + offset, cut + offset))
+                begin, share = cut, share + 1
+        return pieces
 
     def _item(self, place: int, name: str, data: bytes, label: int, epoch: int):
         try:
