@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import yaml
 
@@ -139,6 +141,9 @@ def test_a_recipe_file_can_start_from_a_bundled_base(tmp_path):
     (tmp_path / "lost.yaml").write_text("base: resnet57\n")
     with pytest.raises(ConfigError, match=r"lost.yaml: base recipe 'resnet57' is neither beside"):
         load_recipe(tmp_path / "lost.yaml")
+    # a section whose keys are all commented out changes nothing (it is YAML's null)
+    (tmp_path / "empty.yaml").write_text("base: resnet56-cifar10\nname: e\ntrain:\n#  epochs: 9\n")
+    assert load_recipe(tmp_path / "empty.yaml").train == bundled.train
 
 
 def test_set_overrides_parse_yaml_values_and_reject_unknown_keys():
@@ -152,6 +157,24 @@ def test_set_overrides_parse_yaml_values_and_reject_unknown_keys():
         load_recipe("quickstart", ["train.epoch=3"])
     with pytest.raises(ConfigError, match=r"expected section\.key=value"):
         load_recipe("quickstart", ["train.epochs"])
+
+
+def test_set_values_read_as_yaml_1_2_and_mappings_merge():
+    # YAML 1.1 (PyYAML's) would read 010 as 8, 1:30 as 90 and off as False
+    recipe = load_recipe("resnet20-cifar10", ["train.seed=010", "reported.where=1:30"])
+    assert (recipe.train.seed, recipe.reported.where) == (10, "1:30")
+    with pytest.raises(ConfigError, match=r"train\.amp must be one of none, bf16, fp16; got 'off'"):
+        load_recipe("resnet20-cifar10", ["train.amp=off"])
+    # a mapping sets the keys it names, as a recipe over its base, and keeps the others
+    resnet34d = load_recipe("resnet34d-imagenette5")
+    assert resnet34d.model.options == {"stem": "deep", "avg_down": True}
+    one = load_recipe("resnet34d-imagenette5", ["model.options.avg_down=false"])
+    assert one.model.options == {"stem": "deep", "avg_down": False}
+    assert load_recipe("resnet34d-imagenette5", ["model.options={avg_down: false}"]) == one
+    train = load_recipe("resnet20-cifar10", ["train={seed: 3}", "data=null"])
+    bundled = load_recipe("resnet20-cifar10")
+    assert train.train == dataclasses.replace(bundled.train, seed=3)
+    assert train.data == bundled.data
 
 
 def test_unknown_recipe_name_suggests_close_ones(tmp_path):

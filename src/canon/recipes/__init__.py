@@ -25,9 +25,10 @@ RECIPE_DIR = Path(__file__).resolve().parent
 
 
 class _RecipeLoader(yaml.SafeLoader):
-    """YAML as people write numbers: PyYAML follows YAML 1.1, which reads `1e-3` (no dot) as
-    a string; YAML 1.2 and every other reader take it as the float it is. A key twice in one
-    mapping is an error (YAML forbids it; PyYAML keeps the later silently)."""
+    """YAML as people write it today: PyYAML follows YAML 1.1, which reads `1e-3` (no dot) as
+    a string, `010` as 8 (octal), `1:30` as 90 (base 60) and yes/no/on/off as booleans;
+    YAML 1.2, which every other reader follows, takes them as 0.001, 10 and strings. A key
+    twice in one mapping is an error (YAML forbids it; PyYAML keeps the later silently)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         # Keys as written (a recipe's keys are plain words): not constructed twice, and an
@@ -43,16 +44,32 @@ class _RecipeLoader(yaml.SafeLoader):
             seen.add(key_node.value)
         return super().construct_mapping(node, deep)
 
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        text = self.construct_scalar(node).replace("_", "")
+        return int(text, 0 if text.lstrip("+-")[:2].lower() in ("0x", "0o") else 10)
 
+
+_BOOL, _INT, _FLOAT = (f"tag:yaml.org,2002:{kind}" for kind in ("bool", "int", "float"))
+# YAML 1.2's core schema for booleans and integers in place of 1.1's.
+_RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag not in (_BOOL, _INT)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
 _RecipeLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
+    _BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_RecipeLoader.add_implicit_resolver(
+    _INT, re.compile(r"^(?:[-+]?[0-9][0-9_]*|0o[0-7_]+|0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"))
+_RecipeLoader.add_implicit_resolver(
+    _FLOAT,
     re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
     list("-+0123456789"),
 )
+_RecipeLoader.add_constructor(_INT, _RecipeLoader.construct_yaml_int)
 
 
 def parse_yaml(text: str) -> object:
-    """`yaml.safe_load` that also reads exponent numbers without a dot (`1e-3`) as floats."""
+    """`yaml.safe_load` with YAML 1.2's numbers and booleans (_RecipeLoader)."""
     return yaml.load(text, Loader=_RecipeLoader)  # a SafeLoader: builds no Python objects
 
 __all__ = [
@@ -82,10 +99,13 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `override`'s values, mapping into mapping key by key. A mapping given as
+    null (`train:` with every key commented out) changes nothing: it does not drop the base's
+    keys, which would bring back canon's defaults unnoticed."""
     merged = copy.deepcopy(base)
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+        if isinstance(merged.get(key), dict) and (value is None or isinstance(value, dict)):
+            merged[key] = _merge(merged[key], value or {})
         else:
             merged[key] = copy.deepcopy(value)
     return merged
@@ -136,7 +156,8 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
 def apply_overrides(recipe: Recipe, overrides: Iterable[str | tuple[str, Any]]) -> Recipe:
     """A new recipe with settings applied: `"section.key=value"` strings (the value parsed as
     YAML, as `--set` gives them) or `("section.key", value)` pairs (as `canon train`'s flags
-    give them)."""
+    give them). A mapping value merges into a mapping key by key, as a recipe into its base;
+    `model.options.NAME=value` sets one build option."""
     if isinstance(overrides, str):  # its characters would be taken for overrides one by one
         raise ConfigError(f"overrides must be a list of 'section.key=value' strings, got the "
                           f"string {overrides!r}: pass [{overrides!r}]")
@@ -150,16 +171,16 @@ def apply_overrides(recipe: Recipe, overrides: Iterable[str | tuple[str, Any]]) 
         for depth, part in enumerate(path):
             section = ".".join(path[:depth]) or None
             keys = valid_keys(section) if depth < 2 else []
-            if part not in keys:
+            if part not in keys and section != "model.options":  # a model's own options
                 where = f"section {section}" if section else "a recipe"
-                raise ConfigError(
-                    f"--set {text!r}: {part!r} is not a key of {where}; "
-                    f"valid keys: {', '.join(keys) or '(none: sections are one level deep)'}"
-                )
+                valid = ", ".join(keys) or "(none: a section's keys hold values, but for " \
+                    "model.options.NAME)"
+                raise ConfigError(f"--set {text!r}: {part!r} is not a key of {where}; "
+                                  f"valid keys: {valid}")
             if depth == len(path) - 1:
-                target[part] = value
+                target[part] = _merge({part: target.get(part)}, {part: value})[part]
             else:
-                target = target[part]
+                target = target.get(part)
                 if not isinstance(target, dict):
                     raise ConfigError(f"--set {text!r}: {part} is a value, not a section")
     return Recipe.from_dict(values, where=f"{recipe.name} with the overrides (flags, --set)")
