@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 
 import pytest
 import torch
@@ -31,6 +32,26 @@ def test_resnet_cifar_multistep_by_iteration_with_constant_warmup():
     assert schedule.lr_at(31999) == pytest.approx(0.1)
     assert schedule.lr_at(32000) == pytest.approx(0.01)
     assert schedule.lr_at(48000) == pytest.approx(0.001)
+
+
+def test_a_run_that_ends_before_its_schedule_changes_is_warned_of():
+    # `canon train --recipe resnet56-cifar10 --epochs 20`: 7,800 steps, milestones 32k/48k
+    config = load_recipe("resnet56-cifar10").schedule
+    with pytest.warns(UserWarning, match=r"ends after 7800 steps \(20 epochs\), before "
+                                         r"schedule\.milestones \[32000, 48000\] \(iterations\)"):
+        make(config, steps_per_epoch=390, total_steps=7800)
+    epochs = ScheduleSection(kind="multistep", unit="epoch", milestones=(3, 5),
+                             warmup_iterations=50)
+    with pytest.warns(UserWarning, match=r"milestones \[3, 5\] \(epochs\) and a warm-up of 50"):
+        make(epochs, steps_per_epoch=10, total_steps=40)  # 4 epochs: step 39 is in epoch 3
+    step = ScheduleSection(kind="step", unit="epoch", step_size=8)
+    with pytest.warns(UserWarning, match=r"schedule\.step_size 8 \(epochs\)"):
+        make(step, steps_per_epoch=10, total_steps=80)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make(config, steps_per_epoch=390, total_steps=48001)  # step 48000 is the run's last
+        make(epochs, steps_per_epoch=10, total_steps=51)
+        make(step, steps_per_epoch=10, total_steps=81)
 
 
 def test_resnet110_warms_up_at_001_until_the_training_error_is_below_80_percent():

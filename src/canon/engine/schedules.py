@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -93,6 +94,8 @@ class LearningRateSchedule:
         self.warmup_steps = config.warmup_iterations or round(
             config.warmup_epochs * self.steps_per_epoch
         )
+        _warn_of_unreached_changes(config, self.steps_per_epoch, self.total_steps,
+                                   self.warmup_steps)
         # The state that depends on the run's history: where an error-ended warm-up ended ...
         self.warmup_ended_at: int | None = None
         # ... and the plateau schedule's.
@@ -181,3 +184,23 @@ class LearningRateSchedule:
         self.reductions = int(state["reductions"])
         self.best_error = float(state["best_error"])
         self.epochs_without_improvement = int(state["epochs_without_improvement"])
+
+
+def _warn_of_unreached_changes(config: ScheduleSection, steps_per_epoch: int, total_steps: int,
+                               warmup_steps: int) -> None:
+    """A warning when the run ends before a change its schedule names: e.g. `canon train
+    --epochs 20` on a recipe whose milestones are the paper's 32k and 48k iterations trains at
+    a constant rate, which is rarely what was meant."""
+    last = total_steps - 1 if config.unit == "iteration" else (total_steps - 1) // steps_per_epoch
+    unreached = []
+    if config.kind == "multistep" and any(m > last for m in config.milestones):
+        unreached.append(f"schedule.milestones {list(config.milestones)} ({config.unit}s)")
+    if config.kind == "step" and config.step_size > last:
+        unreached.append(f"schedule.step_size {config.step_size} ({config.unit}s)")
+    if warmup_steps > total_steps:
+        unreached.append(f"a warm-up of {warmup_steps} steps")
+    if unreached:
+        warnings.warn(
+            f"the run ends after {total_steps} steps ({total_steps / steps_per_epoch:g} epochs), "
+            f"before {' and '.join(unreached)} take effect: set schedule.milestones (or "
+            "train.iterations) to fit the run", stacklevel=3)
