@@ -276,6 +276,37 @@ def test_accumulation_weighs_every_image_alike_when_a_micro_batch_is_short():
     torch.testing.assert_close(model.weight.grad, expected)
 
 
+def test_a_step_whose_files_were_all_undecodable_changes_nothing_under_fp16():
+    """Every micro-batch empty: no gradient, so no update, and fp16's loss scaler (which
+    asserts on a step without a backward pass) is not stepped; the step still counts."""
+    from types import SimpleNamespace
+
+    from canon.engine.distributed import DistributedContext
+    from canon.engine.precision import Precision
+    from canon.engine.schedules import LearningRateSchedule
+    from canon.engine.setup import _WithAux, new_totals
+    from canon.engine.trainer import _optimizer_step
+
+    model = nn.Linear(3, 2)
+    model.forward_with_aux = lambda images: (model(images), [])
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    recipe = tiny_recipe(batch_size=4, accum_steps=2, channels_last=False, amp="fp16")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    cpu = torch.device("cpu")
+    run = SimpleNamespace(
+        recipe=recipe, ctx=DistributedContext(rank=0, local_rank=0, world_size=1, device=cpu),
+        totals=new_totals(), train_module=_WithAux(model), precision=Precision("fp16", cpu),
+        criterion=nn.CrossEntropyLoss(), optimizer=optimizer, graphed_step=None, frozen=[],
+        average=None, step=0, step_in_epoch=0, epoch=0,
+        schedule=LearningRateSchedule(optimizer, recipe.schedule, peak_lr=0.1, base_lr=0.1,
+                                      steps_per_epoch=10, total_steps=10))
+    empty = (torch.empty(0), torch.empty(0, dtype=torch.long))
+    loss = _optimizer_step(run, iter([empty, empty]))
+    assert float(loss) == 0 and run.step == 1 and run.totals["skipped"] == 8
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
 def test_tensorboard_logs_each_steps_loss_and_lr_at_its_count(resume_data, tmp_path):
     """The n-th step's loss and lr at x = n, where epoch/* puts an epoch ending with it; the
     step schedule halves the lr from the first step of epoch 2, the 9th."""

@@ -284,7 +284,8 @@ def _optimizer_step(run: Run, batches: Iterator) -> torch.Tensor:
         loss_sum, correct, images_seen = _accumulate(run, batches)
         for parameter in run.frozen:
             parameter.grad = None
-        run.precision.step(run.optimizer)
+        if images_seen:  # else every file undecodable: no gradient (fp16's scaler would fail)
+            run.precision.step(run.optimizer)
         run.optimizer.zero_grad(set_to_none=True)
     if config.filter_rms_radius is not None:  # part of the update: the average sees it
         clamp_filter_rms(run.model, config.filter_rms_radius, run.frozen)
