@@ -28,7 +28,7 @@ from canon.data.stats import compute_stats, stats_cache_path
 from canon.engine import checkpoint as ckpt
 from canon.engine.trainer import TrainingInterrupted, train
 from canon.errors import ConfigError, DataError
-from canon.recipes import load_recipe
+from canon.recipes import apply_overrides, load_recipe
 
 SMALL = [("data.crop_size", 32), ("data.resize_size", 36), ("train.batch_size", 16),
          ("train.epochs", 2), ("train.channels_last", False)]
@@ -114,6 +114,12 @@ def test_a_run_stopped_mid_epoch_resumes_exactly(packed, tmp_path, workers):
     with pytest.raises(TrainingInterrupted) as stop:
         train(recipe, tmp_path / "stopped", device="cpu", progress=False, on_step=ctrl_c)
     assert ckpt.load_checkpoint(stop.value.checkpoint)["step_in_epoch"] == 12 - steps_per_epoch
+    # other loader workers would deal the epoch's images otherwise
+    other = apply_overrides(recipe, [("train.workers", 2 - workers)])
+    with pytest.raises(ConfigError, match=rf"were dealt to 1, 16 and {workers}\. Resume with "
+                                          rf"--batch-size 16 --workers {workers} on 1 process"):
+        train(other, tmp_path / "stopped", resume=tmp_path / "stopped", device="cpu",
+              progress=False)
     train(recipe, tmp_path / "stopped", resume=tmp_path / "stopped", device="cpu",
           progress=False)
     straight, resumed = (ckpt.load_checkpoint(ckpt.epoch_checkpoint(tmp_path / run, 2))

@@ -44,7 +44,7 @@ _STATE_KINDS: dict[str, type | tuple[type, ...]] = {
     "model": dict, "optimizer": dict, "schedule": dict, "scaler": dict, "ema": (dict, type(None)),
     "epoch": int, "step": int, "step_in_epoch": int, "epoch_totals": list, "rng": list,
     "metrics": list, "model_name": str, "classes": list, "normalization": (dict, type(None)),
-    "recipe.data": dict, "recipe.model": dict,
+    "recipe.data": dict, "recipe.model": dict, "recipe.train": dict,
 }
 _MISSING = object()
 

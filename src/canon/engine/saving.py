@@ -14,7 +14,7 @@ import torch.nn as nn
 from canon.engine import checkpoint as ckpt
 from canon.engine import distributed as dist
 from canon.engine.rundir import discard_replaced_run
-from canon.engine.setup import Run
+from canon.engine.setup import Run, loader_workers
 from canon.errors import NonFiniteError
 from canon.recipes.schema import TrainSection
 
@@ -84,6 +84,7 @@ def snapshot(run: Run) -> dict[str, Any]:
         "rng": [rank["rng"] for rank in per_rank],
         "metrics": list(run.metrics), "recipe": run.recipe.to_dict(), "commit": run.commit,
         "train_size": run.train_size,
+        "loader_workers": loader_workers(run.recipe.train),  # they deal a shard folder's stream
         "model_name": run.recipe.model.name, "model_options": run.model.build_options(),
         "classes": run.classes, "class_ids": run.class_ids,
         "normalization": run.normalization,

@@ -476,6 +476,22 @@ def _check_same_global_batch(run: Run, state: dict[str, Any]) -> None:
         )
 
 
+def _check_same_shard_stream(run: Run, state: dict[str, Any]) -> None:
+    """A shard folder's epochs are dealt by the process count, batch size and loader workers
+    (canon.data.shards): with others, a resumed run would read other images, and epochs of
+    another length, unnoticed. (Checkpoints from before the workers were saved pass.)"""
+    if not isinstance(run.train_order, ShardImages) or "loader_workers" not in state:
+        return
+    config = run.recipe.train
+    before = (len(state["rng"]), state["recipe"]["train"]["batch_size"], state["loader_workers"])
+    now = (run.ctx.world_size, config.batch_size, loader_workers(config))
+    if before != now:
+        raise ConfigError(
+            "cannot resume a run on a shard folder with {} process(es), batch {} and {} loader "
+            "worker(s): its epochs were dealt to {}, {} and {}. Resume with --batch-size {} "
+            "--workers {} on {} process(es)".format(*now, *before, *before[1:], before[0]))
+
+
 def _check_same_training_set(run: Run, state: dict[str, Any]) -> None:
     """A checkpoint's epochs were of its training set: with other images held out, the new
     validation set would hold images trained on (and best.pt be chosen on it), and its step
@@ -507,6 +523,7 @@ def _restore(run: Run, state: dict[str, Any]) -> None:
     ctx = run.ctx
     _check_same_global_batch(run, state)
     _check_same_training_set(run, state)
+    _check_same_shard_stream(run, state)
     recipe_groups = [{k: v for k, v in group.items() if k != "params"}
                      for group in run.optimizer.param_groups]
     try:
