@@ -256,3 +256,16 @@ def test_trainer_runs_a_pipeline_like_the_plain_model(
         exported.append(load_file(tmp_path / name / "model.safetensors"))
     assert len(pipelines) == 1 and len(pipelines[0].groups) == 2
     _assert_state_equal(exported[1], exported[0])
+
+
+def test_a_two_tower_run_resumed_without_towers_says_so(two_class_folder: Path,
+                                                         tmp_path: Path) -> None:
+    common = [f"data.dataset={two_class_folder}", "data.mean=imagenet", "model.name=alexnet",
+              "data.crop_size=227", "data.resize_size=256", "data.scale_range=null",
+              "train.batch_size=8", "train.workers=0"]
+    train(load_recipe("quickstart", [*common, "train.epochs=1", "train.model_parallel=towers"]),
+          tmp_path, device="cpu", progress=False)
+    with pytest.raises(ConfigError, match=r"cannot resume without --model-parallel towers a run "
+                                          r"trained with it.*--init-from"):
+        train(load_recipe("quickstart", [*common, "train.epochs=2"]), tmp_path,
+              resume=tmp_path, device="cpu", progress=False)

@@ -476,6 +476,20 @@ def _check_same_global_batch(run: Run, state: dict[str, Any]) -> None:
         )
 
 
+def _check_same_towers(run: Run, state: dict[str, Any]) -> None:
+    """The two-tower split holds each layer's weights as two parameters: its optimizer state
+    (momentum) does not fit the one-tower model's, nor the reverse."""
+    towers = ["towers" in str(recipe["train"].get("model_parallel"))
+              for recipe in (state["recipe"], run.recipe.to_dict())]
+    if towers[0] != towers[1]:
+        before, now = (("with" if split else "without") for split in towers)
+        raise ConfigError(
+            f"cannot resume {now} --model-parallel towers a run trained {before} it: the "
+            "optimizer state (momentum) of the towers holds two parameters a layer, the plain "
+            "model's one. Resume as it was trained, or start a new run from its weights (which "
+            "load either way) with --init-from")
+
+
 def _check_same_shard_stream(run: Run, state: dict[str, Any]) -> None:
     """A shard folder's epochs are dealt by the process count, batch size and loader workers
     (canon.data.shards): with others, a resumed run would read other images, and epochs of
@@ -530,6 +544,7 @@ def _restore(run: Run, state: dict[str, Any]) -> None:
         run.model.load_state_dict(state["model"])
         run.optimizer.load_state_dict(state["optimizer"])
     except (RuntimeError, ValueError) as error:  # other layer names or shapes, other groups
+        _check_same_towers(run, state)
         raise ConfigError(
             f"cannot resume: the checkpoint's model ({state.get('model_name')}) or optimizer "
             f"groups do not fit this run's {run.recipe.model.name} with {run.num_classes} "
