@@ -400,6 +400,20 @@ def test_a_run_validated_on_the_test_set_chooses_no_checkpoint_on_it(resume_data
         "epoch-002.pt", "epoch-001.pt"]
 
 
+def test_curves_that_cannot_be_drawn_cost_a_warning_not_the_export(resume_data, tmp_path,
+                                                                   monkeypatch):
+    from matplotlib.figure import Figure
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", full_disk)
+    with pytest.warns(UserWarning, match=r"curves\.png not drawn \(.*No space left.*metrics\.csv"):
+        train(tiny_recipe(epochs=1, batch_size=16), tmp_path, device="cpu",
+              datasets=resume_data, progress=False)
+    assert (tmp_path / "model.safetensors").is_file() and not (tmp_path / "curves.png").exists()
+
+
 def test_an_iteration_limit_is_the_run_s_length_whatever_the_epochs(resume_data, tmp_path):
     """ResNet s4.2's 64k iterations on the 45k/5k split take more epochs than the recipe's
     165 (which fit 50k images): the limit, not the epochs, ends the run."""

@@ -68,8 +68,10 @@ def plot_curves(path: Path, rows: list[dict[str, Any]], title: str) -> None:
         axes.grid(alpha=0.3)
     figure.suptitle(title)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    try:  # whole or not at all, as every run file
+        atomic_write(path, lambda temporary: figure.savefig(temporary, format="png", dpi=110))
+    finally:
+        plt.close(figure)
 
 
 def epoch_summary(row: dict[str, Any], epochs: int) -> str:

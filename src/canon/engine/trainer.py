@@ -9,6 +9,7 @@ import contextlib
 import math
 import signal
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +51,7 @@ from canon.engine.saving import (
 )
 from canon.engine.setup import Run, check_recipe, new_totals, open_run_dir, set_up
 from canon.engine.stopping import StopFlag, shut_down_workers
-from canon.errors import ConfigError, DataError, NonFiniteError
+from canon.errors import ConfigError, DataError, NonFiniteError, first_line
 from canon.evaluation import score_loader
 from canon.evaluation.metrics import error_percent
 from canon.recipes.schema import Recipe
@@ -228,8 +229,12 @@ def _close(run: Run) -> None:
     if run.events is not None:
         run.events.close()
     if run.ctx.is_main and run.metrics:
-        plot_curves(run.run_dir / "curves.png", run.metrics,
-                    f"{run.recipe.name}: {run.recipe.model.name}")
+        try:
+            plot_curves(run.run_dir / "curves.png", run.metrics,
+                        f"{run.recipe.name}: {run.recipe.model.name}")
+        except Exception as error:  # not to replace why the run stopped, nor skip its export
+            warnings.warn(f"{run.run_dir / 'curves.png'} not drawn ({first_line(error)}); "
+                          "metrics.csv holds the same curves", stacklevel=2)
 
 
 # ---- one epoch of training ------------------------------------------------------------------
