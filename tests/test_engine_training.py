@@ -398,6 +398,9 @@ def test_a_run_validated_on_the_test_set_chooses_no_checkpoint_on_it(resume_data
     assert not ckpt.best_checkpoint(tmp_path).exists()
     assert [p.name for p in ckpt.resumable_checkpoints(tmp_path)] == [
         "epoch-002.pt", "epoch-001.pt"]
+    plateau = apply_overrides(tiny_recipe(epochs=1, batch_size=16), [("schedule.kind", "plateau")])
+    with pytest.warns(UserWarning, match="plateau cuts the learning rate .* on the test set"):
+        train(plateau, tmp_path / "plateau", device="cpu", datasets=resume_data, progress=False)
 
 
 def test_curves_that_cannot_be_drawn_cost_a_warning_not_the_export(resume_data, tmp_path,

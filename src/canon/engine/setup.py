@@ -276,6 +276,12 @@ def open_run_dir(run: Run) -> None:
     if run.validates_on_test_set:
         print("validating on the test set (data.val_split is 0): no checkpoint is chosen on it "
               "(no best.pt); the final model's error is the result")
+        if recipe.schedule.kind == "plateau":
+            warnings.warn(
+                "schedule.kind plateau cuts the learning rate when the validation error stops "
+                "improving, and this run validates on the test set: the cuts, and so the "
+                "reported test error, would be chosen on it. Hold out training images with "
+                "data.val_split (ResNet s4.2 held out 5000 of CIFAR-10's)", stacklevel=2)
     if run.schedule.config != recipe.schedule or run.iterations != config.iterations:
         print(_scaled_counts_note(recipe, run.schedule.config, run.iterations, global_batch_size))
 
