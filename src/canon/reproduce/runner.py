@@ -82,7 +82,8 @@ def reproduce(
     if cuda_graph:
         planned = [dataclasses.replace(run, recipe=apply_overrides(
             run.recipe, [("train.cuda_graph", True)])) for run in planned]
-    records = _ensure_runs(planned, chosen, device, progress, jobs)
+    at_once = max(1, min(jobs, len(planned)))  # processes training (one: this one)
+    records = _ensure_runs(planned, chosen, device, progress, at_once)
     # Runs named with another precision are other runs: their report goes beside, not over,
     # the recipes' own.
     suffix = ("" if mode == "full" else f"-{mode}") + "".join(
@@ -90,26 +91,26 @@ def reproduce(
     context = Context(experiment, chosen, device, root / f"{name}{suffix}")
     make_folder(context.folder)
     outcome = ANALYSES[experiment.analysis](records, context)
-    readme = write_report(context, _command(name, mode, runs, root, data, amp), records, outcome,
-                          environment(device, jobs), time.perf_counter() - started)
+    readme = write_report(context, _command(name, mode, runs, root, data, amp, jobs), records,
+                          outcome, environment(device, at_once), time.perf_counter() - started)
     return Reproduction(readme, outcome.findings, all(f.held for f in outcome.findings),
                         sum(record.status != "finished before" for record in records))
 
 
 def _ensure_runs(planned: list[PlannedRun], mode: Mode, device: str, progress: bool,
                  jobs: int) -> list[RunRecord]:
-    """Each planned run trained, resumed or read; `jobs` at a time in spawned processes (no
-    progress bars: their lines would interleave). A stop signal to every process (Ctrl-C,
-    SLURM) makes each running run save its checkpoint; then, as when a run fails, no queued
-    run starts, and the stop or the first failure is raised once the running ones are done.
-    A SIGTERM to this process alone lets the running runs finish."""
-    if jobs <= 1 or len(planned) <= 1:
+    """Each planned run trained, resumed or read; `jobs` (at most one per run) at a time in
+    spawned processes (no progress bars: their lines would interleave). A stop signal to every
+    process (Ctrl-C, SLURM) makes each running run save its checkpoint; then, as when a run
+    fails, no queued run starts, and the stop or the first failure is raised once the running
+    ones are done. A SIGTERM to this process alone lets the running runs finish."""
+    if jobs <= 1:
         return [ensure_run(run, mode, device=device, progress=progress) for run in planned]
     spawn = multiprocessing.get_context("spawn")  # CUDA cannot be forked
-    stopping, flag, workers = spawn.Event(), StopFlag(), min(jobs, len(planned))
+    stopping, flag = spawn.Event(), StopFlag()
     with flag.installed(), ProcessPoolExecutor(
-            max_workers=workers, mp_context=spawn, initializer=_pool_process,
-            initargs=(workers, stopping)) as pool:
+            max_workers=jobs, mp_context=spawn, initializer=_pool_process,
+            initargs=(jobs, stopping)) as pool:
         with stop_signals_held():  # the pool's processes start during the submissions
             futures = [pool.submit(_ensure_in_process, run, mode, device) for run in planned]
         while pending := [future for future in futures if not future.done()]:
@@ -196,8 +197,8 @@ def _ensure_in_process(run: PlannedRun, mode: Mode, device: str
 
 
 def _command(name: str, mode: str, runs: int | None, root: Path, data: str | None,
-             amp: str | None) -> str:
-    """The command line that makes the same report."""
+             amp: str | None, jobs: int) -> str:
+    """The command line that makes the same report (--jobs too: it sets a CPU run's threads)."""
     parts = ["canon", "reproduce", name]
     if mode != "full":
         parts.append(f"--{mode}")
@@ -207,6 +208,8 @@ def _command(name: str, mode: str, runs: int | None, root: Path, data: str | Non
         parts += ["--data", data]
     if amp is not None:
         parts += ["--amp", amp]
+    if jobs != 1:
+        parts += ["--jobs", str(jobs)]
     if root != DEFAULT_OUTPUT:
         parts += ["--output-dir", str(root)]
     return " ".join(parts)
