@@ -19,7 +19,7 @@ from canon.errors import ConfigError
 from canon.files import atomic_write
 
 COLUMNS = (
-    "epoch", "lr", "train_loss", "train_top1_error", "val_top1_error", "val_top5_error",
+    "epoch", "step", "lr", "train_loss", "train_top1_error", "val_top1_error", "val_top5_error",
     "images_per_second", "seconds", "skipped_images",
 )
 EVENTS_DIR = "tensorboard"

@@ -456,7 +456,7 @@ def _end_epoch(run: Run, train_seconds: float) -> None:
             f"no training image of {run.recipe.data.dataset} could be decoded in epoch "
             f"{run.epoch + 1} (see the warnings; {int(skipped)} skipped): check the folder")
     row = {
-        "epoch": run.epoch + 1, "lr": trained_at,
+        "epoch": run.epoch + 1, "step": run.step, "lr": trained_at,  # step: optimizer steps so far
         "train_loss": loss / images, "train_top1_error": error_percent(correct, images),
         "val_top1_error": val_top1, "val_top5_error": val_top5,
         "images_per_second": images / max(train_seconds, 1e-9),

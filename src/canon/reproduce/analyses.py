@@ -12,12 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from canon.data.datasets import validates_on_test_split
 from canon.engine.distributed import resolve_device
 from canon.engine.trained import load_trained
 from canon.evaluation.ensemble import evaluate_ensemble
 from canon.reproduce.experiments import Experiment, Mode
 from canon.reproduce.training import RunRecord, micro_datasets
-from canon.visualize.curves import curves
+from canon.visualize.curves import curves, draw_curves, run_series, series_rows
+from canon.visualize.images import save_csv
 from canon.visualize.plots import new_figure, save_figure
 from canon.visualize.responses import responses as layer_responses
 
@@ -73,17 +75,20 @@ def _training_errors(records: list[RunRecord]) -> str:
 
 
 def degradation(records: list[RunRecord], context: Context) -> Outcome:
-    """Fig. 6: the final training error against depth, plain nets and ResNets apart."""
+    """Fig. 6: training (dashed) and test (bold) error against iterations, plain nets in the
+    left panel and ResNets in the right; the finding is the final training error by depth."""
     table = [{"net": _label(r), "training error (%)": r.train_error,
               "test error (%)": r.test_error,
               "paper's test error (%)": r.run.recipe.reported.top1_error} for r in records]
-    findings, plots = [], []
-    for family, nets, claim in (("plain", "plain nets", "higher"),
-                                ("resnet", "ResNets", "lower (or equal)")):
+    findings, panels = [], []
+    figure = new_figure(13, 4.8)
+    for axes, (family, nets, claim) in zip(
+            figure.subplots(1, 2, sharey=True),
+            (("plain", "plain nets", "higher"), ("resnet", "ResNets", "lower (or equal)")),
+            strict=True):
         group = sorted((r for r in records if _family(r) == family), key=_depth)
-        result = curves([r.run.run_dir for r in group], context.folder / f"{family}-curves",
-                        names=[_label(r) for r in group])
-        plots.append(Path(result["png"]))
+        panels.append((axes, nets, group, run_series([r.run.run_dir for r in group],
+                                                     names=[_label(r) for r in group])))
         shallow, deep = group[0], group[-1]
         held = (deep.train_error > shallow.train_error if family == "plain"
                 else deep.train_error <= shallow.train_error)
@@ -91,7 +96,16 @@ def degradation(records: list[RunRecord], context: Context) -> Outcome:
             f"{nets}: the deeper {_label(deep)} ends with {claim} training error than the "
             f"shallower {_label(shallow)}", held,
             f"final training error {_training_errors(group)}"))
-    return Outcome(table, findings, plots)
+    # By iteration as the paper, unless a run was logged before canon recorded steps.
+    logged = all(run["step"] is not None for *_, series in panels for run in series)
+    for axes, nets, group, series in panels:
+        tested = all(validates_on_test_split(r.run.recipe.data) for r in group)
+        draw_curves(axes, series, "top1", "iteration" if logged else "epoch",
+                    "test" if tested else "validation")
+        axes.set_title(nets)
+    save_csv(context.folder / "degradation-curves.csv",
+             series_rows([run for *_, series in panels for run in series]))
+    return Outcome(table, findings, [save_figure(figure, context.folder / "degradation.png")])
 
 
 def table6(records: list[RunRecord], context: Context) -> Outcome:

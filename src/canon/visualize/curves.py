@@ -1,8 +1,8 @@
 """Training curves of several runs on one plot, as He et al. (2015) compare plain nets and
 ResNets (Fig. 4 and Fig. 6): thin dashed lines the training error, bold lines the validation
 error (the test error for runs that validate on their test set: CIFAR, the sample), one colour
-per run, against epochs, read from each run's metrics.csv (canon.engine.logs). The paper plots
-against iterations; metrics.csv has a row per epoch.
+per run, against epochs or, as the paper plots them, iterations (optimizer steps), read from
+each run's metrics.csv (canon.engine.logs: a row per epoch, ending at its step count).
 """
 
 from __future__ import annotations
@@ -76,12 +76,29 @@ def curves(
     *,
     metric: str = "top1",
     names: Sequence[str] | None = None,
+    x: str = "epoch",
 ) -> dict[str, Any]:
-    """Training and validation `metric` error (%) by epoch for `runs` (run directories, or
-    their checkpoints, exports or metrics.csv files); writes curves-METRIC.png, .csv and
-    .json to `output_dir` and returns what the JSON holds plus the paths written. `names`
-    label the runs (default: their folders). Training logs no top-5 error, so `top5` draws
-    validation curves only."""
+    """Training and validation `metric` error (%) by epoch (or by `x` "iteration") for `runs`
+    (run directories, or their checkpoints, exports or metrics.csv files); writes
+    curves-METRIC.png, .csv and .json to `output_dir` and returns what the JSON holds plus the
+    paths written. `names` label the runs (default: their folders). Training logs no top-5
+    error, so `top5` draws validation curves only."""
+    series = run_series(runs, metric, names)
+    result: dict[str, Any] = {"metric": metric, "unit": "error (%)", "runs": series}
+    folder = Path(output_dir)
+    make_folder(folder)
+    stem = folder / f"curves-{metric}"
+    result["png"] = str(save_figure(curves_figure(series, metric, x),
+                                    stem.with_suffix(".png")))
+    result["csv"] = str(save_csv(stem.with_suffix(".csv"), series_rows(series)))
+    result["json"] = str(save_json(stem.with_suffix(".json"), result))
+    return result
+
+
+def run_series(runs: Sequence[str | Path], metric: str = "top1",
+               names: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Each run's curves as read from its metrics.csv: name, file, epoch, step (None for a
+    file from before canon logged steps), train (None for top-5) and val, a value per epoch."""
     if metric not in METRICS:
         raise ConfigError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
     train_column, val_column = METRICS[metric]
@@ -89,33 +106,50 @@ def curves(
     for name, run in zip(run_names(runs, names), runs, strict=True):
         path = metrics_file(run)
         columns = read_metrics(path, [c for c in ("epoch", train_column, val_column) if c])
+        try:
+            steps = read_metrics(path, ["step"])["step"]
+        except DataError:  # logged before the column existed (or, resumed, partly)
+            steps = None
         series.append({"name": name, "file": str(path), "epoch": columns["epoch"],
-                       "train": columns.get(train_column), "val": columns[val_column]})
-    result: dict[str, Any] = {"metric": metric, "unit": "error (%)", "runs": series}
-    folder = Path(output_dir)
-    make_folder(folder)
-    stem = folder / f"curves-{metric}"
-    result["png"] = str(save_figure(curves_figure(series, metric), stem.with_suffix(".png")))
-    rows = [{"run": s["name"], "epoch": epoch,
+                       "step": steps, "train": columns.get(train_column),
+                       "val": columns[val_column]})
+    return series
+
+
+def series_rows(series: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """run_series' curves as CSV rows, a row per run and epoch."""
+    return [{"run": s["name"], "epoch": epoch,
+             "step": s["step"][i] if s["step"] is not None else "",
              "train_error": s["train"][i] if s["train"] is not None else "",
              "val_error": s["val"][i]}
             for s in series for i, epoch in enumerate(s["epoch"])]
-    result["csv"] = str(save_csv(stem.with_suffix(".csv"), rows))
-    result["json"] = str(save_json(stem.with_suffix(".json"), result))
-    return result
 
 
-def curves_figure(series: list[dict[str, Any]], metric: str) -> Figure:
-    """The plot of curves(): per run, its training curve dashed and thin, its validation
-    curve solid and bold, in one colour."""
+def curves_figure(series: list[dict[str, Any]], metric: str, x: str = "epoch") -> Figure:
+    """The plot of curves()."""
     figure = new_figure(8, 5)
     axes = figure.subplots()
+    draw_curves(axes, series, metric, x)
+    name = {"top1": "top-1", "top5": "top-5"}[metric]
+    axes.set_title(f"{name} error by {x} (He et al. Fig. 6 style)")
+    return figure
+
+
+def draw_curves(axes: Any, series: list[dict[str, Any]], metric: str, x: str = "epoch",
+                validation: str = "validation") -> None:
+    """Per run, its training curve dashed and thin, its `validation` curve (e.g. "test")
+    solid and bold, in one colour, against `x`: "epoch" or "iteration"."""
+    if x not in ("epoch", "iteration"):
+        raise ConfigError(f"curves against {x!r}: use epoch or iteration")
+    if x == "iteration" and (lacking := [run["name"] for run in series if run["step"] is None]):
+        raise DataError(f"{', '.join(lacking)}: metrics.csv has no step column (written before "
+                        "canon logged steps, or resumed across that change): plot by epoch")
     for index, run in enumerate(series):
-        colour = f"C{index % 10}"
+        colour, where = f"C{index % 10}", run["epoch" if x == "epoch" else "step"]
         if run["train"] is not None:
-            axes.plot(run["epoch"], run["train"], "--", color=colour, linewidth=1)
-        axes.plot(run["epoch"], run["val"], "-", color=colour, linewidth=2.5, label=run["name"])
-    styles = [Line2D([], [], color="black", linewidth=2.5, label="bold: validation")]
+            axes.plot(where, run["train"], "--", color=colour, linewidth=1)
+        axes.plot(where, run["val"], "-", color=colour, linewidth=2.5, label=run["name"])
+    styles = [Line2D([], [], color="black", linewidth=2.5, label=f"bold: {validation}")]
     if any(run["train"] is not None for run in series):
         styles.append(Line2D([], [], color="black", linestyle="--", linewidth=1,
                              label="dashed: training"))
@@ -123,8 +157,7 @@ def curves_figure(series: list[dict[str, Any]], metric: str) -> Figure:
     axes.add_artist(runs_legend)
     axes.legend(handles=styles, fontsize=8, loc="lower left")
     name = {"top1": "top-1", "top5": "top-5"}[metric]
-    axes.set(xlabel="epoch", ylabel=f"{name} error (%)",
-             title=f"{name} error by epoch (He et al. Fig. 6 style)")
+    axes.set(xlabel="epoch" if x == "epoch" else "iteration (optimizer step)",
+             ylabel=f"{name} error (%)")
     integer_x(axes)
     axes.grid(alpha=0.3)
-    return figure
