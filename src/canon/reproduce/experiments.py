@@ -107,6 +107,9 @@ class Experiment:
     runs: int | None = None
     min_runs: int = 1
     paper_params: Mapping[str, float] = field(default_factory=dict)  # recipe: millions
+    # recipe: the paper's (mean, std) over runs, where it gives them (its reported error may
+    # be the best run's)
+    paper_means: Mapping[str, tuple[float, float]] = field(default_factory=dict)
     quick_recipes: tuple[str, ...] | None = None
     modes: Mapping[str, Mode] = field(default_factory=lambda: MODES)
 
@@ -137,8 +140,8 @@ EXPERIMENTS = {experiment.name: experiment for experiment in (
         name="degradation", cites="He et al. 2015, Fig. 6 (s4.2)",
         shows="the deeper plain net has higher training error than the shallower one (it is "
         "not overfitting), while the deeper ResNet has lower training error",
-        plot="training (thin, dashed) and test (bold) top-1 error by epoch, plain nets and "
-        "ResNets in two panels",
+        plot="training (thin, dashed) and test (bold) top-1 error by iteration, plain nets "
+        "and ResNets in two panels",
         recipes=(*_cifar("plain", (20, 32, 44, 56)), *_RESNETS), micro_recipes=_MICRO,
         quick_recipes=_QUICK, analysis="degradation",
         paper=("Fig. 6 plots the curves without tabulating them: plain-20/32/44/56 end with "
@@ -159,6 +162,7 @@ EXPERIMENTS = {experiment.name: experiment for experiment in (
         paper_params={"resnet20-cifar10": 0.27, "resnet32-cifar10": 0.46,
                       "resnet44-cifar10": 0.66, "resnet56-cifar10": 0.85,
                       "resnet110-cifar10": 1.7},
+        paper_means={"resnet110-cifar10": (6.61, 0.16)},
     ),
     Experiment(
         name="responses", cites="He et al. 2015, Fig. 7",
