@@ -8,6 +8,7 @@ import json
 import os
 import random
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -87,6 +88,21 @@ def test_written_files_get_the_mode_open_gives(tmp_path):
     written = [tmp_path / "plain.txt", *(tmp_path / "run").rglob("*.pt"),
                *(tmp_path / "run").glob("*.safetensors"), tmp_path / "run" / "eval_config.json"]
     assert {oct(path.stat().st_mode & 0o777) for path in written} == {oct(0o640)}
+
+
+def test_a_written_file_and_then_its_folder_are_synced_to_disk(tmp_path, monkeypatch):
+    # The rename is an entry of the folder: without the folder's fsync a power loss can undo
+    # it, leaving the file's old content (a checkpoint an epoch behind its metrics).
+    synced = []
+    real_fsync = os.fsync
+
+    def recording_fsync(descriptor):
+        synced.append(stat.S_ISDIR(os.fstat(descriptor).st_mode))
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    atomic_write(tmp_path / "entry.txt", lambda temporary: temporary.write_text("x"))
+    assert synced == [False, True] and (tmp_path / "entry.txt").read_text() == "x"
 
 
 # ---- folders that cannot be written -------------------------------------------------------

@@ -40,11 +40,28 @@ def atomic_write(
         with open(temporary, "rb") as f:
             os.fsync(f.fileno())
         os.replace(temporary, path)
+        _sync_folder(path.parent)
     except BaseException as error:
         temporary.unlink(missing_ok=True)
         if isinstance(error, OSError) and not isinstance(error, CanonError):
             raise cannot_write(path, error, advice) from None
         raise
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make a rename in `folder` survive a power loss (POSIX syncs a folder's entries
+    through its descriptor). Where a folder cannot be opened or synced so (Windows, some
+    network file systems), the file is written all the same: its own fsync is all there is."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
 
 
 def check_output_file(path: Path, option: str, kind: str, is_kind: Callable[[Path], bool]
