@@ -10,7 +10,15 @@ import yaml
 from canon.data.views import parse_protocol
 from canon.errors import ConfigError, DataError
 from canon.models.factory import list_models
-from canon.recipes import RECIPE_DIR, apply_overrides, list_recipes, load_recipe, show_recipe
+from canon.recipes import (
+    RECIPE_DIR,
+    apply_overrides,
+    dump_yaml,
+    list_recipes,
+    load_recipe,
+    parse_yaml,
+    show_recipe,
+)
 from canon.recipes.schema import Recipe, valid_keys
 
 REQUIRED = [
@@ -171,6 +179,11 @@ def test_set_values_read_as_yaml_1_2_and_mappings_merge():
     one = load_recipe("resnet34d-imagenette5", ["model.options.avg_down=false"])
     assert one.model.options == {"stem": "deep", "avg_down": False}
     assert load_recipe("resnet34d-imagenette5", ["model.options={avg_down: false}"]) == one
+    assert load_recipe("resnet34d-imagenette5", ["model.options={}"]).model.options == {}
+    # what recipe.yaml is written with reads back as written, by YAML 1.1 and 1.2 alike
+    for value in ("09", "0o17", "off", "yes", "1:30", "1:30.5", "1e3", ".5", "0x_", 9, 0.5, True):
+        assert parse_yaml(dump_yaml({"v": value}))["v"] == value, value
+        assert yaml.safe_load(dump_yaml({"v": value}))["v"] == value, value
     train = load_recipe("resnet20-cifar10", ["train={seed: 3}", "data=null"])
     bundled = load_recipe("resnet20-cifar10")
     assert train.train == dataclasses.replace(bundled.train, seed=3)

@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import yaml
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import Dataset
 
@@ -42,6 +41,7 @@ from canon.errors import ConfigError, first_line
 from canon.files import atomic_write
 from canon.models.base import MODELS
 from canon.models.factory import create_model
+from canon.recipes import dump_yaml
 from canon.recipes.schema import Recipe, ScheduleSection, TrainSection
 
 
@@ -255,7 +255,7 @@ def open_run_dir(run: Run) -> None:
     (with the commit), the events file, and a line stating the run's plan."""
     recipe, config, ctx = run.recipe, run.recipe.train, run.ctx
     header = f"{RECIPE_HEADER}canon {canon.__version__}, commit {run.commit}\n"
-    text = header + yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+    text = header + dump_yaml(recipe.to_dict(), sort_keys=False)
     atomic_write(run.run_dir / "recipe.yaml", lambda temporary: temporary.write_text(text),
                  advice=ckpt.OUTPUT_DIR_ADVICE)
     if config.tensorboard:
@@ -503,8 +503,10 @@ def _check_same_shard_stream(run: Run, state: dict[str, Any]) -> None:
     if not isinstance(run.train_order, ShardImages) or "loader_workers" not in state:
         return
     config = run.recipe.train
-    before = (len(state["rng"]), state["recipe"]["train"]["batch_size"], state["loader_workers"])
-    now = (run.ctx.world_size, config.batch_size, loader_workers(config))
+    # No worker process reads as one: the stream is dealt to max(workers, 1) parts.
+    before = (len(state["rng"]), state["recipe"]["train"]["batch_size"],
+              max(state["loader_workers"], 1))
+    now = (run.ctx.world_size, config.batch_size, max(loader_workers(config), 1))
     if before != now:
         raise ConfigError(
             "cannot resume a run on a shard folder with {} process(es), batch {} and {} loader "

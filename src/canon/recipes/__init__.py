@@ -50,22 +50,37 @@ class _RecipeLoader(yaml.SafeLoader):
 
 
 _BOOL, _INT, _FLOAT = (f"tag:yaml.org,2002:{kind}" for kind in ("bool", "int", "float"))
-# YAML 1.2's core schema for booleans and integers in place of 1.1's.
+# YAML 1.2's core schema for booleans and numbers in place of 1.1's (an int before a float:
+# the first pattern that matches a plain scalar names its kind).
+_YAML_1_2 = (
+    (_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")),
+    (_INT, re.compile(r"^(?:[-+]?[0-9][0-9_]*|0o[0-7][0-7_]*|0x[0-9a-fA-F][0-9a-fA-F_]*)$"),
+     list("-+0123456789")),
+    (_FLOAT, re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9][0-9_]*(?:\.[0-9_]*)?)(?:[eE][-+]?[0-9]+)?"
+                        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+     list("-+.0123456789")),
+)
 _RecipeLoader.yaml_implicit_resolvers = {
-    first: [(tag, pattern) for tag, pattern in resolvers if tag not in (_BOOL, _INT)]
+    first: [(tag, pattern) for tag, pattern in resolvers if tag not in (_BOOL, _INT, _FLOAT)]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
-_RecipeLoader.add_implicit_resolver(
-    _BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
-_RecipeLoader.add_implicit_resolver(
-    _INT, re.compile(r"^(?:[-+]?[0-9][0-9_]*|0o[0-7_]+|0x[0-9a-fA-F_]+)$"),
-    list("-+0123456789"))
-_RecipeLoader.add_implicit_resolver(
-    _FLOAT,
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
+for _tag, _pattern, _first in _YAML_1_2:
+    _RecipeLoader.add_implicit_resolver(_tag, _pattern, _first)
 _RecipeLoader.add_constructor(_INT, _RecipeLoader.construct_yaml_int)
+
+
+class _RecipeDumper(yaml.SafeDumper):
+    """Quotes a string that YAML 1.1 or 1.2 would read as another kind ("09", "off"), so that
+    recipe.yaml reads back as written, by canon and by any other reader."""
+
+
+for _tag, _pattern, _first in _YAML_1_2:
+    _RecipeDumper.add_implicit_resolver(_tag, _pattern, _first)
+
+
+def dump_yaml(value: object, **options: Any) -> str:
+    """`yaml.safe_dump` whose output parse_yaml reads back as `value` (_RecipeDumper)."""
+    return yaml.dump(value, Dumper=_RecipeDumper, **options)
 
 
 def parse_yaml(text: str) -> object:
@@ -73,7 +88,8 @@ def parse_yaml(text: str) -> object:
     return yaml.load(text, Loader=_RecipeLoader)  # a SafeLoader: builds no Python objects
 
 __all__ = [
-    "RECIPES", "Recipe", "apply_overrides", "list_recipes", "load_recipe", "show_recipe",
+    "RECIPES", "Recipe", "apply_overrides", "dump_yaml", "list_recipes", "load_recipe",
+    "show_recipe",
 ]
 
 
@@ -157,7 +173,7 @@ def apply_overrides(recipe: Recipe, overrides: Iterable[str | tuple[str, Any]]) 
     """A new recipe with settings applied: `"section.key=value"` strings (the value parsed as
     YAML, as `--set` gives them) or `("section.key", value)` pairs (as `canon train`'s flags
     give them). A mapping value merges into a mapping key by key, as a recipe into its base;
-    `model.options.NAME=value` sets one build option."""
+    `model.options.NAME=value` sets one build option, `model.options={}` drops them all."""
     if isinstance(overrides, str):  # its characters would be taken for overrides one by one
         raise ConfigError(f"overrides must be a list of 'section.key=value' strings, got the "
                           f"string {overrides!r}: pass [{overrides!r}]")
@@ -177,7 +193,9 @@ def apply_overrides(recipe: Recipe, overrides: Iterable[str | tuple[str, Any]]) 
                     "model.options.NAME)"
                 raise ConfigError(f"--set {text!r}: {part!r} is not a key of {where}; "
                                   f"valid keys: {valid}")
-            if depth == len(path) - 1:
+            if depth == len(path) - 1 and path == ["model", "options"] and value == {}:
+                target[part] = {}  # the one way to drop a recipe's build options
+            elif depth == len(path) - 1:
                 target[part] = _merge({part: target.get(part)}, {part: value})[part]
             else:
                 target = target.get(part)
@@ -277,7 +295,7 @@ def _comments(path: Path) -> dict[tuple[str | None, str], str]:
 
 
 def _flow(value: Any) -> str:
-    return yaml.safe_dump(value, default_flow_style=True, width=10_000).removesuffix(
+    return dump_yaml(value, default_flow_style=True, width=10_000).removesuffix(
         "\n...\n").strip()
 
 
