@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import warnings
@@ -37,13 +38,17 @@ def test_resnet_cifar_multistep_by_iteration_with_constant_warmup():
 def test_a_run_that_ends_before_its_schedule_changes_is_warned_of():
     # `canon train --recipe resnet56-cifar10 --epochs 20`: 7,800 steps, milestones 32k/48k
     config = load_recipe("resnet56-cifar10").schedule
-    with pytest.warns(UserWarning, match=r"ends after 7800 steps \(20 epochs\), before "
-                                         r"schedule\.milestones \[32000, 48000\] \(iterations\)"):
+    with pytest.warns(UserWarning, match=r"ends after 7800 steps \(20 epochs\), before it "
+                                         r"reaches schedule\.milestones \[32000, 48000\] "
+                                         r"\(iterations\): fit the schedule"):
         make(config, steps_per_epoch=390, total_steps=7800)
     epochs = ScheduleSection(kind="multistep", unit="epoch", milestones=(3, 5),
                              warmup_iterations=50)
-    with pytest.warns(UserWarning, match=r"milestones \[3, 5\] \(epochs\) and a warm-up of 50"):
+    with pytest.warns(UserWarning, match=r"milestones \[3, 5\] \(epochs\) and the end of its "
+                                         r"50-step warm-up"):
         make(epochs, steps_per_epoch=10, total_steps=40)  # 4 epochs: step 39 is in epoch 3
+    with pytest.warns(UserWarning, match=r"50-step warm-up"):  # steps 0-49 all warm up
+        make(dataclasses.replace(epochs, milestones=(1,)), steps_per_epoch=10, total_steps=50)
     step = ScheduleSection(kind="step", unit="epoch", step_size=8)
     with pytest.warns(UserWarning, match=r"schedule\.step_size 8 \(epochs\)"):
         make(step, steps_per_epoch=10, total_steps=80)

@@ -197,10 +197,10 @@ def _warn_of_unreached_changes(config: ScheduleSection, steps_per_epoch: int, to
         unreached.append(f"schedule.milestones {list(config.milestones)} ({config.unit}s)")
     if config.kind == "step" and config.step_size > last:
         unreached.append(f"schedule.step_size {config.step_size} ({config.unit}s)")
-    if warmup_steps > total_steps:
-        unreached.append(f"a warm-up of {warmup_steps} steps")
+    if warmup_steps >= total_steps:  # the peak rate comes at step warmup_steps
+        unreached.append(f"the end of its {warmup_steps}-step warm-up")
     if unreached:
         warnings.warn(
             f"the run ends after {total_steps} steps ({total_steps / steps_per_epoch:g} epochs), "
-            f"before {' and '.join(unreached)} take effect: set schedule.milestones (or "
-            "train.iterations) to fit the run", stacklevel=3)
+            f"before it reaches {' and '.join(unreached)}: fit the schedule to the run "
+            "(schedule.*) or lengthen the run", stacklevel=3)
