@@ -253,6 +253,21 @@ def test_curves_plot_the_metrics_file_of_a_real_run(quickstart_run, tmp_path) ->
     assert list(dashed.get_ydata()) == result["runs"][0]["train"]
     assert list(bold.get_ydata()) == result["runs"][0]["val"]
     assert_picture(result["png"], 800, 500, levels=50)
+    # against iterations, as He et al. plot them: each epoch at the steps it ends with
+    steps = [float(r["step"]) for r in rows]
+    assert steps[1] == 2 * steps[0] and result["runs"][0]["step"] == steps
+    by_step = curves_figure(result["runs"][:1], "top1", x="iteration").axes[0]
+    assert list(by_step.get_lines()[0].get_xdata()) == steps
+    assert by_step.get_xlabel() == "iteration (optimizer step)"
+    older = tmp_path / "older.csv"  # a metrics.csv from before canon logged steps
+    with open(older, "w", newline="") as f:
+        writer = csv.DictWriter(f, [key for key in rows[0] if key != "step"],
+                                extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    assert curves([older], tmp_path / "older")["runs"][0]["step"] is None
+    with pytest.raises(DataError, match=r": metrics\.csv has no step column.*plot by epoch"):
+        curves([older], tmp_path / "older", x="iteration")
 
     top5 = curves([quickstart_run], tmp_path, metric="top5")
     assert top5["runs"][0]["train"] is None

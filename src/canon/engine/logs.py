@@ -119,6 +119,6 @@ def event_writer(run_dir: Path) -> Any:
 
 def write_epoch_events(writer: Any, row: dict[str, Any], step: int) -> None:
     """The epoch's metrics.csv row as scalars at optimizer step `step`."""
-    for key in COLUMNS[1:]:
+    for key in COLUMNS[2:]:  # not the epoch and step: the scalars' own coordinates
         writer.add_scalar(f"epoch/{key}", row[key], step)
     writer.flush()

@@ -119,7 +119,7 @@ def run_series(runs: Sequence[str | Path], metric: str = "top1",
 def series_rows(series: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """run_series' curves as CSV rows, a row per run and epoch."""
     return [{"run": s["name"], "epoch": epoch,
-             "step": s["step"][i] if s["step"] is not None else "",
+             "step": int(s["step"][i]) if s["step"] is not None else "",
              "train_error": s["train"][i] if s["train"] is not None else "",
              "val_error": s["val"][i]}
             for s in series for i, epoch in enumerate(s["epoch"])]
