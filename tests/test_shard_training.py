@@ -132,6 +132,25 @@ def test_a_run_stopped_mid_epoch_resumes_exactly(packed, tmp_path, workers):
             assert row[key] == again[key], key
 
 
+def test_no_loader_worker_and_one_deal_the_same_shard_stream(packed):
+    """A run on shards resumes with 0 workers where it had 1 (both read the stream as one
+    part), but not with 2."""
+    from types import SimpleNamespace
+
+    from canon.data.shards import ShardImages
+    from canon.engine.setup import _check_same_shard_stream
+
+    _, shards = packed
+    recipe = load_recipe("resnet18-imagenette5",
+                         [("data.dataset", str(shards)), ("train.workers", 0), *SMALL])
+    run = SimpleNamespace(train_order=ShardImages(shards, "train", batch_size=16),
+                          recipe=recipe, ctx=SimpleNamespace(world_size=1))
+    state = {"rng": [{}], "recipe": {"train": {"batch_size": 16}}, "loader_workers": 1}
+    _check_same_shard_stream(run, state)
+    with pytest.raises(ConfigError, match="were dealt to 1, 16 and 2"):
+        _check_same_shard_stream(run, {**state, "loader_workers": 2})
+
+
 def test_shard_folders_refuse_val_split_and_readers_by_index(packed, tmp_path, capsys):
     folder, shards = packed
     with pytest.raises(SystemExit) as exit_:
