@@ -503,11 +503,10 @@ def _check_same_shard_stream(run: Run, state: dict[str, Any]) -> None:
     if not isinstance(run.train_order, ShardImages) or "loader_workers" not in state:
         return
     config = run.recipe.train
+    before = (len(state["rng"]), state["recipe"]["train"]["batch_size"], state["loader_workers"])
+    now = (run.ctx.world_size, config.batch_size, loader_workers(config))
     # No worker process reads as one: the stream is dealt to max(workers, 1) parts.
-    before = (len(state["rng"]), state["recipe"]["train"]["batch_size"],
-              max(state["loader_workers"], 1))
-    now = (run.ctx.world_size, config.batch_size, max(loader_workers(config), 1))
-    if before != now:
+    if [*before[:2], max(before[2], 1)] != [*now[:2], max(now[2], 1)]:
         raise ConfigError(
             "cannot resume a run on a shard folder with {} process(es), batch {} and {} loader "
             "worker(s): its epochs were dealt to {}, {} and {}. Resume with --batch-size {} "
