@@ -29,6 +29,7 @@ from canon.visualize.plots import (
 METRICS_FILE = "metrics.csv"
 # metric: (training column or None where training does not log it, validation column)
 METRICS = {"top1": ("train_top1_error", "val_top1_error"), "top5": (None, "val_top5_error")}
+METRIC_NAMES = {"top1": "top-1", "top5": "top-5"}
 
 
 def metrics_file(run: str | Path) -> Path:
@@ -47,9 +48,11 @@ def metrics_file(run: str | Path) -> Path:
     return run_dir_of(run) / METRICS_FILE
 
 
-def read_metrics(path: Path, columns: Sequence[str]) -> dict[str, list[float]]:
+def read_metrics(path: Path, columns: Sequence[str], optional: Sequence[str] = ()
+                 ) -> dict[str, list[float] | None]:
     """The named columns of a metrics.csv, as floats; DataError naming the file for one that is
-    missing, unreadable, empty or lacks a column."""
+    missing, unreadable, empty or lacks a column. An `optional` column (one that older files
+    lack, or a resumed run's older rows leave empty) comes out None where it is not whole."""
     if not path.is_file():
         raise DataError(f"{path} does not exist: give a run directory, which holds the "
                         f"{METRICS_FILE} canon train writes after every epoch")
@@ -65,9 +68,16 @@ def read_metrics(path: Path, columns: Sequence[str]) -> dict[str, list[float]]:
         raise DataError(f"{path} has no column {', '.join(missing)}; is it a canon "
                         f"{METRICS_FILE}?")
     try:
-        return {c: [float(row[c]) for row in rows] for c in columns}
+        values: dict[str, list[float] | None] = {c: [float(row[c]) for row in rows]
+                                                 for c in columns}
     except (TypeError, ValueError):
         raise DataError(f"{path}: a row with a missing or non-numeric value") from None
+    for column in optional:
+        try:
+            values[column] = [float(row[column]) for row in rows]
+        except (KeyError, TypeError, ValueError):
+            values[column] = None
+    return values
 
 
 def curves(
@@ -105,13 +115,10 @@ def run_series(runs: Sequence[str | Path], metric: str = "top1",
     series = []
     for name, run in zip(run_names(runs, names), runs, strict=True):
         path = metrics_file(run)
-        columns = read_metrics(path, [c for c in ("epoch", train_column, val_column) if c])
-        try:
-            steps = read_metrics(path, ["step"])["step"]
-        except DataError:  # logged before the column existed (or, resumed, partly)
-            steps = None
+        columns = read_metrics(path, [c for c in ("epoch", train_column, val_column) if c],
+                               optional=["step"])  # logged since 7a3c297
         series.append({"name": name, "file": str(path), "epoch": columns["epoch"],
-                       "step": steps, "train": columns.get(train_column),
+                       "step": columns["step"], "train": columns.get(train_column),
                        "val": columns[val_column]})
     return series
 
@@ -130,8 +137,7 @@ def curves_figure(series: list[dict[str, Any]], metric: str, x: str = "epoch") -
     figure = new_figure(8, 5)
     axes = figure.subplots()
     draw_curves(axes, series, metric, x)
-    name = {"top1": "top-1", "top5": "top-5"}[metric]
-    axes.set_title(f"{name} error by {x} (He et al. Fig. 6 style)")
+    axes.set_title(f"{METRIC_NAMES[metric]} error by {x} (He et al. Fig. 6 style)")
     return figure
 
 
@@ -156,8 +162,7 @@ def draw_curves(axes: Any, series: list[dict[str, Any]], metric: str, x: str = "
     runs_legend = axes.legend(fontsize=9, loc="upper right")
     axes.add_artist(runs_legend)
     axes.legend(handles=styles, fontsize=8, loc="lower left")
-    name = {"top1": "top-1", "top5": "top-5"}[metric]
     axes.set(xlabel="epoch" if x == "epoch" else "iteration (optimizer step)",
-             ylabel=f"{name} error (%)")
+             ylabel=f"{METRIC_NAMES[metric]} error (%)")
     integer_x(axes)
     axes.grid(alpha=0.3)
