@@ -485,8 +485,8 @@ def _check_same_global_batch(run: Run, state: dict[str, Any]) -> None:
 def _check_same_towers(run: Run, state: dict[str, Any]) -> None:
     """The two-tower split holds each layer's weights as two parameters: its optimizer state
     (momentum) does not fit the one-tower model's, nor the reverse."""
-    towers = ["towers" in str(recipe["train"].get("model_parallel"))
-              for recipe in (state["recipe"], run.recipe.to_dict())]
+    towers = ["towers" in str(spec) for spec in (state["recipe"]["train"].get("model_parallel"),
+                                                 run.recipe.train.model_parallel)]
     if towers[0] != towers[1]:
         before, now = (("with" if split else "without") for split in towers)
         raise ConfigError(
@@ -503,14 +503,17 @@ def _check_same_shard_stream(run: Run, state: dict[str, Any]) -> None:
     if not isinstance(run.train_order, ShardImages) or "loader_workers" not in state:
         return
     config = run.recipe.train
-    before = (len(state["rng"]), state["recipe"]["train"]["batch_size"], state["loader_workers"])
-    now = (run.ctx.world_size, config.batch_size, loader_workers(config))
+    ranks, batch, workers = (len(state["rng"]), state["recipe"]["train"]["batch_size"],
+                             state["loader_workers"])
+    now_workers = loader_workers(config)
     # No worker process reads as one: the stream is dealt to max(workers, 1) parts.
-    if [*before[:2], max(before[2], 1)] != [*now[:2], max(now[2], 1)]:
+    if (ranks, batch, max(workers, 1)) != (run.ctx.world_size, config.batch_size,
+                                           max(now_workers, 1)):
         raise ConfigError(
-            "cannot resume a run on a shard folder with {} process(es), batch {} and {} loader "
-            "worker(s): its epochs were dealt to {}, {} and {}. Resume with --batch-size {} "
-            "--workers {} on {} process(es)".format(*now, *before, *before[1:], before[0]))
+            f"cannot resume a run on a shard folder with {run.ctx.world_size} process(es), "
+            f"batch {config.batch_size} and {now_workers} loader worker(s): its epochs were "
+            f"dealt to {ranks}, {batch} and {workers}. Resume with --batch-size {batch} "
+            f"--workers {workers} on {ranks} process(es)")
 
 
 def _check_same_training_set(run: Run, state: dict[str, Any]) -> None:
