@@ -163,9 +163,14 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not key:
         raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. train.epochs=10")
     try:
+        node = yaml.compose(value, Loader=_RecipeLoader)
         parsed = parse_yaml(value) if value.strip() else None
     except yaml.YAMLError:
-        parsed = value
+        return key.split("."), value
+    read_up_to = node.end_mark.index if node is not None else 0
+    if value[read_up_to:].strip():  # the rest is a YAML comment: a value on a command line has none
+        raise ConfigError(f"--set {text!r}: YAML reads {value[read_up_to:].strip()!r} as a comment "
+                          f"and drops it; quote the value to keep it: {key}='{value.strip()}'")
     return key.split("."), parsed
 
 
