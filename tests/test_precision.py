@@ -23,7 +23,7 @@ def _cpu(monkeypatch: pytest.MonkeyPatch, machine: str, bf16: bool = False, amx:
 def test_a_precision_the_cpu_emulates_warns(monkeypatch, mode, needs):
     _cpu(monkeypatch, "x86_64")
     with pytest.warns(SlowPrecisionWarning, match=f"without {mode} instructions \\({needs}\\)"
-                                                  f".*canon bench train --device cpu --amp {mode}"):
+                      f".*canon bench train --model M --device cpu --amp {mode}"):
         Precision(mode, torch.device("cpu"))
 
 

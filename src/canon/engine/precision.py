@@ -54,8 +54,9 @@ class Precision:
         if mode != "none" and device.type == "cpu" and cpu_emulates(mode):
             needs = " or ".join(_NATIVE_ON_X86[mode])
             warnings.warn(f"--amp {mode} on a CPU without {mode} instructions ({needs}): torch "
-                          "emulates them, slower than float32; `canon bench train --device cpu "
-                          f"--amp {mode}` measures both", SlowPrecisionWarning, stacklevel=2)
+                          "emulates them, slower than float32; `canon bench train --model M "
+                          f"--device cpu --amp {mode}` measures both", SlowPrecisionWarning,
+                          stacklevel=2)
         self.mode, self.device, self.cache = mode, device, cache
         self.scaler = torch.amp.GradScaler(device.type) if mode == "fp16" else None
 

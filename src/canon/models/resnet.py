@@ -299,15 +299,17 @@ def _resnet(depth: int, num_classes: int, **kwargs: Any) -> ResNet:
 
 @register_model()
 def resnet18(num_classes: int = 1000, **kwargs: Any) -> ResNet:
-    """ResNet-18 (He et al. 2015), basic blocks, projection shortcuts (option B, torchvision's;
-    the paper's Table 2 net is shortcut="A")."""
+    """ResNet-18 (He et al. 2015), basic blocks, projection shortcuts (option B).
+
+    torchvision's shortcuts; the paper's Table 2 net is shortcut="A"."""
     return _resnet(18, num_classes, **kwargs)
 
 
 @register_model()
 def resnet34(num_classes: int = 1000, **kwargs: Any) -> ResNet:
-    """ResNet-34 (He et al. 2015), basic blocks, projection shortcuts (option B, Table 3's
-    B row; Table 2's net is shortcut="A")."""
+    """ResNet-34 (He et al. 2015), basic blocks, projection shortcuts (option B).
+
+    Table 3's B row; Table 2's net is shortcut="A"."""
     return _resnet(34, num_classes, **kwargs)
 
 
