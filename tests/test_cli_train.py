@@ -93,6 +93,14 @@ def test_eval_prints_errors_and_writes_json(trained_run, tmp_path, capsys):
     assert json.loads((trained_run / "eval-center-my_photos.json").read_text())["images"] == 4
     assert json.loads((trained_run / "eval-center.json").read_text())["images"] == 1000
 
+    # A run not exported yet is read from its checkpoints; its result still lands beside them.
+    unexported = tmp_path / "unexported"
+    shutil.copytree(trained_run, unexported, ignore=shutil.ignore_patterns("eval-*"))
+    (unexported / "model.safetensors").unlink()
+    main(["eval", str(unexported), "--batch-size", "250"])
+    assert json.loads((unexported / "eval-center.json").read_text())["images"] == 1000
+    assert not (unexported / "checkpoints" / "eval-center.json").exists()
+
 def test_a_loaded_model_alone_is_evaluated_with_its_run_s_preprocessing(trained_run):
     """canon.evaluate(trained.model, ...) without preprocess= takes the run's own (the
     sample's mean image), not the model class's eval_config (CIFAR's channel constants)."""

@@ -77,10 +77,13 @@ def source_run(folders, tmp_path_factory) -> Path:
     return out
 
 
-def test_a_trained_backbone_transfers_better_than_a_random_one(folders, source_run, tmp_path):
+def test_a_trained_backbone_transfers_better_than_a_random_one(
+    folders, source_run, tmp_path, monkeypatch
+):
     """The linear probe on features learnt from five CIFAR classes beats the probe on a randomly
     initialised ResNet-20 for the other five; the backbone stays bit-identical."""
-    trained_probe = linear_probe(str(source_run), folders[1], tmp_path / "trained",
+    monkeypatch.chdir(folders[1].parent)  # a relative --data is recorded as the folder it is
+    trained_probe = linear_probe(str(source_run), folders[1].name, tmp_path / "trained",
                                  device="cpu", progress=False)
     canon.train(canon.load_recipe("quickstart", [
         f"data.dataset={folders[0]}", "train.iterations=1", "optimizer.lr=1e-12",
@@ -91,6 +94,7 @@ def test_a_trained_backbone_transfers_better_than_a_random_one(folders, source_r
     learnt = json.loads((trained_probe / "probe.json").read_text())
     chance = json.loads((random_probe / "probe.json").read_text())
     assert learnt["val_images"] == chance["val_images"] == 500
+    assert learnt["data"] == str(folders[1].resolve())
     assert learnt["top1_error"] < chance["top1_error"] - 5, (learnt, chance)
 
     before = canon.load_trained(source_run).model.state_dict()
@@ -273,9 +277,12 @@ def test_a_source_s_normalisation_is_read_from_any_of_its_files(source_run, tmp_
         stored_normalization(tmp_path)
 
 
-def test_finetune_and_features_through_the_cli(folders, source_run, tmp_path, capsys):
+def test_finetune_and_features_through_the_cli(
+    folders, source_run, tmp_path, capsys, monkeypatch
+):
     out = tmp_path / "finetuned"
-    main(["transfer", str(source_run), "--data", str(folders[1]), "--mode", "finetune",
+    monkeypatch.chdir(folders[1].parent)
+    main(["transfer", str(source_run), "--data", folders[1].name, "--mode", "finetune",
           "--output-dir", str(out), "--device", "cpu", "--set", "train.iterations=2",
           "--set", "model.frozen_stages=2", "--batch-size", "32"])
     # the same number of classes, but others: the classifier starts afresh
@@ -283,6 +290,7 @@ def test_finetune_and_features_through_the_cli(folders, source_run, tmp_path, ca
     recipe = (out / "recipe.yaml").read_text()
     assert f"init_from: {source_run}" in recipe and "backbone_lr_scale: 0.1" in recipe
     assert "batch_size: 32" in recipe  # --batch-size is fine-tuning's train.batch_size
+    assert f"dataset: {folders[1].resolve()}" in recipe  # --data as the folder it named
     # normalised by the source's channel mean, not by the five new classes' own
     assert f"normalization_from: {(source_run / 'model.safetensors').resolve()}" in recipe
     theirs = safetensors.torch.load_file(source_run / "normalization.safetensors")

@@ -93,7 +93,8 @@ def _stats_arguments(parser: argparse.ArgumentParser) -> None:
         "image's fit, the images it trains on), so that training finds them cached",
     )
     parser.add_argument("--workers", type=non_negative_int, default=0, help="decoding processes")
-    parser.add_argument("--cache", type=Path, help="cache folder (default: ~/.cache/canon)")
+    parser.add_argument("--cache", type=Path,
+                        help="cache folder (default: $CANON_CACHE, else ~/.cache/canon)")
     parser.add_argument("--refresh", action="store_true", help="recompute even if cached")
     parser.add_argument(
         "--strict", action="store_true", help="stop at the first bad file instead of skipping"
@@ -332,6 +333,7 @@ def _run_eval(args: argparse.Namespace) -> None:
 
     from canon.data.datasets import anchored_dataset
     from canon.data.views import parse_protocol
+    from canon.engine.checkpoint import run_dir_of
     from canon.engine.distributed import resolve_device
     from canon.engine.trained import load_trained
     from canon.errors import DataError
@@ -343,7 +345,8 @@ def _run_eval(args: argparse.Namespace) -> None:
     # Another dataset's result goes beside the model's own one, not over it.
     other = (f"-{re.sub(r'[^A-Za-z0-9._-]', '_', Path(args.data).name)}"
              if args.data and anchored_dataset(args.data) != trained[0].data.dataset else "")
-    output = args.output or (trained[0].source.parent / f"eval-{protocol}{other}.json"
+    # In the run directory, also for a run read from its checkpoints (no export yet).
+    output = args.output or (run_dir_of(trained[0].source) / f"eval-{protocol}{other}.json"
                              if len(trained) == 1 else Path(f"ensemble-{protocol}.json"))
     # Before the work: the default output too may be a user's file, or unwritable.
     check_output_file(output, "--output", "an evaluation's JSON", _is_eval_json)

@@ -34,6 +34,7 @@ from canon.engine.logs import (
 from canon.engine.optimization import classification_loss
 from canon.engine.precision import Precision
 from canon.engine.rundir import (
+    anchored_recipe,
     check_continuation,
     check_source_outside,
     claim_run_dir,
@@ -142,6 +143,7 @@ def train(
     unless the recipe sets model.num_classes. `on_step(step)` runs after every optimizer step.
     """
     check_recipe(recipe, model_given=model is not None, datasets_given=datasets is not None)
+    recipe = anchored_recipe(recipe)  # a relative data folder recorded as it is found now
     if resume is None:
         check_source_outside(output_dir, recipe.model.init_from, "model.init_from")
     ctx = dist.init_distributed(device)

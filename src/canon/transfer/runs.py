@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from canon.data.datasets import open_split
+from canon.data.datasets import anchored_dataset, open_split
 from canon.data.normalize import PUBLISHED
 from canon.engine.checkpoint import export_model, model_info
 from canon.engine.distributed import resolve_device
@@ -75,7 +75,7 @@ def linear_probe(
     """Features of both splits (cached in out/features/), the probe fitted on the training
     split's, its error on the evaluation split's; exported as the source network with the
     probe as its classifier."""
-    out, data = Path(out), str(data)
+    out, data = Path(out), anchored_dataset(str(data))
     check_source_outside(out, source, "the source")
     trained = load_trained(source)
     trained.model.to(resolve_device(device))
