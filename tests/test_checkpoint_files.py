@@ -20,7 +20,7 @@ import safetensors.torch
 import torch
 
 from canon.engine import checkpoint as ckpt
-from canon.engine.rundir import RECIPE_HEADER, claim_run_dir
+from canon.engine.rundir import RECIPE_HEADER, check_continuation, claim_run_dir
 from canon.engine.trained import load_trained
 from canon.errors import DataError
 from canon.files import atomic_write, sweep_partial_writes
@@ -323,6 +323,22 @@ def test_every_unreadable_checkpoint_is_a_data_error_naming_it(tmp_path):
         ckpt.load_checkpoint(in_a_run)
 
 
+def test_a_damaged_newest_checkpoint_named_goes_on_from_the_last_good_one_in_place(tmp_path):
+    """--resume RUN/checkpoints/interrupted.pt, damaged: load_for_resume falls back to
+    epoch-002.pt, the newest readable state, which goes on in its own folder (it was refused
+    as "older than interrupted.pt"); a readable newer checkpoint still refuses an older one."""
+    write_run(tmp_path)
+    interrupted = ckpt.interrupted_checkpoint(tmp_path)
+    interrupted.write_bytes(b"cut short")
+    with pytest.warns(ckpt.CheckpointWarning, match="interrupted.pt"):
+        loaded, state = ckpt.load_for_resume(interrupted)
+    assert loaded == ckpt.epoch_checkpoint(tmp_path, 2)
+    check_continuation(loaded, state, True, tmp_path)
+    first = ckpt.epoch_checkpoint(tmp_path, 1)
+    with pytest.raises(DataError, match=r"epoch-001\.pt is older than .*epoch-002\.pt"):
+        check_continuation(first, ckpt.load_checkpoint(first), True, tmp_path)
+
+
 def test_resume_passes_over_unreadable_checkpoints_to_the_last_good_one(tmp_path):
     write_run(tmp_path)
     ckpt.epoch_checkpoint(tmp_path, 2).write_bytes(random_files(12)[11])
@@ -510,6 +526,26 @@ def test_overwrite_deletes_the_earlier_run_s_files_only(tmp_path):
         assert sorted(p.name for p in tmp_path.iterdir()) == [
             ".lock", ".replaced-run", "data", "notes.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "notes.txt"]
+
+
+def test_a_carried_best_checkpoint_is_not_the_new_run_s_first(tmp_path):
+    """A run continued here from another folder copies that run's best.pt before its first
+    epoch (carry_best): failing in that epoch puts the replaced run back, and the folder then
+    takes a new start without --overwrite."""
+    write_run(tmp_path)
+    earlier = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    with pytest.raises(KeyboardInterrupt), claim_run_dir(tmp_path, resume=False, overwrite=True):
+        (tmp_path / "checkpoints").mkdir()
+        (tmp_path / "checkpoints" / "best.pt").write_bytes(b"the continued run's best")
+        raise KeyboardInterrupt
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == earlier
+    fresh = tmp_path / "fresh"
+    with pytest.raises(KeyboardInterrupt), claim_run_dir(fresh, resume=False):
+        (fresh / "checkpoints").mkdir()
+        (fresh / "checkpoints" / "best.pt").write_bytes(b"the continued run's best")
+        raise KeyboardInterrupt
+    with claim_run_dir(fresh, resume=False):  # nothing of its own to resume: started anew
+        assert not (fresh / "checkpoints").exists()
 
 
 def test_new_runs_start_in_empty_unrelated_or_result_less_directories(tmp_path):

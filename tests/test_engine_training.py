@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -216,16 +217,24 @@ def test_a_run_continued_in_another_directory_keeps_its_best_checkpoint(resume_d
     of those is there before the first new step, not only once a new epoch beats it."""
     recipe = apply_overrides(tiny_recipe(epochs=1, batch_size=16), [("data.val_split", 50)])
     train(recipe, tmp_path / "a", device="cpu", datasets=resume_data, progress=False)
-    carried = []
+    carried, longer = [], apply_overrides(recipe, [("train.epochs", 2)])
+    for folder in ("b", "c"):
+        def look(step: int, folder: str = folder) -> None:
+            if step == 9:  # the first step after epoch 1's 8
+                best = ckpt.best_checkpoint(tmp_path / folder)
+                carried.append(ckpt.load_checkpoint(best)["epoch"])
 
-    def look(step: int) -> None:
-        if step == 9:  # the first step after epoch 1's 8
-            carried.append(ckpt.load_checkpoint(ckpt.best_checkpoint(tmp_path / "b"))["epoch"])
-
-    longer = apply_overrides(recipe, [("train.epochs", 2)])
-    train(longer, tmp_path / "b", resume=ckpt.epoch_checkpoint(tmp_path / "a", 1), device="cpu",
-          datasets=resume_data, progress=False, on_step=look)
-    assert carried == [1]
+        if folder == "c":  # the source's best.pt damaged: passed over for its epoch's own
+            best = ckpt.best_checkpoint(tmp_path / "a")
+            best.write_bytes(best.read_bytes()[:1000])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            train(longer, tmp_path / folder, resume=ckpt.epoch_checkpoint(tmp_path / "a", 1),
+                  device="cpu", datasets=resume_data, progress=False, on_step=look)
+        passed_over = [str(w.message) for w in caught if "passed over" in str(w.message)]
+        assert len(passed_over) == (folder == "c") and all("a/checkpoints/best.pt" in message
+                                                           for message in passed_over)
+    assert carried == [1, 1]
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])

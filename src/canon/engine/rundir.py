@@ -27,6 +27,7 @@ from canon.engine.checkpoint import (
     OUTPUT_DIR_ADVICE,
     REPLACED_DIR,
     RESUMED_FROM,
+    best_checkpoint,
     load_checkpoint,
     load_for_resume,
     resumable_checkpoints,
@@ -152,18 +153,25 @@ def check_continuation(loaded: Path, state: dict[str, Any], named: bool, run_dir
     """Refuse to go on in its own run directory from a checkpoint file the user `named` that
     is behind the run's newest: the continuation's epoch checkpoints would interleave with the
     later ones (pruning deleting its own), and a later --resume pick up the abandoned ones.
-    best.pt of the newest epoch is that epoch's state: it goes on."""
+    best.pt of the newest epoch is that epoch's state: it goes on. An unreadable newer file
+    (load_for_resume passed over it) holds no later state."""
     source_run = run_dir_of(loaded)
     if not named or source_run.resolve() != run_dir.resolve():
         return
-    newest = resumable_checkpoints(source_run)
-    if (newest and newest[0].resolve() != loaded.resolve()
-            and _saved_step(newest[0]) != state["step"]):
-        raise DataError(
-            f"{loaded} is older than {newest[0]}, the newest checkpoint of {source_run}: going "
-            "on from it there would mix two continuations of the run; continue it in a new "
-            "directory with --output-dir DIR, or delete the later checkpoints first"
-        )
+    for newest in resumable_checkpoints(source_run):
+        if newest.resolve() == loaded.resolve():
+            return
+        step = _saved_step(newest)
+        if step is None:
+            continue
+        if step != state["step"]:
+            raise DataError(
+                f"{loaded} is older than {newest}, the newest checkpoint of {source_run}: "
+                "going on from it there would mix two continuations of the run; continue it "
+                "in a new directory with --output-dir DIR, or delete the later checkpoints "
+                "first"
+            )
+        return
 
 
 def _saved_step(checkpoint: Path) -> int | None:
@@ -319,8 +327,11 @@ def _remove_run_files(run_dir: Path) -> None:
 
 
 def _has_checkpoint(run_dir: Path) -> bool:
-    checkpoints = run_dir / CHECKPOINT_DIR
-    return checkpoints.is_dir() and any(not p.name.startswith(".") for p in checkpoints.iterdir())
+    """Whether the run saved a checkpoint of its own. best.pt alone is not one: a run continued
+    in another folder copies the best of the epochs it continues before its first (carry_best)."""
+    checkpoints, best = run_dir / CHECKPOINT_DIR, best_checkpoint(run_dir)
+    return checkpoints.is_dir() and any(not p.name.startswith(".") and p != best
+                                        for p in checkpoints.iterdir())
 
 
 def _has_results(run_dir: Path) -> bool:

@@ -5,6 +5,7 @@ generators and epoch sums gathered), the epoch checkpoints with best.pt, and the
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from canon.engine import checkpoint as ckpt
 from canon.engine import distributed as dist
 from canon.engine.rundir import discard_replaced_run
 from canon.engine.setup import Run, loader_workers
-from canon.errors import NonFiniteError
+from canon.errors import DataError, NonFiniteError
 from canon.recipes.schema import TrainSection
 
 
@@ -120,15 +121,22 @@ def carry_best(run: Run, source: Path) -> None:
     """Rank 0 of a run continued in another directory from checkpoint `source`: best.pt of
     its epochs so far, copied from the run it continues (its best.pt, or the best epoch's
     checkpoint), so that the best is still chosen over every epoch. Where that run keeps
-    neither (pruned, or it went on past `source` to a better epoch), the best is chosen among
-    the epochs trained here."""
+    neither (pruned, or it went on past `source` to a better epoch) or reads neither
+    (damaged: warned of), the best is chosen among the epochs trained here."""
     if run.validates_on_test_set or not run.metrics:
         return
     best_epoch = min(run.metrics, key=lambda row: row["val_top1_error"])["epoch"]
     source_dir = ckpt.run_dir_of(source)
     for candidate in (ckpt.best_checkpoint(source_dir),
                       ckpt.epoch_checkpoint(source_dir, best_epoch)):
-        if candidate.is_file() and _ends_epoch(ckpt.load_checkpoint(candidate), best_epoch):
+        if not candidate.is_file():
+            continue
+        try:
+            state = ckpt.load_checkpoint(candidate, mmap=True)
+        except DataError as error:
+            warnings.warn(f"{error}; passed over for best.pt", stacklevel=2)
+            continue
+        if _ends_epoch(state, best_epoch):
             ckpt.copy_checkpoint(candidate, ckpt.best_checkpoint(run.run_dir))
             return
     run.best_error = math.inf
