@@ -1,4 +1,5 @@
-"""Autocast precision: the warning for a precision a CPU only emulates."""
+"""Autocast precision: the warning for a precision a CPU only emulates; validation out of fp16's
+range."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import pytest
 import torch
 
 from canon.engine import precision
+from canon.engine.distributed import DistributedContext
 from canon.engine.precision import Precision, SlowPrecisionWarning
+from canon.engine.trainer import validate
 
 
 def _cpu(monkeypatch: pytest.MonkeyPatch, machine: str, bf16: bool = False, amx: bool = False,
@@ -41,3 +44,20 @@ def test_no_warning_where_the_precision_is_native_or_not_asked_for(monkeypatch, 
     with warnings.catch_warnings():
         warnings.simplefilter("error", SlowPrecisionWarning)
         Precision(mode, torch.device(device))
+
+
+def test_validation_of_an_fp16_run_scores_beyond_fp16_s_range():
+    """Finite weights whose logits pass 65,504: fp16 would score them infinite and stop the run
+    with the epoch unsaved; validation scores an fp16 run in float32."""
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 4))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.arange(48.0).view(4, 12) * 100)
+        model[1].bias.zero_()
+    images, labels = torch.full((8, 3, 2, 2), 30.0), torch.tensor([3] * 6 + [0] * 2)
+    ctx = DistributedContext(0, 0, 1, torch.device("cpu"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SlowPrecisionWarning)
+        fp16 = Precision("fp16", ctx.device)
+    with fp16.autocast():
+        assert not torch.isfinite(model(images)).all()
+    assert validate(model, [(images, labels)], ctx, fp16) == (25.0, 0.0)

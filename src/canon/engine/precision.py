@@ -66,6 +66,12 @@ class Precision:
         return torch.autocast(self.device.type, dtype=DTYPES[self.mode],
                               cache_enabled=self.cache)
 
+    def scoring(self) -> contextlib.AbstractContextManager:
+        """Autocast for validation: bf16's, but float32 for fp16, whose range (to 65,504) an
+        eval-mode net, normalising by running statistics, can leave where the training-mode
+        one stayed in it; GradScaler guards only the backward."""
+        return contextlib.nullcontext() if self.mode == "fp16" else self.autocast()
+
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 

@@ -97,7 +97,7 @@ def validate(
     model: nn.Module, loader: Any, ctx: dist.DistributedContext, precision: Precision
 ) -> tuple[float, float]:
     """Exact top-1 and top-5 error (%) over the whole validation set, all ranks together."""
-    with precision.autocast():
+    with precision.scoring():
         errors = score_loader(model, loader, None, ctx.device)
     errors.counts = dist.all_reduce_sum(errors.counts, ctx).cpu()
     result = errors.result()
