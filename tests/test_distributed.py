@@ -44,6 +44,7 @@ from canon.engine.distributed import (
     elastic_restart_count,
     init_distributed,
     launched_by_torchrun,
+    resolve_device,
     sync_context,
     wrap_model,
 )
@@ -369,6 +370,16 @@ def test_single_process_is_plain_pytorch() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no CUDA device"):
             init_distributed("cuda")
+
+
+
+def test_a_gpu_index_beyond_the_machine_s_is_named(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == "cuda:1"
+    with pytest.raises(ConfigError, match=r"--device cuda:2: this machine shows 2 GPU\(s\), "
+                                          "cuda:0 to cuda:1"):
+        resolve_device("cuda:2")
 
 
 def test_accumulation_skips_the_all_reduce_of_a_compiled_ddp_model(tmp_path) -> None:

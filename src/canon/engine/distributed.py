@@ -61,6 +61,9 @@ def resolve_device(device: str) -> str:
         raise ConfigError(f"device {device!r} is not supported; use auto, cpu or cuda")
     if chosen.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {device} asks for CUDA, but no CUDA device is visible")
+    if chosen.type == "cuda" and (chosen.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"--device {device}: this machine shows {torch.cuda.device_count()} "
+                          f"GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return device
 
 
