@@ -452,15 +452,24 @@ def test_an_elastic_restart_of_a_resumed_run_goes_on_from_where_it_got_to(
 ) -> None:
     """A restart replays the command, --resume included: from epoch 1's checkpoint (the run's
     own, or into another --output-dir that has saved epoch 2 since), it must go on from the
-    newest checkpoint, not go back (refused as older, or as a directory holding a run)."""
-    first = quickstart_run / "checkpoints" / "epoch-001.pt"
-    branch = tmp_path / "branch"
-    (branch / "checkpoints").mkdir(parents=True)
-    shutil.copy(quickstart_run / "checkpoints" / "epoch-002.pt", branch / "checkpoints")
+    newest checkpoint its launch saved, not go back (refused as older, or as a directory
+    holding a run). Another launch's checkpoints are not its to go on from: the restart runs
+    as the first attempt did (which a folder holding a run refuses)."""
+    run, branch = tmp_path / "run", tmp_path / "branch"
+    shutil.copytree(quickstart_run / "checkpoints", run / "checkpoints")
+    first, second = run / "checkpoints" / "epoch-001.pt", run / "checkpoints" / "epoch-002.pt"
+    saved = ckpt.load_checkpoint(second)
+    for folder in (run, branch):  # epoch 2, saved by the first attempt of this launch
+        ckpt.save_checkpoint({**saved, "launch": "this-launch"}, ckpt.epoch_checkpoint(folder, 2))
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "this-launch")
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
-    for output_dir, run_dir in ((None, quickstart_run), (branch, branch)):
+    for output_dir, run_dir in ((None, run), (branch, branch)):
         plan = plan_run(None, [], resume=str(first), output_dir=output_dir)
         assert (plan.run_dir, plan.state["epoch"]) == (run_dir, 2)
+    ckpt.save_checkpoint({**saved, "launch": "an-earlier-launch"}, ckpt.epoch_checkpoint(branch, 2))
+    assert plan_run(None, [], resume=str(first), output_dir=branch).state["epoch"] == 1
+    assert plan_run(None, [], output_dir=branch).state is None
+    ckpt.save_checkpoint({**saved, "launch": "this-launch"}, ckpt.epoch_checkpoint(branch, 2))
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")  # the first start: as asked
     assert plan_run(None, [], resume=str(first), output_dir=branch).state["epoch"] == 1
 

@@ -103,20 +103,21 @@ def plan_run(
     under runs/); the recipe is the checkpoint's, with `overrides` on top, and a `recipe`
     named beside a path must be the run's. Under torchrun every process picks the same
     directory (runs/<recipe>-<torchrun's run id>), and an elastic restart (the same command
-    again) continues that run from its newest checkpoint.
+    again) continues that run from the newest checkpoint its launch saved there (not from
+    an earlier launch's run the first attempt was refused to replace).
     """
     named, recipe = recipe, DEFAULT_RECIPE if recipe is None else recipe
     if resume is None and distributed.launched_by_torchrun():
         name = load_recipe(recipe).name
         output_dir = output_dir or RUNS_ROOT / f"{name}-{distributed.elastic_run_id()}"
-        if distributed.elastic_restart_count() > 0 and resumable_checkpoints(output_dir):
+        if distributed.elastic_restart_count() > 0 and _saved_by_this_launch(output_dir):
             resume = output_dir
     elif resume not in (None, "latest") and distributed.elastic_restart_count() > 0:
         # A restart replays the command's --resume: the run goes on from where it got to in
         # the directory it writes, not from the checkpoint it started from.
         target = Path(resume)
         writing = output_dir or (target if target.is_dir() else run_dir_of(target))
-        if resumable_checkpoints(writing):
+        if _saved_by_this_launch(writing):
             resume = writing
     if resume is None:
         loaded = anchored_recipe(load_recipe(recipe, overrides))
@@ -179,6 +180,18 @@ def _saved_step(checkpoint: Path) -> int | None:
         return load_checkpoint(checkpoint, mmap=True)["step"]
     except DataError:  # unreadable: nothing to compare with
         return None
+
+
+def _saved_by_this_launch(run_dir: Path) -> bool:
+    """Whether the newest readable checkpoint in `run_dir` was saved by this torchrun launch
+    (an earlier attempt of it), by the run id it records."""
+    for checkpoint in resumable_checkpoints(run_dir):
+        try:
+            launch = load_checkpoint(checkpoint, mmap=True).get("launch")
+        except DataError:  # load_for_resume passes over it too
+            continue
+        return launch == distributed.elastic_run_id()
+    return False
 
 
 def continues_elsewhere(state: dict[str, Any] | None, run_dir: Path) -> bool:

@@ -90,6 +90,8 @@ def snapshot(run: Run) -> dict[str, Any]:
         "classes": run.classes, "class_ids": run.class_ids,
         "normalization": run.normalization,
         "torch_version": str(torch.__version__),
+        # An elastic restart resumes only what its own launch saved (rundir.plan_run).
+        "launch": dist.elastic_run_id() if dist.launched_by_torchrun() else None,
     }
 
 
