@@ -555,11 +555,11 @@ def test_new_runs_start_in_empty_unrelated_or_result_less_directories(tmp_path):
     mine.mkdir()
     for name in ("notes.txt", ".config.settings"):  # the latter named like a temporary file
         (mine / name).write_text("mine")
-    killed = kill_mid_write(mine / "model.safetensors")
+    killed = [kill_mid_write(mine / name) for name in ("model.safetensors", "metrics.csv")]
     with claim_run_dir(mine, resume=False):
         pass
     assert sorted(p.name for p in mine.iterdir()) == [".config.settings", "notes.txt"]
-    assert not killed.exists()
+    assert not any(path.exists() for path in killed)
     # A run that stopped before its first checkpoint: nothing to resume, so it is replaced.
     stopped = tmp_path / "stopped"
     (stopped / "tensorboard").mkdir(parents=True)

@@ -48,7 +48,8 @@ RUN_FILES = ("recipe.yaml", "metrics.csv", "curves.png", EXPORT_WEIGHTS, EXPORT_
              EXPORT_CONFIG, CHECKPOINT_DIR, EVENTS_DIR, INIT_REPORT, PROBE_REPORT)
 # Files that show an earlier run got as far as results (besides its checkpoints).
 _RESULTS = ("metrics.csv", EXPORT_WEIGHTS, EXPORT_CONFIG)
-_EXPORTS = (EXPORT_WEIGHTS, EXPORT_NORMALIZATION, EXPORT_CONFIG)  # the files written atomically
+# The run's own files written atomically: a killed write leaves a temporary file of theirs.
+_WRITTEN_WHOLE = tuple(name for name in RUN_FILES if name not in (CHECKPOINT_DIR, EVENTS_DIR))
 
 
 RECIPE_HEADER = "# the resolved recipe of this run: "  # then canon's version and commit
@@ -269,7 +270,8 @@ def claim_run_dir(run_dir: Path, *, resume: bool, overwrite: bool = False) -> It
             _end_replacement(run_dir, failed=True)  # a killed run's: kept if it got no further
             if not resume:
                 _clear_earlier_run(run_dir, overwrite)
-            sweep_partial_writes(run_dir, targets=_EXPORTS)  # other files may be the user's
+            # Not every file there is the run's: a canon eval may be writing its JSON.
+            sweep_partial_writes(run_dir, targets=_WRITTEN_WHOLE)
             sweep_partial_writes(run_dir / CHECKPOINT_DIR)
             try:
                 yield
