@@ -166,10 +166,13 @@ def test_set_overrides_parse_yaml_values_and_reject_unknown_keys():
     with pytest.raises(ConfigError, match=r"expected section\.key=value"):
         load_recipe("quickstart", ["train.epochs"])
     # a '#' after a space starts a YAML comment: refused rather than dropped, quoting keeps it
-    with pytest.raises(ConfigError, match=r"reads '#2' as a comment.*data.dataset='/d #2'"):
+    with pytest.raises(ConfigError,
+                       match=r"""reads '#2' as a comment.* --set 'data.dataset="/d #2"'$"""):
         load_recipe("quickstart", ["data.dataset=/d #2"])
-    assert load_recipe("quickstart", ["data.dataset='/d #2'"]).data.dataset == "/d #2"
-    assert load_recipe("quickstart", ["data.dataset=/d#2"]).data.dataset == "/d#2"
+    with pytest.raises(ConfigError, match=r"reads '#2' as a comment.*holds the '#'$"):
+        load_recipe("quickstart", ["data=dataset: /d #2"])  # a block mapping's too
+    for value, read in (("'/d #2'", "/d #2"), ('"/d #2"', "/d #2"), ("/d#2", "/d#2")):
+        assert load_recipe("quickstart", [f"data.dataset={value}"]).data.dataset == read
 
 
 def test_set_values_read_as_yaml_1_2_and_mappings_merge():

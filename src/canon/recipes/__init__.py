@@ -8,7 +8,9 @@ registered name or a path to a YAML file, plus `--set section.key=value` overrid
 from __future__ import annotations
 
 import copy
+import json
 import re
+import shlex
 from collections.abc import Iterable
 from functools import partial
 from pathlib import Path
@@ -163,15 +165,27 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not key:
         raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. train.epochs=10")
     try:
-        node = yaml.compose(value, Loader=_RecipeLoader)
         parsed = parse_yaml(value) if value.strip() else None
+        comment = _comment_start(value)
     except yaml.YAMLError:
         return key.split("."), value
-    read_up_to = node.end_mark.index if node is not None else 0
-    if value[read_up_to:].strip():  # the rest is a YAML comment: a value on a command line has none
-        raise ConfigError(f"--set {text!r}: YAML reads {value[read_up_to:].strip()!r} as a comment "
-                          f"and drops it; quote the value to keep it: {key}='{value.strip()}'")
+    if comment is not None:  # a value on a command line has no comment: the '#' is meant
+        quoted = (f" to keep it: --set {shlex.quote(f'{key}={json.dumps(value.strip())}')}"
+                  if parsed is None or isinstance(parsed, str) else "")
+        raise ConfigError(f"--set {text!r}: YAML reads {value[comment:].strip()!r} as a comment "
+                          f"and drops it; quote the string that holds the '#'{quoted}")
     return key.split("."), parsed
+
+
+def _comment_start(value: str) -> int | None:
+    """Where the first '#' that YAML reads as starting a comment stands in `value`: one outside
+    every scalar, tag or anchor (a '#' inside `a#b` or a quoted string is text)."""
+    texts = [(token.start_mark.index, token.end_mark.index)
+             for token in yaml.scan(value, Loader=_RecipeLoader)
+             if isinstance(token, yaml.ScalarToken | yaml.TagToken | yaml.AnchorToken
+                           | yaml.AliasToken)]
+    return next((index for index, character in enumerate(value) if character == "#"
+                 and not any(start <= index < end for start, end in texts)), None)
 
 
 def apply_overrides(recipe: Recipe, overrides: Iterable[str | tuple[str, Any]]) -> Recipe:
