@@ -100,6 +100,11 @@ def test_eval_prints_errors_and_writes_json(trained_run, tmp_path, capsys):
     main(["eval", str(unexported), "--batch-size", "250"])
     assert json.loads((unexported / "eval-center.json").read_text())["images"] == 1000
     assert not (unexported / "checkpoints" / "eval-center.json").exists()
+    # A checkpoint named: its result beside it, the run's own left as it was.
+    own = (unexported / "eval-center.json").read_text()
+    main(["eval", str(unexported / "checkpoints" / "epoch-001.pt"), "--batch-size", "250"])
+    assert json.loads((unexported / "checkpoints" / "eval-center.json").read_text())["images"]
+    assert (unexported / "eval-center.json").read_text() == own
 
 def test_a_loaded_model_alone_is_evaluated_with_its_run_s_preprocessing(trained_run):
     """canon.evaluate(trained.model, ...) without preprocess= takes the run's own (the

@@ -298,7 +298,8 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=non_negative_int, default=0)
     parser.add_argument(
         "--output", type=Path, metavar="JSON",
-        help="where to write the result; default: eval-PROTOCOL.json beside the model "
+        help="where to write the result; default: eval-PROTOCOL.json in the run directory "
+        "named, or beside the model file named "
         "(eval-PROTOCOL-DATA.json on a --data other than its own), or ensemble-PROTOCOL.json "
         "here for several",
     )
@@ -333,7 +334,6 @@ def _run_eval(args: argparse.Namespace) -> None:
 
     from canon.data.datasets import anchored_dataset
     from canon.data.views import parse_protocol
-    from canon.engine.checkpoint import run_dir_of
     from canon.engine.distributed import resolve_device
     from canon.engine.trained import load_trained
     from canon.errors import DataError
@@ -345,8 +345,11 @@ def _run_eval(args: argparse.Namespace) -> None:
     # Another dataset's result goes beside the model's own one, not over it.
     other = (f"-{re.sub(r'[^A-Za-z0-9._-]', '_', Path(args.data).name)}"
              if args.data and anchored_dataset(args.data) != trained[0].data.dataset else "")
-    # In the run directory, also for a run read from its checkpoints (no export yet).
-    output = args.output or (run_dir_of(trained[0].source) / f"eval-{protocol}{other}.json"
+    # A run directory named: there, also when read from its checkpoints (no export yet); a
+    # file named (a checkpoint of some epoch): beside it, not over the run's own result.
+    named = Path(args.sources[0])
+    folder = named if named.is_dir() else trained[0].source.parent
+    output = args.output or (folder / f"eval-{protocol}{other}.json"
                              if len(trained) == 1 else Path(f"ensemble-{protocol}.json"))
     # Before the work: the default output too may be a user's file, or unwritable.
     check_output_file(output, "--output", "an evaluation's JSON", _is_eval_json)
