@@ -530,8 +530,8 @@ def test_overwrite_deletes_the_earlier_run_s_files_only(tmp_path):
 
 def test_a_carried_best_checkpoint_is_not_the_new_run_s_first(tmp_path):
     """A run continued here from another folder copies that run's best.pt before its first
-    epoch (carry_best): failing in that epoch puts the replaced run back, and the folder then
-    takes a new start without --overwrite."""
+    epoch (carry_best): failing in that epoch puts the replaced run back, or in a folder of its
+    own leaves nothing that refuses a new start without --overwrite."""
     write_run(tmp_path)
     earlier = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
     with pytest.raises(KeyboardInterrupt), claim_run_dir(tmp_path, resume=False, overwrite=True):
@@ -546,6 +546,12 @@ def test_a_carried_best_checkpoint_is_not_the_new_run_s_first(tmp_path):
         raise KeyboardInterrupt
     with claim_run_dir(fresh, resume=False):  # nothing of its own to resume: started anew
         assert not (fresh / "checkpoints").exists()
+    # best.pt that no failed continuation left, but a user kept: a run's, not replaced unasked
+    kept = tmp_path / "kept"
+    (kept / "checkpoints").mkdir(parents=True)
+    ckpt.copy_checkpoint(ckpt.epoch_checkpoint(tmp_path, 2), ckpt.best_checkpoint(kept))
+    with pytest.raises(DataError, match="already holds a run"), claim_run_dir(kept, resume=False):
+        pass
 
 
 def test_new_runs_start_in_empty_unrelated_or_result_less_directories(tmp_path):

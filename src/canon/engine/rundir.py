@@ -277,6 +277,8 @@ def claim_run_dir(run_dir: Path, *, resume: bool, overwrite: bool = False) -> It
                 yield
             except BaseException:
                 _end_replacement(run_dir, failed=True)
+                if not resume and not resumable_checkpoints(run_dir):  # a carried best.pt
+                    best_checkpoint(run_dir).unlink(missing_ok=True)  # alone: nothing to resume
                 raise
             _end_replacement(run_dir, failed=False)
     except BaseException:
@@ -294,11 +296,12 @@ def discard_replaced_run(run_dir: Path) -> None:
 
 def _end_replacement(run_dir: Path, *, failed: bool) -> None:
     """The set-aside run goes for good once the new one has a checkpoint or ended well;
-    otherwise it comes back in place of what the new run wrote."""
+    otherwise it comes back in place of what the new run wrote. best.pt is not one: a run
+    continued from another folder's copies that run's best before its first (carry_best)."""
     aside = run_dir / REPLACED_DIR
     if not aside.is_dir():
         return
-    if not failed or _has_checkpoint(run_dir):
+    if not failed or resumable_checkpoints(run_dir):
         discard_replaced_run(run_dir)
         return
     _remove_run_files(run_dir)
@@ -342,11 +345,8 @@ def _remove_run_files(run_dir: Path) -> None:
 
 
 def _has_checkpoint(run_dir: Path) -> bool:
-    """Whether the run saved a checkpoint of its own. best.pt alone is not one: a run continued
-    in another folder copies the best of the epochs it continues before its first (carry_best)."""
-    checkpoints, best = run_dir / CHECKPOINT_DIR, best_checkpoint(run_dir)
-    return checkpoints.is_dir() and any(not p.name.startswith(".") and p != best
-                                        for p in checkpoints.iterdir())
+    checkpoints = run_dir / CHECKPOINT_DIR
+    return checkpoints.is_dir() and any(not p.name.startswith(".") for p in checkpoints.iterdir())
 
 
 def _has_results(run_dir: Path) -> bool:

@@ -135,8 +135,9 @@ def carry_best(run: Run, source: Path) -> None:
             continue
         try:
             state = ckpt.load_checkpoint(candidate, mmap=True)
-        except DataError as error:
-            warnings.warn(f"{error}; passed over for best.pt", stacklevel=2)
+        except DataError:
+            warnings.warn(f"{candidate} is unreadable (damaged?): passed over for best.pt",
+                          ckpt.CheckpointWarning, stacklevel=2)
             continue
         if _ends_epoch(state, best_epoch):
             ckpt.copy_checkpoint(candidate, ckpt.best_checkpoint(run.run_dir))
