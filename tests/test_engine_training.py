@@ -392,6 +392,15 @@ def test_weights_that_overflow_are_never_checkpointed(resume_data, tmp_path):
     assert str(ckpt.epoch_checkpoint(tmp_path, 1)) in str(error.value)
     assert [p.name for p in ckpt.resumable_checkpoints(tmp_path)] == ["epoch-001.pt"]
     assert ckpt.load_checkpoint(ckpt.best_checkpoint(tmp_path))["epoch"] == 1
+    # Gone on from in another folder: the error names the checkpoint it went on from.
+    model = SmallConvNet()
+    with pytest.raises(NonFiniteError, match="by optimizer step 16") as error:
+        train(recipe, tmp_path / "on", resume=ckpt.epoch_checkpoint(tmp_path, 1), device="cpu",
+              model=model, datasets=resume_data, progress=False,
+              on_step=overflow_at_the_end_of_epoch_2)
+    assert (f"it went on from, {ckpt.epoch_checkpoint(tmp_path, 1)}, is finite (canon train "
+            f"--resume {ckpt.epoch_checkpoint(tmp_path, 1)} --output-dir {tmp_path / 'on'})"
+            ) in str(error.value)
     # best.pt, named, is the newest epoch's state: the run goes on from it in its directory
     train(recipe, tmp_path, resume=ckpt.best_checkpoint(tmp_path), device="cpu",
           model=SmallConvNet(), datasets=resume_data, progress=False)

@@ -60,11 +60,15 @@ def divergence_remedy(run: Run) -> str:
 
 
 def newest_checkpoint_note(run: Run) -> str:
-    """Every checkpoint on disk passed check_weights, so the newest is one to go back to."""
+    """Every checkpoint on disk passed check_weights, so the newest is one to go back to: this
+    run's, else the one it went on from."""
     saved = ckpt.resumable_checkpoints(run.run_dir) if run.run_dir.is_dir() else []
-    if not saved:
-        return "No checkpoint was written before it"
-    return f"The newest checkpoint, {saved[0]}, is finite (canon train --resume {saved[0]})"
+    if saved:
+        return f"The newest checkpoint, {saved[0]}, is finite (canon train --resume {saved[0]})"
+    if run.resumed_from is not None:
+        return (f"The checkpoint it went on from, {run.resumed_from}, is finite (canon train "
+                f"--resume {run.resumed_from} --output-dir {run.run_dir})")
+    return "No checkpoint was written before it"
 
 
 def snapshot(run: Run) -> dict[str, Any]:

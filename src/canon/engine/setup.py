@@ -108,6 +108,7 @@ class Run:
     frozen: list[nn.Parameter] = field(default_factory=list)  # this epoch's frozen stages
     graphed_step: GraphedStep | None = None  # train.cuda_graph
     cut_short: bool = False  # the iteration limit ended the run inside an epoch
+    resumed_from: Path | None = None  # the checkpoint this run went on from
 
 
 def set_up(
@@ -193,6 +194,7 @@ def set_up(
         steps_per_epoch=steps_per_epoch, total_steps=total_steps, commit=ckpt.git_commit(),
         val_size=len(sets.val), iterations=iterations,
         validates_on_test_set=validates_on_test_split(recipe.data), init_report=init_report,
+        resumed_from=Path(state[ckpt.RESUMED_FROM]) if ckpt.RESUMED_FROM in (state or {}) else None,
     )
     if state is not None:
         _restore(run, state)
