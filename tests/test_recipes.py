@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import pytest
 import yaml
@@ -196,6 +197,17 @@ def test_set_values_read_as_yaml_1_2_and_mappings_merge():
     bundled = load_recipe("resnet20-cifar10")
     assert train.train == dataclasses.replace(bundled.train, seed=3)
     assert train.data == bundled.data
+
+
+def test_a_schedule_key_the_kind_does_not_read_is_warned_of():
+    with pytest.warns(UserWarning, match=r"schedule\.milestones: a cosine schedule does not read "
+                      r"it \(only multistep\)"):
+        load_recipe("quickstart", ["schedule.milestones=[5]"])  # quickstart's is cosine
+    with pytest.warns(UserWarning, match=r"schedule\.step_size: a plateau schedule"):
+        load_recipe("quickstart", ["schedule={kind: plateau, patience: 2, step_size: 3}"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_recipe("quickstart", ["schedule.kind=multistep", "schedule.milestones=[5]"])
 
 
 def test_unknown_recipe_name_suggests_close_ones(tmp_path):

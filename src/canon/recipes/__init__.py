@@ -11,6 +11,7 @@ import copy
 import json
 import re
 import shlex
+import warnings
 from collections.abc import Iterable
 from functools import partial
 from pathlib import Path
@@ -192,16 +193,19 @@ def apply_overrides(recipe: Recipe, overrides: Iterable[str | tuple[str, Any]]) 
     """A new recipe with settings applied: `"section.key=value"` strings (the value parsed as
     YAML, as `--set` gives them) or `("section.key", value)` pairs (as `canon train`'s flags
     give them). A mapping value merges into a mapping key by key, as a recipe into its base;
-    `model.options.NAME=value` sets one build option, `model.options={}` drops them all."""
+    `model.options.NAME=value` sets one build option, `model.options={}` drops them all. A
+    schedule key set that the schedule's kind does not read is warned of."""
     if isinstance(overrides, str):  # its characters would be taken for overrides one by one
         raise ConfigError(f"overrides must be a list of 'section.key=value' strings, got the "
                           f"string {overrides!r}: pass [{overrides!r}]")
-    values = recipe.to_dict()
+    values, schedule_keys = recipe.to_dict(), set()
     for override in overrides:
         if isinstance(override, str):
             text, (path, value) = override, _parse_override(override)
         else:
             text, path, value = f"{override[0]}={override[1]}", override[0].split("."), override[1]
+        if path[0] == "schedule":
+            schedule_keys |= set(path[1:2]) or set(value if isinstance(value, dict) else ())
         target = values
         for depth, part in enumerate(path):
             section = ".".join(path[:depth]) or None
@@ -220,7 +224,14 @@ def apply_overrides(recipe: Recipe, overrides: Iterable[str | tuple[str, Any]]) 
                 target = target.get(part)
                 if not isinstance(target, dict):
                     raise ConfigError(f"--set {text!r}: {part} is a value, not a section")
-    return Recipe.from_dict(values, where=f"{recipe.name} with the overrides (flags, --set)")
+    result = Recipe.from_dict(values, where=f"{recipe.name} with the overrides (flags, --set)")
+    kind = result.schedule.kind
+    for key in sorted(schedule_keys):
+        if kind not in SCHEDULE_KIND_KEYS.get(key, (kind,)):
+            warnings.warn(f"--set schedule.{key}: a {kind} schedule does not read it (only "
+                          f"{', '.join(SCHEDULE_KIND_KEYS[key])}); set schedule.kind too, or "
+                          "drop it", stacklevel=2)
+    return result
 
 
 def load_recipe(
