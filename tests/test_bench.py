@@ -171,7 +171,7 @@ def test_data_bench_times_the_on_device_path_where_a_recipe_has_one(imagenette_r
 
 def test_both_pipelines_give_the_same_tensors_of_the_same_images(imagenette_root):
     """The same files, and without random crops the same values (decoders and resamplers
-    differ in the last levels: a mean within 0.05, about 3 of 255 levels after the std)."""
+    differ in the last levels: about 1e-4 on average here; a crop one pixel off gives 0.03)."""
     config = bench_config("resnet18-imagenette5", imagenette_root)
     for augmentation in ("googlenet", "none"):
         sets = pipelines(replace(config, augmentation=augmentation), images=3)
@@ -181,7 +181,7 @@ def test_both_pipelines_give_the_same_tensors_of_the_same_images(imagenette_root
             assert canon_image.shape == tv_image.shape == (3, 128, 128)
             assert canon_image.dtype == tv_image.dtype == torch.float32
             if augmentation == "none":
-                assert (canon_image - tv_image).abs().mean() < 0.05
+                assert (canon_image - tv_image).abs().mean() < 0.005
 
 
 def test_every_imagenet_recipe_has_a_torchvision_pipeline_and_cifar_is_refused(tmp_path):

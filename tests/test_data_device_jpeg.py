@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -177,15 +178,27 @@ def test_on_device_crops_are_the_cpu_pipelines_crops_resampled(
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=ON_GPU)])
 def test_a_run_decoding_on_the_device_trains_on_real_jpegs(
-    imagenette_root: Path, tmp_path: Path, device: str
+    imagenette_root: Path, tmp_path: Path, device: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The batches come from the device decoder, not the per-image fallback (a warning)."""
     recipe = load_recipe("resnet18-imagenette5", [
         ("data.dataset", str(imagenette_root)), ("data.crop_size", 48),
         ("data.resize_size", 56), ("train.batch_size", 32), ("train.epochs", 1),
         ("train.iterations", 1), ("train.workers", 1), ("train.decode_on_device", True),
         ("model.name", "resnet18")])
-    result = train(recipe, tmp_path / "run", device=device, progress=False)
-    assert result is not None
+    decoded = []
+    device_batches = DeviceDecodedBatches.__iter__
+
+    def counted(self: DeviceDecodedBatches):
+        for images, labels in device_batches(self):
+            decoded.append(len(labels))
+            yield images, labels
+
+    monkeypatch.setattr(DeviceDecodedBatches, "__iter__", counted)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="train.decode_on_device")
+        train(recipe, tmp_path / "run", device=device, progress=False)
+    assert decoded == [32] * 8  # 1 iteration at the recipe's base batch of 256: 8 of 32
     metrics = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
     assert len(metrics) == 2 and "nan" not in metrics[1]
 

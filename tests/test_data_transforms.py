@@ -93,7 +93,7 @@ def test_cifar_crop_pads_four_zero_pixels(sample):
         shifts.add((top, left))
         zeros = (out == 0).all(0)
         assert zeros.sum() == 32 * 32 - (32 - abs(top - 4)) * (32 - abs(left - 4))
-    assert {s for s, _ in shifts} == set(range(9))
+    assert {top for top, _ in shifts} == {left for _, left in shifts} == set(range(9))
 
 
 def test_padding_wider_than_the_crop_still_gives_crops_of_the_padded_image():
@@ -169,24 +169,34 @@ def test_scale_jitter_range_and_aspect(photos):
 
 
 def test_rescale_square_keeps_the_central_square_or_squashes(photos):
+    """AlexNet s2: shorter side to 256, then the central 256x256 patch (torchvision's Resize and
+    CenterCrop give it); or the whole image squashed."""
+    for image in photos[:3]:  # landscape and portrait
+        expected = TF.center_crop(TF.resize(image, 256, antialias=True), 256)
+        assert torch.equal(RescaleSquare(256)(image), expected)
     image = photos[1]
-    assert RescaleSquare(256)(image).shape == (3, 256, 256)
     squashed = RescaleSquare(256, "squash")(image)
     assert torch.equal(squashed, resize_image(image, 256, 256, "bilinear"))
 
 
 def test_area_crop_boxes_respect_area_and_aspect(photos):
-    """GoogLeNet s6: 8%-100% of the area, aspect ratio in [3/4, 4/3]."""
+    """GoogLeNet s6: 8%-100% of the area, aspect ratio in [3/4, 4/3], drawn across both ranges
+    and placed anywhere (a fixed box would keep within the bounds too)."""
     torch.manual_seed(4)
     crop = RandomAreaCrop(96)
+    areas, aspects, boxes = [], [], set()
     for image in photos:
         height, width = image.shape[-2:]
         for _ in range(30):
             top, left, crop_h, crop_w = crop.box(height, width)
             assert top >= 0 and top + crop_h <= height and left >= 0 and left + crop_w <= width
-            assert 0.08 - 0.01 <= crop_h * crop_w / (height * width) <= 1
-            assert 3 / 4 - 0.02 <= crop_w / crop_h <= 4 / 3 + 0.02
+            areas.append(crop_h * crop_w / (height * width))
+            aspects.append(crop_w / crop_h)
+            boxes.add((height, width, top, left, crop_h, crop_w))
         assert crop(image).shape == (3, 96, 96)
+    assert 0.08 - 0.01 <= min(areas) < 0.15 and 0.85 < max(areas) <= 1
+    assert 3 / 4 - 0.02 <= min(aspects) < 0.8 and 1.25 < max(aspects) <= 4 / 3 + 0.02
+    assert len(boxes) > 0.9 * len(areas)
 
 
 def test_pixel_mean_subtraction_gives_zero_mean_training_set(sample, sample_stats):

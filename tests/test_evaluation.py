@@ -627,3 +627,8 @@ def test_a_recipe_s_data_section_normalises_by_the_set_it_trained_on(tmp_path):
                         keep_probabilities=True)
     assert result["images"] == 6
     torch.testing.assert_close(result["probabilities"], expected["probabilities"])
+    # ... whose statistics are the sample's training images' (its test images' differ by 0.005)
+    pixels = load_sample("train").images.float().div(255).transpose(0, 1).flatten(1)
+    torch.testing.assert_close(trained.normalize.mean.flatten(), pixels.mean(1), atol=1e-4, rtol=0)
+    torch.testing.assert_close(trained.normalize.std.flatten(), pixels.std(1, correction=0),
+                               atol=1e-4, rtol=0)

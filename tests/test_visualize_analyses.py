@@ -181,10 +181,10 @@ def test_response_stds_match_hooks_on_every_3x3_bn(tmp_path) -> None:
 
 
 def test_responses_of_a_run_default_to_its_own_evaluation_split(quickstart_run, tmp_path) -> None:
-    result = responses([quickstart_run / "model.safetensors"], tmp_path, max_images=8,
+    result = responses([quickstart_run / "model.safetensors"], tmp_path, max_images=2000,
                        device="cpu")
-    run = result["runs"][0]
-    assert (run["name"], run["data"], run["images"]) == ("resnet20-tiny", "sample", 8)
+    run = result["runs"][0]  # all the sample's 1,000 test images (it has 5,000 for training)
+    assert (run["name"], run["data"], run["images"]) == ("resnet20-tiny", "sample", 1000)
     assert all(layer["std"] > 0 and layer["channels"] in (16, 32, 64) for layer in run["layers"])
 
 
@@ -214,6 +214,8 @@ def test_invariance_is_zero_at_the_identity_and_grows_away_from_it(
         assert image["top_distance"][identity] == 0.0
         changed = [i for i, v in enumerate(values) if v not in (0.0, 1.0, 360.0)]
         assert all(image["layer1_distance"][i] > 0 for i in changed)
+        if 360.0 in values:  # a whole turn is the identity again
+            assert image["layer1_distance"][values.index(360.0)] == 0.0
         assert all(0.0 <= p <= 1.0 for p in image["probability"])
         assert image["label"] == "cat"
     probability = result["images"][0]["probability"][identity]
@@ -237,6 +239,18 @@ def test_identity_transforms_leave_the_image_alone_and_defaults_include_them() -
         for size in (32, 224, 227):
             assert value in default_values(transform, size)
     assert max(default_values("translate", 224)) == 60
+
+
+def test_transforms_move_the_pixels_as_they_say() -> None:
+    """Rotation in degrees, clockwise; translation downwards, the uncovered rows filled."""
+    square = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
+    assert torch.equal(transform_image(square, "rotate", 90.0, [0.0] * 3), square.rot90(-1, (1, 2)))
+    assert torch.equal(transform_image(square, "rotate", 360.0, [0.0] * 3), square)
+    image = torch.randint(0, 256, (3, 37, 53), dtype=torch.uint8)
+    down, up = torch.full_like(image, 7), torch.full_like(image, 7)
+    down[:, 4:], up[:, :-4] = image[:, :-4], image[:, 4:]
+    assert torch.equal(transform_image(image, "translate", 4.0, [7.0] * 3), down)
+    assert torch.equal(transform_image(image, "translate", -4.0, [7.0] * 3), up)
 
 
 def test_curves_plot_the_metrics_file_of_a_real_run(quickstart_run, tmp_path) -> None:
