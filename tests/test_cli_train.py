@@ -495,13 +495,16 @@ def test_undecodable_files_are_skipped_and_counted_or_refused_with_strict(
         main(stats)  # cached, counting the skipped file: --strict must not pass from it
     with pytest.raises(DataError, match=bad_train.name):  # nor may training's statistics
         build_datasets(DataConfig(dataset=str(root)), root_cache=tmp_path / "cache", strict=True)
+    # (in a loader worker too: torch wraps its error in the worker's traceback)
     for argv, bad in (([*train, "--overwrite"], bad_train), (evaluate, bad_val),
-                      (stats, bad_train)):
+                      (stats, bad_train), ([*stats, "--workers", "1", "--refresh"], bad_train)):
         with pytest.raises(SystemExit) as exit_:
             main([*argv, "--strict"])
         assert exit_.value.code == 2
-        error = capsys.readouterr().err.splitlines()[-1]  # after the progress bar
+        printed = capsys.readouterr().err
+        error = printed.splitlines()[-1]  # after the progress bar
         assert error.startswith(f"canon {argv[0]}: error: ") and str(bad) in error
+        assert "Traceback" not in printed and "Caught DataError" not in printed
 
 
 def test_a_run_that_cannot_start_reads_no_data_and_leaves_no_directory(

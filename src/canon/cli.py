@@ -16,7 +16,7 @@ from pathlib import Path
 
 from canon.bench.commands import add_bench_parser
 from canon.data.pack_command import add_pack_parser
-from canon.errors import CanonError, ConfigError
+from canon.errors import CanonError, ConfigError, canon_message
 from canon.files import atomic_write, check_output_file
 from canon.reproduce.commands import add_reproduce_parser
 from canon.visualize.arguments import non_negative_int, positive_int
@@ -641,7 +641,7 @@ def main(argv: list[str] | None = None) -> None:
     except CanonError as error:
         if os.environ.get("CANON_DEBUG"):
             raise
-        print(f"canon {args.verb}: error: {error}", file=sys.stderr)
+        print(f"canon {args.verb}: error: {canon_message(error)}", file=sys.stderr)
         sys.exit(2)
     finally:
         warnings.formatwarning = default_format  # main() may be called from Python

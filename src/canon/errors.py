@@ -33,3 +33,14 @@ def first_line(error: Exception) -> str:
         return type(error).__name__
     text = " ".join(lines[:2]) if lines[0].endswith(":") and len(lines) > 1 else lines[0]
     return f"{type(error).__name__}: {text[:300]}"
+
+
+def canon_message(error: CanonError) -> str:
+    """The message canon wrote. One raised in a DataLoader worker comes back from torch
+    wrapped in the worker's traceback ("Caught DataError in DataLoader worker process 0 ...");
+    the message is its last part, after the error's qualified name."""
+    text = str(error)
+    if not text.startswith("Caught ") or "\nOriginal Traceback" not in text:
+        return text
+    marker = f"\n{type(error).__module__}.{type(error).__qualname__}: "
+    return text.rpartition(marker)[2].strip() if marker in text else text
