@@ -280,7 +280,13 @@ def test_a_damaged_shard_is_named(packed, tmp_path):
     whole = shard.read_bytes()
     shard.write_bytes(whole[:100_000])
     with pytest.raises(DataError, match=r"train-000002.tar.*cut short"):
-        list(ShardImages(copy, "train", shuffle=False))
+        ShardImages(copy, "train", shuffle=False)  # when opened, not when its turn comes
+    shard.write_bytes(whole)
+    validation = copy / "val-000000.tar"
+    validation.rename(copy / "elsewhere.tar")
+    with pytest.raises(DataError, match=r"val-000000.tar: missing, index.json says"):
+        open_dataset(str(copy))  # not after an epoch of training
+    (copy / "elsewhere.tar").rename(validation)
     damaged = bytearray(whole)
     damaged[5] ^= 0x01  # a byte of the first member's name: the header's checksum fails
     shard.write_bytes(bytes(damaged))

@@ -50,7 +50,7 @@ from canon.data.decoding import decode_image_bytes
 from canon.data.folders import BadImageWarning, check_known_classes
 from canon.data.labeled import Transform
 from canon.data.sampling import sample_seed, seeded
-from canon.data.shard_index import OFFSET_EVERY, PackIndex, read_index
+from canon.data.shard_index import OFFSET_EVERY, PackIndex, Shard, read_index
 from canon.data.tar_reader import seek_past, tar_members
 from canon.errors import ConfigError, DataError
 
@@ -107,6 +107,8 @@ class ShardImages(IterableDataset):
                 f"{batch_size}, workers {workers}, shuffle_buffer {shuffle_buffer}"
             )
         self.shards = index.splits[split].shards
+        for shard in self.shards:  # now, not in the epoch that reaches it (a val shard: after
+            _check_size(self.root / shard.file, shard)  # a whole epoch of training)
         self.split, self._fingerprint = split, index.splits[split].fingerprint
         self.class_ids, self.classes, self._labels = _classes(self.root, index, split, class_ids)
         self.transform, self.shuffle, self.shuffle_buffer = transform, shuffle, shuffle_buffer
@@ -256,11 +258,7 @@ class ShardImages(IterableDataset):
         by KEY, two per sample (canon pack's image and .cls); those before `start` are seeked
         past, from the shard's recorded offset nearest below it."""
         shard, path = self.shards[index], self.root / self.shards[index].file
-        found = path.stat().st_size if path.is_file() else None
-        if found != shard.bytes:
-            what = "missing" if found is None else f"{found:,} bytes"
-            raise DataError(f"{path}: {what}, index.json says {shard.bytes:,} bytes (cut short or "
-                            "replaced since it was packed); re-run canon pack")
+        _check_size(path, shard)  # again: it may have changed since
         count, key, members = start, None, {}
         # The last recorded offset at or before start, then the headers from there on.
         jumps = min(start // OFFSET_EVERY, len(shard.offsets) - 1) if shard.offsets else 0
@@ -297,6 +295,15 @@ class ShardImages(IterableDataset):
                             "and a .cls; re-run canon pack")
         ((name, data),) = members.values()
         return self._first[index] + count, f"{path}:{name}", data, self._labels[int(label)]
+
+
+def _check_size(path: Path, shard: Shard) -> None:
+    """DataError unless shard file `path` is there at the size index.json records."""
+    found = path.stat().st_size if path.is_file() else None
+    if found != shard.bytes:
+        what = "missing" if found is None else f"{found:,} bytes"
+        raise DataError(f"{path}: {what}, index.json says {shard.bytes:,} bytes (cut short or "
+                        "replaced since it was packed); re-run canon pack")
 
 
 def _classes(
