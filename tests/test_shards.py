@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import shutil
 import tarfile
@@ -292,6 +293,14 @@ def test_a_damaged_shard_is_named(packed, tmp_path):
     shard.write_bytes(bytes(damaged))
     with pytest.raises(DataError, match=r"train-000002.tar: unreadable shard \(bad checksum"
                                         r".*re-run canon pack"):
+        list(ShardImages(copy, "train", shuffle=False))
+    with tarfile.open(fileobj=io.BytesIO(whole)) as tar:  # a class label damaged in place
+        label = next(member for member in tar.getmembers() if member.name.endswith(".cls"))
+    damaged = bytearray(whole)
+    damaged[label.offset_data] = ord("x")
+    shard.write_bytes(bytes(damaged))
+    with pytest.raises(DataError, match=r"train-000002.tar: sample 0 \(.*\) has class 'x', "
+                                        r"not one of index.json's 10"):
         list(ShardImages(copy, "train", shuffle=False))
     (copy / "index.json").write_bytes(b"\x00" * 64)  # its index overwritten
     with pytest.raises(DataError, match=r"index\.json: not valid JSON.*re-run canon pack"):

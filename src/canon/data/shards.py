@@ -294,7 +294,11 @@ class ShardImages(IterableDataset):
             raise DataError(f"{path}: sample {count} has members {sorted(members)}, not one image "
                             "and a .cls; re-run canon pack")
         ((name, data),) = members.values()
-        return self._first[index] + count, f"{path}:{name}", data, self._labels[int(label)]
+        number = label.decode("ascii", "replace").strip()
+        if not number.isdigit() or int(number) >= len(self._labels):
+            raise DataError(f"{path}: sample {count} ({name}) has class {number!r}, not one of "
+                            f"index.json's {len(self._labels)}; re-run canon pack")
+        return self._first[index] + count, f"{path}:{name}", data, self._labels[int(number)]
 
 
 def _check_size(path: Path, shard: Shard) -> None:
