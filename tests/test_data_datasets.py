@@ -300,6 +300,20 @@ def test_strict_names_the_bad_file(bad_tree):
         [strict[i] for i in range(len(strict))]
 
 
+def test_files_beside_the_class_folders_are_warned_of(tmp_path, imagenette_root):
+    """An unextracted class archive (ImageNet's train tar holds one per class) or an image
+    outside every class folder would be left out unnoticed."""
+    photo = sorted((imagenette_root / "train" / "n01440764").iterdir())[0]
+    for name in ("a", "b"):
+        (tmp_path / "train" / name).mkdir(parents=True)
+        shutil.copy(photo, tmp_path / "train" / name / "1.JPEG")
+    (tmp_path / "train" / "n0123.tar").write_bytes(b"a class's images")
+    shutil.copy(photo, tmp_path / "train" / "stray.JPEG")
+    with pytest.warns(BadImageWarning, match=r"2 file\(s\) beside its class folders are not "
+                      r"read \(n0123.tar, stray.JPEG\).*extract n0123.tar into class folders"):
+        assert FolderImages(tmp_path / "train").classes == ["a", "b"]
+
+
 def test_skipped_counts_the_image_files_left_out_when_listed(bad_tree):
     """An evaluation's or statistics' count of skipped images includes the empty image files
     the listing left out, beside the undecodable ones; a notes.txt is no image. Removing one

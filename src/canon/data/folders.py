@@ -242,11 +242,20 @@ def check_known_classes(where: str, found: list[str], class_ids: list[str]) -> N
 
 
 def _class_folders(root: Path) -> list[str]:
-    found = sorted(e.name for e in os.scandir(root) if e.is_dir() and e.name[0] != ".")
+    entries = list(os.scandir(root))
+    found = sorted(e.name for e in entries if e.is_dir() and e.name[0] != ".")
     if not found:
         raise DataError(
             f"{root}: no class folders (it holds {_contents(root)}); expected {_layouts(root)}"
         )
+    loose = sorted(e.name for e in entries if not e.is_dir() and e.name[0] != ".")
+    if loose:  # an unextracted class archive (ImageNet's train tar holds one per class)
+        archives = [name for name in loose if name.endswith((".tar", ".tgz", ".tar.gz", ".zip"))]
+        hint = (f"; extract {_short_list(archives, 3)} into class folders of the same name"
+                if archives else "")
+        warnings.warn(f"{root}: {len(loose)} file(s) beside its class folders are not read "
+                      f"({_short_list(loose, 3)}): images go in a class folder{hint}",
+                      BadImageWarning, stacklevel=3)
     return found
 
 
