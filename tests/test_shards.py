@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from canon.cli import main
+from canon.data import packing
 from canon.data.datasets import open_dataset
 from canon.data.folders import BadImageWarning, open_image_folder
 from canon.data.loaders import build_loader, collate
@@ -170,6 +171,32 @@ def test_packing_one_split_keeps_the_other_splits_of_an_earlier_pack(
         pack_folder(imagenette_root, out, shard_bytes=10**6, splits=["train"], progress=False)
     assert list(read_index(out).splits) == ["train"]
     assert not any((out / f).exists() for f in val_bytes)
+
+
+def test_a_pack_killed_midway_keeps_the_splits_it_was_not_packing(
+    imagenette_root, tmp_path, monkeypatch
+):
+    """Re-packing val over a pack of train and val, killed while writing val: train is still
+    indexed and readable, and packing val again keeps it (the index was deleted up front, and
+    the re-run then swept train's shards as an unindexed pack's)."""
+    out = tmp_path / "shards"
+    pack_folder(imagenette_root, out, splits=["train", "val"], progress=False)
+    train = read_index(out).splits["train"]
+    write = packing._SplitWriter.write
+
+    def killed(self):
+        write(self)
+        raise KeyboardInterrupt  # the shards written, the index not
+
+    monkeypatch.setattr(packing._SplitWriter, "write", killed)
+    with pytest.raises(KeyboardInterrupt):
+        pack_folder(imagenette_root, out, splits=["val"], progress=False)
+    assert read_index(out).splits == {"train": train}
+    assert len(ShardImages(out, "train", shuffle=False)) == train.samples
+    monkeypatch.setattr(packing._SplitWriter, "write", write)
+    pack_folder(imagenette_root, out, splits=["val"], progress=False)
+    assert list(read_index(out).splits) == ["train", "val"]
+    assert read_index(out).splits["train"] == train
 
 
 def test_the_same_seed_and_epoch_give_the_same_stream(packed):

@@ -75,7 +75,10 @@ def pack_folder(
     sweep_partial_writes(out, ("*.tar", INDEX))  # left by a pack that was killed
     classes = next(iter(folders.values()))
     kept = _other_splits(out, splits, shard_bytes, classes.class_ids)
-    (out / INDEX).unlink(missing_ok=True)  # an earlier pack's: stale until the shards are done
+    # The earlier index is stale until the shards are done: in its place meanwhile one of the
+    # splits kept alone, so that a pack killed midway leaves those readable and keepable.
+    _write_index(out, PackIndex(str(root.resolve()), shard_bytes, classes.class_ids,
+                                classes.classes, kept))
     with tqdm(total=sum(len(f) for f in folders.values()), desc="pack", unit="img",
               disable=not progress) as bar:
         written = {
@@ -87,14 +90,18 @@ def pack_folder(
     written = {split: merged[split] for split in SPLIT_NAMES if split in merged}  # train first
     index = PackIndex(str(root.resolve()), shard_bytes, classes.class_ids, classes.classes,
                       written)
-    text = json.dumps(index.to_dict(), indent=1) + "\n"
-    atomic_write(out / INDEX, lambda path: path.write_text(text, encoding="utf-8"),
-                 advice=_ADVICE)
+    _write_index(out, index)
     indexed = {shard.file for split in written.values() for shard in split.shards}
     for path in out.iterdir():  # an earlier pack's surplus shards
         if SHARD_NAME.fullmatch(path.name) and path.name not in indexed:
             path.unlink()
     return index
+
+
+def _write_index(out: Path, index: PackIndex) -> None:
+    text = json.dumps(index.to_dict(), indent=1) + "\n"
+    atomic_write(out / INDEX, lambda path: path.write_text(text, encoding="utf-8"),
+                 advice=_ADVICE)
 
 
 def _other_splits(out: Path, splits: list[str], shard_bytes: int,

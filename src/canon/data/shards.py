@@ -97,7 +97,8 @@ class ShardImages(IterableDataset):
         index = read_index(self.root)
         if split not in index.splits:
             raise DataError(
-                f"{self.root}: no {split} split (it holds {', '.join(index.splits)}); pack it "
+                f"{self.root}: no {split} split (it holds "
+                f"{', '.join(index.splits) or 'none: a pack stopped before its end?'}); pack it "
                 f"with `canon pack DATA --out {self.root} --splits {split}`"
             )
         if not 0 <= rank < world_size or batch_size < 1 or workers < 0 or shuffle_buffer < 0:
