@@ -29,6 +29,7 @@ from canon.engine.checkpoint import load_checkpoint
 from canon.engine.trained import load_trained
 from canon.engine.trainer import TrainingInterrupted
 from canon.errors import DataError
+from canon.files import printable
 from canon.recipes import Recipe, load_recipe, parse_yaml
 
 
@@ -106,6 +107,7 @@ def test_eval_prints_errors_and_writes_json(trained_run, tmp_path, capsys):
     assert json.loads((unexported / "checkpoints" / "eval-center.json").read_text())["images"]
     assert (unexported / "eval-center.json").read_text() == own
 
+
 def test_a_loaded_model_alone_is_evaluated_with_its_run_s_preprocessing(trained_run):
     """canon.evaluate(trained.model, ...) without preprocess= takes the run's own (the
     sample's mean image), not the model class's eval_config (CIFAR's channel constants)."""
@@ -120,13 +122,15 @@ def test_a_loaded_model_alone_is_evaluated_with_its_run_s_preprocessing(trained_
 def test_predict_prints_top5_class_names_with_probabilities(trained_run, tmp_path, capsys):
     _, test_images = open_dataset("sample")
     paths = []
-    for index in (0, 1):
-        paths.append(tmp_path / f"image{index}.png")
+    for index in (0, 1):  # the second named in Latin-1, not UTF-8: printed with its byte escaped
+        paths.append(tmp_path / os.fsdecode(f"image{index}".encode() + b"\xe9" * index + b".png"))
         Image.fromarray(test_images.images[index].permute(1, 2, 0).numpy()).save(paths[-1])
     main(["predict", str(trained_run / "checkpoints" / "epoch-002.pt"), *map(str, paths),
           "--device", "cpu"])
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == str(paths[0]) and lines[6] == str(paths[1]) and len(lines) == 12
+    assert lines[0] == str(paths[0]) and lines[6] == printable(paths[1])
+    assert lines[6].endswith("/image1\\xe9.png")  # the byte as an escape, printable anywhere
+    assert len(lines) == 12
     main(["predict", str(trained_run / "checkpoints" / "epoch-002.pt"), *map(str, paths),
           "--device", "cpu", "--batch-size", "1"])  # one image at a time: the same output
     assert capsys.readouterr().out.splitlines() == lines
@@ -139,7 +143,7 @@ def test_predict_prints_top5_class_names_with_probabilities(trained_run, tmp_pat
         main(["predict", str(trained_run), str(paths[0]), str(cut), str(paths[1]),
               "--device", "cpu", "--batch-size", "2"])
     shown = capsys.readouterr().out.splitlines()
-    assert shown[0] == str(paths[0]) and shown[6] == str(paths[1]) and len(shown) == 13
+    assert shown[0] == str(paths[0]) and shown[6] == lines[6] and len(shown) == 13
     assert shown[-1].startswith("skipped 1 image file(s), empty, missing or undecodable")
     with pytest.raises(SystemExit) as exit_:
         main(["predict", str(trained_run), str(cut), "--device", "cpu", "--strict"])
@@ -167,7 +171,7 @@ def test_predict_prints_top5_class_names_with_probabilities(trained_run, tmp_pat
         main(["predict", str(trained_run), str(folder), "--device", "cpu"])
     by_folder = capsys.readouterr().out.splitlines()
     assert by_folder[0] == str(folder / paths[0].name)
-    assert by_folder[6] == str(folder / "nested" / paths[1].name)
+    assert by_folder[6] == printable(folder / "nested" / paths[1].name)
     assert by_folder[1:6] + by_folder[7:12] == lines[1:6] + lines[7:]
     assert len(by_folder) == 13 and by_folder[-1].startswith("skipped 1 image file(s)")
     for arguments, problem in (([str(folder)], "canon predict needs a model: models first"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 
 import numpy as np
 import pytest
@@ -31,6 +32,7 @@ from canon.evaluation.report import (
     write_class_errors,
     write_confusion_png,
 )
+from canon.files import printable
 from canon.models.factory import create_model
 
 CLASSES = load_sample("test").classes
@@ -204,6 +206,17 @@ def test_per_class_errors_and_confusion_by_hand(tmp_path):
         write_class_errors(report, tmp_path / "classes.txt")
     with pytest.raises(ValueError, match="6 x 4 scores"):
         class_report(SCORES, LABELS, NAMES[:4])
+
+
+def test_class_names_that_are_not_utf8_are_written(tmp_path):
+    """A class folder named in Latin-1 (os.fsdecode gives surrogates): the CSV keeps the name's
+    bytes, the figure shows them escaped."""
+    names = [*NAMES[:5], os.fsdecode(b"caf\xe9")]
+    report = class_report(SCORES, LABELS, names)
+    write_class_errors(report, tmp_path / "classes.csv")
+    assert b"5,caf\xe9,0," in (tmp_path / "classes.csv").read_bytes()
+    write_confusion_png(report.confusion, report.classes, tmp_path / "confusion.png")
+    assert printable(names[5]) == "caf\\xe9"
 
 
 @pytest.mark.parametrize("count", [10, 1000])

@@ -17,7 +17,7 @@ from pathlib import Path
 from canon.bench.commands import add_bench_parser
 from canon.data.pack_command import add_pack_parser
 from canon.errors import CanonError, ConfigError, canon_message
-from canon.files import atomic_write, check_output_file
+from canon.files import atomic_write, check_output_file, printable
 from canon.reproduce.commands import add_reproduce_parser
 from canon.visualize.arguments import non_negative_int, positive_int
 from canon.visualize.commands import add_visualize_parser
@@ -374,18 +374,18 @@ def _run_eval(args: argparse.Namespace) -> None:
         f"error {result['top1_error']:.2f}%, top-5 error {result['top5_error']:.2f}%"
     )
     _report_skipped(result["skipped"])
-    if args.per_class:
-        report = class_report(result.pop("probabilities"), result.pop("labels"),
-                              trained[0].classes)
+    report = (class_report(result.pop("probabilities"), result.pop("labels"),
+                           trained[0].classes) if args.per_class else None)
+    text = json.dumps(result, indent=2)  # first: the per-class files are extras
+    atomic_write(output, lambda path: path.write_text(text),
+                 advice="the result is printed above; choose a writable --output")
+    print(f"wrote {output}")
+    if report is not None:
         stem = output.with_suffix("")
         write_class_errors(report, stem.with_name(f"{stem.name}-per-class.csv"))
         write_confusion_png(report.confusion, report.classes,
                             stem.with_name(f"{stem.name}-confusion.png"))
         print(f"wrote {stem}-per-class.csv and {stem}-confusion.png")
-    text = json.dumps(result, indent=2)
-    atomic_write(output, lambda path: path.write_text(text),
-                 advice="the result is printed above; choose a writable --output")
-    print(f"wrote {output}")
 
 
 def _predict_arguments(parser: argparse.ArgumentParser) -> None:
@@ -470,9 +470,9 @@ def _run_predict(args: argparse.Namespace) -> None:
                 skipped += 1
         rankings = predict_ensemble(members, decoded, args.top) if decoded else []
         for path, ranking in zip(paths, rankings, strict=True):
-            print(path, flush=True)
+            print(printable(path), flush=True)
             for name, probability in ranking:
-                print(f"  {probability:7.2%}  {name}")
+                print(f"  {probability:7.2%}  {printable(name)}")
     _report_skipped(skipped)
     if skipped == len(images):  # nothing predicted: a script must not read success
         raise DataError(f"none of the {len(images)} image file(s) could be decoded (see the "

@@ -133,3 +133,9 @@ def _is_partial_write(path: Path, targets: tuple[str, ...]) -> bool:
         named is not None and any(fnmatch.fnmatchcase(named["target"], t) for t in targets)
         and path.is_file() and not path.is_symlink()
     )
+
+
+def printable(name: object) -> str:
+    """A file or class name as text any terminal or figure takes: bytes of a name that are
+    not UTF-8 (held by Python as surrogates, os.fsdecode's) shown as \\xNN escapes."""
+    return str(name).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")

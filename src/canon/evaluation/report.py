@@ -17,7 +17,7 @@ import torch
 
 from canon.errors import ConfigError
 from canon.evaluation.metrics import error_percent, ranked, topk_correct
-from canon.files import atomic_write
+from canon.files import atomic_write, printable
 
 # Up to this many classes the PNG names every class and writes each cell's count; beyond it,
 # at most this many evenly spaced class names and no counts (1000 would be unreadable).
@@ -94,7 +94,7 @@ def write_class_errors(report: ClassReport, path: Path) -> None:
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    with open(path, "w", newline="") as f:
+    with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(
@@ -128,7 +128,7 @@ def write_confusion_png(matrix: torch.Tensor, classes: Sequence[str], path: Path
                           interpolation="nearest" if named else "antialiased")
     figure.colorbar(picture, ax=axes, label="share of the true class's images")
     ticks = list(range(0, count, -(-count // MAX_NAMED_CLASSES)))  # every class when named
-    names = [classes[i][:24] for i in ticks]
+    names = [printable(classes[i])[:24] for i in ticks]
     axes.set_xticks(ticks, names, rotation=90, fontsize=8)
     axes.set_yticks(ticks, names, fontsize=8)
     if named:
