@@ -179,8 +179,26 @@ def test_an_incomplete_cifar_folder_is_named_and_kept(tmp_path):
     # given as --data: named as the CIFAR folder it is, not as a wrong ImageNet layout
     with pytest.raises(DataError, match=r"batches\.meta: missing \(the CIFAR folder is"):
         open_dataset(str(tmp_path))
+    with pytest.raises(DataError, match=r"batches\.meta: missing .*: copy it in, or remove "
+                                        r".*cifar-10-batches-py and canon downloads"):
+        read_cifar("cifar10", folder, "test")  # a folder canon made is never downloaded over
     (folder / "batches.meta").mkdir()
     with pytest.raises(DataError, match=r"batches\.meta: cannot read"):
+        read_cifar("cifar10", folder, "test")
+    (folder / "batches.meta").rmdir()
+    (folder / "batches.meta").write_bytes(pickle.dumps({"names": ["cat"]}))
+    with pytest.raises(DataError, match=r"batches\.meta: not a CIFAR pickle \(no 'label_names'; "
+                                        r"it holds names\)"):
+        read_cifar("cifar10", folder, "test")
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [b"cat", b"dog"]}))
+    data = np.zeros((3, 3072), dtype=np.uint8)
+    for labels, error in (([0, 1], r"3 images but 2 labels"),
+                          ([0, 1, 2], r"labels outside 0..1, the 2 classes of batches.meta")):
+        (folder / "test_batch").write_bytes(pickle.dumps({"data": data, "labels": labels}))
+        with pytest.raises(DataError, match=r"test_batch: " + error):
+            read_cifar("cifar10", folder, "test")
+    (folder / "test_batch").write_bytes(pickle.dumps({"data": data}))
+    with pytest.raises(DataError, match=r"test_batch: not a CIFAR pickle \(no 'labels'"):
         read_cifar("cifar10", folder, "test")
 
 

@@ -70,8 +70,8 @@ def _read_pickle(path: Path) -> dict[str, object]:
         with open(path, "rb") as f:
             content = _ArrayUnpickler(f, encoding="latin1").load()
     except FileNotFoundError:
-        raise DataError(f"{path}: missing (the CIFAR folder is incomplete: download it "
-                        "again)") from None
+        raise DataError(f"{path}: missing (the CIFAR folder is incomplete): copy it in, or "
+                        f"remove {path.parent} and canon downloads the whole set afresh") from None
     except OSError as error:  # a folder in its place, no permission, a failing disk
         raise DataError(f"{path}: cannot read it ({error})") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as error:
@@ -79,6 +79,13 @@ def _read_pickle(path: Path) -> dict[str, object]:
     if not isinstance(content, dict):
         raise DataError(f"{path}: not a CIFAR pickle (expected a dict)")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in content.items()}
+
+
+def _entry(content: dict[str, object], key: str, path: Path) -> object:
+    if key not in content:
+        raise DataError(f"{path}: not a CIFAR pickle (no {key!r}; it holds "
+                        f"{', '.join(map(str, content)) or 'nothing'})")
+    return content[key]
 
 
 def find_cifar(root: Path) -> tuple[str, Path] | None:
@@ -94,15 +101,23 @@ def read_cifar(name: str, folder: Path, split: str) -> ArrayImages:
     """One split ("train" or "test") of CIFAR-10/100 from its pickled batches."""
     spec = CIFAR[name]
     meta = _read_pickle(folder / spec["meta"])
-    classes = [c.decode() if isinstance(c, bytes) else str(c) for c in meta[spec["names_key"]]]
+    names = _entry(meta, spec["names_key"], folder / spec["meta"])
+    classes = [c.decode() if isinstance(c, bytes) else str(c) for c in names]
     images, labels = [], []
     for part in spec[split]:
         batch = _read_pickle(folder / part)
         data = np.asarray(batch.get("data"))
         if data.ndim != 2 or data.shape[1] != 3072 or data.dtype != np.uint8:
-            raise DataError(f"{folder / part}: 'data' is not N x 3072 uint8 (got {data.shape})")
+            raise DataError(f"{folder / part}: 'data' is not N x 3072 uint8 (got {data.shape} "
+                            f"{data.dtype})")
+        part_labels = [int(x) for x in _entry(batch, spec["label_key"], folder / part)]
+        if len(part_labels) != len(data):
+            raise DataError(f"{folder / part}: {len(data)} images but {len(part_labels)} labels")
+        if not all(0 <= label < len(classes) for label in part_labels):
+            raise DataError(f"{folder / part}: labels outside 0..{len(classes) - 1}, the "
+                            f"{len(classes)} classes of {spec['meta']}")
         images.append(data.reshape(-1, 3, 32, 32))
-        labels.extend(int(x) for x in batch[spec["label_key"]])
+        labels.extend(part_labels)
     array = torch.from_numpy(np.concatenate(images))
     if len(array) != CIFAR_SIZES[split]:
         raise DataError(
