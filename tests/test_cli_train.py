@@ -174,6 +174,20 @@ def test_predict_prints_top5_class_names_with_probabilities(trained_run, tmp_pat
     assert by_folder[6] == printable(folder / "nested" / paths[1].name)
     assert by_folder[1:6] + by_folder[7:12] == lines[1:6] + lines[7:]
     assert len(by_folder) == 13 and by_folder[-1].startswith("skipped 1 image file(s)")
+    # A subfolder it cannot read (simulated: root reads every folder) is warned of.
+    scandir = os.scandir
+
+    def unreadable(place):
+        if os.fspath(place) == str(folder / "nested"):
+            raise PermissionError(13, "Permission denied", str(place))
+        return scandir(place)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "scandir", unreadable)
+        with pytest.warns(BadImageWarning, match=f"skipping the folder {folder / 'nested'}: "
+                                                 "cannot read it"):
+            main(["predict", str(trained_run), str(folder), "--device", "cpu"])
+    assert len(capsys.readouterr().out.splitlines()) == 7  # image0 alone, and the skip line
     for arguments, problem in (([str(folder)], "canon predict needs a model: models first"),
                                ([str(trained_run)], "canon predict needs images: models first"),
                                ([str(trained_run), str(folder / "nested" / "none")],

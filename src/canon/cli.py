@@ -415,16 +415,24 @@ def _is_source(path: str) -> bool:
 def _image_files(path: str) -> list[str]:
     """`path`, or the image files under it (by name, in sorted order) when it is a folder:
     as a dataset folder is read, hidden files and folders (.DS_Store, macOS's ._name.jpg,
-    .ipynb_checkpoints/) left out, links to nothing kept (to be reported as unreadable)."""
-    from canon.data.folders import IMAGE_EXTENSIONS
+    .ipynb_checkpoints/) left out, links to nothing kept (to be reported as unreadable), an
+    unreadable subfolder warned of."""
+    import warnings
+
+    from canon.data.folders import IMAGE_EXTENSIONS, BadImageWarning
     from canon.errors import ConfigError
 
-    root = Path(path)
-    if not root.is_dir():
+    if not Path(path).is_dir():
         return [path]
-    found = sorted(str(p) for p in root.rglob("*")
-                   if p.name.lower().endswith(IMAGE_EXTENSIONS) and not p.is_dir()
-                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    found, unreadable = [], []
+    for folder, subfolders, files in os.walk(path, onerror=unreadable.append):
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        found += [os.path.join(folder, name) for name in files
+                  if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")]
+    for error in unreadable:
+        warnings.warn(f"skipping the folder {error.filename}: cannot read it ({error.strerror})",
+                      BadImageWarning, stacklevel=2)
+    found.sort()
     if not found:
         raise ConfigError(f"{path} holds no image files ({', '.join(IMAGE_EXTENSIONS)}) and is "
                           "not a run directory (no model.safetensors or checkpoints/)")
