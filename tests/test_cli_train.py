@@ -498,6 +498,7 @@ def test_undecodable_files_are_skipped_and_counted_or_refused_with_strict(
     assert load_recipe(run / "recipe.yaml").data.dataset == str(root.resolve())
     named = " ".join(str(warning.message) for warning in warned)
     assert str(bad_train) in named and str(bad_val) in named
+    assert "epoch 1: 1 of the 20 validation images could not be decoded" in named
     assert "skipped 1 undecodable" in capsys.readouterr().out  # of 40: 5 steps of 8
     rows = (run / "metrics.csv").read_text().splitlines()
     assert rows[0].endswith(",skipped_images") and rows[1].endswith(",1")

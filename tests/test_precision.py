@@ -60,4 +60,4 @@ def test_validation_of_an_fp16_run_scores_beyond_fp16_s_range():
         fp16 = Precision("fp16", ctx.device)
     with fp16.autocast():
         assert not torch.isfinite(model(images)).all()
-    assert validate(model, [(images, labels)], ctx, fp16) == (25.0, 0.0)
+    assert validate(model, [(images, labels)], ctx, fp16) == (25.0, 0.0, 8)

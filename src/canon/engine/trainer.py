@@ -95,13 +95,14 @@ def clamp_filter_rms(model: nn.Module, radius: float, frozen: Sequence[nn.Parame
 
 def validate(
     model: nn.Module, loader: Any, ctx: dist.DistributedContext, precision: Precision
-) -> tuple[float, float]:
-    """Exact top-1 and top-5 error (%) over the whole validation set, all ranks together."""
+) -> tuple[float, float, int]:
+    """Exact top-1 and top-5 error (%) over the whole validation set, all ranks together,
+    and the number of images scored (undecodable ones are skipped)."""
     with precision.scoring():
         errors = score_loader(model, loader, None, ctx.device)
     errors.counts = dist.all_reduce_sum(errors.counts, ctx).cpu()
     result = errors.result()
-    return result["top1_error"], result["top5_error"]
+    return result["top1_error"], result["top5_error"], result["images"]
 
 
 def train(
@@ -445,7 +446,12 @@ def _end_epoch(run: Run, train_seconds: float) -> None:
     dist.broadcast_buffers(run.model, ctx)
     if run.average is not None:
         dist.broadcast_buffers(run.average, ctx)
-    val_top1, val_top5 = validate(validated_model(run), run.val_loader, ctx, run.precision)
+    val_top1, val_top5, scored = validate(validated_model(run), run.val_loader, ctx,
+                                          run.precision)
+    if scored < run.val_size and ctx.is_main:
+        warnings.warn(f"epoch {run.epoch + 1}: {run.val_size - scored} of the {run.val_size} "
+                      "validation images could not be decoded (see the warnings); its "
+                      f"validation error is over the other {scored}", stacklevel=2)
     trained_at = run.schedule.lr_at(run.step - 1)  # a plateau cut below is for the next epoch
     if not cut:  # a plateau is judged on whole epochs
         run.schedule.end_epoch(val_top1)
