@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from canon.cli import main
 from canon.data import packing
 from canon.data.datasets import open_dataset
-from canon.data.folders import BadImageWarning, FolderImages, open_image_folder
+from canon.data.folders import BadImageWarning, open_image_folder
 from canon.data.loaders import build_loader, collate
 from canon.data.pack_command import add_pack_parser, parse_size
 from canon.data.packing import _even_bounds, pack_folder
@@ -355,21 +355,6 @@ def test_an_undecodable_image_is_skipped_or_strict(with_bad_image, tmp_path):
     assert len(items) == 5 and sum(item is None for item in items) == 1
     with pytest.raises(DataError, match=r"n02102040/broken.jpg"):
         list(ShardImages(out, "train", shuffle=False, strict=True))
-
-
-def test_image_files_the_listing_skipped_are_counted_from_the_pack(with_bad_image, tmp_path):
-    """An empty image file is left out when the folder is listed, so it is in no shard: the
-    pack records it, and evaluation and statistics count it as the folder reader does (a
-    README.txt is no image, and no skip)."""
-    (with_bad_image / "val" / "n01440764" / "empty.JPEG").write_bytes(b"")
-    (with_bad_image / "val" / "n01440764" / "README.txt").write_text("notes")
-    out = tmp_path / "shards"
-    with pytest.warns(BadImageWarning, match="empty.JPEG"):
-        folder = FolderImages(with_bad_image / "val")
-        pack_folder(with_bad_image, out, progress=False)
-    assert folder.skipped_at_listing == 1
-    assert read_index(out).splits["val"].skipped == 1
-    assert ShardImages(out, "val", shuffle=False).skipped_at_listing == 1
 
 
 def test_pack_refuses_folders_it_would_damage(with_bad_image, packed, tmp_path):

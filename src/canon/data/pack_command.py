@@ -49,8 +49,7 @@ def run_pack(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     index = pack_folder(args.data, args.out, shard_bytes=args.shard_size, splits=args.splits)
     for name, split in index.splits.items():
-        skipped = (f", {split.skipped} image files skipped (see the warnings)"
-                   if split.skipped else "")
+        skipped = f", {split.skipped} files skipped (see the warnings)" if split.skipped else ""
         kept = "" if name in args.splits else " (kept from the earlier pack)"
         print(f"{name}: {len(split.shards)} shards, {split.samples:,} images, "
               f"{_size(split.bytes)}{skipped}{kept}")

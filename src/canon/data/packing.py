@@ -83,7 +83,7 @@ def pack_folder(
               disable=not progress) as bar:
         written = {
             split: SplitIndex(_SplitWriter(out, split, folder, shard_bytes, bar).write(),
-                              folder.fingerprint(), folder.skipped_at_listing)
+                              folder.fingerprint(), len(folder.skipped))
             for split, folder in folders.items()
         }
     merged = {**kept, **written}

@@ -35,8 +35,7 @@ class Shard:
 @dataclass(frozen=True)
 class SplitIndex:
     """A split's shards in pack order; `fingerprint` identifies the folder they were packed
-    from (FolderImages.fingerprint); `skipped`: its image files the folder scan skipped
-    (FolderImages.skipped_at_listing: empty or missing; a README.txt is no image)."""
+    from (FolderImages.fingerprint); `skipped`: its files the folder scan skipped."""
 
     shards: list[Shard]
     fingerprint: str

@@ -111,8 +111,6 @@ class ShardImages(IterableDataset):
         for shard in self.shards:  # now, not in the epoch that reaches it (a val shard: after
             _check_size(self.root / shard.file, shard)  # a whole epoch of training)
         self.split, self._fingerprint = split, index.splits[split].fingerprint
-        # What the folder reader would count beside its own skips (evaluation, statistics).
-        self.skipped_at_listing = index.splits[split].skipped
         self.class_ids, self.classes, self._labels = _classes(self.root, index, split, class_ids)
         self.transform, self.shuffle, self.shuffle_buffer = transform, shuffle, shuffle_buffer
         self.seed, self.rank, self.world_size = seed, rank, world_size
