@@ -179,9 +179,9 @@ def test_an_incomplete_cifar_folder_is_named_and_kept(tmp_path):
     # given as --data: named as the CIFAR folder it is, not as a wrong ImageNet layout
     with pytest.raises(DataError, match=r"batches\.meta: missing \(the CIFAR folder is"):
         open_dataset(str(tmp_path))
-    with pytest.raises(DataError, match=r"batches\.meta: missing .*: copy it in, or remove "
-                                        r".*cifar-10-batches-py and canon downloads"):
-        read_cifar("cifar10", folder, "test")  # a folder canon made is never downloaded over
+    with pytest.raises(DataError, match=r"batches\.meta: missing .*: copy it in from a complete "
+                                        r"copy \(a copy in canon's cache is downloaded afresh"):
+        read_cifar("cifar10", folder, "test")  # canon never downloads over a folder it finds
     (folder / "batches.meta").mkdir()
     with pytest.raises(DataError, match=r"batches\.meta: cannot read"):
         read_cifar("cifar10", folder, "test")
@@ -327,9 +327,10 @@ def test_files_beside_the_class_folders_are_warned_of(tmp_path, imagenette_root)
         shutil.copy(photo, tmp_path / "train" / name / "1.JPEG")
     (tmp_path / "train" / "n0123.tar").write_bytes(b"a class's images")
     shutil.copy(photo, tmp_path / "train" / "stray.JPEG")
+    (tmp_path / "train" / "synset_words.txt").write_text("a apples\nb bananas\n")  # read
     with pytest.warns(BadImageWarning, match=r"2 file\(s\) beside its class folders are not "
-                      r"read \(n0123.tar, stray.JPEG\).*extract n0123.tar into class folders"):
-        assert FolderImages(tmp_path / "train").classes == ["a", "b"]
+                      r"read \(n0123.tar, stray.JPEG\).*extract n0123.tar into its class"):
+        assert FolderImages(tmp_path / "train").classes == ["apples", "bananas"]
 
 
 def test_skipped_counts_the_image_files_left_out_when_listed(bad_tree):

@@ -248,10 +248,12 @@ def _class_folders(root: Path) -> list[str]:
         raise DataError(
             f"{root}: no class folders (it holds {_contents(root)}); expected {_layouts(root)}"
         )
-    loose = sorted(e.name for e in entries if not e.is_dir() and e.name[0] != ".")
+    loose = sorted(e.name for e in entries if not e.is_dir() and e.name[0] != "."
+                   and e.name not in SYNSET_FILES)  # class_names reads those
     if loose:  # an unextracted class archive (ImageNet's train tar holds one per class)
-        archives = [name for name in loose if name.endswith((".tar", ".tgz", ".tar.gz", ".zip"))]
-        hint = (f"; extract {_short_list(archives, 3)} into class folders of the same name"
+        archives = [name for name in loose if name.endswith((".tar", ".tgz", ".tar.gz", ".zip"))
+                    and name.split(".")[0] not in found]
+        hint = (f"; extract {_short_list(archives, 3)} into its class folder(s)"
                 if archives else "")
         warnings.warn(f"{root}: {len(loose)} file(s) beside its class folders are not read "
                       f"({_short_list(loose, 3)}): images go in a class folder{hint}",
