@@ -70,8 +70,9 @@ def _read_pickle(path: Path) -> dict[str, object]:
         with open(path, "rb") as f:
             content = _ArrayUnpickler(f, encoding="latin1").load()
     except FileNotFoundError:
-        raise DataError(f"{path}: missing (the CIFAR folder is incomplete): copy it in, or "
-                        f"remove {path.parent} and canon downloads the whole set afresh") from None
+        raise DataError(f"{path}: missing (the CIFAR folder is incomplete): copy it in from a "
+                        "complete copy (a copy in canon's cache is downloaded afresh once its "
+                        "folder is removed)") from None
     except OSError as error:  # a folder in its place, no permission, a failing disk
         raise DataError(f"{path}: cannot read it ({error})") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as error:
