@@ -370,17 +370,18 @@ def _run_eval(args: argparse.Namespace) -> None:
                         "could be decoded (see the warnings): nothing was evaluated")
     what = trained[0].source if len(trained) == 1 else f"ensemble of {len(trained)}"
     print(
-        f"{what}: {result['protocol']} on {result['data']} ({result['images']} images): top-1 "
-        f"error {result['top1_error']:.2f}%, top-5 error {result['top5_error']:.2f}%"
+        f"{printable(what)}: {result['protocol']} on {printable(result['data'])} "
+        f"({result['images']} images): top-1 error {result['top1_error']:.2f}%, top-5 error "
+        f"{result['top5_error']:.2f}%"
     )
     _report_skipped(result["skipped"])
-    report = (class_report(result.pop("probabilities"), result.pop("labels"),
-                           trained[0].classes) if args.per_class else None)
+    scores = (result.pop("probabilities"), result.pop("labels")) if args.per_class else None
     text = json.dumps(result, indent=2)  # first: the per-class files are extras
     atomic_write(output, lambda path: path.write_text(text),
                  advice="the result is printed above; choose a writable --output")
-    print(f"wrote {output}")
-    if report is not None:
+    print(f"wrote {printable(output)}")
+    if scores is not None:
+        report = class_report(*scores, trained[0].classes)
         stem = output.with_suffix("")
         write_class_errors(report, stem.with_name(f"{stem.name}-per-class.csv"))
         write_confusion_png(report.confusion, report.classes,

@@ -172,7 +172,7 @@ def run_loop(args: argparse.Namespace) -> None:
 def run_script(doc: str | None, add_arguments: Callable[[argparse.ArgumentParser], None],
                run: Callable[[argparse.Namespace], None]) -> None:
     """A bench/ script: the benchmark's own flags, and a CanonError as one line."""
-    from canon.errors import CanonError
+    from canon.errors import CanonError, canon_message
 
     parser = argparse.ArgumentParser(
         description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -180,4 +180,4 @@ def run_script(doc: str | None, add_arguments: Callable[[argparse.ArgumentParser
     try:
         run(parser.parse_args())
     except CanonError as error:
-        sys.exit(f"{parser.prog}: error: {error}")
+        sys.exit(f"{parser.prog}: error: {canon_message(error)}")
