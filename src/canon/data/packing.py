@@ -3,7 +3,8 @@ convention, which canon.data.shards.ShardImages streams (issue 14).
 
 `OUT/train-000000.tar`, ...: each sample is two members, `KEY.jpg` (the image file's bytes,
 unchanged; `.png` etc. for other formats) and `KEY.cls` (its class index as text), with KEY
-`<class id>/<file stem>`; then `OUT/index.json`, written last. The images and class order are
+`<class id>/<file stem>`; then `OUT/index.json`, which names only finished shards (while a
+split is packed, it names the splits kept from an earlier pack). The images and class order are
 exactly those canon's folder reader (canon.data.folders) trains on. Validation shards keep its
 order (classes, then file names); training shards hold the images in a fixed pseudo-random
 order, since in class order each shard would hold a class or two, more than a reader's shuffle
@@ -57,7 +58,7 @@ def pack_folder(
     image counts, within one, in `out`: a new or empty folder, or an earlier pack of the same
     folder, whose packed `splits` are replaced and whose other splits are kept where they were
     packed with the same shard size and classes. Each shard is written under a temporary name
-    and renamed when complete; index.json last."""
+    and renamed when complete; index.json names the kept splits meanwhile, all of them last."""
     root, out, splits = Path(root), Path(out), list(splits)
     if shard_bytes <= 0:
         raise ConfigError(f"shard size {shard_bytes}: must be a positive number of bytes")
@@ -147,7 +148,7 @@ def _check_out(out: Path, root: Path) -> None:
     try:
         source = json.loads((out / INDEX).read_text(encoding="utf-8")).get("source")
     except (OSError, ValueError, AttributeError):
-        return  # no index: a pack killed before its end, which never named its source
+        return  # no index: a pack killed before it wrote one
     if source != str(root.resolve()):
         raise DataError(f"{out}: holds a pack of {source}; choose another --out folder, or "
                         f"delete this one to pack {root} there")

@@ -1,6 +1,7 @@
-"""The index of a shard folder (`canon pack`, canon.data.packing): `index.json`, written last,
-names every shard of every split with its sample count, size and per-class counts, so that a
-reader knows each rank's share of an epoch before it opens a shard.
+"""The index of a shard folder (`canon pack`, canon.data.packing): `index.json`, written when
+the shards it names are complete, names every shard of every split with its sample count, size
+and per-class counts, so that a reader knows each rank's share of an epoch before it opens a
+shard.
 """
 
 from __future__ import annotations
