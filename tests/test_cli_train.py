@@ -187,7 +187,10 @@ def test_predict_prints_top5_class_names_with_probabilities(trained_run, tmp_pat
         with pytest.warns(BadImageWarning, match=f"skipping the folder {folder / 'nested'}: "
                                                  "cannot read it"):
             main(["predict", str(trained_run), str(folder), "--device", "cpu"])
-    assert len(capsys.readouterr().out.splitlines()) == 7  # image0 alone, and the skip line
+        assert len(capsys.readouterr().out.splitlines()) == 7  # image0 alone, and the skip
+        with pytest.raises(SystemExit):  # or refused, under --strict
+            main(["predict", str(trained_run), str(folder), "--device", "cpu", "--strict"])
+        assert f"the folder {folder / 'nested'}: cannot read it" in capsys.readouterr().err
     for arguments, problem in (([str(folder)], "canon predict needs a model: models first"),
                                ([str(trained_run)], "canon predict needs images: models first"),
                                ([str(trained_run), str(folder / "nested" / "none")],

@@ -413,15 +413,15 @@ def _is_source(path: str) -> bool:
     return path.startswith(TORCHVISION) or Path(path).suffix in (".pt", ".safetensors")
 
 
-def _image_files(path: str) -> list[str]:
+def _image_files(path: str, strict: bool = False) -> list[str]:
     """`path`, or the image files under it (by name, in sorted order) when it is a folder:
     as a dataset folder is read, hidden files and folders (.DS_Store, macOS's ._name.jpg,
     .ipynb_checkpoints/) left out, links to nothing kept (to be reported as unreadable), an
-    unreadable subfolder warned of."""
+    unreadable subfolder warned of (`strict`: refused)."""
     import warnings
 
     from canon.data.folders import IMAGE_EXTENSIONS, BadImageWarning
-    from canon.errors import ConfigError
+    from canon.errors import ConfigError, DataError
 
     if not Path(path).is_dir():
         return [path]
@@ -431,8 +431,10 @@ def _image_files(path: str) -> list[str]:
         found += [os.path.join(folder, name) for name in files
                   if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")]
     for error in unreadable:
-        warnings.warn(f"skipping the folder {error.filename}: cannot read it ({error.strerror})",
-                      BadImageWarning, stacklevel=2)
+        problem = f"the folder {error.filename}: cannot read it ({error.strerror})"
+        if strict:
+            raise DataError(f"{problem}; --strict stops at the first unreadable file or folder")
+        warnings.warn(f"skipping {problem}", BadImageWarning, stacklevel=2)
     found.sort()
     if not found:
         raise ConfigError(f"{path} holds no image files ({', '.join(IMAGE_EXTENSIONS)}) and is "
@@ -461,7 +463,7 @@ def _run_predict(args: argparse.Namespace) -> None:
         raise ConfigError(f"canon predict needs {'a model' if not sources else 'images'}: "
                           "models first (run directories, .pt, .safetensors, torchvision:NAME), "
                           "then image files or folders of them")
-    images = [file for path in images for file in _image_files(path)]
+    images = [file for path in images for file in _image_files(path, args.strict)]
     trained = [load_trained(source) for source in sources]
     for model in trained:
         model.model.to(resolve_device(args.device))
