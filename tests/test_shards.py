@@ -193,6 +193,9 @@ def test_a_pack_killed_midway_keeps_the_splits_it_was_not_packing(
         pack_folder(imagenette_root, out, splits=["val"], progress=False)
     assert read_index(out).splits == {"train": train}
     assert len(ShardImages(out, "train", shuffle=False)) == train.samples
+    with pytest.raises(DataError, match=r"no val split \(it holds train\); its val shards are "
+                                        r"being packed, or a pack of them stopped before its end"):
+        ShardImages(out, "val")
     monkeypatch.setattr(packing._SplitWriter, "write", write)
     pack_folder(imagenette_root, out, splits=["val"], progress=False)
     assert list(read_index(out).splits) == ["train", "val"]

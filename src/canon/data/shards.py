@@ -96,10 +96,12 @@ class ShardImages(IterableDataset):
         self.root = Path(root)
         index = read_index(self.root)
         if split not in index.splits:
+            packing = next(self.root.glob(f"{split}-*.tar"), None) is not None
             raise DataError(
-                f"{self.root}: no {split} split (it holds "
-                f"{', '.join(index.splits) or 'none: a pack stopped before its end?'}); pack it "
-                f"with `canon pack DATA --out {self.root} --splits {split}`"
+                f"{self.root}: no {split} split (it holds {', '.join(index.splits) or 'none'}); "
+                + (f"its {split} shards are being packed, or a pack of them stopped before its "
+                   "end: wait for it, or run it again" if packing else "pack it")
+                + f" with `canon pack DATA --out {self.root} --splits {split}`"
             )
         if not 0 <= rank < world_size or batch_size < 1 or workers < 0 or shuffle_buffer < 0:
             raise ConfigError(
