@@ -160,39 +160,32 @@ def check_continuation(loaded: Path, state: dict[str, Any], named: bool, run_dir
     source_run = run_dir_of(loaded)
     if not named or source_run.resolve() != run_dir.resolve():
         return
-    for newest in resumable_checkpoints(source_run):
-        if newest.resolve() == loaded.resolve():
-            return
-        step = _saved_step(newest)
-        if step is None:
+    newest = _newest_readable(source_run)
+    if (newest is not None and newest[0].resolve() != loaded.resolve()
+            and newest[1]["step"] != state["step"]):
+        raise DataError(
+            f"{loaded} is older than {newest[0]}, the newest checkpoint of {source_run}: going "
+            "on from it there would mix two continuations of the run; continue it in a new "
+            "directory with --output-dir DIR, or delete the later checkpoints first"
+        )
+
+
+def _newest_readable(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint of `run_dir` that reads, with its state (tensors left in the
+    file); unreadable ones are passed over, as load_for_resume passes over them."""
+    for checkpoint in resumable_checkpoints(run_dir):
+        try:
+            return checkpoint, load_checkpoint(checkpoint, mmap=True)
+        except DataError:
             continue
-        if step != state["step"]:
-            raise DataError(
-                f"{loaded} is older than {newest}, the newest checkpoint of {source_run}: "
-                "going on from it there would mix two continuations of the run; continue it "
-                "in a new directory with --output-dir DIR, or delete the later checkpoints "
-                "first"
-            )
-        return
-
-
-def _saved_step(checkpoint: Path) -> int | None:
-    try:
-        return load_checkpoint(checkpoint, mmap=True)["step"]
-    except DataError:  # unreadable: nothing to compare with
-        return None
+    return None
 
 
 def _saved_by_this_launch(run_dir: Path) -> bool:
     """Whether the newest readable checkpoint in `run_dir` was saved by this torchrun launch
     (an earlier attempt of it), by the run id it records."""
-    for checkpoint in resumable_checkpoints(run_dir):
-        try:
-            launch = load_checkpoint(checkpoint, mmap=True).get("launch")
-        except DataError:  # load_for_resume passes over it too
-            continue
-        return launch == distributed.elastic_run_id()
-    return False
+    newest = _newest_readable(run_dir)
+    return newest is not None and newest[1].get("launch") == distributed.elastic_run_id()
 
 
 def continues_elsewhere(state: dict[str, Any] | None, run_dir: Path) -> bool:

@@ -193,7 +193,7 @@ def _train(
     in_place = state is not None and not continues_elsewhere(state, run_dir)
     with _claimed(run, resuming=in_place, overwrite=overwrite), stop.installed():
         if state is not None and not in_place and ctx.is_main:
-            carry_best(run, Path(state[ckpt.RESUMED_FROM]))
+            carry_best(run, run.resumed_from)
         try:
             while run.epoch < run.epochs and not run.cut_short:
                 train_seconds = _train_epoch(run, stop, progress, on_step)
