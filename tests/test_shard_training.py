@@ -20,8 +20,10 @@ import torch
 from safetensors.torch import load_file
 
 from canon.cli import main
-from canon.data.datasets import open_eval_split, open_split
+from canon.data.config import MAX_IMAGE_PIXELS
+from canon.data.datasets import open_dataset, open_eval_split, open_split
 from canon.data.folders import open_train_folder
+from canon.data.loaders import trained_preprocess
 from canon.data.packing import pack_folder
 from canon.data.shard_index import read_index
 from canon.data.stats import compute_stats, stats_cache_path
@@ -96,6 +98,19 @@ def test_train_with_streamed_statistics_then_eval_on_the_val_shards(
     assert _printed_top1(from_shards) == f"{float(rows[-1]['val_top1_error']):.2f}"
     main(["eval", str(run), "--device", "cpu", "--data", str(folder)])
     assert _printed_top1(capsys.readouterr().out) == _printed_top1(from_shards)
+
+    # A copy of the val shards alone: the recipe's test-time preprocessing needs the train
+    # split's index (its statistics' cache key), not its shards; training needs both.
+    val_only = tmp_path / "val-only"
+    val_only.mkdir()
+    for file in [shards / "index.json", *shards.glob("val-*.tar")]:
+        (val_only / file.name).symlink_to(file)
+    config = load_recipe("resnet18-imagenette5", [*SMALL, ("data.mean", "pixel")]).data
+    preprocess = trained_preprocess(config, str(val_only), cache=tmp_path / "cache",
+                                    strict=False, download=False, max_pixels=MAX_IMAGE_PIXELS)
+    torch.testing.assert_close(preprocess.normalize.mean, expected.mean_image)
+    with pytest.raises(DataError, match=r"val-only/train-000000.tar: missing, index.json says"):
+        open_dataset(str(val_only))
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -311,7 +311,9 @@ def test_a_damaged_shard_is_named(packed, tmp_path):
     whole = shard.read_bytes()
     shard.write_bytes(whole[:100_000])
     with pytest.raises(DataError, match=r"train-000002.tar.*cut short"):
-        ShardImages(copy, "train", shuffle=False)  # when opened, not when its turn comes
+        open_dataset(str(copy))  # before training, not when its turn comes
+    with pytest.raises(DataError, match=r"train-000002.tar.*cut short"):
+        list(ShardImages(copy, "train", shuffle=False))
     shard.write_bytes(whole)
     validation = copy / "val-000000.tar"
     validation.rename(copy / "elsewhere.tar")

@@ -91,7 +91,11 @@ def open_dataset(
     source = _source(dataset, cache or canon_cache_dir(), download, strict, max_pixels)
     if isinstance(source, Path):
         return open_image_folder(source, strict=strict, max_pixels=max_pixels)
-    return source("train"), source("test")
+    train, val = source("train"), source("test")
+    for split in (train, val):  # here, not when a split is opened alone: statistics read
+        if isinstance(split, ShardImages):  # the train split's index, evaluation val's shards
+            split.check_files()
+    return train, val
 
 
 def open_train_split(

@@ -110,8 +110,6 @@ class ShardImages(IterableDataset):
                 f"{batch_size}, workers {workers}, shuffle_buffer {shuffle_buffer}"
             )
         self.shards = index.splits[split].shards
-        for shard in self.shards:  # now, not in the epoch that reaches it (a val shard: after
-            _check_size(self.root / shard.file, shard)  # a whole epoch of training)
         self.split, self._fingerprint = split, index.splits[split].fingerprint
         self.class_ids, self.classes, self._labels = _classes(self.root, index, split, class_ids)
         self.transform, self.shuffle, self.shuffle_buffer = transform, shuffle, shuffle_buffer
@@ -132,6 +130,13 @@ class ShardImages(IterableDataset):
     def with_transform(self, transform: Transform | None) -> ShardImages:
         """This split with another transform (as LabeledImages.with_transform)."""
         return self.reading(transform=transform)
+
+    def check_files(self) -> None:
+        """A DataError unless every shard of the split is there at the size index.json
+        records. Training checks both splits before its first epoch, so that a missing val
+        shard is not found after an epoch of training; reading a shard checks it again."""
+        for shard in self.shards:
+            _check_size(self.root / shard.file, shard)
 
     def fingerprint(self) -> str:
         """The fingerprint of the folder split it was packed from (FolderImages.fingerprint):
