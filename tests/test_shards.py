@@ -9,6 +9,8 @@ import hashlib
 import io
 import json
 import shutil
+import subprocess
+import sys
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -376,6 +378,43 @@ def test_pack_refuses_folders_it_would_damage(with_bad_image, packed, tmp_path):
         pack_folder(tmp_path / "missing", tmp_path / "out", progress=False)
     with pytest.raises(DataError, match="not a shard folder"):
         ShardImages(unrelated, "train")
+
+
+# A pack that stops after filling its first shard's temporary file, before renaming it.
+PACK_AND_HANG = """
+import sys, time
+from canon.data import packing
+fill = packing._SplitWriter._fill
+def fill_then_hang(*args, **kwargs):
+    fill(*args, **kwargs)
+    print("filled", flush=True)
+    time.sleep(600)
+packing._SplitWriter._fill = fill_then_hang
+packing.pack_folder(sys.argv[1], sys.argv[2], shard_bytes=1, progress=False)
+"""
+
+
+def test_a_second_pack_into_a_folder_being_packed_is_refused(with_bad_image, tmp_path):
+    """It would sweep the first pack's shard being written as a killed pack's and write the
+    same shards; once the first is killed, its lock no longer stands in the way."""
+    out = tmp_path / "shards"
+    child = subprocess.Popen([sys.executable, "-c", PACK_AND_HANG, str(with_bad_image), str(out)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "filled\n", child.stderr.read()
+        being_written = [p for p in out.iterdir() if p.name.startswith(".train-000000.tar.")]
+        assert len(being_written) == 1
+        with pytest.raises(DataError, match=rf"{out} is in use by another canon pack \(pid "
+                                            rf"{child.pid}\); wait for it or choose another"):
+            pack_folder(with_bad_image, out, progress=False)
+        assert being_written[0].exists()
+    finally:
+        child.kill()
+        child.wait(timeout=60)
+    index = pack_folder(with_bad_image, out, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["index.json", "train-000000.tar",
+                                                     "val-000000.tar"]
+    assert index.splits["train"].samples == 5
 
 
 def test_pack_command_replaces_its_own_pack(with_bad_image, tmp_path, capsys):

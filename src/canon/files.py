@@ -7,11 +7,13 @@ do, and the temporary files of writes killed midway can be swept away.
 from __future__ import annotations
 
 import errno
+import fcntl
 import fnmatch
 import os
 import re
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from canon.errors import CanonError, DataError
@@ -19,6 +21,7 @@ from canon.errors import CanonError, DataError
 # `.NAME.` plus mkstemp's eight characters, so leftovers of older canon versions match too.
 _PARTIAL_WRITE = re.compile(r"\.(?P<target>.+)\.[a-z0-9_]{8}")
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+LOCK_FILE = ".lock"
 
 
 def atomic_write(
@@ -85,6 +88,49 @@ def make_folder(folder: Path, *, advice: str = "choose a writable folder") -> No
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise cannot_write(folder, error, advice) from None
+
+
+@contextmanager
+def locked_folder(folder: Path, *, user: str, other: str, advice: str) -> Iterator[None]:
+    """Hold `folder`/.lock for the block, against every other process that asks for it: an
+    flock, which the kernel releases when its holder dies, so a killed holder never blocks the
+    next. Held elsewhere: a DataError, "`folder` is in use by `user` (pid N); wait for it or
+    `other`"; the lock file cannot be made: cannot_write's, with `advice`."""
+    path = folder / LOCK_FILE
+    descriptor = _lock(path, user, other, advice)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # still locked here: a waiting opener sees it went (_lock)
+        os.close(descriptor)
+
+
+def _lock(path: Path, user: str, other: str, advice: str) -> int:
+    """A descriptor of `path`, exclusively locked and holding this process's pid."""
+    while True:
+        try:
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as error:
+            raise cannot_write(path, error, advice) from None
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(descriptor, 32).decode(errors="replace").strip() or "unknown"
+            os.close(descriptor)
+            raise DataError(f"{path.parent} is in use by {user} (pid {holder}); wait for it "
+                            f"or {other}") from None
+        if _still_there(descriptor, path):
+            os.ftruncate(descriptor, 0)
+            os.write(descriptor, f"{os.getpid()}\n".encode())
+            return descriptor
+        os.close(descriptor)  # its holder deleted that file as it finished: lock the new one
+
+
+def _still_there(descriptor: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(descriptor), path.stat())
+    except FileNotFoundError:
+        return False
 
 
 def cannot_write(path: Path, error: OSError, advice: str) -> DataError:

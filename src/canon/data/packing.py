@@ -37,11 +37,12 @@ from canon.data.shard_index import (
     read_index,
 )
 from canon.errors import ConfigError, DataError
-from canon.files import atomic_write, make_folder, sweep_partial_writes
+from canon.files import LOCK_FILE, atomic_write, locked_folder, make_folder, sweep_partial_writes
 
 PACK_SEED = 0  # fixed: a pack is a function of the folder alone
 _NAMES = rf"(?:index\.json|{SHARD_NAME.pattern})"
-_OURS = re.compile(rf"{_NAMES}|\.{_NAMES}\.[a-z0-9_]{{8}}")  # and partial writes of them
+# and partial writes of them, and the lock of a pack writing them (or killed)
+_OURS = re.compile(rf"{_NAMES}|\.{_NAMES}\.[a-z0-9_]{{8}}|{re.escape(LOCK_FILE)}")
 _ADVICE = "choose a writable --out folder"
 
 
@@ -58,7 +59,8 @@ def pack_folder(
     image counts, within one, in `out`: a new or empty folder, or an earlier pack of the same
     folder, whose packed `splits` are replaced and whose other splits are kept where they were
     packed with the same shard size and classes. Each shard is written under a temporary name
-    and renamed when complete; index.json names the kept splits meanwhile, all of them last."""
+    and renamed when complete; index.json names the kept splits meanwhile, all of them last.
+    `out` is locked for the pack (`.lock`): a second pack into it meanwhile is refused."""
     root, out, splits = Path(root), Path(out), list(splits)
     if shard_bytes <= 0:
         raise ConfigError(f"shard size {shard_bytes}: must be a positive number of bytes")
@@ -73,30 +75,32 @@ def pack_folder(
                         "choose an --out folder outside it")
     _check_out(out, root)
     make_folder(out, advice=_ADVICE)
-    sweep_partial_writes(out, ("*.tar", INDEX))  # left by a pack that was killed
-    classes = next(iter(folders.values()))
-    kept = _other_splits(out, splits, shard_bytes, classes.class_ids)
-    # The earlier index is stale until the shards are done: in its place meanwhile one of the
-    # splits kept alone, so that a pack killed midway leaves those readable and keepable.
-    _write_index(out, PackIndex(str(root.resolve()), shard_bytes, classes.class_ids,
-                                classes.classes, kept))
-    with tqdm(total=sum(len(f) for f in folders.values()), desc="pack", unit="img",
-              disable=not progress) as bar:
-        written = {
-            split: SplitIndex(_SplitWriter(out, split, folder, shard_bytes, bar).write(),
-                              folder.fingerprint(), len(folder.skipped))
-            for split, folder in folders.items()
-        }
-    merged = {**kept, **written}
-    written = {split: merged[split] for split in SPLIT_NAMES if split in merged}  # train first
-    index = PackIndex(str(root.resolve()), shard_bytes, classes.class_ids, classes.classes,
-                      written)
-    _write_index(out, index)
-    indexed = {shard.file for split in written.values() for shard in split.shards}
-    for path in out.iterdir():  # an earlier pack's surplus shards
-        if SHARD_NAME.fullmatch(path.name) and path.name not in indexed:
-            path.unlink()
-    return index
+    with locked_folder(out, user="another canon pack", other="choose another --out folder",
+                       advice=_ADVICE):  # the other would sweep its shards being written
+        sweep_partial_writes(out, ("*.tar", INDEX))  # left by a pack that was killed
+        classes = next(iter(folders.values()))
+        kept = _other_splits(out, splits, shard_bytes, classes.class_ids)
+        # The earlier index is stale until the shards are done: in its place meanwhile one of the
+        # splits kept alone, so that a pack killed midway leaves those readable and keepable.
+        _write_index(out, PackIndex(str(root.resolve()), shard_bytes, classes.class_ids,
+                                    classes.classes, kept))
+        with tqdm(total=sum(len(f) for f in folders.values()), desc="pack", unit="img",
+                  disable=not progress) as bar:
+            written = {
+                split: SplitIndex(_SplitWriter(out, split, folder, shard_bytes, bar).write(),
+                                  folder.fingerprint(), len(folder.skipped))
+                for split, folder in folders.items()
+            }
+        merged = {**kept, **written}
+        written = {split: merged[split] for split in SPLIT_NAMES if split in merged}  # train first
+        index = PackIndex(str(root.resolve()), shard_bytes, classes.class_ids, classes.classes,
+                          written)
+        _write_index(out, index)
+        indexed = {shard.file for split in written.values() for shard in split.shards}
+        for path in out.iterdir():  # an earlier pack's surplus shards
+            if SHARD_NAME.fullmatch(path.name) and path.name not in indexed:
+                path.unlink()
+        return index
 
 
 def _write_index(out: Path, index: PackIndex) -> None:

@@ -8,8 +8,6 @@ them, and sweeps away the temporary files of writes that were killed midway.
 
 from __future__ import annotations
 
-import fcntl
-import os
 import shutil
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -37,10 +35,9 @@ from canon.engine.initialize import INIT_REPORT
 from canon.engine.logs import EVENTS_DIR
 from canon.engine.trained import TORCHVISION
 from canon.errors import CanonError, ConfigError, DataError
-from canon.files import cannot_write, make_folder, sweep_partial_writes
+from canon.files import locked_folder, make_folder, sweep_partial_writes
 from canon.recipes import Recipe, apply_overrides, load_recipe, read_yaml_mapping
 
-LOCK_FILE = ".lock"
 PROBE_REPORT = "probe.json"  # what `canon transfer --mode linear-probe` measured
 # Everything a training or transfer run writes into its directory (`canon eval` adds
 # eval-*.json; a linear probe's features/ cache stays, checked against its source and data).
@@ -259,7 +256,8 @@ def claim_run_dir(run_dir: Path, *, resume: bool, overwrite: bool = False) -> It
     created = not run_dir.exists()
     make_folder(run_dir, advice=OUTPUT_DIR_ADVICE)
     try:
-        with _locked(run_dir):
+        with locked_folder(run_dir, user="another canon run", other="use another "
+                           "--output-dir", advice=OUTPUT_DIR_ADVICE):
             _end_replacement(run_dir, failed=True)  # a killed run's: kept if it got no further
             if not resume:
                 _clear_earlier_run(run_dir, overwrite)
@@ -346,42 +344,3 @@ def _has_results(run_dir: Path) -> bool:
     return _has_checkpoint(run_dir) or any((run_dir / name).exists() for name in _RESULTS)
 
 
-@contextmanager
-def _locked(run_dir: Path) -> Iterator[None]:
-    path = run_dir / LOCK_FILE
-    descriptor = _lock(path, run_dir)
-    try:
-        yield
-    finally:
-        path.unlink(missing_ok=True)  # still locked here: a waiting opener sees it went (_lock)
-        os.close(descriptor)
-
-
-def _lock(path: Path, run_dir: Path) -> int:
-    """A descriptor of `path`, exclusively locked and holding this process's pid."""
-    while True:
-        try:
-            descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError as error:
-            raise cannot_write(path, error, OUTPUT_DIR_ADVICE) from None
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(descriptor, 32).decode(errors="replace").strip() or "unknown"
-            os.close(descriptor)
-            raise DataError(
-                f"{run_dir} is in use by another canon run (pid {holder}); wait for it or use "
-                "another --output-dir"
-            ) from None
-        if _still_there(descriptor, path):
-            os.ftruncate(descriptor, 0)
-            os.write(descriptor, f"{os.getpid()}\n".encode())
-            return descriptor
-        os.close(descriptor)  # its holder deleted that file as it finished: lock the new one
-
-
-def _still_there(descriptor: int, path: Path) -> bool:
-    try:
-        return os.path.samestat(os.fstat(descriptor), path.stat())
-    except FileNotFoundError:
-        return False
