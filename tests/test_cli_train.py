@@ -502,9 +502,9 @@ def test_undecodable_files_are_skipped_and_counted_or_refused_with_strict(
     named = " ".join(str(warning.message) for warning in warned)
     assert str(bad_train) in named and str(bad_val) in named
     assert "epoch 1: 1 of the 20 validation images could not be decoded" in named
-    assert "skipped 1 undecodable" in capsys.readouterr().out  # of 40: 5 steps of 8
+    assert "undecodable skipped: 1 training, 1 validation" in capsys.readouterr().out
     rows = (run / "metrics.csv").read_text().splitlines()
-    assert rows[0].endswith(",skipped_images") and rows[1].endswith(",1")
+    assert rows[0].endswith(",skipped_images,val_skipped_images") and rows[1].endswith(",1,1")
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
 
     evaluate = ["eval", str(trained_run), "--data", str(root), "--output", str(tmp_path / "e")]

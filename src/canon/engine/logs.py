@@ -20,7 +20,7 @@ from canon.files import atomic_write
 
 COLUMNS = (
     "epoch", "step", "lr", "train_loss", "train_top1_error", "val_top1_error", "val_top5_error",
-    "images_per_second", "seconds", "skipped_images",
+    "images_per_second", "seconds", "skipped_images", "val_skipped_images",
 )
 EVENTS_DIR = "tensorboard"
 
@@ -75,12 +75,15 @@ def plot_curves(path: Path, rows: list[dict[str, Any]], title: str) -> None:
 
 
 def epoch_summary(row: dict[str, Any], epochs: int) -> str:
+    skipped = [f"{row[key]} {split}" for key, split in (("skipped_images", "training"),
+                                                         ("val_skipped_images", "validation"))
+               if row.get(key)]  # an earlier canon's rows have no val_skipped_images
     return (
         f"epoch {row['epoch']:>3}/{epochs}  lr {row['lr']:.3g}  "
         f"train loss {row['train_loss']:.4f}  train top-1 err {row['train_top1_error']:.2f}%  "
         f"val top-1 err {row['val_top1_error']:.2f}%  top-5 err {row['val_top5_error']:.2f}%  "
         f"{row['images_per_second']:.0f} img/s  {row['seconds']:.0f} s"
-        + (f"  skipped {row['skipped_images']} undecodable" if row.get("skipped_images") else "")
+        + (f"  undecodable skipped: {', '.join(skipped)}" if skipped else "")
     )
 
 

@@ -131,8 +131,8 @@ def train(
     raw ones stay in the checkpoints). checkpoints/best.pt holds the epoch of lowest
     validation error, unless the validation set is the dataset's test set (CIFAR, the sample,
     without data.val_split): then nothing is chosen on it and the final model is the result.
-    Undecodable training files are skipped and counted (metrics.csv skipped_images), or stop
-    the run with train.strict_data.
+    Undecodable files are skipped and counted (metrics.csv skipped_images, in training, and
+    val_skipped_images), or stop the run with train.strict_data.
 
     `resume`: a run directory or checkpoint file to continue from (the newest readable
     checkpoint; an unreadable one is reported and the previous one used), or a checkpoint
@@ -469,7 +469,7 @@ def _end_epoch(run: Run, train_seconds: float) -> None:
         "val_top1_error": val_top1, "val_top5_error": val_top5,
         "images_per_second": images / max(train_seconds, 1e-9),
         "seconds": totals["seconds"] + time.perf_counter() - run.epoch_started,
-        "skipped_images": int(skipped),
+        "skipped_images": int(skipped), "val_skipped_images": run.val_size - scored,
     }
     run.metrics.append(row)
     if cut:  # a resume goes on with these totals, as from interrupted.pt
