@@ -237,6 +237,28 @@ def test_a_run_continued_in_another_directory_keeps_its_best_checkpoint(resume_d
     assert carried == [1, 1]
 
 
+def test_a_run_killed_before_its_last_metrics_row_gets_it_from_the_resume(resume_data, tmp_path):
+    """Killed between the last epoch's checkpoint and metrics.csv: the resume has no epoch
+    left to train, and still writes the file from the checkpoint (canon reproduce takes its
+    last row for the run's result); a row past the checkpoint goes."""
+    recipe = tiny_recipe(epochs=2, batch_size=16)
+    train(recipe, tmp_path, device="cpu", datasets=resume_data, progress=False)
+    whole = (tmp_path / "metrics.csv").read_text()
+    for name in (ckpt.EXPORT_WEIGHTS, ckpt.EXPORT_CONFIG):
+        (tmp_path / name).unlink()
+    (tmp_path / "metrics.csv").write_text("".join(whole.splitlines(keepends=True)[:2]))
+    train(recipe, tmp_path, resume=tmp_path, device="cpu", datasets=resume_data, progress=False)
+    assert (tmp_path / "metrics.csv").read_text() == whole
+    assert (tmp_path / ckpt.EXPORT_WEIGHTS).is_file()
+    ckpt.epoch_checkpoint(tmp_path, 2).unlink()  # as if it were damaged: epoch 1 goes on
+    rows_seen = []
+    train(recipe, tmp_path, resume=tmp_path, device="cpu", datasets=resume_data, progress=False,
+          on_step=lambda step: rows_seen.append(
+              len((tmp_path / "metrics.csv").read_text().splitlines())))
+    assert rows_seen[0] == 2  # the header and epoch 1's row, not epoch 2's from before
+    assert len((tmp_path / "metrics.csv").read_text().splitlines()) == 3  # and epoch 2 again
+
+
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_or_sigterm_mid_epoch_saves_and_resumes_bit_identically(
     resume_data, uninterrupted, tmp_path, stop_signal
