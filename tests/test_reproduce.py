@@ -23,7 +23,7 @@ from canon.engine.checkpoint import (
     epoch_checkpoint,
 )
 from canon.errors import ConfigError, DataError
-from canon.recipes import apply_overrides, load_recipe
+from canon.recipes import apply_overrides, dump_yaml, load_recipe
 from canon.reproduce import training
 from canon.reproduce.analyses import ANALYSES
 from canon.reproduce.experiments import EXPERIMENTS, MODES
@@ -290,6 +290,18 @@ def test_a_run_of_another_recipe_is_refused(tmp_path: Path) -> None:
     planned = training.PlannedRun(quick, 0, run_dir)
     with pytest.raises(ConfigError, match=r"train\.iterations"):
         training.ensure_run(planned, MODES["quick"], device="cpu", progress=False)
+    # Words about the recipe are not what it computes: a rewording keeps the run.
+    reworded = quick.to_dict()
+    reworded.update(description="reworded", source="elsewhere")
+    reworded["reported"]["where"] = "another table"
+    (run_dir / "recipe.yaml").write_text(dump_yaml(reworded))
+    training._check_same_recipe(run_dir, quick, finished=True)
+    # Other images: the message names both folders (a call that left out --data).
+    (run_dir / "recipe.yaml").write_text(dump_yaml(
+        apply_overrides(quick, [("data.dataset", "/data/cifar")]).to_dict()))
+    with pytest.raises(ConfigError, match=rf"run holds a run on /data/cifar, not on "
+                                          rf"{quick.data.dataset}: pass --data /data/cifar"):
+        training._check_same_recipe(run_dir, quick, finished=True)
     (run_dir / "recipe.yaml").write_text("train: [iterations: 7\n")  # damaged
     with pytest.raises(ConfigError, match=r"recipe.yaml: not valid YAML"):
         training.ensure_run(planned, MODES["quick"], device="cpu", progress=False)

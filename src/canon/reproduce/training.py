@@ -157,12 +157,25 @@ def _check_same_recipe(run_dir: Path, recipe: Recipe, *, finished: bool = False)
     saved, ours = _flat(read_yaml_mapping(path)), _flat(recipe.to_dict())
     defaults = _flat(_defaults()) if finished else {}
     differing = sorted(key for key in (saved.keys() | ours.keys()) - SPEED_ONLY_KEYS
-                       if saved.get(key, defaults.get(key)) != ours.get(key))
+                       if not _describes(key)
+                       and saved.get(key, defaults.get(key)) != ours.get(key))
+    if differing == ["data.dataset"]:
+        raise ConfigError(
+            f"{run_dir} holds a run on {saved.get('data.dataset')}, not on "
+            f"{ours.get('data.dataset')}: pass --data {saved.get('data.dataset')} to go on with "
+            "it, or choose another --output-dir for these images"
+        )
     if differing:
         raise ConfigError(
             f"{run_dir} holds a run of another recipe ({', '.join(differing)} differ): delete "
             "it to train it again, or choose another --output-dir"
         )
+
+
+def _describes(key: str) -> bool:
+    """A recipe key of words about it (its description, its sources, the paper's numbers the
+    report sets beside ours), which edits to the recipe's wording change: not the run's."""
+    return key in ("description", "source") or key.startswith("reported.")
 
 
 def _defaults() -> dict[str, Any]:
