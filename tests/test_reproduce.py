@@ -405,6 +405,13 @@ def test_imagenette_micro_trains_on_a_jpeg_folder_and_sets_it_beside_the_leaderb
     assert "--amp" not in (report / "README.md").read_text()
     assert load_recipe(tmp_path / "runs" / "resnet34d-imagenette5-micro-seed0" / "recipe.yaml"
                        ).train.amp == "none"
+    # A damaged export is not replaced by best.pt, another epoch's model, in the report.
+    export = tmp_path / "runs" / "resnet34d-imagenette5-micro-seed0" / EXPORT_WEIGHTS
+    export.write_bytes(export.read_bytes()[:1000])
+    with pytest.raises(SystemExit):
+        main(["reproduce", "imagenette", "--micro", "--data", str(imagenette_root),
+              "--output-dir", str(tmp_path), "--device", "cpu"])
+    assert f"Delete {export} and run this command again" in capsys.readouterr().err
 
 
 def test_a_finished_run_saved_before_a_key_existed_is_kept_while_the_key_is_at_its_default(

@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from canon.data.datasets import validates_on_test_split
+from canon.engine.checkpoint import EXPORT_WEIGHTS
 from canon.engine.distributed import resolve_device
-from canon.engine.trained import load_trained
+from canon.engine.trained import TrainedModel, load_trained
+from canon.errors import DataError
 from canon.evaluation.ensemble import evaluate_ensemble
 from canon.reproduce.experiments import Experiment, Mode
 from canon.reproduce.training import RunRecord, micro_datasets
@@ -116,7 +118,7 @@ def table6(records: list[RunRecord], context: Context) -> Outcome:
     table, means = [], []
     for name, group in groups.items():
         errors = [r.test_error for r in group]
-        model = load_trained(group[0].run.run_dir).model
+        model = _final_model(group[0]).model
         means.append(statistics.fmean(errors))
         table.append({
             "net": _label(group[0]), "runs": len(errors), "test error (%)": means[-1],
@@ -192,7 +194,7 @@ def responses(records: list[RunRecord], context: Context) -> Outcome:
 
 def ensembles(records: list[RunRecord], context: Context) -> Outcome:
     """The ensembling gain: each seeded net's test error against their averaged softmax's."""
-    members = [load_trained(r.run.run_dir).member() for r in records]
+    members = [_final_model(r).member() for r in records]
     micro = micro_datasets(records[0].run.recipe, context.mode)  # the images the runs saw
     test = micro.val if micro else records[0].run.recipe.data.dataset
     result = evaluate_ensemble(members, test, "center", device=resolve_device(context.device))
@@ -252,9 +254,21 @@ def _ten_crop_accuracy(record: RunRecord, context: Context) -> float:
     by the mean softmax of its four corner and centre crops and their reflections (AlexNet
     s4.1): the papers' test protocol, not the leaderboard's."""
     micro = micro_datasets(record.run.recipe, context.mode)
-    result = load_trained(record.run.run_dir).evaluate(
+    result = _final_model(record).evaluate(
         micro.val if micro else None, "ten-crop", device=context.device)
     return 100 - result["top1_error"]
+
+
+def _final_model(record: RunRecord) -> TrainedModel:
+    """The run's final model, its export; not a checkpoint in its place, as load_trained
+    falls back to for a damaged export, which in a run that keeps best.pt is another epoch's."""
+    export = record.run.run_dir / EXPORT_WEIGHTS
+    try:
+        return load_trained(export)
+    except DataError as error:
+        raise DataError(f"{error}. Delete {export} and run this command again: the run then "
+                        "resumes from its last checkpoint and exports its final model again"
+                        ) from None
 
 
 ANALYSES: dict[str, Analysis] = {
