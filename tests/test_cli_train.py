@@ -93,6 +93,13 @@ def test_eval_prints_errors_and_writes_json(trained_run, tmp_path, capsys):
     main(["eval", str(trained_run), "--data", str(other)])
     assert json.loads((trained_run / "eval-center-my_photos.json").read_text())["images"] == 4
     assert json.loads((trained_run / "eval-center.json").read_text())["images"] == 1000
+    # Another folder of that name: not written over the first one's result, named instead.
+    namesake = tmp_path / "elsewhere" / "my photos"
+    shutil.copytree(other, namesake)
+    with pytest.raises(SystemExit):
+        main(["eval", str(trained_run), "--data", str(namesake)])
+    assert (f"eval-center-my_photos.json holds the result on {other}, other images than "
+            f"{namesake}: name another file with --output") in capsys.readouterr().err
 
     # A run not exported yet is read from its checkpoints; its result still lands beside them.
     unexported = tmp_path / "unexported"
@@ -101,10 +108,15 @@ def test_eval_prints_errors_and_writes_json(trained_run, tmp_path, capsys):
     main(["eval", str(unexported), "--batch-size", "250"])
     assert json.loads((unexported / "eval-center.json").read_text())["images"] == 1000
     assert not (unexported / "checkpoints" / "eval-center.json").exists()
-    # A checkpoint named: its result beside it, the run's own left as it was.
+    # A checkpoint named: its result beside it, named after it, the run's own left as it was.
     own = (unexported / "eval-center.json").read_text()
-    main(["eval", str(unexported / "checkpoints" / "epoch-001.pt"), "--batch-size", "250"])
-    assert json.loads((unexported / "checkpoints" / "eval-center.json").read_text())["images"]
+    for epoch in (1, 2):
+        main(["eval", str(unexported / "checkpoints" / f"epoch-00{epoch}.pt"), "--batch-size",
+              "250"])
+    for epoch in (1, 2):
+        result = json.loads((unexported / "checkpoints" / f"eval-center-epoch-00{epoch}.json"
+                             ).read_text())
+        assert result["checkpoint"].endswith(f"epoch-00{epoch}.pt")
     assert (unexported / "eval-center.json").read_text() == own
 
 
@@ -195,7 +207,9 @@ def test_predict_prints_top5_class_names_with_probabilities(trained_run, tmp_pat
                                ([str(trained_run)], "canon predict needs images: models first"),
                                ([str(trained_run), str(folder / "nested" / "none")],
                                 "no such file"),
-                               ([str(trained_run), str(tmp_path / "runs")], "holds no image")):
+                               ([str(trained_run), str(tmp_path / "runs")], "holds no image"),
+                               ([str(trained_run), str(paths[0]), str(trained_run)],
+                                f"{trained_run}: a model after the images; name every model")):
         (tmp_path / "runs").mkdir(exist_ok=True)
         with pytest.raises(SystemExit) as exit_:
             main(["predict", *arguments, "--device", "cpu"])
@@ -228,6 +242,10 @@ def test_an_ensemble_of_two_runs_through_eval_and_predict(trained_run, tmp_path,
     assert len(rows) == 10 and sum(int(row["images"]) for row in rows) == 1000
     with Image.open(tmp_path / "ensemble-confusion.png") as picture:
         assert min(picture.size) > 200
+    # A result written again without --per-class takes the earlier one's report with it.
+    main(["eval", str(trained_run), str(first), "--output", str(output), "--batch-size", "250",
+          "--device", "cpu"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ensemble.json"]
     path = tmp_path / "image.png"
     Image.fromarray(test_images.images[0].permute(1, 2, 0).numpy()).save(path)
     capsys.readouterr()

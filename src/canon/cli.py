@@ -299,9 +299,9 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--output", type=Path, metavar="JSON",
         help="where to write the result; default: eval-PROTOCOL.json in the run directory "
-        "named, or beside the model file named "
-        "(eval-PROTOCOL-DATA.json on a --data other than its own), or ensemble-PROTOCOL.json "
-        "here for several",
+        "named, or beside the model file named (eval-PROTOCOL-CHECKPOINT.json for a "
+        "checkpoint), or ensemble-PROTOCOL.json here for several; with -DATA before .json "
+        "on a --data other than the first model's own",
     )
     _strict_argument(parser)
 
@@ -333,7 +333,6 @@ def _run_eval(args: argparse.Namespace) -> None:
     import json
 
     from canon.data.datasets import anchored_dataset
-    from canon.data.views import parse_protocol
     from canon.engine.distributed import resolve_device
     from canon.engine.trained import load_trained
     from canon.errors import DataError
@@ -341,27 +340,20 @@ def _run_eval(args: argparse.Namespace) -> None:
     from canon.evaluation.report import class_report, write_class_errors, write_confusion_png
 
     trained = [load_trained(source) for source in args.sources]
-    protocol = parse_protocol(args.protocol).name
-    # Another dataset's result goes beside the model's own one, not over it.
-    other = (f"-{re.sub(r'[^A-Za-z0-9._-]', '_', Path(args.data).name)}"
-             if args.data and anchored_dataset(args.data) != trained[0].data.dataset else "")
-    # A run directory named: there, also when read from its checkpoints (no export yet); a
-    # file named (a checkpoint of some epoch): beside it, not over the run's own result.
-    named = Path(args.sources[0])
-    folder = named if named.is_dir() else trained[0].source.parent
-    output = args.output or (folder / f"eval-{protocol}{other}.json"
-                             if len(trained) == 1 else Path(f"ensemble-{protocol}.json"))
+    data = anchored_dataset(args.data or trained[0].data.dataset)
+    output = args.output or _default_eval_output(args, trained, data)
     # Before the work: the default output too may be a user's file, or unwritable.
     check_output_file(output, "--output", "an evaluation's JSON", _is_eval_json)
+    if args.output is None:
+        _check_same_data(output, data)
     options = {"batch_size": args.batch_size, "workers": args.workers, "strict": args.strict,
                "progress": True, "keep_probabilities": args.per_class}
     if len(trained) == 1:
         result = trained[0].evaluate(args.data, args.protocol, device=args.device, **options)
     else:
-        data = args.data or trained[0].data.dataset
         result = evaluate_ensemble([t.member() for t in trained], data, args.protocol,
                                    device=resolve_device(args.device), **options)
-        result["data"] = str(data)
+        result["data"] = data
         for member in result["members"]:
             print(f"  {member['name']}: top-1 error {member['top1_error']:.2f}%, top-5 error "
                   f"{member['top5_error']:.2f}%")
@@ -380,13 +372,55 @@ def _run_eval(args: argparse.Namespace) -> None:
     atomic_write(output, lambda path: path.write_text(text),
                  advice="the result is printed above; choose a writable --output")
     print(f"wrote {printable(output)}")
-    if scores is not None:
-        report = class_report(*scores, trained[0].classes)
-        stem = output.with_suffix("")
-        write_class_errors(report, stem.with_name(f"{stem.name}-per-class.csv"))
-        write_confusion_png(report.confusion, report.classes,
-                            stem.with_name(f"{stem.name}-confusion.png"))
-        print(f"wrote {stem}-per-class.csv and {stem}-confusion.png")
+    stem = output.with_suffix("")
+    per_class, confusion = (stem.with_name(f"{stem.name}-{end}")
+                            for end in ("per-class.csv", "confusion.png"))
+    if scores is None:  # an earlier --per-class's, which would go with the new result
+        per_class.unlink(missing_ok=True)
+        confusion.unlink(missing_ok=True)
+        return
+    report = class_report(*scores, trained[0].classes)
+    write_class_errors(report, per_class)
+    write_confusion_png(report.confusion, report.classes, confusion)
+    print(f"wrote {printable(per_class)} and {printable(confusion)}")
+
+
+def _default_eval_output(args: argparse.Namespace, trained: list, data: str) -> Path:
+    """eval-PROTOCOL.json in the run directory named, also when read from its checkpoints
+    (no export yet); beside a model file named, with a checkpoint's name (a checkpoint of
+    some epoch: not over the run's own result, nor over another epoch's); for several
+    models, ensemble-PROTOCOL.json here. Another dataset's result gets its folder's name,
+    beside the model's own one."""
+    from canon.data.datasets import anchored_dataset
+    from canon.data.views import parse_protocol
+
+    protocol = parse_protocol(args.protocol).name
+    other = ("" if data == anchored_dataset(trained[0].data.dataset)
+             else f"-{re.sub(r'[^A-Za-z0-9._-]', '_', Path(data).name)}")
+    if len(trained) > 1:
+        return Path(f"ensemble-{protocol}{other}.json")
+    named, source = Path(args.sources[0]), trained[0].source
+    if named.is_dir():
+        return named / f"eval-{protocol}{other}.json"
+    epoch = "" if source.suffix == ".safetensors" else f"-{source.stem}"
+    return source.parent / f"eval-{protocol}{other}{epoch}.json"
+
+
+def _check_same_data(output: Path, data: str) -> None:
+    """A default output that holds a result on other images (another folder of the same
+    name) is not replaced: a DataError saying to name one."""
+    import json
+
+    from canon.data.datasets import anchored_dataset
+    from canon.errors import DataError
+
+    try:
+        earlier = json.loads(output.read_text())["data"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # none there, or not one canon wrote (check_output_file has seen to that)
+    if anchored_dataset(str(earlier)) != data:
+        raise DataError(f"{output} holds the result on {earlier}, other images than {data}: "
+                        "name another file with --output")
 
 
 def _predict_arguments(parser: argparse.ArgumentParser) -> None:
@@ -459,6 +493,10 @@ def _run_predict(args: argparse.Namespace) -> None:
     if missing:  # a mistyped model path would otherwise be skipped as an image
         raise ConfigError(f"no such file: {', '.join(missing)} (models first: run directories, "
                           ".pt, .safetensors, torchvision:NAME; then image files)")
+    misplaced = [path for path in images if _is_source(path)]
+    if misplaced:  # a run directory's own pictures would be classified in its place
+        raise ConfigError(f"{', '.join(misplaced)}: a model after the images; name every model "
+                          "first, then the images (canon predict MODEL... IMAGE...)")
     if not sources or not images:
         raise ConfigError(f"canon predict needs {'a model' if not sources else 'images'}: "
                           "models first (run directories, .pt, .safetensors, torchvision:NAME), "

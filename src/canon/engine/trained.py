@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from canon.data.config import DataConfig
+from canon.data.datasets import anchored_dataset
 from canon.data.decoding import decode_image_file
 from canon.data.normalize import published_mean
 from canon.data.preprocess import EvalPreprocess, eval_preprocess
@@ -71,7 +72,7 @@ class TrainedModel:
             self.model, data, protocol, device=resolve_device(device), data_config=self.data,
             preprocess=self.preprocess, class_ids=self.class_ids, **options,
         )
-        return {**result, "checkpoint": str(self.source), "data": str(data)}
+        return {**result, "checkpoint": str(self.source), "data": anchored_dataset(str(data))}
 
     def member(self) -> EnsembleMember:
         """This model as one net of an ensemble (canon.evaluation.ensemble)."""
