@@ -362,6 +362,12 @@ def test_resume_passes_over_unreadable_checkpoints_to_the_last_good_one(tmp_path
             warnings.simplefilter("error")
             with pytest.raises(DataError, match=rf"^{named}{reason}"):
                 ckpt.load_for_resume(named)
+    # every one damaged: said, with what to do
+    ckpt.interrupted_checkpoint(tmp_path).write_bytes(b"cut")
+    with pytest.warns(ckpt.CheckpointWarning), pytest.raises(DataError) as caught:
+        ckpt.load_for_resume(tmp_path)
+    assert single_line_error(caught).endswith(
+        ". Nothing of the run can be resumed: start it again (canon train --overwrite replaces it)")
     # a user's copy beside them is not an epoch checkpoint (it crashed the listing)
     (tmp_path / "checkpoints" / "epoch-002-backup.pt").write_bytes(b"mine")
     assert [p.name for p in ckpt.resumable_checkpoints(tmp_path)] == [

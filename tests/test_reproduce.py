@@ -194,7 +194,7 @@ def test_jobs_train_runs_in_processes_of_their_own(tmp_path: Path, capsys) -> No
         threads, 4)
     readme = (tmp_path / "degradation-micro" / "README.md").read_text()
     assert f"{threads} torch threads a run, 4 runs at once" in readme
-    assert "canon reproduce degradation --micro --jobs 5 --output-dir" in readme
+    assert "canon reproduce degradation --micro --jobs 5 --device cpu --output-dir" in readme
     main([*argv, "--cuda-graph"])  # the same runs, faster where there is a GPU
     assert "(0 run(s) trained now)" in capsys.readouterr().out
     recipe = tmp_path / "runs" / "plain20-cifar10-micro-seed0" / "recipe.yaml"

@@ -231,7 +231,8 @@ def load_for_resume(path: str | Path) -> tuple[Path, dict[str, Any]]:
             if number < len(candidates):
                 warnings.warn(f"{error}; trying an older checkpoint", CheckpointWarning,
                               stacklevel=2)
-    raise DataError("no readable checkpoint: " + "; ".join(errors))
+    raise DataError("no readable checkpoint: " + "; ".join(errors) + ". Nothing of the run can "
+                    "be resumed: start it again (canon train --overwrite replaces it)")
 
 
 # The key load_for_resume adds to a state: the checkpoint file it was read from.

@@ -91,8 +91,9 @@ def reproduce(
     context = Context(experiment, chosen, device, root / f"{name}{suffix}")
     make_folder(context.folder)
     outcome = ANALYSES[experiment.analysis](records, context)
-    readme = write_report(context, _command(name, mode, runs, root, data, amp, jobs), records,
-                          outcome, environment(device, at_once), time.perf_counter() - started)
+    command = _command(name, mode, runs, root, data, amp, jobs, device)
+    readme = write_report(context, command, records, outcome, environment(device, at_once),
+                          time.perf_counter() - started)
     return Reproduction(readme, outcome.findings, all(f.held for f in outcome.findings),
                         sum(record.status != "finished before" for record in records))
 
@@ -197,8 +198,9 @@ def _ensure_in_process(run: PlannedRun, mode: Mode, device: str
 
 
 def _command(name: str, mode: str, runs: int | None, root: Path, data: str | None,
-             amp: str | None, jobs: int) -> str:
-    """The command line that makes the same report (--jobs too: it sets a CPU run's threads)."""
+             amp: str | None, jobs: int, device: str) -> str:
+    """The command line that makes the same report (--jobs too: it sets a CPU run's threads;
+    --device: a CPU run's numbers are not a GPU's)."""
     parts = ["canon", "reproduce", name]
     if mode != "full":
         parts.append(f"--{mode}")
@@ -210,6 +212,8 @@ def _command(name: str, mode: str, runs: int | None, root: Path, data: str | Non
         parts += ["--amp", amp]
     if jobs != 1:
         parts += ["--jobs", str(jobs)]
+    if device != "auto":
+        parts += ["--device", device]
     if root != DEFAULT_OUTPUT:
         parts += ["--output-dir", str(root)]
     return " ".join(parts)
