@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ from sample_subsets import spread_subsets
 
 import canon
 import canon.engine.optimization
+import canon.transfer.runs
 from canon.cli import main
 from canon.data import build_datasets
 from canon.data.datasets import load_sample, open_dataset, open_split
@@ -282,9 +285,9 @@ def test_finetune_and_features_through_the_cli(
 ):
     out = tmp_path / "finetuned"
     monkeypatch.chdir(folders[1].parent)
-    main(["transfer", str(source_run), "--data", folders[1].name, "--mode", "finetune",
-          "--output-dir", str(out), "--device", "cpu", "--set", "train.iterations=2",
-          "--set", "model.frozen_stages=2", "--batch-size", "32"])
+    main(["transfer", os.path.relpath(source_run), "--data", folders[1].name, "--mode",
+          "finetune", "--output-dir", str(out), "--device", "cpu", "--set",
+          "train.iterations=2", "--set", "model.frozen_stages=2", "--batch-size", "32"])
     # the same number of classes, but others: the classifier starts afresh
     assert "kept fc.weight: the classifier of other classes" in capsys.readouterr().out
     recipe = (out / "recipe.yaml").read_text()
@@ -303,6 +306,11 @@ def test_finetune_and_features_through_the_cli(
         if name.startswith(("conv1.", "conv2_x.")):
             assert torch.equal(finetuned[name], source[name]), name
     assert not torch.equal(finetuned["conv4_x.2.conv2.weight"], source["conv4_x.2.conv2.weight"])
+    # Its source and data recorded whole, it resumes from any directory.
+    monkeypatch.chdir(tmp_path)
+    main(["train", "--resume", str(out), "--set", "train.iterations=3", "--device", "cpu"])
+    resumed = capsys.readouterr().out
+    assert "resuming at epoch 0 + 16 steps" in resumed and f"done: {out}" in resumed
 
     features_file = tmp_path / "val.safetensors"
     main(["features", str(out), "--data", str(folders[1]), "--split", "val",
@@ -322,6 +330,28 @@ def test_finetune_and_features_through_the_cli(
     features = Features.load(features_file)
     assert features.classes == ["dog", "frog", "horse", "ship", "truck"]
     assert features.labels.bincount().tolist() == [0] + [100] * 4
+
+
+def test_a_fine_tuning_stopped_by_a_signal_says_how_to_go_on(
+    folders, source_run, tmp_path, capsys, monkeypatch
+):
+    """As canon train's: the state saved, the command to resume it, the signal's exit status
+    (it was a traceback and status 1)."""
+    trainer = canon.transfer.runs.train
+
+    def terminated_after_a_step(*args, **options):
+        return trainer(*args, **options, on_step=lambda step: signal.raise_signal(signal.SIGTERM))
+
+    monkeypatch.setattr(canon.transfer.runs, "train", terminated_after_a_step)
+    out = tmp_path / "finetuned"
+    with pytest.raises(SystemExit) as exit_:
+        main(["transfer", str(source_run), "--data", str(folders[1]), "--mode", "finetune",
+              "--output-dir", str(out), "--device", "cpu", "--batch-size", "32"])
+    assert exit_.value.code == 128 + signal.SIGTERM
+    interrupted = out / "checkpoints" / "interrupted.pt"
+    assert (f"stopped; resume with: canon train --resume {out}  ({interrupted})"
+            in capsys.readouterr().out)
+    assert interrupted.is_file()
 
 
 def test_bad_transfer_inputs_are_named_and_lose_nothing(tmp_path):

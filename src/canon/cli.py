@@ -13,6 +13,7 @@ import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
 from canon.bench.commands import add_bench_parser
 from canon.data.pack_command import add_pack_parser
@@ -21,6 +22,9 @@ from canon.files import atomic_write, check_output_file, printable
 from canon.reproduce.commands import add_reproduce_parser
 from canon.visualize.arguments import non_negative_int, positive_int
 from canon.visualize.commands import add_visualize_parser
+
+if TYPE_CHECKING:  # torch loads only when a verb runs, so that --help answers at once
+    from canon.engine.trainer import TrainingInterrupted
 
 VERBS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable]] = {}
 
@@ -236,7 +240,7 @@ def _flag_overrides(args: argparse.Namespace) -> list[tuple[str, object]]:
 
 @_verb("train", "train a model with one of the papers' recipes", _train_arguments)
 def _run_train(args: argparse.Namespace) -> None:
-    from canon.engine.distributed import is_main_process, launched_by_torchrun
+    from canon.engine.distributed import is_main_process
     from canon.engine.rundir import plan_run
     from canon.engine.trainer import TrainingInterrupted, train
 
@@ -246,11 +250,7 @@ def _run_train(args: argparse.Namespace) -> None:
         result = train(plan.recipe, plan.run_dir, resume=plan.state, overwrite=args.overwrite,
                        device=args.device)
     except TrainingInterrupted as stop:
-        if is_main_process():  # under torchrun: as many processes (the checkpoint's batch)
-            how = ("the same torchrun command with --resume" if launched_by_torchrun()
-                   else "canon train --resume")
-            print(f"stopped; resume with: {how} {plan.run_dir}  ({stop.checkpoint})")
-        sys.exit(128 + stop.signal_number)  # the shell's convention: 130 Ctrl-C, 143 SIGTERM
+        _exit_stopped(stop, plan.run_dir)
     last = result.metrics[-1] if result.metrics else None
     if last is not None and is_main_process():
         split = "test" if result.validated_on_test_set else "val"
@@ -276,6 +276,18 @@ def _report_skipped(count: int) -> None:
     if count:
         print(f"skipped {count} image file(s), empty, missing or undecodable (see the "
               "warnings; --strict stops at the first)")
+
+
+def _exit_stopped(stop: TrainingInterrupted, run_dir: Path) -> NoReturn:
+    """A training run stopped by a signal, its state saved (TrainingInterrupted): how to go
+    on, then the shell's exit status for the signal (130 Ctrl-C, 143 SIGTERM)."""
+    from canon.engine.distributed import is_main_process, launched_by_torchrun
+
+    if is_main_process():  # under torchrun: as many processes (the checkpoint's batch)
+        how = ("the same torchrun command with --resume" if launched_by_torchrun()
+               else "canon train --resume")
+        print(f"stopped; resume with: {how} {run_dir}  ({stop.checkpoint})")
+    sys.exit(128 + stop.signal_number)
 
 
 def _eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -560,13 +572,18 @@ def _transfer_arguments(parser: argparse.ArgumentParser) -> None:
        _transfer_arguments)
 def _run_transfer(args: argparse.Namespace) -> None:
     from canon.engine.rundir import RUNS_ROOT, new_run_dir
+    from canon.engine.trainer import TrainingInterrupted
     from canon.transfer.runs import transfer
 
     out = args.output_dir or new_run_dir(RUNS_ROOT, f"transfer-{args.mode}")
-    run_dir = transfer(
-        args.source, args.data, args.mode, out, overrides=args.set, overwrite=args.overwrite,
-        device=args.device, batch_size=args.batch_size, workers=args.workers,
-    )
+    try:
+        run_dir = transfer(
+            args.source, args.data, args.mode, out, overrides=args.set,
+            overwrite=args.overwrite, device=args.device, batch_size=args.batch_size,
+            workers=args.workers,
+        )
+    except TrainingInterrupted as stop:  # a fine-tuning run: it goes on as any training run
+        _exit_stopped(stop, out)
     print(f"done: {run_dir}  (canon eval {run_dir}; canon predict {run_dir} IMAGE...)")
 
 

@@ -141,12 +141,12 @@ def plan_run(
 
 
 def anchored_recipe(recipe: Recipe) -> Recipe:
-    """The recipe with a relative dataset folder made absolute (anchored_dataset), as a run
-    records it."""
-    dataset = anchored_dataset(recipe.data.dataset)
-    if dataset == recipe.data.dataset:
-        return recipe
-    return apply_overrides(recipe, [("data.dataset", dataset)])
+    """The recipe with a relative dataset folder and model.init_from path made absolute
+    (anchored_dataset), as a run records them: a resume from another directory finds them."""
+    anchored = [(key, anchored_dataset(value)) for key, value in (
+        ("data.dataset", recipe.data.dataset), ("model.init_from", recipe.model.init_from))
+        if value is not None and anchored_dataset(value) != value]
+    return apply_overrides(recipe, anchored) if anchored else recipe
 
 
 def check_continuation(loaded: Path, state: dict[str, Any], named: bool, run_dir: Path) -> None:

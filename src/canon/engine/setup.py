@@ -216,8 +216,10 @@ def set_up(
     return run
 
 
-def check_recipe(recipe: Recipe, *, model_given: bool, datasets_given: bool) -> None:
-    """What can be checked before any data is read or any file written."""
+def check_recipe(recipe: Recipe, *, model_given: bool, datasets_given: bool,
+                 fresh: bool = True) -> None:
+    """What can be checked before any data is read or any file written (model.init_from only
+    for a `fresh` run: a resumed one has its own weights)."""
     if not model_given:
         MODELS.get(recipe.model.name)  # UnknownNameError listing close names
         if recipe.model.options or recipe.model.zero_init_residual:
@@ -233,7 +235,8 @@ def check_recipe(recipe: Recipe, *, model_given: bool, datasets_given: bool) -> 
             "memory. Leave it out (one per core, at most 8) or lower it"
         )
     source = recipe.model.init_from
-    if source is not None and not source.startswith(TORCHVISION) and not Path(source).exists():
+    if (fresh and source is not None and not source.startswith(TORCHVISION)
+            and not Path(source).exists()):
         raise ConfigError(
             f"model.init_from {source} does not exist: pass --init-from with the run directory "
             "or checkpoint to start from (a bundled recipe names the run it expects)"

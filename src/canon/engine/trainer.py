@@ -143,7 +143,8 @@ def train(
     `build_datasets(recipe.data)`; items (image tensor, label), `.classes` on the training set
     unless the recipe sets model.num_classes. `on_step(step)` runs after every optimizer step.
     """
-    check_recipe(recipe, model_given=model is not None, datasets_given=datasets is not None)
+    check_recipe(recipe, model_given=model is not None, datasets_given=datasets is not None,
+                 fresh=resume is None)
     recipe = anchored_recipe(recipe)  # a relative data folder recorded as it is found now
     if resume is None:
         check_source_outside(output_dir, recipe.model.init_from, "model.init_from")
