@@ -216,6 +216,32 @@ def test_weights_that_cannot_be_fetched_or_read_are_named(
         transfer.load_torchvision("resnet18")
 
 
+def test_a_download_that_gets_no_answer_stops_at_the_timeout(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Behind a proxy that takes the connection and never answers, torch.hub's download waited
+    for good: now the timeout's error, naming the address."""
+    import socket
+    import time
+
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts (the backlog), never answers
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    for variable in ("https_proxy", "HTTPS_PROXY"):
+        monkeypatch.setenv(variable, f"http://127.0.0.1:{silent.getsockname()[1]}")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.setattr(transfer, "DOWNLOAD_TIMEOUT", 1)
+    started = time.perf_counter()
+    url = tvm.ResNet18_Weights.IMAGENET1K_V1.url
+    try:
+        with pytest.raises(DataError, match=f"cannot download .* from {url} .*timed out"):
+            transfer.load_torchvision("resnet18")
+    finally:
+        silent.close()
+    assert time.perf_counter() - started < 30
+    assert socket.getdefaulttimeout() is None  # the process's own setting, put back
+
+
 def test_a_googlenet_without_aux_heads_loads_back_from_its_export(tmp_path: Path) -> None:
     """torchvision's pretrained GoogLeNet has no auxiliary heads, nor then a linear probe of
     it: its export says so, and loads back into the same model."""

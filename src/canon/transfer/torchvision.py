@@ -41,6 +41,9 @@ only at input sizes where canon pools adaptively to 4x4 as torchvision always do
 from __future__ import annotations
 
 import pickle
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -263,6 +266,21 @@ def weights_of(name: str, weights: str) -> WeightsEnum:
     )
 
 
+# Seconds a download may wait for the server's next bytes: torch.hub sets no timeout, and a
+# proxy or firewall that takes the connection and never answers would hang it for good.
+DOWNLOAD_TIMEOUT = 60
+
+
+@contextmanager
+def _socket_timeout(seconds: float) -> Iterator[None]:
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
 def load_torchvision(name: str, weights: str = "DEFAULT") -> TorchvisionWeights:
     """torchvision's `name` with ImageNet `weights` (downloaded to torchvision's cache on first
     use), as canon's `default_canon_name(name)` in eval mode."""
@@ -275,7 +293,8 @@ def load_torchvision(name: str, weights: str = "DEFAULT") -> TorchvisionWeights:
     options = {"transform_input": False} if name == "googlenet" else {}
     cached = Path(torch.hub.get_dir()) / "checkpoints" / enum.url.rsplit("/", 1)[-1]
     try:
-        tv_model = tvm.get_model(name, weights=enum, **options)
+        with _socket_timeout(DOWNLOAD_TIMEOUT):
+            tv_model = tvm.get_model(name, weights=enum, **options)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:  # offline
         # (URLError), a download that failed its hash, or a damaged file in torch's cache
         if not cached.is_file():  # torch.hub downloads to a temporary file: none was kept
