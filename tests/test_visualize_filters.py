@@ -6,6 +6,7 @@ weights."""
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +135,13 @@ def test_filters_and_activations_commands_on_a_real_run(
     lines = run_verb(["filters", str(quickstart_run)], capsys)
     assert lines[-1].startswith("filters: 16 kernels of conv1.0")  # ResNet-20's 3x3 conv
     assert_picture(quickstart_run / "visualize" / "filters" / "filters.png", 16 * 48, 48)
+    # An epoch's checkpoint: beside the final model's pictures, not over them.
+    final = (quickstart_run / "visualize" / "filters" / "filters.json").read_text()
+    run_verb(["filters", str(quickstart_run / "checkpoints" / "epoch-001.pt")], capsys)
+    epoch = json.loads((quickstart_run / "visualize" / "filters-epoch-001" / "filters.json"
+                        ).read_text())
+    assert epoch["source"].endswith("epoch-001.pt")
+    assert (quickstart_run / "visualize" / "filters" / "filters.json").read_text() == final
 
     out = tmp_path / "maps"
     lines = run_verb(["activations", str(quickstart_run / "model.safetensors"),

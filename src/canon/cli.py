@@ -600,7 +600,7 @@ def _features_arguments(parser: argparse.ArgumentParser) -> None:
 @_verb("features", "export a network's penultimate features of a dataset split",
        _features_arguments)
 def _run_features(args: argparse.Namespace) -> None:
-    from canon.data.datasets import open_split
+    from canon.data.datasets import anchored_dataset, open_split
     from canon.engine.distributed import resolve_device
     from canon.engine.trained import load_trained
     from canon.transfer.features import extract_features
@@ -616,7 +616,8 @@ def _run_features(args: argparse.Namespace) -> None:
     options = ({"class_ids": open_split(args.data, "train").class_ids}
                if args.split == "val" else {})
     features = extract_features(
-        trained, open_split(args.data, args.split, **options), f"{args.data} {args.split}",
+        trained, open_split(args.data, args.split, **options),
+        f"{anchored_dataset(args.data)} {args.split}",
         batch_size=args.batch_size, workers=args.workers, progress=True,
     )
     features.save(args.out)

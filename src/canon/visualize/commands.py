@@ -200,6 +200,7 @@ def add_visualize_parser(subparsers: argparse._SubParsersAction) -> None:
             add(sub)
         sub.add_argument("--output-dir", type=Path, metavar="DIR",
                          help=f"where to write; default: RUN's run directory/visualize/{name} "
+                         f"({name}-CHECKPOINT for a .pt file) "
                          f"(./visualize/{name} for torchvision:NAME"
                          + (" or several RUNs)" if verb.several_runs else ")"))
         sub.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
@@ -208,14 +209,16 @@ def add_visualize_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def default_output_dir(runs: Path | list[Path], verb: str) -> Path:
-    """RUN's run directory/visualize/VERB; ./visualize/VERB where the pictures belong to no one
-    run directory (torchvision:NAME, several runs compared)."""
+    """RUN's run directory/visualize/VERB (VERB-CHECKPOINT for a checkpoint named, some
+    epoch's model: not over the final model's pictures); ./visualize/VERB where the pictures
+    belong to no one run directory (torchvision:NAME, several runs compared)."""
     from canon.engine.checkpoint import run_dir_of
     from canon.engine.trained import TORCHVISION
 
     runs = runs if isinstance(runs, list) else [runs]
     if len(runs) == 1 and not str(runs[0]).startswith(TORCHVISION):
-        return run_dir_of(runs[0]) / "visualize" / verb
+        epoch = f"-{Path(runs[0]).stem}" if Path(runs[0]).suffix == ".pt" else ""
+        return run_dir_of(runs[0]) / "visualize" / f"{verb}{epoch}"
     return Path("visualize") / verb
 
 
