@@ -238,3 +238,8 @@ def test_deconvnet_and_evolution_commands_on_a_zfnet_run(tmp_path, capsys) -> No
     numbers = json.loads((out / "evolution-features.conv1.json").read_text())
     assert numbers["epochs"] == [1, 2] and len(numbers["activations"]) == 6
     assert_picture(out / "evolution-features.conv1.png", 3 * 45, 3 * 45)
+    with pytest.raises(SystemExit):  # one epoch's model is not the run's final one
+        run_verb(["evolution", str(run / "checkpoints" / "epoch-001.pt"), "--layer",
+                  "features.conv1"], capsys)
+    assert "epoch-001.pt: not a run directory; evolution sets the epochs a run kept" in \
+        capsys.readouterr().err

@@ -21,7 +21,7 @@ from canon.data.decoding import decode_image_file
 from canon.data.preprocess import center_transform
 from canon.engine.checkpoint import interrupted_checkpoint, resumable_checkpoints, run_dir_of
 from canon.engine.trained import load_trained
-from canon.errors import DataError
+from canon.errors import ConfigError, DataError
 from canon.files import make_folder
 from canon.visualize.deconvnet import activation_columns, deconvnet_layers, fields, forward, project
 from canon.visualize.images import (
@@ -54,6 +54,10 @@ def write_evolution(
     activation, its position and receptive field). The images come from `images` when given,
     else from the `split` of `data` (default: the run's dataset); the features are `channels`
     when given, else the `features` channels strongest over those images."""
+    if not Path(run).is_dir():  # a checkpoint's run would show epochs past it; torchvision
+        raise ConfigError(  # weights have none
+            f"{run}: not a run directory; evolution sets the epochs a run kept beside its final "
+            "model: name the run's directory")
     run_dir = run_dir_of(Path(run))
     epochs = epoch_checkpoints(run_dir)
     if not epochs:
