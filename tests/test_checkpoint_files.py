@@ -505,6 +505,8 @@ def test_overwrite_deletes_the_earlier_run_s_files_only(tmp_path):
     """Set aside while the new run has no checkpoint, deleted when it ends well, put back
     when it fails first."""
     write_run(tmp_path)
+    (tmp_path / "visualize" / "filters").mkdir(parents=True)  # pictures of the run's model
+    (tmp_path / "visualize" / "filters" / "filters.png").write_bytes(b"png")
     (tmp_path / "notes.txt").write_text("mine")
     (tmp_path / "data").mkdir()
     earlier = sorted(p.name for p in tmp_path.iterdir())

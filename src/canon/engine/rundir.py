@@ -40,7 +40,9 @@ from canon.recipes import Recipe, apply_overrides, load_recipe, read_yaml_mappin
 
 PROBE_REPORT = "probe.json"  # what `canon transfer --mode linear-probe` measured
 # Everything a training or transfer run writes into its directory (`canon eval` adds
-# eval-*.json; a linear probe's features/ cache stays, checked against its source and data).
+# eval-*.json and `canon visualize` VISUALIZE_DIR, of its model; a linear probe's features/
+# cache stays, checked against its source and data).
+VISUALIZE_DIR = "visualize"
 RUN_FILES = ("recipe.yaml", "metrics.csv", "curves.png", EXPORT_WEIGHTS, EXPORT_NORMALIZATION,
              EXPORT_CONFIG, CHECKPOINT_DIR, EVENTS_DIR, INIT_REPORT, PROBE_REPORT)
 # Files that show an earlier run got as far as results (besides its checkpoints).
@@ -246,9 +248,10 @@ def claim_run_dir(run_dir: Path, *, resume: bool, overwrite: bool = False) -> It
 
     A new run (`resume` False) refuses a directory holding an earlier run's results (a
     checkpoint, metrics.csv, an export) with a DataError saying what to do; `overwrite` sets
-    that run's files (RUN_FILES and eval-*.json, nothing else) aside in REPLACED_DIR instead,
-    deleted once the new run has saved a checkpoint or ended well, and put back if it fails
-    before (bad data found in its first epoch must not cost the earlier run). The files of an
+    that run's files (RUN_FILES, eval-*.json and visualize/, nothing else) aside in
+    REPLACED_DIR instead, deleted once the new run has saved a checkpoint or ended well, and
+    put back if it fails before (bad data found in its first epoch must not cost the earlier
+    run). The files of an
     earlier run that stopped before its first checkpoint are deleted without asking: there is
     nothing in them to resume. Unrelated files stay. A directory this call created is removed
     again when the block fails having written nothing there, so failed attempts leave no
@@ -324,7 +327,7 @@ def _clear_earlier_run(run_dir: Path, overwrite: bool) -> None:
 
 
 def _run_files(run_dir: Path) -> list[Path]:
-    named = [run_dir / name for name in RUN_FILES]
+    named = [run_dir / name for name in (*RUN_FILES, VISUALIZE_DIR)]
     return [p for p in [*named, *run_dir.glob("eval-*.json")] if p.exists() or p.is_symlink()]
 
 

@@ -213,13 +213,14 @@ def default_output_dir(runs: Path | list[Path], verb: str) -> Path:
     epoch's model: not over the final model's pictures); ./visualize/VERB where the pictures
     belong to no one run directory (torchvision:NAME, several runs compared)."""
     from canon.engine.checkpoint import run_dir_of
+    from canon.engine.rundir import VISUALIZE_DIR
     from canon.engine.trained import TORCHVISION
 
     runs = runs if isinstance(runs, list) else [runs]
     if len(runs) == 1 and not str(runs[0]).startswith(TORCHVISION):
         epoch = f"-{Path(runs[0]).stem}" if Path(runs[0]).suffix == ".pt" else ""
-        return run_dir_of(runs[0]) / "visualize" / f"{verb}{epoch}"
-    return Path("visualize") / verb
+        return run_dir_of(runs[0]) / VISUALIZE_DIR / f"{verb}{epoch}"
+    return Path(VISUALIZE_DIR) / verb
 
 
 def run_visualize(args: argparse.Namespace) -> int:
