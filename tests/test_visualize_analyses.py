@@ -6,6 +6,7 @@ the bundled CIFAR-10 sample and on models built here so the right answer is know
 from __future__ import annotations
 
 import csv
+import shutil
 from itertools import pairwise
 from pathlib import Path
 
@@ -93,7 +94,7 @@ def test_occlusion_is_lowest_where_the_one_region_that_matters_is_covered(tmp_pa
     # In ImageNet's layout (val/<class id>/x.JPEG) the folder names the correct class.
     (tmp_path / "val" / "other").mkdir(parents=True)
     filed = save_png(tmp_path / "val" / "other" / "bright.png", picture)
-    result = occlusion(trained, filed, tmp_path / "out", size=8, stride=4, device="cpu")
+    result = occlusion(trained, filed, tmp_path / "filed", size=8, stride=4, device="cpu")
     assert (result["label"], result["label_from"]) == ("other", "the image's folder")
     assert result["unoccluded_top_class"] == "patch"
     # A stride that does not divide the room: the last square sits flush with the edge, so
@@ -314,6 +315,14 @@ def test_the_analyses_from_the_command_line(
                       "--output-dir", str(out), "--device", "cpu"], capsys)
     written(lines, out, ["occlusion-test3.png", "occlusion-test3.json"],
             "occlusion: 4x4 positions of a 8x8 square on test3.png: p(cat) ")
+    namesake = tmp_path / "other" / "test3.png"  # another image of that file name
+    namesake.parent.mkdir()
+    shutil.copy(sample_images[1], namesake)
+    with pytest.raises(SystemExit):
+        run_verb(["occlusion", run, str(namesake), "--output-dir", str(out), "--device", "cpu"],
+                 capsys)
+    assert (f"occlusion-test3.json holds the result for image {image}: name another folder "
+            "with --output-dir") in capsys.readouterr().err
 
     out = tmp_path / "invariance"
     lines = run_verb(["invariance", run, image, str(sample_images[1]), "--transform", "rotate",

@@ -33,6 +33,7 @@ from canon.models.base import CanonModel
 from canon.models.layers import LocalResponseNorm
 from canon.visualize.images import (
     Written,
+    check_not_another,
     patch_windows,
     projection_windows,
     save_csv,
@@ -207,6 +208,9 @@ def write_deconvnet(
     The features are `channels` when given, else the `features` channels whose strongest
     activation over the split is largest. Writes deconvnet-LAYER.png and .json/.csv (per
     feature and rank: image, class, activation, position, receptive field)."""
+    stem = f"deconvnet-{layer}"
+    check_not_another(output_dir / f"{stem}.json", data=str(data or trained.data.dataset),
+                      split=split)
     model = trained.model.to(device)
     layers = deconvnet_layers(model, layer)
     dataset = open_split(trained, data, split)
@@ -236,7 +240,6 @@ def write_deconvnet(
                 **activation_columns(value, position, width, box, inputs.shape[-2:]),
             })
     make_folder(output_dir)
-    stem = f"deconvnet-{layer}"
     ranks = found.values.shape[1]
     figure = save_labelled_grid(
         output_dir / f"{stem}.png", torch.cat(tiles), [f"channel {c}" for c in chosen],

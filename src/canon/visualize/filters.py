@@ -18,6 +18,7 @@ from canon.files import make_folder
 from canon.visualize.images import (
     Written,
     as_rgb,
+    check_not_another,
     contrast_normalise,
     save_csv,
     save_json,
@@ -81,6 +82,8 @@ def write_activations(
     scale for the whole layer (its minimum black, its maximum white), so strong and silent
     maps compare; the crop the network saw; and each map's maximum, mean and share of
     positive values."""
+    stem = f"activations-{Path(image).stem}-{layer}"  # another image's go beside these
+    check_not_another(output_dir / f"{stem}.json", image=str(image))
     decoded = decode_image_file(image, trained.data.max_image_pixels)
     model = trained.model.to(device)
     inputs = center_transform(trained.preprocess)(decoded)[None].to(device)
@@ -93,7 +96,6 @@ def write_activations(
     maps = maps[0].float().cpu()
     tiles = upscale(as_rgb(contrast_normalise(maps[None])[0][:, None]))  # the layer as one
     make_folder(output_dir)
-    stem = f"activations-{Path(image).stem}-{layer}"  # another image's go beside these
     rows = [
         {"channel": c, "max": float(m.max()), "mean": float(m.mean()),
          "positive": float((m > 0).float().mean())}

@@ -20,6 +20,7 @@ from PIL import Image
 from torchvision.utils import make_grid
 
 from canon.data.preprocess import EvalPreprocess
+from canon.errors import DataError
 from canon.files import atomic_write
 
 GRID_PADDING = 2  # pixels between tiles
@@ -123,6 +124,21 @@ def save_labelled_grid(
     figure.savefig(buffer, format="png", dpi=dpi)
     atomic_write(path, lambda target: target.write_bytes(buffer.getvalue()))
     return path
+
+
+def check_not_another(path: Path, **subject: str) -> None:
+    """Before the work: the result at `path` (a JSON written by a visualisation) is replaced
+    only by one of the same `subject` (image, data, split); another's, e.g. an image of the
+    same file name in another folder, is a DataError saying to name another folder."""
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    differ = [f"{key} {earlier[key]}" for key, value in subject.items()
+              if isinstance(earlier, dict) and key in earlier and earlier[key] != value]
+    if differ:
+        raise DataError(f"{path} holds the result for {', '.join(differ)}: name another folder "
+                        "with --output-dir to keep both")
 
 
 def save_json(path: Path, content: Any) -> Path:

@@ -25,7 +25,7 @@ from canon.data.preprocess import center_transform
 from canon.engine.trained import TrainedModel
 from canon.errors import ConfigError
 from canon.files import make_folder
-from canon.visualize.images import save_json, seen_crop
+from canon.visualize.images import check_not_another, save_json, seen_crop
 from canon.visualize.layers import capture_outputs
 from canon.visualize.plots import (
     check_counts,
@@ -70,6 +70,8 @@ def occlusion(
     model.stages.
     """
     check_counts(batch_size=batch_size)
+    stem = f"occlusion-{Path(image).stem}"
+    check_not_another(Path(output_dir) / f"{stem}.json", image=str(image))
     trained = trained_model(source, device)
     model = trained.model
     raw = read_image(trained, image)
@@ -104,7 +106,6 @@ def occlusion(
     }
     folder = Path(output_dir)
     make_folder(folder)
-    stem = f"occlusion-{Path(image).stem}"
     grey = [c / 255 for c in mean_colour(trained.preprocess)]
     figure = _figure(seen_crop(trained.preprocess, raw), result, trained.classes, grey)
     result["png"] = str(save_figure(figure, folder / f"{stem}.png"))
