@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from collections import OrderedDict
 from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
@@ -227,6 +228,7 @@ def test_deconvnet_and_evolution_commands_on_a_zfnet_run(tmp_path, capsys) -> No
     assert numbers["images_searched"] == 6 and len(numbers["activations"]) == 8
     first = numbers["activations"][:4]
     assert [row["rank"] for row in first] == [1, 2, 3, 4]
+    assert all(Path(row["image"]).parent.parent == data / "val" for row in first)  # its file
     strengths = [row["activation"] for row in first]
     assert strengths == sorted(strengths, reverse=True) and strengths[0] > 0
     assert_picture(out / "deconvnet-features.conv2.png", 4 * 2 * 43, 2 * 43)

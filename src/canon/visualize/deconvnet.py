@@ -44,7 +44,7 @@ from canon.visualize.images import (
     upscale,
 )
 from canon.visualize.layers import Box, clip, conv_padding, find_layer, receptive_field
-from canon.visualize.search import indexed_batches, open_split, top_activations
+from canon.visualize.search import image_name, indexed_batches, open_split, top_activations
 
 PROJECTABLE = (nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.Dropout, LocalResponseNorm,
                nn.LocalResponseNorm)
@@ -235,7 +235,7 @@ def write_deconvnet(
             zip(indices, values.tolist(), positions.tolist(), boxes, strict=True), start=1
         ):
             rows.append({
-                "channel": channel, "rank": rank, "image": index,
+                "channel": channel, "rank": rank, "image": image_name(dataset, index),
                 "class": dataset.classes[dataset.labels[index]],
                 **activation_columns(value, position, width, box, inputs.shape[-2:]),
             })

@@ -34,7 +34,13 @@ from canon.visualize.images import (
     seen_crop,
     upscale,
 )
-from canon.visualize.search import image_batches, indexed_batches, open_split, top_activations
+from canon.visualize.search import (
+    image_batches,
+    image_name,
+    indexed_batches,
+    open_split,
+    top_activations,
+)
 
 
 def epoch_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
@@ -74,7 +80,7 @@ def write_evolution(
     else:
         dataset = open_split(final, data, split)
         batches = indexed_batches(dataset, final.preprocess, batch_size, workers)
-        load, name = dataset.load_image, int
+        load, name = dataset.load_image, partial(image_name, dataset)
     found = top_activations(partial(forward, layers), batches, 1, device)
     chosen = found.choose(channels, features, layer)
     picked = found.images[chosen, 0].tolist()

@@ -101,6 +101,13 @@ def open_split(trained: TrainedModel, data: str | Path | None, split: str) -> La
     )
 
 
+def image_name(images: LabeledImages, index: int) -> str | int:
+    """What a result table calls image `index` of `images`: its file where it has one (an
+    image folder's), else its place in the split (CIFAR's, the sample's)."""
+    paths = getattr(images, "paths", None)
+    return str(paths[index]) if paths is not None else index
+
+
 def indexed_batches(
     images: LabeledImages, preprocess: EvalPreprocess, batch_size: int, workers: int
 ) -> DataLoader:
