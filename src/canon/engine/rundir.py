@@ -103,17 +103,16 @@ def plan_run(
     under runs/); the recipe is the checkpoint's, with `overrides` on top, and a `recipe`
     named beside a path must be the run's. Under torchrun every process picks the same
     directory (runs/<recipe>-<torchrun's run id>), and an elastic restart (the same command
-    again, after a failure or a change of membership) continues that run from the newest
-    checkpoint its launch saved there (not from an earlier launch's run the first attempt
-    was refused to replace).
+    again) continues that run from the newest checkpoint its launch saved there (not from
+    an earlier launch's run the first attempt was refused to replace).
     """
     named, recipe = recipe, DEFAULT_RECIPE if recipe is None else recipe
     if resume is None and distributed.launched_by_torchrun():
         name = load_recipe(recipe).name
         output_dir = output_dir or RUNS_ROOT / f"{name}-{distributed.elastic_run_id()}"
-        if _saved_by_this_launch(output_dir):  # restarted: after a failure, or as a node
-            resume = output_dir  # joined or left (which torchrun's restart count leaves out)
-    elif resume not in (None, "latest") and distributed.launched_by_torchrun():
+        if distributed.elastic_restart_count() > 0 and _saved_by_this_launch(output_dir):
+            resume = output_dir
+    elif resume not in (None, "latest") and distributed.elastic_restart_count() > 0:
         # A restart replays the command's --resume: the run goes on from where it got to in
         # the directory it writes, not from the checkpoint it started from.
         target = Path(resume)
