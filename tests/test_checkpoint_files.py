@@ -582,14 +582,6 @@ def test_new_runs_start_in_empty_unrelated_or_result_less_directories(tmp_path):
     with claim_run_dir(stopped, resume=False):
         assert sorted(p.name for p in stopped.iterdir()) == [".lock"]
     assert not killed.exists()
-    # ... or killed in its first epoch between best.pt and epoch-001.pt (best.pt goes first):
-    # --resume says to start again, and starting again is allowed.
-    (stopped / "recipe.yaml").write_text(f"{RECIPE_HEADER}canon 0.1.0, commit None\nname: x\n")
-    ckpt.save_checkpoint(training_state(1), ckpt.best_checkpoint(stopped))
-    with pytest.raises(DataError, match=r"no checkpoint to resume from .* start it again"):
-        ckpt.load_for_resume(stopped)
-    with claim_run_dir(stopped, resume=False):
-        assert sorted(p.name for p in stopped.iterdir()) == [".lock"]
     # A recipe.yaml no run wrote is the user's: kept, even under --overwrite.
     (mine / "recipe.yaml").write_text("# my experiment\nbase: quickstart\n")
     for overwrite in (False, True):

@@ -338,18 +338,12 @@ def _remove_run_files(run_dir: Path) -> None:
             path.unlink()
 
 
-def _has_results(run_dir: Path) -> bool:
-    """Whether `run_dir` holds anything of a run's worth keeping: a checkpoint or a result.
-    best.pt alone beside a run's recipe.yaml is not: the run's first epoch was killed between
-    its two checkpoint writes (best.pt goes first, saving.save_epoch), or a continuation's
-    before its own first checkpoint (carry_best); no --resume can go on from it."""
-    if any((run_dir / name).exists() for name in _RESULTS):
-        return True
+def _has_checkpoint(run_dir: Path) -> bool:
     checkpoints = run_dir / CHECKPOINT_DIR
-    kept = ({p.name for p in checkpoints.iterdir() if not p.name.startswith(".")}
-            if checkpoints.is_dir() else set())
-    lone_best = (kept == {best_checkpoint(run_dir).name}
-                 and _run_header(run_dir / "recipe.yaml") is not None)
-    return bool(kept) and not lone_best
+    return checkpoints.is_dir() and any(not p.name.startswith(".") for p in checkpoints.iterdir())
+
+
+def _has_results(run_dir: Path) -> bool:
+    return _has_checkpoint(run_dir) or any((run_dir / name).exists() for name in _RESULTS)
 
 
