@@ -7,6 +7,7 @@ package); the runs use slices of it so the whole file stays within its CPU budge
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -257,6 +258,18 @@ def test_a_run_killed_before_its_last_metrics_row_gets_it_from_the_resume(resume
               len((tmp_path / "metrics.csv").read_text().splitlines())))
     assert rows_seen[0] == 2  # the header and epoch 1's row, not epoch 2's from before
     assert len((tmp_path / "metrics.csv").read_text().splitlines()) == 3  # and epoch 2 again
+    # Continued in another folder, failing before its first checkpoint there: it leaves no
+    # metrics.csv that would refuse the same command again as a folder holding a run.
+    branch = tmp_path / "branch"
+
+    def fails(step: int) -> None:
+        raise RuntimeError("bad data")
+
+    for on_step in (fails, None):
+        with pytest.raises(RuntimeError) if on_step else contextlib.nullcontext():
+            train(recipe, branch, resume=ckpt.epoch_checkpoint(tmp_path, 1), device="cpu",
+                  datasets=resume_data, progress=False, on_step=on_step)
+    assert len((branch / "metrics.csv").read_text().splitlines()) == 3
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])

@@ -142,10 +142,12 @@ def plan_run(
 
 
 def anchored_recipe(recipe: Recipe) -> Recipe:
-    """The recipe with a relative dataset folder and model.init_from path made absolute
-    (anchored_dataset), as a run records them: a resume from another directory finds them."""
+    """The recipe with its relative paths (the dataset folder, model.init_from,
+    data.normalization_from) made absolute (anchored_dataset), as a run records them: a
+    resume from another directory finds them."""
     anchored = [(key, anchored_dataset(value)) for key, value in (
-        ("data.dataset", recipe.data.dataset), ("model.init_from", recipe.model.init_from))
+        ("data.dataset", recipe.data.dataset), ("model.init_from", recipe.model.init_from),
+        ("data.normalization_from", recipe.data.normalization_from))
         if value is not None and anchored_dataset(value) != value]
     return apply_overrides(recipe, anchored) if anchored else recipe
 

@@ -29,7 +29,7 @@ from canon.engine import checkpoint as ckpt
 from canon.engine import distributed as dist
 from canon.engine.graphed import GraphedStep
 from canon.engine.initialize import InitReport, initialize_from
-from canon.engine.logs import check_tensorboard, event_writer, write_metrics_csv
+from canon.engine.logs import check_tensorboard, event_writer
 from canon.engine.model_parallel import parallelize
 from canon.engine.optimization import make_average, make_optimizer
 from canon.engine.precision import Precision
@@ -257,16 +257,12 @@ def check_recipe(recipe: Recipe, *, model_given: bool, datasets_given: bool,
 
 def open_run_dir(run: Run) -> None:
     """Rank 0, once it holds the run directory (canon.engine.rundir): the resolved recipe
-    (with the commit), a resumed run's metrics.csv, the events file, and a line stating the
-    run's plan."""
+    (with the commit), the events file, and a line stating the run's plan."""
     recipe, config, ctx = run.recipe, run.recipe.train, run.ctx
     header = f"{RECIPE_HEADER}canon {canon.__version__}, commit {run.commit}\n"
     text = header + dump_yaml(recipe.to_dict(), sort_keys=False)
     atomic_write(run.run_dir / "recipe.yaml", lambda temporary: temporary.write_text(text),
                  advice=ckpt.OUTPUT_DIR_ADVICE)
-    if run.metrics:  # resumed: the file may lag the checkpoint (killed between the two
-        write_metrics_csv(run.run_dir / "metrics.csv", run.metrics)  # writes) or run ahead of
-        # it (a damaged newer checkpoint passed over): it now holds the checkpoint's epochs
     if config.tensorboard:
         run.events = event_writer(run.run_dir)
     global_batch_size = config.batch_size * config.accum_steps * ctx.world_size

@@ -195,6 +195,9 @@ def _train(
     with _claimed(run, resuming=in_place, overwrite=overwrite), stop.installed():
         if state is not None and not in_place and ctx.is_main:
             carry_best(run, run.resumed_from)
+        elif in_place and ctx.is_main:  # metrics.csv may lag the checkpoint (killed between
+            write_metrics_csv(run_dir / "metrics.csv", run.metrics)  # the two writes) or run
+            # ahead of it (a damaged newer checkpoint passed over): the checkpoint's epochs
         try:
             while run.epoch < run.epochs and not run.cut_short:
                 train_seconds = _train_epoch(run, stop, progress, on_step)
