@@ -507,6 +507,8 @@ def test_overwrite_deletes_the_earlier_run_s_files_only(tmp_path):
     write_run(tmp_path)
     (tmp_path / "visualize" / "filters").mkdir(parents=True)  # pictures of the run's model
     (tmp_path / "visualize" / "filters" / "filters.png").write_bytes(b"png")
+    for report in ("eval-center-per-class.csv", "eval-center-confusion.png"):  # --per-class
+        (tmp_path / report).write_bytes(b"report")
     (tmp_path / "notes.txt").write_text("mine")
     (tmp_path / "data").mkdir()
     earlier = sorted(p.name for p in tmp_path.iterdir())

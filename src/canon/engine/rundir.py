@@ -249,7 +249,7 @@ def claim_run_dir(run_dir: Path, *, resume: bool, overwrite: bool = False) -> It
 
     A new run (`resume` False) refuses a directory holding an earlier run's results (a
     checkpoint, metrics.csv, an export) with a DataError saying what to do; `overwrite` sets
-    that run's files (RUN_FILES, eval-*.json and visualize/, nothing else) aside in
+    that run's files (RUN_FILES, canon eval's and visualize/, nothing else) aside in
     REPLACED_DIR instead, deleted once the new run has saved a checkpoint or ended well, and
     put back if it fails before (bad data found in its first epoch must not cost the earlier
     run). The files of an
@@ -329,7 +329,9 @@ def _clear_earlier_run(run_dir: Path, overwrite: bool) -> None:
 
 def _run_files(run_dir: Path) -> list[Path]:
     named = [run_dir / name for name in (*RUN_FILES, VISUALIZE_DIR)]
-    return [p for p in [*named, *run_dir.glob("eval-*.json")] if p.exists() or p.is_symlink()]
+    evaluations = [path for pattern in ("eval-*.json", "eval-*-per-class.csv",
+                                        "eval-*-confusion.png") for path in run_dir.glob(pattern)]
+    return [p for p in [*named, *evaluations] if p.exists() or p.is_symlink()]
 
 
 def _remove_run_files(run_dir: Path) -> None:
