@@ -7,6 +7,7 @@ shards, a ResNet-18 at 32 px (5 s an epoch on one CPU thread)."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import re
@@ -23,7 +24,7 @@ from canon.cli import main
 from canon.data.config import MAX_IMAGE_PIXELS
 from canon.data.datasets import open_dataset, open_eval_split, open_split
 from canon.data.folders import open_train_folder
-from canon.data.loaders import trained_preprocess
+from canon.data.loaders import recipe_statistics, trained_preprocess
 from canon.data.packing import pack_folder
 from canon.data.shard_index import read_index
 from canon.data.stats import compute_stats, stats_cache_path
@@ -111,6 +112,13 @@ def test_train_with_streamed_statistics_then_eval_on_the_val_shards(
     torch.testing.assert_close(preprocess.normalize.mean, expected.mean_image)
     with pytest.raises(DataError, match=r"val-only/train-000000.tar: missing, index.json says"):
         open_dataset(str(val_only))
+    with pytest.raises(DataError, match=r"val-only/train-000000.tar: missing"):  # before a
+        recipe_statistics(dataclasses.replace(config, dataset=str(val_only)),  # pass, not at
+                          cache=tmp_path / "no-cache")  # the shard missing
+    assert len(open_eval_split(str(val_only))) == 40
+    (val_only / "val-000002.tar").unlink()
+    with pytest.raises(DataError, match=r"val-only/val-000002.tar: missing"):
+        open_eval_split(str(val_only))
 
 
 @pytest.mark.parametrize("workers", [0, 2])

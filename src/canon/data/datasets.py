@@ -132,9 +132,12 @@ def open_eval_split(
     others. Without, its own classes, sorted.
     """
     source = _source(dataset, cache or canon_cache_dir(), download, strict, max_pixels)
-    if not isinstance(source, Path):
-        return source("test") if class_ids is None else _relabel(source("test"), class_ids)
-    return open_eval_folder(source, class_ids, strict=strict, max_pixels=max_pixels)
+    if isinstance(source, Path):
+        return open_eval_folder(source, class_ids, strict=strict, max_pixels=max_pixels)
+    split = source("test")
+    if isinstance(split, ShardImages):  # before the pass, not at the shard that is missing
+        split.check_files()
+    return split if class_ids is None else _relabel(split, class_ids)
 
 
 def open_split(dataset: str, split: str, **options: Any) -> LabeledImages:

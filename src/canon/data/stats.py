@@ -231,6 +231,8 @@ def load_or_compute_stats(
         else:
             if not (strict and stats.skipped):
                 return stats, path
+    if isinstance(dataset, ShardImages):  # before the pass, not at the shard that is missing
+        dataset.check_files()
     stats = compute_stats(dataset, size, fit=fit, workers=workers, progress=progress)
     _save(stats, path)
     return stats, path
