@@ -100,6 +100,11 @@ def test_eval_prints_errors_and_writes_json(trained_run, tmp_path, capsys):
         main(["eval", str(trained_run), "--data", str(namesake)])
     assert (f"eval-center-my_photos.json holds the result on {other}, other images than "
             f"{namesake}: name another file with --output") in capsys.readouterr().err
+    # An earlier canon's result, its folder as typed relative to a directory unknown: replaced.
+    result = trained_run / "eval-center-my_photos.json"
+    result.write_text(json.dumps({**json.loads(result.read_text()), "data": "my photos"}))
+    main(["eval", str(trained_run), "--data", str(namesake)])
+    assert json.loads(result.read_text())["data"] == str(namesake)
 
     # A run not exported yet is read from its checkpoints; its result still lands beside them.
     unexported = tmp_path / "unexported"

@@ -414,7 +414,7 @@ def _default_eval_output(args: argparse.Namespace, trained: list, data: str) -> 
     named, source = Path(args.sources[0]), trained[0].source
     if named.is_dir():
         return named / f"eval-{protocol}{other}.json"
-    epoch = "" if source.suffix == ".safetensors" else f"-{source.stem}"
+    epoch = f"-{source.stem}" if source.suffix == ".pt" else ""  # not torchvision:NAME's
     return source.parent / f"eval-{protocol}{other}{epoch}.json"
 
 
@@ -423,14 +423,16 @@ def _check_same_data(output: Path, data: str) -> None:
     name) is not replaced: a DataError saying to name one."""
     import json
 
-    from canon.data.datasets import anchored_dataset
+    from canon.data.cifar import CIFAR
     from canon.errors import DataError
 
     try:
-        earlier = json.loads(output.read_text())["data"]
+        earlier = str(json.loads(output.read_text())["data"])
     except (OSError, ValueError, KeyError, TypeError):
         return  # none there, or not one canon wrote (check_output_file has seen to that)
-    if anchored_dataset(str(earlier)) != data:
+    # An earlier canon recorded a folder as typed: relative to where it ran, which is unknown.
+    known = Path(earlier).is_absolute() or earlier in ("sample", *CIFAR)
+    if known and earlier != data:
         raise DataError(f"{output} holds the result on {earlier}, other images than {data}: "
                         "name another file with --output")
 
