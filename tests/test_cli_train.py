@@ -398,7 +398,8 @@ def test_bad_input_gets_a_one_line_error(trained_run, tmp_path, capsys):
     cases = [
         (["train", "--recipe", "resnet5O"], "did you mean"),
         (["train", "--set", "train.epoch=3"], "valid keys"),
-        (["train", "--recipe", "alexnet"], "pass --data /path/to/imagenet"),
+        (["train", "--recipe", "alexnet"], "the images are ImageNet's (which canon cannot "
+                                            "download): pass --data /path/to/imagenet"),
         (["train", "--data", str(tmp_path / "missing")], "neither sample, cifar10"),
         (["train", "--set", "model.num_classes=5", "--output-dir", str(tmp_path / "nc")],
          "model.num_classes is 5, but the training set has 10 classes (sample)"),

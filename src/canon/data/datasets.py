@@ -40,8 +40,8 @@ IMAGENET = "imagenet"  # the ImageNet recipes' dataset until --data names the fo
 # Recipes' dataset names that only a folder of the user's can stand for (--data), with where
 # to get it.
 PLACEHOLDERS = {
-    IMAGENET: "this recipe trains on ImageNet (which canon cannot download)",
-    "imagenette2-160": "this recipe trains on Imagenette-160 (fast.ai's 10-class subset of "
+    IMAGENET: "the images are ImageNet's (which canon cannot download)",
+    "imagenette2-160": "the images are Imagenette-160's (fast.ai's 10-class subset of "
     "ImageNet): download https://s3.amazonaws.com/fast-ai-imageclas/imagenette2-160.tgz, "
     "unpack it",
 }
