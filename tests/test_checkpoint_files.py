@@ -584,15 +584,6 @@ def test_new_runs_start_in_empty_unrelated_or_result_less_directories(tmp_path):
     with claim_run_dir(stopped, resume=False):
         assert sorted(p.name for p in stopped.iterdir()) == [".lock"]
     assert not killed.exists()
-    # Killed in its first epoch between best.pt and epoch-001.pt (best.pt goes first), or
-    # pruned to its best: a run, kept, that a resume goes on from its best.pt.
-    (stopped / "recipe.yaml").write_text(f"{RECIPE_HEADER}canon 0.1.0, commit None\nname: x\n")
-    ckpt.save_checkpoint(training_state(1), ckpt.best_checkpoint(stopped))
-    path, state = ckpt.load_for_resume(stopped)
-    assert path == ckpt.best_checkpoint(stopped) and state["epoch"] == 1
-    with pytest.raises(DataError, match="already holds a run"), claim_run_dir(stopped,
-                                                                              resume=False):
-        pass
     # A recipe.yaml no run wrote is the user's: kept, even under --overwrite.
     (mine / "recipe.yaml").write_text("# my experiment\nbase: quickstart\n")
     for overwrite in (False, True):

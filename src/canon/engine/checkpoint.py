@@ -182,15 +182,6 @@ def resumable_checkpoints(run_dir: Path) -> list[Path]:
     return [interrupted, *epochs] if interrupted.is_file() else epochs
 
 
-def resume_candidates(run_dir: Path) -> list[Path]:
-    """What a resume of the run goes on from, newest first: its interruption and epoch
-    checkpoints, or where it has none its best.pt: a run killed in its first epoch between
-    best.pt and epoch-001.pt (saving.save_epoch writes them in that order), or one pruned to
-    its best epoch."""
-    best = best_checkpoint(run_dir)
-    return resumable_checkpoints(run_dir) or ([best] if best.is_file() else [])
-
-
 def replaced_run_note(run_dir: Path) -> str:
     """Where a run that --overwrite set aside waits, for the messages of a folder holding no
     checkpoint: its replacement has none yet, or was killed before its first."""
@@ -202,8 +193,7 @@ def replaced_run_note(run_dir: Path) -> str:
 
 
 def load_for_resume(path: str | Path) -> tuple[Path, dict[str, Any]]:
-    """The newest readable checkpoint at `path` (a run directory, of resume_candidates, or a
-    checkpoint file).
+    """The newest readable checkpoint at `path` (a run directory or a checkpoint file).
 
     A checkpoint that cannot be read (e.g. truncated) gets a warning naming it, and the next
     older one of the same run is tried; DataError when none is readable, when the run has no
@@ -214,7 +204,7 @@ def load_for_resume(path: str | Path) -> tuple[Path, dict[str, Any]]:
     if not path.exists():
         raise DataError(f"{path} does not exist; resume from a run directory or a checkpoint file")
     if path.is_dir():
-        candidates = resume_candidates(path)
+        candidates = resumable_checkpoints(path)
     else:  # the run's checkpoints older than the one named (none after best.pt, a copy)
         run = [p.resolve() for p in resumable_checkpoints(run_dir_of(path))]
         older = run[run.index(path.resolve()) + 1 :] if path.resolve() in run else []

@@ -18,7 +18,7 @@ import torch
 
 from canon.data.labeled import ImageSubset
 from canon.data.loaders import Datasets, build_datasets
-from canon.engine.checkpoint import EXPORT_CONFIG, EXPORT_WEIGHTS, resume_candidates
+from canon.engine.checkpoint import EXPORT_CONFIG, EXPORT_WEIGHTS, resumable_checkpoints
 from canon.engine.rundir import anchored_recipe, recorded_commit
 from canon.engine.schedules import scale_iteration_counts
 from canon.engine.trainer import train
@@ -130,7 +130,7 @@ def ensure_run(run: PlannedRun, mode: Mode, *, device: str, progress: bool) -> R
     if _finished(run_dir):
         _check_same_recipe(run_dir, run.recipe, finished=True)
         return _record(run, "finished before", None)
-    resume = run_dir if resume_candidates(run_dir) else None
+    resume = run_dir if resumable_checkpoints(run_dir) else None
     if resume is not None:
         _check_same_recipe(run_dir, run.recipe)
     started = time.perf_counter()
