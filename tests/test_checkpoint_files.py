@@ -540,7 +540,7 @@ def test_overwrite_deletes_the_earlier_run_s_files_only(tmp_path):
 
 def test_a_carried_best_checkpoint_is_not_the_new_run_s_first(tmp_path):
     """A run continued here from another folder copies that run's best.pt before its first
-    epoch (carry_best): failing in that epoch puts the replaced run back, or in a folder of its
+    epoch (keep_best): failing in that epoch puts the replaced run back, or in a folder of its
     own leaves nothing that refuses a new start without --overwrite."""
     write_run(tmp_path)
     earlier = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
@@ -660,22 +660,6 @@ def test_a_killed_run_does_not_block_the_next(tmp_path):
     with claim_run_dir(tmp_path, resume=True):
         assert (tmp_path / ".lock").read_text() == f"{os.getpid()}\n"
     assert not (tmp_path / ".lock").exists()
-
-
-def test_best_pt_is_written_before_the_epoch_checkpoint(tmp_path, monkeypatch):
-    """A run killed between the two writes of a best epoch resumes from before it (no epoch
-    checkpoint yet) and writes both again: best.pt never misses the best epoch."""
-    from canon.engine.saving import save_epoch
-    from canon.recipes.schema import TrainSection
-
-    def killed(*args):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(ckpt, "copy_checkpoint", killed)
-    with pytest.raises(KeyboardInterrupt):
-        save_epoch(tmp_path, {"epoch": 3}, {"epoch": 3}, True, TrainSection())
-    assert torch.load(ckpt.best_checkpoint(tmp_path), weights_only=True) == {"epoch": 3}
-    assert ckpt.resumable_checkpoints(tmp_path) == []
 
 
 @pytest.mark.parametrize("name, options", [("googlenet", {"aux_logits": False}),

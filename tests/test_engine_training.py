@@ -213,6 +213,35 @@ def test_going_on_from_an_older_checkpoint_takes_a_directory_of_its_own(
     assert [p.name for p in ckpt.resumable_checkpoints(run)] == ["epoch-003.pt"]
 
 
+def test_a_run_killed_between_its_epoch_checkpoint_and_best_pt_gets_best_pt_back(
+    resume_data, tmp_path, monkeypatch
+):
+    """save_epoch writes the epoch's checkpoint, then best.pt as its copy: killed between the
+    two, the resume goes on from that epoch and restores best.pt from it. (The other order
+    left, in the first epoch, a best.pt alone, which no resume went on from.)"""
+    recipe = apply_overrides(tiny_recipe(epochs=2, batch_size=16), [("data.val_split", 50)])
+    copy = ckpt.copy_checkpoint
+
+    def killed(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt, "copy_checkpoint", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe, tmp_path, device="cpu", datasets=resume_data, progress=False)
+    assert ckpt.resumable_checkpoints(tmp_path) == [ckpt.epoch_checkpoint(tmp_path, 1)]
+    assert not ckpt.best_checkpoint(tmp_path).exists()
+    monkeypatch.setattr(ckpt, "copy_checkpoint", copy)
+    best_seen = []
+
+    def look(step: int) -> None:
+        if not best_seen:  # before epoch 2's first step ends, best.pt is epoch 1's again
+            best_seen.append(ckpt.load_checkpoint(ckpt.best_checkpoint(tmp_path))["epoch"])
+
+    train(recipe, tmp_path, resume=tmp_path, device="cpu", datasets=resume_data,
+          progress=False, on_step=look)
+    assert best_seen == [1]
+
+
 def test_a_run_continued_in_another_directory_keeps_its_best_checkpoint(resume_data, tmp_path):
     """Its best is chosen over every epoch, the ones trained before the branch too: best.pt
     of those is there before the first new step, not only once a new epoch beats it."""

@@ -293,7 +293,7 @@ def discard_replaced_run(run_dir: Path) -> None:
 def _end_replacement(run_dir: Path, *, failed: bool) -> None:
     """The set-aside run goes for good once the new one has a checkpoint or ended well;
     otherwise it comes back in place of what the new run wrote. best.pt is not one: a run
-    continued from another folder's copies that run's best before its first (carry_best)."""
+    continued from another folder's copies that run's best before its first (keep_best)."""
     aside = run_dir / REPLACED_DIR
     if not aside.is_dir():
         return

@@ -110,29 +110,30 @@ def save_epoch(
     """The epoch's checkpoint (replacing interrupted.pt), best.pt when it is the best, and
     only the newest train.keep_checkpoints epoch checkpoints besides train.keep_epochs'.
 
-    best.pt is written first: a run killed in between resumes from before this epoch and
-    writes both again, where the other order left a best.pt that missed the best epoch."""
+    The epoch's checkpoint is written first, best.pt then copied from it: a run killed in
+    between resumes from this epoch, and keep_best restores best.pt from it. (The other
+    order left, killed in the first epoch, a best.pt alone, which no resume goes on from.)"""
     path = ckpt.epoch_checkpoint(run_dir, row["epoch"])
+    ckpt.save_checkpoint(state, path)
     if is_best:
-        ckpt.save_checkpoint(state, ckpt.best_checkpoint(run_dir))
-        ckpt.copy_checkpoint(ckpt.best_checkpoint(run_dir), path)
-    else:
-        ckpt.save_checkpoint(state, path)
+        ckpt.copy_checkpoint(path, ckpt.best_checkpoint(run_dir))
     ckpt.interrupted_checkpoint(run_dir).unlink(missing_ok=True)
     discard_replaced_run(run_dir)  # the run --overwrite replaced: this one has a checkpoint
     ckpt.prune_epoch_checkpoints(run_dir, config.keep_checkpoints, config.keep_epochs)
 
 
-def carry_best(run: Run, source: Path) -> None:
-    """Rank 0 of a run continued in another directory from checkpoint `source`: best.pt of
-    its epochs so far, copied from the run it continues (its best.pt, or the best epoch's
-    checkpoint), so that the best is still chosen over every epoch. Where that run keeps
-    neither (pruned, or it went on past `source` to a better epoch) or reads neither
-    (damaged: warned of), the best is chosen among the epochs trained here."""
+def keep_best(run: Run, source: Path) -> None:
+    """Rank 0 of a run resumed from checkpoint `source`: best.pt of its epochs so far, so
+    that the best is still chosen over every epoch. Continued in another directory: copied
+    from the run it continues (its best.pt, or the best epoch's checkpoint). In its own:
+    restored from the best epoch's checkpoint where a kill between save_epoch's two writes
+    left best.pt behind it. Where the run keeps neither (pruned, or it went on past `source`
+    to a better epoch) or reads neither (damaged: warned of), the best is chosen among the
+    epochs trained from here."""
     if run.validates_on_test_set or not run.metrics:
         return
     best_epoch = min(run.metrics, key=lambda row: row["val_top1_error"])["epoch"]
-    source_dir = ckpt.run_dir_of(source)
+    source_dir, best = ckpt.run_dir_of(source), ckpt.best_checkpoint(run.run_dir)
     for candidate in (ckpt.best_checkpoint(source_dir),
                       ckpt.epoch_checkpoint(source_dir, best_epoch)):
         if not candidate.is_file():
@@ -144,7 +145,8 @@ def carry_best(run: Run, source: Path) -> None:
                           ckpt.CheckpointWarning, stacklevel=2)
             continue
         if _ends_epoch(state, best_epoch):
-            ckpt.copy_checkpoint(candidate, ckpt.best_checkpoint(run.run_dir))
+            if candidate.resolve() != best.resolve():
+                ckpt.copy_checkpoint(candidate, best)
             return
     run.best_error = math.inf
 

@@ -41,10 +41,10 @@ from canon.engine.rundir import (
     continues_elsewhere,
 )
 from canon.engine.saving import (
-    carry_best,
     check_weights,
     divergence_remedy,
     export,
+    keep_best,
     newest_checkpoint_note,
     save_epoch,
     snapshot,
@@ -193,9 +193,9 @@ def _train(
     stop = StopFlag()
     in_place = state is not None and not continues_elsewhere(state, run_dir)
     with _claimed(run, resuming=in_place, overwrite=overwrite), stop.installed():
-        if state is not None and not in_place and ctx.is_main:
-            carry_best(run, run.resumed_from)
-        elif in_place and ctx.is_main:  # metrics.csv may lag the checkpoint (killed between
+        if run.resumed_from is not None and ctx.is_main:
+            keep_best(run, run.resumed_from)
+        if in_place and ctx.is_main:  # metrics.csv may lag the checkpoint (killed between
             write_metrics_csv(run_dir / "metrics.csv", run.metrics)  # the two writes) or run
             # ahead of it (a damaged newer checkpoint passed over): the checkpoint's epochs
         try:
