@@ -13,6 +13,8 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -123,6 +125,21 @@ def test_eval_prints_errors_and_writes_json(trained_run, tmp_path, capsys):
                              ).read_text())
         assert result["checkpoint"].endswith(f"epoch-00{epoch}.pt")
     assert (unexported / "eval-center.json").read_text() == own
+
+
+def test_torchvision_models_results_are_named_after_them() -> None:
+    """Each torchvision:NAME[:WEIGHTS] its own file here, no colon in it."""
+    from canon.cli import _default_eval_output
+
+    names = [_default_eval_output(
+        SimpleNamespace(protocol="center", sources=[source]),
+        [SimpleNamespace(source=Path(source), data=SimpleNamespace(dataset="imagenet"))],
+        "/data/imagenette/val").name
+        for source in ("torchvision:resnet50", "torchvision:vgg16",
+                       "torchvision:resnet50:IMAGENET1K_V1")]
+    assert names == ["eval-center-val-torchvision_resnet50.json",
+                     "eval-center-val-torchvision_vgg16.json",
+                     "eval-center-val-torchvision_resnet50_IMAGENET1K_V1.json"]
 
 
 def test_a_loaded_model_alone_is_evaluated_with_its_run_s_preprocessing(trained_run):

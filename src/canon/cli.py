@@ -400,21 +400,26 @@ def _run_eval(args: argparse.Namespace) -> None:
 def _default_eval_output(args: argparse.Namespace, trained: list, data: str) -> Path:
     """eval-PROTOCOL.json in the run directory named, also when read from its checkpoints
     (no export yet); beside a model file named, with a checkpoint's name (a checkpoint of
-    some epoch: not over the run's own result, nor over another epoch's); for several
-    models, ensemble-PROTOCOL.json here. Another dataset's result gets its folder's name,
-    beside the model's own one."""
+    some epoch: not over the run's own result, nor over another epoch's); here for
+    torchvision:NAME, with its name; for several models, ensemble-PROTOCOL.json here.
+    Another dataset's result gets its folder's name, beside the model's own one."""
     from canon.data.datasets import anchored_dataset
     from canon.data.views import parse_protocol
+    from canon.engine.trained import TORCHVISION
+
+    def part(name: str) -> str:
+        return "-" + re.sub(r"[^A-Za-z0-9._-]", "_", name)
 
     protocol = parse_protocol(args.protocol).name
-    other = ("" if data == anchored_dataset(trained[0].data.dataset)
-             else f"-{re.sub(r'[^A-Za-z0-9._-]', '_', Path(data).name)}")
+    other = "" if data == anchored_dataset(trained[0].data.dataset) else part(Path(data).name)
     if len(trained) > 1:
         return Path(f"ensemble-{protocol}{other}.json")
     named, source = Path(args.sources[0]), trained[0].source
     if named.is_dir():
         return named / f"eval-{protocol}{other}.json"
-    epoch = f"-{source.stem}" if source.suffix == ".pt" else ""  # not torchvision:NAME's
+    if str(source).startswith(TORCHVISION):  # here, named after the weights
+        return Path(f"eval-{protocol}{other}{part(str(source))}.json")
+    epoch = part(source.stem) if source.suffix == ".pt" else ""
     return source.parent / f"eval-{protocol}{other}{epoch}.json"
 
 
