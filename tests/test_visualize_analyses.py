@@ -6,6 +6,7 @@ the bundled CIFAR-10 sample and on models built here so the right answer is know
 from __future__ import annotations
 
 import csv
+import os
 import shutil
 from itertools import pairwise
 from pathlib import Path
@@ -323,6 +324,8 @@ def test_the_analyses_from_the_command_line(
                  capsys)
     assert (f"occlusion-test3.json holds the result for image {image}: name another folder "
             "with --output-dir") in capsys.readouterr().err
+    run_verb(["occlusion", run, os.path.relpath(image), "--size", "8", "--stride", "8",
+              "--output-dir", str(out), "--device", "cpu"], capsys)  # the same, spelt otherwise
 
     out = tmp_path / "invariance"
     lines = run_verb(["invariance", run, image, str(sample_images[1]), "--transform", "rotate",

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from canon.data.datasets import anchored_dataset
 from canon.data.preprocess import center_transform
 from canon.engine.trained import TrainedModel
 from canon.errors import ConfigError
@@ -208,9 +209,8 @@ def write_deconvnet(
     The features are `channels` when given, else the `features` channels whose strongest
     activation over the split is largest. Writes deconvnet-LAYER.png and .json/.csv (per
     feature and rank: image, class, activation, position, receptive field)."""
-    stem = f"deconvnet-{layer}"
-    check_not_another(output_dir / f"{stem}.json", data=str(data or trained.data.dataset),
-                      split=split)
+    stem, searched = f"deconvnet-{layer}", anchored_dataset(str(data or trained.data.dataset))
+    check_not_another(output_dir / f"{stem}.json", data=searched, split=split)
     model = trained.model.to(device)
     layers = deconvnet_layers(model, layer)
     dataset = open_split(trained, data, split)
@@ -248,7 +248,7 @@ def write_deconvnet(
     )
     numbers = {
         "method": "deconvnet (Zeiler & Fergus 2013, s2.1)", "source": str(trained.source),
-        "layer": layer, "data": str(data or trained.data.dataset), "split": split,
+        "layer": layer, "data": searched, "split": split,
         "images_searched": found.searched,
         "features": "given channels" if channels else "strongest maximum activation",
         "receptive_field": "field_top..field_right: input pixels (inclusive), clipped to it",

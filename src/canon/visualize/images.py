@@ -128,14 +128,19 @@ def save_labelled_grid(
 
 def check_not_another(path: Path, **subject: str) -> None:
     """Before the work: the result at `path` (a JSON written by a visualisation) is replaced
-    only by one of the same `subject` (image, data, split); another's, e.g. an image of the
-    same file name in another folder, is a DataError saying to name another folder."""
+    only by one of the same `subject` (image and data as absolute paths, as the results
+    record them; split); another's, e.g. an image of the same file name in another folder,
+    is a DataError saying to name another folder. A relative path an earlier canon recorded
+    is not compared: the directory it was relative to is unknown."""
     try:
         earlier = json.loads(path.read_text())
     except (OSError, ValueError):
         return
+    if not isinstance(earlier, dict):
+        return
     differ = [f"{key} {earlier[key]}" for key, value in subject.items()
-              if isinstance(earlier, dict) and key in earlier and earlier[key] != value]
+              if key in earlier and earlier[key] != value
+              and (key == "split" or Path(str(earlier[key])).is_absolute())]
     if differ:
         raise DataError(f"{path} holds the result for {', '.join(differ)}: name another folder "
                         "with --output-dir to keep both")
