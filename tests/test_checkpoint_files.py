@@ -568,13 +568,14 @@ def test_new_runs_start_in_empty_unrelated_or_result_less_directories(tmp_path):
     with claim_run_dir(tmp_path / "new" / "run", resume=False):  # created, parents too
         assert (tmp_path / "new" / "run").is_dir()
     mine = tmp_path / "mine"
-    mine.mkdir()
+    (mine / "visualize").mkdir(parents=True)  # canon visualize's of other models, run here
     for name in ("notes.txt", ".config.settings"):  # the latter named like a temporary file
         (mine / name).write_text("mine")
     killed = [kill_mid_write(mine / name) for name in ("model.safetensors", "metrics.csv")]
     with claim_run_dir(mine, resume=False):
         pass
-    assert sorted(p.name for p in mine.iterdir()) == [".config.settings", "notes.txt"]
+    assert sorted(p.name for p in mine.iterdir()) == [".config.settings", "notes.txt",
+                                                      "visualize"]
     assert not any(path.exists() for path in killed)
     # A run that stopped before its first checkpoint: nothing to resume, so it is replaced.
     stopped = tmp_path / "stopped"

@@ -319,7 +319,7 @@ def _clear_earlier_run(run_dir: Path, overwrite: bool) -> None:
             "writes its resolved recipe there: move it, or pick another --output-dir"
         )
     if not _has_results(run_dir):  # a run that stopped before its first checkpoint
-        _remove_run_files(run_dir)
+        _remove_run_files(run_dir, reports=False)
         return
     aside = run_dir / REPLACED_DIR
     aside.mkdir()
@@ -327,15 +327,20 @@ def _clear_earlier_run(run_dir: Path, overwrite: bool) -> None:
         path.rename(aside / path.name)
 
 
-def _run_files(run_dir: Path) -> list[Path]:
-    named = [run_dir / name for name in (*RUN_FILES, VISUALIZE_DIR)]
-    evaluations = [path for pattern in ("eval-*.json", "eval-*-per-class.csv",
-                                        "eval-*-confusion.png") for path in run_dir.glob(pattern)]
-    return [p for p in [*named, *evaluations] if p.exists() or p.is_symlink()]
+def _run_files(run_dir: Path, *, reports: bool = True) -> list[Path]:
+    """The run's files there; with `reports`, also what canon eval and canon visualize wrote
+    of its model (a folder holding no model holds none of theirs: a visualize/ there is of
+    other models)."""
+    named = [run_dir / name for name in RUN_FILES]
+    if reports:
+        named.append(run_dir / VISUALIZE_DIR)
+        named += [path for pattern in ("eval-*.json", "eval-*-per-class.csv",
+                                       "eval-*-confusion.png") for path in run_dir.glob(pattern)]
+    return [p for p in named if p.exists() or p.is_symlink()]
 
 
-def _remove_run_files(run_dir: Path) -> None:
-    for path in _run_files(run_dir):
+def _remove_run_files(run_dir: Path, *, reports: bool = True) -> None:
+    for path in _run_files(run_dir, reports=reports):
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         else:
