@@ -105,7 +105,8 @@ def _deconvnet(args: argparse.Namespace) -> Written:
 
 @visualization("evolution", "features' projections at each kept epoch (Zeiler & Fergus "
                "Fig. 4)", layer_argument(), data_arguments(32), feature_arguments(6),
-               images_argument)
+               images_argument, run_help="a run directory: its kept epoch checkpoints "
+               "(train.keep_epochs) beside its final model")
 def _evolution(args: argparse.Namespace) -> Written:
     from canon.visualize.evolution import write_evolution
 
