@@ -223,6 +223,7 @@ def test_a_download_that_gets_no_answer_stops_at_the_timeout(
     for good: now the timeout's error, naming the address."""
     import socket
     import time
+    import urllib.request
 
     silent = socket.create_server(("127.0.0.1", 0))  # accepts (the backlog), never answers
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
@@ -230,6 +231,8 @@ def test_a_download_that_gets_no_answer_stops_at_the_timeout(
         monkeypatch.setenv(variable, f"http://127.0.0.1:{silent.getsockname()[1]}")
     monkeypatch.delenv("no_proxy", raising=False)
     monkeypatch.delenv("NO_PROXY", raising=False)
+    # urlopen's opener reads the proxies once, when first used: an earlier test's is stale
+    monkeypatch.setattr(urllib.request, "_opener", None)
     monkeypatch.setattr(transfer, "DOWNLOAD_TIMEOUT", 1)
     started = time.perf_counter()
     url = tvm.ResNet18_Weights.IMAGENET1K_V1.url
