@@ -20,7 +20,12 @@ import safetensors.torch
 import torch
 
 from canon.engine import checkpoint as ckpt
-from canon.engine.rundir import RECIPE_HEADER, check_continuation, claim_run_dir
+from canon.engine.rundir import (
+    RECIPE_HEADER,
+    anchored_recipe,
+    check_continuation,
+    claim_run_dir,
+)
 from canon.engine.trained import load_trained
 from canon.errors import DataError
 from canon.files import atomic_write, sweep_partial_writes
@@ -484,6 +489,22 @@ def test_a_run_without_an_export_falls_back_from_an_unreadable_best_to_its_last_
 
 
 # ---- one run per run directory -------------------------------------------------------------
+
+
+def test_a_run_records_its_relative_paths_whole(tmp_path, monkeypatch):
+    """The data folder, model.init_from and data.normalization_from as the absolute paths
+    they name, so that a resume from another directory finds them; names and paths that do
+    not exist stay as they are."""
+    for name in ("data", "source"):
+        (tmp_path / name).mkdir()
+    monkeypatch.chdir(tmp_path)
+    recipe = anchored_recipe(load_recipe("quickstart", [
+        ("data.dataset", "data"), ("model.init_from", "source"),
+        ("data.normalization_from", "source")]))
+    assert (recipe.data.dataset, recipe.model.init_from, recipe.data.normalization_from) == (
+        str(tmp_path / "data"), str(tmp_path / "source"), str(tmp_path / "source"))
+    named = anchored_recipe(load_recipe("quickstart", [("model.init_from", "torchvision:alexnet")]))
+    assert (named.data.dataset, named.model.init_from) == ("sample", "torchvision:alexnet")
 
 
 def test_a_new_run_refuses_a_directory_holding_another_run(tmp_path):
