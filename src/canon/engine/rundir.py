@@ -252,11 +252,10 @@ def claim_run_dir(run_dir: Path, *, resume: bool, overwrite: bool = False) -> It
     that run's files (RUN_FILES, canon eval's and visualize/, nothing else) aside in
     REPLACED_DIR instead, deleted once the new run has saved a checkpoint or ended well, and
     put back if it fails before (bad data found in its first epoch must not cost the earlier
-    run). The files of an
-    earlier run that stopped before its first checkpoint are deleted without asking: there is
-    nothing in them to resume. Unrelated files stay. A directory this call created is removed
-    again when the block fails having written nothing there, so failed attempts leave no
-    empty runs/NAME-N behind.
+    run). The files of an earlier run that stopped before its first checkpoint are deleted
+    without asking: there is nothing in them to resume. Unrelated files stay. A directory
+    this call created is removed again when the block fails having written nothing there, so
+    failed attempts leave no empty runs/NAME-N behind.
     """
     created = not run_dir.exists()
     make_folder(run_dir, advice=OUTPUT_DIR_ADVICE)

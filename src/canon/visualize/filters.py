@@ -83,7 +83,8 @@ def write_activations(
     maps compare; the crop the network saw; and each map's maximum, mean and share of
     positive values."""
     stem = f"activations-{Path(image).stem}-{layer}"  # another image's go beside these
-    check_not_another(output_dir / f"{stem}.json", image=str(image.resolve()))
+    whole = str(image.resolve())
+    check_not_another(output_dir / f"{stem}.json", image=whole)
     decoded = decode_image_file(image, trained.data.max_image_pixels)
     model = trained.model.to(device)
     inputs = center_transform(trained.preprocess)(decoded)[None].to(device)
@@ -106,7 +107,7 @@ def write_activations(
         save_png(output_dir / f"{stem}-input.png", seen_crop(trained.preprocess, decoded)),
         save_csv(output_dir / f"{stem}.csv", rows),
         save_json(output_dir / f"{stem}.json", {
-            "source": str(trained.source), "image": str(image.resolve()), "layer": layer,
+            "source": str(trained.source), "image": whole, "layer": layer,
             "shape": list(maps.shape), "min": float(maps.min()), "max": float(maps.max()),
         }),
     ]

@@ -70,8 +70,8 @@ def occlusion(
     model.stages.
     """
     check_counts(batch_size=batch_size)
-    stem = f"occlusion-{Path(image).stem}"
-    check_not_another(Path(output_dir) / f"{stem}.json", image=str(Path(image).resolve()))
+    stem, whole = f"occlusion-{Path(image).stem}", str(Path(image).resolve())
+    check_not_another(Path(output_dir) / f"{stem}.json", image=whole)
     trained = trained_model(source, device)
     model = trained.model
     raw = read_image(trained, image)
@@ -94,7 +94,7 @@ def occlusion(
             for name, values in (("activation", activation), ("probability", probability),
                                  ("top_class", top_class))}
     result = {
-        "image": str(Path(image).resolve()), "model": str(trained.source), "crop_size": side,
+        "image": whole, "model": str(trained.source), "crop_size": side,
         "size": size, "stride": stride, "starts": starts, "grey": GREY_MEANING,
         "layer": layer, "feature_map": strongest,
         "label": trained.classes[target], "label_index": target,
