@@ -284,6 +284,7 @@ def test_finetune_and_features_through_the_cli(
     folders, source_run, tmp_path, capsys, monkeypatch
 ):
     out = tmp_path / "finetuned"
+    source_run = shutil.copytree(source_run, tmp_path / "source")  # deleted before the resume
     monkeypatch.chdir(folders[1].parent)
     main(["transfer", os.path.relpath(source_run), "--data", folders[1].name, "--mode",
           "finetune", "--output-dir", str(out), "--device", "cpu", "--set",
@@ -306,16 +307,20 @@ def test_finetune_and_features_through_the_cli(
         if name.startswith(("conv1.", "conv2_x.")):
             assert torch.equal(finetuned[name], source[name]), name
     assert not torch.equal(finetuned["conv4_x.2.conv2.weight"], source["conv4_x.2.conv2.weight"])
-    # Its source and data recorded whole, it resumes from any directory.
+    # Its data recorded whole, it resumes from any directory; its normalisation, the source's,
+    # comes from its own checkpoint: the source may be gone.
+    shutil.rmtree(source_run)
     monkeypatch.chdir(tmp_path)
     main(["train", "--resume", str(out), "--set", "train.iterations=3", "--device", "cpu"])
     resumed = capsys.readouterr().out
     assert "resuming at epoch 0 + 16 steps" in resumed and f"done: {out}" in resumed
 
     features_file = tmp_path / "val.safetensors"
-    main(["features", str(out), "--data", str(folders[1]), "--split", "val",
+    monkeypatch.chdir(folders[1].parent)
+    main(["features", str(out), "--data", folders[1].name, "--split", "val",
           "--out", str(features_file), "--device", "cpu"])
     features = Features.load(features_file)
+    assert features.data == f"{folders[1].resolve()} val"  # the folder it named, whole
     assert features.features.shape == (500, 64) and features.labels.bincount().tolist() == [100] * 5
     assert features.classes == ["dog", "frog", "horse", "ship", "truck"]
     direct = extract_features(canon.load_trained(out), open_split(str(folders[1]), "val"), "x")

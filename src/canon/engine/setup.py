@@ -5,6 +5,7 @@ and `open_run_dir` writes the run directory's recipe.yaml and states the run's p
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import warnings
@@ -120,7 +121,7 @@ def set_up(
     state: dict[str, Any] | None,
 ) -> Run:
     config = recipe.train
-    sets = datasets or _build_datasets(recipe, ctx)
+    sets = datasets or _build_datasets(recipe, ctx, state)
     train_set, val_set = (_for_this_rank(s, config, ctx) for s in (sets.train, sets.val))
     preprocess = sets.preprocess
     classes = [str(c) for c in getattr(train_set, "classes", [])]
@@ -386,12 +387,19 @@ def _for_this_rank(dataset: Dataset, config: TrainSection, ctx: dist.Distributed
                            batch_size=config.batch_size, workers=loader_workers(config))
 
 
-def _build_datasets(recipe: Recipe, ctx: dist.DistributedContext) -> Datasets:
+def _build_datasets(
+    recipe: Recipe, ctx: dist.DistributedContext, state: dict[str, Any] | None
+) -> Datasets:
     """build_datasets, first by each machine's first process, which computes and caches the
     training-set statistics the recipe needs; the machine's other processes wait for it and
-    then read them from the cache instead of computing them at the same time."""
+    then read them from the cache instead of computing them at the same time. A resumed run
+    with data.normalization_from reads the normalisation from its own checkpoint, which holds
+    the source's: the source (a fine-tune's) may be gone by then."""
+    data, checkpoint = recipe.data, (state or {}).get(ckpt.RESUMED_FROM)
+    if checkpoint is not None and data.normalization_from is not None:
+        data = dataclasses.replace(data, normalization_from=checkpoint)
     build = functools.partial(
-        build_datasets, recipe.data, strict=recipe.train.strict_data,
+        build_datasets, data, strict=recipe.train.strict_data,
         workers=loader_workers(recipe.train),
     )
     if ctx.local_rank != 0:
