@@ -4,6 +4,7 @@ case uses real files, and real processes where a kill or a lock is involved."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import random
@@ -670,6 +671,20 @@ def test_a_second_run_on_the_same_directory_fails_at_once(tmp_path):
     )
 
 
+def test_a_lock_held_by_an_earlier_canon_names_its_pid(tmp_path):
+    """Before lock files named their holder, they held its pid alone."""
+    descriptor = os.open(tmp_path / ".lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        os.write(descriptor, b"4242\n")
+        with pytest.raises(DataError, match=f"{tmp_path} is in use by another canon process "
+                                            r"\(pid 4242\); wait for it or use another"), \
+                claim_run_dir(tmp_path, resume=True):
+            pass
+    finally:
+        os.close(descriptor)
+
+
 def test_a_killed_run_does_not_block_the_next(tmp_path):
     child, said = claim_in_child(tmp_path)
     assert said == "claimed", child.stderr.read()
@@ -678,9 +693,9 @@ def test_a_killed_run_does_not_block_the_next(tmp_path):
         pass
     child.kill()
     child.wait(timeout=60)
-    assert (tmp_path / ".lock").read_text() == f"{child.pid}\n"  # left behind by the kill
+    assert (tmp_path / ".lock").read_text() == f"{child.pid} canon run\n"  # left by the kill
     with claim_run_dir(tmp_path, resume=True):
-        assert (tmp_path / ".lock").read_text() == f"{os.getpid()}\n"
+        assert (tmp_path / ".lock").read_text() == f"{os.getpid()} canon run\n"
     assert not (tmp_path / ".lock").exists()
 
 

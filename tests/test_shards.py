@@ -28,6 +28,7 @@ from canon.data.pack_command import add_pack_parser, parse_size
 from canon.data.packing import _even_bounds, pack_folder
 from canon.data.shard_index import OFFSET_EVERY, is_shard_folder, read_index
 from canon.data.shards import ShardImages
+from canon.engine.rundir import claim_run_dir
 from canon.errors import ConfigError, DataError
 
 SHARD_BYTES = 1_500_000  # 7 training and 4 validation shards
@@ -407,6 +408,11 @@ def test_a_second_pack_into_a_folder_being_packed_is_refused(with_bad_image, tmp
         with pytest.raises(DataError, match=rf"{out} is in use by another canon pack \(pid "
                                             rf"{child.pid}\); wait for it or choose another"):
             pack_folder(with_bad_image, out, progress=False)
+        # A run into it is refused too, naming what holds it: the pack, not "another run".
+        with pytest.raises(DataError, match=rf"{out} is in use by another canon pack \(pid "
+                                            rf"{child.pid}\); wait for it or use another"), \
+                claim_run_dir(out, resume=False):
+            pass
         assert being_written[0].exists()
     finally:
         child.kill()

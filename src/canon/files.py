@@ -94,8 +94,9 @@ def make_folder(folder: Path, *, advice: str = "choose a writable folder") -> No
 def locked_folder(folder: Path, *, user: str, other: str, advice: str) -> Iterator[None]:
     """Hold `folder`/.lock for the block, against every other process that asks for it: an
     flock, which the kernel releases when its holder dies, so a killed holder never blocks the
-    next. Held elsewhere: a DataError, "`folder` is in use by `user` (pid N); wait for it or
-    `other`"; the lock file cannot be made: cannot_write's, with `advice`."""
+    next. The file names its holder, `user` (e.g. "canon run") and pid. Held elsewhere: a
+    DataError, "`folder` is in use by another canon run (pid N); wait for it or `other`";
+    the lock file cannot be made: cannot_write's, with `advice`."""
     path = folder / LOCK_FILE
     descriptor = _lock(path, user, other, advice)
     try:
@@ -106,7 +107,7 @@ def locked_folder(folder: Path, *, user: str, other: str, advice: str) -> Iterat
 
 
 def _lock(path: Path, user: str, other: str, advice: str) -> int:
-    """A descriptor of `path`, exclusively locked and holding this process's pid."""
+    """A descriptor of `path`, exclusively locked and holding this process's pid and `user`."""
     while True:
         try:
             descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -115,13 +116,15 @@ def _lock(path: Path, user: str, other: str, advice: str) -> int:
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(descriptor, 32).decode(errors="replace").strip() or "unknown"
+            held = os.read(descriptor, 200).decode(errors="replace").split(maxsplit=1)
             os.close(descriptor)
-            raise DataError(f"{path.parent} is in use by {user} (pid {holder}); wait for it "
-                            f"or {other}") from None
+            pid = held[0] if held else "unknown"
+            holder = held[1].strip() if len(held) > 1 else "canon process"  # an older canon's
+            raise DataError(f"{path.parent} is in use by another {holder} (pid {pid}); "
+                            f"wait for it or {other}") from None
         if _still_there(descriptor, path):
             os.ftruncate(descriptor, 0)
-            os.write(descriptor, f"{os.getpid()}\n".encode())
+            os.write(descriptor, f"{os.getpid()} {user}\n".encode())
             return descriptor
         os.close(descriptor)  # its holder deleted that file as it finished: lock the new one
 

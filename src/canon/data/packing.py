@@ -75,7 +75,7 @@ def pack_folder(
                         "choose an --out folder outside it")
     _check_out(out, root)
     make_folder(out, advice=_ADVICE)
-    with locked_folder(out, user="another canon pack", other="choose another --out folder",
+    with locked_folder(out, user="canon pack", other="choose another --out folder",
                        advice=_ADVICE):  # the other would sweep its shards being written
         sweep_partial_writes(out, ("*.tar", INDEX))  # left by a pack that was killed
         classes = next(iter(folders.values()))

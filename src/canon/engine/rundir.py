@@ -260,7 +260,7 @@ def claim_run_dir(run_dir: Path, *, resume: bool, overwrite: bool = False) -> It
     created = not run_dir.exists()
     make_folder(run_dir, advice=OUTPUT_DIR_ADVICE)
     try:
-        with locked_folder(run_dir, user="another canon run", other="use another "
+        with locked_folder(run_dir, user="canon run", other="use another "
                            "--output-dir", advice=OUTPUT_DIR_ADVICE):
             _end_replacement(run_dir, failed=True)  # a killed run's: kept if it got no further
             if not resume:
