@@ -519,7 +519,7 @@ def test_a_new_run_refuses_a_directory_holding_another_run(tmp_path):
     )
     assert sorted(tmp_path.rglob("*")) == before
     with claim_run_dir(tmp_path, resume=True):  # continuing it keeps everything
-        assert (tmp_path / ".lock").read_text() == f"{os.getpid()}\n"
+        assert (tmp_path / ".lock").read_text() == f"{os.getpid()} canon run\n"
     assert sorted(tmp_path.rglob("*")) == before
 
 
