@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -115,7 +116,6 @@ dist.shutdown_distributed(ctx)
 NO_SYNC_WORKER = '''
 import json, sys
 import torch
-from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from canon.engine import distributed as dist
 
 ctx = dist.init_distributed("cpu")
@@ -124,8 +124,16 @@ model = dist.wrap_model(torch.nn.Linear(4, 2), ctx)
 all_reduces = []
 
 def counting_hook(state, bucket):
+    """DDP's averaging all-reduce, counted, run in the backward's own thread. torch's
+    allreduce_hook ends in a Future.then callback, Python that gloo's threads run; with it
+    about one launch in 70 aborted at exit ("terminate called without an active
+    exception"), the mark of a thread that takes the GIL while Python finalises."""
     all_reduces.append(1)
-    return allreduce_hook(state, bucket)
+    gradients = bucket.buffer().div_(ctx.world_size)
+    torch.distributed.all_reduce(gradients)
+    reduced = torch.futures.Future()
+    reduced.set_result(gradients)
+    return reduced
 
 model.register_comm_hook(None, counting_hook)
 images = torch.full((2, 4), float(ctx.rank + 1))
@@ -226,13 +234,24 @@ if __name__ == "__main__":
 
 
 def _environment(cache: Path) -> dict[str, str]:
-    env = dict(os.environ, CANON_CACHE=str(cache), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    # PYTHONFAULTHANDLER: a worker that aborts prints every thread's Python stack.
+    env = dict(os.environ, CANON_CACHE=str(cache), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               PYTHONFAULTHANDLER="1")
     env.pop("CANON_DEBUG", None)
     return env
 
 
-def _torchrun(nproc: int, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+def _torchrun(nproc: int, *extra: str, static: bool = False) -> list[str]:
+    """torchrun on this machine: --standalone (a run id of the launch's own) or, `static`,
+    the static rendezvous of --master-addr/--master-port, whose run id is "none"."""
+    if static:
+        with socket.socket() as probe:  # a free port for the launch's store
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        rendezvous = ["--nnodes=1", "--master-addr=127.0.0.1", f"--master-port={port}"]
+    else:
+        rendezvous = ["--standalone"]
+    return [sys.executable, "-m", "torch.distributed.run", *rendezvous,
             f"--nproc_per_node={nproc}", *extra]
 
 
@@ -474,15 +493,17 @@ def test_an_elastic_restart_of_a_resumed_run_goes_on_from_where_it_got_to(
     assert plan_run(None, [], resume=str(first), output_dir=branch).state["epoch"] == 1
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["standalone", "static-rendezvous"])
 def test_elastic_restart_resumes_from_the_last_checkpoint(
-    imagenette_root: Path, tmp_path: Path
+    imagenette_root: Path, tmp_path: Path, static: bool
 ) -> None:
     data = tmp_path / "data"
     _link_images(imagenette_root / "train", data / "train", 192)
     _link_images(imagenette_root / "val", data / "val", VAL_IMAGES)
     run = tmp_path / "run"
     command = [
-        *_torchrun(2, "--max-restarts=1"), "-m", "canon", "train", "--data", str(data),
+        *_torchrun(2, "--max-restarts=1", static=static), "-m", "canon", "train", "--data",
+        str(data),
         "--set", "data.mean=imagenet", "--batch-size", "4", "--epochs", "2",
         "--output-dir", str(run),
     ]
@@ -507,6 +528,29 @@ def test_elastic_restart_resumes_from_the_last_checkpoint(
     assert [row["epoch"] for row in rows] == ["1", "2"]
     assert rows[0] == first_epoch  # the finished epoch survived the restart unchanged
     assert (run / "model.safetensors").exists()
+
+
+def test_a_static_rendezvous_restart_does_not_take_an_earlier_launch_s_run(
+    quickstart_run: Path, tmp_path: Path
+) -> None:
+    """Under the static rendezvous torchrun's run id is "none" for every launch, as canon once
+    recorded it. A launch into an earlier one's run is refused (no --overwrite), and so must
+    its restart be, which used to resume that run as the launch's own."""
+    run = tmp_path / "run"
+    shutil.copytree(quickstart_run, run)
+    newest = ckpt.epoch_checkpoint(run, 2)
+    ckpt.save_checkpoint({**ckpt.load_checkpoint(newest), "launch": "none"}, newest)
+    done = subprocess.run(
+        [*_torchrun(2, "--max-restarts=1", static=True), "-m", "canon", "train", "--device",
+         "cpu", "--output-dir", str(run)],
+        env=_environment(tmp_path / "cache"), capture_output=True, text=True, timeout=300,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode != 0, output[-3000:]
+    assert "resuming" not in output, output[-3000:]
+    assert output.count(f"{run} already holds a run") >= 2, output[-3000:]  # both attempts
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        p.name for p in sorted((quickstart_run / "checkpoints").iterdir())]
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ the trainer has one code path."""
 from __future__ import annotations
 
 import os
+import uuid
 import warnings
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -96,10 +97,22 @@ def launched_by_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ
 
 
+# torchrun's run id under its static rendezvous (--master-addr/--master-port alone): every
+# launch's, not one of its own.
+_STATIC_RUN_ID = "none"
+
+
 def elastic_run_id() -> str:
-    """torchrun's id of this run (--rdzv-id; one per --standalone launch), the same on every
-    process and across elastic restarts."""
-    return os.environ["TORCHELASTIC_RUN_ID"]
+    """The id of this torchrun launch, the same on every process and across elastic restarts:
+    torchrun's (--rdzv-id; one per --standalone launch) or, under the static rendezvous,
+    where that is "none" for every launch, one drawn by its first worker to ask and kept in
+    the launch's store."""
+    run_id = os.environ["TORCHELASTIC_RUN_ID"]
+    store = _agent_store() if run_id == _STATIC_RUN_ID else None
+    if store is None:
+        return run_id
+    # Set only where the key is missing; every caller gets the value it holds.
+    return store.compare_set("canon/launch-id", "", uuid.uuid4().hex[:12]).decode()
 
 
 def is_main_process() -> bool:
@@ -116,21 +129,26 @@ def elastic_restart_count() -> int:
     return _env_int("TORCHELASTIC_RESTART_COUNT", 0)
 
 
+def _agent_store() -> dist.TCPStore | None:
+    """torchrun's store, its agent's at MASTER_ADDR:MASTER_PORT, which lives as long as the
+    launch, across the workers' elastic restarts; None where torchrun shares none."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                         is_master=False, timeout=default_pg_timeout)
+
+
 def _attempt_store() -> dist.Store | None:
     """torchrun's agent store with this restart attempt's own key space; None: use env://.
 
-    The agent keeps its store (same MASTER_PORT) across elastic restarts, and the previous
-    attempt's process group keys are still in it: plain env:// initialisation then connects
-    to the dead workers' addresses and fails or hangs (seen with torch 2.14 and gloo; see
+    The agent keeps its store across elastic restarts, and the previous attempt's process
+    group keys are still in it: plain env:// initialisation then connects to the dead
+    workers' addresses and fails or hangs (seen with torch 2.14 and gloo; see
     pytorch/pytorch#167288). A prefix per attempt starts every attempt from clean keys.
     """
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        return None
-    store = dist.TCPStore(
-        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-        timeout=default_pg_timeout,
-    )
-    return dist.PrefixStore(f"canon/attempt-{elastic_restart_count()}", store)
+    store = _agent_store()
+    return None if store is None else dist.PrefixStore(
+        f"canon/attempt-{elastic_restart_count()}", store)
 
 
 def init_distributed(device: str = "auto") -> DistributedContext:

@@ -102,9 +102,10 @@ def plan_run(
     checkpoint file, or "latest" (the run in `output_dir`, else the newest run of `recipe`
     under runs/); the recipe is the checkpoint's, with `overrides` on top, and a `recipe`
     named beside a path must be the run's. Under torchrun every process picks the same
-    directory (runs/<recipe>-<torchrun's run id>), and an elastic restart (the same command
-    again) continues that run from the newest checkpoint its launch saved there (not from
-    an earlier launch's run the first attempt was refused to replace).
+    directory (runs/<recipe>-<the launch's id>, distributed.elastic_run_id), and an elastic
+    restart (the same command again) continues that run from the newest checkpoint its
+    launch saved there (not from an earlier launch's run the first attempt was refused to
+    replace).
     """
     named, recipe = recipe, DEFAULT_RECIPE if recipe is None else recipe
     if resume is None and distributed.launched_by_torchrun():
@@ -184,7 +185,7 @@ def _newest_readable(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
 
 def _saved_by_this_launch(run_dir: Path) -> bool:
     """Whether the newest readable checkpoint in `run_dir` was saved by this torchrun launch
-    (an earlier attempt of it), by the run id it records."""
+    (an earlier attempt of it), by the launch id it records."""
     newest = _newest_readable(run_dir)
     return newest is not None and newest[1].get("launch") == distributed.elastic_run_id()
 
