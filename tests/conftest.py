@@ -69,3 +69,25 @@ def sample_images(tmp_path_factory) -> list[Path]:
     folder = tmp_path_factory.mktemp("images")
     sample = load_sample("test")
     return [save_png(folder / f"test{i}.png", sample.load_image(i)) for i in (3, 17)]
+
+
+@pytest.fixture
+def random_torchvision(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """torchvision's models with random weights in place of the downloaded ones (no network
+    here): canon's download leaves an empty file in a torch.hub cache of the test's own, and
+    torchvision's builder, which would read it, builds the model without weights."""
+    from canon.transfer import torchvision as transfer
+
+    build = transfer.tvm.get_model
+
+    def get_model(name: str, weights: object, **options: object) -> object:
+        quick = {"init_weights": False} if name == "googlenet" else {}
+        return build(name, weights=None, **options, **quick)
+
+    def download(url: str, destination: Path, **check: str) -> None:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        destination.touch()
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(transfer.tvm, "get_model", get_model)
+    monkeypatch.setattr(transfer, "download", download)

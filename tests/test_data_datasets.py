@@ -27,7 +27,6 @@ from canon.data.cifar import (
     download_and_verify,
     extract_tar,
     fetch_cifar,
-    file_md5,
     read_cifar,
 )
 from canon.data.datasets import load_sample, open_dataset, open_eval_split
@@ -36,6 +35,7 @@ from canon.data.folders import FolderImages
 from canon.data.stats import compute_stats, statistics_of, stats_cache_path
 from canon.errors import ConfigError, DataError
 from canon.evaluation.protocols import evaluate
+from canon.files import file_digest
 from canon.models.factory import create_model
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
@@ -152,7 +152,7 @@ def test_a_cifar_copy_unpacked_by_another_process_first_is_taken(tmp_path, monke
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(source / "cifar-10-batches-py", arcname="cifar-10-batches-py")
     monkeypatch.setitem(CIFAR, "cifar10", {**CIFAR["cifar10"], "url": archive.as_uri(),
-                                           "md5": file_md5(archive)})
+                                           "md5": file_digest(archive, "md5")})
     cache = tmp_path / "cache"
     cache.mkdir()
 

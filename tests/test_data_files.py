@@ -8,12 +8,13 @@ import shutil
 import pytest
 import torch
 
+import canon.files
 from canon.data import DataConfig, build_datasets, stats
-from canon.data import cifar as cifar_module
 from canon.data.cifar import download_and_verify
 from canon.data.folders import FolderImages
 from canon.data.stats import compute_stats, stats_cache_path
-from canon.files import atomic_write
+from canon.errors import DataError
+from canon.files import atomic_write, download
 
 
 def test_atomic_write_replaces_whole_or_not_at_all(tmp_path):
@@ -67,9 +68,24 @@ def test_two_downloads_of_one_archive_both_succeed(tmp_path, monkeypatch):
             download_and_verify(source.as_uri(), target, md5)  # the other process
         real_copy(response, out, length)
 
-    monkeypatch.setattr(cifar_module.shutil, "copyfileobj", copy_while_another_download_runs)
+    monkeypatch.setattr(canon.files.shutil, "copyfileobj", copy_while_another_download_runs)
     assert download_and_verify(source.as_uri(), target, md5).read_bytes() == source.read_bytes()
     assert interleaved and [p.name for p in target.parent.iterdir()] == ["archive.bin"]
+
+
+def test_a_download_is_checked_against_a_published_digest_prefix(tmp_path):
+    """As torch.hub's file names carry the first digits of their sha256."""
+    source = tmp_path / "weights.pth"
+    source.write_bytes(b"weights " * 1000)
+    prefix = hashlib.sha256(source.read_bytes()).hexdigest()[:8]
+    target = tmp_path / "hub" / "weights.pth"
+    download(source.as_uri(), target, algorithm="sha256", published=prefix, name="w", advice="")
+    assert target.read_bytes() == source.read_bytes()
+    wrong = "0" * 8 if prefix != "0" * 8 else "1" * 8
+    with pytest.raises(DataError, match=f"sha256 {prefix} does not match the published {wrong}"):
+        download(source.as_uri(), tmp_path / "other.pth", algorithm="sha256", published=wrong,
+                 name="w", advice="")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hub", "weights.pth"]
 
 
 def test_build_datasets_computes_folder_statistics_with_workers(imagenette_root, tmp_path,

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torchvision.models as tvm
 
+import canon.files
 from canon.data.normalize import make_normalize
 from canon.engine.checkpoint import export_model, model_info
 from canon.engine.setup import build_model
@@ -168,16 +169,30 @@ def test_imagenet_wnids_in_class_index_order() -> None:
         "tench", "English springer", "parachute")
 
 
-def test_load_torchvision(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_load_torchvision(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Everything but the download: torchvision's builder returns random weights here."""
     built, build = {}, tvm.get_model
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    fetched = []
+
+    def download(url: str, destination: Path, **check: str) -> None:
+        fetched.append((url, destination, check["algorithm"], check["published"]))
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        destination.write_bytes(b"weights")
 
     def get_model(name: str, weights: object, **options: object) -> nn.Module:
         built.update(name=name, weights=weights, **options)
         return build(name, weights=None, **options)
 
     monkeypatch.setattr(transfer.tvm, "get_model", get_model)
+    monkeypatch.setattr(transfer, "download", download)
     loaded = transfer.load_torchvision("resnet18")
+    url = tvm.ResNet18_Weights.IMAGENET1K_V1.url
+    # to torch.hub's cache, checked against the sha256 prefix its name carries
+    assert fetched == [(url, tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth",
+                        "sha256", "f37072fd")]
+    transfer.load_torchvision("resnet18")
+    assert len(fetched) == 1  # the cached file is used
     assert built == {"name": "resnet18", "weights": tvm.ResNet18_Weights.IMAGENET1K_V1}
     assert (loaded.model_name, loaded.weights) == ("resnet18", "ResNet18_Weights.IMAGENET1K_V1")
     assert not loaded.model.training
@@ -192,13 +207,14 @@ def test_weights_that_cannot_be_fetched_or_read_are_named(
     """Offline (the download fails), or a damaged file in torch's cache: one error naming the
     address or the file, and what to do."""
     import urllib.error
+    import urllib.request
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
 
     def offline(url: str, *args: object, **options: object) -> None:
         raise urllib.error.URLError("Name or service not known")
 
-    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
     url = tvm.ResNet18_Weights.IMAGENET1K_V1.url
     with pytest.raises(DataError, match=f"cannot download .* from {url} .*go online once"):
         transfer.load_torchvision("resnet18")
@@ -220,7 +236,8 @@ def test_a_download_that_gets_no_answer_stops_at_the_timeout(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """Behind a proxy that takes the connection and never answers, torch.hub's download waited
-    for good: now the timeout's error, naming the address."""
+    for good: canon's download stops at its timeout, naming the address, and leaves the
+    process's default socket timeout alone."""
     import socket
     import time
     import urllib.request
@@ -233,7 +250,7 @@ def test_a_download_that_gets_no_answer_stops_at_the_timeout(
     monkeypatch.delenv("NO_PROXY", raising=False)
     # urlopen's opener reads the proxies once, when first used: an earlier test's is stale
     monkeypatch.setattr(urllib.request, "_opener", None)
-    monkeypatch.setattr(transfer, "DOWNLOAD_TIMEOUT", 1)
+    monkeypatch.setattr(canon.files, "DOWNLOAD_TIMEOUT", 1)
     started = time.perf_counter()
     url = tvm.ResNet18_Weights.IMAGENET1K_V1.url
     try:
@@ -269,15 +286,10 @@ def test_a_googlenet_without_aux_heads_loads_back_from_its_export(tmp_path: Path
 
 
 @pytest.mark.parametrize(("name", "mean"), [("resnet18", "imagenet"), ("googlenet", "inception")])
-def test_finetuning_keeps_the_weights_normalisation(
-    name: str, mean: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.mark.usefixtures("random_torchvision")
+def test_finetuning_keeps_the_weights_normalisation(name: str, mean: str) -> None:
     """Fine-tuning torchvision's weights normalises the new images with the constants the
     weights were trained with (GoogLeNet's 0.5), not with the new dataset's own statistics."""
-    build, quick = tvm.get_model, {"init_weights": False} if name == "googlenet" else {}
-    monkeypatch.setattr(transfer.tvm, "get_model",
-                        lambda model, weights, **options: build(model, weights=None, **options,
-                                                                **quick))
     source = load_trained(f"torchvision:{name}")
     recipe = finetune_recipe(source, f"torchvision:{name}", "/data/flowers")
     assert (recipe.data.mean, recipe.data.divide_std) == (mean, True)

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-import torchvision.models as tvm
 from PIL import Image
 from visualize_helpers import assert_picture, run_verb
 
@@ -23,7 +22,6 @@ from canon.data.preprocess import center_transform, eval_preprocess
 from canon.engine.trained import TrainedModel
 from canon.errors import ConfigError
 from canon.evaluation.protocols import preprocess_for
-from canon.transfer import torchvision as transfer
 from canon.visualize.filters import first_conv, kernel_tiles, write_activations, write_filters
 from canon.visualize.images import GRID_PADDING, contrast_normalise
 from canon.visualize.layers import capture_outputs
@@ -157,13 +155,11 @@ def test_filters_and_activations_commands_on_a_real_run(
     assert exit_info.value.code == 2 and "BatchNorm2d" in capsys.readouterr().err
 
 
+@pytest.mark.usefixtures("random_torchvision")
 def test_torchvision_weights_write_to_the_working_directory(tmp_path, monkeypatch,
                                                             capsys) -> None:
-    """`canon visualize filters torchvision:resnet18` (torchvision's builder gives random
-    weights here, instead of downloading them): no run directory, so ./visualize/filters."""
-    build = tvm.get_model
-    monkeypatch.setattr(transfer.tvm, "get_model",
-                        lambda name, weights, **options: build(name, weights=None, **options))
+    """`canon visualize filters torchvision:resnet18` (random weights here, instead of
+    downloaded ones): no run directory, so ./visualize/filters."""
     monkeypatch.chdir(tmp_path)
     lines = run_verb(["filters", "torchvision:resnet18"], capsys)
     out = Path("visualize") / "filters"

@@ -1,7 +1,8 @@
 """Writing files so that readers and concurrent writers never see a partial one: each is filled
 under a temporary name beside its target (`.NAME.XXXXXXXX`, the pattern of tempfile.mkstemp),
 then renamed over it; a write that cannot happen is a one-line DataError saying why and what to
-do, and the temporary files of writes killed midway can be swept away.
+do, and the temporary files of writes killed midway can be swept away. Folders are locked
+against a second writer, and downloads arrive the same way, whole and checked, or not at all.
 """
 
 from __future__ import annotations
@@ -9,9 +10,13 @@ from __future__ import annotations
 import errno
 import fcntl
 import fnmatch
+import hashlib
 import os
 import re
 import secrets
+import shutil
+import sys
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -188,3 +193,41 @@ def printable(name: object) -> str:
     """A file or class name as text any terminal or figure takes: bytes of a name that are
     not UTF-8 (held by Python as surrogates, os.fsdecode's) shown as \\xNN escapes."""
     return str(name).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+# Seconds a download waits for the server's next bytes before it fails: urllib's default is
+# none, and a proxy or firewall that takes the connection and never answers hangs it for good.
+DOWNLOAD_TIMEOUT = 60
+
+
+def file_digest(path: Path, algorithm: str) -> str:
+    """The hex digest of `path`'s bytes by hashlib's `algorithm`."""
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download(
+    url: str, destination: Path, *, algorithm: str, published: str, name: str, advice: str
+) -> None:
+    """Fetch `url` to `destination` (atomic_write), whose `algorithm` digest must begin with
+    the `published` one (all of it, or a prefix such as torch.hub's file names carry). Fails
+    with a DataError: "cannot download `name` from `url` (why)`advice`", or a digest that
+    differs, where nothing is kept."""
+
+    def fetch(partial: Path) -> None:
+        print(f"downloading {url} to {destination}", file=sys.stderr)
+        try:
+            with (urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as response,
+                  open(partial, "wb") as out):
+                shutil.copyfileobj(response, out, length=1 << 20)
+        except OSError as error:
+            raise DataError(f"cannot download {name} from {url} ({error}){advice}") from None
+        actual = file_digest(partial, algorithm)
+        if not actual.startswith(published):
+            raise DataError(f"{url}: {algorithm} {actual[:len(published)]} does not match the "
+                            f"published {published}; try again")
+
+    atomic_write(destination, fetch)

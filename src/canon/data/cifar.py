@@ -5,12 +5,9 @@ checked against its md5, and extracting it safely.
 
 from __future__ import annotations
 
-import hashlib
 import pickle
-import shutil
 import tarfile
 import tempfile
-import urllib.request
 from pathlib import Path
 from typing import ClassVar
 
@@ -19,7 +16,7 @@ import torch
 
 from canon.data.labeled import ArrayImages
 from canon.errors import DataError
-from canon.files import atomic_write
+from canon.files import download, file_digest
 
 CIFAR = {
     "cifar10": {
@@ -129,35 +126,16 @@ def read_cifar(name: str, folder: Path, split: str) -> ArrayImages:
 
 def download_and_verify(url: str, destination: Path, md5: str) -> Path:
     """Fetch `url` to `destination` unless a file with this md5 is there; check the md5."""
-    present = file_md5(destination) if destination.is_file() else None
+    present = file_digest(destination, "md5") if destination.is_file() else None
     if present == md5:
         return destination
     # Offline, the user's copy is all there is: say why it was not used.
     damaged = ("" if present is None else
                f"; {destination} is there but damaged or incomplete (md5 {present}, published "
                f"{md5}): replace it with a good copy")
-
-    def fetch(partial: Path) -> None:
-        try:
-            with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
-                shutil.copyfileobj(response, out, length=1 << 20)
-        except OSError as error:
-            raise DataError(f"cannot download {url} ({error})" + (
-                damaged or f"; fetch it by hand and place it at {destination}")) from None
-        actual = file_md5(partial)
-        if actual != md5:
-            raise DataError(f"{url}: md5 {actual} does not match the published {md5}; try again")
-
-    atomic_write(destination, fetch)
+    download(url, destination, algorithm="md5", published=md5, name=destination.name,
+             advice=damaged or f"; fetch it by hand and place it at {destination}")
     return destination
-
-
-def file_md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def extract_tar(archive: Path, destination: Path) -> None:

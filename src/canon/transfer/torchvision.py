@@ -41,9 +41,6 @@ only at input sizes where canon pools adaptively to 4x4 as torchvision always do
 from __future__ import annotations
 
 import pickle
-import socket
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +55,7 @@ from canon.data.imagenet_classes import imagenet_wnids
 from canon.data.normalize import PUBLISHED
 from canon.data.preprocess import EvalPreprocess, eval_preprocess
 from canon.errors import ConfigError, DataError, first_line
+from canon.files import download
 from canon.models.base import CanonModel
 from canon.models.factory import create_model, list_models
 
@@ -266,21 +264,6 @@ def weights_of(name: str, weights: str) -> WeightsEnum:
     )
 
 
-# Seconds a download may wait for the server's next bytes: torch.hub sets no timeout, and a
-# proxy or firewall that takes the connection and never answers would hang it for good.
-DOWNLOAD_TIMEOUT = 60
-
-
-@contextmanager
-def _socket_timeout(seconds: float) -> Iterator[None]:
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(seconds)
-    try:
-        yield
-    finally:
-        socket.setdefaulttimeout(previous)
-
-
 def load_torchvision(name: str, weights: str = "DEFAULT") -> TorchvisionWeights:
     """torchvision's `name` with ImageNet `weights` (downloaded to torchvision's cache on first
     use), as canon's `default_canon_name(name)` in eval mode."""
@@ -292,14 +275,14 @@ def load_torchvision(name: str, weights: str = "DEFAULT") -> TorchvisionWeights:
                           f"use {name}'s IMAGENET1K_V1")
     options = {"transform_input": False} if name == "googlenet" else {}
     cached = Path(torch.hub.get_dir()) / "checkpoints" / enum.url.rsplit("/", 1)[-1]
+    if not cached.is_file():  # canon's download, which has a timeout; torch.hub's has none
+        published = torch.hub.HASH_REGEX.search(cached.name)
+        download(enum.url, cached, algorithm="sha256", name=str(enum),
+                 published=published.group(1) if published else "",
+                 advice=f": go online once, or put that file at {cached}")
     try:
-        with _socket_timeout(DOWNLOAD_TIMEOUT):
-            tv_model = tvm.get_model(name, weights=enum, **options)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:  # offline
-        # (URLError), a download that failed its hash, or a damaged file in torch's cache
-        if not cached.is_file():  # torch.hub downloads to a temporary file: none was kept
-            raise DataError(f"cannot download {enum} from {enum.url} ({first_line(error)}): "
-                            f"go online once, or put that file at {cached}") from None
+        tv_model = tvm.get_model(name, weights=enum, **options)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
         raise DataError(f"{cached}, the cached file of {enum}, is unreadable "
                         f"({first_line(error)}): delete it, and the next use downloads it "
                         "again") from None
