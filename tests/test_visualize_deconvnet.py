@@ -232,6 +232,14 @@ def test_deconvnet_and_evolution_commands_on_a_zfnet_run(tmp_path, capsys) -> No
     strengths = [row["activation"] for row in first]
     assert strengths == sorted(strengths, reverse=True) and strengths[0] > 0
     assert_picture(out / "deconvnet-features.conv2.png", 4 * 2 * 43, 2 * 43)
+    # A result on a dataset canon names (as `--data cifar10` records it) is not replaced by
+    # one on other images.
+    (out / "deconvnet-features.conv2.json").write_text(json.dumps({**numbers, "data": "cifar10"}))
+    with pytest.raises(SystemExit):
+        run_verb(["deconvnet", str(epoch_checkpoint(run, 2)), "--layer", "features.conv2",
+                  "--output-dir", str(out)], capsys)
+    assert "deconvnet-features.conv2.json holds the result for data cifar10" in \
+        capsys.readouterr().err
 
     lines = run_verb(["evolution", str(run), "--layer", "features.conv1", "--features", "3"],
                      capsys)

@@ -428,16 +428,14 @@ def _check_same_data(output: Path, data: str) -> None:
     name) is not replaced: a DataError saying to name one."""
     import json
 
-    from canon.data.cifar import CIFAR
+    from canon.data.datasets import recorded_anchored
     from canon.errors import DataError
 
     try:
         earlier = str(json.loads(output.read_text())["data"])
     except (OSError, ValueError, KeyError, TypeError):
         return  # none there, or not one canon wrote (check_output_file has seen to that)
-    # An earlier canon recorded a folder as typed: relative to where it ran, which is unknown.
-    known = Path(earlier).is_absolute() or earlier in ("sample", *CIFAR)
-    if known and earlier != data:
+    if recorded_anchored(earlier) and earlier != data:
         raise DataError(f"{output} holds the result on {earlier}, other images than {data}: "
                         "name another file with --output")
 

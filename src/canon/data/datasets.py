@@ -177,6 +177,13 @@ def anchored_dataset(dataset: str) -> str:
     return str(root.resolve()) if root.exists() else dataset
 
 
+def recorded_anchored(recorded: str) -> bool:
+    """Whether a dataset or image a result recorded is one as anchored_dataset gives it (a
+    name, or an absolute path), and so compares with it: an earlier canon recorded folders as
+    typed, relative to a working directory no longer known."""
+    return recorded == "sample" or recorded in CIFAR or Path(recorded).is_absolute()
+
+
 def validates_on_test_split(data: DataConfig) -> bool:
     """True when the validation images are the dataset's test split: CIFAR and the bundled
     sample have no validation split, so without data.val_split canon validates on their test

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.utils import make_grid
 
+from canon.data.datasets import recorded_anchored
 from canon.data.preprocess import EvalPreprocess
 from canon.errors import DataError
 from canon.files import atomic_write
@@ -131,7 +132,7 @@ def check_not_another(path: Path, **subject: str) -> None:
     only by one of the same `subject` (image and data as absolute paths, as the results
     record them; split); another's, e.g. an image of the same file name in another folder,
     is a DataError saying to name another folder. A relative path an earlier canon recorded
-    is not compared: the directory it was relative to is unknown."""
+    is not compared (canon.data.datasets.recorded_anchored)."""
     try:
         earlier = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -140,7 +141,7 @@ def check_not_another(path: Path, **subject: str) -> None:
         return
     differ = [f"{key} {earlier[key]}" for key, value in subject.items()
               if key in earlier and earlier[key] != value
-              and (key == "split" or Path(str(earlier[key])).is_absolute())]
+              and (key == "split" or recorded_anchored(str(earlier[key])))]
     if differ:
         raise DataError(f"{path} holds the result for {', '.join(differ)}: name another folder "
                         "with --output-dir to keep both")
