@@ -32,6 +32,8 @@ from canon.data.cifar import (
 from canon.data.datasets import load_sample, open_dataset, open_eval_split
 from canon.data.decoding import decode_image_file, image_size
 from canon.data.folders import FolderImages
+from canon.data.packing import pack_folder
+from canon.data.shards import ShardImages
 from canon.data.stats import compute_stats, statistics_of, stats_cache_path
 from canon.errors import ConfigError, DataError
 from canon.evaluation.protocols import evaluate
@@ -333,7 +335,7 @@ def test_files_beside_the_class_folders_are_warned_of(tmp_path, imagenette_root)
         assert FolderImages(tmp_path / "train").classes == ["apples", "bananas"]
 
 
-def test_skipped_counts_the_image_files_left_out_when_listed(bad_tree):
+def test_skipped_counts_the_image_files_left_out_when_listed(bad_tree, tmp_path_factory):
     """An evaluation's or statistics' count of skipped images includes the empty image files
     the listing left out, beside the undecodable ones; a notes.txt is no image. Removing one
     changes the folder's fingerprint (cached statistics count it)."""
@@ -345,6 +347,15 @@ def test_skipped_counts_the_image_files_left_out_when_listed(bad_tree):
         stats = compute_stats(val, 16, progress=False)
         assert val.skipped_at_listing == 1  # zero.JPEG
         assert (result["images"], result["skipped"]) == (4, 3)  # text.JPEG, truncated.JPEG
+        assert (stats.images, stats.skipped) == (4, 3)
+        # Packed, the same counts: the pack's index remembers the image files it left out.
+        packed = tmp_path_factory.mktemp("shards")
+        pack_folder(root, packed, progress=False)
+        shards = ShardImages(packed, "val", shuffle=False)
+        result = evaluate(create_model("resnet20", num_classes=3), packed)  # its val split
+        stats = compute_stats(shards, 16, progress=False)
+        assert shards.skipped_at_listing == 1
+        assert (result["images"], result["skipped"]) == (4, 3)
         assert (stats.images, stats.skipped) == (4, 3)
         (root / "val" / "bad" / "zero.JPEG").unlink()
         assert FolderImages(root / "val").fingerprint() != val.fingerprint()

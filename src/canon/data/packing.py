@@ -88,7 +88,8 @@ def pack_folder(
                   disable=not progress) as bar:
             written = {
                 split: SplitIndex(_SplitWriter(out, split, folder, shard_bytes, bar).write(),
-                                  folder.fingerprint(), len(folder.skipped))
+                                  folder.fingerprint(), len(folder.skipped),
+                                  folder.skipped_at_listing)
                 for split, folder in folders.items()
             }
         merged = {**kept, **written}

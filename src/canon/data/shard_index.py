@@ -36,11 +36,14 @@ class Shard:
 @dataclass(frozen=True)
 class SplitIndex:
     """A split's shards in pack order; `fingerprint` identifies the folder they were packed
-    from (FolderImages.fingerprint); `skipped`: its files the folder scan skipped."""
+    from (FolderImages.fingerprint); `skipped`: its files the folder scan skipped, of which
+    `skipped_images` had an image file's name (FolderImages.skipped_at_listing: images that
+    could not be read, which evaluation and statistics count; 0 in packs made before)."""
 
     shards: list[Shard]
     fingerprint: str
     skipped: int
+    skipped_images: int = 0
 
     @property
     def samples(self) -> int:
@@ -87,7 +90,7 @@ class PackIndex:
         try:
             splits = {
                 name: SplitIndex([Shard(**s) for s in split["shards"]], split["fingerprint"],
-                                 split["skipped"])
+                                 split["skipped"], split.get("skipped_images", 0))
                 for name, split in data["splits"].items()
             }
             return cls(data["source"], data["shard_bytes"], data["class_ids"], data["classes"],

@@ -111,6 +111,8 @@ class ShardImages(IterableDataset):
             )
         self.shards = index.splits[split].shards
         self.split, self._fingerprint = split, index.splits[split].fingerprint
+        # Counted where a folder's are (evaluation, statistics): images the pack could not read.
+        self.skipped_at_listing = index.splits[split].skipped_images
         self.class_ids, self.classes, self._labels = _classes(self.root, index, split, class_ids)
         self.transform, self.shuffle, self.shuffle_buffer = transform, shuffle, shuffle_buffer
         self.seed, self.rank, self.world_size = seed, rank, world_size
