@@ -43,6 +43,7 @@ from canon.engine.distributed import (
     DistributedContext,
     all_reduce_sum,
     elastic_restart_count,
+    elastic_run_id,
     init_distributed,
     launched_by_torchrun,
     resolve_device,
@@ -528,6 +529,27 @@ def test_elastic_restart_resumes_from_the_last_checkpoint(
     assert [row["epoch"] for row in rows] == ["1", "2"]
     assert rows[0] == first_epoch  # the finished epoch survived the restart unchanged
     assert (run / "model.safetensors").exists()
+
+
+def test_a_launch_without_a_run_id_of_its_own_keeps_one_in_torchrun_s_store(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """torchrun's run id is "none" without --rdzv-id: canon draws one, which the launch's
+    restarts find in torchrun's store; a store of another launch holds another."""
+    store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    for name, value in (("TORCHELASTIC_RUN_ID", "none"), ("TORCHELASTIC_USE_AGENT_STORE", "True"),
+                        ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(store.port)),
+                        ("TORCHELASTIC_RESTART_COUNT", "0")):
+        monkeypatch.setenv(name, value)
+    first = elastic_run_id()
+    assert len(first) == 12 and first != "none"
+    assert store.get("canon/launch-id").decode() == first  # what a restart's workers read
+    other = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    monkeypatch.setenv("MASTER_PORT", str(other.port))
+    assert elastic_run_id() not in (first, "none")
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # etcd: no store to keep it
+    with pytest.warns(UserWarning, match="run id is 'none' and it shares no store"):
+        assert elastic_run_id() == "none"
 
 
 def test_a_static_rendezvous_restart_does_not_take_an_earlier_launch_s_run(

@@ -5,6 +5,7 @@ the trainer has one code path."""
 
 from __future__ import annotations
 
+import functools
 import os
 import uuid
 import warnings
@@ -97,22 +98,35 @@ def launched_by_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ
 
 
-# torchrun's run id under its static rendezvous (--master-addr/--master-port alone): every
-# launch's, not one of its own.
-_STATIC_RUN_ID = "none"
+# torchrun's run id without --rdzv-id (the static rendezvous of --master-addr/--master-port,
+# or c10d's): every launch's, not one of its own.
+_SHARED_RUN_ID = "none"
+_LAUNCH_KEY = "canon/launch-id"
 
 
 def elastic_run_id() -> str:
     """The id of this torchrun launch, the same on every process and across elastic restarts:
-    torchrun's (--rdzv-id; one per --standalone launch) or, under the static rendezvous,
-    where that is "none" for every launch, one drawn by its first worker to ask and kept in
-    the launch's store."""
+    torchrun's (--rdzv-id; one per --standalone launch) or, where that is "none" as for every
+    launch without --rdzv-id, one drawn by its first worker to ask and kept in torchrun's
+    store (a warning where it shares none). c10d's store lives on its rank 0's node: a
+    restart after rank 0 moved draws anew, and its run is refused as an earlier job's."""
     run_id = os.environ["TORCHELASTIC_RUN_ID"]
-    store = _agent_store() if run_id == _STATIC_RUN_ID else None
-    if store is None:
+    if run_id != _SHARED_RUN_ID:
         return run_id
-    # Set only where the key is missing; every caller gets the value it holds.
-    return store.compare_set("canon/launch-id", "", uuid.uuid4().hex[:12]).decode()
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        warnings.warn("torchrun's run id is 'none' and it shares no store (etcd, or "
+                      "TORCH_DISABLE_SHARE_RDZV_TCP_STORE): a restart cannot tell this job's "
+                      "checkpoints from an earlier job's in its folder; pass --rdzv-id=JOB_ID, "
+                      "an id of this job alone", stacklevel=2)
+        return run_id
+    return _launch_id_in_store(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
+
+
+@functools.cache  # one question per process: it is asked again at every checkpoint saved
+def _launch_id_in_store(address: str, port: int) -> str:
+    drawn = uuid.uuid4().hex[:12]
+    return _store_client(address, port).compare_set(_LAUNCH_KEY, "", drawn).decode()  # set
+    # only where it is missing: every worker and restart of the launch gets the first one's
 
 
 def is_main_process() -> bool:
@@ -130,12 +144,15 @@ def elastic_restart_count() -> int:
 
 
 def _agent_store() -> dist.TCPStore | None:
-    """torchrun's store, its agent's at MASTER_ADDR:MASTER_PORT, which lives as long as the
-    launch, across the workers' elastic restarts; None where torchrun shares none."""
+    """torchrun's store at MASTER_ADDR:MASTER_PORT, which lives across the workers' elastic
+    restarts; None where torchrun shares none."""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
-    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                         is_master=False, timeout=default_pg_timeout)
+    return _store_client(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
+
+
+def _store_client(address: str, port: int) -> dist.TCPStore:
+    return dist.TCPStore(address, port, is_master=False, timeout=default_pg_timeout)
 
 
 def _attempt_store() -> dist.Store | None:
