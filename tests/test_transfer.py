@@ -280,6 +280,23 @@ def test_a_source_s_normalisation_is_read_from_any_of_its_files(source_run, tmp_
         stored_normalization(tmp_path)
 
 
+def test_a_resume_reads_the_normalisation_it_started_with_from_its_checkpoint(monkeypatch):
+    """The value the run started with: from the checkpoint resumed (the source may be gone);
+    another, set on resuming, as set."""
+    from canon.engine import setup
+    from canon.engine.distributed import DistributedContext
+
+    asked = []
+    monkeypatch.setattr(setup, "build_datasets", lambda data, **options: asked.append(
+        data.normalization_from))
+    checkpoint = "/runs/finetune/checkpoints/epoch-002.pt"
+    state = {"resumed_from": checkpoint, "recipe": {"data": {"normalization_from": "/runs/a"}}}
+    for resumed_with in ("/runs/a", "/runs/b"):
+        recipe = canon.load_recipe("quickstart", [f"data.normalization_from={resumed_with}"])
+        setup._build_datasets(recipe, DistributedContext(0, 0, 1, torch.device("cpu")), state)
+    assert asked == [checkpoint, "/runs/b"]
+
+
 def test_finetune_and_features_through_the_cli(
     folders, source_run, tmp_path, capsys, monkeypatch
 ):

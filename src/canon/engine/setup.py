@@ -393,10 +393,11 @@ def _build_datasets(
     """build_datasets, first by each machine's first process, which computes and caches the
     training-set statistics the recipe needs; the machine's other processes wait for it and
     then read them from the cache instead of computing them at the same time. A resumed run
-    with data.normalization_from reads the normalisation from its own checkpoint, which holds
-    the source's: the source (a fine-tune's) may be gone by then."""
+    with the data.normalization_from it started with reads the normalisation from its own
+    checkpoint, which holds the source's: the source (a fine-tune's) may be gone by then."""
     data, checkpoint = recipe.data, (state or {}).get(ckpt.RESUMED_FROM)
-    if checkpoint is not None and data.normalization_from is not None:
+    if (checkpoint is not None and data.normalization_from is not None
+            and data.normalization_from == state["recipe"]["data"].get("normalization_from")):
         data = dataclasses.replace(data, normalization_from=checkpoint)
     build = functools.partial(
         build_datasets, data, strict=recipe.train.strict_data,
