@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import shutil
+import socket
+import threading
+import urllib.request
 
 import pytest
 import torch
 
-import canon.files
 from canon.data import DataConfig, build_datasets, stats
 from canon.data.cifar import download_and_verify
 from canon.data.folders import FolderImages
@@ -60,15 +61,15 @@ def test_two_downloads_of_one_archive_both_succeed(tmp_path, monkeypatch):
     source.write_bytes(b"real bytes " * 1000)
     md5 = hashlib.md5(source.read_bytes()).hexdigest()
     target = tmp_path / "cache" / "archive.bin"
-    real_copy, interleaved = shutil.copyfileobj, []
+    real_urlopen, interleaved = urllib.request.urlopen, []
 
-    def copy_while_another_download_runs(response, out, length=0):
-        if not interleaved:
-            interleaved.append(out.name)
+    def urlopen_while_another_download_runs(url, **options):
+        if not interleaved:  # this one's temporary file is there already
+            interleaved.append(url)
             download_and_verify(source.as_uri(), target, md5)  # the other process
-        real_copy(response, out, length)
+        return real_urlopen(url, **options)
 
-    monkeypatch.setattr(canon.files.shutil, "copyfileobj", copy_while_another_download_runs)
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen_while_another_download_runs)
     assert download_and_verify(source.as_uri(), target, md5).read_bytes() == source.read_bytes()
     assert interleaved and [p.name for p in target.parent.iterdir()] == ["archive.bin"]
 
@@ -86,6 +87,37 @@ def test_a_download_is_checked_against_a_published_digest_prefix(tmp_path):
         download(source.as_uri(), tmp_path / "other.pth", algorithm="sha256", published=wrong,
                  name="w", advice="")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hub", "weights.pth"]
+
+
+def test_a_download_cut_short_is_an_error_that_keeps_nothing(tmp_path):
+    """A server that promises 100,000 bytes and closes after 5,000, by Content-Length (which
+    http.client does not enforce) or in chunks (its IncompleteRead is no OSError)."""
+    cut = {"length": b"Content-Length: 100000\r\n\r\n" + b"x" * 5000,
+           "chunks": b"Transfer-Encoding: chunked\r\n\r\n186a0\r\n" + b"x" * 5000}
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        for _ in cut:
+            connection, _ = server.accept()
+            with connection:
+                request = connection.recv(65536).decode()
+                connection.sendall(b"HTTP/1.1 200 OK\r\n" + cut[request.split()[1][1:]])
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    target = tmp_path / "hub" / "weights.pth"
+    try:
+        for how, reason in (("length", r"cut short at 5000 of 100000 bytes"),
+                            ("chunks", r"IncompleteRead")):
+            url = f"http://127.0.0.1:{server.getsockname()[1]}/{how}"
+            with pytest.raises(DataError, match=rf"cannot download w from {url} \({reason}.*\); "
+                                                "put it there by hand"):
+                download(url, target, algorithm="sha256", published="", name="w",
+                         advice="; put it there by hand")
+    finally:
+        thread.join(timeout=60)
+        server.close()
+    assert not list(target.parent.iterdir())
 
 
 def test_build_datasets_computes_folder_statistics_with_workers(imagenette_root, tmp_path,

@@ -251,6 +251,13 @@ def test_a_download_that_gets_no_answer_stops_at_the_timeout(
     # urlopen's opener reads the proxies once, when first used: an earlier test's is stale
     monkeypatch.setattr(urllib.request, "_opener", None)
     monkeypatch.setattr(canon.files, "DOWNLOAD_TIMEOUT", 1)
+    real_urlopen, asked = urllib.request.urlopen, []
+
+    def urlopen(url: str, **options: float) -> object:  # as it is called: what it is given
+        asked.append((options["timeout"], socket.getdefaulttimeout()))
+        return real_urlopen(url, **options)
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
     started = time.perf_counter()
     url = tvm.ResNet18_Weights.IMAGENET1K_V1.url
     try:
@@ -259,7 +266,7 @@ def test_a_download_that_gets_no_answer_stops_at_the_timeout(
     finally:
         silent.close()
     assert time.perf_counter() - started < 30
-    assert socket.getdefaulttimeout() is None  # the process's own setting, put back
+    assert asked == [(1, None)]  # the connection's own timeout; the process's untouched
 
 
 def test_a_googlenet_without_aux_heads_loads_back_from_its_export(tmp_path: Path) -> None:

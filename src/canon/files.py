@@ -11,15 +11,16 @@ import errno
 import fcntl
 import fnmatch
 import hashlib
+import http.client
 import os
 import re
 import secrets
-import shutil
-import sys
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from tqdm import tqdm
 
 from canon.errors import CanonError, DataError
 
@@ -212,19 +213,36 @@ def file_digest(path: Path, algorithm: str) -> str:
 def download(
     url: str, destination: Path, *, algorithm: str, published: str, name: str, advice: str
 ) -> None:
-    """Fetch `url` to `destination` (atomic_write), whose `algorithm` digest must begin with
-    the `published` one (all of it, or a prefix such as torch.hub's file names carry). Fails
-    with a DataError: "cannot download `name` from `url` (why)`advice`", or a digest that
-    differs, where nothing is kept."""
+    """Fetch `url` to `destination` (atomic_write), showing its progress on stderr; its
+    `algorithm` digest must begin with the `published` one (all of it, or a prefix such as
+    torch.hub's file names carry; "" checks nothing). What cannot be read, a connection cut
+    short included, is a DataError, "cannot download `name` from `url` (why)`advice`", what
+    cannot be written atomic_write's; a digest that differs fails too; nothing is kept."""
+
+    def cannot_read(error: object) -> DataError:
+        return DataError(f"cannot download {name} from {url} ({error}){advice}")
 
     def fetch(partial: Path) -> None:
-        print(f"downloading {url} to {destination}", file=sys.stderr)
         try:
-            with (urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as response,
-                  open(partial, "wb") as out):
-                shutil.copyfileobj(response, out, length=1 << 20)
-        except OSError as error:
-            raise DataError(f"cannot download {name} from {url} ({error}){advice}") from None
+            response = urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT)
+        except (OSError, http.client.HTTPException) as error:
+            raise cannot_read(error) from None
+        length = int(response.headers.get("Content-Length") or 0) or None
+        received = 0
+        with (response, open(partial, "wb") as out,
+              tqdm(total=length, unit="B", unit_scale=True, desc=name) as bar):
+            while True:
+                try:
+                    block = response.read(1 << 20)
+                except (OSError, http.client.HTTPException) as error:
+                    raise cannot_read(error) from None
+                if not block:
+                    break
+                out.write(block)
+                received += len(block)
+                bar.update(len(block))
+        if length is not None and received != length:  # http.client reads on past it quietly
+            raise cannot_read(f"cut short at {received} of {length} bytes")
         actual = file_digest(partial, algorithm)
         if not actual.startswith(published):
             raise DataError(f"{url}: {algorithm} {actual[:len(published)]} does not match the "
