@@ -355,6 +355,9 @@ def test_skipped_counts_the_image_files_left_out_when_listed(bad_tree, tmp_path_
         result = evaluate(create_model("resnet20", num_classes=3), packed)  # its val split
         stats = compute_stats(shards, 16, progress=False)
         assert shards.skipped_at_listing == 1
+        with pytest.raises(DataError, match=r"its pack left out 1 empty image file\(s\) of val "
+                                            r"\(strict mode"):
+            ShardImages(packed, "val", strict=True)  # as FolderImages(strict=True) refuses it
         assert (result["images"], result["skipped"]) == (4, 3)
         assert (stats.images, stats.skipped) == (4, 3)
         (root / "val" / "bad" / "zero.JPEG").unlink()
