@@ -80,21 +80,29 @@ def test_a_download_is_checked_against_a_published_digest_prefix(tmp_path):
     source.write_bytes(b"weights " * 1000)
     prefix = hashlib.sha256(source.read_bytes()).hexdigest()[:8]
     target = tmp_path / "hub" / "weights.pth"
-    download(source.as_uri(), target, algorithm="sha256", published=prefix, name="w", advice="")
+    download(source.as_uri(), target, algorithm="sha256", published=prefix, name="w", advice="",
+             write_advice="")
     assert target.read_bytes() == source.read_bytes()
     wrong = "0" * 8 if prefix != "0" * 8 else "1" * 8
     with pytest.raises(DataError, match=f"sha256 {prefix} does not match the published {wrong}"):
         download(source.as_uri(), tmp_path / "other.pth", algorithm="sha256", published=wrong,
-                 name="w", advice="")
+                 name="w", advice="", write_advice="")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hub", "weights.pth"]
 
 
-def test_a_download_cut_short_is_an_error_that_keeps_nothing(tmp_path):
+def test_a_download_cut_short_is_an_error_that_keeps_nothing(tmp_path, monkeypatch):
     """A server that promises 100,000 bytes and closes after 5,000, by Content-Length (which
-    http.client does not enforce) or in chunks (its IncompleteRead is no OSError)."""
+    http.client does not enforce) or in chunks (its IncompleteRead is no OSError). Chunks
+    sent whole count, whatever Content-Length says beside them (HTTP ignores it)."""
+    chunked = b"Transfer-Encoding: chunked\r\n"
     cut = {"length": b"Content-Length: 100000\r\n\r\n" + b"x" * 5000,
-           "chunks": b"Transfer-Encoding: chunked\r\n\r\n186a0\r\n" + b"x" * 5000}
+           "chunks": chunked + b"\r\n186a0\r\n" + b"x" * 5000,
+           "whole": chunked + b"Content-Length: 4000\r\n\r\n1388\r\n" + b"x" * 5000
+           + b"\r\n0\r\n\r\n"}
+    for variable in ("no_proxy", "NO_PROXY"):  # a proxy of the machine's would not reach it
+        monkeypatch.setenv(variable, "127.0.0.1")
     server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(60)
 
     def serve() -> None:
         for _ in cut:
@@ -103,7 +111,7 @@ def test_a_download_cut_short_is_an_error_that_keeps_nothing(tmp_path):
                 request = connection.recv(65536).decode()
                 connection.sendall(b"HTTP/1.1 200 OK\r\n" + cut[request.split()[1][1:]])
 
-    thread = threading.Thread(target=serve)
+    thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     target = tmp_path / "hub" / "weights.pth"
     try:
@@ -113,11 +121,14 @@ def test_a_download_cut_short_is_an_error_that_keeps_nothing(tmp_path):
             with pytest.raises(DataError, match=rf"cannot download w from {url} \({reason}.*\); "
                                                 "put it there by hand"):
                 download(url, target, algorithm="sha256", published="", name="w",
-                         advice="; put it there by hand")
+                         advice="; put it there by hand", write_advice="")
+        assert not list(target.parent.iterdir())
+        download(f"http://127.0.0.1:{server.getsockname()[1]}/whole", target,
+                 algorithm="sha256", published="", name="w", advice="", write_advice="")
     finally:
         thread.join(timeout=60)
         server.close()
-    assert not list(target.parent.iterdir())
+    assert target.read_bytes() == b"x" * 5000
 
 
 def test_build_datasets_computes_folder_statistics_with_workers(imagenette_root, tmp_path,

@@ -211,26 +211,28 @@ def file_digest(path: Path, algorithm: str) -> str:
 
 
 def download(
-    url: str, destination: Path, *, algorithm: str, published: str, name: str, advice: str
+    url: str, destination: Path, *, algorithm: str, published: str, name: str, advice: str,
+    write_advice: str,
 ) -> None:
-    """Fetch `url` to `destination` (atomic_write), showing its progress on stderr; its
-    `algorithm` digest must begin with the `published` one (all of it, or a prefix such as
-    torch.hub's file names carry; "" checks nothing). What cannot be read, a connection cut
-    short included, is a DataError, "cannot download `name` from `url` (why)`advice`", what
-    cannot be written atomic_write's; a digest that differs fails too; nothing is kept."""
+    """Fetch `url` to `destination` (atomic_write, with `write_advice`), with a progress bar
+    on a terminal's stderr; its `algorithm` digest must begin with the `published` one (all
+    of it, or a prefix such as torch.hub's file names carry; "" checks nothing). What cannot
+    be read, a connection cut short included, is a DataError, "cannot download `name` from
+    `url` (why)`advice`"; a digest that differs fails too; nothing is kept."""
 
     def cannot_read(error: object) -> DataError:
         return DataError(f"cannot download {name} from {url} ({error}){advice}")
 
     def fetch(partial: Path) -> None:
+        request = urllib.request.Request(url, headers={"User-Agent": "canon"})
         try:
-            response = urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT)
+            response = urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT)
         except (OSError, http.client.HTTPException) as error:
             raise cannot_read(error) from None
-        length = int(response.headers.get("Content-Length") or 0) or None
-        received = 0
+        # What an HTTP server promised (None when chunked): http.client does not hold it to it.
+        promised, received = getattr(response, "length", None), 0
         with (response, open(partial, "wb") as out,
-              tqdm(total=length, unit="B", unit_scale=True, desc=name) as bar):
+              tqdm(total=promised, unit="B", unit_scale=True, desc=name, disable=None) as bar):
             while True:
                 try:
                     block = response.read(1 << 20)
@@ -241,11 +243,11 @@ def download(
                 out.write(block)
                 received += len(block)
                 bar.update(len(block))
-        if length is not None and received != length:  # http.client reads on past it quietly
-            raise cannot_read(f"cut short at {received} of {length} bytes")
+        if promised is not None and received != promised:
+            raise cannot_read(f"cut short at {received} of {promised} bytes")
         actual = file_digest(partial, algorithm)
         if not actual.startswith(published):
             raise DataError(f"{url}: {algorithm} {actual[:len(published)]} does not match the "
                             f"published {published}; try again")
 
-    atomic_write(destination, fetch)
+    atomic_write(destination, fetch, advice=write_advice)

@@ -134,7 +134,8 @@ def download_and_verify(url: str, destination: Path, md5: str) -> Path:
                f"; {destination} is there but damaged or incomplete (md5 {present}, published "
                f"{md5}): replace it with a good copy")
     download(url, destination, algorithm="md5", published=md5, name=destination.name,
-             advice=damaged or f"; fetch it by hand and place it at {destination}")
+             advice=damaged or f"; fetch it by hand and place it at {destination}",
+             write_advice="set CANON_CACHE to a writable folder with room for it")
     return destination
 
 

@@ -279,7 +279,8 @@ def load_torchvision(name: str, weights: str = "DEFAULT") -> TorchvisionWeights:
         published = torch.hub.HASH_REGEX.search(cached.name)
         download(enum.url, cached, algorithm="sha256", name=str(enum),
                  published=published.group(1) if published else "",
-                 advice=f": go online once, or put that file at {cached}")
+                 advice=f": go online once, or put that file at {cached}",
+                 write_advice="set TORCH_HOME to a writable folder with room for it")
     try:
         tv_model = tvm.get_model(name, weights=enum, **options)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
