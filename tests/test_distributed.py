@@ -39,6 +39,7 @@ from safetensors.torch import load_file
 
 from canon.data.sampling import ShardSampler, ShuffleSampler, epoch_order, eval_shard
 from canon.engine import checkpoint as ckpt
+from canon.engine import distributed
 from canon.engine.distributed import (
     DistributedContext,
     all_reduce_sum,
@@ -541,12 +542,21 @@ def test_a_launch_without_a_run_id_of_its_own_keeps_one_in_torchrun_s_store(
                         ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(store.port)),
                         ("TORCHELASTIC_RESTART_COUNT", "0")):
         monkeypatch.setenv(name, value)
-    first = elastic_run_id()
-    assert len(first) == 12 and first != "none"
-    assert store.get("canon/launch-id").decode() == first  # what a restart's workers read
-    other = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    monkeypatch.setenv("MASTER_PORT", str(other.port))
-    assert elastic_run_id() not in (first, "none")
+    connect, connected = distributed._store_client, []
+    monkeypatch.setattr(distributed, "_store_client",
+                        lambda *address: connected.append(address) or connect(*address))
+    distributed._launch_id_in_store.cache_clear()  # another test's stores may have had the port
+    try:
+        first = elastic_run_id()
+        assert len(first) == 12 and first != "none"
+        assert store.get("canon/launch-id").decode() == first  # what a restart's workers read
+        assert elastic_run_id() == first and len(connected) == 1  # asked once (every save asks)
+        other = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True,
+                                           wait_for_workers=False)
+        monkeypatch.setenv("MASTER_PORT", str(other.port))
+        assert elastic_run_id() not in (first, "none")
+    finally:
+        distributed._launch_id_in_store.cache_clear()
     monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # etcd: no store to keep it
     with pytest.warns(UserWarning, match="run id is 'none' and it shares no store"):
         assert elastic_run_id() == "none"
