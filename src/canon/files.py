@@ -15,6 +15,7 @@ import http.client
 import os
 import re
 import secrets
+import sys
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -232,7 +233,8 @@ def download(
         # What an HTTP server promised (None when chunked): http.client does not hold it to it.
         promised, received = getattr(response, "length", None), 0
         with (response, open(partial, "wb") as out,
-              tqdm(total=promised, unit="B", unit_scale=True, desc=name, disable=None) as bar):
+              tqdm(total=promised, unit="B", unit_scale=True, desc=name,
+                   disable=None if sys.stderr is not None else True) as bar):
             while True:
                 try:
                     block = response.read(1 << 20)

@@ -135,7 +135,8 @@ def download_and_verify(url: str, destination: Path, md5: str) -> Path:
                f"{md5}): replace it with a good copy")
     download(url, destination, algorithm="md5", published=md5, name=destination.name,
              advice=damaged or f"; fetch it by hand and place it at {destination}",
-             write_advice="set CANON_CACHE to a writable folder with room for it")
+             write_advice="choose a writable cache folder with room for it (--cache or "
+             "CANON_CACHE)")
     return destination
 
 

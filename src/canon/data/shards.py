@@ -113,10 +113,12 @@ class ShardImages(IterableDataset):
         self.split, self._fingerprint = split, index.splits[split].fingerprint
         # Counted where a folder's are (evaluation, statistics): images the pack could not read.
         self.skipped_at_listing = index.splits[split].skipped_images
-        if strict and self.skipped_at_listing:  # as the folder's listing would have refused
+        # Its other skipped files (no image's name) are no images; the folder's strict listing
+        # refuses them too, but they change no count.
+        if strict and self.skipped_at_listing:
             raise DataError(
                 f"{self.root}: its pack left out {self.skipped_at_listing} empty image file(s) "
-                f"of {split} (strict mode: remove them from the folder and re-pack, or run "
+                f"of {split} (strict mode: remove them from {index.source} and re-pack, or run "
                 "without strict)")
         self.class_ids, self.classes, self._labels = _classes(self.root, index, split, class_ids)
         self.transform, self.shuffle, self.shuffle_buffer = transform, shuffle, shuffle_buffer
