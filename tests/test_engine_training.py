@@ -417,12 +417,18 @@ def test_a_repeated_sigterm_still_saves_and_a_second_ctrl_c_stops_at_once(capsys
     """Under torchrun a worker gets the scheduler's SIGTERM and torchrun's forwarded copy:
     the second must not kill it before its checkpoint."""
     flag = StopFlag()
-    with flag.installed():
-        signal.raise_signal(signal.SIGTERM)
-        signal.raise_signal(signal.SIGTERM)
-        assert flag.raised and flag.signal_number == signal.SIGTERM
-        with pytest.raises(KeyboardInterrupt):  # Python's own handler, as before
-            signal.raise_signal(signal.SIGINT)
+    # Python's own SIGINT handler, which a process started in the background with SIGINT
+    # ignored (`nohup cmd &` from a script) does not get: the flag puts back what was there.
+    interrupt = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with flag.installed():
+            signal.raise_signal(signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)
+            assert flag.raised and flag.signal_number == signal.SIGTERM
+            with pytest.raises(KeyboardInterrupt):  # Python's own handler, as before
+                signal.raise_signal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, interrupt)
     assert capsys.readouterr().out.count("finishing this step") == 1
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
