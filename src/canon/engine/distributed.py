@@ -125,8 +125,8 @@ def elastic_run_id() -> str:
 @functools.cache  # one question per process: it is asked again at every checkpoint saved
 def _launch_id_in_store(address: str, port: int) -> str:
     drawn = uuid.uuid4().hex[:12]
-    return _store_client(address, port).compare_set(_LAUNCH_KEY, "", drawn).decode()  # set
-    # only where it is missing: every worker and restart of the launch gets the first one's
+    # Set only where it is missing: every worker and restart of the launch gets the first's.
+    return _store_client(address, port).compare_set(_LAUNCH_KEY, "", drawn).decode()
 
 
 def is_main_process() -> bool:
