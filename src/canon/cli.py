@@ -426,16 +426,11 @@ def _default_eval_output(args: argparse.Namespace, trained: list, data: str) -> 
 def _check_same_data(output: Path, data: str) -> None:
     """A default output that holds a result on other images (another folder of the same
     name) is not replaced: a DataError saying to name one."""
-    import json
-
-    from canon.data.datasets import recorded_anchored
+    from canon.data.datasets import recorded_differences
     from canon.errors import DataError
 
-    try:
-        earlier = str(json.loads(output.read_text())["data"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return  # none there, or not one canon wrote (check_output_file has seen to that)
-    if recorded_anchored(earlier) and earlier != data:
+    earlier = recorded_differences(output, {"data": data}).get("data")
+    if earlier is not None:
         raise DataError(f"{output} holds the result on {earlier}, other images than {data}: "
                         "name another file with --output")
 

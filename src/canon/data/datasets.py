@@ -8,6 +8,7 @@ downloads and statistics, and the fingerprints that key cached statistics.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Callable
 from functools import lru_cache, partial
@@ -171,17 +172,34 @@ def anchored_dataset(dataset: str) -> str:
     """`dataset` as a run records it: an existing folder as its absolute path, so that eval
     and resume read the same folder from any working directory; a name (sample, cifar10,
     cifar100) or a missing path as it is."""
-    if dataset == "sample" or dataset in CIFAR:
+    if _canon_named(dataset):
         return dataset
     root = Path(dataset).expanduser()
     return str(root.resolve()) if root.exists() else dataset
 
 
-def recorded_anchored(recorded: str) -> bool:
-    """Whether a dataset or image a result recorded is one as anchored_dataset gives it (a
-    name, or an absolute path), and so compares with it: an earlier canon recorded folders as
-    typed, relative to a working directory no longer known."""
-    return recorded == "sample" or recorded in CIFAR or Path(recorded).is_absolute()
+def _canon_named(dataset: str) -> bool:
+    """A dataset canon knows by name (the bundled sample, CIFAR), not a folder."""
+    return dataset == "sample" or dataset in CIFAR
+
+
+def recorded_differences(
+    path: Path, subject: dict[str, str], *, plain: tuple[str, ...] = ()
+) -> dict[str, str]:
+    """What the JSON result at `path` records of `subject`'s keys other than `subject` says,
+    as {key: recorded}; nothing where there is no such result. A dataset or image (any key
+    but `plain`) is compared only where recorded as anchored_dataset gives it (a name or an
+    absolute path): an earlier canon recorded folders as typed, relative to a working
+    directory no longer known."""
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(earlier, dict):
+        return {}
+    recorded = {key: str(earlier[key]) for key in subject if key in earlier}
+    return {key: value for key, value in recorded.items() if value != subject[key] and (
+        key in plain or _canon_named(value) or Path(value).is_absolute())}
 
 
 def validates_on_test_split(data: DataConfig) -> bool:
@@ -192,7 +210,7 @@ def validates_on_test_split(data: DataConfig) -> bool:
     if data.val_split:
         return False
     name = data.dataset
-    return name == "sample" or name in CIFAR or find_cifar(Path(name).expanduser()) is not None
+    return _canon_named(name) or find_cifar(Path(name).expanduser()) is not None
 
 
 def _source(

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.utils import make_grid
 
-from canon.data.datasets import recorded_anchored
+from canon.data.datasets import recorded_differences
 from canon.data.preprocess import EvalPreprocess
 from canon.errors import DataError
 from canon.files import atomic_write
@@ -132,19 +132,12 @@ def check_not_another(path: Path, **subject: str) -> None:
     only by one of the same `subject` (image and data as absolute paths, as the results
     record them; split); another's, e.g. an image of the same file name in another folder,
     is a DataError saying to name another folder. A relative path an earlier canon recorded
-    is not compared (canon.data.datasets.recorded_anchored)."""
-    try:
-        earlier = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return
-    if not isinstance(earlier, dict):
-        return
-    differ = [f"{key} {earlier[key]}" for key, value in subject.items()
-              if key in earlier and earlier[key] != value
-              and (key == "split" or recorded_anchored(str(earlier[key])))]
+    is not compared (canon.data.datasets.recorded_differences)."""
+    differ = recorded_differences(path, subject, plain=("split",))
     if differ:
-        raise DataError(f"{path} holds the result for {', '.join(differ)}: name another folder "
-                        "with --output-dir to keep both")
+        named = ", ".join(f"{key} {value}" for key, value in differ.items())
+        raise DataError(f"{path} holds the result for {named}: name another folder with "
+                        "--output-dir to keep both")
 
 
 def save_json(path: Path, content: Any) -> Path:
