@@ -113,13 +113,14 @@ def elastic_run_id() -> str:
     run_id = os.environ["TORCHELASTIC_RUN_ID"]
     if run_id != _SHARED_RUN_ID:
         return run_id
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+    address = _agent_store_address()
+    if address is None:
         warnings.warn("torchrun's run id is 'none' and it shares no store (etcd, or "
                       "TORCH_DISABLE_SHARE_RDZV_TCP_STORE): a restart cannot tell this job's "
                       "checkpoints from an earlier job's in its folder; pass --rdzv-id=JOB_ID, "
                       "an id of this job alone", stacklevel=2)
         return run_id
-    return _launch_id_in_store(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
+    return _launch_id_in_store(*address)
 
 
 @functools.cache  # one question per process: it is asked again at every checkpoint saved
@@ -143,12 +144,12 @@ def elastic_restart_count() -> int:
     return _env_int("TORCHELASTIC_RESTART_COUNT", 0)
 
 
-def _agent_store() -> dist.TCPStore | None:
-    """torchrun's store at MASTER_ADDR:MASTER_PORT, which lives across the workers' elastic
-    restarts; None where torchrun shares none."""
+def _agent_store_address() -> tuple[str, int] | None:
+    """Where torchrun's store is, MASTER_ADDR:MASTER_PORT: it lives across the workers'
+    elastic restarts. None where torchrun shares none."""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
-    return _store_client(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
+    return os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
 
 
 def _store_client(address: str, port: int) -> dist.TCPStore:
@@ -163,9 +164,9 @@ def _attempt_store() -> dist.Store | None:
     workers' addresses and fails or hangs (seen with torch 2.14 and gloo; see
     pytorch/pytorch#167288). A prefix per attempt starts every attempt from clean keys.
     """
-    store = _agent_store()
-    return None if store is None else dist.PrefixStore(
-        f"canon/attempt-{elastic_restart_count()}", store)
+    address = _agent_store_address()
+    return None if address is None else dist.PrefixStore(
+        f"canon/attempt-{elastic_restart_count()}", _store_client(*address))
 
 
 def init_distributed(device: str = "auto") -> DistributedContext:
