@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import pickle
 import shutil
@@ -362,6 +363,30 @@ def test_skipped_counts_the_image_files_left_out_when_listed(bad_tree, tmp_path_
         assert (stats.images, stats.skipped) == (4, 3)
         (root / "val" / "bad" / "zero.JPEG").unlink()
         assert FolderImages(root / "val").fingerprint() != val.fingerprint()
+
+
+def test_a_pack_that_did_not_record_its_skipped_images_says_so(bad_tree, tmp_path_factory):
+    """An earlier canon's index has no skipped_images: where its split skipped no file at all
+    the count is 0 all the same; where it skipped some, it cannot tell how many were images,
+    and says so (a strict read refuses it) rather than report a count that may be short."""
+    root, _ = bad_tree
+    packed = tmp_path_factory.mktemp("shards")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BadImageWarning)
+        pack_folder(root, packed, progress=False)
+    index = json.loads((packed / "index.json").read_text())
+    for split in index["splits"].values():
+        del split["skipped_images"]
+    index["splits"]["train"]["skipped"] = 0
+    (packed / "index.json").write_text(json.dumps(index))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ShardImages(packed, "train", strict=True).skipped_at_listing == 0
+    with pytest.warns(BadImageWarning, match=r"packed by an earlier canon, which did not record "
+                      r"how many of the 2 file\(s\) of val it left out were images: .*re-pack"):
+        assert ShardImages(packed, "val").skipped_at_listing == 0
+    with pytest.raises(DataError, match=r"of val it left out were images \(strict mode: re-pack"):
+        ShardImages(packed, "val", strict=True)
 
 
 def test_bad_folder_trains_through_build_datasets(bad_tree, tmp_path_factory):

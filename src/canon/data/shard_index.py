@@ -38,12 +38,13 @@ class SplitIndex:
     """A split's shards in pack order; `fingerprint` identifies the folder they were packed
     from (FolderImages.fingerprint); `skipped`: its files the folder scan skipped, of which
     `skipped_images` had an image file's name (FolderImages.skipped_at_listing: images that
-    could not be read, which evaluation and statistics count; 0 in packs made before)."""
+    could not be read, which evaluation and statistics count; None where unknown: a pack made
+    before canon recorded it, of a folder with skipped files)."""
 
     shards: list[Shard]
     fingerprint: str
     skipped: int
-    skipped_images: int = 0
+    skipped_images: int | None = 0
 
     @property
     def samples(self) -> int:
@@ -90,7 +91,8 @@ class PackIndex:
         try:
             splits = {
                 name: SplitIndex([Shard(**s) for s in split["shards"]], split["fingerprint"],
-                                 split["skipped"], split.get("skipped_images", 0))
+                                 split["skipped"],
+                                 split.get("skipped_images", 0 if not split["skipped"] else None))
                 for name, split in data["splits"].items()
             }
             return cls(data["source"], data["shard_bytes"], data["class_ids"], data["classes"],

@@ -112,14 +112,24 @@ class ShardImages(IterableDataset):
         self.shards = index.splits[split].shards
         self.split, self._fingerprint = split, index.splits[split].fingerprint
         # Counted where a folder's are (evaluation, statistics): images the pack could not read.
-        self.skipped_at_listing = index.splits[split].skipped_images
         # Its other skipped files (no image's name) are no images; the folder's strict listing
         # refuses them too, but they change no count.
-        if strict and self.skipped_at_listing:
+        skipped = index.splits[split].skipped_images
+        if skipped is None:  # an earlier canon's pack of a folder with skipped files
+            unknown = (f"{self.root}: packed by an earlier canon, which did not record how many "
+                       f"of the {index.splits[split].skipped} file(s) of {split} it left out "
+                       "were images")
+            if strict:
+                raise DataError(f"{unknown} (strict mode: re-pack it with this canon, or run "
+                                "without strict)")
+            warnings.warn(f"{unknown}: skipped-image counts leave them out; re-pack it with this "
+                          "canon to count them", BadImageWarning, stacklevel=2)
+        elif strict and skipped:
             raise DataError(
-                f"{self.root}: its pack left out {self.skipped_at_listing} empty image file(s) "
-                f"of {split} (strict mode: remove them from {index.source} and re-pack, or run "
-                "without strict)")
+                f"{self.root}: its pack left out {skipped} empty image file(s) of {split} "
+                f"(strict mode: remove them from {index.source} and re-pack, or run without "
+                "strict)")
+        self.skipped_at_listing = skipped or 0
         self.class_ids, self.classes, self._labels = _classes(self.root, index, split, class_ids)
         self.transform, self.shuffle, self.shuffle_buffer = transform, shuffle, shuffle_buffer
         self.seed, self.rank, self.world_size = seed, rank, world_size
