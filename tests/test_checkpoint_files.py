@@ -676,9 +676,26 @@ def test_a_lock_held_by_an_earlier_canon_names_its_pid(tmp_path):
     descriptor = os.open(tmp_path / ".lock", os.O_RDWR | os.O_CREAT)
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX)
-        os.write(descriptor, b"4242\n")
+        os.write(descriptor, f"{os.getpid()}\n".encode())
         with pytest.raises(DataError, match=f"{tmp_path} is in use by another canon process "
-                                            r"\(pid 4242\); wait for it or use another"), \
+                                            rf"\(pid {os.getpid()}\); wait for it or use"), \
+                claim_run_dir(tmp_path, resume=True):
+            pass
+    finally:
+        os.close(descriptor)
+
+
+def test_a_lock_not_yet_written_does_not_name_its_killed_holder(tmp_path):
+    """A new holder locks the file a killed one left, then writes its own pid: read between
+    the two, the file names a process that is gone, which the refusal does not repeat."""
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    (tmp_path / ".lock").write_text(f"{gone} canon pack\n")
+    descriptor = os.open(tmp_path / ".lock", os.O_RDWR)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        with pytest.raises(DataError, match=f"{tmp_path} is in use by another canon process "
+                                            r"\(pid unknown\); wait for it"), \
                 claim_run_dir(tmp_path, resume=True):
             pass
     finally:

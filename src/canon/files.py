@@ -125,7 +125,9 @@ def _lock(path: Path, user: str, other: str, advice: str) -> int:
         except BlockingIOError:
             held = os.read(descriptor, 200).decode(errors="replace").split(maxsplit=1)
             os.close(descriptor)
-            pid = held[0] if held else "unknown"
+            if not held or not _alive(held[0]):  # a killed holder's words: the new holder has
+                held = ["unknown"]               # locked the file, yet to write its own
+            pid = held[0]
             holder = held[1].strip() if len(held) > 1 else "canon process"  # an older canon's
             raise DataError(f"{path.parent} is in use by another {holder} (pid {pid}); "
                             f"wait for it or {other}") from None
@@ -134,6 +136,16 @@ def _lock(path: Path, user: str, other: str, advice: str) -> int:
             os.write(descriptor, f"{os.getpid()} {user}\n".encode())
             return descriptor
         os.close(descriptor)  # its holder deleted that file as it finished: lock the new one
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, OverflowError, ProcessLookupError):
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _still_there(descriptor: int, path: Path) -> bool:
