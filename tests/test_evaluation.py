@@ -228,11 +228,12 @@ def test_vgg_multi_crop_is_a_5x5_grid_with_flips_at_three_scales():
 
 
 def average_posteriors(model, dense_network, stacks, protocol, views_per_forward=None):
-    """The posteriors of a list of images' view stacks, given to a ViewScorer as one batch."""
+    """The posteriors of a list of images' view stacks, given to a ViewScorer as one batch
+    (in float32, as the float32 models' outputs they are compared with)."""
     scorer = ViewScorer(model, dense_network, protocol, "cpu", views_per_forward)
     labels = torch.zeros(len(stacks), dtype=torch.long)
     return torch.cat([posteriors for posteriors, _ in [*scorer.add(stacks, labels),
-                                                       *scorer.finish()]])
+                                                       *scorer.finish()]]).float()
 
 
 def _three_scale_setting(count: int):
@@ -341,7 +342,7 @@ def test_views_carried_across_batches_score_as_each_image_alone():
             scored += scorer.add(images[start:stop], labels)
             start = stop
         scored += scorer.finish()
-        posteriors = torch.cat([chunk for chunk, _ in scored])
+        posteriors = torch.cat([chunk for chunk, _ in scored]).float()
         assert torch.allclose(posteriors, expected, atol=1e-6)
         assert torch.cat([labels for _, labels in scored]).tolist() == list(range(23))
         assert max(passes) <= size and sum(passes) == sum(len(c) + 2 for c, _ in images)
@@ -418,6 +419,26 @@ def test_evaluate_counts_every_image_exactly(sample_sets):
         evaluate(model, raw, "center")
     with pytest.raises(ConfigError, match="batch_size must be at least 1"):
         evaluate(model, val, "center", batch_size=0)
+
+
+def test_an_over_confident_model_s_views_rank_as_its_logits(sample_sets):
+    """Logit gaps beyond about 100 underflow a float32 softmax to 0, whose ties would rank
+    lowest class first: the views' posteriors would then count other top-5 hits than the
+    logits of the same images do (training's validation)."""
+    val = sample_sets.val
+    model = SmallConvNet().eval()
+    with torch.no_grad():
+        model.fc.weight.mul_(1000)
+    subset = ArrayImages(val.images[:200], val.labels[:200], val.classes, name="val[:200]")
+    images = torch.stack([val[i][0] for i in range(200)])
+    ready = TensorDataset(images, torch.tensor(val.labels[:200]))
+    by_logits = evaluate(model, ready, "center")
+    by_views = evaluate(model, subset, "center", preprocess=sample_sets.preprocess,
+                        keep_probabilities=True)
+    assert by_views["top5_error"] == by_logits["top5_error"]
+    assert by_views["top1_error"] == by_logits["top1_error"]
+    assert (by_views["probabilities"] == 0).any()  # the gaps underflow a float32 softmax
+    assert by_views["probabilities"].dtype == torch.float32
 
 
 def test_dense_equals_center_at_training_size(sample_sets):

@@ -160,9 +160,27 @@ def test_ensemble_prediction_averages_the_members_probabilities(members, images)
         predict_ensemble(members, torch.stack(decoded))
 
 
+def test_an_over_confident_member_s_prediction_ranks_as_its_logits(images):
+    """Classes whose logits lie about 100 below the best have a float32 probability of 0:
+    predict ranks them as their logits do, not lowest class first."""
+    member = _member("sure", 0, PREPROCESS[0])
+    model = create_model("resnet20", num_classes=10).eval()
+    model.load_state_dict(member.model.state_dict())
+    with torch.no_grad():
+        model.fc.weight.mul_(150)  # gaps of 240-630: past float32, within float64
+        crops = torch.stack([PREPROCESS[0].center(image) for image in images.images[:8]])
+        logits = model(crops)
+    assert (logits.softmax(1) == 0).any()
+    sure = EnsembleMember("sure", model, CLASSES, preprocess=PREPROCESS[0])
+    rankings = predict_ensemble([sure], list(images.images[:8]), top_k=10)
+    for ranking, expected in zip(rankings, logits.argsort(1, descending=True), strict=True):
+        assert [name for name, _ in ranking] == [CLASSES[i] for i in expected]
+
+
 def test_ensemble_probabilities_is_the_mean():
     first, second = torch.tensor([[0.2, 0.8]]), torch.tensor([[0.6, 0.4]])
-    assert torch.allclose(ensemble_probabilities([first, second]), torch.tensor([[0.4, 0.6]]))
+    mean = ensemble_probabilities([first, second])
+    assert mean.dtype == torch.float64 and torch.allclose(mean.float(), torch.tensor([[0.4, 0.6]]))
     assert torch.equal(first, torch.tensor([[0.2, 0.8]]))  # inputs untouched
     with pytest.raises(ValueError, match="different shapes"):
         ensemble_probabilities([first, torch.ones(2, 2)])

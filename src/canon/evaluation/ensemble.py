@@ -19,7 +19,7 @@ from canon.data.config import DataConfig
 from canon.data.labeled import LabeledImages
 from canon.data.preprocess import EvalPreprocess, center_transform
 from canon.errors import ConfigError
-from canon.evaluation.metrics import TopKErrors
+from canon.evaluation.metrics import TopKErrors, posteriors_of, ranked
 from canon.evaluation.protocols import (
     check_labelled_by,
     class_difference,
@@ -45,14 +45,15 @@ class EnsembleMember:
 
 
 def ensemble_probabilities(probabilities: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The mean of the members' N x K class probability matrices (same images, same classes)."""
+    """The mean of the members' N x K class probability matrices (same images, same classes),
+    in float64 (posteriors_of's)."""
     if not probabilities:
         raise ValueError("an ensemble needs at least one probability matrix")
     shapes = {tuple(p.shape) for p in probabilities}
     if len(shapes) != 1:
         raise ValueError(f"probability matrices of different shapes: {sorted(shapes)}")
     # A running sum: stacking would hold another copy of every matrix (ImageNet: 200 MB each).
-    return sum(probabilities[1:], probabilities[0].float()) / len(probabilities)
+    return sum(probabilities[1:], probabilities[0].double()) / len(probabilities)
 
 
 def evaluate_ensemble(
@@ -112,7 +113,7 @@ def evaluate_ensemble(
         ],
     }
     if keep_probabilities:
-        summary.update(probabilities=ensemble, labels=labels)
+        summary.update(probabilities=ensemble.float(), labels=labels)
     return summary
 
 
@@ -139,11 +140,11 @@ def predict_ensemble(
     probabilities = ensemble_probabilities(
         [_center_probabilities(member, images) for member in members]
     )
-    top = probabilities.topk(min(top_k, probabilities.shape[1]), dim=1)
+    top = ranked(probabilities, top_k)
     names = members[0].classes or members[0].class_ids
     return [
         [(names[i], p) for i, p in zip(indices.tolist(), values.tolist(), strict=True)]
-        for indices, values in zip(top.indices, top.values, strict=True)
+        for indices, values in zip(top, probabilities.gather(1, top), strict=True)
     ]
 
 
@@ -156,7 +157,7 @@ def _center_probabilities(member: EnsembleMember, images: Sequence[torch.Tensor]
     model.eval()
     try:
         device = next(model.parameters()).device
-        return model(batch.to(device)).float().softmax(1).cpu()
+        return posteriors_of(model(batch.to(device))).cpu()
     finally:
         model.train(was_training)
 

@@ -36,6 +36,12 @@ def ranked(scores: torch.Tensor, k: int) -> torch.Tensor:
     return scores.argsort(dim=1, descending=True, stable=True)[:, :k]
 
 
+def posteriors_of(logits: torch.Tensor) -> torch.Tensor:
+    """The softmax of `logits`, in float64: float32's underflows to 0 where a class's logit is
+    about 100 below the highest, and those zeros would rank by class index, not by logit."""
+    return logits.double().softmax(1)
+
+
 def error_percent(hits: float, images: float) -> float:
     """The error rate in percent: (images - hits) / images gives 45.0 for 11 hits of 20,
     where 1 - hits / images gives 44.99999999999999."""

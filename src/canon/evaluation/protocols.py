@@ -35,7 +35,7 @@ from canon.data.views import (
     parse_protocol,
 )
 from canon.errors import ConfigError
-from canon.evaluation.metrics import TopKErrors
+from canon.evaluation.metrics import TopKErrors, posteriors_of
 
 
 def preprocess_for(model: nn.Module, fit: str | None = None) -> EvalPreprocess:
@@ -163,7 +163,7 @@ def evaluate(
                 "Pass class_ids= (the model's classes in output order) to label it by name")
         errors.update(scores, labels)
         if keep_probabilities:  # view batches come as posteriors, ready ones as logits
-            kept.append((scores if views else scores.float().softmax(1)).cpu())
+            kept.append((scores if views else posteriors_of(scores)).float().cpu())
             kept_labels.append(labels)
     result = errors.result()
     result.update(
@@ -358,7 +358,7 @@ class ViewScorer:
         scores = (self.dense_network if dense else self.model)(views.to(self.device))
         if dense:
             scores = scores.mean((2, 3))
-        probabilities = scores.float().softmax(1)
+        probabilities = posteriors_of(scores)
         if self.totals is None:
             self.totals = probabilities.new_zeros(len(self.views), probabilities.shape[1])
         self.totals.index_add_(0, index.to(self.device), probabilities)
@@ -371,7 +371,7 @@ class ViewScorer:
         if images == 0:
             return []
         rows = images * len(self.methods)
-        divisors = self.views[:rows].to(self.device, torch.float32).view(-1, 1)
+        divisors = self.views[:rows].to(self.device, self.totals.dtype).view(-1, 1)
         posteriors = (self.totals[:rows] / divisors).view(images, len(self.methods), -1).mean(1)
         labels = self.labels[:images]
         self.totals, self.views = self.totals[rows:], self.views[rows:]
