@@ -201,6 +201,27 @@ def test_protocol_names():
     assert parse_protocol("dense+multi-scale").name == "multi-scale+dense"
     with pytest.raises(ConfigError, match="unknown protocol 'twelve-crop'"):
         parse_protocol("twelve-crop")
+    with pytest.raises(ConfigError, match=r"'multi-scale\+multi-scale' names a part twice"):
+        parse_protocol("multi-scale+multi-scale")
+
+
+def test_a_model_is_scored_in_its_own_dtype_and_checked_against_its_classes(sample_sets):
+    """A bfloat16 model takes bfloat16 views; class_ids must name every output; dense
+    evaluation of a model without a fully convolutional form says so."""
+    val = sample_sets.val
+    subset = ArrayImages(val.images[:20], val.labels[:20], val.classes, name="val[:20]")
+    model = SmallConvNet().eval()
+    single = evaluate(model, subset, preprocess=sample_sets.preprocess)
+    half = evaluate(SmallConvNet().to(torch.bfloat16).eval(), subset,
+                    preprocess=sample_sets.preprocess)
+    assert half["images"] == 20 and abs(half["top1_error"] - single["top1_error"]) <= 10
+    with pytest.raises(ConfigError, match="class_ids names 11 classes where the model gives 10 "
+                                          "scores: pass the model's classes, all of them"):
+        evaluate(create_model("resnet20", 10), "sample", class_ids=[*val.class_ids, "unicorn"])
+    plain = nn.Sequential(nn.Flatten(), nn.LazyLinear(10))
+    with pytest.raises(ConfigError, match=r"Sequential has no fully_convolutional\(\): choose "
+                                          "another protocol"):
+        evaluate(plain, subset, "dense", preprocess=sample_sets.preprocess)
 
 
 def test_vgg_multi_crop_is_a_5x5_grid_with_flips_at_three_scales():

@@ -77,6 +77,9 @@ def parse_protocol(name: str) -> Protocol:
     --protocol`; plain `multi-scale` means multi-scale+center. 144-crop and multi-crop (and
     so multi-crop+dense) come with their scales: a `multi-scale` part changes nothing."""
     parts = [p.strip() for p in name.split("+")]
+    if len(set(parts)) < len(parts):
+        raise ConfigError(f"protocol {name!r} names a part twice; choose from "
+                          f"{', '.join(PROTOCOLS)}")
     multi = "multi-scale" in parts
     rest = [p for p in parts if p != "multi-scale"]
     if sorted(rest) == ["dense", "multi-crop"] and len(parts) - len(rest) <= 1:

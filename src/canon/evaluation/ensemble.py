@@ -24,6 +24,7 @@ from canon.evaluation.protocols import (
     check_labelled_by,
     class_difference,
     evaluate,
+    model_inputs,
     preprocess_for,
 )
 
@@ -157,7 +158,7 @@ def _center_probabilities(member: EnsembleMember, images: Sequence[torch.Tensor]
     model.eval()
     try:
         device = next(model.parameters()).device
-        return posteriors_of(model(batch.to(device))).cpu()
+        return posteriors_of(model(model_inputs(model, batch, device))).cpu()
     finally:
         model.train(was_training)
 

@@ -161,6 +161,11 @@ def evaluate(
                 f"{getattr(dataset, 'name', data)} holds {len(split_classes)} classes where the "
                 f"model gives {scores.shape[1]} scores: its labels would index the wrong ones. "
                 "Pass class_ids= (the model's classes in output order) to label it by name")
+        if class_ids is not None and scores.shape[1] != len(class_ids):
+            raise ConfigError(
+                f"class_ids names {len(class_ids)} classes where the model gives "
+                f"{scores.shape[1]} scores: pass the model's classes, all of them, in the order "
+                "of its outputs")
         errors.update(scores, labels)
         if keep_probabilities:  # view batches come as posteriors, ready ones as logits
             kept.append((scores if views else posteriors_of(scores)).float().cpu())
@@ -244,7 +249,7 @@ def _scored_batches(
     model.eval()
     scorer = None
     if protocol is not None:
-        dense_network = model.fully_convolutional().eval() if protocol.dense else None
+        dense_network = _fully_convolutional(model) if protocol.dense else None
         scorer = ViewScorer(model, dense_network, protocol, device, views_per_forward)
     try:
         for batch in tqdm(loader, desc="evaluate", unit="batch", disable=not progress):
@@ -252,13 +257,36 @@ def _scored_batches(
             if not len(labels):
                 continue
             if scorer is None:
-                yield model(inputs.to(device)), labels
+                yield model(model_inputs(model, inputs, device)), labels
             else:
                 yield from scorer.add(inputs, labels)
         if scorer is not None:
             yield from scorer.finish()
     finally:
         model.train(was_training)
+
+
+def model_inputs(model: nn.Module, images: torch.Tensor, device: str | torch.device
+                 ) -> torch.Tensor:
+    """`images` on `device`, in the floating dtype of the model's weights (a bfloat16 or
+    float16 model takes inputs of its own type)."""
+    weight = next(model.parameters(), None)
+    dtype = weight.dtype if weight is not None and weight.is_floating_point() else None
+    return images.to(device, dtype) if images.is_floating_point() else images.to(device)
+
+
+def _fully_convolutional(model: nn.Module) -> nn.Module:
+    """The model's fully convolutional form, for dense evaluation, or a ConfigError."""
+    method = getattr(model, "fully_convolutional", None)
+    try:
+        network = method() if method is not None else None
+    except NotImplementedError:  # CanonModel's, where a model has none
+        network = None
+    if network is None:
+        raise ConfigError(
+            f"dense evaluation scores images through the model's fully convolutional form, "
+            f"and {type(model).__name__} has no fully_convolutional(): choose another protocol")
+    return network.eval()
 
 
 class ViewScorer:
@@ -355,7 +383,8 @@ class ViewScorer:
         if not members:
             del self.pending[key], self.pending_views[key]
         dense = key[0]
-        scores = (self.dense_network if dense else self.model)(views.to(self.device))
+        scores = (self.dense_network if dense else self.model)(
+            model_inputs(self.model, views, self.device))
         if dense:
             scores = scores.mean((2, 3))
         probabilities = posteriors_of(scores)
