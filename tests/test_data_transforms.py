@@ -244,6 +244,35 @@ def test_fancy_pca_noise_lies_along_eigenvectors_with_paper_scale(sample_stats):
     assert torch.allclose(shifted, shifted[:, :1, :1].expand_as(shifted))  # same for every pixel
 
 
+def test_fancy_pca_scaled_by_the_eigenvalues_square_roots(sample_stats):
+    """data.pca_scale=stdev: alpha_i times sqrt(lambda_i), Krizhevsky's cuda-convnet2 reading,
+    along the same eigenvectors; recipes keep the paper's lambda_i unless they say so."""
+    eigvec, eigval = torch.eye(3), torch.tensor([4.0, 1.0, 0.25])
+    alpha = torch.ones(3)
+    assert FancyPCA(eigvec, eigval, 0.1).shift(alpha).tolist() == [4.0, 1.0, 0.25]
+    assert FancyPCA(eigvec, eigval, 0.1, "stdev").shift(alpha).tolist() == [2.0, 1.0, 0.5]
+    config = DataConfig(pca_std=0.1, pca_scale="stdev")
+    pca = make_fancy_pca(config, sample_stats)
+    assert torch.allclose(pca.shift(alpha), sample_stats.pca_eigval.sqrt() @ pca.eigvec.T)
+    assert make_fancy_pca(DataConfig(pca_std=0.1), sample_stats).scale == "eigenvalue"
+    with pytest.raises(ConfigError, match=r"data\.pca_scale must be one of"):
+        DataConfig(pca_scale="variance")
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("photometric", 1.5, r"data.photometric must be at most 1, got 1.5: .*blackens or inverts"),
+    ("photometric", float("nan"), r"data.photometric must be a finite number >= 0, got nan"),
+    ("pca_std", float("inf"), r"data.pca_std must be a finite number >= 0, got inf"),
+    ("aspect_range", (0.5, float("inf")), r"data.aspect_range must hold finite numbers"),
+])
+def test_data_settings_that_would_corrupt_images_are_refused(field, value, message):
+    """A config built in Python is checked as a recipe's is: a contrast factor below 0 inverts
+    an image, a NaN strength turns the augmentation off without a word, an infinite one
+    makes NaN inputs."""
+    with pytest.raises(ConfigError, match=message):
+        DataConfig(**{field: value})
+
+
 def test_imagenette_pca_agrees_with_imagenet_published(imagenette_root):
     """The real ImageNet JPEGs give nearly ImageNet's published eigen-decomposition."""
     stats = compute_stats(FolderImages(imagenette_root / "val"), 64, progress=False)

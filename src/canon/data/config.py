@@ -6,6 +6,7 @@ a bad one raises ConfigError naming the field.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from canon.errors import ConfigError
@@ -14,6 +15,7 @@ from canon.validation import build_dataclass
 AUGMENTATIONS = ("alexnet", "zfnet", "vgg", "resnet", "googlenet", "cifar", "none")
 MEANS = ("pixel", "channel", "imagenet", "inception")
 PCA_SOURCES = ("dataset", "imagenet")
+PCA_SCALES = ("eigenvalue", "stdev")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "area")
 ALEXNET_RESIZES = ("center-square", "squash")
 # PIL's decompression-bomb threshold, 2 x PIL.Image.MAX_IMAGE_PIXELS: PIL refuses larger images.
@@ -71,6 +73,11 @@ class DataConfig:
     pca_std: float = 0.0
     # Eigenvectors/values for fancy PCA: of this training set, or ImageNet's published ones.
     pca_source: str = "dataset"
+    # What alpha_i multiplies: `eigenvalue`, lambda_i of pixels in [0, 1], as s4.1 writes it
+    # and fb.resnet.torch applies it; or `stdev`, sqrt(lambda_i), as Krizhevsky's own
+    # cuda-convnet2 applies it (a shift that scales with the pixels' units: 2.1, 7.3 and 15
+    # times the eigenvalue reading's for ImageNet's three components).
+    pca_scale: str = "eigenvalue"
     # CIFAR (He et al. 2015, s4.2): zero padding on each side before the random 32x32 crop.
     padding: int = 4
     # Random horizontal reflection (every paper).
@@ -112,6 +119,7 @@ class DataConfig:
         _choice("alexnet_resize", self.alexnet_resize, ALEXNET_RESIZES)
         _choice("mean", self.mean, MEANS)
         _choice("pca_source", self.pca_source, PCA_SOURCES)
+        _choice("pca_scale", self.pca_scale, PCA_SCALES)
         _choice("interpolation", self.interpolation, INTERPOLATIONS)
         if self.normalization_from is not None and (
                 not isinstance(self.normalization_from, str) or not self.normalization_from):
@@ -143,8 +151,13 @@ class DataConfig:
         object.__setattr__(self, "aspect_range", (low, high))
         for name in ("pca_std", "photometric"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-                raise ConfigError(f"data.{name} must be a number >= 0, got {value!r}")
+            if (isinstance(value, bool) or not isinstance(value, int | float)
+                    or not 0 <= value < math.inf):
+                raise ConfigError(f"data.{name} must be a finite number >= 0, got {value!r}")
+        if self.photometric > 1:  # its factors, drawn in [1 - s, 1 + s], would turn negative
+            raise ConfigError(f"data.photometric must be at most 1, got {self.photometric!r}: "
+                              "its brightness, contrast and saturation factors lie in "
+                              "[1 - s, 1 + s], and a negative one blackens or inverts the image")
         for name in ("padding", "max_image_pixels", "val_split", "val_split_seed"):
             _non_negative_int(name, getattr(self, name))
         scales = tuple(self.test_scales)
@@ -207,8 +220,9 @@ def _pair(name: str, value: object, kind: type) -> tuple:
         raise ConfigError(f"data.{name} must be a pair [min, max], got {value!r}") from None
     if kind is int and not all(isinstance(v, int) and not isinstance(v, bool) for v in (low, high)):
         raise ConfigError(f"data.{name} must hold integers, got {value!r}")
-    if kind is float and not all(isinstance(v, int | float) for v in (low, high)):
-        raise ConfigError(f"data.{name} must hold numbers, got {value!r}")
+    if kind is float and not all(isinstance(v, int | float) and math.isfinite(v)
+                                 for v in (low, high)):
+        raise ConfigError(f"data.{name} must hold finite numbers, got {value!r}")
     if low > high:
         raise ConfigError(f"data.{name} must be ordered [min, max], got {value!r}")
     return kind(low), kind(high)

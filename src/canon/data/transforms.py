@@ -227,10 +227,15 @@ class FancyPCA:
     lambda_i are the RGB covariance eigenvalues of pixels in [0, 1]: the paper does not give
     units, and in 0-255 units the shift would exceed the pixel range. ImageNet's published
     constants (stats.IMAGENET_PCA_EIGVAL) are in the same units and are applied the same way,
-    as fb.resnet.torch does."""
+    as fb.resnet.torch does. `scale="stdev"` multiplies alpha_i by sqrt(lambda_i) instead, as
+    Krizhevsky's cuda-convnet2 does (data.pca_scale)."""
 
-    def __init__(self, eigvec: torch.Tensor, eigval: torch.Tensor, alpha_std: float) -> None:
+    def __init__(self, eigvec: torch.Tensor, eigval: torch.Tensor, alpha_std: float,
+                 scale: str = "eigenvalue") -> None:
         self.eigvec, self.eigval, self.alpha_std = eigvec.float(), eigval.float(), alpha_std
+        self.scale = scale
+        # What alpha multiplies, per component.
+        self.magnitudes = self.eigval if scale == "eigenvalue" else self.eigval.clamp(min=0).sqrt()
 
     def alpha(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """alpha (3,) ~ N(0, alpha_std^2) for one image, drawn from `generator` (default:
@@ -243,18 +248,19 @@ class FancyPCA:
 
     def shift(self, alpha: torch.Tensor) -> torch.Tensor:
         """The RGB shifts (..., 3) of alpha (..., 3) ~ N(0, alpha_std^2)."""
-        return (alpha * self.eigval.to(alpha.device)) @ self.eigvec.to(alpha.device).T
+        return (alpha * self.magnitudes.to(alpha.device)) @ self.eigvec.to(alpha.device).T
 
     def to(self, device: torch.device) -> FancyPCA:
         """The same colour shift with its basis on `device`, for batched augmentation to keep
         (a copy from host memory each batch would wait for the GPU's queue)."""
-        return FancyPCA(self.eigvec.to(device), self.eigval.to(device), self.alpha_std)
+        return FancyPCA(self.eigvec.to(device), self.eigval.to(device), self.alpha_std,
+                        self.scale)
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         return image + self.noise().view(3, 1, 1)
 
     def __repr__(self) -> str:
-        return f"FancyPCA(alpha_std={self.alpha_std})"
+        return f"FancyPCA(alpha_std={self.alpha_std}, scale={self.scale!r})"
 
 
 _LUMA_WEIGHTS = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)  # ITU-R BT.601 greyscale
@@ -384,10 +390,10 @@ class AreaCropFirst:
 def make_fancy_pca(config: DataConfig, stats: DatasetStats | None) -> FancyPCA:
     if config.pca_source == "imagenet":
         eigval, eigvec = imagenet_pca()
-        return FancyPCA(eigvec, eigval, config.pca_std)
+        return FancyPCA(eigvec, eigval, config.pca_std, config.pca_scale)
     if stats is None:
         raise ConfigError("data.pca_source='dataset' needs the training set's statistics")
-    return FancyPCA(stats.pca_eigvec, stats.pca_eigval, config.pca_std)
+    return FancyPCA(stats.pca_eigvec, stats.pca_eigval, config.pca_std, config.pca_scale)
 
 
 def training_transform(
