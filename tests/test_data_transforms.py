@@ -255,20 +255,31 @@ def test_fancy_pca_scaled_by_the_eigenvalues_square_roots(sample_stats):
     pca = make_fancy_pca(config, sample_stats)
     assert torch.allclose(pca.shift(alpha), sample_stats.pca_eigval.sqrt() @ pca.eigvec.T)
     assert make_fancy_pca(DataConfig(pca_std=0.1), sample_stats).scale == "eigenvalue"
+    assert pca.to(torch.device("cpu")).scale == "stdev"  # as batched augmentation keeps it
     with pytest.raises(ConfigError, match=r"data\.pca_scale must be one of"):
         DataConfig(pca_scale="variance")
+    with pytest.raises(ConfigError, match="scale must be one of eigenvalue, stdev, got 'eigen'"):
+        FancyPCA(eigvec, eigval, 0.1, "eigen")
+
+
+def test_photometric_factors_stop_at_zero():
+    """Above strength 1 the factors' range [1 - s, 1 + s] reaches below 0, which blackens or
+    inverts an image: they stop at 0, as ColorJitter's do."""
+    torch.manual_seed(0)
+    ramp = torch.linspace(0, 1, 16).expand(3, 4, 16).clone()
+    for _ in range(200):
+        out = Photometric(1.5)(ramp)
+        assert (out[..., 1:] >= out[..., :-1] - 1e-6).all()  # never inverted
 
 
 @pytest.mark.parametrize(("field", "value", "message"), [
-    ("photometric", 1.5, r"data.photometric must be at most 1, got 1.5: .*blackens or inverts"),
     ("photometric", float("nan"), r"data.photometric must be a finite number >= 0, got nan"),
     ("pca_std", float("inf"), r"data.pca_std must be a finite number >= 0, got inf"),
     ("aspect_range", (0.5, float("inf")), r"data.aspect_range must hold finite numbers"),
 ])
 def test_data_settings_that_would_corrupt_images_are_refused(field, value, message):
-    """A config built in Python is checked as a recipe's is: a contrast factor below 0 inverts
-    an image, a NaN strength turns the augmentation off without a word, an infinite one
-    makes NaN inputs."""
+    """A config built in Python is checked as a recipe's is: a NaN strength would turn the
+    augmentation off without a word, an infinite one make NaN inputs."""
     with pytest.raises(ConfigError, match=message):
         DataConfig(**{field: value})
 

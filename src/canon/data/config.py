@@ -154,10 +154,6 @@ class DataConfig:
             if (isinstance(value, bool) or not isinstance(value, int | float)
                     or not 0 <= value < math.inf):
                 raise ConfigError(f"data.{name} must be a finite number >= 0, got {value!r}")
-        if self.photometric > 1:  # its factors, drawn in [1 - s, 1 + s], would turn negative
-            raise ConfigError(f"data.photometric must be at most 1, got {self.photometric!r}: "
-                              "its brightness, contrast and saturation factors lie in "
-                              "[1 - s, 1 + s], and a negative one blackens or inverts the image")
         for name in ("padding", "max_image_pixels", "val_split", "val_split_seed"):
             _non_negative_int(name, getattr(self, name))
         scales = tuple(self.test_scales)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from canon.data.config import DataConfig
+from canon.data.config import PCA_SCALES, DataConfig
 from canon.data.geometry import (
     check_crop,
     crop_box,
@@ -233,6 +233,9 @@ class FancyPCA:
     def __init__(self, eigvec: torch.Tensor, eigval: torch.Tensor, alpha_std: float,
                  scale: str = "eigenvalue") -> None:
         self.eigvec, self.eigval, self.alpha_std = eigvec.float(), eigval.float(), alpha_std
+        if scale not in PCA_SCALES:
+            raise ConfigError(f"FancyPCA: scale must be one of {', '.join(PCA_SCALES)}, got "
+                              f"{scale!r}")
         self.scale = scale
         # What alpha multiplies, per component.
         self.magnitudes = self.eigval if scale == "eigenvalue" else self.eigval.clamp(min=0).sqrt()
@@ -267,16 +270,18 @@ _LUMA_WEIGHTS = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)  # ITU-R BT.60
 
 
 class Photometric:
-    """Random brightness, contrast and saturation factors in [1 - s, 1 + s], random order:
-    GoogLeNet s6's "photometric distortions" (after Howard 2013), which the paper does not
-    specify; this is canon's reading of them."""
+    """Random brightness, contrast and saturation factors in [max(0, 1 - s), 1 + s], random
+    order: GoogLeNet s6's "photometric distortions" (after Howard 2013), which the paper does
+    not specify; this is canon's reading of them. Factors stop at 0, as torchvision's
+    ColorJitter's do: a negative one would blacken or invert the image."""
 
     def __init__(self, strength: float) -> None:
         self.strength = strength
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         for which in torch.randperm(3).tolist():
-            factor = float(torch.empty(()).uniform_(1 - self.strength, 1 + self.strength))
+            factor = float(torch.empty(()).uniform_(max(0.0, 1 - self.strength),
+                                                    1 + self.strength))
             if which == 0:
                 image = image * factor
             else:
