@@ -327,7 +327,7 @@ def test_a_forward_pass_takes_at_most_batch_size_views():
     with torch.no_grad():
         expected = average_posteriors(model, None, [ProtocolViews(ten, preprocess)(image)
                                                     for image in images], ten)
-    assert torch.allclose(result["probabilities"], expected, atol=1e-6)
+    assert torch.allclose(result["probabilities"].float(), expected, atol=1e-6)
     assert result["labels"].tolist() == labels
 
 
@@ -458,8 +458,9 @@ def test_an_over_confident_model_s_views_rank_as_its_logits(sample_sets):
                         keep_probabilities=True)
     assert by_views["top5_error"] == by_logits["top5_error"]
     assert by_views["top1_error"] == by_logits["top1_error"]
-    assert (by_views["probabilities"] == 0).any()  # the gaps underflow a float32 softmax
-    assert by_views["probabilities"].dtype == torch.float32
+    assert (by_views["probabilities"].float() == 0).any()  # the gaps underflow float32
+    assert by_views["probabilities"].dtype == torch.float64
+    assert (by_views["probabilities"] > 0).all()
 
 
 def test_dense_equals_center_at_training_size(sample_sets):
@@ -617,7 +618,7 @@ def test_evaluate_keeps_the_probabilities_in_dataset_order(sample_sets):
     with torch.no_grad():
         stacks = [ProtocolViews(ten, sample_sets.preprocess)(image) for image in subset.images]
         expected = average_posteriors(model, None, stacks, ten)
-    assert torch.allclose(result["probabilities"], expected, atol=1e-6)
+    assert torch.allclose(result["probabilities"].float(), expected, atol=1e-6)
     assert torch.equal(result["labels"], torch.tensor(subset.labels))
     wrong = (expected.argmax(1) != result["labels"]).sum().item()
     assert result["top1_error"] == pytest.approx(100 * wrong / 30)
@@ -626,7 +627,8 @@ def test_evaluate_keeps_the_probabilities_in_dataset_order(sample_sets):
     ready = TensorDataset(images, torch.tensor(val.labels[:30]))
     kept = evaluate(model, ready, "center", batch_size=8, keep_probabilities=True)
     with torch.no_grad():
-        assert torch.allclose(kept["probabilities"], model(images).softmax(1), atol=1e-6)
+        assert torch.allclose(kept["probabilities"].float(), model(images).softmax(1),
+                              atol=1e-6)
     assert kept["probabilities"].shape == (30, 10) and kept["probabilities"].device.type == "cpu"
     assert "probabilities" not in evaluate(model, ready, "center")
 

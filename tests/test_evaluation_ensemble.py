@@ -78,7 +78,7 @@ def test_ensemble_error_is_the_error_of_the_mean_softmax(members, images):
             + _center_softmax(members[1], images.images)) / 2
     labels = torch.tensor(images.labels)
     assert torch.equal(result["labels"], labels)
-    assert torch.allclose(result["probabilities"], mean, atol=1e-6)
+    assert torch.allclose(result["probabilities"].float(), mean, atol=1e-6)
     wrong1 = (mean.argmax(1) != labels).sum().item()
     wrong5 = (mean.topk(5, 1).indices != labels[:, None]).all(1).sum().item()
     assert result["images"] == 40 and result["skipped"] == 0
@@ -173,8 +173,16 @@ def test_an_over_confident_member_s_prediction_ranks_as_its_logits(images):
     assert (logits.softmax(1) == 0).any()
     sure = EnsembleMember("sure", model, CLASSES, preprocess=PREPROCESS[0])
     rankings = predict_ensemble([sure], list(images.images[:8]), top_k=10)
-    for ranking, expected in zip(rankings, logits.argsort(1, descending=True), strict=True):
+    order = logits.argsort(1, descending=True)
+    for ranking, expected in zip(rankings, order, strict=True):
         assert [name for name, _ in ranking] == [CLASSES[i] for i in expected]
+    # An ensemble of it alone, and its per-class report, count as its logits rank.
+    labels = order[:, 4]  # each image's fifth class: a top-5 hit, by its logits
+    eight = ArrayImages(images.images[:8], labels.tolist(), CLASSES, name="eight")
+    alone = evaluate_ensemble([sure], eight, keep_probabilities=True)
+    assert alone["top5_error"] == alone["members"][0]["top5_error"] == 0
+    report = class_report(alone["probabilities"], alone["labels"], CLASSES)
+    assert all(error in (0.0, None) for error in report.top5_error)
 
 
 def test_ensemble_probabilities_is_the_mean():

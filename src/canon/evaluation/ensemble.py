@@ -7,7 +7,7 @@ images through its own preprocessing (input size, mean), so nets trained differe
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,16 +45,23 @@ class EnsembleMember:
     classes: list[str] | None = None  # human names of its outputs; default: class_ids
 
 
-def ensemble_probabilities(probabilities: Sequence[torch.Tensor]) -> torch.Tensor:
+def ensemble_probabilities(probabilities: Iterable[torch.Tensor]) -> torch.Tensor:
     """The mean of the members' N x K class probability matrices (same images, same classes),
-    in float64 (posteriors_of's)."""
-    if not probabilities:
+    in float64 (posteriors_of's). A running sum over `probabilities`, which may be a
+    generator: it holds the sum and one member's matrix (ImageNet: 400 MB each), not all."""
+    total, count = None, 0
+    for matrix in probabilities:
+        if total is None:
+            total = matrix.double()  # a copy: the caller's matrix stays as it is
+        elif matrix.shape != total.shape:
+            raise ValueError(f"probability matrices of different shapes: "
+                             f"{tuple(total.shape)} and {tuple(matrix.shape)}")
+        else:
+            total += matrix
+        count += 1
+    if total is None:
         raise ValueError("an ensemble needs at least one probability matrix")
-    shapes = {tuple(p.shape) for p in probabilities}
-    if len(shapes) != 1:
-        raise ValueError(f"probability matrices of different shapes: {sorted(shapes)}")
-    # A running sum: stacking would hold another copy of every matrix (ImageNet: 200 MB each).
-    return sum(probabilities[1:], probabilities[0].double()) / len(probabilities)
+    return total / count
 
 
 def evaluate_ensemble(
@@ -85,23 +92,27 @@ def evaluate_ensemble(
         )
     if isinstance(data, LabeledImages):
         check_labelled_by(data, members[0].class_ids, "the members'")
-    results, probabilities = [], []
-    for member in members:
-        result = evaluate(
-            member.model, data, protocol, preprocess=_preprocess(member, data),
-            data_config=member.data_config, class_ids=member.class_ids,
-            keep_probabilities=True, **options,
-        )
-        probabilities.append(result.pop("probabilities"))
-        if results and not torch.equal(result["labels"], results[0]["labels"]):
-            raise ConfigError(
-                f"{members[0].name!r} and {member.name!r} scored different images "
-                f"({results[0]['images']} and {result['images']}): the image files each "
-                "skipped differ (see the warnings; strict=True stops at the first)"
+    results = []
+
+    def scored() -> Iterator[torch.Tensor]:
+        """Each member's probabilities in turn, its other results kept in `results`."""
+        for member in members:
+            result = evaluate(
+                member.model, data, protocol, preprocess=_preprocess(member, data),
+                data_config=member.data_config, class_ids=member.class_ids,
+                keep_probabilities=True, **options,
             )
-        results.append(result)
+            if results and not torch.equal(result["labels"], results[0]["labels"]):
+                raise ConfigError(
+                    f"{members[0].name!r} and {member.name!r} scored different images "
+                    f"({results[0]['images']} and {result['images']}): the image files each "
+                    "skipped differ (see the warnings; strict=True stops at the first)"
+                )
+            results.append(result)
+            yield result.pop("probabilities")
+
+    ensemble = ensemble_probabilities(scored())
     labels = results[0]["labels"]
-    ensemble = ensemble_probabilities(probabilities)
     errors = TopKErrors()
     errors.update(ensemble, labels)
     summary = {
@@ -114,7 +125,7 @@ def evaluate_ensemble(
         ],
     }
     if keep_probabilities:
-        summary.update(probabilities=ensemble.float(), labels=labels)
+        summary.update(probabilities=ensemble, labels=labels)
     return summary
 
 

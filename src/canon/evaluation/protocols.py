@@ -116,7 +116,7 @@ def evaluate(
     `scales` overrides the multi-scale shorter sides.
     Returns top1_error, top5_error, images, skipped, protocol,
     views_per_image, scales, seconds; with `keep_probabilities` also `probabilities`, the
-    class posteriors of every image scored (N x K float32 on the CPU, the softmax averaged
+    class posteriors of every image scored (N x K float64 on the CPU, the softmax averaged
     over the protocol's views; a softmax of the logits for ready tensors), and `labels` (N),
     in the dataset's order, less its skipped images.
     """
@@ -168,7 +168,7 @@ def evaluate(
                 "of its outputs")
         errors.update(scores, labels)
         if keep_probabilities:  # view batches come as posteriors, ready ones as logits
-            kept.append((scores if views else posteriors_of(scores)).float().cpu())
+            kept.append((scores if views else posteriors_of(scores)).cpu())
             kept_labels.append(labels)
     result = errors.result()
     result.update(
