@@ -119,11 +119,12 @@ class ShardImages(IterableDataset):
             unknown = (f"{self.root}: packed by an earlier canon, which did not record how many "
                        f"of the {index.splits[split].skipped} file(s) of {split} it left out "
                        "were images")
+            repack = f"`canon pack {index.source} --out {self.root} --splits {split}`"
             if strict:
-                raise DataError(f"{unknown} (strict mode: re-pack it with this canon, or run "
+                raise DataError(f"{unknown} (strict mode: re-pack it with {repack}, or run "
                                 "without strict)")
-            warnings.warn(f"{unknown}: skipped-image counts leave them out; re-pack it with this "
-                          "canon to count them", BadImageWarning, stacklevel=2)
+            warnings.warn(f"{unknown}: skipped-image counts leave them out; re-pack it with "
+                          f"{repack} to count them", BadImageWarning, stacklevel=2)
         elif strict and skipped:
             raise DataError(
                 f"{self.root}: its pack left out {skipped} empty image file(s) of {split} "
