@@ -177,6 +177,28 @@ def test_init_from_copies_exactly_the_requested_layers(source_run, tmp_path, cap
     assert "init_from:" in (out / "recipe.yaml").read_text()
 
 
+def test_init_from_a_network_of_another_kind_is_no_silent_fresh_start():
+    """A source of which nothing fits (a ResNet's weights into a VGG) would leave the run
+    training from scratch; a layer init_layers asks for must be in the source; a deeper
+    source's extra blocks are named as unused, not passed over."""
+    vgg = canon.create_model("vgg11", num_classes=10)
+    resnet = canon.create_model("resnet20", num_classes=10).state_dict()
+    with pytest.raises(ConfigError, match=r"init_from x copies nothing into VGG \(tensors "
+                                          r"absent from the source: \d+\): is it a network"):
+        copy_matching(vgg, resnet, "x")
+    with pytest.raises(ConfigError, match=r"asks for features.conv1.conv1_1.weight, which x "
+                                          r"does not hold; leave it out of init_layers"):
+        copy_matching(vgg, resnet, "x", ("features.conv1.conv1_1",))
+    deeper = canon.create_model("resnet32", num_classes=10).state_dict()
+    report = copy_matching(canon.create_model("resnet20", num_classes=10), deeper, "x",
+                           source_model="resnet32")
+    assert len(report.copied) == len(resnet) and not report.kept
+    assert report.unused and all(name.split(".")[1] in "345" for name in report.unused)
+    assert report.summary().startswith(
+        f"init_from x (a resnet32): copied {len(resnet)} tensors, 0 keep their fresh "
+        f"initialisation; {len(report.unused)} of the source's have no place here")
+
+
 def test_keep_epochs_keeps_those_checkpoints(source_run):
     kept = sorted(p.name for p in (source_run / "checkpoints").glob("epoch-*.pt"))
     assert kept == ["epoch-001.pt", "epoch-003.pt"]  # keep_checkpoints=1, plus keep_epochs [1]
