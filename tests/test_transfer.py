@@ -272,6 +272,15 @@ def test_frozen_stages_unfreeze_one_by_one():
         freeze_stages(model, 9)
 
 
+def test_too_many_frozen_stages_stop_a_run_before_it_reads_data(tmp_path):
+    """Checked with the recipe, not at the first epoch: no statistics computed, no weights
+    copied, no folder made."""
+    with pytest.raises(ConfigError, match=r"frozen_stages is 9, but CifarResNet has 4 stages"):
+        canon.train(canon.load_recipe("quickstart", ["model.frozen_stages=9"]), tmp_path / "run",
+                    device="cpu")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_stage_unfrozen_after_the_first_step_trains_with_gpu_optimizer_settings(
     tmp_path, monkeypatch
 ):

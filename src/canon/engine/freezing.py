@@ -27,12 +27,18 @@ def freeze_stages(model: nn.Module, count: int) -> list[nn.Parameter]:
     their parameters, whose gradients the training step drops."""
     if not count:
         return []
-    stages = getattr(model, "stages", None)
-    if stages is None or count > len(stages):
-        have = "no stages" if stages is None else f"{len(stages)} stages"
-        raise ConfigError(f"model.frozen_stages is {count}, but {type(model).__name__} has {have}")
+    check_frozen_stages(model, count)
     frozen = []
-    for _, stage in stages[:count]:
+    for _, stage in model.stages[:count]:
         stage.eval()
         frozen += list(stage.parameters())
     return frozen
+
+
+def check_frozen_stages(model: nn.Module, count: int) -> None:
+    """A ConfigError unless `model` has at least `count` stages to freeze (a run checks it
+    as it builds the model, before it copies weights in or reads data)."""
+    stages = getattr(model, "stages", None)
+    if count and (stages is None or count > len(stages)):
+        have = "no stages" if stages is None else f"{len(stages)} stages"
+        raise ConfigError(f"model.frozen_stages is {count}, but {type(model).__name__} has {have}")

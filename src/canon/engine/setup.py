@@ -28,6 +28,7 @@ from canon.data.sampling import SeededOrder, SeededSamples, eval_shard, spread_s
 from canon.data.shards import ShardImages
 from canon.engine import checkpoint as ckpt
 from canon.engine import distributed as dist
+from canon.engine.freezing import check_frozen_stages
 from canon.engine.graphed import GraphedStep
 from canon.engine.initialize import InitReport, initialize_from
 from canon.engine.logs import check_tensorboard, event_writer
@@ -223,9 +224,11 @@ def check_recipe(recipe: Recipe, *, model_given: bool, datasets_given: bool,
     for a `fresh` run: a resumed one has its own weights)."""
     if not model_given:
         MODELS.get(recipe.model.name)  # UnknownNameError listing close names
-        if recipe.model.options or recipe.model.zero_init_residual:
+        section = recipe.model
+        if section.options or section.zero_init_residual or section.frozen_stages:
             with torch.device("meta"):  # the builder takes them? (no weights allocated)
-                build_model(recipe, recipe.model.num_classes or 2)
+                model = build_model(recipe, section.num_classes or 2)
+            check_frozen_stages(model, section.frozen_stages)  # it has so many stages?
     if not datasets_given:
         check_dataset_name(recipe.data.dataset)
     workers, cores = recipe.train.workers, dist.cores_per_process()

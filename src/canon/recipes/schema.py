@@ -83,11 +83,14 @@ class ModelSection:
     # Start from another model's weights (canon.engine.initialize): a run directory, a
     # checkpoint (.pt), an exported model.safetensors or torchvision:NAME. Tensors are copied
     # by name where shapes agree; `init_layers` (layer-name patterns, fnmatch) limits the copy
-    # to those layers, and a shape mismatch there is an error. A resumed run keeps its own.
+    # to those layers, and a layer there that the source lacks or holds in another shape is
+    # an error, as is a source of which nothing would be copied. A resumed run keeps its own.
     init_from: str | None = None
     init_layers: tuple[str, ...] = ()
     # Fine-tuning: the first this many of the model's stages start frozen (no updates, BN in
-    # eval mode); train.unfreeze_every_epochs unfreezes them one by one, the last first.
+    # eval mode); train.unfreeze_every_epochs unfreezes them one by one, the last first. The
+    # stages are the model's `stages` (e.g. a ResNet's conv1, conv2_x, ...); GoogLeNet's
+    # include its max pools, which hold nothing to freeze.
     frozen_stages: int = 0
     # The builder's own options beyond the class count, as canon.create_model takes them: a
     # ResNet's shortcut (He et al. 2015 Table 3's "A", "B", "C"), a VGG's batch_norm, a
