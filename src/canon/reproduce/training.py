@@ -179,9 +179,12 @@ def _describes(key: str) -> bool:
 
 
 def _defaults() -> dict[str, Any]:
-    """Every section's defaults, as Recipe.to_dict writes values."""
-    return {section: plain(kind()) if section != "model" else {}
-            for section, kind in SECTIONS.items()}
+    """Every section's defaults, as Recipe.to_dict writes values (the model's but its name,
+    which has none)."""
+    defaults = {section: plain(kind() if section != "model" else kind(name=""))
+                for section, kind in SECTIONS.items()}
+    del defaults["model"]["name"]
+    return defaults
 
 
 def _flat(values: dict[str, Any]) -> dict[str, Any]:
