@@ -115,7 +115,14 @@ def _run_entry(record: RunRecord) -> dict[str, Any]:
 def _run_row(entry: dict[str, Any]) -> dict[str, Any]:
     return {"run": entry["run"], "seed": entry["seed"], "this command": entry["status"],
             "epochs": entry["epochs"], "epochs s": entry["epoch_seconds"],
-            "wall s": entry["wall_seconds"], "trained at": (entry["commit"] or "unknown")[:10]}
+            "wall s": entry["wall_seconds"], "trained at": _short_commit(entry["commit"])}
+
+
+def _short_commit(commit: str | None) -> str:
+    """A commit's first 10 hex digits, with its "-dirty" mark (uncommitted changes)."""
+    if commit is None:
+        return "unknown"
+    return commit[:10] + ("-dirty" if commit.endswith("-dirty") else "")
 
 
 def _environment_lines(env: dict[str, Any], wall_seconds: float) -> list[str]:
