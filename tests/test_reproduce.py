@@ -197,6 +197,8 @@ def test_jobs_train_runs_in_processes_of_their_own(tmp_path: Path, capsys) -> No
     assert "canon reproduce degradation --micro --jobs 5 --device cpu --output-dir" in readme
     main([*argv, "--cuda-graph"])  # the same runs, faster where there is a GPU
     assert "(0 run(s) trained now)" in capsys.readouterr().out
+    readme = (tmp_path / "degradation-micro" / "README.md").read_text()
+    assert "canon reproduce degradation --micro --jobs 5 --device cpu --cuda-graph" in readme
     recipe = tmp_path / "runs" / "plain20-cifar10-micro-seed0" / "recipe.yaml"
     recipe.write_text(recipe.read_text().replace("\n  seed: 0", "\n  seed: 7"))
     with pytest.raises(SystemExit):  # one run's failure ends the call, named

@@ -91,7 +91,7 @@ def reproduce(
     context = Context(experiment, chosen, device, root / f"{name}{suffix}")
     make_folder(context.folder)
     outcome = ANALYSES[experiment.analysis](records, context)
-    command = _command(name, mode, runs, root, data, amp, jobs, device)
+    command = _command(name, mode, runs, root, data, amp, jobs, device, cuda_graph)
     readme = write_report(context, command, records, outcome, environment(device, at_once),
                           time.perf_counter() - started)
     return Reproduction(readme, outcome.findings, all(f.held for f in outcome.findings),
@@ -198,9 +198,9 @@ def _ensure_in_process(run: PlannedRun, mode: Mode, device: str
 
 
 def _command(name: str, mode: str, runs: int | None, root: Path, data: str | None,
-             amp: str | None, jobs: int, device: str) -> str:
+             amp: str | None, jobs: int, device: str, cuda_graph: bool) -> str:
     """The command line that makes the same report (--jobs too: it sets a CPU run's threads;
-    --device: a CPU run's numbers are not a GPU's)."""
+    --device: a CPU run's numbers are not a GPU's; --cuda-graph: it changes the times)."""
     parts = ["canon", "reproduce", name]
     if mode != "full":
         parts.append(f"--{mode}")
@@ -214,6 +214,8 @@ def _command(name: str, mode: str, runs: int | None, root: Path, data: str | Non
         parts += ["--jobs", str(jobs)]
     if device != "auto":
         parts += ["--device", device]
+    if cuda_graph:
+        parts.append("--cuda-graph")
     if root != DEFAULT_OUTPUT:
         parts += ["--output-dir", str(root)]
     return " ".join(parts)
