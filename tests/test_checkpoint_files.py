@@ -671,18 +671,24 @@ def test_a_second_run_on_the_same_directory_fails_at_once(tmp_path):
     )
 
 
-def test_a_lock_held_by_an_earlier_canon_names_its_pid(tmp_path):
-    """Before lock files named their holder, they held its pid alone."""
-    descriptor = os.open(tmp_path / ".lock", os.O_RDWR | os.O_CREAT)
+def _claim_refused_while_locked(run_dir: Path, held: str, refusal: str) -> None:
+    """claim_run_dir refused with `refusal` (a pattern) while this process holds
+    run_dir/.lock, the file reading `held`, as another process's lock would."""
+    (run_dir / ".lock").write_text(held)
+    descriptor = os.open(run_dir / ".lock", os.O_RDWR)
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX)
-        os.write(descriptor, f"{os.getpid()}\n".encode())
-        with pytest.raises(DataError, match=f"{tmp_path} is in use by another canon process "
-                                            rf"\(pid {os.getpid()}\); wait for it or use"), \
-                claim_run_dir(tmp_path, resume=True):
+        with pytest.raises(DataError, match=refusal), claim_run_dir(run_dir, resume=True):
             pass
     finally:
         os.close(descriptor)
+
+
+def test_a_lock_held_by_an_earlier_canon_names_its_pid(tmp_path):
+    """Before lock files named their holder, they held its pid alone."""
+    _claim_refused_while_locked(
+        tmp_path, f"{os.getpid()}\n", f"{tmp_path} is in use by another canon process "
+                                       rf"\(pid {os.getpid()}\); wait for it or use")
 
 
 def test_a_lock_not_yet_written_does_not_name_its_killed_holder(tmp_path):
@@ -690,16 +696,9 @@ def test_a_lock_not_yet_written_does_not_name_its_killed_holder(tmp_path):
     the two, the file names a process that is gone, which the refusal does not repeat."""
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True).stdout.strip()
-    (tmp_path / ".lock").write_text(f"{gone} canon pack\n")
-    descriptor = os.open(tmp_path / ".lock", os.O_RDWR)
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX)
-        with pytest.raises(DataError, match=f"{tmp_path} is in use by another canon process "
-                                            r"\(pid unknown\); wait for it"), \
-                claim_run_dir(tmp_path, resume=True):
-            pass
-    finally:
-        os.close(descriptor)
+    _claim_refused_while_locked(
+        tmp_path, f"{gone} canon pack\n", f"{tmp_path} is in use by another canon process "
+                                           r"\(pid unknown\); wait for it")
 
 
 def test_a_killed_run_does_not_block_the_next(tmp_path):

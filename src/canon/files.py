@@ -102,7 +102,7 @@ def locked_folder(folder: Path, *, user: str, other: str, advice: str) -> Iterat
     """Hold `folder`/.lock for the block, against every other process that asks for it: an
     flock, which the kernel releases when its holder dies, so a killed holder never blocks the
     next. The file names its holder, `user` (e.g. "canon run") and pid. Held elsewhere: a
-    DataError, "`folder` is in use by another canon run (pid N); wait for it or `other`";
+    DataError, "`folder` is in use by another `user` (pid N); wait for it or `other`";
     the lock file cannot be made: cannot_write's, with `advice`."""
     path = folder / LOCK_FILE
     descriptor = _lock(path, user, other, advice)
