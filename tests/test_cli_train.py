@@ -512,6 +512,19 @@ def test_a_real_sigterm_then_resume_equals_an_uninterrupted_run(image_folder, tm
         assert torch.equal(tensor, resumed["model"][key]), key
 
 
+def test_loader_workers_start_where_processes_are_spawned(image_folder, tmp_path):
+    """Where loader workers are spawned, not forked (macOS, Python 3.14's forkserver, each run
+    of `canon reproduce --jobs`), what they are sent is pickled: the run trains as anywhere."""
+    code = ("import multiprocessing, sys; multiprocessing.set_start_method('spawn'); "
+            "from canon.cli import main; main(sys.argv[1:])")
+    args = ["train", "--data", str(image_folder), "--epochs", "1", "--batch-size", "16",
+            "--device", "cpu", "--workers", "1", "--output-dir", str(tmp_path / "run")]
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
 @pytest.fixture(scope="module")
 def folder_with_bad_files(image_folder, tmp_path_factory):
     """4 training and 2 test images per class of image_folder, one of each replaced by bytes

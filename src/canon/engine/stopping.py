@@ -5,6 +5,7 @@ so it can save a checkpoint before it stops; loader workers leave the signals to
 from __future__ import annotations
 
 import contextlib
+import functools
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -77,15 +78,17 @@ def release_stop_signals() -> None:
 def leave_signals_to_main(worker_init: Callable | None) -> Callable[[int], None]:
     """Loader workers ignore Ctrl-C and SIGTERM (SLURM signals every process of a job): a
     worker that died would make the DataLoader raise in the main process mid-step. The main
-    process decides when to stop and ends its workers itself (shut_down_workers)."""
+    process decides when to stop and ends its workers itself (shut_down_workers). A partial of
+    a module function, not a closure: where workers are spawned (macOS, Python 3.14's
+    forkserver, a run in `canon reproduce --jobs`'s spawned processes) it is pickled."""
+    return functools.partial(_ignore_stop_signals, worker_init)
 
-    def init(worker_id: int) -> None:
-        for stop_signal in STOP_SIGNALS:
-            signal.signal(stop_signal, signal.SIG_IGN)
-        if worker_init is not None:
-            worker_init(worker_id)
 
-    return init
+def _ignore_stop_signals(worker_init: Callable | None, worker_id: int) -> None:
+    for stop_signal in STOP_SIGNALS:
+        signal.signal(stop_signal, signal.SIG_IGN)
+    if worker_init is not None:
+        worker_init(worker_id)
 
 
 def shut_down_workers(loader: Any) -> None:
