@@ -5,7 +5,9 @@ the bundled CIFAR-10 sample and on models built here so the right answer is know
 
 from __future__ import annotations
 
+import copy
 import csv
+import dataclasses
 import os
 import shutil
 from itertools import pairwise
@@ -225,6 +227,25 @@ def test_invariance_is_zero_at_the_identity_and_grows_away_from_it(
     with open(result["csv"], newline="") as f:
         assert len(list(csv.DictReader(f))) == len(sample_images) * len(values)
     assert_picture(result["png"], 1200, 600, levels=50)
+
+
+def test_a_bfloat16_model_is_occluded_and_transformed_in_its_own_precision(
+    quickstart_run, sample_images, tmp_path
+) -> None:
+    """Inputs go in the dtype of the model's weights (torch refuses float inputs to bfloat16
+    convolutions), and the numbers come out as the float32 model's, to bfloat16's precision."""
+    trained = load_trained(quickstart_run)
+    halved = dataclasses.replace(trained, model=copy.deepcopy(trained.model).bfloat16())
+    probabilities = {}
+    for name, model in (("float32", trained), ("bfloat16", halved)):
+        occluded = occlusion(model, sample_images[0], tmp_path / name, size=8, stride=8,
+                             label="cat", device="cpu")
+        shifted = invariance(model, sample_images[:1], tmp_path / name, values=[0.0, 4.0],
+                             labels=["cat"], device="cpu")
+        probabilities[name] = (occluded["maps"]["probability"],
+                               shifted["images"][0]["probability"])
+    for got, expected in zip(probabilities["bfloat16"], probabilities["float32"], strict=True):
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), atol=0.03, rtol=0)
 
 
 def test_invariance_refuses_values_that_are_not_finite(sample_images, tmp_path) -> None:

@@ -29,6 +29,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from canon.engine.trained import TrainedModel
 from canon.errors import ConfigError
+from canon.evaluation.protocols import model_inputs
 from canon.files import make_folder
 from canon.visualize.images import save_csv, save_json, seen_crop
 from canon.visualize.layers import capture_outputs
@@ -164,7 +165,8 @@ def _measure(model: torch.nn.Module, original: torch.Tensor, views: list[torch.T
     first, top, probabilities = [], [], []
     with torch.inference_mode(), capture_outputs(model, [layer]) as outputs:
         for begin in range(0, len(views), batch_size):
-            batch = torch.stack([original, *views[begin : begin + batch_size]]).to(device)
+            batch = model_inputs(model, torch.stack([original, *views[begin : begin + batch_size]]),
+                                 device)
             features = model.forward_features(batch)
             for distances, vectors in ((first, outputs[layer]),
                                        (top, model.forward_head(features, pre_logits=True))):

@@ -24,6 +24,7 @@ from matplotlib.patches import Patch, Rectangle
 from canon.data.preprocess import center_transform
 from canon.engine.trained import TrainedModel
 from canon.errors import ConfigError
+from canon.evaluation.protocols import model_inputs
 from canon.files import make_folder
 from canon.visualize.images import check_not_another, save_json, seen_crop
 from canon.visualize.layers import capture_outputs
@@ -130,14 +131,14 @@ def _scan(model: torch.nn.Module, crop: torch.Tensor, layer: str, starts: list[i
     corners = [(top, left) for top in starts for left in starts]
     activation, scores = [], []
     with capture_outputs(model, [layer]) as outputs:
-        probabilities = model(crop[None].to(device)).float().softmax(1)[0].cpu()
+        probabilities = model(model_inputs(model, crop[None], device)).float().softmax(1)[0].cpu()
         strongest = int(_map_totals(outputs[layer])[0].argmax())
         for begin in range(0, len(corners), batch_size):
             chunk = corners[begin : begin + batch_size]
             batch = crop.repeat(len(chunk), 1, 1, 1)
             for copy, (top, left) in zip(batch, chunk, strict=True):
                 copy[:, top : top + size, left : left + size] = GREY
-            scores.append(model(batch.to(device)).float().softmax(1).cpu())
+            scores.append(model(model_inputs(model, batch, device)).float().softmax(1).cpu())
             activation += _map_totals(outputs[layer])[:, strongest].tolist()
     return probabilities, strongest, activation, torch.cat(scores)
 
