@@ -24,7 +24,7 @@
 #             its 64k-iteration schedule, 64,000 x 128 / images/s, in <= 8 min)
 #   loopcompiled  the same loop compiled too (compiling takes a minute)
 #   resnet20  CIFAR-10 (the three carried pieces, unpacked once) and ResNet-20 against the
-#             clock: 40 and 50 epochs at batch 512, bf16, graphed (the goal: the paper's
+#             clock: recipe resnet20-cifar10-fast at 40 and 50 epochs (the goal: the paper's
 #             91.25% in <= 30 s)
 #   resnet20compiled  the 50 epochs compiled too
 #   table6    the five depths of Table 6 at once (`reproduce cifar-table6 --jobs 5
@@ -108,12 +108,9 @@ cifar_ready() {  # CIFAR-10 assembled from the three carried pieces and unpacked
   fi
   step 60 python3 "$source/unpack_cifar10.py" "$cifar"
 }
-resnet20_fast() {  # resnet20_fast NAME EPOCHS FLAGS...: the short ResNet-20 recipe, bf16, graphed
-  timed_train "resnet20-$1" 150 --recipe resnet20-cifar10-cosine --data "$cifar" \
-    --set train.iterations=null --set train.epochs="$2" --set train.batch_size=512 \
-    --set train.amp=bf16 --set train.cuda_graph=true --set train.channels_last=true \
-    --set optimizer.weight_decay=0.0005 --set optimizer.nesterov=true \
-    --set train.label_smoothing=0.1 "${@:3}"
+resnet20_fast() {  # resnet20_fast NAME EPOCHS FLAGS...: recipe resnet20-cifar10-fast for EPOCHS
+  timed_train "resnet20-$1" 150 --recipe resnet20-cifar10-fast --data "$cifar" \
+    --set train.epochs="$2" "${@:3}"
 }
 part_resnet20() {
   cifar_ready || return 1

@@ -72,6 +72,21 @@ def test_paper_values_reach_the_recipes():
         assert recipe.reported.protocol == "dense" and recipe.data.scale_range is None
 
 
+def test_the_fast_resnet20_recipe_is_the_measured_command():
+    """resnet20-cifar10-fast holds what bench/RESULTS.md's H100 run of 91.42% passed on the
+    command line to resnet20-cifar10-cosine, and nothing else."""
+    measured = load_recipe("resnet20-cifar10-cosine", [
+        ("train.iterations", None), ("train.epochs", 50), ("train.batch_size", 512),
+        ("train.amp", "bf16"), ("train.cuda_graph", True), ("train.channels_last", True),
+        ("optimizer.weight_decay", 0.0005), ("optimizer.nesterov", True),
+        ("train.label_smoothing", 0.1),
+    ])
+    fast = load_recipe("resnet20-cifar10-fast")
+    assert fast.optimizer.lr * fast.train.batch_size / fast.optimizer.base_batch_size == 0.4
+    for section in ("model", "data", "optimizer", "schedule", "train"):
+        assert getattr(fast, section) == getattr(measured, section), section
+
+
 @pytest.mark.parametrize("name", list_recipes())
 def test_the_reported_protocol_is_one_canon_eval_runs(name):
     protocol = load_recipe(name).reported.protocol
