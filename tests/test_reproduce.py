@@ -236,6 +236,30 @@ def test_a_pool_process_that_stops_or_fails_starts_no_queued_run(monkeypatch) ->
         assert runner._ensure_in_process("next run", "mode", "cpu") is None
 
 
+def test_a_run_that_failed_beside_a_stopped_one_is_said_with_the_stop(tmp_path, capsys) -> None:
+    """--jobs: one run stopped with a checkpoint while another failed. The stop is raised (the
+    same command resumes), and the failure, which resuming will meet again, is said too."""
+    from concurrent.futures import Future
+
+    from canon.engine.stopping import StopFlag
+    from canon.engine.trainer import TrainingInterrupted
+    from canon.reproduce import runner
+
+    stopped, failed, finished = Future(), Future(), Future()
+    stopped.set_result((tmp_path / "interrupted.pt", signal.SIGTERM))
+    failed.set_exception(DataError("plain32's loss is NaN at step 7"))
+    finished.set_result("a record")
+    planned = [training.PlannedRun(None, 0, tmp_path / "runs" / "run-seed0")]
+    with pytest.raises(TrainingInterrupted) as raised:
+        runner._records([stopped, failed, finished], planned, StopFlag())
+    assert raised.value.checkpoint == tmp_path / "interrupted.pt"
+    assert "besides the stop, a run failed: plain32's loss is NaN at step 7" in \
+        capsys.readouterr().err
+    with pytest.raises(DataError, match="NaN at step 7"):  # alone, the failure is raised
+        runner._records([failed, finished], planned, StopFlag())
+    assert runner._records([finished], planned, StopFlag()) == ["a record"]
+
+
 def test_a_stop_signal_to_a_pool_process_between_runs_or_in_set_up_ends_it_cleanly(
     monkeypatch, tmp_path: Path
 ) -> None:

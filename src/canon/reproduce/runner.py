@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import signal
+import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -120,15 +121,24 @@ def _ensure_runs(planned: list[PlannedRun], mode: Mode, device: str, progress: b
                 stopping.set()  # the runs queued in the pool's processes do not start
                 for future in futures:
                     future.cancel()
+    return _records(futures, planned, flag)
+
+
+def _records(futures: list[Future], planned: list[PlannedRun], flag: StopFlag
+             ) -> list[RunRecord]:
+    """The pool's runs' records, in plan order; or the stop (TrainingInterrupted), after
+    saying on stderr any run that failed beside it; or the first failure."""
     ended = [future for future in futures if not future.cancelled()]
     error = next((f.exception() for f in ended if f.exception() is not None), None)
+    if isinstance(error, BrokenProcessPool):
+        error = CanonError(f"a run's process died ({error}); the same command resumes the "
+                           "runs from their last checkpoints")
     outcomes = [future.result() for future in ended if future.exception() is None]
     stop = next((outcome for outcome in outcomes if isinstance(outcome, tuple)), None)
     if stop is not None:
+        if error is not None:  # the stop's resume hint alone would hide it
+            print(f"canon reproduce: besides the stop, a run failed: {error}", file=sys.stderr)
         raise TrainingInterrupted(*stop)
-    if isinstance(error, BrokenProcessPool):
-        raise CanonError(f"a run's process died ({error}); the same command resumes the runs "
-                         "from their last checkpoints")
     if error is not None:
         raise error
     if flag.raised:  # a signal to this process alone: the running runs finished, no more began
