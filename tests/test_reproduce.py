@@ -9,7 +9,9 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 import signal
+import statistics
 from pathlib import Path
 
 import pytest
@@ -25,7 +27,7 @@ from canon.engine.checkpoint import (
 from canon.errors import ConfigError, DataError
 from canon.recipes import apply_overrides, dump_yaml, load_recipe
 from canon.reproduce import training
-from canon.reproduce.analyses import ANALYSES
+from canon.reproduce.analyses import ANALYSES, counting_noise, paired_noise
 from canon.reproduce.experiments import EXPERIMENTS, MODES
 
 
@@ -114,7 +116,10 @@ def test_degradation_micro_end_to_end_skips_finished_runs_and_resumes(
     assert calls == [(name, None) for name in recipes]
     report = tmp_path / "degradation-micro"
     readme = (report / "README.md").read_text()
-    assert "**Finding shown**" in readme or "**Finding not shown**" in readme
+    # Its nets differ by less than the noise of 128 training images (its mode line says it
+    # shows nothing), and the report says so.
+    assert "**Finding not shown**" in readme and "- [ ] plain nets" in readme
+    assert "noise" in readme and "twice the standard error of the two rates" in readme
     for net in ("plain-20", "plain-32", "ResNet-20", "ResNet-32"):
         assert f"| {net} |" in readme
     assert "| 8.75 |" in readme  # the paper's Table 6 error for ResNet-20, beside ours
@@ -130,6 +135,7 @@ def test_degradation_micro_end_to_end_skips_finished_runs_and_resumes(
         assert float(row["step"]) == steps == 2 * float(rows[0]["step"])
     results = json.loads((report / "results.json").read_text())
     assert [run["status"] for run in results["runs"]] == ["trained"] * len(recipes)
+    assert [run["train_images"] for run in results["runs"]] == [4 * 32] * len(recipes)
     assert results["environment"]["torch"] and len(results["findings"]) == 2
     commit = results["environment"]["commit"]
     assert [run["commit"] for run in results["runs"]] == [commit] * len(recipes)
@@ -173,6 +179,22 @@ def test_degradation_micro_end_to_end_skips_finished_runs_and_resumes(
                 json.loads((report / "results.json").read_text())["runs"]}
     assert statuses.pop("plain32-cifar10-micro-seed0") == "resumed"
     assert set(statuses.values()) == {"finished before"}
+
+
+def test_a_gap_is_a_finding_only_beyond_the_noise_of_its_images() -> None:
+    """Two runs' error rates over their own images (binomial), or two models' on the same
+    images (paired: only the images one gets right and the other wrong count)."""
+    assert counting_noise((30.0, 1000), (20.0, 4000)) == pytest.approx(
+        200 * math.sqrt(0.3 * 0.7 / 1000 + 0.2 * 0.8 / 4000))
+    assert counting_noise((30.0, None), (20.0, 4000)) is None  # a run without step counts
+    first, second = torch.zeros(100), torch.zeros(100)
+    first[:10] = second[10:12] = 1  # 10 images right under the first alone, 2 the second
+    first[50:80] = second[50:80] = 1  # 30 right under both
+    differences = [1.0] * 10 + [-1.0] * 2 + [0.0] * 88
+    assert paired_noise(first, second) == pytest.approx(
+        200 * statistics.stdev(differences) / math.sqrt(100))
+    assert paired_noise(first, first) == 0.0  # the same answers: no gap, no noise
+    assert paired_noise(first[:1], second[:1]) == math.inf  # one image says nothing
 
 
 def test_jobs_train_runs_in_processes_of_their_own(tmp_path: Path, capsys) -> None:

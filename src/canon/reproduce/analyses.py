@@ -5,12 +5,15 @@ come from canon.visualize (curves for Fig. 6, responses for Fig. 7) where it dra
 
 from __future__ import annotations
 
+import math
 import re
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from canon.data.datasets import validates_on_test_split
 from canon.engine.checkpoint import EXPORT_WEIGHTS
@@ -76,6 +79,53 @@ def _training_errors(records: list[RunRecord]) -> str:
     return ", ".join(f"{_label(r)} {r.train_error:.2f}%" for r in records)
 
 
+def counting_noise(*rates: tuple[float, int | None]) -> float | None:
+    """Twice the standard error, in points, of the difference of error rates, each (error in
+    %, images) a binomial proportion over its images: a gap within it could come from which
+    images were counted alone. None when a count is unknown. A floor on the noise: seeds move
+    a run by more."""
+    if any(images is None or images < 1 for _, images in rates):
+        return None
+    return 200 * math.sqrt(sum(error / 100 * (1 - error / 100) / images
+                               for error, images in rates))
+
+
+def paired_noise(first: torch.Tensor, second: torch.Tensor) -> float:
+    """Twice the standard error, in points, of the gap between two error rates measured on
+    the same images, from each image's correctness under each (1 or 0, or a mean over
+    seeds): images both get right or both get wrong do not count, as in McNemar's test."""
+    differences = first.double() - second.double()
+    if len(differences) < 2:
+        return math.inf
+    return 200 * float(differences.std()) / math.sqrt(len(differences))
+
+
+def _noise_note(noise: float | None, how: str = "of the two rates") -> str:
+    return ("the noise unknown (a run logged before canon counted its steps)" if noise is None
+            else f"noise {noise:.2f} points (twice the standard error {how})")
+
+
+def _correct(record: RunRecord, context: Context) -> tuple[torch.Tensor, torch.Tensor]:
+    """The run's final model on its test images, centre crops: each image's top-1
+    correctness (1 or 0) and label, in the test split's order."""
+    micro = micro_datasets(record.run.recipe, context.mode)
+    result = _final_model(record).evaluate(micro.val if micro else None, "center",
+                                           device=context.device, keep_probabilities=True)
+    labels = result["labels"]
+    return (result["probabilities"].argmax(1) == labels).double(), labels
+
+
+def _mean_correct(records: list[RunRecord], context: Context) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each test image's top-1 correctness averaged over `records` (seeds of one net, or
+    the members of an ensemble), and the labels, which every run must share."""
+    scored = [_correct(record, context) for record in records]
+    labels = scored[0][1]
+    if any(not torch.equal(other, labels) for _, other in scored[1:]):
+        raise DataError(f"{records[0].run.run_dir.parent} holds runs tested on different "
+                        "images; their errors do not compare image by image")
+    return torch.stack([correct for correct, _ in scored]).mean(0), labels
+
+
 def degradation(records: list[RunRecord], context: Context) -> Outcome:
     """Fig. 6: training (dashed) and test (bold) error against iterations, plain nets in the
     left panel and ResNets in the right; the finding is the final training error by depth."""
@@ -86,18 +136,23 @@ def degradation(records: list[RunRecord], context: Context) -> Outcome:
     figure = new_figure(13, 4.8)
     for axes, (family, nets, claim) in zip(
             figure.subplots(1, 2, sharey=True),
-            (("plain", "plain nets", "higher"), ("resnet", "ResNets", "lower (or equal)")),
+            (("plain", "plain nets", "higher training error than the shallower {}, by more "
+              "than the noise"),
+             ("resnet", "ResNets", "lower training error than the shallower {}, or one within "
+              "the noise of it")),
             strict=True):
         group = sorted((r for r in records if _family(r) == family), key=_depth)
         panels.append((axes, nets, group, run_series([r.run.run_dir for r in group],
                                                      names=[_label(r) for r in group])))
         shallow, deep = group[0], group[-1]
-        held = (deep.train_error > shallow.train_error if family == "plain"
-                else deep.train_error <= shallow.train_error)
+        gap = deep.train_error - shallow.train_error
+        noise = counting_noise((deep.train_error, deep.train_images),
+                               (shallow.train_error, shallow.train_images))
+        held = gap > (noise or 0) if family == "plain" else gap <= (noise or 0)
         findings.append(Finding(
-            f"{nets}: the deeper {_label(deep)} ends with {claim} training error than the "
-            f"shallower {_label(shallow)}", held,
-            f"final training error {_training_errors(group)}"))
+            f"{nets}: the deeper {_label(deep)} ends with {claim.format(_label(shallow))}",
+            held,
+            f"final training error {_training_errors(group)}; {_noise_note(noise)}"))
     # By iteration as the paper, unless a run was logged before canon recorded steps.
     logged = all(run["step"] is not None for *_, series in panels for run in series)
     for axes, nets, group, series in panels:
@@ -129,10 +184,14 @@ def table6(records: list[RunRecord], context: Context) -> Outcome:
             "paper's params (M)": context.experiment.paper_params.get(name),
         })
     first, last = table[0], table[-1]
+    by_depth = list(groups.values())  # in plan order: shallowest first
+    deepest = _mean_correct(by_depth[-1], context)[0]
+    noise = paired_noise(deepest, _mean_correct(by_depth[0], context)[0])
     finding = Finding(
         f"the deepest net ({last['net']}) ends with lower test error than the shallowest "
-        f"({first['net']})", means[-1] < means[0],
-        ", ".join(f"{row['net']} {row['test error (%)']:.2f}%" for row in table))
+        f"({first['net']}), beyond the noise", means[0] - means[-1] > noise,
+        ", ".join(f"{row['net']} {row['test error (%)']:.2f}%" for row in table)
+        + f" on {len(deepest)} test images; {_noise_note(noise, 'of the gap, image by image')}")
     return Outcome(table, [finding], [_depth_plot(table, context.folder / "table6.png")])
 
 
@@ -197,18 +256,25 @@ def ensembles(records: list[RunRecord], context: Context) -> Outcome:
     members = [_final_model(r).member() for r in records]
     micro = micro_datasets(records[0].run.recipe, context.mode)  # the images the runs saw
     test = micro.val if micro else records[0].run.recipe.data.dataset
-    result = evaluate_ensemble(members, test, "center", device=resolve_device(context.device))
+    result = evaluate_ensemble(members, test, "center", device=resolve_device(context.device),
+                               keep_probabilities=True)
     table = [{"net": _label(r, seeds=True), "top-1 error (%)": m["top1_error"],
               "top-5 error (%)": m["top5_error"]}
              for r, m in zip(records, result["members"], strict=True)]
     singles = [row["top-1 error (%)"] for row in table]
     table.append({"net": f"ensemble of {len(records)}", "top-1 error (%)": result["top1_error"],
                   "top-5 error (%)": result["top5_error"]})
+    members_correct, labels = _mean_correct(records, context)
+    if not torch.equal(labels, result["labels"]):
+        raise DataError("the ensemble and its members were tested on different images")
+    noise = paired_noise((result["probabilities"].argmax(1) == labels).double(),
+                         members_correct)
     finding = Finding(
-        f"the ensemble of {len(records)} has lower top-1 error than its nets on average",
-        result["top1_error"] < statistics.fmean(singles),
+        f"the ensemble of {len(records)} has lower top-1 error than its nets on average, "
+        "beyond the noise", statistics.fmean(singles) - result["top1_error"] > noise,
         f"ensemble {result['top1_error']:.2f}%, nets {statistics.fmean(singles):.2f}% on "
-        f"average (best {min(singles):.2f}%), on {result['images']} test images")
+        f"average (best {min(singles):.2f}%), on {result['images']} test images; "
+        f"{_noise_note(noise, 'of the gap, image by image')}")
     return Outcome(table, [finding], [_ensemble_plot(table, context.folder / "ensemble.png")],
                    {"images": result["images"]})
 

@@ -108,7 +108,7 @@ def _run_entry(record: RunRecord) -> dict[str, Any]:
             "run_dir": str(record.run.run_dir), "status": record.status,
             "wall_seconds": record.wall_seconds, "epochs": record.epochs,
             "epoch_seconds": record.epoch_seconds, "commit": record.commit,
-            "train_error": record.train_error,
+            "train_error": record.train_error, "train_images": record.train_images,
             "test_error": record.test_error}
 
 

@@ -55,6 +55,9 @@ class RunRecord:
     commit: str | None  # the commit that last trained it (its recipe.yaml's header)
     train_error: float  # final epoch's top-1 training error (%), over its augmented batches
     test_error: float  # the final model's top-1 test error (%)
+    # The images behind train_error: the final epoch's steps x batch (None for a run logged
+    # before canon recorded steps)
+    train_images: int | None = None
 
 
 def plan_runs(experiment: Experiment, mode: Mode, runs: int | None, root: Path,
@@ -215,7 +218,16 @@ def _spread(split: Any, count: int) -> ImageSubset:
 
 def _record(run: PlannedRun, status: str, wall_seconds: float | None) -> RunRecord:
     columns = read_metrics(metrics_file(run.run_dir),
-                           ["epoch", "train_top1_error", "val_top1_error", "seconds"])
+                           ["epoch", "train_top1_error", "val_top1_error", "seconds"],
+                           optional=["step", "skipped_images"])
+    steps, skipped = columns["step"], columns["skipped_images"]
+    train_images = None
+    if steps is not None:  # one process: an optimizer step is batch x accum images
+        final_steps = steps[-1] - (steps[-2] if len(steps) > 1 else 0)
+        config = run.recipe.train
+        train_images = int(final_steps * config.batch_size * config.accum_steps
+                           - (skipped[-1] if skipped is not None else 0))
     return RunRecord(run, status, wall_seconds, int(columns["epoch"][-1]),
                      sum(columns["seconds"]), recorded_commit(run.run_dir),
-                     columns["train_top1_error"][-1], columns["val_top1_error"][-1])
+                     columns["train_top1_error"][-1], columns["val_top1_error"][-1],
+                     train_images)
