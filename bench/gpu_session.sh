@@ -7,11 +7,15 @@
 # time included; a machine idle 30 s goes back with what earlier calls carried, so the calls
 # are made one right after the other. On 2026-12-06 an H100 ran `tests jpeg`, `loop data`,
 # the ResNet-20 runs, a compiled ResNet-50 step and `loopcompiled` in 437 s of commands
-# (bench/RESULTS.md); Table 6's timing failed then (fixed since). The next lease's plan:
-#   call 1: carry .devdata .devcifar1   `bash bench/gpu_session.sh tests`            timeout_s 260
-#   call 2: carry .devcifar2            `bash bench/gpu_session.sh steps`            timeout_s 400
+# (bench/RESULTS.md); Table 6's timing failed then (fixed since). The next lease's plan, whose
+# limits (each step's own, plus 30 s for a killed step to save) add up to about 730 s of the
+# 900, leaving the machine's start and the transfers:
+#   call 1: carry .devdata .devcifar1   `bash bench/gpu_session.sh tests`   timeout_s 300
+#   call 2: carry .devcifar2            `true` (the transfer alone)          timeout_s 30
 #   call 3: carry .devcifar3            `bash bench/gpu_session.sh table6 resnet20compiled`
-#                                                                                    timeout_s 330
+#                                                                            timeout_s 400
+# (about 60, 0 and 200 s when they run as expected), and with what is left, or in a later
+# lease, `steps` (420 s of limits) for the H100's training-step figures.
 # Parts:
 #   tests     the GPU tests: captured steps (eager and compiled) against uncaptured ones,
 #             nvJPEG crops against the CPU pipeline and beside a queued step, Polyak
