@@ -24,7 +24,7 @@ from canon.engine.checkpoint import (
     EXPORT_WEIGHTS,
     epoch_checkpoint,
 )
-from canon.errors import ConfigError, DataError
+from canon.errors import CanonError, ConfigError, DataError
 from canon.recipes import apply_overrides, dump_yaml, load_recipe
 from canon.reproduce import training
 from canon.reproduce.analyses import ANALYSES, counting_noise, paired_noise
@@ -262,6 +262,7 @@ def test_a_run_that_failed_beside_a_stopped_one_is_said_with_the_stop(tmp_path, 
     """--jobs: one run stopped with a checkpoint while another failed. The stop is raised (the
     same command resumes), and the failure, which resuming will meet again, is said too."""
     from concurrent.futures import Future
+    from concurrent.futures.process import BrokenProcessPool
 
     from canon.engine.stopping import StopFlag
     from canon.engine.trainer import TrainingInterrupted
@@ -275,10 +276,17 @@ def test_a_run_that_failed_beside_a_stopped_one_is_said_with_the_stop(tmp_path, 
     with pytest.raises(TrainingInterrupted) as raised:
         runner._records([stopped, failed, finished], planned, StopFlag())
     assert raised.value.checkpoint == tmp_path / "interrupted.pt"
-    assert "besides the stop, a run failed: plain32's loss is NaN at step 7" in \
+    assert "besides the stop, a run failed: DataError: plain32's loss is NaN at step 7" in \
         capsys.readouterr().err
+    with pytest.raises(TrainingInterrupted):  # a stop alone says nothing more
+        runner._records([stopped, finished], planned, StopFlag())
+    assert capsys.readouterr().err == ""
     with pytest.raises(DataError, match="NaN at step 7"):  # alone, the failure is raised
         runner._records([failed, finished], planned, StopFlag())
+    died = Future()
+    died.set_exception(BrokenProcessPool("a process terminated abruptly"))
+    with pytest.raises(CanonError, match=r"a run's process died .* resumes the runs"):
+        runner._records([died, finished], planned, StopFlag())
     assert runner._records([finished], planned, StopFlag()) == ["a record"]
 
 

@@ -137,7 +137,8 @@ def _records(futures: list[Future], planned: list[PlannedRun], flag: StopFlag
     stop = next((outcome for outcome in outcomes if isinstance(outcome, tuple)), None)
     if stop is not None:
         if error is not None:  # the stop's resume hint alone would hide it
-            print(f"canon reproduce: besides the stop, a run failed: {error}", file=sys.stderr)
+            print(f"canon reproduce: besides the stop, a run failed: "
+                  f"{type(error).__name__}: {error}", file=sys.stderr)
         raise TrainingInterrupted(*stop)
     if error is not None:
         raise error
