@@ -20,6 +20,7 @@ from visualize_helpers import assert_picture, run_verb, save_png
 
 import canon
 from canon.data import DataConfig
+from canon.data.datasets import open_split
 from canon.data.decoding import decode_image_file
 from canon.data.packing import pack_folder
 from canon.data.preprocess import center_transform, eval_preprocess
@@ -27,10 +28,12 @@ from canon.engine.trained import TrainedModel, load_trained
 from canon.errors import ConfigError, DataError
 from canon.evaluation.protocols import preprocess_for
 from canon.models.base import CanonModel
+from canon.transfer.features import extract_features
 from canon.visualize.curves import curves, curves_figure
+from canon.visualize.filters import write_activations
 from canon.visualize.invariance import default_values, invariance, transform_image
 from canon.visualize.occlusion import _cell_edges, occlusion, square_starts
-from canon.visualize.responses import response_layers, responses
+from canon.visualize.responses import layer_stds, response_layers, responses
 
 
 class PatchModel(CanonModel):
@@ -229,23 +232,38 @@ def test_invariance_is_zero_at_the_identity_and_grows_away_from_it(
     assert_picture(result["png"], 1200, 600, levels=50)
 
 
-def test_a_bfloat16_model_is_occluded_and_transformed_in_its_own_precision(
+def test_a_bfloat16_model_is_analysed_in_its_own_precision(
     quickstart_run, sample_images, tmp_path
 ) -> None:
     """Inputs go in the dtype of the model's weights (torch refuses float inputs to bfloat16
-    convolutions), and the numbers come out as the float32 model's, to bfloat16's precision."""
+    convolutions), and every analysis's numbers come out as the float32 model's, to
+    bfloat16's precision (8 bits of mantissa, through 20 layers)."""
     trained = load_trained(quickstart_run)
     halved = dataclasses.replace(trained, model=copy.deepcopy(trained.model).bfloat16())
-    probabilities = {}
+    results = {}
     for name, model in (("float32", trained), ("bfloat16", halved)):
         occluded = occlusion(model, sample_images[0], tmp_path / name, size=8, stride=8,
                              label="cat", device="cpu")
         shifted = invariance(model, sample_images[:1], tmp_path / name, values=[0.0, 4.0],
                              labels=["cat"], device="cpu")
-        probabilities[name] = (occluded["maps"]["probability"],
-                               shifted["images"][0]["probability"])
-    for got, expected in zip(probabilities["bfloat16"], probabilities["float32"], strict=True):
-        torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), atol=0.03, rtol=0)
+        write_activations(model, sample_images[0], "conv2_x", tmp_path / name)
+        with open(tmp_path / name / f"activations-{sample_images[0].stem}-conv2_x.csv") as f:
+            maxima = [float(row["max"]) for row in csv.DictReader(f)]
+        features = extract_features(model, open_split("sample", "val"), "sample").features
+        results[name] = {
+            "occlusion probability": occluded["maps"]["probability"],
+            "occluded map total": occluded["maps"]["activation"],
+            "shifted probability": shifted["images"][0]["probability"],
+            "shifted top distance": shifted["images"][0]["top_distance"],
+            "activation maxima": maxima,
+            "response stds": [layer["std"] for layer in
+                              layer_stds(model, max_images=32)["layers"]],
+            "mean feature": features.mean(0).tolist(),
+        }
+    for key, expected in results["float32"].items():
+        torch.testing.assert_close(torch.tensor(results["bfloat16"][key]),
+                                   torch.tensor(expected), rtol=0.05, atol=0.01,
+                                   msg=lambda message, key=key: f"{key}: {message}")
 
 
 def test_invariance_refuses_values_that_are_not_finite(sample_images, tmp_path) -> None:

@@ -20,6 +20,7 @@ from canon.data.preprocess import center_transform
 from canon.engine.checkpoint import unreadable_file
 from canon.engine.trained import TrainedModel
 from canon.errors import DataError
+from canon.evaluation.protocols import model_inputs
 from canon.files import atomic_write
 
 
@@ -79,8 +80,8 @@ def extract_features(
         for batch, targets in loader:
             if not len(targets):
                 continue
-            pooled = model.forward_head(model.forward_features(batch.to(device)),
-                                        pre_logits=True)
+            inputs = model_inputs(model, batch, device)
+            pooled = model.forward_head(model.forward_features(inputs), pre_logits=True)
             features.append(pooled.float().flatten(1).cpu())
             labels.append(targets)
             if progress:

@@ -14,6 +14,7 @@ from canon.data.decoding import decode_image_file
 from canon.data.preprocess import center_transform
 from canon.engine.trained import TrainedModel
 from canon.errors import ConfigError
+from canon.evaluation.protocols import model_inputs
 from canon.files import make_folder
 from canon.visualize.images import (
     Written,
@@ -87,7 +88,7 @@ def write_activations(
     check_not_another(output_dir / f"{stem}.json", image=whole)
     decoded = decode_image_file(image, trained.data.max_image_pixels)
     model = trained.model.to(device)
-    inputs = center_transform(trained.preprocess)(decoded)[None].to(device)
+    inputs = model_inputs(model, center_transform(trained.preprocess)(decoded)[None], device)
     with capture_outputs(model, [layer]) as outputs, torch.no_grad():
         model(inputs)
     maps = outputs[layer]

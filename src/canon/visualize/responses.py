@@ -32,6 +32,7 @@ from canon.data.preprocess import center_transform
 from canon.data.shards import ShardImages
 from canon.engine.trained import TrainedModel
 from canon.errors import ConfigError, DataError
+from canon.evaluation.protocols import model_inputs
 from canon.files import make_folder
 from canon.visualize.images import save_csv, save_json
 from canon.visualize.plots import (
@@ -65,7 +66,8 @@ def response_layers(model: nn.Module, input_size: int) -> list[str]:
     was_training = model.training
     try:
         with torch.inference_mode():
-            model.eval()(torch.zeros(1, 3, input_size, input_size, device=model_device(model)))
+            probe = torch.zeros(1, 3, input_size, input_size)
+            model.eval()(model_inputs(model, probe, model_device(model)))
     finally:
         model.train(was_training)
         for handle in handles:
@@ -119,7 +121,7 @@ def layer_stds(
         with torch.inference_mode():
             for batch, _ in loader:
                 if len(batch):
-                    model(batch.to(model_device(model)))
+                    model(model_inputs(model, batch, model_device(model)))
                     images += len(batch)
     finally:
         for handle in handles:
