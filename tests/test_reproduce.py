@@ -197,6 +197,23 @@ def test_a_gap_is_a_finding_only_beyond_the_noise_of_its_images() -> None:
     assert paired_noise(first[:1], second[:1]) == math.inf  # one image says nothing
 
 
+def test_a_record_counts_the_images_behind_its_final_training_error(tmp_path) -> None:
+    """The final epoch's optimizer steps x batch x accumulation, less the files it skipped:
+    here a last epoch cut short by the iteration limit after 4 of its steps. A run logged
+    before canon recorded steps has no count (its noise is unknown, its finding not judged)."""
+    recipe = load_recipe("quickstart", [("train.batch_size", 16), ("train.accum_steps", 2)])
+    run = training.PlannedRun(recipe, 0, tmp_path / "quickstart-seed0")
+    run.run_dir.mkdir()
+    header = "epoch,step,train_top1_error,val_top1_error,seconds,skipped_images\n"
+    (run.run_dir / "metrics.csv").write_text(header + "1,10,50.0,60.0,3.0,0\n"
+                                             "2,14,40.0,55.0,2.0,3\n")
+    record = training._record(run, "finished before", None)
+    assert (record.epochs, record.train_error, record.train_images) == (2, 40.0, 4 * 16 * 2 - 3)
+    (run.run_dir / "metrics.csv").write_text("epoch,train_top1_error,val_top1_error,seconds\n"
+                                             "1,50.0,60.0,3.0\n")
+    assert training._record(run, "finished before", None).train_images is None
+
+
 def test_jobs_train_runs_in_processes_of_their_own(tmp_path: Path, capsys) -> None:
     """--jobs 5: the four degradation runs trained at once in spawned processes (one each,
     the fifth never starts), the report as from one process; a second call trains nothing,

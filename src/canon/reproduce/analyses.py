@@ -101,7 +101,8 @@ def paired_noise(first: torch.Tensor, second: torch.Tensor) -> float:
 
 
 def _noise_note(noise: float | None, how: str = "of the two rates") -> str:
-    return ("the noise unknown (a run logged before canon counted its steps)" if noise is None
+    return ("noise unknown (a run logged before canon counted its steps), so not judged"
+            if noise is None
             else f"noise {noise:.2f} points (twice the standard error {how})")
 
 
@@ -148,7 +149,8 @@ def degradation(records: list[RunRecord], context: Context) -> Outcome:
         gap = deep.train_error - shallow.train_error
         noise = counting_noise((deep.train_error, deep.train_images),
                                (shallow.train_error, shallow.train_images))
-        held = gap > (noise or 0) if family == "plain" else gap <= (noise or 0)
+        # A run logged before canon counted its steps leaves the noise unknown: not judged.
+        held = noise is not None and (gap > noise if family == "plain" else gap <= noise)
         findings.append(Finding(
             f"{nets}: the deeper {_label(deep)} ends with {claim.format(_label(shallow))}",
             held,
@@ -185,11 +187,16 @@ def table6(records: list[RunRecord], context: Context) -> Outcome:
         })
     first, last = table[0], table[-1]
     by_depth = list(groups.values())  # in plan order: shallowest first
-    deepest = _mean_correct(by_depth[-1], context)[0]
-    noise = paired_noise(deepest, _mean_correct(by_depth[0], context)[0])
+    (shallowest, labels), (deepest, deepest_labels) = (_mean_correct(by_depth[0], context),
+                                                       _mean_correct(by_depth[-1], context))
+    if not torch.equal(labels, deepest_labels):
+        raise DataError(f"{first['net']} and {last['net']} were tested on different images; "
+                        "their errors do not compare image by image")
+    noise = paired_noise(deepest, shallowest)
+    gap = 100 * float(deepest.mean() - shallowest.mean())  # the same scores as the noise's
     finding = Finding(
         f"the deepest net ({last['net']}) ends with lower test error than the shallowest "
-        f"({first['net']}), beyond the noise", means[0] - means[-1] > noise,
+        f"({first['net']}), beyond the noise", gap > noise,
         ", ".join(f"{row['net']} {row['test error (%)']:.2f}%" for row in table)
         + f" on {len(deepest)} test images; {_noise_note(noise, 'of the gap, image by image')}")
     return Outcome(table, [finding], [_depth_plot(table, context.folder / "table6.png")])
