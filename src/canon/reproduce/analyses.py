@@ -121,10 +121,16 @@ def _mean_correct(records: list[RunRecord], context: Context) -> tuple[torch.Ten
     the members of an ensemble), and the labels, which every run must share."""
     scored = [_correct(record, context) for record in records]
     labels = scored[0][1]
-    if any(not torch.equal(other, labels) for _, other in scored[1:]):
-        raise DataError(f"{records[0].run.run_dir.parent} holds runs tested on different "
-                        "images; their errors do not compare image by image")
+    for record, (_, other) in zip(records[1:], scored[1:], strict=True):
+        _check_same_images(labels, other, f"{_label(records[0], True)} and "
+                                          f"{_label(record, True)}")
     return torch.stack([correct for correct, _ in scored]).mean(0), labels
+
+
+def _check_same_images(labels: torch.Tensor, others: torch.Tensor, which: str) -> None:
+    if not torch.equal(labels, others):
+        raise DataError(f"{which} were tested on different images, so their errors do not "
+                        "compare image by image: were their test sets changed between runs?")
 
 
 def degradation(records: list[RunRecord], context: Context) -> Outcome:
@@ -189,9 +195,7 @@ def table6(records: list[RunRecord], context: Context) -> Outcome:
     by_depth = list(groups.values())  # in plan order: shallowest first
     (shallowest, labels), (deepest, deepest_labels) = (_mean_correct(by_depth[0], context),
                                                        _mean_correct(by_depth[-1], context))
-    if not torch.equal(labels, deepest_labels):
-        raise DataError(f"{first['net']} and {last['net']} were tested on different images; "
-                        "their errors do not compare image by image")
+    _check_same_images(labels, deepest_labels, f"{first['net']} and {last['net']}")
     noise = paired_noise(deepest, shallowest)
     gap = 100 * float(deepest.mean() - shallowest.mean())  # the same scores as the noise's
     finding = Finding(
@@ -272,13 +276,13 @@ def ensembles(records: list[RunRecord], context: Context) -> Outcome:
     table.append({"net": f"ensemble of {len(records)}", "top-1 error (%)": result["top1_error"],
                   "top-5 error (%)": result["top5_error"]})
     members_correct, labels = _mean_correct(records, context)
-    if not torch.equal(labels, result["labels"]):
-        raise DataError("the ensemble and its members were tested on different images")
-    noise = paired_noise((result["probabilities"].argmax(1) == labels).double(),
-                         members_correct)
+    _check_same_images(labels, result["labels"], "the ensemble and its members")
+    ensemble_correct = (result["probabilities"].argmax(1) == labels).double()
+    noise = paired_noise(ensemble_correct, members_correct)
+    gain = 100 * float(ensemble_correct.mean() - members_correct.mean())  # as the noise's
     finding = Finding(
         f"the ensemble of {len(records)} has lower top-1 error than its nets on average, "
-        "beyond the noise", statistics.fmean(singles) - result["top1_error"] > noise,
+        "beyond the noise", gain > noise,
         f"ensemble {result['top1_error']:.2f}%, nets {statistics.fmean(singles):.2f}% on "
         f"average (best {min(singles):.2f}%), on {result['images']} test images; "
         f"{_noise_note(noise, 'of the gap, image by image')}")
