@@ -197,6 +197,26 @@ def test_a_gap_is_a_finding_only_beyond_the_noise_of_its_images() -> None:
     assert paired_noise(first[:1], second[:1]) == math.inf  # one image says nothing
 
 
+def test_runs_scored_on_different_images_are_refused_by_name(tmp_path, monkeypatch) -> None:
+    """Image-by-image noise pairs the runs' scores image for image: runs whose test images
+    differ (a test set changed between them) are a DataError naming both, not a gap."""
+    from canon.reproduce import analyses
+
+    recipe = load_recipe("resnet20-cifar10")
+    records = [training.RunRecord(training.PlannedRun(recipe, seed, tmp_path / f"s{seed}"),
+                                  "finished before", None, 1, 1.0, None, 50.0, 50.0)
+               for seed in (0, 1)]
+    labels = {0: torch.tensor([0, 1, 2]), 1: torch.tensor([0, 1, 3])}
+    monkeypatch.setattr(analyses, "_correct",
+                        lambda record, context: (torch.ones(3), labels[record.run.seed]))
+    with pytest.raises(DataError, match="ResNet-20 seed 0 and ResNet-20 seed 1 were tested on "
+                                        "different images"):
+        analyses._mean_correct(records, None)
+    labels[1] = labels[0]
+    correct, same = analyses._mean_correct(records, None)
+    assert torch.equal(correct, torch.ones(3)) and torch.equal(same, labels[0])
+
+
 def test_a_record_counts_the_images_behind_its_final_training_error(tmp_path) -> None:
     """The final epoch's optimizer steps x batch x accumulation, less the files it skipped:
     here a last epoch cut short by the iteration limit after 4 of its steps. A run logged
