@@ -143,6 +143,17 @@ def test_lrn_matches_the_papers_formula() -> None:
     assert not torch.allclose(nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=2.0)(a), expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_lrn_is_the_float32_one_rounded(dtype: torch.dtype) -> None:
+    """Computed in float32 and rounded once (torch's CPU kernel has no bfloat16 form)."""
+    torch.manual_seed(0)
+    a = (40 * torch.randn(2, 12, 3, 5)).to(dtype)
+    for groups in (1, 2):
+        normalised = LocalResponseNorm(groups=groups)(a)
+        assert normalised.dtype == dtype
+        assert torch.equal(normalised, LocalResponseNorm(groups=groups)(a.float()).to(dtype))
+
+
 def test_grouped_lrn_is_the_papers_formula_per_group() -> None:
     torch.manual_seed(0)
     a = 40 * torch.randn(2, 12, 3, 5, dtype=torch.float64)

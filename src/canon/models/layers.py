@@ -53,9 +53,12 @@ class LocalResponseNorm(nn.Module):
             )
         # Each group becomes an image of its own: torch's window then stops at the group's ends.
         grouped = x.reshape(batch * self.groups, channels // self.groups, *x.shape[2:])
-        normalised = F.local_response_norm(grouped, self.size, alpha=self.alpha * self.size,
+        # A bfloat16 or float16 input is normalised in float32, as autocast does: k + alpha x
+        # sum carries the sum in its low bits, and torch's CPU kernels have no bfloat16 form.
+        precise = grouped.to(torch.promote_types(grouped.dtype, torch.float32))
+        normalised = F.local_response_norm(precise, self.size, alpha=self.alpha * self.size,
                                            beta=self.beta, k=self.k)
-        return normalised.reshape(x.shape)
+        return normalised.to(x.dtype).reshape(x.shape)
 
     def extra_repr(self) -> str:
         return (f"size={self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}, "
