@@ -5,6 +5,8 @@ checkpoints."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 from collections import OrderedDict
 from functools import partial
@@ -20,8 +22,15 @@ from visualize_helpers import assert_picture, run_verb
 import canon
 from canon.data.datasets import load_sample
 from canon.engine.checkpoint import epoch_checkpoint, save_checkpoint
+from canon.engine.trained import load_trained
 from canon.errors import ConfigError
-from canon.visualize.deconvnet import deconvnet_layers, forward, project, unpool
+from canon.visualize.deconvnet import (
+    deconvnet_layers,
+    forward,
+    project,
+    unpool,
+    write_deconvnet,
+)
 from canon.visualize.layers import capture_outputs, clip, receptive_field
 from canon.visualize.search import top_activations
 
@@ -253,3 +262,22 @@ def test_deconvnet_and_evolution_commands_on_a_zfnet_run(tmp_path, capsys) -> No
                   "features.conv1"], capsys)
     assert "epoch-001.pt: not a run directory; evolution sets the epochs a run kept" in \
         capsys.readouterr().err
+
+
+def test_a_bfloat16_model_is_searched_and_projected_in_its_own_precision(tmp_path) -> None:
+    """The search and the projections feed the model inputs of its weights' dtype (torch
+    refuses float inputs to bfloat16 convolutions), and find what the float32 model finds, to
+    bfloat16's precision."""
+    data, run = tmp_path / "data", tmp_path / "run"
+    sample_folder(data, {"val": 3})
+    save_epoch(run, 1, canon.create_model("zfnet", num_classes=2), str(data))
+    trained = load_trained(epoch_checkpoint(run, 1))
+    halved = dataclasses.replace(trained, model=copy.deepcopy(trained.model).bfloat16())
+    strengths = {}
+    for name, model in (("float32", trained), ("bfloat16", halved)):
+        write_deconvnet(model, "features.conv2", tmp_path / name, channels=[0, 5], top=3)
+        numbers = json.loads((tmp_path / name / "deconvnet-features.conv2.json").read_text())
+        strengths[name] = [row["activation"] for row in numbers["activations"]]
+    assert len(strengths["float32"]) == 6 and max(strengths["float32"]) > 0
+    torch.testing.assert_close(torch.tensor(strengths["bfloat16"]),
+                               torch.tensor(strengths["float32"]), rtol=0.05, atol=0.01)

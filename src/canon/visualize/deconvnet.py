@@ -17,8 +17,7 @@ deconvnet counterpart for it to use.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from functools import partial
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -29,6 +28,7 @@ from canon.data.datasets import anchored_dataset
 from canon.data.preprocess import center_transform
 from canon.engine.trained import TrainedModel
 from canon.errors import ConfigError
+from canon.evaluation.protocols import model_inputs
 from canon.files import make_folder
 from canon.models.base import CanonModel
 from canon.models.layers import LocalResponseNorm
@@ -125,6 +125,13 @@ def forward(layers: list[nn.Module], images: torch.Tensor, trace: Trace | None =
     return x
 
 
+def layer_maps(model: nn.Module, layers: list[nn.Module], device: str | torch.device
+               ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The output of `layers` (of `model`) on a batch of images, which go to `device` in the
+    floating dtype of `model`'s weights."""
+    return lambda images: forward(layers, model_inputs(model, images, device))
+
+
 def unpool(signal: torch.Tensor, switches: torch.Tensor, size: torch.Size) -> torch.Tensor:
     """Max unpooling: each value of N x C x h x w `signal` added at its switch in a zero map of
     `size`. Adding, not overwriting, makes it the transpose of the pool's selection: where
@@ -214,16 +221,15 @@ def write_deconvnet(
     model = trained.model.to(device)
     layers = deconvnet_layers(model, layer)
     dataset = open_split(trained, data, split)
-    found = top_activations(partial(forward, layers),
-                            indexed_batches(dataset, trained.preprocess, batch_size, workers),
-                            top, device)
+    found = top_activations(layer_maps(model, layers, device),
+                            indexed_batches(dataset, trained.preprocess, batch_size, workers), top)
     chosen = found.choose(channels, features, layer)
     width = found.map_size[1]
     transform, tiles, rows = center_transform(trained.preprocess), [], []
     for channel in chosen:
         indices = found.images[channel].tolist()
         raw = [dataset.load_image(i) for i in indices]
-        inputs = torch.stack([transform(image) for image in raw]).to(device)
+        inputs = model_inputs(model, torch.stack([transform(image) for image in raw]), device)
         projections, values, positions = project(
             layers, inputs, torch.full((len(raw),), channel), found.positions[channel]
         )

@@ -22,8 +22,15 @@ from canon.data.preprocess import center_transform
 from canon.engine.checkpoint import interrupted_checkpoint, resumable_checkpoints, run_dir_of
 from canon.engine.trained import load_trained
 from canon.errors import ConfigError, DataError
+from canon.evaluation.protocols import model_inputs
 from canon.files import make_folder
-from canon.visualize.deconvnet import activation_columns, deconvnet_layers, fields, forward, project
+from canon.visualize.deconvnet import (
+    activation_columns,
+    deconvnet_layers,
+    fields,
+    layer_maps,
+    project,
+)
 from canon.visualize.images import (
     Written,
     patch_windows,
@@ -72,7 +79,8 @@ def write_evolution(
             "train.keep_epochs (e.g. [1, 2, 5, 10]) to keep the epochs to compare"
         )
     final = load_trained(run)
-    layers = deconvnet_layers(final.model.to(device), layer)
+    final_model = final.model.to(device)
+    layers = deconvnet_layers(final_model, layer)
     if images:
         decoded = [decode_image_file(path, final.data.max_image_pixels) for path in images]
         batches = image_batches(decoded, final.preprocess, batch_size)
@@ -81,19 +89,19 @@ def write_evolution(
         dataset = open_split(final, data, split)
         batches = indexed_batches(dataset, final.preprocess, batch_size, workers)
         load, name = dataset.load_image, partial(image_name, dataset)
-    found = top_activations(partial(forward, layers), batches, 1, device)
+    found = top_activations(layer_maps(final_model, layers, device), batches, 1)
     chosen = found.choose(channels, features, layer)
     picked = found.images[chosen, 0].tolist()
     raw = [load(index) for index in picked]
     transform = center_transform(final.preprocess)
-    inputs = torch.stack([transform(image) for image in raw]).to(device)
+    seen = torch.stack([transform(image) for image in raw])
     width = found.map_size[1]
 
     columns, rows = [], []
     for epoch, checkpoint in epochs:
         model = load_trained(checkpoint).model.to(device)
         projections, values, positions = project(
-            deconvnet_layers(model, layer), inputs, torch.tensor(chosen)
+            deconvnet_layers(model, layer), model_inputs(model, seen, device), torch.tensor(chosen)
         )
         boxes = fields(layers, positions, width)
         columns.append(projection_windows(projections, boxes))
@@ -102,7 +110,7 @@ def write_evolution(
         ):
             rows.append({
                 "channel": channel, "epoch": epoch, "image": name(index),
-                **activation_columns(value, position, width, box, inputs.shape[-2:]),
+                **activation_columns(value, position, width, box, seen.shape[-2:]),
             })
     crops = [seen_crop(final.preprocess, image) for image in raw]
     columns.append(patch_windows(crops, fields(layers, found.positions[chosen, 0], width)))

@@ -49,18 +49,18 @@ class TopActivations:
 
 @torch.no_grad()
 def top_activations(
-    feature_maps: Callable[[torch.Tensor], torch.Tensor], batches: Batches, top: int,
-    device: str | torch.device = "cpu",
+    feature_maps: Callable[[torch.Tensor], torch.Tensor], batches: Batches, top: int
 ) -> TopActivations:
     """One pass over `batches` keeping, per channel of the N x C x H x W maps that
-    `feature_maps` makes of a batch, the `top` images whose maximum activation of it is
-    largest: C x top values in memory, never all the activations."""
+    `feature_maps` makes of a batch (as loaded: it moves the batch to its model), the `top`
+    images whose maximum activation of it is largest: C x top values in memory, never all
+    the activations."""
     values = images = positions = None
     searched, map_size = 0, (0, 0)
     for batch, indices in batches:
         if not len(batch):
             continue  # every file of the batch was undecodable
-        maps = feature_maps(batch.to(device))
+        maps = feature_maps(batch)
         map_size = tuple(maps.shape[-2:])
         peak, where = maps.flatten(2).max(2)  # B x C
         owners = indices.to(peak.device).view(-1, 1).expand_as(peak)
