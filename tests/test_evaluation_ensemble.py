@@ -79,6 +79,8 @@ def test_ensemble_error_is_the_error_of_the_mean_softmax(members, images):
     labels = torch.tensor(images.labels)
     assert torch.equal(result["labels"], labels)
     assert torch.allclose(result["probabilities"].float(), mean, atol=1e-6)
+    assert torch.equal(result["member_predictions"],
+                       torch.stack([_center_softmax(m, images.images).argmax(1) for m in members]))
     wrong1 = (mean.argmax(1) != labels).sum().item()
     wrong5 = (mean.topk(5, 1).indices != labels[:, None]).all(1).sum().item()
     assert result["images"] == 40 and result["skipped"] == 0

@@ -380,6 +380,7 @@ def _run_eval(args: argparse.Namespace) -> None:
     )
     _report_skipped(result["skipped"])
     scores = (result.pop("probabilities"), result.pop("labels")) if args.per_class else None
+    result.pop("member_predictions", None)  # an ensemble's, image by image: not for the JSON
     text = json.dumps(result, indent=2)  # first: the per-class files are extras
     atomic_write(output, lambda path: path.write_text(text),
                  advice="the result is printed above; choose a writable --output")

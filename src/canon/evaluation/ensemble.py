@@ -82,7 +82,9 @@ def evaluate_ensemble(
     class ids differ, or that scored different images (their skipped files differ), are a
     ConfigError naming them. Returns top1_error, top5_error, images, skipped, protocol and
     `members`, each member's evaluate result with its name; with `keep_probabilities` also
-    the ensemble's `probabilities` (N x K) and `labels` (N), as evaluate gives them.
+    the ensemble's `probabilities` (N x K) and `labels` (N), as evaluate gives them, and
+    `member_predictions` (M x N: each member's top-1 class index per image), to compare the
+    members image by image.
     """
     _check_classes(members)
     if not isinstance(data, str | Path | LabeledImages):
@@ -92,7 +94,7 @@ def evaluate_ensemble(
         )
     if isinstance(data, LabeledImages):
         check_labelled_by(data, members[0].class_ids, "the members'")
-    results = []
+    results, predictions = [], []
 
     def scored() -> Iterator[torch.Tensor]:
         """Each member's probabilities in turn, its other results kept in `results`."""
@@ -109,7 +111,9 @@ def evaluate_ensemble(
                     "skipped differ (see the warnings; strict=True stops at the first)"
                 )
             results.append(result)
-            yield result.pop("probabilities")
+            probabilities = result.pop("probabilities")
+            predictions.append(probabilities.argmax(1))
+            yield probabilities
 
     ensemble = ensemble_probabilities(scored())
     labels = results[0]["labels"]
@@ -125,7 +129,8 @@ def evaluate_ensemble(
         ],
     }
     if keep_probabilities:
-        summary.update(probabilities=ensemble, labels=labels)
+        summary.update(probabilities=ensemble, labels=labels,
+                       member_predictions=torch.stack(predictions))
     return summary
 
 

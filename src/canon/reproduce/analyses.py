@@ -117,8 +117,8 @@ def _correct(record: RunRecord, context: Context) -> tuple[torch.Tensor, torch.T
 
 
 def _mean_correct(records: list[RunRecord], context: Context) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each test image's top-1 correctness averaged over `records` (seeds of one net, or
-    the members of an ensemble), and the labels, which every run must share."""
+    """Each test image's top-1 correctness averaged over `records` (seeds of one net), and
+    the labels, which every run must share."""
     scored = [_correct(record, context) for record in records]
     labels = scored[0][1]
     for record, (_, other) in zip(records[1:], scored[1:], strict=True):
@@ -292,8 +292,8 @@ def ensembles(records: list[RunRecord], context: Context) -> Outcome:
     singles = [row["top-1 error (%)"] for row in table]
     table.append({"net": f"ensemble of {len(records)}", "top-1 error (%)": result["top1_error"],
                   "top-5 error (%)": result["top5_error"]})
-    members_correct, labels = _mean_correct(records, context)
-    _check_same_images(labels, result["labels"], "the ensemble and its members")
+    labels = result["labels"]  # every member's: evaluate_ensemble checks they scored alike
+    members_correct = (result["member_predictions"] == labels).double().mean(0)
     ensemble_correct = (result["probabilities"].argmax(1) == labels).double()
     noise = paired_noise(ensemble_correct, members_correct)
     gain = 100 * float(ensemble_correct.mean() - members_correct.mean())  # as the noise's
