@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 import uuid
 import warnings
 from contextlib import AbstractContextManager, nullcontext
@@ -19,6 +20,9 @@ from torch.distributed.constants import default_pg_timeout
 from torch.nn.parallel import DistributedDataParallel
 
 from canon.errors import ConfigError
+
+# How long a rank leaving a gloo group waits for the group's worker threads (shutdown_distributed).
+GLOO_WORKERS_GRACE_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -198,9 +202,19 @@ def shutdown_distributed(ctx: DistributedContext, *, together: bool = True) -> N
     active exception", about 1 two-process launch in 4 on CPU). A rank leaving on an error does
     not wait: its peers may be stuck in a collective it will never join."""
     if ctx.owns_process_group and dist.is_initialized():
+        gloo = dist.get_backend() == "gloo"
         if together:
             dist.barrier()
         dist.destroy_process_group()
+        if gloo:
+            # A gloo worker thread drops its last reference to a collective after signalling
+            # it done, and freeing one that holds Python objects (a tensor made in Python, the
+            # context autograd stashes) takes the GIL. Neither destroying the group nor its
+            # backend's shutdown() joins those threads, so a rank that went straight on to exit
+            # left one taking the GIL from a finalising interpreter: "terminate called without
+            # an active exception", about 1 launch in 10 of a two-rank test. Sleeping releases
+            # the GIL to them.
+            time.sleep(GLOO_WORKERS_GRACE_S)
 
 
 def wrap_model(
