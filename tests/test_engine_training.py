@@ -216,18 +216,27 @@ def test_going_on_from_an_older_checkpoint_takes_a_directory_of_its_own(
 def test_a_run_killed_between_its_epoch_checkpoint_and_best_pt_gets_best_pt_back(
     resume_data, tmp_path, monkeypatch
 ):
-    """save_epoch writes the epoch's checkpoint, then best.pt as its copy: killed between the
-    two, the resume goes on from that epoch and restores best.pt from it. (The other order
-    left, in the first epoch, a best.pt alone, which no resume went on from.)"""
+    """save_epoch writes the epoch's checkpoint, deletes interrupted.pt, then copies best.pt:
+    killed before the copy, the resume goes on from that epoch, not from the Ctrl-C earlier
+    in it, and restores best.pt from it. (Copied first, best.pt was left alone by a kill in
+    the first epoch, and no resume went on from that.)"""
     recipe = apply_overrides(tiny_recipe(epochs=2, batch_size=16), [("data.val_split", 50)])
     copy = ckpt.copy_checkpoint
+
+    def stop(step: int) -> None:
+        if step == 3:
+            signal.raise_signal(signal.SIGINT)
 
     def killed(*args: object) -> None:
         raise KeyboardInterrupt
 
+    with pytest.raises(TrainingInterrupted):
+        train(recipe, tmp_path, device="cpu", datasets=resume_data, progress=False,
+              on_step=stop)
     monkeypatch.setattr(ckpt, "copy_checkpoint", killed)
     with pytest.raises(KeyboardInterrupt):
-        train(recipe, tmp_path, device="cpu", datasets=resume_data, progress=False)
+        train(recipe, tmp_path, resume=tmp_path, device="cpu", datasets=resume_data,
+              progress=False)
     assert ckpt.resumable_checkpoints(tmp_path) == [ckpt.epoch_checkpoint(tmp_path, 1)]
     assert not ckpt.best_checkpoint(tmp_path).exists()
     monkeypatch.setattr(ckpt, "copy_checkpoint", copy)

@@ -110,14 +110,16 @@ def save_epoch(
     """The epoch's checkpoint (replacing interrupted.pt), best.pt when it is the best, and
     only the newest train.keep_checkpoints epoch checkpoints besides train.keep_epochs'.
 
-    The epoch's checkpoint is written first, best.pt then copied from it: a run killed in
-    between resumes from this epoch, and keep_best restores best.pt from it. (The other
-    order left, killed in the first epoch, a best.pt alone, which no resume goes on from.)"""
+    The epoch's checkpoint is written first, then interrupted.pt deleted (resume takes it for
+    the newest state: kept past the epoch's write, by a kill or a full disk copying best.pt,
+    it would take the run back to before this epoch), then best.pt copied from it: a run killed
+    in between resumes from this epoch, and keep_best restores best.pt from it. (Copied first,
+    best.pt was left alone by a kill in the first epoch, and no resume goes on from that.)"""
     path = ckpt.epoch_checkpoint(run_dir, row["epoch"])
     ckpt.save_checkpoint(state, path)
+    ckpt.interrupted_checkpoint(run_dir).unlink(missing_ok=True)
     if is_best:
         ckpt.copy_checkpoint(path, ckpt.best_checkpoint(run_dir))
-    ckpt.interrupted_checkpoint(run_dir).unlink(missing_ok=True)
     discard_replaced_run(run_dir)  # the run --overwrite replaced: this one has a checkpoint
     ckpt.prune_epoch_checkpoints(run_dir, config.keep_checkpoints, config.keep_epochs)
 
