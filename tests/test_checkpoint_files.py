@@ -548,7 +548,7 @@ def test_overwrite_deletes_the_earlier_run_s_files_only(tmp_path):
     # Until then, what finds no checkpoint here says where the earlier run is.
     with pytest.raises(DataError, match=r"no checkpoint to resume from .*replaced-run until"):
         ckpt.load_for_resume(tmp_path)
-    with pytest.raises(DataError, match=r"holds no trained model .*replaced-run until then"):
+    with pytest.raises(DataError, match=r"holds no trained model .*replaced-run until the new"):
         load_trained(tmp_path)
     with (pytest.raises(DataError, match="already holds a run; pass --overwrite"),
           claim_run_dir(tmp_path, resume=False)):
@@ -558,6 +558,52 @@ def test_overwrite_deletes_the_earlier_run_s_files_only(tmp_path):
         assert sorted(p.name for p in tmp_path.iterdir()) == [
             ".lock", ".replaced-run", "data", "notes.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "notes.txt"]
+
+
+def test_a_replacement_stopped_in_its_first_epoch_keeps_the_earlier_run_aside(tmp_path):
+    """--overwrite, then Ctrl-C before the new run's first epoch ended: its interrupted.pt
+    stays, to resume, and so does the earlier run, aside, until the new run has an epoch
+    checkpoint; an --overwrite over the stopped run replaces that one, not the earlier."""
+    write_run(tmp_path)
+    aside = tmp_path / ".replaced-run"
+    stopped = ckpt.interrupted_checkpoint(tmp_path)
+    for attempt in range(2):  # a stop, then a resume stopped again
+        with (pytest.raises(KeyboardInterrupt),
+              claim_run_dir(tmp_path, resume=attempt > 0, overwrite=attempt == 0)):
+            ckpt.save_checkpoint(training_state(1), stopped)
+            raise KeyboardInterrupt
+        assert stopped.is_file() and (aside / "checkpoints" / "epoch-002.pt").is_file()
+    with (pytest.raises(DataError, match=r"already holds a run.*replaced-run until the new"),
+          claim_run_dir(tmp_path, resume=False)):
+        pass
+    with claim_run_dir(tmp_path, resume=False, overwrite=True):  # the stopped run goes
+        assert not stopped.exists() and (aside / "checkpoints" / "epoch-002.pt").is_file()
+    assert not aside.exists()  # that run ended well
+    # A replacement that finished an epoch before the stop: the earlier run goes for good.
+    second = tmp_path / "second"
+    write_run(second)
+    with pytest.raises(KeyboardInterrupt), claim_run_dir(second, resume=False, overwrite=True):
+        ckpt.save_checkpoint(training_state(1), ckpt.epoch_checkpoint(second, 1))
+        ckpt.save_checkpoint(training_state(1), ckpt.interrupted_checkpoint(second))
+        raise KeyboardInterrupt
+    assert not (second / ".replaced-run").exists()
+
+
+def test_a_failed_replacement_gives_back_an_earlier_run_s_lone_best_checkpoint(tmp_path):
+    """An earlier run whose epoch checkpoints were deleted, best.pt and the export kept: a new
+    run over it that fails before its first checkpoint puts all of it back, best.pt too."""
+    write_run(tmp_path)
+    for epoch in (1, 2):
+        ckpt.epoch_checkpoint(tmp_path, epoch).unlink()
+    earlier = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*")
+               if p.is_file()}
+    with pytest.raises(ValueError), claim_run_dir(tmp_path, resume=False, overwrite=True):
+        (tmp_path / "recipe.yaml").write_text("the new run's\n")
+        raise ValueError("a loss that went to NaN")
+    assert {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*")
+            if p.is_file()} == earlier
+    with pytest.raises(DataError, match=r"keeps only best.pt .*--resume .*best.pt"):
+        ckpt.load_for_resume(tmp_path)
 
 
 def test_a_carried_best_checkpoint_is_not_the_new_run_s_first(tmp_path):

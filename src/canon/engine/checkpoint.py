@@ -114,12 +114,16 @@ def _unreadable_checkpoint(path: Path, error: Exception) -> DataError:
     return unreadable_file(path, error)
 
 
+def _run_folder_hint(path: Path) -> str:
+    """For a checkpoint of a run: its folder, given instead, takes the newest readable one."""
+    if path.parent.name != CHECKPOINT_DIR:
+        return ""
+    return f"; given the run folder {path.parent.parent} instead, canon passes over unreadable ones"
+
+
 def unreadable_file(path: Path, error: Exception) -> DataError:
-    # A checkpoint of a run: its folder, given instead, takes the newest readable one.
-    run = path.parent.parent if path.parent.name == CHECKPOINT_DIR else None
-    hint = f"; given the run folder {run} instead, canon passes over unreadable ones" if run else ""
     return DataError(f"{path} is unreadable, probably truncated by a crash or a full disk "
-                     f"({first_line(error)}){hint}")
+                     f"({first_line(error)}){_run_folder_hint(path)}")
 
 
 def checked_field(
@@ -174,22 +178,28 @@ def _epoch_checkpoints(folder: Path) -> list[Path]:
     return sorted(found, key=_epoch_number)
 
 
+def run_epoch_checkpoints(run_dir: Path) -> list[Path]:
+    """A run's epoch checkpoints, newest first."""
+    return _epoch_checkpoints(run_dir / CHECKPOINT_DIR)[::-1]
+
+
 def resumable_checkpoints(run_dir: Path) -> list[Path]:
     """Interruption and epoch checkpoints of a run, newest first. interrupted.pt, when there,
     is the newest: the next epoch checkpoint deletes it."""
-    epochs = _epoch_checkpoints(run_dir / CHECKPOINT_DIR)[::-1]
+    epochs = run_epoch_checkpoints(run_dir)
     interrupted = interrupted_checkpoint(run_dir)
     return [interrupted, *epochs] if interrupted.is_file() else epochs
 
 
 def replaced_run_note(run_dir: Path) -> str:
-    """Where a run that --overwrite set aside waits, for the messages of a folder holding no
-    checkpoint: its replacement has none yet, or was killed before its first."""
+    """Where a run that --overwrite set aside waits, for the messages of a folder whose new
+    run has no epoch checkpoint yet."""
     if not (run_dir / REPLACED_DIR).is_dir():
         return ""
-    return (f". The run it replaced waits in {run_dir / REPLACED_DIR} until then: it comes back "
-            f"if the new run fails, and at the next `canon train --output-dir {run_dir}` if the "
-            "new run was killed")
+    return (f". The run it replaced waits in {run_dir / REPLACED_DIR} until the new run has "
+            "finished an epoch: it comes back if the new run fails, or was killed, before "
+            f"writing any checkpoint (at the next `canon train --output-dir {run_dir}`); a new "
+            "run stopped by Ctrl-C keeps it aside while it can be resumed")
 
 
 def load_for_resume(path: str | Path) -> tuple[Path, dict[str, Any]]:
@@ -212,6 +222,11 @@ def load_for_resume(path: str | Path) -> tuple[Path, dict[str, Any]]:
     if not candidates and not (path / "recipe.yaml").is_file():
         raise DataError(f"{path} holds no run (no recipe.yaml, no checkpoints); resume from a "
                         "run directory or a checkpoint file")
+    if not candidates and best_checkpoint(path).is_file():
+        raise DataError(
+            f"{path / CHECKPOINT_DIR} keeps only best.pt (its epoch checkpoints were deleted): "
+            f"to continue from that epoch, resume from the file, --resume {best_checkpoint(path)}"
+        )
     if not candidates:
         raise DataError(
             f"no checkpoint to resume from in {path / CHECKPOINT_DIR}: the run has not finished "

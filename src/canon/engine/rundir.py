@@ -26,10 +26,13 @@ from canon.engine.checkpoint import (
     REPLACED_DIR,
     RESUMED_FROM,
     best_checkpoint,
+    interrupted_checkpoint,
     load_checkpoint,
     load_for_resume,
+    replaced_run_note,
     resumable_checkpoints,
     run_dir_of,
+    run_epoch_checkpoints,
 )
 from canon.engine.initialize import INIT_REPORT
 from canon.engine.logs import EVENTS_DIR
@@ -251,12 +254,13 @@ def claim_run_dir(run_dir: Path, *, resume: bool, overwrite: bool = False) -> It
     A new run (`resume` False) refuses a directory holding an earlier run's results (a
     checkpoint, metrics.csv, an export) with a DataError saying what to do; `overwrite` sets
     that run's files (RUN_FILES, canon eval's and visualize/, nothing else) aside in
-    REPLACED_DIR instead, deleted once the new run has saved a checkpoint or ended well, and
-    put back if it fails before (bad data found in its first epoch must not cost the earlier
-    run). The files of an earlier run that stopped before its first checkpoint are deleted
-    without asking: there is nothing in them to resume. Unrelated files stay. A directory
-    this call created is removed again when the block fails having written nothing there, so
-    failed attempts leave no empty runs/NAME-N behind.
+    REPLACED_DIR instead, deleted once the new run has saved an epoch checkpoint or ended well,
+    put back if it fails before writing any checkpoint (bad data found in its first epoch must
+    not cost the earlier run), and kept aside while the new run, stopped by Ctrl-C in its first
+    epoch, can be resumed (_end_replacement). The files of an earlier run that stopped before
+    its first checkpoint are deleted without asking: there is nothing in them to resume.
+    Unrelated files stay. A directory this call created is removed again when the block fails
+    having written nothing there, so failed attempts leave no empty runs/NAME-N behind.
     """
     created = not run_dir.exists()
     make_folder(run_dir, advice=OUTPUT_DIR_ADVICE)
@@ -272,9 +276,9 @@ def claim_run_dir(run_dir: Path, *, resume: bool, overwrite: bool = False) -> It
             try:
                 yield
             except BaseException:
-                _end_replacement(run_dir, failed=True)
                 if not resume and not resumable_checkpoints(run_dir):  # a carried best.pt
                     best_checkpoint(run_dir).unlink(missing_ok=True)  # alone: nothing to resume
+                _end_replacement(run_dir, failed=True)  # after: it may bring back a best.pt
                 raise
             _end_replacement(run_dir, failed=False)
     except BaseException:
@@ -291,14 +295,19 @@ def discard_replaced_run(run_dir: Path) -> None:
 
 
 def _end_replacement(run_dir: Path, *, failed: bool) -> None:
-    """The set-aside run goes for good once the new one has a checkpoint or ended well;
-    otherwise it comes back in place of what the new run wrote. best.pt is not one: a run
-    continued from another folder's copies that run's best before its first (keep_best)."""
+    """The set-aside run goes for good once the new one has an epoch checkpoint or ended well,
+    and comes back in place of what the new run wrote where that holds no checkpoint. A new
+    run stopped by Ctrl-C before its first epoch ended keeps its interrupted.pt, to resume, and
+    the set-aside run waits on: a few minutes of the new run are not worth the earlier run.
+    best.pt is not one: a run continued from another folder's copies that run's best before
+    its first (keep_best)."""
     aside = run_dir / REPLACED_DIR
     if not aside.is_dir():
         return
-    if not failed or resumable_checkpoints(run_dir):
+    if not failed or run_epoch_checkpoints(run_dir):
         discard_replaced_run(run_dir)
+        return
+    if interrupted_checkpoint(run_dir).is_file():
         return
     _remove_run_files(run_dir)
     for path in aside.iterdir():
@@ -311,6 +320,7 @@ def _clear_earlier_run(run_dir: Path, overwrite: bool) -> None:
         raise DataError(
             f"{run_dir} already holds a run; pass --overwrite to replace it, or pick another "
             f"--output-dir (a training run continues with canon train --resume {run_dir})"
+            + replaced_run_note(run_dir)
         )
     recipe = run_dir / "recipe.yaml"
     if recipe.is_file() and _run_header(recipe) is None:  # the user's own, not a run's copy
@@ -322,6 +332,9 @@ def _clear_earlier_run(run_dir: Path, overwrite: bool) -> None:
         _remove_run_files(run_dir, reports=False)
         return
     aside = run_dir / REPLACED_DIR
+    if aside.is_dir():  # the earlier run waits there; this one replaced it and was stopped
+        _remove_run_files(run_dir)  # before its first epoch ended (_end_replacement)
+        return
     aside.mkdir()
     for path in _run_files(run_dir):
         path.rename(aside / path.name)

@@ -28,10 +28,9 @@ from canon.engine.checkpoint import (
     best_checkpoint,
     checked_field,
     checked_names,
-    interrupted_checkpoint,
     load_checkpoint,
     replaced_run_note,
-    resumable_checkpoints,
+    run_epoch_checkpoints,
     unreadable_file,
 )
 from canon.engine.distributed import resolve_device
@@ -148,7 +147,7 @@ def _load_torchvision(source: str) -> TrainedModel:
 def _checkpoint_to_use(run_dir: Path) -> Path:
     """best.pt, else the last epoch's checkpoint (an interrupted state is not a model)."""
     best = best_checkpoint(run_dir)
-    epochs = [p for p in resumable_checkpoints(run_dir) if p != interrupted_checkpoint(run_dir)]
+    epochs = run_epoch_checkpoints(run_dir)
     return best if best.is_file() or not epochs else epochs[0]
 
 
@@ -158,8 +157,7 @@ def _load_run_checkpoint(run_dir: Path, chosen: Path) -> TrainedModel:
     try:
         return _load_from_checkpoint(chosen)
     except CanonError as error:
-        others = [p for p in resumable_checkpoints(run_dir)
-                  if p not in (chosen, interrupted_checkpoint(run_dir))]
+        others = [p for p in run_epoch_checkpoints(run_dir) if p != chosen]
         if not others:
             raise
         warnings.warn(f"{error}; using {others[0]} instead", CheckpointWarning, stacklevel=3)
