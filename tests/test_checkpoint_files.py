@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import warnings
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -327,6 +328,28 @@ def test_every_unreadable_checkpoint_is_a_data_error_naming_it(tmp_path):
     with pytest.raises(DataError, match=f"given the run folder {tmp_path / 'run'} instead, "
                        "canon passes over unreadable ones"):
         ckpt.load_checkpoint(in_a_run)
+
+
+def test_a_checkpoint_whose_bytes_changed_is_damaged_not_loaded(tmp_path):
+    """A flipped byte in a weight's record still unpickles (torch.load checks no CRC): the
+    archive's checksums catch it, and resume goes on from the last good checkpoint."""
+    write_run(tmp_path)
+    newest = ckpt.epoch_checkpoint(tmp_path, 2)
+    with zipfile.ZipFile(newest) as archive:
+        record = max(archive.infolist(), key=lambda info: info.file_size)  # a weight
+    whole = bytearray(newest.read_bytes())
+    local = record.header_offset  # the record's header: 30 bytes, its name, its extra field
+    name_size, extra_size = int.from_bytes(whole[local + 26 : local + 28], "little"), \
+        int.from_bytes(whole[local + 28 : local + 30], "little")
+    whole[local + 30 + name_size + extra_size + 5] ^= 0x40
+    newest.write_bytes(bytes(whole))
+    with pytest.raises(DataError, match=rf"epoch-002\.pt is damaged: its record {record.filename}"
+                       r" no longer matches the checksum .*given the run folder") as caught:
+        ckpt.load_checkpoint(newest)
+    single_line_error(caught)
+    assert ckpt.load_checkpoint(newest, mmap=True)["epoch"] == 2  # counters alone: not checked
+    with pytest.warns(ckpt.CheckpointWarning, match=r"epoch-002\.pt is damaged"):
+        assert ckpt.load_for_resume(tmp_path)[0] == ckpt.epoch_checkpoint(tmp_path, 1)
 
 
 def test_a_damaged_newest_checkpoint_named_goes_on_from_the_last_good_one_in_place(tmp_path):

@@ -12,6 +12,8 @@ import re
 import shutil
 import subprocess
 import warnings
+import zipfile
+import zlib
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
@@ -82,6 +84,11 @@ def load_checkpoint(path: str | Path, *, mmap: bool = False) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"checkpoint {path} does not exist")
+    damaged = None if mmap else _damaged_record(path)
+    if damaged is not None:
+        raise DataError(f"{path} is damaged: its record {damaged} no longer matches the checksum "
+                        "saved with it (a disk or copy error changed its bytes)"
+                        + _run_folder_hint(path))
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # damaged bytes surface as almost any error: IndexError, KeyError..
@@ -112,6 +119,17 @@ def _unreadable_checkpoint(path: Path, error: Exception) -> DataError:
             "checkpoint .pt or a model.safetensors"
         )
     return unreadable_file(path, error)
+
+
+def _damaged_record(path: Path) -> str | None:
+    """The first record of torch.save's zip archive whose bytes fail the CRC-32 saved with
+    them, which torch.load does not check (a flipped bit in a tensor loads as a wrong weight);
+    None where all pass, or where the file is no zip archive (torch.load's error says why)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip()
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError):
+        return None
 
 
 def _run_folder_hint(path: Path) -> str:
