@@ -143,6 +143,14 @@ def test_a_run_stopped_mid_epoch_resumes_exactly(packed, tmp_path, workers):
                                           rf"--batch-size 16 --workers {workers} on 1 process"):
         train(other, tmp_path / "stopped", resume=tmp_path / "stopped", device="cpu",
               progress=False)
+    if workers == 0:  # the same images re-packed into other shards: dealt otherwise too
+        folder, _ = packed
+        pack_folder(folder, tmp_path / "repacked", shard_bytes=400_000, progress=False)
+        repacked = apply_overrides(recipe, [("data.dataset", str(tmp_path / "repacked"))])
+        with pytest.raises(ConfigError, match=r"its training shards are not the ones the "
+                           r"checkpoint's run was dealt \(11 shards then, \d+ now: re-packed"):
+            train(repacked, tmp_path / "stopped", resume=tmp_path / "stopped", device="cpu",
+                  progress=False)
     train(recipe, tmp_path / "stopped", resume=tmp_path / "stopped", device="cpu",
           progress=False)
     straight, resumed = (ckpt.load_checkpoint(ckpt.epoch_checkpoint(tmp_path / run, 2))
@@ -253,3 +261,32 @@ def test_two_torchrun_processes_train_on_their_own_shards(packed, tmp_path, caps
     assert sum(scored) == 40 and min(scored) > 0, scored
     main(["eval", str(run), "--device", "cpu"])
     assert _printed_top1(capsys.readouterr().out) == f"{float(rows[-1]['val_top1_error']):.2f}"
+
+
+# `canon train` whose rank 1 reads its shards with 3 loader processes and rank 0 with none,
+# as ranks on machines of other core counts do when the recipe leaves train.workers unset.
+UNEVEN_WORKERS_TRAIN = '''
+import os, sys
+from canon.cli import main
+main([*sys.argv[1:], "--workers", "3" if os.environ["RANK"] == "1" else "0"])
+'''
+
+
+@pytest.mark.distributed
+def test_ranks_reading_shards_with_other_worker_counts_step_alike(packed, tmp_path):
+    """A shard stream's length depends on its loader's workers (each ends short of a batch):
+    here 4 steps with none, 2 with 3. Every rank takes the fewest, where the one with more
+    stepped on alone into a collective no other rank joined, and hung."""
+    _, shards = packed
+    worker = tmp_path / "uneven_train.py"
+    worker.write_text(UNEVEN_WORKERS_TRAIN)
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(worker), "train", *SMALL_FLAGS, "--set", "train.epochs=1", "--data", str(shards),
+         "--output-dir", str(tmp_path / "run")],
+        env={**os.environ, "CANON_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=240,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "1 epoch(s) of 2 steps" in done.stdout
+    assert [row["step"] for row in _metrics(tmp_path / "run")] == ["2"]

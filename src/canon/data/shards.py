@@ -179,6 +179,11 @@ class ShardImages(IterableDataset):
             )
         self._position[0], self._position[1] = epoch, start
 
+    def layout(self) -> list[list[str | int]]:
+        """Each shard's file and sample count, in pack order: what deals the epochs besides
+        the readers (a re-pack into other shards keeps the images, not the epochs)."""
+        return [[shard.file, shard.samples] for shard in self.shards]
+
     def __len__(self) -> int:
         if not self.shuffle:
             return sum(stop - start for _, start, stop in self._rank_pieces(0))

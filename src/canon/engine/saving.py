@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from canon.data.shards import ShardImages
 from canon.engine import checkpoint as ckpt
 from canon.engine import distributed as dist
 from canon.engine.rundir import discard_replaced_run
@@ -90,6 +91,8 @@ def snapshot(run: Run) -> dict[str, Any]:
         "metrics": list(run.metrics), "recipe": run.recipe.to_dict(), "commit": run.commit,
         "train_size": run.train_size,
         "loader_workers": loader_workers(run.recipe.train),  # they deal a shard folder's stream
+        "train_shards": (run.train_order.layout() if isinstance(run.train_order, ShardImages)
+                         else None),
         "model_name": run.recipe.model.name, "model_options": run.model.build_options(),
         "classes": run.classes, "class_ids": run.class_ids,
         "normalization": run.normalization,

@@ -147,6 +147,9 @@ def set_up(
     rank_samples = (len(train_set) if isinstance(train_set, ShardImages)
                     else len(train_set) // ctx.world_size)
     steps_per_epoch = rank_samples // config.batch_size // config.accum_steps
+    if isinstance(train_set, ShardImages):  # its share depends on this rank's loader workers,
+        # which each machine sets for its own cores: a rank stepping on alone would hang
+        steps_per_epoch = min(dist.all_gather_object(steps_per_epoch, ctx))
     if steps_per_epoch == 0:
         stream = (f" (a shard folder: each rank streams whole shards, here {rank_samples} "
                   f"images at the least of {len(train_set.shards)} shards over "
@@ -514,11 +517,20 @@ def _check_same_towers(run: Run, state: dict[str, Any]) -> None:
 
 
 def _check_same_shard_stream(run: Run, state: dict[str, Any]) -> None:
-    """A shard folder's epochs are dealt by the process count, batch size and loader workers
-    (canon.data.shards): with others, a resumed run would read other images, and epochs of
-    another length, unnoticed. (Checkpoints from before the workers were saved pass.)"""
+    """A shard folder's epochs are dealt by its shards, the process count, batch size and
+    loader workers (canon.data.shards): with others, a resumed run would read other images,
+    and epochs of another length, unnoticed. (Checkpoints from before canon saved the workers,
+    or the shards, pass those checks.)"""
     if not isinstance(run.train_order, ShardImages) or "loader_workers" not in state:
         return
+    shards, before = run.train_order.layout(), state.get("train_shards")
+    if before is not None and before != shards:
+        raise ConfigError(
+            f"cannot resume on {run.recipe.data.dataset}: its training shards are not the ones "
+            f"the checkpoint's run was dealt ({len(before)} shards then, "
+            f"{len(shards)} now: re-packed?), so the rest of the epoch would read other images. "
+            "Resume on the pack it trained on, or start a new run from its weights with "
+            "--init-from")
     config = run.recipe.train
     ranks, batch, workers = (len(state["rng"]), state["recipe"]["train"]["batch_size"],
                              state["loader_workers"])
