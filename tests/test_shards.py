@@ -294,6 +294,17 @@ def test_evaluation_batches_come_in_pack_order_at_any_batch_size(packed, val_dig
         assert [name for names, _ in loader for name in names] == val_digests, batch_size
 
 
+def test_a_training_stream_is_read_at_its_loader_s_batch_size_and_workers(packed):
+    """build_loader(train=True) on a stream made for one process reads a copy made for its
+    own: the same images an epoch, every one once (it failed in a worker before)."""
+    images = ShardImages(packed, "train", transform=digest, seed=3)
+    loader = build_loader(images, 16, train=True, workers=2)
+    assert (loader.dataset.batch_size, loader.dataset.workers) == (16, 2)
+    read = [name for names, _ in loader for name in names]
+    assert len(read) == len(loader.dataset) and len(set(read)) == len(read)
+    assert set(read) <= {name for name, _ in stream(images, epoch=0)}
+
+
 @pytest.mark.parametrize(("workers", "start"), [(0, 37), (2, 5 * 16), (2, 9 * 16)])
 def test_a_resumed_epoch_continues_the_same_stream(packed, workers, start):
     images = ShardImages(packed, "train", transform=digest, workers=workers, batch_size=16,
@@ -305,6 +316,17 @@ def test_a_resumed_epoch_continues_the_same_stream(packed, workers, start):
             images.set_epoch(2, start + 1)
     with pytest.raises(ConfigError, match=rf"beyond this rank's {len(images)} samples.*workers"):
         images.set_epoch(2, len(images) + 16)
+
+
+def test_shards_without_their_index_are_named_so(packed, tmp_path):
+    """Not read as an image folder ("no train folder"): the index is missing, and a pack
+    makes it again."""
+    copy = tmp_path / "copy"
+    shutil.copytree(packed, copy)
+    (copy / "index.json").unlink()
+    assert is_shard_folder(copy)
+    with pytest.raises(DataError, match=r"copy: shards without their index.json .*canon pack"):
+        open_dataset(str(copy))
 
 
 def test_a_damaged_shard_is_named(packed, tmp_path):

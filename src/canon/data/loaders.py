@@ -184,11 +184,14 @@ def build_loader(
     trainer does. drop_last defaults to `train`.
     `collate_fn` is views.collate_views for multi-view test protocols. Batches are pinned
     for faster copies when CUDA is present, unless `pin_memory` says otherwise. A shard
-    folder's evaluation stream is read at the loader's batch size and workers, which keeps its
-    images in pack order."""
+    folder's stream deals whole batches to the loader's workers: one made for another batch
+    size or worker count is read as a copy made for the loader's (loader.dataset; its own seed
+    orders it)."""
     if sampler is None and train and not isinstance(dataset, IterableDataset):
         sampler = ShuffleSampler(dataset, seed)
-    if isinstance(dataset, ShardImages) and not dataset.shuffle:  # deals batches to workers
+    if isinstance(dataset, ShardImages) and (dataset.batch_size, dataset.workers) != (
+        batch_size, workers
+    ):
         dataset = dataset.reading(batch_size=batch_size, workers=workers)
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(

@@ -109,14 +109,20 @@ SHARD_NAME = re.compile(r"(?:train|val)-\d{6}\.tar")
 def is_shard_folder(path: str | Path) -> bool:
     """Whether `path` is a folder of canon shards: its index.json names their format at the
     start (an image folder may hold an index.json of its own, and an archive of its images), or
-    an index.json beside shards named as canon names them is damaged (read_index then says so)."""
+    an index.json beside shards named as canon names them is damaged, or missing from a folder
+    of such shards and no train/ (read_index then says so)."""
     try:
         with (Path(path) / INDEX).open("rb") as index:
             head = index.read(4096)
+    except FileNotFoundError:
+        return not (Path(path) / "train").is_dir() and _holds_shards(Path(path))
     except OSError:
         return False
-    return FORMAT.encode() in head or any(SHARD_NAME.fullmatch(p.name)
-                                          for p in Path(path).glob("*.tar"))
+    return FORMAT.encode() in head or _holds_shards(Path(path))
+
+
+def _holds_shards(folder: Path) -> bool:
+    return any(SHARD_NAME.fullmatch(p.name) for p in folder.glob("*.tar"))
 
 
 def read_index(folder: str | Path) -> PackIndex:
@@ -125,6 +131,11 @@ def read_index(folder: str | Path) -> PackIndex:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
+        if _holds_shards(Path(folder)):
+            raise DataError(
+                f"{folder}: shards without their {INDEX} (a pack stopped before writing it, or "
+                f"the file was removed); pack the images again with `canon pack DATA --out "
+                f"{folder}`") from None
         raise DataError(
             f"{folder}: not a shard folder (no {INDEX}); make one with "
             f"`canon pack DATA --out {folder}`"
