@@ -4,6 +4,7 @@ case uses real files, and real processes where a kill or a lock is involved."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -768,6 +769,19 @@ def test_a_lock_not_yet_written_does_not_name_its_killed_holder(tmp_path):
     _claim_refused_while_locked(
         tmp_path, f"{gone} canon pack\n", f"{tmp_path} is in use by another canon process "
                                            r"\(pid unknown\); wait for it")
+
+
+def test_a_file_system_without_locks_is_a_data_error_leaving_nothing(tmp_path, monkeypatch):
+    def no_locks(descriptor: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    opened = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(DataError, match=r"cannot lock .*run/\.lock: No locks available \(a file "
+                       r"system without locks.*use another --output-dir on a local disk"), \
+            claim_run_dir(tmp_path / "run", resume=False):
+        pass
+    assert not (tmp_path / "run").exists() and len(os.listdir("/proc/self/fd")) == opened
 
 
 def test_a_killed_run_does_not_block_the_next(tmp_path):

@@ -103,7 +103,7 @@ def locked_folder(folder: Path, *, user: str, other: str, advice: str) -> Iterat
     flock, which the kernel releases when its holder dies, so a killed holder never blocks the
     next. The file names its holder, `user` (e.g. "canon run") and pid. Held elsewhere: a
     DataError, "`folder` is in use by another `user` (pid N); wait for it or `other`";
-    the lock file cannot be made: cannot_write's, with `advice`."""
+    the lock file cannot be made: cannot_write's, with `advice`; nor locked: a DataError."""
     path = folder / LOCK_FILE
     descriptor = _lock(path, user, other, advice)
     try:
@@ -131,6 +131,12 @@ def _lock(path: Path, user: str, other: str, advice: str) -> int:
             holder = held[1].strip() if len(held) > 1 else "canon process"  # an older canon's
             raise DataError(f"{path.parent} is in use by another {holder} (pid {pid}); "
                             f"wait for it or {other}") from None
+        except OSError as error:  # a file system without locks (some NFS or Lustre mounts)
+            os.close(descriptor)
+            path.unlink(missing_ok=True)
+            raise DataError(f"cannot lock {path}: {error.strerror or error} (a file system "
+                            "without locks, as some network ones), so two processes could write "
+                            f"there at once; {other} on a local disk") from None
         if _still_there(descriptor, path):
             os.ftruncate(descriptor, 0)
             os.write(descriptor, f"{os.getpid()} {user}\n".encode())
