@@ -8,6 +8,7 @@ package); the runs use slices of it so the whole file stays within its CPU budge
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import signal
@@ -249,6 +250,31 @@ def test_a_run_killed_between_its_epoch_checkpoint_and_best_pt_gets_best_pt_back
     train(recipe, tmp_path, resume=tmp_path, device="cpu", datasets=resume_data,
           progress=False, on_step=look)
     assert best_seen == [1]
+
+
+def test_a_finished_run_given_more_epochs_withdraws_its_export_until_it_ends(
+    resume_data, tmp_path
+):
+    """Stopped in its new epoch, the run's model is its last checkpoint's, not the export of
+    the run it was (which load_trained would take for the result); ended, it exports anew."""
+    recipe = tiny_recipe(epochs=1, batch_size=16)
+    train(recipe, tmp_path, device="cpu", datasets=resume_data, progress=False)
+    assert (tmp_path / ckpt.EXPORT_WEIGHTS).is_file()
+    longer = apply_overrides(recipe, [("train.epochs", 2)])
+
+    def ctrl_c(step: int) -> None:
+        if step == 10:  # in epoch 2 of 8 steps each
+            signal.raise_signal(signal.SIGINT)
+
+    with pytest.raises(TrainingInterrupted):
+        train(longer, tmp_path, resume=tmp_path, device="cpu", datasets=resume_data,
+              progress=False, on_step=ctrl_c)
+    assert not any((tmp_path / name).exists()
+                   for name in (ckpt.EXPORT_WEIGHTS, ckpt.EXPORT_CONFIG, ckpt.EXPORT_NORMALIZATION))
+    assert load_trained(tmp_path).source == ckpt.epoch_checkpoint(tmp_path, 1)
+    train(longer, tmp_path, resume=tmp_path, device="cpu", datasets=resume_data, progress=False)
+    assert load_trained(tmp_path).source == tmp_path / ckpt.EXPORT_WEIGHTS
+    assert json.loads((tmp_path / ckpt.EXPORT_CONFIG).read_text())["epochs"] == 2
 
 
 def test_a_run_continued_in_another_directory_keeps_its_best_checkpoint(resume_data, tmp_path):

@@ -374,6 +374,14 @@ def export_model(
     _write_bytes(run_dir / EXPORT_CONFIG, json.dumps(info, indent=2).encode())
 
 
+def withdraw_export(run_dir: Path) -> None:
+    """Delete a run's export, weights first: a run resumed in place to train further makes it
+    an earlier model's, and load_trained would take it for the run's result if the run were
+    killed before exporting its own. Until then the run's checkpoints stand for it."""
+    for name in (EXPORT_WEIGHTS, EXPORT_CONFIG, EXPORT_NORMALIZATION):
+        (run_dir / name).unlink(missing_ok=True)
+
+
 def _write_bytes(path: Path, content: bytes) -> None:
     # Written by Python, a full disk is an OSError (safetensors' own writer raises its own error).
     atomic_write(path, lambda target: target.write_bytes(content), advice=OUTPUT_DIR_ADVICE)

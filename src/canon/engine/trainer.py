@@ -198,8 +198,10 @@ def _train(
         if in_place and ctx.is_main:  # metrics.csv may lag the checkpoint (killed between
             write_metrics_csv(run_dir / "metrics.csv", run.metrics)  # the two writes) or run
             # ahead of it (a damaged newer checkpoint passed over): the checkpoint's epochs
+            if _trains_on(run):  # a finished run given more epochs: its export is of the past
+                ckpt.withdraw_export(run_dir)
         try:
-            while run.epoch < run.epochs and not run.cut_short:
+            while _trains_on(run):
                 train_seconds = _train_epoch(run, stop, progress, on_step)
                 _end_epoch(run, train_seconds)
         finally:
@@ -208,6 +210,10 @@ def _train(
             export(run)
     best = None if run.validates_on_test_set or math.isinf(run.best_error) else run.best_error
     return TrainResult(run_dir, run.metrics, best, run.validates_on_test_set)
+
+
+def _trains_on(run: Run) -> bool:
+    return run.epoch < run.epochs and not run.cut_short
 
 
 @contextlib.contextmanager
