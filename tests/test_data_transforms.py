@@ -179,6 +179,21 @@ def test_rescale_square_keeps_the_central_square_or_squashes(photos):
     assert torch.equal(squashed, resize_image(image, 256, 256, "bilinear"))
 
 
+@pytest.mark.parametrize("interpolation", ["nearest", "bilinear", "bicubic", "area"])
+@pytest.mark.parametrize(("size", "new_size"), [(150, 224), (224, 100), (500, 224)])
+def test_every_resize_keeps_the_picture_centred(interpolation, size, new_size):
+    """Each output pixel samples around its centre's place in the input: a ramp of input
+    column numbers comes out as the output pixels' centres mapped back (nearest: to the
+    input pixel nearest each, as PIL's; torchvision's legacy NEAREST took the one left of it,
+    moving the picture by half an output pixel)."""
+    ramp = torch.arange(size, dtype=torch.float64).expand(1, 4, size)
+    resized = resize_image(ramp, 4, new_size, interpolation)[0, 0]
+    centres = (torch.arange(new_size, dtype=torch.float64) + 0.5) * size / new_size - 0.5
+    inside = slice(new_size // 8, new_size - new_size // 8)  # clear of the edges' clamping
+    assert abs(float((resized - centres)[inside].mean())) < 0.05
+    assert float((resized - centres)[inside].abs().max()) <= 0.5 * max(1, size / new_size) + 1e-6
+
+
 def test_area_crop_boxes_respect_area_and_aspect(photos):
     """GoogLeNet s6: 8%-100% of the area, aspect ratio in [3/4, 4/3], drawn across both ranges
     and placed anywhere (a fixed box would keep within the bounds too)."""

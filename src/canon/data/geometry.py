@@ -20,7 +20,9 @@ from canon.errors import ConfigError
 INTERPOLATION = {
     "bilinear": InterpolationMode.BILINEAR,
     "bicubic": InterpolationMode.BICUBIC,
-    "nearest": InterpolationMode.NEAREST,
+    # The input pixel nearest each output pixel's centre, as PIL's; torchvision's NEAREST
+    # takes the one left of it (OpenCV's), moving the picture by half an output pixel.
+    "nearest": InterpolationMode.NEAREST_EXACT,
 }
 
 
