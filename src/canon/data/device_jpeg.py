@@ -9,10 +9,10 @@ The crops are the papers' (GoogLeNet s6's random area and aspect ratio, or VGG s
 s3.4's random shorter side and a fixed-size crop), drawn by the per-image pipeline's own code
 (canon.data.transforms) from the seed the per-image pipeline gives the sample, in its order: the
 same boxes, colour shifts and reflections as the CPU path, whatever batch a sample falls in.
-Each crop is cut and resized in one step by roi_align (bilinear, averaging several samples per
-output pixel when it shrinks) where the CPU path resizes with antialiasing, so pixels differ
-slightly while the statistics agree (tests/test_data_device_jpeg.py); nvJPEG's inverse DCT and
-chroma upsampling differ from libjpeg-turbo's by a grey level here and there too.
+Each crop is cut and resized as the CPU path does it, with the same antialiased bilinear filter
+(TF.resize), in float: its pixels are the CPU path's but for that path's rounding of a resized
+area crop to uint8 (tests/test_data_device_jpeg.py). nvJPEG's inverse DCT and chroma upsampling
+differ from libjpeg-turbo's by a grey level here and there.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
-from torchvision.ops import roi_align
 
 from canon.data.decoding import jpeg_frame, libjpeg_errors
 from canon.data.folders import FolderImages
+from canon.data.geometry import cut, resize_image
 from canon.data.sampling import sample_seed
 from canon.data.transforms import (
     AreaCropFirst,
@@ -39,17 +39,25 @@ from canon.data.transforms import (
     RescaleShorter,
 )
 
-Box = tuple[float, float, float, float]  # top, left, height, width in the image's pixels
+Window = tuple[int, int, int, int]  # top, left, height, width in pixels
 
 
 @dataclass(frozen=True)
 class Draws:
-    """One image's random choices: its crop box, colour shift alpha (None: no shift) and
-    reflection."""
+    """One image's random choices: its crop, as the window `first` of the image resized to
+    `size` (height, width) and cut to the window `then` of that; its colour shift alpha
+    (None: no shift); its reflection."""
 
-    box: Box
+    first: Window
+    size: tuple[int, int]
+    then: Window
     alpha: torch.Tensor | None
     flip: bool
+
+    def crop(self, image: torch.Tensor) -> torch.Tensor:
+        """The crop of uint8 `image`, in float 0-255."""
+        return cut(resize_image(cut(image, self.first).float(), *self.size, "bilinear"),
+                   self.then)
 
 
 # An h x w image's draws from its own generator.
@@ -190,8 +198,9 @@ def area_draws(crop: RandomAreaCrop, fancy_pca: FancyPCA | None, flip: bool) -> 
     """GoogLeNet s6's pipeline (RandomAreaCrop, colour shift, reflection), in its order."""
 
     def draw(height: int, width: int, generator: torch.Generator) -> Draws:
-        box = tuple(float(value) for value in crop.box(height, width, generator))
-        return Draws(box, _alpha(fancy_pca, generator), _flip(flip, generator))
+        box, whole = crop.box(height, width, generator), (0, 0, crop.size, crop.size)
+        return Draws(box, (crop.size, crop.size), whole, _alpha(fancy_pca, generator),
+                     _flip(flip, generator))
 
     return draw
 
@@ -205,9 +214,8 @@ def scale_draws(rescale: RescaleShorter, crop: RandomCrop, fancy_pca: FancyPCA |
         scaled_h, scaled_w = rescale.target_size(height, width, generator)
         alpha = _alpha(fancy_pca, generator)
         top, left = crop.box(scaled_h, scaled_w, generator)
-        down, across = height / scaled_h, width / scaled_w
-        box = (top * down, left * across, crop.size * down, crop.size * across)
-        return Draws(box, alpha, _flip(flip, generator))
+        return Draws((0, 0, height, width), (scaled_h, scaled_w),
+                     (top, left, crop.size, crop.size), alpha, _flip(flip, generator))
 
     return draw
 
@@ -217,8 +225,8 @@ class DeviceCrops:
     their device. Each image draws from a generator of its own, seeded as
     canon.data.sampling.SeededSamples seeds the per-image pipeline and drawing in its order,
     so its box, colour shift and reflection are the ones the CPU pipeline would take; the
-    crops are cut and resized by roi_align, shifted, normalised by a channel mean (and
-    std) and reflected."""
+    crops are cut and resized as there (Draws.crop), shifted, normalised by a channel mean
+    (and std) and reflected."""
 
     def __init__(self, size: int, draw: DrawFor, mean: torch.Tensor, std: torch.Tensor | None,
                  fancy_pca: FancyPCA | None) -> None:
@@ -237,14 +245,8 @@ class DeviceCrops:
                  set_size: int) -> torch.Tensor:
         device = images[0].device
         chosen = self.draws(images, keys, seed, set_size)
-        rois = torch.tensor([[left, top, left + width, top + height]
-                             for top, left, height, width in (d.box for d in chosen)])
-        rois = rois.to(device, non_blocking=True)
-        crops = torch.cat([
-            roi_align(image[None].float(), [rois[i : i + 1]], output_size=self.size,
-                      sampling_ratio=-1, aligned=True)
-            for i, image in enumerate(images)
-        ]).div_(255)
+        crops = torch.stack([d.crop(image) for d, image in zip(chosen, images, strict=True)]
+                            ).div_(255)
         mean, std, fancy_pca = self._on(device)
         if fancy_pca is not None:
             alpha = torch.stack([d.alpha for d in chosen]).to(device, non_blocking=True)
