@@ -196,7 +196,8 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run directory; default: runs/<recipe>[-N]")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the run already in --output-dir (its files are deleted "
-                        "once the new run has a checkpoint, and put back if it fails before)")
+                        "once the new run has an epoch checkpoint, and put back if it fails "
+                        "before)")
     parser.add_argument(
         "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
         help="override any recipe value (YAML syntax), e.g. --set schedule.warmup_epochs=5",
