@@ -187,11 +187,13 @@ def test_an_over_confident_member_s_prediction_ranks_as_its_logits(images):
     assert all(error in (0.0, None) for error in report.top5_error)
 
 
-def test_ensemble_probabilities_is_the_mean():
-    first, second = torch.tensor([[0.2, 0.8]]), torch.tensor([[0.6, 0.4]])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # evaluate's: float64
+def test_ensemble_probabilities_is_the_mean(dtype):
+    first, second = (torch.tensor([[0.2, 0.8]], dtype=dtype),
+                     torch.tensor([[0.6, 0.4]], dtype=dtype))
     mean = ensemble_probabilities([first, second])
     assert mean.dtype == torch.float64 and torch.allclose(mean.float(), torch.tensor([[0.4, 0.6]]))
-    assert torch.equal(first, torch.tensor([[0.2, 0.8]]))  # inputs untouched
+    assert torch.equal(first, torch.tensor([[0.2, 0.8]], dtype=dtype))  # inputs untouched
     with pytest.raises(ValueError, match="different shapes"):
         ensemble_probabilities([first, torch.ones(2, 2)])
 

@@ -52,7 +52,7 @@ def ensemble_probabilities(probabilities: Iterable[torch.Tensor]) -> torch.Tenso
     total, count = None, 0
     for matrix in probabilities:
         if total is None:
-            total = matrix.double()  # a copy: the caller's matrix stays as it is
+            total = matrix.to(torch.float64, copy=True)  # the caller's stays as it is
         elif matrix.shape != total.shape:
             raise ValueError(f"probability matrices of different shapes: "
                              f"{tuple(total.shape)} and {tuple(matrix.shape)}")
