@@ -268,6 +268,23 @@ def test_an_ensemble_of_two_runs_through_eval_and_predict(trained_run, tmp_path,
     main(["eval", str(trained_run), str(first), "--output", str(output), "--batch-size", "250",
           "--device", "cpu"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ensemble.json"]
+    # Files of a user's named alike are neither deleted nor replaced.
+    mine = {tmp_path / "mine-per-class.csv": b"my notes\n",
+            tmp_path / "mine-confusion.png": b"\x89PNG\r\n\x1a\nmy picture"}
+    for path, content in mine.items():
+        path.write_bytes(content)
+    evaluated = ["eval", str(first), "--output", str(tmp_path / "mine.json"), "--device", "cpu"]
+    main(evaluated)
+    assert all(path.read_bytes() == content for path, content in mine.items())
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main([*evaluated, "--per-class"])
+    assert "mine-per-class.csv exists and is not canon's per-class report" in \
+        capsys.readouterr().err
+    assert all(path.read_bytes() == content for path, content in mine.items())
+    for path in mine:
+        path.unlink()
+    (tmp_path / "mine.json").unlink()
     path = tmp_path / "image.png"
     Image.fromarray(test_images.images[0].permute(1, 2, 0).numpy()).save(path)
     capsys.readouterr()

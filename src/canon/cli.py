@@ -329,6 +329,14 @@ def _is_eval_json(path: Path) -> bool:
     return isinstance(written, dict) and {"protocol", "top1_error"} <= written.keys()
 
 
+def _is_png(path: Path) -> bool:
+    try:
+        with open(path, "rb") as file:
+            return file.read(8) == b"\x89PNG\r\n\x1a\n"
+    except OSError:
+        return False
+
+
 def _is_features_file(path: Path) -> bool:
     from canon.errors import DataError
     from canon.transfer.features import Features
@@ -350,7 +358,12 @@ def _run_eval(args: argparse.Namespace) -> None:
     from canon.engine.trained import load_trained
     from canon.errors import DataError
     from canon.evaluation.ensemble import evaluate_ensemble
-    from canon.evaluation.report import class_report, write_class_errors, write_confusion_png
+    from canon.evaluation.report import (
+        class_report,
+        is_class_report,
+        write_class_errors,
+        write_confusion_png,
+    )
 
     trained = [load_trained(source) for source in args.sources]
     data = anchored_dataset(args.data or trained[0].data.dataset)
@@ -359,6 +372,19 @@ def _run_eval(args: argparse.Namespace) -> None:
     check_output_file(output, "--output", "an evaluation's JSON", _is_eval_json)
     if args.output is None:
         _check_same_data(output, data)
+    stem = output.with_suffix("")
+    per_class, confusion = (stem.with_name(f"{stem.name}-{end}")
+                            for end in ("per-class.csv", "confusion.png"))
+    # An earlier --per-class's report of this output's: canon's CSV, and a PNG beside it or
+    # beside canon's JSON. Replaced, or deleted with a result written without --per-class.
+    earlier_report = is_class_report(per_class) or _is_eval_json(output)
+    if args.per_class:
+        check_output_file(per_class, "--per-class", "canon's per-class report", is_class_report)
+        check_output_file(confusion, "--per-class", "canon's confusion matrix",
+                          lambda path: earlier_report and _is_png(path))
+    stale = [] if args.per_class else [
+        path for path, ours in ((per_class, is_class_report(per_class)),
+                                (confusion, earlier_report and _is_png(confusion))) if ours]
     options = {"batch_size": args.batch_size, "workers": args.workers, "strict": args.strict,
                "progress": True, "keep_probabilities": args.per_class}
     if len(trained) == 1:
@@ -386,12 +412,9 @@ def _run_eval(args: argparse.Namespace) -> None:
     atomic_write(output, lambda path: path.write_text(text),
                  advice="the result is printed above; choose a writable --output")
     print(f"wrote {printable(output)}")
-    stem = output.with_suffix("")
-    per_class, confusion = (stem.with_name(f"{stem.name}-{end}")
-                            for end in ("per-class.csv", "confusion.png"))
     if scores is None:  # an earlier --per-class's, which would go with the new result
-        per_class.unlink(missing_ok=True)
-        confusion.unlink(missing_ok=True)
+        for path in stale:
+            path.unlink(missing_ok=True)
         return
     report = class_report(*scores, trained[0].classes)
     write_class_errors(report, per_class)

@@ -80,6 +80,15 @@ def class_report(
                        confusion_matrix(probabilities, labels))
 
 
+def is_class_report(path: Path) -> bool:
+    """Whether `path` is a per-class CSV that write_class_errors wrote (its header)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as file:
+            return file.readline().rstrip("\r\n") == ",".join(COLUMNS)
+    except OSError:
+        return False
+
+
 def write_class_errors(report: ClassReport, path: Path) -> None:
     """The report's per-class rows as CSV (`.csv`; an empty cell for a class with no image)
     or JSON (`.json`; null), written atomically."""
