@@ -438,6 +438,15 @@ def test_evaluate_counts_every_image_exactly(sample_sets):
         assert (by_set["images"], by_set["top1_error"]) == (1000, by_name["top1_error"])
     with pytest.raises(ConfigError, match="SmallConvNet has no eval_config"):
         evaluate(model, raw, "center")
+    # ... and per a recipe's data section when given, as the dataset's name is
+    config = DataConfig(dataset="sample", crop_size=24, resize_size=28)
+    by_name, by_set, own = (
+        evaluate(resnet, data, "center", data_config=settings, keep_probabilities=True)
+        for data, settings in (("sample", config), (raw, config), (raw, None)))
+    assert torch.equal(by_set["probabilities"], by_name["probabilities"])
+    assert not torch.equal(by_set["probabilities"], own["probabilities"])
+    with pytest.raises(ConfigError, match="scales apply to views made of raw images"):
+        evaluate(model, TensorDataset(images, labels), "center", scales=(64,))
     with pytest.raises(ConfigError, match="batch_size must be at least 1"):
         evaluate(model, val, "center", batch_size=0)
 

@@ -180,9 +180,12 @@ def _center_probabilities(member: EnsembleMember, images: Sequence[torch.Tensor]
 
 
 def _preprocess(member: EnsembleMember, data: object) -> EvalPreprocess | None:
-    """A LabeledImages set needs one to make its views with; for a dataset name or folder,
-    evaluate picks the member's from its data_config or eval_config."""
-    if member.preprocess is None and isinstance(data, LabeledImages):
+    """A LabeledImages set needs one to make its views with: without the member's own or a
+    data_config (from which evaluate makes it, as for a dataset name or folder), its model's
+    eval_config's."""
+    if member.preprocess is None and member.data_config is None and isinstance(
+        data, LabeledImages
+    ):
         return preprocess_for(member.model)
     return member.preprocess
 

@@ -69,12 +69,20 @@ def _validation_images(
         "max_pixels": data_config.max_image_pixels if data_config else MAX_IMAGE_PIXELS,
     }
     val = open_eval_split(str(data), class_ids, **options)
-    if preprocess is not None:
-        return val, preprocess
+    return val, preprocess or _recipe_preprocess(data_config, root_cache, strict) or \
+        preprocess_for(model)
+
+
+def _recipe_preprocess(data_config: DataConfig | None, root_cache: Path | None, strict: bool
+                       ) -> EvalPreprocess | None:
+    """The preprocessing a recipe's data section gives, normalised as in training: by the
+    statistics of the set trained on, not the one tested. None without one."""
     if data_config is None:
-        return val, preprocess_for(model)
-    # Normalised as in training: by the statistics of the set trained on, not the one tested.
-    return val, trained_preprocess(data_config, data_config.dataset, **options)
+        return None
+    return trained_preprocess(data_config, data_config.dataset,
+                              cache=root_cache or canon_cache_dir(), strict=strict,
+                              download=data_config.download,
+                              max_pixels=data_config.max_image_pixels)
 
 
 def evaluate(
@@ -101,9 +109,10 @@ def evaluate(
     trained run's; else per `data_config`, the recipe's data section, with the statistics of
     the training set it names when those are needed; else per the model's eval_config), a
     LabeledImages set with the `preprocess` to make its views with (`sets.val,
-    preprocess=sets.preprocess` of build_datasets; a set without a transform, of raw images,
-    is preprocessed per the model's eval_config when `preprocess` is not given), or any
-    dataset of ready (tensor, label) items (centre protocol only).
+    preprocess=sets.preprocess` of build_datasets; without it, per `data_config` as for a
+    folder, else, for a set without a transform, of raw images, per the model's
+    eval_config), or any dataset of ready (tensor, label) items (centre protocol only; a
+    ConfigError with `scales` or `preprocess`, which it would not use).
     For a name or folder, `class_ids`, the model's classes in its output order
     (LabeledImages.class_ids of the set it was trained on), label the split by class name: it
     may hold some of those classes and no others. Without them the split's own sorted classes
@@ -131,9 +140,15 @@ def evaluate(
             data, data_config, preprocess, model, root_cache, strict, class_ids
         )
         dataset = raw.with_transform(ProtocolViews(parsed, preprocess, tuple(scales)))
-    elif isinstance(data, LabeledImages) and (preprocess is not None or data.transform is None):
-        preprocess = preprocess or preprocess_for(model)  # raw images: the model's own
+    elif isinstance(data, LabeledImages) and (preprocess is not None or data_config is not None
+                                              or data.transform is None):
+        preprocess = (preprocess or _recipe_preprocess(data_config, root_cache, strict)
+                      or preprocess_for(model))  # raw images without either: the model's own
         dataset = data.with_transform(ProtocolViews(parsed, preprocess, tuple(scales)))
+    elif scales or preprocess is not None:
+        raise ConfigError(
+            f"{'scales' if scales else 'preprocess'} apply to views made of raw images: pass "
+            "the data folder, or a LabeledImages set, not a dataset of ready tensors")
     elif parsed.name == "center":
         dataset = data
     else:
