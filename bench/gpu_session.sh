@@ -15,7 +15,9 @@
 #   call 3: carry .devcifar3            `bash bench/gpu_session.sh table6 resnet20compiled`
 #                                                                            timeout_s 400
 # (about 60, 0 and 200 s when they run as expected), and with what is left, or in a later
-# lease, `steps` (420 s of limits) for the H100's training-step figures.
+# lease, `steps` (420 s of limits) for the H100's training-step figures, and `data`: the
+# on-device crops are resized by TF.resize per image since c1352c4 (roi_align before, whose
+# 6,374 img/s of 2026-12-06 no longer holds), and `tests` checks their pixels on the GPU.
 # Parts:
 #   tests     the GPU tests: captured steps (eager and compiled) against uncaptured ones,
 #             nvJPEG crops against the CPU pipeline and beside a queued step, Polyak
