@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
+from torch.utils.serialization import config as serialization
 
 from canon.engine import checkpoint as ckpt
 from canon.engine.rundir import (
@@ -331,26 +332,42 @@ def test_every_unreadable_checkpoint_is_a_data_error_naming_it(tmp_path):
         ckpt.load_checkpoint(in_a_run)
 
 
-def test_a_checkpoint_whose_bytes_changed_is_damaged_not_loaded(tmp_path):
-    """A flipped byte in a weight's record still unpickles (torch.load checks no CRC): the
-    archive's checksums catch it, and resume goes on from the last good checkpoint."""
-    write_run(tmp_path)
-    newest = ckpt.epoch_checkpoint(tmp_path, 2)
-    with zipfile.ZipFile(newest) as archive:
-        record = max(archive.infolist(), key=lambda info: info.file_size)  # a weight
-    whole = bytearray(newest.read_bytes())
+def _flip_a_weight_byte(checkpoint: Path) -> str:
+    """One byte of the largest record (a weight) of `checkpoint` changed; the record's name."""
+    with zipfile.ZipFile(checkpoint) as archive:
+        record = max(archive.infolist(), key=lambda info: info.file_size)
+    whole = bytearray(checkpoint.read_bytes())
     local = record.header_offset  # the record's header: 30 bytes, its name, its extra field
     name_size, extra_size = int.from_bytes(whole[local + 26 : local + 28], "little"), \
         int.from_bytes(whole[local + 28 : local + 30], "little")
     whole[local + 30 + name_size + extra_size + 5] ^= 0x40
-    newest.write_bytes(bytes(whole))
-    with pytest.raises(DataError, match=rf"epoch-002\.pt is damaged: its record {record.filename}"
-                       r" no longer matches the checksum .*given the run folder") as caught:
-        ckpt.load_checkpoint(newest)
-    single_line_error(caught)
-    assert ckpt.load_checkpoint(newest, mmap=True)["epoch"] == 2  # counters alone: not checked
+    checkpoint.write_bytes(bytes(whole))
+    return record.filename
+
+
+def test_a_checkpoint_whose_bytes_changed_is_damaged_not_loaded(tmp_path):
+    """A flipped byte in a weight's record still unpickles (torch.load checks no CRC): the
+    archive's checksums catch it, for the counters read alone too, and resume goes on from
+    the last good checkpoint, also where the damaged one is named. A checkpoint saved without
+    CRCs (torch's compute_crc32 off) loads."""
+    write_run(tmp_path)
+    newest = ckpt.epoch_checkpoint(tmp_path, 2)
+    record = _flip_a_weight_byte(newest)
+    for mmap in (False, True):
+        with pytest.raises(DataError, match=rf"epoch-002\.pt is damaged: its record {record} "
+                           r"no longer matches the checksum .*given the run folder") as caught:
+            ckpt.load_checkpoint(newest, mmap=mmap)
+        single_line_error(caught)
     with pytest.warns(ckpt.CheckpointWarning, match=r"epoch-002\.pt is damaged"):
         assert ckpt.load_for_resume(tmp_path)[0] == ckpt.epoch_checkpoint(tmp_path, 1)
+    stopped = ckpt.interrupted_checkpoint(tmp_path)
+    ckpt.copy_checkpoint(newest, stopped)
+    with pytest.warns(ckpt.CheckpointWarning, match=r"interrupted\.pt is damaged"):
+        loaded, state = ckpt.load_for_resume(stopped)
+    check_continuation(loaded, state, True, tmp_path)  # the newest readable: goes on in place
+    with serialization.patch({"save.compute_crc32": False}):
+        ckpt.save_checkpoint(training_state(3), newest)
+    assert ckpt.load_checkpoint(newest)["epoch"] == 3
 
 
 def test_a_damaged_newest_checkpoint_named_goes_on_from_the_last_good_one_in_place(tmp_path):

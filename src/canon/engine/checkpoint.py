@@ -13,7 +13,6 @@ import shutil
 import subprocess
 import warnings
 import zipfile
-import zlib
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
@@ -79,12 +78,13 @@ def copy_checkpoint(source: Path, target: Path) -> None:
 
 def load_checkpoint(path: str | Path, *, mmap: bool = False) -> dict[str, Any]:
     """Read a checkpoint on the CPU; DataError naming the file if it is missing, unreadable
-    (truncated, random bytes) or not a canon training checkpoint (a key missing). `mmap`
-    leaves the tensors in the file until they are used: for reading a checkpoint's counters."""
+    (truncated, random bytes, bytes that fail their CRC) or not a canon training checkpoint
+    (a key missing). `mmap` leaves the tensors in the file until they are used: for reading a
+    checkpoint's counters (the CRCs are still checked: a damaged file is passed over alike)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"checkpoint {path} does not exist")
-    damaged = None if mmap else _damaged_record(path)
+    damaged = _damaged_record(path)
     if damaged is not None:
         raise DataError(f"{path} is damaged: its record {damaged} no longer matches the checksum "
                         "saved with it (a disk or copy error changed its bytes)"
@@ -124,12 +124,22 @@ def _unreadable_checkpoint(path: Path, error: Exception) -> DataError:
 def _damaged_record(path: Path) -> str | None:
     """The first record of torch.save's zip archive whose bytes fail the CRC-32 saved with
     them, which torch.load does not check (a flipped bit in a tensor loads as a wrong weight);
-    None where all pass, or where the file is no zip archive (torch.load's error says why)."""
+    None where all pass, or where the archive cannot be read that far (torch.load's error
+    then says why). Records saved without a CRC (torch's compute_crc32 off: 0) pass."""
     try:
         with zipfile.ZipFile(path) as archive:
-            return archive.testzip()
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError):
+            for record in archive.infolist():
+                if record.CRC == 0:
+                    continue
+                try:
+                    with archive.open(record) as data:
+                        while data.read(1 << 20):
+                            pass
+                except zipfile.BadZipFile:  # its bytes fail the CRC
+                    return record.filename
+    except Exception:  # a damaged header: torch.load says what it makes of it
         return None
+    return None
 
 
 def _run_folder_hint(path: Path) -> str:
