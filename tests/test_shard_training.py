@@ -290,3 +290,15 @@ def test_ranks_reading_shards_with_other_worker_counts_step_alike(packed, tmp_pa
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "1 epoch(s) of 2 steps" in done.stdout
     assert [row["step"] for row in _metrics(tmp_path / "run")] == ["2"]
+    # Resumed for a second epoch, each rank with its own workers again, as each dealt its own.
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(worker), "train", "--resume", str(tmp_path / "run"), "--device", "cpu",
+         "--set", "train.epochs=2"],
+        env={**os.environ, "CANON_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=240,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert [row["step"] for row in _metrics(tmp_path / "run")] == ["2", "4"]
+    state = ckpt.load_checkpoint(ckpt.epoch_checkpoint(tmp_path / "run", 2))
+    assert state["loader_workers"] == [0, 3]

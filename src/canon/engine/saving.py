@@ -78,7 +78,8 @@ def snapshot(run: Run) -> dict[str, Any]:
     NonFiniteError if the weights are not finite."""
     check_weights(run)
     per_rank = dist.all_gather_object(
-        {"rng": ckpt.capture_rng_state(), "totals": _plain(run.totals)}, run.ctx
+        {"rng": ckpt.capture_rng_state(), "totals": _plain(run.totals),
+         "workers": loader_workers(run.recipe.train)}, run.ctx
     )
     return {
         "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
@@ -90,7 +91,8 @@ def snapshot(run: Run) -> dict[str, Any]:
         "rng": [rank["rng"] for rank in per_rank],
         "metrics": list(run.metrics), "recipe": run.recipe.to_dict(), "commit": run.commit,
         "train_size": run.train_size,
-        "loader_workers": loader_workers(run.recipe.train),  # they deal a shard folder's stream
+        # Each rank's (each machine picks them for its cores): they deal a shard stream.
+        "loader_workers": [rank["workers"] for rank in per_rank],
         "train_shards": (run.train_order.layout() if isinstance(run.train_order, ShardImages)
                          else None),
         "model_name": run.recipe.model.name, "model_options": run.model.build_options(),

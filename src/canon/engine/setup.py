@@ -532,8 +532,9 @@ def _check_same_shard_stream(run: Run, state: dict[str, Any]) -> None:
             "Resume on the pack it trained on, or start a new run from its weights with "
             "--init-from")
     config = run.recipe.train
-    ranks, batch, workers = (len(state["rng"]), state["recipe"]["train"]["batch_size"],
-                             state["loader_workers"])
+    saved = state["loader_workers"]  # each rank's; rank 0's alone before canon kept them all
+    workers = saved[min(run.ctx.rank, len(saved) - 1)] if isinstance(saved, list) else saved
+    ranks, batch = len(state["rng"]), state["recipe"]["train"]["batch_size"]
     now_workers = loader_workers(config)
     # No worker process reads as one: the stream is dealt to max(workers, 1) parts.
     if (ranks, batch, max(workers, 1)) != (run.ctx.world_size, config.batch_size,
