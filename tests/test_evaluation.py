@@ -445,7 +445,7 @@ def test_evaluate_counts_every_image_exactly(sample_sets):
         for data, settings in (("sample", config), (raw, config), (raw, None)))
     assert torch.equal(by_set["probabilities"], by_name["probabilities"])
     assert not torch.equal(by_set["probabilities"], own["probabilities"])
-    with pytest.raises(ConfigError, match="scales apply to views made of raw images"):
+    with pytest.raises(ConfigError, match="scales apply to the views made of raw images"):
         evaluate(model, TensorDataset(images, labels), "center", scales=(64,))
     with pytest.raises(ConfigError, match="batch_size must be at least 1"):
         evaluate(model, val, "center", batch_size=0)

@@ -55,7 +55,9 @@ class Draws:
     flip: bool
 
     def crop(self, image: torch.Tensor) -> torch.Tensor:
-        """The crop of uint8 `image`, in float 0-255."""
+        """The crop of uint8 `image`, in float 0-255. A scale-jittered crop resizes the whole
+        image, where the CPU path resamples the window alone (resample_window): on a GPU one
+        resize kernel per image costs less than that function's launch per filter tap."""
         return cut(resize_image(cut(image, self.first).float(), *self.size, "bilinear"),
                    self.then)
 

@@ -33,9 +33,10 @@ from canon.evaluation.protocols import (
 class EnsembleMember:
     """One net of an ensemble and what its inputs need (canon.engine's TrainedModel has it all).
 
-    `preprocess` None: for evaluation, per `data_config` (from the statistics of its training
-    split) or else the model's eval_config, as canon.evaluation.evaluate decides; for
-    prediction and for a LabeledImages set, the model's eval_config."""
+    `preprocess` None: for evaluation (a dataset name, folder or LabeledImages set), per
+    `data_config` (from the statistics of its training split) or else the model's
+    eval_config, as canon.evaluation.evaluate decides; for prediction, the model's
+    eval_config."""
 
     name: str  # how results and errors call it, e.g. its run directory
     model: nn.Module

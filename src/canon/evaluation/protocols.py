@@ -112,7 +112,7 @@ def evaluate(
     preprocess=sets.preprocess` of build_datasets; without it, per `data_config` as for a
     folder, else, for a set without a transform, of raw images, per the model's
     eval_config), or any dataset of ready (tensor, label) items (centre protocol only; a
-    ConfigError with `scales` or `preprocess`, which it would not use).
+    ConfigError with `scales`, which it would not use).
     For a name or folder, `class_ids`, the model's classes in its output order
     (LabeledImages.class_ids of the set it was trained on), label the split by class name: it
     may hold some of those classes and no others. Without them the split's own sorted classes
@@ -145,10 +145,11 @@ def evaluate(
         preprocess = (preprocess or _recipe_preprocess(data_config, root_cache, strict)
                       or preprocess_for(model))  # raw images without either: the model's own
         dataset = data.with_transform(ProtocolViews(parsed, preprocess, tuple(scales)))
-    elif scales or preprocess is not None:
+    elif scales:
         raise ConfigError(
-            f"{'scales' if scales else 'preprocess'} apply to views made of raw images: pass "
-            "the data folder, or a LabeledImages set, not a dataset of ready tensors")
+            "scales apply to the views made of raw images: pass the data folder, or a "
+            "LabeledImages set (with preprocess= or data_config= where it has a transform "
+            "already), not ready tensors")
     elif parsed.name == "center":
         dataset = data
     else:
