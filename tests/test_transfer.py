@@ -33,7 +33,7 @@ from canon.errors import ConfigError, DataError
 from canon.recipes.schema import OptimizerSection, ScheduleSection
 from canon.transfer.features import Features, extract_features, features_fingerprint
 from canon.transfer.probe import fit_logistic_regression, train_linear_probe
-from canon.transfer.runs import linear_probe, transfer
+from canon.transfer.runs import finetune_recipe, linear_probe, transfer
 
 SOURCE_CLASSES, TARGET_CLASSES = range(5), range(5, 10)
 
@@ -86,8 +86,8 @@ def test_a_trained_backbone_transfers_better_than_a_random_one(
     """The linear probe on features learnt from five CIFAR classes beats the probe on a randomly
     initialised ResNet-20 for the other five; the backbone stays bit-identical."""
     monkeypatch.chdir(folders[1].parent)  # a relative --data is recorded as the folder it is
-    trained_probe = linear_probe(str(source_run), folders[1].name, tmp_path / "trained",
-                                 device="cpu", progress=False)
+    trained_probe = linear_probe(os.path.relpath(source_run), folders[1].name,
+                                 tmp_path / "trained", device="cpu", progress=False)
     canon.train(canon.load_recipe("quickstart", [
         f"data.dataset={folders[0]}", "train.iterations=1", "optimizer.lr=1e-12",
     ]), tmp_path / "random", device="cpu", progress=False)
@@ -98,6 +98,7 @@ def test_a_trained_backbone_transfers_better_than_a_random_one(
     chance = json.loads((random_probe / "probe.json").read_text())
     assert learnt["val_images"] == chance["val_images"] == 500
     assert learnt["data"] == str(folders[1].resolve())
+    assert learnt["source"] == str(source_run / "model.safetensors")  # where it is, not relative
     assert learnt["top1_error"] < chance["top1_error"] - 5, (learnt, chance)
 
     before = canon.load_trained(source_run).model.state_dict()
@@ -309,6 +310,21 @@ def test_a_source_s_normalisation_is_read_from_any_of_its_files(source_run, tmp_
     with pytest.raises(DataError, match=rf"readable from {tmp_path}/normalization.safetensors "
                                         r".*set data.normalization_from to null"):
         stored_normalization(tmp_path)
+
+
+def test_fine_tuning_normalises_as_its_source_unless_told_otherwise(source_run, folders):
+    """By the source's stored statistics, not the target's; a --set of the normalisation
+    holds (it was recorded in recipe.yaml yet the stored statistics used)."""
+    trained, target = canon.load_trained(source_run), str(folders[1])
+    recipe = finetune_recipe(trained, str(source_run), target)
+    assert recipe.data.normalization_from == str((source_run / "model.safetensors").resolve())
+    assert (trained.data.mean, trained.data.divide_std) == ("channel", True)
+    for told in (["data.mean=imagenet"], ["data.divide_std=false", "data.pixel_scale=255"],
+                 ["data.normalization_from=null"]):
+        recipe = finetune_recipe(trained, str(source_run), target, told)
+        assert recipe.data.normalization_from is None, told
+    assert finetune_recipe(trained, str(source_run), target, ["data.mean=imagenet"]
+                           ).data.mean == "imagenet"
 
 
 def test_a_resume_reads_the_normalisation_it_started_with_from_its_checkpoint(monkeypatch):

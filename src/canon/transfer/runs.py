@@ -20,7 +20,7 @@ from canon.data.normalize import PUBLISHED
 from canon.engine.checkpoint import export_model, model_info
 from canon.engine.distributed import resolve_device
 from canon.engine.rundir import PROBE_REPORT, check_source_outside, claim_run_dir
-from canon.engine.trained import TrainedModel, load_trained
+from canon.engine.trained import TORCHVISION, TrainedModel, load_trained
 from canon.engine.trainer import TrainResult, train
 from canon.errors import ConfigError, DataError
 from canon.files import atomic_write, make_folder
@@ -94,7 +94,7 @@ def linear_probe(
             model.classifier.weight.copy_(result.classifier.weight)
             model.classifier.bias.copy_(result.classifier.bias)
         report = {
-            "source": str(trained.source), "mode": "linear-probe", "data": data,
+            "source": _recorded(trained.source), "mode": "linear-probe", "data": data,
             "train_images": len(train_set.labels), "val_images": len(val_set.labels),
             "l2": result.l2, "l2_search": result.search, **errors,
             "seconds": time.perf_counter() - started,
@@ -119,24 +119,37 @@ def finetune(
                  overwrite=overwrite, device=device, progress=progress)
 
 
+def _recorded(source: Path) -> str:
+    """A source as a report records it: its absolute path (the report may be read from
+    elsewhere, as the data's is), or torchvision:NAME."""
+    return str(source) if str(source).startswith(TORCHVISION) else str(source.resolve())
+
+
 def finetune_recipe(
     trained: TrainedModel, source: str, data: str, overrides: Sequence[str] = ()
 ) -> Recipe:
     """The source's network, data section and weights on `data`. Inputs are normalised as the
     source's were: by its published constants, or by the statistics of the set it trained on,
-    read from the source (data.normalization_from), not computed anew on `data`."""
-    data_section = {**plain(trained.data), "dataset": data, "val_split": 0}
-    if trained.data.mean not in PUBLISHED and trained.stores_normalization:
-        data_section["normalization_from"] = str(trained.source.resolve())
+    read from the source (data.normalization_from), not computed anew on `data`; unless
+    `overrides` change data.mean, divide_std or pixel_scale (then they hold, by statistics of
+    `data` where they need them) or set data.normalization_from themselves."""
+    stored = (str(trained.source.resolve())
+              if trained.data.mean not in PUBLISHED and trained.stores_normalization else None)
     values = {
         "name": f"finetune-{trained.name}", "source": f"fine-tuned from {trained.source}",
         "description": f"{trained.name} fine-tuned on {data} from {trained.source}",
         "model": {"name": trained.name, "init_from": source,
                   "options": trained.model.build_options()},
-        "data": data_section,
+        "data": {**plain(trained.data), "dataset": data, "val_split": 0,
+                 **({"normalization_from": stored} if stored else {})},
         **FINETUNE_DEFAULTS,
     }
-    return apply_overrides(Recipe.from_dict(values, "fine-tuning recipe"), overrides)
+    recipe = apply_overrides(Recipe.from_dict(values, "fine-tuning recipe"), overrides)
+    changed = any(getattr(recipe.data, key) != getattr(trained.data, key)
+                  for key in ("mean", "divide_std", "pixel_scale"))
+    if changed and stored is not None and recipe.data.normalization_from == stored:
+        recipe = apply_overrides(recipe, [("data.normalization_from", None)])
+    return recipe
 
 
 def _cached_features(
