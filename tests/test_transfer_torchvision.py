@@ -18,6 +18,7 @@ from canon.engine.checkpoint import export_model, model_info
 from canon.engine.setup import build_model
 from canon.engine.trained import load_trained
 from canon.errors import ConfigError, DataError
+from canon.evaluation.protocols import preprocess_for
 from canon.models.base import IMAGENET_MEAN, IMAGENET_STD
 from canon.models.factory import list_models
 from canon.transfer import torchvision as transfer
@@ -169,8 +170,11 @@ def test_imagenet_wnids_in_class_index_order() -> None:
         "tench", "English springer", "parachute")
 
 
-def test_load_torchvision(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Everything but the download: torchvision's builder returns random weights here."""
+@pytest.fixture
+def offline_torchvision(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+                        ) -> tuple[list, dict]:
+    """Everything but the download: torchvision's builder returns random weights here, and
+    each fetch (url, destination, algorithm, published hash) and build are recorded."""
     built, build = {}, tvm.get_model
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     fetched = []
@@ -186,6 +190,11 @@ def test_load_torchvision(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> No
 
     monkeypatch.setattr(transfer.tvm, "get_model", get_model)
     monkeypatch.setattr(transfer, "download", download)
+    return fetched, built
+
+
+def test_load_torchvision(offline_torchvision: tuple[list, dict], tmp_path: Path) -> None:
+    fetched, built = offline_torchvision
     loaded = transfer.load_torchvision("resnet18")
     url = tvm.ResNet18_Weights.IMAGENET1K_V1.url
     # to torch.hub's cache, checked against the sha256 prefix its name carries
@@ -199,6 +208,16 @@ def test_load_torchvision(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> No
     assert loaded.classes[0] == "tench" and loaded.class_ids[0] == "n01440764"
     assert len(loaded.classes) == len(loaded.class_ids) == 1000
     assert (loaded.preprocess.crop_size, loaded.preprocess.resize_size) == (224, 256)
+
+
+def test_torchvision_weights_are_evaluated_with_their_own_preprocessing(
+    offline_torchvision: tuple[list, dict]
+) -> None:
+    """canon.evaluate(model, ...) without preprocess= takes the weights' constants, as the
+    CLI does (GoogLeNet's 0.5 mean, not its class's ImageNet one)."""
+    trained = load_trained("torchvision:googlenet")
+    assert preprocess_for(trained.model) is trained.preprocess
+    assert trained.preprocess.normalize.mean.flatten().tolist() == [0.5, 0.5, 0.5]
 
 
 def test_weights_that_cannot_be_fetched_or_read_are_named(

@@ -140,6 +140,7 @@ def _load_torchvision(source: str) -> TrainedModel:
         # the constants the weights were trained with, which fine-tuning keeps
         mean=published_mean(preprocess.normalize) or "channel", divide_std=True,
     )
+    loaded.model.run_preprocess = preprocess  # what canon.evaluate(model, ...) takes
     return TrainedModel(loaded.model, loaded.classes, loaded.class_ids, preprocess, data,
                         Path(source), loaded.model_name)
 
