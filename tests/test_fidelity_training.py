@@ -135,7 +135,7 @@ def test_googlenet_uses_polyak_averaging_not_an_ema():
     assert train.polyak_after_epochs < train.epochs
 
 
-def test_no_cifar_recipe_chooses_a_checkpoint_on_the_test_set():
+def test_no_cifar_recipe_chooses_a_checkpoint_on_the_test_set(tmp_path):
     cifar = [name for name in list_recipes()
              if load_recipe(name).data.dataset in ("cifar10", "cifar100", "sample")]
     assert "resnet110-cifar10" in cifar and "quickstart" in cifar
@@ -145,3 +145,9 @@ def test_no_cifar_recipe_chooses_a_checkpoint_on_the_test_set():
         assert not validates_on_test_split(held_out), name  # s4.2's 45k/5k split for tuning
     assert not validates_on_test_split(load_recipe("resnet50").data)  # ImageNet's val/
     assert not validates_on_test_split(DataConfig(dataset="/data/imagenet"))
+    # An image folder's test/, where it has no val/, is a test set too.
+    for split in ("train", "test"):
+        (tmp_path / split / "cat").mkdir(parents=True)
+    assert validates_on_test_split(DataConfig(dataset=str(tmp_path)))
+    (tmp_path / "val" / "cat").mkdir(parents=True)  # preferred to test/
+    assert not validates_on_test_split(DataConfig(dataset=str(tmp_path)))

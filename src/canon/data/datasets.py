@@ -27,6 +27,7 @@ from canon.data.folders import (
     open_eval_folder,
     open_image_folder,
     open_train_folder,
+    split_folder,
 )
 from canon.data.labeled import ArrayImages, ImageSubset, LabeledImages
 from canon.data.shard_index import is_shard_folder, read_index
@@ -205,12 +206,16 @@ def recorded_differences(
 def validates_on_test_split(data: DataConfig) -> bool:
     """True when the validation images are the dataset's test split: CIFAR and the bundled
     sample have no validation split, so without data.val_split canon validates on their test
-    images. An image folder's val/ is a validation set (ImageNet's, which the papers report
-    on, its test labels being unpublished)."""
+    images, as on an image folder's test/ where it has no val/ (nor validation/, valid/). An
+    image folder's val/ is a validation set (ImageNet's, which the papers report on, its test
+    labels being unpublished)."""
     if data.val_split:
         return False
     name = data.dataset
-    return _canon_named(name) or find_cifar(Path(name).expanduser()) is not None
+    if _canon_named(name) or find_cifar(Path(name).expanduser()) is not None:
+        return True
+    evaluated = split_folder(Path(name).expanduser(), "val")
+    return evaluated is not None and evaluated.name == "test"
 
 
 def _source(

@@ -328,10 +328,10 @@ def open_image_folder(
     root: Path, *, strict: bool = False, max_pixels: int = MAX_IMAGE_PIXELS
 ) -> tuple[FolderImages, FolderImages]:
     """Train and val trees of an ImageNet-layout root; their class sets must match."""
-    folders = {split: _split_folder(root, split) for split in SPLIT_NAMES}
+    folders = {split: split_folder(root, split) for split in SPLIT_NAMES}
     for split, folder in folders.items():
         if folder is None:  # a run without a validation folder can hold some images out
-            raise _no_split_folder(root, split, "; or train on train/ alone, holding "
+            raise _nosplit_folder(root, split, "; or train on train/ alone, holding "
                                    "data.val_split=N of its images out to validate on"
                                    if split == "val" else "")
     train = open_train_folder(root, strict=strict, max_pixels=max_pixels)
@@ -345,9 +345,9 @@ def open_train_folder(
     root: Path, *, strict: bool = False, max_pixels: int = MAX_IMAGE_PIXELS
 ) -> FolderImages:
     """The train tree of an ImageNet-layout root alone (no val/ needed)."""
-    folder = _split_folder(root, "train")
+    folder = split_folder(root, "train")
     if folder is None:
-        raise _no_split_folder(root, "train")
+        raise _nosplit_folder(root, "train")
     return FolderImages(folder, strict=strict, max_pixels=max_pixels)
 
 
@@ -360,9 +360,9 @@ def open_eval_folder(
 ) -> FolderImages:
     """The evaluation split of a folder (see canon.data.datasets.open_eval_split): its first
     SPLIT_NAMES["val"] subfolder, else the folder itself when it has no train/ either."""
-    folder = _split_folder(root, "val")
-    if folder is None and _split_folder(root, "train") is not None:
-        raise _no_split_folder(root, "val")
+    folder = split_folder(root, "val")
+    if folder is None and split_folder(root, "train") is not None:
+        raise _nosplit_folder(root, "val")
     return FolderImages(
         folder or root, class_ids=class_ids, require_all=False, strict=strict,
         max_pixels=max_pixels,
@@ -375,14 +375,14 @@ def _name_bytes(text: str) -> bytes:
     return text.encode("utf-8", "surrogateescape")
 
 
-def _split_folder(root: Path, split: str) -> Path | None:
+def split_folder(root: Path, split: str) -> Path | None:
     """The first of SPLIT_NAMES[split] that `root` holds."""
     return next((root / name for name in SPLIT_NAMES[split] if (root / name).is_dir()), None)
 
 
-def _no_split_folder(root: Path, split: str, alternative: str = "") -> DataError:
+def _nosplit_folder(root: Path, split: str, alternative: str = "") -> DataError:
     parent_split = next((name for names in SPLIT_NAMES.values() for name in names
-                         if root.name == name and _split_folder(root.parent, split)), None)
+                         if root.name == name and split_folder(root.parent, split)), None)
     hint = (f"; {root} is itself the {parent_split}/ split of {root.parent}: give that folder"
             if parent_split else "")
     return DataError(
