@@ -145,8 +145,8 @@ def degradation(records: list[RunRecord], context: Context) -> Outcome:
             figure.subplots(1, 2, sharey=True),
             (("plain", "plain nets", "higher training error than the shallower {}, by more "
               "than the noise"),
-             ("resnet", "ResNets", "lower training error than the shallower {}, or one within "
-              "the noise of it")),
+             ("resnet", "ResNets", "lower training error than the shallower {}, by more "
+              "than the noise")),
             strict=True):
         group = sorted((r for r in records if _family(r) == family), key=_depth)
         panels.append((axes, nets, group, run_series([r.run.run_dir for r in group],
@@ -156,7 +156,7 @@ def degradation(records: list[RunRecord], context: Context) -> Outcome:
         noise = counting_noise((deep.train_error, deep.train_images),
                                (shallow.train_error, shallow.train_images))
         # A run logged before canon counted its steps leaves the noise unknown: not judged.
-        held = noise is not None and (gap > noise if family == "plain" else gap <= noise)
+        held = noise is not None and (gap if family == "plain" else -gap) > noise
         findings.append(Finding(
             f"{nets}: the deeper {_label(deep)} ends with {claim.format(_label(shallow))}",
             held,
@@ -268,11 +268,11 @@ def responses(records: list[RunRecord], context: Context) -> Outcome:
               "the paper's at 1, so part of the gap is that start)" if zero_started else "")
     findings = [
         Finding("each ResNet's layers respond more weakly than the plain net's of its depth",
-                all(mean_std[res] < mean_std[p] for p, res in pairs),
+                bool(pairs) and all(mean_std[res] < mean_std[p] for p, res in pairs),
                 ", ".join(f"{res} {mean_std[res]:.3f} against {p} {mean_std[p]:.3f}"
                           for p, res in pairs) + caveat),
         Finding(f"the deeper {deep}'s layers respond more weakly than {shallow}'s",
-                mean_std[deep] <= mean_std[shallow],
+                mean_std[deep] < mean_std[shallow],
                 f"mean std {deep} {mean_std[deep]:.3f}, {shallow} {mean_std[shallow]:.3f}"),
     ]
     return Outcome(table, findings, [Path(result["png"])],
