@@ -147,9 +147,30 @@ def test_wrong_types_and_values_are_named(tmp_path):
     with pytest.raises(ConfigError, match=r"got the string 'train.epochs=2': pass \["):
         load_recipe("quickstart", "train.epochs=2")
     for setting, key in (("schedule.max_reductions=-1", "max_reductions"),
-                         ("schedule.threshold=-0.5", "threshold")):
+                         ("schedule.threshold=-0.5", "threshold"),
+                         ("schedule.min_lr=-1", "min_lr")):
         with pytest.raises(ConfigError, match=rf"schedule\.{key} must be >= 0"):
             load_recipe("alexnet", [setting])
+    # found by a review: each was accepted, or a raw traceback
+    with pytest.raises(ConfigError, match=r"min_lr 0\.5 is above optimizer\.lr 0\.1: a cosine"):
+        load_recipe("quickstart", ["schedule.min_lr=0.5"])
+    for milestones in ("[10, 10]", "[0, 10]", "[-5, 10]"):
+        with pytest.raises(ConfigError, match=r"milestones must be increasing and positive"):
+            load_recipe("quickstart", ["schedule.kind=multistep",
+                                       f"schedule.milestones={milestones}"])
+    with pytest.raises(ConfigError, match=r"name must be letters, .* got '/tmp/elsewhere'"):
+        load_recipe("quickstart", ["name=/tmp/elsewhere"])  # the run's folder would be there
+    with pytest.raises(ConfigError, match=r"train\.epochs 3 would count for nothing: "
+                       r"resnet20-cifar10 runs train\.iterations 64000"):
+        load_recipe("resnet20-cifar10", ["train.epochs=3"])
+    assert load_recipe("resnet20-cifar10", ["train.epochs=3", "train.iterations=null"]
+                       ).train.epochs == 3
+    path.write_text("base: quickstart\nname: mixed\n1: a\nfoo: b\n")  # keys of two types
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown recipe key\(s\) \[1, 'foo'\]"):
+        load_recipe(path)
+    path.write_text("base: quickstart\ntrain: 0\n")  # not a section left empty
+    with pytest.raises(ConfigError, match=r"bad.yaml: train must be a mapping"):
+        load_recipe(path)
 
 
 def test_a_recipe_file_can_start_from_a_bundled_base(tmp_path):
@@ -162,6 +183,11 @@ def test_a_recipe_file_can_start_from_a_bundled_base(tmp_path):
     mine = load_recipe(tmp_path / "mine.yaml")
     bundled = load_recipe("resnet56-cifar10")
     assert (mine.model, mine.schedule, mine.train.seed) == (bundled.model, bundled.schedule, 3)
+    (tmp_path / "loop").mkdir()  # bases named by relative paths that loop
+    (tmp_path / "loop" / "a.yaml").write_text("base: ../loop/b\n")
+    (tmp_path / "loop" / "b.yaml").write_text("base: ../loop/a\n")
+    with pytest.raises(ConfigError, match=r"a.yaml: `base:` chain loops: a.yaml -> b.yaml"):
+        load_recipe(tmp_path / "loop" / "a.yaml")
     (tmp_path / "lost.yaml").write_text("base: resnet57\n")
     with pytest.raises(ConfigError, match=r"lost.yaml: base recipe 'resnet57' is neither beside"):
         load_recipe(tmp_path / "lost.yaml")

@@ -21,7 +21,7 @@ def build_dataclass(cls: type[Settings], values: Any, where: str) -> Settings:
     if not isinstance(values, dict):
         raise ConfigError(f"{where} must be a mapping of keys to values, got {values!r}")
     names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(values) - set(names))
+    unknown = sorted(set(values) - set(names), key=str)  # YAML keys may be numbers too
     if unknown:
         full = "" if where == "recipe" else f" ({', '.join(f'{where}.{k}' for k in unknown)})"
         raise ConfigError(
@@ -37,8 +37,9 @@ def build_dataclass(cls: type[Settings], values: Any, where: str) -> Settings:
                 raise ConfigError(f"{where} lacks the required key {key}")
             continue
         value = values[field.name]
-        if dataclasses.is_dataclass(hints[field.name]):
-            kwargs[field.name] = build_dataclass(hints[field.name], value or {}, key)
+        if dataclasses.is_dataclass(hints[field.name]):  # a section left empty: null alone
+            kwargs[field.name] = build_dataclass(hints[field.name],
+                                                 {} if value is None else value, key)
         else:
             kwargs[field.name] = _coerce(value, hints[field.name], key)
     return cls(**kwargs)

@@ -142,6 +142,7 @@ def _base_path(path: Path, base: str) -> Path:
 
 def _raw_recipe(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """The file's mapping with its `base:` chain resolved (_base_path)."""
+    path = path.resolve()  # `base: ../r/b` names the file b.yaml does, however it is written
     if path in seen:
         raise ConfigError(f"{path.name}: `base:` chain loops: {' -> '.join(p.name for p in seen)}")
     values = read_yaml_mapping(path)
@@ -198,14 +199,14 @@ def apply_overrides(recipe: Recipe, overrides: Iterable[str | tuple[str, Any]]) 
     if isinstance(overrides, str):  # its characters would be taken for overrides one by one
         raise ConfigError(f"overrides must be a list of 'section.key=value' strings, got the "
                           f"string {overrides!r}: pass [{overrides!r}]")
-    values, schedule_keys = recipe.to_dict(), set()
+    values, keys_set = recipe.to_dict(), {"schedule": set(), "train": set()}
     for override in overrides:
         if isinstance(override, str):
             text, (path, value) = override, _parse_override(override)
         else:
             text, path, value = f"{override[0]}={override[1]}", override[0].split("."), override[1]
-        if path[0] == "schedule":
-            schedule_keys |= set(path[1:2]) or set(value if isinstance(value, dict) else ())
+        if path[0] in keys_set:
+            keys_set[path[0]] |= set(path[1:2]) or set(value if isinstance(value, dict) else ())
         target = values
         for depth, part in enumerate(path):
             section = ".".join(path[:depth]) or None
@@ -225,8 +226,13 @@ def apply_overrides(recipe: Recipe, overrides: Iterable[str | tuple[str, Any]]) 
                 if not isinstance(target, dict):
                     raise ConfigError(f"--set {text!r}: {part} is a value, not a section")
     result = Recipe.from_dict(values, where=f"{recipe.name} with the overrides (flags, --set)")
+    if {"epochs"} <= keys_set["train"] - {"iterations"} and result.train.iterations is not None:
+        raise ConfigError(
+            f"train.epochs {result.train.epochs} would count for nothing: {recipe.name} runs "
+            f"train.iterations {result.train.iterations}, which takes precedence; set "
+            "train.iterations=null too (canon train --epochs does)")
     kind = result.schedule.kind
-    for key in sorted(schedule_keys):
+    for key in sorted(keys_set["schedule"]):
         if kind not in SCHEDULE_KIND_KEYS.get(key, (kind,)):
             warnings.warn(f"--set schedule.{key}: a {kind} schedule does not read it (only "
                           f"{', '.join(SCHEDULE_KIND_KEYS[key])}); set schedule.kind too, or "

@@ -183,9 +183,10 @@ class ScheduleSection:
         _check(self.max_reductions is None or self.max_reductions >= 0,
                "schedule.max_reductions must be >= 0 (or null: no limit)")
         _check(
-            list(self.milestones) == sorted(self.milestones),
-            f"schedule.milestones must be increasing, got {list(self.milestones)}",
+            all(a < b for a, b in zip((0, *self.milestones), self.milestones, strict=False)),
+            f"schedule.milestones must be increasing and positive, got {list(self.milestones)}",
         )
+        _check(self.min_lr >= 0, f"schedule.min_lr must be >= 0, got {self.min_lr}")
         _check(self.warmup_epochs >= 0 and self.warmup_iterations >= 0, "warmup must be >= 0")
         _check(
             0 <= self.warmup_start_factor <= 1,
@@ -331,6 +332,16 @@ class Recipe:
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
     train: TrainSection = field(default_factory=TrainSection)
     reported: ReportedSection = field(default_factory=ReportedSection)
+
+    def __post_init__(self) -> None:
+        # It names the run's folder (runs/NAME): a path there would write elsewhere.
+        _check(re.fullmatch(r"[A-Za-z0-9._-]+", self.name) is not None
+               and self.name not in (".", ".."),
+               f"name must be letters, digits, '.', '_' or '-' (it names the run's folder), "
+               f"got {self.name!r}")
+        _check(self.schedule.min_lr <= self.optimizer.lr,
+               f"schedule.min_lr {self.schedule.min_lr} is above optimizer.lr "
+               f"{self.optimizer.lr}: a cosine schedule would rise to it, not decay")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML/JSON-able values (tuples become lists); `from_dict` inverts it."""
