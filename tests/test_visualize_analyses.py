@@ -138,6 +138,10 @@ def test_occlusion_on_a_trained_run_names_its_last_stage(
     assert all(0 <= p <= 1 for row in result["maps"]["probability"] for p in row)
     assert Path(result["json"]).is_file()
     assert_picture(result["png"], 1200, 300, levels=50)
+    for size, stride in ((0, 8), (8, 0)):  # not the defaults in their place
+        with pytest.raises(ConfigError, match=rf"got size {size}, stride {stride}"):
+            occlusion(checkpoint, sample_images[0], tmp_path / "zero", size=size,
+                      stride=stride, device="cpu")
 
 
 def test_response_stds_match_hooks_on_every_3x3_bn(tmp_path) -> None:

@@ -1,7 +1,9 @@
 """What the first layer learned and what a layer makes of one image: the first convolution's
-kernels as a grid, each contrast-normalised on its own (Krizhevsky et al. 2012, Fig. 3: 96
-kernels, the two towers' halves in rows 1-3 and 4-6 of a 16-wide grid; Zeiler & Fergus 2013,
-Fig. 6), and a layer's feature maps for one image."""
+kernels as a grid (the layout of Krizhevsky et al. 2012, Fig. 3: 96 kernels, the two towers'
+halves in rows 1-3 and 4-6 of a 16-wide grid; Zeiler & Fergus 2013, Fig. 6), each
+contrast-normalised on its own, canon's choice, which the papers do not state (one scale for
+all would show how strong each kernel is; this shows each one's pattern), and a layer's
+feature maps for one image."""
 
 from __future__ import annotations
 

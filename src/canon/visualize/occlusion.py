@@ -78,8 +78,10 @@ def occlusion(
     raw = read_image(trained, image)
     crop = center_transform(trained.preprocess)(raw)
     side = crop.shape[-1]
-    size = size or max(1, round(PAPER_SIZE * side / PAPER_INPUT))
-    stride = stride or max(1, round(PAPER_STRIDE * side / PAPER_INPUT))
+    if size is None:
+        size = max(1, round(PAPER_SIZE * side / PAPER_INPUT))
+    if stride is None:
+        stride = max(1, round(PAPER_STRIDE * side / PAPER_INPUT))
     if not 1 <= size <= side or stride < 1:
         raise ConfigError(f"the square must be 1..{side} pixels (the crop) and the stride at "
                           f"least 1, got size {size}, stride {stride}")
