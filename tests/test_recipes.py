@@ -165,6 +165,8 @@ def test_wrong_types_and_values_are_named(tmp_path):
         load_recipe("resnet20-cifar10", ["train.epochs=3"])
     assert load_recipe("resnet20-cifar10", ["train.epochs=3", "train.iterations=null"]
                        ).train.epochs == 3
+    both = load_recipe("quickstart", ["train.epochs=2", "train.iterations=13"]).train  # a limit
+    assert (both.epochs, both.iterations) == (2, 13)  # set with them: the epochs count it
     path.write_text("base: quickstart\nname: mixed\n1: a\nfoo: b\n")  # keys of two types
     with pytest.raises(ConfigError, match=r"bad.yaml: unknown recipe key\(s\) \[1, 'foo'\]"):
         load_recipe(path)

@@ -226,7 +226,9 @@ def apply_overrides(recipe: Recipe, overrides: Iterable[str | tuple[str, Any]]) 
                 if not isinstance(target, dict):
                     raise ConfigError(f"--set {text!r}: {part} is a value, not a section")
     result = Recipe.from_dict(values, where=f"{recipe.name} with the overrides (flags, --set)")
-    if {"epochs"} <= keys_set["train"] - {"iterations"} and result.train.iterations is not None:
+    train_keys = keys_set["train"]
+    if "epochs" in train_keys and "iterations" not in train_keys \
+            and result.train.iterations is not None:
         raise ConfigError(
             f"train.epochs {result.train.epochs} would count for nothing: {recipe.name} runs "
             f"train.iterations {result.train.iterations}, which takes precedence; set "
