@@ -115,7 +115,11 @@ def test_unknown_top_level_section_lists_the_sections(tmp_path):
 
 def test_unreadable_recipe_files_are_named(tmp_path):
     """Not YAML, not UTF-8, a folder: one error naming the file, not a traceback."""
-    cases = {"broken.yaml": (b"name: [unclosed\n", ConfigError, "not valid YAML"),
+    cases = {"broken.yaml": (b"name: [unclosed\n", ConfigError,
+                             r"not valid YAML: line 2, column 1: expected ',' or '\]', but got"),
+             "tab.yaml": (b"train:\n\tepochs: 3\n", ConfigError,
+                          r"^tab.yaml: not valid YAML: line 2, column 1: found character "
+                          r"'\\t' that cannot start any token$"),
              "latin1.yaml": ("# caf\u00e9\nname: x\n".encode("latin-1"), ConfigError,
                              "not UTF-8 text"),
              "folder.yaml": (None, DataError, "is a folder"),
@@ -128,8 +132,9 @@ def test_unreadable_recipe_files_are_named(tmp_path):
             path.mkdir()
         else:
             path.write_bytes(content)
-        with pytest.raises(kind, match=message):
+        with pytest.raises(kind, match=message) as caught:
             load_recipe(path)
+        assert "\n" not in str(caught.value), name  # one line
 
 
 def test_wrong_types_and_values_are_named(tmp_path):

@@ -111,10 +111,18 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
     except OSError as error:
         raise DataError(f"recipe file {path}: cannot read it ({error.strerror})") from None
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path.name}: not valid YAML: {error}") from None
+        raise ConfigError(f"{path.name}: not valid YAML: {_yaml_problem(error)}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path.name}: a recipe must be a mapping of sections, got {values!r}")
     return values
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """PyYAML's several-line message in one: where (line and column in the file) and what."""
+    mark, problem = getattr(error, "problem_mark", None), getattr(error, "problem", None)
+    if mark is None or problem is None:
+        return " ".join(str(error).split())
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
