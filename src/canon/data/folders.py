@@ -331,7 +331,7 @@ def open_image_folder(
     folders = {split: split_folder(root, split) for split in SPLIT_NAMES}
     for split, folder in folders.items():
         if folder is None:  # a run without a validation folder can hold some images out
-            raise _nosplit_folder(root, split, "; or train on train/ alone, holding "
+            raise _no_split_folder(root, split, "; or train on train/ alone, holding "
                                    "data.val_split=N of its images out to validate on"
                                    if split == "val" else "")
     train = open_train_folder(root, strict=strict, max_pixels=max_pixels)
@@ -347,7 +347,7 @@ def open_train_folder(
     """The train tree of an ImageNet-layout root alone (no val/ needed)."""
     folder = split_folder(root, "train")
     if folder is None:
-        raise _nosplit_folder(root, "train")
+        raise _no_split_folder(root, "train")
     return FolderImages(folder, strict=strict, max_pixels=max_pixels)
 
 
@@ -362,7 +362,7 @@ def open_eval_folder(
     SPLIT_NAMES["val"] subfolder, else the folder itself when it has no train/ either."""
     folder = split_folder(root, "val")
     if folder is None and split_folder(root, "train") is not None:
-        raise _nosplit_folder(root, "val")
+        raise _no_split_folder(root, "val")
     return FolderImages(
         folder or root, class_ids=class_ids, require_all=False, strict=strict,
         max_pixels=max_pixels,
@@ -380,7 +380,7 @@ def split_folder(root: Path, split: str) -> Path | None:
     return next((root / name for name in SPLIT_NAMES[split] if (root / name).is_dir()), None)
 
 
-def _nosplit_folder(root: Path, split: str, alternative: str = "") -> DataError:
+def _no_split_folder(root: Path, split: str, alternative: str = "") -> DataError:
     parent_split = next((name for names in SPLIT_NAMES.values() for name in names
                          if root.name == name and split_folder(root.parent, split)), None)
     hint = (f"; {root} is itself the {parent_split}/ split of {root.parent}: give that folder"
