@@ -19,7 +19,7 @@ import torch
 
 from canon.data.decoding import decode_image_file
 from canon.data.preprocess import center_transform
-from canon.engine.checkpoint import interrupted_checkpoint, resumable_checkpoints, run_dir_of
+from canon.engine.checkpoint import run_dir_of, run_epoch_checkpoints
 from canon.engine.trained import load_trained
 from canon.errors import ConfigError, DataError
 from canon.evaluation.protocols import model_inputs
@@ -52,9 +52,8 @@ from canon.visualize.search import (
 
 def epoch_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     """(epoch, checkpoint) for each epoch checkpoint the run kept, oldest first."""
-    interrupted = interrupted_checkpoint(run_dir)
-    kept = [path for path in resumable_checkpoints(run_dir) if path != interrupted]
-    return sorted((int(path.stem.removeprefix("epoch-")), path) for path in kept)
+    return sorted((int(path.stem.removeprefix("epoch-")), path)
+                  for path in run_epoch_checkpoints(run_dir))
 
 
 def write_evolution(
