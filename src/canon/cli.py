@@ -377,14 +377,15 @@ def _run_eval(args: argparse.Namespace) -> None:
                             for end in ("per-class.csv", "confusion.png"))
     # An earlier --per-class's report of this output's: canon's CSV, and a PNG beside it or
     # beside canon's JSON. Replaced, or deleted with a result written without --per-class.
-    earlier_report = is_class_report(per_class) or _is_eval_json(output)
+    csv_ours = is_class_report(per_class)
+    png_ours = (csv_ours or _is_eval_json(output)) and _is_png(confusion)
     if args.per_class:
-        check_output_file(per_class, "--per-class", "canon's per-class report", is_class_report)
+        check_output_file(per_class, "--per-class", "canon's per-class report",
+                          lambda path: csv_ours)
         check_output_file(confusion, "--per-class", "canon's confusion matrix",
-                          lambda path: earlier_report and _is_png(path))
+                          lambda path: png_ours)
     stale = [] if args.per_class else [
-        path for path, ours in ((per_class, is_class_report(per_class)),
-                                (confusion, earlier_report and _is_png(confusion))) if ours]
+        path for path, ours in ((per_class, csv_ours), (confusion, png_ours)) if ours]
     options = {"batch_size": args.batch_size, "workers": args.workers, "strict": args.strict,
                "progress": True, "keep_probabilities": args.per_class}
     if len(trained) == 1:
