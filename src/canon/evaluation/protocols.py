@@ -16,6 +16,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -62,15 +63,20 @@ def _validation_images(
     data: str | Path, data_config: DataConfig | None, preprocess: EvalPreprocess | None,
     model: nn.Module, root_cache: Path | None, strict: bool, class_ids: list[str] | None,
 ) -> tuple[Images, EvalPreprocess]:
-    options = {
+    val = open_eval_split(str(data), class_ids, **_reading(data_config, root_cache, strict))
+    return val, preprocess or _recipe_preprocess(data_config, root_cache, strict) or \
+        preprocess_for(model)
+
+
+def _reading(data_config: DataConfig | None, root_cache: Path | None, strict: bool
+             ) -> dict[str, Any]:
+    """How images are read, by a recipe's data section where there is one."""
+    return {
         "cache": root_cache or canon_cache_dir(),
         "strict": strict,
         "download": data_config.download if data_config else False,
         "max_pixels": data_config.max_image_pixels if data_config else MAX_IMAGE_PIXELS,
     }
-    val = open_eval_split(str(data), class_ids, **options)
-    return val, preprocess or _recipe_preprocess(data_config, root_cache, strict) or \
-        preprocess_for(model)
 
 
 def _recipe_preprocess(data_config: DataConfig | None, root_cache: Path | None, strict: bool
@@ -80,9 +86,7 @@ def _recipe_preprocess(data_config: DataConfig | None, root_cache: Path | None, 
     if data_config is None:
         return None
     return trained_preprocess(data_config, data_config.dataset,
-                              cache=root_cache or canon_cache_dir(), strict=strict,
-                              download=data_config.download,
-                              max_pixels=data_config.max_image_pixels)
+                              **_reading(data_config, root_cache, strict))
 
 
 def evaluate(
