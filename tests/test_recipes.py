@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import warnings
 
 import pytest
@@ -201,6 +202,25 @@ def test_a_recipe_file_can_start_from_a_bundled_base(tmp_path):
     # a section whose keys are all commented out changes nothing (it is YAML's null)
     (tmp_path / "empty.yaml").write_text("base: resnet56-cifar10\nname: e\ntrain:\n#  epochs: 9\n")
     assert load_recipe(tmp_path / "empty.yaml").train == bundled.train
+
+
+def test_an_error_in_a_base_recipe_names_the_base_that_sets_the_key(tmp_path):
+    child = tmp_path / "child.yaml"
+    child.write_text("base: mid\nname: child\n")
+    mid = tmp_path / "mid.yaml"
+    mid.write_text("base: resnet20-cifar10\noptimizer: {lrr: 0.1}\n")
+    with pytest.raises(ConfigError, match=r"^child\.yaml: unknown optimizer key.*lr, base_batch"
+                       rf".* \(base recipe {re.escape(str(mid))} sets optimizer\.lrr\)$"):
+        load_recipe(child)
+    mid.write_text("base: resnet20-cifar10\nschedule: {min_lr: 5}\n")  # two files' keys
+    with pytest.raises(ConfigError, match=rf"\(base recipe {re.escape(str(mid))} sets "
+                       r"schedule\.min_lr; base recipe .*_resnet-cifar10\.yaml sets "
+                       r"optimizer\.lr\)$"):
+        load_recipe(child)
+    child.write_text("base: mid\nname: child\nschedule: {min_lr: 6}\noptimizer: {lr: 0.2}\n")
+    with pytest.raises(ConfigError, match=r"^child\.yaml: schedule\.min_lr 6\.0 is above "
+                       r"optimizer\.lr 0\.2: a cosine schedule would rise to it, not decay$"):
+        load_recipe(child)  # the file's own keys: no base to blame
 
 
 def test_set_overrides_parse_yaml_values_and_reject_unknown_keys():

@@ -162,7 +162,42 @@ def _raw_recipe(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
 
 def load_recipe_file(path: str | Path) -> Recipe:
     path = Path(path)
-    return Recipe.from_dict(_raw_recipe(path), where=path.name)
+    values = _raw_recipe(path)
+    try:
+        return Recipe.from_dict(values, where=path.name)
+    except ConfigError as error:
+        raise ConfigError(f"{error}{_set_by_bases(path, str(error))}") from None
+
+
+def _set_by_bases(path: Path, message: str) -> str:
+    """Which base files set the keys an error about the merged recipe names (" (base recipe
+    mid.yaml sets optimizer.lr)"), or "" when the file itself sets them all: the error starts
+    with the file that was loaded, and the fix may belong in one of its bases. The list of
+    valid keys that ends an unknown-key error names no culprit."""
+    setters: dict[str, Path] = {}
+    for file in reversed(_base_chain(path)):  # bases first: a file's own keys override them
+        for key in _leaf_keys(read_yaml_mapping(file)):
+            setters[key] = file
+    problem = message.split("; valid keys in ")[0]
+    by_file: dict[Path, list[str]] = {}
+    for word in dict.fromkeys(re.findall(r"[A-Za-z_](?:[\w.]*\w)?", problem)):
+        if setters.get(word, path) != path:
+            by_file.setdefault(setters[word], []).append(word)
+    blamed = "; ".join(f"base recipe {file} sets {', '.join(keys)}"
+                       for file, keys in by_file.items())
+    return f" ({blamed})" if blamed else ""
+
+
+def _leaf_keys(values: dict[Any, Any]) -> list[str]:
+    """A recipe file's own keys as `section.key`, and its top-level keys that are not
+    sections (`name`, a misspelt section)."""
+    keys = []
+    for key, value in values.items():
+        if isinstance(value, dict) and str(key) in valid_keys():
+            keys += [f"{key}.{name}" for name in value]
+        elif key != "base":
+            keys.append(str(key))
+    return keys
 
 
 def override_key(text: str) -> str:
