@@ -442,6 +442,10 @@ def test_bad_transfer_inputs_are_named_and_lose_nothing(tmp_path):
         open_split("sample", "test")
     with pytest.raises(ConfigError, match="--mode must be one of linear-probe, finetune"):
         transfer("x", "sample", "probe", tmp_path / "t")
+    with pytest.raises(ConfigError, match=r"--workers and --set train.workers=\.\.\. both"):
+        transfer("x", "sample", "finetune", tmp_path / "t", workers=1,
+                 overrides=["train.workers=2"])
+    assert not (tmp_path / "t").exists()
 
 
 def test_the_probe_labels_validation_by_the_training_classes(folders, source_run, tmp_path):

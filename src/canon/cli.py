@@ -218,19 +218,23 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _flag_overrides(args: argparse.Namespace) -> list[tuple[str, object]]:
-    from canon.recipes import override_key
+    from canon.recipes import override_key, refuse_flag_and_set
 
     flags = [
-        ("model.name", args.model), ("model.init_from", args.init_from),
-        ("data.dataset", args.data),
-        ("train.epochs", args.epochs), ("train.batch_size", args.batch_size),
-        ("optimizer.lr", args.lr), ("train.amp", args.amp), ("train.accum_steps", args.accum),
-        ("train.compile", args.compile or None), ("train.workers", args.workers),
-        ("train.seed", args.seed), ("train.model_parallel", args.model_parallel),
-        ("train.sync_batchnorm", args.sync_bn or None),
-        ("train.strict_data", args.strict or None), ("train.tensorboard", args.tensorboard or None),
+        ("--model", "model.name", args.model), ("--init-from", "model.init_from", args.init_from),
+        ("--data", "data.dataset", args.data), ("--epochs", "train.epochs", args.epochs),
+        ("--batch-size", "train.batch_size", args.batch_size), ("--lr", "optimizer.lr", args.lr),
+        ("--amp", "train.amp", args.amp), ("--accum", "train.accum_steps", args.accum),
+        ("--compile", "train.compile", args.compile or None),
+        ("--workers", "train.workers", args.workers), ("--seed", "train.seed", args.seed),
+        ("--model-parallel", "train.model_parallel", args.model_parallel),
+        ("--sync-bn", "train.sync_batchnorm", args.sync_bn or None),
+        ("--strict", "train.strict_data", args.strict or None),
+        ("--tensorboard", "train.tensorboard", args.tensorboard or None),
     ]
-    overrides = [(key, value) for key, value in flags if value is not None]
+    flags = [(flag, key, value) for flag, key, value in flags if value is not None]
+    refuse_flag_and_set([(flag, key) for flag, key, _ in flags], args.set)
+    overrides = [(key, value) for _, key, value in flags]
     if args.epochs is not None:
         if any(override_key(item) == "train.iterations" for item in args.set):
             raise ConfigError(f"--epochs {args.epochs} replaces the iteration limit that --set "

@@ -92,6 +92,7 @@ def parse_yaml(text: str) -> object:
 
 __all__ = [
     "RECIPES", "Recipe", "apply_overrides", "dump_yaml", "list_recipes", "load_recipe",
+    "refuse_flag_and_set",
     "show_recipe",
 ]
 
@@ -203,6 +204,15 @@ def _leaf_keys(values: dict[Any, Any]) -> list[str]:
 def override_key(text: str) -> str:
     """The `section.key` of a `--set section.key=value` item."""
     return text.partition("=")[0].strip()
+
+
+def refuse_flag_and_set(flags: Iterable[tuple[str, str]], overrides: Iterable[str]) -> None:
+    """Refuse a command-line flag (flag, the key it sets) given together with a `--set` of the
+    same key: which should win is not for canon to guess."""
+    set_keys = {override_key(item) for item in overrides}
+    for flag, key in flags:
+        if key in set_keys:
+            raise ConfigError(f"{flag} and --set {key}=... both set {key}: pass one of them")
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:

@@ -24,7 +24,7 @@ from canon.engine.trained import TORCHVISION, TrainedModel, load_trained
 from canon.engine.trainer import TrainResult, train
 from canon.errors import ConfigError, DataError
 from canon.files import atomic_write, make_folder
-from canon.recipes import apply_overrides
+from canon.recipes import apply_overrides, refuse_flag_and_set
 from canon.recipes.schema import Recipe
 from canon.transfer.features import Features, extract_features, features_fingerprint
 from canon.transfer.probe import train_linear_probe
@@ -53,12 +53,15 @@ def transfer(
     """Carry `source` to the dataset `data` by `mode`, writing the run directory `out`.
     `overrides` are recipe `--set` assignments for fine-tuning; `batch_size` and `workers`
     (None: each mode's default) are the probe's feature batches and decoding processes, or
-    fine-tuning's train.batch_size and train.workers (a --set of them wins)."""
+    fine-tuning's train.batch_size and train.workers (not also given by a --set)."""
     if mode not in MODES:
         raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
     if mode == "finetune":
-        given = [f"train.{key}={value}" for key, value in
-                 (("batch_size", batch_size), ("workers", workers)) if value is not None]
+        flags = [("--batch-size", "train.batch_size", batch_size),
+                 ("--workers", "train.workers", workers)]
+        flags = [(flag, key, value) for flag, key, value in flags if value is not None]
+        refuse_flag_and_set([(flag, key) for flag, key, _ in flags], overrides)
+        given = [f"{key}={value}" for _, key, value in flags]
         return finetune(source, data, out, overrides=[*given, *overrides],
                         overwrite=overwrite, device=device, progress=progress).run_dir
     if overrides:
