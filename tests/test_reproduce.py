@@ -141,6 +141,7 @@ def test_degradation_micro_end_to_end_skips_finished_runs_and_resumes(
     assert results["environment"]["torch"] and len(results["findings"]) == 2
     commit = results["environment"]["commit"]
     assert [run["commit"] for run in results["runs"]] == [commit] * len(recipes)
+    assert "different commits" not in readme
     runs = tmp_path / "runs"
     # as if trained by an earlier command at another commit
     recipe_file = runs / "plain20-cifar10-micro-seed0" / "recipe.yaml"
@@ -150,7 +151,8 @@ def test_degradation_micro_end_to_end_skips_finished_runs_and_resumes(
     # Again: every run has finished, so nothing is trained and no run file is rewritten.
     exports = {p: p.stat().st_mtime_ns for p in runs.glob(f"*/{EXPORT_WEIGHTS}")}
     calls.clear()
-    main(argv)
+    with pytest.warns(UserWarning, match=r"last trained at 2 different commits \(0123456789-"):
+        main(argv)
     assert calls == []
     assert {p: p.stat().st_mtime_ns for p in runs.glob(f"*/{EXPORT_WEIGHTS}")} == exports
     results = json.loads((report / "results.json").read_text())
@@ -158,7 +160,9 @@ def test_degradation_micro_end_to_end_skips_finished_runs_and_resumes(
     trained_at = {run["run"]: run["commit"] for run in results["runs"]}
     assert trained_at.pop("plain20-cifar10-micro-seed0") == "0123456789abcdef-dirty"
     assert set(trained_at.values()) == {commit}
-    assert "| 0123456789-dirty |" in (report / "README.md").read_text()
+    readme = (report / "README.md").read_text()
+    assert "| 0123456789-dirty |" in readme
+    assert "**Note:** the runs were last trained at 2 different commits (0123456789-dirty" in readme
 
     # plain-32 as if killed during its second (last) epoch: only epoch 1's checkpoint left.
     run_dir = runs / "plain32-cifar10-micro-seed0"

@@ -86,6 +86,7 @@ def write_report(
         f"## The reference: {experiment.cites}", "",
         *(f"- {note}" for note in experiment.paper), "",
         "## Runs", "", *_markdown_table([_run_row(entry) for entry in runs]), "",
+        *([f"**Note:** {note}.", ""] if (note := mixed_commits(records)) else []),
         "Epochs s: metrics.csv's seconds summed (training and each epoch's validation, every "
         "session of the run); "
         "wall s: the run's training call in this command, validation and set-up included.", "",
@@ -116,6 +117,18 @@ def _run_row(entry: dict[str, Any]) -> dict[str, Any]:
     return {"run": entry["run"], "seed": entry["seed"], "this command": entry["status"],
             "epochs": entry["epochs"], "epochs s": entry["epoch_seconds"],
             "wall s": entry["wall_seconds"], "trained at": _short_commit(entry["commit"])}
+
+
+def mixed_commits(records: list[RunRecord]) -> str | None:
+    """A warning when the runs compared were last trained at different commits (finished runs
+    are reused, so a report may compare code of several dates); None when they agree."""
+    commits = sorted({_short_commit(record.commit) for record in records})
+    if len(commits) < 2:
+        return None
+    return (f"the runs were last trained at {len(commits)} different commits "
+            f"({', '.join(commits)}; the Runs table names each run's): a change between them "
+            "may account for part of a difference; to compare one commit's code, delete the "
+            "older runs' folders and run the command again")
 
 
 def _short_commit(commit: str | None) -> str:

@@ -15,6 +15,7 @@ import multiprocessing
 import signal
 import sys
 import time
+import warnings
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from canon.files import make_folder
 from canon.recipes import apply_overrides
 from canon.reproduce.analyses import ANALYSES, Context, Finding
 from canon.reproduce.experiments import Mode, get_experiment
-from canon.reproduce.report import environment, run_threads, write_report
+from canon.reproduce.report import environment, mixed_commits, run_threads, write_report
 from canon.reproduce.training import PlannedRun, RunRecord, ensure_run, plan_runs
 
 DEFAULT_OUTPUT = Path("reproduce")
@@ -91,6 +92,8 @@ def reproduce(
         sorted({f"-{run.precision}" for run in planned if run.precision}))
     context = Context(experiment, chosen, device, root / f"{name}{suffix}")
     make_folder(context.folder)
+    if note := mixed_commits(records):
+        warnings.warn(note, stacklevel=2)
     outcome = ANALYSES[experiment.analysis](records, context)
     command = _command(name, mode, runs, root, data, amp, jobs, device, cuda_graph)
     readme = write_report(context, command, records, outcome, environment(device, at_once),
