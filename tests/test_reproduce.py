@@ -490,6 +490,11 @@ def test_imagenette_micro_trains_on_a_jpeg_folder_and_sets_it_beside_the_leaderb
     right = results["table"][0]["top-1, ten-crop (%)"] * 40 / 100
     assert 0 <= right <= 40 and right == pytest.approx(round(right))
     assert "ten-crop column scores the same models under AlexNet's" in readme
+    ours = results["table"][0]["top-1 accuracy (%)"]  # beside the leaderboard's, on 40 images
+    noise = counting_noise((100 - ours, 40), (100 - 87.43, 40))
+    evidence = results["findings"][0]["evidence"]
+    assert (f"{ours - 87.43:+.2f} points, {'within' if 87.43 - ours <= noise else 'beyond'} "
+            f"the noise of 40 images (noise {noise:.2f} points") in evidence
     run = results["runs"][0]
     assert run["run"] == "resnet34d-imagenette5-micro-seed0" and run["epochs"] == 1
     recipe = load_recipe(Path(run["run_dir"]) / "recipe.yaml")
