@@ -163,6 +163,9 @@ def test_grouped_lrn_is_the_papers_formula_per_group() -> None:
         torch.testing.assert_close(actual, expected, rtol=1e-12, atol=0)
         # Next to a group boundary the window differs from the ungrouped one's.
         assert not torch.allclose(actual, paper_lrn(a), rtol=1e-12, atol=0)
+        # A channels_last input stays channels_last, for the convolution after it.
+        last = LocalResponseNorm(groups=groups)(a.contiguous(memory_format=torch.channels_last))
+        assert last.is_contiguous(memory_format=torch.channels_last) and torch.equal(last, actual)
     with pytest.raises(ValueError, match="cannot split 12 channels"):
         LocalResponseNorm(groups=5)(a)
 

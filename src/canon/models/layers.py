@@ -58,7 +58,12 @@ class LocalResponseNorm(nn.Module):
         precise = grouped.to(torch.promote_types(grouped.dtype, torch.float32))
         normalised = F.local_response_norm(precise, self.size, alpha=self.alpha * self.size,
                                            beta=self.beta, k=self.k)
-        return normalised.to(x.dtype).reshape(x.shape)
+        out = normalised.to(x.dtype).reshape(x.shape)
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+            # Folding the groups into the batch copied it out of channels_last: the next
+            # convolution would copy it back.
+            out = out.contiguous(memory_format=torch.channels_last)
+        return out
 
     def extra_repr(self) -> str:
         return (f"size={self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}, "
