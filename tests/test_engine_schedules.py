@@ -133,6 +133,11 @@ def test_cosine_with_linear_warmup():
     assert schedule.lr_at(1000) == pytest.approx(0.001)
     lrs = [schedule.lr_at(s) for s in range(100, 1001)]
     assert all(a >= b for a, b in itertools.pairwise(lrs))
+    # min_lr is at the base batch, as the lr: at a sixteenth of it both are a sixteenth (a
+    # floor above the scaled peak would make the "decay" climb).
+    small = make(ScheduleSection(kind="cosine", min_lr=0.01), peak_lr=0.1 / 16, base_lr=0.1)
+    assert small.lr_at(1000) == pytest.approx(0.01 / 16)
+    assert small.lr_at(500) == pytest.approx((0.01 + 0.09 * 0.5) / 16, rel=1e-2)
 
 
 def test_plateau_divides_by_ten_after_patience_at_most_max_reductions_times():

@@ -54,7 +54,7 @@ class LearningRateSchedule:
     `step` multiplies by gamma every `step_size` epochs or iterations (GoogLeNet s6: 0.96 every
     8 epochs); `multistep` at each milestone (ResNet CIFAR s4.2: 32k and 48k iterations);
     `cosine` is half a cosine from peak_lr to min_lr after warmup (Loshchilov & Hutter 2017,
-    no restarts); `constant`.
+    no restarts; min_lr scaled as the lr is); `constant`.
 
     Warmup over `warmup_iterations` (or `warmup_epochs`) from a start lr: warmup_start_factor
     x peak, or with `warmup_start: base_lr` the unscaled `base_lr` (optimizer.lr, at most the
@@ -89,6 +89,9 @@ class LearningRateSchedule:
             min(1.0, base_lr / peak_lr) if config.warmup_start == "base_lr"
             else config.warmup_start_factor
         )
+        # min_lr is stated, as optimizer.lr is, at optimizer.base_batch_size: the linear
+        # scaling rule scales it with the peak, so the floor stays the same fraction of it.
+        self.floor = config.min_lr / base_lr
         self.steps_per_epoch = max(1, steps_per_epoch)
         self.total_steps = max(1, total_steps)
         self.warmup_steps = config.warmup_iterations or round(
@@ -167,8 +170,7 @@ class LearningRateSchedule:
         if config.kind == "cosine":
             span = max(1, self.total_steps - self.warmup_steps)
             progress = min(1.0, max(0, step - self.warmup_steps) / span)
-            floor = config.min_lr / self.peak_lr
-            return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+            return self.floor + (1.0 - self.floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
         return 1.0
 
     def state_dict(self) -> dict[str, Any]:

@@ -160,7 +160,7 @@ class ScheduleSection:
     patience: int = 5
     threshold: float = 0.0  # plateau: improvement (in error points) that counts
     max_reductions: int | None = None  # plateau: cut at most this many times (>= 0)
-    min_lr: float = 0.0  # cosine: floor
+    min_lr: float = 0.0  # cosine: floor, at optimizer.base_batch_size (scaled as lr is)
     warmup_epochs: float = 0.0
     warmup_iterations: int = 0  # takes precedence over warmup_epochs when > 0
     warmup_mode: str = "linear"
