@@ -637,12 +637,34 @@ def test_polyak_averaging_starts_after_its_epochs_and_survives_a_resume(small_da
     assert torch.equal(exported[weight], state["ema"][f"module.{weight}"])
 
     one_epoch = apply_overrides(recipe, [("train.epochs", 1)])
-    train(one_epoch, tmp_path / "resumed", device="cpu", datasets=data, progress=False)
+    with pytest.warns(UserWarning, match=r"train.polyak_after_epochs 1: the run ends after 1 "
+                      r"epoch\(s\), before averaging begins"):
+        train(one_epoch, tmp_path / "resumed", device="cpu", datasets=data, progress=False)
     train(recipe, tmp_path / "resumed", resume=tmp_path / "resumed", device="cpu",
           datasets=data, progress=False)
     resumed = final_weights(tmp_path / "resumed", 2)
     for key, tensor in state["ema"].items():
         assert torch.equal(resumed["ema"][key], tensor), key
+
+
+def test_ranks_share_only_buffers_on_their_device(monkeypatch):
+    """An NCCL group sends CUDA tensors only, and AveragedModel keeps its step count on the
+    CPU: the ranks share the average's module buffers, not that count (each counts alike).
+    The "meta" device stands in for a GPU here."""
+    from canon.engine import trainer
+    from canon.engine.distributed import DistributedContext
+    from canon.engine.optimization import make_average
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).to("meta")
+    sent = []
+    monkeypatch.setattr(torch.distributed, "broadcast", lambda tensor, src: sent.append(tensor))
+    for averaging in ({"ema_decay": 0.9}, {"polyak_after_epochs": 1}):
+        average = make_average(model, tiny_recipe(**averaging).train)
+        sent.clear()
+        trainer._share_rank0_buffers(SimpleNamespace(
+            model=model, average=average, ctx=DistributedContext(0, 0, 2, torch.device("meta"))))
+        assert len(sent) == 2 * len(list(model.buffers()))  # the model's, and the average's
+        assert {tensor.device for tensor in sent} == {torch.device("meta")}
 
 
 class SmallConvNet(CanonModel):

@@ -218,6 +218,11 @@ def set_up(
     if iterations is None:
         run.epochs = min(config.epochs, run.epochs)
     run.best_error = min((row["val_top1_error"] for row in run.metrics), default=math.inf)
+    if config.polyak_after_epochs is not None and config.polyak_after_epochs >= run.epochs:
+        warnings.warn(f"train.polyak_after_epochs {config.polyak_after_epochs}: the run ends "
+                      f"after {run.epochs} epoch(s), before averaging begins, so its raw "
+                      "weights are validated and exported: lower it or lengthen the run",
+                      stacklevel=3)
     return run
 
 
