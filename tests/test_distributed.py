@@ -25,6 +25,7 @@ import csv
 import importlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -216,6 +217,7 @@ if __name__ == "__main__":
         return validate(validated, *args)
 
     trainer.validate = recording_validate
+    trainer.LOSS_CHECK_STEPS = 2  # where the ranks agree on a stop: mid-epoch, at step 2 of 4
 
     def ctrl_c(step):
         if step == 6:  # epoch 2, after 2 of its 4 steps
@@ -666,12 +668,14 @@ def test_resuming_on_another_number_of_processes_reseeds_each_rank(
 NAN_ON_RANK_0 = '''
 import os, sys, torch
 from pathlib import Path
+from canon.engine import distributed
 from canon.engine.trainer import train
 from canon.errors import NonFiniteError
 from canon.models.factory import create_model
 from canon.recipes import load_recipe
 
 out, rank = Path(sys.argv[1]), int(os.environ["RANK"])
+ctx = distributed.init_distributed("cpu")  # one process group for both runs
 recipe = load_recipe("quickstart", ["train.batch_size=8", "train.workers=0", "train.epochs=1",
                                     "train.channels_last=false"])
 model = create_model("resnet20", num_classes=10)
@@ -685,6 +689,19 @@ try:
     train(recipe, out / "run", model=model, device="cpu", progress=False, on_step=poison)
 except NonFiniteError as error:
     (out / f"rank-{rank}.txt").write_text(str(error))
+
+model = create_model("resnet20", num_classes=10)
+norm = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+def overflow(step):  # rank 1's own BN statistics overflow; its loss and weights stay finite
+    if rank == 1:
+        norm.running_var.fill_(float("inf"))
+
+try:
+    train(recipe, out / "run-bn", model=model, device="cpu", progress=False, on_step=overflow)
+except NonFiniteError as error:
+    (out / f"bn-rank-{rank}.txt").write_text(str(error))
+distributed.shutdown_distributed(ctx)
 '''
 
 
@@ -697,3 +714,9 @@ def test_a_nan_loss_on_one_rank_stops_every_rank(tmp_path: Path) -> None:
                    capture_output=True, text=True, timeout=240, check=True)
     assert "the loss became nan at optimizer step 10;" in (tmp_path / "rank-0.txt").read_text()
     assert "on another process by optimizer step 10;" in (tmp_path / "rank-1.txt").read_text()
+    # Non-finite weights on one rank, at the epoch's end (the check before its checkpoint):
+    # every rank stops there, rather than wait for the other in the next collective.
+    steps = re.match(r"the weights became NaN or infinite by optimizer step (\d+); stopping",
+                     (tmp_path / "bn-rank-1.txt").read_text())[1]
+    assert (tmp_path / "bn-rank-0.txt").read_text().startswith(
+        f"the weights became NaN or infinite on another process by optimizer step {steps};")

@@ -252,6 +252,14 @@ def all_reduce_sum(tensor: torch.Tensor, ctx: DistributedContext) -> torch.Tenso
     return total
 
 
+def any_rank(flag: bool, ctx: DistributedContext) -> bool:
+    """True on every rank if it is on any (one collective and device sync): all ranks must
+    stop, or refuse, at the same point, or the others wait for the missing one forever."""
+    if ctx.world_size == 1:
+        return flag
+    return bool(all_reduce_sum(torch.tensor([float(flag)]), ctx).item())
+
+
 def all_gather_object(value: object, ctx: DistributedContext) -> list:
     """`value` from every rank, in rank order (picklable objects; tensors on the CPU)."""
     if ctx.world_size == 1:

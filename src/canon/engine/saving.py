@@ -38,10 +38,14 @@ def check_weights(run: Run) -> None:
         for t in m.state_dict().values():
             if t.is_floating_point():
                 finite.setdefault(t.device, []).append(torch.isfinite(t).all())
-    if all(bool(torch.stack(flags).all()) for flags in finite.values()):
+    # Agreed: a rank's own BN statistics can overflow alone, and a rank raising alone would
+    # leave the others waiting in their next collective.
+    here = all(bool(torch.stack(flags).all()) for flags in finite.values())
+    if not dist.any_rank(not here, run.ctx):
         return
     raise NonFiniteError(
-        f"the weights became NaN or infinite by optimizer step {run.step}; stopping "
+        f"the weights became NaN or infinite{' on another process' if here else ''} by "
+        f"optimizer step {run.step}; stopping "
         f"without saving them. {newest_checkpoint_note(run)}. {divergence_remedy(run)}"
     )
 

@@ -57,7 +57,8 @@ from canon.evaluation import score_loader
 from canon.evaluation.metrics import error_percent
 from canon.recipes.schema import Recipe
 
-LOSS_CHECK_STEPS = 10  # loss values are checked for NaN/inf (one device sync) this often
+# Loss values are checked for NaN/inf (one device sync) this often; ranks agree on a stop then.
+LOSS_CHECK_STEPS = 10
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -122,7 +123,8 @@ def train(
     Resuming is exact: a checkpoint records the step reached inside the epoch and every rank's
     random generator states and partial epoch sums, so a resumed run continues bit-identically
     on the CPU (see canon.engine.setup for what a resume on another number of processes
-    changes). Ctrl-C or SIGTERM finishes the step in progress on every rank, saves
+    changes). Ctrl-C or SIGTERM finishes the step in progress (under torchrun, the steps up to
+    the next loss check, where the ranks agree) on every rank, saves
     checkpoints/interrupted.pt and raises TrainingInterrupted; a second signal stops at once.
     A NaN/inf loss (checked every LOSS_CHECK_STEPS steps, one device sync) or non-finite
     weights (checked before every checkpoint) raise NonFiniteError: nothing diverged is ever
@@ -227,9 +229,9 @@ def _claimed(run: Run, *, resuming: bool, overwrite: bool) -> Iterator[None]:
                                                   overwrite=overwrite))
                 open_run_dir(run)
             except BaseException:
-                _agreed(True, run.ctx)  # the other ranks' matching call below
+                dist.any_rank(True, run.ctx)  # the other ranks' matching call below
                 raise
-        if _agreed(False, run.ctx):
+        if dist.any_rank(False, run.ctx):
             raise DataError(f"rank 0 could not open the run directory {run.run_dir}")
         yield
 
@@ -272,8 +274,11 @@ def _train_epoch(
             bar.update()
             if on_step is not None:
                 on_step(run.step)
-            stop = _agreed(stop_flag.raised, ctx)
             at_check = run.step_in_epoch % LOSS_CHECK_STEPS == 0 or run.step_in_epoch == epoch_steps
+            # Several ranks agree on a stop at the checks only: agreeing waits for the device,
+            # which would stall every step's launches (a signal takes effect within a window).
+            stop = (dist.any_rank(stop_flag.raised, ctx) if at_check or ctx.world_size == 1
+                    else False)
             if stop or at_check:
                 _check_losses(pending_losses, run)
                 pending_losses = []
@@ -402,13 +407,6 @@ def _report_train_error(run: Run) -> None:
     totals["checked_correct"], totals["checked_images"] = totals["correct"], totals["images"]
 
 
-def _agreed(flag: bool, ctx: dist.DistributedContext) -> bool:
-    """True on every rank if it is on any: all ranks must stop after the same step."""
-    if ctx.world_size == 1:
-        return flag
-    return bool(dist.all_reduce_sum(torch.tensor([float(flag)]), ctx).item())
-
-
 def _check_losses(pending: list[tuple[int, torch.Tensor]], run: Run) -> None:
     """Stop on a NaN/inf loss (one device sync for all pending steps), every process alike
     when any of them saw one (the others would wait for it in their next collective); log
@@ -418,7 +416,7 @@ def _check_losses(pending: list[tuple[int, torch.Tensor]], run: Run) -> None:
     values = torch.stack([loss for _, loss in pending]).float().cpu()
     counts = [step + 1 for step, _ in pending]  # the 1st, 2nd, ... step, as the progress bar
     bad = (~torch.isfinite(values)).nonzero()
-    if _agreed(bool(len(bad)), run.ctx):
+    if dist.any_rank(bool(len(bad)), run.ctx):
         where = (f"became {values[int(bad[0])].item()} at optimizer step {counts[int(bad[0])]}"
                  if len(bad) else
                  f"became NaN or infinite on another process by optimizer step {counts[-1]}")
@@ -443,6 +441,16 @@ def _save_interrupted(run: Run, signal_number: int) -> NoReturn:
 # ---- end of an epoch: validate, schedule, checkpoint, log ----------------------------------
 
 
+def _share_rank0_buffers(run: Run) -> None:
+    """Rank 0's batch-norm statistics (and average) on every rank: each rank then scores its
+    shard with the model that rank 0 saves (see canon.engine.distributed). Not the average's
+    step count, which torch keeps on the CPU, where an NCCL group cannot send it: every rank
+    counts the same steps."""
+    dist.broadcast_buffers(run.model, run.ctx)
+    if run.average is not None:
+        dist.broadcast_buffers(run.average.module, run.ctx)
+
+
 def _end_epoch(run: Run, train_seconds: float) -> None:
     """Validate, log and checkpoint the epoch. Where the iteration limit cut it short, the run
     ends there, but its state stays that of the middle of the epoch (as interrupted.pt's), its
@@ -451,11 +459,7 @@ def _end_epoch(run: Run, train_seconds: float) -> None:
     ctx, totals = run.ctx, run.totals
     cut = run.step_in_epoch < run.steps_per_epoch
     check_weights(run)  # before validation, whose NaN scores would say less
-    # Rank 0's batch-norm statistics (and average) on every rank: each rank then scores its
-    # shard with the model that rank 0 saves (see canon.engine.distributed).
-    dist.broadcast_buffers(run.model, ctx)
-    if run.average is not None:
-        dist.broadcast_buffers(run.average, ctx)
+    _share_rank0_buffers(run)
     val_top1, val_top5, scored = validate(validated_model(run), run.val_loader, ctx,
                                           run.precision)
     if scored < run.val_size and ctx.is_main:
