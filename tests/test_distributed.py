@@ -534,6 +534,27 @@ def test_elastic_restart_resumes_from_the_last_checkpoint(
     assert (run / "model.safetensors").exists()
 
 
+def test_each_join_and_restart_gets_keys_of_its_own_in_torchrun_s_store(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """torch names every new default process group alike: a second join (canon.train called
+    again in the process) or a restart reading the first's keys would connect to addresses
+    that are gone."""
+    store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    for name, value in (("TORCHELASTIC_USE_AGENT_STORE", "True"), ("MASTER_ADDR", "127.0.0.1"),
+                        ("MASTER_PORT", str(store.port)), ("TORCHELASTIC_RESTART_COUNT", "0")):
+        monkeypatch.setenv(name, value)
+    first = distributed._attempt_store()
+    first.set("0/rank_1", "a dead worker's address")
+    again = distributed._attempt_store()
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    restarted = distributed._attempt_store()
+    for later in (again, restarted):
+        assert not later.check(["0/rank_1"])
+        later.set("0/rank_1", "this join's")
+    assert first.get("0/rank_1") == b"a dead worker's address"
+
+
 def test_a_launch_without_a_run_id_of_its_own_keeps_one_in_torchrun_s_store(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -668,14 +689,12 @@ def test_resuming_on_another_number_of_processes_reseeds_each_rank(
 NAN_ON_RANK_0 = '''
 import os, sys, torch
 from pathlib import Path
-from canon.engine import distributed
 from canon.engine.trainer import train
 from canon.errors import NonFiniteError
 from canon.models.factory import create_model
 from canon.recipes import load_recipe
 
 out, rank = Path(sys.argv[1]), int(os.environ["RANK"])
-ctx = distributed.init_distributed("cpu")  # one process group for both runs
 recipe = load_recipe("quickstart", ["train.batch_size=8", "train.workers=0", "train.epochs=1",
                                     "train.channels_last=false"])
 model = create_model("resnet20", num_classes=10)
@@ -701,13 +720,13 @@ try:
     train(recipe, out / "run-bn", model=model, device="cpu", progress=False, on_step=overflow)
 except NonFiniteError as error:
     (out / f"bn-rank-{rank}.txt").write_text(str(error))
-distributed.shutdown_distributed(ctx)
 '''
 
 
 def test_a_nan_loss_on_one_rank_stops_every_rank(tmp_path: Path) -> None:
     """The loss check after 10 steps sees the NaN on rank 0 only: rank 1 must stop too rather than
-    wait for rank 0 in its next gradient all-reduce."""
+    wait for rank 0 in its next gradient all-reduce. Each run joins a process group of its own
+    (the second reads none of the first's addresses)."""
     script = tmp_path / "worker.py"
     script.write_text(NAN_ON_RANK_0)
     subprocess.run([*_torchrun(2), str(script), str(tmp_path)], env=_environment(tmp_path / "c"),

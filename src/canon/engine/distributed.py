@@ -6,6 +6,7 @@ the trainer has one code path."""
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import time
 import uuid
@@ -160,17 +161,24 @@ def _store_client(address: str, port: int) -> dist.TCPStore:
     return dist.TCPStore(address, port, is_master=False, timeout=default_pg_timeout)
 
 
+_joins = itertools.count()  # process groups this process has joined (init_distributed)
+
+
 def _attempt_store() -> dist.Store | None:
-    """torchrun's agent store with this restart attempt's own key space; None: use env://.
+    """torchrun's agent store with this restart attempt's, and this join's, own key space;
+    None: use env://.
 
     The agent keeps its store across elastic restarts, and the previous attempt's process
     group keys are still in it: plain env:// initialisation then connects to the dead
     workers' addresses and fails or hangs (seen with torch 2.14 and gloo; see
-    pytorch/pytorch#167288). A prefix per attempt starts every attempt from clean keys.
+    pytorch/pytorch#167288). A prefix per attempt starts every attempt from clean keys, and
+    one per join does the same for a process that trains twice (canon.train called again
+    after the first left its group): torch names every new default group alike.
     """
     address = _agent_store_address()
     return None if address is None else dist.PrefixStore(
-        f"canon/attempt-{elastic_restart_count()}", _store_client(*address))
+        f"canon/attempt-{elastic_restart_count()}/join-{next(_joins)}",
+        _store_client(*address))
 
 
 def init_distributed(device: str = "auto") -> DistributedContext:
