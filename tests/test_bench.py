@@ -13,6 +13,7 @@ import torchvision.models as tvm
 from torchvision.transforms.functional import to_pil_image
 
 import canon.bench.train as train_bench
+from canon.bench import loop
 from canon.bench.commands import add_bench_parser, run_data
 from canon.bench.data import (
     bench_config,
@@ -33,6 +34,7 @@ from canon.bench.train import (
 )
 from canon.data.transforms import training_transform
 from canon.engine.precision import Precision
+from canon.engine.setup import build_model
 from canon.errors import ConfigError
 from canon.models.factory import create_model
 from canon.models.summary import summarize
@@ -215,7 +217,7 @@ def test_parser_and_data_command(imagenette_root, tmp_path, capsys):
     assert json.loads(out.read_text())[0]["images"] == 4
 
 
-def test_loop_bench_times_canons_loop_and_the_plain_ones(capsys):
+def test_loop_bench_times_canons_loop_and_the_plain_ones(capsys, monkeypatch):
     from canon.cli import main
 
     main(["bench", "loop", "--steps", "5", "--repeats", "1", "--workers", "0",
@@ -232,6 +234,14 @@ def test_loop_bench_times_canons_loop_and_the_plain_ones(capsys):
     rates = [float(line.split()[-1]) for line in out.splitlines()
              if line.startswith(("canon ", "plain")) and "/" not in line]
     assert len(rates) == 2 and min(rates) > 0
+    # The plain loop trains the net canon's does, model.options included.
+    built = []
+    monkeypatch.setattr(loop, "build_model", lambda *args: built.append(build_model(*args))
+                        or built[-1])
+    recipe = load_recipe("quickstart", ["model.options={shortcut: B}", "train.batch_size=500"])
+    loop.plain_loop(recipe, "cpu", 0, steps=WARMUP_STEPS + 1)
+    assert sum(p.numel() for p in built[0].parameters()) == sum(
+        p.numel() for p in build_model(recipe, 10).parameters()) == 272_474  # projections
     with pytest.raises(SystemExit) as refused:
         main(["bench", "loop", "--recipe", "resnet20-cifar10"])
     assert refused.value.code == 2 and "trains on cifar10" in capsys.readouterr().err
@@ -249,6 +259,8 @@ def test_bench_arguments_that_cannot_work_stop_before_timing(tmp_path, capsys):
         (["loop", "--steps", "79"], "--steps 79: an epoch of the sample is 78 steps at batch 64"),
         (["loop", "--set", "train.batch_size=2048"], "an epoch of the sample is 2 steps"),
         (["loop", "--set", "train.accum_steps=2"], "drop train.accum_steps and data.val_split"),
+        (["loop", "--set", "model.frozen_stages=1", "--set", "data.augmentation=alexnet"],
+         "has no counterpart of model.frozen_stages, data.augmentation: leave them"),
         (["loop", "--repeats", "0"], "--repeats must be at least 1"),
         (["train", "--model", "resnet18", "--compile", "--warmup", "0"],
          "--warmup must be at least 1"),

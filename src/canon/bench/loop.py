@@ -2,8 +2,9 @@
 default: ResNet-20 on the bundled sample) against the plain PyTorch loop a user would write for
 the same training, measured in the same process: the torchvision CIFAR-10 way (a PIL image per
 sample through RandomCrop(32, padding=4), RandomHorizontalFlip, ToTensor and Normalize, in a
-DataLoader), the same model, memory format, optimizer and batch. Both time the training steps
-of one epoch after a few warm-up steps; validation is not timed.
+DataLoader), the same model (model.options included), memory format, optimizer, loss and
+batch. Both time the training steps of one epoch after a few warm-up steps; validation is not
+timed.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ from canon.bench.train import cudnn_autotuning, synchronize
 from canon.data.datasets import load_sample
 from canon.engine.distributed import resolve_device
 from canon.engine.optimization import make_optimizer
+from canon.engine.setup import build_model
 from canon.engine.trainer import train
 from canon.errors import ConfigError
-from canon.models.factory import create_model
 from canon.recipes import Recipe, apply_overrides, load_recipe
 from canon.recipes.schema import SPEED_ONLY_KEYS
 
@@ -108,17 +109,18 @@ def plain_loop(recipe: Recipe, device: str, workers: int, steps: int | None = No
     images = sample.images.permute(0, 2, 3, 1).numpy()
     mean = (images.reshape(-1, 3) / 255).mean(0).tolist()
     std = (images.reshape(-1, 3) / 255).std(0).tolist()
-    transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
+    flip = [T.RandomHorizontalFlip()] if recipe.data.flip else []
+    transform = T.Compose([T.RandomCrop(32, padding=recipe.data.padding), *flip, T.ToTensor(),
                            T.Normalize(mean, std)])
     loader = DataLoader(_PILImages(images, sample.labels, transform),
                         batch_size=recipe.train.batch_size, shuffle=True, num_workers=workers,
                         drop_last=True, pin_memory=target.type == "cuda")
     torch.manual_seed(recipe.train.seed)
-    model = create_model(recipe.model.name, num_classes=len(sample.classes)).to(target)
+    model = build_model(recipe, len(sample.classes)).to(target)  # options as canon's loop
     memory_format = torch.channels_last if recipe.train.channels_last else torch.preserve_format
     model = model.to(memory_format=memory_format).train()
     optimizer, _ = make_optimizer(model, recipe.optimizer, recipe.train.batch_size)
-    criterion = nn.CrossEntropyLoss()
+    criterion = nn.CrossEntropyLoss(label_smoothing=recipe.train.label_smoothing)
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(recipe.train.amp)
     scaler = torch.amp.GradScaler(target.type, enabled=half is torch.float16)
     limit = steps or len(loader)  # bench_loop keeps steps within an epoch
@@ -157,6 +159,18 @@ def bench_loop(recipe_name: str = "quickstart", device: str = "cpu", repeats: in
     if recipe.train.accum_steps != 1 or recipe.data.val_split:  # the plain loop has neither
         raise ConfigError("canon bench loop compares steps of one batch on the whole training "
                           "sample: drop train.accum_steps and data.val_split")
+    unmatched = [key for key, differs in (
+        ("model.frozen_stages", recipe.model.frozen_stages != 0),
+        ("model.init_from", recipe.model.init_from is not None),
+        ("data.augmentation", recipe.data.augmentation != "cifar"),
+        ("data.crop_size", recipe.data.crop_size != 32),
+        ("data.resize_size", recipe.data.resize_size != 32),
+        ("data.scale_range", recipe.data.scale_range is not None),
+        ("data.pca_std", recipe.data.pca_std != 0)) if differs]
+    if unmatched:  # the two loops would train differently
+        raise ConfigError(f"canon bench loop's plain loop (torchvision's CIFAR crop and flip, "
+                          f"every layer trained from scratch) has no counterpart of "
+                          f"{', '.join(unmatched)}: leave them as quickstart has them")
     # Within one epoch: canon's loop would validate at its end (inside the timed span) and
     # the plain loop's DataLoader would stop there.
     per_epoch = len(load_sample("train")) // recipe.train.batch_size
