@@ -58,6 +58,7 @@ def test_train_bench_gives_rates_flops_and_ratio_on_cpu():
     assert bench.ratio == pytest.approx(bench.canon.images_per_s / bench.torchvision.images_per_s)
     assert bench.settings["image_size"] == 64 and bench.peak_gmacs > 0
     assert "canon / torchvision images/s" in format_train(bench)
+    assert "MFU on a CPU: relative to the matmul above" in format_train(bench)
     assert json.loads(json.dumps(bench.to_dict()))["ratio"] == pytest.approx(bench.ratio)
 
 
