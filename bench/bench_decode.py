@@ -5,7 +5,7 @@
 
 FOLDER defaults to ../shared/data/imagenette2-160-mini (1,500 Imagenette JPEGs, shorter side
 160 px). Files are read into memory first, so only decoding to a uint8 RGB tensor 3 x H x W is
-timed, single-threaded; the best of `--repeats` alternating passes is reported, and the ratio
+timed, single-threaded; the median of `--repeats` alternating passes is reported, and the ratio
 torchvision / PIL in images per second.
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import io
 import platform
+import statistics
 import time
 import warnings
 from pathlib import Path
@@ -38,15 +39,15 @@ def with_pil(data: bytes) -> torch.Tensor:
 
 
 def images_per_second(decoders: dict, blobs: list[bytes], repeats: int) -> dict[str, float]:
-    """Best pass of each decoder; passes alternate, so a busy machine slows both alike."""
-    best = dict.fromkeys(decoders, float("inf"))
+    """Median pass of each decoder; passes alternate, so a busy machine slows both alike."""
+    passes: dict[str, list[float]] = {name: [] for name in decoders}
     for _ in range(repeats):
         for name, decode in decoders.items():
             start = time.perf_counter()
             for data in blobs:
                 decode(data)
-            best[name] = min(best[name], time.perf_counter() - start)
-    return {name: len(blobs) / seconds for name, seconds in best.items()}
+            passes[name].append(time.perf_counter() - start)
+    return {name: len(blobs) / statistics.median(times) for name, times in passes.items()}
 
 
 def main() -> None:
@@ -54,6 +55,10 @@ def main() -> None:
     parser.add_argument("folder", type=Path, nargs="?", default=DEFAULT)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    if not args.folder.is_dir():
+        parser.error(f"{args.folder} is not a folder of JPEGs")
     warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 deprecates io
     torch.set_num_threads(1)
     blobs = [p.read_bytes() for p in sorted(args.folder.rglob("*.JPEG"))]

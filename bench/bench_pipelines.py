@@ -10,7 +10,7 @@ pixels. The reference is the earlier order, built from the same public steps: re
 (AlexNet's square in uint8, a shorter side in float), convert the whole image to float,
 colour-shift it, subtract the mean image resized to it, and only then crop and flip. Both
 see the same decoded Imagenette JPEGs (decoding is excluded: it is the same for both) with
-the same seeds, on one thread; the best of `--repeats` alternating passes is reported in ms
+the same seeds, on one thread; the median of `--repeats` alternating passes is reported in ms
 per image, and the ratio reference / canon. The two agree to float rounding (checked on the
 first images).
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import time
 import warnings
 from pathlib import Path
@@ -57,15 +58,17 @@ def float_everything(config: DataConfig, stats) -> Compose:
 
 
 def ms_per_image(pipelines: dict, images: list[torch.Tensor], repeats: int) -> dict[str, float]:
-    best = dict.fromkeys(pipelines, float("inf"))
+    """Median pass of each pipeline; passes alternate, so a busy machine slows both alike."""
+    passes: dict[str, list[float]] = {name: [] for name in pipelines}
     for _ in range(repeats):
         for name, pipeline in pipelines.items():
             torch.manual_seed(0)
             start = time.perf_counter()
             for image in images:
                 pipeline(image)
-            best[name] = min(best[name], time.perf_counter() - start)
-    return {name: 1000 * seconds / len(images) for name, seconds in best.items()}
+            passes[name].append(time.perf_counter() - start)
+    return {name: 1000 * statistics.median(times) / len(images)
+            for name, times in passes.items()}
 
 
 def main() -> None:
@@ -74,6 +77,11 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
+    if args.repeats < 1 or args.images < 1:
+        parser.error(f"--repeats and --images must be at least 1, got {args.repeats} and "
+                     f"{args.images}")
+    if not ((args.folder / "train").is_dir() and (args.folder / "val").is_dir()):
+        parser.error(f"{args.folder} lacks train/ or val/ (folders of class folders)")
     warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 deprecates io
     torch.set_num_threads(1)
     train = FolderImages(args.folder / "train")
