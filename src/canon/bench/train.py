@@ -266,7 +266,9 @@ def _prepare(
         timed(step, warmup, device)
         return contender
     # A replay allocates nothing: the graph's memory is taken at capture, in the warm-up. The
-    # optimizer's momentum appears in that rise: its state is counted before it exists.
+    # optimizer's momentum appears in that rise: its state is counted before it exists. So do
+    # the capture's transients (restored_after's copy of the weights, cuDNN's first autotuning
+    # of these shapes): an upper bound, which format_train says.
     own = state_bytes(model, optimizer)
     _, rise = _memory_rise(lambda: timed(step, warmup, device), device)
     if rise is not None:
@@ -416,6 +418,9 @@ def format_train(bench: TrainBench) -> str:
         f"canon / torchvision images/s: {bench.ratio:.3f} ({bench.note})",
         f"GFLOPs/img: training multiply-adds, 3x forward; peak memory: {s['memory']}",
     ]
+    if s.get("cuda_graph") and s["device"] != "cpu":  # captured only on a GPU
+        lines.append("canon's peak memory: its warm-up's, capture included (a copy of the "
+                     "weights, cuDNN's first autotuning): an upper bound")
     if s["device"] == "cpu":
         lines.append("MFU on a CPU: relative to the matmul above; oneDNN's 3x3 convolutions "
                      "(Winograd) can outrun it, so it may pass 100%")
