@@ -1,10 +1,10 @@
 """Input-pipeline speed: canon's JPEG training pipeline against torchvision's standard one
 doing the same geometry, in images per second per CPU core.
 
-canon: the training set canon.data.loaders.build_datasets gives for a recipe's data section
-(torchvision.io decoding, then canon.data.transforms.training_transform). torchvision:
-ImageFolder over the same folder (PIL decoding) with transforms.v2, the geometry of each canon
-augmentation:
+canon: the training set canon.data.loaders.build_datasets gives for a recipe's data section,
+its training split alone read (build_training_set; torchvision.io decoding, then
+canon.data.transforms.training_transform). torchvision: ImageFolder over the same folder
+(PIL decoding) with transforms.v2, the geometry of each canon augmentation:
 
 - googlenet: RandomResizedCrop(crop_size, area_range, aspect_range); interpolation jitter as a
   RandomChoice of one crop per filter.
@@ -48,7 +48,7 @@ from canon.data.config import DataConfig
 from canon.data.device_jpeg import DeviceCrops, DeviceDecodedBatches, FileBytes, collate_files
 from canon.data.folders import FolderImages
 from canon.data.geometry import INTERPOLATION
-from canon.data.loaders import build_datasets
+from canon.data.loaders import build_training_set
 from canon.data.stats import imagenet_channel_stats
 from canon.data.transforms import INTERPOLATION_JITTER
 from canon.engine.distributed import resolve_device
@@ -143,7 +143,7 @@ def pipelines(
     """canon's training set for `config`, torchvision's over the same folder (`folder`, its
     scan reused, or a new ImageFolder), and `images` files spread evenly over both, less those
     canon cannot decode."""
-    canon = build_datasets(config).train
+    canon = build_training_set(config)
     root, paths = getattr(canon, "root", None), getattr(canon, "paths", None)
     if root is None or paths is None:  # a folder of CIFAR batches
         raise ConfigError(f"{config.dataset} holds no image files (train/<class>/...)")
