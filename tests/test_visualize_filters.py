@@ -79,6 +79,13 @@ def test_small_kernels_are_enlarged_and_flat_ones_grey() -> None:
     assert all(tiles[i].min() == 0 and tiles[i].max() == 255 for i in (0, 1, 3))
     grey = kernel_tiles(nn.Conv2d(1, 2, 5).weight)  # one input channel: grey tiles
     assert torch.equal(grey[:, 0], grey[:, 1]) and grey.shape == (2, 3, 50, 50)
+    # One range for all: a kernel of a tenth the strength spans a tenth of the greys.
+    with torch.no_grad():
+        conv.weight[1] = conv.weight[0] / 10
+    shared = kernel_tiles(conv.weight, shared_contrast=True).float()
+    assert shared.min() == 0 and shared.max() == 255 and not (shared[2] == 128).all()
+    spans = [float(tile.max() - tile.min()) for tile in shared]
+    assert spans[1] == pytest.approx(spans[0] / 10, abs=1.0)
 
 
 def test_activations_show_a_layers_maps_on_one_scale(tmp_path) -> None:
@@ -130,6 +137,9 @@ def test_a_layer_that_inference_does_not_run_is_named_in_the_error(tmp_path) -> 
 def test_filters_and_activations_commands_on_a_real_run(
     quickstart_run, sample_images, tmp_path, capsys
 ) -> None:
+    lines = run_verb(["filters", str(quickstart_run), "--contrast", "shared", "--output-dir",
+                      str(tmp_path / "shared")], capsys)
+    assert "all kernels' minimum to 0" in (tmp_path / "shared" / "filters.json").read_text()
     lines = run_verb(["filters", str(quickstart_run)], capsys)
     assert lines[-1].startswith("filters: 16 kernels of conv1.0")  # ResNet-20's 3x3 conv
     assert_picture(quickstart_run / "visualize" / "filters" / "filters.png", 16 * 48, 48)

@@ -81,6 +81,13 @@ def top_argument(parser: argparse.ArgumentParser) -> None:
                         help="images per feature (default 9, as Zeiler & Fergus Fig. 2)")
 
 
+def contrast_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--contrast", choices=("each", "shared"), default="each",
+        help="each: every kernel stretched to the full grey range on its own (its pattern); "
+        "shared: one range for all, so weak kernels look faint (their strength)")
+
+
 def images_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", type=Path, nargs="+", default=[], metavar="IMAGE",
                         help="search these image files instead of --data")

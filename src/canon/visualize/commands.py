@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from canon.visualize.arguments import (
     Arguments,
     batch_argument,
+    contrast_argument,
     data_arguments,
     feature_arguments,
     image_argument,
@@ -74,11 +75,12 @@ def _written(result: dict[str, Any], summary: str) -> Written:
     return Written(summary, [Path(result[key]) for key in ("png", "csv", "json") if key in result])
 
 
-@visualization("filters", "the first layer's kernels as a grid (AlexNet Fig. 3, ZFNet Fig. 6)")
+@visualization("filters", "the first layer's kernels as a grid (AlexNet Fig. 3, ZFNet Fig. 6)",
+               contrast_argument)
 def _filters(args: argparse.Namespace) -> Written:
     from canon.visualize.filters import write_filters
 
-    return write_filters(_trained(args), args.output_dir)
+    return write_filters(_trained(args), args.output_dir, shared_contrast=args.contrast == "shared")
 
 
 @visualization("activations", "a layer's feature maps for one image", image_argument,

@@ -1,9 +1,9 @@
 """What the first layer learned and what a layer makes of one image: the first convolution's
 kernels as a grid (the layout of Krizhevsky et al. 2012, Fig. 3: 96 kernels, the two towers'
 halves in rows 1-3 and 4-6 of a 16-wide grid; Zeiler & Fergus 2013, Fig. 6), each
-contrast-normalised on its own, canon's choice, which the papers do not state (one scale for
-all would show how strong each kernel is; this shows each one's pattern), and a layer's
-feature maps for one image."""
+contrast-normalised on its own by default, canon's choice, which the papers do not state (it
+shows each one's pattern; one scale for all, `shared_contrast`, shows how strong each kernel
+is), and a layer's feature maps for one image."""
 
 from __future__ import annotations
 
@@ -43,21 +43,27 @@ def first_conv(model: nn.Module) -> tuple[str, nn.Conv2d]:
     raise ConfigError(f"{type(model).__name__} has no convolution to show the kernels of")
 
 
-def kernel_tiles(weight: torch.Tensor) -> torch.Tensor:
-    """Kernels out x in x k x k as uint8 RGB tiles, each contrast-normalised on its own: RGB
-    when they read 3 channels, else their mean over the input channels in grey; small kernels
-    are enlarged by a whole factor, nearest neighbour."""
+def kernel_tiles(weight: torch.Tensor, *, shared_contrast: bool = False) -> torch.Tensor:
+    """Kernels out x in x k x k as uint8 RGB tiles, each contrast-normalised on its own (or,
+    `shared_contrast`, all by one minimum and maximum): RGB when they read 3 channels, else
+    their mean over the input channels in grey; small kernels are enlarged by a whole factor,
+    nearest neighbour."""
     kernels = weight.detach().float().cpu()
     if kernels.shape[1] != 3:
         kernels = kernels.mean(1, keepdim=True)
-    return upscale(as_rgb(contrast_normalise(kernels)))
+    if shared_contrast:  # one tile of them all, stretched once
+        normalised = contrast_normalise(kernels.unsqueeze(0))[0]
+    else:
+        normalised = contrast_normalise(kernels)
+    return upscale(as_rgb(normalised))
 
 
-def write_filters(trained: TrainedModel, output_dir: Path) -> Written:
+def write_filters(trained: TrainedModel, output_dir: Path, *,
+                  shared_contrast: bool = False) -> Written:
     """filters.png (the first convolution's kernels, GRID_COLUMNS to a row) and filters.csv
-    (each kernel's norm, minimum and maximum)."""
+    (each kernel's norm, minimum and maximum); `shared_contrast`: see kernel_tiles."""
     name, conv = first_conv(trained.model)
-    tiles = kernel_tiles(conv.weight)
+    tiles = kernel_tiles(conv.weight, shared_contrast=shared_contrast)
     make_folder(output_dir)
     weight = conv.weight.detach().float().cpu()
     rows = [
@@ -72,7 +78,8 @@ def write_filters(trained: TrainedModel, output_dir: Path) -> Written:
         save_json(output_dir / "filters.json", {
             "source": str(trained.source), "layer": name, "shape": list(weight.shape),
             "stride": list(conv.stride), "grid_columns": columns,
-            "normalisation": "each kernel's own minimum to 0, maximum to 255",
+            "normalisation": ("all kernels' minimum to 0, maximum to 255" if shared_contrast
+                              else "each kernel's own minimum to 0, maximum to 255"),
         }),
     ]
     return Written(f"{len(tiles)} kernels of {name}, {tuple(weight.shape[1:])} each", written)
