@@ -139,10 +139,28 @@ def test_extract_refuses_paths_outside(tmp_path):
     assert not (tmp_path / "escaped.txt").exists()
 
 
-def test_missing_cifar_without_download_says_what_to_do(tmp_path):
-    with pytest.raises(DataError, match=r"data\.download"):
+def test_missing_cifar_without_download_says_what_to_do(tmp_path, monkeypatch):
+    with pytest.raises(DataError, match=r"data\.download.*place cifar-10-python\.tar\.gz at"):
         fetch_cifar("cifar10", tmp_path, download=False)
     assert CIFAR["cifar10"]["md5"] == "c58f30108f718f92721af3b95e74349a"
+    # Offline, an archive placed by hand (as that advice says) is verified and unpacked.
+    source = tmp_path / "source" / "cifar-10-batches-py"
+    source.mkdir(parents=True)
+    (source / "batches.meta").write_bytes(b"meta")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    archive = cache / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(source, arcname="cifar-10-batches-py")
+    monkeypatch.setitem(CIFAR, "cifar10", {**CIFAR["cifar10"], "url": "https://offline.invalid/"
+                                           "cifar-10-python.tar.gz",
+                                           "md5": file_digest(archive, "md5")})
+    folder = fetch_cifar("cifar10", cache, download=False)
+    assert (folder / "batches.meta").read_bytes() == b"meta"
+    shutil.rmtree(folder)
+    archive.write_bytes(archive.read_bytes()[:-10])  # cut short: refused, not fetched
+    with pytest.raises(DataError, match=r"cifar-10-python\.tar\.gz is damaged or incomplete"):
+        fetch_cifar("cifar10", cache, download=False)
 
 
 def test_a_cifar_copy_unpacked_by_another_process_first_is_taken(tmp_path, monkeypatch):
@@ -202,6 +220,11 @@ def test_an_incomplete_cifar_folder_is_named_and_kept(tmp_path):
             read_cifar("cifar10", folder, "test")
     (folder / "test_batch").write_bytes(pickle.dumps({"data": data}))
     with pytest.raises(DataError, match=r"test_batch: not a CIFAR pickle \(no 'labels'"):
+        read_cifar("cifar10", folder, "test")
+    # a copy re-saved with pickle's protocol 5 stores its arrays otherwise: it reads alike
+    (folder / "test_batch").write_bytes(pickle.dumps({"data": data, "labels": [0, 1, 1]},
+                                                     protocol=5))
+    with pytest.raises(DataError, match=r"test split has 3 images, expected 10000"):
         read_cifar("cifar10", folder, "test")
 
 

@@ -53,6 +53,8 @@ class _ArrayUnpickler(pickle.Unpickler):
         ("numpy", "dtype"),
         ("numpy.core.multiarray", "scalar"),
         ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"),  # arrays as pickle protocol 5 saves them
+        ("numpy._core.numeric", "_frombuffer"),
         ("_codecs", "encode"),
     }
 
@@ -162,12 +164,19 @@ def fetch_cifar(name: str, cache: Path, *, download: bool) -> Path:
             f"{folder} has no {spec['meta']}: an incomplete copy of {name}; finish copying it "
             f"or remove the folder to download {name} afresh"
         )
-    if not download:
+    archive = cache / Path(spec["url"]).name
+    if download:
+        download_and_verify(spec["url"], archive, spec["md5"])
+    elif not archive.is_file():  # offline, an archive placed there by hand will do
         raise DataError(
-            f"{name} is not in {cache}; allow download (data.download: true) or point "
-            f"data.dataset at a folder holding {spec['folder']}/"
+            f"{name} is not in {cache}; allow download (data.download: true), place "
+            f"{archive.name} at {archive}, or point data.dataset at a folder holding "
+            f"{spec['folder']}/"
         )
-    archive = download_and_verify(spec["url"], cache / Path(spec["url"]).name, spec["md5"])
+    elif file_digest(archive, "md5") != spec["md5"]:
+        raise DataError(f"{archive} is damaged or incomplete (its md5 is not the published "
+                        f"{spec['md5']}): replace it with a good copy, or allow download "
+                        "(data.download: true)")
     with tempfile.TemporaryDirectory(dir=cache) as scratch:
         extract_tar(archive, Path(scratch))
         try:
