@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
 from pathlib import Path
 
 import pytest
@@ -115,6 +117,11 @@ def test_towers_load_alexnet_checkpoints_and_follow_eval_mode() -> None:
         towers(torch.randn(1, 3, 224, 224))
     with pytest.raises(ConfigError, match="alexnet"):
         parallelize(create_model("resnet20"), "towers", CPU)
+    # The split keeps the unsplit model's options, not the model itself (61M parameters).
+    unsplit = create_model("alexnet", num_classes=5, dropout=0.4)
+    towers, unsplit = TwoTowerAlexNet(unsplit, [CPU, CPU]), weakref.ref(unsplit)
+    gc.collect()
+    assert unsplit() is None and towers.build_options() == {"dropout": 0.4}
     # Each tower's half on its own device ("meta" stands in for a second GPU).
     towers = TwoTowerAlexNet(create_model("alexnet", num_classes=5), [CPU, torch.device("meta")])
     for index, device in enumerate(("cpu", "meta")):

@@ -6,6 +6,7 @@ torchrun's data parallelism is not done."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -93,7 +94,8 @@ class TwoTowerAlexNet(nn.Module):
         if len(devices) != 2:
             raise ConfigError(f"AlexNet has two towers, got {len(devices)} devices")
         self.devices = list(devices)
-        self.eval_config, self.build_options = model.eval_config, model.build_options
+        # The options, not the bound method: that would keep the whole unsplit model alive.
+        self.eval_config, self._build_options = model.eval_config, model.build_options()
         self.min_input_size, self.fixed_input_size = model.min_input_size, model.fixed_input_size
         self.towers = nn.ModuleList(nn.ModuleDict() for _ in devices)
         # Parameter-free layers (ReLU, LRN, pooling, dropout) both towers apply.
@@ -105,6 +107,9 @@ class TwoTowerAlexNet(nn.Module):
         self._build_head(model)
         self.register_state_dict_post_hook(_merge_towers_state)
         self.register_load_state_dict_pre_hook(_split_towers_state)
+
+    def build_options(self) -> dict[str, Any]:
+        return dict(self._build_options)
 
     def _add_split(self, original: str, layer: nn.Conv2d | nn.Linear) -> None:
         key = original.replace(".", "_")
