@@ -33,6 +33,7 @@ from canon.data.cifar import (
 from canon.data.datasets import load_sample, open_dataset, open_eval_split
 from canon.data.decoding import decode_image_file, image_size
 from canon.data.folders import FolderImages
+from canon.data.holdout import hold_out
 from canon.data.packing import pack_folder
 from canon.data.shards import ShardImages
 from canon.data.stats import compute_stats, statistics_of, stats_cache_path
@@ -372,6 +373,8 @@ def test_skipped_counts_the_image_files_left_out_when_listed(bad_tree, tmp_path_
         assert val.skipped_at_listing == 1  # zero.JPEG
         assert (result["images"], result["skipped"]) == (4, 3)  # text.JPEG, truncated.JPEG
         assert (stats.images, stats.skipped) == (4, 3)
+        rest, _ = hold_out(val, 1, seed=0)  # data.val_split's parts: still counted
+        assert rest.skipped_at_listing == 1
         # Packed, the same counts: the pack's index remembers the image files it left out.
         packed = tmp_path_factory.mktemp("shards")
         pack_folder(root, packed, progress=False)
@@ -514,6 +517,9 @@ def test_16_bit_images_decode_to_8_bit(tmp_path):
         assert image.dtype == torch.uint8, name
         assert image.permute(1, 2, 0).numpy().tolist() == high_bytes.tolist(), name
     assert decode_image_file(tmp_path / "rgb16.png")[:, 0, 0].tolist() == [0, 0, 255]
+    Image.fromarray(grey.astype(np.float32) / 65535).save(tmp_path / "float.tif")  # mode F
+    with pytest.raises(DataError, match=r"float\.tif: a floating-point image \(PIL mode F\)"):
+        decode_image_file(tmp_path / "float.tif")  # was clipped to a black picture
 
     for label in ("a", "b"):  # statistics of a folder of them (they crashed on uint16)
         (tmp_path / "tree" / label).mkdir(parents=True)

@@ -210,6 +210,9 @@ def _decode_with_pil(image: Image.Image, path: str | Path) -> torch.Tensor:
     try:
         image.load()  # raises on truncated data (LOAD_TRUNCATED_IMAGES stays False)
         image = ImageOps.exif_transpose(image)  # upright, as torchvision's JPEGs and PNGs
+        if image.mode == "F":  # its range (0..1? 0..255?) is anyone's guess; convert clips
+            raise DataError(f"{path}: a floating-point image (PIL mode F), which canon does not "
+                            "read; save it as 8- or 16-bit")
         if image.mode.startswith("I"):  # 16-bit greyscale (I;16 TIFF, I PGM): convert clips
             grey = _high_byte(torch.from_numpy(np.asarray(image, dtype=np.int32)))
             return grey.expand(3, -1, -1).contiguous()
