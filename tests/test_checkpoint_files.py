@@ -481,6 +481,10 @@ BAD_EXPORTS = {  # a damage, and what the error must name
     "no num_classes": (without("num_classes"), r"eval_config\.json has no valid 'num_classes'"),
     "no model": (without("model"), r"eval_config\.json has no valid 'model'"),
     "no classes": (without("classes"), r"eval_config\.json has no valid 'classes'"),
+    "a class name too few": (  # predict printed misaligned names, or failed with IndexError
+        edit_config(lambda info: json.dumps({**info, "classes": info["classes"][:-1]})),
+        r"model\.safetensors: 9 class names and 10 class ids for a model of 10 outputs",
+    ),
     "weights gone NaN": (  # bytes damaged in place: the file still reads
         lambda run_dir: safetensors.torch.save_file(
             {key: value.fill_(float("nan")) if key == "fc.weight" else value for key, value in

@@ -220,6 +220,11 @@ def _assemble(
     data: dict[str, Any], weights: dict[str, Any], normalization: dict[str, Any] | None,
     options: dict[str, Any] | None = None,
 ) -> TrainedModel:
+    if len(class_ids) != len(classes) or (classes and len(classes) != num_classes):
+        # A name per output, or predictions print misaligned names (or none: an IndexError).
+        raise DataError(f"{source}: {len(classes)} class names and {len(class_ids)} class ids "
+                        f"for a model of {num_classes} outputs (an edited or damaged "
+                        f"{EXPORT_CONFIG} or checkpoint); load the run's own files")
     try:
         model = create_model(name, num_classes, **(options or {}))
     except TypeError as error:  # an option the model's builder does not take
