@@ -371,6 +371,15 @@ def test_help_and_the_recipes_need_no_torch():
     assert done.stdout.splitlines()[-1] == "[]"
 
 
+def test_output_into_a_closed_pipe_stops_quietly():
+    """`canon recipes show googlenet | head -1`: the reader goes away; canon stops with the
+    shell's status for it (141), not a BrokenPipeError traceback."""
+    shown = subprocess.Popen([sys.executable, "-m", "canon", "recipes", "show", "googlenet"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    shown.stdout.close()  # before canon has written a line
+    assert shown.stderr.read() == b"" and shown.wait(timeout=60) == 141
+
+
 def test_eval_help_lists_every_protocol_evaluate_accepts():
     sub = build_parser()._subparsers._group_actions[0].choices["eval"]
     help_text = next(action.help for action in sub._actions if action.dest == "protocol")

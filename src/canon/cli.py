@@ -7,6 +7,7 @@ print as one line and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import sys
@@ -740,5 +741,9 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"canon {args.verb}: error: {canon_message(error)}", file=sys.stderr)
         sys.exit(2)
+    except BrokenPipeError:  # the reader went away (| head): stop as a shell tool does
+        with contextlib.suppress(OSError, ValueError):  # the exit's flush would raise again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)  # 128 + SIGPIPE, what a shell reports for a tool stopped so
     finally:
         warnings.formatwarning = default_format  # main() may be called from Python
