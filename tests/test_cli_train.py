@@ -185,6 +185,14 @@ def test_predict_prints_top5_class_names_with_probabilities(trained_run, tmp_pat
     with pytest.raises(SystemExit) as exit_, pytest.warns(BadImageWarning):  # none decoded
         main(["predict", str(trained_run), str(cut), "--device", "cpu"])
     assert exit_.value.code == 2 and "none of the 1 image file(s)" in capsys.readouterr().err
+    unfinished = shutil.copytree(trained_run, tmp_path / "unfinished")  # no export yet
+    (unfinished / "model.safetensors").unlink()
+    main(["predict", str(unfinished), str(paths[0]), "--device", "cpu"])
+    assert (f"{unfinished}: no exported model yet; predicting with {unfinished / 'checkpoints'}"
+            in capsys.readouterr().err)
+    with pytest.raises(SystemExit) as exit_:
+        main(["predict", str(unfinished / "model.safetensors"), str(paths[0])])
+    assert f"{unfinished / 'model.safetensors'} does not exist" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:
         main(["predict", str(trained_run), str(paths[0]), "--batch-size", "0"])
     assert exit_.value.code == 2

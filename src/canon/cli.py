@@ -546,7 +546,10 @@ def _run_predict(args: argparse.Namespace) -> None:
                           "then image files or folders of them")
     images = [file for path in images for file in _image_files(path, args.strict)]
     trained = [load_trained(source) for source in sources]
-    for model in trained:
+    for source, model in zip(sources, trained, strict=True):
+        if Path(source).is_dir() and model.source.suffix == ".pt":  # a run not finished yet
+            print(f"{source}: no exported model yet; predicting with {model.source}",
+                  file=sys.stderr)
         model.model.to(resolve_device(args.device))
     members, skipped = [t.member() for t in trained], 0
     for start in range(0, len(images), args.batch_size):  # a folder's worth stays in bounds

@@ -167,7 +167,9 @@ def _load_run_checkpoint(run_dir: Path, chosen: Path) -> TrainedModel:
 
 def _load_export(path: Path) -> TrainedModel:
     config_path = path.with_name(EXPORT_CONFIG)
-    if not path.is_file() or not config_path.is_file():
+    if not path.is_file():
+        raise DataError(f"{path} does not exist")
+    if not config_path.is_file():
         raise DataError(f"{path} needs {EXPORT_CONFIG} beside it (training writes both)")
     info = _json_object(config_path)
     norm_path = path.with_name(EXPORT_NORMALIZATION)
