@@ -458,6 +458,18 @@ def without(key: str):
     return edit_config(lambda info: json.dumps({k: v for k, v in info.items() if k != key}))
 
 
+def replace_weights(change, *, keep_tag: bool = True):
+    """model.safetensors rewritten with change(its tensors); with `keep_tag`, as the same
+    export (its id kept), else as a file from elsewhere."""
+    def rewrite(run_dir: Path) -> None:
+        path = run_dir / "model.safetensors"
+        with safetensors.safe_open(path, "pt") as file:
+            metadata = file.metadata() if keep_tag else None
+        safetensors.torch.save_file(change(safetensors.torch.load_file(path)), path,
+                                    metadata=metadata)
+    return rewrite
+
+
 BAD_EXPORTS = {  # a damage, and what the error must name
     "truncated weights": (truncate("model.safetensors"), r"model\.safetensors is unreadable"),
     "random weights": (
@@ -486,18 +498,19 @@ BAD_EXPORTS = {  # a damage, and what the error must name
         r"model\.safetensors: 9 class names and 10 class ids for a model of 10 outputs",
     ),
     "weights gone NaN": (  # bytes damaged in place: the file still reads
-        lambda run_dir: safetensors.torch.save_file(
-            {key: value.fill_(float("nan")) if key == "fc.weight" else value for key, value in
-             safetensors.torch.load_file(run_dir / "model.safetensors").items()},
-            run_dir / "model.safetensors"),
+        replace_weights(lambda tensors: {
+            key: value.fill_(float("nan")) if key == "fc.weight" else value
+            for key, value in tensors.items()}),
         r"model\.safetensors: its weight fc\.weight holds NaN or infinite values",
     ),
     "weights of another model": (
-        lambda run_dir: safetensors.torch.save_file(
-            {"fc.weight": torch.zeros(2, 2)}, run_dir / "model.safetensors"
-        ),
+        replace_weights(lambda _: {"fc.weight": torch.zeros(2, 2)}),
         r"model\.safetensors: its weights do not fit resnet20 with 10 classes \(RuntimeError: "
         r"Error\(s\) in loading state_dict for CifarResNet: Missing key\(s\) in state_dict: ",
+    ),
+    "another export's weights": (  # renamed or copied in: not read with this run's classes
+        replace_weights(lambda tensors: tensors, keep_tag=False),
+        r"model\.safetensors was not exported with .*eval_config\.json \(another export's",
     ),
 }
 

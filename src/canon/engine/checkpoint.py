@@ -11,6 +11,7 @@ import random
 import re
 import shutil
 import subprocess
+import uuid
 import warnings
 import zipfile
 from collections.abc import Collection
@@ -38,6 +39,7 @@ REPLACED_DIR = ".replaced-run"
 EXPORT_WEIGHTS = "model.safetensors"  # the trained weights (the EMA's when EMA is on)
 EXPORT_CONFIG = "eval_config.json"  # model, classes, class_ids, data section, recipe, commit
 EXPORT_NORMALIZATION = NORMALIZATION_FILE  # the mean (image) and std of the inputs
+EXPORT_TAG = "canon_export"  # the id an export's three files share (export_model)
 OUTPUT_DIR_ADVICE = "choose a writable --output-dir"  # what to do when a run file cannot be written
 
 # What a resumable checkpoint must hold (dotted: nested), and of which kind.
@@ -375,12 +377,16 @@ def export_model(
     inputs were normalised with) and eval_config.json (`info`: model name, classes, data;
     and which normalization file the model needs, so that its loss is an error, not a
     silently different input)."""
+    # One id in all three files: a model.safetensors renamed or copied beside another run's
+    # eval_config.json is then found out, not read with that run's classes and statistics.
+    tag = {EXPORT_TAG: uuid.uuid4().hex}
     tensors = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
-    _write_bytes(run_dir / EXPORT_WEIGHTS, safetensors.torch.save(tensors))
+    _write_bytes(run_dir / EXPORT_WEIGHTS, safetensors.torch.save(tensors, metadata=tag))
     if normalization is not None:
         stored = {k: v.contiguous() for k, v in normalization.items() if v is not None}
-        _write_bytes(run_dir / EXPORT_NORMALIZATION, safetensors.torch.save(stored))
-    info = {**info, "normalization": EXPORT_NORMALIZATION if normalization is not None else None}
+        _write_bytes(run_dir / EXPORT_NORMALIZATION, safetensors.torch.save(stored, metadata=tag))
+    info = {**info, **tag,
+            "normalization": EXPORT_NORMALIZATION if normalization is not None else None}
     _write_bytes(run_dir / EXPORT_CONFIG, json.dumps(info, indent=2).encode())
 
 

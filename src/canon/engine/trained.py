@@ -23,6 +23,7 @@ from canon.data.preprocess import EvalPreprocess, eval_preprocess
 from canon.engine.checkpoint import (
     EXPORT_CONFIG,
     EXPORT_NORMALIZATION,
+    EXPORT_TAG,
     EXPORT_WEIGHTS,
     CheckpointWarning,
     best_checkpoint,
@@ -181,6 +182,8 @@ def _load_export(path: Path) -> TrainedModel:
     normalization = _safetensors(norm_path) if norm_path.is_file() else None
     if normalization is not None:
         checked_field(normalization, "mean", torch.Tensor, norm_path)
+        _check_same_export(norm_path, info, config_path)
+    _check_same_export(path, info, config_path)
     classes = checked_names(info, "classes", config_path)
     return _assemble(
         path, name=checked_field(info, "model", str, config_path),
@@ -265,6 +268,23 @@ def _json_object(path: Path) -> dict[str, Any]:
         raise DataError(f"{path} holds a JSON {type(info).__name__}, not the object canon "
                         "train writes")
     return info
+
+
+def _check_same_export(path: Path, info: dict[str, Any], config_path: Path) -> None:
+    """Refuse a file that export_model did not write with this eval_config.json (exports
+    from before the id was written are taken as they are)."""
+    tag = info.get(EXPORT_TAG)
+    if tag is None:
+        return
+    try:
+        with safetensors.safe_open(path, "pt") as file:
+            theirs = (file.metadata() or {}).get(EXPORT_TAG)
+    except Exception as error:  # as _safetensors: a truncated or foreign file
+        raise unreadable_file(path, error) from None
+    if theirs != tag:
+        raise DataError(f"{path} was not exported with {config_path} (another export's file, "
+                        "renamed or copied beside it): keep each run's model.safetensors, "
+                        f"{EXPORT_CONFIG} and {EXPORT_NORMALIZATION} together")
 
 
 def _safetensors(path: Path) -> dict[str, torch.Tensor]:
