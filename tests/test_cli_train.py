@@ -209,7 +209,9 @@ def test_predict_prints_top5_class_names_with_probabilities(trained_run, tmp_pat
     (folder / ".ipynb_checkpoints").mkdir()
     (folder / ".ipynb_checkpoints" / "copy.png").write_bytes(paths[0].read_bytes())
     (folder / "gone.png").symlink_to(tmp_path / "nowhere.png")  # reported, not dropped
-    with pytest.warns(BadImageWarning, match="gone.png"):
+    (folder / "album").symlink_to(folder / "nested")  # not followed, but said so
+    with (pytest.warns(BadImageWarning, match="gone.png"),
+          pytest.warns(BadImageWarning, match=r"album: a link to a folder \(not followed")):
         main(["predict", str(trained_run), str(folder), "--device", "cpu"])
     by_folder = capsys.readouterr().out.splitlines()
     assert by_folder[0] == str(folder / paths[0].name)

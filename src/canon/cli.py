@@ -505,6 +505,10 @@ def _image_files(path: str, strict: bool = False) -> list[str]:
     found, unreadable = [], []
     for folder, subfolders, files in os.walk(path, onerror=unreadable.append):
         subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        for name in subfolders:  # os.walk lists them, but does not go in (a loop would not end)
+            if os.path.islink(os.path.join(folder, name)):
+                warnings.warn(f"skipping {os.path.join(folder, name)}: a link to a folder (not "
+                              "followed, as in a dataset folder)", BadImageWarning, stacklevel=2)
         found += [os.path.join(folder, name) for name in files
                   if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")]
     for error in unreadable:
