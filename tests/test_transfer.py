@@ -484,7 +484,9 @@ def test_the_feature_cache_follows_the_weights(folders, source_run, tmp_path, mo
     weights = safetensors.torch.load_file(source / "model.safetensors")
     first_conv = next(name for name, tensor in weights.items() if tensor.dim() == 4)
     weights[first_conv] *= 2
-    safetensors.torch.save_file(weights, source / "model.safetensors")
+    with safetensors.safe_open(source / "model.safetensors", "pt") as exported:
+        tag = exported.metadata()  # its export's id: the same run's weights, retrained
+    safetensors.torch.save_file(weights, source / "model.safetensors", metadata=tag)
     linear_probe(str(source), folders[1], out, overwrite=True, device="cpu", progress=False)
     second = Features.load(out / "features" / "train.safetensors")
     assert second.fingerprint != first.fingerprint
