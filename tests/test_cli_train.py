@@ -479,6 +479,9 @@ def test_bad_input_gets_a_one_line_error(trained_run, tmp_path, capsys):
         (["eval", str(trained_run), "--output", str(tmp_path / "afile" / "x.json")],
          "afile is a file, not a folder"),
     ]
+    if Path("/proc/self").is_dir():  # a folder nobody writes in, root included (Linux)
+        cases.append((["eval", str(trained_run), "--output", "/proc/eval.json"],
+                      "--output /proc/eval.json: cannot write in /proc"))
     cases += [  # numbers argparse checks, before any work
         (["eval", str(trained_run), "--workers", "-1"], "--workers: must be at least 0"),
         ([*features, "--batch-size", "0"], "--batch-size: must be at least 1"),

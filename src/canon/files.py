@@ -78,7 +78,8 @@ def check_output_file(path: Path, option: str, kind: str, is_kind: Callable[[Pat
                       ) -> None:
     """Before any work: `path` (given as `option`) can take the output, replacing only an
     earlier output of the same `kind` (`is_kind` tells); a folder there or in place of its
-    parent, or another file (a run's weights, the user's), is a DataError naming it."""
+    parent, another file (a run's weights, the user's), or a folder canon cannot write in
+    is a DataError naming it."""
     if path.is_dir():
         raise DataError(f"{option} {path} is a folder; name a file in it")
     if path.exists() and not is_kind(path):
@@ -87,6 +88,12 @@ def check_output_file(path: Path, option: str, kind: str, is_kind: Callable[[Pat
     parent = next((p for p in path.parents if p.exists()), None)
     if parent is not None and not parent.is_dir():
         raise DataError(f"{option} {path}: {parent} is a file, not a folder")
+    if parent is not None:  # a file made and deleted: permissions alone do not tell (root)
+        try:
+            _new_temporary(parent / path.name).unlink()
+        except OSError as error:
+            raise DataError(f"{option} {path}: cannot write in {parent} ({error.strerror}); "
+                            f"choose another {option}") from None
 
 
 def make_folder(folder: Path, *, advice: str = "choose a writable folder") -> None:
