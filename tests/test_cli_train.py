@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 import canon
+import canon.evaluation.ensemble
 from canon.cli import build_parser, main
 from canon.data import BadImageWarning, decode_image_file, open_dataset
 from canon.data.config import DataConfig
@@ -153,7 +154,9 @@ def test_a_loaded_model_alone_is_evaluated_with_its_run_s_preprocessing(trained_
     assert "eval_config" not in info  # it stated the class's 32/32 and CIFAR constants
 
 
-def test_predict_prints_top5_class_names_with_probabilities(trained_run, tmp_path, capsys):
+def test_predict_prints_top5_class_names_with_probabilities(
+    trained_run, tmp_path, capsys, monkeypatch
+):
     _, test_images = open_dataset("sample")
     paths = []
     for index in (0, 1):  # the second named in Latin-1, not UTF-8: printed with its byte escaped
@@ -171,6 +174,16 @@ def test_predict_prints_top5_class_names_with_probabilities(trained_run, tmp_pat
     main(["predict", str(trained_run / "checkpoints" / "epoch-002.pt"), "--device", "cpu",
           str(paths[0]), "--top", "5", str(paths[1])])  # options between the positionals
     assert capsys.readouterr().out.splitlines() == lines
+    # Big images are scored in smaller batches: their decoded pixels stay within bounds.
+    scored, predict_ensemble = [], canon.evaluation.ensemble.predict_ensemble
+    with monkeypatch.context() as patch:
+        patch.setattr("canon.cli.PREDICT_PIXELS", 32 * 32)  # one sample image's
+        patch.setattr("canon.evaluation.ensemble.predict_ensemble",
+                      lambda members, images, top: scored.append(len(images))
+                      or predict_ensemble(members, images, top))
+        main(["predict", str(trained_run / "checkpoints" / "epoch-002.pt"), *map(str, paths),
+              "--device", "cpu"])
+    assert scored == [1, 1] and capsys.readouterr().out.splitlines() == lines
     cut = tmp_path / "cut.png"  # a truncated file between the two: skipped, named, counted
     cut.write_bytes(paths[0].read_bytes()[:100])
     with pytest.warns(BadImageWarning, match="cut.png"):

@@ -523,6 +523,11 @@ def _image_files(path: str, strict: bool = False) -> list[str]:
     return found
 
 
+# Decoded pixels canon predict holds before it scores them (about 200 MB of uint8 RGB): 64
+# photos of 12 megapixels would take 2.3 GB, full size until each is cropped.
+PREDICT_PIXELS = 64_000_000
+
+
 @_verb("predict", "the most likely classes for image files (one model or an ensemble)",
        _predict_arguments)
 def _run_predict(args: argparse.Namespace) -> None:
@@ -556,22 +561,31 @@ def _run_predict(args: argparse.Namespace) -> None:
                   file=sys.stderr)
         model.model.to(resolve_device(args.device))
     members, skipped = [t.member() for t in trained], 0
-    for start in range(0, len(images), args.batch_size):  # a folder's worth stays in bounds
-        paths, decoded = [], []
-        for path in images[start : start + args.batch_size]:
-            try:
-                decoded += decode_images([path], trained[0].data)
-                paths.append(path)
-            except DataError as error:
-                if args.strict:
-                    raise
-                warnings.warn(f"skipping {error}", BadImageWarning, stacklevel=1)
-                skipped += 1
-        rankings = predict_ensemble(members, decoded, args.top) if decoded else []
-        for path, ranking in zip(paths, rankings, strict=True):
+    paths, decoded = [], []
+
+    def predict_held() -> None:
+        for path, ranking in zip(paths, predict_ensemble(members, decoded, args.top),
+                                 strict=True):
             print(printable(path), flush=True)
             for name, probability in ranking:
                 print(f"  {probability:7.2%}  {printable(name)}")
+        paths.clear()
+        decoded.clear()
+
+    for path in images:  # a folder's worth stays in bounds: a batch, or PREDICT_PIXELS
+        try:
+            decoded += decode_images([path], trained[0].data)
+            paths.append(path)
+        except DataError as error:
+            if args.strict:
+                raise
+            warnings.warn(f"skipping {error}", BadImageWarning, stacklevel=1)
+            skipped += 1
+        if len(decoded) == args.batch_size or (
+                decoded and sum(image[0].numel() for image in decoded) >= PREDICT_PIXELS):
+            predict_held()
+    if decoded:
+        predict_held()
     _report_skipped(skipped)
     if skipped == len(images):  # nothing predicted: a script must not read success
         raise DataError(f"none of the {len(images)} image file(s) could be decoded (see the "
