@@ -493,6 +493,11 @@ BAD_EXPORTS = {  # a damage, and what the error must name
     "no num_classes": (without("num_classes"), r"eval_config\.json has no valid 'num_classes'"),
     "no model": (without("model"), r"eval_config\.json has no valid 'model'"),
     "no classes": (without("classes"), r"eval_config\.json has no valid 'classes'"),
+    "data of another canon": (  # a key this canon does not know: the file is named
+        edit_config(lambda info: json.dumps({**info, "data": {**info["data"], "new": 1}})),
+        r"model\.safetensors: its data section: unknown data key\(s\) \['new'\].* \(written "
+        r"by another version of canon\?\)",
+    ),
     "a class name too few": (  # predict printed misaligned names, or failed with IndexError
         edit_config(lambda info: json.dumps({**info, "classes": info["classes"][:-1]})),
         r"model\.safetensors: 9 class names and 10 class ids for a model of 10 outputs",
@@ -608,6 +613,13 @@ def test_overwrite_deletes_the_earlier_run_s_files_only(tmp_path):
         ckpt.load_for_resume(tmp_path)
     with pytest.raises(DataError, match=r"holds no trained model .*replaced-run until the new"):
         load_trained(tmp_path)
+    stopped = tmp_path / "stopped" / "checkpoints"  # Ctrl-C in the first epoch
+    stopped.mkdir(parents=True)
+    (stopped / "interrupted.pt").write_bytes(b"a state, not a model")
+    with pytest.raises(DataError, match=r"stopped in its first epoch: `canon train --resume "
+                       r".*stopped` goes on, or name .*interrupted\.pt itself"):
+        load_trained(stopped.parent)
+    shutil.rmtree(stopped.parent)
     with (pytest.raises(DataError, match="already holds a run; pass --overwrite"),
           claim_run_dir(tmp_path, resume=False)):
         pass

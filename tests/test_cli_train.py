@@ -469,8 +469,8 @@ def test_bad_input_gets_a_one_line_error(trained_run, tmp_path, capsys):
         (["train", "--data", str(tmp_path / "missing")], "neither sample, cifar10"),
         (["train", "--set", "model.num_classes=5", "--output-dir", str(tmp_path / "nc")],
          "model.num_classes is 5, but the training set has 10 classes (sample)"),
-        (["eval", str(tmp_path)], "holds no trained model (no model.safetensors, no "
-         "checkpoint in its checkpoints/)"),
+        (["eval", str(tmp_path)], "holds no trained model (no model.safetensors, no epoch "
+         "checkpoint in its checkpoints/): name a run directory"),
         (["eval", str(trained_run), "--device", "bogus"], "unknown device 'bogus'"),
         (["predict", str(tmp_path / "mistyped"), str(trained_run / "curves.png")],
          f"no such file: {tmp_path / 'mistyped'} (models first"),

@@ -29,6 +29,7 @@ from canon.engine.checkpoint import (
     best_checkpoint,
     checked_field,
     checked_names,
+    interrupted_checkpoint,
     load_checkpoint,
     replaced_run_note,
     run_epoch_checkpoints,
@@ -117,9 +118,12 @@ def load_trained(path: str | Path) -> TrainedModel:
         return _load_export(path) if path.suffix == ".safetensors" else _load_from_checkpoint(path)
     exported, fallback = path / EXPORT_WEIGHTS, _checkpoint_to_use(path)
     if not exported.is_file() and not fallback.is_file():
-        raise DataError(f"{path} holds no trained model (no {EXPORT_WEIGHTS}, no checkpoint "
-                        "in its checkpoints/): name a run directory, a model.safetensors or a "
-                        ".pt checkpoint" + replaced_run_note(path))
+        interrupted = interrupted_checkpoint(path)
+        advice = (f"; it was stopped in its first epoch: `canon train --resume {path}` goes on, "
+                  f"or name {interrupted} itself" if interrupted.is_file() else
+                  ": name a run directory, a model.safetensors or a .pt checkpoint")
+        raise DataError(f"{path} holds no trained model (no {EXPORT_WEIGHTS}, no epoch "
+                        f"checkpoint in its checkpoints/){advice}" + replaced_run_note(path))
     if not exported.is_file():
         return _load_run_checkpoint(path, fallback)
     try:
@@ -247,7 +251,11 @@ def _assemble(
         raise DataError(f"{source}: its weight {damaged} holds NaN or infinite values (a "
                         "damaged file); load the run's checkpoints/ or an earlier copy")
     model.eval()
-    data_config = DataConfig.from_dict(data)
+    try:
+        data_config = DataConfig.from_dict(data)
+    except ConfigError as error:  # a key or value this canon does not know
+        raise DataError(f"{source}: its data section: {error} (written by another version of "
+                        "canon?)") from None
     if normalization is None:  # trained on ready tensors: fall back to the model's own
         preprocess = preprocess_for(model, data_config.image_fit())
     else:
