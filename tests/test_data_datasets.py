@@ -255,6 +255,9 @@ def test_class_names_from_synset_mapping(tmp_path, imagenette_root):
     )
     train, val = open_dataset(str(tmp_path))
     assert train.classes == val.classes == ["tench", "English springer"]
+    (tmp_path / "LOC_synset_mapping.txt").write_text(  # first synonyms alike: told apart
+        "n01440764 crane\nn02102040 crane, derrick\n")
+    assert open_dataset(str(tmp_path))[0].classes == ["crane (n01440764)", "crane (n02102040)"]
     (tmp_path / "LOC_synset_mapping.txt").unlink()  # torchvision's names of ImageNet's wnids
     assert open_dataset(str(tmp_path))[0].classes == ["tench", "English springer"]
     (tmp_path / "train" / "n02102040").rename(tmp_path / "train" / "dogs")

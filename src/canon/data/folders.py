@@ -303,16 +303,23 @@ def _contents(folder: Path) -> str:
 def class_names(root: Path, class_ids: list[str]) -> list[str]:
     """Human names from a synset mapping file (`wnid name, synonyms`) beside the tree, else
     torchvision's names of ImageNet-1k's classes for folders named by their wnids; other
-    folders keep their names."""
+    folders keep their names. A name two classes share (the mapping's first synonyms: two
+    "crane"s, two "maillot"s) gets its wnid: predictions must tell them apart."""
     for folder in (root, root.parent, root.parent.parent):
         for filename in SYNSET_FILES:
             mapping = folder / filename
             if mapping.is_file():
                 names = _read_synsets(mapping)
-                return [names.get(i, i) for i in class_ids]
+                return _distinct([names.get(i, i) for i in class_ids], class_ids)
     if set(class_ids) & set(imagenet_wnids()):
-        return [imagenet_names().get(i, i) for i in class_ids]
+        return _distinct([imagenet_names().get(i, i) for i in class_ids], class_ids)
     return list(class_ids)
+
+
+def _distinct(names: list[str], class_ids: list[str]) -> list[str]:
+    shared = {name for name in names if names.count(name) > 1}
+    return [f"{name} ({wnid})" if name in shared else name
+            for name, wnid in zip(names, class_ids, strict=True)]
 
 
 def _read_synsets(path: Path) -> dict[str, str]:
