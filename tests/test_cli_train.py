@@ -264,7 +264,9 @@ def test_predict_prints_top5_class_names_with_probabilities(
     assert all(line.split("%")[1].strip() in test_images.classes for line in lines[1:6])
 
 
-def test_an_ensemble_of_two_runs_through_eval_and_predict(trained_run, tmp_path, capsys):
+def test_an_ensemble_of_two_runs_through_eval_and_predict(
+    trained_run, tmp_path, capsys, monkeypatch
+):
     """`canon eval A B` reports each model and the mean of their softmax outputs, with
     --per-class a CSV and a confusion matrix; `canon predict A B IMAGE` averages likewise."""
     first = trained_run / "checkpoints" / "epoch-001.pt"
@@ -308,6 +310,18 @@ def test_an_ensemble_of_two_runs_through_eval_and_predict(trained_run, tmp_path,
     for path in mine:
         path.unlink()
     (tmp_path / "mine.json").unlink()
+    # The default output (ensemble-PROTOCOL.json, here) of another ensemble is not replaced.
+    monkeypatch.chdir(tmp_path)
+    other = {"protocol": "center", "top1_error": 50.0, "data": "sample",
+             "members": [{"name": "/runs/a/model.safetensors"}, {"name": "/runs/b"}]}
+    (tmp_path / "ensemble-center.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit):
+        main(["eval", str(trained_run), str(first), "--device", "cpu"])
+    assert ("ensemble-center.json holds the result of another ensemble "
+            "(/runs/a/model.safetensors, /runs/b): name another file with --output"
+            in capsys.readouterr().err)
+    assert json.loads((tmp_path / "ensemble-center.json").read_text()) == other
+    (tmp_path / "ensemble-center.json").unlink()
     path = tmp_path / "image.png"
     Image.fromarray(test_images.images[0].permute(1, 2, 0).numpy()).save(path)
     capsys.readouterr()

@@ -377,6 +377,8 @@ def _run_eval(args: argparse.Namespace) -> None:
     check_output_file(output, "--output", "an evaluation's JSON", _is_eval_json)
     if args.output is None:
         _check_same_data(output, data)
+        if len(trained) > 1:
+            _check_same_members(output, [str(t.source) for t in trained])
     stem = output.with_suffix("")
     per_class, confusion = (stem.with_name(f"{stem.name}-{end}")
                             for end in ("per-class.csv", "confusion.png"))
@@ -464,6 +466,22 @@ def _check_same_data(output: Path, data: str) -> None:
     if earlier is not None:
         raise DataError(f"{output} holds the result on {earlier}, other images than {data}: "
                         "name another file with --output")
+
+
+def _check_same_members(output: Path, names: list[str]) -> None:
+    """A default ensemble output (ensemble-PROTOCOL.json, here) that holds another ensemble's
+    result is not replaced: a DataError saying to name one."""
+    import json
+
+    from canon.errors import DataError
+
+    try:
+        earlier = [member["name"] for member in json.loads(output.read_text())["members"]]
+    except (OSError, ValueError, KeyError, TypeError):  # none yet, or not an ensemble's
+        return
+    if earlier != names:
+        raise DataError(f"{output} holds the result of another ensemble ({', '.join(earlier)})"
+                        ": name another file with --output")
 
 
 def _predict_arguments(parser: argparse.ArgumentParser) -> None:
