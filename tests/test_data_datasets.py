@@ -164,6 +164,16 @@ def test_missing_cifar_without_download_says_what_to_do(tmp_path, monkeypatch):
         fetch_cifar("cifar10", cache, download=False)
 
 
+def test_a_cifar_name_beside_a_folder_of_that_name_says_which_it_reads(tmp_path, monkeypatch):
+    """`--data cifar10` is canon's copy, also where ./cifar10 holds one: said, not guessed."""
+    (tmp_path / "cifar10" / "cifar-10-batches-py").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    with (pytest.warns(UserWarning, match=r"names canon's copy in .*cache.*: give it as "
+                       r"\./cifar10 to read that one"),
+          pytest.raises(DataError, match=r"cifar10 is not in")):
+        open_dataset("cifar10", cache=tmp_path / "cache", download=False)
+
+
 def test_a_cifar_copy_unpacked_by_another_process_first_is_taken(tmp_path, monkeypatch):
     """Runs started together (canon reproduce --jobs) each unpack the archive; the first to
     move its copy in place wins and the others use it."""

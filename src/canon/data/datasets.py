@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Callable
 from functools import lru_cache, partial
 from pathlib import Path
@@ -228,6 +229,10 @@ def _source(
     if dataset == "sample":
         return load_sample
     if dataset in CIFAR:
+        if find_cifar(Path(dataset)) is not None:  # a name means canon's own copy
+            warnings.warn(f"data.dataset {dataset} names canon's copy in {cache / 'datasets'}; "
+                          f"the folder {Path(dataset).resolve()} holds one too: give it as "
+                          f"./{dataset} to read that one", stacklevel=3)
         folder = fetch_cifar(dataset, cache / "datasets", download=download)
         return partial(read_cifar, dataset, folder)
     root = Path(dataset).expanduser()
