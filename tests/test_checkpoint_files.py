@@ -321,6 +321,9 @@ def test_every_unreadable_checkpoint_is_a_data_error_naming_it(tmp_path):
     torch.save([1, 2, 3], path)
     with pytest.raises(DataError, match="not a canon training checkpoint"):
         ckpt.load_checkpoint(path)
+    torch.save(torch.nn.Linear(2, 2).state_dict(), path)  # weights alone, as users save them
+    with pytest.raises(DataError, match=r"holds a bare state_dict .*name torchvision:NAME"):
+        ckpt.load_checkpoint(path)
     path.write_text("epoch,val_top1_error\n1,80.0\n")  # another file of the run, named
     with pytest.raises(DataError, match=r"epoch-001\.pt is not a checkpoint"):
         ckpt.load_checkpoint(path)

@@ -98,6 +98,11 @@ def load_checkpoint(path: str | Path, *, mmap: bool = False) -> dict[str, Any]:
     if not isinstance(state, dict):
         raise DataError(f"{path} is not a canon training checkpoint (it holds a "
                         f"{type(state).__name__})")
+    if state and all(torch.is_tensor(value) for value in state.values()):
+        raise DataError(f"{path} holds a bare state_dict (weights alone, as torch.save("
+                        "model.state_dict()) writes), not a canon training checkpoint: for "
+                        "torchvision's weights name torchvision:NAME; else load it into "
+                        "canon.create_model(NAME) yourself")
     for key, kind in _STATE_KINDS.items():
         checked_field(state, key, kind, path)
     return state
