@@ -917,8 +917,12 @@ def test_eval_split_of_a_folder_is_labelled_by_the_models_classes(tmp_path):
     assert open_eval_split(str(tmp_path)).labels == [0, 0, 1, 1]  # its own classes
     _write_images(tmp_path / "val" / "n99", 1)
     with pytest.raises(DataError, match=r"val: class\(es\) n99 are not among the 3 "
-                                        r"classes it is scored against \(n01, n02, n03: "):
+                                        r"classes it is scored against \(n01, n02, n03: .*; "
+                                        r"keep only those classes in it"):
         open_eval_split(str(tmp_path), model_classes)
+    with pytest.raises(DataError, match=r"it shares none of them: is it the dataset the model "
+                                        r"was trained for\?"):  # another dataset altogether
+        open_eval_split(str(tmp_path), ["cat", "dog"])
     (tmp_path / "train").mkdir()
     (tmp_path / "val").rename(tmp_path / "elsewhere")
     with pytest.raises(DataError, match="no val/validation/valid/test folder"):

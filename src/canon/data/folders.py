@@ -234,10 +234,12 @@ def check_known_classes(where: str, found: list[str], class_ids: list[str]) -> N
     training split's classes): they have no label to score them with."""
     unknown = sorted(set(found) - set(class_ids))
     if unknown:
+        advice = ("keep only those classes in it" if len(unknown) < len(found) else
+                  "it shares none of them: is it the dataset the model was trained for?")
         raise DataError(
             f"{where}: class(es) {_short_list(unknown)} are not among the {len(class_ids)} "
             f"classes it is scored against ({_short_list(class_ids, 5)}: the model's outputs, "
-            "or under transfer the training split's); keep only those classes in it"
+            f"or under transfer the training split's); {advice}"
         )
 
 
