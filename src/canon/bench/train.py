@@ -18,7 +18,8 @@ to that product only: oneDNN's 3x3 convolutions (Winograd) can outrun it, so it 
 Peak memory is the model's own: the bytes of its weights, buffers and optimizer state, plus the
 largest rise in memory use during a timed repeat (gradients, activations, workspaces). The rise
 is torch.cuda's allocated bytes on CUDA; on CPU the process's resident set size (Linux /proc;
-None elsewhere), which allocator caching blurs: approximate.
+None elsewhere), which allocator caching blurs: approximate, and lower for the model prepared
+second (torchvision's), whose step reuses memory the first one's made the allocator keep.
 """
 
 from __future__ import annotations
