@@ -661,10 +661,14 @@ def test_a_run_that_cannot_start_reads_no_data_and_leaves_no_directory(
     with pytest.raises(SystemExit):  # which would win is not for canon to guess
         main([*train, "--epochs", "1", "--set", "train.iterations=100"])
     assert "--epochs 1 replaces the iteration limit" in capsys.readouterr().err
+    for given in ("optimizer.lr=0.2", "optimizer={lr: 0.2}"):  # a mapping's key too
+        with pytest.raises(SystemExit):
+            main([*train, "--lr", "0.1", "--set", given])
+        assert ("--lr and --set optimizer.lr=... both set optimizer.lr: pass one of them"
+                in capsys.readouterr().err)
     with pytest.raises(SystemExit):
-        main([*train, "--lr", "0.1", "--set", "optimizer.lr=0.2"])
-    assert ("--lr and --set optimizer.lr=... both set optimizer.lr: pass one of them"
-            in capsys.readouterr().err)
+        main([*train, "--epochs", "1", "--set", "train={iterations: 100}"])
+    assert "--epochs 1 replaces the iteration limit" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # a thousand loader processes on a few cores stall
         main([*train, "--workers", "1000"])
     assert "train.workers 1000: this process has" in capsys.readouterr().err

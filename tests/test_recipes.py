@@ -221,6 +221,16 @@ def test_an_error_in_a_base_recipe_names_the_base_that_sets_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"^child\.yaml: schedule\.min_lr 6\.0 is above "
                        r"optimizer\.lr 0\.2: a cosine schedule would rise to it, not decay$"):
         load_recipe(child)  # the file's own keys: no base to blame
+    linked = tmp_path / "elsewhere" / "child.yaml"  # a link: its bases are beside its target
+    linked.parent.mkdir()
+    linked.symlink_to(child)
+    with pytest.raises(ConfigError, match=r"^child\.yaml: schedule\.min_lr 6\.0 is above"):
+        load_recipe(linked)
+    child.write_text("base: mid\nname: child\n")
+    with pytest.raises(ConfigError, match=rf"\(base recipe {re.escape(str(mid))} sets "):
+        load_recipe(linked)
+    mid.write_text("base: resnet20-cifar10\n")
+    assert "(resnet20-cifar10.yaml)" in show_recipe(linked)  # the target's bases' notes
 
 
 def test_set_overrides_parse_yaml_values_and_reject_unknown_keys():

@@ -442,9 +442,9 @@ def test_bad_transfer_inputs_are_named_and_lose_nothing(tmp_path):
         open_split("sample", "test")
     with pytest.raises(ConfigError, match="--mode must be one of linear-probe, finetune"):
         transfer("x", "sample", "probe", tmp_path / "t")
-    with pytest.raises(ConfigError, match=r"--workers and --set train.workers=\.\.\. both"):
-        transfer("x", "sample", "finetune", tmp_path / "t", workers=1,
-                 overrides=["train.workers=2"])
+    for given in ("train.workers=2", ("train.workers", 2)):  # as --set, or as a pair
+        with pytest.raises(ConfigError, match=r"--workers and --set train.workers=\.\.\. both"):
+            transfer("x", "sample", "finetune", tmp_path / "t", workers=1, overrides=[given])
     assert not (tmp_path / "t").exists()
 
 

@@ -219,7 +219,7 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _flag_overrides(args: argparse.Namespace) -> list[tuple[str, object]]:
-    from canon.recipes import override_key, refuse_flag_and_set
+    from canon.recipes import overridden_keys, refuse_flag_and_set
 
     flags = [
         ("--model", "model.name", args.model), ("--init-from", "model.init_from", args.init_from),
@@ -237,7 +237,7 @@ def _flag_overrides(args: argparse.Namespace) -> list[tuple[str, object]]:
     refuse_flag_and_set([(flag, key) for flag, key, _ in flags], args.set)
     overrides = [(key, value) for _, key, value in flags]
     if args.epochs is not None:
-        if any(override_key(item) == "train.iterations" for item in args.set):
+        if "train.iterations" in overridden_keys(args.set):
             raise ConfigError(f"--epochs {args.epochs} replaces the iteration limit that --set "
                               "train.iterations gives: pass one of them")
         overrides.append(("train.iterations", None))

@@ -92,8 +92,7 @@ def parse_yaml(text: str) -> object:
 
 __all__ = [
     "RECIPES", "Recipe", "apply_overrides", "dump_yaml", "list_recipes", "load_recipe",
-    "refuse_flag_and_set",
-    "show_recipe",
+    "overridden_keys", "refuse_flag_and_set", "show_recipe",
 ]
 
 
@@ -175,14 +174,15 @@ def _set_by_bases(path: Path, message: str) -> str:
     mid.yaml sets optimizer.lr)"), or "" when the file itself sets them all: the error starts
     with the file that was loaded, and the fix may belong in one of its bases. The list of
     valid keys that ends an unknown-key error names no culprit."""
+    chain = _base_chain(path)
     setters: dict[str, Path] = {}
-    for file in reversed(_base_chain(path)):  # bases first: a file's own keys override them
+    for file in reversed(chain):  # bases first: a file's own keys override them
         for key in _leaf_keys(read_yaml_mapping(file)):
             setters[key] = file
     problem = message.split("; valid keys in ")[0]
     by_file: dict[Path, list[str]] = {}
     for word in dict.fromkeys(re.findall(r"[A-Za-z_](?:[\w.]*\w)?", problem)):
-        if setters.get(word, path) != path:
+        if setters.get(word, chain[0]) != chain[0]:
             by_file.setdefault(setters[word], []).append(word)
     blamed = "; ".join(f"base recipe {file} sets {', '.join(keys)}"
                        for file, keys in by_file.items())
@@ -206,13 +206,33 @@ def override_key(text: str) -> str:
     return text.partition("=")[0].strip()
 
 
-def refuse_flag_and_set(flags: Iterable[tuple[str, str]], overrides: Iterable[str]) -> None:
+def refuse_flag_and_set(flags: Iterable[tuple[str, str]],
+                        overrides: Iterable[str | tuple[str, Any]]) -> None:
     """Refuse a command-line flag (flag, the key it sets) given together with a `--set` of the
-    same key: which should win is not for canon to guess."""
-    set_keys = {override_key(item) for item in overrides}
+    same key (overridden_keys): which should win is not for canon to guess."""
+    set_keys = overridden_keys(overrides)
     for flag, key in flags:
         if key in set_keys:
             raise ConfigError(f"{flag} and --set {key}=... both set {key}: pass one of them")
+
+
+def overridden_keys(overrides: Iterable[str | tuple[str, Any]]) -> set[str]:
+    """Every dotted key that overrides set, as `section.key=value` or inside a mapping value
+    (`section={key: value}` sets section.key)."""
+    keys = set()
+    for override in overrides:
+        key, value = ((override_key(override), _parse_override(override)[1])
+                      if isinstance(override, str) else override)
+        keys |= {key, *_nested_keys(key, value)}
+    return keys
+
+
+def _nested_keys(key: str, value: Any) -> list[str]:
+    """The dotted keys a mapping value sets under `key` (`train={epochs: 3}`: train.epochs)."""
+    if not isinstance(value, dict):
+        return []
+    return [nested for name, item in value.items()
+            for nested in (f"{key}.{name}", *_nested_keys(f"{key}.{name}", item))]
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:
@@ -325,9 +345,10 @@ def show_recipe(name_or_path: str | Path) -> str:
     path = recipe_path(name_or_path)
     recipe = load_recipe_file(path)
     notes: dict[tuple[str | None, str], str] = {}
-    for file in reversed(_base_chain(path)):  # bases first: the recipe's own notes win
+    chain = _base_chain(path)
+    for file in reversed(chain):  # bases first: the recipe's own notes win
         for key, comment in _comments(file).items():
-            notes[key] = f"{comment} ({file.name})".strip() if file != path else comment
+            notes[key] = f"{comment} ({file.name})".strip() if file != chain[0] else comment
     lines = []
     for section, value in recipe.to_dict().items():
         if not isinstance(value, dict):
@@ -350,8 +371,9 @@ def show_recipe(name_or_path: str | Path) -> str:
 
 
 def _base_chain(path: Path) -> list[Path]:
-    """The file and its `base:` files, the file first (_raw_recipe has checked the chain)."""
-    chain = [path]
+    """The file and its `base:` files, the file first (_raw_recipe has checked the chain),
+    from where the file really is: a linked recipe's bases are beside the file it links to."""
+    chain = [path.resolve()]
     while (base := read_yaml_mapping(chain[-1]).get("base")) is not None:
         chain.append(_base_path(chain[-1], base))
     return chain

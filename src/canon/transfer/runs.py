@@ -47,7 +47,7 @@ FINETUNE_DEFAULTS: dict[str, dict[str, Any]] = {
 
 def transfer(
     source: str, data: str | Path, mode: str, out: str | Path, *,
-    overrides: Sequence[str] = (), overwrite: bool = False, device: str = "auto",
+    overrides: Sequence[str | tuple[str, Any]] = (), overwrite: bool = False, device: str = "auto",
     batch_size: int | None = None, workers: int | None = None, progress: bool = True,
 ) -> Path:
     """Carry `source` to the dataset `data` by `mode`, writing the run directory `out`.
@@ -111,8 +111,9 @@ def linear_probe(
 
 
 def finetune(
-    source: str, data: str | Path, out: str | Path, *, overrides: Sequence[str] = (),
-    overwrite: bool = False, device: str = "auto", progress: bool = True,
+    source: str, data: str | Path, out: str | Path, *,
+    overrides: Sequence[str | tuple[str, Any]] = (), overwrite: bool = False,
+    device: str = "auto", progress: bool = True,
 ) -> TrainResult:
     """A training run of the source's network on `data`, started from its weights (all but
     the class layers, which get the new class count), under the source's data preprocessing
@@ -129,7 +130,7 @@ def _recorded(source: Path) -> str:
 
 
 def finetune_recipe(
-    trained: TrainedModel, source: str, data: str, overrides: Sequence[str] = ()
+    trained: TrainedModel, source: str, data: str, overrides: Sequence[str | tuple[str, Any]] = ()
 ) -> Recipe:
     """The source's network, data section and weights on `data`. Inputs are normalised as the
     source's were: by its published constants, or by the statistics of the set it trained on,
