@@ -313,14 +313,19 @@ def test_an_ensemble_of_two_runs_through_eval_and_predict(
     # The default output (ensemble-PROTOCOL.json, here) of another ensemble is not replaced.
     monkeypatch.chdir(tmp_path)
     other = {"protocol": "center", "top1_error": 50.0, "data": "sample",
-             "members": [{"name": "/runs/a/model.safetensors"}, {"name": "/runs/b"}]}
+             "sources": ["/runs/a", "/runs/b"]}
     (tmp_path / "ensemble-center.json").write_text(json.dumps(other))
     with pytest.raises(SystemExit):
         main(["eval", str(trained_run), str(first), "--device", "cpu"])
-    assert ("ensemble-center.json holds the result of another ensemble "
-            "(/runs/a/model.safetensors, /runs/b): name another file with --output"
-            in capsys.readouterr().err)
+    assert ("ensemble-center.json holds the result of another ensemble (/runs/a, /runs/b): "
+            "name another file with --output" in capsys.readouterr().err)
     assert json.loads((tmp_path / "ensemble-center.json").read_text()) == other
+    (tmp_path / "ensemble-center.json").unlink()
+    # The same ensemble again, named in another order and relative to here: replaced.
+    main(["eval", str(trained_run), str(first), "--device", "cpu", "--batch-size", "500"])
+    main(["eval", os.path.relpath(first), str(trained_run), "--device", "cpu",
+          "--batch-size", "500"])
+    assert "wrote ensemble-center.json" in capsys.readouterr().out
     (tmp_path / "ensemble-center.json").unlink()
     path = tmp_path / "image.png"
     Image.fromarray(test_images.images[0].permute(1, 2, 0).numpy()).save(path)

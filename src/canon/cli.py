@@ -378,7 +378,7 @@ def _run_eval(args: argparse.Namespace) -> None:
     if args.output is None:
         _check_same_data(output, data)
         if len(trained) > 1:
-            _check_same_members(output, [str(t.source) for t in trained])
+            _check_same_members(output, _ensemble_sources(args.sources))
     stem = output.with_suffix("")
     per_class, confusion = (stem.with_name(f"{stem.name}-{end}")
                             for end in ("per-class.csv", "confusion.png"))
@@ -400,7 +400,7 @@ def _run_eval(args: argparse.Namespace) -> None:
     else:
         result = evaluate_ensemble([t.member() for t in trained], data, args.protocol,
                                    device=resolve_device(args.device), **options)
-        result["data"] = data
+        result["data"], result["sources"] = data, _ensemble_sources(args.sources)
         for member in result["members"]:
             print(f"  {member['name']}: top-1 error {member['top1_error']:.2f}%, top-5 error "
                   f"{member['top5_error']:.2f}%")
@@ -468,7 +468,15 @@ def _check_same_data(output: Path, data: str) -> None:
                         "name another file with --output")
 
 
-def _check_same_members(output: Path, names: list[str]) -> None:
+def _ensemble_sources(sources: list[str]) -> list[str]:
+    """An ensemble's models as named (run folders, files, torchvision:NAME), absolute and in
+    order: the same ensemble however it is typed, and while its runs train on."""
+    from canon.engine.trained import TORCHVISION
+
+    return sorted(s if s.startswith(TORCHVISION) else str(Path(s).resolve()) for s in sources)
+
+
+def _check_same_members(output: Path, sources: list[str]) -> None:
     """A default ensemble output (ensemble-PROTOCOL.json, here) that holds another ensemble's
     result is not replaced: a DataError saying to name one."""
     import json
@@ -476,10 +484,10 @@ def _check_same_members(output: Path, names: list[str]) -> None:
     from canon.errors import DataError
 
     try:
-        earlier = [member["name"] for member in json.loads(output.read_text())["members"]]
+        earlier = json.loads(output.read_text())["sources"]
     except (OSError, ValueError, KeyError, TypeError):  # none yet, or not an ensemble's
         return
-    if earlier != names:
+    if earlier != sources:
         raise DataError(f"{output} holds the result of another ensemble ({', '.join(earlier)})"
                         ": name another file with --output")
 
