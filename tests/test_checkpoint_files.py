@@ -461,13 +461,13 @@ def without(key: str):
     return edit_config(lambda info: json.dumps({k: v for k, v in info.items() if k != key}))
 
 
-def replace_weights(change, *, keep_tag: bool = True):
-    """model.safetensors rewritten with change(its tensors); with `keep_tag`, as the same
-    export (its id kept), else as a file from elsewhere."""
+def replace_weights(change, *, export_id: str | None = None):
+    """model.safetensors rewritten with change(its tensors), as the same export (its id kept),
+    or with `export_id`, another export's."""
     def rewrite(run_dir: Path) -> None:
         path = run_dir / "model.safetensors"
         with safetensors.safe_open(path, "pt") as file:
-            metadata = file.metadata() if keep_tag else None
+            metadata = file.metadata() if export_id is None else {"canon_export": export_id}
         safetensors.torch.save_file(change(safetensors.torch.load_file(path)), path,
                                     metadata=metadata)
     return rewrite
@@ -517,7 +517,7 @@ BAD_EXPORTS = {  # a damage, and what the error must name
         r"Error\(s\) in loading state_dict for CifarResNet: Missing key\(s\) in state_dict: ",
     ),
     "another export's weights": (  # renamed or copied in: not read with this run's classes
-        replace_weights(lambda tensors: tensors, keep_tag=False),
+        replace_weights(lambda tensors: tensors, export_id="0" * 32),
         r"model\.safetensors was not exported with .*eval_config\.json \(another export's",
     ),
 }
@@ -542,6 +542,16 @@ def test_a_bad_export_is_a_data_error_and_a_run_falls_back_to_its_checkpoint(tmp
         ckpt.epoch_checkpoint(tmp_path, epoch).unlink()
     with pytest.raises(DataError, match=named):  # nothing to fall back to
         load_trained(tmp_path)
+
+
+def test_weights_rewritten_without_an_export_id_are_read_with_a_warning(tmp_path):
+    """A tool that drops safetensors metadata (an fp16 copy, pruning) leaves no id to compare:
+    the file is read with the eval_config.json beside it, and said so."""
+    write_run(tmp_path)
+    path = tmp_path / "model.safetensors"
+    safetensors.torch.save_file(safetensors.torch.load_file(path), path)
+    with pytest.warns(UserWarning, match=r"model\.safetensors carries no export id"):
+        assert load_trained(path).class_ids == CLASS_IDS
 
 
 def test_a_run_without_an_export_falls_back_from_an_unreadable_best_to_its_last_epoch(

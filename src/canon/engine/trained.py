@@ -279,8 +279,9 @@ def _json_object(path: Path) -> dict[str, Any]:
 
 
 def _check_same_export(path: Path, info: dict[str, Any], config_path: Path) -> None:
-    """Refuse a file that export_model did not write with this eval_config.json (exports
-    from before the id was written are taken as they are)."""
+    """Refuse a file that export_model wrote with another eval_config.json; one without an
+    id (rewritten by another tool) is warned of; exports from before the id are taken as
+    they are."""
     tag = info.get(EXPORT_TAG)
     if tag is None:
         return
@@ -289,7 +290,10 @@ def _check_same_export(path: Path, info: dict[str, Any], config_path: Path) -> N
             theirs = (file.metadata() or {}).get(EXPORT_TAG)
     except Exception as error:  # as _safetensors: a truncated or foreign file
         raise unreadable_file(path, error) from None
-    if theirs != tag:
+    if theirs is None:  # rewritten by another tool (an fp16 copy, pruning): no id to compare
+        warnings.warn(f"{path} carries no export id (rewritten by another tool?): read with the "
+                      f"{config_path.name} beside it", stacklevel=4)
+    elif theirs != tag:
         raise DataError(f"{path} was not exported with {config_path} (another export's file, "
                         "renamed or copied beside it): keep each run's model.safetensors, "
                         f"{EXPORT_CONFIG} and {EXPORT_NORMALIZATION} together")
