@@ -262,6 +262,7 @@ def test_bench_arguments_that_cannot_work_stop_before_timing(tmp_path, capsys):
         (["loop", "--set", "train.accum_steps=2"], "drop train.accum_steps and data.val_split"),
         (["loop", "--set", "model.frozen_stages=1", "--set", "data.augmentation=alexnet"],
          "has no counterpart of model.frozen_stages, data.augmentation: leave them"),
+        (["loop", "--set", "train.ema_decay=0.999"], "has no counterpart of train.ema_decay"),
         (["loop", "--repeats", "0"], "--repeats must be at least 1"),
         (["train", "--model", "resnet18", "--compile", "--warmup", "0"],
          "--warmup must be at least 1"),

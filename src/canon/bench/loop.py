@@ -166,10 +166,14 @@ def bench_loop(recipe_name: str = "quickstart", device: str = "cpu", repeats: in
         ("data.crop_size", recipe.data.crop_size != 32),
         ("data.resize_size", recipe.data.resize_size != 32),
         ("data.scale_range", recipe.data.scale_range is not None),
-        ("data.pca_std", recipe.data.pca_std != 0)) if differs]
+        ("data.pca_std", recipe.data.pca_std != 0),
+        ("train.ema_decay", recipe.train.ema_decay != 0),
+        ("train.polyak_after_epochs", recipe.train.polyak_after_epochs is not None),
+        ("train.filter_rms_radius", recipe.train.filter_rms_radius is not None)) if differs]
     if unmatched:  # the two loops would train differently
         raise ConfigError(f"canon bench loop's plain loop (torchvision's CIFAR crop and flip, "
-                          f"every layer trained from scratch) has no counterpart of "
+                          f"every layer trained from scratch, a plain SGD step) has no "
+                          f"counterpart of "
                           f"{', '.join(unmatched)}: leave them as quickstart has them")
     # Within one epoch: canon's loop would validate at its end (inside the timed span) and
     # the plain loop's DataLoader would stop there.
