@@ -6,6 +6,7 @@ skipped with a warning rather than stopping a run.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import os
 import warnings
@@ -319,7 +320,7 @@ def class_names(root: Path, class_ids: list[str]) -> list[str]:
 
 
 def _distinct(names: list[str], class_ids: list[str]) -> list[str]:
-    shared = {name for name in names if names.count(name) > 1}
+    shared = {name for name, count in collections.Counter(names).items() if count > 1}
     return [f"{name} ({wnid})" if name in shared else name
             for name, wnid in zip(names, class_ids, strict=True)]
 

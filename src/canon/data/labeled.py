@@ -99,10 +99,6 @@ class ImageSubset(LabeledImages):
         self.labels = [parent.labels[i] for i in self.indices]
         self.classes, self.class_ids = parent.classes, parent.class_ids
 
-    @property
-    def skipped_at_listing(self) -> int:  # the parent's: no part was dealt them
-        return self.parent.skipped_at_listing
-
     def load_image(self, index: int) -> torch.Tensor | None:
         return self.parent.load_image(self.indices[index])
 
