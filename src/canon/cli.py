@@ -500,7 +500,8 @@ def _predict_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--top", type=positive_int, default=5, help="classes to show per image")
     parser.add_argument("--batch-size", type=positive_int, default=64,
-                        help="images decoded and scored at a time (results print as each is done)")
+                        help="images decoded and scored at a time, fewer once they hold 64 "
+                        "megapixels (results print as each batch is done)")
     _strict_argument(parser)
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
 
@@ -789,6 +790,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"canon {args.verb}: error: {canon_message(error)}", file=sys.stderr)
         sys.exit(2)
     except BrokenPipeError:  # the reader went away (| head): stop as a shell tool does
+        if os.environ.get("CANON_DEBUG"):
+            raise
         with contextlib.suppress(OSError, ValueError):  # the exit's flush would raise again
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(141)  # 128 + SIGPIPE, what a shell reports for a tool stopped so
