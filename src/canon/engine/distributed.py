@@ -278,7 +278,8 @@ def all_gather_object(value: object, ctx: DistributedContext) -> list:
 
 
 def broadcast_buffers(model: nn.Module, ctx: DistributedContext) -> None:
-    """Give every rank rank 0's buffers (batch-norm running statistics, an EMA's count).
+    """Give every rank rank 0's buffers (batch-norm running statistics; of an AveragedModel,
+    its .module's: its step count sits on the CPU, which an NCCL group cannot send).
 
     DDP copies rank 0's buffers to every rank before each training forward, but each rank's
     forward then updates its own copy; called before validation, this makes every rank score

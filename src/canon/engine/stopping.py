@@ -1,6 +1,7 @@
 """Stopping cleanly on a signal: Ctrl-C (SIGINT) and SIGTERM (timeout, SLURM preemption,
-docker stop, Kubernetes) set a flag that the training loop reads after each step, on every rank,
-so it can save a checkpoint before it stops; loader workers leave the signals to it."""
+docker stop, Kubernetes) set a flag that the training loop reads after each step (ranks under
+torchrun on GPUs agree on it at the loss checks), so it can save a checkpoint before it stops;
+loader workers leave the signals to it."""
 
 from __future__ import annotations
 
@@ -18,10 +19,10 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 class StopFlag:
     """The first SIGINT or SIGTERM sets the flag (the loop saves a checkpoint after the step in
-    progress and stops); a second Ctrl-C gets the handler that was there before (stop at
-    once). A repeated SIGTERM changes nothing: under torchrun a worker gets one from the
-    scheduler and another forwarded by torchrun, moments apart; what stops at once after a
-    grace period is the scheduler's SIGKILL."""
+    progress, or on GPU ranks at the next loss check, and stops); a second Ctrl-C gets the
+    handler that was there before (stop at once). A repeated SIGTERM changes nothing: under
+    torchrun a worker gets one from the scheduler and another forwarded by torchrun, moments
+    apart; what stops at once after a grace period is the scheduler's SIGKILL."""
 
     def __init__(self) -> None:
         self.raised = False

@@ -57,7 +57,8 @@ from canon.evaluation import score_loader
 from canon.evaluation.metrics import error_percent
 from canon.recipes.schema import Recipe
 
-# Loss values are checked for NaN/inf (one device sync) this often; ranks agree on a stop then.
+# Loss values are checked for NaN/inf (one device sync) this often; GPU ranks agree on a stop
+# then.
 LOSS_CHECK_STEPS = 10
 
 
@@ -123,8 +124,8 @@ def train(
     Resuming is exact: a checkpoint records the step reached inside the epoch and every rank's
     random generator states and partial epoch sums, so a resumed run continues bit-identically
     on the CPU (see canon.engine.setup for what a resume on another number of processes
-    changes). Ctrl-C or SIGTERM finishes the step in progress (under torchrun, the steps up to
-    the next loss check, where the ranks agree) on every rank, saves
+    changes). Ctrl-C or SIGTERM finishes the step in progress (under torchrun on GPUs, the
+    steps up to the next loss check, where the ranks agree) on every rank, saves
     checkpoints/interrupted.pt and raises TrainingInterrupted; a second signal stops at once.
     A NaN/inf loss (checked every LOSS_CHECK_STEPS steps, one device sync) or non-finite
     weights (checked before every checkpoint) raise NonFiniteError: nothing diverged is ever
@@ -275,10 +276,11 @@ def _train_epoch(
             if on_step is not None:
                 on_step(run.step)
             at_check = run.step_in_epoch % LOSS_CHECK_STEPS == 0 or run.step_in_epoch == epoch_steps
-            # Several ranks agree on a stop at the checks only: agreeing waits for the device,
-            # which would stall every step's launches (a signal takes effect within a window).
-            stop = (dist.any_rank(stop_flag.raised, ctx) if at_check or ctx.world_size == 1
-                    else False)
+            # GPU ranks agree on a stop at the checks only: agreeing waits for the device, which
+            # would stall every step's launches (a signal takes effect within a window). CPU
+            # ranks, whose steps are slow and whose agreeing waits for nothing, every step.
+            stop = (dist.any_rank(stop_flag.raised, ctx)
+                    if at_check or ctx.world_size == 1 or ctx.device.type == "cpu" else False)
             if stop or at_check:
                 _check_losses(pending_losses, run)
                 pending_losses = []
