@@ -469,8 +469,8 @@ def _check_same_data(output: Path, data: str) -> None:
 
 
 def _ensemble_sources(sources: list[str]) -> list[str]:
-    """An ensemble's models as named (run folders, files, torchvision:NAME), absolute and in
-    order: the same ensemble however it is typed, and while its runs train on."""
+    """An ensemble's models as named (run folders, files, torchvision:NAME), absolute and
+    sorted: the same ensemble however it is typed, and while its runs train on."""
     from canon.engine.trained import TORCHVISION
 
     return sorted(s if s.startswith(TORCHVISION) else str(Path(s).resolve()) for s in sources)
