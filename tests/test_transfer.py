@@ -310,6 +310,18 @@ def test_a_source_s_normalisation_is_read_from_any_of_its_files(source_run, tmp_
     with pytest.raises(DataError, match=rf"readable from {tmp_path}/normalization.safetensors "
                                         r".*set data.normalization_from to null"):
         stored_normalization(tmp_path)
+    # Another export's normalisation copied beside the model: refused, not read as its own.
+    copied = shutil.copytree(source_run, tmp_path / "copied",
+                             ignore=shutil.ignore_patterns("checkpoints"))
+    stored = safetensors.torch.load_file(copied / "normalization.safetensors")
+    safetensors.torch.save_file(stored, copied / "normalization.safetensors",
+                                metadata={"canon_export": "0" * 32})
+    for source in (copied, copied / "model.safetensors"):
+        with pytest.raises(DataError, match=r"normalization\.safetensors was not exported with "
+                                            r".*model\.safetensors \(another export's file"):
+            stored_normalization(source)
+    safetensors.torch.save_file(stored, copied / "normalization.safetensors")  # no id: read
+    assert torch.equal(stored_normalization(copied).mean, expected.mean)
 
 
 def test_fine_tuning_normalises_as_its_source_unless_told_otherwise(source_run, folders):

@@ -20,6 +20,7 @@ from canon.errors import ConfigError, DataError, first_line
 # A trained model's normalisation, beside its model.safetensors: {"mean": (3,) or 3 x S x S,
 # "std": (3,), absent where it divides by none}.
 NORMALIZATION_FILE = "normalization.safetensors"
+EXPORT_TAG = "canon_export"  # the id an export's files share (canon.engine.checkpoint)
 
 
 class ToFloat:
@@ -133,7 +134,12 @@ def stored_normalization(source: str | Path) -> Normalize:
     other name)."""
     path = Path(source)
     if path.is_dir() or (path.suffix == ".safetensors" and path.name != NORMALIZATION_FILE):
-        path = (path if path.is_dir() else path.parent) / NORMALIZATION_FILE
+        model = path / "model.safetensors" if path.is_dir() else path
+        path = model.parent / NORMALIZATION_FILE
+        if path.is_file() and model.is_file() and _other_exports(path, model):
+            raise DataError(f"data.normalization_from: {path} was not exported with {model} "
+                            "(another export's file, copied beside it): name the model's own "
+                            f"{NORMALIZATION_FILE}")
     try:
         if path.suffix != ".safetensors":  # a checkpoint, whatever it is named (.pt, .pth)
             stored = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -150,3 +156,20 @@ def stored_normalization(source: str | Path) -> Normalize:
             f"{NORMALIZATION_FILE}, or a checkpoint .pt; or set data.normalization_from to null "
             "to normalise by data.mean's statistics of this training set") from None
     return Normalize(mean, std)
+
+
+def export_id(path: Path) -> str | None:
+    """The export id a safetensors file carries (EXPORT_TAG), None for none (raises what
+    safetensors raises for a file it cannot read)."""
+    with safetensors.safe_open(path, "pt") as file:
+        return (file.metadata() or {}).get(EXPORT_TAG)
+
+
+def _other_exports(normalization: Path, model: Path) -> bool:
+    """Whether the two files carry different export ids (files without one, or unreadable
+    ones, which the loading reports, are not compared)."""
+    try:
+        ids = {export_id(normalization), export_id(model)}
+    except Exception:  # any reading error: no verdict (the loading reports it)
+        return False
+    return None not in ids and len(ids) == 2

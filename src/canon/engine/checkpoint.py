@@ -23,7 +23,7 @@ import safetensors.torch
 import torch
 import torch.nn as nn
 
-from canon.data.normalize import NORMALIZATION_FILE
+from canon.data.normalize import EXPORT_TAG, NORMALIZATION_FILE
 from canon.errors import DataError, first_line
 from canon.files import atomic_write, sweep_partial_writes
 
@@ -39,7 +39,6 @@ REPLACED_DIR = ".replaced-run"
 EXPORT_WEIGHTS = "model.safetensors"  # the trained weights (the EMA's when EMA is on)
 EXPORT_CONFIG = "eval_config.json"  # model, classes, class_ids, data section, recipe, commit
 EXPORT_NORMALIZATION = NORMALIZATION_FILE  # the mean (image) and std of the inputs
-EXPORT_TAG = "canon_export"  # the id an export's three files share (export_model)
 OUTPUT_DIR_ADVICE = "choose a writable --output-dir"  # what to do when a run file cannot be written
 
 # What a resumable checkpoint must hold (dotted: nested), and of which kind.

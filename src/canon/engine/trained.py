@@ -18,12 +18,11 @@ import torch.nn as nn
 from canon.data.config import DataConfig
 from canon.data.datasets import anchored_dataset
 from canon.data.decoding import decode_image_file
-from canon.data.normalize import published_mean
+from canon.data.normalize import EXPORT_TAG, export_id, published_mean
 from canon.data.preprocess import EvalPreprocess, eval_preprocess
 from canon.engine.checkpoint import (
     EXPORT_CONFIG,
     EXPORT_NORMALIZATION,
-    EXPORT_TAG,
     EXPORT_WEIGHTS,
     CheckpointWarning,
     best_checkpoint,
@@ -286,8 +285,7 @@ def _check_same_export(path: Path, info: dict[str, Any], config_path: Path) -> N
     if tag is None:
         return
     try:
-        with safetensors.safe_open(path, "pt") as file:
-            theirs = (file.metadata() or {}).get(EXPORT_TAG)
+        theirs = export_id(path)
     except Exception as error:  # as _safetensors: a truncated or foreign file
         raise unreadable_file(path, error) from None
     if theirs is None:  # rewritten by another tool (an fp16 copy, pruning): no id to compare
