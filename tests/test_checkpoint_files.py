@@ -516,6 +516,8 @@ BAD_EXPORTS = {  # a damage, and what the error must name
         r"model\.safetensors: its weights do not fit resnet20 with 10 classes \(RuntimeError: "
         r"Error\(s\) in loading state_dict for CifarResNet: Missing key\(s\) in state_dict: ",
     ),
+    "an older config": (  # an eval_config.json from before the id, beside new weights
+        without("canon_export"), r"\.safetensors was not exported with .*eval_config\.json"),
     "another export's weights": (  # renamed or copied in: not read with this run's classes
         replace_weights(lambda tensors: tensors, export_id="0" * 32),
         r"model\.safetensors was not exported with .*eval_config\.json \(another export's",

@@ -278,16 +278,16 @@ def _json_object(path: Path) -> dict[str, Any]:
 
 
 def _check_same_export(path: Path, info: dict[str, Any], config_path: Path) -> None:
-    """Refuse a file that export_model wrote with another eval_config.json; one without an
-    id (rewritten by another tool) is warned of; exports from before the id are taken as
-    they are."""
+    """Refuse a file that export_model wrote with another eval_config.json (or beside one from
+    before the id); one without an id (rewritten by another tool) is warned of; exports from
+    before the id are taken as they are."""
     tag = info.get(EXPORT_TAG)
-    if tag is None:
-        return
     try:
         theirs = export_id(path)
     except Exception as error:  # as _safetensors: a truncated or foreign file
         raise unreadable_file(path, error) from None
+    if tag is None and theirs is None:  # an export from before the id
+        return
     if theirs is None:  # rewritten by another tool (an fp16 copy, pruning): no id to compare
         warnings.warn(f"{path} carries no export id (rewritten by another tool?): read with the "
                       f"{config_path.name} beside it", stacklevel=4)
