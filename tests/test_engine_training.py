@@ -384,6 +384,36 @@ def test_accumulation_weighs_every_image_alike_when_a_micro_batch_is_short():
     torch.testing.assert_close(model.weight.grad, expected)
 
 
+def test_fused_sgd_after_a_first_step_skipped_for_overflow_equals_plain_sgd(monkeypatch):
+    """Fused SGD (canon's on GPUs; the CPU has the same kernel) makes momentum buffers with
+    empty_like and fills them in its kernel, which a step GradScaler found inf in skips: the
+    next step read uninitialised memory (here: NaN, as a reused GPU block may hold). canon's
+    start from zeros, as a first step computes."""
+    from canon.engine import optimization
+
+    real_empty_like = torch.empty_like
+    weights = []
+    for fused in (None, True):
+        torch.manual_seed(0)
+        model = nn.Linear(4, 3)
+        monkeypatch.setattr(optimization, "fused_sgd", lambda *_, fused=fused: fused)
+        optimizer, _ = optimization.make_optimizer(
+            model, load_recipe("quickstart").optimizer, 128)
+        assert optimizer.defaults["fused"] is fused
+        scaler, images = torch.amp.GradScaler("cpu"), torch.randn(8, 4)
+        with monkeypatch.context() as patch:
+            patch.setattr(torch, "empty_like",
+                          lambda t, **options: real_empty_like(t, **options).fill_(math.nan))
+            for overflow in (math.inf, 1.0):  # the first step skipped, the second taken
+                optimizer.zero_grad()
+                scaler.scale(model(images).sum() * overflow).backward()
+                scaler.step(optimizer)
+                scaler.update()
+        weights.append(model.weight.detach())
+    assert torch.isfinite(weights[1]).all()
+    torch.testing.assert_close(weights[1], weights[0])
+
+
 def test_a_step_whose_files_were_all_undecodable_changes_nothing_under_fp16():
     """Every micro-batch empty: no gradient, so no update, and fp16's loss scaler (which
     asserts on a step without a backward pass) is not stepped; the step still counts."""

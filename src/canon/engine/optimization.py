@@ -54,6 +54,14 @@ def make_optimizer(
         nesterov=config.nesterov, weight_decay=config.weight_decay,
         fused=fused_sgd(model, frozen_stages),
     )
+    if optimizer.defaults.get("fused") and config.momentum:
+        # Fused SGD makes its momentum buffers with empty_like on a first step and fills them
+        # in its kernel, which skips a step GradScaler finds inf in (fp16 overflow, common on
+        # the first): the next step would add uninitialised memory. Zeros from the start
+        # compute what a first step does (no dampening: momentum x 0 + g).
+        for group in optimizer.param_groups:
+            for parameter in group["params"]:
+                optimizer.state[parameter]["momentum_buffer"] = torch.zeros_like(parameter)
     return optimizer, peak_lr
 
 
