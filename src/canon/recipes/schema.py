@@ -298,7 +298,8 @@ class TrainSection:
         if self.cuda_graph:
             clashes = [name for name, clash in [
                 ("train.accum_steps > 1", self.accum_steps > 1),
-                ("train.amp fp16 (its loss scaler syncs with the host)", self.amp == "fp16"),
+                ("train.amp fp16 (the warm-up before capture would move the loss scaler's "
+                 "scale, which is not restored after it)", self.amp == "fp16"),
                 ("train.ema_decay", self.ema_decay > 0),
                 ("train.polyak_after_epochs", self.polyak_after_epochs is not None),
                 ("train.model_parallel", self.model_parallel is not None),
