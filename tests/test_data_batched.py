@@ -74,6 +74,11 @@ def test_batched_output_statistics_equal_the_per_image_pipelines() -> None:
     for dims in ((0, 2, 3), (0, 3), (0, 2)):
         torch.testing.assert_close(batched.mean(dims), per_image.mean(dims), atol=0.03, rtol=0)
         torch.testing.assert_close(batched.std(dims), per_image.std(dims), atol=0, rtol=0.03)
+    # What those statistics cannot see: reflections, half of the images (as RandomFlip's
+    # p=0.5), and crop offsets spread over all 9 x 9 places of the padded image.
+    tops, lefts, flips, _ = crop.draws(torch.arange(20000), 0, 32, 32)
+    assert abs(flips.double().mean().item() - 0.5) < 0.015
+    assert set(tops.tolist()) == set(lefts.tolist()) == set(range(9))
 
 
 def test_a_samples_draws_depend_on_seed_and_key_only() -> None:
