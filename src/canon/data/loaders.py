@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from torch.utils.data.dataloader import default_collate
 
-from canon.data.config import DataConfig
+from canon.data.config import MAX_IMAGE_PIXELS, DataConfig
 from canon.data.datasets import Images, canon_cache_dir, open_dataset, open_train_split
 from canon.data.holdout import hold_out
 from canon.data.labeled import LabeledImages
@@ -100,7 +100,7 @@ def build_datasets(
     shard folder when they are not cached yet (pass the run's train.workers).
     """
     cache = root_cache or canon_cache_dir()
-    options = _open_options(config, cache, strict)
+    options = reading_options(config, cache, strict)
     if config.val_split:
         train, val = _held_out(open_train_split(config.dataset, **options), config)
     else:
@@ -119,14 +119,17 @@ def build_training_set(config: DataConfig, *, root_cache: Path | None = None) ->
     training split alone read (a folder without val/ will do): what a pipeline benchmark
     times."""
     cache = root_cache or canon_cache_dir()
-    train = open_train_split(config.dataset, **_open_options(config, cache, False))
+    train = open_train_split(config.dataset, **reading_options(config, cache, False))
     stats = dataset_stats(config, train, root_cache=cache)
     return train.with_transform(training_transform(config, stats))
 
 
-def _open_options(config: DataConfig, cache: Path, strict: bool) -> dict[str, Any]:
-    return {"cache": cache, "strict": strict, "download": config.download,
-            "max_pixels": config.max_image_pixels}
+def reading_options(config: DataConfig | None, cache: Path, strict: bool) -> dict[str, Any]:
+    """How a split is opened (open_dataset and its kin), by a data section where there is one:
+    else nothing downloaded, the default pixel limit."""
+    return {"cache": cache, "strict": strict,
+            "download": config.download if config else False,
+            "max_pixels": config.max_image_pixels if config else MAX_IMAGE_PIXELS}
 
 
 def trained_preprocess(

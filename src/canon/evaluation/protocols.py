@@ -16,17 +16,16 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from canon.data.config import MAX_IMAGE_PIXELS, DataConfig
+from canon.data.config import DataConfig
 from canon.data.datasets import Images, canon_cache_dir, open_eval_split
 from canon.data.labeled import LabeledImages
-from canon.data.loaders import build_loader, collate, trained_preprocess
+from canon.data.loaders import build_loader, collate, reading_options, trained_preprocess
 from canon.data.preprocess import EvalPreprocess, eval_preprocess
 from canon.data.views import (
     VIEWS_PER_SCALE,
@@ -63,20 +62,10 @@ def _validation_images(
     data: str | Path, data_config: DataConfig | None, preprocess: EvalPreprocess | None,
     model: nn.Module, root_cache: Path | None, strict: bool, class_ids: list[str] | None,
 ) -> tuple[Images, EvalPreprocess]:
-    val = open_eval_split(str(data), class_ids, **_reading(data_config, root_cache, strict))
+    reading = reading_options(data_config, root_cache or canon_cache_dir(), strict)
+    val = open_eval_split(str(data), class_ids, **reading)
     return val, preprocess or _recipe_preprocess(data_config, root_cache, strict) or \
         preprocess_for(model)
-
-
-def _reading(data_config: DataConfig | None, root_cache: Path | None, strict: bool
-             ) -> dict[str, Any]:
-    """How images are read, by a recipe's data section where there is one."""
-    return {
-        "cache": root_cache or canon_cache_dir(),
-        "strict": strict,
-        "download": data_config.download if data_config else False,
-        "max_pixels": data_config.max_image_pixels if data_config else MAX_IMAGE_PIXELS,
-    }
 
 
 def _recipe_preprocess(data_config: DataConfig | None, root_cache: Path | None, strict: bool
@@ -85,8 +74,9 @@ def _recipe_preprocess(data_config: DataConfig | None, root_cache: Path | None, 
     statistics of the set trained on, not the one tested. None without one."""
     if data_config is None:
         return None
+    cache = root_cache or canon_cache_dir()
     return trained_preprocess(data_config, data_config.dataset,
-                              **_reading(data_config, root_cache, strict))
+                              **reading_options(data_config, cache, strict))
 
 
 def evaluate(
