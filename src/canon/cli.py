@@ -471,9 +471,9 @@ def _check_same_data(output: Path, data: str) -> None:
 def _ensemble_sources(sources: list[str]) -> list[str]:
     """An ensemble's models as named (run folders, files, torchvision:NAME), absolute and
     sorted: the same ensemble however it is typed, and while its runs train on."""
-    from canon.engine.trained import TORCHVISION
+    from canon.engine.trained import recorded_source
 
-    return sorted(s if s.startswith(TORCHVISION) else str(Path(s).resolve()) for s in sources)
+    return sorted(map(recorded_source, sources))
 
 
 def _check_same_members(output: Path, sources: list[str]) -> None:

@@ -100,6 +100,12 @@ def decode_images(
             for image in images]
 
 
+def recorded_source(source: str | Path) -> str:
+    """A model source as a result records it: a file or folder as its absolute path (the
+    record may be read from elsewhere), torchvision:NAME as it is."""
+    return str(source) if str(source).startswith(TORCHVISION) else str(Path(source).resolve())
+
+
 def load_trained(path: str | Path) -> TrainedModel:
     """A trained model from a run directory (its export, else its best checkpoint, else its
     last epoch's: runs that validate on the test set keep no best), a model.safetensors file

@@ -20,7 +20,7 @@ from canon.data.normalize import PUBLISHED
 from canon.engine.checkpoint import export_model, model_info
 from canon.engine.distributed import resolve_device
 from canon.engine.rundir import PROBE_REPORT, check_source_outside, claim_run_dir
-from canon.engine.trained import TORCHVISION, TrainedModel, load_trained
+from canon.engine.trained import TrainedModel, load_trained, recorded_source
 from canon.engine.trainer import TrainResult, train
 from canon.errors import ConfigError, DataError
 from canon.files import atomic_write, make_folder
@@ -97,7 +97,7 @@ def linear_probe(
             model.classifier.weight.copy_(result.classifier.weight)
             model.classifier.bias.copy_(result.classifier.bias)
         report = {
-            "source": _recorded(trained.source), "mode": "linear-probe", "data": data,
+            "source": recorded_source(trained.source), "mode": "linear-probe", "data": data,
             "train_images": len(train_set.labels), "val_images": len(val_set.labels),
             "l2": result.l2, "l2_search": result.search, **errors,
             "seconds": time.perf_counter() - started,
@@ -121,12 +121,6 @@ def finetune(
     trained = load_trained(source)
     return train(finetune_recipe(trained, source, str(data), overrides), out,
                  overwrite=overwrite, device=device, progress=progress)
-
-
-def _recorded(source: Path) -> str:
-    """A source as a report records it: its absolute path (the report may be read from
-    elsewhere, as the data's is), or torchvision:NAME."""
-    return str(source) if str(source).startswith(TORCHVISION) else str(source.resolve())
 
 
 def finetune_recipe(
