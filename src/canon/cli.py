@@ -219,7 +219,7 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _flag_overrides(args: argparse.Namespace) -> list[tuple[str, object]]:
-    from canon.recipes import overridden_keys, refuse_flag_and_set
+    from canon.recipes import flag_overrides, overridden_keys
 
     flags = [
         ("--model", "model.name", args.model), ("--init-from", "model.init_from", args.init_from),
@@ -233,9 +233,7 @@ def _flag_overrides(args: argparse.Namespace) -> list[tuple[str, object]]:
         ("--strict", "train.strict_data", args.strict or None),
         ("--tensorboard", "train.tensorboard", args.tensorboard or None),
     ]
-    flags = [(flag, key, value) for flag, key, value in flags if value is not None]
-    refuse_flag_and_set([(flag, key) for flag, key, _ in flags], args.set)
-    overrides = [(key, value) for _, key, value in flags]
+    overrides = flag_overrides(flags, args.set)
     if args.epochs is not None:
         if "train.iterations" in overridden_keys(args.set):
             raise ConfigError(f"--epochs {args.epochs} replaces the iteration limit that --set "

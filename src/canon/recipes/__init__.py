@@ -91,8 +91,8 @@ def parse_yaml(text: str) -> object:
     return yaml.load(text, Loader=_RecipeLoader)  # a SafeLoader: builds no Python objects
 
 __all__ = [
-    "RECIPES", "Recipe", "apply_overrides", "dump_yaml", "list_recipes", "load_recipe",
-    "overridden_keys", "refuse_flag_and_set", "show_recipe",
+    "RECIPES", "Recipe", "apply_overrides", "dump_yaml", "flag_overrides", "list_recipes",
+    "load_recipe", "overridden_keys", "show_recipe",
 ]
 
 
@@ -206,14 +206,17 @@ def override_key(text: str) -> str:
     return text.partition("=")[0].strip()
 
 
-def refuse_flag_and_set(flags: Iterable[tuple[str, str]],
-                        overrides: Iterable[str | tuple[str, Any]]) -> None:
-    """Refuse a command-line flag (flag, the key it sets) given together with a `--set` of the
-    same key (overridden_keys): which should win is not for canon to guess."""
+def flag_overrides(flags: Iterable[tuple[str, str, Any]],
+                   overrides: Iterable[str | tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """The (key, value) overrides of the command-line flags given, (flag, the key it sets, its
+    value or None where not given); a flag given together with a `--set` of the same key
+    (overridden_keys) is refused: which should win is not for canon to guess."""
+    given = [(flag, key, value) for flag, key, value in flags if value is not None]
     set_keys = overridden_keys(overrides)
-    for flag, key in flags:
+    for flag, key, _ in given:
         if key in set_keys:
             raise ConfigError(f"{flag} and --set {key}=... both set {key}: pass one of them")
+    return [(key, value) for _, key, value in given]
 
 
 def overridden_keys(overrides: Iterable[str | tuple[str, Any]]) -> set[str]:

@@ -24,7 +24,7 @@ from canon.engine.trained import TrainedModel, load_trained, recorded_source
 from canon.engine.trainer import TrainResult, train
 from canon.errors import ConfigError, DataError
 from canon.files import atomic_write, make_folder
-from canon.recipes import apply_overrides, refuse_flag_and_set
+from canon.recipes import apply_overrides, flag_overrides
 from canon.recipes.schema import Recipe
 from canon.transfer.features import Features, extract_features, features_fingerprint
 from canon.transfer.probe import train_linear_probe
@@ -57,11 +57,8 @@ def transfer(
     if mode not in MODES:
         raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
     if mode == "finetune":
-        flags = [("--batch-size", "train.batch_size", batch_size),
-                 ("--workers", "train.workers", workers)]
-        flags = [(flag, key, value) for flag, key, value in flags if value is not None]
-        refuse_flag_and_set([(flag, key) for flag, key, _ in flags], overrides)
-        given = [f"{key}={value}" for _, key, value in flags]
+        given = flag_overrides([("--batch-size", "train.batch_size", batch_size),
+                                ("--workers", "train.workers", workers)], overrides)
         return finetune(source, data, out, overrides=[*given, *overrides],
                         overwrite=overwrite, device=device, progress=progress).run_dir
     if overrides:
