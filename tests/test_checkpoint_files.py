@@ -609,6 +609,8 @@ def test_overwrite_deletes_the_earlier_run_s_files_only(tmp_path):
     (tmp_path / "visualize" / "filters" / "filters.png").write_bytes(b"png")
     for report in ("eval-center-per-class.csv", "eval-center-confusion.png"):  # --per-class
         (tmp_path / report).write_bytes(b"report")
+    (tmp_path / "earlier-reports" / "epoch-1").mkdir(parents=True)  # before a resume trained on
+    (tmp_path / "earlier-reports" / "epoch-1" / "eval-center.json").write_text("{}")
     (tmp_path / "notes.txt").write_text("mine")
     (tmp_path / "data").mkdir()
     earlier = sorted(p.name for p in tmp_path.iterdir())

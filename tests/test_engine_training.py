@@ -256,10 +256,17 @@ def test_a_finished_run_given_more_epochs_withdraws_its_export_until_it_ends(
     resume_data, tmp_path
 ):
     """Stopped in its new epoch, the run's model is its last checkpoint's, not the export of
-    the run it was (which load_trained would take for the result); ended, it exports anew."""
+    the run it was (which load_trained would take for the result); ended, it exports anew.
+    What canon eval and canon visualize wrote of the earlier model goes into a folder named
+    after its epochs, not left to read as the new model's."""
     recipe = tiny_recipe(epochs=1, batch_size=16)
     train(recipe, tmp_path, device="cpu", datasets=resume_data, progress=False)
     assert (tmp_path / ckpt.EXPORT_WEIGHTS).is_file()
+    reports = ["eval-center.json", "eval-center-per-class.csv", "eval-center-confusion.png",
+               "visualize"]
+    for name in reports[:3]:
+        (tmp_path / name).write_text("of the 1-epoch model")
+    (tmp_path / "visualize").mkdir()
     longer = apply_overrides(recipe, [("train.epochs", 2)])
 
     def ctrl_c(step: int) -> None:
@@ -272,7 +279,12 @@ def test_a_finished_run_given_more_epochs_withdraws_its_export_until_it_ends(
     assert not any((tmp_path / name).exists()
                    for name in (ckpt.EXPORT_WEIGHTS, ckpt.EXPORT_CONFIG, ckpt.EXPORT_NORMALIZATION))
     assert load_trained(tmp_path).source == ckpt.epoch_checkpoint(tmp_path, 1)
+    aside = tmp_path / "earlier-reports" / "epoch-1"
+    assert sorted(p.name for p in aside.iterdir()) == sorted(reports)
+    assert not any((tmp_path / name).exists() for name in reports)
+    (tmp_path / "eval-center.json").write_text("of the last checkpoint, epoch 1")
     train(longer, tmp_path, resume=tmp_path, device="cpu", datasets=resume_data, progress=False)
+    assert (aside.with_name("epoch-1-2") / "eval-center.json").is_file()
     assert load_trained(tmp_path).source == tmp_path / ckpt.EXPORT_WEIGHTS
     assert json.loads((tmp_path / ckpt.EXPORT_CONFIG).read_text())["epochs"] == 2
 

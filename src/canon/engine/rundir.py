@@ -46,6 +46,8 @@ PROBE_REPORT = "probe.json"  # what `canon transfer --mode linear-probe` measure
 # eval-*.json and `canon visualize` VISUALIZE_DIR, of its model; a linear probe's features/
 # cache stays, checked against its source and data).
 VISUALIZE_DIR = "visualize"
+# Where those reports go when the run is resumed to train further: its export was their model.
+EARLIER_REPORTS = "earlier-reports"
 RUN_FILES = ("recipe.yaml", "metrics.csv", "curves.png", EXPORT_WEIGHTS, EXPORT_NORMALIZATION,
              EXPORT_CONFIG, CHECKPOINT_DIR, EVENTS_DIR, INIT_REPORT, PROBE_REPORT)
 # Files that show an earlier run got as far as results (besides its checkpoints).
@@ -340,15 +342,39 @@ def _clear_earlier_run(run_dir: Path, overwrite: bool) -> None:
         path.rename(aside / path.name)
 
 
+def set_reports_aside(run_dir: Path, epoch: int) -> Path | None:
+    """Move what canon eval and canon visualize wrote of the run's model into
+    EARLIER_REPORTS/epoch-N (N: the epochs trained when they were made) and return that folder,
+    or None when there were none: a run resumed to train further replaces that model, and its
+    reports left beside the new one would read as the new model's."""
+    reports = _report_files(run_dir)
+    if not reports:
+        return None
+    aside = run_dir / EARLIER_REPORTS / f"epoch-{epoch}"
+    count = 1
+    while aside.exists():  # reports of a checkpoint of the same epoch, made after a stop
+        count += 1
+        aside = aside.with_name(f"epoch-{epoch}-{count}")
+    make_folder(aside, advice=OUTPUT_DIR_ADVICE)
+    for path in reports:
+        path.rename(aside / path.name)
+    return aside
+
+
+def _report_files(run_dir: Path) -> list[Path]:
+    named = [run_dir / VISUALIZE_DIR, *(path for pattern in (
+        "eval-*.json", "eval-*-per-class.csv", "eval-*-confusion.png")
+        for path in run_dir.glob(pattern))]
+    return [p for p in named if p.exists() or p.is_symlink()]
+
+
 def _run_files(run_dir: Path, *, reports: bool = True) -> list[Path]:
     """The run's files there; with `reports`, also what canon eval and canon visualize wrote
-    of its model (a folder holding no model holds none of theirs: a visualize/ there is of
-    other models)."""
+    of its model, and of its earlier models (a folder holding no model holds none of theirs:
+    a visualize/ there is of other models)."""
     named = [run_dir / name for name in RUN_FILES]
     if reports:
-        named.append(run_dir / VISUALIZE_DIR)
-        named += [path for pattern in ("eval-*.json", "eval-*-per-class.csv",
-                                       "eval-*-confusion.png") for path in run_dir.glob(pattern)]
+        named += [run_dir / EARLIER_REPORTS, *_report_files(run_dir)]
     return [p for p in named if p.exists() or p.is_symlink()]
 
 

@@ -39,6 +39,7 @@ from canon.engine.rundir import (
     check_source_outside,
     claim_run_dir,
     continues_elsewhere,
+    set_reports_aside,
 )
 from canon.engine.saving import (
     check_weights,
@@ -203,6 +204,10 @@ def _train(
             # ahead of it (a damaged newer checkpoint passed over): the checkpoint's epochs
             if _trains_on(run):  # a finished run given more epochs: its export is of the past
                 ckpt.withdraw_export(run_dir)
+                aside = set_reports_aside(run_dir, run.epoch)
+                if aside is not None:
+                    print(f"the evaluations and visualisations of the model this run had "
+                          f"after {run.epoch} epoch(s) are now in {aside}")
         try:
             while _trains_on(run):
                 train_seconds = _train_epoch(run, stop, progress, on_step)
