@@ -40,7 +40,7 @@ import torchvision.models as tvm
 
 from canon.engine.distributed import resolve_device
 from canon.engine.graphed import GraphedStep
-from canon.engine.optimization import classification_loss, fused_sgd
+from canon.engine.optimization import classification_loss, fused_sgd, sgd
 from canon.engine.precision import DTYPES, Precision
 from canon.errors import ConfigError
 from canon.models.factory import create_model
@@ -252,8 +252,8 @@ def _prepare(
     forward = TrainingForward(model)
     if compile:
         forward = torch.compile(forward)
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM,
-                                weight_decay=WEIGHT_DECAY, fused=fused_sgd(model))
+    optimizer = sgd(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY,
+                    fused=fused_sgd(model))
     precision = Precision(amp, device, cache=not cuda_graph)
     captured = cuda_graph and device.type == "cuda"
     if cuda_graph:
@@ -266,10 +266,10 @@ def _prepare(
     if not captured:
         timed(step, warmup, device)
         return contender
-    # A replay allocates nothing: the graph's memory is taken at capture, in the warm-up. The
-    # optimizer's momentum appears in that rise: its state is counted before it exists. So do
-    # the capture's transients (restored_after's copy of the weights, cuDNN's first autotuning
-    # of these shapes): an upper bound, which format_train says.
+    # A replay allocates nothing: the graph's memory is taken at capture, in the warm-up. So
+    # do the capture's transients (restored_after's copy of the weights, cuDNN's first
+    # autotuning of these shapes): an upper bound, which format_train says. (The momentum is
+    # not among them: fused SGD's buffers exist before, and `own` counts them.)
     own = state_bytes(model, optimizer)
     _, rise = _memory_rise(lambda: timed(step, warmup, device), device)
     if rise is not None:

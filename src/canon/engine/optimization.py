@@ -4,7 +4,8 @@ average of the weights."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -49,20 +50,27 @@ def make_optimizer(
     peak_lr = config.lr
     if config.scale_lr:
         peak_lr = linear_scaled_lr(config.lr, global_batch_size, config.base_batch_size)
-    optimizer = torch.optim.SGD(
+    optimizer = sgd(
         parameter_groups(model, config), lr=peak_lr, momentum=config.momentum,
         nesterov=config.nesterov, weight_decay=config.weight_decay,
         fused=fused_sgd(model, frozen_stages),
     )
-    if optimizer.defaults.get("fused") and config.momentum:
-        # Fused SGD makes its momentum buffers with empty_like on a first step and fills them
-        # in its kernel, which skips a step GradScaler finds inf in (fp16 overflow, common on
-        # the first): the next step would add uninitialised memory. Zeros from the start
-        # compute what a first step does (no dampening: momentum x 0 + g).
+    return optimizer, peak_lr
+
+
+def sgd(params: Iterable[Any], *, fused: bool | None, momentum: float,
+        **options: Any) -> torch.optim.SGD:
+    """torch.optim.SGD, whose fused kernel's momentum buffers start at zero. Fused SGD makes
+    them with empty_like on a first step and fills them in its kernel, which skips a step
+    GradScaler finds inf in (fp16 overflow, common on the first): the next step would add
+    uninitialised memory. Zeros from the start compute what a first step does (no
+    dampening: momentum x 0 + g)."""
+    optimizer = torch.optim.SGD(params, momentum=momentum, fused=fused, **options)
+    if optimizer.defaults.get("fused") and momentum:
         for group in optimizer.param_groups:
             for parameter in group["params"]:
                 optimizer.state[parameter]["momentum_buffer"] = torch.zeros_like(parameter)
-    return optimizer, peak_lr
+    return optimizer
 
 
 def classification_loss(
