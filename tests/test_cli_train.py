@@ -429,6 +429,17 @@ def test_eval_help_lists_every_protocol_evaluate_accepts():
         assert protocol in help_text
 
 
+def test_visualize_output_help_names_only_the_runs_a_verb_takes():
+    """evolution reads a run directory only: its help offers no .pt or torchvision default."""
+    visualize = build_parser()._subparsers._group_actions[0].choices["visualize"]
+    verbs = visualize._subparsers._group_actions[0].choices
+    helps = {name: next(a.help for a in verbs[name]._actions if a.dest == "output_dir")
+             for name in ("evolution", "curves", "filters")}
+    assert "CHECKPOINT" not in helps["evolution"] and "torchvision" not in helps["evolution"]
+    assert "torchvision" not in helps["curves"] and "several RUNs" in helps["curves"]
+    assert "filters-CHECKPOINT" in helps["filters"] and "torchvision:NAME" in helps["filters"]
+
+
 def _leaf_parsers(parser, prog=()):
     subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     if not subparsers:

@@ -44,6 +44,7 @@ class Verb(NamedTuple):
     run: Visualization
     several_runs: bool  # RUN is nargs="+": args.checkpoint is a list
     run_help: str
+    run_dirs_only: bool  # no checkpoint file or torchvision:NAME
 
 
 VISUALIZATIONS: dict[str, Verb] = {}
@@ -52,11 +53,12 @@ RUN_HELP = ("a run directory, model.safetensors, a checkpoint .pt file or torchv
 
 
 def visualization(name: str, help_text: str, *arguments: Arguments, several_runs: bool = False,
-                  run_help: str = RUN_HELP):
+                  run_help: str = RUN_HELP, run_dirs_only: bool = False):
     """Register a verb: `help_text`, its argument groups and the function that runs it; with
     `several_runs`, RUN takes one or more (`run_help` says what a RUN may be)."""
     def register(run: Visualization) -> Visualization:
-        VISUALIZATIONS[name] = Verb(help_text, arguments, run, several_runs, run_help)
+        VISUALIZATIONS[name] = Verb(help_text, arguments, run, several_runs, run_help,
+                                    run_dirs_only)
         return run
 
     return register
@@ -108,7 +110,7 @@ def _deconvnet(args: argparse.Namespace) -> Written:
 @visualization("evolution", "features' projections at each kept epoch (Zeiler & Fergus "
                "Fig. 4)", layer_argument(), data_arguments(32), feature_arguments(6),
                images_argument, run_help="a run directory: its kept epoch checkpoints "
-               "(train.keep_epochs) beside its final model")
+               "(train.keep_epochs) beside its final model", run_dirs_only=True)
 def _evolution(args: argparse.Namespace) -> Written:
     from canon.visualize.evolution import write_evolution
 
@@ -201,14 +203,20 @@ def add_visualize_parser(subparsers: argparse._SubParsersAction) -> None:
                          help=verb.run_help + ("; one or more" if verb.several_runs else ""))
         for add in verb.arguments:
             add(sub)
-        sub.add_argument("--output-dir", type=Path, metavar="DIR",
-                         help=f"where to write; default: RUN's run directory/visualize/{name} "
-                         f"({name}-CHECKPOINT for a .pt file) "
-                         f"(./visualize/{name} for torchvision:NAME"
-                         + (" or several RUNs)" if verb.several_runs else ")"))
+        sub.add_argument("--output-dir", type=Path, metavar="DIR", help=_output_help(name, verb))
         sub.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
         sub.set_defaults(visualize=verb.run)
     parser.set_defaults(run=run_visualize)
+
+
+def _output_help(name: str, verb: Verb) -> str:
+    """--output-dir's help: default_output_dir's answers for the RUNs the verb takes."""
+    text = f"where to write; default: RUN's run directory/visualize/{name}"
+    if not verb.run_dirs_only:
+        text += f" ({name}-CHECKPOINT for a .pt file)"
+    elsewhere = [*(["torchvision:NAME"] if verb.run_help == RUN_HELP else []),
+                 *(["several RUNs"] if verb.several_runs else [])]
+    return text + (f" (./visualize/{name} for {' or '.join(elsewhere)})" if elsewhere else "")
 
 
 def default_output_dir(runs: Path | list[Path], verb: str) -> Path:
