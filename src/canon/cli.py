@@ -194,7 +194,8 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         "recipe (or the one in --output-dir)",
     )
     parser.add_argument("--output-dir", type=Path, metavar="DIR",
-                        help="run directory; default: runs/<recipe>[-N]")
+                        help="run directory; default: runs/<recipe>[-N], under torchrun "
+                        "runs/<recipe>-<launch id>")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the run already in --output-dir (its files are deleted "
                         "once the new run has an epoch checkpoint, and put back if it fails "
