@@ -100,6 +100,34 @@ def test_the_index_lists_what_the_folder_reader_finds(packed, folders, imagenett
         "index.json"]
 
 
+def test_offsets_are_where_samples_begin_when_a_file_grew_after_the_scan(
+    imagenette_root, tmp_path, monkeypatch
+):
+    """A file written to while it is packed (an rsync still running): the offsets are where
+    its shard's samples begin as written, not where the scanned sizes put them."""
+    root = tmp_path / "data" / "train" / "n01440764"
+    root.mkdir(parents=True)
+    for path in sorted((imagenette_root / "train" / "n01440764").iterdir())[:70]:
+        shutil.copy(path, root / path.name)
+    (tmp_path / "data" / "train" / "n02102040").mkdir()
+    shutil.copy(path, tmp_path / "data" / "train" / "n02102040" / path.name)
+    scan = packing._SplitWriter.__init__
+
+    def scan_then_grow(self, *args, **kwargs):
+        scan(self, *args, **kwargs)
+        with self.samples[0][1].open("ab") as image:  # 1.5 KiB more: 3 tar blocks
+            image.write(b"\0" * 1536)
+
+    monkeypatch.setattr(packing._SplitWriter, "__init__", scan_then_grow)
+    pack_folder(tmp_path / "data", tmp_path / "shards", splits=["train"], progress=False)
+    (shard,) = read_index(tmp_path / "shards").splits["train"].shards
+    with tarfile.open(tmp_path / "shards" / shard.file) as tar:
+        members = tar.getmembers()
+    assert shard.offsets == [members[0].offset, members[2 * OFFSET_EVERY].offset]
+    images = ShardImages(tmp_path / "shards", "train", transform=digest, shuffle=False)
+    assert stream(images, start=OFFSET_EVERY) == stream(images)[OFFSET_EVERY:]
+
+
 def test_shards_are_tars_of_the_original_files(packed, folders):
     for name, folder in folders.items():
         originals = {f"{folder.class_ids[label]}/{path.stem}": (path, label)

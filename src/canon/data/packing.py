@@ -181,17 +181,21 @@ class _SplitWriter:
         shards = []
         for number, (start, stop) in enumerate(pairwise(self.bounds)):
             path = self.out / f"{self.split}-{number:06d}.tar"
-            counts = [0] * self.class_count
+            counts, offsets = [0] * self.class_count, []
             atomic_write(path, partial(self._fill, samples=self.samples[start:stop],
-                                       counts=counts), advice=_ADVICE)
-            offsets = list(accumulate(self.sizes[start:stop], initial=0))[:-1:OFFSET_EVERY]
+                                       counts=counts, offsets=offsets), advice=_ADVICE)
             shards.append(Shard(path.name, sum(counts), path.stat().st_size, counts, offsets))
         return shards
 
     def _fill(self, temporary: Path, samples: list[tuple[str, Path, int]],
-              counts: list[int]) -> None:
+              counts: list[int], offsets: list[int]) -> None:
+        """Write the shard; count its images by class, and note where every OFFSET_EVERY-th
+        begins as written (a file changed since the scan that sized the shards has other
+        bytes than its scanned size)."""
         with tarfile.open(temporary, "w", format=tarfile.PAX_FORMAT) as tar:
-            for key, path, label in samples:
+            for number, (key, path, label) in enumerate(samples):
+                if number % OFFSET_EVERY == 0:
+                    offsets.append(tar.offset)
                 for info, data in _members(key, path, label):
                     tar.addfile(info, BytesIO(data))
                 counts[label] += 1
