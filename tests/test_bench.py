@@ -215,7 +215,9 @@ def test_parser_and_data_command(imagenette_root, tmp_path, capsys):
     run_data(parser.parse_args(["bench", "data", "--data", str(imagenette_root), "--images",
                                 "4", "--repeats", "1", "--json", str(out)]))
     assert "resnet18-imagenette5" in capsys.readouterr().out
-    assert json.loads(out.read_text())[0]["images"] == 4
+    assert json.loads(out.read_text())["figures"][0]["images"] == 4
+    run_data(parser.parse_args(["bench", "data", "--data", str(imagenette_root), "--images",
+                                "4", "--repeats", "1", "--json", str(out)]))  # its own: replaced
 
 
 def test_loop_bench_times_canons_loop_and_the_plain_ones(capsys, monkeypatch):
@@ -253,6 +255,7 @@ def test_bench_arguments_that_cannot_work_stop_before_timing(tmp_path, capsys):
     from canon.cli import main
 
     (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "eval_config.json").write_text('{"model": "resnet18"}')  # a run's export
     cases = [
         (["loop", "--workers", "a,b"], "expected counts such as 0,2"),
         (["loop", "--workers", "0,-1"], "counts must be at least 0"),
@@ -269,10 +272,12 @@ def test_bench_arguments_that_cannot_work_stop_before_timing(tmp_path, capsys):
         (["train", "--model", "resnet18", "--cuda-graph", "--warmup", "0"],
          "--warmup must be at least 1"),
         (["train", "--model", "resnet18", "--json", str(tmp_path)], "is a folder"),
-        (["loop", "--json", str(tmp_path / "notes.txt")], "exists and is not a JSON file"),
+        (["loop", "--json", str(tmp_path / "notes.txt")], "exists and is not a canon bench"),
+        (["loop", "--json", str(tmp_path / "eval_config.json")], "exists and is not a canon"),
     ]
     for argv, expected in cases:
         with pytest.raises(SystemExit) as refused:
             main(["bench", *argv])
         assert refused.value.code == 2 and expected in capsys.readouterr().err, argv
     assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "eval_config.json").read_text() == '{"model": "resnet18"}'

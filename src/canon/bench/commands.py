@@ -102,23 +102,27 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
         sub.set_defaults(run=run)
 
 
+BENCH_KEY = "canon_bench"  # names the benchmark in the JSON it writes: {BENCH_KEY, "figures"}
+
+
 def _check_json(path: Path | None) -> None:
-    """Before the benchmark runs: --json can take its figures."""
+    """Before the benchmark runs: --json can take its figures (replacing only an earlier
+    benchmark's: any other JSON may be a run's eval_config.json or a pack's index)."""
     if path is not None:
-        check_output_file(path, "--json", "a JSON file", _is_json)
+        check_output_file(path, "--json", "a canon bench JSON", _is_bench_json)
 
 
-def _is_json(path: Path) -> bool:
+def _is_bench_json(path: Path) -> bool:
     try:
-        json.loads(path.read_text())
+        written = json.loads(path.read_text())
     except (OSError, ValueError):
         return False
-    return True
+    return isinstance(written, dict) and BENCH_KEY in written
 
 
-def _write_json(path: Path | None, figures: object) -> None:
+def _write_json(path: Path | None, bench: str, figures: object) -> None:
     if path is not None:
-        text = json.dumps(figures, indent=2)
+        text = json.dumps({BENCH_KEY: bench, "figures": figures}, indent=2)
         atomic_write(path, lambda target: target.write_text(text))
         print(f"wrote {path}")
 
@@ -135,7 +139,7 @@ def run_train(args: argparse.Namespace) -> None:
         device=args.device, image_size=args.image_size, repeats=args.repeats,
     )
     print(format_train(bench))
-    _write_json(args.json, bench.to_dict())
+    _write_json(args.json, "train", bench.to_dict())
 
 
 def run_data(args: argparse.Namespace) -> None:
@@ -150,7 +154,7 @@ def run_data(args: argparse.Namespace) -> None:
     results = bench_data(args.data, recipes, images=args.images, repeats=args.repeats,
                          device=args.device, batch_size=batch_size)
     print(format_data(results, args.data, args.device, batch_size))
-    _write_json(args.json, [result.to_dict() for result in results])
+    _write_json(args.json, "data", [result.to_dict() for result in results])
 
 
 def run_loop(args: argparse.Namespace) -> None:
@@ -166,7 +170,7 @@ def run_loop(args: argparse.Namespace) -> None:
         raise ConfigError(f"--workers {args.workers!r}: counts must be at least 0")
     figures = bench_loop(args.recipe, args.device, args.repeats, workers, args.steps, args.set)
     print(format_loop(figures))
-    _write_json(args.json, figures)
+    _write_json(args.json, "loop", figures)
 
 
 def run_script(doc: str | None, add_arguments: Callable[[argparse.ArgumentParser], None],
