@@ -3,6 +3,7 @@ folder of the bad files real datasets contain."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -13,6 +14,7 @@ import struct
 import subprocess
 import sys
 import tarfile
+import time
 import warnings
 import zlib
 from pathlib import Path
@@ -198,6 +200,34 @@ def test_a_cifar_copy_unpacked_by_another_process_first_is_taken(tmp_path, monke
                                                        "cifar-10-python.tar.gz"]
 
 
+def test_an_unpacking_that_cannot_write_says_so_and_old_leftovers_go(tmp_path, monkeypatch):
+    """A full disk while unpacking is a one-line error naming the cache; the scratch folder
+    of an unpacking killed a day ago is deleted, a recent one (another process's) kept."""
+    source = tmp_path / "source" / "cifar-10-batches-py"
+    source.mkdir(parents=True)
+    (source / "batches.meta").write_bytes(b"meta")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    archive = cache / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(source, arcname="cifar-10-batches-py")
+    monkeypatch.setitem(CIFAR, "cifar10", {**CIFAR["cifar10"], "md5": file_digest(archive, "md5")})
+    killed, live = cache / ".unpacking-killed", cache / ".unpacking-live"
+    for scratch in (killed, live):
+        (scratch / "cifar-10-batches-py").mkdir(parents=True)
+    os.utime(killed, (time.time() - 2 * 24 * 3600,) * 2)
+
+    def disk_full(archive: Path, destination: Path) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("canon.data.cifar.extract_tar", disk_full)
+    with pytest.raises(DataError, match=r"cannot write .*cifar-10-batches-py: No space left on "
+                                        r"device; free some space or choose a writable cache"):
+        fetch_cifar("cifar10", cache, download=False)
+    assert sorted(p.name for p in cache.iterdir()) == [".unpacking-live",
+                                                       "cifar-10-python.tar.gz"]
+
+
 def test_an_incomplete_cifar_folder_is_named_and_kept(tmp_path):
     """A copy cut short (no batches.meta) is not downloaded over nor deleted; a folder in
     place of a batch file is a DataError naming it."""
@@ -210,13 +240,17 @@ def test_an_incomplete_cifar_folder_is_named_and_kept(tmp_path):
     # given as --data: named as the CIFAR folder it is, not as a wrong ImageNet layout
     with pytest.raises(DataError, match=r"batches\.meta: missing \(the CIFAR folder is"):
         open_dataset(str(tmp_path))
-    with pytest.raises(DataError, match=r"batches\.meta: missing .*: copy it in from a complete "
+    with pytest.raises(DataError, match=r"batches\.meta: missing .*: replace it from a complete "
                                         r"copy \(a copy in canon's cache is downloaded afresh"):
         read_cifar("cifar10", folder, "test")  # canon never downloads over a folder it finds
     (folder / "batches.meta").mkdir()
     with pytest.raises(DataError, match=r"batches\.meta: cannot read"):
         read_cifar("cifar10", folder, "test")
     (folder / "batches.meta").rmdir()
+    (folder / "batches.meta").write_bytes(pickle.dumps({"names": ["cat"]})[:-3])  # cut short
+    with pytest.raises(DataError, match=r"batches\.meta: not a CIFAR pickle \(.*\): replace it "
+                                        r"from a complete copy \(a copy in canon's cache is"):
+        read_cifar("cifar10", folder, "test")
     (folder / "batches.meta").write_bytes(pickle.dumps({"names": ["cat"]}))
     with pytest.raises(DataError, match=r"batches\.meta: not a CIFAR pickle \(no 'label_names'; "
                                         r"it holds names\)"):

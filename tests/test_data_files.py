@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
 import socket
 import threading
+import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +19,7 @@ from canon.data.cifar import download_and_verify
 from canon.data.folders import FolderImages
 from canon.data.stats import compute_stats, stats_cache_path
 from canon.errors import DataError
-from canon.files import atomic_write, download
+from canon.files import STALE_SECONDS, atomic_write, download
 
 
 def test_atomic_write_replaces_whole_or_not_at_all(tmp_path):
@@ -42,18 +46,72 @@ def test_two_writers_of_one_stats_cache_file_both_succeed(tmp_path, monkeypatch)
         images=7, skipped=0,
     )
     path = tmp_path / "stats" / "entry.safetensors"
-    real_save_file, interleaved = stats.save_file, []
+    real_atomic_write, interleaved = stats.atomic_write, []
 
-    def save_file_then_other_process_writes(tensors, filename, metadata=None):
-        real_save_file(tensors, filename, metadata=metadata)
-        if not interleaved:
-            interleaved.append(filename)
-            stats._save(small, path)  # the other process, finishing first
+    def atomic_write_while_another_process_writes(target, write, **options):
+        def write_then_other_process_writes(temporary):
+            write(temporary)
+            if not interleaved:
+                interleaved.append(temporary)
+                stats._save(small, path)  # the other process, finishing first
 
-    monkeypatch.setattr(stats, "save_file", save_file_then_other_process_writes)
+        real_atomic_write(target, write_then_other_process_writes, **options)
+
+    monkeypatch.setattr(stats, "atomic_write", atomic_write_while_another_process_writes)
     stats._save(small, path)
     assert interleaved and stats._load(path).images == 7
     assert [p.name for p in path.parent.iterdir()] == ["entry.safetensors"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # readable by a shared cache's users
+
+
+def test_a_stats_cache_that_cannot_be_written_or_read_says_what_to_do(tmp_path, monkeypatch):
+    """A full disk after a whole statistics pass, or another user's unreadable cache file:
+    one line naming the file and the remedy (the pass is not silently repeated either)."""
+    small = stats.DatasetStats(
+        mean_image=torch.rand(3, 4, 4), channel_mean=torch.rand(3), channel_std=torch.rand(3),
+        rgb_covariance=torch.eye(3), pca_eigval=torch.ones(3), pca_eigvec=torch.eye(3),
+        images=7, skipped=0,
+    )
+    path = tmp_path / "stats" / "entry.safetensors"
+
+    def disk_full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Path, "write_bytes", disk_full)
+        with pytest.raises(DataError, match=r"cannot write .*entry\.safetensors: No space left "
+                                            r"on device; free some space or choose a writable"):
+            stats._save(small, path)
+    stats._save(small, path)
+
+    def denied(path):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(stats, "_load", denied)
+    monkeypatch.setattr(stats, "stats_cache_path", lambda *args: path)
+    monkeypatch.setattr(stats, "compute_stats", lambda *args, **kwargs: pytest.fail("computed"))
+    with pytest.raises(DataError, match=r"entry\.safetensors: cannot read these statistics "
+                                        r"\(permission denied\); make it readable, or choose"):
+        stats.load_or_compute_stats(FolderImages.__new__(FolderImages), 32)
+
+
+def test_atomic_write_deletes_its_target_s_temporary_files_a_day_old(tmp_path):
+    """A write killed midway (SIGKILL, power loss) leaves its temporary file: the next write of
+    the same file deletes it once a day old; a live writer's (a shared cache) stays."""
+    target = tmp_path / "train.safetensors"
+    killed = tmp_path / ".train.safetensors.ab12cd34"
+    live = tmp_path / ".train.safetensors.ef56gh78"
+    other = tmp_path / ".val.safetensors.ab12cd34"
+    for leftover in (killed, live, other):
+        leftover.write_bytes(b"half")
+    a_day_ago = time.time() - STALE_SECONDS - 60
+    for old in (killed, other):
+        os.utime(old, (a_day_ago, a_day_ago))
+    atomic_write(target, lambda temporary: temporary.write_bytes(b"whole"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [target.name, live.name, other.name])
 
 
 def test_two_downloads_of_one_archive_both_succeed(tmp_path, monkeypatch):

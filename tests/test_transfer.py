@@ -490,9 +490,12 @@ def test_the_feature_cache_follows_the_weights(folders, source_run, tmp_path, mo
     def extract_again(*args, **kwargs):
         raise AssertionError("features extracted again from the same weights")
 
+    killed = out / "features" / ".train.safetensors.ab12cd34"  # a probe killed mid-write
+    killed.write_bytes(b"half of a big file")
     with monkeypatch.context() as patched:
         patched.setattr("canon.transfer.runs.extract_features", extract_again)
         linear_probe(str(source), folders[1], out, overwrite=True, device="cpu", progress=False)
+    assert not killed.exists()
     weights = safetensors.torch.load_file(source / "model.safetensors")
     first_conv = next(name for name, tensor in weights.items() if tensor.dim() == 4)
     weights[first_conv] *= 2

@@ -10,12 +10,14 @@ from __future__ import annotations
 import errno
 import fcntl
 import fnmatch
+import glob
 import hashlib
 import http.client
 import os
 import re
 import secrets
 import sys
+import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -28,7 +30,11 @@ from canon.errors import CanonError, DataError
 # `.NAME.` plus mkstemp's eight characters, so leftovers of older canon versions match too.
 _PARTIAL_WRITE = re.compile(r"\.(?P<target>.+)\.[a-z0-9_]{8}")
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+# A temporary file unmodified this long is a killed write's, even in a folder other processes
+# write in (a shared cache): a live write, a download included, changes it more often.
+STALE_SECONDS = 24 * 3600
 LOCK_FILE = ".lock"
+CACHE_ADVICE = "choose a writable cache folder with room for it (--cache or CANON_CACHE)"
 
 
 def atomic_write(
@@ -39,9 +45,12 @@ def atomic_write(
     cache, two ranks) each replace it whole and neither loses its temporary file; on any error
     the temporary file is removed and `path` keeps its old content. The file gets the mode
     open(path, "w") would give it. An OSError (unwritable folder, full disk) becomes a
-    DataError naming `path`, the reason and `advice`."""
+    DataError naming `path`, the reason and `advice`. Temporary files of `path` that killed
+    writes left (STALE_SECONDS old) are deleted first: a statistics pass or a linear probe's
+    features killed midway would otherwise leave gigabytes in a cache for good."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        _sweep_stale_temporaries(path)
         temporary = _new_temporary(path)
     except OSError as error:
         raise cannot_write(path, error, advice) from None
@@ -193,6 +202,18 @@ def _new_temporary(path: Path) -> Path:
             return temporary
         except FileExistsError:
             continue  # a name another writer holds (2**-32 odds): draw again
+
+
+def _sweep_stale_temporaries(path: Path) -> None:
+    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*"):
+        named = _PARTIAL_WRITE.fullmatch(leftover.name)
+        try:
+            if (named is not None and named["target"] == path.name and leftover.is_file()
+                    and not leftover.is_symlink()
+                    and time.time() - leftover.stat().st_mtime > STALE_SECONDS):
+                leftover.unlink()
+        except OSError:  # gone meanwhile, or another user's in a shared cache
+            continue
 
 
 def sweep_partial_writes(folder: Path, targets: tuple[str, ...] = ("*",)) -> list[Path]:

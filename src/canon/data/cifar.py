@@ -6,8 +6,10 @@ checked against its md5, and extracting it safely.
 from __future__ import annotations
 
 import pickle
+import shutil
 import tarfile
 import tempfile
+import time
 from pathlib import Path
 from typing import ClassVar
 
@@ -16,7 +18,7 @@ import torch
 
 from canon.data.labeled import ArrayImages
 from canon.errors import DataError
-from canon.files import download, file_digest
+from canon.files import CACHE_ADVICE, STALE_SECONDS, cannot_write, download, file_digest
 
 CIFAR = {
     "cifar10": {
@@ -64,20 +66,23 @@ class _ArrayUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
 
 
+# What to do about a missing or damaged file of a CIFAR folder.
+_RECOPY = ("replace it from a complete copy (a copy in canon's cache is downloaded afresh once "
+           "its folder is removed)")
+
+
 def _read_pickle(path: Path) -> dict[str, object]:
     try:
         with open(path, "rb") as f:
             content = _ArrayUnpickler(f, encoding="latin1").load()
     except FileNotFoundError:
-        raise DataError(f"{path}: missing (the CIFAR folder is incomplete): copy it in from a "
-                        "complete copy (a copy in canon's cache is downloaded afresh once its "
-                        "folder is removed)") from None
+        raise DataError(f"{path}: missing (the CIFAR folder is incomplete): {_RECOPY}") from None
     except OSError as error:  # a folder in its place, no permission, a failing disk
         raise DataError(f"{path}: cannot read it ({error})") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as error:
-        raise DataError(f"{path}: not a CIFAR pickle ({error})") from None
+        raise DataError(f"{path}: not a CIFAR pickle ({error}): {_RECOPY}") from None
     if not isinstance(content, dict):
-        raise DataError(f"{path}: not a CIFAR pickle (expected a dict)")
+        raise DataError(f"{path}: not a CIFAR pickle (expected a dict): {_RECOPY}")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in content.items()}
 
 
@@ -137,8 +142,7 @@ def download_and_verify(url: str, destination: Path, md5: str) -> Path:
                f"{md5}): replace it with a good copy")
     download(url, destination, algorithm="md5", published=md5, name=destination.name,
              advice=damaged or f"; fetch it by hand and place it at {destination}",
-             write_advice="choose a writable cache folder with room for it (--cache or "
-             "CANON_CACHE)")
+             write_advice=CACHE_ADVICE)
     return destination
 
 
@@ -177,11 +181,29 @@ def fetch_cifar(name: str, cache: Path, *, download: bool) -> Path:
         raise DataError(f"{archive} is damaged or incomplete (its md5 is not the published "
                         f"{spec['md5']}): replace it with a good copy, or allow download "
                         "(data.download: true)")
-    with tempfile.TemporaryDirectory(dir=cache) as scratch:
-        extract_tar(archive, Path(scratch))
-        try:
-            Path(scratch, spec["folder"]).replace(folder)
-        except OSError:  # another process (reproduce --jobs) put its whole copy there first
-            if not (folder / spec["meta"]).is_file():
-                raise
+    _sweep_stale_unpacking(cache)
+    try:
+        with tempfile.TemporaryDirectory(dir=cache, prefix=_UNPACKING) as scratch:
+            extract_tar(archive, Path(scratch))
+            try:
+                Path(scratch, spec["folder"]).replace(folder)
+            except OSError:  # another process (reproduce --jobs) put its whole copy there first
+                if not (folder / spec["meta"]).is_file():
+                    raise
+    except OSError as error:  # a full disk, a read-only cache
+        raise cannot_write(folder, error, CACHE_ADVICE) from None
     return folder
+
+
+_UNPACKING = ".unpacking-"  # fetch_cifar's scratch folders in the cache
+
+
+def _sweep_stale_unpacking(cache: Path) -> None:
+    """Delete the scratch folders that unpackings killed midway left (STALE_SECONDS old: the
+    cache may be shared with a process unpacking now)."""
+    for scratch in cache.glob(f"{_UNPACKING}*"):
+        try:
+            if scratch.is_dir() and time.time() - scratch.stat().st_mtime > STALE_SECONDS:
+                shutil.rmtree(scratch)
+        except OSError:  # gone meanwhile, or another user's
+            continue

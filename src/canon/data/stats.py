@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -24,7 +24,7 @@ from canon.data.geometry import fit_image
 from canon.data.labeled import ArrayImages, LabeledImages
 from canon.data.shards import ShardImages
 from canon.errors import DataError
-from canon.files import atomic_write
+from canon.files import CACHE_ADVICE, atomic_write
 
 # RGB covariance eigen-decomposition of ImageNet (pixels in [0, 1]), as published with
 # fb.resnet.torch (datasets/imagenet.lua) and used by most reimplementations of fancy PCA;
@@ -226,6 +226,9 @@ def load_or_compute_stats(
     if path.is_file() and not refresh:
         try:
             stats = _load(path)
+        except PermissionError:  # another user's, in a shared cache: recomputing would not do
+            raise DataError(f"{path}: cannot read these statistics (permission denied); make "
+                            f"it readable, or {CACHE_ADVICE}") from None
         except (OSError, ValueError, KeyError, SafetensorError):
             pass  # a stale or partial cache file is recomputed below
         else:
@@ -245,8 +248,10 @@ _TENSORS = ("mean_image", "channel_mean", "channel_std", "rgb_covariance", "pca_
 def _save(stats: DatasetStats, path: Path) -> None:
     meta = {"version": STATS_VERSION, "images": str(stats.images), "skipped": str(stats.skipped),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    tensors = {k: getattr(stats, k).contiguous() for k in _TENSORS}
-    atomic_write(path, lambda temporary: save_file(tensors, str(temporary), metadata=meta))
+    content = save({k: getattr(stats, k).contiguous() for k in _TENSORS}, metadata=meta)
+    # Written by Python: a full disk is an OSError, which atomic_write names (safetensors' own
+    # writer raises its own error), and the file gets open()'s mode, not 0600.
+    atomic_write(path, lambda temporary: temporary.write_bytes(content), advice=CACHE_ADVICE)
 
 
 def _load(path: Path) -> DatasetStats:

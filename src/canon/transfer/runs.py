@@ -23,7 +23,7 @@ from canon.engine.rundir import PROBE_REPORT, check_source_outside, claim_run_di
 from canon.engine.trained import TrainedModel, load_trained, recorded_source
 from canon.engine.trainer import TrainResult, train
 from canon.errors import ConfigError, DataError
-from canon.files import atomic_write, make_folder
+from canon.files import atomic_write, make_folder, sweep_partial_writes
 from canon.recipes import apply_overrides, flag_overrides
 from canon.recipes.schema import Recipe
 from canon.transfer.features import Features, extract_features, features_fingerprint
@@ -80,6 +80,7 @@ def linear_probe(
     trained = load_trained(source)
     trained.model.to(resolve_device(device))
     with claim_run_dir(out, resume=False, overwrite=overwrite):
+        sweep_partial_writes(out / FEATURE_CACHE)  # a killed probe's: as big as the cache
         started = time.perf_counter()
         train_set = _cached_features(trained, data, "train", out, batch_size, workers, progress)
         # Labelled by the training split's classes, which the probe's outputs follow.
