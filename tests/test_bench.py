@@ -33,6 +33,7 @@ from canon.bench.train import (
     update,
 )
 from canon.data.transforms import training_transform
+from canon.engine.graphed import GraphedStep
 from canon.engine.precision import Precision
 from canon.engine.setup import build_model
 from canon.errors import ConfigError
@@ -81,9 +82,12 @@ def test_train_bench_utilisation_is_against_the_peak_of_the_autocast_precision_o
     assert bench.canon.mfu == pytest.approx(achieved / bench.peak_gmacs, rel=1e-6)
 
 
-def test_train_bench_googlenet_trains_the_auxiliary_heads_of_both():
+def test_train_bench_googlenet_trains_the_auxiliary_heads_of_both(monkeypatch):
     """Both libraries' GoogLeNets step with their two auxiliary losses; with --cuda-graph
     canon's step goes through GraphedStep (uncaptured on a CPU)."""
+    graphed, real_call = [], GraphedStep.__call__
+    monkeypatch.setattr(GraphedStep, "__call__",
+                        lambda step, *args: graphed.append(1) or real_call(step, *args))
     torch.manual_seed(0)
     images, targets = torch.randn(2, 3, 64, 64), torch.randint(0, 1000, (2,))
     for model in (create_model("googlenet_bn", 1000),
@@ -99,6 +103,7 @@ def test_train_bench_googlenet_trains_the_auxiliary_heads_of_both():
     bench = bench_train("googlenet_bn", batch_size=2, steps=1, warmup=1, device="cpu",
                         image_size=64, repeats=1, cuda_graph=True)
     assert bench.settings["model"] == "googlenet_bn" and bench.settings["cuda_graph"]
+    assert len(graphed) == 2  # canon's warm-up step and timed step; torchvision's plain
     assert bench.canon.images_per_s > 0 and bench.torchvision.images_per_s > 0
     assert "canon's step in a CUDA graph" in format_train(bench)
     with pytest.raises(ConfigError, match="use --amp bf16 or none"):

@@ -99,14 +99,17 @@ def test_cifar100_reader_uses_fine_labels(tmp_path, cifar10_root):
 def test_cifar_reader_refuses_code_in_pickles(tmp_path):
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()
+    ran = tmp_path / "ran"
 
     class Evil:
         def __reduce__(self):
-            return (print, ("this must not run",))
+            return (ran.touch, ())
 
     (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": Evil()}))
-    with pytest.raises(DataError, match=r"batches\.meta"):
+    with pytest.raises(DataError, match=r"batches\.meta: not a CIFAR pickle \(refusing to load "
+                                        r"builtins\.getattr\)"):  # how a bound method pickles
         read_cifar("cifar10", folder, "test")
+    assert not ran.exists()
 
 
 def test_download_verifies_md5(tmp_path):

@@ -149,12 +149,15 @@ def test_plateau_divides_by_ten_after_patience_at_most_max_reductions_times():
 
 
 def test_apply_sets_every_group_and_state_round_trips():
+    """Each group at the schedule's lr times its lr_scale (fine-tuning's backbone, 0.1)."""
     schedule = make(ScheduleSection(kind="plateau", patience=0))
+    backbone = torch.nn.Parameter(torch.zeros(1))
+    schedule.optimizer.add_param_group({"params": [backbone], "lr_scale": 0.1})
     schedule.end_epoch(10.0)
     schedule.end_epoch(12.0)  # cut once
     lr = schedule.apply(5)
     assert lr == pytest.approx(0.01)
-    assert schedule.optimizer.param_groups[0]["lr"] == lr
+    assert [group["lr"] for group in schedule.optimizer.param_groups] == [lr, lr * 0.1]
     fresh = make(ScheduleSection(kind="plateau", patience=0))
     fresh.load_state_dict(schedule.state_dict())
     assert fresh.lr_at(5) == lr and fresh.best_error == 10.0

@@ -28,7 +28,7 @@ from canon.engine.distributed import init_distributed
 from canon.engine.graphed import GraphedStep, restored_after
 from canon.engine.rundir import latest_run_dir, new_run_dir
 from canon.engine.saving import divergence_remedy
-from canon.engine.setup import set_up
+from canon.engine.setup import build_model, set_up
 from canon.engine.stopping import StopFlag
 from canon.engine.trained import load_trained
 from canon.engine.trainer import TrainingInterrupted, train
@@ -287,6 +287,30 @@ def test_a_finished_run_given_more_epochs_withdraws_its_export_until_it_ends(
     assert (aside.with_name("epoch-1-2") / "eval-center.json").is_file()
     assert load_trained(tmp_path).source == tmp_path / ckpt.EXPORT_WEIGHTS
     assert json.loads((tmp_path / ckpt.EXPORT_CONFIG).read_text())["epochs"] == 2
+
+
+def test_best_pt_is_the_epoch_of_the_lowest_validation_error_also_across_a_resume(
+    resume_data, tmp_path, monkeypatch
+):
+    """Validation errors of 60, 40, 50% make epoch 2 the best; a resume to a fourth epoch at
+    45% keeps it (the best error so far comes back with the run), one at 30% replaces it."""
+    import canon.engine.trainer as trainer
+
+    scripted, real_validate = [60.0, 40.0, 50.0, 45.0, 30.0], trainer.validate
+
+    def validate(*args, **kwargs):
+        _, top5, scored = real_validate(*args, **kwargs)
+        return scripted.pop(0), top5, scored
+
+    monkeypatch.setattr(trainer, "validate", validate)
+    recipe = apply_overrides(tiny_recipe(epochs=3, batch_size=16), [("data.val_split", 50)])
+    train(recipe, tmp_path, device="cpu", datasets=resume_data, progress=False)
+    assert ckpt.load_checkpoint(ckpt.best_checkpoint(tmp_path))["epoch"] == 2
+    for epochs, best in ((4, 2), (5, 5)):
+        train(apply_overrides(recipe, [("train.epochs", epochs)]), tmp_path, resume=tmp_path,
+              device="cpu", datasets=resume_data, progress=False)
+        assert ckpt.load_checkpoint(ckpt.best_checkpoint(tmp_path))["epoch"] == best
+    assert not scripted
 
 
 def test_a_run_continued_in_another_directory_keeps_its_best_checkpoint(resume_data, tmp_path):
@@ -746,7 +770,7 @@ def test_k_micro_batches_of_b_over_k_equal_one_batch_of_b(resume_data, tmp_path)
 
 
 def test_bf16_ema_label_smoothing_no_bn_decay_and_filter_clamp_run_together(
-    resume_data, tmp_path
+    resume_data, tmp_path, monkeypatch
 ):
     recipe = apply_overrides(
         tiny_recipe(epochs=1, batch_size=16, accum_steps=2, amp="bf16", ema_decay=0.5,
@@ -754,7 +778,19 @@ def test_bf16_ema_label_smoothing_no_bn_decay_and_filter_clamp_run_together(
         [("optimizer.no_decay_bn_bias", True)],
     )
     data = spread_subsets(resume_data, 64, 10)
-    train(recipe, tmp_path, device="cpu", datasets=data, progress=False)
+    smoothing, conv_dtypes, real_loss = [], set(), nn.CrossEntropyLoss.forward
+
+    def recorded_loss(self, logits, targets):
+        smoothing.append(self.label_smoothing)
+        return real_loss(self, logits, targets)
+
+    monkeypatch.setattr(nn.CrossEntropyLoss, "forward", recorded_loss)
+    model = build_model(recipe, 10)
+    first_conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    first_conv.register_forward_hook(lambda conv, inputs, output: conv_dtypes.add(output.dtype))
+    train(recipe, tmp_path, device="cpu", model=model, datasets=data, progress=False)
+    assert smoothing and set(smoothing) == {0.1}
+    assert conv_dtypes == {torch.bfloat16}  # autocast, in training and validation
     state = final_weights(tmp_path, 1)
     groups = state["optimizer"]["param_groups"]
     assert [group["weight_decay"] for group in groups] == [0.0005, 0.0]
@@ -791,22 +827,38 @@ def test_run_directories_are_numbered_and_a_bare_resume_finds_this_recipe_s_late
 
 
 def test_the_cuda_graph_step_trains_and_resumes_as_the_plain_one(
-    resume_data, uninterrupted, tmp_path
+    resume_data, uninterrupted, tmp_path, monkeypatch
 ):
     """train.cuda_graph's static-buffer step (uncaptured on a CPU) changes nothing: an epoch,
     a resume from its checkpoint and a second epoch end bit-identical to the plain run."""
+    steps = counted(monkeypatch, GraphedStep, "__call__")
     graphed = tiny_recipe(epochs=1, batch_size=16, cuda_graph=True)
     train(graphed, tmp_path, device="cpu", datasets=resume_data, progress=False)
     longer = apply_overrides(graphed, [("train.epochs", 2)])
     train(longer, tmp_path, resume=tmp_path, device="cpu", datasets=resume_data, progress=False)
     assert_same_state(final_weights(tmp_path, 2), uninterrupted)
+    assert steps == [16]  # 8 a run: every step went through GraphedStep
 
 
-def test_a_compiled_model_trains_in_the_cuda_graph_step(resume_data, tmp_path):
+def counted(monkeypatch, owner, name: str) -> list[int]:
+    """Count the calls of `owner.name` (still made) in the one-element list returned."""
+    calls, real = [0], getattr(owner, name)
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counting)
+    return calls
+
+
+def test_a_compiled_model_trains_in_the_cuda_graph_step(resume_data, tmp_path, monkeypatch):
     """train.compile with train.cuda_graph: the compiled forward in the static-buffer step
     (uncaptured on a CPU) trains as the compiled one alone does, and as the eager one up to
     the generated kernels' rounding."""
     weights = {}
+    compiles = counted(monkeypatch, torch, "compile")
+    steps = counted(monkeypatch, GraphedStep, "__call__")
     for name, compiled, graph in (("eager", False, False), ("compiled", True, False),
                                   ("both", True, True)):
         torch.manual_seed(0)
@@ -814,6 +866,7 @@ def test_a_compiled_model_trains_in_the_cuda_graph_step(resume_data, tmp_path):
         train(recipe, tmp_path / name, device="cpu", model=SmallConvNet(),
               datasets=resume_data, progress=False)
         weights[name] = final_weights(tmp_path / name, 1)["model"]
+    assert compiles == [2] and steps == [8]
     for key, tensor in weights["compiled"].items():
         torch.testing.assert_close(weights["both"][key], tensor, msg=key)
         torch.testing.assert_close(weights["both"][key], weights["eager"][key], rtol=1e-4,

@@ -212,9 +212,12 @@ def test_a_model_is_scored_in_its_own_dtype_and_checked_against_its_classes(samp
     subset = ArrayImages(val.images[:20], val.labels[:20], val.classes, name="val[:20]")
     model = SmallConvNet().eval()
     single = evaluate(model, subset, preprocess=sample_sets.preprocess)
-    half = evaluate(SmallConvNet().to(torch.bfloat16).eval(), subset,
-                    preprocess=sample_sets.preprocess)
+    bf16, views = SmallConvNet().to(torch.bfloat16).eval(), []
+    bf16.register_forward_pre_hook(lambda module, inputs: views.append(inputs[0].dtype))
+    half = evaluate(bf16, subset, preprocess=sample_sets.preprocess)
     assert half["images"] == 20 and abs(half["top1_error"] - single["top1_error"]) <= 10
+    assert views and set(views) == {torch.bfloat16}
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}  # left as it was
     with pytest.raises(ConfigError, match="class_ids names 11 classes where the model gives 10 "
                                           "scores: pass the model's classes, all of them"):
         evaluate(create_model("resnet20", 10), "sample", class_ids=[*val.class_ids, "unicorn"])

@@ -43,14 +43,20 @@ def layer_of(module: str) -> int:
 
 
 def imports_of(path: Path, modules: set[str]) -> set[str]:
-    """The canon modules `path` imports anywhere in it (a function's import counts too)."""
+    """The canon modules `path` imports anywhere in it (a function's import counts too),
+    relative imports resolved against its package."""
+    package = module_name(path).split(".")
+    if path.name != "__init__.py":
+        package.pop()
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+        elif isinstance(node, ast.ImportFrom):
+            anchor = ".".join(package[:len(package) - node.level + 1]) if node.level else ""
+            base = ".".join(part for part in (anchor, node.module) if part)
             # `from canon.data import datasets` imports the submodule canon.data.datasets
-            names = [f"{node.module}.{a.name}" for a in node.names] + [node.module]
+            names = [f"{base}.{a.name}" for a in node.names] + [base]
         else:
             continue
         for name in names:

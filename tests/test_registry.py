@@ -42,6 +42,10 @@ def test_cli_models_and_unknown_error(capsys) -> None:
     out = capsys.readouterr().out
     assert "resnet50" in out and "vgg16" not in out
     assert all(len(line.split(maxsplit=1)) == 2 for line in out.splitlines())
+    with pytest.raises(SystemExit) as stop:
+        main(["summary", "resnet5O"])
+    assert stop.value.code == 2
+    assert "unknown model 'resnet5O'; did you mean resnet56, resnet50" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("verb, kind", [("models", "model"), ("recipes", "recipe")])
