@@ -752,6 +752,34 @@ class SmallConvNet(CanonModel):
         return x if pre_logits else self.fc(x)
 
 
+class UniformHeads(SmallConvNet):
+    """SmallConvNet with an auxiliary head, both scaled by weights that start at 0: uniform
+    scores, so each head's first loss is ln 10, whatever the batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.aux = nn.Linear(16, 10)
+        self.scales = nn.Parameter(torch.zeros(2))
+
+    def forward(self, x):
+        return self.forward_with_aux(x)[0]
+
+    def forward_with_aux(self, x):
+        features = self.conv2(self.conv1(x)).mean((2, 3))
+        return self.scales[0] * self.fc(features), [self.scales[1] * self.aux(features)]
+
+
+def test_auxiliary_losses_are_added_at_the_recipe_s_weight(resume_data, tmp_path):
+    """GoogLeNet s5: the auxiliary classifiers' losses are added with weight 0.3 (its
+    recipe's train.aux_loss_weight): a first step's loss is ln 10 x (1 + weight)."""
+    for weight in (0.3, 0.0):
+        recipe = tiny_recipe(epochs=1, batch_size=16, iterations=1, aux_loss_weight=weight)
+        result = train(recipe, tmp_path / str(weight), device="cpu", model=UniformHeads(),
+                       datasets=resume_data, progress=False)
+        assert result.metrics[-1]["train_loss"] == pytest.approx(math.log(10) * (1 + weight),
+                                                              rel=1e-5)  # float32
+
+
 def test_k_micro_batches_of_b_over_k_equal_one_batch_of_b(resume_data, tmp_path):
     states = []
     for batch_size, accum in ((32, 1), (8, 4)):
