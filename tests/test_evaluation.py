@@ -221,6 +221,9 @@ def test_a_model_is_scored_in_its_own_dtype_and_checked_against_its_classes(samp
     with pytest.raises(ConfigError, match="class_ids names 11 classes where the model gives 10 "
                                           "scores: pass the model's classes, all of them"):
         evaluate(create_model("resnet20", 10), "sample", class_ids=[*val.class_ids, "unicorn"])
+    with pytest.raises(ConfigError, match=r"class_ids names the model's classes .*imagenet_wnids"
+                                          r"\(\)\), not output indices; got \[0, 1, 2\]"):
+        evaluate(create_model("resnet20", 10), "sample", class_ids=list(range(10)))
     plain = nn.Sequential(nn.Flatten(), nn.LazyLinear(10))
     with pytest.raises(ConfigError, match=r"Sequential has no fully_convolutional\(\): choose "
                                           "another protocol"):

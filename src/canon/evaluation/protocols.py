@@ -127,6 +127,11 @@ def evaluate(
         raise ConfigError(f"batch_size must be at least 1 (views per forward pass), got "
                           f"{batch_size}")
     parsed = parse_protocol(protocol)
+    if class_ids is not None and not all(isinstance(name, str) for name in class_ids):
+        raise ConfigError(
+            "class_ids names the model's classes in its output order, as the folders name "
+            "them (ImageNet's wnids: canon.data.imagenet_classes.imagenet_wnids()), not "
+            f"output indices; got {list(class_ids)[:3]}...")
     if isinstance(data, LabeledImages) and class_ids is not None:
         check_labelled_by(data, class_ids, "the model's")
     if isinstance(data, str | Path):
