@@ -399,6 +399,13 @@ def test_resume_passes_over_unreadable_checkpoints_to_the_last_good_one(tmp_path
     assert [str(warning.message).split(" ")[0] for warning in caught] == [
         str(ckpt.interrupted_checkpoint(tmp_path)), str(ckpt.epoch_checkpoint(tmp_path, 2))
     ]
+    # a truncated one: no advice to give the run folder, which was given
+    epoch_2 = ckpt.epoch_checkpoint(tmp_path, 2)
+    epoch_2.write_bytes(ckpt.epoch_checkpoint(tmp_path, 1).read_bytes()[:2000])
+    with pytest.warns(ckpt.CheckpointWarning) as caught:
+        ckpt.load_for_resume(tmp_path)
+    damaged = [str(warning.message) for warning in caught if str(epoch_2) in str(warning.message)]
+    assert damaged and "truncated" in damaged[0] and "given the run folder" not in damaged[0]
     # a file named goes back to older ones only, never to the run's newer (readable) ones
     shutil.copy(ckpt.epoch_checkpoint(tmp_path, 1), ckpt.interrupted_checkpoint(tmp_path))
     with pytest.warns(ckpt.CheckpointWarning, match="epoch-002.pt"):

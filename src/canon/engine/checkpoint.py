@@ -276,9 +276,10 @@ def load_for_resume(path: str | Path) -> tuple[Path, dict[str, Any]]:
         except DataError as error:
             if len(candidates) == 1:  # the one file named: its own error says it all
                 raise
-            errors.append(str(error))
+            # The folder was given: its hint to give the folder instead would mislead.
+            errors.append(str(error).removesuffix(_run_folder_hint(candidate)))
             if number < len(candidates):
-                warnings.warn(f"{error}; trying an older checkpoint", CheckpointWarning,
+                warnings.warn(f"{errors[-1]}; trying an older checkpoint", CheckpointWarning,
                               stacklevel=2)
     raise DataError("no readable checkpoint: " + "; ".join(errors) + ". Nothing of the run can "
                     "be resumed: start it again (canon train --overwrite replaces it)")
@@ -394,12 +395,18 @@ def export_model(
     _write_bytes(run_dir / EXPORT_CONFIG, json.dumps(info, indent=2).encode())
 
 
-def withdraw_export(run_dir: Path) -> None:
-    """Delete a run's export, weights first: a run resumed in place to train further makes it
-    an earlier model's, and load_trained would take it for the run's result if the run were
-    killed before exporting its own. Until then the run's checkpoints stand for it."""
+def withdraw_export(run_dir: Path) -> int | None:
+    """Delete a run's export, weights first, and return the epochs its eval_config.json
+    recorded (None without one): a run resumed in place to train further makes it an earlier
+    model's, and load_trained would take it for the run's result if the run were killed
+    before exporting its own. Until then the run's checkpoints stand for it."""
+    try:
+        epochs = json.loads((run_dir / EXPORT_CONFIG).read_text()).get("epochs")
+    except (OSError, ValueError, AttributeError):
+        epochs = None
     for name in (EXPORT_WEIGHTS, EXPORT_CONFIG, EXPORT_NORMALIZATION):
         (run_dir / name).unlink(missing_ok=True)
+    return epochs if isinstance(epochs, int) else None
 
 
 def _write_bytes(path: Path, content: bytes) -> None:
