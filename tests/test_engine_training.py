@@ -289,6 +289,20 @@ def test_a_finished_run_given_more_epochs_withdraws_its_export_until_it_ends(
     assert json.loads((tmp_path / ckpt.EXPORT_CONFIG).read_text())["epochs"] == 2
 
 
+def test_reports_set_aside_are_named_after_the_export_s_epochs(resume_data, tmp_path):
+    """A finished 2-epoch run whose newest checkpoint is damaged resumes from epoch 1: its
+    eval files were of the 2-epoch export, and their folder says so."""
+    recipe = tiny_recipe(epochs=2, batch_size=16)
+    train(recipe, tmp_path, device="cpu", datasets=resume_data, progress=False)
+    (tmp_path / "eval-center.json").write_text("of the 2-epoch export")
+    epoch_2 = ckpt.epoch_checkpoint(tmp_path, 2)
+    epoch_2.write_bytes(epoch_2.read_bytes()[:2000])
+    with pytest.warns(ckpt.CheckpointWarning, match="epoch-002.pt is unreadable"):
+        train(apply_overrides(recipe, [("train.epochs", 3)]), tmp_path, resume=tmp_path,
+              device="cpu", datasets=resume_data, progress=False)
+    assert (tmp_path / "earlier-reports" / "epoch-2" / "eval-center.json").is_file()
+
+
 def test_best_pt_is_the_epoch_of_the_lowest_validation_error_also_across_a_resume(
     resume_data, tmp_path, monkeypatch
 ):

@@ -203,11 +203,12 @@ def _train(
             write_metrics_csv(run_dir / "metrics.csv", run.metrics)  # the two writes) or run
             # ahead of it (a damaged newer checkpoint passed over): the checkpoint's epochs
             if _trains_on(run):  # a finished run given more epochs: its export is of the past
-                ckpt.withdraw_export(run_dir)
-                aside = set_reports_aside(run_dir, run.epoch)
+                exported = ckpt.withdraw_export(run_dir)  # not run.epoch's where a newer
+                epochs = run.epoch if exported is None else exported  # checkpoint was damaged
+                aside = set_reports_aside(run_dir, epochs)
                 if aside is not None:
                     print(f"the evaluations and visualisations of the model this run had "
-                          f"after {run.epoch} epoch(s) are now in {aside}")
+                          f"after {epochs} epoch(s) are now in {aside}")
         try:
             while _trains_on(run):
                 train_seconds = _train_epoch(run, stop, progress, on_step)
