@@ -158,8 +158,8 @@ def set_up(
                   if isinstance(train_set, ShardImages) else "")
         raise ConfigError(
             f"{len(sets.train)} training images make no full step of batch {config.batch_size} "
-            f"x accum {config.accum_steps} x {ctx.world_size} device(s){stream}; lower "
-            "--batch-size"
+            f"x accum {config.accum_steps} x {ctx.world_size} device(s){stream}; give it more "
+            "images, or a smaller train.batch_size (canon train --batch-size)"
         )
     if config.cuda_graph and (ctx.world_size > 1 or recipe.model.frozen_stages):
         raise ConfigError(
