@@ -26,7 +26,7 @@ from canon.data import DataConfig, build_datasets
 from canon.engine import checkpoint as ckpt
 from canon.engine.distributed import init_distributed
 from canon.engine.graphed import GraphedStep, restored_after
-from canon.engine.rundir import latest_run_dir, new_run_dir
+from canon.engine.rundir import RECIPE_HEADER, latest_run_dir, new_run_dir
 from canon.engine.saving import divergence_remedy
 from canon.engine.setup import build_model, set_up
 from canon.engine.stopping import StopFlag
@@ -287,6 +287,25 @@ def test_a_finished_run_given_more_epochs_withdraws_its_export_until_it_ends(
     assert (aside.with_name("epoch-1-2") / "eval-center.json").is_file()
     assert load_trained(tmp_path).source == tmp_path / ckpt.EXPORT_WEIGHTS
     assert json.loads((tmp_path / ckpt.EXPORT_CONFIG).read_text())["epochs"] == 2
+
+
+def test_values_changed_on_resuming_are_said_and_recorded(resume_data, tmp_path, capsys):
+    """--set on a resume trains the rest with other values: said, and kept in recipe.yaml's
+    header (which holds the latest values) for every resume that changed any."""
+    recipe = tiny_recipe(epochs=1, batch_size=16)
+    train(recipe, tmp_path, device="cpu", datasets=resume_data, progress=False)
+    changed = apply_overrides(recipe, [("train.epochs", 2), ("optimizer.lr", 0.5)])
+    train(changed, tmp_path, resume=tmp_path, device="cpu", datasets=resume_data,
+          progress=False)
+    assert ("resumed with other recipe values than its checkpoint's: optimizer.lr: 0.1 -> 0.5; "
+            "train.epochs: 1 -> 2") in capsys.readouterr().out
+    train(apply_overrides(changed, [("train.epochs", 3)]), tmp_path, resume=tmp_path,
+          device="cpu", datasets=resume_data, progress=False)
+    lines = (tmp_path / "recipe.yaml").read_text().splitlines()
+    assert lines[0].startswith(RECIPE_HEADER) and lines[1:3] == [
+        "# changed on resuming at step 8: optimizer.lr: 0.1 -> 0.5; train.epochs: 1 -> 2",
+        "# changed on resuming at step 16: train.epochs: 2 -> 3"]
+    assert load_recipe(tmp_path / "recipe.yaml").optimizer.lr == 0.5
 
 
 def test_reports_set_aside_are_named_after_the_export_s_epochs(resume_data, tmp_path):
@@ -787,11 +806,11 @@ def test_auxiliary_losses_are_added_at_the_recipe_s_weight(resume_data, tmp_path
     """GoogLeNet s5: the auxiliary classifiers' losses are added with weight 0.3 (its
     recipe's train.aux_loss_weight): a first step's loss is ln 10 x (1 + weight)."""
     for weight in (0.3, 0.0):
-        recipe = tiny_recipe(epochs=1, batch_size=16, iterations=1, aux_loss_weight=weight)
+        recipe = tiny_recipe(epochs=1, batch_size=128, aux_loss_weight=weight)  # one step
         result = train(recipe, tmp_path / str(weight), device="cpu", model=UniformHeads(),
                        datasets=resume_data, progress=False)
-        assert result.metrics[-1]["train_loss"] == pytest.approx(math.log(10) * (1 + weight),
-                                                              rel=1e-5)  # float32
+        assert result.metrics[-1]["step"] == 1
+        assert result.metrics[-1]["train_loss"] == pytest.approx(math.log(10) * (1 + weight))
 
 
 def test_k_micro_batches_of_b_over_k_equal_one_batch_of_b(resume_data, tmp_path):
