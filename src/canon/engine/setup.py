@@ -43,7 +43,7 @@ from canon.errors import ConfigError, first_line
 from canon.files import atomic_write
 from canon.models.base import MODELS
 from canon.models.factory import create_model
-from canon.recipes import dump_yaml
+from canon.recipes import dump_yaml, flat_values
 from canon.recipes.schema import Recipe, ScheduleSection, TrainSection
 
 
@@ -111,6 +111,8 @@ class Run:
     graphed_step: GraphedStep | None = None  # train.cuda_graph
     cut_short: bool = False  # the iteration limit ended the run inside an epoch
     resumed_from: Path | None = None  # the checkpoint this run went on from
+    # The recipe values a resume changed, "key: before -> now" (recipe.yaml keeps them).
+    changed_on_resume: list[str] = field(default_factory=list)
 
 
 def set_up(
@@ -203,6 +205,7 @@ def set_up(
     )
     if state is not None:
         _restore(run, state)
+        run.changed_on_resume = recipe_changes(state["recipe"], recipe.to_dict())
         if run.step > total_steps:  # it would export a model its recipe.yaml does not describe
             raise ConfigError(
                 f"the run has trained {run.step} steps ({run.epoch} epoch(s) + "
@@ -267,11 +270,29 @@ def check_recipe(recipe: Recipe, *, model_given: bool, datasets_given: bool,
         check_tensorboard()
 
 
+def recipe_changes(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """The values of recipe mapping `now` that differ from `before`'s, "key: before -> now"."""
+    earlier, later = flat_values(before), flat_values(now)
+    return [f"{key}: {earlier.get(key)} -> {value}" for key, value in later.items()
+            if earlier.get(key) != value]
+
+
+CHANGED_ON_RESUME = "# changed on resuming at step "  # recipe.yaml's record of a resume's --set
+
+
 def open_run_dir(run: Run) -> None:
     """Rank 0, once it holds the run directory (canon.engine.rundir): the resolved recipe
-    (with the commit), the events file, and a line stating the run's plan."""
+    (with the commit, and which values each resume changed: the file holds the latest), the
+    events file, and a line stating the run's plan."""
     recipe, config, ctx = run.recipe, run.recipe.train, run.ctx
     header = f"{RECIPE_HEADER}canon {canon.__version__}, commit {run.commit}\n"
+    if run.step:  # a resumed run keeps its record of earlier resumes' changes
+        header += "".join(_resume_records(run.run_dir / "recipe.yaml"))
+    if run.changed_on_resume:
+        changes = "; ".join(run.changed_on_resume)
+        header += f"{CHANGED_ON_RESUME}{run.step}: {changes}\n"
+        print(f"resumed with other recipe values than its checkpoint's: {changes} (recipe.yaml "
+              "records them)")
     text = header + dump_yaml(recipe.to_dict(), sort_keys=False)
     atomic_write(run.run_dir / "recipe.yaml", lambda temporary: temporary.write_text(text),
                  advice=ckpt.OUTPUT_DIR_ADVICE)
@@ -301,6 +322,14 @@ def open_run_dir(run: Run) -> None:
                 "data.val_split (ResNet s4.2 held out 5000 of CIFAR-10's)", stacklevel=2)
     if run.schedule.config != recipe.schedule or run.iterations != config.iterations:
         print(_scaled_counts_note(recipe, run.schedule.config, run.iterations, global_batch_size))
+
+
+def _resume_records(recipe_file: Path) -> list[str]:
+    try:
+        lines = recipe_file.read_text(encoding="utf-8").splitlines(keepends=True)
+    except (OSError, UnicodeDecodeError):  # a run continued in another folder has none
+        return []
+    return [line for line in lines if line.startswith(CHANGED_ON_RESUME)]
 
 
 def _length(run: Run) -> str:

@@ -91,9 +91,20 @@ def parse_yaml(text: str) -> object:
     return yaml.load(text, Loader=_RecipeLoader)  # a SafeLoader: builds no Python objects
 
 __all__ = [
-    "RECIPES", "Recipe", "apply_overrides", "dump_yaml", "flag_overrides", "list_recipes",
-    "load_recipe", "overridden_keys", "show_recipe",
+    "RECIPES", "Recipe", "apply_overrides", "dump_yaml", "flag_overrides", "flat_values",
+    "list_recipes", "load_recipe", "overridden_keys", "show_recipe",
 ]
+
+
+def flat_values(values: dict[str, Any]) -> dict[str, Any]:
+    """A recipe mapping as section.key: value (top-level values under their own name)."""
+    flat: dict[str, Any] = {}
+    for section, value in values.items():
+        if isinstance(value, dict):
+            flat.update({f"{section}.{key}": item for key, item in value.items()})
+        else:
+            flat[section] = value
+    return flat
 
 
 def read_yaml_mapping(path: Path) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from canon.engine.rundir import anchored_recipe, recorded_commit
 from canon.engine.schedules import scale_iteration_counts
 from canon.engine.trainer import train
 from canon.errors import ConfigError, DataError
-from canon.recipes import Recipe, apply_overrides, load_recipe, read_yaml_mapping
+from canon.recipes import Recipe, apply_overrides, flat_values, load_recipe, read_yaml_mapping
 from canon.recipes.schema import SECTIONS, SPEED_ONLY_KEYS
 from canon.reproduce.experiments import Experiment, Mode
 from canon.validation import plain
@@ -157,8 +157,8 @@ def _check_same_recipe(run_dir: Path, recipe: Recipe, *, finished: bool = False)
         raise DataError(f"{run_dir} has a model or checkpoints but no recipe.yaml: not a run "
                         "canon reproduce can check; delete it to train it again, or choose "
                         "another --output-dir")
-    saved, ours = _flat(read_yaml_mapping(path)), _flat(recipe.to_dict())
-    defaults = _flat(_defaults()) if finished else {}
+    saved, ours = flat_values(read_yaml_mapping(path)), flat_values(recipe.to_dict())
+    defaults = flat_values(_defaults()) if finished else {}
     differing = sorted(key for key in (saved.keys() | ours.keys()) - SPEED_ONLY_KEYS
                        if not _describes(key)
                        and saved.get(key, defaults.get(key)) != ours.get(key))
@@ -188,17 +188,6 @@ def _defaults() -> dict[str, Any]:
                 for section, kind in SECTIONS.items()}
     del defaults["model"]["name"]
     return defaults
-
-
-def _flat(values: dict[str, Any]) -> dict[str, Any]:
-    """A recipe mapping as section.key: value (top-level values under their own name)."""
-    flat: dict[str, Any] = {}
-    for section, value in values.items():
-        if isinstance(value, dict):
-            flat.update({f"{section}.{key}": item for key, item in value.items()})
-        else:
-            flat[section] = value
-    return flat
 
 
 def micro_datasets(recipe: Recipe, mode: Mode) -> Datasets | None:
