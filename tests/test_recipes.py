@@ -176,6 +176,10 @@ def test_wrong_types_and_values_are_named(tmp_path):
     path.write_text("base: quickstart\nname: mixed\n1: a\nfoo: b\n")  # keys of two types
     with pytest.raises(ConfigError, match=r"bad.yaml: unknown recipe key\(s\) \[1, 'foo'\]"):
         load_recipe(path)
+    path.write_text("bsae: quickstart\nname: typo\n")  # `base` is a file's key too
+    with pytest.raises(ConfigError, match=r"unknown recipe key\(s\) \['bsae'\]; valid keys .*; "
+                                          r"a file may also start from another with base: "):
+        load_recipe(path)
     path.write_text("base: quickstart\ntrain: 0\n")  # not a section left empty
     with pytest.raises(ConfigError, match=r"bad.yaml: train must be a mapping"):
         load_recipe(path)

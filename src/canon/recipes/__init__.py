@@ -177,7 +177,9 @@ def load_recipe_file(path: str | Path) -> Recipe:
     try:
         return Recipe.from_dict(values, where=path.name)
     except ConfigError as error:
-        raise ConfigError(f"{error}{_set_by_bases(path, str(error))}") from None
+        base = ("; a file may also start from another with base: RECIPE"
+                if "unknown recipe key(s)" in str(error) else "")
+        raise ConfigError(f"{error}{base}{_set_by_bases(path, str(error))}") from None
 
 
 def _set_by_bases(path: Path, message: str) -> str:
