@@ -811,6 +811,17 @@ def test_a_second_run_on_the_same_directory_fails_at_once(tmp_path):
     )
 
 
+def test_resuming_a_run_still_in_its_first_epoch_says_it_is_in_use(tmp_path):
+    """Not that it may have stopped: the lock says it is running."""
+    with claim_run_dir(tmp_path, resume=False):
+        (tmp_path / "recipe.yaml").write_text(f"{RECIPE_HEADER}canon 0.1.0, commit None\n")
+        with pytest.raises(DataError, match=rf"{tmp_path} is in use by another canon run \(pid "
+                           rf"{os.getpid()}\), which has not finished its first epoch"):
+            ckpt.load_for_resume(tmp_path)
+    with pytest.raises(DataError, match="no checkpoint to resume from"):
+        ckpt.load_for_resume(tmp_path)
+
+
 def _claim_refused_while_locked(run_dir: Path, held: str, refusal: str) -> None:
     """claim_run_dir refused with `refusal` (a pattern) while this process holds
     run_dir/.lock, the file reading `held`, as another process's lock would."""

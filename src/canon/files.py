@@ -129,6 +129,34 @@ def locked_folder(folder: Path, *, user: str, other: str, advice: str) -> Iterat
         os.close(descriptor)
 
 
+def folder_holder(folder: Path) -> str | None:
+    """Who holds `folder`'s lock now (locked_folder), as "canon run (pid N)"; None where no
+    one does, or its lock cannot be looked at."""
+    try:
+        descriptor = os.open(folder / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _holder(descriptor)
+    except OSError:  # a file system without locks: nothing is held
+        return None
+    finally:
+        os.close(descriptor)
+    return None
+
+
+def _holder(descriptor: int) -> str:
+    """"USER (pid N)" as a lock file reads; a killed holder's words are not repeated (the new
+    holder has locked the file, yet to write its own)."""
+    held = os.read(descriptor, 200).decode(errors="replace").split(maxsplit=1)
+    if not held or not _alive(held[0]):
+        return "canon process (pid unknown)"
+    return f"{held[1].strip() if len(held) > 1 else 'canon process'} (pid {held[0]})"  # an
+    # older canon's file names its pid alone
+
+
 def _lock(path: Path, user: str, other: str, advice: str) -> int:
     """A descriptor of `path`, exclusively locked and holding this process's pid and `user`."""
     while True:
@@ -139,14 +167,10 @@ def _lock(path: Path, user: str, other: str, advice: str) -> int:
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            held = os.read(descriptor, 200).decode(errors="replace").split(maxsplit=1)
+            holder = _holder(descriptor)
             os.close(descriptor)
-            if not held or not _alive(held[0]):  # a killed holder's words: the new holder has
-                held = ["unknown"]               # locked the file, yet to write its own
-            pid = held[0]
-            holder = held[1].strip() if len(held) > 1 else "canon process"  # an older canon's
-            raise DataError(f"{path.parent} is in use by another {holder} (pid {pid}); "
-                            f"wait for it or {other}") from None
+            raise DataError(f"{path.parent} is in use by another {holder}; wait for it or "
+                            f"{other}") from None
         except OSError as error:  # a file system without locks (some NFS or Lustre mounts)
             os.close(descriptor)
             path.unlink(missing_ok=True)

@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from canon.data.normalize import EXPORT_TAG, NORMALIZATION_FILE
 from canon.errors import DataError, first_line
-from canon.files import atomic_write, sweep_partial_writes
+from canon.files import atomic_write, folder_holder, sweep_partial_writes
 
 # A run directory holds checkpoints/epoch-NNN.pt (the state after epoch NNN, or where the
 # iteration limit ended the run inside it; the last train.keep_checkpoints are kept),
@@ -253,6 +253,10 @@ def load_for_resume(path: str | Path) -> tuple[Path, dict[str, Any]]:
         run = [p.resolve() for p in resumable_checkpoints(run_dir_of(path))]
         older = run[run.index(path.resolve()) + 1 :] if path.resolve() in run else []
         candidates = [path, *older]
+    holder = None if candidates else folder_holder(path)
+    if holder is not None:
+        raise DataError(f"{path} is in use by another {holder}, which has not finished its "
+                        "first epoch: there is no checkpoint to resume from yet; wait for it")
     if not candidates and not (path / "recipe.yaml").is_file():
         raise DataError(f"{path} holds no run (no recipe.yaml, no checkpoints); resume from a "
                         "run directory or a checkpoint file")
