@@ -38,7 +38,8 @@ def test_train_then_load_predict_and_evaluate(tmp_path) -> None:
     for wrong, named in (("cat.png", r"got one str: pass \[image\]"),
                          ([], "no images to predict"),
                          ([images[0].float()], r"torch.float32 tensor of shape \(3, 32, 32\)"),
-                         ([images[0].permute(1, 2, 0)], r"shape \(32, 32, 3\)")):
+                         ([images[0].permute(1, 2, 0)], r"shape \(32, 32, 3\)"),
+                         ([tmp_path], r"is a folder: pass its image files, one result each")):
         with pytest.raises(ConfigError, match=named):
             trained.predict(wrong)
     with pytest.raises(ConfigError, match="top_k must be at least 1, got 0"):

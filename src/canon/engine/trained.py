@@ -95,6 +95,11 @@ def decode_images(
     if isinstance(images, (str, Path)) or torch.is_tensor(images):
         raise ConfigError(f"images must be a list of files or tensors, got one "
                           f"{type(images).__name__}: pass [image]")
+    folders = [str(image) for image in images if not torch.is_tensor(image)
+               and Path(image).is_dir()]
+    if folders:  # a result per image given: a folder's files would not say which is which
+        raise ConfigError(f"{folders[0]} is a folder: pass its image files, one result each "
+                          "(canon predict lists a folder's files for you)")
     limit = data.max_image_pixels
     return [image if torch.is_tensor(image) else decode_image_file(image, limit)
             for image in images]
