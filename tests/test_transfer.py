@@ -460,7 +460,8 @@ def test_bad_transfer_inputs_are_named_and_lose_nothing(tmp_path):
     assert not (tmp_path / "t").exists()
 
 
-def test_the_probe_labels_validation_by_the_training_classes(folders, source_run, tmp_path):
+def test_the_probe_labels_validation_by_the_training_classes(folders, source_run, tmp_path,
+                                                             monkeypatch):
     """A validation split lacking one of the training classes is labelled by the training
     split's classes, which the probe's outputs follow: its error is the one `canon eval` gives
     (which matches classes by name)."""
@@ -476,6 +477,14 @@ def test_the_probe_labels_validation_by_the_training_classes(folders, source_run
     result = canon.load_trained(out).evaluate(device="cpu")
     assert result["images"] == probe["val_images"] == 400
     assert result["top1_error"] == pytest.approx(probe["top1_error"], abs=0.26)
+    # a validation class the training split lacks: refused before any features are extracted
+    shutil.copytree(data / "val" / "ship", data / "val" / "plane")
+    with monkeypatch.context() as patched:
+        patched.setattr("canon.transfer.runs.extract_features",
+                        lambda *args, **kwargs: pytest.fail("features extracted first"))
+        with pytest.raises(DataError, match=r"val: class\(es\) plane are not among the 5"):
+            linear_probe(str(source_run), data, tmp_path / "probe2", device="cpu",
+                         progress=False)
 
 
 def test_the_feature_cache_follows_the_weights(folders, source_run, tmp_path, monkeypatch):

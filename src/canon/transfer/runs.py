@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from canon.data.datasets import anchored_dataset, open_split
+from canon.data.datasets import Images, anchored_dataset, open_split
 from canon.data.normalize import PUBLISHED
 from canon.engine.checkpoint import export_model, model_info
 from canon.engine.distributed import resolve_device
@@ -82,10 +82,13 @@ def linear_probe(
     with claim_run_dir(out, resume=False, overwrite=overwrite):
         sweep_partial_writes(out / FEATURE_CACHE)  # a killed probe's: as big as the cache
         started = time.perf_counter()
-        train_set = _cached_features(trained, data, "train", out, batch_size, workers, progress)
-        # Labelled by the training split's classes, which the probe's outputs follow.
-        val_set = _cached_features(trained, data, "val", out, batch_size, workers, progress,
-                                   class_ids=train_set.class_ids)
+        # Both opened first: a val class the training split lacks is refused before any
+        # extraction. Labelled by the training split's classes, which the probe's outputs follow.
+        train_images = open_split(data, "train")
+        val_images = open_split(data, "val", class_ids=train_images.class_ids)
+        train_set, val_set = (
+            _cached_features(trained, data, split, images, out, batch_size, workers, progress)
+            for split, images in (("train", train_images), ("val", val_images)))
         num_classes = len(train_set.classes)
         result = train_linear_probe(train_set.features, train_set.labels, num_classes)
         errors = result.classifier.errors(val_set.features, val_set.labels)
@@ -149,13 +152,12 @@ def finetune_recipe(
 
 
 def _cached_features(
-    trained: TrainedModel, data: str, split: str, out: Path, batch_size: int, workers: int,
-    progress: bool, class_ids: list[str] | None = None,
+    trained: TrainedModel, data: str, split: str, images: Images, out: Path, batch_size: int,
+    workers: int, progress: bool,
 ) -> Features:
-    """A split's features (labels indexing `class_ids` when given), read back from
-    out/features/ when this run computed them before from the same weights, preprocessing,
-    images and classes (a re-run with --overwrite skips the network)."""
-    images = open_split(data, split, **({} if class_ids is None else {"class_ids": class_ids}))
+    """The features of `images` (split `split` of `data`), read back from out/features/ when
+    this run computed them before from the same weights, preprocessing, images and classes (a
+    re-run with --overwrite skips the network)."""
     path = out / FEATURE_CACHE / f"{split}.safetensors"
     if path.is_file():
         try:
