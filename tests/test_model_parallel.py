@@ -266,12 +266,14 @@ def test_trainer_runs_a_pipeline_like_the_plain_model(
 
 
 def test_a_two_tower_run_resumed_without_towers_says_so(two_class_folder: Path,
-                                                         tmp_path: Path) -> None:
+                                                         tmp_path: Path, capsys) -> None:
     common = [f"data.dataset={two_class_folder}", "data.mean=imagenet", "model.name=alexnet",
               "data.crop_size=227", "data.resize_size=256", "data.scale_range=null",
               "train.batch_size=8", "train.workers=0"]
     train(load_recipe("quickstart", [*common, "train.epochs=1", "train.model_parallel=towers"]),
           tmp_path, device="cpu", progress=False)
+    assert ("--model-parallel towers: every piece on cpu, one after another: the split's "
+            "arithmetic without its speed") in capsys.readouterr().out
     with pytest.raises(ConfigError, match=r"cannot resume without --model-parallel towers a run "
                                           r"trained with it.*--init-from"):
         train(load_recipe("quickstart", [*common, "train.epochs=2"]), tmp_path,

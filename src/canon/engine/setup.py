@@ -477,6 +477,9 @@ def _placed_model(
                 "plain `canon train` (not torchrun) and drop --compile"
             )
         model = parallelize(model, config.model_parallel, ctx.device)  # pieces on their devices
+        if ctx.device.type != "cuda":
+            print(f"--model-parallel {config.model_parallel}: every piece on {ctx.device}, one "
+                  "after another: the split's arithmetic without its speed")
     else:
         model = model.to(ctx.device)
     if config.channels_last:
