@@ -144,11 +144,9 @@ def test_extract_refuses_paths_outside(tmp_path):
     assert not (tmp_path / "escaped.txt").exists()
 
 
-def test_missing_cifar_without_download_says_what_to_do(tmp_path, monkeypatch):
-    with pytest.raises(DataError, match=r"data\.download.*place cifar-10-python\.tar\.gz at"):
-        fetch_cifar("cifar10", tmp_path, download=False)
-    assert CIFAR["cifar10"]["md5"] == "c58f30108f718f92721af3b95e74349a"
-    # Offline, an archive placed by hand (as that advice says) is verified and unpacked.
+def archive_in_cache(tmp_path: Path, monkeypatch, **spec: str) -> Path:
+    """A cifar-10-python.tar.gz holding batches.meta alone in tmp_path/cache, CIFAR-10's md5
+    (and `spec`) patched to match it: the cache folder."""
     source = tmp_path / "source" / "cifar-10-batches-py"
     source.mkdir(parents=True)
     (source / "batches.meta").write_bytes(b"meta")
@@ -157,9 +155,19 @@ def test_missing_cifar_without_download_says_what_to_do(tmp_path, monkeypatch):
     archive = cache / "cifar-10-python.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(source, arcname="cifar-10-batches-py")
-    monkeypatch.setitem(CIFAR, "cifar10", {**CIFAR["cifar10"], "url": "https://offline.invalid/"
-                                           "cifar-10-python.tar.gz",
+    monkeypatch.setitem(CIFAR, "cifar10", {**CIFAR["cifar10"], **spec,
                                            "md5": file_digest(archive, "md5")})
+    return cache
+
+
+def test_missing_cifar_without_download_says_what_to_do(tmp_path, monkeypatch):
+    with pytest.raises(DataError, match=r"data\.download.*place cifar-10-python\.tar\.gz at"):
+        fetch_cifar("cifar10", tmp_path, download=False)
+    assert CIFAR["cifar10"]["md5"] == "c58f30108f718f92721af3b95e74349a"
+    # Offline, an archive placed by hand (as that advice says) is verified and unpacked.
+    cache = archive_in_cache(tmp_path, monkeypatch,
+                             url="https://offline.invalid/cifar-10-python.tar.gz")
+    archive = cache / "cifar-10-python.tar.gz"
     folder = fetch_cifar("cifar10", cache, download=False)
     assert (folder / "batches.meta").read_bytes() == b"meta"
     shutil.rmtree(folder)
@@ -206,15 +214,7 @@ def test_a_cifar_copy_unpacked_by_another_process_first_is_taken(tmp_path, monke
 def test_an_unpacking_that_cannot_write_says_so_and_old_leftovers_go(tmp_path, monkeypatch):
     """A full disk while unpacking is a one-line error naming the cache; the scratch folder
     of an unpacking killed a day ago is deleted, a recent one (another process's) kept."""
-    source = tmp_path / "source" / "cifar-10-batches-py"
-    source.mkdir(parents=True)
-    (source / "batches.meta").write_bytes(b"meta")
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    archive = cache / "cifar-10-python.tar.gz"
-    with tarfile.open(archive, "w:gz") as tar:
-        tar.add(source, arcname="cifar-10-batches-py")
-    monkeypatch.setitem(CIFAR, "cifar10", {**CIFAR["cifar10"], "md5": file_digest(archive, "md5")})
+    cache = archive_in_cache(tmp_path, monkeypatch)
     killed, live = cache / ".unpacking-killed", cache / ".unpacking-live"
     for scratch in (killed, live):
         (scratch / "cifar-10-batches-py").mkdir(parents=True)
