@@ -86,10 +86,14 @@ def test_a_stats_cache_that_cannot_be_written_or_read_says_what_to_do(tmp_path, 
             stats._save(small, path)
     stats._save(small, path)
 
-    def denied(path):
-        raise PermissionError(errno.EACCES, "Permission denied")
+    real_open = Path.open
 
-    monkeypatch.setattr(stats, "_load", denied)
+    def denied(self, *args, **kwargs):  # as for a non-root user of another's 0600 file
+        if self == path:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", denied)
     monkeypatch.setattr(stats, "stats_cache_path", lambda *args: path)
     monkeypatch.setattr(stats, "compute_stats", lambda *args, **kwargs: pytest.fail("computed"))
     with pytest.raises(DataError, match=r"entry\.safetensors: cannot read these statistics "

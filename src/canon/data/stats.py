@@ -257,6 +257,8 @@ def _save(stats: DatasetStats, path: Path) -> None:
 def _load(path: Path) -> DatasetStats:
     from safetensors import safe_open
 
+    with path.open("rb"):  # a denied read is a PermissionError here; safetensors' own, a
+        pass               # FileNotFoundError, would pass for a stale cache and be recomputed
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
         if meta.get("version") != STATS_VERSION:
