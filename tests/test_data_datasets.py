@@ -227,6 +227,13 @@ def test_an_unpacking_that_cannot_write_says_so_and_old_leftovers_go(tmp_path, m
     with pytest.raises(DataError, match=r"cannot write .*cifar-10-batches-py: No space left on "
                                         r"device; free some space or choose a writable cache"):
         fetch_cifar("cifar10", cache, download=False)
+
+    def unsafe(archive: Path, destination: Path) -> None:
+        raise DataError(f"{archive}: unsafe member '../x'; not extracting")
+
+    monkeypatch.setattr("canon.data.cifar.extract_tar", unsafe)  # its own error, as it is
+    with pytest.raises(DataError, match=r"^\S*cifar-10-python.tar.gz: unsafe member"):
+        fetch_cifar("cifar10", cache, download=False)
     assert sorted(p.name for p in cache.iterdir()) == [".unpacking-live",
                                                        "cifar-10-python.tar.gz"]
 

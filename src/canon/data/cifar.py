@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from canon.data.labeled import ArrayImages
-from canon.errors import DataError
+from canon.errors import CanonError, DataError
 from canon.files import CACHE_ADVICE, STALE_SECONDS, cannot_write, download, file_digest
 
 CIFAR = {
@@ -191,6 +191,8 @@ def fetch_cifar(name: str, cache: Path, *, download: bool) -> Path:
                 if not (folder / spec["meta"]).is_file():
                     raise
     except OSError as error:  # a full disk, a read-only cache
+        if isinstance(error, CanonError):  # extract_tar's own (a DataError is an OSError)
+            raise
         raise cannot_write(folder, error, CACHE_ADVICE) from None
     return folder
 
