@@ -14,6 +14,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import warnings
 import zipfile
 from pathlib import Path
@@ -820,6 +821,16 @@ def test_resuming_a_run_still_in_its_first_epoch_says_it_is_in_use(tmp_path):
             ckpt.load_for_resume(tmp_path)
     with pytest.raises(DataError, match="no checkpoint to resume from"):
         ckpt.load_for_resume(tmp_path)
+
+
+def test_a_run_starting_while_its_folder_is_probed_waits_the_probe_out(tmp_path):
+    """folder_holder's probe holds a shared lock for an instant: a claim then is not refused."""
+    (tmp_path / ".lock").write_text("")
+    probe = os.open(tmp_path / ".lock", os.O_RDONLY)
+    fcntl.flock(probe, fcntl.LOCK_SH)
+    threading.Timer(0.02, os.close, (probe,)).start()  # a probe far slower than a real one
+    with claim_run_dir(tmp_path, resume=False):
+        assert (tmp_path / ".lock").read_text() == f"{os.getpid()} canon run\n"
 
 
 def _claim_refused_while_locked(run_dir: Path, held: str, refusal: str) -> None:

@@ -165,7 +165,7 @@ def _lock(path: Path, user: str, other: str, advice: str) -> int:
         except OSError as error:
             raise cannot_write(path, error, advice) from None
         try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _lock_exclusively(descriptor)
         except BlockingIOError:
             holder = _holder(descriptor)
             os.close(descriptor)
@@ -182,6 +182,18 @@ def _lock(path: Path, user: str, other: str, advice: str) -> int:
             os.write(descriptor, f"{os.getpid()} {user}\n".encode())
             return descriptor
         os.close(descriptor)  # its holder deleted that file as it finished: lock the new one
+
+
+def _lock_exclusively(descriptor: int) -> None:
+    """flock LOCK_EX without waiting for a holder, but for folder_holder's probe, which holds a
+    shared lock for microseconds (BlockingIOError once a holder is certain)."""
+    for _ in range(5):
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            time.sleep(0.01)
+    fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def _alive(pid: str) -> bool:
