@@ -291,21 +291,34 @@ def test_a_finished_run_given_more_epochs_withdraws_its_export_until_it_ends(
 
 def test_values_changed_on_resuming_are_said_and_recorded(resume_data, tmp_path, capsys):
     """--set on a resume trains the rest with other values: said, and kept in recipe.yaml's
-    header (which holds the latest values) for every resume that changed any."""
+    header (which holds the latest values) for every resume that changed any and saved a
+    checkpoint after, also by a run continued in another folder."""
     recipe = tiny_recipe(epochs=1, batch_size=16)
     train(recipe, tmp_path, device="cpu", datasets=resume_data, progress=False)
-    changed = apply_overrides(recipe, [("train.epochs", 2), ("optimizer.lr", 0.5)])
+
+    def stop(step: int) -> None:
+        raise KeyboardInterrupt  # killed before its first checkpoint: it changed nothing
+
+    with pytest.raises(KeyboardInterrupt):
+        train(apply_overrides(recipe, [("train.epochs", 2), ("optimizer.lr", 0.7)]), tmp_path,
+              resume=tmp_path, device="cpu", datasets=resume_data, progress=False,
+              on_step=stop)
+    changed = apply_overrides(recipe, [("train.epochs", 2), ("optimizer.lr", 0.5),
+                                       ("description", "two\nlines")])
     train(changed, tmp_path, resume=tmp_path, device="cpu", datasets=resume_data,
           progress=False)
-    assert ("resumed with other recipe values than its checkpoint's: optimizer.lr: 0.1 -> 0.5; "
-            "train.epochs: 1 -> 2") in capsys.readouterr().out
-    train(apply_overrides(changed, [("train.epochs", 3)]), tmp_path, resume=tmp_path,
-          device="cpu", datasets=resume_data, progress=False)
-    lines = (tmp_path / "recipe.yaml").read_text().splitlines()
+    assert ("resumed with other recipe values than its checkpoint's: description: ") in (
+        capsys.readouterr().out)
+    elsewhere = tmp_path / "elsewhere"
+    train(apply_overrides(changed, [("train.epochs", 3)]), elsewhere,
+          resume=ckpt.epoch_checkpoint(tmp_path, 2), device="cpu", datasets=resume_data,
+          progress=False)
+    lines = (elsewhere / "recipe.yaml").read_text().splitlines()
     assert lines[0].startswith(RECIPE_HEADER) and lines[1:3] == [
-        "# changed on resuming at step 8: optimizer.lr: 0.1 -> 0.5; train.epochs: 1 -> 2",
+        f"# changed on resuming at step 8: description: {json.dumps(recipe.description)} -> "
+        '"two\\nlines"; optimizer.lr: 0.1 -> 0.5; train.epochs: 1 -> 2',
         "# changed on resuming at step 16: train.epochs: 2 -> 3"]
-    assert load_recipe(tmp_path / "recipe.yaml").optimizer.lr == 0.5
+    assert load_recipe(elsewhere / "recipe.yaml").optimizer.lr == 0.5
 
 
 def test_reports_set_aside_are_named_after_the_export_s_epochs(resume_data, tmp_path):

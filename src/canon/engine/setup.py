@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -271,10 +272,11 @@ def check_recipe(recipe: Recipe, *, model_given: bool, datasets_given: bool,
 
 
 def recipe_changes(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """The values of recipe mapping `now` that differ from `before`'s, "key: before -> now"."""
+    """The values of recipe mapping `now` that differ from `before`'s, "key: before -> now"
+    (as JSON: one line, whatever the value holds)."""
     earlier, later = flat_values(before), flat_values(now)
-    return [f"{key}: {earlier.get(key)} -> {value}" for key, value in later.items()
-            if earlier.get(key) != value]
+    return [f"{key}: {json.dumps(earlier.get(key))} -> {json.dumps(value)}"
+            for key, value in later.items() if earlier.get(key) != value]
 
 
 CHANGED_ON_RESUME = "# changed on resuming at step "  # recipe.yaml's record of a resume's --set
@@ -287,7 +289,7 @@ def open_run_dir(run: Run) -> None:
     recipe, config, ctx = run.recipe, run.recipe.train, run.ctx
     header = f"{RECIPE_HEADER}canon {canon.__version__}, commit {run.commit}\n"
     if run.step:  # a resumed run keeps its record of earlier resumes' changes
-        header += "".join(_resume_records(run.run_dir / "recipe.yaml"))
+        header += "".join(_resume_records(run))
     if run.changed_on_resume:
         changes = "; ".join(run.changed_on_resume)
         header += f"{CHANGED_ON_RESUME}{run.step}: {changes}\n"
@@ -324,12 +326,21 @@ def open_run_dir(run: Run) -> None:
         print(_scaled_counts_note(recipe, run.schedule.config, run.iterations, global_batch_size))
 
 
-def _resume_records(recipe_file: Path) -> list[str]:
+def _resume_records(run: Run) -> list[str]:
+    """The records of earlier resumes that changed values, from the recipe.yaml of the run
+    this one went on from (its own, or the folder it continues), made before this run's
+    step: a resume from there or later saved nothing that trained with its values."""
+    source = run.run_dir if run.resumed_from is None else ckpt.run_dir_of(run.resumed_from)
     try:
-        lines = recipe_file.read_text(encoding="utf-8").splitlines(keepends=True)
-    except (OSError, UnicodeDecodeError):  # a run continued in another folder has none
+        lines = (source / "recipe.yaml").read_text(encoding="utf-8").splitlines(keepends=True)
+    except (OSError, UnicodeDecodeError):
         return []
-    return [line for line in lines if line.startswith(CHANGED_ON_RESUME)]
+    records = []
+    for line in lines:
+        step = line.removeprefix(CHANGED_ON_RESUME).partition(":")[0]
+        if line.startswith(CHANGED_ON_RESUME) and step.isdigit() and int(step) < run.step:
+            records.append(line)
+    return records
 
 
 def _length(run: Run) -> str:
