@@ -110,6 +110,21 @@ def test_train_bench_googlenet_trains_the_auxiliary_heads_of_both(monkeypatch):
         bench_train("resnet18", device="cpu", amp="fp16", cuda_graph=True)
 
 
+def test_the_bench_s_fused_sgd_starts_with_zero_momentum(monkeypatch):
+    """As the trainer's (optimization.sgd): fused SGD, which GPUs get, would otherwise add
+    uninitialised memory after fp16's skipped first step. The CPU's fused kernel stands in."""
+    monkeypatch.setattr(train_bench, "fused_sgd", lambda model: True)
+    images, targets = torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
+    contender = train_bench._prepare(
+        "canon resnet20", create_model("resnet20", 10), "resnet20", device=torch.device("cpu"),
+        amp="none", channels_last=False, compile=False, images=images, targets=targets,
+        warmup=0)
+    optimizer = contender.optimizer
+    assert optimizer.defaults["fused"]
+    buffers = [optimizer.state[p]["momentum_buffer"] for p in contender.model.parameters()]
+    assert buffers and not any(buffer.any() for buffer in buffers)
+
+
 def test_cuda_contenders_all_get_autotuned_kernels_and_the_setting_is_restored(
         monkeypatch):
     """canon's trainer turns cudnn.benchmark on for a CUDA run: every contender of a CUDA

@@ -109,7 +109,8 @@ def _check_json(path: Path | None) -> None:
     """Before the benchmark runs: --json can take its figures (replacing only an earlier
     benchmark's: any other JSON may be a run's eval_config.json or a pack's index)."""
     if path is not None:
-        check_output_file(path, "--json", "a canon bench JSON", _is_bench_json)
+        check_output_file(path, "--json", "a canon bench JSON (a bench before 0c89369 wrote "
+                          "none it knows)", _is_bench_json)
 
 
 def _is_bench_json(path: Path) -> bool:
