@@ -255,11 +255,11 @@ def claim_run_dir(run_dir: Path, *, resume: bool, overwrite: bool = False) -> It
 
     A new run (`resume` False) refuses a directory holding an earlier run's results (a
     checkpoint, metrics.csv, an export) with a DataError saying what to do; `overwrite` sets
-    that run's files (RUN_FILES, canon eval's and visualize/, nothing else) aside in
-    REPLACED_DIR instead, deleted once the new run has saved an epoch checkpoint or ended well,
-    put back if it fails before writing any checkpoint (bad data found in its first epoch must
-    not cost the earlier run), and kept aside while the new run, stopped by Ctrl-C in its first
-    epoch, can be resumed (_end_replacement). The files of an earlier run that stopped before
+    that run's files (RUN_FILES, canon eval's and visualize/, EARLIER_REPORTS, nothing else)
+    aside in REPLACED_DIR instead, deleted once the new run has saved an epoch checkpoint or
+    ended well, put back if it fails before writing any checkpoint (bad data found in its
+    first epoch must not cost the earlier run), and kept aside while the new run, stopped by
+    Ctrl-C in its first epoch, can be resumed (_end_replacement). The files of an earlier run that stopped before
     its first checkpoint are deleted without asking: there is nothing in them to resume.
     Unrelated files stay. A directory this call created is removed again when the block fails
     having written nothing there, so failed attempts leave no empty runs/NAME-N behind.
