@@ -259,8 +259,9 @@ def claim_run_dir(run_dir: Path, *, resume: bool, overwrite: bool = False) -> It
     aside in REPLACED_DIR instead, deleted once the new run has saved an epoch checkpoint or
     ended well, put back if it fails before writing any checkpoint (bad data found in its
     first epoch must not cost the earlier run), and kept aside while the new run, stopped by
-    Ctrl-C in its first epoch, can be resumed (_end_replacement). The files of an earlier run that stopped before
-    its first checkpoint are deleted without asking: there is nothing in them to resume.
+    Ctrl-C in its first epoch, can be resumed (_end_replacement). The files of an earlier run
+    that stopped before its first checkpoint are deleted without asking: there is nothing in
+    them to resume.
     Unrelated files stay. A directory this call created is removed again when the block fails
     having written nothing there, so failed attempts leave no empty runs/NAME-N behind.
     """
