@@ -190,6 +190,12 @@ def test_a_recipe_file_can_start_from_a_bundled_base(tmp_path):
     (tmp_path / "child.yaml").write_text("base: _base\nname: child\ntrain: {batch_size: 32}\n")
     recipe = load_recipe(tmp_path / "child.yaml")
     assert (recipe.train.epochs, recipe.train.batch_size) == (7, 32)
+    for named in ("_base.yaml", tmp_path / "_base.yaml"):  # a file name or path, as --recipe
+        (tmp_path / "child.yaml").write_text(f"base: {named}\nname: child\n")
+        assert load_recipe(tmp_path / "child.yaml").train.epochs == 7
+    (tmp_path / "child.yaml").write_text("base: other.yaml\nname: child\n")
+    with pytest.raises(ConfigError, match=r"child.yaml: base recipe file .*other.yaml does not"):
+        load_recipe(tmp_path / "child.yaml")
     # a base not beside it is a bundled recipe (its own bases bundled too)
     (tmp_path / "mine.yaml").write_text("base: resnet56-cifar10\nname: mine\ntrain: {seed: 3}\n")
     mine = load_recipe(tmp_path / "mine.yaml")

@@ -151,7 +151,13 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
 
 def _base_path(path: Path, base: str) -> Path:
     """The recipe a file's `base: NAME` names: NAME.yaml beside it, else the bundled one (a
-    user's recipe may build on resnet50)."""
+    user's recipe may build on resnet50); a file name or path (.yaml), from the file's folder,
+    as --recipe takes one."""
+    if str(base).endswith((".yaml", ".yml")):
+        named = path.parent / base  # an absolute path stays as it is
+        if named.is_file():
+            return named
+        raise ConfigError(f"{path.name}: base recipe file {named} does not exist")
     for folder in (path.parent, RECIPE_DIR):
         if (folder / f"{base}.yaml").is_file():
             return folder / f"{base}.yaml"
