@@ -259,8 +259,8 @@ def _run_train(args: argparse.Namespace) -> None:
     last = result.metrics[-1] if result.metrics else None
     if last is not None and is_main_process():
         split = "test" if result.validated_on_test_set else "val"
-        best = "" if result.best_val_top1_error is None else (
-            f" (best epoch {result.best_val_top1_error:.2f}%)")
+        best = "" if result.best_val_top1_error is None else (  # of whole epochs only
+            f" (best.pt, the best whole epoch's: {result.best_val_top1_error:.2f}%)")
         print(f"done: {result.run_dir}  final model: {split} top-1 error "
               f"{last['val_top1_error']:.2f}%{best}, top-5 {last['val_top5_error']:.2f}%")
 
