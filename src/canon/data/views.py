@@ -173,6 +173,12 @@ class ProtocolViews:
         self.protocol, self.preprocess = protocol, preprocess
         _check_scales(protocol, preprocess, scales)
         self.scales = tuple(scales or preprocess.scales) if protocol.multi_scale else ()
+        size = preprocess.resize_size
+        if protocol.multi_scale and self.scales == (size, size + 32):  # the rule's third side
+            warnings.warn(                                              # is under the crop
+                f"{protocol.name} at 2 scales, shorter side {size} and {size + 32}, not VGG's 3: "
+                f"{size - 32} is under the {preprocess.crop_size} px crop (data.test_scales "
+                "names others)", stacklevel=2)
         if "ten-crop" in protocol.methods and not protocol.multi_scale:
             _warn_if_no_margin(preprocess)
         if protocol.methods == ("144-crop",):
