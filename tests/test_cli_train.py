@@ -688,6 +688,9 @@ def test_a_run_that_cannot_start_reads_no_data_and_leaves_no_directory(
     with pytest.raises(SystemExit):  # a thousand loader processes on a few cores stall
         main([*train, "--workers", "1000"])
     assert "train.workers 1000: this process has" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # found at the first step once, after a statistics pass
+        main([*train, "--recipe", "vgg11", "--set", "data.crop_size=112"])
+    assert "data.crop_size 112: vgg11 takes inputs of 224 px" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([*train, "--set", "model.options={shortcut: A, widths: [8, 8]}"])
     assert "model.options {'shortcut': 'A', 'widths': [8, 8]} do not fit" in capsys.readouterr().err

@@ -230,6 +230,18 @@ def set_up(
     return run
 
 
+def _check_crop_fits(model: nn.Module, recipe: Recipe) -> None:
+    """The training crop is an input the model takes (else the first step would say so, after
+    a statistics pass over the whole training set)."""
+    crop, smallest = recipe.data.crop_size, getattr(model, "min_input_size", 0)
+    fixed = getattr(model, "fixed_input_size", None)
+    if crop < smallest or fixed not in (None, crop):
+        needs = f"{fixed} px" if fixed is not None else f"at least {smallest} px"
+        raise ConfigError(
+            f"data.crop_size {crop}: {recipe.model.name} takes inputs of {needs}; set "
+            "data.crop_size (and data.resize_size, the side it is cut from) to fit")
+
+
 def check_recipe(recipe: Recipe, *, model_given: bool, datasets_given: bool,
                  fresh: bool = True) -> None:
     """What can be checked before any data is read or any file written (model.init_from only
@@ -237,10 +249,10 @@ def check_recipe(recipe: Recipe, *, model_given: bool, datasets_given: bool,
     if not model_given:
         MODELS.get(recipe.model.name)  # UnknownNameError listing close names
         section = recipe.model
-        if section.options or section.zero_init_residual or section.frozen_stages:
-            with torch.device("meta"):  # the builder takes them? (no weights allocated)
-                model = build_model(recipe, section.num_classes or 2)
-            check_frozen_stages(model, section.frozen_stages)  # it has so many stages?
+        with torch.device("meta"):  # the builder takes the options? (no weights allocated)
+            model = build_model(recipe, section.num_classes or 2)
+        check_frozen_stages(model, section.frozen_stages)  # it has so many stages?
+        _check_crop_fits(model, recipe)
     if not datasets_given:
         check_dataset_name(recipe.data.dataset)
     workers, cores = recipe.train.workers, dist.cores_per_process()
