@@ -427,6 +427,11 @@ def test_pack_refuses_folders_it_would_damage(with_bad_image, packed, tmp_path):
         pack_folder(with_bad_image, with_bad_image / "train" / "shards", progress=False)
     with pytest.raises(DataError, match="missing: not a folder"):
         pack_folder(tmp_path / "missing", tmp_path / "out", progress=False)
+    val_only = tmp_path / "val-only"
+    shutil.copytree(with_bad_image / "val", val_only / "val")
+    with pytest.raises(DataError, match=r"val-only: no train/ folder; a val split is packed "
+                                        r"labelled by the training split's classes"):
+        pack_folder(val_only, tmp_path / "out", splits=["val"], progress=False)
     with pytest.raises(DataError, match="not a shard folder"):
         ShardImages(unrelated, "train")
 

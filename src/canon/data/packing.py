@@ -134,6 +134,10 @@ def _open_splits(root: Path, splits: list[str]) -> dict[str, FolderImages]:
     classes (val alone is packed with them too)."""
     if "val" not in splits:
         return {"train": open_train_folder(root)}
+    if not (root / "train").is_dir():
+        raise DataError(f"{root}: no train/ folder; a val split is packed labelled by the "
+                        f"training split's classes, so pack needs {root / 'train'} too "
+                        "(canon eval reads a val-only folder as it is)")
     train, val = open_image_folder(root)
     return {split: folder for split, folder in (("train", train), ("val", val))
             if split in splits}
