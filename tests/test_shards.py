@@ -432,6 +432,8 @@ def test_pack_refuses_folders_it_would_damage(with_bad_image, packed, tmp_path):
     with pytest.raises(DataError, match=r"val-only: no train/ folder; a val split is packed "
                                         r"labelled by the training split's classes"):
         pack_folder(val_only, tmp_path / "out", splits=["val"], progress=False)
+    with pytest.raises(DataError, match=r"train is itself the train/ split of .*: give that"):
+        pack_folder(with_bad_image / "train", tmp_path / "out", progress=False)
     with pytest.raises(DataError, match="not a shard folder"):
         ShardImages(unrelated, "train")
 

@@ -26,7 +26,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from canon.data.folders import SPLIT_NAMES, FolderImages, open_image_folder, open_train_folder
+from canon.data.folders import (
+    SPLIT_NAMES,
+    FolderImages,
+    open_image_folder,
+    open_train_folder,
+    split_folder,
+)
 from canon.data.shard_index import (
     INDEX,
     OFFSET_EVERY,
@@ -134,7 +140,7 @@ def _open_splits(root: Path, splits: list[str]) -> dict[str, FolderImages]:
     classes (val alone is packed with them too)."""
     if "val" not in splits:
         return {"train": open_train_folder(root)}
-    if not (root / "train").is_dir():
+    if split_folder(root, "val") is not None and split_folder(root, "train") is None:
         raise DataError(f"{root}: no train/ folder; a val split is packed labelled by the "
                         f"training split's classes, so pack needs {root / 'train'} too "
                         "(canon eval reads a val-only folder as it is)")
