@@ -193,6 +193,12 @@ def test_a_recipe_file_can_start_from_a_bundled_base(tmp_path):
     for named in ("_base.yaml", tmp_path / "_base.yaml"):  # a file name or path, as --recipe
         (tmp_path / "child.yaml").write_text(f"base: {named}\nname: child\n")
         assert load_recipe(tmp_path / "child.yaml").train.epochs == 7
+    (tmp_path / "real").mkdir()  # through a link: its bases are beside the file it links to
+    (tmp_path / "real" / "mid.yaml").write_text("base: ../_base.yaml\noptimizer: {lr: -1}\n")
+    (tmp_path / "link.yaml").symlink_to(tmp_path / "real" / "mid.yaml")
+    (tmp_path / "child.yaml").write_text("base: link.yaml\nname: child\n")
+    with pytest.raises(ConfigError, match=r"optimizer.lr must be > 0.*base recipe .*mid.yaml"):
+        load_recipe(tmp_path / "child.yaml")
     (tmp_path / "child.yaml").write_text("base: other.yaml\nname: child\n")
     with pytest.raises(ConfigError, match=r"child.yaml: base recipe file .*other.yaml does not"):
         load_recipe(tmp_path / "child.yaml")

@@ -397,7 +397,7 @@ def _base_chain(path: Path) -> list[Path]:
     from where the file really is: a linked recipe's bases are beside the file it links to."""
     chain = [path.resolve()]
     while (base := read_yaml_mapping(chain[-1]).get("base")) is not None:
-        chain.append(_base_path(chain[-1], base))
+        chain.append(_base_path(chain[-1], base).resolve())  # a link's bases: beside its target
     return chain
 
 
