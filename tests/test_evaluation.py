@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -508,6 +509,11 @@ def test_dense_on_a_canon_model(sample_sets):
         result = evaluate(model, subset, "multi-scale+dense", batch_size=100,
                           preprocess=sample_sets.preprocess)
     assert result["images"] == 100 and result["scales"] == [32, 64]
+    named = dataclasses.replace(sample_sets.preprocess, scales_named=True)  # data.test_scales
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ProtocolViews(parse_protocol("multi-scale"), named)
+        ProtocolViews(parse_protocol("multi-scale"), sample_sets.preprocess, scales=(32, 64))
 
 
 def test_evaluate_a_folder_with_model_eval_config(imagenette_root, tmp_path):

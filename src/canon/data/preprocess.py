@@ -27,9 +27,11 @@ class EvalPreprocess:
     resize_size: int
     normalize: Normalize
     interpolation: str = "bilinear"
-    # Shorter sides for multi-scale protocols (DataConfig.multi_scale_test_sizes).
+    # Shorter sides for multi-scale protocols (DataConfig.multi_scale_test_sizes), and whether
+    # the recipe named them (data.test_scales) rather than took VGG's rule.
     scales: tuple[int, ...] = ()
     fit: str = "shorter"
+    scales_named: bool = False
 
     def rescale(self, image: torch.Tensor, size: int | None = None) -> torch.Tensor:
         return fit_image(image, size or self.resize_size, self.fit, self.interpolation)
@@ -73,6 +75,7 @@ def eval_preprocess(
         interpolation=config.interpolation,
         scales=config.multi_scale_test_sizes(),
         fit=config.image_fit(),
+        scales_named=bool(config.test_scales),
     )
 
 

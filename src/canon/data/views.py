@@ -173,9 +173,10 @@ class ProtocolViews:
         self.protocol, self.preprocess = protocol, preprocess
         _check_scales(protocol, preprocess, scales)
         self.scales = tuple(scales or preprocess.scales) if protocol.multi_scale else ()
-        size = preprocess.resize_size
-        if protocol.multi_scale and self.scales == (size, size + 32):  # the rule's third side
-            warnings.warn(                                              # is under the crop
+        # VGG's rule (DataConfig.multi_scale_test_sizes) left out a side under the crop.
+        size, by_rule = preprocess.resize_size, not (scales or preprocess.scales_named)
+        if protocol.multi_scale and by_rule and self.scales == (size, size + 32):
+            warnings.warn(
                 f"{protocol.name} at 2 scales, shorter side {size} and {size + 32}, not VGG's 3: "
                 f"{size - 32} is under the {preprocess.crop_size} px crop (data.test_scales "
                 "names others)", stacklevel=2)
