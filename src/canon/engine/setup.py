@@ -249,10 +249,15 @@ def check_recipe(recipe: Recipe, *, model_given: bool, datasets_given: bool,
     if not model_given:
         MODELS.get(recipe.model.name)  # UnknownNameError listing close names
         section = recipe.model
-        with torch.device("meta"):  # the builder takes the options? (no weights allocated)
-            model = build_model(recipe, section.num_classes or 2)
-        check_frozen_stages(model, section.frozen_stages)  # it has so many stages?
-        _check_crop_fits(model, recipe)
+        try:
+            with torch.device("meta"):  # the builder takes the options? (no weights allocated)
+                model = build_model(recipe, section.num_classes or 2)
+        except (RuntimeError, NotImplementedError):  # a user's builder reading a weight's value
+            model = None
+        if model is not None:
+            check_frozen_stages(model, section.frozen_stages)  # it has so many stages?
+            if not datasets_given:  # given sets make their own inputs
+                _check_crop_fits(model, recipe)
     if not datasets_given:
         check_dataset_name(recipe.data.dataset)
     workers, cores = recipe.train.workers, dist.cores_per_process()
