@@ -143,26 +143,26 @@ def test_degradation_micro_end_to_end_skips_finished_runs_and_resumes(
     assert [run["commit"] for run in results["runs"]] == [commit] * len(recipes)
     assert "different commits" not in readme
     runs = tmp_path / "runs"
-    # as if trained by an earlier command at another commit
+    # as if trained by an earlier command at another commit (all zeros: it sorts first)
     recipe_file = runs / "plain20-cifar10-micro-seed0" / "recipe.yaml"
     header, _, body = recipe_file.read_text().partition("\n")
-    recipe_file.write_text(f"{header.rpartition(' ')[0]} 0123456789abcdef-dirty\n{body}")
+    recipe_file.write_text(f"{header.rpartition(' ')[0]} 0000000000abcdef-dirty\n{body}")
 
     # Again: every run has finished, so nothing is trained and no run file is rewritten.
     exports = {p: p.stat().st_mtime_ns for p in runs.glob(f"*/{EXPORT_WEIGHTS}")}
     calls.clear()
-    with pytest.warns(UserWarning, match=r"last trained at 2 different commits \(0123456789-"):
+    with pytest.warns(UserWarning, match=r"last trained at 2 different commits \(0000000000-"):
         main(argv)
     assert calls == []
     assert {p: p.stat().st_mtime_ns for p in runs.glob(f"*/{EXPORT_WEIGHTS}")} == exports
     results = json.loads((report / "results.json").read_text())
     assert {run["status"] for run in results["runs"]} == {"finished before"}
     trained_at = {run["run"]: run["commit"] for run in results["runs"]}
-    assert trained_at.pop("plain20-cifar10-micro-seed0") == "0123456789abcdef-dirty"
+    assert trained_at.pop("plain20-cifar10-micro-seed0") == "0000000000abcdef-dirty"
     assert set(trained_at.values()) == {commit}
     readme = (report / "README.md").read_text()
-    assert "| 0123456789-dirty |" in readme
-    assert "**Note:** the runs were last trained at 2 different commits (0123456789-dirty" in readme
+    assert "| 0000000000-dirty |" in readme
+    assert "**Note:** the runs were last trained at 2 different commits (0000000000-dirty" in readme
 
     # plain-32 as if killed during its second (last) epoch: only epoch 1's checkpoint left.
     run_dir = runs / "plain32-cifar10-micro-seed0"
