@@ -241,11 +241,10 @@ def _new_temporary(path: Path) -> Path:
 
 
 def _sweep_stale_temporaries(path: Path) -> None:
-    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*"):
-        named = _PARTIAL_WRITE.fullmatch(leftover.name)
+    target = (glob.escape(path.name),)  # its name as a pattern matching itself alone
+    for leftover in path.parent.glob(f".{target[0]}.*"):
         try:
-            if (named is not None and named["target"] == path.name and leftover.is_file()
-                    and not leftover.is_symlink()
+            if (_is_partial_write(leftover, target)
                     and time.time() - leftover.stat().st_mtime > STALE_SECONDS):
                 leftover.unlink()
         except OSError:  # gone meanwhile, or another user's in a shared cache
