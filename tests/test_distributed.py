@@ -445,7 +445,8 @@ def test_a_rank_whose_micro_batch_is_all_undecodable_stops_every_rank_with_the_r
 ) -> None:
     """Four training files, one decodable, over two ranks of one micro-batch of 2: one rank's
     batch holds only bad files, whichever order the sampler draws. Skipping it alone would
-    leave the other rank waiting in its gradient all-reduce."""
+    leave the other rank waiting in its gradient all-reduce. Each rank shows the files it
+    failed to decode; a warning every rank would give (of the recipe) comes once."""
     data = tmp_path / "data"
     _link_images(imagenette_root / "val", data / "val", 4)
     classes = sorted(p.name for p in (data / "val").iterdir())
@@ -460,12 +461,16 @@ def test_a_rank_whose_micro_batch_is_all_undecodable_stops_every_rank_with_the_r
         shutil.rmtree(data / "val" / extra)
     result = subprocess.run(
         [*_torchrun(2), "-m", "canon", "train", "--data", str(data), "--set",
-         "data.mean=imagenet", "--batch-size", "2", "--epochs", "1", "--workers", "0",
-         "--output-dir", str(tmp_path / "run")],
+         "data.mean=imagenet", "--set", "train.polyak_after_epochs=3", "--batch-size", "2",
+         "--epochs", "1", "--workers", "0", "--output-dir", str(tmp_path / "run")],
         env=_environment(tmp_path / "cache"), capture_output=True, text=True, timeout=240,
     )
+    output = result.stdout + result.stderr
     assert result.returncode != 0
-    assert "every file of a micro-batch of 2 was undecodable" in result.stdout + result.stderr
+    assert "every file of a micro-batch of 2 was undecodable" in output
+    undecoded = re.findall(r"UndecodableImageWarning: skipping .*/train/.*/(\d)\.JPEG:", output)
+    assert sorted(undecoded) == ["1", "2", "3"], output[-3000:]
+    assert output.count("train.polyak_after_epochs 3: the run ends") == 1, output[-3000:]
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds workers via /proc")

@@ -578,6 +578,10 @@ def test_a_repeated_sigterm_still_saves_and_a_second_ctrl_c_stops_at_once(capsys
         signal.signal(signal.SIGINT, interrupt)
     assert capsys.readouterr().out.count("finishing this step") == 1
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    quiet = StopFlag(announce=False)  # torchrun's ranks but 0: one notice, not one a process
+    with quiet.installed():
+        signal.raise_signal(signal.SIGTERM)
+    assert quiet.raised and capsys.readouterr().out == ""
 
 
 def test_divergence_advice_names_the_warm_up_key_the_recipe_uses():

@@ -249,13 +249,16 @@ def _run_train(args: argparse.Namespace) -> None:
     from canon.engine.rundir import plan_run
     from canon.engine.trainer import TrainingInterrupted, train
 
-    plan = plan_run(args.recipe, [*_flag_overrides(args), *args.set], resume=args.resume,
-                    output_dir=args.output_dir)
-    try:
-        result = train(plan.recipe, plan.run_dir, resume=plan.state, overwrite=args.overwrite,
-                       device=args.device)
-    except TrainingInterrupted as stop:
-        _exit_stopped(stop, plan.run_dir)
+    with warnings.catch_warnings():
+        if not is_main_process():
+            _show_only_this_process_s_own_warnings()
+        plan = plan_run(args.recipe, [*_flag_overrides(args), *args.set], resume=args.resume,
+                        output_dir=args.output_dir)
+        try:
+            result = train(plan.recipe, plan.run_dir, resume=plan.state,
+                           overwrite=args.overwrite, device=args.device)
+        except TrainingInterrupted as stop:
+            _exit_stopped(stop, plan.run_dir)
     last = result.metrics[-1] if result.metrics else None
     if last is not None and is_main_process():
         split = "test" if result.validated_on_test_set else "val"
@@ -263,6 +266,15 @@ def _run_train(args: argparse.Namespace) -> None:
             f" (best.pt, the best whole epoch's: {result.best_val_top1_error:.2f}%)")
         print(f"done: {result.run_dir}  final model: {split} top-1 error "
               f"{last['val_top1_error']:.2f}%{best}, top-5 {last['val_top5_error']:.2f}%")
+
+
+def _show_only_this_process_s_own_warnings() -> None:
+    """Under torchrun, a process other than rank 0 shows only the images it failed to decode:
+    the others, of the same recipe, data and checkpoint, rank 0 shows once for all."""
+    from canon.data.folders import UndecodableImageWarning
+
+    warnings.simplefilter("ignore")
+    warnings.simplefilter("default", UndecodableImageWarning)  # the filter checked first
 
 
 SOURCE_HELP = ("a run directory, model.safetensors, a checkpoint .pt file, or torchvision:NAME "

@@ -18,6 +18,7 @@ _HOMES = {
     "open_train_split": "canon.data.datasets",
     "decode_image_file": "canon.data.decoding",
     "BadImageWarning": "canon.data.folders",
+    "UndecodableImageWarning": "canon.data.folders",
     "FolderImages": "canon.data.folders",
     "ArrayImages": "canon.data.labeled",
     "ImageSubset": "canon.data.labeled",

@@ -34,6 +34,12 @@ class BadImageWarning(UserWarning):
     """A file in an image tree that canon skipped."""
 
 
+class UndecodableImageWarning(BadImageWarning):
+    """An image skipped when read for a batch, not when its tree was listed: under torchrun
+    only the process that read it knows, so every process shows these (and rank 0 alone the
+    others, which every process would repeat)."""
+
+
 class FolderImages(LabeledImages):
     """Image folder trees: `ROOT/<class>/<image>`, subfolders of a class folder included
     (ImageNet's train/ and val/, any ImageFolder layout); Tiny-ImageNet's
@@ -49,9 +55,9 @@ class FolderImages(LabeledImages):
 
     Bad files never stop a run: zero-byte files and files without an image extension are
     skipped when the tree is scanned, and files that fail to decode when read (the item comes
-    out as None). Each skipped file gets one BadImageWarning and the scan reports a count;
-    those with an image file's name are `skipped_at_listing`. `strict=True` turns the first
-    one into a DataError naming the file.
+    out as None). Each skipped file gets one BadImageWarning (an UndecodableImageWarning when
+    read) and the scan reports a count; those with an image file's name are
+    `skipped_at_listing`. `strict=True` turns the first one into a DataError naming the file.
     """
 
     def __init__(
@@ -207,7 +213,7 @@ class FolderImages(LabeledImages):
                 raise DataError(message) from None
             if path not in self._reported:
                 self._reported.add(path)
-                warnings.warn(f"skipping {error}", BadImageWarning, stacklevel=2)
+                warnings.warn(f"skipping {error}", UndecodableImageWarning, stacklevel=2)
             return None
 
     def fingerprint(self) -> str:

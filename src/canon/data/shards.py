@@ -47,7 +47,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from canon.data.config import MAX_IMAGE_PIXELS
 from canon.data.decoding import decode_image_bytes
-from canon.data.folders import BadImageWarning, check_known_classes
+from canon.data.folders import BadImageWarning, UndecodableImageWarning, check_known_classes
 from canon.data.labeled import Transform
 from canon.data.sampling import sample_seed, seeded
 from canon.data.shard_index import OFFSET_EVERY, PackIndex, Shard, read_index
@@ -275,7 +275,7 @@ class ShardImages(IterableDataset):
             if self.strict:
                 raise DataError(f"{error} (strict mode: re-pack without it, or run without "
                                 "strict)") from None
-            warnings.warn(f"skipping {error}", BadImageWarning, stacklevel=2)
+            warnings.warn(f"skipping {error}", UndecodableImageWarning, stacklevel=2)
             return None
         if self.transform is None:
             return image, label

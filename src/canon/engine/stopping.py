@@ -24,7 +24,8 @@ class StopFlag:
     torchrun a worker gets one from the scheduler and another forwarded by torchrun, moments
     apart; what stops at once after a grace period is the scheduler's SIGKILL."""
 
-    def __init__(self) -> None:
+    def __init__(self, announce: bool = True) -> None:
+        self.announce = announce  # under torchrun, rank 0 alone says what happens
         self.raised = False
         self.signal_number = signal.SIGINT
         self._previous: dict[int, Any] = {}
@@ -49,8 +50,9 @@ class StopFlag:
             return
         self.raised, self.signal_number = True, signum
         signal.signal(signal.SIGINT, self._previous[signal.SIGINT])
-        print(f"\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
-              "(Ctrl-C again to stop at once)", flush=True)
+        if self.announce:
+            print(f"\n{signal.Signals(signum).name}: finishing this step and saving a "
+                  "checkpoint (Ctrl-C again to stop at once)", flush=True)
 
 
 @contextlib.contextmanager

@@ -194,7 +194,7 @@ def _train(
         if ctx.device.type != "cuda" and ctx.is_main:
             print(f"train.cuda_graph: nothing to capture on {ctx.device}; the same step runs "
                   "uncaptured")
-    stop = StopFlag()
+    stop = StopFlag(announce=ctx.is_main)
     in_place = state is not None and not continues_elsewhere(state, run_dir)
     with _claimed(run, resuming=in_place, overwrite=overwrite), stop.installed():
         if run.resumed_from is not None and ctx.is_main:
