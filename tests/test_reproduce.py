@@ -324,6 +324,11 @@ def test_a_run_that_failed_beside_a_stopped_one_is_said_with_the_stop(tmp_path, 
     with pytest.raises(TrainingInterrupted):  # a stop alone says nothing more
         runner._records([stopped, finished], planned, StopFlag())
     assert capsys.readouterr().err == ""
+    also_stopped = Future()  # two runs saved a checkpoint each: the folder of both is named
+    also_stopped.set_result((tmp_path / "runs" / "b" / "interrupted.pt", signal.SIGTERM))
+    with pytest.raises(TrainingInterrupted) as raised:
+        runner._records([stopped, also_stopped], planned, StopFlag())
+    assert raised.value.checkpoint == tmp_path / "runs"
     with pytest.raises(DataError, match="NaN at step 7"):  # alone, the failure is raised
         runner._records([failed, finished], planned, StopFlag())
     died = Future()

@@ -129,20 +129,24 @@ def _ensure_runs(planned: list[PlannedRun], mode: Mode, device: str, progress: b
 
 def _records(futures: list[Future], planned: list[PlannedRun], flag: StopFlag
              ) -> list[RunRecord]:
-    """The pool's runs' records, in plan order; or the stop (TrainingInterrupted), after
-    saying on stderr any run that failed beside it; or the first failure."""
+    """The pool's runs' records, in plan order; or the stop (TrainingInterrupted: the
+    checkpoint a run saved, or the runs' folder where several did), after saying on stderr any
+    run that failed beside it; or the first failure."""
     ended = [future for future in futures if not future.cancelled()]
     error = next((f.exception() for f in ended if f.exception() is not None), None)
     if isinstance(error, BrokenProcessPool):
         error = CanonError(f"a run's process died ({error}); the same command resumes the "
                            "runs from their last checkpoints")
     outcomes = [future.result() for future in ended if future.exception() is None]
-    stop = next((outcome for outcome in outcomes if isinstance(outcome, tuple)), None)
-    if stop is not None:
+    stops = [outcome for outcome in outcomes if isinstance(outcome, tuple)]
+    if stops:
         if error is not None:  # the stop's resume hint alone would hide it
             print(f"canon reproduce: besides the stop, a run failed: "
                   f"{type(error).__name__}: {error}", file=sys.stderr)
-        raise TrainingInterrupted(*stop)
+        checkpoint, signal_number = stops[0]
+        # Several runs saved a checkpoint each: the folder holding them, not the first alone.
+        raise TrainingInterrupted(checkpoint if len(stops) == 1 else planned[0].run_dir.parent,
+                                  signal_number)
     if error is not None:
         raise error
     if flag.raised:  # a signal to this process alone: the running runs finished, no more began
