@@ -10,6 +10,8 @@ import torch
 import canon
 from canon.data.datasets import load_sample
 from canon.errors import ConfigError
+from canon.models.factory import ModelOptionError
+from canon.registry import UnknownNameError
 
 
 def test_every_documented_name_comes_from_canon() -> None:
@@ -44,10 +46,37 @@ def test_train_then_load_predict_and_evaluate(tmp_path) -> None:
             trained.predict(wrong)
     with pytest.raises(ConfigError, match="top_k must be at least 1, got 0"):
         trained.predict(list(images), top_k=0)
+    assert trained.predict(image for image in images[:2]) == trained.predict(list(images[:2]))
+    with pytest.raises(ConfigError, match=r"images\[0\] is a ndarray: pass image files or "
+                                          "uint8 RGB tensors"):
+        trained.predict([images[0].permute(1, 2, 0).numpy()])
 
     by_run = trained.evaluate(protocol="center", batch_size=500)  # the data it trained on
-    by_hand = canon.evaluate(trained.model, "sample", "center", batch_size=500,
+    by_hand = canon.evaluate(trained.model, "sample", "center", batch_size=500, device="auto",
                              preprocess=trained.preprocess, class_ids=trained.class_ids)
     assert by_run["images"] == by_hand["images"] == 1000
     assert by_run["top1_error"] == by_hand["top1_error"]
+    by_recipe = canon.evaluate(trained.model, "sample", "center", batch_size=500,  # its stats
+                               data_config=recipe.data, root_cache=str(tmp_path / "cache"),
+                               class_ids=trained.class_ids)
+    assert by_recipe["top1_error"] == by_run["top1_error"]
+    assert list((tmp_path / "cache" / "stats").iterdir())
     assert by_run["top1_error"] == result.metrics[-1]["val_top1_error"]
+
+
+def test_wrong_arguments_are_named_in_python_terms(tmp_path) -> None:
+    """What a notebook user gets wrong: a recipe by name, a resume flag, a model option the
+    builder lacks, overrides as a dict."""
+    with pytest.raises(UnknownNameError, match="unknown recipe 'quickstrat'; did you mean "
+                                               "quickstart"):
+        canon.train("quickstrat", tmp_path / "run")  # a name, loaded as load_recipe would
+    for resume in (True, "latest"):
+        with pytest.raises(ConfigError, match=f"resume={resume!r}: give the run directory"):
+            canon.train("quickstart", tmp_path / "run", resume=resume)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ModelOptionError, match="resnet20 takes no option 'pretrained'"):
+        canon.create_model("resnet20", pretrained=True)
+    recipe = canon.load_recipe("quickstart", {"train.epochs": 3, "optimizer.lr": 0.05})
+    assert (recipe.train.epochs, recipe.optimizer.lr) == (3, 0.05)
+    with pytest.raises(ConfigError, match=r"^override 'train\.epoch=3': 'epoch' is not a key"):
+        canon.load_recipe("quickstart", {"train.epoch": 3})

@@ -39,6 +39,7 @@ import torch
 from safetensors.torch import load_file
 
 from canon.data.sampling import ShardSampler, ShuffleSampler, epoch_order, eval_shard
+from canon.devices import resolve_device
 from canon.engine import checkpoint as ckpt
 from canon.engine import distributed
 from canon.engine.distributed import (
@@ -48,7 +49,6 @@ from canon.engine.distributed import (
     elastic_run_id,
     init_distributed,
     launched_by_torchrun,
-    resolve_device,
     sync_context,
     wrap_model,
 )
@@ -399,7 +399,7 @@ def test_a_gpu_index_beyond_the_machine_s_is_named(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert resolve_device("cuda:1") == "cuda:1"
-    with pytest.raises(ConfigError, match=r"--device cuda:2: this machine shows 2 GPU\(s\), "
+    with pytest.raises(ConfigError, match=r"device 'cuda:2': this machine shows 2 GPU\(s\), "
                                           "cuda:0 to cuda:1"):
         resolve_device("cuda:2")
 

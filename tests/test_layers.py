@@ -1,6 +1,6 @@
 """canon's modules import one way: each layer only from the layers below it, and no cycles.
 
-Layers, bottom to top: errors/files/lazy/validation -> registry -> models -> data ->
+Layers, bottom to top: devices/errors/files/lazy/validation -> registry -> models -> data ->
 transfer.torchvision -> recipes -> evaluation -> engine -> transfer/visualize ->
 reproduce/bench -> cli. The package itself (`canon/__init__.py`) is the public API over all of
 them and imports lazily (canon.lazy), by name.
@@ -15,7 +15,7 @@ import pytest
 
 SOURCE = Path(__file__).resolve().parents[1] / "src" / "canon"
 LAYERS = [
-    ("canon.errors", "canon.files", "canon.lazy", "canon.validation"),
+    ("canon.devices", "canon.errors", "canon.files", "canon.lazy", "canon.validation"),
     ("canon.registry",),
     ("canon.models",),
     ("canon.data",),

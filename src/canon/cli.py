@@ -370,7 +370,7 @@ def _run_eval(args: argparse.Namespace) -> None:
     import json
 
     from canon.data.datasets import anchored_dataset
-    from canon.engine.distributed import resolve_device
+    from canon.devices import resolve_device
     from canon.engine.trained import load_trained
     from canon.errors import DataError
     from canon.evaluation.ensemble import evaluate_ensemble
@@ -572,7 +572,7 @@ def _run_predict(args: argparse.Namespace) -> None:
     import warnings
 
     from canon.data.folders import BadImageWarning
-    from canon.engine.distributed import resolve_device
+    from canon.devices import resolve_device
     from canon.engine.trained import decode_images, load_trained
     from canon.errors import ConfigError, DataError
     from canon.evaluation.ensemble import predict_ensemble
@@ -691,7 +691,7 @@ def _features_arguments(parser: argparse.ArgumentParser) -> None:
        _features_arguments)
 def _run_features(args: argparse.Namespace) -> None:
     from canon.data.datasets import anchored_dataset, open_split
-    from canon.engine.distributed import resolve_device
+    from canon.devices import resolve_device
     from canon.engine.trained import load_trained
     from canon.transfer.features import extract_features
 

@@ -84,7 +84,7 @@ class Datasets:
 def build_datasets(
     config: DataConfig,
     *,
-    root_cache: Path | None = None,
+    root_cache: str | Path | None = None,
     strict: bool = False,
     workers: int = 0,
 ) -> Datasets:
@@ -99,7 +99,7 @@ def build_datasets(
     statistics; `workers` decoding processes compute the statistics of an image folder or
     shard folder when they are not cached yet (pass the run's train.workers).
     """
-    cache = root_cache or canon_cache_dir()
+    cache = Path(root_cache) if root_cache else canon_cache_dir()
     options = reading_options(config, cache, strict)
     if config.val_split:
         train, val = _held_out(open_train_split(config.dataset, **options), config)

@@ -20,6 +20,7 @@ import torch.nn as nn
 from torch.distributed.constants import default_pg_timeout
 from torch.nn.parallel import DistributedDataParallel
 
+from canon.devices import resolve_device
 from canon.errors import ConfigError
 
 # How long a rank leaving a gloo group waits for the group's worker threads (shutdown_distributed).
@@ -52,26 +53,6 @@ def _env_int(name: str, default: int) -> int:
         return int(value)
     except ValueError:
         raise ConfigError(f"environment variable {name}={value!r} is not an integer") from None
-
-
-def resolve_device(device: str) -> str:
-    """"auto" becomes "cuda" when a GPU is visible, else "cpu"; a CPU or CUDA device name
-    passes through. A name torch does not know, another device type, or CUDA where none is
-    visible is a ConfigError."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        chosen = torch.device(device)
-    except RuntimeError:
-        raise ConfigError(f"unknown device {device!r}; use auto, cpu or cuda") from None
-    if chosen.type not in ("cpu", "cuda"):
-        raise ConfigError(f"device {device!r} is not supported; use auto, cpu or cuda")
-    if chosen.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device} asks for CUDA, but no CUDA device is visible")
-    if chosen.type == "cuda" and (chosen.index or 0) >= torch.cuda.device_count():
-        raise ConfigError(f"--device {device}: this machine shows {torch.cuda.device_count()} "
-                          f"GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
-    return device
 
 
 def _pick_device(device: str, local_rank: int, world_size: int) -> torch.device:

@@ -43,7 +43,7 @@ from canon.engine.trained import TORCHVISION
 from canon.errors import ConfigError, first_line
 from canon.files import atomic_write
 from canon.models.base import MODELS
-from canon.models.factory import create_model
+from canon.models.factory import ModelOptionError, create_model
 from canon.recipes import dump_yaml, flat_values
 from canon.recipes.schema import Recipe, ScheduleSection, TrainSection
 
@@ -523,8 +523,8 @@ def build_model(recipe: Recipe, num_classes: int) -> nn.Module:
                                      if section.zero_init_residual else {})}
     try:
         return create_model(section.name, num_classes, **options)
-    except TypeError as error:  # an option the builder does not take
-        if section.zero_init_residual and "zero_init_residual" in str(error):
+    except ModelOptionError as error:
+        if section.zero_init_residual and "'zero_init_residual'" in str(error):  # the one
             raise ConfigError(f"model.zero_init_residual is for ResNets; {section.name} has no "
                               f"residual blocks ({error})") from None
         raise ConfigError(f"model.options {section.options} do not fit {section.name}'s "
@@ -562,8 +562,8 @@ def _check_same_global_batch(run: Run, state: dict[str, Any]) -> None:
             f"cannot resume at global batch {now} ({config.batch_size} x {config.accum_steps} "
             f"accum x {run.ctx.world_size} process(es)): the checkpoint's {state['step']} steps "
             f"were of {before} ({batch} x {accum} x {ranks}). Resume "
-            "with a batch, --accum and process count that multiply to "
-            f"{before}, or start a new run from its weights with --init-from"
+            "with a batch, --accum (train.accum_steps) and process count that multiply to "
+            f"{before}, or start a new run from its weights with --init-from (model.init_from)"
         )
 
 

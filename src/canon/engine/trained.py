@@ -20,6 +20,7 @@ from canon.data.datasets import anchored_dataset
 from canon.data.decoding import decode_image_file
 from canon.data.normalize import EXPORT_TAG, export_id, published_mean
 from canon.data.preprocess import EvalPreprocess, eval_preprocess
+from canon.devices import resolve_device
 from canon.engine.checkpoint import (
     EXPORT_CONFIG,
     EXPORT_NORMALIZATION,
@@ -34,7 +35,6 @@ from canon.engine.checkpoint import (
     run_epoch_checkpoints,
     unreadable_file,
 )
-from canon.engine.distributed import resolve_device
 from canon.errors import CanonError, ConfigError, DataError, first_line
 from canon.evaluation.ensemble import EnsembleMember, predict_ensemble
 from canon.evaluation.protocols import evaluate, preprocess_for
@@ -95,6 +95,12 @@ def decode_images(
     if isinstance(images, (str, Path)) or torch.is_tensor(images):
         raise ConfigError(f"images must be a list of files or tensors, got one "
                           f"{type(images).__name__}: pass [image]")
+    images = list(images)  # a generator would be spent by the checks below
+    for index, image in enumerate(images):
+        if not isinstance(image, (str, Path)) and not torch.is_tensor(image):
+            raise ConfigError(f"images[{index}] is a {type(image).__name__}: pass image files "
+                              "or uint8 RGB tensors 3 x H x W (torchvision's pil_to_tensor "
+                              "makes one of a PIL image)")
     folders = [str(image) for image in images if not torch.is_tensor(image)
                and Path(image).is_dir()]
     if folders:  # a result per image given: a folder's files would not say which is which

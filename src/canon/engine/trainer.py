@@ -56,6 +56,7 @@ from canon.engine.stopping import StopFlag, shut_down_workers
 from canon.errors import ConfigError, DataError, NonFiniteError, first_line
 from canon.evaluation import score_loader
 from canon.evaluation.metrics import error_percent
+from canon.recipes import load_recipe
 from canon.recipes.schema import Recipe
 
 # Loss values are checked for NaN/inf (one device sync) this often; GPU ranks agree on a stop
@@ -109,7 +110,7 @@ def validate(
 
 
 def train(
-    recipe: Recipe,
+    recipe: Recipe | str | Path,
     output_dir: str | Path,
     *,
     resume: str | Path | dict[str, Any] | None = None,
@@ -120,7 +121,8 @@ def train(
     progress: bool = True,
     on_step: Callable[[int], None] | None = None,
 ) -> TrainResult:
-    """Train as `recipe` says, writing checkpoints and logs to `output_dir`.
+    """Train as `recipe` says (a Recipe, or what load_recipe takes: a bundled recipe's name
+    or a YAML file), writing checkpoints and logs to `output_dir`.
 
     Resuming is exact: a checkpoint records the step reached inside the epoch and every rank's
     random generator states and partial epoch sums, so a resumed run continues bit-identically
@@ -147,6 +149,11 @@ def train(
     `build_datasets(recipe.data)`; items (image tensor, label), `.classes` on the training set
     unless the recipe sets model.num_classes. `on_step(step)` runs after every optimizer step.
     """
+    if isinstance(recipe, str | Path):
+        recipe = load_recipe(recipe)
+    if not (resume is None or isinstance(resume, str | Path | dict)) or resume == "latest":
+        raise ConfigError(f"resume={resume!r}: give the run directory or checkpoint file to "
+                          "go on from (or a state load_for_resume read)")
     check_recipe(recipe, model_given=model is not None, datasets_given=datasets is not None,
                  fresh=resume is None)
     recipe = anchored_recipe(recipe)  # a relative data folder recorded as it is found now
@@ -161,8 +168,8 @@ def train(
         dist.shutdown_distributed(ctx, together=False)
         raise ConfigError(
             f"out of GPU memory at --batch-size {recipe.train.batch_size} per device: lower "
-            "--batch-size and raise --accum by the same factor to keep the global batch (and "
-            "the learning rate) unchanged"
+            "--batch-size and raise --accum (train.batch_size, train.accum_steps) by the same "
+            "factor to keep the global batch (and the learning rate) unchanged"
         ) from None
     except BaseException:
         dist.shutdown_distributed(ctx, together=False)

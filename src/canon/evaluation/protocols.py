@@ -34,6 +34,7 @@ from canon.data.views import (
     collate_views,
     parse_protocol,
 )
+from canon.devices import resolve_device
 from canon.errors import ConfigError
 from canon.evaluation.metrics import TopKErrors, posteriors_of
 
@@ -90,7 +91,7 @@ def evaluate(
     data_config: DataConfig | None = None,
     preprocess: EvalPreprocess | None = None,
     scales: Sequence[int] = (),
-    root_cache: Path | None = None,
+    root_cache: str | Path | None = None,
     strict: bool = False,
     progress: bool = False,
     class_ids: list[str] | None = None,
@@ -127,6 +128,7 @@ def evaluate(
         raise ConfigError(f"batch_size must be at least 1 (views per forward pass), got "
                           f"{batch_size}")
     parsed = parse_protocol(protocol)
+    root_cache = Path(root_cache) if root_cache else None  # a str from a notebook too
     if class_ids is not None and not all(isinstance(name, str) for name in class_ids):
         raise ConfigError(
             "class_ids names the model's classes in its output order, as the folders name "
@@ -159,6 +161,7 @@ def evaluate(
         )
     views = isinstance(getattr(dataset, "transform", None), ProtocolViews)
     views_per_image = _views_per_image(parsed, dataset.transform) if views else 1
+    device = resolve_device(str(device))  # "auto" too, as the other entry points take it
     model.to(device)
     # A loaded batch holds about batch_size views: 150 per image under VGG's multi-crop,
     # whose views of 64 images would take 5.8 GB as floats (times the batches prefetched).

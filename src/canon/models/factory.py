@@ -4,23 +4,36 @@ canon.models package is imported, which importing this module does first."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch.nn as nn
 
+from canon.errors import ConfigError
 from canon.models.base import MODELS, check_num_classes
 
 
+class ModelOptionError(ConfigError):
+    """An option that a model's builder does not take."""
+
+
 def create_model(name: str, num_classes: int | None = None, **kwargs: Any) -> nn.Module:
-    """Build the registered model `name` with a classifier of `num_classes` outputs.
+    """Build the registered model `name` with a classifier of `num_classes` outputs; `kwargs`
+    are its builder's options (a ModelOptionError names any it does not take).
 
     `None` keeps the family's own dataset: 1000 ImageNet classes, 10 for the CIFAR networks.
     """
     entry = MODELS.get(name)
-    if num_classes is None:
+    if num_classes is not None:
+        check_num_classes(num_classes)
+        kwargs = {"num_classes": num_classes, **kwargs}
+    try:
         return entry.builder(**kwargs)
-    check_num_classes(num_classes)
-    return entry.builder(num_classes=num_classes, **kwargs)
+    except TypeError as error:  # raised by whichever layer the option reaches
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(error))
+        if unknown is None or unknown[1] not in kwargs:
+            raise
+        raise ModelOptionError(f"{name} takes no option {unknown[1]!r}") from None
 
 
 def list_models(pattern: str | None = None) -> list[str]:

@@ -12,7 +12,7 @@ import json
 import re
 import shlex
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,8 @@ from canon.recipes.schema import SCHEDULE_KIND_KEYS, Recipe, valid_keys
 from canon.registry import Registry
 
 RECIPES = Registry("recipe")
+# Settings over a recipe's: "section.key=value" strings, (key, value) pairs, or a mapping.
+Overrides = Iterable[str | tuple[str, Any]] | Mapping[str, Any]
 RECIPE_DIR = Path(__file__).resolve().parent
 
 
@@ -260,7 +262,7 @@ def _nested_keys(key: str, value: Any) -> list[str]:
 def _parse_override(text: str) -> tuple[list[str], Any]:
     key, (_, sep, value) = override_key(text), text.partition("=")
     if not sep or not key:
-        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. train.epochs=10")
+        raise ConfigError(f"override {text!r}: expected section.key=value, e.g. train.epochs=10")
     try:
         parsed = parse_yaml(value) if value.strip() else None
         comment = _comment_start(value)
@@ -269,7 +271,7 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     if comment is not None:  # a value on a command line has no comment: the '#' is meant
         quoted = (f" to keep it: --set {shlex.quote(f'{key}={json.dumps(value.strip())}')}"
                   if parsed is None or isinstance(parsed, str) else "")
-        raise ConfigError(f"--set {text!r}: YAML reads {value[comment:].strip()!r} as a comment "
+        raise ConfigError(f"override {text!r}: YAML reads {value[comment:].strip()!r} as a comment "
                           f"and drops it; quote the string that holds the '#'{quoted}")
     return key.split("."), parsed
 
@@ -285,15 +287,18 @@ def _comment_start(value: str) -> int | None:
                  and not any(start <= index < end for start, end in texts)), None)
 
 
-def apply_overrides(recipe: Recipe, overrides: Iterable[str | tuple[str, Any]]) -> Recipe:
+def apply_overrides(recipe: Recipe, overrides: Overrides) -> Recipe:
     """A new recipe with settings applied: `"section.key=value"` strings (the value parsed as
-    YAML, as `--set` gives them) or `("section.key", value)` pairs (as `canon train`'s flags
-    give them). A mapping value merges into a mapping key by key, as a recipe into its base;
-    `model.options.NAME=value` sets one build option, `model.options={}` drops them all. A
-    schedule key set that the schedule's kind does not read is warned of."""
+    YAML, as `--set` gives them), `("section.key", value)` pairs (as `canon train`'s flags
+    give them), or a mapping of such pairs. A mapping value merges into a mapping key by key,
+    as a recipe into its base; `model.options.NAME=value` sets one build option,
+    `model.options={}` drops them all. A schedule key set that the schedule's kind does not
+    read is warned of."""
     if isinstance(overrides, str):  # its characters would be taken for overrides one by one
         raise ConfigError(f"overrides must be a list of 'section.key=value' strings, got the "
                           f"string {overrides!r}: pass [{overrides!r}]")
+    if isinstance(overrides, Mapping):  # {"train.epochs": 2}: its keys alone, iterated
+        overrides = list(overrides.items())
     values, keys_set = recipe.to_dict(), {"schedule": set(), "train": set()}
     for override in overrides:
         if isinstance(override, str):
@@ -310,7 +315,7 @@ def apply_overrides(recipe: Recipe, overrides: Iterable[str | tuple[str, Any]]) 
                 where = f"section {section}" if section else "a recipe"
                 valid = ", ".join(keys) or "(none: a section's keys hold values, but for " \
                     "model.options.NAME)"
-                raise ConfigError(f"--set {text!r}: {part!r} is not a key of {where}; "
+                raise ConfigError(f"override {text!r}: {part!r} is not a key of {where}; "
                                   f"valid keys: {valid}")
             if depth == len(path) - 1 and path == ["model", "options"] and value == {}:
                 target[part] = {}  # the one way to drop a recipe's build options
@@ -319,7 +324,7 @@ def apply_overrides(recipe: Recipe, overrides: Iterable[str | tuple[str, Any]]) 
             else:
                 target = target.get(part)
                 if not isinstance(target, dict):
-                    raise ConfigError(f"--set {text!r}: {part} is a value, not a section")
+                    raise ConfigError(f"override {text!r}: {part} is a value, not a section")
     result = Recipe.from_dict(values, where=f"{recipe.name} with the overrides (flags, --set)")
     train_keys = keys_set["train"]
     if "epochs" in train_keys and "iterations" not in train_keys \
@@ -338,7 +343,7 @@ def apply_overrides(recipe: Recipe, overrides: Iterable[str | tuple[str, Any]]) 
 
 
 def load_recipe(
-    name_or_path: str | Path, overrides: Iterable[str | tuple[str, Any]] = ()
+    name_or_path: str | Path, overrides: Overrides = ()
 ) -> Recipe:
     """A registered recipe by name, or a recipe YAML file by path, with overrides applied."""
     return apply_overrides(load_recipe_file(recipe_path(name_or_path)), overrides)
