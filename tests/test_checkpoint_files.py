@@ -600,8 +600,9 @@ def test_a_new_run_refuses_a_directory_holding_another_run(tmp_path):
     with pytest.raises(DataError) as caught, claim_run_dir(tmp_path, resume=False):
         pass
     assert single_line_error(caught) == (
-        f"{tmp_path} already holds a run; pass --overwrite to replace it, or pick another "
-        f"--output-dir (a training run continues with canon train --resume {tmp_path})"
+        f"{tmp_path} already holds a run; pass --overwrite (overwrite=True in Python) to "
+        f"replace it, or pick another output folder (a training run continues with --resume "
+        f"{tmp_path}, resume= in Python)"
     )
     assert sorted(tmp_path.rglob("*")) == before
     with claim_run_dir(tmp_path, resume=True):  # continuing it keeps everything

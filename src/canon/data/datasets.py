@@ -165,8 +165,8 @@ def check_dataset_name(dataset: str) -> None:
     """Before any work: a placeholder dataset name (PLACEHOLDERS) needs --data."""
     if dataset in PLACEHOLDERS and not Path(dataset).is_dir():
         raise DataError(
-            f"{PLACEHOLDERS[dataset]}: pass --data /path/to/{dataset}, a folder holding "
-            "train/<wnid>/*.JPEG and val/<wnid>/*.JPEG"
+            f"{PLACEHOLDERS[dataset]}: pass --data /path/to/{dataset} (the recipe's "
+            "data.dataset), a folder holding train/<wnid>/*.JPEG and val/<wnid>/*.JPEG"
         )
 
 

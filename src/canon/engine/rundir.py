@@ -172,8 +172,8 @@ def check_continuation(loaded: Path, state: dict[str, Any], named: bool, run_dir
             and newest[1]["step"] != state["step"]):
         raise DataError(
             f"{loaded} is older than {newest[0]}, the newest checkpoint of {source_run}: going "
-            "on from it there would mix two continuations of the run; continue it in a new "
-            "directory with --output-dir DIR, or delete the later checkpoints first"
+            "on from it there would mix two continuations of the run; continue it in another "
+            "output folder (--output-dir DIR), or delete the later checkpoints first"
         )
 
 
@@ -321,8 +321,9 @@ def _end_replacement(run_dir: Path, *, failed: bool) -> None:
 def _clear_earlier_run(run_dir: Path, overwrite: bool) -> None:
     if _has_results(run_dir) and not overwrite:
         raise DataError(
-            f"{run_dir} already holds a run; pass --overwrite to replace it, or pick another "
-            f"--output-dir (a training run continues with canon train --resume {run_dir})"
+            f"{run_dir} already holds a run; pass --overwrite (overwrite=True in Python) to "
+            f"replace it, or pick another output folder (a training run continues with --resume "
+            f"{run_dir}, resume= in Python)"
             + replaced_run_note(run_dir)
         )
     recipe = run_dir / "recipe.yaml"

@@ -61,7 +61,7 @@ def divergence_remedy(run: Run) -> str:
     else:
         warmup = "a warm-up (--set schedule.warmup_epochs=5)"
     fp16 = ", use --amp bf16 instead of fp16" if run.recipe.train.amp == "fp16" else ""
-    return f"Lower the learning rate (--lr){fp16}, or give it {warmup}"
+    return f"Lower the learning rate (--lr, optimizer.lr){fp16}, or give it {warmup}"
 
 
 def newest_checkpoint_note(run: Run) -> str:
