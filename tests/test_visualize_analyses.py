@@ -248,8 +248,9 @@ def test_a_bfloat16_model_is_analysed_in_its_own_precision(
     for name, model in (("float32", trained), ("bfloat16", halved)):
         occluded = occlusion(model, sample_images[0], tmp_path / name, size=8, stride=8,
                              label="cat", device="cpu")
-        shifted = invariance(model, sample_images[:1], tmp_path / name, values=[0.0, 4.0],
-                             labels=["cat"], device="cpu")
+        shifted = invariance(model, sample_images[0], tmp_path / name, values=[0.0, 4.0],
+                             labels=3, device="cpu")  # one image, its class by index
+        assert [image["label"] for image in shifted["images"]] == ["cat"]
         write_activations(model, sample_images[0], "conv2_x", tmp_path / name)
         with open(tmp_path / name / f"activations-{sample_images[0].stem}-conv2_x.csv") as f:
             maxima = [float(row["max"]) for row in csv.DictReader(f)]
@@ -328,8 +329,8 @@ def test_curves_plot_the_metrics_file_of_a_real_run(quickstart_run, tmp_path) ->
     with pytest.raises(DataError, match=r": metrics\.csv has no step column.*plot by epoch"):
         curves([older], tmp_path / "older", x="iteration")
 
-    top5 = curves([quickstart_run], tmp_path, metric="top5")
-    assert top5["runs"][0]["train"] is None
+    top5 = curves(quickstart_run, tmp_path, metric="top5")  # one run, not in a list
+    assert len(top5["runs"]) == 1 and top5["runs"][0]["train"] is None
     assert top5["runs"][0]["val"] == [float(r["val_top5_error"]) for r in rows]
     empty = tmp_path / "no-metrics"
     empty.mkdir()

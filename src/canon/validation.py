@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 import typing
 from typing import Any, TypeVar
@@ -80,3 +81,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     ):
         raise ConfigError(f"{key} must be of type {hint.__name__}, got {value!r}")
     return value
+
+
+def one_or_many(values: Any) -> list[Any]:
+    """An argument that takes one item or several, as a list: a single string, path or number
+    is one item (a string's characters are not its items)."""
+    if isinstance(values, str | os.PathLike | int | float):
+        return [values]
+    return list(values)

@@ -18,6 +18,7 @@ from matplotlib.lines import Line2D
 from canon.engine.checkpoint import run_dir_of
 from canon.errors import ConfigError, DataError
 from canon.files import make_folder
+from canon.validation import one_or_many
 from canon.visualize.images import save_csv, save_json
 from canon.visualize.plots import (
     integer_x,
@@ -81,7 +82,7 @@ def read_metrics(path: Path, columns: Sequence[str], optional: Sequence[str] = (
 
 
 def curves(
-    runs: Sequence[str | Path],
+    runs: Sequence[str | Path] | str | Path,
     output_dir: str | Path,
     *,
     metric: str = "top1",
@@ -89,11 +90,11 @@ def curves(
     x: str = "epoch",
 ) -> dict[str, Any]:
     """Training and validation `metric` error (%) by epoch (or by `x` "iteration") for `runs`
-    (run directories, or their checkpoints, exports or metrics.csv files); writes
+    (run directories, or their checkpoints, exports or metrics.csv files; one or several); writes
     curves-METRIC.png, .csv and .json to `output_dir` and returns what the JSON holds plus the
     paths written. `names` label the runs (default: their folders). Training logs no top-5
     error, so `top5` draws validation curves only."""
-    series = run_series(runs, metric, names)
+    series = run_series(one_or_many(runs), metric, names)
     result: dict[str, Any] = {"metric": metric, "unit": "error (%)", "runs": series}
     folder = Path(output_dir)
     make_folder(folder)

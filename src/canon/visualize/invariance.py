@@ -31,6 +31,7 @@ from canon.engine.trained import TrainedModel
 from canon.errors import ConfigError
 from canon.evaluation.protocols import model_inputs
 from canon.files import make_folder
+from canon.validation import one_or_many
 from canon.visualize.images import save_csv, save_json, seen_crop
 from canon.visualize.layers import capture_outputs
 from canon.visualize.plots import (
@@ -85,12 +86,12 @@ def transform_image(image: torch.Tensor, transform: str, value: float,
 
 def invariance(
     source: TrainedModel | str | Path,
-    images: Sequence[str | Path],
+    images: Sequence[str | Path] | str | Path,
     output_dir: str | Path,
     *,
     transform: str = "translate",
     values: Sequence[float] | None = None,
-    labels: Sequence[str] | None = None,
+    labels: Sequence[str | int] | str | int | None = None,
     batch_size: int = 64,
     device: str = "auto",
 ) -> dict[str, Any]:
@@ -98,9 +99,9 @@ def invariance(
     `values` (default: default_values); writes invariance-TRANSFORM.png, .csv and .json to
     `output_dir` and returns what the JSON holds plus the paths written.
 
-    `labels`: the true class of each image (a class name, id or index), or one for all;
-    default: the class each image's folder names (ImageNet's layout) if the model has it,
-    else the untransformed image's top prediction.
+    `images`: one image file or several. `labels`: the true class of each image (a class
+    name, id or index), or one for all; default: the class each image's folder names
+    (ImageNet's layout) if the model has it, else the untransformed image's top prediction.
     """
     if transform not in TRANSFORMS:
         raise ConfigError(f"unknown transform {transform!r}; use one of {', '.join(TRANSFORMS)}")
@@ -113,7 +114,8 @@ def invariance(
                                                                      preprocess.crop_size)
     if not values or (transform == "scale" and min(values) <= 0):
         raise ConfigError(f"{transform} needs at least one value (scales above 0), got {values}")
-    given = [class_index(trained, label) for label in labels or []]
+    images = one_or_many(images)
+    given = [class_index(trained, label) for label in one_or_many(labels or [])]
     if not images or len(given) not in (0, 1, len(images)):
         raise ConfigError(f"{len(given)} labels for {len(images)} images: give at least one "
                           "image, and one label per image, one for all, or none (the class "

@@ -75,8 +75,10 @@ def mean_colour(preprocess: EvalPreprocess) -> list[float]:
     return (preprocess.normalize.mean.mean((1, 2)) * 255).tolist()
 
 
-def class_index(trained: TrainedModel, label: str) -> int:
-    """An output index from a class name, a class id (ImageNet wnid) or an index."""
+def class_index(trained: TrainedModel, label: str | int) -> int:
+    """An output index from a class name, a class id (ImageNet wnid) or an index (an int, or
+    its digits as the command line gives them)."""
+    label = str(label)
     for names in (trained.classes, trained.class_ids):
         if label in names:
             return names.index(label)
