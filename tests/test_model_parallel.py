@@ -181,6 +181,13 @@ def test_fine_tuning_options_are_refused_with_a_split_model() -> None:
         train(recipe, "unused", device="cpu", progress=False)
 
 
+def test_a_split_model_is_refused_torch_compile(tmp_path: Path) -> None:
+    recipe = load_recipe("quickstart", ["train.model_parallel=stages:2", "train.compile=true"])
+    with pytest.raises(ConfigError, match=r"^--model-parallel \(train.model_parallel\) runs one "
+                       r"process without torch.compile: .* drop --compile \(train.compile\)$"):
+        train(recipe, tmp_path / "run", device="cpu", progress=False)
+
+
 def test_pipeline_refuses_what_it_cannot_place() -> None:
     with pytest.raises(ConfigError, match="auxiliary heads"):
         parallelize(create_model("googlenet", num_classes=3), "stages:2", CPU)

@@ -501,8 +501,8 @@ def _placed_model(
     if config.model_parallel is not None:
         if ctx.world_size > 1 or config.compile:
             raise ConfigError(
-                "--model-parallel runs one process without torch.compile: launch it with "
-                "plain `canon train` (not torchrun) and drop --compile"
+                "--model-parallel (train.model_parallel) runs one process without "
+                "torch.compile: launch it without torchrun and drop --compile (train.compile)"
             )
         model = parallelize(model, config.model_parallel, ctx.device)  # pieces on their devices
         if ctx.device.type != "cuda":
