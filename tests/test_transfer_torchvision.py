@@ -120,6 +120,24 @@ def test_mismatches_are_named() -> None:
         transfer.from_torchvision(tvm.squeezenet1_0(weights=None), "resnet18")
 
 
+def test_edits_to_torchvision_s_model_that_copying_cannot_see_are_refused() -> None:
+    """A pool replaced by a module without tensors (a usual edit for small images) leaves every
+    tensor to copy, and other outputs; a replaced classifier is no Linear layer to size."""
+    for edit in (lambda m: setattr(m, "maxpool", nn.Identity()),
+                 lambda m: setattr(m, "avgpool", nn.AdaptiveMaxPool2d(1))):
+        tv_model = tvm.resnet18(num_classes=5).eval()
+        edit(tv_model)
+        with pytest.raises(ConfigError, match=r"ResNet -> resnet18: the outputs differ by up to "
+                                              r".* a module without tensors"):
+            transfer.from_torchvision(tv_model, "resnet18")
+        assert not tv_model.training  # the caller's model as it was
+    tv_model = tvm.vgg11(num_classes=5)
+    tv_model.classifier[-1] = nn.Sequential(nn.Dropout(0.2), nn.Linear(4096, 3))
+    with pytest.raises(ConfigError, match=r"VGG -> vgg11: its classifier is a Sequential, "
+                                          "canon's a Linear layer"):
+        transfer.from_torchvision(tv_model, "vgg11")
+
+
 def test_default_canon_names() -> None:
     assert transfer.default_canon_name("resnet18") == "resnet18"
     assert transfer.default_canon_name("resnet50") == "resnet50_v1_5"

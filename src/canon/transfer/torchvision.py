@@ -40,6 +40,7 @@ only at input sizes where canon pools adaptively to 4x4 as torchvision always do
 
 from __future__ import annotations
 
+import copy
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +77,9 @@ SETTINGS: dict[type[nn.Module], tuple[str, ...]] = {
     nn.MaxPool2d: ("kernel_size", "stride", "padding", "dilation", "ceil_mode"),
 }
 MAPPED = (nn.Conv2d, nn.BatchNorm2d, nn.Linear)
+# How far the converted model's outputs may stray from torchvision's, relative to their size:
+# the two sum in other orders (float32 rounding), not in other ways.
+CONVERSION_TOLERANCE = 1e-4
 # Renames by the first part of a torchvision name, then by any later part.
 RESNET_RENAMES = (
     {"conv1": "conv1.0", "bn1": "conv1.1", "maxpool": "conv1.3", "fc": "fc",
@@ -134,17 +138,40 @@ def from_torchvision(tv_model: nn.Module, canon_name: str) -> CanonModel:
             f"cannot convert a torchvision {type(tv_model).__name__}; supported: ResNet, VGG, "
             "AlexNet, GoogLeNet"
         )
+    if not isinstance(classifier, nn.Linear):
+        raise ConfigError(f"cannot convert {what}: its classifier is a "
+                          f"{type(classifier).__name__}, canon's a Linear layer; convert the "
+                          "model as torchvision builds it, then replace canon's classifier "
+                          "(reset_classifier, or canon transfer)")
     try:
         model = create_model(canon_name, num_classes=classifier.out_features, **options)
-    except TypeError as error:  # aux_logits given to a family without auxiliary heads
-        raise ConfigError(f"cannot convert {what}: {error}") from error
+    except ConfigError as error:  # aux_logits given to a family without auxiliary heads
+        raise ConfigError(f"cannot convert {what}: {error}") from None
     if isinstance(tv_model, tvm.ResNet | tvm.GoogLeNet):
         renames = RESNET_RENAMES if isinstance(tv_model, tvm.ResNet) else GOOGLENET_RENAMES
         pairs = renamed_modules(tv_model, *renames)
     else:
         pairs = sequential_modules(tv_model, model, what)
     copy_tensors(tv_model, model, pairs, what)
+    check_same_outputs(tv_model, model, what)
     return model.train(tv_model.training)
+
+
+def check_same_outputs(tv_model: nn.Module, model: nn.Module, what: str) -> None:
+    """One random image through both models in eval mode: a module of torchvision's model
+    replaced by one without tensors (its max pool by an Identity, its average pool by a max
+    pool) escapes the checks of copy_tensors, and changes the outputs."""
+    reference = copy.deepcopy(tv_model).float().cpu().eval()  # the caller's, as it was
+    was_training = model.training
+    image = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, actual = reference(image), model.eval()(image)
+    model.train(was_training)
+    difference = float((actual - expected).abs().max())
+    if difference > CONVERSION_TOLERANCE * max(1.0, float(expected.abs().max())):
+        raise ConfigError(f"cannot convert {what}: the outputs differ by up to {difference:.3g} "
+                          "for the same input, though every tensor was copied; a module without "
+                          "tensors (a pool, an activation) was changed in torchvision's model")
 
 
 def renamed_modules(
