@@ -553,3 +553,31 @@ def test_a_run_written_over_its_own_source_is_refused_and_the_source_kept(
         assert refused.value.code == 2
         assert f"--output-dir {source_run} holds" in capsys.readouterr().err, argv
     assert sorted(p.relative_to(source_run) for p in source_run.rglob("*")) == files
+
+
+def test_a_probe_stopped_by_ctrl_c_says_how_to_go_on_from_its_features(
+    folders, source_run, tmp_path, monkeypatch, capsys
+):
+    """Without --output-dir a rerun would take the next free folder and extract them again.
+    A Ctrl-C where nothing is kept (before any feature) is a one-line stop, as in any verb."""
+    monkeypatch.chdir(tmp_path)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(canon.transfer.runs, "train_linear_probe", interrupted)
+    argv = ["transfer", str(source_run), "--data", str(folders[1]), "--mode", "linear-probe",
+            "--device", "cpu"]
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    out = Path("runs") / "transfer-linear-probe"
+    assert stopped.value.code == 130
+    assert (f"stopped; the features extracted so far are kept in {out / 'features'}: the same "
+            f"command with --output-dir {out} goes on from them") in capsys.readouterr().out
+    assert sorted(p.name for p in (out / "features").iterdir()) == [
+        "train.safetensors", "val.safetensors"]
+    monkeypatch.setattr(canon.transfer.runs, "load_trained", interrupted)
+    with pytest.raises(SystemExit) as stopped:
+        main([*argv, "--output-dir", "elsewhere"])
+    assert stopped.value.code == 130
+    assert capsys.readouterr().err.endswith("canon transfer: stopped\n")

@@ -663,7 +663,7 @@ def _transfer_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_transfer(args: argparse.Namespace) -> None:
     from canon.engine.rundir import RUNS_ROOT, new_run_dir
     from canon.engine.trainer import TrainingInterrupted
-    from canon.transfer.runs import transfer
+    from canon.transfer.runs import FEATURE_CACHE, transfer
 
     out = args.output_dir or new_run_dir(RUNS_ROOT, f"transfer-{args.mode}")
     try:
@@ -674,6 +674,12 @@ def _run_transfer(args: argparse.Namespace) -> None:
         )
     except TrainingInterrupted as stop:  # a fine-tuning run: it goes on as any training run
         _exit_stopped(stop, out)
+    except KeyboardInterrupt:  # a probe: without --output-dir, a rerun would start afresh
+        if not (Path(out) / FEATURE_CACHE).is_dir():
+            raise
+        print(f"\nstopped; the features extracted so far are kept in {out / FEATURE_CACHE}: "
+              f"the same command with --output-dir {out} goes on from them")
+        sys.exit(130)
     print(f"done: {run_dir}  (canon eval {run_dir}; canon predict {run_dir} IMAGE...)")
 
 
@@ -800,6 +806,11 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"canon {args.verb}: error: {canon_message(error)}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C where nothing is saved (training's verbs say more)
+        if os.environ.get("CANON_DEBUG"):
+            raise
+        print(f"\ncanon {args.verb}: stopped", file=sys.stderr)
+        sys.exit(130)
     except BrokenPipeError:  # the reader went away (| head): stop as a shell tool does
         if os.environ.get("CANON_DEBUG"):
             raise

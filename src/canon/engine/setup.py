@@ -162,7 +162,7 @@ def set_up(
         raise ConfigError(
             f"{len(sets.train)} training images make no full step of batch {config.batch_size} "
             f"x accum {config.accum_steps} x {ctx.world_size} device(s){stream}; give it more "
-            "images, or a smaller train.batch_size (canon train --batch-size)"
+            "images, or a smaller train.batch_size (--batch-size)"
         )
     if config.cuda_graph and (ctx.world_size > 1 or recipe.model.frozen_stages):
         raise ConfigError(
