@@ -76,6 +76,8 @@ def test_wrong_arguments_are_named_in_python_terms(tmp_path) -> None:
     assert not (tmp_path / "run").exists()
     with pytest.raises(ModelOptionError, match="resnet20 takes no option 'pretrained'"):
         canon.create_model("resnet20", pretrained=True)
+    with pytest.raises(ModelOptionError, match="resnet20 sets 'widths' itself"):
+        canon.create_model("resnet20", widths=[8, 8])
     recipe = canon.load_recipe("quickstart", {"train.epochs": 3, "optimizer.lr": 0.05})
     assert (recipe.train.epochs, recipe.optimizer.lr) == (3, 0.05)
     with pytest.raises(ConfigError, match=r"^override 'train\.epoch=3': 'epoch' is not a key"):

@@ -30,10 +30,12 @@ def create_model(name: str, num_classes: int | None = None, **kwargs: Any) -> nn
     try:
         return entry.builder(**kwargs)
     except TypeError as error:  # raised by whichever layer the option reaches
-        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(error))
-        if unknown is None or unknown[1] not in kwargs:
+        option = re.search(r"(unexpected|multiple values for) keyword argument '(\w+)'",
+                           str(error))
+        if option is None or option[2] not in kwargs:
             raise
-        raise ModelOptionError(f"{name} takes no option {unknown[1]!r}") from None
+        raise ModelOptionError(f"{name} takes no option {option[2]!r}" if option[1] ==
+                               "unexpected" else f"{name} sets {option[2]!r} itself") from None
 
 
 def list_models(pattern: str | None = None) -> list[str]:
