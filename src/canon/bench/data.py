@@ -51,7 +51,7 @@ from canon.data.geometry import INTERPOLATION
 from canon.data.loaders import build_training_set
 from canon.data.stats import imagenet_channel_stats
 from canon.data.transforms import INTERPOLATION_JITTER
-from canon.engine.distributed import resolve_device
+from canon.devices import resolve_device
 from canon.errors import ConfigError, DataError
 from canon.recipes import list_recipes, load_recipe
 

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from canon.bench.train import cudnn_autotuning, synchronize
 from canon.data.datasets import load_sample
-from canon.engine.distributed import resolve_device
+from canon.devices import resolve_device
 from canon.engine.optimization import make_optimizer
 from canon.engine.setup import build_model
 from canon.engine.trainer import train

@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.models as tvm
 
-from canon.engine.distributed import resolve_device
+from canon.devices import resolve_device
 from canon.engine.graphed import GraphedStep
 from canon.engine.optimization import classification_loss, fused_sgd, sgd
 from canon.engine.precision import DTYPES, Precision
@@ -299,18 +299,6 @@ def _run_repeat(contender: _Contender, steps: int, device: torch.device) -> None
         contender.peak = max(own + rise, contender.peak or 0)
 
 
-def _device(name: str) -> torch.device:
-    try:
-        device = torch.device(resolve_device(name))
-    except RuntimeError:
-        raise ConfigError(f"unknown device {name!r}; use auto, cpu or cuda") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"device {name!r} is not supported; use auto, cpu or cuda")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name} asks for CUDA, but no CUDA device is visible")
-    return device
-
-
 def _check_counts(**counts: tuple[int, int]) -> None:
     for name, (value, least) in counts.items():
         if value < least:
@@ -331,7 +319,7 @@ def bench_train(
     16, 5 steps after 2, contiguous; image_size the model's own input size (224).
     """
     twin = torchvision_twin(model)
-    dev = _device(device)
+    dev = torch.device(resolve_device(device))
     cuda = dev.type == "cuda"
     batch_size = (256 if cuda else 16) if batch_size is None else batch_size
     steps = (50 if cuda else 5) if steps is None else steps
