@@ -235,13 +235,22 @@ def test_cli_summary(capsys: pytest.CaptureFixture[str]) -> None:
     assert lines[3].replace(" ", "").startswith("|alexnet|227|8|8|60,965,224|")
 
 
-def test_cli_summary_pattern_skips_models_that_cannot_take_the_size(
+def test_cli_summary_skips_models_that_cannot_take_the_size(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     main(["summary", "alexnet*", "--input-size", "128"])
     captured = capsys.readouterr()
     assert "skipped alexnet: " in captured.err and "227" in captured.err
     assert [line.split()[0] for line in captured.out.splitlines()[1:]] == ["alexnet_owt"]
+    main(["summary", "alexnet", "resnet18", "--input-size", "128"])  # named: the same
+    captured = capsys.readouterr()
+    assert [line.split()[0] for line in captured.out.splitlines()[1:]] == ["resnet18"]
+    with pytest.raises(SystemExit) as exit_info:  # none fits: no empty table
+        main(["summary", "alexnet", "--input-size", "224"])
+    assert exit_info.value.code == 2
+    assert ("alexnet takes 227x227 inputs (its fully connected head reads one size); other sizes "
+            "are counted in its fully convolutional form, as dense evaluation runs it, which needs "
+            "at least 227x227, not 224x224") in capsys.readouterr().err
 
 
 def test_cli_summary_bad_input(capsys: pytest.CaptureFixture[str]) -> None:

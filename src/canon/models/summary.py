@@ -191,9 +191,17 @@ def summarize(
     size = _default_input_size(model) if input_size is None else input_size
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise InputSizeError(f"input size must be a positive number of pixels, got {size!r}")
-    if getattr(model, "fixed_input_size", None) not in (None, size):
+    fixed = getattr(model, "fixed_input_size", None)
+    if fixed not in (None, size):
         # An FC head takes one size; at any other the net runs as dense evaluation runs it.
-        name, model = f"{name} (dense)", _meta_copy(model).fully_convolutional()
+        dense = _meta_copy(model).fully_convolutional()
+        least = getattr(dense, "min_input_size", 1)
+        if size < least:
+            raise InputSizeError(
+                f"{name} takes {fixed}x{fixed} inputs (its fully connected head reads one size); "
+                f"other sizes are counted in its fully convolutional form, as dense evaluation "
+                f"runs it, which needs at least {least}x{least}, not {size}x{size}")
+        name, model = f"{name} (dense)", dense
 
     state = _meta_state(model)
     parameter_names = {key for key, _ in model.named_parameters()}
@@ -270,17 +278,14 @@ def summarize_requested(
     requested: Sequence[str], input_size: int | None = None
 ) -> tuple[list[ModelSummary], list[tuple[str, str]]]:
     """`canon summary`: the summaries of the named models and of every model matching each
-    shell-style pattern ('resnet*'; none: all). A named model that does not fit `input_size`
-    is an error; a pattern asks for the models that fit, so the others are returned as
-    (name, reason) pairs instead."""
+    shell-style pattern ('resnet*'; none: all). Models that do not fit `input_size` are
+    returned as (name, reason) pairs, for the table of the others; when none fits, that is an
+    error (an empty table would read as success)."""
     if input_size is not None and input_size < 1:  # not a model that does not fit: all don't
         raise InputSizeError(f"input size must be a positive number of pixels, got {input_size}")
     summaries, skipped = [], []
     for pattern in requested or ["*"]:
-        if not any(c in pattern for c in "*?["):
-            summaries.append(summarize(pattern, input_size=input_size))
-            continue
-        matches = list_models(pattern)
+        matches = list_models(pattern) if any(c in pattern for c in "*?[") else [pattern]
         if not matches:
             raise ConfigError(f"no registered model matches {pattern!r} (see `canon models`)")
         for name in matches:
@@ -288,6 +293,8 @@ def summarize_requested(
                 summaries.append(summarize(name, input_size=input_size))
             except InputSizeError as error:
                 skipped.append((name, str(error)))
+    if not summaries:
+        raise InputSizeError("; ".join(reason for _, reason in skipped))
     return summaries, skipped
 
 
