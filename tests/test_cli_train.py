@@ -108,6 +108,12 @@ def test_eval_prints_errors_and_writes_json(trained_run, tmp_path, capsys):
     result.write_text(json.dumps({**json.loads(result.read_text()), "data": "my photos"}))
     main(["eval", str(trained_run), "--data", str(namesake)])
     assert json.loads(result.read_text())["data"] == str(namesake)
+    capsys.readouterr()
+    scaled = tmp_path / "multi-scale.json"  # scales chosen on the command line, and said
+    main(["eval", str(trained_run), "--data", str(other), "--protocol", "multi-scale",
+          "--scales", "32", "40", "--output", str(scaled)])
+    assert "multi-scale+center at scales 32, 40 on " in capsys.readouterr().out
+    assert json.loads(scaled.read_text())["scales"] == [32, 40]
 
     # A run not exported yet is read from its checkpoints; its result still lands beside them.
     unexported = tmp_path / "unexported"

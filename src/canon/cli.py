@@ -320,6 +320,12 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--per-class", action="store_true",
                         help="also write each class's error (CSV) and the confusion matrix (PNG)")
+    parser.add_argument(
+        "--scales", type=positive_int, nargs="+", metavar="S",
+        help="the shorter sides (px) the multi-scale protocols and 144-crop resize to; "
+        "default: the recipe's data.test_scales, else VGG's rule (resize_size - 32, "
+        "resize_size, + 32, those not under the crop)",
+    )
     parser.add_argument("--batch-size", type=positive_int, default=64,
                         help="the most views (crops, reflections, scales) a forward pass "
                         "takes: images are loaded BATCH_SIZE // views per image at a time")
@@ -405,7 +411,8 @@ def _run_eval(args: argparse.Namespace) -> None:
     stale = [] if args.per_class else [
         path for path, ours in ((per_class, csv_ours), (confusion, png_ours)) if ours]
     options = {"batch_size": args.batch_size, "workers": args.workers, "strict": args.strict,
-               "progress": True, "keep_probabilities": args.per_class}
+               "progress": True, "keep_probabilities": args.per_class,
+               "scales": tuple(args.scales or ())}
     if len(trained) == 1:
         result = trained[0].evaluate(args.data, args.protocol, device=args.device, **options)
     else:
@@ -419,8 +426,9 @@ def _run_eval(args: argparse.Namespace) -> None:
         raise DataError(f"none of the {result['skipped']} image file(s) of {result['data']} "
                         "could be decoded (see the warnings): nothing was evaluated")
     what = trained[0].source if len(trained) == 1 else f"ensemble of {len(trained)}"
+    scales = f" at scales {', '.join(map(str, result['scales']))}" if result["scales"] else ""
     print(
-        f"{printable(what)}: {result['protocol']} on {printable(result['data'])} "
+        f"{printable(what)}: {result['protocol']}{scales} on {printable(result['data'])} "
         f"({result['images']} images): top-1 error {result['top1_error']:.2f}%, top-5 error "
         f"{result['top5_error']:.2f}%"
     )

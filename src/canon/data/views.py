@@ -63,8 +63,8 @@ def _check_scales(protocol: Protocol, preprocess: EvalPreprocess, scales: tuple[
         return
     used = tuple(scales or preprocess.scales)
     if not used:
-        raise ConfigError(f"{protocol.name} needs test scales: pass scales, or set "
-                          "data.test_scales in the recipe")
+        raise ConfigError(f"{protocol.name} needs test scales: pass scales (canon eval "
+                          "--scales), or set data.test_scales in the recipe")
     if protocol.methods != ("dense",) and min(used) < preprocess.crop_size:
         where = "" if scales else " (the recipe's data.test_scales)"
         raise ConfigError(f"scales {used}{where}: a shorter side under the crop size "
