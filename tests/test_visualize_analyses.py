@@ -269,6 +269,10 @@ def test_a_bfloat16_model_is_analysed_in_its_own_precision(
         torch.testing.assert_close(torch.tensor(results["bfloat16"][key]),
                                    torch.tensor(expected), rtol=0.05, atol=0.01,
                                    msg=lambda message, key=key: f"{key}: {message}")
+    with pytest.raises(ConfigError, match=r"^fc gives no feature maps .*; choose a convolutional "
+                                          r"layer, e\.g\. a stage: conv1, conv2_x, conv3_x, "
+                                          r"conv4_x$"):  # the layers to try, by name
+        write_activations(trained, sample_images[0], "fc", tmp_path)
 
 
 def test_invariance_refuses_values_that_are_not_finite(sample_images, tmp_path) -> None:

@@ -127,7 +127,9 @@ def test_a_layer_that_inference_does_not_run_is_named_in_the_error(tmp_path) -> 
     to show (before, a bare KeyError)."""
     model = canon.create_model("googlenet", num_classes=10).eval()
     with (pytest.raises(ConfigError, match=r"layer aux1.conv did not run in the model's "
-                                           r"forward pass \(auxiliary heads run only in"),
+                                           r"forward pass \(auxiliary heads run only in "
+                                           r"training\); choose a layer on the main path, e\.g\. "
+                                           r"a stage: conv1, pool1, conv2, .*, inception5b$"),
           capture_outputs(model, ["aux1.conv", "inception4a"]) as outputs, torch.no_grad()):
         model(torch.zeros(1, 3, 224, 224))
         assert outputs["inception4a"].shape[1] == 512

@@ -30,7 +30,7 @@ from canon.visualize.images import (
     tile_grid,
     upscale,
 )
-from canon.visualize.layers import capture_outputs
+from canon.visualize.layers import capture_outputs, stages_hint
 
 GRID_COLUMNS = 16  # AlexNet's 96 kernels: 6 rows, each tower's 48 in 3 of them
 
@@ -103,7 +103,7 @@ def write_activations(
     maps = outputs[layer]
     if not torch.is_tensor(maps) or maps.dim() != 4:
         raise ConfigError(f"{layer} gives no feature maps (its output is not N x C x H x W); "
-                          "choose a convolutional layer, e.g. one `canon summary` lists")
+                          f"choose a convolutional layer{stages_hint(model)}")
     maps = maps[0].float().cpu()
     tiles = upscale(as_rgb(contrast_normalise(maps[None])[0][:, None]))  # the layer as one
     make_folder(output_dir)

@@ -1,6 +1,6 @@
 """Naming a network's layers, reading their outputs, and the input pixels a position of their
 output sees: a layer is a module's dotted path in `model.named_modules()` (e.g.
-`features.conv5` for ZFNet), as `canon summary` prints them."""
+`features.conv5` for ZFNet); an unknown name's error lists them all."""
 
 from __future__ import annotations
 
@@ -24,6 +24,15 @@ def find_layer(model: nn.Module, name: str) -> nn.Module:
     return modules[name]
 
 
+def stages_hint(model: nn.Module) -> str:
+    """For messages that ask for another layer: ", e.g. a stage: " and the layer names of the
+    model's stages (conv1, conv2_x, ...; features.conv1, ... for AlexNet, ZFNet and VGG), or ""
+    for a model without them."""
+    stages = {id(module) for _, module in getattr(model, "stages", ())}
+    names = [name for name, module in model.named_modules() if id(module) in stages]
+    return f", e.g. a stage: {', '.join(names)}" if names else ""
+
+
 @contextmanager
 def capture_outputs(
     model: nn.Module, names: Sequence[str]
@@ -32,7 +41,7 @@ def capture_outputs(
     `names` (detached) in the yielded dict under its name. A copy, not the tensor itself: an
     in-place ReLU after the layer would otherwise change the stored value. Reading a layer
     the pass did not run is a ConfigError."""
-    outputs: dict[str, torch.Tensor] = _LayerOutputs()
+    outputs: dict[str, torch.Tensor] = _LayerOutputs(hint=stages_hint(model))
     handles = [
         find_layer(model, name).register_forward_hook(
             lambda _module, _inputs, output, name=name: outputs.__setitem__(
@@ -49,10 +58,14 @@ def capture_outputs(
 
 
 class _LayerOutputs(dict):
+    def __init__(self, hint: str) -> None:
+        super().__init__()
+        self.hint = hint
+
     def __missing__(self, name: str) -> torch.Tensor:
         raise ConfigError(
             f"layer {name} did not run in the model's forward pass (auxiliary heads run only in "
-            "training); choose a layer on the main path (canon summary lists them)"
+            f"training); choose a layer on the main path{self.hint}"
         )
 
 

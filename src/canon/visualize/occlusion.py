@@ -67,8 +67,8 @@ def occlusion(
     row and column flush with its edge, so that every pixel is covered (`square_starts`).
     `label` (a class name, id or index) is the correct class; default: the class the image's
     folder names (ImageNet's layout) if the model has it, else the unoccluded image's top
-    prediction. `layer` is a module name as `canon summary` prints it; default: the last of
-    model.stages.
+    prediction. `layer` is a module's dotted name (e.g. conv5_x, features.conv5); default: the
+    last of model.stages.
     """
     check_counts(batch_size=batch_size)
     stem, whole = f"occlusion-{Path(image).stem}", str(Path(image).resolve())
