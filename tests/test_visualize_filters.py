@@ -141,7 +141,10 @@ def test_filters_and_activations_commands_on_a_real_run(
 ) -> None:
     lines = run_verb(["filters", str(quickstart_run), "--contrast", "shared", "--output-dir",
                       str(tmp_path / "shared")], capsys)
-    assert "all kernels' minimum to 0" in (tmp_path / "shared" / "filters.json").read_text()
+    assert "all kernels' minimum to 0" in (tmp_path / "shared" / "filters-shared.json").read_text()
+    run_verb(["filters", str(quickstart_run), "--output-dir", str(tmp_path / "shared")], capsys)
+    assert sorted(p.name for p in (tmp_path / "shared").glob("*.png")) == [  # side by side
+        "filters-shared.png", "filters.png"]
     lines = run_verb(["filters", str(quickstart_run)], capsys)
     assert lines[-1].startswith("filters: 16 kernels of conv1.0")  # ResNet-20's 3x3 conv
     assert_picture(quickstart_run / "visualize" / "filters" / "filters.png", 16 * 48, 48)

@@ -85,7 +85,8 @@ def contrast_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--contrast", choices=("each", "shared"), default="each",
         help="each: every kernel stretched to the full grey range on its own (its pattern); "
-        "shared: one range for all, so weak kernels look faint (their strength)")
+        "shared: one range for all, so weak kernels look faint (their strength), written as "
+        "filters-shared.png beside the other")
 
 
 def images_argument(parser: argparse.ArgumentParser) -> None:

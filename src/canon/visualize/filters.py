@@ -61,10 +61,12 @@ def kernel_tiles(weight: torch.Tensor, *, shared_contrast: bool = False) -> torc
 def write_filters(trained: TrainedModel, output_dir: Path, *,
                   shared_contrast: bool = False) -> Written:
     """filters.png (the first convolution's kernels, GRID_COLUMNS to a row) and filters.csv
-    (each kernel's norm, minimum and maximum); `shared_contrast`: see kernel_tiles."""
+    (each kernel's norm, minimum and maximum); `shared_contrast` (see kernel_tiles) writes
+    filters-shared.*, so that both pictures can sit side by side."""
     name, conv = first_conv(trained.model)
     tiles = kernel_tiles(conv.weight, shared_contrast=shared_contrast)
     make_folder(output_dir)
+    stem = output_dir / ("filters-shared" if shared_contrast else "filters")
     weight = conv.weight.detach().float().cpu()
     rows = [
         {"kernel": index, "l2_norm": float(kernel.norm()), "min": float(kernel.min()),
@@ -73,9 +75,9 @@ def write_filters(trained: TrainedModel, output_dir: Path, *,
     ]
     columns = min(GRID_COLUMNS, len(tiles))
     written = [
-        save_png(output_dir / "filters.png", tile_grid(tiles, columns)),
-        save_csv(output_dir / "filters.csv", rows),
-        save_json(output_dir / "filters.json", {
+        save_png(stem.with_suffix(".png"), tile_grid(tiles, columns)),
+        save_csv(stem.with_suffix(".csv"), rows),
+        save_json(stem.with_suffix(".json"), {
             "source": str(trained.source), "layer": name, "shape": list(weight.shape),
             "stride": list(conv.stride), "grid_columns": columns,
             "normalisation": ("all kernels' minimum to 0, maximum to 255" if shared_contrast
