@@ -119,7 +119,7 @@ def write_evolution(
     figure = save_labelled_grid(
         output_dir / f"{stem}.png", tiles, [f"channel {c}" for c in chosen],
         [*(f"epoch {e}" for e, _ in epochs), "image"],
-        f"{layer}: strongest activation's projection per kept epoch",
+        f"{layer}: each epoch's own peak in the image at right, projected",
     )
     numbers = {
         "method": "deconvnet over training (Zeiler & Fergus 2013, s4.2, Fig. 4)",
