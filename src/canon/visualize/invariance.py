@@ -49,7 +49,7 @@ from canon.visualize.plots import (
 )
 
 TRANSFORMS = {  # name: the x axis
-    "translate": "vertical shift (pixels of the input)",
+    "translate": "vertical shift (pixels of the input; + is down)",
     "scale": "scale factor",
     "rotate": "rotation (degrees)",
 }
@@ -185,8 +185,9 @@ def _figure(result: dict[str, Any], examples: list[tuple[float, torch.Tensor]]) 
     strip, panels = figure.subfigures(2, 1, height_ratios=[1, 2.1])
     name = Path(result["images"][0]["image"]).name
     strip_axes = strip.subplots(1, len(examples), squeeze=False)[0]
-    for axes, (value, image) in zip(strip_axes, examples, strict=True):
-        show_image(axes, image, f"{name}, {result['transform']} {value:g}")
+    for axes, (value, image) in zip(strip_axes, examples, strict=True):  # short: side by side
+        show_image(axes, image, f"{result['transform']} {value:g}")
+    strip.suptitle(f"{name}, the first image, as the network saw it", fontsize=9)
     titles = (f"layer 1 ({result['layer1']}): distance", "penultimate layer: distance",
               "probability of the true class")
     keys = ("layer1_distance", "top_distance", "probability")
