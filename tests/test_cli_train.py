@@ -77,7 +77,7 @@ def test_a_resume_refuses_a_recipe_other_than_the_run_s(trained_run, capsys):
 def test_eval_prints_errors_and_writes_json(trained_run, tmp_path, capsys):
     main(["eval", str(trained_run), "--protocol", "center", "--batch-size", "250"])
     out = capsys.readouterr().out
-    assert "top-1 error" in out and "top-5 error" in out
+    assert "top-1 error" in out and "top-5 error" in out and "at scales" not in out
     result = json.loads((trained_run / "eval-center.json").read_text())
     assert result["images"] == 1000 and result["protocol"] == "center"
     assert 0 <= result["top5_error"] <= result["top1_error"] <= 100
@@ -455,6 +455,31 @@ def _leaf_parsers(parser, prog=()):
             yield from _leaf_parsers(sub, (*prog, name))
 
 
+def test_a_second_ctrl_c_names_the_checkpoint_left_to_resume_from(tmp_path, monkeypatch, capsys):
+    """It stops at once, without interrupted.pt: the last epoch's checkpoint is what is left,
+    and without one, nothing (a one-line stop)."""
+    import canon.engine.trainer
+
+    run = tmp_path / "run"
+    epoch = run / "checkpoints" / "epoch-001.pt"
+
+    def stopped_at_once(*args, **kwargs):
+        if kwargs.get("resume") is None and epoch.parent.is_dir():
+            epoch.write_bytes(b"")  # a checkpoint of epoch 1, then the second Ctrl-C
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(canon.engine.trainer, "train", stopped_at_once)
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--output-dir", str(run)])
+    assert exit_.value.code == 130 and capsys.readouterr().err.endswith("canon train: stopped\n")
+    epoch.parent.mkdir(parents=True)
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--output-dir", str(run)])
+    assert exit_.value.code == 130
+    assert (f"stopped at once (the steps since it are lost); resume with: canon train --resume "
+            f"{run}  ({epoch})") in capsys.readouterr().out
+
+
 def test_a_stopped_torchrun_run_is_resumed_by_the_same_torchrun_command(
         tmp_path, monkeypatch, capsys):
     """Its checkpoint's steps are of the global batch of as many processes: `canon train
@@ -700,6 +725,9 @@ def test_a_run_that_cannot_start_reads_no_data_and_leaves_no_directory(
     with pytest.raises(SystemExit):
         main([*train, "--set", "model.options={shortcut: A, widths: [8, 8]}"])
     assert "model.options {'shortcut': 'A', 'widths': [8, 8]} do not fit" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # an option the builder takes, given a value it cannot
+        main([*train, "--model", "zfnet", "--set", "model.options.widths=5"])
+    assert "model.options {'widths': 5} do not fit zfnet's builder" in capsys.readouterr().err
     with monkeypatch.context() as patch:
         patch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
         with pytest.raises(SystemExit):

@@ -245,6 +245,7 @@ def _flag_overrides(args: argparse.Namespace) -> list[tuple[str, object]]:
 
 @_verb("train", "train a model with one of the papers' recipes", _train_arguments)
 def _run_train(args: argparse.Namespace) -> None:
+    from canon.engine.checkpoint import resumable_checkpoints
     from canon.engine.distributed import is_main_process
     from canon.engine.rundir import plan_run
     from canon.engine.trainer import TrainingInterrupted, train
@@ -259,6 +260,11 @@ def _run_train(args: argparse.Namespace) -> None:
                            overwrite=args.overwrite, device=args.device)
         except TrainingInterrupted as stop:
             _exit_stopped(stop, plan.run_dir)
+        except KeyboardInterrupt:  # a second Ctrl-C, which stops at once: no interrupted.pt
+            saved = resumable_checkpoints(plan.run_dir) if plan.run_dir.is_dir() else []
+            if not saved:
+                raise
+            _exit_stopped(TrainingInterrupted(saved[0]), plan.run_dir, at_once=True)
     last = result.metrics[-1] if result.metrics else None
     if last is not None and is_main_process():
         split = "test" if result.validated_on_test_set else "val"
@@ -295,15 +301,17 @@ def _report_skipped(count: int) -> None:
               "warnings; --strict stops at the first)")
 
 
-def _exit_stopped(stop: TrainingInterrupted, run_dir: Path) -> NoReturn:
-    """A training run stopped by a signal, its state saved (TrainingInterrupted): how to go
-    on, then the shell's exit status for the signal (130 Ctrl-C, 143 SIGTERM)."""
+def _exit_stopped(stop: TrainingInterrupted, run_dir: Path, at_once: bool = False) -> NoReturn:
+    """A training run stopped by a signal, its state saved (TrainingInterrupted), or `at_once`
+    by a second Ctrl-C, its last checkpoint being `stop.checkpoint`: how to go on, then the
+    shell's exit status for the signal (130 Ctrl-C, 143 SIGTERM)."""
     from canon.engine.distributed import is_main_process, launched_by_torchrun
 
     if is_main_process():  # under torchrun: as many processes (the checkpoint's batch)
         how = ("the same torchrun command with --resume" if launched_by_torchrun()
                else "canon train --resume")
-        print(f"stopped; resume with: {how} {run_dir}  ({stop.checkpoint})")
+        stopped = "\nstopped at once (the steps since it are lost)" if at_once else "stopped"
+        print(f"{stopped}; resume with: {how} {run_dir}  ({stop.checkpoint})")
     sys.exit(128 + stop.signal_number)
 
 
@@ -376,6 +384,7 @@ def _run_eval(args: argparse.Namespace) -> None:
     import json
 
     from canon.data.datasets import anchored_dataset
+    from canon.data.views import parse_protocol
     from canon.devices import resolve_device
     from canon.engine.trained import load_trained
     from canon.errors import DataError
@@ -426,7 +435,8 @@ def _run_eval(args: argparse.Namespace) -> None:
         raise DataError(f"none of the {result['skipped']} image file(s) of {result['data']} "
                         "could be decoded (see the warnings): nothing was evaluated")
     what = trained[0].source if len(trained) == 1 else f"ensemble of {len(trained)}"
-    scales = f" at scales {', '.join(map(str, result['scales']))}" if result["scales"] else ""
+    scales = (f" at scales {', '.join(map(str, result['scales']))}"
+              if parse_protocol(args.protocol).multi_scale else "")
     print(
         f"{printable(what)}: {result['protocol']}{scales} on {printable(result['data'])} "
         f"({result['images']} images): top-1 error {result['top1_error']:.2f}%, top-5 error "
