@@ -523,12 +523,12 @@ def build_model(recipe: Recipe, num_classes: int) -> nn.Module:
                                      if section.zero_init_residual else {})}
     try:
         return create_model(section.name, num_classes, **options)
-    except ModelOptionError as error:
+    except (ModelOptionError, TypeError) as error:  # an option it lacks, or a wrong value
         if section.zero_init_residual and "'zero_init_residual'" in str(error):  # the one
             raise ConfigError(f"model.zero_init_residual is for ResNets; {section.name} has no "
-                              f"residual blocks ({error})") from None
+                              f"residual blocks ({error})") from error
         raise ConfigError(f"model.options {section.options} do not fit {section.name}'s "
-                          f"builder ({error})") from None
+                          f"builder ({error})") from error
 
 
 def _scaled_counts_note(

@@ -34,8 +34,9 @@ def create_model(name: str, num_classes: int | None = None, **kwargs: Any) -> nn
                            str(error))
         if option is None or option[2] not in kwargs:
             raise
-        raise ModelOptionError(f"{name} takes no option {option[2]!r}" if option[1] ==
-                               "unexpected" else f"{name} sets {option[2]!r} itself") from None
+        problem = (f"takes no option {option[2]!r}" if option[1] == "unexpected"
+                   else f"sets {option[2]!r} itself")  # the original says where, if a bug
+        raise ModelOptionError(f"{name} {problem} ({error})") from error
 
 
 def list_models(pattern: str | None = None) -> list[str]:
