@@ -12,6 +12,7 @@ import os
 import shutil
 from itertools import pairwise
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -33,6 +34,7 @@ from canon.visualize.curves import curves, curves_figure
 from canon.visualize.filters import write_activations
 from canon.visualize.invariance import default_values, invariance, transform_image
 from canon.visualize.occlusion import _cell_edges, occlusion, square_starts
+from canon.visualize.plots import class_index
 from canon.visualize.responses import layer_stds, response_layers, responses
 
 
@@ -269,6 +271,9 @@ def test_a_bfloat16_model_is_analysed_in_its_own_precision(
         torch.testing.assert_close(torch.tensor(results["bfloat16"][key]),
                                    torch.tensor(expected), rtol=0.05, atol=0.01,
                                    msg=lambda message, key=key: f"{key}: {message}")
+    zero = invariance(trained, sample_images[0], tmp_path / "zero", values=[0.0], labels=0,
+                      device="cpu")  # class 0 given, not "no label"
+    assert zero["images"][0]["label"] == "airplane"
     with pytest.raises(ConfigError, match=r"^fc gives no feature maps .*; choose a convolutional "
                                           r"layer, e\.g\. a stage: conv1, conv2_x, conv3_x, "
                                           r"conv4_x$"):  # the layers to try, by name
@@ -395,3 +400,13 @@ def test_the_analyses_from_the_command_line(
     written(lines, quickstart_run / "visualize" / "curves",
             [f"curves-top5.{suffix}" for suffix in ("png", "csv", "json")],
             "curves: final validation top-5 error: resnet20-tiny ")
+
+
+def test_an_int_label_is_an_index_and_digits_name_a_class_first() -> None:
+    """Folders named by digits ('1', '10', '2', sorted as text): the int 1 is output 1, the
+    string '1' the class named so (output 0), as the command line's text is read."""
+    trained = SimpleNamespace(classes=["1", "10", "2"], class_ids=["1", "10", "2"])
+    assert class_index(trained, 1) == 1 and class_index(trained, "1") == 0
+    assert class_index(trained, "2") == 2
+    with pytest.raises(ConfigError, match=r"class index 3 is outside the model's 3 outputs"):
+        class_index(trained, 3)

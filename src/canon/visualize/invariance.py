@@ -115,7 +115,8 @@ def invariance(
     if not values or (transform == "scale" and min(values) <= 0):
         raise ConfigError(f"{transform} needs at least one value (scales above 0), got {values}")
     images = one_or_many(images)
-    given = [class_index(trained, label) for label in one_or_many(labels or [])]
+    given = [class_index(trained, label)
+             for label in (one_or_many(labels) if labels is not None else [])]
     if not images or len(given) not in (0, 1, len(images)):
         raise ConfigError(f"{len(given)} labels for {len(images)} images: give at least one "
                           "image, and one label per image, one for all, or none (the class "

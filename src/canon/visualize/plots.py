@@ -17,8 +17,8 @@ from matplotlib.ticker import MaxNLocator
 
 from canon.data.decoding import decode_image_file
 from canon.data.preprocess import EvalPreprocess
+from canon.devices import resolve_device
 from canon.engine.checkpoint import run_dir_of
-from canon.engine.distributed import resolve_device
 from canon.engine.trained import TrainedModel, load_trained
 from canon.errors import ConfigError
 from canon.files import atomic_write
@@ -77,8 +77,12 @@ def mean_colour(preprocess: EvalPreprocess) -> list[float]:
 
 def class_index(trained: TrainedModel, label: str | int) -> int:
     """An output index from a class name, a class id (ImageNet wnid) or an index (an int, or
-    its digits as the command line gives them)."""
-    label = str(label)
+    its digits as the command line gives them, where no class is named so)."""
+    if isinstance(label, int) and not isinstance(label, bool):  # an index, never a name
+        if 0 <= label < len(trained.classes):
+            return label
+        raise ConfigError(f"class index {label} is outside the model's "
+                          f"{len(trained.classes)} outputs (0 to {len(trained.classes) - 1})")
     for names in (trained.classes, trained.class_ids):
         if label in names:
             return names.index(label)
