@@ -50,6 +50,8 @@ def test_train_then_load_predict_and_evaluate(tmp_path) -> None:
     with pytest.raises(ConfigError, match=r"images\[0\] is a ndarray: pass image files or "
                                           "uint8 RGB tensors"):
         trained.predict([images[0].permute(1, 2, 0).numpy()])
+    with pytest.raises(ConfigError, match=r"got one ndarray: pass \[image\]"):  # not its rows
+        trained.predict(images[0].permute(1, 2, 0).numpy())
 
     by_run = trained.evaluate(protocol="center", batch_size=500)  # the data it trained on
     by_hand = canon.evaluate(trained.model, "sample", "center", batch_size=500, device="auto",

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,9 +92,10 @@ def decode_images(
     images: Sequence[str | Path | torch.Tensor], data: DataConfig
 ) -> list[torch.Tensor]:
     """Files decoded (within data.max_image_pixels); tensors as they are."""
-    if isinstance(images, (str, Path)) or torch.is_tensor(images):
+    if (isinstance(images, (str, Path)) or torch.is_tensor(images)
+            or hasattr(images, "__array_interface__") or not isinstance(images, Iterable)):
         raise ConfigError(f"images must be a list of files or tensors, got one "
-                          f"{type(images).__name__}: pass [image]")
+                          f"{type(images).__name__}: pass [image]")  # a PIL image, an array
     images = list(images)  # a generator would be spent by the checks below
     for index, image in enumerate(images):
         if not isinstance(image, (str, Path)) and not torch.is_tensor(image):
