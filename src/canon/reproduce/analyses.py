@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from canon.data.datasets import validates_on_test_split
+from canon.devices import resolve_device
 from canon.engine.checkpoint import EXPORT_WEIGHTS
-from canon.engine.distributed import resolve_device
 from canon.engine.trained import TrainedModel, load_trained
 from canon.errors import DataError
 from canon.evaluation.ensemble import evaluate_ensemble

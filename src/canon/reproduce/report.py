@@ -16,8 +16,8 @@ import torch
 
 from canon import __version__
 from canon.data.datasets import validates_on_test_split
+from canon.devices import resolve_device
 from canon.engine.checkpoint import git_commit
-from canon.engine.distributed import resolve_device
 from canon.files import atomic_write
 from canon.reproduce.analyses import Context, Outcome
 from canon.reproduce.training import RunRecord

@@ -17,8 +17,8 @@ import torch
 
 from canon.data.datasets import Images, anchored_dataset, open_split
 from canon.data.normalize import PUBLISHED
+from canon.devices import resolve_device
 from canon.engine.checkpoint import export_model, model_info
-from canon.engine.distributed import resolve_device
 from canon.engine.rundir import PROBE_REPORT, check_source_outside, claim_run_dir
 from canon.engine.trained import TrainedModel, load_trained, recorded_source
 from canon.engine.trainer import TrainResult, train

@@ -236,7 +236,7 @@ def default_output_dir(runs: Path | list[Path], verb: str) -> Path:
 
 def run_visualize(args: argparse.Namespace) -> int:
     """Run the chosen visualisation; print each file written and a one-line summary."""
-    from canon.engine.distributed import resolve_device
+    from canon.devices import resolve_device
 
     args.device = resolve_device(args.device)
     if args.output_dir is None:
