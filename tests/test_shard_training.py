@@ -199,7 +199,7 @@ def test_shard_folders_refuse_val_split_and_readers_by_index(packed, tmp_path, c
     assert "160 training images make no full step of batch 200" in error
     assert "of 11 shards over 1 rank(s) and 1 loader worker(s)" in error
     assert "re-pack into more shards with canon pack --shard-size" in error
-    assert "or a smaller train.batch_size (canon train --batch-size)" in error
+    assert "or a smaller train.batch_size (--batch-size)" in error
     assert not (tmp_path / "big").exists()
     with pytest.raises(ConfigError, match=re.escape(f"packed from, {folder.resolve()}")):
         open_split(str(shards), "val")
