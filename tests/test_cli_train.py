@@ -22,13 +22,14 @@ from PIL import Image
 
 import canon
 import canon.evaluation.ensemble
-from canon.cli import build_parser, main
+from canon.cli import _scales_said, build_parser, main
 from canon.data import BadImageWarning, decode_image_file, open_dataset
 from canon.data.config import DataConfig
 from canon.data.loaders import build_datasets
 from canon.data.preprocess import center_transform
 from canon.data.views import PROTOCOLS
 from canon.engine.checkpoint import load_checkpoint
+from canon.engine.stopping import StoppedAtOnce
 from canon.engine.trained import load_trained
 from canon.engine.trainer import TrainingInterrupted
 from canon.errors import DataError
@@ -72,6 +73,12 @@ def test_a_resume_refuses_a_recipe_other_than_the_run_s(trained_run, capsys):
         main(["train", "--resume", str(trained_run), "--recipe", "resnet20-cifar10"])
     assert (f"--resume {trained_run} continues a run of quickstart, not of --recipe "
             "resnet20-cifar10: drop --recipe") in capsys.readouterr().err
+
+
+def test_eval_names_the_scales_of_the_protocols_that_resize_to_several() -> None:
+    assert _scales_said("center", [36]) == ""  # its views record the one scale too
+    assert _scales_said("144-crop", [256, 288]) == " at scales 256, 288"
+    assert _scales_said("multi-scale+dense", [224, 256]) == " at scales 224, 256"
 
 
 def test_eval_prints_errors_and_writes_json(trained_run, tmp_path, capsys):
@@ -457,27 +464,34 @@ def _leaf_parsers(parser, prog=()):
 
 def test_a_second_ctrl_c_names_the_checkpoint_left_to_resume_from(tmp_path, monkeypatch, capsys):
     """It stops at once, without interrupted.pt: the last epoch's checkpoint is what is left,
-    and without one, nothing (a one-line stop)."""
+    and without one, nothing (a one-line stop). A first Ctrl-C in set-up, before the stop flag
+    is there, lost no steps: a one-line stop too, checkpoints or not."""
     import canon.engine.trainer
 
     run = tmp_path / "run"
     epoch = run / "checkpoints" / "epoch-001.pt"
+    raised = StoppedAtOnce
 
-    def stopped_at_once(*args, **kwargs):
-        if kwargs.get("resume") is None and epoch.parent.is_dir():
-            epoch.write_bytes(b"")  # a checkpoint of epoch 1, then the second Ctrl-C
-        raise KeyboardInterrupt
+    def stopped(*args, **kwargs):
+        raise raised
 
-    monkeypatch.setattr(canon.engine.trainer, "train", stopped_at_once)
+    monkeypatch.setattr(canon.engine.trainer, "train", stopped)
     with pytest.raises(SystemExit) as exit_:
         main(["train", "--output-dir", str(run)])
     assert exit_.value.code == 130 and capsys.readouterr().err.endswith("canon train: stopped\n")
     epoch.parent.mkdir(parents=True)
+    epoch.write_bytes(b"")  # a checkpoint of epoch 1, then the second Ctrl-C
     with pytest.raises(SystemExit) as exit_:
         main(["train", "--output-dir", str(run)])
     assert exit_.value.code == 130
     assert (f"stopped at once (the steps since it are lost); resume with: canon train --resume "
             f"{run}  ({epoch})") in capsys.readouterr().out
+    raised = KeyboardInterrupt  # in set-up: not the run it replaces to resume
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--output-dir", str(run), "--overwrite"])
+    captured = capsys.readouterr()
+    assert exit_.value.code == 130 and "at once" not in captured.out
+    assert captured.err.endswith("canon train: stopped\n")
 
 
 def test_a_stopped_torchrun_run_is_resumed_by_the_same_torchrun_command(

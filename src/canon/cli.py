@@ -248,6 +248,7 @@ def _run_train(args: argparse.Namespace) -> None:
     from canon.engine.checkpoint import resumable_checkpoints
     from canon.engine.distributed import is_main_process
     from canon.engine.rundir import plan_run
+    from canon.engine.stopping import StoppedAtOnce
     from canon.engine.trainer import TrainingInterrupted, train
 
     with warnings.catch_warnings():
@@ -260,7 +261,7 @@ def _run_train(args: argparse.Namespace) -> None:
                            overwrite=args.overwrite, device=args.device)
         except TrainingInterrupted as stop:
             _exit_stopped(stop, plan.run_dir)
-        except KeyboardInterrupt:  # a second Ctrl-C, which stops at once: no interrupted.pt
+        except StoppedAtOnce:  # a second Ctrl-C: no interrupted.pt, the last checkpoint's left
             saved = resumable_checkpoints(plan.run_dir) if plan.run_dir.is_dir() else []
             if not saved:
                 raise
@@ -384,7 +385,6 @@ def _run_eval(args: argparse.Namespace) -> None:
     import json
 
     from canon.data.datasets import anchored_dataset
-    from canon.data.views import parse_protocol
     from canon.devices import resolve_device
     from canon.engine.trained import load_trained
     from canon.errors import DataError
@@ -435,10 +435,9 @@ def _run_eval(args: argparse.Namespace) -> None:
         raise DataError(f"none of the {result['skipped']} image file(s) of {result['data']} "
                         "could be decoded (see the warnings): nothing was evaluated")
     what = trained[0].source if len(trained) == 1 else f"ensemble of {len(trained)}"
-    scales = (f" at scales {', '.join(map(str, result['scales']))}"
-              if parse_protocol(args.protocol).multi_scale else "")
     print(
-        f"{printable(what)}: {result['protocol']}{scales} on {printable(result['data'])} "
+        f"{printable(what)}: {result['protocol']}{_scales_said(args.protocol, result['scales'])} "
+        f"on {printable(result['data'])} "
         f"({result['images']} images): top-1 error {result['top1_error']:.2f}%, top-5 error "
         f"{result['top5_error']:.2f}%"
     )
@@ -457,6 +456,16 @@ def _run_eval(args: argparse.Namespace) -> None:
     write_class_errors(report, per_class)
     write_confusion_png(report.confusion, report.classes, confusion)
     print(f"wrote {printable(per_class)} and {printable(confusion)}")
+
+
+def _scales_said(protocol: str, scales: list[int]) -> str:
+    """" at scales 224, 256, 288" for the protocols that resize to several (their views
+    record the single scale of the others too)."""
+    from canon.data.views import parse_protocol
+
+    parsed = parse_protocol(protocol)
+    several = parsed.multi_scale or "144-crop" in parsed.methods
+    return f" at scales {', '.join(map(str, scales))}" if several else ""
 
 
 def _default_eval_output(args: argparse.Namespace, trained: list, data: str) -> Path:

@@ -17,6 +17,15 @@ from typing import Any
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+class StoppedAtOnce(KeyboardInterrupt):
+    """A second Ctrl-C, after the one that asked for a checkpoint: the run stopped mid-step,
+    where Python's own handler would have raised a KeyboardInterrupt."""
+
+
+def _stop_at_once(signum: int, frame: object) -> None:
+    raise StoppedAtOnce
+
+
 class StopFlag:
     """The first SIGINT or SIGTERM sets the flag (the loop saves a checkpoint after the step in
     progress, or on GPU ranks at the next loss check, and stops); a second Ctrl-C gets the
@@ -49,7 +58,9 @@ class StopFlag:
         if self.raised:  # a repeated SIGTERM (a Ctrl-C gets the previous handler)
             return
         self.raised, self.signal_number = True, signum
-        signal.signal(signal.SIGINT, self._previous[signal.SIGINT])
+        previous = self._previous[signal.SIGINT]
+        signal.signal(signal.SIGINT, _stop_at_once if previous is signal.default_int_handler
+                      else previous)  # ignored in a background job, say: still ignored
         if self.announce:
             print(f"\n{signal.Signals(signum).name}: finishing this step and saving a "
                   "checkpoint (Ctrl-C again to stop at once)", flush=True)
