@@ -22,6 +22,21 @@ def test_every_documented_name_comes_from_canon() -> None:
                                   "load_trained", "evaluate"}
 
 
+class MapStyle:
+    """A dataset as torch's map-style ones are: indexed, with a length, not iterable."""
+
+    def __init__(self, items: torch.Tensor) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if index >= len(self.items):
+            raise IndexError(index)
+        return self.items[index]
+
+
 def test_train_then_load_predict_and_evaluate(tmp_path) -> None:
     model = canon.create_model("resnet50", num_classes=100)
     assert model.forward_head(torch.zeros(1, 2048, 7, 7)).shape == (1, 100)
@@ -52,6 +67,7 @@ def test_train_then_load_predict_and_evaluate(tmp_path) -> None:
         trained.predict([images[0].permute(1, 2, 0).numpy()])
     with pytest.raises(ConfigError, match=r"got one ndarray: pass \[image\]"):  # not its rows
         trained.predict(images[0].permute(1, 2, 0).numpy())
+    assert trained.predict(MapStyle(images[:2])) == trained.predict(list(images[:2]))
 
     by_run = trained.evaluate(protocol="center", batch_size=500)  # the data it trained on
     by_hand = canon.evaluate(trained.model, "sample", "center", batch_size=500, device="auto",

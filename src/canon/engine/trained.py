@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,10 +92,11 @@ def decode_images(
     images: Sequence[str | Path | torch.Tensor], data: DataConfig
 ) -> list[torch.Tensor]:
     """Files decoded (within data.max_image_pixels); tensors as they are."""
-    if (isinstance(images, (str, Path)) or torch.is_tensor(images)
-            or hasattr(images, "__array_interface__") or not isinstance(images, Iterable)):
+    pixels = getattr(getattr(images, "dtype", None), "kind", "USO") not in "USO"  # an array's
+    if (isinstance(images, (str, Path)) or torch.is_tensor(images) or pixels
+            or (not hasattr(images, "__iter__") and not hasattr(images, "__getitem__"))):
         raise ConfigError(f"images must be a list of files or tensors, got one "
-                          f"{type(images).__name__}: pass [image]")  # a PIL image, an array
+                          f"{type(images).__name__}: pass [image]")  # one, a PIL image too
     images = list(images)  # a generator would be spent by the checks below
     for index, image in enumerate(images):
         if not isinstance(image, (str, Path)) and not torch.is_tensor(image):

@@ -5,6 +5,7 @@ as for the other pictures."""
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -78,11 +79,12 @@ def mean_colour(preprocess: EvalPreprocess) -> list[float]:
 def class_index(trained: TrainedModel, label: str | int) -> int:
     """An output index from a class name, a class id (ImageNet wnid) or an index (an int, or
     its digits as the command line gives them, where no class is named so)."""
-    if isinstance(label, int) and not isinstance(label, bool):  # an index, never a name
+    if isinstance(label, numbers.Integral) and not isinstance(label, bool):  # never a name
         if 0 <= label < len(trained.classes):
-            return label
+            return int(label)
         raise ConfigError(f"class index {label} is outside the model's "
                           f"{len(trained.classes)} outputs (0 to {len(trained.classes) - 1})")
+    label = str(label)
     for names in (trained.classes, trained.class_ids):
         if label in names:
             return names.index(label)
