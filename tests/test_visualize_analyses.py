@@ -408,7 +408,7 @@ def test_an_int_label_is_an_index_and_digits_name_a_class_first() -> None:
     string '1' the class named so (output 0), as the command line's text is read."""
     trained = SimpleNamespace(classes=["1", "10", "2"], class_ids=["1", "10", "2"])
     assert class_index(trained, 1) == 1 and class_index(trained, "1") == 0
-    assert class_index(trained, np.int64(1)) == 1  # a numpy or torch integer too
+    assert class_index(trained, np.int64(1)) == class_index(trained, torch.tensor(1)) == 1
     assert class_index(trained, "2") == 2
     with pytest.raises(ConfigError, match=r"class index 3 is outside the model's 3 outputs"):
         class_index(trained, 3)

@@ -5,7 +5,7 @@ as for the other pictures."""
 
 from __future__ import annotations
 
-import numbers
+import operator
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -79,10 +79,11 @@ def mean_colour(preprocess: EvalPreprocess) -> list[float]:
 def class_index(trained: TrainedModel, label: str | int) -> int:
     """An output index from a class name, a class id (ImageNet wnid) or an index (an int, or
     its digits as the command line gives them, where no class is named so)."""
-    if isinstance(label, numbers.Integral) and not isinstance(label, bool):  # never a name
-        if 0 <= label < len(trained.classes):
-            return int(label)
-        raise ConfigError(f"class index {label} is outside the model's "
+    index = None if isinstance(label, str | bool) else _as_index(label)
+    if index is not None:  # an integer (Python's, numpy's, a torch scalar's): never a name
+        if 0 <= index < len(trained.classes):
+            return index
+        raise ConfigError(f"class index {index} is outside the model's "
                           f"{len(trained.classes)} outputs (0 to {len(trained.classes) - 1})")
     label = str(label)
     for names in (trained.classes, trained.class_ids):
@@ -93,6 +94,13 @@ def class_index(trained: TrainedModel, label: str | int) -> int:
     shown = ", ".join(trained.classes[:10]) + (", ..." if len(trained.classes) > 10 else "")
     raise ConfigError(f"no class {label!r} among the model's {len(trained.classes)} "
                       f"outputs ({shown}); give a class name, id or index")
+
+
+def _as_index(value: object) -> int | None:
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 def correct_class(trained: TrainedModel, image: str | Path, given: int | None,
