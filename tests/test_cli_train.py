@@ -76,9 +76,10 @@ def test_a_resume_refuses_a_recipe_other_than_the_run_s(trained_run, capsys):
 
 
 def test_eval_names_the_scales_of_the_protocols_that_resize_to_several() -> None:
-    assert _scales_said("center", [36]) == ""  # its views record the one scale too
-    assert _scales_said("144-crop", [256, 288]) == " at scales 256, 288"
-    assert _scales_said("multi-scale+dense", [224, 256]) == " at scales 224, 256"
+    assert _scales_said("center", {"scales": [36]}) == ""  # its views record the one scale too
+    assert _scales_said("144-crop", {"scales": [256, 288]}) == " at scales 256, 288"
+    assert _scales_said("multi-scale+dense", {"scales": [224, 256]}) == " at scales 224, 256"
+    assert _scales_said("multi-scale", {"members": []}) == ""  # an ensemble's: its members
 
 
 def test_eval_prints_errors_and_writes_json(trained_run, tmp_path, capsys):

@@ -436,7 +436,7 @@ def _run_eval(args: argparse.Namespace) -> None:
                         "could be decoded (see the warnings): nothing was evaluated")
     what = trained[0].source if len(trained) == 1 else f"ensemble of {len(trained)}"
     print(
-        f"{printable(what)}: {result['protocol']}{_scales_said(args.protocol, result['scales'])} "
+        f"{printable(what)}: {result['protocol']}{_scales_said(args.protocol, result)} "
         f"on {printable(result['data'])} "
         f"({result['images']} images): top-1 error {result['top1_error']:.2f}%, top-5 error "
         f"{result['top5_error']:.2f}%"
@@ -458,14 +458,15 @@ def _run_eval(args: argparse.Namespace) -> None:
     print(f"wrote {printable(per_class)} and {printable(confusion)}")
 
 
-def _scales_said(protocol: str, scales: list[int]) -> str:
+def _scales_said(protocol: str, result: dict) -> str:
     """" at scales 224, 256, 288" for the protocols that resize to several (their views
-    record the single scale of the others too)."""
+    record the single scale of the others too); an ensemble's members may each have theirs."""
     from canon.data.views import parse_protocol
 
     parsed = parse_protocol(protocol)
     several = parsed.multi_scale or "144-crop" in parsed.methods
-    return f" at scales {', '.join(map(str, scales))}" if several else ""
+    scales = result.get("scales")  # an ensemble's result has none of its own
+    return f" at scales {', '.join(map(str, scales))}" if several and scales else ""
 
 
 def _default_eval_output(args: argparse.Namespace, trained: list, data: str) -> Path:
