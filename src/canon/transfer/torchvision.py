@@ -162,11 +162,9 @@ def check_same_outputs(tv_model: nn.Module, model: nn.Module, what: str) -> None
     replaced by one without tensors (its max pool by an Identity, its average pool by a max
     pool) escapes the checks of copy_tensors, and changes the outputs."""
     reference = copy.deepcopy(tv_model).float().cpu().eval()  # the caller's, as it was
-    was_training = model.training
     image = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
+    with torch.no_grad():  # `model` is left in eval mode: from_torchvision sets its mode after
         expected, actual = reference(image), model.eval()(image)
-    model.train(was_training)
     difference = float((actual - expected).abs().max())
     if difference > CONVERSION_TOLERANCE * max(1.0, float(expected.abs().max())):
         raise ConfigError(f"cannot convert {what}: the outputs differ by up to {difference:.3g} "
