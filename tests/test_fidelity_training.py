@@ -11,6 +11,7 @@ from torch.optim import swa_utils
 
 from canon.data import DataConfig
 from canon.data.datasets import validates_on_test_split
+from canon.engine import setup
 from canon.engine.optimization import make_average, make_optimizer
 from canon.engine.schedules import LearningRateSchedule, scale_iteration_counts
 from canon.engine.setup import build_model
@@ -151,3 +152,16 @@ def test_no_cifar_recipe_chooses_a_checkpoint_on_the_test_set(tmp_path):
     assert validates_on_test_split(DataConfig(dataset=str(tmp_path)))
     (tmp_path / "val" / "cat").mkdir(parents=True)  # preferred to test/
     assert not validates_on_test_split(DataConfig(dataset=str(tmp_path)))
+
+
+def test_a_builder_s_own_type_error_is_not_blamed_on_a_recipe_without_options(monkeypatch):
+    """Only options the recipe gives can 'not fit' a builder: without any, a TypeError
+    is a fault in the builder and is raised as it is."""
+    def faulty_create_model(name, num_classes, **options):
+        raise TypeError("unsupported operand type(s) for +: 'int' and 'str'")
+
+    monkeypatch.setattr(setup, "create_model", faulty_create_model)
+    with pytest.raises(TypeError, match="unsupported operand"):
+        build_model(load_recipe("quickstart"), 10)
+    with pytest.raises(ConfigError, match=r"model.options \{'widths': \[8\]\} do not fit"):
+        build_model(load_recipe("quickstart", ["model.options.widths=[8]"]), 10)

@@ -524,6 +524,8 @@ def build_model(recipe: Recipe, num_classes: int) -> nn.Module:
     try:
         return create_model(section.name, num_classes, **options)
     except (ModelOptionError, TypeError) as error:  # an option it lacks, or a wrong value
+        if not options:  # then a TypeError is the builder's own fault, not the recipe's
+            raise
         if section.zero_init_residual and "'zero_init_residual'" in str(error):  # the one
             raise ConfigError(f"model.zero_init_residual is for ResNets; {section.name} has no "
                               f"residual blocks ({error})") from error
