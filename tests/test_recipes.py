@@ -183,6 +183,45 @@ def test_wrong_types_and_values_are_named(tmp_path):
     path.write_text("base: quickstart\ntrain: 0\n")  # not a section left empty
     with pytest.raises(ConfigError, match=r"bad.yaml: train must be a mapping"):
         load_recipe(path)
+    # found by a review: the seed overflowed 64 bits at the first epoch, after set-up
+    for seed in (-1, 2**32):
+        with pytest.raises(ConfigError,
+                           match=rf"train\.seed must lie in \[0, 2\*\*32\), got {seed}"):
+            load_recipe("quickstart", [f"train.seed={seed}"])
+    assert load_recipe("quickstart", [f"train.seed={2**32 - 1}"]).train.seed == 2**32 - 1
+    path.write_text("base: quickstart\nname: top\nlr: 0.2\n")  # a section's key at the top
+    with pytest.raises(ConfigError, match=r"\['lr'\]; valid keys in recipe: .*; lr is a key of "
+                                          r"optimizer: indent it under `optimizer:`$"):
+        load_recipe(path)
+
+
+def test_a_file_s_epochs_over_its_base_s_iteration_limit_is_refused_as_an_override_is(tmp_path):
+    """As `--set train.epochs=N` on a recipe that runs train.iterations: the file's epochs
+    would be silently outrun by the base's iteration count."""
+    path = tmp_path / "short.yaml"
+    path.write_text("base: resnet20-cifar10\nname: short\ntrain:\n  epochs: 10\n")
+    with pytest.raises(ConfigError, match=r"^short.yaml: train\.epochs 10 would count for "
+                       r"nothing: its base resnet20-cifar10\.yaml runs train\.iterations 64000"):
+        load_recipe(path)
+    path.write_text("base: resnet20-cifar10\nname: short\ntrain: {epochs: 10, iterations: null}\n")
+    assert (load_recipe(path).train.epochs, load_recipe(path).train.iterations) == (10, None)
+
+
+def test_a_bundled_name_is_the_bundled_recipe_whatever_the_working_folder_holds(
+    tmp_path, monkeypatch
+):
+    """`runs/quickstart` is a run's folder: working in runs/, `canon train` (the quickstart)
+    read it as the recipe. A path (./name, a suffix) is read as a file."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "quickstart").mkdir()
+    (tmp_path / "alexnet").write_text("hello\n")
+    assert load_recipe("quickstart").name == "quickstart"
+    assert load_recipe("alexnet").name == "alexnet"
+    with pytest.raises(ConfigError, match=r"alexnet: a recipe must be a YAML mapping"):
+        load_recipe("./alexnet")
+    with pytest.raises(DataError, match=r"^recipe file mine.json does not exist; a recipe is "
+                                        r"a YAML file"):
+        load_recipe("mine.json")
 
 
 def test_a_recipe_file_can_start_from_a_bundled_base(tmp_path):
@@ -329,3 +368,16 @@ def test_recipes_show_keeps_each_citation_whole_and_marks_keys_the_schedule_igno
     assert "options: {" not in show_recipe("vgg11")
     deep = notes("resnet34d-imagenette20")
     assert deep["stem"] == "as resnet34d-imagenette5.yaml" and deep["options"] == ""
+
+
+def test_recipes_show_credits_no_base_with_a_value_the_file_sets_in_flow_style(tmp_path):
+    """A review found a flow mapping's values shown with the base file's citation, and a '#'
+    inside a quoted value read as a comment."""
+    path = tmp_path / "flow.yaml"
+    path.write_text('base: resnet20-cifar10\nname: flow\ndescription: "ResNet #20: lr: 0.5"\n'
+                    "optimizer: {lr: 0.5, weight_decay: 0.001}  # mine\n")
+    lines = {line.split(":")[0].strip(): line for line in show_recipe(path).splitlines()}
+    assert lines["lr"].rstrip() == "  lr: 0.5"  # the file's own value, no citation
+    assert lines["weight_decay"].rstrip() == "  weight_decay: 0.001"
+    assert lines["momentum"].endswith("(_resnet-cifar10.yaml)")  # the base's still
+    assert lines["description"] == "description: 'ResNet #20: lr: 0.5'"

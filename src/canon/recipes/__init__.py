@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from canon.errors import ConfigError, DataError
-from canon.recipes.schema import SCHEDULE_KIND_KEYS, Recipe, valid_keys
+from canon.recipes.schema import SCHEDULE_KIND_KEYS, SECTIONS, Recipe, valid_keys
 from canon.registry import Registry
 
 RECIPES = Registry("recipe")
@@ -126,7 +126,9 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
     except yaml.YAMLError as error:
         raise ConfigError(f"{path.name}: not valid YAML: {_yaml_problem(error)}") from None
     if not isinstance(values, dict):
-        raise ConfigError(f"{path.name}: a recipe must be a mapping of sections, got {values!r}")
+        raise ConfigError(f"{path.name}: a recipe must be a YAML mapping of sections (`train:` "
+                          f"and its keys indented below it, as the bundled recipes are "
+                          f"written), got {values!r}")
     return values
 
 
@@ -176,7 +178,16 @@ def _raw_recipe(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     base = values.pop("base", None)
     if base is None:
         return values
-    return _merge(_raw_recipe(_base_path(path, base), (*seen, path)), values)
+    base_path = _base_path(path, base)
+    base_values = _raw_recipe(base_path, (*seen, path))
+    own, inherited = (values.get("train"), base_values.get("train"))
+    if isinstance(own, dict) and isinstance(inherited, dict) and "epochs" in own \
+            and "iterations" not in own and inherited.get("iterations") is not None:
+        raise ConfigError(
+            f"{path.name}: train.epochs {own['epochs']} would count for nothing: its base "
+            f"{base_path.name} runs train.iterations {inherited['iterations']}, which takes "
+            "precedence; add `iterations: null` under train")
+    return _merge(base_values, values)
 
 
 def load_recipe_file(path: str | Path) -> Recipe:
@@ -185,9 +196,21 @@ def load_recipe_file(path: str | Path) -> Recipe:
     try:
         return Recipe.from_dict(values, where=path.name)
     except ConfigError as error:
-        base = ("; a file may also start from another with base: RECIPE"
-                if "unknown recipe key(s)" in str(error) else "")
-        raise ConfigError(f"{error}{base}{_set_by_bases(path, str(error))}") from None
+        raise ConfigError(f"{error}{_top_level_hint(path, values)}"
+                          f"{_set_by_bases(path, str(error))}") from None
+
+
+def _top_level_hint(path: Path, values: dict[str, Any]) -> str:
+    """Where a recipe's unknown top-level keys belong: a section's key written at the top
+    level (`lr:`, optimizer's), or else, for a file without one, `base:`."""
+    unknown = [key for key in values if key not in valid_keys()]
+    homes = [f"{key} is a key of {section}: indent it under `{section}:`"
+             for key in unknown for section in SECTIONS if key in valid_keys(section)]
+    if homes:
+        return "; " + "; ".join(homes)
+    if unknown and "base" not in read_yaml_mapping(path):
+        return "; a file may also start from another with base: RECIPE"
+    return ""
 
 
 def _set_by_bases(path: Path, message: str) -> str:
@@ -198,8 +221,8 @@ def _set_by_bases(path: Path, message: str) -> str:
     chain = _base_chain(path)
     setters: dict[str, Path] = {}
     for file in reversed(chain):  # bases first: a file's own keys override them
-        for key in _leaf_keys(read_yaml_mapping(file)):
-            setters[key] = file
+        for section, key in _set_keys(read_yaml_mapping(file)):
+            setters[f"{section}.{key}" if section else key] = file
     problem = message.split("; valid keys in ")[0]
     by_file: dict[Path, list[str]] = {}
     for word in dict.fromkeys(re.findall(r"[A-Za-z_](?:[\w.]*\w)?", problem)):
@@ -210,15 +233,19 @@ def _set_by_bases(path: Path, message: str) -> str:
     return f" ({blamed})" if blamed else ""
 
 
-def _leaf_keys(values: dict[Any, Any]) -> list[str]:
-    """A recipe file's own keys as `section.key`, and its top-level keys that are not
-    sections (`name`, a misspelt section)."""
-    keys = []
+def _set_keys(values: dict[Any, Any]) -> list[tuple[str | None, str]]:
+    """A recipe file's own keys as (section, key), a builder option as (model, options.NAME),
+    and its top-level keys that are not sections (`name`, a misspelt section) as (None, key),
+    as the YAML parser reads them (flow style too)."""
+    keys: list[tuple[str | None, str]] = []
     for key, value in values.items():
         if isinstance(value, dict) and str(key) in valid_keys():
-            keys += [f"{key}.{name}" for name in value]
+            for name, item in value.items():
+                keys.append((str(key), str(name)))
+                if isinstance(item, dict):
+                    keys += [(str(key), f"{name}.{option}") for option in item]
         elif key != "base":
-            keys.append(str(key))
+            keys.append((None, str(key)))
     return keys
 
 
@@ -276,15 +303,22 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), parsed
 
 
-def _comment_start(value: str) -> int | None:
+def _comment_start(value: str, spans: list[tuple[int, int]] | None = None,
+                   offset: int = 0) -> int | None:
     """Where the first '#' that YAML reads as starting a comment stands in `value`: one outside
-    every scalar, tag or anchor (a '#' inside `a#b` or a quoted string is text)."""
-    texts = [(token.start_mark.index, token.end_mark.index)
-             for token in yaml.scan(value, Loader=_RecipeLoader)
-             if isinstance(token, yaml.ScalarToken | yaml.TagToken | yaml.AnchorToken
-                           | yaml.AliasToken)]
+    every scalar, tag or anchor (a '#' inside `a#b` or a quoted string is text). `spans`:
+    those of the whole text that `value` starts at `offset` of (_text_spans)."""
+    spans = _text_spans(value) if spans is None else spans
     return next((index for index, character in enumerate(value) if character == "#"
-                 and not any(start <= index < end for start, end in texts)), None)
+                 and not any(start <= offset + index < end for start, end in spans)), None)
+
+
+def _text_spans(text: str) -> list[tuple[int, int]]:
+    """Where in `text` YAML reads its scalars, tags, anchors and aliases."""
+    return [(token.start_mark.index, token.end_mark.index)
+            for token in yaml.scan(text, Loader=_RecipeLoader)
+            if isinstance(token, yaml.ScalarToken | yaml.TagToken | yaml.AnchorToken
+                          | yaml.AliasToken)]
 
 
 def apply_overrides(recipe: Recipe, overrides: Overrides) -> Recipe:
@@ -354,13 +388,20 @@ def list_recipes(pattern: str | None = None) -> list[str]:
 
 
 def recipe_path(name_or_path: str | Path) -> Path:
-    """The YAML file of a bundled recipe name, or the given file."""
+    """The YAML file of a bundled recipe name, or the given file. A name (a str) is the
+    bundled recipe even where the working folder holds a file or folder of that name, as
+    `runs/quickstart` is a run's folder; `./NAME` names the local one."""
     text = str(name_or_path)
+    if isinstance(name_or_path, str) and text in RECIPES.names():
+        return RECIPE_DIR / f"{text}.yaml"
     if text.endswith((".yaml", ".yml")) or Path(text).is_file():
         return Path(text)
     if Path(text).is_dir():
         raise ConfigError(f"{text} is a folder; pass a recipe's name (canon recipes lists "
                           "them) or its YAML file")
+    if Path(text).suffix or Path(text).name != text:  # a path, not a name: mine.json, a/b
+        raise DataError(f"recipe file {text} does not exist; a recipe is a YAML file "
+                        "(.yaml) or a bundled recipe's name (canon recipes lists them)")
     RECIPES.get(text)  # UnknownNameError listing close names
     return RECIPE_DIR / f"{text}.yaml"
 
@@ -374,7 +415,9 @@ def show_recipe(name_or_path: str | Path) -> str:
     notes: dict[tuple[str | None, str], str] = {}
     chain = _base_chain(path)
     for file in reversed(chain):  # bases first: the recipe's own notes win
-        for key, comment in _comments(file).items():
+        comments = _comments(file)
+        for key in _set_keys(read_yaml_mapping(file)):  # a comment on a line of its own
+            comment = comments.get(key, "")  # file sets (a flow mapping's keys have none)
             notes[key] = f"{comment} ({file.name})".strip() if file != chain[0] else comment
     lines = []
     for section, value in recipe.to_dict().items():
@@ -412,9 +455,13 @@ def _comments(path: Path) -> dict[tuple[str | None, str], str]:
     at a key's indentation (or less) is about what follows, not a continuation."""
     comments: dict[tuple[str | None, str], str] = {}
     section, last, key_indent, parent = None, None, 0, (0, "")
-    for line in path.read_text(encoding="utf-8").splitlines():
-        code, _, comment = line.partition("#")
-        comment = comment.strip()
+    text = path.read_text(encoding="utf-8")
+    spans, offset = _text_spans(text), 0
+    for line in text.splitlines(keepends=True):
+        cut = _comment_start(line, spans, offset)
+        offset += len(line)
+        line = line.rstrip("\r\n")
+        code, comment = (line, "") if cut is None else (line[:cut], line[cut + 1:].strip())
         if not code.strip():
             if last is not None and comment and len(code) > key_indent:
                 comments[last] = f"{comments.get(last, '')} {comment}".strip()

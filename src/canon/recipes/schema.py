@@ -56,15 +56,17 @@ def parse_model_parallel(spec: str) -> ModelParallelPlan:
     match = MODEL_PARALLEL_SPEC.match(spec)
     if match is None:
         raise ConfigError(
-            f"--model-parallel {spec!r} is not understood; use towers (AlexNet's two GPUs), "
-            "stages:K (K devices) or stages:K:M (K devices, M micro-batches)"
+            f"train.model_parallel (--model-parallel) {spec!r} is not understood; use towers "
+            "(AlexNet's two GPUs), stages:K (K devices) or stages:K:M (K devices, M "
+            "micro-batches)"
         )
     if match.group(1) == "towers":
         return ModelParallelPlan("towers", 2)
     num_devices = int(match.group(2))
     micro_batches = int(match.group(3)) if match.group(3) else 4 * num_devices
     if num_devices < 1 or micro_batches < 1:
-        raise ConfigError(f"--model-parallel {spec!r}: K and M must be at least 1")
+        raise ConfigError(f"train.model_parallel (--model-parallel) {spec!r}: K and M must be "
+                          "at least 1")
     return ModelParallelPlan("stages", num_devices, micro_batches)
 
 
@@ -291,6 +293,8 @@ class TrainSection:
             self.filter_rms_radius is None or self.filter_rms_radius > 0,
             "train.filter_rms_radius must be > 0",
         )
+        _check(0 <= self.seed < 2**32,  # spread (canon.data.sampling) it must fit 64 bits
+               f"train.seed must lie in [0, 2**32), got {self.seed}")
         _check(self.workers is None or self.workers >= 0, "train.workers must be >= 0")
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
         _check(all(e >= 1 for e in self.keep_epochs), "train.keep_epochs must be epochs >= 1")
