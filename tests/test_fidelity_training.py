@@ -165,3 +165,12 @@ def test_a_builder_s_own_type_error_is_not_blamed_on_a_recipe_without_options(mo
         build_model(load_recipe("quickstart"), 10)
     with pytest.raises(ConfigError, match=r"model.options \{'widths': \[8\]\} do not fit"):
         build_model(load_recipe("quickstart", ["model.options.widths=[8]"]), 10)
+
+
+def test_a_builder_s_check_of_an_option_s_value_names_the_recipe_s_options():
+    """The builder's own message names its argument (`stem`), as Python passes it; from a
+    recipe, the key to change is model.options.stem."""
+    recipe = load_recipe("resnet34d-imagenette5", ["model.options.stem=shallow"])
+    with pytest.raises(ConfigError, match=r"^resnet34 with model.options \{'stem': 'shallow', "
+                                          r"'avg_down': True\}: stem must be one of"):
+        build_model(recipe, 10)

@@ -523,14 +523,17 @@ def build_model(recipe: Recipe, num_classes: int) -> nn.Module:
                                      if section.zero_init_residual else {})}
     try:
         return create_model(section.name, num_classes, **options)
-    except (ModelOptionError, TypeError) as error:  # an option it lacks, or a wrong value
-        if not options:  # then a TypeError is the builder's own fault, not the recipe's
+    except (ConfigError, TypeError) as error:  # an option it lacks, or a wrong value
+        if not options:  # then the error is the builder's own, not the recipe's
             raise
         if section.zero_init_residual and "'zero_init_residual'" in str(error):  # the one
             raise ConfigError(f"model.zero_init_residual is for ResNets; {section.name} has no "
                               f"residual blocks ({error})") from error
-        raise ConfigError(f"model.options {section.options} do not fit {section.name}'s "
-                          f"builder ({error})") from error
+        if isinstance(error, ModelOptionError | TypeError):
+            raise ConfigError(f"model.options {section.options} do not fit {section.name}'s "
+                              f"builder ({error})") from error
+        raise ConfigError(f"{section.name} with model.options {section.options}: {error}"
+                          ) from error  # the builder's own check of a value: name where it is
 
 
 def _scaled_counts_note(
