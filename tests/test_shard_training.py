@@ -148,9 +148,15 @@ def test_a_run_stopped_mid_epoch_resumes_exactly(packed, tmp_path, workers):
         pack_folder(folder, tmp_path / "repacked", shard_bytes=400_000, progress=False)
         repacked = apply_overrides(recipe, [("data.dataset", str(tmp_path / "repacked"))])
         with pytest.raises(ConfigError, match=r"its training shards are not the ones the "
-                           r"checkpoint's run was dealt \(11 shards then, \d+ now: re-packed"):
+                           r"checkpoint's run was dealt \(11 shards then, \d+ now: re-packed\?\), "
+                           r"so the rest of the epoch would read other images\. .*same "
+                           r"--shard-size"):
             train(repacked, tmp_path / "stopped", resume=tmp_path / "stopped", device="cpu",
                   progress=False)
+        with pytest.raises(ConfigError, match=r"re-packed\?\), so its next epochs would be "
+                           r"dealt other images"):  # at an epoch's end: no rest of the epoch
+            train(repacked, tmp_path / "boundary", device="cpu", progress=False,
+                  resume=ckpt.epoch_checkpoint(tmp_path / "stopped", 1))
     train(recipe, tmp_path / "stopped", resume=tmp_path / "stopped", device="cpu",
           progress=False)
     straight, resumed = (ckpt.load_checkpoint(ckpt.epoch_checkpoint(tmp_path / run, 2))

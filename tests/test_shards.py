@@ -197,11 +197,16 @@ def test_packing_one_split_keeps_the_other_splits_of_an_earlier_pack(
     index = read_index(out)
     assert list(index.splits) == ["train", "val"] and index.splits["val"] == val
     assert {f: (out / f).read_bytes() for f in val_bytes} == val_bytes
-    with pytest.warns(UserWarning, match=r"earlier pack's val split\(s\) are deleted: "
-                                         "packed with other shard size"):
+    # A review found a pack at another size (the default, as the missing-split error then
+    # advised) deleting the other split: it is refused, and nothing is lost.
+    with pytest.raises(DataError, match=r"shards: its val split\(s\) were packed with "
+                       r"--shard-size 1000000000, and would not go with this pack's train: pack "
+                       r"with --shard-size 1000000000 to keep them, add them to --splits"):
         pack_folder(imagenette_root, out, shard_bytes=10**6, splits=["train"], progress=False)
-    assert list(read_index(out).splits) == ["train"]
-    assert not any((out / f).exists() for f in val_bytes)
+    assert read_index(out) == index
+    assert {f: (out / f).read_bytes() for f in val_bytes} == val_bytes
+    pack_folder(imagenette_root, out, shard_bytes=10**6, splits=["train", "val"], progress=False)
+    assert read_index(out).shard_bytes == 10**6
 
 
 def test_a_pack_killed_midway_keeps_the_splits_it_was_not_packing(
@@ -225,7 +230,9 @@ def test_a_pack_killed_midway_keeps_the_splits_it_was_not_packing(
     assert read_index(out).splits == {"train": train}
     assert len(ShardImages(out, "train", shuffle=False)) == train.samples
     with pytest.raises(DataError, match=r"no val split \(it holds train\); its val shards are "
-                                        r"being packed, or a pack of them stopped before its end"):
+                                        r"being packed, or a pack of them stopped before its end"
+                                        r".* with `canon pack .* --out .*shards --splits val "
+                                        r"--shard-size 1000000000`$"):
         ShardImages(out, "val")
     monkeypatch.setattr(packing._SplitWriter, "write", write)
     pack_folder(imagenette_root, out, splits=["val"], progress=False)
@@ -357,7 +364,7 @@ def test_shards_without_their_index_are_named_so(packed, tmp_path):
         open_dataset(str(copy))
 
 
-def test_a_damaged_shard_is_named(packed, tmp_path):
+def test_a_damaged_shard_is_named(packed, imagenette_root, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(packed, copy)
     shard = copy / "train-000002.tar"
@@ -365,9 +372,16 @@ def test_a_damaged_shard_is_named(packed, tmp_path):
     shard.write_bytes(whole[:100_000])
     with pytest.raises(DataError, match=r"train-000002.tar.*cut short"):
         open_dataset(str(copy))  # before training, not when its turn comes
-    with pytest.raises(DataError, match=r"train-000002.tar.*cut short"):
+    with pytest.raises(DataError, match=r"train-000002.tar.*cut short") as cut:
         list(ShardImages(copy, "train", shuffle=False))
-    shard.write_bytes(whole)
+    # The command it gives makes the same shards again, as a resumed run needs (a review
+    # found "re-run canon pack", at the default size, making others).
+    command = str(cut.value).split("`")[1]
+    assert command == (f"canon pack {Path(imagenette_root).resolve()} --out {copy} --splits "
+                       f"train --shard-size {SHARD_BYTES}")
+    main(command.split()[1:])
+    assert shard.read_bytes() == whole
+    assert read_index(copy) == read_index(packed)
     validation = copy / "val-000000.tar"
     validation.rename(copy / "elsewhere.tar")
     with pytest.raises(DataError, match=r"val-000000.tar: missing, index.json says"):
@@ -377,7 +391,7 @@ def test_a_damaged_shard_is_named(packed, tmp_path):
     damaged[5] ^= 0x01  # a byte of the first member's name: the header's checksum fails
     shard.write_bytes(bytes(damaged))
     with pytest.raises(DataError, match=r"train-000002.tar: unreadable shard \(bad checksum"
-                                        r".*re-run canon pack"):
+                                        r".*re-pack it with `canon pack"):
         list(ShardImages(copy, "train", shuffle=False))
     with tarfile.open(fileobj=io.BytesIO(whole)) as tar:  # a class label damaged in place
         label = next(member for member in tar.getmembers() if member.name.endswith(".cls"))

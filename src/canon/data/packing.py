@@ -17,7 +17,6 @@ import json
 import random
 import re
 import tarfile
-import warnings
 from collections.abc import Iterable
 from functools import partial
 from io import BytesIO
@@ -63,9 +62,10 @@ def pack_folder(
     """Pack the `splits` of the ImageNet-layout folder `root` (train/<class>/*, val/<class>/*)
     into the fewest shards of at most `shard_bytes` (one image each at least) that hold equal
     image counts, within one, in `out`: a new or empty folder, or an earlier pack of the same
-    folder, whose packed `splits` are replaced and whose other splits are kept where they were
-    packed with the same shard size and classes. Each shard is written under a temporary name
-    and renamed when complete; index.json names the kept splits meanwhile, all of them last.
+    folder, whose packed `splits` are replaced and whose other splits are kept (packed with
+    another shard size or other classes, they are refused, not deleted). Each shard is written
+    under a temporary name and renamed when complete; index.json names the kept splits
+    meanwhile, all of them last.
     `out` is locked for the pack (`.lock`): a second pack into it meanwhile is refused."""
     root, out, splits = Path(root), Path(out), list(splits)
     if shard_bytes <= 0:
@@ -118,20 +118,24 @@ def _write_index(out: Path, index: PackIndex) -> None:
 
 def _other_splits(out: Path, splits: list[str], shard_bytes: int,
                   class_ids: list[str]) -> dict[str, SplitIndex]:
-    """The splits of an earlier pack in `out` that this one does not pack, where they hold
-    the same classes in shards of the same size (_check_out has made sure of its source)."""
+    """The splits of an earlier pack in `out` that this one does not pack; a DataError where
+    they hold other classes or shards of another size (_check_out has made sure of its
+    source)."""
     try:
         earlier = read_index(out)
     except DataError:  # none, or one this canon cannot read: nothing to keep
         return {}
     others = [name for name in earlier.splits if name not in splits]
-    changed = ("classes" if earlier.class_ids != class_ids
-               else "shard size" if earlier.shard_bytes != shard_bytes else None)
-    if changed and others:
-        warnings.warn(f"{out}: the earlier pack's {', '.join(others)} split(s) are deleted: "
-                      f"packed with other {changed} than this pack's, they would not go with "
-                      f"it; add them to --splits to pack them again", stacklevel=3)
-        return {}
+    changed = ("other classes" if earlier.class_ids != class_ids
+               else f"--shard-size {earlier.shard_bytes}" if earlier.shard_bytes != shard_bytes
+               else None)
+    if changed and others:  # refused, not deleted: a pack of ImageNet's train is hours
+        same_size = (f"pack with --shard-size {earlier.shard_bytes} to keep them, "
+                     if earlier.shard_bytes != shard_bytes and earlier.class_ids == class_ids
+                     else "")
+        raise DataError(f"{out}: its {', '.join(others)} split(s) were packed with {changed}, "
+                        f"and would not go with this pack's {','.join(splits)}: {same_size}add "
+                        f"them to --splits to pack them again, or choose another --out folder")
     return {name: earlier.splits[name] for name in others}
 
 

@@ -71,6 +71,13 @@ class PackIndex:
     classes: list[str]
     splits: dict[str, SplitIndex]
 
+    def repack_command(self, root: Path, splits: str) -> str:
+        """The `canon pack` that made the shards of `splits` in `root` (comma-separated): run
+        again on the unchanged folder, it makes the same shards, byte for byte, so that a run
+        on them goes on (canon.engine.setup checks the shards a run was dealt)."""
+        return (f"`canon pack {self.source} --out {root} --splits {splits} --shard-size "
+                f"{self.shard_bytes}`")
+
     def to_dict(self) -> dict:
         """The JSON form; each split also states its totals, for people reading the file."""
         data = {"format": FORMAT, "version": VERSION, **asdict(self)}

@@ -101,7 +101,7 @@ class ShardImages(IterableDataset):
                 f"{self.root}: no {split} split (it holds {', '.join(index.splits) or 'none'}); "
                 + (f"its {split} shards are being packed, or a pack of them stopped before its "
                    "end: wait for it, or run it again" if packing else "pack it")
-                + f" with `canon pack DATA --out {self.root} --splits {split}`"
+                + f" with {index.repack_command(self.root, split)}"
             )
         if not 0 <= rank < world_size or batch_size < 1 or workers < 0 or shuffle_buffer < 0:
             raise ConfigError(
@@ -110,6 +110,8 @@ class ShardImages(IterableDataset):
                 f"{batch_size}, workers {workers}, shuffle_buffer {shuffle_buffer}"
             )
         self.shards = index.splits[split].shards
+        self._repack = (f"{index.repack_command(self.root, split)} (the same shards again, "
+                        "byte for byte, so that a run on them goes on)")
         self.split, self._fingerprint = split, index.splits[split].fingerprint
         # Counted where a folder's are (evaluation, statistics): images the pack could not read.
         # Its other skipped files (no image's name) are no images; the folder's strict listing
@@ -119,7 +121,7 @@ class ShardImages(IterableDataset):
             unknown = (f"{self.root}: packed by an earlier canon, which did not record how many "
                        f"of the {index.splits[split].skipped} file(s) of {split} it left out "
                        "were images")
-            repack = f"`canon pack {index.source} --out {self.root} --splits {split}`"
+            repack = index.repack_command(self.root, split)
             if strict:
                 raise DataError(f"{unknown} (strict mode: re-pack it with {repack}, or run "
                                 "without strict)")
@@ -156,7 +158,7 @@ class ShardImages(IterableDataset):
         records. Training checks both splits before its first epoch, so that a missing val
         shard is not found after an epoch of training; reading a shard checks it again."""
         for shard in self.shards:
-            _check_size(self.root / shard.file, shard)
+            _check_size(self.root / shard.file, shard, self._repack)
 
     def fingerprint(self) -> str:
         """The fingerprint of the folder split it was packed from (FolderImages.fingerprint):
@@ -291,7 +293,7 @@ class ShardImages(IterableDataset):
         by KEY, two per sample (canon pack's image and .cls); those before `start` are seeked
         past, from the shard's recorded offset nearest below it."""
         shard, path = self.shards[index], self.root / self.shards[index].file
-        _check_size(path, shard)  # again: it may have changed since
+        _check_size(path, shard, self._repack)  # again: it may have changed since
         count, key, members = start, None, {}
         # The last recorded offset at or before start, then the headers from there on.
         jumps = min(start // OFFSET_EVERY, len(shard.offsets) - 1) if shard.offsets else 0
@@ -316,31 +318,33 @@ class ShardImages(IterableDataset):
         except (tarfile.TarError, EOFError, OSError) as error:
             if isinstance(error, DataError):
                 raise
-            raise DataError(f"{path}: unreadable shard ({error}); re-run canon pack") from None
+            raise DataError(f"{path}: unreadable shard ({error}); re-pack it with "
+                            f"{self._repack}") from None
         if count != shard.samples:
-            raise DataError(f"{path}: {count} samples, index.json says {shard.samples}; re-run "
-                            "canon pack")
+            raise DataError(f"{path}: {count} samples, index.json says {shard.samples}; "
+                            f"re-pack it with {self._repack}")
 
     def _sample(self, path: Path, index: int, count: int, members: dict) -> RawSample:
         label = members.pop("cls", (None, None))[1]
         if label is None or len(members) != 1:
             raise DataError(f"{path}: sample {count} has members {sorted(members)}, not one image "
-                            "and a .cls; re-run canon pack")
+                            f"and a .cls; re-pack it with {self._repack}")
         ((name, data),) = members.values()
         number = label.decode("ascii", "replace").strip()
         if not number.isdigit() or int(number) >= len(self._labels):
             raise DataError(f"{path}: sample {count} ({name}) has class {number!r}, not one of "
-                            f"index.json's {len(self._labels)}; re-run canon pack")
+                            f"index.json's {len(self._labels)}; re-pack it with {self._repack}")
         return self._first[index] + count, f"{path}:{name}", data, self._labels[int(number)]
 
 
-def _check_size(path: Path, shard: Shard) -> None:
-    """DataError unless shard file `path` is there at the size index.json records."""
+def _check_size(path: Path, shard: Shard, repack: str) -> None:
+    """DataError unless shard file `path` is there at the size index.json records; `repack`:
+    the command that makes it again."""
     found = path.stat().st_size if path.is_file() else None
     if found != shard.bytes:
         what = "missing" if found is None else f"{found:,} bytes"
         raise DataError(f"{path}: {what}, index.json says {shard.bytes:,} bytes (cut short or "
-                        "replaced since it was packed); re-run canon pack")
+                        f"replaced since it was packed); re-pack it with {repack}")
 
 
 def _classes(

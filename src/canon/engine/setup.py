@@ -595,12 +595,14 @@ def _check_same_shard_stream(run: Run, state: dict[str, Any]) -> None:
         return
     shards, before = run.train_order.layout(), state.get("train_shards")
     if before is not None and before != shards:
+        rest = ("the rest of the epoch would read other images" if state["step_in_epoch"]
+                else "its next epochs would be dealt other images than an unstopped run's")
         raise ConfigError(
             f"cannot resume on {run.recipe.data.dataset}: its training shards are not the ones "
-            f"the checkpoint's run was dealt ({len(before)} shards then, "
-            f"{len(shards)} now: re-packed?), so the rest of the epoch would read other images. "
-            "Resume on the pack it trained on, or start a new run from its weights with "
-            "--init-from")
+            f"the checkpoint's run was dealt ({len(before)} shards then, {len(shards)} now: "
+            f"re-packed?), so {rest}. Resume on the pack it trained on (canon pack makes the "
+            "same shards again from the same folder with the same --shard-size), or start a "
+            "new run from its weights with --init-from")
     config = run.recipe.train
     saved = state["loader_workers"]  # each rank's; rank 0's alone before canon kept them all
     workers = saved[min(run.ctx.rank, len(saved) - 1)] if isinstance(saved, list) else saved
