@@ -464,7 +464,8 @@ def test_a_pack_that_did_not_record_its_skipped_images_says_so(bad_tree, tmp_pat
         assert ShardImages(packed, "train", strict=True).skipped_at_listing == 0
     with pytest.warns(BadImageWarning, match=r"packed by an earlier canon, which did not record "
                       r"how many of the 2 file\(s\) of val it left out were images: .*re-pack "
-                      rf"it with `canon pack {root} --out {packed} --splits val`"):
+                      rf"it with `canon pack {root} --out {packed} --splits val "
+                      rf"--shard-size {index['shard_bytes']}`"):
         assert ShardImages(packed, "val").skipped_at_listing == 0
     with pytest.raises(DataError, match=r"of val it left out were images \(strict mode: re-pack"):
         ShardImages(packed, "val", strict=True)
