@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -167,6 +168,38 @@ def test_a_run_stopped_mid_epoch_resumes_exactly(packed, tmp_path, workers):
                           strict=True):
         for key in ("train_loss", "train_top1_error", "val_top1_error", "val_top5_error"):
             assert row[key] == again[key], key
+
+
+def test_a_file_that_stops_a_run_mid_epoch_leaves_the_steps_before_it(packed, tmp_path):
+    """--strict meeting undecodable files in epoch 2 (as a shard cut short would): the steps
+    before them are saved in interrupted.pt, where the run lost them back to epoch 1's
+    checkpoint (a journey found it), and once the data is mended the run resumes exactly."""
+    folder, _ = packed
+    data = tmp_path / "data"
+    shutil.copytree(folder, data, symlinks=True)
+    recipe = load_recipe("resnet18-imagenette5", [
+        ("data.dataset", str(data)), ("train.workers", 0), ("train.strict_data", True), *SMALL])
+    train(recipe, tmp_path / "straight", device="cpu", progress=False)
+    images = sorted((data / "train").rglob("*.JPEG"))
+
+    def damage(step: int) -> None:
+        if step == 12:  # in epoch 2, of 10 steps
+            for image in images:
+                image.unlink()
+                image.write_bytes(b"no JPEG")
+
+    with pytest.raises(DataError, match=r"; the 12 steps before it are saved in "
+                       r".*stopped/checkpoints/interrupted\.pt: mend the data, then resume"):
+        train(recipe, tmp_path / "stopped", device="cpu", progress=False, on_step=damage)
+    for image in images:
+        image.unlink()
+        image.symlink_to(folder / image.relative_to(data))
+    train(recipe, tmp_path / "stopped", resume=tmp_path / "stopped", device="cpu",
+          progress=False)
+    straight, resumed = (ckpt.load_checkpoint(ckpt.epoch_checkpoint(tmp_path / run, 2))
+                         for run in ("straight", "stopped"))
+    for key, tensor in straight["model"].items():
+        assert torch.equal(tensor, resumed["model"][key]), key
 
 
 def test_no_loader_worker_and_one_deal_the_same_shard_stream(packed):

@@ -53,7 +53,7 @@ from canon.engine.saving import (
 )
 from canon.engine.setup import Run, check_recipe, new_totals, open_run_dir, set_up
 from canon.engine.stopping import StopFlag, shut_down_workers
-from canon.errors import ConfigError, DataError, NonFiniteError, first_line
+from canon.errors import ConfigError, DataError, NonFiniteError, canon_message, first_line
 from canon.evaluation import score_loader
 from canon.evaluation.metrics import error_percent
 from canon.recipes import load_recipe
@@ -284,7 +284,15 @@ def _train_epoch(
     with progress_bar(epoch_steps, run.epoch + 1, run.epochs, initial=run.step_in_epoch,
                       enabled=progress and ctx.is_main) as bar:  # closed on errors too
         while run.step_in_epoch < epoch_steps:
-            pending_losses.append((run.step, _optimizer_step(run, batches)))  # step just taken
+            step = run.step
+            try:
+                pending_losses.append((step, _optimizer_step(run, batches)))
+            except DataError as error:  # a file that stops the run, read before the step
+                if ctx.world_size > 1:  # the other ranks wait in its gradient exchange: no
+                    raise  # rank can save alone
+                _check_losses(pending_losses, run)  # a diverged state is not kept
+                run.totals["seconds"] += time.perf_counter() - run.epoch_started
+                _save_before_data_error(run, error)
             bar.update()
             if on_step is not None:
                 on_step(run.step)
@@ -342,8 +350,10 @@ def _accumulate(run: Run, batches: Iterator) -> tuple[torch.Tensor, torch.Tensor
     config, ctx = run.recipe.train, run.ctx
     loss_sum = torch.zeros((), device=ctx.device)
     correct, images_seen = torch.zeros((), device=ctx.device), 0
-    for micro in range(config.accum_steps):
-        images, targets = next(batches)
+    # All read before the first forward: a file that stops the run (--strict, a damaged shard)
+    # then stops it between steps, where its state is whole (_save_before_data_error).
+    micro_batches = [next(batches) for _ in range(config.accum_steps)]
+    for micro, (images, targets) in enumerate(micro_batches):
         run.totals["skipped"] += config.batch_size - len(targets)  # undecodable files
         if not len(targets):
             # The last micro-batch's backward all-reduces the gradients: under torchrun the
@@ -451,6 +461,17 @@ def _save_interrupted(run: Run, signal_number: int) -> NoReturn:
         ckpt.save_checkpoint(state, path)
     dist.barrier(run.ctx)
     raise TrainingInterrupted(path, signal_number)
+
+
+def _save_before_data_error(run: Run, error: DataError) -> NoReturn:
+    """A file that stops a one-process run mid-epoch (--strict, a damaged shard): the steps
+    before it are saved in interrupted.pt, to resume from once the data is mended, rather than
+    lost back to the last epoch's checkpoint."""
+    path = ckpt.interrupted_checkpoint(run.run_dir)
+    ckpt.save_checkpoint(snapshot(run), path)
+    raise DataError(f"{canon_message(error)}; the {run.step} steps before it are saved in "
+                    f"{path}: mend the data, then resume the run (canon train --resume "
+                    f"{run.run_dir})") from error
 
 
 # ---- end of an epoch: validate, schedule, checkpoint, log ----------------------------------
