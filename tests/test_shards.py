@@ -353,6 +353,33 @@ def test_a_resumed_epoch_continues_the_same_stream(packed, workers, start):
         images.set_epoch(2, len(images) + 16)
 
 
+@pytest.mark.parametrize(("edit", "problem"), [
+    (lambda index: index["splits"]["train"]["shards"][0].update(samples="54"),
+     r"split train, shard 'train-000000.tar': samples, bytes or offsets are no counts"),
+    (lambda index: index["splits"]["train"]["shards"][1].update(bytes=None),
+     r"shard 'train-000001.tar': samples, bytes or offsets are no counts"),
+    (lambda index: index["splits"]["val"]["shards"][0].update(samples=1.0),
+     r"shard 'val-000000.tar': samples, bytes or offsets are no counts"),
+    (lambda index: index.update(classes=index["classes"][:3]),
+     r"10 class_ids but 3 classes"),
+    (lambda index: index["splits"]["train"]["shards"][0]["class_counts"].pop(),
+     r"class_counts are not 10 counts adding up to its \d+ samples"),
+    (lambda index: index["splits"]["val"]["shards"][0].update(file="train-000000.tar"),
+     r"split val, shard 'train-000000.tar': not a val shard's file name"),
+    (lambda index: index.update(shard_bytes="1GB"), r"shard_bytes is '1GB', not a size"),
+])
+def test_a_hand_edited_index_is_refused_naming_what_is_wrong(packed, tmp_path, edit, problem):
+    """A journey's edits of index.json each gave a traceback, or (classes cut) a model of 3
+    outputs failing mid-epoch on a label of 8."""
+    copy = tmp_path / "copy"
+    shutil.copytree(packed, copy)
+    index = json.loads((copy / "index.json").read_text())
+    edit(index)
+    (copy / "index.json").write_text(json.dumps(index))
+    with pytest.raises(DataError, match=rf"copy/index\.json: .*{problem}.*; re-run canon pack$"):
+        read_index(copy)
+
+
 def test_shards_without_their_index_are_named_so(packed, tmp_path):
     """Not read as an image folder ("no train folder"): the index is missing, and a pack
     makes it again."""

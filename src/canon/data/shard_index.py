@@ -102,15 +102,58 @@ class PackIndex:
                                  split.get("skipped_images", 0 if not split["skipped"] else None))
                 for name, split in data["splits"].items()
             }
-            return cls(data["source"], data["shard_bytes"], data["class_ids"], data["classes"],
-                       splits)
+            index = cls(data["source"], data["shard_bytes"], data["class_ids"], data["classes"],
+                        splits)
         except (KeyError, TypeError, AttributeError) as error:
             raise DataError(f"{where}: malformed shard index ({error!r}); re-run canon pack") \
                 from None
+        problems = _problems(index)
+        if problems:  # a hand-edited index: a traceback, or a model of the wrong size, later
+            raise DataError(f"{where}: {'; '.join(problems[:3])}; re-run canon pack")
+        return index
 
 
 # A shard's file name (canon.data.packing writes SPLIT-NNNNNN.tar).
 SHARD_NAME = re.compile(r"(?:train|val)-\d{6}\.tar")
+
+
+def _problems(index: PackIndex) -> list[str]:
+    """What in `index` is not of its kind, or disagrees with the rest."""
+    def count(value: object) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    def texts(value: object) -> bool:
+        return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+    problems = [f"{key} is {value!r}, not {kind}" for key, value, kind, good in (
+        ("source", index.source, "a path", isinstance(index.source, str)),
+        ("shard_bytes", index.shard_bytes, "a size", count(index.shard_bytes)),
+        ("class_ids", index.class_ids, "a list of names", texts(index.class_ids)),
+        ("classes", index.classes, "a list of names", texts(index.classes)),
+    ) if not good]
+    if problems:
+        return problems
+    if len(index.class_ids) != len(index.classes):
+        problems.append(f"{len(index.class_ids)} class_ids but {len(index.classes)} classes")
+    for name, split in index.splits.items():
+        if not (isinstance(split.fingerprint, str) and count(split.skipped)
+                and (split.skipped_images is None or count(split.skipped_images))):
+            problems.append(f"split {name}: fingerprint, skipped or skipped_images of another "
+                            "kind")
+        for shard in split.shards:
+            where = f"split {name}, shard {shard.file!r}"
+            if not (isinstance(shard.file, str) and SHARD_NAME.fullmatch(shard.file)
+                    and shard.file.startswith(f"{name}-")):
+                problems.append(f"{where}: not a {name} shard's file name")
+            elif not (count(shard.samples) and count(shard.bytes)
+                      and isinstance(shard.offsets, list) and all(map(count, shard.offsets))):
+                problems.append(f"{where}: samples, bytes or offsets are no counts")
+            elif not (isinstance(shard.class_counts, list) and all(map(count, shard.class_counts))
+                      and len(shard.class_counts) == len(index.class_ids)
+                      and sum(shard.class_counts) == shard.samples):
+                problems.append(f"{where}: class_counts are not {len(index.class_ids)} counts "
+                                f"adding up to its {shard.samples!r} samples")
+    return problems
 
 
 def is_shard_folder(path: str | Path) -> bool:
