@@ -177,6 +177,17 @@ def test_data_bench_times_only_the_files_canon_decodes(imagenette_root, tmp_path
     assert result.images == 4 and result.torchvision_images_per_s > 0
 
 
+def test_data_bench_names_the_packed_folder_for_a_shard_folder(imagenette_root, tmp_path):
+    """A journey's `canon bench data --data SHARDS` said, after 9 s of scanning, that the
+    folder held no image files."""
+    from canon.data.packing import pack_folder
+
+    pack_folder(imagenette_root, tmp_path / "shards", splits=["train"], progress=False)
+    with pytest.raises(ConfigError, match=r"shards: a shard folder; .*image folder's files "
+                       rf"\(--data {imagenette_root.resolve()}, the folder it was packed from\)"):
+        bench_data(tmp_path / "shards", images=4, repeats=1)
+
+
 def test_data_bench_times_the_on_device_path_where_a_recipe_has_one(imagenette_root, capsys):
     """--device: canon's decode_on_device path, the same batched ops on the CPU here; AlexNet's
     fixed square crops have no on-device form."""
