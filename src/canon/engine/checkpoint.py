@@ -29,8 +29,9 @@ from canon.files import atomic_write, folder_holder, sweep_partial_writes
 
 # A run directory holds checkpoints/epoch-NNN.pt (the state after epoch NNN, or where the
 # iteration limit ended the run inside it; the last train.keep_checkpoints are kept),
-# checkpoints/interrupted.pt (the last step before Ctrl-C or
-# SIGTERM), checkpoints/best.pt (the epoch of lowest validation top-1 error), and the export.
+# checkpoints/interrupted.pt (the last step before Ctrl-C, SIGTERM or a file that stopped the
+# run mid-epoch), checkpoints/best.pt (the epoch of lowest validation top-1 error), and the
+# export.
 # A state's "rng" and "epoch_totals" hold one entry per process of the run that wrote it.
 CHECKPOINT_DIR = "checkpoints"
 # Where --overwrite keeps the earlier run until the new one has a checkpoint

@@ -130,6 +130,7 @@ def train(
     changes). Ctrl-C or SIGTERM finishes the step in progress (under torchrun on GPUs, the
     steps up to the next loss check, where the ranks agree) on every rank, saves
     checkpoints/interrupted.pt and raises TrainingInterrupted; a second signal stops at once.
+    A file that stops a one-process run mid-epoch (a DataError) leaves interrupted.pt too.
     A NaN/inf loss (checked every LOSS_CHECK_STEPS steps, one device sync) or non-finite
     weights (checked before every checkpoint) raise NonFiniteError: nothing diverged is ever
     saved. With weight averaging (train.ema_decay, train.polyak_after_epochs) the averaged
@@ -288,10 +289,13 @@ def _train_epoch(
             try:
                 pending_losses.append((step, _optimizer_step(run, batches)))
             except DataError as error:  # a file that stops the run, read before the step
-                if ctx.world_size > 1:  # the other ranks wait in its gradient exchange: no
-                    raise  # rank can save alone
+                # Under torchrun the other ranks wait in its gradient exchange: no rank can
+                # save alone. At an epoch's start the last checkpoint holds the state (an
+                # --overwrite's replaced run then comes back, canon.engine.rundir).
+                if ctx.world_size > 1 or run.step_in_epoch == 0:
+                    raise
                 _check_losses(pending_losses, run)  # a diverged state is not kept
-                run.totals["seconds"] += time.perf_counter() - run.epoch_started
+                _stop_clock(run)
                 _save_before_data_error(run, error)
             bar.update()
             if on_step is not None:
@@ -313,9 +317,14 @@ def _train_epoch(
             if at_check:  # not at a stop: a resumed run must see the same windows
                 _report_train_error(run)
             if stop:
-                run.totals["seconds"] += time.perf_counter() - run.epoch_started
+                _stop_clock(run)
                 _save_interrupted(run, stop_flag.signal_number)
     return run.totals["seconds"] + time.perf_counter() - run.epoch_started
+
+
+def _stop_clock(run: Run) -> None:
+    """The epoch's training seconds so far into its totals, before its state is saved."""
+    run.totals["seconds"] += time.perf_counter() - run.epoch_started
 
 
 def _optimizer_step(run: Run, batches: Iterator) -> torch.Tensor:
@@ -464,9 +473,9 @@ def _save_interrupted(run: Run, signal_number: int) -> NoReturn:
 
 
 def _save_before_data_error(run: Run, error: DataError) -> NoReturn:
-    """A file that stops a one-process run mid-epoch (--strict, a damaged shard): the steps
-    before it are saved in interrupted.pt, to resume from once the data is mended, rather than
-    lost back to the last epoch's checkpoint."""
+    """A file that stops a one-process run mid-epoch (--strict, a damaged shard): the epoch's
+    steps before it are saved in interrupted.pt, to resume from once the data is mended,
+    rather than lost back to the last epoch's checkpoint."""
     path = ckpt.interrupted_checkpoint(run.run_dir)
     ckpt.save_checkpoint(snapshot(run), path)
     raise DataError(f"{canon_message(error)}; the {run.step} steps before it are saved in "
