@@ -8,6 +8,7 @@ import argparse
 import hashlib
 import io
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -209,6 +210,25 @@ def test_packing_one_split_keeps_the_other_splits_of_an_earlier_pack(
     assert read_index(out).shard_bytes == 10**6
 
 
+def test_packing_one_split_over_an_unreadable_index_deletes_no_other_split(
+    imagenette_root, tmp_path
+):
+    """An index.json it cannot read names no split to keep: packing train alone swept val's
+    shards as an unindexed pack's (a review found it, with an index the checks refuse)."""
+    out = tmp_path / "shards"
+    pack_folder(imagenette_root, out, progress=False)
+    val = sorted(path.name for path in out.glob("val-*.tar"))
+    index = json.loads((out / "index.json").read_text())
+    (out / "index.json").write_text(json.dumps({**index, "classes": index["classes"][:3]}))
+    with pytest.raises(DataError, match=r"10 class_ids but 3 classes; re-run canon pack, with "
+                       r"every split \(--splits train,val\): packing train alone would delete "
+                       r"val-000000\.tar"):
+        pack_folder(imagenette_root, out, splits=["train"], progress=False)
+    assert sorted(path.name for path in out.glob("val-*.tar")) == val
+    pack_folder(imagenette_root, out, progress=False)
+    assert read_index(out).classes == index["classes"]
+
+
 def test_a_pack_killed_midway_keeps_the_splits_it_was_not_packing(
     imagenette_root, tmp_path, monkeypatch
 ):
@@ -355,11 +375,11 @@ def test_a_resumed_epoch_continues_the_same_stream(packed, workers, start):
 
 @pytest.mark.parametrize(("edit", "problem"), [
     (lambda index: index["splits"]["train"]["shards"][0].update(samples="54"),
-     r"split train, shard 'train-000000.tar': samples, bytes or offsets are no counts"),
+     r"split train, shard 'train-000000.tar': samples, bytes or offsets are not counts"),
     (lambda index: index["splits"]["train"]["shards"][1].update(bytes=None),
-     r"shard 'train-000001.tar': samples, bytes or offsets are no counts"),
+     r"shard 'train-000001.tar': samples, bytes or offsets are not counts"),
     (lambda index: index["splits"]["val"]["shards"][0].update(samples=1.0),
-     r"shard 'val-000000.tar': samples, bytes or offsets are no counts"),
+     r"shard 'val-000000.tar': samples, bytes or offsets are not counts"),
     (lambda index: index.update(classes=index["classes"][:3]),
      r"10 class_ids but 3 classes"),
     (lambda index: index["splits"]["train"]["shards"][0]["class_counts"].pop(),
@@ -392,7 +412,7 @@ def test_shards_without_their_index_are_named_so(packed, tmp_path):
 
 
 def test_a_damaged_shard_is_named(packed, imagenette_root, tmp_path):
-    copy = tmp_path / "copy"
+    copy = tmp_path / "a copy"  # a command to paste quotes it
     shutil.copytree(packed, copy)
     shard = copy / "train-000002.tar"
     whole = shard.read_bytes()
@@ -404,9 +424,9 @@ def test_a_damaged_shard_is_named(packed, imagenette_root, tmp_path):
     # The command it gives makes the same shards again, as a resumed run needs (a review
     # found "re-run canon pack", at the default size, making others).
     command = str(cut.value).split("`")[1]
-    assert command == (f"canon pack {Path(imagenette_root).resolve()} --out {copy} --splits "
+    assert command == (f"canon pack {Path(imagenette_root).resolve()} --out '{copy}' --splits "
                        f"train --shard-size {SHARD_BYTES}")
-    main(command.split()[1:])
+    main(shlex.split(command)[1:])
     assert shard.read_bytes() == whole
     assert read_index(copy) == read_index(packed)
     validation = copy / "val-000000.tar"

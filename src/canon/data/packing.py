@@ -123,7 +123,15 @@ def _other_splits(out: Path, splits: list[str], shard_bytes: int,
     source)."""
     try:
         earlier = read_index(out)
-    except DataError:  # none, or one this canon cannot read: nothing to keep
+    except DataError as error:  # none (a new folder, a pack killed before it wrote one),
+        others = sorted(path.name for path in out.glob("*-*.tar")  # or one it cannot read
+                        if SHARD_NAME.fullmatch(path.name) and path.name.split("-")[0]
+                        not in splits)
+        if others and (out / INDEX).exists():  # this pack's sweep would delete them
+            raise DataError(f"{error}, with every split (--splits train,val): packing "
+                            f"{','.join(splits)} alone would delete {others[0]} and the other "
+                            "shards of the splits it does not pack; or choose another --out "
+                            "folder") from None
         return {}
     others = [name for name in earlier.splits if name not in splits]
     changed = ("other classes" if earlier.class_ids != class_ids

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -75,8 +76,8 @@ class PackIndex:
         """The `canon pack` that made the shards of `splits` in `root` (comma-separated): run
         again on the unchanged folder, it makes the same shards, byte for byte, so that a run
         on them goes on (canon.engine.setup checks the shards a run was dealt)."""
-        return (f"`canon pack {self.source} --out {root} --splits {splits} --shard-size "
-                f"{self.shard_bytes}`")
+        return (f"`canon pack {shlex.quote(self.source)} --out {shlex.quote(str(root))} "
+                f"--splits {splits} --shard-size {self.shard_bytes}`")
 
     def to_dict(self) -> dict:
         """The JSON form; each split also states its totals, for people reading the file."""
@@ -147,7 +148,7 @@ def _problems(index: PackIndex) -> list[str]:
                 problems.append(f"{where}: not a {name} shard's file name")
             elif not (count(shard.samples) and count(shard.bytes)
                       and isinstance(shard.offsets, list) and all(map(count, shard.offsets))):
-                problems.append(f"{where}: samples, bytes or offsets are no counts")
+                problems.append(f"{where}: samples, bytes or offsets are not counts")
             elif not (isinstance(shard.class_counts, list) and all(map(count, shard.class_counts))
                       and len(shard.class_counts) == len(index.class_ids)
                       and sum(shard.class_counts) == shard.samples):
