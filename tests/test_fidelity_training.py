@@ -163,6 +163,8 @@ def test_a_builder_s_own_type_error_is_not_blamed_on_a_recipe_without_options(mo
     monkeypatch.setattr(setup, "create_model", faulty_create_model)
     with pytest.raises(TypeError, match="unsupported operand"):
         build_model(load_recipe("quickstart"), 10)
+    with pytest.raises(TypeError, match="unsupported operand"):  # options canon adds itself
+        build_model(load_recipe("quickstart", ["model.zero_init_residual=true"]), 10)
     with pytest.raises(ConfigError, match=r"model.options \{'widths': \[8\]\} do not fit"):
         build_model(load_recipe("quickstart", ["model.options.widths=[8]"]), 10)
 
@@ -174,3 +176,5 @@ def test_a_builder_s_check_of_an_option_s_value_names_the_recipe_s_options():
     with pytest.raises(ConfigError, match=r"^resnet34 with model.options \{'stem': 'shallow', "
                                           r"'avg_down': True\}: stem must be one of"):
         build_model(recipe, 10)
+    with pytest.raises(ConfigError, match=r"^num_classes must be"):  # not the options' fault
+        build_model(recipe, 0)

@@ -42,7 +42,7 @@ from canon.engine.stopping import leave_signals_to_main
 from canon.engine.trained import TORCHVISION
 from canon.errors import ConfigError, first_line
 from canon.files import atomic_write
-from canon.models.base import MODELS
+from canon.models.base import MODELS, check_num_classes
 from canon.models.factory import ModelOptionError, create_model
 from canon.recipes import dump_yaml, flat_values
 from canon.recipes.schema import Recipe, ScheduleSection, TrainSection
@@ -521,14 +521,15 @@ def build_model(recipe: Recipe, num_classes: int) -> nn.Module:
     section = recipe.model
     options = {**section.options, **({"zero_init_residual": True}
                                      if section.zero_init_residual else {})}
+    check_num_classes(num_classes)  # not the options' fault, below
     try:
         return create_model(section.name, num_classes, **options)
     except (ConfigError, TypeError) as error:  # an option it lacks, or a wrong value
-        if not options:  # then the error is the builder's own, not the recipe's
-            raise
         if section.zero_init_residual and "'zero_init_residual'" in str(error):  # the one
             raise ConfigError(f"model.zero_init_residual is for ResNets; {section.name} has no "
                               f"residual blocks ({error})") from error
+        if not section.options:  # then the error is the builder's own, not the recipe's
+            raise
         if isinstance(error, ModelOptionError | TypeError):
             raise ConfigError(f"model.options {section.options} do not fit {section.name}'s "
                               f"builder ({error})") from error
