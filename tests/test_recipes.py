@@ -374,8 +374,8 @@ def test_recipes_show_credits_no_base_with_a_value_the_file_sets_in_flow_style(t
     """A review found a flow mapping's values shown with the base file's citation, and a '#'
     inside a quoted value read as a comment."""
     path = tmp_path / "flow.yaml"
-    path.write_text('base: resnet20-cifar10\nname: flow\ndescription: "ResNet #20: lr: 0.5"\n'
-                    "optimizer: {lr: 0.5, weight_decay: 0.001}  # mine\n")
+    path.write_text('---\nbase: resnet20-cifar10\nname: flow\ndescription: "ResNet #20: lr: 0.5"\n'
+                    "optimizer: {lr: 0.5, weight_decay: 0.001}  # mine\n...\n")  # a document
     lines = {line.split(":")[0].strip(): line for line in show_recipe(path).splitlines()}
     assert lines["lr"].rstrip() == "  lr: 0.5"  # the file's own value, no citation
     assert lines["weight_decay"].rstrip() == "  weight_decay: 0.001"

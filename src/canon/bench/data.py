@@ -203,13 +203,13 @@ def bench_data(
     if images < 1 or repeats < 1 or batch_size < 1:
         raise ConfigError(f"--images, --repeats and --batch-size must be at least 1, got "
                           f"{images}, {repeats}, {batch_size}")
+    configs = [bench_config(recipe, data) for recipe in recipes]  # bad names fail first
     if is_shard_folder(data):  # torchvision's baseline reads image files
         raise ConfigError(
             f"{data}: a shard folder; canon bench data times canon's pipelines against "
             "torchvision's on an image folder's files (--data "
             f"{read_index(Path(data)).source}, the folder it was packed from). bench/"
             "bench_shards.py times the shard reader against the folder reader")
-    configs = [bench_config(recipe, data) for recipe in recipes]  # bad names fail first
     target = None if device is None else torch.device(resolve_device(device))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

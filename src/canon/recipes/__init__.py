@@ -468,10 +468,13 @@ def _comments(path: Path) -> dict[tuple[str | None, str], str]:
             else:
                 last = None
             continue
-        key = code.split(":", 1)[0].strip()
-        key_indent = len(code) - len(code.lstrip())
+        key, colon, value = code.partition(":")
+        key, key_indent = key.strip(), len(code) - len(code.lstrip())
+        if not key_indent and not colon:  # `---`, `...` or a directive: no key
+            last = None
+            continue
         if not key_indent:
-            section = key if not code.split(":", 1)[1].strip() else None
+            section = key if not value.strip() else None
             last, parent = (None, key), (0, "")
         elif parent[1] and key_indent > parent[0]:  # a key of a mapping value: options.stem
             last = (section, f"{parent[1]}.{key}")
