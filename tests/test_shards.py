@@ -213,16 +213,21 @@ def test_packing_one_split_keeps_the_other_splits_of_an_earlier_pack(
 def test_packing_one_split_over_an_unreadable_index_deletes_no_other_split(
     imagenette_root, tmp_path
 ):
-    """An index.json it cannot read names no split to keep: packing train alone swept val's
-    shards as an unindexed pack's (a review found it, with an index the checks refuse)."""
+    """An index.json it cannot read (or none) names no split to keep: packing train alone
+    swept val's shards as an unindexed pack's (a review found it, with an index the checks
+    refuse)."""
     out = tmp_path / "shards"
     pack_folder(imagenette_root, out, progress=False)
     val = sorted(path.name for path in out.glob("val-*.tar"))
     index = json.loads((out / "index.json").read_text())
     (out / "index.json").write_text(json.dumps({**index, "classes": index["classes"][:3]}))
-    with pytest.raises(DataError, match=r"10 class_ids but 3 classes; re-run canon pack, with "
-                       r"every split \(--splits train,val\): packing train alone would delete "
-                       r"val-000000\.tar"):
+    with pytest.raises(DataError, match=r"10 class_ids but 3 classes; re-run canon pack\. "
+                       r"Packing train alone would delete val-000000\.tar of the "
+                       r"splits it does not pack: pack every split \(--splits train,val\)"):
+        pack_folder(imagenette_root, out, splits=["train"], progress=False)
+    (out / "index.json").unlink()  # nor without one
+    with pytest.raises(DataError, match=r"shards without their index.json .* would delete "
+                                        r"val-000000\.tar"):
         pack_folder(imagenette_root, out, splits=["train"], progress=False)
     assert sorted(path.name for path in out.glob("val-*.tar")) == val
     pack_folder(imagenette_root, out, progress=False)

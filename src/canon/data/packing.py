@@ -63,7 +63,8 @@ def pack_folder(
     into the fewest shards of at most `shard_bytes` (one image each at least) that hold equal
     image counts, within one, in `out`: a new or empty folder, or an earlier pack of the same
     folder, whose packed `splits` are replaced and whose other splits are kept (packed with
-    another shard size or other classes, they are refused, not deleted). Each shard is written
+    another shard size or other classes, or beside an index it cannot read, they are refused,
+    not deleted). Each shard is written
     under a temporary name and renamed when complete; index.json names the kept splits
     meanwhile, all of them last.
     `out` is locked for the pack (`.lock`): a second pack into it meanwhile is refused."""
@@ -119,19 +120,18 @@ def _write_index(out: Path, index: PackIndex) -> None:
 def _other_splits(out: Path, splits: list[str], shard_bytes: int,
                   class_ids: list[str]) -> dict[str, SplitIndex]:
     """The splits of an earlier pack in `out` that this one does not pack; a DataError where
-    they hold other classes or shards of another size (_check_out has made sure of its
-    source)."""
+    they hold other classes or shards of another size, or where an index.json that cannot be
+    read leaves their shards unaccounted for (_check_out has made sure of its source)."""
     try:
         earlier = read_index(out)
-    except DataError as error:  # none (a new folder, a pack killed before it wrote one),
-        others = sorted(path.name for path in out.glob("*-*.tar")  # or one it cannot read
-                        if SHARD_NAME.fullmatch(path.name) and path.name.split("-")[0]
-                        not in splits)
-        if others and (out / INDEX).exists():  # this pack's sweep would delete them
-            raise DataError(f"{error}, with every split (--splits train,val): packing "
-                            f"{','.join(splits)} alone would delete {others[0]} and the other "
-                            "shards of the splits it does not pack; or choose another --out "
-                            "folder") from None
+    except DataError as error:  # none, or one it cannot read: nothing to keep, but shards
+        stranded = _shards_of_other_splits(out, splits)  # the sweep would delete
+        if stranded:
+            more = f" and {len(stranded) - 1} more" if len(stranded) > 1 else ""
+            raise DataError(f"{error}. Packing {','.join(splits)} alone would delete "
+                            f"{stranded[0]}{more} of the splits it does not pack: pack every "
+                            "split (--splits train,val), or choose another --out folder"
+                            ) from None
         return {}
     others = [name for name in earlier.splits if name not in splits]
     changed = ("other classes" if earlier.class_ids != class_ids
@@ -145,6 +145,11 @@ def _other_splits(out: Path, splits: list[str], shard_bytes: int,
                         f"and would not go with this pack's {','.join(splits)}: {same_size}add "
                         f"them to --splits to pack them again, or choose another --out folder")
     return {name: earlier.splits[name] for name in others}
+
+
+def _shards_of_other_splits(out: Path, splits: list[str]) -> list[str]:
+    return sorted(path.name for path in out.glob("*-*.tar")
+                  if SHARD_NAME.fullmatch(path.name) and path.name.split("-")[0] not in splits)
 
 
 def _open_splits(root: Path, splits: list[str]) -> dict[str, FolderImages]:
