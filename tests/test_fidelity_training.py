@@ -74,6 +74,11 @@ def test_zero_init_residual_is_set_by_the_recipe_for_every_resnet():
     with pytest.raises(ConfigError, match="zero_init_residual is for ResNets"):
         build_model(load_recipe("quickstart", ["model.name=alexnet",
                                                "model.zero_init_residual=true"]), 10)
+    with pytest.raises(ConfigError, match=r"^model\.zero_init_residual is for ResNets; plain18 "
+                                          r"has no residual blocks"):  # options beside it
+        build_model(load_recipe("quickstart", [
+            "model.name=plain18", "model.zero_init_residual=true",
+            "model.options.widths=[64, 128, 256, 512]"]), 10)
 
 
 def sgd_iterates(model: nn.Module, average: nn.Module, steps: int) -> list[torch.Tensor]:

@@ -525,7 +525,7 @@ def build_model(recipe: Recipe, num_classes: int) -> nn.Module:
     try:
         return create_model(section.name, num_classes, **options)
     except (ConfigError, TypeError) as error:  # an option it lacks, or a wrong value
-        if section.zero_init_residual and "'zero_init_residual'" in str(error):  # the one
+        if section.zero_init_residual and "zero_init_residual" in str(error):  # the one
             raise ConfigError(f"model.zero_init_residual is for ResNets; {section.name} has no "
                               f"residual blocks ({error})") from error
         if not section.options:  # then the error is the builder's own, not the recipe's
