@@ -67,6 +67,14 @@ def _metrics(run_dir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(file))
 
 
+def _check_same_weights_after_epoch_2(straight_run: Path, resumed_run: Path) -> None:
+    """A run trained straight and one stopped and resumed, bit for bit after epoch 2."""
+    straight, resumed = (ckpt.load_checkpoint(ckpt.epoch_checkpoint(run, 2))
+                         for run in (straight_run, resumed_run))
+    for key, tensor in straight["model"].items():
+        assert torch.equal(tensor, resumed["model"][key]), key
+
+
 def _printed_top1(output: str) -> str:
     return re.search(r"top-1 error (\d+\.\d+)%", output).group(1)
 
@@ -161,10 +169,7 @@ def test_a_run_stopped_mid_epoch_resumes_exactly(packed, tmp_path, workers):
                   resume=ckpt.epoch_checkpoint(tmp_path / "stopped", 1))
     train(recipe, tmp_path / "stopped", resume=tmp_path / "stopped", device="cpu",
           progress=False)
-    straight, resumed = (ckpt.load_checkpoint(ckpt.epoch_checkpoint(tmp_path / run, 2))
-                         for run in ("straight", "stopped"))
-    for key, tensor in straight["model"].items():
-        assert torch.equal(tensor, resumed["model"][key]), key
+    _check_same_weights_after_epoch_2(tmp_path / "straight", tmp_path / "stopped")
     for row, again in zip(_metrics(tmp_path / "straight"), _metrics(tmp_path / "stopped"),
                           strict=True):
         for key in ("train_loss", "train_top1_error", "val_top1_error", "val_top5_error"):
@@ -211,10 +216,7 @@ def test_a_file_that_stops_a_run_mid_epoch_leaves_the_steps_before_it(packed, tm
     mend()
     train(recipe, tmp_path / "stopped", resume=tmp_path / "stopped", device="cpu",
           progress=False)
-    straight, resumed = (ckpt.load_checkpoint(ckpt.epoch_checkpoint(tmp_path / run, 2))
-                         for run in ("straight", "stopped"))
-    for key, tensor in straight["model"].items():
-        assert torch.equal(tensor, resumed["model"][key]), key
+    _check_same_weights_after_epoch_2(tmp_path / "straight", tmp_path / "stopped")
 
 
 def test_no_loader_worker_and_one_deal_the_same_shard_stream(packed):

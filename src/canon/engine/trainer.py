@@ -290,8 +290,8 @@ def _train_epoch(
                 pending_losses.append((step, _optimizer_step(run, batches)))
             except DataError as error:  # a file that stops the run, read before the step
                 # Under torchrun the other ranks wait in its gradient exchange: no rank can
-                # save alone. At an epoch's start the last checkpoint holds the state (an
-                # --overwrite's replaced run then comes back, canon.engine.rundir).
+                # save alone. At an epoch's start the last epoch's checkpoint (or, in the
+                # first, none) holds the state, and an --overwrite's replaced run comes back.
                 if ctx.world_size > 1 or run.step_in_epoch == 0:
                     raise
                 _check_losses(pending_losses, run)  # a diverged state is not kept

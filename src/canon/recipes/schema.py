@@ -293,7 +293,8 @@ class TrainSection:
             self.filter_rms_radius is None or self.filter_rms_radius > 0,
             "train.filter_rms_radius must be > 0",
         )
-        # numpy's seed range: spread and offset (canon.data.sampling) it stays in 64 bits
+        # numpy's seed range, so that spread and offset (canon.data.sampling) a seed stays
+        # within the 64 bits torch's generators take
         _check(0 <= self.seed < 2**32, f"train.seed must lie in [0, 2**32), got {self.seed}")
         _check(self.workers is None or self.workers >= 0, "train.workers must be >= 0")
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")

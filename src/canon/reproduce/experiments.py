@@ -82,8 +82,7 @@ MODES = {mode.name: mode for mode in (
 IMAGENETTE_MODES = {mode.name: mode for mode in (
     MODES["full"],
     Mode("quick", "the 5-epoch run alone, unchanged (ResNet-34-D: about 31 minutes on two "
-         "Zen 4 cores in float32, longer on a CPU without AVX-512, its ten-crop evaluation "
-         "besides)"),
+         "Zen 4 cores in float32, longer on slower CPUs, its ten-crop evaluation besides)"),
     Mode("micro", "1 epoch of 4 steps of 16 images on 64 training and 40 validation images "
          "of --data (for canon's tests: it shows nothing)",
          overrides=(("train.workers", 0), ("train.batch_size", 16), ("train.epochs", 1)),
