@@ -64,9 +64,8 @@ def pack_folder(
     image counts, within one, in `out`: a new or empty folder, or an earlier pack of the same
     folder, whose packed `splits` are replaced and whose other splits are kept (packed with
     another shard size or other classes, or beside an index it cannot read, they are refused,
-    not deleted). Each shard is written
-    under a temporary name and renamed when complete; index.json names the kept splits
-    meanwhile, all of them last.
+    not deleted). Each shard is written under a temporary name and renamed when complete;
+    index.json names the kept splits meanwhile, all of them last.
     `out` is locked for the pack (`.lock`): a second pack into it meanwhile is refused."""
     root, out, splits = Path(root), Path(out), list(splits)
     if shard_bytes <= 0:

@@ -285,9 +285,8 @@ def _train_epoch(
     with progress_bar(epoch_steps, run.epoch + 1, run.epochs, initial=run.step_in_epoch,
                       enabled=progress and ctx.is_main) as bar:  # closed on errors too
         while run.step_in_epoch < epoch_steps:
-            step = run.step
             try:
-                pending_losses.append((step, _optimizer_step(run, batches)))
+                pending_losses.append((run.step, _optimizer_step(run, batches)))  # step taken
             except DataError as error:  # a file that stops the run, read before the step
                 # Under torchrun the other ranks wait in its gradient exchange: no rank can
                 # save alone. At an epoch's start the last epoch's checkpoint (or, in the
