@@ -181,13 +181,21 @@ def _raw_recipe(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     base_path = _base_path(path, base)
     base_values = _raw_recipe(base_path, (*seen, path))
     own, inherited = (values.get("train"), base_values.get("train"))
-    if isinstance(own, dict) and isinstance(inherited, dict) and "epochs" in own \
-            and "iterations" not in own and inherited.get("iterations") is not None:
-        raise ConfigError(
-            f"{path.name}: train.epochs {own['epochs']} would count for nothing: its base "
-            f"{base_path.name} runs train.iterations {inherited['iterations']}, which takes "
-            "precedence; add `iterations: null` under train")
+    if isinstance(own, dict) and isinstance(inherited, dict):
+        _check_epochs_count(own, own.get("epochs"), inherited.get("iterations"),
+                            f"{path.name}: ", f"its base {base_path.name}",
+                            "add `iterations: null` under train")
     return _merge(base_values, values)
+
+
+def _check_epochs_count(keys_set: Iterable[str], epochs: Any, iterations: Any, where: str,
+                        beneath: str, fix: str) -> None:
+    """A layer (a file over its base, overrides over a recipe) that sets train.epochs, not
+    train.iterations, over an iteration limit from beneath: the limit wins, and the epochs
+    would count for nothing unnoticed."""
+    if "epochs" in keys_set and "iterations" not in keys_set and iterations is not None:
+        raise ConfigError(f"{where}train.epochs {epochs} would count for nothing: {beneath} runs "
+                          f"train.iterations {iterations}, which takes precedence; {fix}")
 
 
 def load_recipe_file(path: str | Path) -> Recipe:
@@ -360,13 +368,8 @@ def apply_overrides(recipe: Recipe, overrides: Overrides) -> Recipe:
                 if not isinstance(target, dict):
                     raise ConfigError(f"override {text!r}: {part} is a value, not a section")
     result = Recipe.from_dict(values, where=f"{recipe.name} with the overrides (flags, --set)")
-    train_keys = keys_set["train"]
-    if "epochs" in train_keys and "iterations" not in train_keys \
-            and result.train.iterations is not None:
-        raise ConfigError(
-            f"train.epochs {result.train.epochs} would count for nothing: {recipe.name} runs "
-            f"train.iterations {result.train.iterations}, which takes precedence; set "
-            "train.iterations=null too (canon train --epochs does)")
+    _check_epochs_count(keys_set["train"], result.train.epochs, result.train.iterations, "",
+                        recipe.name, "set train.iterations=null too (canon train --epochs does)")
     kind = result.schedule.kind
     for key in sorted(keys_set["schedule"]):
         if kind not in SCHEDULE_KIND_KEYS.get(key, (kind,)):
