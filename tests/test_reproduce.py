@@ -26,7 +26,7 @@ from canon.engine.checkpoint import (
 )
 from canon.errors import CanonError, ConfigError, DataError
 from canon.recipes import apply_overrides, dump_yaml, load_recipe
-from canon.reproduce import training
+from canon.reproduce import runner, training
 from canon.reproduce.analyses import ANALYSES, counting_noise, paired_noise
 from canon.reproduce.experiments import EXPERIMENTS, MODES
 
@@ -240,11 +240,11 @@ def test_a_record_counts_the_images_behind_its_final_training_error(tmp_path) ->
     assert training._record(run, "finished before", None).train_images is None
 
 
-def test_jobs_train_runs_in_processes_of_their_own(tmp_path: Path, capsys) -> None:
+def test_jobs_train_runs_in_processes_of_their_own(tmp_path: Path, capsys, monkeypatch) -> None:
     """--jobs 5: the four degradation runs trained at once in spawned processes (one each,
     the fifth never starts), the report as from one process; a second call trains nothing,
     with --cuda-graph too (the same runs: the graph changes their speed, not what they
-    compute)."""
+    compute), and starts no process to read them."""
     argv = ["reproduce", "degradation", "--micro", "--output-dir", str(tmp_path), "--device",
             "cpu", "--jobs", "5"]
     main(argv)
@@ -260,6 +260,7 @@ def test_jobs_train_runs_in_processes_of_their_own(tmp_path: Path, capsys) -> No
     readme = (tmp_path / "degradation-micro" / "README.md").read_text()
     assert f"{threads} torch threads a run, 4 runs at once" in readme
     assert "canon reproduce degradation --micro --jobs 5 --device cpu --output-dir" in readme
+    monkeypatch.setattr(runner, "ProcessPoolExecutor", None)  # finished runs: read here
     main([*argv, "--cuda-graph"])  # the same runs, faster where there is a GPU
     assert "(0 run(s) trained now)" in capsys.readouterr().out
     readme = (tmp_path / "degradation-micro" / "README.md").read_text()
@@ -281,7 +282,6 @@ def test_a_pool_process_that_stops_or_fails_starts_no_queued_run(monkeypatch) ->
     import multiprocessing
 
     from canon.engine.trainer import TrainingInterrupted
-    from canon.reproduce import runner
 
     for raised, expected in ((TrainingInterrupted(Path("ckpt.pt"), 15), (Path("ckpt.pt"), 15)),
                              (ConfigError("bad run"), None)):
@@ -309,7 +309,6 @@ def test_a_run_that_failed_beside_a_stopped_one_is_said_with_the_stop(tmp_path, 
 
     from canon.engine.stopping import StopFlag
     from canon.engine.trainer import TrainingInterrupted
-    from canon.reproduce import runner
 
     stopped, failed, finished = Future(), Future(), Future()
     stopped.set_result((tmp_path / "interrupted.pt", signal.SIGTERM))
@@ -346,7 +345,6 @@ def test_a_stop_signal_to_a_pool_process_between_runs_or_in_set_up_ends_it_clean
     their runs with it. It starts no queued run and reports the stop instead."""
     import multiprocessing
 
-    from canon.reproduce import runner
 
     run = training.PlannedRun(None, 0, tmp_path / "runs" / "resnet20-seed0")
     previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}

@@ -38,7 +38,7 @@ from canon.recipes import apply_overrides
 from canon.reproduce.analyses import ANALYSES, Context, Finding
 from canon.reproduce.experiments import Mode, get_experiment
 from canon.reproduce.report import environment, mixed_commits, run_threads, write_report
-from canon.reproduce.training import PlannedRun, RunRecord, ensure_run, plan_runs
+from canon.reproduce.training import PlannedRun, RunRecord, ensure_run, finished, plan_runs
 
 DEFAULT_OUTPUT = Path("reproduce")
 
@@ -104,27 +104,37 @@ def reproduce(
 
 def _ensure_runs(planned: list[PlannedRun], mode: Mode, device: str, progress: bool,
                  jobs: int) -> list[RunRecord]:
-    """Each planned run trained, resumed or read; `jobs` (at most one per run) at a time in
-    spawned processes (no progress bars: their lines would interleave). A stop signal to every
+    """Each planned run trained, resumed or read; those to train or resume `jobs` at a time
+    (at most one process per run) in spawned processes, each with the threads of one of `jobs`
+    runs, and no progress bars (their lines would interleave). A stop signal to every
     process (Ctrl-C, SLURM) makes each running run save its checkpoint; then, as when a run
     fails, no queued run starts, and the stop or the first failure is raised once the running
     ones are done. A SIGTERM to this process alone lets the running runs finish."""
     if jobs <= 1:
         return [ensure_run(run, mode, device=device, progress=progress) for run in planned]
+    # Finished runs are read here: a process of their own would only spend seconds importing.
+    records = {index: ensure_run(run, mode, device=device, progress=False)
+               for index, run in enumerate(planned) if finished(run.run_dir)}
+    to_train = [index for index in range(len(planned)) if index not in records]
+    if not to_train:
+        return list(records.values())
     spawn = multiprocessing.get_context("spawn")  # CUDA cannot be forked
     stopping, flag = spawn.Event(), StopFlag()
     with flag.installed(), ProcessPoolExecutor(
-            max_workers=jobs, mp_context=spawn, initializer=_pool_process,
-            initargs=(jobs, stopping)) as pool:
+            max_workers=min(jobs, len(to_train)), mp_context=spawn,
+            initializer=_pool_process, initargs=(jobs, stopping)) as pool:
         with stop_signals_held():  # the pool's processes start during the submissions
-            futures = [pool.submit(_ensure_in_process, run, mode, device) for run in planned]
+            futures = [pool.submit(_ensure_in_process, planned[index], mode, device)
+                       for index in to_train]
         while pending := [future for future in futures if not future.done()]:
             wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
             if flag.raised or any(_ended_early(future) for future in futures):
                 stopping.set()  # the runs queued in the pool's processes do not start
                 for future in futures:
                     future.cancel()
-    return _records(futures, planned, flag)
+    records.update(zip(to_train, _records(futures, [planned[i] for i in to_train], flag),
+                       strict=True))
+    return [records[index] for index in range(len(planned))]
 
 
 def _records(futures: list[Future], planned: list[PlannedRun], flag: StopFlag

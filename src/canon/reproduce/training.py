@@ -130,7 +130,7 @@ def shortened_recipe(name: str, mode: Mode, seed: int, data: str | None = None) 
 def ensure_run(run: PlannedRun, mode: Mode, *, device: str, progress: bool) -> RunRecord:
     """Train `run`, resume it, or leave it as it is when it has finished."""
     run_dir = run.run_dir
-    if _finished(run_dir):
+    if finished(run_dir):
         _check_same_recipe(run_dir, run.recipe, finished=True)
         return _record(run, "finished before", None)
     resume = run_dir if resumable_checkpoints(run_dir) else None
@@ -143,8 +143,9 @@ def ensure_run(run: PlannedRun, mode: Mode, *, device: str, progress: bool) -> R
     return _record(run, status, time.perf_counter() - started)
 
 
-def _finished(run_dir: Path) -> bool:
-    """The trainer exports the model only once the last epoch is done."""
+def finished(run_dir: Path) -> bool:
+    """Whether the run in `run_dir` has ended: the trainer exports the model only once the
+    last epoch is done."""
     return (run_dir / EXPORT_WEIGHTS).is_file() and (run_dir / EXPORT_CONFIG).is_file()
 
 
