@@ -412,12 +412,27 @@ def test_a_run_of_another_recipe_is_refused(tmp_path: Path) -> None:
         training.ensure_run(planned, MODES["quick"], device="cpu", progress=False)
 
 
-def test_ensembles_micro_scores_its_nets_on_the_images_they_validated_on(tmp_path) -> None:
-    main(["reproduce", "ensembles", "--micro", "--runs", "2", "--output-dir", str(tmp_path)])
-    result = json.loads((tmp_path / "ensembles-micro" / "results.json").read_text())
+def test_ensembles_micro_scores_its_nets_on_the_images_they_validated_on(tmp_path,
+                                                                        capsys) -> None:
+    argv = ["reproduce", "ensembles", "--micro", "--runs", "2", "--output-dir", str(tmp_path)]
+    main(argv)
+    report = tmp_path / "ensembles-micro"
+    result = json.loads((report / "results.json").read_text())
     assert result["numbers"]["images"] == 64
     for row, run in zip(result["table"], result["runs"], strict=False):  # its metrics.csv's
         assert row["top-1 error (%)"] == run["test_error"]
+    # Another precision is another run, beside the first, which it leaves as it was.
+    main([*argv, "--amp", "bf16"])
+    assert "(2 run(s) trained now)" in capsys.readouterr().out
+    runs = json.loads((tmp_path / "ensembles-micro-bf16" / "results.json").read_text())["runs"]
+    assert [run["run"] for run in runs] == [f"resnet20-cifar10-micro-bf16-seed{seed}"
+                                            for seed in (0, 1)]
+    assert load_recipe(Path(runs[0]["run_dir"]) / "recipe.yaml").train.amp == "bf16"
+    # Its report goes beside the first one's, which keeps the recipes' own precision.
+    assert "--amp bf16" in (tmp_path / "ensembles-micro-bf16" / "README.md").read_text()
+    assert "--amp" not in (report / "README.md").read_text()
+    assert load_recipe(tmp_path / "runs" / "resnet20-cifar10-micro-seed0" / "recipe.yaml"
+                       ).train.amp == "none"
 
 
 def test_cifar_table6_micro_gives_the_mean_and_std_over_seeds_beside_the_paper_s(
@@ -503,18 +518,6 @@ def test_imagenette_micro_trains_on_a_jpeg_folder_and_sets_it_beside_the_leaderb
     recipe = load_recipe(Path(run["run_dir"]) / "recipe.yaml")
     assert recipe.data.dataset == str(imagenette_root.resolve())
     assert recipe.data.crop_size == 128
-    # Another precision is another run, beside the first, which it leaves as it was.
-    main(["reproduce", "imagenette", "--micro", "--data", str(imagenette_root),
-          "--output-dir", str(tmp_path), "--device", "cpu", "--amp", "bf16"])
-    assert "(1 run(s) trained now)" in capsys.readouterr().out
-    run = json.loads((tmp_path / "imagenette-micro-bf16" / "results.json").read_text())["runs"][0]
-    assert run["run"] == "resnet34d-imagenette5-micro-bf16-seed0" and run["epochs"] == 1
-    assert load_recipe(Path(run["run_dir"]) / "recipe.yaml").train.amp == "bf16"
-    # Its report goes beside the first one's, which keeps the recipes' own precision.
-    assert "--amp bf16" in (tmp_path / "imagenette-micro-bf16" / "README.md").read_text()
-    assert "--amp" not in (report / "README.md").read_text()
-    assert load_recipe(tmp_path / "runs" / "resnet34d-imagenette5-micro-seed0" / "recipe.yaml"
-                       ).train.amp == "none"
     # A damaged export is not replaced by best.pt, another epoch's model, in the report.
     export = tmp_path / "runs" / "resnet34d-imagenette5-micro-seed0" / EXPORT_WEIGHTS
     export.write_bytes(export.read_bytes()[:1000])
