@@ -76,6 +76,7 @@ def test_every_registered_model_has_an_expected_parameter_count() -> None:
     missing = sorted(registered - EXPECTED_PARAMS.keys())
     assert not missing, f"add the parameter counts of {missing} to EXPECTED_PARAMS"
     assert EXPECTED_PARAMS.keys() <= registered, "EXPECTED_PARAMS names unregistered models"
+    assert registered >= DEEPER_SIBLINGS, "DEEPER_SIBLINGS names unregistered models"
 
 
 @pytest.mark.parametrize("name", canon.list_models())
@@ -104,7 +105,16 @@ def calibrate_batch_norm(model: CanonModel) -> None:
         norm.momentum = momentum
 
 
-@pytest.fixture(scope="module", params=canon.list_models())
+# Configurations whose modules a shallower sibling runs by default, only more of them (VGG's B
+# and E, the deeper ImageNet ResNets, ResNet-1202): their forward passes take a minute on two
+# cores, so `pytest -m slow` runs them. Their parameter counts are checked by default.
+DEEPER_SIBLINGS = {"vgg13", "vgg13_bn", "vgg16_bn", "vgg19", "vgg19_bn", "resnet101",
+                   "resnet101_v1_5", "resnet152", "resnet152_v1_5", "resnet1202"}
+
+
+@pytest.fixture(scope="module", params=[
+    pytest.param(name, marks=pytest.mark.slow) if name in DEEPER_SIBLINGS else name
+    for name in canon.list_models()])
 def built(request) -> tuple[str, CanonModel]:
     torch.manual_seed(0)
     model = canon.create_model(request.param, num_classes=NUM_CLASSES)
