@@ -189,6 +189,16 @@ def test_wrong_types_and_values_are_named(tmp_path):
                            match=rf"train\.seed must lie in \[0, 2\*\*32\), got {seed}"):
             load_recipe("quickstart", [f"train.seed={seed}"])
     assert load_recipe("quickstart", [f"train.seed={2**32 - 1}"]).train.seed == 2**32 - 1
+    # found by a review: the paper's numbers were taken as they came
+    for setting, message in (
+        ("reported.top1_error=248", r"reported\.top1_error is a percent error, in \[0, 100\]"),
+        ("reported.top5_error=-1", r"reported\.top5_error is a percent error"),
+        ("reported.top5_error=30", r"reported\.top5_error 30\.0 is above top1_error 22\.85"),
+        ("reported.protocol=tencrop", r"reported\.protocol 'tencrop': name the protocol as "
+                                      r"canon eval --protocol does, one of center, ten-crop,"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            load_recipe("resnet50", [setting])
     path.write_text("base: quickstart\nname: top\nlr: 0.2\n")  # a section's key at the top
     with pytest.raises(ConfigError, match=r"\['lr'\]; valid keys in recipe: .*; lr is a key of "
                                           r"optimizer: indent it under `optimizer:`$"):
@@ -326,10 +336,17 @@ def test_set_values_read_as_yaml_1_2_and_mappings_merge():
     for value in ("09", "0o17", "off", "yes", "1:30", "1:30.5", "1e3", ".5", "0x_", 9, 0.5, True):
         assert parse_yaml(dump_yaml({"v": value}))["v"] == value, value
         assert yaml.safe_load(dump_yaml({"v": value}))["v"] == value, value
-    train = load_recipe("resnet20-cifar10", ["train={seed: 3}", "data=null"])
+    train = load_recipe("resnet20-cifar10", ["train={seed: 3}"])
     bundled = load_recipe("resnet20-cifar10")
     assert train.train == dataclasses.replace(bundled.train, seed=3)
-    assert train.data == bundled.data
+    # A file's section left empty (its keys commented out) changes nothing; on a command
+    # line null would be as silent, where it reads as a reset (a review found): refused.
+    for section in ("data", "train", "model.options"):
+        with pytest.raises(ConfigError, match=rf"override '{section}=null': {section} is a "
+                                              rf"section, which null leaves as it is: set its "
+                                              rf"keys \({section}\.KEY=value\)"):
+            load_recipe("resnet34d-imagenette5", [f"{section}=null"])
+    assert load_recipe("resnet20-cifar10", ["train.iterations=null"]).train.iterations is None
 
 
 def test_a_schedule_key_the_kind_does_not_read_is_warned_of():

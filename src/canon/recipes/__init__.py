@@ -359,6 +359,11 @@ def apply_overrides(recipe: Recipe, overrides: Overrides) -> Recipe:
                     "model.options.NAME)"
                 raise ConfigError(f"override {text!r}: {part!r} is not a key of {where}; "
                                   f"valid keys: {valid}")
+            if depth == len(path) - 1 and value is None and isinstance(target.get(part), dict):
+                key = ".".join(path)  # merged as a file's empty section is: a silent no-op
+                drop = "; model.options={} drops them all" if key == "model.options" else ""
+                raise ConfigError(f"override {text!r}: {key} is a section, which null leaves "
+                                  f"as it is: set its keys ({key}.KEY=value){drop}")
             if depth == len(path) - 1 and path == ["model", "options"] and value == {}:
                 target[part] = {}  # the one way to drop a recipe's build options
             elif depth == len(path) - 1:

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from canon.data.config import DataConfig
+from canon.data.config import PROTOCOLS, DataConfig
 from canon.errors import ConfigError
 from canon.validation import build_dataclass, plain
 
@@ -323,8 +323,21 @@ class ReportedSection:
 
     top1_error: float | None = None
     top5_error: float | None = None
-    protocol: str = ""  # how the paper tested: canon's protocol name first, then detail
+    protocol: str = ""  # how the paper tested, as canon eval --protocol names it
     where: str = ""  # table or section
+
+    def __post_init__(self) -> None:
+        for key in ("top1_error", "top5_error"):
+            value = getattr(self, key)
+            _check(value is None or 0 <= value <= 100,
+                   f"reported.{key} is a percent error, in [0, 100]; got {value}")
+        _check(self.top1_error is None or self.top5_error is None
+               or self.top5_error <= self.top1_error,
+               f"reported.top5_error {self.top5_error} is above top1_error {self.top1_error}: "
+               "a top-5 error is at most the top-1 error")
+        _check(not self.protocol or self.protocol in PROTOCOLS,
+               f"reported.protocol {self.protocol!r}: name the protocol as canon eval "
+               f"--protocol does, one of {', '.join(PROTOCOLS)}")
 
 
 @dataclass(frozen=True)
