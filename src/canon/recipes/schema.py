@@ -323,7 +323,7 @@ class ReportedSection:
 
     top1_error: float | None = None
     top5_error: float | None = None
-    protocol: str = ""  # how the paper tested, as canon eval --protocol names it
+    protocol: str = ""  # how the paper tested: canon's protocol name first, then detail
     where: str = ""  # table or section
 
     def __post_init__(self) -> None:
@@ -335,9 +335,9 @@ class ReportedSection:
                or self.top5_error <= self.top1_error,
                f"reported.top5_error {self.top5_error} is above top1_error {self.top1_error}: "
                "a top-5 error is at most the top-1 error")
-        _check(not self.protocol or self.protocol in PROTOCOLS,
-               f"reported.protocol {self.protocol!r}: name the protocol as canon eval "
-               f"--protocol does, one of {', '.join(PROTOCOLS)}")
+        _check(not self.protocol.strip() or self.protocol.split()[0] in PROTOCOLS,
+               f"reported.protocol {self.protocol!r}: start it with the protocol's name as "
+               f"canon eval --protocol takes it, one of {', '.join(PROTOCOLS)}")
 
 
 @dataclass(frozen=True)
