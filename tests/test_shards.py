@@ -235,7 +235,7 @@ def test_packing_one_split_over_an_unreadable_index_deletes_no_other_split(
 
 
 def test_a_pack_killed_midway_keeps_the_splits_it_was_not_packing(
-    imagenette_root, tmp_path, monkeypatch
+    imagenette_root, tmp_path, monkeypatch, capsys
 ):
     """Re-packing val over a pack of train and val, killed while writing val: train is still
     indexed and readable, and packing val again keeps it (the index was deleted up front, and
@@ -245,15 +245,27 @@ def test_a_pack_killed_midway_keeps_the_splits_it_was_not_packing(
     train = read_index(out).splits["train"]
     write = packing._SplitWriter.write
 
-    def killed(self):
-        write(self)
+    def killed(*args):
+        if args and isinstance(args[0], packing._SplitWriter):
+            write(*args)
         raise KeyboardInterrupt  # the shards written, the index not
 
     monkeypatch.setattr(packing._SplitWriter, "write", killed)
-    with pytest.raises(KeyboardInterrupt):
-        pack_folder(imagenette_root, out, splits=["val"], progress=False)
+    with pytest.raises(SystemExit) as stopped:  # Ctrl-C: what it leaves, and how to go on
+        main(["pack", str(imagenette_root), "--out", str(out), "--splits", "val"])
+    assert stopped.value.code == 130
+    assert capsys.readouterr().err.endswith(
+        f"canon pack: stopped; {out} holds no val split until a pack of it ends (the splits it "
+        "does not pack are kept): run the same command again, which packs them from the start\n")
     assert read_index(out).splits == {"train": train}
     assert len(ShardImages(out, "train", shuffle=False)) == train.samples
+    with monkeypatch.context() as scanning:  # stopped before it changed anything
+        scanning.setattr(packing, "_open_splits", killed)
+        with pytest.raises(SystemExit):
+            main(["pack", str(imagenette_root), "--out", str(out), "--splits", "train"])
+    assert capsys.readouterr().err.endswith(f"canon pack: stopped; the index of {out} still "
+                                            "names train: run the same command again\n")
+    assert read_index(out).splits == {"train": train}
     with pytest.raises(DataError, match=r"no val split \(it holds train\); its val shards are "
                                         r"being packed, or a pack of them stopped before its end"
                                         r".* with `canon pack .* --out .*shards --splits val "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -47,13 +48,35 @@ def run_pack(args: argparse.Namespace) -> None:
     from canon.data.packing import pack_folder
 
     started = time.perf_counter()
-    index = pack_folder(args.data, args.out, shard_bytes=args.shard_size, splits=args.splits)
+    try:
+        index = pack_folder(args.data, args.out, shard_bytes=args.shard_size, splits=args.splits)
+    except KeyboardInterrupt:
+        print(f"\ncanon pack: stopped; {_left_behind(args.out, args.splits)}", file=sys.stderr)
+        sys.exit(130)
     for name, split in index.splits.items():
         skipped = f", {split.skipped} files skipped (see the warnings)" if split.skipped else ""
         kept = "" if name in args.splits else " (kept from the earlier pack)"
         print(f"{name}: {len(split.shards)} shards, {split.samples:,} images, "
               f"{_size(split.bytes)}{skipped}{kept}")
     print(f"packed into {args.out} in {time.perf_counter() - started:.1f} s")
+
+
+def _left_behind(out: Path, splits: list[str]) -> str:
+    """What a stopped pack left in `out`, and how to go on: until its shards are all written,
+    the index names only the splits it does not pack (canon.data.packing)."""
+    from canon.data.shard_index import read_index
+    from canon.errors import DataError
+
+    try:
+        indexed = read_index(out).splits
+    except DataError:  # none yet: a new folder
+        indexed = {}
+    missing = [split for split in splits if split not in indexed]
+    if not missing:
+        return f"the index of {out} still names {','.join(splits)}: run the same command again"
+    return (f"{out} holds no {','.join(missing)} split until a pack of it ends (the splits it "
+            "does not pack are kept): run the same command again, which packs them from the "
+            "start")
 
 
 def _size(count: int) -> str:
