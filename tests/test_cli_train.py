@@ -710,6 +710,23 @@ def test_undecodable_files_are_skipped_and_counted_or_refused_with_strict(
         assert "Traceback" not in printed and "Caught DataError" not in printed
 
 
+def test_a_run_whose_folder_moved_is_told_to_resume_with_data(quickstart_run, tmp_path,
+                                                             capsys):
+    """A journey found the bare 'neither sample, cifar10, cifar100 nor an existing folder'
+    for the folder the checkpoint recorded: it names the way on."""
+    run = tmp_path / "run"
+    shutil.copytree(quickstart_run, run)
+    newest = run / "checkpoints" / "epoch-002.pt"
+    state = load_checkpoint(newest)
+    state["recipe"]["data"]["dataset"] = str(tmp_path / "moved-away")
+    torch.save(state, newest)
+    with pytest.raises(SystemExit):
+        main(["train", "--resume", str(run), "--epochs", "3", "--device", "cpu"])
+    assert capsys.readouterr().err.endswith(
+        f"the run trained on {tmp_path / 'moved-away'}, which is not there any more: if its "
+        "images moved, resume with --data NEWPATH (the same images, or the same shards)\n")
+
+
 def test_a_run_that_cannot_start_reads_no_data_and_leaves_no_directory(
     image_folder, tmp_path, capsys, monkeypatch
 ):

@@ -170,6 +170,15 @@ def check_dataset_name(dataset: str) -> None:
         )
 
 
+def check_resumed_dataset(dataset: str) -> None:
+    """Before a run resumes on the dataset its checkpoint records: a folder no longer there
+    (moved, renamed) is named with the way on, --data."""
+    if not _canon_named(dataset) and not Path(dataset).expanduser().exists():
+        raise DataError(f"the run trained on {dataset}, which is not there any more: if its "
+                        "images moved, resume with --data NEWPATH (the same images, or the "
+                        "same shards)")
+
+
 def anchored_dataset(dataset: str) -> str:
     """`dataset` as a run records it: an existing folder as its absolute path, so that eval
     and resume read the same folder from any working directory; a name (sample, cifar10,

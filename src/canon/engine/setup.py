@@ -21,7 +21,11 @@ from torch.utils.data import Dataset
 
 import canon
 from canon.data.batched import BatchedCrop, DeviceBatches, held_images
-from canon.data.datasets import check_dataset_name, validates_on_test_split
+from canon.data.datasets import (
+    check_dataset_name,
+    check_resumed_dataset,
+    validates_on_test_split,
+)
 from canon.data.device_jpeg import DeviceCrops, DeviceDecodedBatches, FileBytes, collate_files
 from canon.data.folders import FolderImages
 from canon.data.loaders import Datasets, build_datasets, build_loader
@@ -464,6 +468,8 @@ def _build_datasets(
     with the data.normalization_from it started with reads the normalisation from its own
     checkpoint, which holds the source's: the source (a fine-tune's) may be gone by then."""
     data, checkpoint = recipe.data, (state or {}).get(ckpt.RESUMED_FROM)
+    if state is not None and data.dataset == state["recipe"]["data"]["dataset"]:
+        check_resumed_dataset(data.dataset)
     if (checkpoint is not None and data.normalization_from is not None
             and data.normalization_from == state["recipe"]["data"].get("normalization_from")):
         data = dataclasses.replace(data, normalization_from=checkpoint)
