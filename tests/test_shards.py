@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -491,6 +492,25 @@ def test_an_undecodable_image_is_skipped_or_strict(with_bad_image, tmp_path):
     assert len(items) == 5 and sum(item is None for item in items) == 1
     with pytest.raises(DataError, match=r"n02102040/broken.jpg"):
         list(ShardImages(out, "train", shuffle=False, strict=True))
+
+
+def test_a_class_packed_from_an_empty_folder_is_warned_of_when_read(with_bad_image, packed,
+                                                                    tmp_path):
+    """As the folder reader warns of an empty class folder whenever it lists it, so the shards
+    whenever they are read (a journey trained on them without a word)."""
+    (with_bad_image / "train" / "n03000684").mkdir()  # after both: a class of no images
+    (with_bad_image / "val" / "n03000684").mkdir()
+    out = tmp_path / "shards"
+    with pytest.warns(BadImageWarning, match="empty class folder"):
+        pack_folder(with_bad_image, out, progress=False)
+    for split in ("train", "val"):
+        with pytest.warns(BadImageWarning, match=rf"shards: {split} class\(es\) n03000684 hold "
+                          rf"no image \(their folders in {with_bad_image} were empty when "
+                          rf"packed\)"):
+            ShardImages(out, split)
+    with warnings.catch_warnings():  # classes that all hold images: no word
+        warnings.simplefilter("error")
+        ShardImages(packed, "train")
 
 
 def test_pack_refuses_folders_it_would_damage(with_bad_image, packed, tmp_path):

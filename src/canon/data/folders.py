@@ -127,8 +127,8 @@ class FolderImages(LabeledImages):
         elif set(found) != set(class_ids):
             raise DataError(
                 f"{self.root}: train and val have different classes; only in train: "
-                f"{_short_list(sorted(set(class_ids) - set(found)))}; only in val: "
-                f"{_short_list(sorted(set(found) - set(class_ids)))}"
+                f"{short_list(sorted(set(class_ids) - set(found)))}; only in val: "
+                f"{short_list(sorted(set(found) - set(class_ids)))}"
             )
         return list(class_ids)
 
@@ -244,8 +244,8 @@ def check_known_classes(where: str, found: list[str], class_ids: list[str]) -> N
         advice = ("keep only those classes in it" if len(unknown) < len(found) else
                   "it shares none of them: is it the dataset the model was trained for?")
         raise DataError(
-            f"{where}: class(es) {_short_list(unknown)} are not among the {len(class_ids)} "
-            f"classes it is scored against ({_short_list(class_ids, 5)}: the model's outputs, "
+            f"{where}: class(es) {short_list(unknown)} are not among the {len(class_ids)} "
+            f"classes it is scored against ({short_list(class_ids, 5)}: the model's outputs, "
             f"or under transfer the training split's); {advice}"
         )
 
@@ -262,10 +262,10 @@ def _class_folders(root: Path) -> list[str]:
     if loose:  # an unextracted class archive (ImageNet's train tar holds one per class)
         archives = [name for name in loose if name.endswith((".tar", ".tgz", ".tar.gz", ".zip"))
                     and name.split(".")[0] not in found]
-        hint = (f"; extract {_short_list(archives, 3)} into its class folder(s)"
+        hint = (f"; extract {short_list(archives, 3)} into its class folder(s)"
                 if archives else "")
         warnings.warn(f"{root}: {len(loose)} file(s) beside its class folders are not read "
-                      f"({_short_list(loose, 3)}): images go in a class folder{hint}",
+                      f"({short_list(loose, 3)}): images go in a class folder{hint}",
                       BadImageWarning, stacklevel=3)
     return found
 
@@ -304,8 +304,8 @@ def _contents(folder: Path) -> str:
     folders = sorted(e.name + "/" for e in entries if e.is_dir())
     files = sorted(e.name for e in entries if not e.is_dir())
     return (
-        f"{len(files)} file(s): {_short_list(files, 3)}; "
-        f"{len(folders)} folder(s): {_short_list(folders, 3)}"
+        f"{len(files)} file(s): {short_list(files, 3)}; "
+        f"{len(folders)} folder(s): {short_list(folders, 3)}"
     )
 
 
@@ -408,7 +408,8 @@ def _no_split_folder(root: Path, split: str, alternative: str = "") -> DataError
     )
 
 
-def _short_list(names: list[str], limit: int = 10) -> str:
+def short_list(names: list[str], limit: int = 10) -> str:
+    """`names` for a message: the first `limit` of them, and how many more."""
     if not names:
         return "none"
     more = f" and {len(names) - limit} more" if len(names) > limit else ""
