@@ -334,7 +334,10 @@ def test_a_shard_of_fewer_images_than_ranks_is_read_once(imagenette_root, tmp_pa
         (root / "train" / wnid).mkdir(parents=True)
         for path in sorted((imagenette_root / "train" / wnid).iterdir())[:count]:
             shutil.copy(path, root / "train" / wnid / path.name)
-    pack_folder(root, tmp_path / "shards", shard_bytes=1, splits=["train"], progress=False)
+    with pytest.warns(UserWarning, match=r"^--shard-size 1 bytes holds not even one of "
+                      r"train's images \(a tar file of the largest takes [\d,]+\): its 5 shards "
+                      r"hold one image each, over that size; give a size such as 500MB or 1GB$"):
+        pack_folder(root, tmp_path / "shards", shard_bytes=1, splits=["train"], progress=False)
     assert len(read_index(tmp_path / "shards").splits["train"].shards) == 5
     ranks = [ShardImages(tmp_path / "shards", "train", transform=digest, rank=rank,
                          world_size=3) for rank in range(3)]

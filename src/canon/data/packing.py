@@ -17,6 +17,7 @@ import json
 import random
 import re
 import tarfile
+import warnings
 from collections.abc import Iterable
 from functools import partial
 from io import BytesIO
@@ -202,6 +203,12 @@ class _SplitWriter:
         self.sizes = [sum(_member_bytes(info) for info, _ in _members(*sample, read=False))
                       for sample in self.samples]
         self.bounds = _even_bounds(self.sizes, shard_bytes)
+        largest = _tar_bytes(max(self.sizes, default=0))
+        if len(self.sizes) > 1 and largest > shard_bytes:  # a size in other units, likely
+            warnings.warn(f"--shard-size {shard_bytes:,} bytes holds not even one of {split}'s "
+                          f"images (a tar file of the largest takes {largest:,}): its "
+                          f"{len(self.sizes):,} shards hold one image each, over that size; "
+                          "give a size such as 500MB or 1GB", stacklevel=3)
 
     def write(self) -> list[Shard]:
         shards = []
