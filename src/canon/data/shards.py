@@ -150,13 +150,6 @@ class ShardImages(IterableDataset):
         self.batch_size, self.workers = batch_size, workers
         self.strict, self.max_pixels = strict, max_pixels
         self._first = [0, *accumulate(s.samples for s in self.shards)]  # places in the pack
-        pieces = _pieces_a_rank(len(self.shards), world_size)
-        if shuffle and workers > pieces:  # each worker reads whole pieces (_rank_pieces)
-            warnings.warn(f"{self.root}: {workers} loader workers a process, but a process's "
-                          f"share of the {len(self.shards)} {split} shards is {pieces} "
-                          f"piece(s): {workers - pieces} worker(s) read nothing; set "
-                          f"train.workers {pieces}, or pack smaller shards (--shard-size) for "
-                          "more", stacklevel=2)
         # (epoch, start) in shared memory: persistent worker processes keep their own copy of
         # the rest of this object, and read these at each new iteration.
         self._position = torch.zeros(2, dtype=torch.int64).share_memory_()
@@ -211,7 +204,7 @@ class ShardImages(IterableDataset):
         counts = sorted(shard.samples for shard in self.shards)
         fewest = sum(counts[:whole]) + sum(n // self.world_size for n in counts[:left])
         # Loader workers with a piece (the rest idle), each of which may end short of a batch.
-        reading = min(max(self.workers, 1), _pieces_a_rank(len(self.shards), self.world_size))
+        reading = min(max(self.workers, 1), whole + left)
         size = self.batch_size
         return max(0, -((reading * (size - 1) - fewest) // size)) * size
 
@@ -379,13 +372,6 @@ def _classes(
     names = dict(zip(index.class_ids, index.classes, strict=True))
     labels = [position.get(name, -1) for name in index.class_ids]  # -1: a class never read
     return list(class_ids), [names.get(name, name) for name in class_ids], labels
-
-
-def _pieces_a_rank(shards: int, world_size: int) -> int:
-    """The most pieces a rank's share of an epoch holds: its whole shards, then a part of each
-    shard left over (_rank_pieces)."""
-    whole, left = divmod(shards, world_size)
-    return whole + left
 
 
 def _deal(total: int, capacities: list[int]) -> tuple[list[int], int]:
