@@ -24,9 +24,10 @@ import canon
 import canon.evaluation.ensemble
 from canon.cli import _scales_said, build_parser, main
 from canon.data import BadImageWarning, decode_image_file, open_dataset
-from canon.data.config import PROTOCOLS, DataConfig
+from canon.data.config import DataConfig
 from canon.data.loaders import build_datasets
 from canon.data.preprocess import center_transform
+from canon.data.views import PROTOCOLS
 from canon.engine.checkpoint import load_checkpoint
 from canon.engine.stopping import StoppedAtOnce
 from canon.engine.trained import load_trained

@@ -18,19 +18,6 @@ PCA_SOURCES = ("dataset", "imagenet")
 PCA_SCALES = ("eigenvalue", "stdev")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "area")
 ALEXNET_RESIZES = ("center-square", "squash")
-# The test protocols by name, as canon eval --protocol takes them (canon.data.views).
-PROTOCOLS = (
-    "center",
-    "ten-crop",
-    "dense",
-    "144-crop",
-    "multi-scale",
-    "multi-scale+center",
-    "multi-scale+ten-crop",
-    "multi-scale+dense",
-    "multi-crop",
-    "multi-crop+dense",
-)
 # PIL's decompression-bomb threshold, 2 x PIL.Image.MAX_IMAGE_PIXELS: PIL refuses larger images.
 MAX_IMAGE_PIXELS = 178_956_970
 

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data.dataloader import default_collate
 
-from canon.data.config import PROTOCOLS
 from canon.data.geometry import check_crop, crop_box, five_crop_boxes, grid_boxes, resize_image
 from canon.data.preprocess import EvalPreprocess
 from canon.errors import ConfigError
@@ -25,6 +24,18 @@ VGG_GRID = 5  # VGG s3.2: "50 crops per scale (5 x 5 regular grid with 2 flips)"
 # pixels apart: 144 forward passes per image (minutes on CIFAR's test set) on near-copies of
 # the ten-crop views. Refused below this crop size.
 MIN_144_CROP_SIZE = 64
+PROTOCOLS = (
+    "center",
+    "ten-crop",
+    "dense",
+    "144-crop",
+    "multi-scale",
+    "multi-scale+center",
+    "multi-scale+ten-crop",
+    "multi-scale+dense",
+    "multi-crop",
+    "multi-crop+dense",
+)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from canon.data.config import PROTOCOLS, DataConfig
+from canon.data.config import DataConfig
 from canon.errors import ConfigError
 from canon.validation import build_dataclass, plain
 
@@ -335,9 +335,6 @@ class ReportedSection:
                or self.top5_error <= self.top1_error,
                f"reported.top5_error {self.top5_error} is above top1_error {self.top1_error}: "
                "a top-5 error is at most the top-1 error")
-        _check(not self.protocol.strip() or self.protocol.split()[0] in PROTOCOLS,
-               f"reported.protocol {self.protocol!r}: start it with the protocol's name as "
-               f"canon eval --protocol takes it, one of {', '.join(PROTOCOLS)}")
 
 
 @dataclass(frozen=True)
