@@ -246,22 +246,25 @@ def test_a_pack_killed_midway_keeps_the_splits_it_was_not_packing(
     train = read_index(out).splits["train"]
     write = packing._SplitWriter.write
 
-    def killed(*args):
-        if args and isinstance(args[0], packing._SplitWriter):
-            write(*args)
+    def killed(self):
+        write(self)
         raise KeyboardInterrupt  # the shards written, the index not
+
+    def stopped_while_listing(*args):
+        raise KeyboardInterrupt
 
     monkeypatch.setattr(packing._SplitWriter, "write", killed)
     with pytest.raises(SystemExit) as stopped:  # Ctrl-C: what it leaves, and how to go on
         main(["pack", str(imagenette_root), "--out", str(out), "--splits", "val"])
     assert stopped.value.code == 130
     assert capsys.readouterr().err.endswith(
-        f"canon pack: stopped; {out} holds no val split until a pack of it ends (the splits it "
-        "does not pack are kept): run the same command again, which packs them from the start\n")
+        f"canon pack: stopped; {out} holds no val split(s) until a pack of them ends (the "
+        "splits it does not pack are kept): run the same command again, which packs them from "
+        "the start\n")
     assert read_index(out).splits == {"train": train}
     assert len(ShardImages(out, "train", shuffle=False)) == train.samples
     with monkeypatch.context() as scanning:  # stopped before it changed anything
-        scanning.setattr(packing, "_open_splits", killed)
+        scanning.setattr(packing, "_open_splits", stopped_while_listing)
         with pytest.raises(SystemExit):
             main(["pack", str(imagenette_root), "--out", str(out), "--splits", "train"])
     assert capsys.readouterr().err.endswith(f"canon pack: stopped; the index of {out} still "
@@ -334,9 +337,10 @@ def test_a_shard_of_fewer_images_than_ranks_is_read_once(imagenette_root, tmp_pa
         (root / "train" / wnid).mkdir(parents=True)
         for path in sorted((imagenette_root / "train" / wnid).iterdir())[:count]:
             shutil.copy(path, root / "train" / wnid / path.name)
-    with pytest.warns(UserWarning, match=r"^--shard-size 1 bytes holds not even one of "
-                      r"train's images \(a tar file of the largest takes [\d,]+\): its 5 shards "
-                      r"hold one image each, over that size; give a size such as 500MB or 1GB$"):
+    with pytest.warns(UserWarning, match=r"^a shard size of 1 bytes holds not even train's "
+                      r"largest image \(a tar file of it takes [\d,]+ bytes\): its 5 shards "
+                      r"hold one image each; shards of 100 MB to 1 GB stream best "
+                      r"\(--shard-size 1GB\)$"):
         pack_folder(root, tmp_path / "shards", shard_bytes=1, splits=["train"], progress=False)
     assert len(read_index(tmp_path / "shards").splits["train"].shards) == 5
     ranks = [ShardImages(tmp_path / "shards", "train", transform=digest, rank=rank,
@@ -499,21 +503,22 @@ def test_an_undecodable_image_is_skipped_or_strict(with_bad_image, tmp_path):
 
 def test_a_class_packed_from_an_empty_folder_is_warned_of_when_read(with_bad_image, packed,
                                                                     tmp_path):
-    """As the folder reader warns of an empty class folder whenever it lists it, so the shards
-    whenever they are read (a journey trained on them without a word)."""
+    """As the folder reader warns of an empty class folder whenever it lists it, so a shard
+    split whenever it is opened, once (a journey trained on such shards without a word)."""
     (with_bad_image / "train" / "n03000684").mkdir()  # after both: a class of no images
     (with_bad_image / "val" / "n03000684").mkdir()
     out = tmp_path / "shards"
     with pytest.warns(BadImageWarning, match="empty class folder"):
         pack_folder(with_bad_image, out, progress=False)
-    for split in ("train", "val"):
-        with pytest.warns(BadImageWarning, match=rf"shards: {split} class\(es\) n03000684 hold "
-                          rf"no image \(their folders in {with_bad_image} were empty when "
-                          rf"packed\)"):
-            ShardImages(out, split)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        open_dataset(str(out))
+    assert [str(w.message) for w in caught] == [
+        f"{out}: {split} class(es) n03000684 hold no image (none of their files was readable "
+        "when packed)" for split in ("train", "val")]
     with warnings.catch_warnings():  # classes that all hold images: no word
         warnings.simplefilter("error")
-        ShardImages(packed, "train")
+        open_dataset(str(packed))
 
 
 def test_pack_refuses_folders_it_would_damage(with_bad_image, packed, tmp_path):
@@ -585,7 +590,7 @@ def test_pack_command_replaces_its_own_pack(with_bad_image, tmp_path, capsys):
     parser = argparse.ArgumentParser(prog="canon")
     add_pack_parser(parser.add_subparsers())
     command = ["pack", str(with_bad_image), "--out", str(tmp_path / "shards"), "--shard-size"]
-    with pytest.warns(UserWarning, match=r"--shard-size 1 bytes holds not even one"):
+    with pytest.warns(UserWarning, match=r"a shard size of 1 bytes holds not even"):
         args = parser.parse_args([*command, "1"])  # a shard per image,
         args.run(args)
     args = parser.parse_args([*command, "1GB"])  # then one shard per split

@@ -23,11 +23,13 @@ from canon.data.cifar import CIFAR, fetch_cifar, find_cifar, read_cifar
 from canon.data.config import MAX_IMAGE_PIXELS, DataConfig
 from canon.data.decoding import decode_image_file
 from canon.data.folders import (
+    BadImageWarning,
     FolderImages,
     check_known_classes,
     open_eval_folder,
     open_image_folder,
     open_train_folder,
+    short_list,
     split_folder,
 )
 from canon.data.labeled import ArrayImages, ImageSubset, LabeledImages
@@ -259,10 +261,15 @@ def _source(
 
 
 def _shard_split(root: Path, split: str, *, strict: bool, max_pixels: int) -> ShardImages:
-    """A shard folder's "train" split, shuffled, or its val split ("test"), in pack order."""
-    if split == "train":
-        return ShardImages(root, "train", strict=strict, max_pixels=max_pixels)
-    return ShardImages(root, "val", shuffle=False, strict=strict, max_pixels=max_pixels)
+    """A shard folder's "train" split, shuffled, or its val split ("test"), in pack order;
+    classes it holds no image of are warned of, as a folder's empty class folders are."""
+    images = (ShardImages(root, "train", strict=strict, max_pixels=max_pixels) if split == "train"
+              else ShardImages(root, "val", shuffle=False, strict=strict, max_pixels=max_pixels))
+    if images.empty_classes:
+        warnings.warn(f"{root}: {images.split} class(es) {short_list(images.empty_classes)} hold "
+                      "no image (none of their files was readable when packed)",
+                      BadImageWarning, stacklevel=3)
+    return images
 
 
 def _relabel(split: ArrayImages | ShardImages, class_ids: list[str]) -> ArrayImages | ShardImages:

@@ -7,6 +7,7 @@ once.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import time
@@ -51,6 +52,8 @@ def run_pack(args: argparse.Namespace) -> None:
     try:
         index = pack_folder(args.data, args.out, shard_bytes=args.shard_size, splits=args.splits)
     except KeyboardInterrupt:
+        if os.environ.get("CANON_DEBUG"):
+            raise
         print(f"\ncanon pack: stopped; {_left_behind(args.out, args.splits)}", file=sys.stderr)
         sys.exit(130)
     for name, split in index.splits.items():
@@ -74,9 +77,9 @@ def _left_behind(out: Path, splits: list[str]) -> str:
     missing = [split for split in splits if split not in indexed]
     if not missing:
         return f"the index of {out} still names {','.join(splits)}: run the same command again"
-    return (f"{out} holds no {','.join(missing)} split until a pack of it ends (the splits it "
-            "does not pack are kept): run the same command again, which packs them from the "
-            "start")
+    return (f"{out} holds no {','.join(missing)} split(s) until a pack of them ends (the "
+            "splits it does not pack are kept): run the same command again, which packs them "
+            "from the start")
 
 
 def _size(count: int) -> str:

@@ -204,11 +204,11 @@ class _SplitWriter:
                       for sample in self.samples]
         self.bounds = _even_bounds(self.sizes, shard_bytes)
         largest = _tar_bytes(max(self.sizes, default=0))
-        if len(self.sizes) > 1 and largest > shard_bytes:  # a size in other units, likely
-            warnings.warn(f"--shard-size {shard_bytes:,} bytes holds not even one of {split}'s "
-                          f"images (a tar file of the largest takes {largest:,}): its "
-                          f"{len(self.sizes):,} shards hold one image each, over that size; "
-                          "give a size such as 500MB or 1GB", stacklevel=3)
+        if len(self.sizes) > 1 and largest > shard_bytes:  # _even_bounds: one image a shard
+            warnings.warn(f"a shard size of {shard_bytes:,} bytes holds not even {split}'s "
+                          f"largest image (a tar file of it takes {largest:,} bytes): its "
+                          f"{len(self.sizes):,} shards hold one image each; shards of 100 MB to "
+                          "1 GB stream best (--shard-size 1GB)", stacklevel=3)
 
     def write(self) -> list[Shard]:
         shards = []

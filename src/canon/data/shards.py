@@ -47,12 +47,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from canon.data.config import MAX_IMAGE_PIXELS
 from canon.data.decoding import decode_image_bytes
-from canon.data.folders import (
-    BadImageWarning,
-    UndecodableImageWarning,
-    check_known_classes,
-    short_list,
-)
+from canon.data.folders import BadImageWarning, UndecodableImageWarning, check_known_classes
 from canon.data.labeled import Transform
 from canon.data.sampling import sample_seed, seeded
 from canon.data.shard_index import OFFSET_EVERY, PackIndex, Shard, read_index
@@ -138,12 +133,9 @@ class ShardImages(IterableDataset):
                 f"(strict mode: remove them from {index.source} and re-pack, or run without "
                 "strict)")
         self.skipped_at_listing = skipped or 0
-        empty = [name for name, count in zip(index.class_ids, index.splits[split].class_counts,
-                                             strict=True) if not count]
-        if empty:  # warned of as a folder's empty class folders are, whenever it is read
-            warnings.warn(f"{self.root}: {split} class(es) {short_list(empty)} hold no image "
-                          f"(their folders in {index.source} were empty when packed)",
-                          BadImageWarning, stacklevel=2)
+        # Classes of the pack this split holds no image of (canon.data.datasets warns of them)
+        self.empty_classes = [name for name, count in zip(
+            index.class_ids, index.splits[split].class_counts, strict=True) if not count]
         self.class_ids, self.classes, self._labels = _classes(self.root, index, split, class_ids)
         self.transform, self.shuffle, self.shuffle_buffer = transform, shuffle, shuffle_buffer
         self.seed, self.rank, self.world_size = seed, rank, world_size
