@@ -105,9 +105,10 @@ def calibrate_batch_norm(model: CanonModel) -> None:
         norm.momentum = momentum
 
 
-# Configurations whose modules a shallower sibling runs by default, only more of them (VGG's B
-# and E, the deeper ImageNet ResNets, ResNet-1202): their forward passes take a minute on two
-# cores, so `pytest -m slow` runs them. Their parameter counts are checked by default.
+# Configurations whose modules a sibling runs by default, only more of them (VGG's B and E
+# and the batch-norm VGGs but A's, the deeper ImageNet ResNets, ResNet-1202): their forward
+# passes take a minute on two cores, so `pytest -m slow` runs them. Their parameter counts are
+# checked by default.
 DEEPER_SIBLINGS = {"vgg13", "vgg13_bn", "vgg16_bn", "vgg19", "vgg19_bn", "resnet101",
                    "resnet101_v1_5", "resnet152", "resnet152_v1_5", "resnet1202"}
 

@@ -345,7 +345,6 @@ def test_a_stop_signal_to_a_pool_process_between_runs_or_in_set_up_ends_it_clean
     their runs with it. It starts no queued run and reports the stop instead."""
     import multiprocessing
 
-
     run = training.PlannedRun(None, 0, tmp_path / "runs" / "resnet20-seed0")
     previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -416,6 +415,7 @@ def test_ensembles_micro_scores_its_nets_on_the_images_they_validated_on(tmp_pat
                                                                         capsys) -> None:
     argv = ["reproduce", "ensembles", "--micro", "--runs", "2", "--output-dir", str(tmp_path)]
     main(argv)
+    assert "(2 run(s) trained now)" in capsys.readouterr().out
     report = tmp_path / "ensembles-micro"
     result = json.loads((report / "results.json").read_text())
     assert result["numbers"]["images"] == 64
@@ -425,8 +425,8 @@ def test_ensembles_micro_scores_its_nets_on_the_images_they_validated_on(tmp_pat
     main([*argv, "--amp", "bf16"])
     assert "(2 run(s) trained now)" in capsys.readouterr().out
     runs = json.loads((tmp_path / "ensembles-micro-bf16" / "results.json").read_text())["runs"]
-    assert [run["run"] for run in runs] == [f"resnet20-cifar10-micro-bf16-seed{seed}"
-                                            for seed in (0, 1)]
+    assert [(run["run"], run["epochs"]) for run in runs] == [
+        (f"resnet20-cifar10-micro-bf16-seed{seed}", 2) for seed in (0, 1)]
     assert load_recipe(Path(runs[0]["run_dir"]) / "recipe.yaml").train.amp == "bf16"
     # Its report goes beside the first one's, which keeps the recipes' own precision.
     assert "--amp bf16" in (tmp_path / "ensembles-micro-bf16" / "README.md").read_text()
