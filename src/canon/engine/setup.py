@@ -468,7 +468,7 @@ def _build_datasets(
     with the data.normalization_from it started with reads the normalisation from its own
     checkpoint, which holds the source's: the source (a fine-tune's) may be gone by then."""
     data, checkpoint = recipe.data, (state or {}).get(ckpt.RESUMED_FROM)
-    if state is not None and data.dataset == state["recipe"]["data"]["dataset"]:
+    if state is not None and data.dataset == state["recipe"]["data"].get("dataset"):
         check_resumed_dataset(data.dataset)
     if (checkpoint is not None and data.normalization_from is not None
             and data.normalization_from == state["recipe"]["data"].get("normalization_from")):
