@@ -261,10 +261,20 @@ def test_loop_bench_times_canons_loop_and_the_plain_ones(capsys, monkeypatch):
     assert "canon / plain, 0 workers:" in out
     assert "(train.cuda_graph: canon's loop alone; the plain loops run eagerly)" in out
     assert speed_settings_on(load_recipe("quickstart", ["train.cuda_graph=false"])) == []
-    # One epoch of both loops, whatever the recipe's iteration limit (canon's would stop there).
+    # One epoch of both loops, whatever the recipe's iteration limit (canon's would stop there):
+    # the trainer (run above) is given the epoch, and timed to its last step, the sample's 10th.
+    given = []
+
+    def trainer(recipe, run_dir, *, on_step, **options):
+        given.append(recipe.train)
+        for step in range(1, 11):
+            on_step(step)
+
+    monkeypatch.setattr(loop, "train", trainer)
     timing = canon_loop(load_recipe("quickstart", ["train.iterations=5", "train.batch_size=500"]),
                         "cpu")
-    assert timing.steps == 10 - WARMUP_STEPS
+    assert (given[0].iterations, given[0].epochs, timing.steps) == (None, 1, 10 - WARMUP_STEPS)
+    monkeypatch.undo()
     rates = [float(line.split()[-1]) for line in out.splitlines()
              if line.startswith(("canon ", "plain")) and "/" not in line]
     assert len(rates) == 2 and min(rates) > 0
@@ -272,7 +282,7 @@ def test_loop_bench_times_canons_loop_and_the_plain_ones(capsys, monkeypatch):
     built = []
     monkeypatch.setattr(loop, "build_model", lambda *args: built.append(build_model(*args))
                         or built[-1])
-    recipe = load_recipe("quickstart", ["model.options={shortcut: B}", "train.batch_size=500"])
+    recipe = load_recipe("quickstart", ["model.options={shortcut: B}", "train.batch_size=32"])
     loop.plain_loop(recipe, "cpu", 0, steps=WARMUP_STEPS + 1)
     assert sum(p.numel() for p in built[0].parameters()) == sum(
         p.numel() for p in build_model(recipe, 10).parameters()) == 272_474  # projections

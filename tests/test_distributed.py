@@ -501,7 +501,11 @@ def test_an_elastic_restart_of_a_resumed_run_goes_on_from_where_it_got_to(
     assert plan_run(None, [], resume=str(first), output_dir=branch).state["epoch"] == 1
 
 
-@pytest.mark.parametrize("static", [False, True], ids=["standalone", "static-rendezvous"])
+# The static rendezvous's restart: its run id ("none") is covered by the store's unit tests and
+# by test_a_static_rendezvous_restart_does_not_take_an_earlier_launch_s_run's real restart, so
+# its resume runs with `pytest -m slow` (22 s of launches on two cores).
+@pytest.mark.parametrize("static", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["standalone", "static-rendezvous"])
 def test_elastic_restart_resumes_from_the_last_checkpoint(
     imagenette_root: Path, tmp_path: Path, static: bool
 ) -> None:
