@@ -834,10 +834,11 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"canon {args.verb}: error: {canon_message(error)}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:  # Ctrl-C where nothing is saved (training's verbs say more)
-        if os.environ.get("CANON_DEBUG"):
+    except KeyboardInterrupt as stop:  # Ctrl-C where nothing is saved (training's verbs say
+        if os.environ.get("CANON_DEBUG"):  # more); a verb may say what it left (canon pack)
             raise
-        print(f"\ncanon {args.verb}: stopped", file=sys.stderr)
+        left = f"; {stop}" if str(stop) else ""
+        print(f"\ncanon {args.verb}: stopped{left}", file=sys.stderr)
         sys.exit(130)
     except BrokenPipeError:  # the reader went away (| head): stop as a shell tool does
         if os.environ.get("CANON_DEBUG"):

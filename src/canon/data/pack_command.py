@@ -7,9 +7,7 @@ once.
 from __future__ import annotations
 
 import argparse
-import os
 import re
-import sys
 import time
 from pathlib import Path
 
@@ -51,11 +49,8 @@ def run_pack(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     try:
         index = pack_folder(args.data, args.out, shard_bytes=args.shard_size, splits=args.splits)
-    except KeyboardInterrupt:
-        if os.environ.get("CANON_DEBUG"):
-            raise
-        print(f"\ncanon pack: stopped; {_left_behind(args.out, args.splits)}", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as stop:  # canon's main says it with the stop
+        raise KeyboardInterrupt(_left_behind(args.out, args.splits)) from stop
     for name, split in index.splits.items():
         skipped = f", {split.skipped} files skipped (see the warnings)" if split.skipped else ""
         kept = "" if name in args.splits else " (kept from the earlier pack)"
