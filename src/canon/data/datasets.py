@@ -263,8 +263,9 @@ def _source(
 def _shard_split(root: Path, split: str, *, strict: bool, max_pixels: int) -> ShardImages:
     """A shard folder's "train" split, shuffled, or its val split ("test"), in pack order;
     classes it holds no image of are warned of, as a folder's empty class folders are."""
-    images = (ShardImages(root, "train", strict=strict, max_pixels=max_pixels) if split == "train"
-              else ShardImages(root, "val", shuffle=False, strict=strict, max_pixels=max_pixels))
+    training = split == "train"
+    images = ShardImages(root, "train" if training else "val", shuffle=training, strict=strict,
+                         max_pixels=max_pixels)
     if images.empty_classes:
         warnings.warn(f"{root}: {images.split} class(es) {short_list(images.empty_classes)} hold "
                       "no image (none of their files was readable when packed)",
