@@ -7,12 +7,14 @@ sets CI=true; .ci/run does not) it must be there, and its absence is a failure, 
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from sample_subsets import spread_subsets
 from visualize_helpers import save_png
 
@@ -23,6 +25,16 @@ from canon.data.datasets import load_sample
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("CANON_SHARED_DATA", REPO.parent / "shared" / "data"))
 CACHE = REPO / ".cache" / "test-data"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist each worker gets its share of the cores, it and the processes it
+    starts: torch's default of every core per process would have the workers fight for them."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        share = max(1, (os.cpu_count() or 1) // int(workers))
+        os.environ.setdefault("OMP_NUM_THREADS", str(share))
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def _require_shared(path: Path) -> Path:
@@ -37,10 +49,13 @@ def _require_shared(path: Path) -> Path:
 def cifar10_root() -> Path:
     """A folder holding `cifar-10-batches-py/` in the standard pickled format (all 60,000)."""
     script = _require_shared(SHARED_DATA / "unpack_cifar10.py")
-    done = CACHE / "cifar10" / "cifar-10-batches-py" / "batches.meta"
-    if not done.exists():
-        subprocess.run([sys.executable, str(script), str(CACHE / "cifar10")], check=True)
-    return CACHE / "cifar10"
+    root = CACHE / "cifar10"
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / "cifar10.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another pytest-xdist worker may be unpacking it
+        if not (root / "cifar-10-batches-py" / "batches.meta").exists():
+            subprocess.run([sys.executable, str(script), str(root)], check=True)
+    return root
 
 
 @pytest.fixture(scope="session")
