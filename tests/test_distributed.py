@@ -38,6 +38,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from canon import cli
 from canon.data.sampling import ShardSampler, ShuffleSampler, epoch_order, eval_shard
 from canon.devices import resolve_device
 from canon.engine import checkpoint as ckpt
@@ -48,7 +49,6 @@ from canon.engine.distributed import (
     elastic_restart_count,
     elastic_run_id,
     init_distributed,
-    launched_by_torchrun,
     sync_context,
     wrap_model,
 )
@@ -57,6 +57,7 @@ from canon.engine.trainer import train
 from canon.errors import ConfigError
 from canon.models.factory import create_model
 from canon.recipes import apply_overrides
+from canon.torchrun import launched_by_torchrun
 
 pytestmark = pytest.mark.distributed
 
@@ -591,6 +592,47 @@ def test_a_launch_without_a_run_id_of_its_own_keeps_one_in_torchrun_s_store(
     monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # etcd: no store to keep it
     with pytest.warns(UserWarning, match="run id is 'none' and it shares no store"):
         assert elastic_run_id() == "none"
+
+
+def test_an_error_every_rank_meets_is_printed_once_an_attempt(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """An error in the recipe or the data stops every rank alike: the first rank to meet it
+    prints it, counted in torchrun's store, and the others exit without. Another error prints,
+    and so does the same one in an elastic restart."""
+    store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    for name, value in (("TORCHELASTIC_RUN_ID", "job"), ("TORCHELASTIC_USE_AGENT_STORE", "True"),
+                        ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(store.port)),
+                        ("TORCHELASTIC_RESTART_COUNT", "0")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("CANON_DEBUG", raising=False)
+
+    def printed(*argv: str) -> str:
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(list(argv))
+        assert exit_.value.code == 2
+        return capsys.readouterr().err
+
+    unknown = ("train", "--recipe", "no-such-recipe")
+    first = printed(*unknown)
+    assert first.startswith("canon train: error: ") and "no-such-recipe" in first
+    assert printed(*unknown) == ""  # another rank of the same attempt
+    assert "no-other-recipe" in printed("train", "--recipe", "no-other-recipe")
+    assert printed("eval", "run").startswith("canon eval: error: ")  # any verb's error
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert "no-such-recipe" in printed(*unknown)
+
+
+def test_a_torchrun_launch_prints_an_error_of_both_ranks_once(tmp_path: Path) -> None:
+    """torchrun's own store and environment, as the test above stands them in for."""
+    done = subprocess.run(
+        [*_torchrun(2), "-m", "canon", "train", "--recipe", "no-such-recipe"],
+        env=_environment(tmp_path / "cache"), capture_output=True, text=True, timeout=300,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode != 0, output[-3000:]
+    assert output.count("canon train: error: ") == 1, output[-3000:]
+    assert "no-such-recipe" in output
 
 
 def test_a_static_rendezvous_restart_does_not_take_an_earlier_launch_s_run(

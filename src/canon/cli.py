@@ -21,6 +21,7 @@ from canon.data.pack_command import add_pack_parser
 from canon.errors import CanonError, ConfigError, canon_message
 from canon.files import atomic_write, check_output_file, printable
 from canon.reproduce.commands import add_reproduce_parser
+from canon.torchrun import launched_by_torchrun
 from canon.visualize.arguments import non_negative_int, positive_int
 from canon.visualize.commands import add_visualize_parser
 
@@ -306,7 +307,7 @@ def _exit_stopped(stop: TrainingInterrupted, run_dir: Path, at_once: bool = Fals
     """A training run stopped by a signal, its state saved (TrainingInterrupted), or `at_once`
     by a second Ctrl-C, its last checkpoint being `stop.checkpoint`: how to go on, then the
     shell's exit status for the signal (130 Ctrl-C, 143 SIGTERM)."""
-    from canon.engine.distributed import is_main_process, launched_by_torchrun
+    from canon.engine.distributed import is_main_process
 
     if is_main_process():  # under torchrun: as many processes (the checkpoint's batch)
         how = ("the same torchrun command with --resume" if launched_by_torchrun()
@@ -808,14 +809,20 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: list[str]) -> argp
 def _check_launcher(verb: str) -> None:
     """`canon train` shares its work among torchrun's processes; any other verb would run
     whole in each of them, writing the same files and printing everything once a process
-    (`canon recipes` only reads YAML, and must not load torch to find out)."""
-    if verb in ("train", "recipes"):
-        return
-    from canon.engine.distributed import launched_by_torchrun
-
-    if launched_by_torchrun():
+    (`canon recipes` only reads YAML)."""
+    if verb not in ("train", "recipes") and launched_by_torchrun():
         raise ConfigError(f"canon {verb} runs in one process, and torchrun started one per "
                           "device (each would do all of it): run it without torchrun")
+
+
+def _first_to_report(message: str) -> bool:
+    """Whether this process prints an error: under torchrun, the first of the launch attempt's
+    workers to meet it (canon.engine.distributed.first_to_report), else always."""
+    if not launched_by_torchrun():
+        return True
+    from canon.engine.distributed import first_to_report
+
+    return first_to_report(message)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -832,7 +839,9 @@ def main(argv: list[str] | None = None) -> None:
     except CanonError as error:
         if os.environ.get("CANON_DEBUG"):
             raise
-        print(f"canon {args.verb}: error: {canon_message(error)}", file=sys.stderr)
+        message = canon_message(error)
+        if _first_to_report(message):
+            print(f"canon {args.verb}: error: {message}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as stop:  # Ctrl-C where nothing is saved (training's verbs say
         if os.environ.get("CANON_DEBUG"):  # more); a verb may say what it left (canon pack)

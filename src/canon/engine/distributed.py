@@ -6,6 +6,7 @@ the trainer has one code path."""
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
 import os
 import time
@@ -13,6 +14,7 @@ import uuid
 import warnings
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -79,11 +81,6 @@ def cores_per_process() -> int:
     return max(1, len(os.sched_getaffinity(0)) // _env_int("LOCAL_WORLD_SIZE", 1))
 
 
-def launched_by_torchrun() -> bool:
-    """Whether torchrun (torch.distributed.run) started this process."""
-    return "TORCHELASTIC_RUN_ID" in os.environ
-
-
 # torchrun's run id without --rdzv-id (the static rendezvous of --master-addr/--master-port,
 # or c10d's): every launch's, not one of its own.
 _SHARED_RUN_ID = "none"
@@ -138,8 +135,25 @@ def _agent_store_address() -> tuple[str, int] | None:
     return os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
 
 
-def _store_client(address: str, port: int) -> dist.TCPStore:
-    return dist.TCPStore(address, port, is_master=False, timeout=default_pg_timeout)
+def _store_client(address: str, port: int, timeout: timedelta = default_pg_timeout
+                  ) -> dist.TCPStore:
+    return dist.TCPStore(address, port, is_master=False, timeout=timeout)
+
+
+def first_to_report(message: str) -> bool:
+    """Whether no other worker of this torchrun launch attempt has reported `message` yet, as
+    torchrun's store counts them: an error in the recipe or the data stops every rank alike,
+    and eight copies of it would bury the one error that differs. True where torchrun shares
+    no store or it does not answer within seconds (it goes with the agent)."""
+    address = _agent_store_address()
+    if address is None:
+        return True
+    digest = hashlib.sha256(message.encode()).hexdigest()[:16]
+    key = f"canon/attempt-{elastic_restart_count()}/reported-{digest}"
+    try:
+        return _store_client(*address, timeout=timedelta(seconds=10)).add(key, 1) == 1
+    except (RuntimeError, OSError):  # DistStoreError, a refused connection
+        return True
 
 
 _joins = itertools.count()  # process groups this process has joined (init_distributed)

@@ -40,6 +40,7 @@ from canon.engine.trained import TORCHVISION
 from canon.errors import CanonError, ConfigError, DataError
 from canon.files import locked_folder, make_folder, sweep_partial_writes
 from canon.recipes import Recipe, apply_overrides, load_recipe, read_yaml_mapping
+from canon.torchrun import launched_by_torchrun
 
 PROBE_REPORT = "probe.json"  # what `canon transfer --mode linear-probe` measured
 # Everything a training or transfer run writes into its directory (`canon eval` adds
@@ -113,7 +114,7 @@ def plan_run(
     replace).
     """
     named, recipe = recipe, DEFAULT_RECIPE if recipe is None else recipe
-    if resume is None and distributed.launched_by_torchrun():
+    if resume is None and launched_by_torchrun():
         name = load_recipe(recipe).name
         output_dir = output_dir or RUNS_ROOT / f"{name}-{distributed.elastic_run_id()}"
         if distributed.elastic_restart_count() > 0 and _saved_by_this_launch(output_dir):

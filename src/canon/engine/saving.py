@@ -19,6 +19,7 @@ from canon.engine.rundir import discard_replaced_run
 from canon.engine.setup import Run, loader_workers
 from canon.errors import DataError, NonFiniteError
 from canon.recipes.schema import TrainSection
+from canon.torchrun import launched_by_torchrun
 
 
 def validated_model(run: Run) -> nn.Module:
@@ -104,7 +105,7 @@ def snapshot(run: Run) -> dict[str, Any]:
         "normalization": run.normalization,
         "torch_version": str(torch.__version__),
         # An elastic restart resumes only what its own launch saved (rundir.plan_run).
-        "launch": dist.elastic_run_id() if dist.launched_by_torchrun() else None,
+        "launch": dist.elastic_run_id() if launched_by_torchrun() else None,
     }
 
 
