@@ -531,6 +531,9 @@ def test_pack_refuses_folders_it_would_damage(with_bad_image, packed, tmp_path):
         pack_folder(with_bad_image, packed, progress=False)
     with pytest.raises(DataError, match="inside the folder it packs"):
         pack_folder(with_bad_image, with_bad_image / "train" / "shards", progress=False)
+    with pytest.raises(DataError, match="inside the folder it packs"):  # a split not packed
+        pack_folder(with_bad_image, with_bad_image / "val" / "shards", splits=["train"],
+                    progress=False)
     with pytest.raises(DataError, match="missing: not a folder"):
         pack_folder(tmp_path / "missing", tmp_path / "out", progress=False)
     val_only = tmp_path / "val-only"

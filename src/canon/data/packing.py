@@ -76,10 +76,12 @@ def pack_folder(
     if not root.is_dir():
         raise DataError(f"{root}: not a folder; pass an ImageNet-layout folder "
                         "(train/<class>/*.JPEG, val/<class>/*.JPEG)")
-    folders = _open_splits(root, splits)
-    if any(out.resolve().is_relative_to(f.root.resolve()) for f in folders.values()):
+    # A split not packed now counts too: the pack would be one of its classes when it is.
+    split_folders = [root / name for names in SPLIT_NAMES.values() for name in names]
+    if any(out.resolve().is_relative_to(folder.resolve()) for folder in split_folders):
         raise DataError(f"{out}: inside the folder it packs (a class folder, once written); "
                         "choose an --out folder outside it")
+    folders = _open_splits(root, splits)
     _check_out(out, root)
     make_folder(out, advice=_ADVICE)
     with locked_folder(out, user="canon pack", other="choose another --out folder",
