@@ -26,13 +26,13 @@ from canon.bench.loop import WARMUP_STEPS, canon_loop, speed_settings_on
 from canon.bench.train import (
     TrainingForward,
     bench_train,
-    cudnn_autotuning,
     format_train,
     matmul_peak,
     torchvision_twin,
     update,
 )
 from canon.data.transforms import training_transform
+from canon.devices import cudnn_autotuning
 from canon.engine.graphed import GraphedStep
 from canon.engine.precision import Precision
 from canon.engine.setup import build_model

@@ -1028,6 +1028,7 @@ def test_a_captured_step_replays_what_the_eager_step_computes(resume_data, tmp_p
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # restored after each run
     weights = []
     for graph in (False, True):
         recipe = tiny_recipe(epochs=1, batch_size=16, cuda_graph=graph, iterations=3,
@@ -1035,6 +1036,7 @@ def test_a_captured_step_replays_what_the_eager_step_computes(resume_data, tmp_p
         recipe = apply_overrides(recipe, [("optimizer.base_batch_size", 16)])
         train(recipe, tmp_path / str(graph), device="cuda", datasets=resume_data,
               progress=False)
+        assert not torch.backends.cudnn.benchmark
         weights.append(safetensors.torch.load_file(tmp_path / str(graph) / "model.safetensors"))
     for key, tensor in weights[0].items():
         torch.testing.assert_close(weights[1][key], tensor, rtol=1e-4, atol=1e-5,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 from canon.errors import ConfigError
@@ -25,3 +28,16 @@ def resolve_device(device: str) -> str:
         raise ConfigError(f"device {device!r}: this machine shows {torch.cuda.device_count()} "
                           f"GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return device
+
+
+@contextlib.contextmanager
+def cudnn_autotuning(device: torch.device) -> Iterator[None]:
+    """cuDNN's autotuned convolution kernels on CUDA (the fastest; GPU runs are not bitwise
+    anyway), as canon's training and every contender of a benchmark use them; the setting as
+    it was afterwards, so that neither a caller's later work nor a later contender inherits it."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = before or device.type == "cuda"
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before

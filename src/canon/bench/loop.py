@@ -22,9 +22,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from canon.bench.train import cudnn_autotuning, synchronize
+from canon.bench.train import synchronize
 from canon.data.datasets import load_sample
-from canon.devices import resolve_device
+from canon.devices import cudnn_autotuning, resolve_device
 from canon.engine.optimization import make_optimizer
 from canon.engine.setup import build_model
 from canon.engine.trainer import train

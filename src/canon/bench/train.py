@@ -24,11 +24,10 @@ second (torchvision's), whose step reuses memory the first one's made the alloca
 
 from __future__ import annotations
 
-import contextlib
 import re
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -38,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.models as tvm
 
-from canon.devices import resolve_device
+from canon.devices import cudnn_autotuning, resolve_device
 from canon.engine.graphed import GraphedStep
 from canon.engine.optimization import classification_loss, fused_sgd, sgd
 from canon.engine.precision import DTYPES, Precision
@@ -138,19 +137,6 @@ def train_step(
 ) -> None:
     update(forward, optimizer, precision, images, targets)
     optimizer.zero_grad(set_to_none=True)
-
-
-@contextlib.contextmanager
-def cudnn_autotuning(device: torch.device) -> Iterator[None]:
-    """cuDNN's autotuned convolution kernels on CUDA, as canon's training turns them on
-    (canon.engine.setup), for every contender alike (tuned in its warm-up); the setting as it
-    was afterwards, so that no later contender inherits it."""
-    before = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = before or device.type == "cuda"
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.benchmark = before
 
 
 def synchronize(device: torch.device) -> None:

@@ -494,8 +494,6 @@ def _placed_model(
     model.init_from when the run is `fresh` (a resumed run has its own weights), and put on its
     device(s)."""
     config = recipe.train
-    if ctx.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fastest conv kernels (GPU runs are not bitwise)
     torch.manual_seed(config.seed)
     if model is None:
         model = build_model(recipe, num_classes)

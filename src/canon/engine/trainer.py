@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from canon.data.loaders import Datasets
+from canon.devices import cudnn_autotuning
 from canon.engine import checkpoint as ckpt
 from canon.engine import distributed as dist
 from canon.engine.freezing import freeze_stages, frozen_stage_count
@@ -162,9 +163,9 @@ def train(
         check_source_outside(output_dir, recipe.model.init_from, "model.init_from")
     ctx = dist.init_distributed(device)
     try:
-        result = _train(
-            recipe, Path(output_dir), ctx, resume, overwrite, model, datasets, progress, on_step
-        )
+        with cudnn_autotuning(ctx.device):
+            result = _train(recipe, Path(output_dir), ctx, resume, overwrite, model, datasets,
+                            progress, on_step)
     except torch.cuda.OutOfMemoryError:
         dist.shutdown_distributed(ctx, together=False)
         raise ConfigError(
