@@ -32,6 +32,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -543,16 +544,24 @@ def test_elastic_restart_resumes_from_the_last_checkpoint(
     assert (run / "model.safetensors").exists()
 
 
+@pytest.fixture
+def torchrun_store(monkeypatch: pytest.MonkeyPatch) -> torch.distributed.TCPStore:
+    """A store standing in for torchrun's agent's, in the environment torchrun gives its
+    workers (launch "job", first attempt)."""
+    store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    for name, value in (("TORCHELASTIC_RUN_ID", "job"), ("TORCHELASTIC_USE_AGENT_STORE", "True"),
+                        ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(store.port)),
+                        ("TORCHELASTIC_RESTART_COUNT", "0")):
+        monkeypatch.setenv(name, value)
+    return store
+
+
 def test_each_join_and_restart_gets_keys_of_its_own_in_torchrun_s_store(
-    monkeypatch: pytest.MonkeyPatch,
+    torchrun_store: torch.distributed.TCPStore, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """torch names every new default process group alike: a second join (canon.train called
     again in the process) or a restart reading the first's keys would connect to addresses
     that are gone."""
-    store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    for name, value in (("TORCHELASTIC_USE_AGENT_STORE", "True"), ("MASTER_ADDR", "127.0.0.1"),
-                        ("MASTER_PORT", str(store.port)), ("TORCHELASTIC_RESTART_COUNT", "0")):
-        monkeypatch.setenv(name, value)
     first = distributed._attempt_store()
     first.set("0/rank_1", "a dead worker's address")
     again = distributed._attempt_store()
@@ -565,15 +574,11 @@ def test_each_join_and_restart_gets_keys_of_its_own_in_torchrun_s_store(
 
 
 def test_a_launch_without_a_run_id_of_its_own_keeps_one_in_torchrun_s_store(
-    monkeypatch: pytest.MonkeyPatch,
+    torchrun_store: torch.distributed.TCPStore, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """torchrun's run id is "none" without --rdzv-id: canon draws one, which the launch's
     restarts find in torchrun's store; a store of another launch holds another."""
-    store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    for name, value in (("TORCHELASTIC_RUN_ID", "none"), ("TORCHELASTIC_USE_AGENT_STORE", "True"),
-                        ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(store.port)),
-                        ("TORCHELASTIC_RESTART_COUNT", "0")):
-        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
     connect, connected = distributed._store_client, []
     monkeypatch.setattr(distributed, "_store_client",
                         lambda *address: connected.append(address) or connect(*address))
@@ -581,7 +586,7 @@ def test_a_launch_without_a_run_id_of_its_own_keeps_one_in_torchrun_s_store(
     try:
         first = elastic_run_id()
         assert len(first) == 12 and first != "none"
-        assert store.get("canon/launch-id").decode() == first  # what a restart's workers read
+        assert torchrun_store.get("canon/launch-id").decode() == first  # a restart reads it
         assert elastic_run_id() == first and len(connected) == 1  # asked once (every save asks)
         other = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True,
                                            wait_for_workers=False)
@@ -595,16 +600,12 @@ def test_a_launch_without_a_run_id_of_its_own_keeps_one_in_torchrun_s_store(
 
 
 def test_an_error_every_rank_meets_is_printed_once_an_attempt(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    torchrun_store: torch.distributed.TCPStore, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """An error in the recipe or the data stops every rank alike: the first rank to meet it
     prints it, counted in torchrun's store, and the others exit without. Another error prints,
     and so does the same one in an elastic restart."""
-    store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    for name, value in (("TORCHELASTIC_RUN_ID", "job"), ("TORCHELASTIC_USE_AGENT_STORE", "True"),
-                        ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(store.port)),
-                        ("TORCHELASTIC_RESTART_COUNT", "0")):
-        monkeypatch.setenv(name, value)
     monkeypatch.delenv("CANON_DEBUG", raising=False)
 
     def printed(*argv: str) -> str:
@@ -621,6 +622,22 @@ def test_an_error_every_rank_meets_is_printed_once_an_attempt(
     assert printed("eval", "run").startswith("canon eval: error: ")  # any verb's error
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
     assert "no-such-recipe" in printed(*unknown)
+
+
+def test_a_warning_is_shown_by_the_first_rank_to_meet_it(
+    torchrun_store: torch.distributed.TCPStore,
+) -> None:
+    """The ranks' warnings of the recipe and checkpoint are the same (shown once a launch);
+    those of the images each decodes, PIL's too, are its own (shown where they happen)."""
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        cli._show_each_warning_once_a_launch()
+        for rank in (0, 1):
+            warnings.warn("the run ends before its warm-up does", UserWarning, stacklevel=1)
+            warnings.warn(f"rank {rank}'s image is truncated", UserWarning, stacklevel=1)
+    assert [str(w.message) for w in shown] == [
+        "the run ends before its warm-up does", "rank 0's image is truncated",
+        "rank 1's image is truncated"]
 
 
 def test_a_torchrun_launch_prints_an_error_of_both_ranks_once(tmp_path: Path) -> None:

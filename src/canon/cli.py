@@ -14,7 +14,7 @@ import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from canon.bench.commands import add_bench_parser
 from canon.data.pack_command import add_pack_parser
@@ -253,8 +253,8 @@ def _run_train(args: argparse.Namespace) -> None:
     from canon.engine.trainer import TrainingInterrupted, train
 
     with warnings.catch_warnings():
-        if not is_main_process():
-            _show_only_this_process_s_own_warnings()
+        if launched_by_torchrun():
+            _show_each_warning_once_a_launch()
         plan = plan_run(args.recipe, [*_flag_overrides(args), *args.set], resume=args.resume,
                         output_dir=args.output_dir)
         try:
@@ -276,13 +276,19 @@ def _run_train(args: argparse.Namespace) -> None:
               f"{last['val_top1_error']:.2f}%{best}, top-5 {last['val_top5_error']:.2f}%")
 
 
-def _show_only_this_process_s_own_warnings() -> None:
-    """Under torchrun, a process other than rank 0 shows only the images it failed to decode:
-    the others, of the same recipe, data and checkpoint, rank 0 shows once for all."""
-    from canon.data.folders import UndecodableImageWarning
+def _show_each_warning_once_a_launch() -> None:
+    """Under torchrun a warning is shown by the first process to meet it: the ranks share the
+    recipe, the data and the checkpoint, and their warnings of those are the same, where the
+    images each one decodes (and PIL's warnings of them) are its own."""
+    from canon.engine.distributed import first_to_report
 
-    warnings.simplefilter("ignore")
-    warnings.simplefilter("default", UndecodableImageWarning)  # the filter checked first
+    show = warnings.showwarning
+
+    def show_first(message: Warning | str, category: type[Warning], *where: Any) -> None:
+        if first_to_report(f"{category.__name__}: {message}"):
+            show(message, category, *where)
+
+    warnings.showwarning = show_first
 
 
 SOURCE_HELP = ("a run directory, model.safetensors, a checkpoint .pt file, or torchvision:NAME "
