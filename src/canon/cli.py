@@ -14,7 +14,7 @@ import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from canon.bench.commands import add_bench_parser
 from canon.data.pack_command import add_pack_parser
@@ -253,8 +253,8 @@ def _run_train(args: argparse.Namespace) -> None:
     from canon.engine.trainer import TrainingInterrupted, train
 
     with warnings.catch_warnings():
-        if launched_by_torchrun():
-            _show_each_warning_once_a_launch()
+        if not is_main_process():
+            _show_only_this_process_s_own_warnings()
         plan = plan_run(args.recipe, [*_flag_overrides(args), *args.set], resume=args.resume,
                         output_dir=args.output_dir)
         try:
@@ -276,19 +276,13 @@ def _run_train(args: argparse.Namespace) -> None:
               f"{last['val_top1_error']:.2f}%{best}, top-5 {last['val_top5_error']:.2f}%")
 
 
-def _show_each_warning_once_a_launch() -> None:
-    """Under torchrun a warning is shown by the first process to meet it: the ranks share the
-    recipe, the data and the checkpoint, and their warnings of those are the same, where the
-    images each one decodes (and PIL's warnings of them) are its own."""
-    from canon.engine.distributed import first_to_report
+def _show_only_this_process_s_own_warnings() -> None:
+    """Under torchrun, a process other than rank 0 shows only the images it failed to decode:
+    the others, of the same recipe, data and checkpoint, rank 0 shows once for all."""
+    from canon.data.folders import UndecodableImageWarning
 
-    show = warnings.showwarning
-
-    def show_first(message: Warning | str, category: type[Warning], *where: Any) -> None:
-        if first_to_report(f"{category.__name__}: {message}"):
-            show(message, category, *where)
-
-    warnings.showwarning = show_first
+    warnings.simplefilter("ignore")
+    warnings.simplefilter("default", UndecodableImageWarning)  # the filter checked first
 
 
 SOURCE_HELP = ("a run directory, model.safetensors, a checkpoint .pt file, or torchvision:NAME "
@@ -821,14 +815,14 @@ def _check_launcher(verb: str) -> None:
                           "device (each would do all of it): run it without torchrun")
 
 
-def _first_to_report(message: str) -> bool:
-    """Whether this process prints an error: under torchrun, the first of the launch attempt's
-    workers to meet it (canon.engine.distributed.first_to_report), else always."""
+def _shows_error(message: str) -> bool:
+    """Whether this process prints an error: under torchrun, rank 0 and at most one other rank
+    (canon.engine.distributed.shows_here), else always."""
     if not launched_by_torchrun():
         return True
-    from canon.engine.distributed import first_to_report
+    from canon.engine.distributed import shows_here
 
-    return first_to_report(message)
+    return shows_here(message)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -846,7 +840,7 @@ def main(argv: list[str] | None = None) -> None:
         if os.environ.get("CANON_DEBUG"):
             raise
         message = canon_message(error)
-        if _first_to_report(message):
+        if _shows_error(message):
             print(f"canon {args.verb}: error: {message}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as stop:  # Ctrl-C where nothing is saved (training's verbs say

@@ -12,7 +12,7 @@ import os
 import time
 import uuid
 import warnings
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, nullcontext, suppress
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -140,20 +140,22 @@ def _store_client(address: str, port: int, timeout: timedelta = default_pg_timeo
     return dist.TCPStore(address, port, is_master=False, timeout=timeout)
 
 
-def first_to_report(message: str) -> bool:
-    """Whether no other worker of this torchrun launch attempt has reported `message` yet, as
-    torchrun's store counts them: an error in the recipe or the data stops every rank alike,
-    and eight copies of it would bury the one error that differs. True where torchrun shares
-    no store or it does not answer within seconds (it goes with the agent)."""
+def shows_here(error: str) -> bool:
+    """Whether this torchrun worker prints `error`, a message every rank may meet alike (of the
+    recipe, the data or the checkpoint): rank 0 always, whose output `--local-ranks-filter 0`
+    and per-rank logs keep; another rank only when it met it before every other one, as
+    torchrun's store counts them. At most two copies in all, where every rank used to print
+    one and eight would bury an error that differs. True where torchrun shares no store, or it
+    does not answer within seconds."""
     address = _agent_store_address()
-    if address is None:
-        return True
-    digest = hashlib.sha256(message.encode()).hexdigest()[:16]
-    key = f"canon/attempt-{elastic_restart_count()}/reported-{digest}"
-    try:
-        return _store_client(*address, timeout=timedelta(seconds=10)).add(key, 1) == 1
-    except (RuntimeError, OSError):  # DistStoreError, a refused connection
-        return True
+    first = True
+    if address is not None:
+        digest = hashlib.sha256(error.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+        key = f"canon/attempt-{elastic_restart_count()}/shown-{digest}"
+        # DistNetworkError, DistStoreError: the agent is gone
+        with suppress(RuntimeError, OSError):
+            first = _store_client(*address, timeout=timedelta(seconds=2)).add(key, 1) == 1
+    return is_main_process() or first
 
 
 _joins = itertools.count()  # process groups this process has joined (init_distributed)
