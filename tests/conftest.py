@@ -32,7 +32,7 @@ def pytest_configure(config: pytest.Config) -> None:
     starts: torch's default of every core per process would have the workers fight for them."""
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if workers:
-        share = max(1, (os.cpu_count() or 1) // int(workers))
+        share = max(1, len(os.sched_getaffinity(0)) // int(workers))
         os.environ.setdefault("OMP_NUM_THREADS", str(share))
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
