@@ -10,6 +10,7 @@ import json
 import os
 import random
 import shutil
+import socket
 import stat
 import subprocess
 import sys
@@ -40,6 +41,7 @@ from canon.recipes import load_recipe
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
            "truck"]
 CLASS_IDS = [f"n0{index:07d}" for index in range(10)]  # as an ImageNet folder's wnids
+HOST = socket.gethostname()  # as a lock file names it
 
 
 def training_state(epoch: int) -> dict:
@@ -606,7 +608,7 @@ def test_a_new_run_refuses_a_directory_holding_another_run(tmp_path):
     )
     assert sorted(tmp_path.rglob("*")) == before
     with claim_run_dir(tmp_path, resume=True):  # continuing it keeps everything
-        assert (tmp_path / ".lock").read_text() == f"{os.getpid()} canon run\n"
+        assert (tmp_path / ".lock").read_text() == f"{os.getpid()} canon run\nhost {HOST}\n"
     assert sorted(tmp_path.rglob("*")) == before
 
 
@@ -831,7 +833,7 @@ def test_a_run_starting_while_its_folder_is_probed_waits_the_probe_out(tmp_path)
     fcntl.flock(probe, fcntl.LOCK_SH)
     threading.Timer(0.02, os.close, (probe,)).start()  # a probe far slower than a real one
     with claim_run_dir(tmp_path, resume=False):
-        assert (tmp_path / ".lock").read_text() == f"{os.getpid()} canon run\n"
+        assert (tmp_path / ".lock").read_text() == f"{os.getpid()} canon run\nhost {HOST}\n"
 
 
 def _claim_refused_while_locked(run_dir: Path, held: str, refusal: str) -> None:
@@ -852,6 +854,13 @@ def test_a_lock_held_by_an_earlier_canon_names_its_pid(tmp_path):
     _claim_refused_while_locked(
         tmp_path, f"{os.getpid()}\n", f"{tmp_path} is in use by another canon process "
                                        rf"\(pid {os.getpid()}\); wait for it or use")
+
+
+def test_a_lock_held_on_another_machine_names_it_with_the_pid(tmp_path):
+    """On a shared file system the holder may run elsewhere: its pid is not this machine's."""
+    _claim_refused_while_locked(
+        tmp_path, f"{os.getpid()} canon run\nhost node-7\n",
+        rf"{tmp_path} is in use by another canon run \(pid {os.getpid()} on node-7\)")
 
 
 def test_a_lock_not_yet_written_does_not_name_its_killed_holder(tmp_path):
@@ -885,9 +894,10 @@ def test_a_killed_run_does_not_block_the_next(tmp_path):
         pass
     child.kill()
     child.wait(timeout=60)
-    assert (tmp_path / ".lock").read_text() == f"{child.pid} canon run\n"  # left by the kill
+    # left by the kill:
+    assert (tmp_path / ".lock").read_text() == f"{child.pid} canon run\nhost {HOST}\n"
     with claim_run_dir(tmp_path, resume=True):
-        assert (tmp_path / ".lock").read_text() == f"{os.getpid()} canon run\n"
+        assert (tmp_path / ".lock").read_text() == f"{os.getpid()} canon run\nhost {HOST}\n"
     assert not (tmp_path / ".lock").exists()
 
 

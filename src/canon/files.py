@@ -16,6 +16,7 @@ import http.client
 import os
 import re
 import secrets
+import socket
 import sys
 import time
 import urllib.request
@@ -148,13 +149,21 @@ def folder_holder(folder: Path) -> str | None:
 
 
 def _holder(descriptor: int) -> str:
-    """"USER (pid N)" as a lock file reads; a killed holder's words are not repeated (the new
-    holder has locked the file, yet to write its own)."""
-    held = os.read(descriptor, 200).decode(errors="replace").split(maxsplit=1)
-    if not held or not _alive(held[0]):
+    """"USER (pid N)" as a lock file reads, "USER (pid N on HOST)" for a holder on another
+    machine (a shared file system), whose pid means nothing here; a killed holder's words are
+    not repeated (the new holder has locked the file, yet to write its own)."""
+    lines = os.read(descriptor, 400).decode(errors="replace").splitlines()
+    held = lines[0].split(maxsplit=1) if lines else []
+    host = lines[1].removeprefix(_HOST_LINE) if len(lines) > 1 else socket.gethostname()
+    if not held:
         return "canon process (pid unknown)"
-    return f"{held[1].strip() if len(held) > 1 else 'canon process'} (pid {held[0]})"  # an
-    # older canon's file names its pid alone
+    user = held[1].strip() if len(held) > 1 else "canon process"  # an older canon's file
+    if host != socket.gethostname():  # names its pid alone, and no host
+        return f"{user} (pid {held[0]} on {host})"
+    return f"{user} (pid {held[0]})" if _alive(held[0]) else "canon process (pid unknown)"
+
+
+_HOST_LINE = "host "  # a lock file's second line: the machine of the pid on its first
 
 
 def _lock(path: Path, user: str, other: str, advice: str) -> int:
@@ -179,7 +188,8 @@ def _lock(path: Path, user: str, other: str, advice: str) -> int:
                             f"there at once; {other} on a local disk") from None
         if _still_there(descriptor, path):
             os.ftruncate(descriptor, 0)
-            os.write(descriptor, f"{os.getpid()} {user}\n".encode())
+            os.write(descriptor, f"{os.getpid()} {user}\n{_HOST_LINE}{socket.gethostname()}\n"
+                     .encode())
             return descriptor
         os.close(descriptor)  # its holder deleted that file as it finished: lock the new one
 
