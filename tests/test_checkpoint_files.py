@@ -608,7 +608,7 @@ def test_a_new_run_refuses_a_directory_holding_another_run(tmp_path):
     )
     assert sorted(tmp_path.rglob("*")) == before
     with claim_run_dir(tmp_path, resume=True):  # continuing it keeps everything
-        assert (tmp_path / ".lock").read_text() == f"{os.getpid()} canon run\nhost {HOST}\n"
+        assert (tmp_path / ".lock").read_text() == f"{os.getpid()}@{HOST} canon run\n"
     assert sorted(tmp_path.rglob("*")) == before
 
 
@@ -833,7 +833,7 @@ def test_a_run_starting_while_its_folder_is_probed_waits_the_probe_out(tmp_path)
     fcntl.flock(probe, fcntl.LOCK_SH)
     threading.Timer(0.02, os.close, (probe,)).start()  # a probe far slower than a real one
     with claim_run_dir(tmp_path, resume=False):
-        assert (tmp_path / ".lock").read_text() == f"{os.getpid()} canon run\nhost {HOST}\n"
+        assert (tmp_path / ".lock").read_text() == f"{os.getpid()}@{HOST} canon run\n"
 
 
 def _claim_refused_while_locked(run_dir: Path, held: str, refusal: str) -> None:
@@ -857,10 +857,13 @@ def test_a_lock_held_by_an_earlier_canon_names_its_pid(tmp_path):
 
 
 def test_a_lock_held_on_another_machine_names_it_with_the_pid(tmp_path):
-    """On a shared file system the holder may run elsewhere: its pid is not this machine's."""
+    """On a shared file system the holder may run elsewhere: its pid is not looked up here."""
     _claim_refused_while_locked(
-        tmp_path, f"{os.getpid()} canon run\nhost node-7\n",
-        rf"{tmp_path} is in use by another canon run \(pid {os.getpid()} on node-7\)")
+        tmp_path, "999999999@node-7 canon run\n",
+        rf"{tmp_path} is in use by another canon run \(pid 999999999 on node-7\)")
+    _claim_refused_while_locked(  # being written
+        tmp_path, "999999999@node-7 can", rf"{tmp_path} is in use by another canon process "
+                                          r"\(pid unknown\)")
 
 
 def test_a_lock_not_yet_written_does_not_name_its_killed_holder(tmp_path):
@@ -895,9 +898,9 @@ def test_a_killed_run_does_not_block_the_next(tmp_path):
     child.kill()
     child.wait(timeout=60)
     # left by the kill:
-    assert (tmp_path / ".lock").read_text() == f"{child.pid} canon run\nhost {HOST}\n"
+    assert (tmp_path / ".lock").read_text() == f"{child.pid}@{HOST} canon run\n"
     with claim_run_dir(tmp_path, resume=True):
-        assert (tmp_path / ".lock").read_text() == f"{os.getpid()} canon run\nhost {HOST}\n"
+        assert (tmp_path / ".lock").read_text() == f"{os.getpid()}@{HOST} canon run\n"
     assert not (tmp_path / ".lock").exists()
 
 

@@ -118,8 +118,9 @@ def make_folder(folder: Path, *, advice: str = "choose a writable folder") -> No
 def locked_folder(folder: Path, *, user: str, other: str, advice: str) -> Iterator[None]:
     """Hold `folder`/.lock for the block, against every other process that asks for it: an
     flock, which the kernel releases when its holder dies, so a killed holder never blocks the
-    next. The file names its holder, `user` (e.g. "canon run") and pid. Held elsewhere: a
-    DataError, "`folder` is in use by another `user` (pid N); wait for it or `other`";
+    next. The file names its holder, `user` (e.g. "canon run"), pid and machine. Held
+    elsewhere: a DataError, "`folder` is in use by another `user` (pid N[ on HOST]); wait for
+    it or `other`";
     the lock file cannot be made: cannot_write's, with `advice`; nor locked: a DataError."""
     path = folder / LOCK_FILE
     descriptor = _lock(path, user, other, advice)
@@ -131,8 +132,8 @@ def locked_folder(folder: Path, *, user: str, other: str, advice: str) -> Iterat
 
 
 def folder_holder(folder: Path) -> str | None:
-    """Who holds `folder`'s lock now (locked_folder), as "canon run (pid N)"; None where no
-    one does, or its lock cannot be looked at."""
+    """Who holds `folder`'s lock now (locked_folder), as "canon run (pid N[ on HOST])"; None
+    where no one does, or its lock cannot be looked at."""
     try:
         descriptor = os.open(folder / LOCK_FILE, os.O_RDONLY)
     except OSError:
@@ -150,24 +151,23 @@ def folder_holder(folder: Path) -> str | None:
 
 def _holder(descriptor: int) -> str:
     """"USER (pid N)" as a lock file reads, "USER (pid N on HOST)" for a holder on another
-    machine (a shared file system), whose pid means nothing here; a killed holder's words are
-    not repeated (the new holder has locked the file, yet to write its own)."""
-    lines = os.read(descriptor, 400).decode(errors="replace").splitlines()
-    held = lines[0].split(maxsplit=1) if lines else []
-    host = lines[1].removeprefix(_HOST_LINE) if len(lines) > 1 else socket.gethostname()
+    machine (a shared file system), whose pid means nothing here; a file not yet written
+    whole, or a killed holder's words on this machine, are not repeated (the new holder has
+    locked the file, yet to write its own)."""
+    text = os.read(descriptor, 400).decode("utf-8", "surrogateescape")
+    held = text.split(maxsplit=1) if text.endswith("\n") else []
     if not held:
         return "canon process (pid unknown)"
-    user = held[1].strip() if len(held) > 1 else "canon process"  # an older canon's file
-    if host != socket.gethostname():  # names its pid alone, and no host
-        return f"{user} (pid {held[0]} on {host})"
-    return f"{user} (pid {held[0]})" if _alive(held[0]) else "canon process (pid unknown)"
-
-
-_HOST_LINE = "host "  # a lock file's second line: the machine of the pid on its first
+    pid, _, host = held[0].partition("@")  # an older canon's file names no host
+    user = held[1].strip() if len(held) > 1 else "canon process"  # nor, older still, its user
+    if host and host != socket.gethostname():
+        return f"{user} (pid {pid} on {host})"
+    return f"{user} (pid {pid})" if _alive(pid) else "canon process (pid unknown)"
 
 
 def _lock(path: Path, user: str, other: str, advice: str) -> int:
-    """A descriptor of `path`, exclusively locked and holding this process's pid and `user`."""
+    """A descriptor of `path`, exclusively locked and holding this process's pid, machine and
+    `user`."""
     while True:
         try:
             descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -188,8 +188,11 @@ def _lock(path: Path, user: str, other: str, advice: str) -> int:
                             f"there at once; {other} on a local disk") from None
         if _still_there(descriptor, path):
             os.ftruncate(descriptor, 0)
-            os.write(descriptor, f"{os.getpid()} {user}\n{_HOST_LINE}{socket.gethostname()}\n"
-                     .encode())
+            # "PID@HOST USER": a holder on another machine of a shared file system is named
+            # so, and an older canon reads "pid unknown" (no pid of its own to look up).
+            os.write(descriptor, f"{os.getpid()}@{socket.gethostname()} {user}\n".encode(
+                "utf-8", "surrogateescape"))
+            os.fsync(descriptor)  # what another machine reads meanwhile
             return descriptor
         os.close(descriptor)  # its holder deleted that file as it finished: lock the new one
 
