@@ -32,6 +32,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,7 @@ import torch
 from safetensors.torch import load_file
 
 from canon import cli
+from canon.data.folders import UndecodableImageWarning
 from canon.data.sampling import ShardSampler, ShuffleSampler, epoch_order, eval_shard
 from canon.devices import resolve_device
 from canon.engine import checkpoint as ckpt
@@ -607,38 +609,67 @@ def test_an_error_every_rank_meets_is_printed_by_rank_0_and_the_first_other(
     Another error prints, and so does the same one in an elastic restart."""
     monkeypatch.delenv("CANON_DEBUG", raising=False)
 
-    def printed(rank: int, *argv: str) -> str:
-        monkeypatch.setenv("RANK", str(rank))
+    def printed(rank: str, *argv: str) -> str:
+        monkeypatch.setenv("RANK", rank)
         with pytest.raises(SystemExit) as exit_:
             cli.main(list(argv))
         assert exit_.value.code == 2
         return capsys.readouterr().err
 
     unknown = ("train", "--recipe", "no-such-recipe")
-    first = printed(2, *unknown)
+    first = printed("2", *unknown)
     assert first.startswith("canon train: error: ") and "no-such-recipe" in first
-    assert printed(1, *unknown) == ""  # another rank of the same attempt
-    assert printed(0, *unknown) == first  # rank 0 always: its output may be all that is kept
-    assert "no-other-recipe" in printed(1, "train", "--recipe", "no-other-recipe")
-    assert printed(1, "eval", "run").startswith("canon eval: error: ")  # any verb's error
+    assert printed("1", *unknown) == ""  # another rank of the same attempt
+    assert printed("0", *unknown) == first  # rank 0 always: its output may be all that is kept
+    assert "no-other-recipe" in printed("1", "train", "--recipe", "no-other-recipe")
+    assert printed("1", "eval", "run").startswith("canon eval: error: ")  # any verb's error
+    assert "RANK='one'" in printed("one", *unknown)  # said, though RANK names no rank
     not_utf8 = os.fsdecode(b"/no/such/d\xe9ta")  # a file name of other bytes than UTF-8's
-    assert distributed.shows_here(f"{not_utf8}: not a folder")
+    assert distributed.first_to_meet(f"{not_utf8}: not a folder")
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
-    assert printed(1, *unknown) == first
+    assert printed("1", *unknown) == first
 
 
-def test_a_torchrun_launch_prints_an_error_of_its_three_ranks_at_most_twice(
+def test_an_error_is_printed_at_once_where_torchrun_s_store_is_gone_or_hung(
+    torchrun_store: torch.distributed.TCPStore, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The process is ending: a dead agent (nothing listens) or a hung one (it accepts, never
+    answers) must not keep it, nor stop its error from being printed."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        gone = closed.getsockname()[1]
+    monkeypatch.setenv("MASTER_PORT", str(gone))
+    assert distributed.first_to_meet("an error")
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen()
+        monkeypatch.setenv("MASTER_PORT", str(hung.getsockname()[1]))
+        started = time.monotonic()
+        assert distributed.first_to_meet("an error")
+        assert time.monotonic() - started < 10
+
+
+def test_a_rank_other_than_0_warns_only_of_the_files_it_failed_to_decode() -> None:
+    """The others, of the same recipe, data and checkpoint, rank 0 shows once for all."""
+    with warnings.catch_warnings(record=True) as shown:
+        cli._show_only_this_process_s_own_warnings()
+        warnings.warn("the run ends before its warm-up does", UserWarning, stacklevel=1)
+        warnings.warn("skipping a.JPEG: not an image", UndecodableImageWarning, stacklevel=1)
+    assert [str(w.message) for w in shown] == ["skipping a.JPEG: not an image"]
+
+
+def test_a_torchrun_launch_prints_an_error_of_its_three_ranks_on_rank_0_and_once_more_at_most(
     tmp_path: Path,
 ) -> None:
     """torchrun's own store and environment, as the test above stands them in for."""
     done = subprocess.run(
-        [*_torchrun(3), "-m", "canon", "train", "--recipe", "no-such-recipe"],
+        [*_torchrun(3, "--tee=2"), "-m", "canon", "train", "--recipe", "no-such-recipe"],
         env=_environment(tmp_path / "cache"), capture_output=True, text=True, timeout=300,
     )
     output = done.stdout + done.stderr
     assert done.returncode != 0, output[-3000:]
+    assert output.count("[default0]:canon train: error: unknown recipe") == 1, output[-3000:]
     assert output.count("canon train: error: ") in (1, 2), output[-3000:]
-    assert "no-such-recipe" in output
 
 
 def test_a_static_rendezvous_restart_does_not_take_an_earlier_launch_s_run(

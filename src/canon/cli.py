@@ -815,14 +815,26 @@ def _check_launcher(verb: str) -> None:
                           "device (each would do all of it): run it without torchrun")
 
 
-def _shows_error(message: str) -> bool:
-    """Whether this process prints an error: under torchrun, rank 0 and at most one other rank
-    (canon.engine.distributed.shows_here), else always."""
+def _print_error(verb: str, message: str) -> None:
+    """Under torchrun every rank may meet the same error: rank 0 prints it, first (its output
+    may be all torchrun keeps: --local-ranks-filter 0, per-rank logs), and another rank only
+    where it met it before every other rank (canon.engine.distributed.first_to_meet). Twice at
+    most where every rank printed one copy, and eight would bury an error that differs."""
+    line = f"canon {verb}: error: {message}"
     if not launched_by_torchrun():
-        return True
-    from canon.engine.distributed import shows_here
+        print(line, file=sys.stderr)
+        return
+    from canon.engine.distributed import first_to_meet, is_main_process
 
-    return shows_here(message)
+    try:
+        main = is_main_process()
+    except CanonError:  # RANK is no number: the error may be that
+        main = True
+    if main:
+        print(line, file=sys.stderr, flush=True)
+    first = first_to_meet(message)  # rank 0 is counted too: the others then know it has it
+    if first and not main:
+        print(line, file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -839,9 +851,7 @@ def main(argv: list[str] | None = None) -> None:
     except CanonError as error:
         if os.environ.get("CANON_DEBUG"):
             raise
-        message = canon_message(error)
-        if _shows_error(message):
-            print(f"canon {args.verb}: error: {message}", file=sys.stderr)
+        _print_error(args.verb, canon_message(error))
         sys.exit(2)
     except KeyboardInterrupt as stop:  # Ctrl-C where nothing is saved (training's verbs say
         if os.environ.get("CANON_DEBUG"):  # more); a verb may say what it left (canon pack)

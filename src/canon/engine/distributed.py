@@ -9,6 +9,8 @@ import functools
 import hashlib
 import itertools
 import os
+import socket
+import threading
 import time
 import uuid
 import warnings
@@ -140,22 +142,35 @@ def _store_client(address: str, port: int, timeout: timedelta = default_pg_timeo
     return dist.TCPStore(address, port, is_master=False, timeout=timeout)
 
 
-def shows_here(error: str) -> bool:
-    """Whether this torchrun worker prints `error`, a message every rank may meet alike (of the
-    recipe, the data or the checkpoint): rank 0 always, whose output `--local-ranks-filter 0`
-    and per-rank logs keep; another rank only when it met it before every other one, as
-    torchrun's store counts them. At most two copies in all, where every rank used to print
-    one and eight would bury an error that differs. True where torchrun shares no store, or it
-    does not answer within seconds."""
-    address = _agent_store_address()
-    first = True
-    if address is not None:
-        digest = hashlib.sha256(error.encode("utf-8", "surrogatepass")).hexdigest()[:16]
-        key = f"canon/attempt-{elastic_restart_count()}/shown-{digest}"
-        # DistNetworkError, DistStoreError: the agent is gone
-        with suppress(RuntimeError, OSError):
-            first = _store_client(*address, timeout=timedelta(seconds=2)).add(key, 1) == 1
-    return is_main_process() or first
+def first_to_meet(message: str) -> bool:
+    """Whether no other worker of this torchrun launch attempt has met `message` (an error that
+    ends it) before this one, as torchrun's store counts them: every rank meets an error of the
+    recipe, the data or the checkpoint alike. True where torchrun shares no store, or its
+    variables cannot be read, or the store does not answer within seconds (a dead or hung
+    agent: this process is ending, and must not wait on it)."""
+    try:
+        address = _agent_store_address()
+        attempt = elastic_restart_count()
+    except (ConfigError, ValueError):  # not numbers: the error being shown may say so
+        return True
+    if address is None:
+        return True
+    try:  # a gone agent refuses at once, where TCPStore would retry (and log each try)
+        socket.create_connection(address, timeout=1).close()
+    except OSError:
+        return True
+    digest = hashlib.sha256(message.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    counts: list[int] = []
+
+    def count() -> None:
+        with suppress(RuntimeError, OSError):  # DistNetworkError, DistStoreError
+            store = _store_client(*address, timeout=timedelta(seconds=2))
+            counts.append(store.add(f"canon/attempt-{attempt}/met-{digest}", 1))
+
+    asking = threading.Thread(target=count, daemon=True)  # a hung agent's store never answers
+    asking.start()
+    asking.join(timeout=3)
+    return not counts or counts[0] == 1
 
 
 _joins = itertools.count()  # process groups this process has joined (init_distributed)
