@@ -151,7 +151,7 @@ def first_to_meet(message: str) -> bool:
     try:
         address = _agent_store_address()
         attempt = elastic_restart_count()
-    except (ConfigError, ValueError):  # not numbers: the error being shown may say so
+    except (ConfigError, ValueError, KeyError):  # unreadable: the error shown may say so
         return True
     if address is None:
         return True
