@@ -15,7 +15,8 @@ import pytest
 
 SOURCE = Path(__file__).resolve().parents[1] / "src" / "canon"
 LAYERS = [
-    ("canon.devices", "canon.errors", "canon.files", "canon.lazy", "canon.validation"),
+    ("canon.devices", "canon.errors", "canon.files", "canon.lazy", "canon.torchrun",
+     "canon.validation"),
     ("canon.registry",),
     ("canon.models",),
     ("canon.data",),
