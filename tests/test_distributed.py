@@ -55,6 +55,7 @@ from canon.engine.distributed import (
     wrap_model,
 )
 from canon.engine.rundir import plan_run
+from canon.engine.stopping import loader_worker_init
 from canon.engine.trainer import train
 from canon.errors import ConfigError
 from canon.models.factory import create_model
@@ -656,6 +657,30 @@ def test_a_rank_other_than_0_warns_only_of_the_files_it_failed_to_decode() -> No
         warnings.warn("the run ends before its warm-up does", UserWarning, stacklevel=1)
         warnings.warn("skipping a.JPEG: not an image", UndecodableImageWarning, stacklevel=1)
     assert [str(w.message) for w in shown] == ["skipping a.JPEG: not an image"]
+
+
+def _warn_of_the_recipe_and_of_a_file(worker_id: int) -> None:
+    """Writes the warnings shown to fd 2 (a forked worker inherits pytest's recorder)."""
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.warn("the run ends before its warm-up does", UserWarning, stacklevel=1)
+        warnings.warn("skipping a.JPEG: not an image", UndecodableImageWarning, stacklevel=1)
+    os.write(2, "".join(f"shown: {warning.message}\n" for warning in shown).encode())
+
+
+@pytest.mark.parametrize("start", ["fork", "spawn"])
+def test_loader_workers_of_a_rank_other_than_0_warn_as_it_does_however_started(
+    start: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A spawned worker (macOS, Python 3.14's forkserver) starts from Python's own filters, not
+    from its process's: without them it would show every warning a rank's data gives."""
+    with warnings.catch_warnings():
+        cli._show_only_this_process_s_own_warnings()
+        loader = torch.utils.data.DataLoader(
+            range(2), num_workers=1, multiprocessing_context=start,
+            worker_init_fn=loader_worker_init(_warn_of_the_recipe_and_of_a_file))
+        assert list(loader)
+    shown = capfd.readouterr().err
+    assert "shown: skipping a.JPEG: not an image" in shown and "warm-up" not in shown, shown
 
 
 def test_a_torchrun_launch_prints_an_error_of_its_three_ranks_on_rank_0_and_once_more_at_most(

@@ -42,7 +42,7 @@ from canon.engine.optimization import make_average, make_optimizer
 from canon.engine.precision import Precision
 from canon.engine.rundir import RECIPE_HEADER
 from canon.engine.schedules import LearningRateSchedule, scale_iteration_counts
-from canon.engine.stopping import leave_signals_to_main
+from canon.engine.stopping import loader_worker_init
 from canon.engine.trained import TORCHVISION
 from canon.errors import ConfigError, first_line
 from canon.files import atomic_write
@@ -418,19 +418,19 @@ def _loaders(
                              workers=workers, sampler=train_keys, seed=config.seed,
                              drop_last=True, collate_fn=collate_files,
                              pin_memory=False)  # decode_jpeg reads its input on the CPU
-        files.worker_init_fn = leave_signals_to_main(files.worker_init_fn)
+        files.worker_init_fn = loader_worker_init(files.worker_init_fn)
         train_loader = DeviceDecodedBatches(files, train_set, decoded, config.seed, ctx.device)
     else:
         train_loader = build_loader(
             samples, config.batch_size, train=True, workers=workers, sampler=train_keys,
             seed=config.seed, drop_last=True,
         )
-        train_loader.worker_init_fn = leave_signals_to_main(train_loader.worker_init_fn)
+        train_loader.worker_init_fn = loader_worker_init(train_loader.worker_init_fn)
     shard = None if isinstance(val_set, ShardImages) else eval_shard(len(val_set), ctx.rank,
                                                                       ctx.world_size)
     val_loader = build_loader(val_set, config.batch_size, train=False, workers=workers,
                               sampler=shard)
-    val_loader.worker_init_fn = leave_signals_to_main(val_loader.worker_init_fn)
+    val_loader.worker_init_fn = loader_worker_init(val_loader.worker_init_fn)
     return train_order, train_loader, val_loader
 
 

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 import signal
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -89,20 +91,33 @@ def release_stop_signals() -> None:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
-def leave_signals_to_main(worker_init: Callable | None) -> Callable[[int], None]:
-    """Loader workers ignore Ctrl-C and SIGTERM (SLURM signals every process of a job): a
-    worker that died would make the DataLoader raise in the main process mid-step. The main
-    process decides when to stop and ends its workers itself (shut_down_workers). A partial of
-    a module function, not a closure: where workers are spawned (macOS, Python 3.14's
-    forkserver, a run in `canon reproduce --jobs`'s spawned processes) it is pickled."""
-    return functools.partial(_ignore_stop_signals, worker_init)
+def loader_worker_init(worker_init: Callable | None) -> Callable[[int], None]:
+    """A loader's worker_init_fn: its workers ignore Ctrl-C and SIGTERM (SLURM signals every
+    process of a job), since a worker that died would make the DataLoader raise in the main
+    process mid-step; the main process decides when to stop and ends its workers itself
+    (shut_down_workers). They also take the main process's warning filters as they are now (a
+    rank other than 0 shows only its own files' warnings): forked workers inherit them, spawned
+    ones (macOS, Python 3.14's forkserver, a run in `canon reproduce --jobs`'s spawned
+    processes) would start from Python's defaults. A partial of a module function, not a
+    closure, since spawned workers are sent it pickled."""
+    return functools.partial(_as_a_loader_worker, list(warnings.filters), worker_init)
 
 
-def _ignore_stop_signals(worker_init: Callable | None, worker_id: int) -> None:
+def _as_a_loader_worker(warning_filters: list[tuple], worker_init: Callable | None,
+                        worker_id: int) -> None:
     for stop_signal in STOP_SIGNALS:
         signal.signal(stop_signal, signal.SIG_IGN)
+    warnings.resetwarnings()
+    for action, message, category, module, line in reversed(warning_filters):  # each goes first
+        warnings.filterwarnings(action, _pattern(message), category, _pattern(module), line)
     if worker_init is not None:
         worker_init(worker_id)
+
+
+def _pattern(matched: re.Pattern | str | None) -> str:
+    """A filter's message or module as filterwarnings takes it (Python's own filters hold a
+    module name as a plain string)."""
+    return "" if matched is None else getattr(matched, "pattern", matched)
 
 
 def shut_down_workers(loader: Any) -> None:
