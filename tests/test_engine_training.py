@@ -168,6 +168,44 @@ def test_an_iteration_limit_inside_an_epoch_resumes_as_if_the_run_never_stopped(
     assert not ckpt.best_checkpoint(tmp_path / "held-out").exists()
 
 
+def test_a_run_the_iteration_limit_ended_inside_an_epoch_is_finished_when_resumed_as_it_is(
+    resume_data, tmp_path
+):
+    """A requeued `canon train --resume` of such a run (ResNet CIFAR's 64k iterations end
+    inside epoch 165) trains, validates and saves nothing, and leaves what canon eval wrote of
+    its model where it is; its cut epoch's clock kept the training seconds alone, not the
+    validation's, for a resume with a higher limit to add to."""
+    recipe = apply_overrides(tiny_recipe(batch_size=16, epochs=2, iterations=3),
+                             [("optimizer.base_batch_size", 16)])
+    first = train(recipe, tmp_path, device="cpu", datasets=resume_data, progress=False)
+    saved = ckpt.epoch_checkpoint(tmp_path, 1)
+    state = ckpt.load_checkpoint(saved)
+    assert state["epoch_totals"][0]["seconds"] < first.metrics[-1]["seconds"]
+    (tmp_path / "eval-center.json").write_text("of the run's model")
+    saved_at = saved.stat().st_mtime_ns
+    again = train(recipe, tmp_path, resume=tmp_path, device="cpu", datasets=resume_data,
+                  progress=False)
+    assert again.metrics == first.metrics and saved.stat().st_mtime_ns == saved_at
+    assert (tmp_path / "eval-center.json").read_text() == "of the run's model"
+    assert not (tmp_path / "earlier-reports").exists()
+    assert load_trained(tmp_path).source == tmp_path / ckpt.EXPORT_WEIGHTS
+
+
+def test_a_taken_output_directory_is_refused_before_the_data_is_read(
+    resume_data, tmp_path, monkeypatch
+):
+    """Not after a scan of ImageNet's files and a statistics pass."""
+    recipe = tiny_recipe(epochs=1, batch_size=16)
+    train(recipe, tmp_path, device="cpu", datasets=resume_data, progress=False)
+
+    def read_the_data(*args: object) -> None:
+        raise AssertionError("set_up ran")
+
+    monkeypatch.setattr("canon.engine.trainer.set_up", read_the_data)
+    with pytest.raises(DataError, match="already holds a run"):
+        train(recipe, tmp_path, device="cpu", datasets=resume_data, progress=False)
+
+
 def test_a_resume_refuses_another_training_set(sample_sets, resume_data, tmp_path):
     """Other images held out would put trained-on images in the validation set; another
     training set puts the checkpoint's steps elsewhere in its epochs."""

@@ -678,8 +678,11 @@ def _restore(run: Run, state: dict[str, Any]) -> None:
     if run.average is not None and state["ema"] is not None:  # None: not started (Polyak)
         run.average.load_state_dict(state["ema"])
     run.epoch, run.step, run.step_in_epoch = state["epoch"], state["step"], state["step_in_epoch"]
-    # An epoch the iteration limit cut short goes on: its row is replaced at its end.
-    run.metrics = [row for row in state["metrics"] if row["epoch"] <= run.epoch]
+    # An epoch the iteration limit cut short goes on, its row replaced at its end; where the
+    # limit is still where it cut, the run has finished, that row its last.
+    run.cut_short = run.step == run.total_steps and any(
+        row["epoch"] == run.epoch + 1 and row.get("step") == run.step for row in state["metrics"])
+    run.metrics = [row for row in state["metrics"] if row["epoch"] <= run.epoch + run.cut_short]
     saved_ranks = len(state["rng"])  # one RNG state and one set of epoch totals per rank
     if saved_ranks == ctx.world_size:
         ckpt.restore_rng_state(state["rng"][ctx.rank])

@@ -197,37 +197,49 @@ def _train(
         check_continuation(loaded, state, Path(resume).is_file(), run_dir)
     if state is not None and ctx.is_main:
         print(f"resuming at epoch {state['epoch']} + {state['step_in_epoch']} steps")
-    run = set_up(recipe, run_dir, ctx, model, datasets, state)
-    if recipe.train.cuda_graph:
-        run.graphed_step = graphed_step(run)
-        if ctx.device.type != "cuda" and ctx.is_main:
-            print(f"train.cuda_graph: nothing to capture on {ctx.device}; the same step runs "
-                  "uncaptured")
-    stop = StopFlag(announce=ctx.is_main)
     in_place = state is not None and not continues_elsewhere(state, run_dir)
-    with _claimed(run, resuming=in_place, overwrite=overwrite), stop.installed():
-        if run.resumed_from is not None and ctx.is_main:
-            keep_best(run, run.resumed_from)
-        if in_place and ctx.is_main:  # metrics.csv may lag the checkpoint (killed between
-            write_metrics_csv(run_dir / "metrics.csv", run.metrics)  # the two writes) or run
-            # ahead of it (a damaged newer checkpoint passed over): the checkpoint's epochs
-            if _trains_on(run):  # a finished run given more epochs: its export is of the past
-                exported = ckpt.withdraw_export(run_dir)  # not run.epoch's where a newer
-                epochs = run.epoch if exported is None else exported  # checkpoint was damaged
-                aside = set_reports_aside(run_dir, epochs)
-                if aside is not None:
-                    print(f"the evaluations and visualisations of the model this run had "
-                          f"after {epochs} epoch(s) are now in {aside}")
-        try:
-            while _trains_on(run):
-                train_seconds = _train_epoch(run, stop, progress, on_step)
-                _end_epoch(run, train_seconds)
-        finally:
-            _close(run)
-        if ctx.is_main:
-            export(run)
+    # Claimed before set_up's dataset scan and statistics pass: a taken directory is refused
+    # at once, not minutes later.
+    with _claimed(run_dir, ctx, resuming=in_place, overwrite=overwrite):
+        run = set_up(recipe, run_dir, ctx, model, datasets, state)
+        if recipe.train.cuda_graph:
+            run.graphed_step = graphed_step(run)
+            if ctx.device.type != "cuda" and ctx.is_main:
+                print(f"train.cuda_graph: nothing to capture on {ctx.device}; the same step "
+                      "runs uncaptured")
+        _by_rank_0(ctx, lambda: open_run_dir(run),
+                   f"rank 0 could not open the run directory {run_dir}")
+        stop = StopFlag(announce=ctx.is_main)
+        with stop.installed():
+            _train_run(run, in_place, stop, progress, on_step)
     best = None if run.validates_on_test_set or math.isinf(run.best_error) else run.best_error
     return TrainResult(run_dir, run.metrics, best, run.validates_on_test_set)
+
+
+def _train_run(run: Run, in_place: bool, stop: StopFlag, progress: bool,
+               on_step: Callable[[int], None] | None) -> None:
+    """Train the epochs left, then rank 0 exports the model."""
+    ctx, run_dir = run.ctx, run.run_dir
+    if run.resumed_from is not None and ctx.is_main:
+        keep_best(run, run.resumed_from)
+    if in_place and ctx.is_main:  # metrics.csv may lag the checkpoint (killed between
+        write_metrics_csv(run_dir / "metrics.csv", run.metrics)  # the two writes) or run
+        # ahead of it (a damaged newer checkpoint passed over): the checkpoint's epochs
+        if _trains_on(run):  # a finished run given more epochs: its export is of the past
+            exported = ckpt.withdraw_export(run_dir)  # not run.epoch's where a newer
+            epochs = run.epoch if exported is None else exported  # checkpoint was damaged
+            aside = set_reports_aside(run_dir, epochs)
+            if aside is not None:
+                print(f"the evaluations and visualisations of the model this run had "
+                      f"after {epochs} epoch(s) are now in {aside}")
+    try:
+        while _trains_on(run):
+            train_seconds = _train_epoch(run, stop, progress, on_step)
+            _end_epoch(run, train_seconds)
+    finally:
+        _close(run)
+    if ctx.is_main:
+        export(run)
 
 
 def _trains_on(run: Run) -> bool:
@@ -235,21 +247,28 @@ def _trains_on(run: Run) -> bool:
 
 
 @contextlib.contextmanager
-def _claimed(run: Run, *, resuming: bool, overwrite: bool) -> Iterator[None]:
-    """Rank 0 claims and locks the run directory (refusing another run's) and opens it; the
-    other ranks learn whether it could, so that none of them trains alone."""
+def _claimed(run_dir: Path, ctx: dist.DistributedContext, *, resuming: bool, overwrite: bool
+             ) -> Iterator[None]:
+    """Rank 0 claims and locks the run directory (refusing another run's) while the block
+    runs."""
     with contextlib.ExitStack() as stack:
-        if run.ctx.is_main:
-            try:
-                stack.enter_context(claim_run_dir(run.run_dir, resume=resuming,
-                                                  overwrite=overwrite))
-                open_run_dir(run)
-            except BaseException:
-                dist.any_rank(True, run.ctx)  # the other ranks' matching call below
-                raise
-        if dist.any_rank(False, run.ctx):
-            raise DataError(f"rank 0 could not open the run directory {run.run_dir}")
+        _by_rank_0(ctx, lambda: stack.enter_context(
+            claim_run_dir(run_dir, resume=resuming, overwrite=overwrite)),
+            f"rank 0 could not claim the run directory {run_dir}")
         yield
+
+
+def _by_rank_0(ctx: dist.DistributedContext, action: Callable[[], object], failed: str) -> None:
+    """`action` on rank 0 alone; where it fails, every rank raises (rank 0 its own error, the
+    others a DataError saying `failed`), so that none trains alone."""
+    if ctx.is_main:
+        try:
+            action()
+        except BaseException:
+            dist.any_rank(True, ctx)  # the other ranks' matching call below
+            raise
+    if dist.any_rank(False, ctx):
+        raise DataError(failed)
 
 
 def _close(run: Run) -> None:
@@ -532,7 +551,7 @@ def _end_epoch(run: Run, train_seconds: float) -> None:
     }
     run.metrics.append(row)
     if cut:  # a resume goes on with these totals, as from interrupted.pt
-        run.cut_short, run.totals["seconds"] = True, row["seconds"]
+        run.cut_short, run.totals["seconds"] = True, train_seconds
     else:
         run.epoch, run.step_in_epoch, run.totals = run.epoch + 1, 0, new_totals()
     state = snapshot(run)
