@@ -22,8 +22,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from canon.cli import main
-from canon.data import packing
-from canon.data.datasets import open_dataset
+from canon.data import DataConfig, packing
+from canon.data.datasets import open_dataset, validates_on_test_split
 from canon.data.folders import BadImageWarning, open_image_folder
 from canon.data.loaders import build_loader, collate
 from canon.data.pack_command import add_pack_parser, parse_size
@@ -499,6 +499,21 @@ def test_an_undecodable_image_is_skipped_or_strict(with_bad_image, tmp_path):
     assert len(items) == 5 and sum(item is None for item in items) == 1
     with pytest.raises(DataError, match=r"n02102040/broken.jpg"):
         list(ShardImages(out, "train", shuffle=False, strict=True))
+
+
+def test_a_val_split_packed_from_test_is_still_the_test_set(with_bad_image, packed, tmp_path):
+    """A run validating on it chooses no best epoch on test images, as it would on the folder:
+    its index says which folder the split was packed from; an older pack's source says it."""
+    (with_bad_image / "val").rename(with_bad_image / "test")
+    out = tmp_path / "shards"
+    pack_folder(with_bad_image, out, progress=False)
+    assert read_index(out).splits["val"].folder == "test"
+    assert validates_on_test_split(DataConfig(dataset=str(out)))
+    assert not validates_on_test_split(DataConfig(dataset=str(packed)))
+    index = json.loads((out / "index.json").read_text())
+    del index["splits"]["val"]["folder"]  # as a pack made before canon recorded it
+    (out / "index.json").write_text(json.dumps(index))
+    assert validates_on_test_split(DataConfig(dataset=str(out)))
 
 
 def test_a_class_packed_from_an_empty_folder_is_warned_of_when_read(with_bad_image, packed,

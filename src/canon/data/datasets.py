@@ -218,16 +218,31 @@ def recorded_differences(
 def validates_on_test_split(data: DataConfig) -> bool:
     """True when the validation images are the dataset's test split: CIFAR and the bundled
     sample have no validation split, so without data.val_split canon validates on their test
-    images, as on an image folder's test/ where it has no val/ (nor validation/, valid/). An
-    image folder's val/ is a validation set (ImageNet's, which the papers report on, its test
-    labels being unpublished)."""
+    images, as on an image folder's test/ where it has no val/ (nor validation/, valid/), and
+    on a pack's val split packed from such a test/. An image folder's val/ is a validation set
+    (ImageNet's, which the papers report on, its test labels being unpublished)."""
     if data.val_split:
         return False
     name = data.dataset
-    if _canon_named(name) or find_cifar(Path(name).expanduser()) is not None:
+    folder = Path(name).expanduser()
+    if _canon_named(name) or find_cifar(folder) is not None:
         return True
-    evaluated = split_folder(Path(name).expanduser(), "val")
+    if is_shard_folder(folder):
+        return _packed_from(folder, "val") == "test"
+    evaluated = split_folder(folder, "val")
     return evaluated is not None and evaluated.name == "test"
+
+
+def _packed_from(pack: Path, split: str) -> str | None:
+    """The name of the folder a pack's `split` was packed from: as its index records it, else
+    (a pack made before canon recorded it) as its source folder holds it now, if it is there."""
+    index = read_index(pack)
+    packed = index.splits.get(split)
+    if packed is not None and packed.folder is not None:
+        return packed.folder
+    source = Path(index.source)
+    found = split_folder(source, split) if packed is not None and source.is_dir() else None
+    return None if found is None else found.name
 
 
 def _source(

@@ -98,7 +98,7 @@ def pack_folder(
             written = {
                 split: SplitIndex(_SplitWriter(out, split, folder, shard_bytes, bar).write(),
                                   folder.fingerprint(), len(folder.skipped),
-                                  folder.skipped_at_listing)
+                                  folder.skipped_at_listing, folder.root.name)
                 for split, folder in folders.items()
             }
         merged = {**kept, **written}

@@ -40,12 +40,15 @@ class SplitIndex:
     from (FolderImages.fingerprint); `skipped`: its files the folder scan skipped, of which
     `skipped_images` had an image file's name (FolderImages.skipped_at_listing: images that
     could not be read, which evaluation and statistics count; None where unknown: a pack made
-    before canon recorded it, of a folder with skipped files)."""
+    before canon recorded it, of a folder with skipped files); `folder`: the name of the folder
+    packed (val may be packed from test/, whose images no run may choose its best epoch on;
+    None in packs made before canon recorded it)."""
 
     shards: list[Shard]
     fingerprint: str
     skipped: int
     skipped_images: int | None = 0
+    folder: str | None = None
 
     @property
     def samples(self) -> int:
@@ -100,7 +103,8 @@ class PackIndex:
             splits = {
                 name: SplitIndex([Shard(**s) for s in split["shards"]], split["fingerprint"],
                                  split["skipped"],
-                                 split.get("skipped_images", 0 if not split["skipped"] else None))
+                                 split.get("skipped_images", 0 if not split["skipped"] else None),
+                                 split.get("folder"))
                 for name, split in data["splits"].items()
             }
             index = cls(data["source"], data["shard_bytes"], data["class_ids"], data["classes"],
@@ -138,9 +142,10 @@ def _problems(index: PackIndex) -> list[str]:
         problems.append(f"{len(index.class_ids)} class_ids but {len(index.classes)} classes")
     for name, split in index.splits.items():
         if not (isinstance(split.fingerprint, str) and count(split.skipped)
-                and (split.skipped_images is None or count(split.skipped_images))):
-            problems.append(f"split {name}: fingerprint, skipped or skipped_images of another "
-                            "kind")
+                and (split.skipped_images is None or count(split.skipped_images))
+                and (split.folder is None or isinstance(split.folder, str))):
+            problems.append(f"split {name}: fingerprint, skipped, skipped_images or folder of "
+                            "another kind")
         for shard in split.shards:
             where = f"split {name}, shard {shard.file!r}"
             if not (isinstance(shard.file, str) and SHARD_NAME.fullmatch(shard.file)
