@@ -565,10 +565,14 @@ def test_16_bit_images_decode_to_8_bit(tmp_path):
     grey = generator.integers(0, 65536, (7, 9), dtype=np.uint16)
     Image.fromarray(grey).save(tmp_path / "grey16.png")  # PIL mode I;16
     Image.fromarray(grey).save(tmp_path / "grey16.tif")  # decoded by PIL, not torchvision
+    Image.fromarray(grey).save(tmp_path / "grey16.pgm")  # PIL mode I (32-bit)
     expected = {"rgb16.png": rgb >> 8, "grey16.png": np.repeat(grey[..., None] >> 8, 3, 2),
-                "grey16.tif": np.repeat(grey[..., None] >> 8, 3, 2)}
+                "grey16.tif": np.repeat(grey[..., None] >> 8, 3, 2),
+                "grey16.pgm": np.repeat(grey[..., None] >> 8, 3, 2)}
     for name, high_bytes in expected.items():
-        image = decode_image_file(tmp_path / name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # torch's of a read-only array, once a process
+            image = decode_image_file(tmp_path / name)
         assert image.dtype == torch.uint8, name
         assert image.permute(1, 2, 0).numpy().tolist() == high_bytes.tolist(), name
     assert decode_image_file(tmp_path / "rgb16.png")[:, 0, 0].tolist() == [0, 0, 255]
@@ -582,6 +586,20 @@ def test_16_bit_images_decode_to_8_bit(tmp_path):
     stats = compute_stats(FolderImages(tmp_path / "tree"), 6, progress=False)
     assert torch.allclose(stats.channel_mean.double(),
                           torch.from_numpy((rgb >> 8).mean((0, 1)) / 255), atol=1e-6)
+
+
+def test_an_animated_gif_decodes_its_first_frame_alone(tmp_path, monkeypatch):
+    """Its header gives one frame's size, which the pixel limit checks: torchvision would
+    decode all of them (1,000 frames of 4000 x 4000 pass a limit of 179 million pixels)."""
+    frames = [Image.new("RGB", (40, 30), colour) for colour in ((200, 0, 0), (0, 200, 0))]
+    frames[0].save(tmp_path / "two.gif", save_all=True, append_images=frames[1:])
+
+    def every_frame(data: bytes) -> None:
+        raise AssertionError("torchvision decoded the GIF")
+
+    monkeypatch.setattr("canon.data.decoding._decode_with_torchvision", every_frame)
+    image = decode_image_file(tmp_path / "two.gif")
+    assert image.shape == (3, 30, 40) and image[:, 0, 0].tolist() == [200, 0, 0]
 
 
 @pytest.fixture(scope="module")

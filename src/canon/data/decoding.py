@@ -68,10 +68,12 @@ def decode_image_bytes(data: bytes, name: str | Path, max_pixels: int = MAX_IMAG
             if tensor is not None:
                 return tensor
     # Other formats, headers image_size cannot parse, and files torchvision rejects: PIL reads
-    # the header (and checks it again: its decoders read their own) and decodes.
+    # the header (and checks it again: its decoders read their own) and decodes. A GIF's
+    # header gives one frame's size, and torchvision would decode every frame: PIL, the first.
     with _open_header(data, name) as image:
         _check_pixels(image.size, max_pixels, name)
-        tensor = _decode_with_torchvision(data) if size is None else None
+        tensor = _decode_with_torchvision(data) if size is None and image.format != "GIF" \
+            else None
         return tensor if tensor is not None else _decode_with_pil(image, name)
 
 
@@ -214,7 +216,7 @@ def _decode_with_pil(image: Image.Image, path: str | Path) -> torch.Tensor:
             raise DataError(f"{path}: a floating-point image (PIL mode F), which canon does not "
                             "read; save it as 8- or 16-bit")
         if image.mode.startswith("I"):  # 16-bit greyscale (I;16 TIFF, I PGM): convert clips
-            grey = _high_byte(torch.from_numpy(np.asarray(image, dtype=np.int32)))
+            grey = _high_byte(torch.from_numpy(np.array(image, dtype=np.int32)))  # writable
             return grey.expand(3, -1, -1).contiguous()
         rgb = image.convert("RGB")
     except PIL_ERRORS as error:
