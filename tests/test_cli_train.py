@@ -711,6 +711,30 @@ def test_undecodable_files_are_skipped_and_counted_or_refused_with_strict(
         assert "Traceback" not in printed and "Caught DataError" not in printed
 
 
+def test_a_validation_image_that_stops_a_strict_run_loses_no_training(image_folder, tmp_path,
+                                                                      capsys):
+    """The epoch it validates is saved, to validate again once the file is mended."""
+    root = tmp_path / "data"
+    shutil.copytree(image_folder, root)
+    bad = sorted((root / "val").glob("*/*.png"))[0]
+    good = bad.read_bytes()
+    bad.write_bytes(b"not a PNG")
+    run = tmp_path / "run"
+    train = ["train", "--data", str(root), "--epochs", "2", "--batch-size", "16", "--device",
+             "cpu", "--strict", "--output-dir", str(run)]
+    with pytest.raises(SystemExit):
+        main(train)
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert str(bad) in error and "the 10 steps before it are saved in" in error
+    saved = load_checkpoint(run / "checkpoints" / "interrupted.pt")
+    assert (saved["epoch"], saved["step"], saved["step_in_epoch"]) == (0, 10, 10)
+    bad.write_bytes(good)
+    main(["train", "--resume", str(run), "--device", "cpu", "--strict"])
+    assert "resuming at epoch 0 + 10 steps" in capsys.readouterr().out
+    assert [row.split(",")[0] for row in (run / "metrics.csv").read_text().splitlines()[1:]] \
+        == ["1", "2"]
+
+
 def test_a_run_whose_folder_moved_is_told_to_resume_with_data(quickstart_run, tmp_path,
                                                              capsys):
     """A journey found the bare 'neither sample, cifar10, cifar100 nor an existing folder'

@@ -492,9 +492,9 @@ def _save_interrupted(run: Run, signal_number: int) -> NoReturn:
 
 
 def _save_before_data_error(run: Run, error: DataError) -> NoReturn:
-    """A file that stops a one-process run mid-epoch (--strict, a damaged shard): the epoch's
-    steps before it are saved in interrupted.pt, to resume from once the data is mended,
-    rather than lost back to the last epoch's checkpoint."""
+    """A file that stops a one-process run mid-epoch or in its validation (--strict, a damaged
+    shard): the epoch's steps before it are saved in interrupted.pt, to resume from once the
+    data is mended, rather than lost back to the last epoch's checkpoint."""
     path = ckpt.interrupted_checkpoint(run.run_dir)
     ckpt.save_checkpoint(snapshot(run), path)
     raise DataError(f"{canon_message(error)}; the {run.step} steps before it are saved in "
@@ -524,8 +524,14 @@ def _end_epoch(run: Run, train_seconds: float) -> None:
     cut = run.step_in_epoch < run.steps_per_epoch
     check_weights(run)  # before validation, whose NaN scores would say less
     _share_rank0_buffers(run)
-    val_top1, val_top5, scored = validate(validated_model(run), run.val_loader, ctx,
-                                          run.precision)
+    try:
+        val_top1, val_top5, scored = validate(validated_model(run), run.val_loader, ctx,
+                                              run.precision)
+    except DataError as error:  # --strict's undecodable image, a damaged shard: not the epoch
+        if ctx.world_size > 1:  # (the other ranks may be validating still: none saves alone)
+            raise
+        run.totals["seconds"] = train_seconds
+        _save_before_data_error(run, error)
     if scored < run.val_size and ctx.is_main:
         warnings.warn(f"epoch {run.epoch + 1}: {run.val_size - scored} of the {run.val_size} "
                       "validation images could not be decoded (see the warnings); its "
