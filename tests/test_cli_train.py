@@ -73,6 +73,28 @@ def test_a_resume_refuses_a_recipe_other_than_the_run_s(trained_run, capsys):
         main(["train", "--resume", str(trained_run), "--recipe", "resnet20-cifar10"])
     assert (f"--resume {trained_run} continues a run of quickstart, not of --recipe "
             "resnet20-cifar10: drop --recipe") in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a bare --resume of the run that --output-dir names
+        main(["train", "--resume", "--output-dir", str(trained_run), "--recipe",
+              "resnet20-cifar10"])
+    assert (f"the run in {trained_run} continues a run of quickstart, not of --recipe "
+            "resnet20-cifar10: drop --recipe") in capsys.readouterr().err
+
+
+def test_a_checkpoint_outside_a_run_directory_resumes_only_into_an_output_dir(
+    trained_run, tmp_path, capsys
+):
+    """Its folder (Downloads, say) is no run's: the resumed run's recipe.yaml, metrics.csv and
+    export would go over whatever files of those names are there, unasked."""
+    loose = tmp_path / "Downloads" / "epoch-002.pt"
+    loose.parent.mkdir()
+    shutil.copy(trained_run / "checkpoints" / "epoch-002.pt", loose)
+    (loose.parent / "metrics.csv").write_text("a user's own\n")
+    with pytest.raises(SystemExit):
+        main(["train", "--resume", str(loose), "--device", "cpu"])
+    assert (f"{loose} is not in a run's checkpoints/ folder, so there is no run directory to "
+            "go on in: pass --output-dir DIR") in capsys.readouterr().err
+    assert (loose.parent / "metrics.csv").read_text() == "a user's own\n"
+    assert sorted(path.name for path in loose.parent.iterdir()) == ["epoch-002.pt", "metrics.csv"]
 
 
 def test_eval_names_the_scales_of_the_protocols_that_resize_to_several() -> None:

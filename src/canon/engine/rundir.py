@@ -138,11 +138,16 @@ def plan_run(
     path, state = load_for_resume(source)
     loaded = anchored_recipe(apply_overrides(Recipe.from_dict(state["recipe"], where=str(path)),
                                        overrides))
-    if named is not None and resume != "latest" and load_recipe(named).name != loaded.name:
+    if named is not None and load_recipe(named).name != loaded.name:  # --output-dir's run too
+        resumed = f"--resume {resume}" if resume != "latest" else f"the run in {source}"
         raise ConfigError(
-            f"--resume {resume} continues a run of {loaded.name}, not of --recipe {named}: "
+            f"{resumed} continues a run of {loaded.name}, not of --recipe {named}: "
             "drop --recipe (a resumed run keeps its recipe; --set changes its values), or "
             "start a new run without --resume")
+    if output_dir is None and path.parent.name != CHECKPOINT_DIR:
+        raise ConfigError(  # its folder may be any (Downloads): no run's files are there
+            f"{path} is not in a run's {CHECKPOINT_DIR}/ folder, so there is no run directory "
+            "to go on in: pass --output-dir DIR, a new folder for the run")
     run_dir = output_dir or run_dir_of(path)
     check_continuation(path, state, Path(source).is_file(), run_dir)
     return RunPlan(loaded, run_dir, state)
