@@ -778,6 +778,19 @@ def test_the_trainer_ends_a_warmup_on_the_training_error_and_resumes_it_exactly(
     assert resumed["schedule"] == state["schedule"]
     assert_same_state(resumed, state)
 
+    # An iteration limit at step 2, raised on resume: the warm-up is judged in the uncut run's
+    # windows, not on the two steps before the cut.
+    per_step = apply_overrides(recipe, [("optimizer.base_batch_size", 16),
+                                        ("optimizer.lr", peak)])  # limits count steps
+    straight = tmp_path / "straight-per-step"
+    train(per_step, straight, device="cpu", datasets=small_data, progress=False)
+    cut = tmp_path / "cut"
+    train(apply_overrides(per_step, [("train.iterations", 2)]), cut, device="cpu",
+          datasets=small_data, progress=False)
+    train(per_step, cut, resume=cut, device="cpu", datasets=small_data, progress=False)
+    assert final_weights(cut, 2)["schedule"] == final_weights(straight, 2)["schedule"]
+    assert_same_state(final_weights(cut, 2), final_weights(straight, 2))
+
 
 def test_polyak_averaging_starts_after_its_epochs_and_survives_a_resume(small_data, tmp_path):
     data = small_data

@@ -319,7 +319,9 @@ def _train_epoch(
             bar.update()
             if on_step is not None:
                 on_step(run.step)
-            at_check = run.step_in_epoch % LOSS_CHECK_STEPS == 0 or run.step_in_epoch == epoch_steps
+            at_window = (run.step_in_epoch % LOSS_CHECK_STEPS == 0  # the checks of an uncut
+                         or run.step_in_epoch == run.steps_per_epoch)  # epoch, and an
+            at_check = at_window or run.step_in_epoch == epoch_steps  # iteration limit's cut
             # GPU ranks agree on a stop at the checks only: agreeing waits for the device, which
             # would stall every step's launches (a signal takes effect within a window). CPU
             # ranks, whose steps are slow and whose agreeing waits for nothing, every step.
@@ -333,8 +335,8 @@ def _train_epoch(
                     float(run.totals["loss"]) / max(run.totals["images"], 1),
                     run.schedule.lr_at(run.step - 1), run.totals["images"] / max(elapsed, 1e-9),
                 ))
-            if at_check:  # not at a stop: a resumed run must see the same windows
-                _report_train_error(run)
+            if at_window:  # not at a stop nor a cut: a resumed run, or one given a higher
+                _report_train_error(run)  # limit, must see the same windows
             if stop:
                 _stop_clock(run)
                 _save_interrupted(run, stop_flag.signal_number)
