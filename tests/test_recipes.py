@@ -358,6 +358,22 @@ def test_a_schedule_key_the_kind_does_not_read_is_warned_of():
         load_recipe("quickstart", ["schedule.kind=multistep", "schedule.milestones=[5]"])
 
 
+def test_a_recipe_file_s_schedule_key_its_kind_does_not_read_is_warned_of(tmp_path):
+    """As a --set one is: its own keys, over the merged kind; a base's that its kind replaces
+    and keys set to their default (clearing a base's) are not."""
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("base: resnet20-cifar10\nname: mine\nschedule:\n  kind: cosine\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_recipe(mine).schedule.kind == "cosine"  # the base's milestones left unread
+        mine.write_text("base: quickstart\nname: mine\nschedule:\n  milestones: []\n")
+        load_recipe(mine)
+    mine.write_text("base: quickstart\nname: mine\nschedule:\n  milestones: [30, 60]\n")
+    with pytest.warns(UserWarning, match=r"mine\.yaml: schedule\.milestones: a cosine schedule "
+                      r"does not read it \(only multistep\); set its kind, or drop it"):
+        load_recipe(mine)
+
+
 def test_unknown_recipe_name_suggests_close_ones(tmp_path):
     with pytest.raises(LookupError, match="resnet50"):
         load_recipe("resnet5O")

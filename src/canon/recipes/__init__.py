@@ -8,6 +8,7 @@ registered name or a path to a YAML file, plus `--set section.key=value` overrid
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import re
 import shlex
@@ -20,7 +21,13 @@ from typing import Any
 import yaml
 
 from canon.errors import ConfigError, DataError
-from canon.recipes.schema import SCHEDULE_KIND_KEYS, SECTIONS, Recipe, valid_keys
+from canon.recipes.schema import (
+    SCHEDULE_KIND_KEYS,
+    SECTIONS,
+    Recipe,
+    ScheduleSection,
+    valid_keys,
+)
 from canon.registry import Registry
 
 RECIPES = Registry("recipe")
@@ -176,16 +183,32 @@ def _raw_recipe(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise ConfigError(f"{path.name}: `base:` chain loops: {' -> '.join(p.name for p in seen)}")
     values = read_yaml_mapping(path)
     base = values.pop("base", None)
-    if base is None:
-        return values
-    base_path = _base_path(path, base)
-    base_values = _raw_recipe(base_path, (*seen, path))
-    own, inherited = (values.get("train"), base_values.get("train"))
-    if isinstance(own, dict) and isinstance(inherited, dict):
-        _check_epochs_count(own, own.get("epochs"), inherited.get("iterations"),
-                            f"{path.name}: ", f"its base {base_path.name}",
-                            "add `iterations: null` under train")
-    return _merge(base_values, values)
+    merged = values
+    if base is not None:
+        base_path = _base_path(path, base)
+        base_values = _raw_recipe(base_path, (*seen, path))
+        own, inherited = (values.get("train"), base_values.get("train"))
+        if isinstance(own, dict) and isinstance(inherited, dict):
+            _check_epochs_count(own, own.get("epochs"), inherited.get("iterations"),
+                                f"{path.name}: ", f"its base {base_path.name}",
+                                "add `iterations: null` under train")
+        merged = _merge(base_values, values)
+    own, schedule = values.get("schedule"), merged.get("schedule")
+    if isinstance(own, dict) and isinstance(schedule, dict):  # else from_dict says what's wrong
+        kind = schedule.get("kind", ScheduleSection.kind)
+        for key, readers in _unread_schedule_keys(own, kind):
+            warnings.warn(f"{path.name}: schedule.{key}: a {kind} schedule does not read it "
+                          f"(only {readers}); set its kind, or drop it", stacklevel=2)
+    return merged
+
+
+def _unread_schedule_keys(values: Mapping[str, Any], kind: object) -> list[tuple[str, str]]:
+    """(key, the kinds that read it) of the schedule `values` set that a `kind` schedule
+    ignores; not those set to their default (`milestones: []` clears a base's)."""
+    defaults = {field.name: field.default for field in dataclasses.fields(ScheduleSection)}
+    return [(key, ", ".join(SCHEDULE_KIND_KEYS[key])) for key, value in sorted(values.items())
+            if kind not in SCHEDULE_KIND_KEYS.get(key, (kind,))
+            and (tuple(value) if isinstance(value, list) else value) != defaults.get(key)]
 
 
 def _check_epochs_count(keys_set: Iterable[str], epochs: Any, iterations: Any, where: str,
@@ -376,11 +399,10 @@ def apply_overrides(recipe: Recipe, overrides: Overrides) -> Recipe:
     _check_epochs_count(keys_set["train"], result.train.epochs, result.train.iterations, "",
                         recipe.name, "set train.iterations=null too (canon train --epochs does)")
     kind = result.schedule.kind
-    for key in sorted(keys_set["schedule"]):
-        if kind not in SCHEDULE_KIND_KEYS.get(key, (kind,)):
-            warnings.warn(f"--set schedule.{key}: a {kind} schedule does not read it (only "
-                          f"{', '.join(SCHEDULE_KIND_KEYS[key])}); set schedule.kind too, or "
-                          "drop it", stacklevel=2)
+    set_values = {key: getattr(result.schedule, key) for key in keys_set["schedule"]}
+    for key, readers in _unread_schedule_keys(set_values, kind):
+        warnings.warn(f"--set schedule.{key}: a {kind} schedule does not read it (only "
+                      f"{readers}); set schedule.kind too, or drop it", stacklevel=2)
     return result
 
 
