@@ -368,6 +368,10 @@ def test_a_recipe_file_s_schedule_key_its_kind_does_not_read_is_warned_of(tmp_pa
         assert load_recipe(mine).schedule.kind == "cosine"  # the base's milestones left unread
         mine.write_text("base: quickstart\nname: mine\nschedule:\n  milestones: []\n")
         load_recipe(mine)
+        cosine = load_recipe("resnet20-cifar10-cosine")  # its base's unit: iteration
+        assert cosine.schedule.unit == "iteration"
+        mine.write_text(dump_yaml(cosine.to_dict(), sort_keys=False))  # as a run writes it
+        assert load_recipe(mine) == cosine
     mine.write_text("base: quickstart\nname: mine\nschedule:\n  milestones: [30, 60]\n")
     with pytest.warns(UserWarning, match=r"mine\.yaml: schedule\.milestones: a cosine schedule "
                       r"does not read it \(only multistep\); set its kind, or drop it"):

@@ -194,7 +194,10 @@ def _raw_recipe(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
                                 "add `iterations: null` under train")
         merged = _merge(base_values, values)
     own, schedule = values.get("schedule"), merged.get("schedule")
-    if isinstance(own, dict) and isinstance(schedule, dict):  # else from_dict says what's wrong
+    keys = {field.name for field in dataclasses.fields(ScheduleSection)}
+    # Not a whole section (a run's recipe.yaml writes every key, read or not); a malformed one
+    # is from_dict's to name.
+    if isinstance(own, dict) and isinstance(schedule, dict) and not keys <= own.keys():
         kind = schedule.get("kind", ScheduleSection.kind)
         for key, readers in _unread_schedule_keys(own, kind):
             warnings.warn(f"{path.name}: schedule.{key}: a {kind} schedule does not read it "
