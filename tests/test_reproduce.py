@@ -86,7 +86,9 @@ def test_list_names_every_experiment_and_bad_requests_are_refused(capsys, tmp_pa
                           (["imagenette", "--micro", "--output-dir", str(tmp_path)],
                            "pass --data /path/to/imagenette2-160"),
                           (["imagenette", "--micro", "--data", "sample"],  # 32 px CIFAR images
-                           "--data sample: not a folder; imagenette trains on the folder")):
+                           "--data sample: not a folder; imagenette trains on the folder"),
+                          (["degradation", "--data", "cifar10"],  # refused when planned
+                           "(cifar10); leave --data out for canon's copy of cifar10")):
         with pytest.raises(SystemExit) as stopped:
             main(["reproduce", *argv])
         assert stopped.value.code == 2 and message in capsys.readouterr().err
@@ -403,11 +405,23 @@ def test_a_run_of_another_recipe_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=rf"run holds a run on /data/cifar, not on "
                                           rf"{quick.data.dataset}: pass --data /data/cifar"):
         training._check_same_recipe(run_dir, quick, finished=True)
+    on_a_folder = apply_overrides(quick, [("data.dataset", "/data/cifar")])
+    (run_dir / "recipe.yaml").write_text(dump_yaml(quick.to_dict()))  # canon's own copy
+    with pytest.raises(ConfigError, match=rf"run holds a run on {quick.data.dataset}, not on "
+                                          r"/data/cifar: run without --data to go on"):
+        training._check_same_recipe(run_dir, on_a_folder, finished=True)
     (run_dir / "recipe.yaml").write_text("train: [iterations: 7\n")  # damaged
     with pytest.raises(ConfigError, match=r"recipe.yaml: not valid YAML"):
         training.ensure_run(planned, MODES["quick"], device="cpu", progress=False)
     (run_dir / "recipe.yaml").unlink()  # another tool's results, or a run's copied in
     with pytest.raises(DataError, match=r"has a model or checkpoints but no recipe.yaml"):
+        training.ensure_run(planned, MODES["quick"], device="cpu", progress=False)
+    # Results but no checkpoint (one unwritten, or deleted): not the trainer's advice of an
+    # --overwrite that canon reproduce does not take.
+    (run_dir / EXPORT_WEIGHTS).unlink()
+    (run_dir / "metrics.csv").write_text("epoch\n1\n")
+    with pytest.raises(DataError, match=r"run holds results of a run but no checkpoint to "
+                                        r"resume from: delete it to train it again"):
         training.ensure_run(planned, MODES["quick"], device="cpu", progress=False)
 
 

@@ -175,7 +175,7 @@ def check_dataset_name(dataset: str) -> None:
 def check_resumed_dataset(dataset: str) -> None:
     """Before a run resumes on the dataset its checkpoint records: a folder no longer there
     (moved, renamed) is named with the way on, --data."""
-    if not _canon_named(dataset) and not Path(dataset).expanduser().exists():
+    if not is_dataset_name(dataset) and not Path(dataset).expanduser().exists():
         raise DataError(f"the run trained on {dataset}, which is not there any more: if its "
                         "images moved, resume with --data NEWPATH (the same images, or the "
                         "same shards)")
@@ -185,13 +185,13 @@ def anchored_dataset(dataset: str) -> str:
     """`dataset` as a run records it: an existing folder as its absolute path, so that eval
     and resume read the same folder from any working directory; a name (sample, cifar10,
     cifar100) or a missing path as it is."""
-    if _canon_named(dataset):
+    if is_dataset_name(dataset):
         return dataset
     root = Path(dataset).expanduser()
     return str(root.resolve()) if root.exists() else dataset
 
 
-def _canon_named(dataset: str) -> bool:
+def is_dataset_name(dataset: str) -> bool:
     """A dataset canon knows by name (the bundled sample, CIFAR), not a folder."""
     return dataset == "sample" or dataset in CIFAR
 
@@ -212,7 +212,7 @@ def recorded_differences(
         return {}
     recorded = {key: str(earlier[key]) for key in subject if key in earlier}
     return {key: value for key, value in recorded.items() if value != subject[key] and (
-        key in plain or _canon_named(value) or Path(value).is_absolute())}
+        key in plain or is_dataset_name(value) or Path(value).is_absolute())}
 
 
 def validates_on_test_split(data: DataConfig) -> bool:
@@ -225,7 +225,7 @@ def validates_on_test_split(data: DataConfig) -> bool:
         return False
     name = data.dataset
     folder = Path(name).expanduser()
-    if _canon_named(name) or find_cifar(folder) is not None:
+    if is_dataset_name(name) or find_cifar(folder) is not None:
         return True
     if is_shard_folder(folder):
         return _packed_from(folder, "val") == "test"

@@ -325,7 +325,7 @@ def _end_replacement(run_dir: Path, *, failed: bool) -> None:
 
 
 def _clear_earlier_run(run_dir: Path, overwrite: bool) -> None:
-    if _has_results(run_dir) and not overwrite:
+    if holds_results(run_dir) and not overwrite:
         raise DataError(
             f"{run_dir} already holds a run; pass --overwrite (overwrite=True in Python) to "
             f"replace it, or pick another output folder (a training run continues with --resume "
@@ -338,7 +338,7 @@ def _clear_earlier_run(run_dir: Path, overwrite: bool) -> None:
             f"{recipe} is not a recipe a run wrote (its first line would say so), and a run "
             "writes its resolved recipe there: move it, or pick another --output-dir"
         )
-    if not _has_results(run_dir):  # a run that stopped before its first checkpoint
+    if not holds_results(run_dir):  # a run that stopped before its first checkpoint
         _remove_run_files(run_dir, reports=False)
         return
     aside = run_dir / REPLACED_DIR
@@ -399,7 +399,9 @@ def _has_checkpoint(run_dir: Path) -> bool:
     return checkpoints.is_dir() and any(not p.name.startswith(".") for p in checkpoints.iterdir())
 
 
-def _has_results(run_dir: Path) -> bool:
+def holds_results(run_dir: Path) -> bool:
+    """Whether `run_dir` holds a run's results (a checkpoint, metrics.csv, an export), which a
+    new run there would replace."""
     return _has_checkpoint(run_dir) or any((run_dir / name).exists() for name in _RESULTS)
 
 

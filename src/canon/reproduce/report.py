@@ -32,7 +32,7 @@ def environment(device: str, jobs: int = 1) -> dict[str, Any]:
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "platform": platform.platform(), "cpu": _cpu_name(), "cpu_cores": os.cpu_count(),
         "torch_threads": run_threads(jobs), "jobs": jobs,
-        "gpu": torch.cuda.get_device_name() if resolved.startswith("cuda") else None,
+        "gpu": torch.cuda.get_device_name(resolved) if resolved.startswith("cuda") else None,
         "device": resolved, "torch": torch.__version__, "python": platform.python_version(),
         "canon": __version__, "commit": git_commit(),
     }

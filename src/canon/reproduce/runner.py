@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing
+import shlex
 import signal
 import sys
 import time
@@ -246,4 +247,4 @@ def _command(name: str, mode: str, runs: int | None, root: Path, data: str | Non
         parts.append("--cuda-graph")
     if root != DEFAULT_OUTPUT:
         parts += ["--output-dir", str(root)]
-    return " ".join(parts)
+    return shlex.join(parts)  # a folder with spaces pastes back whole

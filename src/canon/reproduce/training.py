@@ -16,10 +16,11 @@ from typing import Any
 
 import torch
 
+from canon.data.datasets import is_dataset_name
 from canon.data.labeled import ImageSubset
 from canon.data.loaders import Datasets, build_datasets
 from canon.engine.checkpoint import EXPORT_CONFIG, EXPORT_WEIGHTS, resumable_checkpoints
-from canon.engine.rundir import anchored_recipe, recorded_commit
+from canon.engine.rundir import anchored_recipe, holds_results, recorded_commit
 from canon.engine.schedules import scale_iteration_counts
 from canon.engine.trainer import train
 from canon.errors import ConfigError, DataError
@@ -77,8 +78,11 @@ def plan_runs(experiment: Experiment, mode: Mode, runs: int | None, root: Path,
         raise ConfigError(f"--{mode.name} trains {experiment.name} on {mode.dataset}; --data "
                           "applies where a mode keeps the recipes' dataset")
     if data is not None and not Path(data).is_dir():  # a name (sample) is another dataset
+        dataset = _recipes_dataset(experiment)
+        named = (f"; leave --data out for canon's copy of {dataset} (downloaded when absent)"
+                 if is_dataset_name(dataset) else "")
         raise ConfigError(f"--data {data}: not a folder; {experiment.name} trains on the "
-                          f"folder of its recipes' dataset ({_recipes_dataset(experiment)})")
+                          f"folder of its recipes' dataset ({dataset}){named}")
     planned = []
     for name in experiment.recipes_in(mode.name):
         for seed in range(count or 1):
@@ -136,6 +140,9 @@ def ensure_run(run: PlannedRun, mode: Mode, *, device: str, progress: bool) -> R
     resume = run_dir if resumable_checkpoints(run_dir) else None
     if resume is not None:
         _check_same_recipe(run_dir, run.recipe)
+    elif holds_results(run_dir):  # the trainer would advise --overwrite, which this has not
+        raise DataError(f"{run_dir} holds results of a run but no checkpoint to resume from: "
+                        "delete it to train it again, or choose another --output-dir")
     started = time.perf_counter()
     train(run.recipe, run_dir, resume=resume, device=device, progress=progress,
           datasets=micro_datasets(run.recipe, mode))
@@ -164,10 +171,11 @@ def _check_same_recipe(run_dir: Path, recipe: Recipe, *, finished: bool = False)
                        if not _describes(key)
                        and saved.get(key, defaults.get(key)) != ours.get(key))
     if differing == ["data.dataset"]:
+        before = saved.get("data.dataset")
+        way = "run without --data" if is_dataset_name(str(before)) else f"pass --data {before}"
         raise ConfigError(
-            f"{run_dir} holds a run on {saved.get('data.dataset')}, not on "
-            f"{ours.get('data.dataset')}: pass --data {saved.get('data.dataset')} to go on with "
-            "it, or choose another --output-dir for these images"
+            f"{run_dir} holds a run on {before}, not on {ours.get('data.dataset')}: {way} to "
+            "go on with it, or choose another --output-dir for these images"
         )
     if differing:
         raise ConfigError(
