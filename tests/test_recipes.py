@@ -358,6 +358,15 @@ def test_a_schedule_key_the_kind_does_not_read_is_warned_of():
         load_recipe("quickstart", ["schedule.kind=multistep", "schedule.milestones=[5]"])
 
 
+def test_a_recipe_file_s_empty_model_options_drop_its_base_s(tmp_path):
+    """As --set model.options={} does: no other way to build the base's plain network."""
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("base: resnet34d-imagenette5\nname: mine\nmodel:\n  options: {}\n")
+    assert load_recipe(mine).model.options == {}
+    mine.write_text("base: resnet34d-imagenette5\nname: mine\nmodel:\n  options:\n")
+    assert load_recipe(mine).model.options == {"stem": "deep", "avg_down": True}  # null: kept
+
+
 def test_a_recipe_file_s_schedule_key_its_kind_does_not_read_is_warned_of(tmp_path):
     """As a --set one is: its own keys, over the merged kind; a base's that its kind replaces
     and keys set to their default (clearing a base's) are not."""

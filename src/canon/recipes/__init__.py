@@ -193,6 +193,9 @@ def _raw_recipe(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
                                 f"{path.name}: ", f"its base {base_path.name}",
                                 "add `iterations: null` under train")
         merged = _merge(base_values, values)
+        model = values.get("model")
+        if isinstance(model, dict) and model.get("options") == {}:  # as --set model.options={}:
+            merged["model"]["options"] = {}  # the one way to drop a base's build options
     own, schedule = values.get("schedule"), merged.get("schedule")
     keys = {field.name for field in dataclasses.fields(ScheduleSection)}
     # Not a whole section (a run's recipe.yaml writes every key, read or not); a malformed one
