@@ -245,6 +245,9 @@ def test_cli_summary_skips_models_that_cannot_take_the_size(
     main(["summary", "alexnet", "resnet18", "--input-size", "128"])  # named: the same
     captured = capsys.readouterr()
     assert [line.split()[0] for line in captured.out.splitlines()[1:]] == ["resnet18"]
+    main(["summary", "resnet18", "resnet1?", "resnet18"])  # named and matched: one row each
+    rows = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]]
+    assert rows == ["resnet18"]
     with pytest.raises(SystemExit) as exit_info:  # none fits: no empty table
         main(["summary", "alexnet", "--input-size", "224"])
     assert exit_info.value.code == 2

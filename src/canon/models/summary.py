@@ -283,16 +283,17 @@ def summarize_requested(
     error (an empty table would read as success)."""
     if input_size is not None and input_size < 1:  # not a model that does not fit: all don't
         raise InputSizeError(f"input size must be a positive number of pixels, got {input_size}")
-    summaries, skipped = [], []
+    summaries, skipped, named = [], [], []
     for pattern in requested or ["*"]:
         matches = list_models(pattern) if any(c in pattern for c in "*?[") else [pattern]
         if not matches:
             raise ConfigError(f"no registered model matches {pattern!r} (see `canon models`)")
-        for name in matches:
-            try:
-                summaries.append(summarize(name, input_size=input_size))
-            except InputSizeError as error:
-                skipped.append((name, str(error)))
+        named += matches
+    for name in dict.fromkeys(named):  # named and matched, or matched twice: one row
+        try:
+            summaries.append(summarize(name, input_size=input_size))
+        except InputSizeError as error:
+            skipped.append((name, str(error)))
     if not summaries:
         raise InputSizeError("; ".join(reason for _, reason in skipped))
     return summaries, skipped
