@@ -28,7 +28,7 @@ from canon.data.config import DataConfig
 from canon.data.loaders import build_datasets
 from canon.data.preprocess import center_transform
 from canon.data.views import PROTOCOLS
-from canon.engine.checkpoint import load_checkpoint
+from canon.engine.checkpoint import CheckpointWarning, load_checkpoint
 from canon.engine.stopping import StoppedAtOnce
 from canon.engine.trained import load_trained
 from canon.engine.trainer import TrainingInterrupted
@@ -239,6 +239,11 @@ def test_predict_prints_top5_class_names_with_probabilities(
     main(["predict", str(unfinished), str(paths[0]), "--device", "cpu"])
     assert (f"{unfinished}: no exported model yet; predicting with {unfinished / 'checkpoints'}"
             in capsys.readouterr().err)
+    damaged = shutil.copytree(trained_run, tmp_path / "damaged")  # an export, unreadable
+    (damaged / "model.safetensors").write_bytes(b"\0" * 100)
+    with pytest.warns(CheckpointWarning, match="model.safetensors is unreadable"):
+        main(["predict", str(damaged), str(paths[0]), "--device", "cpu"])
+    assert "no exported model yet" not in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:
         main(["predict", str(unfinished / "model.safetensors"), str(paths[0])])
     assert f"{unfinished / 'model.safetensors'} does not exist" in capsys.readouterr().err
@@ -398,6 +403,24 @@ def test_eval_maps_a_folder_s_classes_to_the_model_s_by_name(
               str(tmp_path / "broken.json")])
     assert exit_.value.code == 2 and not (tmp_path / "broken.json").exists()
     assert "none of the 2 image file(s) of" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_, pytest.warns(BadImageWarning):  # an ensemble's
+        main(["eval", str(trained_run), str(trained_run), "--data", str(broken), "--output",
+              str(tmp_path / "broken.json")])
+    assert exit_.value.code == 2 and "none of the 2 image file(s) of" in capsys.readouterr().err
+
+
+def test_eval_of_a_run_whose_folder_moved_names_the_way_on(trained_run, tmp_path, capsys):
+    """Copied to another machine, or its images moved: not a 'no such folder' for a path the
+    user never typed."""
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    config = json.loads((run / "eval_config.json").read_text())
+    config["data"]["dataset"] = str(tmp_path / "moved-away")
+    (run / "eval_config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit):
+        main(["eval", str(run), "--device", "cpu"])
+    assert capsys.readouterr().err.endswith(
+        f"the run trained on {tmp_path / 'moved-away'}, which is not there any more: if its "
+        "images moved, evaluate with --data NEWPATH (the same images, or the same shards)\n")
 
 
 def test_version_and_a_recipe_shown_with_its_citations(capsys):

@@ -385,7 +385,7 @@ def _is_features_file(path: Path) -> bool:
 def _run_eval(args: argparse.Namespace) -> None:
     import json
 
-    from canon.data.datasets import anchored_dataset
+    from canon.data.datasets import anchored_dataset, check_recorded_dataset
     from canon.devices import resolve_device
     from canon.engine.trained import load_trained
     from canon.errors import DataError
@@ -398,6 +398,8 @@ def _run_eval(args: argparse.Namespace) -> None:
     )
 
     trained = [load_trained(source) for source in args.sources]
+    if args.data is None:
+        check_recorded_dataset(trained[0].data.dataset, "evaluate")
     data = anchored_dataset(args.data or trained[0].data.dataset)
     output = args.output or _default_eval_output(args, trained, data)
     # Before the work: the default output too may be a user's file, or unwritable.
@@ -602,6 +604,7 @@ def _run_predict(args: argparse.Namespace) -> None:
 
     from canon.data.folders import BadImageWarning
     from canon.devices import resolve_device
+    from canon.engine.checkpoint import EXPORT_WEIGHTS
     from canon.engine.trained import decode_images, load_trained
     from canon.errors import ConfigError, DataError
     from canon.evaluation.ensemble import predict_ensemble
@@ -623,7 +626,8 @@ def _run_predict(args: argparse.Namespace) -> None:
     images = [file for path in images for file in _image_files(path, args.strict)]
     trained = [load_trained(source) for source in sources]
     for source, model in zip(sources, trained, strict=True):
-        if Path(source).is_dir() and model.source.suffix == ".pt":  # a run not finished yet
+        if (Path(source).is_dir() and model.source.suffix == ".pt"  # a run not finished yet
+                and not (Path(source) / EXPORT_WEIGHTS).exists()):  # (else damaged: warned of)
             print(f"{source}: no exported model yet; predicting with {model.source}",
                   file=sys.stderr)
         model.model.to(resolve_device(args.device))

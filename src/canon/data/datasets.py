@@ -172,12 +172,13 @@ def check_dataset_name(dataset: str) -> None:
         )
 
 
-def check_resumed_dataset(dataset: str) -> None:
-    """Before a run resumes on the dataset its checkpoint records: a folder no longer there
-    (moved, renamed) is named with the way on, --data."""
+def check_recorded_dataset(dataset: str, verb: str) -> None:
+    """Before a run resumes (`verb` "resume") or is evaluated ("evaluate") on the dataset it
+    records: a folder no longer there (moved, renamed, or another machine's) is named with the
+    way on, --data."""
     if not is_dataset_name(dataset) and not Path(dataset).expanduser().exists():
         raise DataError(f"the run trained on {dataset}, which is not there any more: if its "
-                        "images moved, resume with --data NEWPATH (the same images, or the "
+                        f"images moved, {verb} with --data NEWPATH (the same images, or the "
                         "same shards)")
 
 

@@ -23,7 +23,7 @@ import canon
 from canon.data.batched import BatchedCrop, DeviceBatches, held_images
 from canon.data.datasets import (
     check_dataset_name,
-    check_resumed_dataset,
+    check_recorded_dataset,
     validates_on_test_split,
 )
 from canon.data.device_jpeg import DeviceCrops, DeviceDecodedBatches, FileBytes, collate_files
@@ -469,7 +469,7 @@ def _build_datasets(
     checkpoint, which holds the source's: the source (a fine-tune's) may be gone by then."""
     data, checkpoint = recipe.data, (state or {}).get(ckpt.RESUMED_FROM)
     if state is not None and data.dataset == state["recipe"]["data"].get("dataset"):
-        check_resumed_dataset(data.dataset)
+        check_recorded_dataset(data.dataset, "resume")
     if (checkpoint is not None and data.normalization_from is not None
             and data.normalization_from == state["recipe"]["data"].get("normalization_from")):
         data = dataclasses.replace(data, normalization_from=checkpoint)

@@ -113,7 +113,8 @@ def evaluate_ensemble(
                 )
             results.append(result)
             probabilities = result.pop("probabilities")
-            predictions.append(probabilities.argmax(1))
+            predictions.append(probabilities.argmax(1) if len(probabilities)  # none decoded:
+                               else torch.empty(0, dtype=torch.long))  # 0 x 0, no classes
             yield probabilities
 
     ensemble = ensemble_probabilities(scored())
