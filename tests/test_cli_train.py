@@ -29,6 +29,7 @@ from canon.data.loaders import build_datasets
 from canon.data.preprocess import center_transform
 from canon.data.views import PROTOCOLS
 from canon.engine.checkpoint import CheckpointWarning, load_checkpoint
+from canon.engine.rundir import plan_run
 from canon.engine.stopping import StoppedAtOnce
 from canon.engine.trained import load_trained
 from canon.engine.trainer import TrainingInterrupted
@@ -81,7 +82,7 @@ def test_a_resume_refuses_a_recipe_other_than_the_run_s(trained_run, capsys):
 
 
 def test_a_checkpoint_outside_a_run_directory_resumes_only_into_an_output_dir(
-    trained_run, tmp_path, capsys
+    trained_run, tmp_path, capsys, monkeypatch
 ):
     """Its folder (Downloads, say) is no run's: the resumed run's recipe.yaml, metrics.csv and
     export would go over whatever files of those names are there, unasked."""
@@ -95,6 +96,9 @@ def test_a_checkpoint_outside_a_run_directory_resumes_only_into_an_output_dir(
             "go on in: pass --output-dir DIR") in capsys.readouterr().err
     assert (loose.parent / "metrics.csv").read_text() == "a user's own\n"
     assert sorted(path.name for path in loose.parent.iterdir()) == ["epoch-002.pt", "metrics.csv"]
+    with monkeypatch.context() as patch:  # typed from inside a run's checkpoints/: its run
+        patch.chdir(trained_run / "checkpoints")
+        assert plan_run(None, resume="epoch-002.pt").run_dir == trained_run
 
 
 def test_eval_names_the_scales_of_the_protocols_that_resize_to_several() -> None:

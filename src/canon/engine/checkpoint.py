@@ -298,7 +298,8 @@ def run_dir_of(path: Path) -> Path:
     """The run directory a checkpoint file belongs to (or `path` itself for a directory)."""
     if path.is_dir():
         return path
-    return path.parent.parent if path.parent.name == CHECKPOINT_DIR else path.parent
+    folder = path.resolve().parent  # `epoch-002.pt` typed inside checkpoints/ too
+    return folder.parent if folder.name == CHECKPOINT_DIR else path.parent
 
 
 def prune_epoch_checkpoints(

@@ -39,7 +39,13 @@ from canon.engine.logs import EVENTS_DIR
 from canon.engine.trained import TORCHVISION
 from canon.errors import CanonError, ConfigError, DataError
 from canon.files import locked_folder, make_folder, sweep_partial_writes
-from canon.recipes import Recipe, apply_overrides, load_recipe, read_yaml_mapping
+from canon.recipes import (
+    RECIPE_HEADER,
+    Recipe,
+    apply_overrides,
+    load_recipe,
+    read_yaml_mapping,
+)
 from canon.torchrun import launched_by_torchrun
 
 PROBE_REPORT = "probe.json"  # what `canon transfer --mode linear-probe` measured
@@ -57,7 +63,6 @@ _RESULTS = ("metrics.csv", EXPORT_WEIGHTS, EXPORT_CONFIG)
 _WRITTEN_WHOLE = tuple(name for name in RUN_FILES if name not in (CHECKPOINT_DIR, EVENTS_DIR))
 
 
-RECIPE_HEADER = "# the resolved recipe of this run: "  # then canon's version and commit
 
 
 def recorded_commit(run_dir: Path) -> str | None:
@@ -144,7 +149,7 @@ def plan_run(
             f"{resumed} continues a run of {loaded.name}, not of --recipe {named}: "
             "drop --recipe (a resumed run keeps its recipe; --set changes its values), or "
             "start a new run without --resume")
-    if output_dir is None and path.parent.name != CHECKPOINT_DIR:
+    if output_dir is None and path.resolve().parent.name != CHECKPOINT_DIR:
         raise ConfigError(  # its folder may be any (Downloads): no run's files are there
             f"{path} is not in a run's {CHECKPOINT_DIR}/ folder, so there is no run directory "
             "to go on in: pass --output-dir DIR, a new folder for the run")
