@@ -13,6 +13,7 @@ import torch.nn as nn
 import torchvision.models as tvm
 
 import canon.files
+from canon.cli import main
 from canon.data.normalize import make_normalize
 from canon.engine.checkpoint import export_model, model_info
 from canon.engine.setup import build_model
@@ -236,6 +237,16 @@ def test_torchvision_weights_are_evaluated_with_their_own_preprocessing(
     trained = load_trained("torchvision:googlenet")
     assert preprocess_for(trained.model) is trained.preprocess
     assert trained.preprocess.normalize.mean.flatten().tolist() == [0.5, 0.5, 0.5]
+
+
+def test_torchvision_weights_evaluated_without_data_are_told_to_name_imagenet(
+    offline_torchvision: tuple[list, dict], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Their "imagenet" is no folder that moved: canon cannot download ImageNet."""
+    with pytest.raises(SystemExit):
+        main(["eval", "torchvision:resnet18", "--device", "cpu"])
+    error = capsys.readouterr().err
+    assert "pass --data /path/to/imagenet" in error and "not there any more" not in error
 
 
 def test_weights_that_cannot_be_fetched_or_read_are_named(

@@ -176,7 +176,9 @@ def check_recorded_dataset(dataset: str, verb: str) -> None:
     """Before a run resumes (`verb` "resume") or is evaluated ("evaluate") on the dataset it
     records: a folder no longer there (moved, renamed, or another machine's) is named with the
     way on, --data."""
-    if not is_dataset_name(dataset) and not Path(dataset).expanduser().exists():
+    if dataset in PLACEHOLDERS:  # no folder recorded (torchvision's weights: "imagenet")
+        check_dataset_name(dataset)
+    elif not is_dataset_name(dataset) and not Path(dataset).expanduser().exists():
         raise DataError(f"the run trained on {dataset}, which is not there any more: if its "
                         f"images moved, {verb} with --data NEWPATH (the same images, or the "
                         "same shards)")
