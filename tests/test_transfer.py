@@ -546,7 +546,9 @@ def test_a_run_written_over_its_own_source_is_refused_and_the_source_kept(
         ["transfer", str(source_run), "--data", str(folders[1]), "--mode", mode,
          "--output-dir", str(source_run), "--overwrite"] for mode in ("linear-probe", "finetune")
     ] + [["train", "--init-from", str(checkpoint), "--output-dir", str(source_run),
-          "--overwrite", "--epochs", "1"]]
+          "--overwrite", "--epochs", "1"],
+         ["train", "--set", f"data.normalization_from={source_run}", "--output-dir",
+          str(source_run), "--overwrite", "--epochs", "1"]]  # set aside before it is read
     for argv in attempts:
         with pytest.raises(SystemExit) as refused:
             main([*argv, "--device", "cpu"])

@@ -131,7 +131,9 @@ def train(
     changes). Ctrl-C or SIGTERM finishes the step in progress (under torchrun on GPUs, the
     steps up to the next loss check, where the ranks agree) on every rank, saves
     checkpoints/interrupted.pt and raises TrainingInterrupted; a second signal stops at once.
-    A file that stops a one-process run mid-epoch (a DataError) leaves interrupted.pt too.
+    A file that stops a one-process run mid-epoch or in its validation (a DataError) leaves
+    interrupted.pt too. A run the iteration limit ended inside an epoch, resumed with the same
+    limit, has finished: it trains and validates nothing, and exports its model again.
     A NaN/inf loss (checked every LOSS_CHECK_STEPS steps, one device sync) or non-finite
     weights (checked before every checkpoint) raise NonFiniteError: nothing diverged is ever
     saved. With weight averaging (train.ema_decay, train.polyak_after_epochs) the averaged
@@ -159,8 +161,10 @@ def train(
     check_recipe(recipe, model_given=model is not None, datasets_given=datasets is not None,
                  fresh=resume is None)
     recipe = anchored_recipe(recipe)  # a relative data folder recorded as it is found now
-    if resume is None:
+    if resume is None:  # the run directory is claimed (an --overwrite's set aside) first
         check_source_outside(output_dir, recipe.model.init_from, "model.init_from")
+        check_source_outside(output_dir, recipe.data.normalization_from,
+                             "data.normalization_from")
     ctx = dist.init_distributed(device)
     try:
         with cudnn_autotuning(ctx.device):
