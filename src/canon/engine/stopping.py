@@ -115,9 +115,11 @@ def _as_a_loader_worker(warning_filters: list[tuple], worker_init: Callable | No
 
 
 def _pattern(matched: re.Pattern | str | None) -> str:
-    """A filter's message or module as filterwarnings takes it (Python's own filters hold a
-    module name as a plain string)."""
-    return "" if matched is None else getattr(matched, "pattern", matched)
+    """A filter's message or module as the pattern filterwarnings takes: a plain string
+    (Python's own filters hold module names so) matches itself whole."""
+    if matched is None:
+        return ""
+    return matched.pattern if isinstance(matched, re.Pattern) else re.escape(matched) + r"\Z"
 
 
 def shut_down_workers(loader: Any) -> None:
