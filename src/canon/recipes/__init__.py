@@ -34,6 +34,9 @@ RECIPES = Registry("recipe")
 # Settings over a recipe's: "section.key=value" strings, (key, value) pairs, or a mapping.
 Overrides = Iterable[str | tuple[str, Any]] | Mapping[str, Any]
 RECIPE_DIR = Path(__file__).resolve().parent
+# The first line of the recipe.yaml a run writes (canon.engine.setup), then canon's version
+# and commit: the resolved recipe, every key written, read or not.
+RECIPE_HEADER = "# the resolved recipe of this run: "
 
 
 class _RecipeLoader(yaml.SafeLoader):
@@ -100,8 +103,8 @@ def parse_yaml(text: str) -> object:
     return yaml.load(text, Loader=_RecipeLoader)  # a SafeLoader: builds no Python objects
 
 __all__ = [
-    "RECIPES", "Recipe", "apply_overrides", "dump_yaml", "flag_overrides", "flat_values",
-    "list_recipes", "load_recipe", "overridden_keys", "show_recipe",
+    "RECIPES", "RECIPE_HEADER", "Recipe", "apply_overrides", "dump_yaml", "flag_overrides",
+    "flat_values", "list_recipes", "load_recipe", "overridden_keys", "show_recipe",
 ]
 
 
@@ -197,10 +200,9 @@ def _raw_recipe(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         if isinstance(model, dict) and model.get("options") == {}:  # as --set model.options={}:
             merged["model"]["options"] = {}  # the one way to drop a base's build options
     own, schedule = values.get("schedule"), merged.get("schedule")
-    keys = {field.name for field in dataclasses.fields(ScheduleSection)}
-    # Not a whole section (a run's recipe.yaml writes every key, read or not); a malformed one
-    # is from_dict's to name.
-    if isinstance(own, dict) and isinstance(schedule, dict) and not keys <= own.keys():
+    # Not in a run's recipe.yaml, which writes every key; a malformed section is from_dict's.
+    if (isinstance(own, dict) and isinstance(schedule, dict)
+            and not path.read_text(encoding="utf-8").startswith(RECIPE_HEADER)):
         kind = schedule.get("kind", ScheduleSection.kind)
         for key, readers in _unread_schedule_keys(own, kind):
             warnings.warn(f"{path.name}: schedule.{key}: a {kind} schedule does not read it "
