@@ -27,7 +27,6 @@ from torch.utils.serialization import config as serialization
 
 from canon.engine import checkpoint as ckpt
 from canon.engine.rundir import (
-    RECIPE_HEADER,
     anchored_recipe,
     check_continuation,
     claim_run_dir,
@@ -36,7 +35,7 @@ from canon.engine.trained import load_trained
 from canon.errors import DataError
 from canon.files import atomic_write, sweep_partial_writes
 from canon.models.factory import create_model
-from canon.recipes import load_recipe
+from canon.recipes import RECIPE_HEADER, load_recipe
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
            "truck"]
@@ -787,7 +786,7 @@ def test_a_failed_run_removes_the_empty_directory_it_created_and_nothing_else(tm
 HOLD_RUN_DIR = """
 import sys, time
 from pathlib import Path
-from canon.engine.rundir import RECIPE_HEADER, claim_run_dir
+from canon.engine.rundir import claim_run_dir
 from canon.errors import DataError
 
 try:

@@ -26,7 +26,7 @@ from canon.data import DataConfig, build_datasets
 from canon.engine import checkpoint as ckpt
 from canon.engine.distributed import init_distributed
 from canon.engine.graphed import GraphedStep, restored_after
-from canon.engine.rundir import RECIPE_HEADER, latest_run_dir, new_run_dir
+from canon.engine.rundir import latest_run_dir, new_run_dir
 from canon.engine.saving import divergence_remedy
 from canon.engine.setup import build_model, set_up
 from canon.engine.stopping import StopFlag, StoppedAtOnce
@@ -34,7 +34,7 @@ from canon.engine.trained import load_trained
 from canon.engine.trainer import TrainingInterrupted, train
 from canon.errors import ConfigError, DataError, NonFiniteError
 from canon.models.base import CanonModel
-from canon.recipes import Recipe, apply_overrides, load_recipe
+from canon.recipes import RECIPE_HEADER, Recipe, apply_overrides, load_recipe
 
 
 @pytest.fixture(scope="module")

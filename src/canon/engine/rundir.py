@@ -40,11 +40,11 @@ from canon.engine.trained import TORCHVISION
 from canon.errors import CanonError, ConfigError, DataError
 from canon.files import locked_folder, make_folder, sweep_partial_writes
 from canon.recipes import (
-    RECIPE_HEADER,
     Recipe,
     apply_overrides,
     load_recipe,
     read_yaml_mapping,
+    run_header,
 )
 from canon.torchrun import launched_by_torchrun
 
@@ -63,24 +63,11 @@ _RESULTS = ("metrics.csv", EXPORT_WEIGHTS, EXPORT_CONFIG)
 _WRITTEN_WHOLE = tuple(name for name in RUN_FILES if name not in (CHECKPOINT_DIR, EVENTS_DIR))
 
 
-
-
 def recorded_commit(run_dir: Path) -> str | None:
     """The commit that last trained the run in `run_dir`, as its recipe.yaml names it."""
-    header = _run_header(run_dir / "recipe.yaml")
+    header = run_header(run_dir / "recipe.yaml")
     commit = header.rpartition(", commit ")[2].rstrip() if header else ""
     return None if commit in ("", "None") else commit
-
-
-def _run_header(recipe: Path) -> str | None:
-    """The first line of a recipe.yaml a run wrote (RECIPE_HEADER...); None for another
-    file, or none."""
-    try:
-        with recipe.open(encoding="utf-8", errors="replace") as file:
-            first = file.readline()
-    except OSError:
-        return None
-    return first if first.startswith(RECIPE_HEADER) else None
 
 
 RUNS_ROOT = Path("runs")  # where `canon train` puts run directories by default
@@ -338,7 +325,7 @@ def _clear_earlier_run(run_dir: Path, overwrite: bool) -> None:
             + replaced_run_note(run_dir)
         )
     recipe = run_dir / "recipe.yaml"
-    if recipe.is_file() and _run_header(recipe) is None:  # the user's own, not a run's copy
+    if recipe.is_file() and run_header(recipe) is None:  # the user's own, not a run's copy
         raise DataError(
             f"{recipe} is not a recipe a run wrote (its first line would say so), and a run "
             "writes its resolved recipe there: move it, or pick another --output-dir"

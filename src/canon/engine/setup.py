@@ -40,7 +40,6 @@ from canon.engine.logs import check_tensorboard, event_writer
 from canon.engine.model_parallel import parallelize
 from canon.engine.optimization import make_average, make_optimizer
 from canon.engine.precision import Precision
-from canon.engine.rundir import RECIPE_HEADER
 from canon.engine.schedules import LearningRateSchedule, scale_iteration_counts
 from canon.engine.stopping import loader_worker_init
 from canon.engine.trained import TORCHVISION
@@ -48,7 +47,7 @@ from canon.errors import ConfigError, first_line
 from canon.files import atomic_write
 from canon.models.base import MODELS, check_num_classes
 from canon.models.factory import ModelOptionError, create_model
-from canon.recipes import dump_yaml, flat_values
+from canon.recipes import RECIPE_HEADER, dump_yaml, flat_values
 from canon.recipes.schema import Recipe, ScheduleSection, TrainSection
 
 

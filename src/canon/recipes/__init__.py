@@ -201,13 +201,23 @@ def _raw_recipe(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
             merged["model"]["options"] = {}  # the one way to drop a base's build options
     own, schedule = values.get("schedule"), merged.get("schedule")
     # Not in a run's recipe.yaml, which writes every key; a malformed section is from_dict's.
-    if (isinstance(own, dict) and isinstance(schedule, dict)
-            and not path.read_text(encoding="utf-8").startswith(RECIPE_HEADER)):
+    if isinstance(own, dict) and isinstance(schedule, dict) and run_header(path) is None:
         kind = schedule.get("kind", ScheduleSection.kind)
         for key, readers in _unread_schedule_keys(own, kind):
             warnings.warn(f"{path.name}: schedule.{key}: a {kind} schedule does not read it "
                           f"(only {readers}); set its kind, or drop it", stacklevel=2)
     return merged
+
+
+def run_header(recipe: Path) -> str | None:
+    """The first line of a recipe.yaml a run wrote (RECIPE_HEADER...); None for another
+    file, or none."""
+    try:
+        with recipe.open(encoding="utf-8", errors="replace") as file:
+            first = file.readline()
+    except OSError:
+        return None
+    return first if first.startswith(RECIPE_HEADER) else None
 
 
 def _unread_schedule_keys(values: Mapping[str, Any], kind: object) -> list[tuple[str, str]]:
