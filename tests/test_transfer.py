@@ -62,7 +62,7 @@ def folders(cifar10_root: Path, tmp_path_factory) -> tuple[Path, Path]:
     train, test = open_dataset(str(cifar10_root), download=False)
     cifar = {"train": train, "val": test}
     source = write_png_folder(root / "source", cifar, SOURCE_CLASSES,
-                              {"train": 600, "val": 100})
+                              {"train": 250, "val": 100})
     target = write_png_folder(root / "target", cifar, TARGET_CLASSES,
                               {"train": 200, "val": 100})
     return source, target
@@ -70,7 +70,8 @@ def folders(cifar10_root: Path, tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def source_run(folders, tmp_path_factory) -> Path:
-    """ResNet-20 trained for three epochs on the five source classes (3,000 PNGs)."""
+    """ResNet-20 trained for three epochs on the five source classes (1,250 PNGs): its probe's error
+    is 11 points below a random backbone's (16 with 3,000 PNGs); the test asks for 5."""
     out = tmp_path_factory.mktemp("runs") / "source"
     recipe = canon.load_recipe("quickstart", [
         f"data.dataset={folders[0]}", "train.epochs=3", "data.mean=channel",
