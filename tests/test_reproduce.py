@@ -118,7 +118,7 @@ def test_degradation_micro_end_to_end_skips_finished_runs_and_resumes(
     assert calls == [(name, None) for name in recipes]
     report = tmp_path / "degradation-micro"
     readme = (report / "README.md").read_text()
-    # Its nets differ by less than the noise of 128 training images (its mode line says it
+    # Its nets differ by less than the noise of 64 training images (its mode line says it
     # shows nothing), and the report says so: neither half holds, the ResNets' too (a deeper
     # ResNet within the noise of the shallower passed once, as too little data always lets).
     assert "**Finding not shown**" in readme and "- [ ] plain nets" in readme
@@ -139,7 +139,7 @@ def test_degradation_micro_end_to_end_skips_finished_runs_and_resumes(
         assert float(row["step"]) == steps == 2 * float(rows[0]["step"])
     results = json.loads((report / "results.json").read_text())
     assert [run["status"] for run in results["runs"]] == ["trained"] * len(recipes)
-    assert [run["train_images"] for run in results["runs"]] == [4 * 32] * len(recipes)
+    assert [run["train_images"] for run in results["runs"]] == [4 * 16] * len(recipes)
     assert results["environment"]["torch"] and len(results["findings"]) == 2
     commit = results["environment"]["commit"]
     assert [run["commit"] for run in results["runs"]] == [commit] * len(recipes)
@@ -243,12 +243,12 @@ def test_a_record_counts_the_images_behind_its_final_training_error(tmp_path) ->
 
 
 def test_jobs_train_runs_in_processes_of_their_own(tmp_path: Path, capsys, monkeypatch) -> None:
-    """--jobs 5: the four degradation runs trained at once in spawned processes (one each,
-    the fifth never starts), the report as from one process; a second call trains nothing,
-    with --cuda-graph too (the same runs: the graph changes their speed, not what they
-    compute), and starts no process to read them."""
+    """--jobs 2: the four degradation runs trained two at a time in two spawned processes,
+    the report as from one process; a second call trains nothing, with --cuda-graph too (the
+    same runs: the graph changes their speed, not what they compute), starts no process to
+    read them, and counts no more processes at once than runs (--jobs 5, 4 runs)."""
     argv = ["reproduce", "degradation", "--micro", "--output-dir", str(tmp_path), "--device",
-            "cpu", "--jobs", "5"]
+            "cpu", "--jobs", "2"]
     main(argv)
     assert "(4 run(s) trained now)" in capsys.readouterr().out
     results = json.loads((tmp_path / "degradation-micro" / "results.json").read_text())
@@ -256,17 +256,18 @@ def test_jobs_train_runs_in_processes_of_their_own(tmp_path: Path, capsys, monke
     for run in results["runs"]:
         assert len(_metrics(tmp_path / "runs" / run["run"])) == 2
     # the threads each run trained with, which change a CPU run's numbers
-    threads = max(1, torch.get_num_threads() // 4)
+    threads = max(1, torch.get_num_threads() // 2)
     assert (results["environment"]["torch_threads"], results["environment"]["jobs"]) == (
-        threads, 4)
+        threads, 2)
     readme = (tmp_path / "degradation-micro" / "README.md").read_text()
-    assert f"{threads} torch threads a run, 4 runs at once" in readme
-    assert "canon reproduce degradation --micro --jobs 5 --device cpu --output-dir" in readme
+    assert f"{threads} torch threads a run, 2 runs at once" in readme
+    assert "canon reproduce degradation --micro --jobs 2 --device cpu --output-dir" in readme
     monkeypatch.setattr(runner, "ProcessPoolExecutor", None)  # finished runs: read here
-    main([*argv, "--cuda-graph"])  # the same runs, faster where there is a GPU
+    main([*argv[:-1], "5", "--cuda-graph"])  # the same runs, faster where there is a GPU
     assert "(0 run(s) trained now)" in capsys.readouterr().out
     readme = (tmp_path / "degradation-micro" / "README.md").read_text()
     assert "canon reproduce degradation --micro --jobs 5 --device cpu --cuda-graph" in readme
+    assert "torch threads a run, 4 runs at once" in readme
     recipe = tmp_path / "runs" / "plain20-cifar10-micro-seed0" / "recipe.yaml"
     recipe.write_text(recipe.read_text().replace("\n  seed: 0", "\n  seed: 7"))
     with pytest.raises(SystemExit):  # one run's failure ends the call, named
@@ -432,7 +433,7 @@ def test_ensembles_micro_scores_its_nets_on_the_images_they_validated_on(tmp_pat
     assert "(2 run(s) trained now)" in capsys.readouterr().out
     report = tmp_path / "ensembles-micro"
     result = json.loads((report / "results.json").read_text())
-    assert result["numbers"]["images"] == 64
+    assert result["numbers"]["images"] == 32
     for row, run in zip(result["table"], result["runs"], strict=False):  # its metrics.csv's
         assert row["top-1 error (%)"] == run["test_error"]
     # Another precision is another run, beside the first, which it leaves as it was.
@@ -510,7 +511,7 @@ def test_imagenette_micro_trains_on_a_jpeg_folder_and_sets_it_beside_the_leaderb
 ) -> None:
     main(["reproduce", "imagenette", "--micro", "--data", str(imagenette_root),
           "--output-dir", str(tmp_path), "--device", "cpu"])
-    assert "imagenette: finding not shown" in capsys.readouterr().out  # 4 steps learn nothing
+    assert "imagenette: finding not shown" in capsys.readouterr().out  # 2 steps learn nothing
     report = tmp_path / "imagenette-micro"
     readme = (report / "README.md").read_text()
     assert "| ResNet-34 (stem=deep, avg_down=True), 1 epochs |" in readme and "| 87.43 |" in readme
@@ -518,15 +519,15 @@ def test_imagenette_micro_trains_on_a_jpeg_folder_and_sets_it_beside_the_leaderb
     assert f"--data {imagenette_root.resolve()}" in readme
     assert (report / "curves" / "curves-top1.png").stat().st_size > 0
     results = json.loads((report / "results.json").read_text())
-    # Ten crops of the 40 validation images the run scored, not of the folder's 500.
-    right = results["table"][0]["top-1, ten-crop (%)"] * 40 / 100
-    assert 0 <= right <= 40 and right == pytest.approx(round(right))
+    # Ten crops of the 20 validation images the run scored, not of the folder's 500.
+    right = results["table"][0]["top-1, ten-crop (%)"] * 20 / 100
+    assert 0 <= right <= 20 and right == pytest.approx(round(right))
     assert "ten-crop column scores the same models under AlexNet's" in readme
-    ours = results["table"][0]["top-1 accuracy (%)"]  # beside the leaderboard's, on 40 images
-    noise = counting_noise((100 - ours, 40), (100 - 87.43, 40))
+    ours = results["table"][0]["top-1 accuracy (%)"]  # beside the leaderboard's, on 20 images
+    noise = counting_noise((100 - ours, 20), (100 - 87.43, 20))
     evidence = results["findings"][0]["evidence"]
     assert (f"{ours - 87.43:+.2f} points, {'within' if 87.43 - ours <= noise else 'beyond'} "
-            f"the noise of 40 images (noise {noise:.2f} points") in evidence
+            f"the noise of 20 images (noise {noise:.2f} points") in evidence
     run = results["runs"][0]
     assert run["run"] == "resnet34d-imagenette5-micro-seed0" and run["epochs"] == 1
     recipe = load_recipe(Path(run["run_dir"]) / "recipe.yaml")
