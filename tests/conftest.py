@@ -37,6 +37,20 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+# Under -n auto the files are handed to the workers in collection order (pytest-xdist's
+# --no-loadscope-reorder; by default it hands out the files of most tests first): these, the
+# longest (each over 40 s of one worker on two cores, session 50), go first, so that the run
+# does not end with one worker on a long file while the others idle. Others keep their order.
+LONGEST_FIRST = ("test_engine_training.py", "test_distributed.py", "test_cli_train.py",
+                 "test_shard_training.py", "test_reproduce.py", "test_models.py",
+                 "test_transfer.py", "test_model_parallel.py", "test_shards.py", "test_bench.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files whole
+
+
 def _require_shared(path: Path) -> Path:
     if path.exists():
         return path
