@@ -118,7 +118,7 @@ def test_degradation_micro_end_to_end_skips_finished_runs_and_resumes(
     assert calls == [(name, None) for name in recipes]
     report = tmp_path / "degradation-micro"
     readme = (report / "README.md").read_text()
-    # Its nets differ by less than the noise of 64 training images (its mode line says it
+    # Its nets differ by less than the noise of 32 training images (its mode line says it
     # shows nothing), and the report says so: neither half holds, the ResNets' too (a deeper
     # ResNet within the noise of the shallower passed once, as too little data always lets).
     assert "**Finding not shown**" in readme and "- [ ] plain nets" in readme
@@ -139,7 +139,7 @@ def test_degradation_micro_end_to_end_skips_finished_runs_and_resumes(
         assert float(row["step"]) == steps == 2 * float(rows[0]["step"])
     results = json.loads((report / "results.json").read_text())
     assert [run["status"] for run in results["runs"]] == ["trained"] * len(recipes)
-    assert [run["train_images"] for run in results["runs"]] == [4 * 16] * len(recipes)
+    assert [run["train_images"] for run in results["runs"]] == [2 * 16] * len(recipes)
     assert results["environment"]["torch"] and len(results["findings"]) == 2
     commit = results["environment"]["commit"]
     assert [run["commit"] for run in results["runs"]] == [commit] * len(recipes)
@@ -519,15 +519,15 @@ def test_imagenette_micro_trains_on_a_jpeg_folder_and_sets_it_beside_the_leaderb
     assert f"--data {imagenette_root.resolve()}" in readme
     assert (report / "curves" / "curves-top1.png").stat().st_size > 0
     results = json.loads((report / "results.json").read_text())
-    # Ten crops of the 20 validation images the run scored, not of the folder's 500.
-    right = results["table"][0]["top-1, ten-crop (%)"] * 20 / 100
-    assert 0 <= right <= 20 and right == pytest.approx(round(right))
+    # Ten crops of the 10 validation images the run scored, not of the folder's 500.
+    right = results["table"][0]["top-1, ten-crop (%)"] * 10 / 100
+    assert 0 <= right <= 10 and right == pytest.approx(round(right))
     assert "ten-crop column scores the same models under AlexNet's" in readme
-    ours = results["table"][0]["top-1 accuracy (%)"]  # beside the leaderboard's, on 20 images
-    noise = counting_noise((100 - ours, 20), (100 - 87.43, 20))
+    ours = results["table"][0]["top-1 accuracy (%)"]  # beside the leaderboard's, on 10 images
+    noise = counting_noise((100 - ours, 10), (100 - 87.43, 10))
     evidence = results["findings"][0]["evidence"]
     assert (f"{ours - 87.43:+.2f} points, {'within' if 87.43 - ours <= noise else 'beyond'} "
-            f"the noise of 20 images (noise {noise:.2f} points") in evidence
+            f"the noise of 10 images (noise {noise:.2f} points") in evidence
     run = results["runs"][0]
     assert run["run"] == "resnet34d-imagenette5-micro-seed0" and run["epochs"] == 1
     recipe = load_recipe(Path(run["run_dir"]) / "recipe.yaml")

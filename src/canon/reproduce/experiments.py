@@ -70,15 +70,15 @@ MODES = {mode.name: mode for mode in (
          # channels_last is faster on a CPU (ResNet-20: 1.2x, one thread), the model the same.
          overrides=(("train.workers", 0), ("train.channels_last", True)),
          recipe_overrides={name: (("model.zero_init_residual", True),) for name in _RESNETS}),
-    # For canon's tests: 2 epochs of 4 steps of 16 images; it shows nothing. Its 2 iterations
-    # are at a base batch of 64 (8 steps of 16): one iteration would set both of the
+    # For canon's tests: 2 epochs of 2 steps of 16 images; it shows nothing. Its 2 iterations
+    # are at a base batch of 32 (4 steps of 16): one iteration would set both of the
     # recipes' lr milestones at it.
-    Mode("micro", "2 epochs of 4 steps of 16 images on 64 training and 32 test images of "
+    Mode("micro", "2 epochs of 2 steps of 16 images on 32 training and 32 test images of "
          "the bundled sample (for canon's tests: it shows nothing)",
          iterations=2, dataset="sample",
          overrides=(("train.workers", 0), ("train.batch_size", 16),
-                    ("optimizer.base_batch_size", 64)),
-         train_images=64, test_images=32),
+                    ("optimizer.base_batch_size", 32)),
+         train_images=32, test_images=32),
 )}
 
 # Imagenette's recipes count epochs, not iterations: quick trains the 5-epoch run alone.
@@ -86,10 +86,10 @@ IMAGENETTE_MODES = {mode.name: mode for mode in (
     MODES["full"],
     Mode("quick", "the 5-epoch run alone, unchanged (ResNet-34-D: about 31 minutes on two "
          "Zen 4 cores in float32, longer on slower CPUs, its ten-crop evaluation besides)"),
-    Mode("micro", "1 epoch of 2 steps of 16 images on 32 training and 20 validation images "
+    Mode("micro", "1 epoch of 2 steps of 16 images on 32 training and 10 validation images "
          "of --data (for canon's tests: it shows nothing)",
          overrides=(("train.workers", 0), ("train.batch_size", 16), ("train.epochs", 1)),
-         train_images=32, test_images=20),
+         train_images=32, test_images=10),
 )}
 
 
