@@ -120,6 +120,8 @@ dist.shutdown_distributed(ctx)
 
 
 # Three accumulation micro-steps under DDP: the gradient all-reduce must run on the last only.
+# It runs in the launch of NON_FINITE_WORKER, before that (a launch costs two cores about
+# 17 s, its three processes importing torch).
 NO_SYNC_WORKER = '''
 import json, sys
 import torch
@@ -148,7 +150,7 @@ for micro_step in range(3):
     with dist.sync_context(model, sync=micro_step == 2):
         model(images).sum().backward()
 result = {"all_reduces": len(all_reduces), "grad": model.module.weight.grad.tolist()}
-with open(f"{sys.argv[1]}.{ctx.rank}.json", "w") as file:
+with open(f"{sys.argv[1]}/no-sync-{ctx.rank}.json", "w") as file:
     json.dump(result, file)
 dist.shutdown_distributed(ctx)
 '''
@@ -356,16 +358,10 @@ def test_distributed_evaluation_counts_each_image_once(
     assert len(list(run_dir.glob("validated-by-rank-*.json"))) == 2  # the two-process run
 
 
-def test_accumulation_all_reduces_on_the_last_micro_step_only(tmp_path: Path) -> None:
-    script = tmp_path / "no_sync.py"
-    script.write_text(NO_SYNC_WORKER)
-    done = subprocess.run(
-        [*_torchrun(2), str(script), str(tmp_path / "result")],
-        env=_environment(tmp_path / "cache"), capture_output=True, text=True, timeout=120,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+def test_accumulation_all_reduces_on_the_last_micro_step_only(no_sync_then_non_finite: Path
+                                                            ) -> None:
     for rank in range(2):
-        result = json.loads((tmp_path / f"result.{rank}.json").read_text())
+        result = json.loads((no_sync_then_non_finite / f"no-sync-{rank}.json").read_text())
         assert result["all_reduces"] == 1
         # Each rank's 3 micro-steps sum 2 images of value rank + 1; the ranks' mean is 9.
         assert result["grad"] == [[9.0] * 4] * 2
@@ -704,13 +700,14 @@ def test_a_static_rendezvous_restart_does_not_take_an_earlier_launch_s_run(
 ) -> None:
     """Under the static rendezvous torchrun's run id is "none" for every launch, as canon once
     recorded it. A launch into an earlier one's run is refused (no --overwrite), and so must
-    its restart be, which used to resume that run as the launch's own."""
+    its restart be, which used to resume that run as the launch's own. One process: the run id
+    is the launch's, whatever its number of processes."""
     run = tmp_path / "run"
     shutil.copytree(quickstart_run, run)
     newest = ckpt.epoch_checkpoint(run, 2)
     ckpt.save_checkpoint({**ckpt.load_checkpoint(newest), "launch": "none"}, newest)
     done = subprocess.run(
-        [*_torchrun(2, "--max-restarts=1", static=True), "-m", "canon", "train", "--device",
+        [*_torchrun(1, "--max-restarts=1", static=True), "-m", "canon", "train", "--device",
          "cpu", "--output-dir", str(run)],
         env=_environment(tmp_path / "cache"), capture_output=True, text=True, timeout=300,
     )
@@ -803,7 +800,7 @@ def test_resuming_on_another_number_of_processes_reseeds_each_rank(
     assert torch.equal(*final_rng_states)  # reseeded from (seed, rank, step) alone
 
 
-NAN_ON_RANK_0 = '''
+NON_FINITE_WORKER = '''
 import os, sys, torch
 from pathlib import Path
 from canon.engine.trainer import train
@@ -842,14 +839,24 @@ except NonFiniteError as error:
 '''
 
 
-def test_a_nan_loss_on_one_rank_stops_every_rank(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def no_sync_then_non_finite(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """NO_SYNC_WORKER, then NON_FINITE_WORKER, in the processes of one torchrun launch: the
+    folder of their results."""
+    work = tmp_path_factory.mktemp("no-sync-then-non-finite")
+    script = work / "worker.py"
+    script.write_text(NO_SYNC_WORKER + NON_FINITE_WORKER)
+    done = subprocess.run([*_torchrun(2), str(script), str(work)], env=_environment(work / "c"),
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return work
+
+
+def test_a_nan_loss_on_one_rank_stops_every_rank(no_sync_then_non_finite: Path) -> None:
     """The loss check after 10 steps sees the NaN on rank 0 only: rank 1 must stop too rather than
     wait for rank 0 in its next gradient all-reduce. Each run joins a process group of its own
-    (the second reads none of the first's addresses)."""
-    script = tmp_path / "worker.py"
-    script.write_text(NAN_ON_RANK_0)
-    subprocess.run([*_torchrun(2), str(script), str(tmp_path)], env=_environment(tmp_path / "c"),
-                   capture_output=True, text=True, timeout=240, check=True)
+    (the second reads none of the first's addresses, nor the third of the two before)."""
+    tmp_path = no_sync_then_non_finite
     assert "the loss became nan at optimizer step 10;" in (tmp_path / "rank-0.txt").read_text()
     assert "on another process by optimizer step 10;" in (tmp_path / "rank-1.txt").read_text()
     # Non-finite weights on one rank, at the epoch's end (the check before its checkpoint):
