@@ -274,8 +274,10 @@ def test_the_val_shards_are_labelled_by_a_model_s_classes_by_name(packed):
         open_eval_split(str(shards), own.class_ids[1:])
 
 
-# `canon train` that records how many validation images the trainer scored on each rank.
-RECORDING_TRAIN = '''
+# `canon train` that records how many validation images the trainer scored on each rank, and
+# whose rank 1 reads its shards with 3 loader processes and rank 0 with none, as ranks on
+# machines of other core counts do when the recipe leaves train.workers unset.
+RECORDING_UNEVEN_TRAIN = '''
 import json, os, sys
 from pathlib import Path
 import canon.engine.trainer
@@ -288,74 +290,46 @@ def recording_score_loader(model, loader, *args, **kwargs):
         json.dumps({"images": errors.images}))
     return errors
 canon.engine.trainer.score_loader = recording_score_loader
-main(sys.argv[2:])
+main([*sys.argv[2:], "--workers", "3" if os.environ["RANK"] == "1" else "0"])
 '''
 
 
 @pytest.mark.distributed
-def test_two_torchrun_processes_train_on_their_own_shards(packed, tmp_path, capsys):
+def test_two_torchrun_processes_train_on_their_own_shards_with_other_worker_counts(
+    packed, tmp_path, capsys
+):
+    """A shard stream's length depends on its loader's workers (each ends short of a batch):
+    here 4 steps with none, 2 with 3. Every rank takes the fewest, where the one with more
+    stepped on alone into a collective no other rank joined, and hung. The ranks validate on
+    their val shards together, every image once; resumed, each rank reads with its own
+    workers again, as each dealt its own. (One test: a launch costs two cores about 17 s.)"""
     _, shards = packed
+    worker = tmp_path / "recording_uneven_train.py"
+    worker.write_text(RECORDING_UNEVEN_TRAIN)
+
+    def launch(*argv: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone",
+             "--nproc_per_node=2", str(worker), str(tmp_path), "train", *argv],
+            env={**os.environ, "CANON_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"},
+            capture_output=True, text=True, timeout=240,
+        )
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done.stdout
+
     run = tmp_path / "run"
-    worker = tmp_path / "recording_train.py"
-    worker.write_text(RECORDING_TRAIN)
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(worker), str(tmp_path), "train", *SMALL_FLAGS, "--data", str(shards),
-         "--workers", "0", "--output-dir", str(run)],
-        env={**os.environ, "CANON_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"},
-        capture_output=True, text=True, timeout=300,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    # each rank is dealt 5 of the 11 shards (of 14 or 15 images) at least, the smallest 70
-    # images: 4 batches of 16
-    assert "global batch 32 = 16 x 1 accum x 2 device(s)" in done.stdout
-    assert "2 epoch(s) of 4 steps" in done.stdout
-    rows = _metrics(run)
-    assert [row["epoch"] for row in rows] == ["1", "2"]
-    # The ranks validated on their val shards together: every image once, as one process does.
+    output = launch(*SMALL_FLAGS, "--set", "train.epochs=1", "--data", str(shards),
+                    "--output-dir", str(run))
+    assert "global batch 32 = 16 x 1 accum x 2 device(s)" in output
+    assert "1 epoch(s) of 2 steps" in output
+    assert [row["step"] for row in _metrics(run)] == ["2"]
     scored = [json.loads((tmp_path / f"validated-by-rank-{rank}.json").read_text())["images"]
               for rank in (0, 1)]
     assert sum(scored) == 40 and min(scored) > 0, scored
+    launch("--resume", str(run), "--device", "cpu", "--set", "train.epochs=2")
+    rows = _metrics(run)
+    assert [row["step"] for row in rows] == ["2", "4"]
+    state = ckpt.load_checkpoint(ckpt.epoch_checkpoint(run, 2))
+    assert state["loader_workers"] == [0, 3]
     main(["eval", str(run), "--device", "cpu"])
     assert _printed_top1(capsys.readouterr().out) == f"{float(rows[-1]['val_top1_error']):.2f}"
-
-
-# `canon train` whose rank 1 reads its shards with 3 loader processes and rank 0 with none,
-# as ranks on machines of other core counts do when the recipe leaves train.workers unset.
-UNEVEN_WORKERS_TRAIN = '''
-import os, sys
-from canon.cli import main
-main([*sys.argv[1:], "--workers", "3" if os.environ["RANK"] == "1" else "0"])
-'''
-
-
-@pytest.mark.distributed
-def test_ranks_reading_shards_with_other_worker_counts_step_alike(packed, tmp_path):
-    """A shard stream's length depends on its loader's workers (each ends short of a batch):
-    here 4 steps with none, 2 with 3. Every rank takes the fewest, where the one with more
-    stepped on alone into a collective no other rank joined, and hung."""
-    _, shards = packed
-    worker = tmp_path / "uneven_train.py"
-    worker.write_text(UNEVEN_WORKERS_TRAIN)
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(worker), "train", *SMALL_FLAGS, "--set", "train.epochs=1", "--data", str(shards),
-         "--output-dir", str(tmp_path / "run")],
-        env={**os.environ, "CANON_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"},
-        capture_output=True, text=True, timeout=240,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "1 epoch(s) of 2 steps" in done.stdout
-    assert [row["step"] for row in _metrics(tmp_path / "run")] == ["2"]
-    # Resumed for a second epoch, each rank with its own workers again, as each dealt its own.
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(worker), "train", "--resume", str(tmp_path / "run"), "--device", "cpu",
-         "--set", "train.epochs=2"],
-        env={**os.environ, "CANON_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"},
-        capture_output=True, text=True, timeout=240,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert [row["step"] for row in _metrics(tmp_path / "run")] == ["2", "4"]
-    state = ckpt.load_checkpoint(ckpt.epoch_checkpoint(tmp_path / "run", 2))
-    assert state["loader_workers"] == [0, 3]
