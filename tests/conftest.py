@@ -39,7 +39,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 # Under -n auto the files are handed to the workers in collection order (pytest-xdist's
 # --no-loadscope-reorder; by default it hands out the files of most tests first): these, the
-# longest (each over 40 s of one worker on two cores, session 50), go first, so that the run
+# longest (20 s to 3.5 min of CPU each on two cores in session 50), go first, so that the run
 # does not end with one worker on a long file while the others idle. Others keep their order.
 LONGEST_FIRST = ("test_engine_training.py", "test_distributed.py", "test_cli_train.py",
                  "test_shard_training.py", "test_reproduce.py", "test_models.py",
