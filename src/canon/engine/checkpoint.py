@@ -298,8 +298,14 @@ def run_dir_of(path: Path) -> Path:
     """The run directory a checkpoint file belongs to (or `path` itself for a directory)."""
     if path.is_dir():
         return path
-    folder = path.resolve().parent  # `epoch-002.pt` typed inside checkpoints/ too
-    return folder.parent if folder.name == CHECKPOINT_DIR else path.parent
+    return holding_run_dir(path) or path.parent
+
+
+def holding_run_dir(path: Path) -> Path | None:
+    """The run directory whose checkpoints/ folder holds the file `path`, None where it lies
+    in none (`epoch-002.pt` typed inside checkpoints/ is in one)."""
+    folder = path.resolve().parent
+    return folder.parent if folder.name == CHECKPOINT_DIR else None
 
 
 def prune_epoch_checkpoints(

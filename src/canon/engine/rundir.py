@@ -26,6 +26,7 @@ from canon.engine.checkpoint import (
     REPLACED_DIR,
     RESUMED_FROM,
     best_checkpoint,
+    holding_run_dir,
     interrupted_checkpoint,
     load_checkpoint,
     load_for_resume,
@@ -136,7 +137,7 @@ def plan_run(
             f"{resumed} continues a run of {loaded.name}, not of --recipe {named}: "
             "drop --recipe (a resumed run keeps its recipe; --set changes its values), or "
             "start a new run without --resume")
-    if output_dir is None and path.resolve().parent.name != CHECKPOINT_DIR:
+    if output_dir is None and holding_run_dir(path) is None:
         raise ConfigError(  # its folder may be any (Downloads): no run's files are there
             f"{path} is not in a run's {CHECKPOINT_DIR}/ folder, so there is no run directory "
             "to go on in: pass --output-dir DIR, a new folder for the run")
